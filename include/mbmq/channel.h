@@ -1,0 +1,94 @@
+// mbmq/channel.h: Channel, one end of a bidirectional connection between two endpoints, each in
+// one process, over a shared-memory segment (see docs/PROTOCOL.md and src/shm/layout.h).
+//
+//   auto [client, server] = MBMQ_TRY(mbmq::Channel::pair());
+//   pid_t pid = fork();
+//   if (pid == 0) { client = {}; /* serve on `server` */ }
+//   else { server = {}; /* call on `client` */ }
+//
+// After fork(), each process must drop the end it does not use: a peer's hang-up is noticed when
+// the last copy of its end is closed.
+//
+// Thread safety: call(), send() and buffer() may be used from several threads; calls on one
+// channel are serialized (one outstanding call() per channel; use more channels, or
+// send_request() with a queue, for concurrency).
+//
+// Memory ordering: everything written into a buffer before send()/call() is visible to the peer
+// when it receives that buffer, and everything the peer wrote before replying is visible when
+// call() returns.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+
+#include "mbmq/buffer.h"
+#include "mbmq/deadline.h"
+#include "mbmq/result.h"
+#include "mbmq/wait_policy.h"
+
+namespace mbmq {
+
+class MsgQueue;
+struct Message;
+
+struct ChannelOptions {
+  std::uint32_t slots_per_side = 16;       // pool buffers each side can have in flight (<= 64)
+  std::uint32_t slot_size = 64 * 1024;     // larger buffers become memfd extents
+  WaitPolicy wait{};                       // how call()/receive() wait on this end
+};
+
+class Channel {
+ public:
+  Channel() noexcept = default;
+  Channel(Channel&&) noexcept = default;
+  Channel& operator=(Channel&&) noexcept;
+  Channel(const Channel&) = delete;
+  Channel& operator=(const Channel&) = delete;
+  ~Channel();
+
+  // Two connected ends in this process (usable across fork()).
+  static Result<std::pair<Channel, Channel>> pair(const ChannelOptions& options = {});
+
+  // A buffer of `size` bytes owned by this end. Errc::NoBuffers when the pool and extent table are
+  // exhausted; Errc::InvalidArgument above 4 GiB - 4 KiB.
+  Result<Buffer> buffer(std::size_t size);
+
+  // Sends `buf` as a request and waits for the reply, which arrives in `buf` itself. Errors:
+  // TimedOut (the buffer is then given up: `buf` becomes invalid, its slot is reclaimed when the
+  // late reply comes), PeerClosed (the automatic reply: `buf` stays usable), NoReply, Protocol,
+  // InvalidArgument (a buffer of another channel, or this end is redirected to a queue).
+  Status call(Buffer& buf, Deadline deadline);
+  // Sends `buf` one-way; the receiver gives it back when done with it.
+  Status send(Buffer&& buf);
+  // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
+  // end is redirected to.
+  Status send_request(Buffer&& buf);
+
+  // Waits for the next request or one-way message on a channel that is not redirected. Answer a
+  // request with reply(); a Message of Kind::PeerClosed ends the channel.
+  Result<Message> receive(Deadline deadline);
+  // Routes every message arriving on this end (requests, one-way messages, replies to
+  // send_request(), and the final peer-closed) to `queue`, tagged with `key`.
+  Status redirect(MsgQueue& queue, std::uint64_t key);
+
+  void set_wait_policy(WaitPolicy policy);
+  bool valid() const noexcept { return ep_ != nullptr; }
+  // Closes this end now (as the destructor does). The peer's pending and future calls return
+  // PeerClosed once every copy of this end (e.g. across fork) is closed.
+  void close() noexcept;
+
+  // Moves this end to another process over a connected AF_UNIX socket (SCM_RIGHTS). The end must
+  // be quiet: not redirected, no buffers of its own outstanding, no peer buffers held or cached
+  // (Errc::Busy). On success *this is closed.
+  Status send_over(int unix_socket);
+  // Receives an end sent with send_over(); validates the segment (Errc::Protocol if invalid).
+  static Result<Channel> receive_from(int unix_socket, Deadline deadline = Deadline::never());
+
+ private:
+  friend class MsgQueue;
+  explicit Channel(std::shared_ptr<detail::Endpoint> ep) noexcept : ep_(std::move(ep)) {}
+  std::shared_ptr<detail::Endpoint> ep_;
+};
+
+}  // namespace mbmq

@@ -1,0 +1,9 @@
+// mbmq/mbmq.h: the whole public API of mbmq.
+#pragma once
+
+#include "mbmq/buffer.h"
+#include "mbmq/channel.h"
+#include "mbmq/deadline.h"
+#include "mbmq/msg_queue.h"
+#include "mbmq/result.h"
+#include "mbmq/wait_policy.h"

@@ -1,0 +1,74 @@
+// mbmq/msg_queue.h: MsgQueue, where a process receives. Channels are redirected to a queue with a
+// key of the owner's choosing; wait() returns {key, kind, buffer} in one step (no "message plus
+// notification" doubling). Several threads may wait on one queue; each message goes to one.
+//
+//   mbmq::MsgQueue queue = MBMQ_TRY(mbmq::MsgQueue::create());
+//   MBMQ_TRY(server.redirect(queue, 7));
+//   mbmq::Message msg = MBMQ_TRY(queue.wait(mbmq::Deadline::never()));
+//   for (;;) {
+//     handle(msg.buffer.data());                         // answer in place
+//     msg = MBMQ_TRY(queue.reply_and_wait(std::move(msg), deadline));
+//   }
+//
+// Waiting: the queue spins for its policy's budget over its channels, then sleeps on one futex
+// word in a 4 KiB memfd shared with the peers of its channels; peers wake it only when a waiter
+// has announced that it sleeps (docs/PROTOCOL.md, P4/P6).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "mbmq/buffer.h"
+#include "mbmq/deadline.h"
+#include "mbmq/result.h"
+#include "mbmq/wait_policy.h"
+
+namespace mbmq {
+
+namespace detail {
+class QueueCore;
+}
+
+enum class Kind : std::uint8_t {
+  Request,     // answer with reply() or reply_and_wait(); dropping it answers NoReply
+  Reply,       // the answer to a send_request(); the buffer is ours again
+  Message,     // one-way; dropping the buffer gives it back to the sender
+  PeerClosed,  // the channel ended: `error` says PeerClosed or Protocol; the buffer is empty
+};
+
+struct Message {
+  std::uint64_t key = 0;
+  Kind kind = Kind::PeerClosed;
+  Buffer buffer;
+  Errc error = Errc::PeerClosed;  // Kind::PeerClosed only
+};
+
+class MsgQueue {
+ public:
+  MsgQueue() noexcept = default;
+  MsgQueue(MsgQueue&&) noexcept = default;
+  MsgQueue& operator=(MsgQueue&&) noexcept = default;
+  ~MsgQueue();
+
+  static Result<MsgQueue> create(WaitPolicy policy = {});
+
+  // The next message from any redirected channel. Errc::TimedOut at the deadline.
+  Result<Message> wait(Deadline deadline);
+  // Answers a Kind::Request message with the bytes now in msg.buffer (resize() first if needed).
+  // Errc::PeerClosed if the caller is gone (the buffer is released either way).
+  static Status reply(Message&& msg);
+  // reply() then wait(), as one operation. A failed reply (caller gone) is not an error of the
+  // server: it moves on to the next message.
+  Result<Message> reply_and_wait(Message&& msg, Deadline deadline);
+
+  void set_wait_policy(WaitPolicy policy);
+  // How many channels are redirected here and still open.
+  std::size_t channel_count() const;
+  bool valid() const noexcept { return core_ != nullptr; }
+
+ private:
+  friend class Channel;
+  std::shared_ptr<detail::QueueCore> core_;
+};
+
+}  // namespace mbmq

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs every Debian package mbmq needs to build, test and benchmark. Idempotent; run as root
+# (or with sudo available). Used by scripts/bench.sh, scripts/test.sh and therefore by CI.
+set -euo pipefail
+pkgs=(build-essential cmake ninja-build pkg-config
+      libgtest-dev libgmock-dev libbenchmark-dev
+      libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev
+      strace valgrind)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${missing[@]}"
+fi

@@ -1,0 +1,73 @@
+// Channel: a handle on one Endpoint.
+#include "mbmq/channel.h"
+
+#include "ipc/endpoint.h"
+#include "mbmq/msg_queue.h"
+#include "os/unix_socket.h"
+
+namespace mbmq {
+
+Channel& Channel::operator=(Channel&& o) noexcept {
+  if (this != &o) {
+    close();
+    ep_ = std::move(o.ep_);
+  }
+  return *this;
+}
+
+Channel::~Channel() { close(); }
+
+void Channel::close() noexcept {
+  if (ep_) {
+    ep_->close_local();
+    ep_.reset();
+  }
+}
+
+Result<std::pair<Channel, Channel>> Channel::pair(const ChannelOptions& options) {
+  // (P1) Side 0 creates the segment; side 1 attaches a second mapping of it, validated exactly as
+  // a process receiving the end would.
+  shm::Segment s0 = MBMQ_TRY(shm::Segment::create(options.slots_per_side, options.slot_size));
+  os::UniqueFd dup = MBMQ_TRY(os::dup_fd(s0.fd()));
+  shm::Segment s1 = MBMQ_TRY(shm::Segment::attach(std::move(dup)));
+  auto [c0, c1] = MBMQ_TRY(os::seqpacket_pair());
+  auto e0 = MBMQ_TRY(detail::Endpoint::make({std::move(s0), std::move(c0), 0, options.wait}));
+  auto e1 = MBMQ_TRY(detail::Endpoint::make({std::move(s1), std::move(c1), 1, options.wait}));
+  return std::pair<Channel, Channel>{Channel(std::move(e0)), Channel(std::move(e1))};
+}
+
+Result<Buffer> Channel::buffer(std::size_t size) {
+  if (!ep_) return fail(Errc::InvalidArgument, "Channel::buffer: closed channel");
+  return ep_->alloc(size);
+}
+
+Status Channel::call(Buffer& buf, Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "call: closed channel");
+  return ep_->call(buf, deadline);
+}
+
+Status Channel::send(Buffer&& buf) {
+  if (!ep_) return fail(Errc::InvalidArgument, "send: closed channel");
+  return ep_->send(std::move(buf), shm::DescKind::OneWay);
+}
+
+Status Channel::send_request(Buffer&& buf) {
+  if (!ep_) return fail(Errc::InvalidArgument, "send_request: closed channel");
+  return ep_->send(std::move(buf), shm::DescKind::Request);
+}
+
+Result<Message> Channel::receive(Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "receive: closed channel");
+  return ep_->receive(deadline);
+}
+
+Status Channel::redirect(MsgQueue& queue, std::uint64_t key) {
+  if (!ep_ || !queue.core_) return fail(Errc::InvalidArgument, "redirect: closed channel or queue");
+  return ep_->redirect(queue.core_, key);
+}
+
+void Channel::set_wait_policy(WaitPolicy policy) {
+  if (ep_) ep_->set_wait_policy(policy);
+}
+
+}  // namespace mbmq

@@ -1,0 +1,678 @@
+// Endpoint: one end of a channel. Steps (P1)-(P8) are those of src/shm/layout.h.
+#include "ipc/endpoint.h"
+
+#include <climits>
+#include <cstring>
+
+#include "ipc/peer_watch.h"
+#include "os/futex.h"
+#include "os/memfd.h"
+#include "os/process.h"
+#include "os/unix_socket.h"
+
+namespace mbmq::detail {
+
+using shm::Desc;
+using shm::DescKind;
+using shm::kExtentBit;
+using shm::kMaxExtents;
+
+namespace {
+
+inline void cpu_relax() noexcept { __builtin_ia32_pause(); }
+
+std::span<const std::byte> bytes_of(const shm::CtlMsg& m) {
+  return {reinterpret_cast<const std::byte*>(&m), sizeof(m)};
+}
+
+Errc closed_errc(EpState s) { return s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed; }
+
+}  // namespace
+
+Endpoint::Endpoint(Init init)
+    : seg_(std::move(init.segment)),
+      side_(init.side),
+      n_(seg_.geometry().slots_per_side),
+      slot_size_(seg_.geometry().slot_size),
+      out_(seg_.dir(init.side)),
+      in_(seg_.dir(1 - init.side)),
+      control_(std::move(init.control)),
+      tx_(&out_.tail, &out_.head, out_.ring, init.tx_tail),
+      rx_(&in_.tail, &in_.head, in_.ring, init.rx_head),
+      next_extent_gen_(init.next_extent_gen),
+      wait_mode_(init.wait.mode),
+      spin_ns_(static_cast<std::int64_t>(init.wait.spin.count())) {}
+
+Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
+  if (init.side != 0 && init.side != 1) return fail(Errc::InvalidArgument, "endpoint: side");
+  std::shared_ptr<Endpoint> ep(new Endpoint(std::move(init)));
+  // All allocation happens here, never per message.
+  ep->free_slots_.reserve(ep->n_);
+  for (std::uint32_t k = ep->n_; k-- > 0;) ep->free_slots_.push_back(k);
+  ep->free_ext_.reserve(kMaxExtents);
+  for (std::uint32_t e = kMaxExtents; e-- > 0;) ep->free_ext_.push_back(e);
+  ep->ensure_watched();
+  return ep;
+}
+
+Endpoint::~Endpoint() {
+  if (watch_pid_.load(std::memory_order_relaxed) == os::current_pid() && control_)
+    unwatch_peer(watch_id_, control_.get());
+}
+
+// ---- ownership tables (mu_ held) -----------------------------------------------------------
+
+Endpoint::OwnState* Endpoint::own_state(std::uint32_t id) noexcept {
+  if ((id & kExtentBit) != 0) {
+    std::uint32_t e = id & ~kExtentBit;
+    return e < kMaxExtents ? &own_ext_[e].state : nullptr;
+  }
+  std::uint32_t first = static_cast<std::uint32_t>(side_) * n_;
+  if (id < first || id - first >= n_) return nullptr;
+  return &own_slots_[id - first].state;
+}
+
+std::uint32_t Endpoint::own_capacity(std::uint32_t id) const noexcept {
+  if ((id & kExtentBit) != 0) return static_cast<std::uint32_t>(own_ext_[id & ~kExtentBit].map.size());
+  return slot_size_;
+}
+
+std::byte* Endpoint::own_data(std::uint32_t id) const noexcept {
+  if ((id & kExtentBit) != 0) return own_ext_[id & ~kExtentBit].map.data();
+  return seg_.slot(id);
+}
+
+void Endpoint::free_own(std::uint32_t id) noexcept {
+  if ((id & kExtentBit) != 0) {
+    std::uint32_t e = id & ~kExtentBit;
+    OwnExtent& x = own_ext_[e];
+    if (x.sent_gen == x.gen && state_.load(std::memory_order_relaxed) == EpState::Open) {
+      // The peer may keep the extent mapped; tell it to unmap. A full ring only delays that to
+      // the id's next use, which replaces the mapping.
+      (void)push_locked(Desc{id, 0, x.gen, static_cast<std::uint16_t>(DescKind::ReleaseExtent), 0});
+    }
+    x.map.reset();
+    x.fd.reset();
+    x.state = OwnState::Free;
+    free_ext_.push_back(e);  // capacity reserved in make(): no allocation
+    return;
+  }
+  std::uint32_t k = id - static_cast<std::uint32_t>(side_) * n_;
+  own_slots_[k].state = OwnState::Free;
+  free_slots_.push_back(k);
+}
+
+// ---- (P2) allocation ---------------------------------------------------------------------------
+
+Result<Buffer> Endpoint::alloc(std::size_t size) {
+  std::lock_guard lock(mu_);
+  EpState s = state_.load(std::memory_order_acquire);
+  if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
+  Buffer b;
+  if (size <= slot_size_) {
+    if (free_slots_.empty()) return fail(Errc::NoBuffers, "Channel::buffer: pool exhausted");
+    std::uint32_t k = free_slots_.back();
+    free_slots_.pop_back();
+    OwnSlot& slot = own_slots_[k];
+    slot.state = OwnState::App;
+    ++slot.gen;
+    b.id_ = static_cast<std::uint32_t>(side_) * n_ + k;
+    b.gen_ = slot.gen;
+    b.data_ = seg_.slot(b.id_);
+    b.capacity_ = slot_size_;
+  } else {
+    if (size > shm::kMaxExtentSize)
+      return fail(Errc::InvalidArgument, "Channel::buffer: larger than 4 GiB - 4 KiB");
+    if (free_ext_.empty()) return fail(Errc::NoBuffers, "Channel::buffer: extent table full");
+    std::size_t cap = (size + 4095) / 4096 * 4096;
+    auto fd = os::make_sealed_memfd("mbmq-extent", cap);
+    if (!fd) return fail(fd.error());
+    auto map = os::Mapping::map_shared(fd->get(), cap, os::Access::ReadWrite);
+    if (!map) return fail(map.error());
+    std::uint32_t e = free_ext_.back();
+    free_ext_.pop_back();
+    OwnExtent& x = own_ext_[e];
+    x.fd = std::move(*fd);
+    x.map = std::move(*map);
+    x.state = OwnState::App;
+    x.gen = next_extent_gen_++;
+    x.sent_gen = 0;
+    b.id_ = kExtentBit | e;
+    b.gen_ = x.gen;
+    b.data_ = x.map.data();
+    b.capacity_ = static_cast<std::uint32_t>(cap);
+  }
+  b.ep_ = shared_from_this();
+  b.size_ = static_cast<std::uint32_t>(size);
+  b.origin_ = Buffer::Origin::Own;
+  return b;
+}
+
+Status Endpoint::grow(Buffer& b, std::size_t n) {
+  if (b.origin_ != Buffer::Origin::Own)
+    return fail(Errc::InvalidArgument, "Buffer::reserve: a received buffer cannot grow");
+  Buffer nb = MBMQ_TRY(alloc(n));
+  std::memcpy(nb.data_, b.data_, b.size_);  // a one-time move at growth, not per message
+  nb.size_ = b.size_;
+  b = std::move(nb);
+  return {};
+}
+
+void Endpoint::release(Buffer& b) noexcept {
+  std::lock_guard lock(mu_);
+  if (b.origin_ == Buffer::Origin::Own) {
+    OwnState* st = own_state(b.id_);
+    if (st != nullptr && *st == OwnState::App) free_own(b.id_);
+    return;
+  }
+  // A peer's buffer we were holding: unhold it, then answer or give it back (P7).
+  if ((b.id_ & kExtentBit) != 0) {
+    peer_ext_[b.id_ & ~kExtentBit].held = false;
+  } else {
+    peer_held_[b.id_ - static_cast<std::uint32_t>(1 - side_) * n_] = false;
+  }
+  if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
+  if (b.kind_ == static_cast<std::uint16_t>(DescKind::Request)) {
+    (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
+                           static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+  } else {
+    (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Return), 0});
+  }
+}
+
+// ---- (P3)/(P4) sending -------------------------------------------------------------------------
+
+Status Endpoint::push_locked(const Desc& d) {
+  switch (tx_.push(d)) {
+    case shm::RingStatus::Ok:
+      wake_peer_locked();
+      return {};
+    case shm::RingStatus::Full:
+      return fail(Errc::WouldBlock, "send: ring full (the peer is not consuming)");
+    default:
+      return fail(fail_protocol_locked("send: peer's ring head is invalid"));
+  }
+}
+
+void Endpoint::wake_peer_locked() noexcept {
+  // (P4) Pairs with the consumer's fence in (P6): either it sees our tail store when it re-checks
+  // the ring, or we see its consumer_sleeping store here.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Relaxed is enough after the fence (P4); the value is only a hint (see layout.h).
+  if (out_.consumer_sleeping.load(std::memory_order_relaxed) == 0) return;
+  std::atomic<std::uint32_t>* word = &out_.doorbell;
+  // Pairs with the consumer's store-release of doorbell_gen after sending the page (redirect).
+  std::uint32_t g = out_.doorbell_gen.load(std::memory_order_acquire);
+  if (g != 0) {
+    if (g != peer_db_gen_) {
+      if (stash_doorbell_.gen != g) drain_control();
+      if (stash_doorbell_.fd && stash_doorbell_.gen == g) {
+        os::UniqueFd fd = std::move(stash_doorbell_.fd);
+        auto size = os::file_size(fd.get());
+        if (size && *size >= shm::kDoorbellPageSize) {
+          auto map = os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
+          if (map) {
+            peer_db_map_ = std::move(*map);
+            peer_db_gen_ = g;
+          }
+        }
+      }
+    }
+    // Without the page (a peer that lied about it), wake its own word: its problem, not ours.
+    if (g == peer_db_gen_) word = &reinterpret_cast<shm::DoorbellPage*>(peer_db_map_.data())->word;
+  }
+  // Pairs with the consumer's acquire load of the word before FUTEX_WAIT (P6).
+  word->fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(word, 1);
+}
+
+void Endpoint::drain_control() {
+  // Bounded: a peer flooding the socket cannot keep us here.
+  for (int i = 0; i < 256 && control_; ++i) {
+    shm::CtlMsg m{};
+    std::array<os::UniqueFd, 1> fds;
+    auto r = os::recv_msg(control_.get(), {reinterpret_cast<std::byte*>(&m), sizeof(m)}, fds,
+                          os::Blocking::No);
+    if (!r || (r->bytes == 0 && r->nfds == 0)) return;  // nothing more, or hung up (P8)
+    if (r->truncated || r->bytes != sizeof(m) || r->nfds != 1) {
+      (void)fail_protocol_locked("control message malformed");
+      return;
+    }
+    if (m.type == static_cast<std::uint32_t>(shm::CtlType::Extent) && m.id < kMaxExtents) {
+      stash_ext_[m.id] = Stashed{std::move(fds[0]), m.gen};
+    } else if (m.type == static_cast<std::uint32_t>(shm::CtlType::Doorbell)) {
+      stash_doorbell_ = Stashed{std::move(fds[0]), m.gen};
+    } else {
+      (void)fail_protocol_locked("control message type");
+      return;
+    }
+  }
+}
+
+Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
+  if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Own)
+    return fail(Errc::InvalidArgument, "send: not a buffer of this channel's end");
+  OwnState* st = own_state(b.id_);
+  if (st == nullptr || *st != OwnState::App) return fail(Errc::InvalidArgument, "send: buffer state");
+  if ((b.id_ & kExtentBit) != 0) {
+    OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
+    if (x.sent_gen != x.gen) {
+      // (P3) The extent's fd travels before the first descriptor naming it.
+      shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), b.id_ & ~kExtentBit, x.gen, 0};
+      int fd = x.fd.get();
+      MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
+      x.sent_gen = x.gen;
+    }
+  }
+  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, static_cast<std::uint16_t>(kind), 0}));
+  *st = lent_as;
+  return {};
+}
+
+Status Endpoint::send(Buffer&& b, DescKind kind) {
+  std::lock_guard lock(mu_);
+  EpState s = state_.load(std::memory_order_acquire);
+  if (s != EpState::Open) return fail(closed_errc(s), "send");
+  MBMQ_TRY(send_locked(b, kind, kind == DescKind::Request ? OwnState::LentRequest
+                                                         : OwnState::LentOneWay));
+  detach_buffer(b);
+  return {};
+}
+
+Status Endpoint::reply(Buffer&& b) {
+  if (b.origin_ != Buffer::Origin::Peer || b.kind_ != static_cast<std::uint16_t>(DescKind::Request))
+    return fail(Errc::InvalidArgument, "reply: not a received request");
+  std::lock_guard lock(mu_);
+  if ((b.id_ & kExtentBit) != 0) {
+    peer_ext_[b.id_ & ~kExtentBit].held = false;
+  } else {
+    peer_held_[b.id_ - static_cast<std::uint32_t>(1 - side_) * n_] = false;
+  }
+  std::uint32_t id = b.id_, size = b.size_, gen = b.gen_;
+  detach_buffer(b);
+  EpState s = state_.load(std::memory_order_acquire);
+  if (s != EpState::Open) return fail(closed_errc(s), "reply");
+  // (P7) The answer travels in the request's own buffer.
+  return push_locked(Desc{id, size, gen, static_cast<std::uint16_t>(DescKind::Reply), 0});
+}
+
+// ---- (P5) receiving ----------------------------------------------------------------------------
+
+bool Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size) {
+  PeerExtent& pe = peer_ext_[e];
+  if (pe.held) return false;  // the peer reused an id we still hold
+  if (!pe.map.valid() || pe.gen != gen) {
+    if (!stash_ext_[e].fd || stash_ext_[e].gen != gen) drain_control();
+    Stashed& st = stash_ext_[e];
+    if (!st.fd || st.gen != gen) return false;
+    os::UniqueFd fd = std::move(st.fd);
+    // Only a memfd sealed against shrinking can be mapped without risking SIGBUS later.
+    auto seals = os::get_seals(fd.get());
+    if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize) return false;
+    auto fsize = os::file_size(fd.get());
+    if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return false;
+    auto map = os::Mapping::map_shared(fd.get(), *fsize, os::Access::ReadWrite);
+    if (!map) return false;
+    pe.map = std::move(*map);
+    pe.gen = gen;
+  }
+  return size <= pe.map.size();
+}
+
+Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
+                                    std::uint16_t* call_status) {
+  switch (static_cast<DescKind>(d.kind)) {
+    case DescKind::Request:
+    case DescKind::OneWay: {  // the peer's buffer, lent to us
+      if ((d.buffer & kExtentBit) != 0) {
+        std::uint32_t e = d.buffer & ~kExtentBit;
+        if (e >= kMaxExtents || !map_peer_extent(e, d.gen, d.size)) return Accepted::Bad;
+        peer_ext_[e].held = true;
+        return Accepted::Deliver;
+      }
+      std::uint32_t first = static_cast<std::uint32_t>(1 - side_) * n_;
+      if (d.buffer < first || d.buffer - first >= n_ || d.size > slot_size_) return Accepted::Bad;
+      if (peer_held_[d.buffer - first]) return Accepted::Bad;  // sent twice
+      peer_held_[d.buffer - first] = true;
+      return Accepted::Deliver;
+    }
+    case DescKind::Reply:
+    case DescKind::Return: {  // our buffer, coming back
+      OwnState* st = own_state(d.buffer);
+      if (st == nullptr) return Accepted::Bad;
+      std::uint32_t gen = (d.buffer & kExtentBit) != 0 ? own_ext_[d.buffer & ~kExtentBit].gen
+                                                        : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
+      if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App) return Accepted::Bad;
+      if (d.size > own_capacity(d.buffer)) return Accepted::Bad;
+      if (d.kind == static_cast<std::uint16_t>(DescKind::Return)) {
+        if (*st != OwnState::LentOneWay) return Accepted::Bad;
+        free_own(d.buffer);
+        return Accepted::Internal;
+      }
+      if (d.status > static_cast<std::uint16_t>(shm::DescStatus::NoReply)) return Accepted::Bad;
+      switch (*st) {
+        case OwnState::LentCall:
+          if (call_buf == nullptr || call_buf->id_ != d.buffer) return Accepted::Bad;
+          *st = OwnState::App;
+          *call_status = d.status;
+          return Accepted::CallDone;
+        case OwnState::Abandoned:  // the late reply to a call that timed out
+          free_own(d.buffer);
+          return Accepted::Internal;
+        case OwnState::LentRequest:
+          *st = OwnState::App;
+          return Accepted::Deliver;
+        default:
+          return Accepted::Bad;
+      }
+    }
+    case DescKind::ReleaseExtent: {
+      if ((d.buffer & kExtentBit) == 0) return Accepted::Bad;
+      std::uint32_t e = d.buffer & ~kExtentBit;
+      if (e >= kMaxExtents || peer_ext_[e].held) return Accepted::Bad;
+      if (peer_ext_[e].gen == d.gen) peer_ext_[e].map.reset();
+      return Accepted::Internal;
+    }
+  }
+  return Accepted::Bad;
+}
+
+void Endpoint::make_message(const Desc& d, Message* out) {
+  Buffer& b = out->buffer;
+  b.reset();
+  b.ep_ = shared_from_this();
+  b.id_ = d.buffer;
+  b.gen_ = d.gen;
+  b.size_ = d.size;
+  b.kind_ = d.kind;
+  out->key = key_.load(std::memory_order_relaxed);
+  out->error = Errc::PeerClosed;
+  if (d.kind == static_cast<std::uint16_t>(DescKind::Reply)) {
+    b.origin_ = Buffer::Origin::Own;
+    b.data_ = own_data(d.buffer);
+    b.capacity_ = own_capacity(d.buffer);
+    out->kind = Kind::Reply;
+    if (d.status == static_cast<std::uint16_t>(shm::DescStatus::NoReply)) out->error = Errc::NoReply;
+    return;
+  }
+  b.origin_ = Buffer::Origin::Peer;
+  if ((d.buffer & kExtentBit) != 0) {
+    const os::Mapping& m = peer_ext_[d.buffer & ~kExtentBit].map;
+    b.data_ = m.data();
+    b.capacity_ = static_cast<std::uint32_t>(m.size());
+  } else {
+    b.data_ = seg_.slot(d.buffer);
+    b.capacity_ = slot_size_;
+  }
+  out->kind = d.kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
+}
+
+void Endpoint::pending_push(const Desc& d) noexcept {
+  MBMQ_ASSERT(pending_count_ < pending_.size());  // each entry names a distinct buffer
+  pending_[(pending_head_ + pending_count_++) % pending_.size()] = d;
+  pending_nonempty_.store(1, std::memory_order_relaxed);
+}
+
+bool Endpoint::pending_pop(Desc* d) noexcept {
+  if (pending_count_ == 0) return false;
+  *d = pending_[pending_head_];
+  pending_head_ = static_cast<std::uint32_t>((pending_head_ + 1) % pending_.size());
+  if (--pending_count_ == 0) pending_nonempty_.store(0, std::memory_order_relaxed);
+  return true;
+}
+
+Error Endpoint::fail_protocol_locked(const char* op) noexcept {
+  EpState expected = EpState::Open;
+  if (state_.compare_exchange_strong(expected, EpState::Protocol)) {
+    // Close the channel for both sides: the peer sees the hang-up (P8).
+    if (control_) os::shutdown_socket(control_.get());
+    in_.doorbell.fetch_add(1, std::memory_order_release);
+    (void)os::futex_wake(&in_.doorbell, INT_MAX);
+  }
+  return Error::make(Errc::Protocol, op);
+}
+
+Endpoint::Poll Endpoint::poll(Message* out) {
+  if (!inbound_ready()) return Poll::Empty;
+  std::lock_guard lock(mu_);
+  for (;;) {
+    EpState s = state_.load(std::memory_order_acquire);
+    if (s == EpState::LocalClosed) return Poll::Gone;
+    Desc d;
+    if (pending_pop(&d)) {
+      make_message(d, out);
+      return Poll::Got;
+    }
+    if (s != EpState::Protocol) {
+      shm::RingStatus rs = rx_.pop(&d);
+      if (rs == shm::RingStatus::Ok) {
+        Accepted a = accept(d, nullptr, nullptr);
+        if (a == Accepted::Deliver) {
+          make_message(d, out);
+          return Poll::Got;
+        }
+        if (a == Accepted::Internal) continue;
+        (void)fail_protocol_locked("receive: invalid descriptor");
+        continue;
+      }
+      if (rs == shm::RingStatus::Corrupt) {
+        (void)fail_protocol_locked("receive: invalid ring tail");
+        continue;
+      }
+    }
+    if (s == EpState::Open) return Poll::Empty;
+    if (end_reported_) return Poll::Gone;
+    end_reported_ = true;
+    out->buffer.reset();
+    out->kind = Kind::PeerClosed;
+    out->error = closed_errc(s);
+    out->key = key_.load(std::memory_order_relaxed);
+    return Poll::Ended;
+  }
+}
+
+bool Endpoint::inbound_ready() const noexcept {
+  return rx_.maybe_nonempty() || pending_nonempty_.load(std::memory_order_relaxed) != 0 ||
+         state_.load(std::memory_order_acquire) != EpState::Open;
+}
+
+void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
+  // Relaxed: the queue issues the seq_cst fence of (P6) after setting all of them.
+  in_.consumer_sleeping.store(sleeping ? 1u : 0u, std::memory_order_relaxed);
+}
+
+// ---- waiting (P6) -----------------------------------------------------------------------------
+
+void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy) {
+  if (policy.mode != WaitMode::Sleep) {
+    const std::int64_t start = monotonic_ns();
+    for (std::uint32_t i = 0;; ++i) {
+      if (inbound_ready()) return;
+      cpu_relax();
+      if ((i & 63) == 63) {
+        std::int64_t now = monotonic_ns();
+        if (!deadline.is_never() && now >= deadline.ns()) return;
+        if (policy.mode == WaitMode::Adaptive && now - start >= policy.spin.count()) break;
+      }
+    }
+  }
+  // (P6) Read the word first: a wake after this read changes it, so FUTEX_WAIT returns at once.
+  // Pairs with the producer's fetch_add(release) in (P4).
+  std::uint32_t v = in_.doorbell.load(std::memory_order_acquire);
+  in_.consumer_sleeping.store(1, std::memory_order_relaxed);
+  // Pairs with the producer's fence in (P4).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (!inbound_ready()) {
+    std::int64_t rem = deadline.remaining_ns();
+    if (deadline.is_never() || rem > 0)
+      (void)os::futex_wait(&in_.doorbell, v, deadline.is_never() ? -1 : rem);
+  }
+  in_.consumer_sleeping.store(0, std::memory_order_relaxed);
+}
+
+Status Endpoint::call(Buffer& b, Deadline deadline) {
+  if (redirected_.load(std::memory_order_relaxed))
+    return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
+  std::lock_guard consumer(consumer_mu_);
+  ensure_watched();
+  const WaitPolicy policy{wait_mode_.load(std::memory_order_relaxed),
+                          std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed))};
+  {
+    std::lock_guard lock(mu_);
+    EpState s = state_.load(std::memory_order_acquire);
+    if (s != EpState::Open) return fail(closed_errc(s), "call");
+    MBMQ_TRY(send_locked(b, DescKind::Request, OwnState::LentCall));
+  }
+  for (;;) {
+    if (inbound_ready()) {
+      std::lock_guard lock(mu_);
+      for (;;) {
+        if (state_.load(std::memory_order_acquire) == EpState::Protocol) break;
+        Desc d;
+        shm::RingStatus rs = rx_.pop(&d);
+        if (rs == shm::RingStatus::Empty) break;
+        if (rs == shm::RingStatus::Corrupt) {
+          (void)fail_protocol_locked("call: invalid ring tail");
+          break;
+        }
+        std::uint16_t status = 0;
+        Accepted a = accept(d, &b, &status);
+        if (a == Accepted::CallDone) {
+          b.size_ = d.size;
+          if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
+            return fail(Errc::NoReply, "call");
+          return {};
+        }
+        if (a == Accepted::Deliver) pending_push(d);  // a request from the peer: for receive()
+        if (a == Accepted::Bad) {
+          (void)fail_protocol_locked("call: invalid descriptor");
+          break;
+        }
+      }
+      EpState s = state_.load(std::memory_order_acquire);
+      if (s != EpState::Open) {
+        // (P8) The automatic reply: the buffer is the caller's again.
+        OwnState* st = own_state(b.id_);
+        if (st != nullptr && *st == OwnState::LentCall) *st = OwnState::App;
+        return fail(closed_errc(s), "call");
+      }
+    }
+    if (deadline.expired()) {
+      std::lock_guard lock(mu_);
+      // The callee may still write the buffer: give it up; its late reply frees it.
+      OwnState* st = own_state(b.id_);
+      if (st != nullptr && *st == OwnState::LentCall) *st = OwnState::Abandoned;
+      detach_buffer(b);
+      return fail(Errc::TimedOut, "call");
+    }
+    wait_inbound(deadline, policy);
+  }
+}
+
+Status Endpoint::reply_message(Buffer&& b) {
+  if (!b.ep_) return fail(Errc::InvalidArgument, "reply: empty buffer");
+  std::shared_ptr<Endpoint> ep = b.ep_;
+  return ep->reply(std::move(b));
+}
+
+Result<Message> Endpoint::receive(Deadline deadline) {
+  if (redirected_.load(std::memory_order_relaxed))
+    return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
+  std::lock_guard consumer(consumer_mu_);
+  ensure_watched();
+  const WaitPolicy policy{wait_mode_.load(std::memory_order_relaxed),
+                          std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed))};
+  for (;;) {
+    Message m;
+    Poll p = poll(&m);
+    if (p == Poll::Got || p == Poll::Ended) return m;
+    if (p == Poll::Gone) return fail(closed_errc(state()), "receive");
+    if (deadline.expired()) return fail(Errc::TimedOut, "receive");
+    wait_inbound(deadline, policy);
+  }
+}
+
+// ---- redirection, lifecycle (P8) --------------------------------------------------------------
+
+Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t key) {
+  {
+    std::lock_guard lock(mu_);
+    EpState s = state_.load(std::memory_order_acquire);
+    if (s != EpState::Open) return fail(closed_errc(s), "redirect");
+    if (queue_ == queue) {
+      key_.store(key, std::memory_order_relaxed);
+      return {};
+    }
+    if (queue_) return fail(Errc::Busy, "redirect: already redirected to another queue");
+    if (++my_db_gen_ == 0) ++my_db_gen_;
+    shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Doorbell), 0, my_db_gen_, 0};
+    int fd = queue->doorbell_fd();
+    MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
+    // Pairs with the producer's acquire load in (P4): the page is on the socket before the
+    // generation that names it is visible.
+    in_.doorbell_gen.store(my_db_gen_, std::memory_order_release);
+    queue_ = queue;
+    key_.store(key, std::memory_order_relaxed);
+    redirected_.store(true, std::memory_order_relaxed);
+  }
+  ensure_watched();
+  queue->add(shared_from_this());
+  queue->poke();
+  return {};
+}
+
+void Endpoint::set_wait_policy(WaitPolicy p) noexcept {
+  wait_mode_.store(p.mode, std::memory_order_relaxed);
+  spin_ns_.store(static_cast<std::int64_t>(p.spin.count()), std::memory_order_relaxed);
+}
+
+void Endpoint::wake_local() noexcept {
+  in_.doorbell.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&in_.doorbell, INT_MAX);
+  std::shared_ptr<QueueCore> q;
+  {
+    std::lock_guard lock(mu_);
+    q = queue_;
+  }
+  if (q) q->poke();
+}
+
+void Endpoint::on_hangup() noexcept {
+  EpState expected = EpState::Open;
+  state_.compare_exchange_strong(expected, EpState::PeerClosed, std::memory_order_acq_rel);
+  wake_local();
+}
+
+void Endpoint::close_local() noexcept {
+  {
+    std::lock_guard lock(mu_);
+    if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
+    if (watch_pid_.load(std::memory_order_relaxed) == os::current_pid() && control_) {
+      unwatch_peer(watch_id_, control_.get());
+      watch_pid_.store(0, std::memory_order_relaxed);
+    }
+    control_.reset();
+  }
+  wake_local();
+}
+
+void Endpoint::ensure_watched() noexcept {
+  int pid = os::current_pid();
+  if (watch_pid_.load(std::memory_order_relaxed) == pid) return;
+  std::lock_guard lock(mu_);
+  if (watch_pid_.load(std::memory_order_relaxed) == pid || !control_) return;
+  auto id = watch_peer(weak_from_this(), control_.get());
+  if (id) {
+    watch_id_ = *id;
+    watch_pid_.store(pid, std::memory_order_relaxed);
+  }
+}
+
+void Endpoint::detach_buffer(Buffer& b) noexcept {
+  b.origin_ = Buffer::Origin::None;
+  b.ep_.reset();
+  b.data_ = nullptr;
+  b.size_ = b.capacity_ = 0;
+}
+
+}  // namespace mbmq::detail

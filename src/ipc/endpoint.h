@@ -1,0 +1,214 @@
+// ipc/endpoint.h: one end of a channel: the private state that makes the shared segment safe to
+// use against a peer that may be buggy or hostile, and the protocol steps P2-P8 of
+// src/shm/layout.h. Channel, Buffer and MsgQueue are thin handles over it.
+//
+// Locking: mu_ guards the producer ring index, the consumer ring index, the ownership tables and
+// the control socket. It is uncontended on the usual paths (one caller thread, or one queue
+// waiter) and never held across a sleep. consumer_mu_ serializes call()/receive() on an end that
+// is not redirected; for a redirected end the queue's mutex plays that role.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "mbmq/buffer.h"
+#include "mbmq/deadline.h"
+#include "mbmq/msg_queue.h"
+#include "mbmq/result.h"
+#include "mbmq/wait_policy.h"
+#include "os/fd.h"
+#include "os/mapping.h"
+#include "shm/layout.h"
+#include "shm/ring.h"
+#include "shm/segment.h"
+
+namespace mbmq::detail {
+
+class QueueCore;
+
+enum class EpState : std::uint8_t { Open = 0, PeerClosed = 1, Protocol = 2, LocalClosed = 3 };
+
+class Endpoint : public std::enable_shared_from_this<Endpoint> {
+ public:
+  struct Init {
+    shm::Segment segment;
+    os::UniqueFd control;
+    int side = 0;                  // 0: produces dir[0], consumes dir[1]; 1: the reverse
+    WaitPolicy wait{};
+    std::uint32_t tx_tail = 0;     // ring positions (non-zero for an end moved between processes)
+    std::uint32_t rx_head = 0;
+    std::uint32_t next_extent_gen = 1;
+  };
+  static Result<std::shared_ptr<Endpoint>> make(Init init);
+  Endpoint(const Endpoint&) = delete;
+  Endpoint& operator=(const Endpoint&) = delete;
+  ~Endpoint();
+
+  // (P2) Buffers of this side.
+  Result<Buffer> alloc(std::size_t size);
+  Status grow(Buffer& b, std::size_t n);
+  void release(Buffer& b) noexcept;  // from ~Buffer / Buffer::reset
+
+  // (P3)-(P7) Sending.
+  Status call(Buffer& b, Deadline deadline);
+  Status send(Buffer&& b, shm::DescKind kind);  // OneWay, or Request answered through the queue
+  Status reply(Buffer&& b);
+  // Replies through whichever endpoint `b` belongs to (MsgQueue::reply).
+  static Status reply_message(Buffer&& b);
+
+  // Receiving, for an end that is not redirected.
+  Result<Message> receive(Deadline deadline);
+
+  // Receiving through a queue: one thread at a time (the queue's mutex).
+  enum class Poll { Got, Empty, Ended, Gone };
+  // Got: *out is a message. Ended: the channel is over and drained, *out is the final
+  // Kind::PeerClosed. Gone: closed locally, drop it silently.
+  Poll poll(Message* out);
+  // Sets consumer_sleeping on the inbound direction (P6), for the queue's waiters.
+  void set_consumer_sleeping(bool sleeping) noexcept;
+
+  Status redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t key);
+  std::uint64_t key() const noexcept { return key_.load(std::memory_order_relaxed); }
+  void set_wait_policy(WaitPolicy p) noexcept;
+
+  // (P8) From the watcher thread: the control socket hung up.
+  void on_hangup() noexcept;
+  // The owning Channel handle is gone: close the control socket (the peer sees a hang-up once no
+  // other process holds it) and stop delivering.
+  void close_local() noexcept;
+  EpState state() const noexcept { return state_.load(std::memory_order_acquire); }
+
+  // Moving an end to another process (ipc/transfer.cc).
+  Status send_over(int unix_socket);
+
+  // Test hooks: the raw segment (for the scribbling tests) and counts.
+  std::byte* segment_base() const noexcept { return seg_.base(); }
+  std::size_t segment_size() const noexcept { return seg_.geometry().segment_size; }
+
+ private:
+  explicit Endpoint(Init init);
+
+  enum class OwnState : std::uint8_t { Free, App, LentCall, LentRequest, LentOneWay, Abandoned };
+  struct OwnSlot {
+    OwnState state = OwnState::Free;
+    std::uint32_t gen = 0;
+  };
+  struct OwnExtent {
+    OwnState state = OwnState::Free;
+    std::uint32_t gen = 0;
+    std::uint32_t sent_gen = 0;  // the peer has this extent's fd at this generation
+    os::UniqueFd fd;
+    os::Mapping map;
+  };
+  struct PeerExtent {
+    std::uint32_t gen = 0;
+    bool held = false;
+    os::Mapping map;
+  };
+  struct Stashed {  // an fd received on the control socket, not yet used
+    os::UniqueFd fd;
+    std::uint32_t gen = 0;
+  };
+  // What accept() made of a descriptor (P5).
+  enum class Accepted { Deliver, Internal, CallDone, Bad };
+
+  // All below: mu_ held.
+  Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
+  void make_message(const shm::Desc& d, Message* out);
+  OwnSlot* own_slot(std::uint32_t id) noexcept;
+  std::uint32_t own_capacity(std::uint32_t id) const noexcept;
+  std::byte* own_data(std::uint32_t id) const noexcept;
+  void free_own(std::uint32_t id) noexcept;
+  OwnState* own_state(std::uint32_t id) noexcept;
+  bool map_peer_extent(std::uint32_t id, std::uint32_t gen, std::uint32_t size);
+  void drain_control();
+  Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as);
+  Status push_locked(const shm::Desc& d);
+  void wake_peer_locked() noexcept;
+  Error fail_protocol_locked(const char* op) noexcept;
+  void pending_push(const shm::Desc& d) noexcept;
+  bool pending_pop(shm::Desc* d) noexcept;
+
+  // No lock: waits until the inbound ring may have data, the state changed, or the deadline.
+  void wait_inbound(Deadline deadline, WaitPolicy policy);
+  bool inbound_ready() const noexcept;
+  void ensure_watched() noexcept;
+  void wake_local() noexcept;
+  // A buffer handed to another owner: forget it without releasing it.
+  static void detach_buffer(Buffer& b) noexcept;
+
+  shm::Segment seg_;
+  const int side_;
+  const std::uint32_t n_;         // slots per side (private copy of the validated geometry)
+  const std::uint32_t slot_size_;
+  shm::Direction& out_;           // we produce
+  shm::Direction& in_;            // we consume
+
+  mutable std::mutex mu_;
+  std::mutex consumer_mu_;
+  os::UniqueFd control_;                                   // guarded by mu_
+  shm::RingProducer<> tx_;                                 // guarded by mu_
+  shm::RingConsumer<> rx_;                                 // consumer thread; pops under mu_
+  std::array<OwnSlot, shm::kMaxSlotsPerSide> own_slots_{};  // guarded by mu_
+  std::vector<std::uint32_t> free_slots_;                  // guarded by mu_ (reserved at make)
+  std::array<OwnExtent, shm::kMaxExtents> own_ext_{};       // guarded by mu_
+  std::vector<std::uint32_t> free_ext_;                    // guarded by mu_
+  std::uint32_t next_extent_gen_;                          // guarded by mu_
+  std::array<bool, shm::kMaxSlotsPerSide> peer_held_{};     // guarded by mu_
+  std::array<PeerExtent, shm::kMaxExtents> peer_ext_{};     // guarded by mu_
+  std::array<Stashed, shm::kMaxExtents> stash_ext_{};       // guarded by mu_
+  Stashed stash_doorbell_;                                 // guarded by mu_
+  std::uint32_t peer_db_gen_ = 0;                          // guarded by mu_
+  os::Mapping peer_db_map_;                                // guarded by mu_
+  std::uint32_t my_db_gen_ = 0;                            // guarded by mu_
+  // Descs accepted by call() that are not its reply: delivered later by receive()/poll(). Each
+  // names a distinct buffer, so 2 * (slots + extents) entries always suffice.
+  std::array<shm::Desc, 2 * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> pending_{};  // mu_
+  std::uint32_t pending_head_ = 0, pending_count_ = 0;                            // mu_
+  std::atomic<std::uint32_t> pending_nonempty_{0};
+  bool end_reported_ = false;                              // guarded by mu_
+
+  std::shared_ptr<QueueCore> queue_;                       // guarded by mu_
+  std::atomic<std::uint64_t> key_{0};
+  std::atomic<bool> redirected_{false};
+  std::atomic<EpState> state_{EpState::Open};
+  std::atomic<WaitMode> wait_mode_;
+  std::atomic<std::int64_t> spin_ns_;
+  std::atomic<int> watch_pid_{0};
+  std::uint64_t watch_id_ = 0;                             // guarded by mu_
+};
+
+// The process-private half of a MsgQueue (its shared half is the DoorbellPage).
+class QueueCore {
+ public:
+  static Result<std::shared_ptr<QueueCore>> make(WaitPolicy policy);
+
+  Result<Message> wait(Deadline deadline);
+  void add(std::shared_ptr<Endpoint> ep);
+  // Bumps the wake word and wakes every waiter, so they look again.
+  void poke() noexcept;
+  int doorbell_fd() const noexcept { return fd_.get(); }
+  std::size_t channel_count() const;
+  void set_wait_policy(WaitPolicy p);
+  // Lets go of every channel (the MsgQueue handle is being destroyed).
+  std::vector<std::shared_ptr<Endpoint>> take_all();
+
+ private:
+  bool scan_locked(Message* out);
+  void set_sleeping_locked(bool sleeping) noexcept;
+
+  os::UniqueFd fd_;
+  os::Mapping map_;
+  shm::DoorbellPage* page_ = nullptr;
+  mutable std::mutex mu_;
+  std::vector<std::shared_ptr<Endpoint>> eps_;  // guarded by mu_
+  std::size_t next_ = 0;                        // guarded by mu_: round-robin start
+  int sleepers_ = 0;                            // guarded by mu_
+  WaitPolicy policy_;                           // guarded by mu_
+};
+
+}  // namespace mbmq::detail

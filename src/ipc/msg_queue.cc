@@ -1,0 +1,170 @@
+// MsgQueue and its private half, QueueCore (waiting steps P4/P6 of src/shm/layout.h).
+#include "mbmq/msg_queue.h"
+
+#include <climits>
+#include <new>
+
+#include "ipc/endpoint.h"
+#include "os/futex.h"
+#include "os/memfd.h"
+
+namespace mbmq {
+namespace detail {
+
+Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
+  auto q = std::make_shared<QueueCore>();
+  q->fd_ = MBMQ_TRY(os::make_sealed_memfd("mbmq-queue", shm::kDoorbellPageSize));
+  q->map_ = MBMQ_TRY(os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize,
+                                             os::Access::ReadWrite));
+  q->page_ = new (q->map_.data()) shm::DoorbellPage{};
+  q->policy_ = policy;
+  q->eps_.reserve(64);
+  return q;
+}
+
+void QueueCore::add(std::shared_ptr<Endpoint> ep) {
+  std::lock_guard lock(mu_);
+  // A waiter already asleep must be woken by this channel's peer too (P6).
+  if (sleepers_ > 0) ep->set_consumer_sleeping(true);
+  eps_.push_back(std::move(ep));
+}
+
+void QueueCore::poke() noexcept {
+  page_->word.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&page_->word, INT_MAX);
+}
+
+std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
+  std::lock_guard lock(mu_);
+  std::vector<std::shared_ptr<Endpoint>> eps;
+  eps.swap(eps_);
+  return eps;
+}
+
+std::size_t QueueCore::channel_count() const {
+  std::lock_guard lock(mu_);
+  return eps_.size();
+}
+
+void QueueCore::set_wait_policy(WaitPolicy p) {
+  std::lock_guard lock(mu_);
+  policy_ = p;
+}
+
+void QueueCore::set_sleeping_locked(bool sleeping) noexcept {
+  for (auto& ep : eps_) ep->set_consumer_sleeping(sleeping);
+}
+
+bool QueueCore::scan_locked(Message* out) {
+  std::size_t i = 0;
+  while (i < eps_.size()) {
+    std::size_t idx = (next_ + i) % eps_.size();
+    Endpoint::Poll p = eps_[idx]->poll(out);
+    if (p == Endpoint::Poll::Got) {
+      next_ = idx + 1;
+      return true;
+    }
+    if (p == Endpoint::Poll::Empty) {
+      ++i;
+      continue;
+    }
+    // Ended (deliver the final PeerClosed) or Gone (closed here): the queue lets go of it.
+    eps_[idx]->set_consumer_sleeping(false);
+    eps_[idx] = std::move(eps_.back());
+    eps_.pop_back();
+    if (p == Endpoint::Poll::Ended) {
+      next_ = idx;
+      return true;
+    }
+  }
+  return false;
+}
+
+Result<Message> QueueCore::wait(Deadline deadline) {
+  WaitPolicy policy;
+  {
+    std::lock_guard lock(mu_);
+    policy = policy_;
+  }
+  const std::int64_t start = monotonic_ns();
+  for (;;) {
+    Message m;
+    {
+      std::lock_guard lock(mu_);
+      if (scan_locked(&m)) return m;
+    }
+    if (deadline.expired()) return fail(Errc::TimedOut, "MsgQueue::wait");
+    if (policy.mode == WaitMode::Spin ||
+        (policy.mode == WaitMode::Adaptive && monotonic_ns() - start < policy.spin.count())) {
+      for (int k = 0; k < 16; ++k) __builtin_ia32_pause();
+      continue;
+    }
+    // (P6) Announce sleep on every channel, fence, look once more, sleep on the queue's word.
+    std::uint32_t v;
+    {
+      std::lock_guard lock(mu_);
+      // Pairs with the producers' fetch_add(release) in (P4).
+      v = page_->word.load(std::memory_order_acquire);
+      if (sleepers_++ == 0) set_sleeping_locked(true);
+      // Pairs with the producers' fence in (P4).
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (scan_locked(&m)) {
+        if (--sleepers_ == 0) set_sleeping_locked(false);
+        return m;
+      }
+    }
+    std::int64_t rem = deadline.remaining_ns();
+    if (deadline.is_never() || rem > 0)
+      (void)os::futex_wait(&page_->word, v, deadline.is_never() ? -1 : rem);
+    {
+      std::lock_guard lock(mu_);
+      if (--sleepers_ == 0) set_sleeping_locked(false);
+    }
+  }
+}
+
+}  // namespace detail
+
+MsgQueue::~MsgQueue() {
+  if (!core_) return;
+  // Channels redirected here can no longer deliver: close them, so their peers' calls end with
+  // PeerClosed (the automatic reply) instead of waiting for a queue that is gone.
+  for (auto& ep : core_->take_all()) ep->close_local();
+}
+
+Result<MsgQueue> MsgQueue::create(WaitPolicy policy) {
+  MsgQueue q;
+  q.core_ = MBMQ_TRY(detail::QueueCore::make(policy));
+  return q;
+}
+
+Result<Message> MsgQueue::wait(Deadline deadline) {
+  if (!core_) return fail(Errc::InvalidArgument, "MsgQueue::wait: invalid queue");
+  return core_->wait(deadline);
+}
+
+Status MsgQueue::reply(Message&& msg) {
+  if (msg.kind != Kind::Request) return fail(Errc::InvalidArgument, "reply: not a request");
+  return detail::Endpoint::reply_message(std::move(msg.buffer));
+}
+
+Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
+  if (msg.kind == Kind::Request) {
+    Status s = reply(std::move(msg));
+    // A caller that is gone is not the server's error: move on to the next message.
+    if (!s && s.error().code != Errc::PeerClosed && s.error().code != Errc::Protocol &&
+        s.error().code != Errc::WouldBlock)
+      return fail(s.error());
+  } else {
+    msg.buffer.reset();
+  }
+  return wait(deadline);
+}
+
+void MsgQueue::set_wait_policy(WaitPolicy policy) {
+  if (core_) core_->set_wait_policy(policy);
+}
+
+std::size_t MsgQueue::channel_count() const { return core_ ? core_->channel_count() : 0; }
+
+}  // namespace mbmq

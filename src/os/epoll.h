@@ -1,0 +1,31 @@
+// os/epoll.h: a minimal epoll owner, used by the peer-death watcher.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "mbmq/result.h"
+#include "os/fd.h"
+
+namespace mbmq::os {
+
+struct EpollEvent {
+  std::uint32_t events;
+  std::uint64_t data;
+};
+inline constexpr std::uint32_t kEpollHangup = 0x2000u | 0x010u | 0x008u;  // RDHUP | HUP | ERR
+
+class Epoll {
+ public:
+  static Result<Epoll> create();
+  Status add(int fd, std::uint32_t events, std::uint64_t data);
+  Status remove(int fd);
+  // Waits up to timeout_ms (-1: forever); returns how many entries of `out` were filled.
+  Result<std::size_t> wait(std::span<EpollEvent> out, int timeout_ms);
+  int fd() const noexcept { return fd_.get(); }
+
+ private:
+  UniqueFd fd_;
+};
+
+}  // namespace mbmq::os

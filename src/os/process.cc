@@ -1,0 +1,150 @@
+#include "os/process.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+
+#include "os/syscall_count.h"
+
+namespace mbmq::os {
+
+namespace {
+std::atomic<pid_t> g_pid{0};
+void refresh_pid() noexcept { g_pid.store(::getpid(), std::memory_order_relaxed); }
+}  // namespace
+
+pid_t current_pid() noexcept {
+  pid_t p = g_pid.load(std::memory_order_relaxed);
+  if (p == 0) {
+    static const bool registered = [] {
+      ::pthread_atfork(nullptr, nullptr, refresh_pid);
+      return true;
+    }();
+    (void)registered;
+    count_syscall();
+    p = ::getpid();
+    g_pid.store(p, std::memory_order_relaxed);
+  }
+  return p;
+}
+
+void on_fork_child(void (*fn)()) noexcept {
+  (void)current_pid();  // make sure the pid refresh handler runs first
+  ::pthread_atfork(nullptr, nullptr, fn);
+}
+
+Result<pid_t> fork_process() {
+  (void)current_pid();
+  count_syscall();
+  pid_t p = ::fork();
+  if (p < 0) return fail(Error::from_syscall("fork", errno));
+  return p;
+}
+
+Result<int> wait_process(pid_t pid) {
+  int status = 0;
+  for (;;) {
+    count_syscall();
+    pid_t r = ::waitpid(pid, &status, 0);
+    if (r == pid) return status;
+    if (r < 0 && errno == EINTR) continue;
+    return fail(Error::from_syscall("waitpid", errno));
+  }
+}
+
+Status kill_process(pid_t pid, int sig) {
+  count_syscall();
+  if (::kill(pid, sig) != 0) return fail(Error::from_syscall("kill", errno));
+  return {};
+}
+
+void exit_now(int code) noexcept { ::_exit(code); }
+
+Status pin_to_cpu(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(static_cast<unsigned>(cpu), &set);
+  count_syscall();
+  if (::sched_setaffinity(0, sizeof(set), &set) != 0)
+    return fail(Error::from_syscall("sched_setaffinity", errno));
+  return {};
+}
+
+int cpu_count() noexcept {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return CPU_COUNT(&set);
+}
+
+Result<std::pair<UniqueFd, UniqueFd>> make_pipe() {
+  int p[2];
+  count_syscall();
+  if (::pipe2(p, O_CLOEXEC) != 0) return fail(Error::from_syscall("pipe2", errno));
+  return std::pair<UniqueFd, UniqueFd>{UniqueFd(p[0]), UniqueFd(p[1])};
+}
+
+Result<std::size_t> read_full(int fd, std::span<std::byte> buf) {
+  std::size_t done = 0;
+  while (done < buf.size()) {
+    count_syscall();
+    ssize_t n = ::read(fd, buf.data() + done, buf.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail(Error::from_syscall("read", errno));
+    if (n == 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  return done;
+}
+
+Status write_full(int fd, std::span<const std::byte> buf) {
+  std::size_t done = 0;
+  while (done < buf.size()) {
+    count_syscall();
+    ssize_t n = ::write(fd, buf.data() + done, buf.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail(Error::from_syscall("write", errno));
+    done += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+long read_once(int fd, void* buf, std::size_t n) noexcept {
+  count_syscall();
+  return ::read(fd, buf, n);
+}
+long write_once(int fd, const void* buf, std::size_t n) noexcept {
+  count_syscall();
+  return ::write(fd, buf, n);
+}
+
+std::size_t open_fd_count() {
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (dirent* e = ::readdir(d))
+      if (e->d_name[0] != '.') ++n;
+    ::closedir(d);
+    if (n > 0) --n;  // the DIR's own fd
+  }
+  return n;
+}
+
+std::size_t mapping_count() {
+  std::size_t n = 0;
+  if (FILE* f = std::fopen("/proc/self/maps", "r")) {
+    for (int c; (c = std::fgetc(f)) != EOF;)
+      if (c == '\n') ++n;
+    std::fclose(f);
+  }
+  return n;
+}
+
+}  // namespace mbmq::os

@@ -1,0 +1,42 @@
+// os/process.h: processes, pipes and CPU affinity, for the library (fork-safety, pid caching),
+// its tests and its benchmark.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <span>
+#include <utility>
+
+#include "mbmq/result.h"
+#include "os/fd.h"
+
+namespace mbmq::os {
+
+// getpid(), cached; refreshed in a child by a pthread_atfork handler (no syscall on the hot path).
+pid_t current_pid() noexcept;
+// Registers `fn` to run in the child after fork() (pthread_atfork child handler).
+void on_fork_child(void (*fn)()) noexcept;
+
+Result<pid_t> fork_process();
+// Waits for pid; returns the raw wait status.
+Result<int> wait_process(pid_t pid);
+Status kill_process(pid_t pid, int sig);
+[[noreturn]] void exit_now(int code) noexcept;  // _exit: no destructors, no atexit
+// Pins the calling thread to one CPU (sched_setaffinity); an error where the CPU does not exist.
+Status pin_to_cpu(int cpu);
+int cpu_count() noexcept;
+
+Result<std::pair<UniqueFd, UniqueFd>> make_pipe();  // {read end, write end}, O_CLOEXEC
+// Full read/write with EINTR retry. read_full returns the bytes read (< size only at EOF).
+Result<std::size_t> read_full(int fd, std::span<std::byte> buf);
+Status write_full(int fd, std::span<const std::byte> buf);
+// Raw read/write once (for baselines that must measure exactly one syscall).
+long read_once(int fd, void* buf, std::size_t n) noexcept;
+long write_once(int fd, const void* buf, std::size_t n) noexcept;
+
+// Counts entries of /proc/self/fd and lines of /proc/self/maps (leak checks in tests).
+std::size_t open_fd_count();
+std::size_t mapping_count();
+
+}  // namespace mbmq::os

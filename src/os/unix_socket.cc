@@ -1,0 +1,118 @@
+#include "os/unix_socket.h"
+
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "os/syscall_count.h"
+
+namespace mbmq::os {
+
+Result<std::pair<UniqueFd, UniqueFd>> seqpacket_pair() {
+  int sv[2];
+  count_syscall();
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
+    return fail(Error::from_syscall("socketpair", errno));
+  return std::pair<UniqueFd, UniqueFd>{UniqueFd(sv[0]), UniqueFd(sv[1])};
+}
+
+namespace {
+union CmsgSpace {
+  cmsghdr align;
+  char buf[CMSG_SPACE(sizeof(int) * kMaxFdsPerMsg)];
+};
+}  // namespace
+
+Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int> fds) {
+  if (fds.size() > kMaxFdsPerMsg) return fail(Errc::InvalidArgument, "send_msg: too many fds");
+  iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  CmsgSpace space{};
+  if (!fds.empty()) {
+    msg.msg_control = space.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  for (;;) {
+    count_syscall();
+    ssize_t n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
+    if (n >= 0) return {};
+    if (errno == EINTR) continue;
+    if (errno == EPIPE || errno == ECONNRESET) return fail(Errc::PeerClosed, "sendmsg");
+    return fail(Error::from_syscall("sendmsg", errno));
+  }
+}
+
+Result<Received> recv_msg(int sock, std::span<std::byte> bytes, std::span<UniqueFd> fds_out,
+                          Blocking blocking) {
+  iovec iov{bytes.data(), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  CmsgSpace space{};
+  msg.msg_control = space.buf;
+  msg.msg_controllen = sizeof(space.buf);
+  int flags = MSG_CMSG_CLOEXEC | (blocking == Blocking::No ? MSG_DONTWAIT : 0);
+  ssize_t n;
+  for (;;) {
+    count_syscall();
+    n = ::recvmsg(sock, &msg, flags);
+    if (n >= 0) break;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return fail(Errc::WouldBlock, "recvmsg");
+    if (errno == ECONNRESET) return fail(Errc::PeerClosed, "recvmsg");
+    return fail(Error::from_syscall("recvmsg", errno));
+  }
+  Received r;
+  r.bytes = static_cast<std::size_t>(n);
+  // Take ownership of every fd first, so none leaks whatever happens next.
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (r.nfds < fds_out.size()) {
+        fds_out[r.nfds++] = UniqueFd(fd);
+      } else {
+        UniqueFd discard(fd);
+        r.truncated = true;
+      }
+    }
+  }
+  if ((msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0) r.truncated = true;
+  return r;
+}
+
+}  // namespace mbmq::os
+
+#include <poll.h>
+
+namespace mbmq::os {
+
+void shutdown_socket(int sock) noexcept {
+  count_syscall();
+  ::shutdown(sock, SHUT_RDWR);
+}
+
+Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
+  pollfd p{sock, POLLIN, 0};
+  int ms = timeout_ns < 0 ? -1 : static_cast<int>((timeout_ns + 999'999) / 1'000'000);
+  for (;;) {
+    count_syscall();
+    int r = ::poll(&p, 1, ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return fail(Error::from_syscall("poll", errno));
+    return r > 0;
+  }
+}
+
+}  // namespace mbmq::os

@@ -1,0 +1,45 @@
+// os/unix_socket.h: AF_UNIX sockets and SCM_RIGHTS fd passing. Every received fd is wrapped in a
+// UniqueFd before anything else can fail, and always arrives O_CLOEXEC (MSG_CMSG_CLOEXEC).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <utility>
+
+#include "mbmq/result.h"
+#include "os/fd.h"
+
+namespace mbmq::os {
+
+inline constexpr std::size_t kMaxFdsPerMsg = 16;
+
+enum class Blocking { Yes, No };
+
+// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC): message boundaries are kept, and closing
+// one end (or the death of its last holder) is seen on the other end as POLLHUP/POLLRDHUP.
+Result<std::pair<UniqueFd, UniqueFd>> seqpacket_pair();
+
+// Sends one message with `fds` attached (SCM_RIGHTS). MSG_NOSIGNAL: a closed peer is EPIPE, not
+// SIGPIPE. Errc::PeerClosed for EPIPE/ECONNRESET.
+Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int> fds);
+
+struct Received {
+  std::size_t bytes = 0;  // 0 with no fds: the peer closed (orderly end of stream)
+  std::size_t nfds = 0;
+  bool truncated = false; // message or fds did not fit: the caller treats it as a protocol error
+};
+// Receives one message into `bytes`; received fds go to fds_out[0..nfds). Blocking::No returns
+// Errc::WouldBlock when nothing is queued.
+Result<Received> recv_msg(int sock, std::span<std::byte> bytes, std::span<UniqueFd> fds_out,
+                          Blocking blocking);
+
+}  // namespace mbmq::os
+
+namespace mbmq::os {
+// shutdown(SHUT_RDWR): ends the connection for every holder of the socket (the peer sees a
+// hang-up at once). Used when a peer broke the protocol.
+void shutdown_socket(int sock) noexcept;
+// Waits until sock is readable or hung up, at most timeout_ns (< 0: no limit).
+Result<bool> wait_readable(int sock, std::int64_t timeout_ns);
+}  // namespace mbmq::os

@@ -1,0 +1,159 @@
+// shm/layout.h: the bytes two processes share for one channel. Read this before touching ipc/.
+//
+// A channel is one memfd segment (sealed F_SEAL_SHRINK|F_SEAL_GROW) plus a SOCK_SEQPACKET
+// socketpair (the "control socket"). Both ends map the segment; the control socket carries file
+// descriptors (large-buffer extents, queue doorbells) and tells each end when the other is gone.
+//
+//   offset 0            SegmentHeader      written once by the creator, then read-only
+//   kDirOffset          Direction dir[0]   messages from side 0 to side 1
+//   + sizeof(Direction) Direction dir[1]   messages from side 1 to side 0
+//   pool_offset         slot[0 .. 2n)      message buffers; side s owns slots [s*n, (s+1)*n)
+//
+// Trust: the segment is shared with a process that may be buggy or hostile. Geometry is copied
+// into private memory at attach and validated once; afterwards only the ring indices, descriptors
+// and wake words are read from shared memory, each read once into a local and validated before
+// use. Authoritative copies of our own ring index live in private memory: the shared copy is only
+// published, never read back.
+//
+// Protocol (numbers are cited in ipc/ as "(P3)" etc.):
+//  (P1) Create: side 0 makes the memfd, seals it, writes SegmentHeader, zeroes the directions.
+//       Side 1 (a forked child, or a process the end was sent to) validates the header against
+//       fstat() and its own limits before using any offset.
+//  (P2) Allocate: a side takes a free slot of its own (private free list), or for payloads above
+//       slot_size an *extent*: a memfd of its own, sealed against shrinking, id < kMaxExtents.
+//  (P3) Send: write the payload in place; for an extent whose fd the peer has not seen at this
+//       generation, first send it on the control socket (CtlMsg::Extent); then write the Desc at
+//       ring[tail % cap] and store-release tail (pairs with the consumer's acquire load in P5).
+//  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's wake word
+//       (its own `doorbell`, or the queue doorbell page named by doorbell_gen) and FUTEX_WAKE it.
+//  (P5) Receive: acquire-load tail, validate tail - head <= cap, copy the Desc to a local,
+//       store-release head (pairs with the producer's acquire load in P3's space check).
+//       Validate the Desc: kind known; for Request/OneWay the buffer must be the peer's, not held
+//       by us already; for Reply/Return it must be ours, lent, with a matching generation; size
+//       within capacity. Anything else is a protocol error: the channel closes, nothing else does.
+//  (P6) Sleep: read the wake word, store consumer_sleeping = 1, seq_cst fence, re-check the ring
+//       and the peer-closed flag, then FUTEX_WAIT(word, value read). The fence pairs with P4's: at
+//       least one side sees the other's store, so a wake-up is never lost.
+//  (P7) Reply: the callee writes the answer into the same buffer and sends Desc{Reply} naming it;
+//       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
+//       A request released without an answer is replied to with status NoReply; a one-way message
+//       is given back with Desc{Return}.
+//  (P8) Close / death: the control socket's hang-up (the peer closed its end, exited or was
+//       killed) is seen by a per-process watcher thread (ipc/peer_watch) sleeping in epoll; it
+//       marks the endpoint closed and wakes its waiters. Outstanding calls then return
+//       PeerClosed (the "automatic reply"); buffers lent to the dead peer return to our pool.
+//       Nothing is named in the filesystem, so nothing is left behind.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace mbmq::shm {
+
+inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
+inline constexpr std::uint32_t kLayoutVersion = 1;  // bump on any change to this file
+inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
+inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
+inline constexpr std::uint32_t kMaxExtents = 64;     // extent ids per side
+inline constexpr std::uint32_t kMinSlotSize = 64;
+inline constexpr std::uint32_t kMaxSlotSize = 16u << 20;
+inline constexpr std::uint32_t kExtentBit = 0x8000'0000u;  // Desc::buffer: an extent id, not a slot
+inline constexpr std::uint64_t kMaxExtentSize = 0xFFFF'F000ull;  // sizes travel as uint32
+
+enum class DescKind : std::uint16_t {
+  Request = 1,       // buffer owned by the sender; expects a Reply in the same buffer (P3, P7)
+  Reply = 2,         // buffer owned by the receiver, coming back with the answer (P7)
+  OneWay = 3,        // buffer owned by the sender; the receiver gives it back with Return
+  Return = 4,        // buffer owned by the receiver, given back unanswered (P7)
+  ReleaseExtent = 5, // the sender freed extent `buffer`; the receiver may unmap it
+};
+
+enum class DescStatus : std::uint16_t { Ok = 0, NoReply = 1 };
+
+// One message descriptor: 16 bytes, four to a cache line. Written by the producer before its
+// release store of tail, read (copied) by the consumer after its acquire load of tail. Plain
+// fields: they are protected by the tail/head release/acquire pairs, and a hostile writer racing
+// with the copy only produces a torn value that validation (P5) rejects.
+struct Desc {
+  std::uint32_t buffer;  // slot index, or kExtentBit | extent id
+  std::uint32_t size;    // payload bytes
+  std::uint32_t gen;     // generation of the buffer (slot reuse count / extent generation)
+  std::uint16_t kind;    // DescKind
+  std::uint16_t status;  // DescStatus (Reply only)
+};
+static_assert(std::is_standard_layout_v<Desc> && std::is_trivially_copyable_v<Desc>);
+static_assert(sizeof(Desc) == 16 && alignof(Desc) == 4);
+
+// One direction of a channel: producer side p sends, consumer side 1-p receives.
+struct Direction {
+  // Producer: store-release after writing ring[tail % cap] (P3). Consumer: acquire load (P5).
+  alignas(64) std::atomic<std::uint32_t> tail;
+  // Consumer: store-release after copying the Desc (P5). Producer: acquire load for free space.
+  alignas(64) std::atomic<std::uint32_t> head;
+  // Consumer: 1 before sleeping, 0 after (seq_cst store + fence, P6). Producer: relaxed load after
+  // its seq_cst fence (P4). A hint: a wrong value costs a spurious or a missed wake of this
+  // channel's own consumer only (that consumer still wakes at its deadline or on the hang-up).
+  alignas(64) std::atomic<std::uint32_t> consumer_sleeping;
+  // Futex word the consumer sleeps on when not redirected to a queue. Producer: fetch_add(1,
+  // release) then FUTEX_WAKE (P4). Consumer: acquire load before sleeping, FUTEX_WAIT on it (P6).
+  std::atomic<std::uint32_t> doorbell;
+  // Consumer: which word it sleeps on: 0 = `doorbell` above; g > 0 = the queue doorbell page sent
+  // as CtlMsg::Doorbell with generation g. Store-release after sending that message; producer
+  // acquire load in P4, then reads the control socket for the page (never blocking on it).
+  std::atomic<std::uint32_t> doorbell_gen;
+  std::uint32_t reserved0[13];
+  // Producer writes, consumer reads (P3/P5).
+  alignas(64) Desc ring[kRingCapacity];
+};
+static_assert(std::is_standard_layout_v<Direction>);
+static_assert(offsetof(Direction, tail) == 0 && offsetof(Direction, head) == 64);
+static_assert(offsetof(Direction, consumer_sleeping) == 128 && offsetof(Direction, doorbell) == 132);
+static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, ring) == 192);
+static_assert(sizeof(Direction) == 192 + 16 * kRingCapacity);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+static_assert((kRingCapacity & (kRingCapacity - 1)) == 0);
+
+// Written once by side 0 before the memfd is shared (P1); never written again. Side 1 validates a
+// private copy; neither side reads it from shared memory after attach.
+struct SegmentHeader {
+  std::uint64_t magic;
+  std::uint32_t version;
+  std::uint32_t slots_per_side;
+  std::uint32_t slot_size;
+  std::uint32_t ring_capacity;
+  std::uint64_t dir_offset[2];
+  std::uint64_t pool_offset;
+  std::uint64_t segment_size;
+  std::uint8_t reserved[8];
+};
+static_assert(std::is_standard_layout_v<SegmentHeader> && sizeof(SegmentHeader) == 64);
+static_assert(offsetof(SegmentHeader, dir_offset) == 24 && offsetof(SegmentHeader, segment_size) == 48);
+
+inline constexpr std::uint64_t kDirOffset = 64;
+static_assert(kDirOffset % alignof(Direction) == 0);
+
+// A queue's wake word, in its own 4 KiB memfd shared with the peers of every channel redirected to
+// the queue (P4/P6). Producers: fetch_add(1, release) + FUTEX_WAKE. The queue's waiters: acquire
+// load, then FUTEX_WAIT. A peer that scribbles it causes spurious wake-ups only.
+struct DoorbellPage {
+  alignas(64) std::atomic<std::uint32_t> word;
+};
+static_assert(std::is_standard_layout_v<DoorbellPage> && offsetof(DoorbellPage, word) == 0);
+inline constexpr std::size_t kDoorbellPageSize = 4096;
+
+// Control-socket message (SOCK_SEQPACKET, one per packet), with at most one fd attached.
+enum class CtlType : std::uint32_t {
+  Extent = 1,    // fd = extent memfd for (id, gen)
+  Doorbell = 2,  // fd = queue DoorbellPage for doorbell generation `gen`
+};
+struct CtlMsg {
+  std::uint32_t type;  // CtlType
+  std::uint32_t id;    // extent id (Extent)
+  std::uint32_t gen;   // extent generation, or doorbell generation
+  std::uint32_t reserved;
+};
+static_assert(std::is_standard_layout_v<CtlMsg> && sizeof(CtlMsg) == 16);
+
+}  // namespace mbmq::shm
