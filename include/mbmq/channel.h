@@ -31,6 +31,10 @@ namespace mbmq {
 
 class MsgQueue;
 struct Message;
+namespace detail {
+class Endpoint;
+struct TestAccess;
+}  // namespace detail
 
 struct ChannelOptions {
   std::uint32_t slots_per_side = 16;       // pool buffers each side can have in flight (<= 64)
@@ -87,6 +91,7 @@ class Channel {
 
  private:
   friend class MsgQueue;
+  friend struct detail::TestAccess;
   explicit Channel(std::shared_ptr<detail::Endpoint> ep) noexcept : ep_(std::move(ep)) {}
   std::shared_ptr<detail::Endpoint> ep_;
 };

@@ -105,6 +105,40 @@ void Endpoint::free_own(std::uint32_t id) noexcept {
 // ---- (P2) allocation ---------------------------------------------------------------------------
 
 Result<Buffer> Endpoint::alloc(std::size_t size) {
+  auto b = alloc_once(size);
+  if (b || b.error().code != Errc::NoBuffers || redirected_.load(std::memory_order_relaxed))
+    return b;
+  // Our buffers may be waiting in the inbound ring (returned one-way messages, late replies)
+  // with no call() or receive() running to take them: reap them here, unless another thread is
+  // consuming (then it will). A redirected end's returns are reaped by its queue's wait().
+  std::unique_lock consumer(consumer_mu_, std::try_to_lock);
+  if (!consumer.owns_lock()) return b;
+  {
+    std::lock_guard lock(mu_);
+    reap_locked();
+  }
+  return alloc_once(size);
+}
+
+void Endpoint::reap_locked() {
+  while (state_.load(std::memory_order_acquire) != EpState::Protocol) {
+    Desc d;
+    shm::RingStatus rs = rx_.pop(&d);
+    if (rs == shm::RingStatus::Empty) return;
+    if (rs == shm::RingStatus::Corrupt) {
+      (void)fail_protocol_locked("receive: invalid ring tail");
+      return;
+    }
+    Accepted a = accept(d, nullptr, nullptr);
+    if (a == Accepted::Deliver) pending_push(d);  // kept for receive()
+    if (a == Accepted::Bad || a == Accepted::CallDone) {
+      (void)fail_protocol_locked("receive: invalid descriptor");
+      return;
+    }
+  }
+}
+
+Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   std::lock_guard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");

@@ -116,7 +116,11 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   // What accept() made of a descriptor (P5).
   enum class Accepted { Deliver, Internal, CallDone, Bad };
 
+  Result<Buffer> alloc_once(std::size_t size);
   // All below: mu_ held.
+  // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending_.
+  // The caller holds consumer_mu_ too.
+  void reap_locked();
   Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
   void make_message(const shm::Desc& d, Message* out);
   OwnSlot* own_slot(std::uint32_t id) noexcept;
