@@ -123,12 +123,7 @@ Result<Buffer> Endpoint::alloc(std::size_t size) {
 void Endpoint::reap_locked() {
   while (state_.load(std::memory_order_acquire) != EpState::Protocol) {
     Desc d;
-    shm::RingStatus rs = rx_.pop(&d);
-    if (rs == shm::RingStatus::Empty) return;
-    if (rs == shm::RingStatus::Corrupt) {
-      (void)fail_protocol_locked("receive: invalid ring tail");
-      return;
-    }
+    if (rx_.pop(&d) != shm::RingStatus::Ok) return;
     Accepted a = accept(d, nullptr, nullptr);
     if (a == Accepted::Deliver) pending_push(d);  // kept for receive()
     if (a == Accepted::Bad || a == Accepted::CallDone) {
@@ -229,10 +224,11 @@ Status Endpoint::push_locked(const Desc& d) {
 }
 
 void Endpoint::wake_peer_locked() noexcept {
-  // (P4) Pairs with the consumer's fence in (P6): either it sees our tail store when it re-checks
-  // the ring, or we see its consumer_sleeping store here.
+  // (P4) The seq_cst tail store in RingProducer::push() and this seq_cst load pair with the
+  // consumer's store of consumer_sleeping and its seq_cst fence in (P6): either it sees our tail
+  // when it re-checks the ring, or we see its consumer_sleeping here. (On x86 the store is an
+  // xchg, a full barrier, so no separate fence is needed.) The value is only a hint (layout.h).
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  // Relaxed is enough after the fence (P4); the value is only a hint (see layout.h).
   if (out_.consumer_sleeping.load(std::memory_order_relaxed) == 0) return;
   std::atomic<std::uint32_t>* word = &out_.doorbell;
   // Pairs with the consumer's store-release of doorbell_gen after sending the page (redirect).
@@ -477,22 +473,14 @@ Endpoint::Poll Endpoint::poll(Message* out) {
       make_message(d, out);
       return Poll::Got;
     }
-    if (s != EpState::Protocol) {
-      shm::RingStatus rs = rx_.pop(&d);
-      if (rs == shm::RingStatus::Ok) {
-        Accepted a = accept(d, nullptr, nullptr);
-        if (a == Accepted::Deliver) {
-          make_message(d, out);
-          return Poll::Got;
-        }
-        if (a == Accepted::Internal) continue;
-        (void)fail_protocol_locked("receive: invalid descriptor");
-        continue;
+    if (s != EpState::Protocol && rx_.pop(&d) == shm::RingStatus::Ok) {
+      Accepted a = accept(d, nullptr, nullptr);
+      if (a == Accepted::Deliver) {
+        make_message(d, out);
+        return Poll::Got;
       }
-      if (rs == shm::RingStatus::Corrupt) {
-        (void)fail_protocol_locked("receive: invalid ring tail");
-        continue;
-      }
+      if (a != Accepted::Internal) (void)fail_protocol_locked("receive: invalid descriptor");
+      continue;
     }
     if (s == EpState::Open) return Poll::Empty;
     if (end_reported_) return Poll::Gone;
@@ -508,6 +496,13 @@ Endpoint::Poll Endpoint::poll(Message* out) {
 bool Endpoint::inbound_ready() const noexcept {
   return rx_.maybe_nonempty() || pending_nonempty_.load(std::memory_order_relaxed) != 0 ||
          state_.load(std::memory_order_acquire) != EpState::Open;
+}
+
+bool Endpoint::check_ring() noexcept {
+  if (rx_.check() != shm::RingStatus::Corrupt) return true;
+  std::lock_guard lock(mu_);
+  (void)fail_protocol_locked("receive: ring tail inconsistent with its entries");
+  return false;
 }
 
 void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
@@ -536,7 +531,7 @@ void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy) {
   in_.consumer_sleeping.store(1, std::memory_order_relaxed);
   // Pairs with the producer's fence in (P4).
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (!inbound_ready()) {
+  if (!inbound_ready() && check_ring()) {
     std::int64_t rem = deadline.remaining_ns();
     if (deadline.is_never() || rem > 0)
       (void)os::futex_wait(&in_.doorbell, v, deadline.is_never() ? -1 : rem);
@@ -563,12 +558,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       for (;;) {
         if (state_.load(std::memory_order_acquire) == EpState::Protocol) break;
         Desc d;
-        shm::RingStatus rs = rx_.pop(&d);
-        if (rs == shm::RingStatus::Empty) break;
-        if (rs == shm::RingStatus::Corrupt) {
-          (void)fail_protocol_locked("call: invalid ring tail");
-          break;
-        }
+        if (rx_.pop(&d) != shm::RingStatus::Ok) break;
         std::uint16_t status = 0;
         Accepted a = accept(d, &b, &status);
         if (a == Accepted::CallDone) {

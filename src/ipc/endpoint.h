@@ -68,6 +68,9 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   // Got: *out is a message. Ended: the channel is over and drained, *out is the final
   // Kind::PeerClosed. Gone: closed locally, drop it silently.
   Poll poll(Message* out);
+  // (P6) Before sleeping, by the consumer: false (and the channel closed with a protocol error)
+  // if the peer's published tail contradicts the ring.
+  bool check_ring() noexcept;
   // Sets consumer_sleeping on the inbound direction (P6), for the queue's waiters.
   void set_consumer_sleeping(bool sleeping) noexcept;
 

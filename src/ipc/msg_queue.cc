@@ -112,6 +112,13 @@ Result<Message> QueueCore::wait(Deadline deadline) {
         if (--sleepers_ == 0) set_sleeping_locked(false);
         return m;
       }
+      // Garbage that reads as "nothing there" must not put us to sleep on that channel.
+      bool all_consistent = true;
+      for (auto& ep : eps_) all_consistent &= ep->check_ring();
+      if (!all_consistent) {
+        if (--sleepers_ == 0) set_sleeping_locked(false);
+        continue;  // the next scan reports the broken channel
+      }
     }
     std::int64_t rem = deadline.remaining_ns();
     if (deadline.is_never() || rem > 0)

@@ -116,3 +116,13 @@ Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
 }
 
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+Result<std::pair<UniqueFd, UniqueFd>> stream_pair() {
+  int sv[2];
+  count_syscall();
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    return fail(Error::from_syscall("socketpair", errno));
+  return std::pair<UniqueFd, UniqueFd>{UniqueFd(sv[0]), UniqueFd(sv[1])};
+}
+}  // namespace mbmq::os

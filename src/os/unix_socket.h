@@ -43,3 +43,8 @@ void shutdown_socket(int sock) noexcept;
 // Waits until sock is readable or hung up, at most timeout_ns (< 0: no limit).
 Result<bool> wait_readable(int sock, std::int64_t timeout_ns);
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+// socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC): the Unix-socket baseline of the benchmark.
+Result<std::pair<UniqueFd, UniqueFd>> stream_pair();
+}  // namespace mbmq::os

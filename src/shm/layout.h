@@ -22,18 +22,20 @@
 //  (P2) Allocate: a side takes a free slot of its own (private free list), or for payloads above
 //       slot_size an *extent*: a memfd of its own, sealed against shrinking, id < kMaxExtents.
 //  (P3) Send: write the payload in place; for an extent whose fd the peer has not seen at this
-//       generation, first send it on the control socket (CtlMsg::Extent); then write the Desc at
-//       ring[tail % cap] and store-release tail (pairs with the consumer's acquire load in P5).
+//       generation, first send it on the control socket (CtlMsg::Extent); then write the Desc
+//       into ring[t % cap], store-release its seq = t + 1 (pairs with the consumer's acquire load
+//       in P5), then store-release tail = t + 1 (read only for validation, P6).
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's wake word
 //       (its own `doorbell`, or the queue doorbell page named by doorbell_gen) and FUTEX_WAKE it.
-//  (P5) Receive: acquire-load tail, validate tail - head <= cap, copy the Desc to a local,
+//  (P5) Receive: acquire-load ring[h % cap].seq; if it is h + 1, copy the Desc to a local and
 //       store-release head (pairs with the producer's acquire load in P3's space check).
 //       Validate the Desc: kind known; for Request/OneWay the buffer must be the peer's, not held
 //       by us already; for Reply/Return it must be ours, lent, with a matching generation; size
 //       within capacity. Anything else is a protocol error: the channel closes, nothing else does.
 //  (P6) Sleep: read the wake word, store consumer_sleeping = 1, seq_cst fence, re-check the ring
-//       and the peer-closed flag, then FUTEX_WAIT(word, value read). The fence pairs with P4's: at
-//       least one side sees the other's store, so a wake-up is never lost.
+//       and the peer-closed flag, validate tail (garbage there is a protocol error), then
+//       FUTEX_WAIT(word, value read). The fence pairs with P4's: at least one side sees the
+//       other's store, so a wake-up is never lost.
 //  (P7) Reply: the callee writes the answer into the same buffer and sends Desc{Reply} naming it;
 //       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
 //       A request released without an answer is replied to with status NoReply; a one-way message
@@ -53,7 +55,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 1;  // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 2;  // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;     // extent ids per side
@@ -72,10 +74,10 @@ enum class DescKind : std::uint16_t {
 
 enum class DescStatus : std::uint16_t { Ok = 0, NoReply = 1 };
 
-// One message descriptor: 16 bytes, four to a cache line. Written by the producer before its
-// release store of tail, read (copied) by the consumer after its acquire load of tail. Plain
-// fields: they are protected by the tail/head release/acquire pairs, and a hostile writer racing
-// with the copy only produces a torn value that validation (P5) rejects.
+// One message descriptor: 16 bytes. Written by the producer into a RingEntry before that entry's
+// seq store-release, read (copied) by the consumer after its seq acquire load. Plain fields: they
+// are protected by the seq release/acquire pair, and a hostile writer racing with the copy only
+// produces a torn value that validation (P5) rejects.
 struct Desc {
   std::uint32_t buffer;  // slot index, or kExtentBit | extent id
   std::uint32_t size;    // payload bytes
@@ -86,14 +88,30 @@ struct Desc {
 static_assert(std::is_standard_layout_v<Desc> && std::is_trivially_copyable_v<Desc>);
 static_assert(sizeof(Desc) == 16 && alignof(Desc) == 4);
 
+// One ring entry, two to a cache line. The consumer polls `seq` of the entry at its head: one
+// cache-line transfer tells it both that a message is there and what it is (a separate tail
+// index would cost a second, serial, transfer per message).
+struct RingEntry {
+  // Producer: store-release of (position + 1) after writing `desc` (P3). Consumer: acquire load;
+  // the entry at position h is ready when seq == h + 1 (earlier laps left h + 1 - k * capacity).
+  std::atomic<std::uint32_t> seq;
+  Desc desc;  // producer writes before seq; consumer copies after seq
+  std::uint32_t reserved[3];
+};
+static_assert(std::is_standard_layout_v<RingEntry>);
+static_assert(sizeof(RingEntry) == 32 && offsetof(RingEntry, desc) == 4);
+
 // One direction of a channel: producer side p sends, consumer side 1-p receives.
 struct Direction {
-  // Producer: store-release after writing ring[tail % cap] (P3). Consumer: acquire load (P5).
+  // Producer: store-release after each entry's seq (P3). Consumer: reads it only to validate the
+  // ring before sleeping (P6): tail - head must be <= capacity, and tail != head implies the head
+  // entry is ready. Not read on the spinning path, so its line stays with the producer.
   alignas(64) std::atomic<std::uint32_t> tail;
-  // Consumer: store-release after copying the Desc (P5). Producer: acquire load for free space.
+  // Consumer: store-release after copying an entry (P5). Producer: acquire load, only when its
+  // cached copy says the ring is full.
   alignas(64) std::atomic<std::uint32_t> head;
-  // Consumer: 1 before sleeping, 0 after (seq_cst store + fence, P6). Producer: relaxed load after
-  // its seq_cst fence (P4). A hint: a wrong value costs a spurious or a missed wake of this
+  // Consumer: 1 before sleeping, 0 after (store + seq_cst fence, P6). Producer: load after its
+  // seq_cst fence (P4). A hint: a wrong value costs a spurious or a missed wake of this
   // channel's own consumer only (that consumer still wakes at its deadline or on the hang-up).
   alignas(64) std::atomic<std::uint32_t> consumer_sleeping;
   // Futex word the consumer sleeps on when not redirected to a queue. Producer: fetch_add(1,
@@ -105,13 +123,13 @@ struct Direction {
   std::atomic<std::uint32_t> doorbell_gen;
   std::uint32_t reserved0[13];
   // Producer writes, consumer reads (P3/P5).
-  alignas(64) Desc ring[kRingCapacity];
+  alignas(64) RingEntry ring[kRingCapacity];
 };
 static_assert(std::is_standard_layout_v<Direction>);
 static_assert(offsetof(Direction, tail) == 0 && offsetof(Direction, head) == 64);
 static_assert(offsetof(Direction, consumer_sleeping) == 128 && offsetof(Direction, doorbell) == 132);
 static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, ring) == 192);
-static_assert(sizeof(Direction) == 192 + 16 * kRingCapacity);
+static_assert(sizeof(Direction) == 192 + sizeof(RingEntry) * kRingCapacity);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert((kRingCapacity & (kRingCapacity - 1)) == 0);
 

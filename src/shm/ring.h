@@ -1,14 +1,20 @@
-// shm/ring.h: the single-producer single-consumer descriptor ring of one Direction (P3, P5).
-// Templated on the atomic type so tests can run the same logic between two threads under TSan
-// (TSan cannot see another process).
+// shm/ring.h: the single-producer single-consumer descriptor ring of one Direction (P3, P5, P6).
+// The same code runs between two processes and, in tests, between two threads (where TSan can
+// check its memory ordering; it cannot see across processes).
 //
 //   RingProducer<> tx(&dir.tail, &dir.head, dir.ring);   // private tail_ is authoritative
 //   RingConsumer<> rx(&dir.tail, &dir.head, dir.ring);   // private head_ is authoritative
 //
-// Memory ordering: push() stores the Desc, then store-releases tail; pop() acquire-loads tail, copies
-// the Desc, then store-releases head; push() acquire-loads head before reusing a slot. Indices
-// written by the peer are loaded once and validated: a distance above the capacity is a protocol
-// error (the peer scribbled), reported as RingStatus::Corrupt, never used as an index.
+// Memory ordering: push() writes the Desc, store-releases the entry's seq (pairs with pop()'s
+// acquire load of it), then store-releases tail (pairs with check()'s acquire load). pop()
+// store-releases head after copying the Desc (pairs with push()'s acquire load of head, which
+// happens only when push()'s cached copy says the ring is full). So on the spinning path each
+// message moves one entry line from producer to consumer, and nothing else.
+//
+// Values written by the peer are loaded once and validated: a head more than a capacity behind
+// tail, or a tail that claims messages the entries do not show, is RingStatus::Corrupt, never
+// used as an index. An entry whose seq is garbage reads as "not ready" until check() finds the
+// tail inconsistent.
 #pragma once
 
 #include <atomic>
@@ -20,64 +26,86 @@ namespace mbmq::shm {
 
 enum class RingStatus { Ok, Empty, Full, Corrupt };
 
-template <class Atomic = std::atomic<std::uint32_t>, std::uint32_t kCap = kRingCapacity>
+template <std::uint32_t kCap = kRingCapacity>
 class RingProducer {
+  static_assert((kCap & (kCap - 1)) == 0);
+
  public:
   RingProducer() = default;
-  RingProducer(Atomic* tail, const Atomic* head, Desc* ring, std::uint32_t initial_tail = 0)
-      : tail_pub_(tail), head_pub_(head), ring_(ring), tail_(initial_tail) {}
+  RingProducer(std::atomic<std::uint32_t>* tail, const std::atomic<std::uint32_t>* head,
+               RingEntry* ring, std::uint32_t initial_tail = 0)
+      : tail_pub_(tail), head_pub_(head), ring_(ring), tail_(initial_tail),
+        head_cache_(initial_tail - kCap) {}
 
   RingStatus push(const Desc& d) noexcept {
-    // Pairs with the consumer's store-release of head in pop(): the slot we overwrite was read.
-    std::uint32_t head = head_pub_->load(std::memory_order_acquire);
-    std::uint32_t used = tail_ - head;
-    if (used > kCap) return RingStatus::Corrupt;
-    if (used == kCap) return RingStatus::Full;
-    ring_[tail_ & (kCap - 1)] = d;
+    if (tail_ - head_cache_ >= kCap) {
+      // Pairs with the consumer's store-release of head in pop(): the entry we overwrite was read.
+      std::uint32_t head = head_pub_->load(std::memory_order_acquire);
+      std::uint32_t used = tail_ - head;
+      if (used > kCap) return RingStatus::Corrupt;
+      head_cache_ = head;
+      if (used == kCap) return RingStatus::Full;
+    }
+    RingEntry& e = ring_[tail_ & (kCap - 1)];
+    e.desc = d;
     ++tail_;
-    // Pairs with the consumer's acquire load of tail in pop().
+    // Pairs with the consumer's acquire load of seq in pop().
+    e.seq.store(tail_, std::memory_order_release);
+    // Pairs with the consumer's acquire load of tail in check().
     tail_pub_->store(tail_, std::memory_order_release);
     return RingStatus::Ok;
   }
   std::uint32_t tail() const noexcept { return tail_; }
 
  private:
-  Atomic* tail_pub_ = nullptr;
-  const Atomic* head_pub_ = nullptr;
-  Desc* ring_ = nullptr;
+  std::atomic<std::uint32_t>* tail_pub_ = nullptr;
+  const std::atomic<std::uint32_t>* head_pub_ = nullptr;
+  RingEntry* ring_ = nullptr;
   std::uint32_t tail_ = 0;
+  std::uint32_t head_cache_ = 0u - kCap;  // the consumer's head as last loaded
 };
 
-template <class Atomic = std::atomic<std::uint32_t>, std::uint32_t kCap = kRingCapacity>
+template <std::uint32_t kCap = kRingCapacity>
 class RingConsumer {
+  static_assert((kCap & (kCap - 1)) == 0);
+
  public:
   RingConsumer() = default;
-  RingConsumer(const Atomic* tail, Atomic* head, const Desc* ring, std::uint32_t initial_head = 0)
+  RingConsumer(const std::atomic<std::uint32_t>* tail, std::atomic<std::uint32_t>* head,
+               const RingEntry* ring, std::uint32_t initial_head = 0)
       : tail_pub_(tail), head_pub_(head), ring_(ring), head_(initial_head) {}
 
-  // A cheap look for spinning: relaxed, because a following pop() re-loads tail with acquire.
+  // A cheap look for spinning: relaxed, because a following pop() re-loads seq with acquire.
   bool maybe_nonempty() const noexcept {
-    return tail_pub_->load(std::memory_order_relaxed) != head_;
+    return ring_[head_ & (kCap - 1)].seq.load(std::memory_order_relaxed) == head_ + 1;
   }
 
   RingStatus pop(Desc* out) noexcept {
-    // Pairs with the producer's store-release of tail in push().
-    std::uint32_t tail = tail_pub_->load(std::memory_order_acquire);
-    std::uint32_t avail = tail - head_;
-    if (avail == 0) return RingStatus::Empty;
-    if (avail > kCap) return RingStatus::Corrupt;
-    *out = ring_[head_ & (kCap - 1)];  // copied once; validated by the caller (P5)
+    const RingEntry& e = ring_[head_ & (kCap - 1)];
+    // Pairs with the producer's store-release of seq in push().
+    if (e.seq.load(std::memory_order_acquire) != head_ + 1) return RingStatus::Empty;
+    *out = e.desc;  // copied once; validated by the caller (P5)
     ++head_;
     // Pairs with the producer's acquire load of head in push().
     head_pub_->store(head_, std::memory_order_release);
     return RingStatus::Ok;
   }
+
+  // Before sleeping (P6): is the producer's published state consistent with the entries?
+  RingStatus check() const noexcept {
+    // Pairs with the producer's store-release of tail in push(): every entry below it is ready.
+    std::uint32_t tail = tail_pub_->load(std::memory_order_acquire);
+    std::uint32_t avail = tail - head_;
+    if (avail > kCap) return RingStatus::Corrupt;
+    if (avail != 0 && !maybe_nonempty()) return RingStatus::Corrupt;
+    return avail == 0 ? RingStatus::Empty : RingStatus::Ok;
+  }
   std::uint32_t head() const noexcept { return head_; }
 
  private:
-  const Atomic* tail_pub_ = nullptr;
-  Atomic* head_pub_ = nullptr;
-  const Desc* ring_ = nullptr;
+  const std::atomic<std::uint32_t>* tail_pub_ = nullptr;
+  std::atomic<std::uint32_t>* head_pub_ = nullptr;
+  const RingEntry* ring_ = nullptr;
   std::uint32_t head_ = 0;
 };
 

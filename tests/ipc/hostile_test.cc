@@ -134,7 +134,8 @@ TEST(Hostile, ForgedDescriptorsAreRejected) {
     // Play side 1 by hand: write a descriptor into dir[1] and publish it.
     auto seg = detail::TestAccess::segment(b);
     auto* dir = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset + sizeof(shm::Direction));
-    dir->ring[0] = shm::Desc{c.buffer, c.size, 1, c.kind, 0};
+    dir->ring[0].desc = shm::Desc{c.buffer, c.size, 1, c.kind, 0};
+    dir->ring[0].seq.store(1, std::memory_order_release);
     dir->tail.store(1, std::memory_order_release);
     auto m = a.receive(secs(5));
     ASSERT_TRUE(m) << m.error().message();

@@ -100,8 +100,14 @@ TEST(PeerDeathServer, ReplyToAKilledCallerFailsCleanlyAndNothingLeaks) {
   std::size_t fds0 = 0, maps0 = 0;
   for (int trial = 0; trial < 6; ++trial) {
     if (trial == 1) {
-      fds0 = os::open_fd_count();
-      maps0 = os::mapping_count();
+      // Trial 0's end may still be on its way out on the watcher thread: wait until stable.
+      for (int stable = 0; stable < 3;) {
+        std::size_t f = os::open_fd_count(), m = os::mapping_count();
+        ::usleep(20'000);
+        stable = (f == os::open_fd_count() && m == os::mapping_count()) ? stable + 1 : 0;
+        fds0 = f;
+        maps0 = m;
+      }
     }
     auto q = MsgQueue::create();
     ASSERT_TRUE(q);
@@ -132,6 +138,10 @@ TEST(PeerDeathServer, ReplyToAKilledCallerFailsCleanlyAndNothingLeaks) {
     if (trial > 0) {
       q = fail(Errc::Busy, "");  // drop the queue, then our end: nothing of the trial remains
       server.close();
+      // The watcher thread may hold the last reference for a moment after the hang-up.
+      Deadline d = secs(2);
+      while ((os::open_fd_count() != fds0 || os::mapping_count() != maps0) && !d.expired())
+        ::usleep(1000);
       EXPECT_EQ(os::open_fd_count(), fds0) << "trial " << trial;
       EXPECT_EQ(os::mapping_count(), maps0) << "trial " << trial;
     }

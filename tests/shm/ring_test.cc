@@ -11,9 +11,9 @@ namespace {
 
 struct TestRing {
   std::atomic<std::uint32_t> tail{0}, head{0};
-  Desc ring[8]{};
-  RingProducer<std::atomic<std::uint32_t>, 8> tx{&tail, &head, ring};
-  RingConsumer<std::atomic<std::uint32_t>, 8> rx{&tail, &head, ring};
+  RingEntry ring[8]{};
+  RingProducer<8> tx{&tail, &head, ring};
+  RingConsumer<8> rx{&tail, &head, ring};
 };
 
 Desc desc(std::uint32_t i) { return Desc{i, i * 2, i * 3, 1, 0}; }
@@ -43,9 +43,9 @@ TEST(Ring, PushFailsWhenFull) {
 
 TEST(Ring, WrapsAroundTheIndexSpace) {
   std::atomic<std::uint32_t> tail{0xFFFFFFF0u}, head{0xFFFFFFF0u};
-  Desc ring[8]{};
-  RingProducer<std::atomic<std::uint32_t>, 8> tx{&tail, &head, ring, 0xFFFFFFF0u};
-  RingConsumer<std::atomic<std::uint32_t>, 8> rx{&tail, &head, ring, 0xFFFFFFF0u};
+  RingEntry ring[8]{};
+  RingProducer<8> tx{&tail, &head, ring, 0xFFFFFFF0u};
+  RingConsumer<8> rx{&tail, &head, ring, 0xFFFFFFF0u};
   for (std::uint32_t i = 0; i < 100; ++i) {
     ASSERT_EQ(tx.push(desc(i)), RingStatus::Ok);
     Desc d;
@@ -54,11 +54,36 @@ TEST(Ring, WrapsAroundTheIndexSpace) {
   }
 }
 
-TEST(Ring, ConsumerRejectsTailBeyondCapacity) {
+TEST(Ring, CheckRejectsTailBeyondCapacity) {
   TestRing r;
   r.tail.store(1000);  // a peer scribbled over tail
   Desc d;
-  EXPECT_EQ(r.rx.pop(&d), RingStatus::Corrupt);
+  EXPECT_EQ(r.rx.pop(&d), RingStatus::Empty) << "garbage is never read as a message";
+  EXPECT_EQ(r.rx.check(), RingStatus::Corrupt);
+}
+
+TEST(Ring, CheckRejectsTailThatClaimsAnEntryNotWritten) {
+  TestRing r;
+  r.tail.store(1);  // claims one message, but entry 0's seq says nothing is there
+  EXPECT_EQ(r.rx.check(), RingStatus::Corrupt);
+}
+
+TEST(Ring, CheckAcceptsAnHonestRing) {
+  TestRing r;
+  EXPECT_EQ(r.rx.check(), RingStatus::Empty);
+  ASSERT_EQ(r.tx.push(desc(1)), RingStatus::Ok);
+  EXPECT_EQ(r.rx.check(), RingStatus::Ok);
+}
+
+TEST(Ring, StaleEntryFromThePreviousLapIsNotReadAgain) {
+  TestRing r;
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    ASSERT_EQ(r.tx.push(desc(i)), RingStatus::Ok);
+    Desc d;
+    ASSERT_EQ(r.rx.pop(&d), RingStatus::Ok);
+  }
+  Desc d;
+  EXPECT_EQ(r.rx.pop(&d), RingStatus::Empty);  // entry 0 still holds lap 0's seq
 }
 
 TEST(Ring, ProducerRejectsHeadAheadOfTail) {
