@@ -25,6 +25,7 @@
 #include "shm/layout.h"
 #include "shm/ring.h"
 #include "shm/segment.h"
+#include "ipc/spin_mutex.h"
 
 namespace mbmq::detail {
 
@@ -155,8 +156,8 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   shm::Direction& out_;           // we produce
   shm::Direction& in_;            // we consume
 
-  mutable std::mutex mu_;
-  std::mutex consumer_mu_;
+  mutable SpinMutex mu_;
+  SpinMutex consumer_mu_;
   os::UniqueFd control_;                                   // guarded by mu_
   shm::RingProducer<> tx_;                                 // guarded by mu_
   shm::RingConsumer<> rx_;                                 // consumer thread; pops under mu_
@@ -211,7 +212,7 @@ class QueueCore {
   os::UniqueFd fd_;
   os::Mapping map_;
   shm::DoorbellPage* page_ = nullptr;
-  mutable std::mutex mu_;
+  mutable SpinMutex mu_;
   std::vector<std::shared_ptr<Endpoint>> eps_;  // guarded by mu_
   std::size_t next_ = 0;                        // guarded by mu_: round-robin start
   int sleepers_ = 0;                            // guarded by mu_
