@@ -92,13 +92,16 @@ class RingConsumer {
   }
 
   // Before sleeping (P6): is the producer's published state consistent with the entries?
+  // tail may lag behind head: push() stores an entry's seq before tail, so we may have popped
+  // entries whose tail store is not visible yet (at most a ring's worth).
   RingStatus check() const noexcept {
     // Pairs with the producer's store-release of tail in push(): every entry below it is ready.
     std::uint32_t tail = tail_pub_->load(std::memory_order_acquire);
-    std::uint32_t avail = tail - head_;
-    if (avail > kCap) return RingStatus::Corrupt;
-    if (avail != 0 && !maybe_nonempty()) return RingStatus::Corrupt;
-    return avail == 0 ? RingStatus::Empty : RingStatus::Ok;
+    auto ahead = static_cast<std::int32_t>(tail - head_);
+    if (ahead > static_cast<std::int32_t>(kCap) || ahead < -static_cast<std::int32_t>(kCap))
+      return RingStatus::Corrupt;
+    if (ahead <= 0) return RingStatus::Empty;
+    return maybe_nonempty() ? RingStatus::Ok : RingStatus::Corrupt;
   }
   std::uint32_t head() const noexcept { return head_; }
 
