@@ -74,7 +74,8 @@ struct ServerStats {
 constexpr std::uint64_t kServerSkip = 10;  // server-side warm-up: first requests not counted
 
 // Server-side accounting: snapshots after kServerSkip requests and at the end.
-// stop() is called when the stop request arrives, so tear-down is not counted.
+// tick() is called as each request arrives (before it is answered); stop() when the stop request
+// arrives, so tear-down is not counted.
 struct ServerCounter {
   std::uint64_t n = 0, sys0 = 0, alloc0 = 0, sys1 = 0, alloc1 = 0;
   bool stopped = false;
@@ -95,7 +96,10 @@ struct ServerCounter {
     ServerStats s;
     s.error = error;
     if (n > kServerSkip) {
-      s.rtts = n - kServerSkip;
+      // The window opens as request kServerSkip arrives (before its reply) and closes as the
+      // stop request arrives: it holds the replies to requests kServerSkip..n and the waits for
+      // requests kServerSkip+1..n and the stop, i.e. n - kServerSkip + 1 round trips.
+      s.rtts = n - kServerSkip + 1;
       s.syscalls = sys1 - sys0;
       s.allocs = alloc1 - alloc0;
     }
@@ -505,6 +509,10 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
     }
     j["syscalls_per_rtt"] = r.syscalls_per_rtt ? nlohmann::json(*r.syscalls_per_rtt) : nlohmann::json();
     j["allocs_per_rtt"] = r.allocs_per_rtt ? nlohmann::json(*r.allocs_per_rtt) : nlohmann::json();
+    if (r.syscalls_per_rtt) {
+      j["client_syscalls_per_rtt"] = r.client_syscalls;
+      j["server_syscalls_per_rtt"] = r.server_syscalls;
+    }
     results.push_back(j);
   }
   nlohmann::json cj = nlohmann::json::array();
@@ -539,7 +547,7 @@ void print_table(const std::vector<CellResult>& rs, const std::vector<Check>& ch
   std::printf("\nsyscalls and allocs are per round trip, both processes together.\n");
   std::printf("\nTargets (ratios of p50 in this run):\n");
   for (const auto& c : checks)
-    std::printf("  [%s] %-52s %7.2f (limit %.2f)\n", c.pass ? "ok  " : "MISS", c.what.c_str(),
+    std::printf("  [%s] %-52s %8.3f (limit %.2f)\n", c.pass ? "ok  " : "MISS", c.what.c_str(),
                 c.measured, c.limit);
 }
 
