@@ -1,6 +1,7 @@
 #include "ipc/peer_watch.h"
 
 #include <array>
+#include <atomic>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -23,6 +24,7 @@ struct WatchState {
   std::unordered_map<std::uint64_t, Entry> eps;  // guarded by mu
   std::uint64_t next_id = 1;                                       // guarded by mu
   bool started = false;                                            // guarded by mu
+  std::atomic<bool> running{false};  // set by the thread itself once it is in its own code
 };
 
 // One per process. After fork() the child abandons the parent's copy (its thread does not exist
@@ -42,6 +44,8 @@ void forget_after_fork() noexcept {
 }
 
 void run(WatchState* st) {
+  // Pairs with the acquire load in watch_peer().
+  st->running.store(true, std::memory_order_release);
   std::array<os::EpollEvent, 32> evs{};
   for (;;) {
     auto n = st->epoll.wait(evs, -1);
@@ -85,6 +89,10 @@ Result<std::uint64_t> watch_peer(std::weak_ptr<Endpoint> ep, int fd) {
     st->epoll = MBMQ_TRY(os::Epoll::create());
     std::thread(run, st).detach();
     st->started = true;
+    // Return only once the thread runs its own code. A fork() while a new thread is still inside
+    // the C library's (or a sanitizer's) thread-start bookkeeping gives the child that internal
+    // lock held, and the child's own first thread creation then deadlocks (seen under ASan).
+    while (!st->running.load(std::memory_order_acquire)) std::this_thread::yield();
   }
   std::uint64_t id = st->next_id++;
   // Hang-up only, edge-triggered: a peer's close is reported once; data on the socket is read by

@@ -142,6 +142,39 @@ TEST(Call, TimesOutAndTheLateReplyDoesNotDisturbTheNextCall) {
   EXPECT_EQ(join(pid), 0);
 }
 
+TEST(Call, ATimedOutCallsSlotComesBackWhenItsLateAnswerLands) {
+  ChannelOptions opt;
+  opt.slots_per_side = 1;  // one buffer: it must be reclaimed for the next allocation to work
+  auto ends = Channel::pair(opt);
+  ASSERT_TRUE(ends);
+  auto& [client, server] = *ends;
+  pid_t pid = spawn([&] {
+    client.close();
+    auto m = server.receive(secs(30));
+    if (!m) return 1;
+    ::usleep(200'000);
+    if (!MsgQueue::reply(std::move(*m))) return 2;
+    ::usleep(500'000);  // stay alive: a closed channel allocates nothing
+    return 0;
+  });
+  server.close();
+  auto buf = client.buffer(64);
+  ASSERT_TRUE(buf);
+  auto r = client.call(*buf, Deadline::after(std::chrono::milliseconds(30)));
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::TimedOut);
+  auto early = client.buffer(64);
+  ASSERT_FALSE(early) << "the callee still holds the only slot";
+  EXPECT_EQ(early.error().code, Errc::NoBuffers);
+  // The late answer lands about 200 ms after the call; then the slot is ours again.
+  Result<Buffer> later = fail(Errc::NoBuffers, "");
+  Deadline d = Deadline::after(std::chrono::milliseconds(450));
+  while (!(later = client.buffer(64)) && later.error().code == Errc::NoBuffers && !d.expired())
+    ::usleep(5'000);
+  EXPECT_TRUE(later) << (later ? "" : later.error().message());
+  EXPECT_EQ(join(pid), 0);
+}
+
 TEST(Call, ReceiveTimesOutWhenNothingArrives) {
   auto ends = Channel::pair();
   ASSERT_TRUE(ends);
