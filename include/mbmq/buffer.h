@@ -63,7 +63,6 @@ class Buffer {
   std::uint32_t gen_ = 0;
   Origin origin_ = Origin::None;
   std::uint16_t kind_ = 0; // for Origin::Peer: the DescKind it arrived as
-  std::uint16_t flags_ = 0; // for Origin::Peer: the request's flags (answer in the slot header)
 };
 
 }  // namespace mbmq

@@ -13,8 +13,7 @@ Buffer::Buffer(Buffer&& o) noexcept
       id_(o.id_),
       gen_(o.gen_),
       origin_(std::exchange(o.origin_, Origin::None)),
-      kind_(o.kind_),
-      flags_(o.flags_) {}
+      kind_(o.kind_) {}
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
@@ -27,7 +26,6 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     gen_ = o.gen_;
     origin_ = std::exchange(o.origin_, Origin::None);
     kind_ = o.kind_;
-    flags_ = o.flags_;
   }
   return *this;
 }

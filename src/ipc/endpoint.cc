@@ -139,7 +139,6 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
   Buffer b;
   if (size <= slot_size_) {
-    if (free_slots_.empty()) reclaim_abandoned_locked();
     if (free_slots_.empty()) return fail(Errc::NoBuffers, "Channel::buffer: pool exhausted");
     std::uint32_t k = free_slots_.back();
     free_slots_.pop_back();
@@ -203,10 +202,6 @@ void Endpoint::release(Buffer& b) noexcept {
   }
   if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
   if (b.kind_ == static_cast<std::uint16_t>(DescKind::Request)) {
-    if ((b.flags_ & shm::kReplyInSlot) != 0) {
-      reply_in_slot_locked(b.id_, 0, b.gen_, shm::DescStatus::NoReply);
-      return;
-    }
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
                            static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
   } else {
@@ -299,38 +294,9 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
       x.sent_gen = x.gen;
     }
   }
-  std::uint16_t flags = 0;
-  if (lent_as == OwnState::LentCall && (b.id_ & kExtentBit) == 0) {
-    // (P7) The answer comes back in the slot header; a new generation per call tells this
-    // call's answer from any earlier one.
-    OwnSlot& slot = own_slots_[b.id_ - static_cast<std::uint32_t>(side_) * n_];
-    b.gen_ = ++slot.gen;
-    flags = shm::kReplyInSlot;
-  }
-  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, static_cast<std::uint16_t>(kind), flags}));
+  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, static_cast<std::uint16_t>(kind), 0}));
   *st = lent_as;
   return {};
-}
-
-void Endpoint::reply_in_slot_locked(std::uint32_t id, std::uint32_t size, std::uint32_t gen,
-                                    shm::DescStatus status) noexcept {
-  shm::SlotHeader& h = seg_.slot_header(id);
-  h.size = size;
-  h.status = static_cast<std::uint16_t>(status);
-  // Pairs with the caller's acquire load of reply_seq in call(): size, status and the payload
-  // written before are visible once it sees gen.
-  h.reply_seq.store(gen, std::memory_order_release);
-  wake_peer_locked();  // (P4)
-}
-
-void Endpoint::reclaim_abandoned_locked() noexcept {
-  for (std::uint32_t k = 0; k < n_; ++k) {
-    OwnSlot& slot = own_slots_[k];
-    if (slot.state != OwnState::Abandoned) continue;
-    std::uint32_t id = static_cast<std::uint32_t>(side_) * n_ + k;
-    // Pairs with the callee's store-release in reply_in_slot_locked(): it is done with the slot.
-    if (seg_.slot_header(id).reply_seq.load(std::memory_order_acquire) == slot.gen) free_own(id);
-  }
 }
 
 Status Endpoint::send(Buffer&& b, DescKind kind) {
@@ -357,15 +323,10 @@ Status Endpoint::reply(Buffer&& b) {
     peer_held_[b.id_ - static_cast<std::uint32_t>(1 - side_) * n_] = false;
   }
   std::uint32_t id = b.id_, size = b.size_, gen = b.gen_;
-  bool in_slot = (b.flags_ & shm::kReplyInSlot) != 0;
   detach_buffer(b);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "reply");
   // (P7) The answer travels in the request's own buffer.
-  if (in_slot) {
-    reply_in_slot_locked(id, size, gen, shm::DescStatus::Ok);
-    return {};
-  }
   return push_locked(Desc{id, size, gen, static_cast<std::uint16_t>(DescKind::Reply), 0});
 }
 
@@ -397,11 +358,7 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
   switch (static_cast<DescKind>(d.kind)) {
     case DescKind::Request:
     case DescKind::OneWay: {  // the peer's buffer, lent to us
-      bool in_slot = d.status == shm::kReplyInSlot;
-      if (d.status != 0 && !(in_slot && d.kind == static_cast<std::uint16_t>(DescKind::Request)))
-        return Accepted::Bad;
       if ((d.buffer & kExtentBit) != 0) {
-        if (in_slot) return Accepted::Bad;  // only pool slots have a header
         std::uint32_t e = d.buffer & ~kExtentBit;
         if (e >= kMaxExtents || !map_peer_extent(e, d.gen, d.size)) return Accepted::Bad;
         peer_ext_[e].held = true;
@@ -462,7 +419,6 @@ void Endpoint::make_message(const Desc& d, Message* out) {
   b.gen_ = d.gen;
   b.size_ = d.size;
   b.kind_ = d.kind;
-  b.flags_ = d.kind == static_cast<std::uint16_t>(DescKind::Request) ? d.status : 0;
   out->key = key_.load(std::memory_order_relaxed);
   out->error = Errc::PeerClosed;
   if (d.kind == static_cast<std::uint16_t>(DescKind::Reply)) {
@@ -560,18 +516,12 @@ void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
 
 // ---- waiting (P6) -----------------------------------------------------------------------------
 
-void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, const shm::SlotHeader* reply,
-                            std::uint32_t want) {
-  // Relaxed: the caller re-loads reply_seq with acquire before using the answer.
-  auto ready = [&] {
-    return inbound_ready() ||
-           (reply != nullptr && reply->reply_seq.load(std::memory_order_relaxed) == want);
-  };
+void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy) {
   if (policy.mode != WaitMode::Sleep) {
     // The clock is first read after 64 looks: a reply that comes at once costs no clock read.
     std::int64_t start = 0;
     for (std::uint32_t i = 0;; ++i) {
-      if (ready()) return;
+      if (inbound_ready()) return;
       cpu_relax();
       if ((i & 63) == 63) {
         std::int64_t now = monotonic_ns();
@@ -587,7 +537,7 @@ void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, const shm::Slo
   in_.consumer_sleeping.store(1, std::memory_order_relaxed);
   // Pairs with the producer's fence in (P4).
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (!ready() && check_ring()) {
+  if (!inbound_ready() && check_ring()) {
     std::int64_t rem = deadline.remaining_ns();
     if (deadline.is_never() || rem > 0)
       (void)os::futex_wait(&in_.doorbell, v, deadline.is_never() ? -1 : rem);
@@ -608,27 +558,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     if (s != EpState::Open) return fail(closed_errc(s), "call");
     MBMQ_TRY(send_locked(b, DescKind::Request, OwnState::LentCall));
   }
-  // (P7) A pool slot's answer comes through its header; an extent's through the ring.
-  const shm::SlotHeader* reply = (b.id_ & kExtentBit) != 0 ? nullptr : &seg_.slot_header(b.id_);
-  const std::uint32_t want = b.gen_;
   for (;;) {
-    // Pairs with the callee's store-release of reply_seq in reply_in_slot_locked().
-    if (reply != nullptr && reply->reply_seq.load(std::memory_order_acquire) == want) {
-      std::lock_guard lock(mu_);
-      const std::uint32_t size = reply->size;     // read once, then validated (P5)
-      const std::uint16_t status = reply->status;
-      OwnState* st = own_state(b.id_);
-      if (size > slot_size_ || status > static_cast<std::uint16_t>(shm::DescStatus::NoReply) ||
-          st == nullptr || *st != OwnState::LentCall) {
-        if (st != nullptr && *st == OwnState::LentCall) *st = OwnState::App;
-        return fail(fail_protocol_locked("call: invalid reply in the slot header"));
-      }
-      *st = OwnState::App;
-      b.size_ = size;
-      if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
-        return fail(Errc::NoReply, "call");
-      return {};
-    }
     if (inbound_ready()) {
       std::lock_guard lock(mu_);
       for (;;) {
@@ -650,10 +580,6 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
         }
       }
       EpState s = state_.load(std::memory_order_acquire);
-      // An answer may have landed in the header just before the peer went away: take it first.
-      if (s != EpState::Open && reply != nullptr &&
-          reply->reply_seq.load(std::memory_order_acquire) == want && s != EpState::Protocol)
-        continue;
       if (s != EpState::Open) {
         // (P8) The automatic reply: the buffer is the caller's again.
         OwnState* st = own_state(b.id_);
@@ -661,8 +587,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
         return fail(closed_errc(s), "call");
       }
     }
-    if (!inbound_ready() && deadline.expired() &&
-        (reply == nullptr || reply->reply_seq.load(std::memory_order_relaxed) != want)) {
+    if (!inbound_ready() && deadline.expired()) {
       std::lock_guard lock(mu_);
       // The callee may still write the buffer: give it up; its late reply frees it.
       OwnState* st = own_state(b.id_);
@@ -670,7 +595,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       detach_buffer(b);
       return fail(Errc::TimedOut, "call");
     }
-    wait_inbound(deadline, policy, reply, want);
+    wait_inbound(deadline, policy);
   }
 }
 

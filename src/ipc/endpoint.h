@@ -141,15 +141,8 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   void pending_push(const shm::Desc& d) noexcept;
   bool pending_pop(shm::Desc* d) noexcept;
 
-  // No lock: waits until the inbound ring may have data, the state changed, the deadline, or
-  // (for call()) `reply` shows reply_seq == want.
-  void wait_inbound(Deadline deadline, WaitPolicy policy, const shm::SlotHeader* reply = nullptr,
-                    std::uint32_t want = 0);
-  // (P7) Answers a kReplyInSlot request through its slot header, and wakes the caller (P4).
-  void reply_in_slot_locked(std::uint32_t id, std::uint32_t size, std::uint32_t gen,
-                            shm::DescStatus status) noexcept;
-  // Frees slots of calls that timed out once their late answer has landed in the slot header.
-  void reclaim_abandoned_locked() noexcept;
+  // No lock: waits until the inbound ring may have data, the state changed, or the deadline.
+  void wait_inbound(Deadline deadline, WaitPolicy policy);
   bool inbound_ready() const noexcept;
   void ensure_watched() noexcept;
   void wake_local() noexcept;

@@ -7,9 +7,7 @@
 //   offset 0            SegmentHeader      written once by the creator, then read-only
 //   kDirOffset          Direction dir[0]   messages from side 0 to side 1
 //   + sizeof(Direction) Direction dir[1]   messages from side 1 to side 0
-//   pool_offset         slot[0 .. 2n)      message buffers; side s owns slots [s*n, (s+1)*n);
-//                                          each slot: SlotHeader (16 B) then slot_size payload
-//                                          bytes, in a stride rounded up to 64 B
+//   pool_offset         slot[0 .. 2n)      message buffers; side s owns slots [s*n, (s+1)*n)
 //
 // Trust: the segment is shared with a process that may be buggy or hostile. Geometry is copied
 // into private memory at attach and validated once; afterwards only the ring indices, descriptors
@@ -40,10 +38,6 @@
 //       other's store, so a wake-up is never lost.
 //  (P7) Reply: the callee writes the answer into the same buffer and sends Desc{Reply} naming it;
 //       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
-//       A request sent by call() in a pool slot carries kReplyInSlot: the callee instead writes
-//       size/status into the slot's SlotHeader and store-releases reply_seq = the request's gen,
-//       then wakes as in P4. The caller spins on that header, which shares a cache line with the
-//       first 48 payload bytes: the reply costs one line transfer, not two (ring entry + payload).
 //       A request released without an answer is replied to with status NoReply; a one-way message
 //       is given back with Desc{Return}.
 //  (P8) Close / death: the control socket's hang-up (the peer closed its end, exited or was
@@ -61,7 +55,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 3;  // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 2;  // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;     // extent ids per side
@@ -79,8 +73,6 @@ enum class DescKind : std::uint16_t {
 };
 
 enum class DescStatus : std::uint16_t { Ok = 0, NoReply = 1 };
-// Desc::status of a Request: answer through the slot's SlotHeader, not the ring (P7).
-inline constexpr std::uint16_t kReplyInSlot = 1;
 
 // One message descriptor: 16 bytes. Written by the producer into a RingEntry before that entry's
 // seq store-release, read (copied) by the consumer after its seq acquire load. Plain fields: they
@@ -140,20 +132,6 @@ static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, ri
 static_assert(sizeof(Direction) == 192 + sizeof(RingEntry) * kRingCapacity);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert((kRingCapacity & (kRingCapacity - 1)) == 0);
-
-// At the start of every pool slot, in the same cache line as the first 48 payload bytes (P7).
-// Written by the callee answering a kReplyInSlot request, read by the caller waiting in call().
-struct SlotHeader {
-  // Callee: store-release of the request's gen after writing size and status. Caller: acquire
-  // load; the reply to call number g has arrived when reply_seq == g.
-  std::atomic<std::uint32_t> reply_seq;
-  std::uint32_t size;    // reply bytes; caller validates <= slot_size
-  std::uint16_t status;  // DescStatus; caller validates
-  std::uint16_t reserved[3];
-};
-static_assert(std::is_standard_layout_v<SlotHeader> && sizeof(SlotHeader) == 16);
-static_assert(offsetof(SlotHeader, size) == 4 && offsetof(SlotHeader, status) == 8);
-inline constexpr std::uint32_t kSlotHeaderSize = sizeof(SlotHeader);
 
 // Written once by side 0 before the memfd is shared (P1); never written again. Side 1 validates a
 // private copy; neither side reads it from shared memory after attach.

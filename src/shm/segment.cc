@@ -21,9 +21,8 @@ Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t sl
   g.slot_size = slot_size;
   g.dir_offset[0] = kDirOffset;
   g.dir_offset[1] = kDirOffset + sizeof(Direction);
-  g.slot_stride = align_up(std::uint64_t{kSlotHeaderSize} + slot_size, 64);
   g.pool_offset = align_up(g.dir_offset[1] + sizeof(Direction), 4096);
-  g.segment_size = align_up(g.pool_offset + 2ull * slots_per_side * g.slot_stride, 4096);
+  g.segment_size = align_up(g.pool_offset + 2ull * slots_per_side * slot_size, 4096);
   return g;
 }
 
@@ -47,7 +46,6 @@ Result<Segment> Segment::create(std::uint32_t slots_per_side, std::uint32_t slot
   // The memfd is zero-filled, which is a valid initial state for every atomic in Direction;
   // placement-new makes their lifetime explicit.
   for (int i = 0; i < 2; ++i) new (s.map_.data() + g.dir_offset[i]) Direction{};
-  for (std::uint32_t k = 0; k < 2 * slots_per_side; ++k) new (&s.slot_header(k)) SlotHeader{};
   return s;
 }
 

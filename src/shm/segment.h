@@ -16,7 +16,6 @@ namespace mbmq::shm {
 struct Geometry {
   std::uint32_t slots_per_side = 16;
   std::uint32_t slot_size = 64 * 1024;
-  std::uint64_t slot_stride = 0;  // SlotHeader + slot_size, rounded up to 64
   std::uint64_t dir_offset[2] = {0, 0};
   std::uint64_t pool_offset = 0;
   std::uint64_t segment_size = 0;
@@ -38,14 +37,8 @@ class Segment {
   Direction& dir(int i) const noexcept {
     return *reinterpret_cast<Direction*>(map_.data() + geo_.dir_offset[i]);
   }
-  // The payload of slot `index` (after its SlotHeader): 16-byte aligned, slot_size bytes.
   std::byte* slot(std::uint32_t index) const noexcept {
-    return map_.data() + geo_.pool_offset + std::uint64_t{index} * geo_.slot_stride +
-           kSlotHeaderSize;
-  }
-  SlotHeader& slot_header(std::uint32_t index) const noexcept {
-    return *reinterpret_cast<SlotHeader*>(map_.data() + geo_.pool_offset +
-                                          std::uint64_t{index} * geo_.slot_stride);
+    return map_.data() + geo_.pool_offset + std::uint64_t{index} * geo_.slot_size;
   }
   std::uint32_t total_slots() const noexcept { return 2 * geo_.slots_per_side; }
   std::byte* base() const noexcept { return map_.data(); }
