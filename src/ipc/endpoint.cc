@@ -550,8 +550,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
   std::lock_guard consumer(consumer_mu_);
   ensure_watched();
-  const WaitPolicy policy{wait_mode_.load(std::memory_order_relaxed),
-                          std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed))};
+  const WaitPolicy policy = wait_policy();
   {
     std::lock_guard lock(mu_);
     EpState s = state_.load(std::memory_order_acquire);
@@ -610,8 +609,7 @@ Result<Message> Endpoint::receive(Deadline deadline) {
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   std::lock_guard consumer(consumer_mu_);
   ensure_watched();
-  const WaitPolicy policy{wait_mode_.load(std::memory_order_relaxed),
-                          std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed))};
+  const WaitPolicy policy = wait_policy();
   for (;;) {
     Message m;
     Poll p = poll(&m);
@@ -649,6 +647,11 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
   queue->add(shared_from_this());
   queue->poke();
   return {};
+}
+
+WaitPolicy Endpoint::wait_policy() const noexcept {
+  return {wait_mode_.load(std::memory_order_relaxed),
+          std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed))};
 }
 
 void Endpoint::set_wait_policy(WaitPolicy p) noexcept {

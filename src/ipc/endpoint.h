@@ -78,6 +78,7 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   Status redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t key);
   std::uint64_t key() const noexcept { return key_.load(std::memory_order_relaxed); }
   void set_wait_policy(WaitPolicy p) noexcept;
+  WaitPolicy wait_policy() const noexcept;
 
   // (P8) From the watcher thread: the control socket hung up.
   void on_hangup() noexcept;

@@ -45,8 +45,8 @@ Status Endpoint::send_over(int unix_socket) {
                 tx_.tail(),
                 rx_.head(),
                 next_extent_gen_,
-                static_cast<std::uint32_t>(wait_mode_.load()),
-                spin_ns_.load()};
+                static_cast<std::uint32_t>(wait_policy().mode),
+                static_cast<std::int64_t>(wait_policy().spin.count())};
   int fds[2] = {seg_.fd(), control_.get()};
   MBMQ_TRY(os::send_msg(unix_socket, {reinterpret_cast<const std::byte*>(&m), sizeof(m)}, fds));
   return {};

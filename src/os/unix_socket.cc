@@ -10,13 +10,17 @@
 
 namespace mbmq::os {
 
-Result<std::pair<UniqueFd, UniqueFd>> seqpacket_pair() {
+namespace {
+Result<std::pair<UniqueFd, UniqueFd>> unix_pair(int type) {
   int sv[2];
   count_syscall();
-  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
+  if (::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0)
     return fail(Error::from_syscall("socketpair", errno));
   return std::pair<UniqueFd, UniqueFd>{UniqueFd(sv[0]), UniqueFd(sv[1])};
 }
+}  // namespace
+
+Result<std::pair<UniqueFd, UniqueFd>> seqpacket_pair() { return unix_pair(SOCK_SEQPACKET); }
 
 namespace {
 union CmsgSpace {
@@ -118,11 +122,5 @@ Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
 }  // namespace mbmq::os
 
 namespace mbmq::os {
-Result<std::pair<UniqueFd, UniqueFd>> stream_pair() {
-  int sv[2];
-  count_syscall();
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
-    return fail(Error::from_syscall("socketpair", errno));
-  return std::pair<UniqueFd, UniqueFd>{UniqueFd(sv[0]), UniqueFd(sv[1])};
-}
+Result<std::pair<UniqueFd, UniqueFd>> stream_pair() { return unix_pair(SOCK_STREAM); }
 }  // namespace mbmq::os
