@@ -13,8 +13,6 @@
 // System calls are counted by the os/ layer on both sides; heap allocations by a counting
 // operator new on both sides; both per round trip, over the measured (post-warm-up) iterations.
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -23,10 +21,12 @@
 #include <cstring>
 #include <functional>
 #include <new>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "alloc_count.h"
 #include "mbmq/mbmq.h"
 #include "os/futex.h"
 #include "os/mapping.h"
@@ -34,8 +34,6 @@
 #include "os/process.h"
 #include "os/syscall_count.h"
 #include "os/unix_socket.h"
-
-#include "alloc_count.h"
 
 namespace mbmq::bench {
 namespace {
@@ -198,7 +196,8 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt) {
   const double callocs = static_cast<double>(g_allocs.load(std::memory_order_relaxed) - alloc0) / n;
   m.stop();
   ServerStats st{};
-  auto got = os::read_full(stats_pipe->first.get(), {reinterpret_cast<std::byte*>(&st), sizeof(st)});
+  auto got =
+      os::read_full(stats_pipe->first.get(), {reinterpret_cast<std::byte*>(&st), sizeof(st)});
   (void)os::wait_process(*pid);
   m.teardown();
   if (!ok) r.error = "a reply failed verification or the call failed";
@@ -247,8 +246,10 @@ Mechanism raw_mechanism(bool futex) {
     for (;;) {
       std::uint32_t seq;
       while ((seq = st->ctl->req.load(std::memory_order_acquire)) == last) {
-        if (futex) (void)os::futex_wait(&st->ctl->req, last, -1);
-        else __builtin_ia32_pause();
+        if (futex)
+          (void)os::futex_wait(&st->ctl->req, last, -1);
+        else
+          __builtin_ia32_pause();
       }
       last = seq;
       if (seq == kStop) return count.stop(), 0;
@@ -266,8 +267,10 @@ Mechanism raw_mechanism(bool futex) {
     if (futex) (void)os::futex_wake(&st->ctl->req, 1);
     std::uint32_t got;
     while ((got = st->ctl->resp.load(std::memory_order_acquire)) != seq) {
-      if (futex) (void)os::futex_wait(&st->ctl->resp, got, -1);
-      else __builtin_ia32_pause();
+      if (futex)
+        (void)os::futex_wait(&st->ctl->resp, got, -1);
+      else
+        __builtin_ia32_pause();
     }
     return st->ctl->sum == expected_sum(size, iter);
   };
@@ -282,7 +285,8 @@ Mechanism raw_mechanism(bool futex) {
   return m;
 }
 
-// ---- pipe and Unix socket ------------------------------------------------------------------------
+// ---- pipe and Unix socket
+// ------------------------------------------------------------------------
 Mechanism stream_mechanism(bool uds) {
   struct State {
     os::UniqueFd c_in, c_out, s_in, s_out;  // client reads c_in, writes c_out; server the reverse
@@ -424,8 +428,10 @@ Mechanism mbmq_mechanism(const char* name, WaitMode mode) {
   return m;
 }
 
-// ---- reporting ------------------------------------------------------------------------------------
-const CellResult* find(const std::vector<CellResult>& rs, const std::string& mech, std::size_t size) {
+// ---- reporting
+// ------------------------------------------------------------------------------------
+const CellResult* find(const std::vector<CellResult>& rs, const std::string& mech,
+                       std::size_t size) {
   for (const auto& r : rs)
     if (r.mechanism == mech && r.size == size && r.error.empty()) return &r;
   return nullptr;
@@ -457,9 +463,11 @@ struct Check {
   bool pass;
 };
 
-std::vector<Check> evaluate(const std::vector<CellResult>& rs, const std::vector<std::size_t>& sizes) {
+std::vector<Check> evaluate(const std::vector<CellResult>& rs,
+                            const std::vector<std::size_t>& sizes) {
   std::vector<Check> out;
-  auto add = [&](const std::string& what, const char* a, const char* b, std::size_t size, double limit) {
+  auto add = [&](const std::string& what, const char* a, const char* b, std::size_t size,
+                 double limit) {
     const CellResult* x = find(rs, a, size);
     const CellResult* y = find(rs, b, size);
     if (x == nullptr || y == nullptr) return;
@@ -482,7 +490,8 @@ std::vector<Check> evaluate(const std::vector<CellResult>& rs, const std::vector
                      *r.syscalls_per_rtt == 0.0});
     if (r.mechanism == "mbmq-sleep") {
       double worst = std::max(r.client_syscalls, r.server_syscalls);
-      out.push_back({"mbmq-sleep syscalls/rtt per side @" + human_size(r.size), worst, 2.0, worst <= 2.0});
+      out.push_back(
+          {"mbmq-sleep syscalls/rtt per side @" + human_size(r.size), worst, 2.0, worst <= 2.0});
     }
     if (r.mechanism.rfind("mbmq", 0) == 0 && r.allocs_per_rtt)
       out.push_back({r.mechanism + " allocs/rtt @" + human_size(r.size), *r.allocs_per_rtt, 0.0,
@@ -507,7 +516,8 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
       j["p99_ns"] = nullptr;
       j["error"] = r.error;
     }
-    j["syscalls_per_rtt"] = r.syscalls_per_rtt ? nlohmann::json(*r.syscalls_per_rtt) : nlohmann::json();
+    j["syscalls_per_rtt"] =
+        r.syscalls_per_rtt ? nlohmann::json(*r.syscalls_per_rtt) : nlohmann::json();
     j["allocs_per_rtt"] = r.allocs_per_rtt ? nlohmann::json(*r.allocs_per_rtt) : nlohmann::json();
     if (r.syscalls_per_rtt) {
       j["client_syscalls_per_rtt"] = r.client_syscalls;
@@ -517,7 +527,8 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
   }
   nlohmann::json cj = nlohmann::json::array();
   for (const auto& c : checks)
-    cj.push_back({{"check", c.what}, {"measured", c.measured}, {"limit", c.limit}, {"pass", c.pass}});
+    cj.push_back(
+        {{"check", c.what}, {"measured", c.measured}, {"limit", c.limit}, {"pass", c.pass}});
   return {{"results", results},
           {"checks", cj},
           {"machine", {{"cpus", g_cpus}, {"pinned", opt.pin && g_cpus >= 2}}},
@@ -558,8 +569,10 @@ std::vector<std::size_t> parse_sizes(const std::string& s) {
     std::size_t comma = s.find(',', pos);
     std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     std::size_t mult = 1;
-    if (!tok.empty() && (tok.back() == 'K' || tok.back() == 'k')) mult = 1024, tok.pop_back();
-    else if (!tok.empty() && (tok.back() == 'M' || tok.back() == 'm')) mult = 1 << 20, tok.pop_back();
+    if (!tok.empty() && (tok.back() == 'K' || tok.back() == 'k'))
+      mult = 1024, tok.pop_back();
+    else if (!tok.empty() && (tok.back() == 'M' || tok.back() == 'm'))
+      mult = 1 << 20, tok.pop_back();
     char* end = nullptr;
     unsigned long long v = std::strtoull(tok.c_str(), &end, 10);
     if (tok.empty() || *end != '\0') throw CLI::ValidationError("--sizes", "not a size: " + tok);
@@ -583,7 +596,8 @@ int main(int argc, char** argv) {
   app.add_flag("--json", json, "print one JSON document instead of the table");
   app.add_flag("--quick", quick, "short run: 0.25 s per cell");
   app.add_option("--sizes", sizes_arg, "payload sizes, comma-separated (K and M suffixes)");
-  app.add_option("--seconds", seconds, "seconds per mechanism and size")->check(CLI::Range(0.05, 60.0));
+  app.add_option("--seconds", seconds, "seconds per mechanism and size")
+      ->check(CLI::Range(0.05, 60.0));
   app.add_option("--mechanisms", only, "comma-separated subset of mechanisms to run");
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   CLI11_PARSE(app, argc, argv);
@@ -614,7 +628,9 @@ int main(int argc, char** argv) {
   mechs.push_back(mbmq_mechanism("mbmq-sleep", mbmq::WaitMode::Sleep));
   if (!only.empty()) {
     std::string list = "," + only + ",";
-    std::erase_if(mechs, [&](const Mechanism& m) { return list.find("," + m.name + ",") == std::string::npos; });
+    std::erase_if(mechs, [&](const Mechanism& m) {
+      return list.find("," + m.name + ",") == std::string::npos;
+    });
     if (mechs.empty()) {
       std::fprintf(stderr, "--mechanisms: none known in '%s'\n", only.c_str());
       return 2;
@@ -633,12 +649,14 @@ int main(int argc, char** argv) {
   if (json) {
     std::printf("%s\n", to_json(results, checks, opt).dump(2).c_str());
   } else {
-    std::printf("mbmq-bench: %d CPUs, %s, %.2f s per cell; round trip = client writes the payload, "
-                "server reads it, replies with its 8-byte sum, client verifies.\n\n",
-                g_cpus, opt.pin && g_cpus >= 2 ? "client on CPU 0, server on CPU 1" : "not pinned",
-                opt.seconds_per_cell);
+    std::printf(
+        "mbmq-bench: %d CPUs, %s, %.2f s per cell; round trip = client writes the payload, "
+        "server reads it, replies with its 8-byte sum, client verifies.\n\n",
+        g_cpus, opt.pin && g_cpus >= 2 ? "client on CPU 0, server on CPU 1" : "not pinned",
+        opt.seconds_per_cell);
     print_table(results, checks);
   }
-  bool any_error = std::any_of(results.begin(), results.end(), [](const CellResult& r) { return !r.error.empty(); });
+  bool any_error = std::any_of(results.begin(), results.end(),
+                               [](const CellResult& r) { return !r.error.empty(); });
   return any_error ? 1 : 0;
 }

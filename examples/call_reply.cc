@@ -3,9 +3,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
-#include <cctype>
 #include <cstring>
 
 #include "mbmq/mbmq.h"
@@ -30,8 +30,8 @@ mbmq::Status serve(mbmq::Channel server) {
 mbmq::Status call(mbmq::Channel client) {
   const char text[] = "hello, zero copies";
   mbmq::Buffer buf = MBMQ_TRY(client.buffer(sizeof text));  // lives in shared memory
-  std::memcpy(buf.data().data(), text, sizeof text);          // written once, in place
-  MBMQ_TRY(client.call(buf, mbmq::Deadline::after(1s)));      // the reply is now in buf
+  std::memcpy(buf.data().data(), text, sizeof text);        // written once, in place
+  MBMQ_TRY(client.call(buf, mbmq::Deadline::after(1s)));    // the reply is now in buf
   std::printf("reply: %s\n", reinterpret_cast<const char*>(buf.data().data()));
   return {};
 }

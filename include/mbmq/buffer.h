@@ -59,10 +59,10 @@ class Buffer {
   std::byte* data_ = nullptr;
   std::uint32_t size_ = 0;
   std::uint32_t capacity_ = 0;
-  std::uint32_t id_ = 0;   // slot index, or shm::kExtentBit | extent id
+  std::uint32_t id_ = 0;  // slot index, or shm::kExtentBit | extent id
   std::uint32_t gen_ = 0;
   Origin origin_ = Origin::None;
-  std::uint16_t kind_ = 0; // for Origin::Peer: the DescKind it arrived as
+  std::uint16_t kind_ = 0;  // for Origin::Peer: the DescKind it arrived as
 };
 
 }  // namespace mbmq

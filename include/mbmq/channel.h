@@ -37,9 +37,9 @@ struct TestAccess;
 }  // namespace detail
 
 struct ChannelOptions {
-  std::uint32_t slots_per_side = 16;       // pool buffers each side can have in flight (<= 64)
-  std::uint32_t slot_size = 64 * 1024;     // larger buffers become memfd extents
-  WaitPolicy wait{};                       // how call()/receive() wait on this end
+  std::uint32_t slots_per_side = 16;    // pool buffers each side can have in flight (<= 64)
+  std::uint32_t slot_size = 64 * 1024;  // larger buffers become memfd extents
+  WaitPolicy wait{};                    // how call()/receive() wait on this end
 };
 
 class Channel {

@@ -10,9 +10,8 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
-
 #include <tl/expected.hpp>
+#include <utility>
 
 namespace mbmq {
 
@@ -35,8 +34,8 @@ const char* errc_name(Errc code) noexcept;
 
 struct Error {
   Errc code{Errc::System};
-  int sys_errno{0};        // errno for Errc::System, else 0
-  const char* op{""};      // static string naming what failed ("memfd_create", "ring.pop", ...)
+  int sys_errno{0};    // errno for Errc::System, else 0
+  const char* op{""};  // static string naming what failed ("memfd_create", "ring.pop", ...)
 
   static Error from_syscall(const char* op, int err) noexcept { return {Errc::System, err, op}; }
   static Error make(Errc code, const char* op) noexcept { return {code, 0, op}; }
@@ -66,19 +65,19 @@ inline void unwrap(Status&&) {}
 
 // Evaluates expr (a Result); on error returns the error from the enclosing function, else yields
 // the value (or nothing for Status). A GNU statement expression, as SerenityOS's TRY.
-#define MBMQ_TRY(...)                                                               \
-  __extension__({                                                                   \
-    auto mbmq_try_r_ = (__VA_ARGS__);                                               \
-    if (!mbmq_try_r_) [[unlikely]]                                                  \
-      return ::tl::unexpected<::mbmq::Error>(std::move(mbmq_try_r_).error());       \
-    ::mbmq::detail::unwrap(std::move(mbmq_try_r_));                                 \
+#define MBMQ_TRY(...)                                                         \
+  __extension__({                                                             \
+    auto mbmq_try_r_ = (__VA_ARGS__);                                         \
+    if (!mbmq_try_r_) [[unlikely]]                                            \
+      return ::tl::unexpected<::mbmq::Error>(std::move(mbmq_try_r_).error()); \
+    ::mbmq::detail::unwrap(std::move(mbmq_try_r_));                           \
   })
 
 // Our own bug, never the peer's: abort with a message.
-#define MBMQ_ASSERT(cond)                                                      \
-  do {                                                                         \
-    if (!(cond)) [[unlikely]]                                                  \
-      ::mbmq::detail::assert_fail(#cond, __FILE__, __LINE__);                  \
+#define MBMQ_ASSERT(cond)                                     \
+  do {                                                        \
+    if (!(cond)) [[unlikely]]                                 \
+      ::mbmq::detail::assert_fail(#cond, __FILE__, __LINE__); \
   } while (0)
 
 namespace mbmq::detail {

@@ -73,7 +73,8 @@ Endpoint::OwnState* Endpoint::own_state(std::uint32_t id) noexcept {
 }
 
 std::uint32_t Endpoint::own_capacity(std::uint32_t id) const noexcept {
-  if ((id & kExtentBit) != 0) return static_cast<std::uint32_t>(own_ext_[id & ~kExtentBit].map.size());
+  if ((id & kExtentBit) != 0)
+    return static_cast<std::uint32_t>(own_ext_[id & ~kExtentBit].map.size());
   return slot_size_;
 }
 
@@ -240,7 +241,8 @@ void Endpoint::wake_peer_locked() noexcept {
         os::UniqueFd fd = std::move(stash_doorbell_.fd);
         auto size = os::file_size(fd.get());
         if (size && *size >= shm::kDoorbellPageSize) {
-          auto map = os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
+          auto map =
+              os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
           if (map) {
             peer_db_map_ = std::move(*map);
             peer_db_gen_ = g;
@@ -283,12 +285,14 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
   if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Own)
     return fail(Errc::InvalidArgument, "send: not a buffer of this channel's end");
   OwnState* st = own_state(b.id_);
-  if (st == nullptr || *st != OwnState::App) return fail(Errc::InvalidArgument, "send: buffer state");
+  if (st == nullptr || *st != OwnState::App)
+    return fail(Errc::InvalidArgument, "send: buffer state");
   if ((b.id_ & kExtentBit) != 0) {
     OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
     if (x.sent_gen != x.gen) {
       // (P3) The extent's fd travels before the first descriptor naming it.
-      shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), b.id_ & ~kExtentBit, x.gen, 0};
+      shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), b.id_ & ~kExtentBit, x.gen,
+                    0};
       int fd = x.fd.get();
       MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
       x.sent_gen = x.gen;
@@ -303,8 +307,8 @@ Status Endpoint::send(Buffer&& b, DescKind kind) {
   std::lock_guard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "send");
-  MBMQ_TRY(send_locked(b, kind, kind == DescKind::Request ? OwnState::LentRequest
-                                                         : OwnState::LentOneWay));
+  MBMQ_TRY(send_locked(b, kind,
+                       kind == DescKind::Request ? OwnState::LentRequest : OwnState::LentOneWay));
   detach_buffer(b);
   return {};
 }
@@ -374,8 +378,9 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
     case DescKind::Return: {  // our buffer, coming back
       OwnState* st = own_state(d.buffer);
       if (st == nullptr) return Accepted::Bad;
-      std::uint32_t gen = (d.buffer & kExtentBit) != 0 ? own_ext_[d.buffer & ~kExtentBit].gen
-                                                        : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
+      std::uint32_t gen = (d.buffer & kExtentBit) != 0
+                              ? own_ext_[d.buffer & ~kExtentBit].gen
+                              : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
       if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App) return Accepted::Bad;
       if (d.size > own_capacity(d.buffer)) return Accepted::Bad;
       if (d.kind == static_cast<std::uint16_t>(DescKind::Return)) {
@@ -426,7 +431,8 @@ void Endpoint::make_message(const Desc& d, Message* out) {
     b.data_ = own_data(d.buffer);
     b.capacity_ = own_capacity(d.buffer);
     out->kind = Kind::Reply;
-    if (d.status == static_cast<std::uint16_t>(shm::DescStatus::NoReply)) out->error = Errc::NoReply;
+    if (d.status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
+      out->error = Errc::NoReply;
     return;
   }
   b.origin_ = Buffer::Origin::Peer;
@@ -438,7 +444,8 @@ void Endpoint::make_message(const Desc& d, Message* out) {
     b.data_ = seg_.slot(d.buffer);
     b.capacity_ = slot_size_;
   }
-  out->kind = d.kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
+  out->kind =
+      d.kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
 }
 
 void Endpoint::pending_push(const Desc& d) noexcept {

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <vector>
 
+#include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
 #include "mbmq/msg_queue.h"
@@ -25,7 +26,6 @@
 #include "shm/layout.h"
 #include "shm/ring.h"
 #include "shm/segment.h"
-#include "ipc/spin_mutex.h"
 
 namespace mbmq::detail {
 
@@ -38,9 +38,9 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   struct Init {
     shm::Segment segment;
     os::UniqueFd control;
-    int side = 0;                  // 0: produces dir[0], consumes dir[1]; 1: the reverse
+    int side = 0;  // 0: produces dir[0], consumes dir[1]; 1: the reverse
     WaitPolicy wait{};
-    std::uint32_t tx_tail = 0;     // ring positions (non-zero for an end moved between processes)
+    std::uint32_t tx_tail = 0;  // ring positions (non-zero for an end moved between processes)
     std::uint32_t rx_head = 0;
     std::uint32_t next_extent_gen = 1;
   };
@@ -152,43 +152,43 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
 
   shm::Segment seg_;
   const int side_;
-  const std::uint32_t n_;         // slots per side (private copy of the validated geometry)
+  const std::uint32_t n_;  // slots per side (private copy of the validated geometry)
   const std::uint32_t slot_size_;
-  shm::Direction& out_;           // we produce
-  shm::Direction& in_;            // we consume
+  shm::Direction& out_;  // we produce
+  shm::Direction& in_;   // we consume
 
   mutable SpinMutex mu_;
   SpinMutex consumer_mu_;
-  os::UniqueFd control_;                                   // guarded by mu_
-  shm::RingProducer<> tx_;                                 // guarded by mu_
-  shm::RingConsumer<> rx_;                                 // consumer thread; pops under mu_
+  os::UniqueFd control_;                                    // guarded by mu_
+  shm::RingProducer<> tx_;                                  // guarded by mu_
+  shm::RingConsumer<> rx_;                                  // consumer thread; pops under mu_
   std::array<OwnSlot, shm::kMaxSlotsPerSide> own_slots_{};  // guarded by mu_
-  std::vector<std::uint32_t> free_slots_;                  // guarded by mu_ (reserved at make)
+  std::vector<std::uint32_t> free_slots_;                   // guarded by mu_ (reserved at make)
   std::array<OwnExtent, shm::kMaxExtents> own_ext_{};       // guarded by mu_
-  std::vector<std::uint32_t> free_ext_;                    // guarded by mu_
-  std::uint32_t next_extent_gen_;                          // guarded by mu_
+  std::vector<std::uint32_t> free_ext_;                     // guarded by mu_
+  std::uint32_t next_extent_gen_;                           // guarded by mu_
   std::array<bool, shm::kMaxSlotsPerSide> peer_held_{};     // guarded by mu_
   std::array<PeerExtent, shm::kMaxExtents> peer_ext_{};     // guarded by mu_
   std::array<Stashed, shm::kMaxExtents> stash_ext_{};       // guarded by mu_
-  Stashed stash_doorbell_;                                 // guarded by mu_
-  std::uint32_t peer_db_gen_ = 0;                          // guarded by mu_
-  os::Mapping peer_db_map_;                                // guarded by mu_
-  std::uint32_t my_db_gen_ = 0;                            // guarded by mu_
+  Stashed stash_doorbell_;                                  // guarded by mu_
+  std::uint32_t peer_db_gen_ = 0;                           // guarded by mu_
+  os::Mapping peer_db_map_;                                 // guarded by mu_
+  std::uint32_t my_db_gen_ = 0;                             // guarded by mu_
   // Descs accepted by call() that are not its reply: delivered later by receive()/poll(). Each
   // names a distinct buffer, so 2 * (slots + extents) entries always suffice.
   std::array<shm::Desc, 2 * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> pending_{};  // mu_
-  std::uint32_t pending_head_ = 0, pending_count_ = 0;                            // mu_
+  std::uint32_t pending_head_ = 0, pending_count_ = 0;                               // mu_
   std::atomic<std::uint32_t> pending_nonempty_{0};
-  bool end_reported_ = false;                              // guarded by mu_
+  bool end_reported_ = false;  // guarded by mu_
 
-  std::shared_ptr<QueueCore> queue_;                       // guarded by mu_
+  std::shared_ptr<QueueCore> queue_;  // guarded by mu_
   std::atomic<std::uint64_t> key_{0};
   std::atomic<bool> redirected_{false};
   std::atomic<EpState> state_{EpState::Open};
   std::atomic<WaitMode> wait_mode_;
   std::atomic<std::int64_t> spin_ns_;
   std::atomic<int> watch_pid_{0};
-  std::uint64_t watch_id_ = 0;                             // guarded by mu_
+  std::uint64_t watch_id_ = 0;  // guarded by mu_
 };
 
 // The process-private half of a MsgQueue (its shared half is the DoorbellPage).

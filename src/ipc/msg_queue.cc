@@ -14,8 +14,8 @@ namespace detail {
 Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
   auto q = std::make_shared<QueueCore>();
   q->fd_ = MBMQ_TRY(os::make_sealed_memfd("mbmq-queue", shm::kDoorbellPageSize));
-  q->map_ = MBMQ_TRY(os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize,
-                                             os::Access::ReadWrite));
+  q->map_ = MBMQ_TRY(
+      os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize, os::Access::ReadWrite));
   q->page_ = new (q->map_.data()) shm::DoorbellPage{};
   q->policy_ = policy;
   q->eps_.reserve(64);

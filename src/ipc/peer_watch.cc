@@ -16,14 +16,14 @@ namespace {
 
 struct WatchState {
   std::mutex mu;
-  os::Epoll epoll;                                                 // guarded by mu (creation)
+  os::Epoll epoll;  // guarded by mu (creation)
   struct Entry {
     std::weak_ptr<Endpoint> ep;
     int fd;
   };
   std::unordered_map<std::uint64_t, Entry> eps;  // guarded by mu
-  std::uint64_t next_id = 1;                                       // guarded by mu
-  bool started = false;                                            // guarded by mu
+  std::uint64_t next_id = 1;                     // guarded by mu
+  bool started = false;                          // guarded by mu
   std::atomic<bool> running{false};  // set by the thread itself once it is in its own code
 };
 

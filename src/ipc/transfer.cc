@@ -28,7 +28,8 @@ namespace detail {
 Status Endpoint::send_over(int unix_socket) {
   std::lock_guard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
-  if (s != EpState::Open) return fail(s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed, "send_over");
+  if (s != EpState::Open)
+    return fail(s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed, "send_over");
   if (queue_) return fail(Errc::Busy, "send_over: end is redirected to a queue");
   for (const auto& o : own_slots_)
     if (o.state != OwnState::Free) return fail(Errc::Busy, "send_over: buffers outstanding");
@@ -63,7 +64,8 @@ Status Channel::send_over(int unix_socket) {
 }
 
 Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
-  bool ready = MBMQ_TRY(os::wait_readable(unix_socket, deadline.is_never() ? -1 : std::max<std::int64_t>(deadline.remaining_ns(), 0)));
+  bool ready = MBMQ_TRY(os::wait_readable(
+      unix_socket, deadline.is_never() ? -1 : std::max<std::int64_t>(deadline.remaining_ns(), 0)));
   if (!ready) return fail(Errc::TimedOut, "receive_from");
   TransferMsg m{};
   std::array<os::UniqueFd, 2> fds;
@@ -81,9 +83,9 @@ Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
       in.head.load(std::memory_order_acquire) != m.rx_head)
     return fail(Errc::Protocol, "receive_from: ring positions do not match the segment");
   WaitPolicy wait{static_cast<WaitMode>(m.wait_mode), std::chrono::nanoseconds(m.spin_ns)};
-  auto ep = MBMQ_TRY(detail::Endpoint::make({std::move(seg), std::move(fds[1]),
-                                             static_cast<int>(m.side), wait, m.tx_tail,
-                                             m.rx_head, m.next_extent_gen}));
+  auto ep =
+      MBMQ_TRY(detail::Endpoint::make({std::move(seg), std::move(fds[1]), static_cast<int>(m.side),
+                                       wait, m.tx_tail, m.rx_head, m.next_extent_gen}));
   return Channel(std::move(ep));
 }
 

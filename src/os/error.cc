@@ -11,15 +11,24 @@ namespace mbmq {
 
 const char* errc_name(Errc code) noexcept {
   switch (code) {
-    case Errc::TimedOut: return "timed-out";
-    case Errc::WouldBlock: return "would-block";
-    case Errc::PeerClosed: return "peer-closed";
-    case Errc::NoReply: return "no-reply";
-    case Errc::Protocol: return "protocol-error";
-    case Errc::System: return "system-error";
-    case Errc::InvalidArgument: return "invalid-argument";
-    case Errc::NoBuffers: return "no-buffers";
-    case Errc::Busy: return "busy";
+    case Errc::TimedOut:
+      return "timed-out";
+    case Errc::WouldBlock:
+      return "would-block";
+    case Errc::PeerClosed:
+      return "peer-closed";
+    case Errc::NoReply:
+      return "no-reply";
+    case Errc::Protocol:
+      return "protocol-error";
+    case Errc::System:
+      return "system-error";
+    case Errc::InvalidArgument:
+      return "invalid-argument";
+    case Errc::NoBuffers:
+      return "no-buffers";
+    case Errc::Busy:
+      return "busy";
   }
   return "unknown-error";
 }

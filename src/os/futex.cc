@@ -29,10 +29,14 @@ Result<FutexWait> futex_wait(const std::atomic<std::uint32_t>* word, std::uint32
   long r = ::syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, nullptr, 0);
   if (r == 0) return FutexWait::Woken;
   switch (errno) {
-    case EAGAIN: return FutexWait::ValueChanged;
-    case ETIMEDOUT: return FutexWait::TimedOut;
-    case EINTR: return FutexWait::Woken;
-    default: return fail(Error::from_syscall("futex(FUTEX_WAIT)", errno));
+    case EAGAIN:
+      return FutexWait::ValueChanged;
+    case ETIMEDOUT:
+      return FutexWait::TimedOut;
+    case EINTR:
+      return FutexWait::Woken;
+    default:
+      return fail(Error::from_syscall("futex(FUTEX_WAIT)", errno));
   }
 }
 

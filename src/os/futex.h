@@ -12,9 +12,9 @@
 namespace mbmq::os {
 
 enum class FutexWait {
-  Woken,        // woken by FUTEX_WAKE (or spuriously): re-check the condition
-  ValueChanged, // *word != expected when the kernel looked: re-check the condition
-  TimedOut,     // timeout_ns elapsed
+  Woken,         // woken by FUTEX_WAKE (or spuriously): re-check the condition
+  ValueChanged,  // *word != expected when the kernel looked: re-check the condition
+  TimedOut,      // timeout_ns elapsed
 };
 
 // Sleeps while *word == expected, at most timeout_ns (< 0: no limit). EINTR is reported as Woken

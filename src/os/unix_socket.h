@@ -27,7 +27,7 @@ Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int>
 struct Received {
   std::size_t bytes = 0;  // 0 with no fds: the peer closed (orderly end of stream)
   std::size_t nfds = 0;
-  bool truncated = false; // message or fds did not fit: the caller treats it as a protocol error
+  bool truncated = false;  // message or fds did not fit: the caller treats it as a protocol error
 };
 // Receives one message into `bytes`; received fds go to fds_out[0..nfds). Blocking::No returns
 // Errc::WouldBlock when nothing is queued.

@@ -55,21 +55,21 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 2;  // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 2;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
-inline constexpr std::uint32_t kMaxExtents = 64;     // extent ids per side
+inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
 inline constexpr std::uint32_t kMinSlotSize = 64;
 inline constexpr std::uint32_t kMaxSlotSize = 16u << 20;
 inline constexpr std::uint32_t kExtentBit = 0x8000'0000u;  // Desc::buffer: an extent id, not a slot
 inline constexpr std::uint64_t kMaxExtentSize = 0xFFFF'F000ull;  // sizes travel as uint32
 
 enum class DescKind : std::uint16_t {
-  Request = 1,       // buffer owned by the sender; expects a Reply in the same buffer (P3, P7)
-  Reply = 2,         // buffer owned by the receiver, coming back with the answer (P7)
-  OneWay = 3,        // buffer owned by the sender; the receiver gives it back with Return
-  Return = 4,        // buffer owned by the receiver, given back unanswered (P7)
-  ReleaseExtent = 5, // the sender freed extent `buffer`; the receiver may unmap it
+  Request = 1,        // buffer owned by the sender; expects a Reply in the same buffer (P3, P7)
+  Reply = 2,          // buffer owned by the receiver, coming back with the answer (P7)
+  OneWay = 3,         // buffer owned by the sender; the receiver gives it back with Return
+  Return = 4,         // buffer owned by the receiver, given back unanswered (P7)
+  ReleaseExtent = 5,  // the sender freed extent `buffer`; the receiver may unmap it
 };
 
 enum class DescStatus : std::uint16_t { Ok = 0, NoReply = 1 };
@@ -127,7 +127,8 @@ struct Direction {
 };
 static_assert(std::is_standard_layout_v<Direction>);
 static_assert(offsetof(Direction, tail) == 0 && offsetof(Direction, head) == 64);
-static_assert(offsetof(Direction, consumer_sleeping) == 128 && offsetof(Direction, doorbell) == 132);
+static_assert(offsetof(Direction, consumer_sleeping) == 128 &&
+              offsetof(Direction, doorbell) == 132);
 static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, ring) == 192);
 static_assert(sizeof(Direction) == 192 + sizeof(RingEntry) * kRingCapacity);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
@@ -147,7 +148,8 @@ struct SegmentHeader {
   std::uint8_t reserved[8];
 };
 static_assert(std::is_standard_layout_v<SegmentHeader> && sizeof(SegmentHeader) == 64);
-static_assert(offsetof(SegmentHeader, dir_offset) == 24 && offsetof(SegmentHeader, segment_size) == 48);
+static_assert(offsetof(SegmentHeader, dir_offset) == 24 &&
+              offsetof(SegmentHeader, segment_size) == 48);
 
 inline constexpr std::uint64_t kDirOffset = 64;
 static_assert(kDirOffset % alignof(Direction) == 0);

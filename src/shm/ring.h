@@ -34,7 +34,10 @@ class RingProducer {
   RingProducer() = default;
   RingProducer(std::atomic<std::uint32_t>* tail, const std::atomic<std::uint32_t>* head,
                RingEntry* ring, std::uint32_t initial_tail = 0)
-      : tail_pub_(tail), head_pub_(head), ring_(ring), tail_(initial_tail),
+      : tail_pub_(tail),
+        head_pub_(head),
+        ring_(ring),
+        tail_(initial_tail),
         head_cache_(initial_tail - kCap) {}
 
   RingStatus push(const Desc& d) noexcept {

@@ -120,12 +120,12 @@ TEST(Hostile, ForgedDescriptorsAreRejected) {
     std::uint16_t kind;
   };
   const std::vector<Case> cases = {
-      {0, 64, 1},            // a request in *our* slot 0 (side 0 owns slots 0..15)
-      {16, 1 << 20, 1},      // the peer's slot but larger than the slot
-      {999, 8, 3},           // no such slot
-      {16, 8, 2},            // a "reply" for a buffer we never lent
+      {0, 64, 1},                // a request in *our* slot 0 (side 0 owns slots 0..15)
+      {16, 1 << 20, 1},          // the peer's slot but larger than the slot
+      {999, 8, 3},               // no such slot
+      {16, 8, 2},                // a "reply" for a buffer we never lent
       {0x8000'0000u | 5, 8, 1},  // an extent whose fd never came
-      {16, 8, 42},           // unknown kind
+      {16, 8, 42},               // unknown kind
   };
   for (const Case& c : cases) {
     auto ends = Channel::pair();
@@ -133,7 +133,8 @@ TEST(Hostile, ForgedDescriptorsAreRejected) {
     auto& [a, b] = *ends;
     // Play side 1 by hand: write a descriptor into dir[1] and publish it.
     auto seg = detail::TestAccess::segment(b);
-    auto* dir = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset + sizeof(shm::Direction));
+    auto* dir =
+        reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset + sizeof(shm::Direction));
     dir->ring[0].desc = shm::Desc{c.buffer, c.size, 1, c.kind, 0};
     dir->ring[0].seq.store(1, std::memory_order_release);
     dir->tail.store(1, std::memory_order_release);

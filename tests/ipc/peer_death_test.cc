@@ -62,7 +62,9 @@ std::int64_t trial(WaitMode mode, bool sigkill) {
 
 void report(const char* name, std::vector<std::int64_t> v) {
   std::sort(v.begin(), v.end());
-  auto at = [&](double q) { return v[static_cast<std::size_t>(q * static_cast<double>(v.size() - 1))]; };
+  auto at = [&](double q) {
+    return v[static_cast<std::size_t>(q * static_cast<double>(v.size() - 1))];
+  };
   std::printf("%s: %zu trials, detection p50 %.3f ms, p99 %.3f ms, max %.3f ms\n", name, v.size(),
               static_cast<double>(at(0.5)) / 1e6, static_cast<double>(at(0.99)) / 1e6,
               static_cast<double>(v.back()) / 1e6);

@@ -108,14 +108,23 @@ TEST(Queue, SeveralThreadsWaitOnOneQueueAndEachRequestIsServedOnce) {
       ts.emplace_back([&, i] {
         Channel& c = clients[static_cast<std::size_t>(i)];
         auto b = c.buffer(8);
-        if (!b) { ++bad; return; }
+        if (!b) {
+          ++bad;
+          return;
+        }
         for (std::uint64_t k = 0; k < kCallsEach; ++k) {
           std::uint64_t v = (static_cast<std::uint64_t>(i) << 32) | k;
           std::memcpy(b->data().data(), &v, 8);
-          if (!c.call(*b, secs(30))) { ++bad; return; }
+          if (!c.call(*b, secs(30))) {
+            ++bad;
+            return;
+          }
           std::uint64_t back;
           std::memcpy(&back, b->data().data(), 8);
-          if (back != v * 3) { ++bad; return; }
+          if (back != v * 3) {
+            ++bad;
+            return;
+          }
         }
       });
     }
@@ -134,7 +143,10 @@ TEST(Queue, SeveralThreadsWaitOnOneQueueAndEachRequestIsServedOnce) {
           if (m.error().code != Errc::TimedOut) ++errors;
           continue;
         }
-        if (m->kind == Kind::PeerClosed) { ++closed; continue; }
+        if (m->kind == Kind::PeerClosed) {
+          ++closed;
+          continue;
+        }
         std::uint64_t v;
         std::memcpy(&v, m->buffer.data().data(), 8);
         if ((v >> 32) != m->key) ++errors;

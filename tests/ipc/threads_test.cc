@@ -92,7 +92,10 @@ TEST(Threads, ManyCallerThreadsManyServerThreadsOneQueue) {
     callers.emplace_back([&, i] {
       Channel& c = clients[static_cast<std::size_t>(i)];
       auto b = c.buffer(8);
-      if (!b) { ++bad; return; }
+      if (!b) {
+        ++bad;
+        return;
+      }
       for (std::uint64_t k = 0; k < kCalls; ++k) {
         std::uint64_t v = (static_cast<std::uint64_t>(i) << 32) | k;
         std::memcpy(b->data().data(), &v, 8);
