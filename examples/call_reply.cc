@@ -32,7 +32,10 @@ mbmq::Status call(mbmq::Channel client) {
   mbmq::Buffer buf = MBMQ_TRY(client.buffer(sizeof text));  // lives in shared memory
   std::memcpy(buf.data().data(), text, sizeof text);        // written once, in place
   MBMQ_TRY(client.call(buf, mbmq::Deadline::after(1s)));    // the reply is now in buf
-  std::printf("reply: %s\n", reinterpret_cast<const char*>(buf.data().data()));
+  const char* reply = reinterpret_cast<const char*>(buf.data().data());
+  std::printf("reply: %s\n", reply);
+  if (std::strcmp(reply, "HELLO, ZERO COPIES") != 0)
+    return mbmq::fail(mbmq::Errc::Protocol, "unexpected reply");
   return {};
 }
 
