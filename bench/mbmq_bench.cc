@@ -611,9 +611,9 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
 }
 
 void print_table(const std::vector<CellResult>& rs, const std::vector<Check>& checks) {
-  std::printf("%-14s %8s %10s %10s %9s %9s %9s %9s %9s %8s %7s\n", "mechanism", "size",
-              "p50 us", "p99 us", "xraw-spin", "xraw-ring", "xraw-futx", "xuds", "syscalls",
-              "allocs", "iters");
+  std::printf("%-14s %8s %10s %10s %9s %9s %9s %9s %9s %8s %7s\n", "mechanism", "size", "p50 us",
+              "p99 us", "xraw-spin", "xraw-ring", "xraw-futx", "xuds", "syscalls", "allocs",
+              "iters");
   std::size_t last = 0;
   for (const auto& r : rs) {
     if (r.size != last && last != 0) std::printf("\n");

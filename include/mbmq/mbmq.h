@@ -5,5 +5,6 @@
 #include "mbmq/channel.h"
 #include "mbmq/deadline.h"
 #include "mbmq/msg_queue.h"
+#include "mbmq/rendezvous.h"
 #include "mbmq/result.h"
 #include "mbmq/wait_policy.h"

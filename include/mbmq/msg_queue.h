@@ -19,6 +19,7 @@
 #include <memory>
 
 #include "mbmq/buffer.h"
+#include "mbmq/channel.h"
 #include "mbmq/deadline.h"
 #include "mbmq/result.h"
 #include "mbmq/wait_policy.h"
@@ -60,6 +61,11 @@ class MsgQueue {
   // reply() then wait(), as one operation. A failed reply (caller gone) is not an error of the
   // server: it moves on to the next message.
   Result<Message> reply_and_wait(Message&& msg, Deadline deadline);
+
+  // Redirects `channel` here with `key` and takes ownership of it: the queue keeps the channel open
+  // until its final Kind::PeerClosed has been delivered (or the queue is destroyed). For servers
+  // that accept many connections and keep no handle of their own.
+  Status adopt(Channel&& channel, std::uint64_t key);
 
   void set_wait_policy(WaitPolicy policy);
   // How many channels are redirected here and still open.

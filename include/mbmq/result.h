@@ -28,6 +28,7 @@ enum class Errc : std::uint8_t {
   InvalidArgument,  // the call itself is wrong (size too large, wrong state, ...)
   NoBuffers,        // the channel's buffer pool is exhausted
   Busy,             // the object is in use in a way that forbids the operation
+  Refused,          // a listener's access policy refused the connection
 };
 
 const char* errc_name(Errc code) noexcept;

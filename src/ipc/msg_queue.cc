@@ -176,6 +176,14 @@ Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
   return wait(deadline);
 }
 
+Status MsgQueue::adopt(Channel&& channel, std::uint64_t key) {
+  if (!channel.ep_) return fail(Errc::InvalidArgument, "MsgQueue::adopt: closed channel");
+  MBMQ_TRY(channel.redirect(*this, key));
+  // The queue's reference keeps the end open; drop the handle without closing it.
+  channel.ep_.reset();
+  return {};
+}
+
 void MsgQueue::set_wait_policy(WaitPolicy policy) {
   if (core_) core_->set_wait_policy(policy);
 }

@@ -29,6 +29,8 @@ const char* errc_name(Errc code) noexcept {
       return "no-buffers";
     case Errc::Busy:
       return "busy";
+    case Errc::Refused:
+      return "refused";
   }
   return "unknown-error";
 }

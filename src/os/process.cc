@@ -148,3 +148,18 @@ std::size_t mapping_count() {
 }
 
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+unsigned current_uid() noexcept {
+  count_syscall();
+  return ::getuid();
+}
+
+Status become_user(unsigned uid, unsigned gid) {
+  count_syscall();
+  if (::setresgid(gid, gid, gid) != 0) return fail(Error::from_syscall("setresgid", errno));
+  count_syscall();
+  if (::setresuid(uid, uid, uid) != 0) return fail(Error::from_syscall("setresuid", errno));
+  return {};
+}
+}  // namespace mbmq::os

@@ -40,3 +40,9 @@ std::size_t open_fd_count();
 std::size_t mapping_count();
 
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+unsigned current_uid() noexcept;  // getuid()
+// setresuid/setresgid (tests that play another user; needs privilege).
+Status become_user(unsigned uid, unsigned gid);
+}  // namespace mbmq::os

@@ -4,6 +4,7 @@
 #include <sys/un.h>
 
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 
 #include "os/syscall_count.h"
@@ -123,4 +124,71 @@ Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
 
 namespace mbmq::os {
 Result<std::pair<UniqueFd, UniqueFd>> stream_pair() { return unix_pair(SOCK_STREAM); }
+}  // namespace mbmq::os
+
+namespace mbmq::os {
+
+namespace {
+Result<sockaddr_un> abstract_addr(std::string_view name, socklen_t* len) {
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  if (name.empty() || name.size() > 100 || name.find('\0') != std::string_view::npos)
+    return fail(Errc::InvalidArgument, "rendezvous name: 1..100 bytes, no NUL");
+  // sun_path[0] = '\0' selects the abstract namespace; the name follows, not NUL-terminated.
+  std::memcpy(a.sun_path + 1, name.data(), name.size());
+  *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  return a;
+}
+}  // namespace
+
+Result<UniqueFd> listen_abstract(std::string_view name, int backlog) {
+  socklen_t len = 0;
+  sockaddr_un a = MBMQ_TRY(abstract_addr(name, &len));
+  count_syscall();
+  // Non-blocking: accept_conn() is called after poll() says a connection waits, and must not
+  // block if the connecting side went away in between.
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) return fail(Error::from_syscall("socket", errno));
+  count_syscall();
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), len) != 0)
+    return fail(Error::from_syscall("bind", errno));
+  count_syscall();
+  if (::listen(fd.get(), backlog) != 0) return fail(Error::from_syscall("listen", errno));
+  return fd;
+}
+
+Result<UniqueFd> connect_abstract(std::string_view name) {
+  socklen_t len = 0;
+  sockaddr_un a = MBMQ_TRY(abstract_addr(name, &len));
+  count_syscall();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!fd) return fail(Error::from_syscall("socket", errno));
+  for (;;) {
+    count_syscall();
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), len) == 0) return fd;
+    if (errno == EINTR) continue;
+    return fail(Error::from_syscall("connect", errno));
+  }
+}
+
+Result<UniqueFd> accept_conn(int listener) {
+  for (;;) {
+    count_syscall();
+    int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);  // the new socket blocks
+    if (fd >= 0) return UniqueFd(fd);
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return fail(Errc::WouldBlock, "accept");
+    return fail(Error::from_syscall("accept4", errno));
+  }
+}
+
+Result<PeerCred> peer_cred(int sock) {
+  ucred c{};
+  socklen_t len = sizeof(c);
+  count_syscall();
+  if (::getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &c, &len) != 0)
+    return fail(Error::from_syscall("getsockopt(SO_PEERCRED)", errno));
+  return PeerCred{c.pid, c.uid, c.gid};
+}
+
 }  // namespace mbmq::os

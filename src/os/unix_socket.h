@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <utility>
 
 #include "mbmq/result.h"
@@ -47,4 +48,25 @@ Result<bool> wait_readable(int sock, std::int64_t timeout_ns);
 namespace mbmq::os {
 // socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC): the Unix-socket baseline of the benchmark.
 Result<std::pair<UniqueFd, UniqueFd>> stream_pair();
+}  // namespace mbmq::os
+
+namespace mbmq::os {
+
+// Rendezvous sockets in the Linux abstract namespace (no file is ever created: the name vanishes
+// with the last socket, so a restarted server can bind again at once).
+// A name longer than 100 bytes or containing NUL is Errc::InvalidArgument.
+Result<UniqueFd> listen_abstract(std::string_view name, int backlog);
+// Errc::System with ECONNREFUSED (nobody listens) or ENOENT-like errors as the kernel gives them.
+Result<UniqueFd> connect_abstract(std::string_view name);
+// accept4(SOCK_CLOEXEC); Errc::WouldBlock when nothing is pending.
+Result<UniqueFd> accept_conn(int listener);
+
+struct PeerCred {
+  int pid = 0;
+  unsigned uid = 0;
+  unsigned gid = 0;
+};
+// SO_PEERCRED of a connected AF_UNIX socket: who was at the other end when it connected.
+Result<PeerCred> peer_cred(int sock);
+
 }  // namespace mbmq::os

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# echo_server and echo_client as two separately started programs: one call; a looping client gets
+# peer-closed (and exits non-zero) when the server is SIGKILLed; a restarted server serves the same
+# name at once. Usage: echo_test.sh BUILD_DIR/examples
+set -u
+dir=$1
+name="echo-test-$$"
+fail() { echo "FAIL: $*"; kill -9 "${srv:-0}" "${loop:-0}" 2>/dev/null; exit 1; }
+wait_listening() { for _ in $(seq 50); do "$dir/echo_client" "$name" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+
+"$dir/echo_server" "$name" >/dev/null & srv=$!
+wait_listening || fail "server did not come up"
+"$dir/echo_client" "$name" || fail "one call"
+"$dir/echo_client" "$name" --loop 2>/tmp/echo_loop.$$ & loop=$!
+sleep 0.3
+kill -9 "$srv"; wait "$srv" 2>/dev/null
+if timeout 5 tail --pid="$loop" -f /dev/null; then :; else fail "looping client hung after the server died"; fi
+wait "$loop"; rc=$?
+[ "$rc" -ne 0 ] || fail "looping client exited 0 after the server died"
+grep -q "peer-closed" /tmp/echo_loop.$$ || fail "looping client did not say peer-closed: $(cat /tmp/echo_loop.$$)"
+rm -f /tmp/echo_loop.$$
+"$dir/echo_server" "$name" >/dev/null & srv=$!
+wait_listening || fail "restarted server did not serve the same name"
+"$dir/echo_client" "$name" || fail "call to the restarted server"
+kill -9 "$srv"; wait "$srv" 2>/dev/null
+echo "ok: echo_server/echo_client"

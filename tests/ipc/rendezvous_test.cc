@@ -1,0 +1,167 @@
+// Named rendezvous between processes that did not share the channel by fork: listen/connect, the
+// SO_PEERCRED policy, the handshake deadline, and names that are free again at once.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <string>
+
+#include "os/unix_socket.h"
+#include "test_util.h"
+
+namespace mbmq {
+namespace {
+
+using test::join;
+using test::secs;
+using test::spawn;
+
+std::string unique_name(const char* what) {
+  static int n = 0;
+  return std::string("test-") + what + "-" + std::to_string(os::current_pid()) + "-" +
+         std::to_string(n++);
+}
+
+int call_n(Channel& ch, int n) {
+  auto b = ch.buffer(128);
+  if (!b) return 40;
+  for (int i = 0; i < n; ++i) {
+    test::fill(b->data(), static_cast<std::uint64_t>(i));
+    if (!ch.call(*b, secs(10))) return 41;
+    if (!test::check(b->data(), static_cast<std::uint64_t>(i) + 1)) return 42;
+  }
+  return 0;
+}
+
+void serve_n(Channel& ch, int n) {
+  for (int i = 0; i < n; ++i) {
+    auto m = ch.receive(secs(10));
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ(m->kind, Kind::Request);
+    test::fill(m->buffer.data(), static_cast<std::uint64_t>(i) + 1);
+    ASSERT_TRUE(MsgQueue::reply(std::move(*m)));
+  }
+}
+
+TEST(Rendezvous, AProcessConnectsByNameAndCalls) {
+  std::string name = unique_name("call");
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  pid_t pid = spawn([&] {
+    *l = Listener();  // the client keeps nothing of the server's
+    auto ch = connect(name, secs(5));
+    return ch ? call_n(*ch, 10) : 30;
+  });
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  serve_n(*ch, 10);
+  EXPECT_EQ(join(pid), 0);
+}
+
+TEST(Rendezvous, AnotherUidIsRefusedOnBothSidesAndGetsNoFd) {
+  if (os::current_uid() != 0) GTEST_SKIP() << "needs root to play another uid";
+  std::string name = unique_name("refuse");
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l);
+  const std::size_t fds0 = os::open_fd_count();
+  pid_t pid = spawn([&] {
+    if (!os::become_user(65534, 65534)) return 30;
+    auto before = os::open_fd_count();
+    auto ch = connect(name, secs(5));
+    if (ch) return 31;
+    if (ch.error().code != Errc::Refused) {
+      std::fprintf(stderr, "client: %s\n", ch.error().message().c_str());
+      return 32;
+    }
+    return os::open_fd_count() == before ? 0 : 33;  // no fd arrived with the refusal
+  });
+  auto ch = l->accept(Deadline::after(std::chrono::milliseconds(500)));
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::TimedOut);
+  EXPECT_EQ(l->refused(), 1u);
+  EXPECT_EQ(join(pid), 0);
+  EXPECT_EQ(os::open_fd_count(), fds0);
+}
+
+TEST(Rendezvous, AnAllowListedUidIsAccepted) {
+  if (os::current_uid() != 0) GTEST_SKIP() << "needs root to play another uid";
+  std::string name = unique_name("allow");
+  ListenOptions opt;
+  opt.access.allow_uids = {65534};
+  auto l = Listener::create(name, opt);
+  ASSERT_TRUE(l);
+  pid_t pid = spawn([&] {
+    if (!os::become_user(65534, 65534)) return 30;
+    auto ch = connect(name, secs(5));
+    return ch ? call_n(*ch, 3) : 31;
+  });
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  serve_n(*ch, 3);
+  EXPECT_EQ(join(pid), 0);
+}
+
+TEST(Rendezvous, TheNameIsFreeAgainAsSoonAsTheListenerGoes) {
+  std::string name = unique_name("reuse");
+  auto a = Listener::create(name);
+  ASSERT_TRUE(a);
+  auto clash = Listener::create(name);
+  ASSERT_FALSE(clash);
+  EXPECT_EQ(clash.error().code, Errc::System);
+  *a = Listener();
+  auto b = Listener::create(name);
+  EXPECT_TRUE(b) << b.error().message();
+}
+
+TEST(Rendezvous, ConnectingToNobodyFailsAtOnce) {
+  auto t0 = monotonic_ns();
+  auto ch = connect(unique_name("nobody"), secs(5));
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::System);
+  EXPECT_LT(monotonic_ns() - t0, 1'000'000'000);
+}
+
+TEST(Rendezvous, ASilentClientCostsTheListenerOnlyItsHandshakeDeadline) {
+  std::string name = unique_name("silent");
+  ListenOptions opt;
+  opt.handshake_timeout = std::chrono::milliseconds(50);
+  auto l = Listener::create(name, opt);
+  ASSERT_TRUE(l);
+  auto silent = os::connect_abstract("mbmq:" + name);  // connects, never says hello
+  ASSERT_TRUE(silent);
+  pid_t pid = spawn([&] {
+    *l = Listener();
+    ::usleep(100'000);
+    auto ch = connect(name, secs(5));
+    return ch ? call_n(*ch, 2) : 30;
+  });
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_EQ(l->failed_handshakes(), 1u);
+  serve_n(*ch, 2);
+  EXPECT_EQ(join(pid), 0);
+}
+
+TEST(Rendezvous, AnAdoptedChannelLivesInTheQueueUntilItsClientLeaves) {
+  std::string name = unique_name("adopt");
+  auto l = Listener::create(name);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(l && q);
+  pid_t pid = spawn([&] {
+    *l = Listener();
+    auto ch = connect(name, secs(5));
+    return ch ? call_n(*ch, 0) : 30;  // connect, then leave
+  });
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch);
+  ASSERT_TRUE(q->adopt(std::move(*ch), 9));
+  EXPECT_EQ(q->channel_count(), 1u);
+  auto m = q->wait(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  EXPECT_EQ(m->kind, Kind::PeerClosed);
+  EXPECT_EQ(m->key, 9u);
+  EXPECT_EQ(q->channel_count(), 0u);
+  EXPECT_EQ(join(pid), 0);
+}
+
+}  // namespace
+}  // namespace mbmq
