@@ -166,6 +166,7 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt) {
     return r;
   }
   if (*pid == 0) {
+    os::die_with_parent();
     pin(1, opt.pin);
     stats_pipe->first.reset();
     ServerCounter count;

@@ -22,6 +22,7 @@ inline pid_t spawn(const std::function<int()>& fn, unsigned watchdog_s = 60) {
   auto pid = os::fork_process();
   if (!pid) return -1;
   if (*pid == 0) {
+    os::die_with_parent();
     ::alarm(watchdog_s);
     int rc = fn();
     os::exit_now(rc);

@@ -163,3 +163,12 @@ Status become_user(unsigned uid, unsigned gid) {
   return {};
 }
 }  // namespace mbmq::os
+
+#include <sys/prctl.h>
+
+namespace mbmq::os {
+void die_with_parent() noexcept {
+  count_syscall();
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+}
+}  // namespace mbmq::os

@@ -46,3 +46,9 @@ unsigned current_uid() noexcept;  // getuid()
 // setresuid/setresgid (tests that play another user; needs privilege).
 Status become_user(unsigned uid, unsigned gid);
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+// prctl(PR_SET_PDEATHSIG, SIGKILL): this (forked) process is killed when its parent dies, so a
+// crashed benchmark or test never leaves a spinning child behind.
+void die_with_parent() noexcept;
+}  // namespace mbmq::os
