@@ -172,3 +172,13 @@ void die_with_parent() noexcept {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
 }
 }  // namespace mbmq::os
+
+#include <ctime>
+
+namespace mbmq::os {
+std::int64_t thread_cpu_ns() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+}  // namespace mbmq::os

@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <utility>
 
@@ -51,4 +52,9 @@ namespace mbmq::os {
 // prctl(PR_SET_PDEATHSIG, SIGKILL): this (forked) process is killed when its parent dies, so a
 // crashed benchmark or test never leaves a spinning child behind.
 void die_with_parent() noexcept;
+}  // namespace mbmq::os
+
+namespace mbmq::os {
+// CPU time (user + system) the calling thread has used, in ns (CLOCK_THREAD_CPUTIME_ID).
+std::int64_t thread_cpu_ns() noexcept;
 }  // namespace mbmq::os

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -175,6 +176,33 @@ TEST(Queue, WaitTimesOutOnAQuietQueue) {
   ASSERT_FALSE(m);
   EXPECT_EQ(m.error().code, Errc::TimedOut);
   EXPECT_GE(monotonic_ns() - t0, 40'000'000);
+}
+
+TEST(Queue, AWaiterBlockedForOneSecondOnAQuietQueueUsesAlmostNoCpu) {
+  auto q = MsgQueue::create();  // the default, adaptive policy: a short spin, then the futex
+  ASSERT_TRUE(q);
+  auto p = Channel::pair();
+  ASSERT_TRUE(p && p->second.redirect(*q, 1));
+  std::int64_t cpu0 = os::thread_cpu_ns(), t0 = monotonic_ns();
+  auto m = q->wait(Deadline::after(std::chrono::seconds(1)));
+  std::int64_t cpu = os::thread_cpu_ns() - cpu0, wall = monotonic_ns() - t0;
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().code, Errc::TimedOut);
+  EXPECT_GE(wall, 1'000'000'000);
+  std::printf("quiet queue: %.3f ms CPU in %.0f ms waiting\n", static_cast<double>(cpu) / 1e6,
+              static_cast<double>(wall) / 1e6);
+  EXPECT_LT(cpu, 20'000'000) << "a polling loop, not a sleep";
+}
+
+TEST(Queue, ACallerBlockedForOneSecondOnAQuietChannelUsesAlmostNoCpu) {
+  auto p = Channel::pair();
+  ASSERT_TRUE(p);
+  std::int64_t cpu0 = os::thread_cpu_ns();
+  auto m = p->second.receive(Deadline::after(std::chrono::seconds(1)));
+  std::int64_t cpu = os::thread_cpu_ns() - cpu0;
+  ASSERT_FALSE(m);
+  EXPECT_EQ(m.error().code, Errc::TimedOut);
+  EXPECT_LT(cpu, 20'000'000) << "a polling loop, not a sleep";
 }
 
 TEST(Queue, DestroyingTheQueueClosesItsChannelsSoCallersDoNotHang) {
