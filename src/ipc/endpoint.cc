@@ -40,8 +40,7 @@ Endpoint::Endpoint(Init init)
       tx_(&out_.tail, &out_.head, out_.ring, init.tx_tail),
       rx_(&in_.tail, &in_.head, in_.ring, init.rx_head),
       next_extent_gen_(init.next_extent_gen),
-      wait_mode_(init.wait.mode),
-      spin_ns_(static_cast<std::int64_t>(init.wait.spin.count())) {}
+      wait_(init.wait) {}
 
 Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   if (init.side != 0 && init.side != 1) return fail(Errc::InvalidArgument, "endpoint: side");
@@ -55,9 +54,13 @@ Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   return ep;
 }
 
-Endpoint::~Endpoint() {
-  if (watch_pid_.load(std::memory_order_relaxed) == os::current_pid() && control_)
-    unwatch_peer(watch_id_, control_.get());
+Endpoint::~Endpoint() { unwatch(); }
+
+void Endpoint::unwatch() noexcept {
+  // A copy inherited across fork() was registered by the parent's watcher, not ours.
+  if (watch_pid_.load(std::memory_order_relaxed) != os::current_pid() || !control_) return;
+  unwatch_peer(watch_id_, control_.get());
+  watch_pid_.store(0, std::memory_order_relaxed);
 }
 
 // ---- ownership tables (mu_ held) -----------------------------------------------------------
@@ -656,15 +659,9 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
   return {};
 }
 
-WaitPolicy Endpoint::wait_policy() const noexcept {
-  return {wait_mode_.load(std::memory_order_relaxed),
-          std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed))};
-}
+WaitPolicy Endpoint::wait_policy() const noexcept { return wait_.load(); }
 
-void Endpoint::set_wait_policy(WaitPolicy p) noexcept {
-  wait_mode_.store(p.mode, std::memory_order_relaxed);
-  spin_ns_.store(static_cast<std::int64_t>(p.spin.count()), std::memory_order_relaxed);
-}
+void Endpoint::set_wait_policy(WaitPolicy p) noexcept { wait_.store(p); }
 
 void Endpoint::wake_local() noexcept {
   in_.doorbell.fetch_add(1, std::memory_order_release);
@@ -687,10 +684,7 @@ void Endpoint::close_local() noexcept {
   {
     std::lock_guard lock(mu_);
     if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
-    if (watch_pid_.load(std::memory_order_relaxed) == os::current_pid() && control_) {
-      unwatch_peer(watch_id_, control_.get());
-      watch_pid_.store(0, std::memory_order_relaxed);
-    }
+    unwatch();
     control_.reset();
   }
   wake_local();

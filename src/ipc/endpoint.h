@@ -15,6 +15,7 @@
 #include <mutex>
 #include <vector>
 
+#include "ipc/atomic_wait_policy.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
@@ -146,6 +147,8 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   void wait_inbound(Deadline deadline, WaitPolicy policy);
   bool inbound_ready() const noexcept;
   void ensure_watched() noexcept;
+  // Removes this end from the peer watcher (before control_ closes). mu_ held, or the destructor.
+  void unwatch() noexcept;
   void wake_local() noexcept;
   // A buffer handed to another owner: forget it without releasing it.
   static void detach_buffer(Buffer& b) noexcept;
@@ -185,8 +188,7 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   std::atomic<std::uint64_t> key_{0};
   std::atomic<bool> redirected_{false};
   std::atomic<EpState> state_{EpState::Open};
-  std::atomic<WaitMode> wait_mode_;
-  std::atomic<std::int64_t> spin_ns_;
+  AtomicWaitPolicy wait_;
   std::atomic<int> watch_pid_{0};
   std::uint64_t watch_id_ = 0;  // guarded by mu_
 };
@@ -217,7 +219,7 @@ class QueueCore {
   std::vector<std::shared_ptr<Endpoint>> eps_;  // guarded by mu_
   std::size_t next_ = 0;                        // guarded by mu_: round-robin start
   int sleepers_ = 0;                            // guarded by mu_
-  WaitPolicy policy_;                           // guarded by mu_
+  AtomicWaitPolicy policy_{WaitPolicy{}};       // read on every wait, without the lock
 };
 
 }  // namespace mbmq::detail

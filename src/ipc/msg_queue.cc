@@ -17,7 +17,7 @@ Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
   q->map_ = MBMQ_TRY(
       os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize, os::Access::ReadWrite));
   q->page_ = new (q->map_.data()) shm::DoorbellPage{};
-  q->policy_ = policy;
+  q->policy_.store(policy);
   q->eps_.reserve(64);
   return q;
 }
@@ -46,10 +46,7 @@ std::size_t QueueCore::channel_count() const {
   return eps_.size();
 }
 
-void QueueCore::set_wait_policy(WaitPolicy p) {
-  std::lock_guard lock(mu_);
-  policy_ = p;
-}
+void QueueCore::set_wait_policy(WaitPolicy p) { policy_.store(p); }
 
 void QueueCore::set_sleeping_locked(bool sleeping) noexcept {
   for (auto& ep : eps_) ep->set_consumer_sleeping(sleeping);
@@ -81,11 +78,7 @@ bool QueueCore::scan_locked(Message* out) {
 }
 
 Result<Message> QueueCore::wait(Deadline deadline) {
-  WaitPolicy policy;
-  {
-    std::lock_guard lock(mu_);
-    policy = policy_;
-  }
+  const WaitPolicy policy = policy_.load();
   std::int64_t start = 0;  // read lazily: a message already there costs no clock read
   for (std::uint32_t looks = 0;; ++looks) {
     Message m;
