@@ -1,9 +1,7 @@
 // examples/echo_server.cc: `echo_server NAME` serves NAME until it is killed. Every request comes
-// back unchanged (it is already in the caller's buffer: the echo costs no copy). One thread
-// accepts connections and redirects each new channel to the queue; the main thread serves the
-// queue, so all clients are served by one loop.
+// back unchanged (it is already in the caller's buffer: the echo costs no copy). The listener is
+// redirected to the queue, so one loop serves new connections and requests alike.
 #include <cstdio>
-#include <thread>
 
 #include "mbmq/mbmq.h"
 
@@ -20,24 +18,25 @@ int main(int argc, char** argv) {
   }
   auto queue = mbmq::MsgQueue::create();
   if (!queue) return 1;
-  std::thread acceptor([&] {
-    for (std::uint64_t key = 1;; ++key) {
-      auto ch = listener->accept(mbmq::Deadline::never());
-      if (!ch) {
-        std::fprintf(stderr, "echo_server: accept: %s\n", ch.error().message().c_str());
-        continue;
-      }
-      // The queue owns the channel from here on, until its client goes away.
-      if (auto r = queue->adopt(std::move(*ch), key); !r)
-        std::fprintf(stderr, "echo_server: adopt: %s\n", r.error().message().c_str());
-    }
-  });
+  constexpr std::uint64_t kListenerKey = 0;
+  if (auto r = listener->redirect(*queue, kListenerKey); !r) return 1;
   std::printf("echo_server: listening on %s\n", argv[1]);
   std::fflush(stdout);
+  std::uint64_t next_key = 1;
   for (;;) {
     auto msg = queue->wait(mbmq::Deadline::never());
     if (!msg) continue;
-    if (msg->kind == mbmq::Kind::Request) (void)mbmq::MsgQueue::reply(std::move(*msg));
-    // Kind::PeerClosed: that client is gone; the queue has already let its channel go.
+    switch (msg->kind) {
+      case mbmq::Kind::Connection:
+        // The queue owns the channel from here on, until its client goes away.
+        if (auto r = queue->adopt(std::move(msg->channel), next_key++); !r)
+          std::fprintf(stderr, "echo_server: adopt: %s\n", r.error().message().c_str());
+        break;
+      case mbmq::Kind::Request:
+        (void)mbmq::MsgQueue::reply(std::move(*msg));
+        break;
+      default:  // Kind::PeerClosed: that client is gone; the queue has already let its channel go
+        break;
+    }
   }
 }

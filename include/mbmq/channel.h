@@ -34,6 +34,7 @@ struct Message;
 namespace detail {
 class Endpoint;
 struct TestAccess;
+struct ChannelAccess;
 }  // namespace detail
 
 struct ChannelOptions {
@@ -92,6 +93,7 @@ class Channel {
  private:
   friend class MsgQueue;
   friend struct detail::TestAccess;
+  friend struct detail::ChannelAccess;
   explicit Channel(std::shared_ptr<detail::Endpoint> ep) noexcept : ep_(std::move(ep)) {}
   std::shared_ptr<detail::Endpoint> ep_;
 };

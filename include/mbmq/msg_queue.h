@@ -29,12 +29,14 @@ namespace mbmq {
 namespace detail {
 class QueueCore;
 }
+class Listener;
 
 enum class Kind : std::uint8_t {
   Request,     // answer with reply() or reply_and_wait(); dropping it answers NoReply
   Reply,       // the answer to a send_request(); the buffer is ours again
   Message,     // one-way; dropping the buffer gives it back to the sender
   PeerClosed,  // the channel ended: `error` says PeerClosed or Protocol; the buffer is empty
+  Connection,  // a Listener redirected here accepted a client: `channel` is the server's end
 };
 
 struct Message {
@@ -42,6 +44,9 @@ struct Message {
   Kind kind = Kind::PeerClosed;
   Buffer buffer;
   Errc error = Errc::PeerClosed;  // Kind::PeerClosed only
+  // Kind::Connection only: the new channel. Keep it, or adopt() it into a queue; dropped, it
+  // closes and the client sees PeerClosed.
+  Channel channel;
 };
 
 class MsgQueue {
@@ -74,6 +79,7 @@ class MsgQueue {
 
  private:
   friend class Channel;
+  friend class Listener;
   std::shared_ptr<detail::QueueCore> core_;
 };
 

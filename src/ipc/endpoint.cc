@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "ipc/peer_watch.h"
+#include "os/epoll.h"
 #include "os/futex.h"
 #include "os/memfd.h"
 #include "os/process.h"
@@ -59,7 +60,7 @@ Endpoint::~Endpoint() { unwatch(); }
 void Endpoint::unwatch() noexcept {
   // A copy inherited across fork() was registered by the parent's watcher, not ours.
   if (watch_pid_.load(std::memory_order_relaxed) != os::current_pid() || !control_) return;
-  unwatch_peer(watch_id_, control_.get());
+  unwatch_fd(watch_id_, control_.get());
   watch_pid_.store(0, std::memory_order_relaxed);
 }
 
@@ -674,6 +675,8 @@ void Endpoint::wake_local() noexcept {
   if (q) q->poke();
 }
 
+void Endpoint::on_watch(int /*fd*/, std::uint32_t /*events*/) noexcept { on_hangup(); }
+
 void Endpoint::on_hangup() noexcept {
   EpState expected = EpState::Open;
   state_.compare_exchange_strong(expected, EpState::PeerClosed, std::memory_order_acq_rel);
@@ -695,7 +698,10 @@ void Endpoint::ensure_watched() noexcept {
   if (watch_pid_.load(std::memory_order_relaxed) == pid) return;
   std::lock_guard lock(mu_);
   if (watch_pid_.load(std::memory_order_relaxed) == pid || !control_) return;
-  auto id = watch_peer(weak_from_this(), control_.get());
+  // Hang-up only, edge-triggered: a peer's close is reported once; data on the socket is read by
+  // the endpoint itself.
+  auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), control_.get(),
+                     WatchSpec{os::kEpollHangup | os::kEpollEdge, true, 0});
   if (id) {
     watch_id_ = *id;
     watch_pid_.store(pid, std::memory_order_relaxed);

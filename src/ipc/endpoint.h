@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ipc/atomic_wait_policy.h"
+#include "ipc/peer_watch.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
@@ -31,10 +32,11 @@
 namespace mbmq::detail {
 
 class QueueCore;
+class ListenCore;
 
 enum class EpState : std::uint8_t { Open = 0, PeerClosed = 1, Protocol = 2, LocalClosed = 3 };
 
-class Endpoint : public std::enable_shared_from_this<Endpoint> {
+class Endpoint final : public Watched, public std::enable_shared_from_this<Endpoint> {
  public:
   struct Init {
     shm::Segment segment;
@@ -83,10 +85,13 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
 
   // (P8) From the watcher thread: the control socket hung up.
   void on_hangup() noexcept;
+  void on_watch(int fd, std::uint32_t events) noexcept override;
   // The owning Channel handle is gone: close the control socket (the peer sees a hang-up once no
   // other process holds it) and stop delivering.
   void close_local() noexcept;
   EpState state() const noexcept { return state_.load(std::memory_order_acquire); }
+  // Something to destroy with this end (a listener's connection count). Set once, before use.
+  void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
 
   // Moving an end to another process (ipc/transfer.cc).
   Status send_over(int unix_socket);
@@ -191,6 +196,7 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   AtomicWaitPolicy wait_;
   std::atomic<int> watch_pid_{0};
   std::uint64_t watch_id_ = 0;  // guarded by mu_
+  std::shared_ptr<void> lease_;
 };
 
 // The process-private half of a MsgQueue (its shared half is the DoorbellPage).
@@ -200,6 +206,9 @@ class QueueCore {
 
   Result<Message> wait(Deadline deadline);
   void add(std::shared_ptr<Endpoint> ep);
+  // Listeners whose accepted connections arrive here as Kind::Connection.
+  void add_listener(std::shared_ptr<ListenCore> l);
+  void remove_listener(const ListenCore* l);
   // Bumps the wake word and wakes every waiter, so they look again.
   void poke() noexcept;
   int doorbell_fd() const noexcept { return fd_.get(); }
@@ -216,10 +225,11 @@ class QueueCore {
   os::Mapping map_;
   shm::DoorbellPage* page_ = nullptr;
   mutable SpinMutex mu_;
-  std::vector<std::shared_ptr<Endpoint>> eps_;  // guarded by mu_
-  std::size_t next_ = 0;                        // guarded by mu_: round-robin start
-  int sleepers_ = 0;                            // guarded by mu_
-  AtomicWaitPolicy policy_{WaitPolicy{}};       // read on every wait, without the lock
+  std::vector<std::shared_ptr<Endpoint>> eps_;          // guarded by mu_
+  std::vector<std::shared_ptr<ListenCore>> listeners_;  // guarded by mu_
+  std::size_t next_ = 0;                                // guarded by mu_: round-robin start
+  int sleepers_ = 0;                                    // guarded by mu_
+  AtomicWaitPolicy policy_{WaitPolicy{}};               // read on every wait, without the lock
 };
 
 }  // namespace mbmq::detail

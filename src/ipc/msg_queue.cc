@@ -5,6 +5,7 @@
 #include <new>
 
 #include "ipc/endpoint.h"
+#include "ipc/listener_core.h"
 #include "os/futex.h"
 #include "os/memfd.h"
 
@@ -29,6 +30,16 @@ void QueueCore::add(std::shared_ptr<Endpoint> ep) {
   eps_.push_back(std::move(ep));
 }
 
+void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
+  std::lock_guard lock(mu_);
+  listeners_.push_back(std::move(l));
+}
+
+void QueueCore::remove_listener(const ListenCore* l) {
+  std::lock_guard lock(mu_);
+  std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
+}
+
 void QueueCore::poke() noexcept {
   page_->word.fetch_add(1, std::memory_order_release);
   (void)os::futex_wake(&page_->word, INT_MAX);
@@ -36,6 +47,7 @@ void QueueCore::poke() noexcept {
 
 std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
   std::lock_guard lock(mu_);
+  listeners_.clear();
   std::vector<std::shared_ptr<Endpoint>> eps;
   eps.swap(eps_);
   return eps;
@@ -53,6 +65,21 @@ void QueueCore::set_sleeping_locked(bool sleeping) noexcept {
 }
 
 bool QueueCore::scan_locked(Message* out) {
+  // New connections first: they are rare, and a client waits on its connect().
+  for (std::size_t k = 0; k < listeners_.size();) {
+    if (!listeners_[k]->maybe_ready()) {
+      ++k;
+      continue;
+    }
+    ListenCore::Take t = listeners_[k]->take(out);
+    if (t == ListenCore::Take::Got) return true;
+    if (t == ListenCore::Take::Gone) {
+      listeners_[k] = std::move(listeners_.back());
+      listeners_.pop_back();
+      continue;
+    }
+    ++k;
+  }
   std::size_t i = 0;
   while (i < eps_.size()) {
     std::size_t idx = (next_ + i) % eps_.size();

@@ -2,11 +2,12 @@
 
 #include <array>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
 
-#include "ipc/endpoint.h"
+#include "mbmq/deadline.h"
 #include "os/epoll.h"
 #include "os/process.h"
 
@@ -18,12 +19,15 @@ struct WatchState {
   std::mutex mu;
   os::Epoll epoll;  // guarded by mu (creation)
   struct Entry {
-    std::weak_ptr<Endpoint> ep;
+    std::weak_ptr<Watched> who;
     int fd;
+    bool oneshot;
+    std::int64_t deadline_ns;
   };
-  std::unordered_map<std::uint64_t, Entry> eps;  // guarded by mu
-  std::uint64_t next_id = 1;                     // guarded by mu
-  bool started = false;                          // guarded by mu
+  std::unordered_map<std::uint64_t, Entry> entries;      // guarded by mu
+  std::multimap<std::int64_t, std::uint64_t> deadlines;  // guarded by mu: deadline -> id
+  std::uint64_t next_id = 1;                             // guarded by mu
+  bool started = false;                                  // guarded by mu
   std::atomic<bool> running{false};  // set by the thread itself once it is in its own code
 };
 
@@ -43,27 +47,70 @@ void forget_after_fork() noexcept {
   new (&g_init_mu) std::mutex();
 }
 
+// mu held. Removes entry `it` from epoll and the deadline index.
+void erase_locked(WatchState* st,
+                  std::unordered_map<std::uint64_t, WatchState::Entry>::iterator it) {
+  (void)st->epoll.remove(it->second.fd);
+  if (it->second.deadline_ns != 0) {
+    auto [lo, hi] = st->deadlines.equal_range(it->second.deadline_ns);
+    for (auto d = lo; d != hi; ++d) {
+      if (d->second == it->first) {
+        st->deadlines.erase(d);
+        break;
+      }
+    }
+  }
+  st->entries.erase(it);
+}
+
+struct Fire {
+  std::shared_ptr<Watched> who;
+  int fd;
+  std::uint32_t events;
+};
+
 void run(WatchState* st) {
-  // Pairs with the acquire load in watch_peer().
+  // Pairs with the acquire load in watch_fd().
   st->running.store(true, std::memory_order_release);
   std::array<os::EpollEvent, 32> evs{};
+  std::vector<Fire> fire;
+  fire.reserve(64);
   for (;;) {
-    auto n = st->epoll.wait(evs, -1);
-    if (!n) continue;  // EINTR is retried inside; other errors: retry (nothing better to do)
-    for (std::size_t i = 0; i < *n; ++i) {
-      std::shared_ptr<Endpoint> ep;
-      {
-        std::lock_guard lock(st->mu);
-        auto it = st->eps.find(evs[i].data);
-        if (it == st->eps.end()) continue;
-        ep = it->second.ep.lock();
-        (void)st->epoll.remove(it->second.fd);
-        st->eps.erase(it);
+    int timeout_ms = -1;
+    {
+      std::lock_guard lock(st->mu);
+      if (!st->deadlines.empty()) {
+        std::int64_t left = st->deadlines.begin()->first - monotonic_ns();
+        timeout_ms = left <= 0 ? 0 : static_cast<int>((left + 999'999) / 1'000'000);
       }
-      // (P8) Outside the lock: on_hangup() takes the endpoint's lock and may drop the last
-      // reference, whose destructor calls unwatch_peer().
-      if (ep) ep->on_hangup();
     }
+    auto n = st->epoll.wait(evs, timeout_ms);
+    fire.clear();
+    {
+      std::lock_guard lock(st->mu);
+      for (std::size_t i = 0; n && i < *n; ++i) {
+        auto it = st->entries.find(evs[i].data);
+        if (it == st->entries.end()) continue;
+        Fire f{it->second.who.lock(), it->second.fd, evs[i].events};
+        if (it->second.oneshot) erase_locked(st, it);
+        if (f.who) fire.push_back(std::move(f));
+      }
+      const std::int64_t now = monotonic_ns();
+      while (!st->deadlines.empty() && st->deadlines.begin()->first <= now) {
+        auto it = st->entries.find(st->deadlines.begin()->second);
+        if (it == st->entries.end()) {  // cannot happen: erase_locked keeps both in step
+          st->deadlines.erase(st->deadlines.begin());
+          continue;
+        }
+        Fire f{it->second.who.lock(), it->second.fd, 0};
+        erase_locked(st, it);
+        if (f.who) fire.push_back(std::move(f));
+      }
+    }
+    // Outside the lock: a callback may register or unregister fds, and may drop the last
+    // reference to its object, whose destructor unregisters.
+    for (Fire& f : fire) f.who->on_watch(f.fd, f.events);
+    fire.clear();
   }
 }
 
@@ -82,7 +129,8 @@ WatchState* state() {
 
 }  // namespace
 
-Result<std::uint64_t> watch_peer(std::weak_ptr<Endpoint> ep, int fd) {
+Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spec) {
+  MBMQ_ASSERT(spec.deadline_ns == 0 || spec.oneshot);
   WatchState* st = state();
   std::lock_guard lock(st->mu);
   if (!st->started) {
@@ -95,17 +143,20 @@ Result<std::uint64_t> watch_peer(std::weak_ptr<Endpoint> ep, int fd) {
     while (!st->running.load(std::memory_order_acquire)) std::this_thread::yield();
   }
   std::uint64_t id = st->next_id++;
-  // Hang-up only, edge-triggered: a peer's close is reported once; data on the socket is read by
-  // the endpoint itself.
-  MBMQ_TRY(st->epoll.add(fd, os::kEpollHangup | (1u << 31) /* EPOLLET */, id));
-  st->eps.emplace(id, WatchState::Entry{std::move(ep), fd});
+  MBMQ_TRY(st->epoll.add(fd, spec.events, id));
+  st->entries.emplace(id, WatchState::Entry{std::move(who), fd, spec.oneshot, spec.deadline_ns});
+  // Timed registrations are made on the watcher thread itself (handshakes accepted in a callback),
+  // so the loop sees the new deadline before it next sleeps.
+  if (spec.deadline_ns != 0) st->deadlines.emplace(spec.deadline_ns, id);
   return id;
 }
 
-void unwatch_peer(std::uint64_t id, int fd) noexcept {
+void unwatch_fd(std::uint64_t id, int fd) noexcept {
   WatchState* st = state();
   std::lock_guard lock(st->mu);
-  if (st->eps.erase(id) > 0 && st->started) (void)st->epoll.remove(fd);
+  auto it = st->entries.find(id);
+  if (it == st->entries.end() || it->second.fd != fd) return;
+  erase_locked(st, it);
 }
 
 }  // namespace mbmq::detail

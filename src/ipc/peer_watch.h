@@ -1,7 +1,12 @@
-// ipc/peer_watch.h: notices a peer's death or close without polling (P8). One lazily started
-// thread per process sleeps in epoll_wait on the control sockets of all endpoints; a hang-up
-// (the peer closed its end, exited, or was killed: the kernel closes its fds) marks the endpoint
-// closed and wakes whoever waits on it through the same futex word a message would use.
+// ipc/peer_watch.h: the per-process watcher thread. It notices a peer's death or close without
+// polling (P8), and runs the listener's side of rendezvous handshakes (ipc/listener_core.h).
+//
+// One lazily started thread per process sleeps in epoll_wait on registered fds: control sockets
+// of all endpoints (hang-up: the peer closed its end, exited, or was killed, as the kernel closes
+// its fds), listening sockets (a connection waits) and handshake connections (a hello arrived, or
+// the handshake deadline passed). Each registration names a Watched object, held weakly; its
+// on_watch() runs on the watcher thread without the watcher's lock, so it may register and
+// unregister fds. It must not block: it does non-blocking I/O only.
 // After fork() the child starts its own watcher on first use (the parent's thread is not copied).
 #pragma once
 
@@ -12,11 +17,25 @@
 
 namespace mbmq::detail {
 
-class Endpoint;
+class Watched {
+ public:
+  // `events`: the epoll events seen on `fd`, or 0 when the registration's deadline passed.
+  virtual void on_watch(int fd, std::uint32_t events) noexcept = 0;
 
-// Registers `fd` (a control socket) for hang-up; returns a registration id.
-Result<std::uint64_t> watch_peer(std::weak_ptr<Endpoint> ep, int fd);
-// Removes a registration (before fd is closed).
-void unwatch_peer(std::uint64_t id, int fd) noexcept;
+ protected:
+  ~Watched() = default;
+};
+
+struct WatchSpec {
+  std::uint32_t events = 0;  // os::kEpoll* flags
+  bool oneshot = true;       // removed before on_watch() runs
+  // Monotonic; 0: none. A timed registration must be oneshot and made on the watcher thread.
+  std::int64_t deadline_ns = 0;
+};
+
+// Registers `fd`; returns a registration id.
+Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spec);
+// Removes a registration, if still there (before fd is closed).
+void unwatch_fd(std::uint64_t id, int fd) noexcept;
 
 }  // namespace mbmq::detail

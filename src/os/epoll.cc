@@ -10,6 +10,7 @@
 namespace mbmq::os {
 
 static_assert(EPOLLRDHUP == 0x2000 && EPOLLHUP == 0x010 && EPOLLERR == 0x008);
+static_assert(EPOLLIN == kEpollIn && EPOLLET == kEpollEdge);
 
 Result<Epoll> Epoll::create() {
   count_syscall();

@@ -14,6 +14,8 @@ struct EpollEvent {
   std::uint64_t data;
 };
 inline constexpr std::uint32_t kEpollHangup = 0x2000u | 0x010u | 0x008u;  // RDHUP | HUP | ERR
+inline constexpr std::uint32_t kEpollIn = 0x001u;                         // EPOLLIN
+inline constexpr std::uint32_t kEpollEdge = 1u << 31;                     // EPOLLET
 
 class Epoll {
  public:

@@ -5,7 +5,12 @@
 set -u
 dir=$1
 name="echo-test-$$"
-fail() { echo "FAIL: $*"; kill -9 "${srv:-0}" "${loop:-0}" 2>/dev/null; exit 1; }
+# Kills only what this script started (kill 0 would kill the whole process group, ctest included).
+fail() {
+  echo "FAIL: $*"
+  for p in ${srv:-} ${loop:-}; do kill -9 "$p" 2>/dev/null; done
+  exit 1
+}
 wait_listening() { for _ in $(seq 50); do "$dir/echo_client" "$name" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
 
 "$dir/echo_server" "$name" >/dev/null & srv=$!

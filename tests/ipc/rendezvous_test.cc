@@ -163,5 +163,94 @@ TEST(Rendezvous, AnAdoptedChannelLivesInTheQueueUntilItsClientLeaves) {
   EXPECT_EQ(join(pid), 0);
 }
 
+TEST(Rendezvous, ARedirectedListenerDeliversConnectionsAndRequestsToOneLoop) {
+  std::string name = unique_name("loop");
+  auto l = Listener::create(name);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(l && q);
+  ASSERT_TRUE(l->redirect(*q, 77));
+  EXPECT_FALSE(l->accept(Deadline::immediate()));  // accept() is the queue's job now
+  constexpr int kClients = 3, kCalls = 5;
+  std::vector<pid_t> pids;
+  for (int c = 0; c < kClients; ++c) {
+    pids.push_back(spawn([&] {
+      *l = Listener();
+      auto ch = connect(name, secs(5));
+      return ch ? call_n(*ch, kCalls) : 30;
+    }));
+  }
+  int connections = 0, requests = 0, closed = 0;
+  std::uint64_t next_key = 1;
+  while (closed < kClients) {
+    auto m = q->wait(secs(10));
+    ASSERT_TRUE(m) << m.error().message();
+    switch (m->kind) {
+      case Kind::Connection:
+        EXPECT_EQ(m->key, 77u);
+        ASSERT_TRUE(m->channel.valid());
+        ASSERT_TRUE(q->adopt(std::move(m->channel), next_key++));
+        ++connections;
+        break;
+      case Kind::Request: {
+        EXPECT_NE(m->key, 77u);
+        // call_n numbers its calls from 0 on each client: the answer is the pattern of i + 1.
+        std::uint64_t i = 0;
+        while (i < kCalls && !test::check(m->buffer.data(), i)) ++i;
+        ASSERT_LT(i, static_cast<std::uint64_t>(kCalls));
+        test::fill(m->buffer.data(), i + 1);
+        ASSERT_TRUE(MsgQueue::reply(std::move(*m)));
+        ++requests;
+        break;
+      }
+      case Kind::PeerClosed:
+        ++closed;
+        break;
+      default:
+        FAIL() << "unexpected kind";
+    }
+  }
+  EXPECT_EQ(connections, kClients);
+  EXPECT_EQ(requests, kClients * kCalls);
+  for (pid_t p : pids) EXPECT_EQ(join(p), 0);
+  EXPECT_EQ(l->stats().accepted, static_cast<std::uint64_t>(kClients));
+  EXPECT_EQ(l->stats().live, 0u);  // every adopted channel was dropped after its PeerClosed
+}
+
+TEST(Rendezvous, TheConnectionLimitRefusesWithAClearErrorUntilAChannelCloses) {
+  std::string name = unique_name("limit");
+  ListenOptions opt;
+  opt.max_connections = 2;
+  auto l = Listener::create(name, opt);
+  ASSERT_TRUE(l);
+  // The clients run in children (the handshake needs this process's watcher thread free).
+  auto client = [&](int expect) {
+    return spawn([&, expect] {
+      *l = Listener();
+      auto ch = connect(name, secs(5));
+      if (expect == 0) return ch ? 0 : 30;
+      if (ch) return 31;
+      std::fprintf(stderr, "refused client: %s\n", ch.error().message().c_str());
+      return ch.error().code == Errc::Refused &&
+                     ch.error().message().find("connection limit") != std::string::npos
+                 ? 0
+                 : 32;
+    });
+  };
+  pid_t p1 = client(0), p2 = client(0);
+  EXPECT_EQ(join(p1), 0);
+  EXPECT_EQ(join(p2), 0);
+  auto c1 = l->accept(secs(5));
+  auto c2 = l->accept(secs(5));
+  ASSERT_TRUE(c1 && c2);
+  EXPECT_EQ(l->stats().live, 2u);
+  EXPECT_EQ(join(client(1)), 0);
+  EXPECT_EQ(l->stats().refused_limit, 1u);
+  c1->close();  // a closed end gives its place back
+  EXPECT_EQ(l->stats().live, 1u);
+  pid_t p3 = client(0);
+  EXPECT_EQ(join(p3), 0);
+  EXPECT_TRUE(l->accept(secs(5)));
+}
+
 }  // namespace
 }  // namespace mbmq

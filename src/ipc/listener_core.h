@@ -1,0 +1,87 @@
+// ipc/listener_core.h: the process-private half of a Listener. The listening socket and every
+// connection still in its handshake (R1-R2 of include/mbmq/rendezvous.h) are watched by the
+// process's watcher thread, which runs R2-R4 with non-blocking I/O and queues the server's end of
+// each accepted channel here; the queue the listener is redirected to takes them in its scan.
+//
+// Locking: mu_ guards the handshake table, the arrivals and the queue binding. Order: a queue's
+// mutex, then mu_, then the watcher's; mu_ is never held across a wait.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "ipc/peer_watch.h"
+#include "mbmq/msg_queue.h"
+#include "mbmq/rendezvous.h"
+#include "os/fd.h"
+
+namespace mbmq::detail {
+
+class QueueCore;
+
+class ListenCore final : public Watched, public std::enable_shared_from_this<ListenCore> {
+ public:
+  static Result<std::shared_ptr<ListenCore>> make(std::string_view name, ListenOptions options);
+  ~ListenCore();
+
+  // Sends arrivals to `queue` with `key` from now on, and wakes it if some are waiting.
+  Status bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key, bool exclusive);
+  enum class Take { Got, Empty, Gone };
+  // From the queue's scan (its mutex held): the next accepted channel as a Kind::Connection.
+  // Gone: the listener was closed; the queue forgets it.
+  Take take(Message* out);
+  // Without a lock: whether take() may have something (an arrival, or the close to report).
+  bool maybe_ready() const noexcept { return ready_.load(std::memory_order_acquire); }
+  // Stops listening (the Listener handle is gone). Safe in a forked child, where it only closes
+  // this process's copies.
+  void close() noexcept;
+
+  ListenerStats stats() const noexcept;
+  void on_watch(int fd, std::uint32_t events) noexcept override;
+
+  struct Counters {
+    std::atomic<std::uint64_t> accepted{0}, refused_policy{0}, refused_version{0}, refused_limit{0},
+        failed{0}, live{0};
+  };
+
+ private:
+  ListenCore() = default;
+  // Watcher thread only.
+  void accept_pending() noexcept;
+  void handshake(int conn) noexcept;
+  // mu_ held: wakes the bound queue after the caller unlocks.
+  std::shared_ptr<QueueCore> queue_to_poke_locked() noexcept;
+
+  int owner_pid_ = 0;
+  std::string name_;
+  ListenOptions options_;
+  std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();  // shared with leases
+
+  std::mutex mu_;
+  os::UniqueFd listen_fd_;  // guarded by mu_
+  std::uint64_t listen_watch_ = 0;
+  struct Handshake {
+    os::UniqueFd conn;
+    std::uint64_t watch_id = 0;
+  };
+  std::unordered_map<int, Handshake> handshakes_;  // guarded by mu_, keyed by fd
+  std::deque<Channel> arrivals_;                   // guarded by mu_
+  std::weak_ptr<QueueCore> queue_;                 // guarded by mu_
+  std::uint64_t key_ = 0;                          // guarded by mu_
+  bool closed_ = false;                            // guarded by mu_
+  bool close_reported_ = false;                    // guarded by mu_
+  // arrivals_ non-empty, or closed and not yet reported: lets the queue skip the lock.
+  std::atomic<bool> ready_{false};
+};
+
+// Reaches into Channel for the library's own plumbing.
+struct ChannelAccess {
+  static std::shared_ptr<Endpoint>& ep(Channel& c) noexcept { return c.ep_; }
+  static Channel make(std::shared_ptr<Endpoint> ep) noexcept { return Channel(std::move(ep)); }
+};
+
+}  // namespace mbmq::detail
