@@ -10,6 +10,21 @@
 // Exactly one side owns a buffer at a time. Destroying a buffer received as a request answers it
 // with Errc::NoReply; destroying a one-way message gives it back to its sender.
 //
+// Handles: a buffer can carry up to kMaxHandles file descriptors and Channel ends (fewer if the
+// channel's max_handles says so). They travel with the message, on the channel's control socket
+// (SCM_RIGHTS), and the receiver takes them out of the buffer it got:
+//
+//   MBMQ_TRY(buf.attach_fd(memfd));             // ownership moves into the buffer
+//   MBMQ_TRY(buf.attach(std::move(other_end))); // a Channel end: hand a connection on
+//   MBMQ_TRY(ch.send(std::move(buf)));
+//   ...                                         // receiver:
+//   int fd = MBMQ_TRY(msg.buffer.take_fd(0));   // O_CLOEXEC; the caller owns it now
+//   mbmq::Channel c = MBMQ_TRY(msg.buffer.take_channel(1));
+//
+// Handles not taken are closed when the buffer is released, and so are those of a message that
+// is never delivered (the receiver died, the channel closed). A received buffer's own handles
+// do not go back with the reply; handles attached after receipt do.
+//
 // Thread safety: a Buffer is a move-only value; use it from one thread at a time.
 #pragma once
 
@@ -22,12 +37,22 @@
 
 namespace mbmq {
 
+class Channel;
 namespace detail {
 class Endpoint;
-}
+struct Handles;
+struct HandlesDeleter {  // defined where Handles is complete
+  void operator()(Handles* h) const noexcept;
+};
+using HandlesPtr = std::unique_ptr<Handles, HandlesDeleter>;
+}  // namespace detail
+
+enum class HandleKind : std::uint8_t { None, Fd, Channel };
 
 class Buffer {
  public:
+  static constexpr std::size_t kMaxHandles = 8;
+
   Buffer() noexcept = default;
   Buffer(Buffer&& o) noexcept;
   Buffer& operator=(Buffer&& o) noexcept;
@@ -51,6 +76,20 @@ class Buffer {
   // Gives the buffer up now (as the destructor would).
   void reset() noexcept;
 
+  // Attaches `fd`; the buffer owns it from here (it is closed on error too). Errc::InvalidArgument
+  // past kMaxHandles or on an invalid buffer. The channel's max_handles is checked at send.
+  Status attach_fd(int fd);
+  // Attaches a Channel end. It must be quiet, as for Channel::send_over (Errc::Busy otherwise,
+  // and `end` is left as it was); on success `end` is closed here and lives in the buffer.
+  Status attach(Channel&& end);
+  // Handles in this buffer, attached or received; taken ones read HandleKind::None.
+  std::size_t handle_count() const noexcept;
+  HandleKind handle_kind(std::size_t i) const noexcept;
+  // Takes handle i out. Errc::InvalidArgument if it is not of that kind (or already taken);
+  // take_channel: Errc::Protocol if the end that arrived is not a valid channel end.
+  Result<int> take_fd(std::size_t i);
+  Result<Channel> take_channel(std::size_t i);
+
  private:
   friend class detail::Endpoint;
   enum class Origin : std::uint8_t { None, Own, Peer };
@@ -62,7 +101,8 @@ class Buffer {
   std::uint32_t id_ = 0;  // slot index, or shm::kExtentBit | extent id
   std::uint32_t gen_ = 0;
   Origin origin_ = Origin::None;
-  std::uint16_t kind_ = 0;  // for Origin::Peer: the DescKind it arrived as
+  std::uint16_t kind_ = 0;      // for Origin::Peer: the DescKind it arrived as
+  detail::HandlesPtr handles_;  // null unless handles are attached or received
 };
 
 }  // namespace mbmq

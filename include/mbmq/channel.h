@@ -41,6 +41,13 @@ struct ChannelOptions {
   std::uint32_t slots_per_side = 16;    // pool buffers each side can have in flight (<= 64)
   std::uint32_t slot_size = 64 * 1024;  // larger buffers become memfd extents
   WaitPolicy wait{};                    // how call()/receive() wait on this end
+  // Requests (call/send_request) one side may have outstanding at once; 0: as many as it has
+  // buffers (slots_per_side + 64 extents). Past it, the sender gets Errc::Busy; a peer that
+  // ignores it gets its channel closed with Errc::Protocol.
+  std::uint32_t max_in_flight = 0;
+  // Handles (fds, Channel ends) one message may carry, <= Buffer::kMaxHandles. Past it, attach
+  // fails with Errc::InvalidArgument at send; a peer that ignores it: Errc::Protocol.
+  std::uint32_t max_handles = 8;
 };
 
 class Channel {
@@ -64,7 +71,8 @@ class Channel {
   // late reply comes), PeerClosed (the automatic reply: `buf` stays usable), NoReply, Protocol,
   // InvalidArgument (a buffer of another channel, or this end is redirected to a queue).
   Status call(Buffer& buf, Deadline deadline);
-  // Sends `buf` one-way; the receiver gives it back when done with it.
+  // Sends `buf` one-way; the receiver gives it back when done with it. Errc::Busy past the
+  // in-flight limit (call, send_request); Errc::WouldBlock when the ring is full.
   Status send(Buffer&& buf);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.

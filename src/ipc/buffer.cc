@@ -2,8 +2,13 @@
 #include "mbmq/buffer.h"
 
 #include "ipc/endpoint.h"
+#include "ipc/handles.h"
+#include "ipc/listener_core.h"
+#include "mbmq/channel.h"
 
 namespace mbmq {
+
+void detail::HandlesDeleter::operator()(Handles* h) const noexcept { delete h; }
 
 Buffer::Buffer(Buffer&& o) noexcept
     : ep_(std::move(o.ep_)),
@@ -13,7 +18,8 @@ Buffer::Buffer(Buffer&& o) noexcept
       id_(o.id_),
       gen_(o.gen_),
       origin_(std::exchange(o.origin_, Origin::None)),
-      kind_(o.kind_) {}
+      kind_(o.kind_),
+      handles_(std::move(o.handles_)) {}
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
@@ -26,6 +32,7 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     gen_ = o.gen_;
     origin_ = std::exchange(o.origin_, Origin::None);
     kind_ = o.kind_;
+    handles_ = std::move(o.handles_);
   }
   return *this;
 }
@@ -38,6 +45,7 @@ void Buffer::reset() noexcept {
   data_ = nullptr;
   size_ = capacity_ = 0;
   origin_ = Origin::None;
+  handles_.reset();  // handles not taken are closed
 }
 
 Status Buffer::resize(std::size_t n) {
@@ -51,6 +59,74 @@ Status Buffer::reserve(std::size_t n) {
   if (!valid()) return fail(Errc::InvalidArgument, "Buffer::reserve: invalid buffer");
   if (n <= capacity_) return {};
   return ep_->grow(*this, n);
+}
+
+// ---- handles (P3b) ----------------------------------------------------------------------------
+
+namespace {
+detail::Handle* next_free_handle(detail::HandlesPtr& h) {
+  if (!h) h = detail::HandlesPtr(new detail::Handles());
+  if (h->count >= Buffer::kMaxHandles) return nullptr;
+  return &h->items[h->count];
+}
+}  // namespace
+
+Status Buffer::attach_fd(int fd) {
+  os::UniqueFd owned(fd);
+  if (!valid() || fd < 0) return fail(Errc::InvalidArgument, "Buffer::attach_fd: invalid");
+  detail::Handle* h = next_free_handle(handles_);
+  if (h == nullptr) return fail(Errc::InvalidArgument, "Buffer::attach_fd: kMaxHandles reached");
+  *h = detail::Handle{};
+  h->meta.kind = static_cast<std::uint32_t>(shm::HandleKind::Fd);
+  h->fd = std::move(owned);
+  ++handles_->count;
+  return {};
+}
+
+Status Buffer::attach(Channel&& end) {
+  auto& ep = detail::ChannelAccess::ep(end);
+  if (!valid() || !ep) return fail(Errc::InvalidArgument, "Buffer::attach: invalid");
+  if (ep.get() == ep_.get())
+    return fail(Errc::InvalidArgument, "Buffer::attach: a channel end cannot carry itself");
+  detail::Handle* h = next_free_handle(handles_);
+  if (h == nullptr) return fail(Errc::InvalidArgument, "Buffer::attach: kMaxHandles reached");
+  detail::Handle item;
+  MBMQ_TRY(ep->export_end(&item.meta, &item.fd, &item.fd2));
+  *h = std::move(item);
+  ++handles_->count;
+  end.close();  // the buffer's copies keep the connection open
+  return {};
+}
+
+std::size_t Buffer::handle_count() const noexcept { return handles_ ? handles_->count : 0; }
+
+HandleKind Buffer::handle_kind(std::size_t i) const noexcept {
+  if (i >= handle_count()) return HandleKind::None;
+  switch (static_cast<shm::HandleKind>(handles_->items[i].meta.kind)) {
+    case shm::HandleKind::Fd:
+      return HandleKind::Fd;
+    case shm::HandleKind::ChannelEnd:
+      return HandleKind::Channel;
+  }
+  return HandleKind::None;
+}
+
+Result<int> Buffer::take_fd(std::size_t i) {
+  if (handle_kind(i) != HandleKind::Fd)
+    return fail(Errc::InvalidArgument, "Buffer::take_fd: no fd there");
+  detail::Handle& h = handles_->items[i];
+  h.meta.kind = 0;
+  return h.fd.release();
+}
+
+Result<Channel> Buffer::take_channel(std::size_t i) {
+  if (handle_kind(i) != HandleKind::Channel)
+    return fail(Errc::InvalidArgument, "Buffer::take_channel: no channel end there");
+  detail::Handle& h = handles_->items[i];
+  const shm::HandleMeta meta = h.meta;
+  h.meta.kind = 0;
+  auto ep = MBMQ_TRY(detail::Endpoint::import_end(meta, std::move(h.fd), std::move(h.fd2)));
+  return detail::ChannelAccess::make(std::move(ep));
 }
 
 }  // namespace mbmq

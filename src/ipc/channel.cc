@@ -27,7 +27,9 @@ void Channel::close() noexcept {
 Result<std::pair<Channel, Channel>> Channel::pair(const ChannelOptions& options) {
   // (P1) Side 0 creates the segment; side 1 attaches a second mapping of it, validated exactly as
   // a process receiving the end would.
-  shm::Segment s0 = MBMQ_TRY(shm::Segment::create(options.slots_per_side, options.slot_size));
+  shm::Segment s0 =
+      MBMQ_TRY(shm::Segment::create(options.slots_per_side, options.slot_size,
+                                    shm::Limits{options.max_in_flight, options.max_handles}));
   os::UniqueFd dup = MBMQ_TRY(os::dup_fd(s0.fd()));
   shm::Segment s1 = MBMQ_TRY(shm::Segment::attach(std::move(dup)));
   auto [c0, c1] = MBMQ_TRY(os::seqpacket_pair());

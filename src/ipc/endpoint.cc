@@ -4,6 +4,7 @@
 #include <climits>
 #include <cstring>
 
+#include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "os/epoll.h"
 #include "os/futex.h"
@@ -25,8 +26,6 @@ inline void cpu_relax() noexcept { __builtin_ia32_pause(); }
 std::span<const std::byte> bytes_of(const shm::CtlMsg& m) {
   return {reinterpret_cast<const std::byte*>(&m), sizeof(m)};
 }
-
-Errc closed_errc(EpState s) { return s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed; }
 
 }  // namespace
 
@@ -132,7 +131,7 @@ void Endpoint::reap_locked() {
     Accepted a = accept(d, nullptr, nullptr);
     if (a == Accepted::Deliver) pending_push(d);  // kept for receive()
     if (a == Accepted::Bad || a == Accepted::CallDone) {
-      (void)fail_protocol_locked("receive: invalid descriptor");
+      (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
       return;
     }
   }
@@ -205,6 +204,7 @@ void Endpoint::release(Buffer& b) noexcept {
   } else {
     peer_held_[b.id_ - static_cast<std::uint32_t>(1 - side_) * n_] = false;
   }
+  if (b.kind_ == static_cast<std::uint16_t>(DescKind::Request) && requests_in_ > 0) --requests_in_;
   if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
   if (b.kind_ == static_cast<std::uint16_t>(DescKind::Request)) {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
@@ -265,12 +265,56 @@ void Endpoint::wake_peer_locked() noexcept {
 void Endpoint::drain_control() {
   // Bounded: a peer flooding the socket cannot keep us here.
   for (int i = 0; i < 256 && control_; ++i) {
-    shm::CtlMsg m{};
-    std::array<os::UniqueFd, 1> fds;
-    auto r = os::recv_msg(control_.get(), {reinterpret_cast<std::byte*>(&m), sizeof(m)}, fds,
+    struct {
+      shm::CtlMsg h;
+      shm::HandleMeta meta[shm::kMaxHandles];
+    } pkt{};
+    std::array<os::UniqueFd, 2 * shm::kMaxHandles> fds;
+    auto r = os::recv_msg(control_.get(), {reinterpret_cast<std::byte*>(&pkt), sizeof(pkt)}, fds,
                           os::Blocking::No);
     if (!r || (r->bytes == 0 && r->nfds == 0)) return;  // nothing more, or hung up (P8)
-    if (r->truncated || r->bytes != sizeof(m) || r->nfds != 1) {
+    const shm::CtlMsg& m = pkt.h;
+    if (r->truncated || r->bytes < sizeof(m)) {
+      (void)fail_protocol_locked("control message malformed");
+      return;
+    }
+    if (m.type == static_cast<std::uint32_t>(shm::CtlType::Handles)) {
+      // (P3b) Every size and count must agree before anything is kept.
+      const std::uint32_t count = m.aux & 0xff;
+      std::size_t want_fds = 0;
+      bool ok = count >= 1 && count <= seg_.geometry().max_handles &&
+                (m.aux & ~(0xffu | shm::kHandlesForReply)) == 0 &&
+                r->bytes == sizeof(m) + count * sizeof(shm::HandleMeta) &&
+                stash_handles_.size() < 2 * (n_ + kMaxExtents);
+      for (std::uint32_t k = 0; ok && k < count; ++k) {
+        if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::Fd)) {
+          want_fds += 1;
+        } else if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
+          want_fds += 2;
+        } else {
+          ok = false;
+        }
+      }
+      if (!ok || r->nfds != want_fds) {
+        (void)fail_protocol_locked("control message: handles malformed or over max_handles");
+        return;
+      }
+      auto h = HandlesPtr(new Handles());
+      std::size_t f = 0;
+      for (std::uint32_t k = 0; k < count; ++k) {
+        Handle& item = h->items[k];
+        item.meta = pkt.meta[k];
+        item.incoming = true;
+        item.fd = std::move(fds[f++]);
+        if (item.meta.kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd))
+          item.fd2 = std::move(fds[f++]);
+      }
+      h->count = count;
+      stash_handles_.push_back(
+          StashedHandles{m.id, m.gen, (m.aux & shm::kHandlesForReply) != 0, std::move(h)});
+      continue;
+    }
+    if (r->bytes != sizeof(m) || r->nfds != 1) {
       (void)fail_protocol_locked("control message malformed");
       return;
     }
@@ -285,12 +329,74 @@ void Endpoint::drain_control() {
   }
 }
 
+bool Endpoint::handles_arrived_locked(const Desc& d, bool reply) {
+  auto match = [&] {
+    for (const auto& st : stash_handles_)
+      if (st.id == d.buffer && st.gen == d.gen && st.reply == reply) return true;
+    return false;
+  };
+  if (match()) return true;
+  drain_control();
+  return match();
+}
+
+HandlesPtr Endpoint::take_handles_locked(const Desc& d, bool reply) {
+  for (auto it = stash_handles_.begin(); it != stash_handles_.end(); ++it) {
+    if (it->id == d.buffer && it->gen == d.gen && it->reply == reply) {
+      HandlesPtr h = std::move(it->h);
+      stash_handles_.erase(it);
+      return h;
+    }
+  }
+  return nullptr;
+}
+
+Result<bool> Endpoint::send_handles_locked(Buffer& b, bool reply) {
+  Handles& hs = *b.handles_;
+  struct {
+    shm::CtlMsg h;
+    shm::HandleMeta meta[shm::kMaxHandles];
+  } pkt{};
+  std::array<int, 2 * shm::kMaxHandles> fds{};
+  std::uint32_t count = 0;
+  std::size_t nfds = 0;
+  for (std::uint32_t k = 0; k < hs.count; ++k) {
+    const Handle& item = hs.items[k];
+    if (item.meta.kind == 0 || item.incoming) continue;  // taken, or the request's own
+    if (count == seg_.geometry().max_handles)
+      return fail(Errc::InvalidArgument, "send: more handles than the channel's max_handles");
+    pkt.meta[count++] = item.meta;
+    fds[nfds++] = item.fd.get();
+    if (item.fd2) fds[nfds++] = item.fd2.get();
+  }
+  if (count == 0) return false;
+  pkt.h = shm::CtlMsg{static_cast<std::uint32_t>(shm::CtlType::Handles), b.id_, b.gen_,
+                      count | (reply ? shm::kHandlesForReply : 0u)};
+  MBMQ_TRY(os::send_msg(control_.get(),
+                        {reinterpret_cast<const std::byte*>(&pkt),
+                         sizeof(shm::CtlMsg) + count * sizeof(shm::HandleMeta)},
+                        {fds.data(), nfds}));
+  return true;
+}
+
 Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
   if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Own)
     return fail(Errc::InvalidArgument, "send: not a buffer of this channel's end");
   OwnState* st = own_state(b.id_);
   if (st == nullptr || *st != OwnState::App)
     return fail(Errc::InvalidArgument, "send: buffer state");
+  const std::uint32_t limit = seg_.geometry().max_in_flight;
+  if (kind == DescKind::Request && limit != 0 && requests_out_ >= limit)
+    return fail(Errc::Busy, "send: the channel's in-flight limit (max_in_flight) is reached");
+  // Room first: once an extent or handles are on the control socket, the descriptor must follow.
+  switch (tx_.has_room()) {
+    case shm::RingStatus::Ok:
+      break;
+    case shm::RingStatus::Full:
+      return fail(Errc::WouldBlock, "send: ring full (the peer is not consuming)");
+    default:
+      return fail(fail_protocol_locked("send: peer's ring head is invalid"));
+  }
   if ((b.id_ & kExtentBit) != 0) {
     OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
     if (x.sent_gen != x.gen) {
@@ -302,8 +408,14 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
       x.sent_gen = x.gen;
     }
   }
-  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, static_cast<std::uint16_t>(kind), 0}));
+  std::uint16_t k = static_cast<std::uint16_t>(kind);
+  if (b.handles_) {
+    if (MBMQ_TRY(send_handles_locked(b, false))) k |= shm::kDescHasHandles;
+    b.handles_.reset();  // sent: the receiver's copies are the live ones
+  }
+  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, k, 0}));
   *st = lent_as;
+  if (kind == DescKind::Request) ++requests_out_;
   return {};
 }
 
@@ -331,11 +443,22 @@ Status Endpoint::reply(Buffer&& b) {
     peer_held_[b.id_ - static_cast<std::uint32_t>(1 - side_) * n_] = false;
   }
   std::uint32_t id = b.id_, size = b.size_, gen = b.gen_;
-  detach_buffer(b);
+  if (requests_in_ > 0) --requests_in_;
   EpState s = state_.load(std::memory_order_acquire);
-  if (s != EpState::Open) return fail(closed_errc(s), "reply");
+  if (s != EpState::Open) {
+    detach_buffer(b);
+    return fail(closed_errc(s), "reply");
+  }
+  std::uint16_t k = static_cast<std::uint16_t>(DescKind::Reply);
+  if (b.handles_ && tx_.has_room() == shm::RingStatus::Ok) {
+    // A failure here (the caller is gone) still answers the request, without the handles.
+    auto sent = send_handles_locked(b, true);
+    if (sent && *sent) k |= shm::kDescHasHandles;
+    b.handles_.reset();
+  }
+  detach_buffer(b);
   // (P7) The answer travels in the request's own buffer.
-  return push_locked(Desc{id, size, gen, static_cast<std::uint16_t>(DescKind::Reply), 0});
+  return push_locked(Desc{id, size, gen, k, 0});
 }
 
 // ---- (P5) receiving ----------------------------------------------------------------------------
@@ -363,74 +486,99 @@ bool Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t
 
 Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
                                     std::uint16_t* call_status) {
-  switch (static_cast<DescKind>(d.kind)) {
+  const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescHasHandles);
+  const bool with_handles = (d.kind & shm::kDescHasHandles) != 0;
+  switch (static_cast<DescKind>(kind)) {
     case DescKind::Request:
     case DescKind::OneWay: {  // the peer's buffer, lent to us
+      const std::uint32_t limit = seg_.geometry().max_in_flight;
+      if (kind == static_cast<std::uint16_t>(DescKind::Request) && limit != 0 &&
+          requests_in_ >= limit)
+        return bad("receive: the peer exceeded the channel's in-flight limit");
       if ((d.buffer & kExtentBit) != 0) {
         std::uint32_t e = d.buffer & ~kExtentBit;
-        if (e >= kMaxExtents || !map_peer_extent(e, d.gen, d.size)) return Accepted::Bad;
+        if (e >= kMaxExtents || !map_peer_extent(e, d.gen, d.size))
+          return bad("receive: invalid extent descriptor");
+        if (with_handles && !handles_arrived_locked(d, false))
+          return bad("receive: handles announced but not sent");
         peer_ext_[e].held = true;
-        return Accepted::Deliver;
+      } else {
+        std::uint32_t first = static_cast<std::uint32_t>(1 - side_) * n_;
+        if (d.buffer < first || d.buffer - first >= n_ || d.size > slot_size_)
+          return bad("receive: invalid slot descriptor");
+        if (peer_held_[d.buffer - first]) return bad("receive: a buffer sent twice");
+        if (with_handles && !handles_arrived_locked(d, false))
+          return bad("receive: handles announced but not sent");
+        peer_held_[d.buffer - first] = true;
       }
-      std::uint32_t first = static_cast<std::uint32_t>(1 - side_) * n_;
-      if (d.buffer < first || d.buffer - first >= n_ || d.size > slot_size_) return Accepted::Bad;
-      if (peer_held_[d.buffer - first]) return Accepted::Bad;  // sent twice
-      peer_held_[d.buffer - first] = true;
+      if (kind == static_cast<std::uint16_t>(DescKind::Request)) ++requests_in_;
       return Accepted::Deliver;
     }
     case DescKind::Reply:
     case DescKind::Return: {  // our buffer, coming back
       OwnState* st = own_state(d.buffer);
-      if (st == nullptr) return Accepted::Bad;
+      if (st == nullptr) return bad("receive: reply names no buffer of ours");
       std::uint32_t gen = (d.buffer & kExtentBit) != 0
                               ? own_ext_[d.buffer & ~kExtentBit].gen
                               : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
-      if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App) return Accepted::Bad;
-      if (d.size > own_capacity(d.buffer)) return Accepted::Bad;
-      if (d.kind == static_cast<std::uint16_t>(DescKind::Return)) {
-        if (*st != OwnState::LentOneWay) return Accepted::Bad;
+      if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App)
+        return bad("receive: reply for a buffer not lent");
+      if (d.size > own_capacity(d.buffer)) return bad("receive: reply larger than its buffer");
+      if (kind == static_cast<std::uint16_t>(DescKind::Return)) {
+        if (*st != OwnState::LentOneWay || with_handles) return bad("receive: invalid return");
         free_own(d.buffer);
         return Accepted::Internal;
       }
-      if (d.status > static_cast<std::uint16_t>(shm::DescStatus::NoReply)) return Accepted::Bad;
+      if (d.status > static_cast<std::uint16_t>(shm::DescStatus::NoReply))
+        return bad("receive: reply status");
+      if (with_handles && !handles_arrived_locked(d, true))
+        return bad("receive: handles announced but not sent");
       switch (*st) {
         case OwnState::LentCall:
-          if (call_buf == nullptr || call_buf->id_ != d.buffer) return Accepted::Bad;
+          if (call_buf == nullptr || call_buf->id_ != d.buffer)
+            return bad("receive: reply for a call not waiting");
           *st = OwnState::App;
           *call_status = d.status;
+          if (requests_out_ > 0) --requests_out_;
           return Accepted::CallDone;
         case OwnState::Abandoned:  // the late reply to a call that timed out
+          if (with_handles) (void)take_handles_locked(d, true);  // closed: nobody waits for them
           free_own(d.buffer);
+          if (requests_out_ > 0) --requests_out_;
           return Accepted::Internal;
         case OwnState::LentRequest:
           *st = OwnState::App;
+          if (requests_out_ > 0) --requests_out_;
           return Accepted::Deliver;
         default:
-          return Accepted::Bad;
+          return bad("receive: reply for a one-way message");
       }
     }
     case DescKind::ReleaseExtent: {
-      if ((d.buffer & kExtentBit) == 0) return Accepted::Bad;
+      if ((d.buffer & kExtentBit) == 0 || with_handles) return bad("receive: invalid release");
       std::uint32_t e = d.buffer & ~kExtentBit;
-      if (e >= kMaxExtents || peer_ext_[e].held) return Accepted::Bad;
+      if (e >= kMaxExtents || peer_ext_[e].held) return bad("receive: invalid release");
       if (peer_ext_[e].gen == d.gen) peer_ext_[e].map.reset();
       return Accepted::Internal;
     }
   }
-  return Accepted::Bad;
+  return bad("receive: unknown descriptor kind");
 }
 
 void Endpoint::make_message(const Desc& d, Message* out) {
   Buffer& b = out->buffer;
   b.reset();
+  const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescHasHandles);
+  if ((d.kind & shm::kDescHasHandles) != 0)
+    b.handles_ = take_handles_locked(d, kind == static_cast<std::uint16_t>(DescKind::Reply));
   b.ep_ = shared_from_this();
   b.id_ = d.buffer;
   b.gen_ = d.gen;
   b.size_ = d.size;
-  b.kind_ = d.kind;
+  b.kind_ = kind;
   out->key = key_.load(std::memory_order_relaxed);
   out->error = Errc::PeerClosed;
-  if (d.kind == static_cast<std::uint16_t>(DescKind::Reply)) {
+  if (kind == static_cast<std::uint16_t>(DescKind::Reply)) {
     b.origin_ = Buffer::Origin::Own;
     b.data_ = own_data(d.buffer);
     b.capacity_ = own_capacity(d.buffer);
@@ -448,8 +596,7 @@ void Endpoint::make_message(const Desc& d, Message* out) {
     b.data_ = seg_.slot(d.buffer);
     b.capacity_ = slot_size_;
   }
-  out->kind =
-      d.kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
+  out->kind = kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
 }
 
 void Endpoint::pending_push(const Desc& d) noexcept {
@@ -494,7 +641,8 @@ Endpoint::Poll Endpoint::poll(Message* out) {
         make_message(d, out);
         return Poll::Got;
       }
-      if (a != Accepted::Internal) (void)fail_protocol_locked("receive: invalid descriptor");
+      if (a != Accepted::Internal)
+        (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
       continue;
     }
     if (s == EpState::Open) return Poll::Empty;
@@ -579,13 +727,14 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
         Accepted a = accept(d, &b, &status);
         if (a == Accepted::CallDone) {
           b.size_ = d.size;
+          if ((d.kind & shm::kDescHasHandles) != 0) b.handles_ = take_handles_locked(d, true);
           if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
             return fail(Errc::NoReply, "call");
           return {};
         }
         if (a == Accepted::Deliver) pending_push(d);  // a request from the peer: for receive()
         if (a == Accepted::Bad) {
-          (void)fail_protocol_locked("call: invalid descriptor");
+          (void)fail_protocol_locked(why_bad_);
           break;
         }
       }
@@ -593,7 +742,10 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       if (s != EpState::Open) {
         // (P8) The automatic reply: the buffer is the caller's again.
         OwnState* st = own_state(b.id_);
-        if (st != nullptr && *st == OwnState::LentCall) *st = OwnState::App;
+        if (st != nullptr && *st == OwnState::LentCall) {
+          *st = OwnState::App;
+          if (requests_out_ > 0) --requests_out_;
+        }
         return fail(closed_errc(s), "call");
       }
     }

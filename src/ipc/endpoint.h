@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ipc/atomic_wait_policy.h"
+#include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
@@ -35,6 +36,9 @@ class QueueCore;
 class ListenCore;
 
 enum class EpState : std::uint8_t { Open = 0, PeerClosed = 1, Protocol = 2, LocalClosed = 3 };
+inline Errc closed_errc(EpState s) {
+  return s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed;
+}
 
 class Endpoint final : public Watched, public std::enable_shared_from_this<Endpoint> {
  public:
@@ -51,6 +55,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   Endpoint(const Endpoint&) = delete;
   Endpoint& operator=(const Endpoint&) = delete;
   ~Endpoint();
+  const shm::Geometry& geometry() const noexcept { return seg_.geometry(); }
 
   // (P2) Buffers of this side.
   Result<Buffer> alloc(std::size_t size);
@@ -93,8 +98,12 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Something to destroy with this end (a listener's connection count). Set once, before use.
   void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
 
-  // Moving an end to another process (ipc/transfer.cc).
-  Status send_over(int unix_socket);
+  // Moving an end to another process (ipc/transfer.cc). export_end: the end must be quiet (not
+  // redirected, no buffers out or held, nothing pending: Errc::Busy); fills its state and
+  // duplicates its two fds; the caller then closes this end. import_end validates all of it.
+  Status export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl);
+  static Result<std::shared_ptr<Endpoint>> import_end(const shm::HandleMeta& meta, os::UniqueFd seg,
+                                                      os::UniqueFd ctl);
 
   // Test hooks: the raw segment (for the scribbling tests) and counts.
   std::byte* segment_base() const noexcept { return seg_.base(); }
@@ -132,7 +141,19 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending_.
   // The caller holds consumer_mu_ too.
   void reap_locked();
+  // Bad: why_bad_ says why.
   Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
+  Accepted bad(const char* why) noexcept {
+    why_bad_ = why;
+    return Accepted::Bad;
+  }
+  // (P3b) Sends b's outgoing handles on the control socket (ring room already checked); false if
+  // it has none to send.
+  Result<bool> send_handles_locked(Buffer& b, bool reply);
+  // (P3b) Whether the handles of Desc d are stashed (reading the control socket if needed).
+  bool handles_arrived_locked(const shm::Desc& d, bool reply);
+  // Takes the stashed handles of Desc d out of the stash.
+  HandlesPtr take_handles_locked(const shm::Desc& d, bool reply);
   void make_message(const shm::Desc& d, Message* out);
   OwnSlot* own_slot(std::uint32_t id) noexcept;
   std::uint32_t own_capacity(std::uint32_t id) const noexcept;
@@ -188,6 +209,15 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::uint32_t pending_head_ = 0, pending_count_ = 0;                               // mu_
   std::atomic<std::uint32_t> pending_nonempty_{0};
   bool end_reported_ = false;  // guarded by mu_
+  struct StashedHandles {      // (P3b) received, not yet given to a buffer
+    std::uint32_t id = 0, gen = 0;
+    bool reply = false;
+    HandlesPtr h;
+  };
+  std::vector<StashedHandles> stash_handles_;  // guarded by mu_
+  std::uint32_t requests_out_ = 0;             // guarded by mu_: our requests not yet answered
+  std::uint32_t requests_in_ = 0;              // guarded by mu_: the peer's requests we hold
+  const char* why_bad_ = "";                   // guarded by mu_
 
   std::shared_ptr<QueueCore> queue_;  // guarded by mu_
   std::atomic<std::uint64_t> key_{0};

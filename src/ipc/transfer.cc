@@ -1,5 +1,6 @@
-// Moving a channel end to another process over an AF_UNIX socket: the segment memfd and the
-// control socket travel with SCM_RIGHTS, with the end's private ring positions beside them.
+// Moving a channel end to another process: over an AF_UNIX socket (send_over/receive_from), or
+// inside a Buffer as a handle (P3b). Either way the segment memfd and the control socket travel
+// with SCM_RIGHTS, with the end's private ring positions beside them (shm::HandleMeta).
 #include <cstring>
 
 #include "ipc/endpoint.h"
@@ -13,51 +14,67 @@ constexpr std::uint64_t kTransferMagic = 0x4e45'4242'4d42'4d01ull;
 struct TransferMsg {
   std::uint64_t magic;
   std::uint32_t version;
-  std::uint32_t side;
-  std::uint32_t tx_tail;
-  std::uint32_t rx_head;
-  std::uint32_t next_extent_gen;
-  std::uint32_t wait_mode;
-  std::int64_t spin_ns;
+  std::uint32_t reserved;
+  shm::HandleMeta end;
 };
-static_assert(sizeof(TransferMsg) == 40);
+static_assert(sizeof(TransferMsg) == 48);
 }  // namespace
 
 namespace detail {
 
-Status Endpoint::send_over(int unix_socket) {
+Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl) {
   std::lock_guard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
-  if (s != EpState::Open)
-    return fail(s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed, "send_over");
-  if (queue_) return fail(Errc::Busy, "send_over: end is redirected to a queue");
+  if (s != EpState::Open) return fail(closed_errc(s), "export channel end");
+  if (queue_) return fail(Errc::Busy, "export channel end: redirected to a queue");
   for (const auto& o : own_slots_)
-    if (o.state != OwnState::Free) return fail(Errc::Busy, "send_over: buffers outstanding");
+    if (o.state != OwnState::Free) return fail(Errc::Busy, "export channel end: buffers out");
   for (const auto& x : own_ext_)
-    if (x.state != OwnState::Free) return fail(Errc::Busy, "send_over: buffers outstanding");
+    if (x.state != OwnState::Free) return fail(Errc::Busy, "export channel end: buffers out");
   for (bool h : peer_held_)
-    if (h) return fail(Errc::Busy, "send_over: peer buffers held");
+    if (h) return fail(Errc::Busy, "export channel end: peer buffers held");
   for (const auto& pe : peer_ext_)
-    if (pe.map.valid()) return fail(Errc::Busy, "send_over: peer extents mapped");
-  if (pending_count_ != 0) return fail(Errc::Busy, "send_over: messages pending");
-  TransferMsg m{kTransferMagic,
-                shm::kLayoutVersion,
-                static_cast<std::uint32_t>(side_),
-                tx_.tail(),
-                rx_.head(),
-                next_extent_gen_,
-                static_cast<std::uint32_t>(wait_policy().mode),
-                static_cast<std::int64_t>(wait_policy().spin.count())};
-  int fds[2] = {seg_.fd(), control_.get()};
-  MBMQ_TRY(os::send_msg(unix_socket, {reinterpret_cast<const std::byte*>(&m), sizeof(m)}, fds));
+    if (pe.map.valid()) return fail(Errc::Busy, "export channel end: peer extents mapped");
+  if (pending_count_ != 0 || !stash_handles_.empty())
+    return fail(Errc::Busy, "export channel end: messages pending");
+  const WaitPolicy w = wait_policy();
+  *meta = shm::HandleMeta{static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd),
+                          static_cast<std::uint32_t>(side_),
+                          tx_.tail(),
+                          rx_.head(),
+                          next_extent_gen_,
+                          static_cast<std::uint32_t>(w.mode),
+                          static_cast<std::int64_t>(w.spin.count())};
+  *seg = MBMQ_TRY(os::dup_fd(seg_.fd()));
+  *ctl = MBMQ_TRY(os::dup_fd(control_.get()));
   return {};
+}
+
+Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
+                                                       os::UniqueFd seg_fd, os::UniqueFd ctl) {
+  if (m.side > 1 || m.wait_mode > 2 || m.spin_ns < 0 || !seg_fd || !ctl)
+    return fail(Errc::Protocol, "import channel end: malformed");
+  shm::Segment seg = MBMQ_TRY(shm::Segment::attach(std::move(seg_fd)));
+  // The sender's private ring positions must agree with what it published.
+  shm::Direction& out = seg.dir(static_cast<int>(m.side));
+  shm::Direction& in = seg.dir(1 - static_cast<int>(m.side));
+  if (out.tail.load(std::memory_order_acquire) != m.tx_tail ||
+      in.head.load(std::memory_order_acquire) != m.rx_head)
+    return fail(Errc::Protocol, "import channel end: ring positions do not match the segment");
+  WaitPolicy wait{static_cast<WaitMode>(m.wait_mode), std::chrono::nanoseconds(m.spin_ns)};
+  return Endpoint::make({std::move(seg), std::move(ctl), static_cast<int>(m.side), wait, m.tx_tail,
+                         m.rx_head, m.next_extent_gen});
 }
 
 }  // namespace detail
 
 Status Channel::send_over(int unix_socket) {
   if (!ep_) return fail(Errc::InvalidArgument, "send_over: closed channel");
-  MBMQ_TRY(ep_->send_over(unix_socket));
+  TransferMsg m{kTransferMagic, shm::kLayoutVersion, 0, {}};
+  os::UniqueFd seg, ctl;
+  MBMQ_TRY(ep_->export_end(&m.end, &seg, &ctl));
+  int fds[2] = {seg.get(), ctl.get()};
+  MBMQ_TRY(os::send_msg(unix_socket, {reinterpret_cast<const std::byte*>(&m), sizeof(m)}, fds));
   // Our copies of the fds close; the receiver's keep the connection open.
   close();
   return {};
@@ -73,19 +90,10 @@ Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
                                  os::Blocking::Yes));
   if (r.bytes == 0 && r.nfds == 0) return fail(Errc::PeerClosed, "receive_from");
   if (r.truncated || r.bytes != sizeof(m) || r.nfds != 2 || m.magic != kTransferMagic ||
-      m.version != shm::kLayoutVersion || m.side > 1 || m.wait_mode > 2)
+      m.version != shm::kLayoutVersion ||
+      m.end.kind != static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd))
     return fail(Errc::Protocol, "receive_from: malformed transfer message");
-  shm::Segment seg = MBMQ_TRY(shm::Segment::attach(std::move(fds[0])));
-  // The sender's private ring positions must agree with what it published.
-  shm::Direction& out = seg.dir(static_cast<int>(m.side));
-  shm::Direction& in = seg.dir(1 - static_cast<int>(m.side));
-  if (out.tail.load(std::memory_order_acquire) != m.tx_tail ||
-      in.head.load(std::memory_order_acquire) != m.rx_head)
-    return fail(Errc::Protocol, "receive_from: ring positions do not match the segment");
-  WaitPolicy wait{static_cast<WaitMode>(m.wait_mode), std::chrono::nanoseconds(m.spin_ns)};
-  auto ep =
-      MBMQ_TRY(detail::Endpoint::make({std::move(seg), std::move(fds[1]), static_cast<int>(m.side),
-                                       wait, m.tx_tail, m.rx_head, m.next_extent_gen}));
+  auto ep = MBMQ_TRY(detail::Endpoint::import_end(m.end, std::move(fds[0]), std::move(fds[1])));
   return Channel(std::move(ep));
 }
 

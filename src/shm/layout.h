@@ -25,6 +25,13 @@
 //       generation, first send it on the control socket (CtlMsg::Extent); then write the Desc
 //       into ring[t % cap], store-release its seq = t + 1 (pairs with the consumer's acquire load
 //       in P5), then store-release tail = t + 1 (read only for validation, P6).
+//  (P3b) Handles: fds and channel ends attached to a buffer are sent first, as one
+//       CtlMsg::Handles packet naming the buffer (id, gen), with their fds (SCM_RIGHTS); then the
+//       Desc, with kDescHasHandles. sendmsg() on a Unix socket has queued the packet at the
+//       receiver before it returns, so a receiver that pops such a Desc reads its control socket
+//       (without blocking) until it holds the packet; missing or mismatched, it is a protocol
+//       error. Handles never delivered are closed: with the receiver's stash when its end
+//       closes, or by the kernel with the socket.
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's wake word
 //       (its own `doorbell`, or the queue doorbell page named by doorbell_gen) and FUTEX_WAKE it.
 //  (P5) Receive: acquire-load ring[h % cap].seq; if it is h + 1, copy the Desc to a local and
@@ -55,7 +62,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 2;   // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 3;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
@@ -63,6 +70,7 @@ inline constexpr std::uint32_t kMinSlotSize = 64;
 inline constexpr std::uint32_t kMaxSlotSize = 16u << 20;
 inline constexpr std::uint32_t kExtentBit = 0x8000'0000u;  // Desc::buffer: an extent id, not a slot
 inline constexpr std::uint64_t kMaxExtentSize = 0xFFFF'F000ull;  // sizes travel as uint32
+inline constexpr std::uint32_t kMaxHandles = 8;  // fds / channel ends attached to one message
 
 enum class DescKind : std::uint16_t {
   Request = 1,        // buffer owned by the sender; expects a Reply in the same buffer (P3, P7)
@@ -74,6 +82,11 @@ enum class DescKind : std::uint16_t {
 
 enum class DescStatus : std::uint16_t { Ok = 0, NoReply = 1 };
 
+// Desc::kind bit: handles travel with this message (Request, OneWay or Reply only): a
+// CtlMsg::Handles for the same buffer and generation was sent on the control socket before the
+// descriptor was published (P3b).
+inline constexpr std::uint16_t kDescHasHandles = 0x8000;
+
 // One message descriptor: 16 bytes. Written by the producer into a RingEntry before that entry's
 // seq store-release, read (copied) by the consumer after its seq acquire load. Plain fields: they
 // are protected by the seq release/acquire pair, and a hostile writer racing with the copy only
@@ -82,7 +95,7 @@ struct Desc {
   std::uint32_t buffer;  // slot index, or kExtentBit | extent id
   std::uint32_t size;    // payload bytes
   std::uint32_t gen;     // generation of the buffer (slot reuse count / extent generation)
-  std::uint16_t kind;    // DescKind
+  std::uint16_t kind;    // DescKind, | kDescHasHandles
   std::uint16_t status;  // DescStatus (Reply only)
 };
 static_assert(std::is_standard_layout_v<Desc> && std::is_trivially_copyable_v<Desc>);
@@ -145,11 +158,16 @@ struct SegmentHeader {
   std::uint64_t dir_offset[2];
   std::uint64_t pool_offset;
   std::uint64_t segment_size;
-  std::uint8_t reserved[8];
+  // Limits both sides enforce (see include/mbmq/channel.h ChannelOptions): requests a side may
+  // have outstanding (0: as many as it has buffers), handles per message (<= kMaxHandles).
+  std::uint16_t max_in_flight;
+  std::uint16_t max_handles;
+  std::uint32_t reserved;
 };
 static_assert(std::is_standard_layout_v<SegmentHeader> && sizeof(SegmentHeader) == 64);
 static_assert(offsetof(SegmentHeader, dir_offset) == 24 &&
-              offsetof(SegmentHeader, segment_size) == 48);
+              offsetof(SegmentHeader, segment_size) == 48 &&
+              offsetof(SegmentHeader, max_in_flight) == 56);
 
 inline constexpr std::uint64_t kDirOffset = 64;
 static_assert(kDirOffset % alignof(Direction) == 0);
@@ -163,17 +181,37 @@ struct DoorbellPage {
 static_assert(std::is_standard_layout_v<DoorbellPage> && offsetof(DoorbellPage, word) == 0);
 inline constexpr std::size_t kDoorbellPageSize = 4096;
 
-// Control-socket message (SOCK_SEQPACKET, one per packet), with at most one fd attached.
+// Control-socket message (SOCK_SEQPACKET, one per packet). Extent and Doorbell carry one fd;
+// Handles carries `count` HandleMeta records after the CtlMsg and their fds in the same order.
+// The socket is private to the two processes, but its sender may be hostile: every field, size
+// and fd count is checked against the others before anything is kept.
 enum class CtlType : std::uint32_t {
   Extent = 1,    // fd = extent memfd for (id, gen)
   Doorbell = 2,  // fd = queue DoorbellPage for doorbell generation `gen`
+  Handles = 3,   // (P3b) handles of the message naming buffer (id, gen)
 };
 struct CtlMsg {
   std::uint32_t type;  // CtlType
-  std::uint32_t id;    // extent id (Extent)
-  std::uint32_t gen;   // extent generation, or doorbell generation
-  std::uint32_t reserved;
+  std::uint32_t id;    // extent id (Extent); buffer id, as in Desc::buffer (Handles)
+  std::uint32_t gen;   // extent generation, doorbell generation, or buffer generation
+  // Handles: count in bits 0-7; bit 8 set when the buffer belongs to the receiver (a Reply).
+  std::uint32_t aux;
 };
 static_assert(std::is_standard_layout_v<CtlMsg> && sizeof(CtlMsg) == 16);
+inline constexpr std::uint32_t kHandlesForReply = 0x100;
+
+enum class HandleKind : std::uint32_t { Fd = 1, ChannelEnd = 2 };
+// One handle of a CtlType::Handles packet. Fd: one fd, the rest zero. ChannelEnd: two fds (the
+// segment memfd, the control socket) and the end's private state, as Channel::send_over sends it.
+struct HandleMeta {
+  std::uint32_t kind;  // HandleKind
+  std::uint32_t side;
+  std::uint32_t tx_tail;
+  std::uint32_t rx_head;
+  std::uint32_t next_extent_gen;
+  std::uint32_t wait_mode;
+  std::int64_t spin_ns;
+};
+static_assert(std::is_standard_layout_v<HandleMeta> && sizeof(HandleMeta) == 32);
 
 }  // namespace mbmq::shm

@@ -40,7 +40,8 @@ class RingProducer {
         tail_(initial_tail),
         head_cache_(initial_tail - kCap) {}
 
-  RingStatus push(const Desc& d) noexcept {
+  // Ok if push() will find room (only this producer fills the ring), Full, or Corrupt.
+  RingStatus has_room() noexcept {
     if (tail_ - head_cache_ >= kCap) {
       // Pairs with the consumer's store-release of head in pop(): the entry we overwrite was read.
       std::uint32_t head = head_pub_->load(std::memory_order_acquire);
@@ -49,6 +50,11 @@ class RingProducer {
       head_cache_ = head;
       if (used == kCap) return RingStatus::Full;
     }
+    return RingStatus::Ok;
+  }
+
+  RingStatus push(const Desc& d) noexcept {
+    if (RingStatus r = has_room(); r != RingStatus::Ok) return r;
     RingEntry& e = ring_[tail_ & (kCap - 1)];
     e.desc = d;
     ++tail_;

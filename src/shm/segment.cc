@@ -11,12 +11,19 @@ namespace {
 constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t a) { return (v + a - 1) / a * a; }
 }  // namespace
 
-Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t slot_size) {
+Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t slot_size,
+                                  Limits limits) {
   if (slots_per_side == 0 || slots_per_side > kMaxSlotsPerSide)
     return fail(Errc::InvalidArgument, "segment: slots_per_side out of range");
   if (slot_size < kMinSlotSize || slot_size > kMaxSlotSize || slot_size % 64 != 0)
     return fail(Errc::InvalidArgument, "segment: slot_size out of range or not a multiple of 64");
+  if (limits.max_handles > kMaxHandles)
+    return fail(Errc::InvalidArgument, "segment: max_handles above kMaxHandles (8)");
+  if (limits.max_in_flight > slots_per_side + kMaxExtents)
+    return fail(Errc::InvalidArgument, "segment: max_in_flight above the buffers a side has");
   Geometry g;
+  g.max_in_flight = limits.max_in_flight;
+  g.max_handles = limits.max_handles;
   g.slots_per_side = slots_per_side;
   g.slot_size = slot_size;
   g.dir_offset[0] = kDirOffset;
@@ -26,8 +33,9 @@ Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t sl
   return g;
 }
 
-Result<Segment> Segment::create(std::uint32_t slots_per_side, std::uint32_t slot_size) {
-  Geometry g = MBMQ_TRY(compute_geometry(slots_per_side, slot_size));
+Result<Segment> Segment::create(std::uint32_t slots_per_side, std::uint32_t slot_size,
+                                Limits limits) {
+  Geometry g = MBMQ_TRY(compute_geometry(slots_per_side, slot_size, limits));
   Segment s;
   s.fd_ = MBMQ_TRY(os::make_sealed_memfd("mbmq-channel", g.segment_size));
   s.map_ = MBMQ_TRY(os::Mapping::map_shared(s.fd_.get(), g.segment_size, os::Access::ReadWrite));
@@ -42,6 +50,8 @@ Result<Segment> Segment::create(std::uint32_t slots_per_side, std::uint32_t slot
   h.dir_offset[1] = g.dir_offset[1];
   h.pool_offset = g.pool_offset;
   h.segment_size = g.segment_size;
+  h.max_in_flight = static_cast<std::uint16_t>(g.max_in_flight);
+  h.max_handles = static_cast<std::uint16_t>(g.max_handles);
   std::memcpy(s.map_.data(), &h, sizeof(h));
   // The memfd is zero-filled, which is a valid initial state for every atomic in Direction;
   // placement-new makes their lifetime explicit.
@@ -62,7 +72,7 @@ Result<Segment> Segment::attach(os::UniqueFd fd) {
   std::memcpy(&h, s.map_.data(), sizeof(h));  // read once, validate the private copy
   if (h.magic != kMagic || h.version != kLayoutVersion || h.ring_capacity != kRingCapacity)
     return fail(Errc::Protocol, "segment: bad magic or layout version");
-  auto g = compute_geometry(h.slots_per_side, h.slot_size);
+  auto g = compute_geometry(h.slots_per_side, h.slot_size, Limits{h.max_in_flight, h.max_handles});
   if (!g || g->segment_size != size || g->segment_size != h.segment_size ||
       g->pool_offset != h.pool_offset || g->dir_offset[0] != h.dir_offset[0] ||
       g->dir_offset[1] != h.dir_offset[1])

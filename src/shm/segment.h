@@ -19,16 +19,25 @@ struct Geometry {
   std::uint64_t dir_offset[2] = {0, 0};
   std::uint64_t pool_offset = 0;
   std::uint64_t segment_size = 0;
+  std::uint32_t max_in_flight = 0;  // 0: bounded by the buffers only
+  std::uint32_t max_handles = kMaxHandles;
+};
+
+struct Limits {
+  std::uint32_t max_in_flight = 0;
+  std::uint32_t max_handles = kMaxHandles;
 };
 
 // The layout for the given pool; Errc::InvalidArgument outside the limits in layout.h.
-Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t slot_size);
+Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t slot_size,
+                                  Limits limits = {});
 
 class Segment {
  public:
   Segment() = default;
   // (P1) side 0: a new sealed memfd, header written, directions zeroed (ftruncate zero-fills).
-  static Result<Segment> create(std::uint32_t slots_per_side, std::uint32_t slot_size);
+  static Result<Segment> create(std::uint32_t slots_per_side, std::uint32_t slot_size,
+                                Limits limits = {});
   // (P1) side 1: validates the seals, the size and the header, then keeps a private copy.
   // Errc::Protocol for any mismatch.
   static Result<Segment> attach(os::UniqueFd fd);
