@@ -272,6 +272,9 @@ void Endpoint::drain_control() {
     std::array<os::UniqueFd, 2 * shm::kMaxHandles> fds;
     auto r = os::recv_msg(control_.get(), {reinterpret_cast<std::byte*>(&pkt), sizeof(pkt)}, fds,
                           os::Blocking::No);
+    // A peer that closed its end with our messages unread in its queue makes the kernel report
+    // ECONNRESET once, ahead of the messages it had sent us: read on past it.
+    if (!r && r.error().code == Errc::PeerClosed) continue;
     if (!r || (r->bytes == 0 && r->nfds == 0)) return;  // nothing more, or hung up (P8)
     const shm::CtlMsg& m = pkt.h;
     if (r->truncated || r->bytes < sizeof(m)) {

@@ -135,6 +135,8 @@ TEST(Hostile, ForgedDescriptorsAreRejected) {
       {16, 8, 2},                // a "reply" for a buffer we never lent
       {0x8000'0000u | 5, 8, 1},  // an extent whose fd never came
       {16, 8, 42},               // unknown kind
+      {16, 8, 0x8001},           // a request announcing handles that never came (P3b)
+      {16, 8, 0x8004},           // a "return" with handles
   };
   for (const Case& c : cases) {
     auto ends = Channel::pair();
