@@ -108,8 +108,13 @@ void run(WatchState* st) {
       }
     }
     // Outside the lock: a callback may register or unregister fds, and may drop the last
-    // reference to its object, whose destructor unregisters.
-    for (Fire& f : fire) f.who->on_watch(f.fd, f.events);
+    // reference to its object, whose destructor unregisters. Each reference is dropped as soon as
+    // its callback returns: a channel its owner closed meanwhile is freed (unmapped, its fds
+    // closed) right then, on this thread.
+    for (Fire& f : fire) {
+      f.who->on_watch(f.fd, f.events);
+      f.who.reset();
+    }
     fire.clear();
   }
 }

@@ -5,12 +5,15 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "os/syscall_count.h"
 
@@ -135,6 +138,35 @@ std::size_t open_fd_count() {
     if (n > 0) --n;  // the DIR's own fd
   }
   return n;
+}
+
+std::vector<std::string> dir_listing(const char* path) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(path)) {
+    while (dirent* e = ::readdir(d))
+      if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0)
+        names.emplace_back(e->d_name);
+    ::closedir(d);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+Result<pid_t> spawn_program(const std::string& path, const std::vector<std::string>& args,
+                            int stdout_fd) {
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(path.c_str()));
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  ::posix_spawn_file_actions_init(&fa);
+  if (stdout_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stdout_fd, 1);
+  pid_t pid = 0;
+  count_syscall();
+  int rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
+  ::posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) return fail(Error::from_syscall("posix_spawn", rc));
+  return pid;
 }
 
 std::size_t mapping_count() {

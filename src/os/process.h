@@ -7,7 +7,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "mbmq/result.h"
 #include "os/fd.h"
@@ -39,6 +41,13 @@ long write_once(int fd, const void* buf, std::size_t n) noexcept;
 // Counts entries of /proc/self/fd and lines of /proc/self/maps (leak checks in tests).
 std::size_t open_fd_count();
 std::size_t mapping_count();
+// The names in a directory, sorted (e.g. /dev/shm, to show nothing was left there).
+std::vector<std::string> dir_listing(const char* path);
+
+// posix_spawn(path, argv): a new program, not a fork of this one. Its stdout is `stdout_fd` (-1:
+// ours). Only fds without O_CLOEXEC (and 0-2) reach it.
+Result<pid_t> spawn_program(const std::string& path, const std::vector<std::string>& args,
+                            int stdout_fd);
 
 }  // namespace mbmq::os
 
