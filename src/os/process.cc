@@ -169,6 +169,17 @@ Result<pid_t> spawn_program(const std::string& path, const std::vector<std::stri
   return pid;
 }
 
+std::size_t mapping_count(const char* needle) {
+  std::size_t n = 0;
+  if (FILE* f = std::fopen("/proc/self/maps", "r")) {
+    char line[4096];
+    while (std::fgets(line, sizeof line, f) != nullptr)
+      if (std::strstr(line, needle) != nullptr) ++n;
+    std::fclose(f);
+  }
+  return n;
+}
+
 std::size_t mapping_count() {
   std::size_t n = 0;
   if (FILE* f = std::fopen("/proc/self/maps", "r")) {

@@ -41,6 +41,9 @@ long write_once(int fd, const void* buf, std::size_t n) noexcept;
 // Counts entries of /proc/self/fd and lines of /proc/self/maps (leak checks in tests).
 std::size_t open_fd_count();
 std::size_t mapping_count();
+// Lines of /proc/self/maps that contain `needle` (e.g. "memfd:mbmq": the library's own mappings,
+// unaffected by the allocator's or a sanitizer's).
+std::size_t mapping_count(const char* needle);
 // The names in a directory, sorted (e.g. /dev/shm, to show nothing was left there).
 std::vector<std::string> dir_listing(const char* path);
 

@@ -41,7 +41,8 @@ long long delta(std::size_t now, std::size_t base) {
 // (microseconds, unless the thread is preempted), on the watcher thread.
 void settle(std::size_t fds0, std::size_t maps0) {
   for (int i = 0; i < 1000; ++i) {
-    if (mbmq::os::open_fd_count() == fds0 && mbmq::os::mapping_count() == maps0) return;
+    if (mbmq::os::open_fd_count() == fds0 && mbmq::os::mapping_count("memfd:mbmq-") == maps0)
+      return;
     ::usleep(1000);
   }
 }
@@ -50,7 +51,8 @@ int server(const char* name, bool hold) {
   auto listener = mbmq::Listener::create(name);
   auto queue = mbmq::MsgQueue::create();
   if (!listener || !queue || !listener->redirect(*queue, 0)) return 2;
-  const std::size_t fds0 = mbmq::os::open_fd_count(), maps0 = mbmq::os::mapping_count();
+  const std::size_t fds0 = mbmq::os::open_fd_count(),
+                    maps0 = mbmq::os::mapping_count("memfd:mbmq-");
   say("ready\n");
   std::map<std::uint64_t, mbmq::Message> held;
   for (std::uint64_t next_key = 1;;) {
@@ -76,7 +78,8 @@ int server(const char* name, bool hold) {
         held.erase(it);
         settle(fds0, maps0);
         say("released %s %lld %lld\n", r ? "ok" : mbmq::errc_name(r.error().code),
-            delta(mbmq::os::open_fd_count(), fds0), delta(mbmq::os::mapping_count(), maps0));
+            delta(mbmq::os::open_fd_count(), fds0),
+            delta(mbmq::os::mapping_count("memfd:mbmq-"), maps0));
         return 0;
       }
       default:
@@ -89,7 +92,8 @@ int client(const char* name) {
   // Starts the watcher thread before the baseline. Kept open: closing it would have the watcher
   // deliver a hang-up, and free the other end, while the baseline is being taken.
   auto warm_up = mbmq::Channel::pair();
-  const std::size_t fds0 = mbmq::os::open_fd_count(), maps0 = mbmq::os::mapping_count();
+  const std::size_t fds0 = mbmq::os::open_fd_count(),
+                    maps0 = mbmq::os::mapping_count("memfd:mbmq-");
   long long calls = 0;
   mbmq::Errc code = mbmq::Errc::System;
   std::int64_t t = 0;
@@ -120,7 +124,7 @@ int client(const char* name) {
   }  // the channel and its buffer are gone here
   settle(fds0, maps0);
   say("closed %s %lld %lld %lld %lld\n", mbmq::errc_name(code), static_cast<long long>(t), calls,
-      delta(mbmq::os::open_fd_count(), fds0), delta(mbmq::os::mapping_count(), maps0));
+      delta(mbmq::os::open_fd_count(), fds0), delta(mbmq::os::mapping_count("memfd:mbmq-"), maps0));
   return 0;
 }
 

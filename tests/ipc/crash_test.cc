@@ -1,7 +1,9 @@
 // Crashes between unrelated processes (fork+exec of tests/helpers/test_peer.cc, each with a
 // watchdog): SIGKILL of a server while 32 clients are mid-call, at random times, and SIGKILL of a
-// client while its server holds its request. Before and after every trial this process's fd and
-// mapping counts and the /dev/shm listing are unchanged; every peer reports its own as well.
+// client while its server holds its request. Before and after every trial this process's fd
+// count, its count of mbmq mappings ("memfd:mbmq-" in /proc/self/maps: the allocator's and the
+// sanitizers' own mappings come and go) and the /dev/shm listing are unchanged; every peer
+// reports its own counts as well.
 //
 // MBMQ_CRASH_TRIALS sets the number of server-kill trials (default 50; the `soak` label runs
 // more). The detection latency (SIGKILL to PeerClosed in the caller) is printed as p50/p99/max.
@@ -75,7 +77,7 @@ struct Snapshot {
   bool operator==(const Snapshot&) const = default;
 };
 Snapshot snapshot() {
-  return {os::open_fd_count(), os::mapping_count(), os::dir_listing("/dev/shm")};
+  return {os::open_fd_count(), os::mapping_count("memfd:mbmq-"), os::dir_listing("/dev/shm")};
 }
 // The snapshot once it equals `want`, or after 1 s. (A channel closed while the watcher thread is
 // still delivering its hang-up is freed when that delivery returns, on the watcher thread.)
