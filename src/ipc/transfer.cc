@@ -54,6 +54,8 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
                                                        os::UniqueFd seg_fd, os::UniqueFd ctl) {
   if (m.side > 1 || m.wait_mode > 2 || m.spin_ns < 0 || !seg_fd || !ctl)
     return fail(Errc::Protocol, "import channel end: malformed");
+  if (!os::is_unix_seqpacket(ctl.get()))
+    return fail(Errc::Protocol, "import channel end: the control fd is not a SEQPACKET socket");
   shm::Segment seg = MBMQ_TRY(shm::Segment::attach(std::move(seg_fd)));
   // The sender's private ring positions must agree with what it published.
   shm::Direction& out = seg.dir(static_cast<int>(m.side));

@@ -182,6 +182,17 @@ Result<UniqueFd> accept_conn(int listener) {
   }
 }
 
+bool is_unix_seqpacket(int fd) noexcept {
+  int type = 0, domain = 0;
+  socklen_t len = sizeof(type);
+  count_syscall();
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return false;
+  len = sizeof(domain);
+  count_syscall();
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return false;
+  return type == SOCK_SEQPACKET && domain == AF_UNIX;
+}
+
 Result<PeerCred> peer_cred(int sock) {
   ucred c{};
   socklen_t len = sizeof(c);

@@ -66,6 +66,9 @@ struct PeerCred {
   unsigned uid = 0;
   unsigned gid = 0;
 };
+// True if fd is an AF_UNIX SOCK_SEQPACKET socket (a control socket received from a peer).
+bool is_unix_seqpacket(int fd) noexcept;
+
 // SO_PEERCRED of a connected AF_UNIX socket: who was at the other end when it connected.
 Result<PeerCred> peer_cred(int sock);
 
