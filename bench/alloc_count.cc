@@ -4,9 +4,14 @@
 #include <new>
 
 std::atomic<std::uint64_t> g_allocs{0};
+namespace {
+thread_local std::uint64_t t_allocs = 0;
+}
+std::uint64_t allocs_this_thread() noexcept { return t_allocs; }
 
 void* operator new(std::size_t n) {
   g_allocs.fetch_add(1, std::memory_order_relaxed);
+  ++t_allocs;
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }

@@ -153,7 +153,7 @@ std::vector<std::string> dir_listing(const char* path) {
 }
 
 Result<pid_t> spawn_program(const std::string& path, const std::vector<std::string>& args,
-                            int stdout_fd) {
+                            int stdout_fd, int stderr_fd, int fd3) {
   std::vector<char*> argv;
   argv.push_back(const_cast<char*>(path.c_str()));
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
@@ -161,6 +161,8 @@ Result<pid_t> spawn_program(const std::string& path, const std::vector<std::stri
   posix_spawn_file_actions_t fa;
   ::posix_spawn_file_actions_init(&fa);
   if (stdout_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stdout_fd, 1);
+  if (stderr_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
+  if (fd3 >= 0) ::posix_spawn_file_actions_adddup2(&fa, fd3, 3);
   pid_t pid = 0;
   count_syscall();
   int rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
@@ -222,6 +224,14 @@ namespace mbmq::os {
 std::int64_t thread_cpu_ns() noexcept {
   timespec ts{};
   ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+bool is_terminal(int fd) noexcept { return ::isatty(fd) == 1; }
+
+std::int64_t process_cpu_ns() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 }  // namespace mbmq::os

@@ -47,10 +47,11 @@ std::size_t mapping_count(const char* needle);
 // The names in a directory, sorted (e.g. /dev/shm, to show nothing was left there).
 std::vector<std::string> dir_listing(const char* path);
 
-// posix_spawn(path, argv): a new program, not a fork of this one. Its stdout is `stdout_fd` (-1:
-// ours). Only fds without O_CLOEXEC (and 0-2) reach it.
+// posix_spawn(path, argv): a new program, not a fork of this one. Its stdout is `stdout_fd` and
+// its stderr `stderr_fd` (-1: ours); `fd3`, if given, is its fd 3. Only fds without O_CLOEXEC (and
+// 0-2) reach it.
 Result<pid_t> spawn_program(const std::string& path, const std::vector<std::string>& args,
-                            int stdout_fd);
+                            int stdout_fd, int stderr_fd = -1, int fd3 = -1);
 
 }  // namespace mbmq::os
 
@@ -69,4 +70,8 @@ void die_with_parent() noexcept;
 namespace mbmq::os {
 // CPU time (user + system) the calling thread has used, in ns (CLOCK_THREAD_CPUTIME_ID).
 std::int64_t thread_cpu_ns() noexcept;
+// isatty(fd): whether to draw a progress bar there.
+bool is_terminal(int fd) noexcept;
+// CPU time of the whole process, all threads (CLOCK_PROCESS_CPUTIME_ID).
+std::int64_t process_cpu_ns() noexcept;
 }  // namespace mbmq::os

@@ -1,0 +1,129 @@
+// The `mbmq` command: argument errors exit 2 with a message; --json has the documented schema
+// for every mechanism; every mechanism's reply verification catches a corrupted payload.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "os/process.h"
+
+namespace mbmq {
+namespace {
+
+const std::string kTool = MBMQ_TOOL;
+
+struct ToolRun {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string drain(int fd) {
+  std::string s;
+  char buf[65536];
+  for (long n; (n = os::read_once(fd, buf, sizeof buf)) > 0;)
+    s.append(buf, static_cast<std::size_t>(n));
+  return s;
+}
+
+ToolRun run(const std::vector<std::string>& args) {
+  ToolRun r;
+  auto out = os::make_pipe();
+  auto err = os::make_pipe();
+  if (!out || !err) return r;
+  auto pid = os::spawn_program(kTool, args, out->second.get(), err->second.get());
+  out->second.reset();
+  err->second.reset();
+  if (!pid) return r;
+  // The JSON fits in the pipe only if read while the tool runs: drain stdout, then stderr (the
+  // tool writes little there without a terminal).
+  r.out = drain(out->first.get());
+  r.err = drain(err->first.get());
+  auto st = os::wait_process(*pid);
+  if (st && WIFEXITED(*st)) r.code = WEXITSTATUS(*st);
+  return r;
+}
+
+const std::vector<std::string> kMechanisms = {
+    "raw-spin", "raw-ring",      "raw-futex", "mbmq-spin",  "mbmq-adaptive", "mbmq-sleep", "pipe",
+    "uds",      "uds-seqpacket", "tcp",       "zeromq-ipc", "boost-mq",      "iceoryx"};
+
+TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
+  const std::vector<std::vector<std::string>> bad = {
+      {"bench", "--sizes", "abc"},
+      {"bench", "--sizes", "64,4X"},
+      {"bench", "--sizes", "128M"},  // above 64 MiB
+      {"bench", "--mechanisms", "carrier-pigeon"},
+      {"bench", "--seconds", "0"},
+      {"bench", "--json", "--markdown"},
+      {"bench", "--frobnicate"},
+      {"frobnicate"},
+      {},
+  };
+  for (const auto& args : bad) {
+    ToolRun r = run(args);
+    std::string line;
+    for (const auto& a : args) line += a + " ";
+    EXPECT_EQ(r.code, 2) << "mbmq " << line;
+    EXPECT_FALSE(r.err.empty()) << "mbmq " << line << ": no message";
+  }
+  EXPECT_NE(run({"bench", "--mechanisms", "carrier-pigeon"}).err.find("carrier-pigeon"),
+            std::string::npos);
+}
+
+TEST(Tool, JsonHasTheSchemaForEveryMechanism) {
+  ToolRun r = run({"bench", "--json", "--sizes", "64,64K,1M", "--seconds", "0.05", "--no-strace"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto doc = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(doc.is_discarded()) << r.out.substr(0, 500);
+  ASSERT_TRUE(doc.contains("results") && doc["results"].is_array());
+  ASSERT_TRUE(doc.contains("checks") && doc["checks"].is_array());
+  EXPECT_TRUE(doc["machine"]["cpus"].is_number_integer());
+  EXPECT_TRUE(doc["touch"].is_boolean());
+  std::set<std::string> seen;
+  for (const auto& res : doc["results"]) {
+    const std::string m = res["mechanism"].get<std::string>();
+    seen.insert(m);
+    ASSERT_TRUE(res["size"].is_number_unsigned());
+    for (const char* key : {"p50_ns", "p99_ns", "p999_ns", "max_ns", "rtt_per_s", "mb_per_s",
+                            "memcpy_eq", "syscalls_per_rtt", "allocs_per_rtt"})
+      ASSERT_TRUE(res.contains(key)) << m << " lacks " << key;
+    if (res.contains("error")) {
+      // Only a mechanism that cannot run here may fail, and it must say why.
+      EXPECT_EQ(res["error"].get<std::string>().rfind("unavailable", 0), 0u)
+          << m << ": " << res["error"];
+      continue;
+    }
+    EXPECT_TRUE(res["p50_ns"].is_number()) << m;
+    EXPECT_LE(res["p50_ns"].get<double>(), res["p99_ns"].get<double>()) << m;
+    EXPECT_LE(res["p99_ns"].get<double>(), res["p999_ns"].get<double>()) << m;
+    EXPECT_LE(res["p999_ns"].get<double>(), res["max_ns"].get<double>()) << m;
+    EXPECT_GT(res["rtt_per_s"].get<double>(), 0) << m;
+    EXPECT_GT(res["iterations"].get<std::size_t>(), 0u) << m;
+    // Zero-copy mechanisms, from the slope 64 KiB -> 1 MiB (a loose bound: the VM is noisy).
+    if (res["size"] == 1u << 20 && (m == "mbmq-spin" || m == "raw-ring")) {
+      ASSERT_TRUE(res["memcpy_eq"].is_number()) << m;
+    }
+  }
+  for (const auto& m : kMechanisms) EXPECT_TRUE(seen.count(m)) << m << " missing";
+}
+
+TEST(Tool, EveryMechanismsVerificationCatchesACorruptedPayload) {
+  for (const auto& m : kMechanisms) {
+    ToolRun r = run({"bench", "--json", "--sizes", "4K", "--seconds", "0.05", "--no-strace",
+                     "--mechanisms", m, "--inject-corruption"});
+    auto doc = nlohmann::json::parse(r.out, nullptr, false);
+    ASSERT_FALSE(doc.is_discarded()) << m << ": " << r.err;
+    const auto& res = doc["results"].at(0);
+    ASSERT_TRUE(res.contains("error")) << m << " did not notice the corruption";
+    const std::string e = res["error"].get<std::string>();
+    if (e.rfind("unavailable", 0) == 0) continue;
+    EXPECT_NE(e.find("verification"), std::string::npos) << m << ": " << e;
+    EXPECT_EQ(r.code, 1) << m;
+  }
+}
+
+}  // namespace
+}  // namespace mbmq

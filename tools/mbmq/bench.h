@@ -1,0 +1,113 @@
+// tools/mbmq/bench.h: the measuring core of `mbmq bench`: the work of one round trip, the
+// mechanisms (each a real implementation in its own file), and one measured cell.
+//
+// A cell = one mechanism at one payload size: a server process (fork), the client in this one,
+// pinned to CPUs 1 and 0 when there are two. One round trip: the client writes the whole payload
+// and sends it; the server reads the whole payload (a 64-bit sum) and answers with the 8-byte
+// sum; the client verifies it. With --no-touch only the first 8 bytes are written and read.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mbmq/result.h"
+
+namespace mbmq::tool {
+
+// ---- the work of a round trip ------------------------------------------------------------------
+struct Work {
+  bool touch = true;     // write and read the whole payload (else 8 bytes)
+  bool corrupt = false;  // test hook: the server flips one payload byte before reading it
+};
+extern Work g_work;  // set once by main(), before any cell
+
+void write_payload(std::byte* p, std::size_t n, std::uint64_t iter);  // client
+std::uint64_t read_payload(std::byte* p, std::size_t n);              // server: the sum
+std::uint64_t expected_sum(std::size_t n, std::uint64_t iter);        // client: verify
+
+// ---- server-side accounting
+// ----------------------------------------------------------------------
+struct ServerStats {
+  std::uint64_t syscalls = 0, allocs = 0, rtts = 0;
+  std::int64_t cpu_ns = 0;
+  int error = 0;
+};
+// tick() as each request arrives (before it is answered); stop() when the stop request arrives.
+struct ServerCounter {
+  std::uint64_t n = 0, sys0 = 0, alloc0 = 0, sys1 = 0, alloc1 = 0;
+  std::int64_t cpu0 = 0, cpu1 = 0;
+  bool stopped = false;
+  std::optional<ServerStats> external;  // counted by a server that runs as its own program
+  void tick();
+  void stop();
+  ServerStats finish(int error);
+};
+
+// ---- mechanisms ------------------------------------------------------------------------------
+// setup() runs in the parent before the fork; serve() in the server child; after_fork_parent()
+// in the client after the fork; client_rtt(iter) does one verified round trip (false: wrong reply
+// or a failure); stop() tells the server to exit; teardown() releases everything.
+struct Mechanism {
+  std::string name;
+  std::string copies_by_design;  // payload copies per request by design, with why
+  std::string unavailable;       // non-empty: cannot run here, and why
+  std::function<Status(std::size_t size)> setup;
+  std::function<int(std::size_t size, ServerCounter& count)> serve;
+  std::function<Status()> after_fork_parent;
+  std::function<bool(std::uint64_t iter)> client_rtt;
+  std::function<void()> stop;
+  std::function<void()> teardown;
+  std::size_t max_size = ~std::size_t{0};  // larger payloads are reported as unsupported
+  // Every system call it makes goes through mbmq's os/ layer, which counts them exactly per
+  // thread. Otherwise (a third-party library) only strace can count them.
+  bool os_counted = true;
+};
+
+std::vector<Mechanism> shm_mechanisms();     // raw-spin, raw-ring, raw-futex, mbmq-*
+std::vector<Mechanism> kernel_mechanisms();  // pipe, uds, uds-seqpacket, tcp
+Mechanism zeromq_mechanism();
+Mechanism boost_mq_mechanism();
+Mechanism iceoryx_mechanism();
+// `mbmq __iceoryx-server SIZE [--no-touch] [--inject-corruption]`: the iceoryx server, exec'd
+// (the iceoryx runtime is one per process and does not survive fork); ServerStats on fd 3.
+int iceoryx_server_main(const std::vector<std::string>& args);
+// A run under strace, started by a run that has RouDi up already: use that one.
+void use_running_roudi();
+std::vector<Mechanism> all_mechanisms();
+
+// ---- a cell ------------------------------------------------------------------------------------
+struct Options {
+  std::vector<std::size_t> sizes;
+  double seconds_per_cell = 1.0;
+  std::size_t max_samples = 2'000'000;
+  std::uint64_t fixed_rtts = 0;  // > 0: exactly this many measured round trips, 10 warm-up
+  bool pin = true;
+};
+
+struct CellResult {
+  std::string mechanism;
+  std::size_t size = 0;
+  std::vector<std::int64_t> lat;  // ns per round trip, measured iterations, sorted
+  std::optional<double> syscalls_per_rtt, allocs_per_rtt;  // os/ counters, both sides
+  double client_syscalls = 0, server_syscalls = 0;
+  std::optional<double> strace_syscalls_per_rtt;  // strace -f -c, both processes, every call
+  std::optional<double> memcpy_eq;                // copies per request in memcpy equivalents
+  double cpu_ns_per_rtt = 0;                      // both processes
+  std::string error;
+  double pct(double q) const;
+  double rtt_per_s() const;
+};
+
+int cpus();
+CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
+
+// Time of one memcpy of n bytes between two warm buffers, in this process (median of repeats).
+double memcpy_ns(std::size_t n);
+
+std::string human_size(std::size_t n);
+
+}  // namespace mbmq::tool

@@ -1,0 +1,279 @@
+// tools/mbmq/main.cc: the `mbmq` command.
+//   mbmq bench   two-process request/response: mbmq beside the IPC in use today, measured here
+//   mbmq copies  per mechanism, the copies a request costs by design and as measured
+// `mbmq-bench ARGS` is `mbmq bench ARGS`. Argument errors print why and exit 2; a failed cell
+// (a wrong reply, a mechanism that broke) exits 1 after the report.
+#include <sys/wait.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench.h"
+#include "mbmq/deadline.h"
+#include "os/process.h"
+#include "report.h"
+
+namespace mbmq::tool {
+namespace {
+
+std::vector<std::size_t> parse_sizes(const std::string& s) {
+  std::vector<std::size_t> out;
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    std::size_t comma = s.find(',', pos);
+    std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    std::size_t mult = 1;
+    if (!tok.empty() && (tok.back() == 'K' || tok.back() == 'k'))
+      mult = 1024, tok.pop_back();
+    else if (!tok.empty() && (tok.back() == 'M' || tok.back() == 'm'))
+      mult = 1 << 20, tok.pop_back();
+    char* end = nullptr;
+    unsigned long long v = std::strtoull(tok.c_str(), &end, 10);
+    if (tok.empty() || *end != '\0' || tok[0] == '-')
+      throw CLI::ValidationError("--sizes", "not a size: '" + tok + "' (e.g. 64,4K,1M)");
+    std::size_t size = static_cast<std::size_t>(v) * mult;
+    if (size < 8 || size > (64u << 20))
+      throw CLI::ValidationError("--sizes", "each size must be 8 B .. 64 MiB, got " + tok);
+    out.push_back(size);
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
+// Runs this program under `strace -f -c` for `rtts` round trips of one cell and returns the total
+// number of system calls strace counted (every thread of both processes).
+std::optional<double> strace_total(const std::string& self, const std::string& mech,
+                                   std::size_t size, std::uint64_t rtts, bool touch) {
+  static int n = 0;
+  std::string out =
+      "/tmp/mbmq-strace-" + std::to_string(os::current_pid()) + "-" + std::to_string(n++) + ".txt";
+  std::vector<std::string> args = {"-f",
+                                   "-c",
+                                   "-q",
+                                   "-o",
+                                   out,
+                                   "--",
+                                   self,
+                                   "bench",
+                                   "--mechanisms",
+                                   mech,
+                                   "--sizes",
+                                   std::to_string(size),
+                                   "--fixed-rtts",
+                                   std::to_string(rtts),
+                                   "--no-strace",
+                                   "--no-pin",
+                                   "--json",
+                                   "--roudi-running"};
+  if (!touch) args.push_back("--no-touch");
+  auto devnull = ::fopen("/dev/null", "w");
+  auto pid = os::spawn_program("/usr/bin/strace", args, devnull ? fileno(devnull) : -1,
+                               devnull ? fileno(devnull) : -1);
+  if (devnull) std::fclose(devnull);
+  if (!pid) return std::nullopt;
+  auto st = os::wait_process(*pid);
+  const bool cell_ok = st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0;
+  std::ifstream f(out);
+  std::string line, last_total;
+  while (std::getline(f, line))
+    if (line.find(" total") != std::string::npos) last_total = line;
+  std::error_code ec;
+  std::filesystem::remove(out, ec);
+  if (!cell_ok || last_total.empty()) return std::nullopt;
+  // "100.00    0.001234          12      1234        5 total": calls is the 4th column.
+  std::istringstream in(last_total);
+  std::string pct, secs, usecs, calls;
+  in >> pct >> secs >> usecs >> calls;
+  char* end = nullptr;
+  double v = std::strtod(calls.c_str(), &end);
+  if (end == calls.c_str()) return std::nullopt;
+  return v;
+}
+
+// Syscalls per round trip by strace: the difference of two runs cancels start-up and tear-down.
+void add_strace(std::vector<CellResult>& rs, const std::string& self, bool touch, std::size_t size,
+                bool progress) {
+  if (!std::filesystem::exists("/usr/bin/strace")) return;
+  constexpr std::uint64_t kShort = 20, kLong = 220;
+  for (auto& r : rs) {
+    // Only where os/ could not count (third-party libraries).
+    if (r.size != size || !r.error.empty() || r.syscalls_per_rtt) continue;
+    if (progress)
+      std::fprintf(stderr, "\r  strace: %-14s %-8s   ", r.mechanism.c_str(),
+                   human_size(size).c_str());
+    auto a = strace_total(self, r.mechanism, size, kShort, touch);
+    auto b = strace_total(self, r.mechanism, size, kLong, touch);
+    if (a && b && *b >= *a)
+      r.strace_syscalls_per_rtt = (*b - *a) / static_cast<double>(kLong - kShort);
+  }
+}
+
+struct Progress {
+  bool on = false;
+  std::size_t total = 0, done = 0;
+  void step(const std::string& what) {
+    if (!on) return;
+    const int width = 30;
+    int fill =
+        total ? static_cast<int>(static_cast<double>(done) / static_cast<double>(total) * width)
+              : 0;
+    std::fprintf(stderr, "\r[%.*s%*s] %zu/%zu %-28s", fill,
+                 "==============================", width - fill, "", done, total, what.c_str());
+    ++done;
+  }
+  void clear() {
+    if (on) std::fprintf(stderr, "\r%90s\r", "");
+  }
+};
+
+int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
+              const std::string& self) {
+  CLI::App app{copies_mode
+                   ? "mbmq copies: how many copies does a request cost, per mechanism"
+                   : "mbmq bench: two-process request/response, mbmq beside the IPC you use"};
+  bool json = false, markdown_out = false, quick = false, no_pin = false, no_touch = false,
+       no_strace = false, corrupt = false, roudi_running = false;
+  std::string sizes_arg = copies_mode ? "64K,1M,16M" : "64,4K,64K,1M,16M,64M";
+  std::string only, plot;
+  double seconds = copies_mode ? 0.3 : 1.0;
+  std::uint64_t fixed = 0;
+  app.add_flag("--json", json, "print one JSON document instead of the table");
+  app.add_flag("--markdown", markdown_out, "print a Markdown table instead");
+  app.add_flag("--quick", quick, "a run under 30 s: sizes 64,64K,1M and 0.2 s per cell");
+  app.add_option("--sizes", sizes_arg, "payload sizes, comma-separated, 8 B .. 64 MiB (K, M)");
+  app.add_option("--seconds", seconds, "seconds per mechanism and size")
+      ->check(CLI::Range(0.05, 60.0));
+  app.add_option("--mechanisms", only, "comma-separated subset of mechanisms");
+  app.add_option("--plot", plot, "write a log-log latency-vs-size plot to this SVG file");
+  app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
+  app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
+  app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
+  app.add_option("--fixed-rtts", fixed, "exactly this many measured round trips (for strace)")
+      ->group("");
+  app.add_flag("--inject-corruption", corrupt, "test: the server flips a payload byte")->group("");
+  app.add_flag("--roudi-running", roudi_running, "use the RouDi our parent run started")->group("");
+  std::vector<const char*> args = {copies_mode ? "mbmq copies" : "mbmq bench"};
+  for (const auto& a : argv_rest) args.push_back(a.c_str());
+  try {
+    app.parse(static_cast<int>(args.size()), const_cast<char**>(args.data()));
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  Options opt;
+  try {
+    opt.sizes = parse_sizes(quick && !app.count("--sizes") ? std::string("64,64K,1M") : sizes_arg);
+  } catch (const CLI::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
+  if (json && markdown_out) {
+    std::fprintf(stderr, "--json and --markdown: choose one\n");
+    return 2;
+  }
+  opt.seconds_per_cell = quick ? 0.2 : seconds;
+  opt.pin = !no_pin;
+  opt.fixed_rtts = fixed;
+  g_work.touch = !no_touch;
+  g_work.corrupt = corrupt;
+  if (roudi_running) use_running_roudi();
+
+  std::vector<Mechanism> mechs = all_mechanisms();
+  if (!only.empty()) {
+    std::string list = "," + only + ",";
+    for (std::size_t pos = 1; pos < list.size();) {
+      std::size_t c = list.find(',', pos);
+      std::string name = list.substr(pos, c - pos);
+      if (!name.empty() && std::none_of(mechs.begin(), mechs.end(),
+                                        [&](const Mechanism& m) { return m.name == name; })) {
+        std::string known;
+        for (const auto& m : mechs) known += " " + m.name;
+        std::fprintf(stderr, "--mechanisms: unknown '%s' (known:%s)\n", name.c_str(),
+                     known.c_str());
+        return 2;
+      }
+      pos = c + 1;
+    }
+    std::erase_if(mechs, [&](const Mechanism& m) {
+      return list.find("," + m.name + ",") == std::string::npos;
+    });
+  }
+
+  Progress progress;
+  progress.total = mechs.size() * opt.sizes.size();
+  progress.on = fixed == 0 && os::is_terminal(2) &&
+                static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  std::vector<CellResult> results;
+  for (std::size_t size : opt.sizes) {
+    for (auto& m : mechs) {
+      progress.step(m.name + " " + human_size(size));
+      results.push_back(run_cell(m, size, opt));
+    }
+  }
+  if (!no_strace && !copies_mode && fixed == 0)
+    add_strace(results, self, g_work.touch, opt.sizes.front(), progress.on);
+  progress.clear();
+  if (fixed == 0) derive_copies(results);
+  std::vector<Check> checks = copies_mode ? std::vector<Check>{} : evaluate(results, opt.sizes);
+  if (!plot.empty()) {
+    std::ofstream f(plot);
+    f << svg_plot(results);
+    if (!f) std::fprintf(stderr, "--plot: cannot write %s\n", plot.c_str());
+  }
+  if (json) {
+    std::printf("%s\n", to_json(results, checks, opt).dump(2).c_str());
+  } else if (markdown_out) {
+    std::printf("%s", markdown(results).c_str());
+  } else if (copies_mode) {
+    print_copies(results, mechs, opt.sizes);
+  } else {
+    print_table(results, checks, opt);
+  }
+  bool failed = std::any_of(results.begin(), results.end(), [](const CellResult& r) {
+    return !r.error.empty() && r.error.rfind("unavailable", 0) != 0 &&
+           r.error.rfind("unsupported", 0) != 0;
+  });
+  return failed ? 1 : 0;
+}
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: mbmq bench [options]    side-by-side IPC benchmark (mbmq bench --help)\n"
+               "       mbmq copies [options]   copies per request, by design and measured\n");
+  return 2;
+}
+
+}  // namespace
+}  // namespace mbmq::tool
+
+int main(int argc, char** argv) {
+  using namespace mbmq::tool;
+  std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  std::string prog = std::filesystem::path(argv[0]).filename().string();
+  std::vector<std::string> rest(argv + 1, argv + argc);
+  if (!rest.empty() && rest.front() == "__iceoryx-server")
+    return iceoryx_server_main({rest.begin() + 1, rest.end()});
+  if (prog == "mbmq-bench") return run_bench(rest, false, self);  // the old name: an alias
+  if (rest.empty()) return usage();
+  std::string cmd = rest.front();
+  rest.erase(rest.begin());
+  if (cmd == "bench") return run_bench(rest, false, self);
+  if (cmd == "copies") return run_bench(rest, true, self);
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    usage();
+    return 0;
+  }
+  std::fprintf(stderr, "mbmq: unknown command '%s'\n", cmd.c_str());
+  return usage();
+}

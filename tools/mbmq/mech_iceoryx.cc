@@ -1,0 +1,241 @@
+// tools/mbmq/mech_iceoryx.cc: iceoryx 2.0 request/response (Debian's iceoryx packages), the
+// untyped client and server, waiting in a WaitSet (blocking). Zero-copy: the request is written
+// in a chunk loaned from RouDi's shared memory and read there by the server.
+//
+// iceoryx needs its daemon, RouDi: `mbmq bench` starts /usr/bin/iox-roudi itself, with a
+// configuration whose memory pools hold payloads up to 64 MiB, and stops it when the run ends.
+// The iceoryx runtime is one per process and does not survive fork(), so the server is this
+// program exec'd as `mbmq __iceoryx-server SIZE` (ServerStats come back on its fd 3, a pipe: its
+// stdout is ours, where iceoryx may log).
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "bench.h"
+#include "iceoryx_hoofs/log/logmanager.hpp"
+#include "iceoryx_posh/mepoo/chunk_header.hpp"
+#include "iceoryx_posh/popo/untyped_client.hpp"
+#include "iceoryx_posh/popo/untyped_server.hpp"
+#include "iceoryx_posh/popo/wait_set.hpp"
+#include "iceoryx_posh/runtime/posh_runtime.hpp"
+#include "mbmq/deadline.h"
+#include "os/process.h"
+
+namespace mbmq::tool {
+
+namespace {
+
+const char* kRoudi = "/usr/bin/iox-roudi";
+constexpr std::size_t kStopSize = 1;  // real payloads are >= 8 bytes
+
+iox::capro::ServiceDescription service() { return {"mbmq", "bench", "request-response"}; }
+
+struct Roudi {
+  pid_t pid = 0;
+  std::string config;
+  std::string error;
+  ~Roudi() { stop(); }
+  void stop() {
+    if (pid > 0) {
+      (void)os::kill_process(pid, SIGTERM);
+      (void)os::wait_process(pid);
+      pid = 0;
+    }
+    if (!config.empty()) std::filesystem::remove(config);
+  }
+};
+Roudi g_roudi;
+bool g_use_running = false;
+
+// Starts RouDi once per run. Empty on success, else why not.
+std::string ensure_roudi() {
+  if (g_use_running) {
+    return std::filesystem::exists("/dev/shm/iceoryx_mgmt") ? std::string()
+                                                            : "the parent run's RouDi is gone";
+  }
+  if (g_roudi.pid > 0 || !g_roudi.error.empty()) return g_roudi.error;
+  if (!std::filesystem::exists(kRoudi)) return g_roudi.error = "iox-roudi not installed";
+  if (std::filesystem::exists("/dev/shm/iceoryx_mgmt"))
+    return g_roudi.error = "another RouDi runs on this machine (/dev/shm/iceoryx_mgmt exists)";
+  g_roudi.config = "/tmp/mbmq-roudi-" + std::to_string(os::current_pid()) + ".toml";
+  {
+    std::ofstream f(g_roudi.config);
+    f << "[general]\nversion = 1\n\n[[segment]]\n";
+    // chunk = payload + iceoryx's chunk header; responses are 8 bytes.
+    const std::pair<std::size_t, int> pools[] = {{128, 256},
+                                                 {1024, 64},
+                                                 {16384, 16},
+                                                 {131072, 16},
+                                                 {1u << 20 | 4096, 8},
+                                                 {(16u << 20) + 4096, 4},
+                                                 {(64u << 20) + 4096, 3}};
+    for (auto [size, count] : pools)
+      f << "\n[[segment.mempool]]\nsize = " << size << "\ncount = " << count << "\n";
+  }
+  auto devnull = std::fopen("/dev/null", "w");
+  const int quiet = devnull ? fileno(devnull) : -1;
+  auto pid =
+      os::spawn_program(kRoudi, {"-c", g_roudi.config, "-l", "off", "-m", "off"}, quiet, quiet);
+  if (devnull) std::fclose(devnull);
+  if (!pid) return g_roudi.error = "cannot start iox-roudi: " + pid.error().message();
+  g_roudi.pid = *pid;
+  // Ready when its management segment exists.
+  for (int i = 0; i < 500 && !std::filesystem::exists("/dev/shm/iceoryx_mgmt"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!std::filesystem::exists("/dev/shm/iceoryx_mgmt")) {
+    g_roudi.stop();
+    return g_roudi.error = "iox-roudi did not come up within 5 s";
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::atexit([] { g_roudi.stop(); });
+  return {};
+}
+
+void init_runtime(const std::string& name) {
+  static bool done = false;
+  if (done) return;
+  // Its runtime logs at Verbose by default (e.g. at exit); errors still show.
+  iox::log::LogManager::GetLogManager().SetDefaultLogLevel(iox::log::LogLevel::kError,
+                                                           iox::log::LogLevelOutput::kHideLogLevel);
+  iox::runtime::PoshRuntime::initRuntime(iox::RuntimeName_t(iox::cxx::TruncateToCapacity, name));
+  done = true;
+}
+
+}  // namespace
+
+void use_running_roudi() { g_use_running = true; }
+
+Mechanism iceoryx_mechanism() {
+  struct State {
+    std::size_t size = 0;
+    std::unique_ptr<iox::popo::UntypedClient> client;
+    std::unique_ptr<iox::popo::WaitSet<>> waitset;
+  };
+  auto st = std::make_shared<State>();
+  Mechanism m;
+  m.name = "iceoryx";
+  m.os_counted = false;
+  m.copies_by_design = "0: the request is written in a chunk loaned from RouDi's shared memory";
+  if (!std::filesystem::exists(kRoudi)) m.unavailable = "iox-roudi not installed (apt: iceoryx)";
+  m.max_size = 64u << 20;
+  m.setup = [st](std::size_t size) -> Status {
+    std::string why = ensure_roudi();
+    if (!why.empty()) return fail(Errc::System, "iceoryx: RouDi unavailable");
+    st->size = size;
+    return {};
+  };
+  m.serve = [](std::size_t size, ServerCounter& count) -> int {
+    // This forked child runs the server as its own program and waits for it.
+    std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+    auto pipe = os::make_pipe();
+    if (!pipe) return 10;
+    std::vector<std::string> args = {"__iceoryx-server", std::to_string(size)};
+    if (!g_work.touch) args.push_back("--no-touch");
+    if (g_work.corrupt) args.push_back("--inject-corruption");
+    auto pid = os::spawn_program(self, args, -1, -1, pipe->second.get());
+    pipe->second.reset();
+    if (!pid) return 11;
+    ServerStats s{};
+    auto got = os::read_full(pipe->first.get(), {reinterpret_cast<std::byte*>(&s), sizeof s});
+    (void)os::wait_process(*pid);
+    if (!got || *got != sizeof s) return 12;
+    count.external = s;
+    return s.error;
+  };
+  m.after_fork_parent = [st]() -> Status {
+    init_runtime("mbmq-bench-" + std::to_string(os::current_pid()));
+    st->client = std::make_unique<iox::popo::UntypedClient>(service());
+    st->waitset = std::make_unique<iox::popo::WaitSet<>>();
+    if (st->waitset->attachState(*st->client, iox::popo::ClientState::HAS_RESPONSE).has_error())
+      return fail(Errc::System, "iceoryx: WaitSet");
+    // The server is a new program: wait (at most 10 s) until the client is connected to it.
+    for (int i = 0; i < 1000; ++i) {
+      if (st->client->getConnectionState() == iox::ConnectionState::CONNECTED) return {};
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return fail(Errc::TimedOut, "iceoryx: no server connected");
+  };
+  m.client_rtt = [st](std::uint64_t iter) -> bool {
+    auto req = st->client->loan(static_cast<std::uint32_t>(st->size), 8);
+    if (req.has_error()) return false;
+    write_payload(static_cast<std::byte*>(req.value()), st->size, iter);
+    if (st->client->send(req.value()).has_error()) return false;
+    for (;;) {
+      auto resp = st->client->take();
+      if (!resp.has_error()) {
+        std::uint64_t sum = 0;
+        std::memcpy(&sum, resp.value(), 8);
+        st->client->releaseResponse(resp.value());
+        return sum == expected_sum(st->size, iter);
+      }
+      (void)st->waitset->wait();
+    }
+  };
+  m.stop = [st] {
+    if (!st->client) return;
+    auto req = st->client->loan(kStopSize, 1);
+    if (!req.has_error()) (void)st->client->send(req.value());
+  };
+  m.teardown = [st] {
+    st->waitset.reset();
+    st->client.reset();
+  };
+  return m;
+}
+
+int iceoryx_server_main(const std::vector<std::string>& args) {
+  if (args.empty()) return 2;
+  const std::size_t size = std::strtoull(args[0].c_str(), nullptr, 10);
+  for (const auto& a : args) {
+    if (a == "--no-touch") g_work.touch = false;
+    if (a == "--inject-corruption") g_work.corrupt = true;
+  }
+  os::die_with_parent();
+  init_runtime("mbmq-bench-server-" + std::to_string(os::current_pid()));
+  iox::popo::UntypedServer server(service());
+  iox::popo::WaitSet<> waitset;
+  if (waitset.attachState(server, iox::popo::ServerState::HAS_REQUEST).has_error()) return 3;
+  ServerCounter count;
+  int error = 0;
+  for (bool stop = false; !stop;) {
+    auto req = server.take();
+    if (req.has_error()) {
+      (void)waitset.wait();
+      continue;
+    }
+    const void* payload = req.value();
+    const auto* header = iox::mepoo::ChunkHeader::fromUserPayload(payload);
+    const std::size_t n = header->userPayloadSize();
+    if (n == kStopSize) {
+      count.stop();
+      stop = true;
+    } else {
+      // Read in place (the corruption hook writes: the chunk is this process's to read).
+      std::uint64_t sum = read_payload(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+      auto resp = server.loan(iox::popo::RequestHeader::fromPayload(payload), 8, 8);
+      if (resp.has_error()) {
+        error = 4;
+        stop = true;
+      } else {
+        std::memcpy(resp.value(), &sum, 8);
+        if (server.send(resp.value()).has_error()) error = 5, stop = true;
+      }
+      count.tick();
+    }
+    server.releaseRequest(payload);
+  }
+  (void)size;
+  ServerStats s = count.finish(error);
+  (void)os::write_full(3, {reinterpret_cast<const std::byte*>(&s), sizeof s});
+  return 0;
+}
+
+}  // namespace mbmq::tool
