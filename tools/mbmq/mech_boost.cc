@@ -74,7 +74,8 @@ Mechanism boost_mq_mechanism() {
   };
   m.stop = [st] {
     try {
-      if (st->req) st->req->send(nullptr, 0, 0);
+      char none = 0;  // an empty message stops the server (a valid pointer: it is memcpy'd)
+      if (st->req) st->req->send(&none, 0, 0);
     } catch (const bip::interprocess_exception&) {
     }
   };

@@ -87,7 +87,10 @@ Mechanism zeromq_mechanism() {
     return zmq_recv(st->sock, &sum, 8, 0) == 8 && sum == expected_sum(st->size, iter);
   };
   m.stop = [st] {
-    if (st->sock != nullptr) (void)zmq_send(st->sock, nullptr, 0, 0);
+    if (st->sock != nullptr) {
+      char none = 0;  // an empty message stops the server
+      (void)zmq_send(st->sock, &none, 0, 0);
+    }
   };
   m.teardown = [st] {
     if (st->sock != nullptr) zmq_close(st->sock);
