@@ -6,8 +6,10 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev
       strace valgrind
-      libzmq3-dev libboost-dev iceoryx libiceoryx-posh-dev libiceoryx-hoofs-dev)
-# The last line: what `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx + RouDi).
+      libzmq3-dev libboost-dev iceoryx libiceoryx-posh-dev libiceoryx-hoofs-dev
+      clang libclang-rt-14-dev)
+# The fourth line: what `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and
+# its RouDi). The last: libFuzzer and FuzzedDataProvider.h for the fuzz targets.
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

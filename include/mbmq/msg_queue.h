@@ -69,7 +69,8 @@ class MsgQueue {
 
   // Redirects `channel` here with `key` and takes ownership of it: the queue keeps the channel open
   // until its final Kind::PeerClosed has been delivered (or the queue is destroyed). For servers
-  // that accept many connections and keep no handle of their own.
+  // that accept many connections and keep no handle of their own. Errc::PeerClosed if the channel
+  // has already ended (a client that connected and left at once): it is closed, nothing to adopt.
   Status adopt(Channel&& channel, std::uint64_t key);
 
   void set_wait_policy(WaitPolicy policy);

@@ -7,6 +7,7 @@
 #include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "os/epoll.h"
+#include "os/fault.h"
 #include "os/futex.h"
 #include "os/memfd.h"
 #include "os/process.h"
@@ -50,7 +51,8 @@ Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   for (std::uint32_t k = ep->n_; k-- > 0;) ep->free_slots_.push_back(k);
   ep->free_ext_.reserve(kMaxExtents);
   for (std::uint32_t e = kMaxExtents; e-- > 0;) ep->free_ext_.push_back(e);
-  ep->ensure_watched();
+  // Without the watch, the death of the peer would go unnoticed: no end without it.
+  MBMQ_TRY(ep->ensure_watched());
   return ep;
 }
 
@@ -429,6 +431,7 @@ Status Endpoint::send(Buffer&& b, DescKind kind) {
   MBMQ_TRY(send_locked(b, kind,
                        kind == DescKind::Request ? OwnState::LentRequest : OwnState::LentOneWay));
   detach_buffer(b);
+  MBMQ_CRASH_POINT("send.sent");
   return {};
 }
 
@@ -460,8 +463,11 @@ Status Endpoint::reply(Buffer&& b) {
     b.handles_.reset();
   }
   detach_buffer(b);
+  MBMQ_CRASH_POINT("reply.before_send");
   // (P7) The answer travels in the request's own buffer.
-  return push_locked(Desc{id, size, gen, k, 0});
+  Status pushed = push_locked(Desc{id, size, gen, k, 0});
+  MBMQ_CRASH_POINT("reply.sent");
+  return pushed;
 }
 
 // ---- (P5) receiving ----------------------------------------------------------------------------
@@ -600,6 +606,7 @@ void Endpoint::make_message(const Desc& d, Message* out) {
     b.capacity_ = slot_size_;
   }
   out->kind = kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
+  if (out->kind == Kind::Request) MBMQ_CRASH_POINT("receive.got_request");
 }
 
 void Endpoint::pending_push(const Desc& d) noexcept {
@@ -711,7 +718,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
   if (redirected_.load(std::memory_order_relaxed))
     return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
   std::lock_guard consumer(consumer_mu_);
-  ensure_watched();
+  MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   {
     std::lock_guard lock(mu_);
@@ -719,6 +726,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     if (s != EpState::Open) return fail(closed_errc(s), "call");
     MBMQ_TRY(send_locked(b, DescKind::Request, OwnState::LentCall));
   }
+  MBMQ_CRASH_POINT("call.sent");
   for (;;) {
     if (inbound_ready()) {
       std::lock_guard lock(mu_);
@@ -729,6 +737,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
         std::uint16_t status = 0;
         Accepted a = accept(d, &b, &status);
         if (a == Accepted::CallDone) {
+          MBMQ_CRASH_POINT("call.got_reply");
           b.size_ = d.size;
           if ((d.kind & shm::kDescHasHandles) != 0) b.handles_ = take_handles_locked(d, true);
           if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
@@ -774,7 +783,7 @@ Result<Message> Endpoint::receive(Deadline deadline) {
   if (redirected_.load(std::memory_order_relaxed))
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   std::lock_guard consumer(consumer_mu_);
-  ensure_watched();
+  MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   for (;;) {
     Message m;
@@ -809,7 +818,7 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
     key_.store(key, std::memory_order_relaxed);
     redirected_.store(true, std::memory_order_relaxed);
   }
-  ensure_watched();
+  MBMQ_TRY(ensure_watched());
   queue->add(shared_from_this());
   queue->poke();
   return {};
@@ -839,6 +848,7 @@ void Endpoint::on_hangup() noexcept {
 }
 
 void Endpoint::close_local() noexcept {
+  MBMQ_CRASH_POINT("close.before");
   {
     std::lock_guard lock(mu_);
     if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
@@ -848,19 +858,19 @@ void Endpoint::close_local() noexcept {
   wake_local();
 }
 
-void Endpoint::ensure_watched() noexcept {
+Status Endpoint::ensure_watched() noexcept {
   int pid = os::current_pid();
-  if (watch_pid_.load(std::memory_order_relaxed) == pid) return;
+  if (watch_pid_.load(std::memory_order_relaxed) == pid) return {};
   std::lock_guard lock(mu_);
-  if (watch_pid_.load(std::memory_order_relaxed) == pid || !control_) return;
+  if (watch_pid_.load(std::memory_order_relaxed) == pid || !control_) return {};
   // Hang-up only, edge-triggered: a peer's close is reported once; data on the socket is read by
   // the endpoint itself.
   auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), control_.get(),
                      WatchSpec{os::kEpollHangup | os::kEpollEdge, true, 0});
-  if (id) {
-    watch_id_ = *id;
-    watch_pid_.store(pid, std::memory_order_relaxed);
-  }
+  if (!id) return fail(id.error());
+  watch_id_ = *id;
+  watch_pid_.store(pid, std::memory_order_relaxed);
+  return {};
 }
 
 void Endpoint::detach_buffer(Buffer& b) noexcept {

@@ -108,6 +108,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Test hooks: the raw segment (for the scribbling tests) and counts.
   std::byte* segment_base() const noexcept { return seg_.base(); }
   std::size_t segment_size() const noexcept { return seg_.geometry().segment_size; }
+  int control_fd_for_test() const noexcept { return control_.get(); }
 
  private:
   explicit Endpoint(Init init);
@@ -172,7 +173,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // No lock: waits until the inbound ring may have data, the state changed, or the deadline.
   void wait_inbound(Deadline deadline, WaitPolicy policy);
   bool inbound_ready() const noexcept;
-  void ensure_watched() noexcept;
+  // Registers the control socket with this process's watcher (again after fork()). An end whose
+  // peer's death could not be noticed must not be used: the error is returned.
+  Status ensure_watched() noexcept;
   // Removes this end from the peer watcher (before control_ closes). mu_ held, or the destructor.
   void unwatch() noexcept;
   void wake_local() noexcept;

@@ -73,7 +73,6 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   std::weak_ptr<QueueCore> queue_;                 // guarded by mu_
   std::uint64_t key_ = 0;                          // guarded by mu_
   bool closed_ = false;                            // guarded by mu_
-  bool close_reported_ = false;                    // guarded by mu_
   // arrivals_ non-empty, or closed and not yet reported: lets the queue skip the lock.
   std::atomic<bool> ready_{false};
 };

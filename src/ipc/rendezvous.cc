@@ -10,6 +10,7 @@
 #include "ipc/endpoint.h"
 #include "ipc/listener_core.h"
 #include "os/epoll.h"
+#include "os/fault.h"
 #include "os/fd.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
@@ -236,6 +237,7 @@ void ListenCore::handshake(int fd) noexcept {
     c.failed.fetch_add(1, std::memory_order_relaxed);
     return;
   }
+  MBMQ_CRASH_POINT("listen.got_hello");
   // Who is it? The kernel recorded the peer's credentials at connect().
   auto cred = os::peer_cred(conn.get());
   Verdict verdict = Verdict::Accepted;
@@ -263,6 +265,7 @@ void ListenCore::handshake(int fd) noexcept {
     c.failed.fetch_add(1, std::memory_order_relaxed);  // the pair is dropped, nothing leaks
     return;
   }
+  MBMQ_CRASH_POINT("listen.sent_verdict");
   ChannelAccess::ep(ends->second)->set_lease(std::make_shared<ConnLease>(counters_));
   c.accepted.fetch_add(1, std::memory_order_relaxed);
   std::shared_ptr<QueueCore> q;
@@ -335,9 +338,11 @@ Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wai
   // (R1)
   os::UniqueFd sock = MBMQ_TRY(os::connect_abstract(socket_name(name)));
   MBMQ_TRY(send_plain(sock.get(), Hello{kHelloMagic, kRendezvousVersion, 0}));
+  MBMQ_CRASH_POINT("connect.sent_hello");
   bool ready = MBMQ_TRY(os::wait_readable(sock.get(), timeout_of(deadline)));
   if (!ready) return fail(Errc::TimedOut, "connect: no verdict from the listener");
   auto v = MBMQ_TRY(recv_now<VerdictMsg>(sock.get(), "connect: verdict"));
+  MBMQ_CRASH_POINT("connect.got_verdict");
   if (v.magic != kVerdictMagic) return fail(Errc::Protocol, "connect: verdict");
   switch (static_cast<Verdict>(v.verdict)) {
     case Verdict::Accepted:

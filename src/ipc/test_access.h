@@ -1,5 +1,5 @@
-// ipc/test_access.h: for tests only: the raw shared segment behind a Channel, so a test can play
-// a peer that scribbles over it.
+// ipc/test_access.h: for tests and fuzz targets only: the raw shared segment and control socket
+// behind a Channel, so a test can play a peer that scribbles over them.
 #pragma once
 
 #include <span>
@@ -13,6 +13,8 @@ struct TestAccess {
   static std::span<std::byte> segment(Channel& c) {
     return {c.ep_->segment_base(), c.ep_->segment_size()};
   }
+  // The end's control socket, to play a peer that sends arbitrary control messages.
+  static int control_fd(Channel& c) { return c.ep_->control_fd_for_test(); }
 };
 
 }  // namespace mbmq::detail

@@ -5,6 +5,7 @@
 #include <array>
 #include <cerrno>
 
+#include "os/fault.h"
 #include "os/syscall_count.h"
 
 namespace mbmq::os {
@@ -25,6 +26,8 @@ Status Epoll::add(int fd, std::uint32_t events, std::uint64_t data) {
   epoll_event ev{};
   ev.events = events;
   ev.data.u64 = data;
+  if (injected(Fault::EpollCtl))
+    return fail(Error::from_syscall("epoll_ctl(ADD)", fault_errno(Fault::EpollCtl)));
   count_syscall();
   if (::epoll_ctl(fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0)
     return fail(Error::from_syscall("epoll_ctl(ADD)", errno));

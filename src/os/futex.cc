@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <ctime>
 
+#include "os/fault.h"
 #include "os/syscall_count.h"
 
 namespace mbmq::os {
@@ -23,6 +24,8 @@ Result<FutexWait> futex_wait(const std::atomic<std::uint32_t>* word, std::uint32
     ts.tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000);
     tsp = &ts;
   }
+  if (injected(Fault::FutexWait))
+    return fail(Error::from_syscall("futex(FUTEX_WAIT)", fault_errno(Fault::FutexWait)));
   count_syscall();
   // FUTEX_WAIT without FUTEX_PRIVATE_FLAG: the word is in shared memory. The relative timeout is
   // on CLOCK_MONOTONIC.
@@ -41,6 +44,8 @@ Result<FutexWait> futex_wait(const std::atomic<std::uint32_t>* word, std::uint32
 }
 
 Result<int> futex_wake(const std::atomic<std::uint32_t>* word, int count) noexcept {
+  if (injected(Fault::FutexWake))
+    return fail(Error::from_syscall("futex(FUTEX_WAKE)", fault_errno(Fault::FutexWake)));
   count_syscall();
   long r = ::syscall(SYS_futex, word, FUTEX_WAKE, count, nullptr, nullptr, 0);
   if (r < 0) return fail(Error::from_syscall("futex(FUTEX_WAKE)", errno));

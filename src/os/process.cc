@@ -140,6 +140,15 @@ std::size_t open_fd_count() {
   return n;
 }
 
+std::size_t resident_bytes() {
+  std::size_t pages_total = 0, pages_resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%zu %zu", &pages_total, &pages_resident) != 2) pages_resident = 0;
+    std::fclose(f);
+  }
+  return pages_resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
 std::vector<std::string> dir_listing(const char* path) {
   std::vector<std::string> names;
   if (DIR* d = ::opendir(path)) {
@@ -153,7 +162,8 @@ std::vector<std::string> dir_listing(const char* path) {
 }
 
 Result<pid_t> spawn_program(const std::string& path, const std::vector<std::string>& args,
-                            int stdout_fd, int stderr_fd, int fd3) {
+                            int stdout_fd, int stderr_fd, int fd3,
+                            const std::vector<std::string>& env_extra) {
   std::vector<char*> argv;
   argv.push_back(const_cast<char*>(path.c_str()));
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
@@ -163,9 +173,20 @@ Result<pid_t> spawn_program(const std::string& path, const std::vector<std::stri
   if (stdout_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stdout_fd, 1);
   if (stderr_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
   if (fd3 >= 0) ::posix_spawn_file_actions_adddup2(&fa, fd3, 3);
+  std::vector<char*> envp;
+  for (const auto& e : env_extra) envp.push_back(const_cast<char*>(e.c_str()));
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string_view kv(*e);
+    bool overridden = false;
+    for (const auto& x : env_extra)
+      overridden |=
+          kv.substr(0, kv.find('=') + 1) == std::string_view(x).substr(0, x.find('=') + 1);
+    if (!overridden) envp.push_back(*e);
+  }
+  envp.push_back(nullptr);
   pid_t pid = 0;
   count_syscall();
-  int rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), environ);
+  int rc = ::posix_spawn(&pid, path.c_str(), &fa, nullptr, argv.data(), envp.data());
   ::posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) return fail(Error::from_syscall("posix_spawn", rc));
   return pid;

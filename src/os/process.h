@@ -44,14 +44,18 @@ std::size_t mapping_count();
 // Lines of /proc/self/maps that contain `needle` (e.g. "memfd:mbmq": the library's own mappings,
 // unaffected by the allocator's or a sanitizer's).
 std::size_t mapping_count(const char* needle);
+// Resident set size of this process, in bytes (/proc/self/statm).
+std::size_t resident_bytes();
 // The names in a directory, sorted (e.g. /dev/shm, to show nothing was left there).
 std::vector<std::string> dir_listing(const char* path);
 
 // posix_spawn(path, argv): a new program, not a fork of this one. Its stdout is `stdout_fd` and
-// its stderr `stderr_fd` (-1: ours); `fd3`, if given, is its fd 3. Only fds without O_CLOEXEC (and
+// its stderr `stderr_fd` (-1: ours); `fd3`, if given, is its fd 3. Its environment is ours plus
+// `env_extra` ("NAME=value" entries, which win). Only fds without O_CLOEXEC (and
 // 0-2) reach it.
 Result<pid_t> spawn_program(const std::string& path, const std::vector<std::string>& args,
-                            int stdout_fd, int stderr_fd = -1, int fd3 = -1);
+                            int stdout_fd, int stderr_fd = -1, int fd3 = -1,
+                            const std::vector<std::string>& env_extra = {});
 
 }  // namespace mbmq::os
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstring>
 
+#include "os/fault.h"
 #include "os/syscall_count.h"
 
 namespace mbmq::os {
@@ -14,6 +15,8 @@ namespace mbmq::os {
 namespace {
 Result<std::pair<UniqueFd, UniqueFd>> unix_pair(int type) {
   int sv[2];
+  if (injected(Fault::SocketPair))
+    return fail(Error::from_syscall("socketpair", fault_errno(Fault::SocketPair)));
   count_syscall();
   if (::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0)
     return fail(Error::from_syscall("socketpair", errno));
@@ -47,6 +50,8 @@ Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int>
     std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
   }
   for (;;) {
+    if (injected(Fault::SendMsg))
+      return fail(Error::from_syscall("sendmsg", fault_errno(Fault::SendMsg)));
     count_syscall();
     ssize_t n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
     if (n >= 0) return {};
@@ -68,6 +73,8 @@ Result<Received> recv_msg(int sock, std::span<std::byte> bytes, std::span<Unique
   int flags = MSG_CMSG_CLOEXEC | (blocking == Blocking::No ? MSG_DONTWAIT : 0);
   ssize_t n;
   for (;;) {
+    if (injected(Fault::RecvMsg))
+      return fail(Error::from_syscall("recvmsg", fault_errno(Fault::RecvMsg)));
     count_syscall();
     n = ::recvmsg(sock, &msg, flags);
     if (n >= 0) break;

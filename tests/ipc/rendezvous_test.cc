@@ -149,13 +149,18 @@ TEST(Rendezvous, AnAdoptedChannelLivesInTheQueueUntilItsClientLeaves) {
   pid_t pid = spawn([&] {
     *l = Listener();
     auto ch = connect(name, secs(5));
-    return ch ? call_n(*ch, 0) : 30;  // connect, then leave
+    return ch ? call_n(*ch, 1) : 30;  // connect, one call (so that it is adopted), then leave
   });
   auto ch = l->accept(secs(10));
   ASSERT_TRUE(ch);
   ASSERT_TRUE(q->adopt(std::move(*ch), 9));
   EXPECT_EQ(q->channel_count(), 1u);
   auto m = q->wait(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Request);
+  EXPECT_EQ(m->key, 9u);
+  test::fill(m->buffer.data(), 1);
+  m = q->reply_and_wait(std::move(*m), secs(10));
   ASSERT_TRUE(m) << m.error().message();
   EXPECT_EQ(m->kind, Kind::PeerClosed);
   EXPECT_EQ(m->key, 9u);
