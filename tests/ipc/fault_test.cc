@@ -55,6 +55,8 @@ void client_crashes(const std::string& point, const std::vector<std::string>& cl
   }
   EXPECT_TRUE(saw_ok) << "the healthy client did not finish its calls: " << seen;
   EXPECT_TRUE(clean) << "the server's fds or mappings did not come back: " << seen;
+  std::printf("fault: crash point %-20s client killed there; server kept serving: %s, clean: %s\n",
+              point.c_str(), saw_ok ? "yes" : "NO", clean ? "yes" : "NO");
   (void)os::kill_process(server, SIGKILL);
   EXPECT_EQ(test::join(server), 128 + SIGKILL) << "the server exited by itself";
 }
@@ -87,6 +89,9 @@ void server_crashes(const std::string& point, const std::set<std::string>& accep
   }
   int rc = test::join(client);
   EXPECT_TRUE(rc == 0 || rc == 2) << "client exit " << rc;
+  std::printf("fault: crash point %-20s server killed there; client got: %s %s, clean: %s\n",
+              point.c_str(), word.c_str(), code.c_str(),
+              word == "connect-failed" || (dfd == 0 && dmap == 0) ? "yes" : "NO");
 }
 
 TEST(Fault, EveryCrashPointIsSurvivedByThePeer) {
@@ -154,6 +159,8 @@ TEST(Fault, ChannelCreationFailsCleanlyWhenAnyOfItsSystemCallsFails) {
     ASSERT_FALSE(p);
     EXPECT_EQ(p.error().code, Errc::System);
     EXPECT_EQ(test::settled(before), before) << "a failed pair() leaked";
+    std::printf("fault: %s failing (call %u) in Channel::pair(): %s, no leak\n",
+                os::fault_name(c.fault), c.after + 1, errc_name(p.error().code));
     EXPECT_TRUE(Channel::pair()) << "the next pair() must work";
     EXPECT_EQ(test::settled(before), before);
   }
