@@ -9,8 +9,8 @@ bash scripts/install-deps.sh
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 CRASH_TRIALS=${CRASH_TRIALS:-50}
 out=docs/RELIABILITY.md
-logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
+logs=build/reliability-logs  # kept, to look into anything the figures show
+rm -rf "$logs" && mkdir -p "$logs"
 
 echo "== builds"
 bash scripts/build.sh >/dev/null
@@ -124,5 +124,14 @@ fault_all=$(grep -c "^fault:" "$logs/fault.txt" || true)
   echo "| --- | --- | --- |"
   echo "| ASan + UBSan, whole suite | $(grep -o "[0-9]* tests failed out of [0-9]*" "$logs/asan.txt" | awk '{print $NF}') ($(grep -o "[0-9]*% tests passed" "$logs/asan.txt")) | $(count "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer" "$logs/asan.txt") |"
   echo "| TSan, thread-level tests | $(grep -o "[0-9]* tests failed out of [0-9]*" "$logs/tsan.txt" | awk '{print $NF}') ($(grep -o "[0-9]*% tests passed" "$logs/tsan.txt")) | $(count "WARNING: ThreadSanitizer" "$logs/tsan.txt") |"
+  failed=$(grep -h -E "^\s+[0-9]+ - " "$logs/asan.txt" "$logs/tsan.txt" || true)
+  if [ -n "$failed" ]; then
+    echo
+    echo "Tests that failed in this run (logs in $logs):"
+    echo
+    echo '```'
+    echo "$failed"
+    echo '```'
+  fi
 } >"$out"
 echo "wrote $out"
