@@ -9,7 +9,7 @@ bash scripts/install-deps.sh
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 CRASH_TRIALS=${CRASH_TRIALS:-50}
 out=docs/RELIABILITY.md
-logs=build/reliability-logs  # kept, to look into anything the figures show
+logs=$PWD/build/reliability-logs  # kept, to look into anything the figures show
 rm -rf "$logs" && mkdir -p "$logs"
 
 echo "== builds"
