@@ -72,43 +72,44 @@ TEST(Handles, FdsCreatedAfterForkArriveUsableInThePeer) {
   EXPECT_EQ(join(pid), 0);
 }
 
-TEST(Handles, UntakenAndUndeliveredHandlesAreClosed) {
-  // Dropped before sending.
-  {
-    auto pipe = os::make_pipe();
-    auto ends = Channel::pair();
-    ASSERT_TRUE(pipe && ends);
-    auto buf = ends->first.buffer(8);
-    ASSERT_TRUE(buf);
-    ASSERT_TRUE(buf->attach_fd(pipe->second.release()));
-    buf->reset();
-    EXPECT_TRUE(pipe_at_eof(pipe->first.get()));
+// A channel pair and a buffer of its first end carrying the write end of a pipe: once that fd is
+// closed everywhere, the pipe's read end reads EOF.
+struct PipeInBuffer {
+  Result<std::pair<os::UniqueFd, os::UniqueFd>> pipe = os::make_pipe();
+  Result<std::pair<Channel, Channel>> ends = Channel::pair();
+  Result<Buffer> buf = fail(Errc::System, "not made");
+  bool make() {
+    if (!pipe || !ends) return false;
+    buf = ends->first.buffer(8);
+    return buf && buf->attach_fd(pipe->second.release());
   }
-  // Received, not taken.
-  {
-    auto pipe = os::make_pipe();
-    auto ends = Channel::pair();
-    ASSERT_TRUE(pipe && ends);
-    auto buf = ends->first.buffer(8);
-    ASSERT_TRUE(buf && buf->attach_fd(pipe->second.release()));
-    ASSERT_TRUE(ends->first.send(std::move(*buf)));
-    auto m = ends->second.receive(secs(5));
+  bool closed_everywhere() { return pipe_at_eof(pipe->first.get()); }
+};
+
+TEST(Handles, UntakenAndUndeliveredHandlesAreClosed) {
+  {  // Dropped before sending.
+    PipeInBuffer t;
+    ASSERT_TRUE(t.make());
+    t.buf->reset();
+    EXPECT_TRUE(t.closed_everywhere());
+  }
+  {  // Received, not taken.
+    PipeInBuffer t;
+    ASSERT_TRUE(t.make());
+    ASSERT_TRUE(t.ends->first.send(std::move(*t.buf)));
+    auto m = t.ends->second.receive(secs(5));
     ASSERT_TRUE(m);
     EXPECT_EQ(m->buffer.handle_count(), 1u);
     m->buffer.reset();
-    EXPECT_TRUE(pipe_at_eof(pipe->first.get()));
+    EXPECT_TRUE(t.closed_everywhere());
   }
-  // Sent, never received: the receiving end closes.
-  {
-    auto pipe = os::make_pipe();
-    auto ends = Channel::pair();
-    ASSERT_TRUE(pipe && ends);
-    auto buf = ends->first.buffer(8);
-    ASSERT_TRUE(buf && buf->attach_fd(pipe->second.release()));
-    ASSERT_TRUE(ends->first.send(std::move(*buf)));
-    ends->second.close();
-    ends->first.close();
-    EXPECT_TRUE(pipe_at_eof(pipe->first.get()));
+  {  // Sent, never received: the receiving end closes.
+    PipeInBuffer t;
+    ASSERT_TRUE(t.make());
+    ASSERT_TRUE(t.ends->first.send(std::move(*t.buf)));
+    t.ends->second.close();
+    t.ends->first.close();
+    EXPECT_TRUE(t.closed_everywhere());
   }
 }
 
