@@ -41,13 +41,15 @@ class Channel;
 namespace detail {
 class Endpoint;
 struct Handles;
+struct BufferAccess;
 struct HandlesDeleter {  // defined where Handles is complete
   void operator()(Handles* h) const noexcept;
 };
 using HandlesPtr = std::unique_ptr<Handles, HandlesDeleter>;
 }  // namespace detail
 
-enum class HandleKind : std::uint8_t { None, Fd, Channel };
+enum class HandleKind : std::uint8_t { None, Fd, Channel, File };
+class FileRange;
 
 class Buffer {
  public:
@@ -82,6 +84,9 @@ class Buffer {
   // Attaches a Channel end. It must be quiet, as for Channel::send_over (Errc::Busy otherwise,
   // and `end` is left as it was); on success `end` is closed here and lives in the buffer.
   Status attach(Channel&& end);
+  // Attaches a range of a regular file (or memfd): the buffer owns `fd` from here (closed on
+  // error too). Errc::InvalidArgument if fd is not a regular file or the range passes its end.
+  Status attach_file(int fd, std::uint64_t offset, std::uint64_t length);
   // Handles in this buffer, attached or received; taken ones read HandleKind::None.
   std::size_t handle_count() const noexcept;
   HandleKind handle_kind(std::size_t i) const noexcept;
@@ -89,9 +94,13 @@ class Buffer {
   // take_channel: Errc::Protocol if the end that arrived is not a valid channel end.
   Result<int> take_fd(std::size_t i);
   Result<Channel> take_channel(std::size_t i);
+  // take_file: Errc::Protocol if what arrived is not a regular file or the range passes its end
+  // (see mbmq/file.h).
+  Result<FileRange> take_file(std::size_t i);
 
  private:
   friend class detail::Endpoint;
+  friend struct detail::BufferAccess;
   enum class Origin : std::uint8_t { None, Own, Peer };
 
   std::shared_ptr<detail::Endpoint> ep_;

@@ -4,6 +4,7 @@
 #include "mbmq/buffer.h"
 #include "mbmq/channel.h"
 #include "mbmq/deadline.h"
+#include "mbmq/file.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
 #include "mbmq/result.h"

@@ -107,6 +107,8 @@ HandleKind Buffer::handle_kind(std::size_t i) const noexcept {
       return HandleKind::Fd;
     case shm::HandleKind::ChannelEnd:
       return HandleKind::Channel;
+    case shm::HandleKind::FileRange:
+      return HandleKind::File;
   }
   return HandleKind::None;
 }

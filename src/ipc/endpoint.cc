@@ -292,7 +292,8 @@ void Endpoint::drain_control() {
                 r->bytes == sizeof(m) + count * sizeof(shm::HandleMeta) &&
                 stash_handles_.size() < 2 * (n_ + kMaxExtents);
       for (std::uint32_t k = 0; ok && k < count; ++k) {
-        if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::Fd)) {
+        if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::Fd) ||
+            pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::FileRange)) {
           want_fds += 1;
         } else if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
           want_fds += 2;
@@ -488,6 +489,7 @@ bool Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t
     auto map = os::Mapping::map_shared(fd.get(), *fsize, os::Access::ReadWrite);
     if (!map) return false;
     pe.map = std::move(*map);
+    pe.fd = std::move(fd);
     pe.gen = gen;
   }
   return size <= pe.map.size();
@@ -567,7 +569,10 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
       if ((d.buffer & kExtentBit) == 0 || with_handles) return bad("receive: invalid release");
       std::uint32_t e = d.buffer & ~kExtentBit;
       if (e >= kMaxExtents || peer_ext_[e].held) return bad("receive: invalid release");
-      if (peer_ext_[e].gen == d.gen) peer_ext_[e].map.reset();
+      if (peer_ext_[e].gen == d.gen) {
+        peer_ext_[e].map.reset();
+        peer_ext_[e].fd.reset();
+      }
       return Accepted::Internal;
     }
   }
@@ -607,6 +612,28 @@ void Endpoint::make_message(const Desc& d, Message* out) {
   }
   out->kind = kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
   if (out->kind == Kind::Request) MBMQ_CRASH_POINT("receive.got_request");
+}
+
+bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
+  std::lock_guard lock(mu_);
+  if (b.ep_.get() != this || b.data_ == nullptr) return false;
+  if ((b.id_ & kExtentBit) == 0) {
+    if (b.id_ >= seg_.total_slots() || b.data_ != seg_.slot(b.id_)) return false;
+    *fd = seg_.fd();
+    *offset = static_cast<std::uint64_t>(seg_.slot(b.id_) - seg_.base());
+    return true;
+  }
+  const std::uint32_t e = b.id_ & ~kExtentBit;
+  if (e >= kMaxExtents) return false;
+  if (b.origin_ == Buffer::Origin::Own) {
+    if (b.data_ != own_ext_[e].map.data() || !own_ext_[e].fd) return false;
+    *fd = own_ext_[e].fd.get();
+  } else {
+    if (b.data_ != peer_ext_[e].map.data() || !peer_ext_[e].fd) return false;
+    *fd = peer_ext_[e].fd.get();
+  }
+  *offset = 0;
+  return true;
 }
 
 void Endpoint::pending_push(const Desc& d) noexcept {

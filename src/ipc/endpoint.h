@@ -105,6 +105,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   static Result<std::shared_ptr<Endpoint>> import_end(const shm::HandleMeta& meta, os::UniqueFd seg,
                                                       os::UniqueFd ctl);
 
+  // The file and offset behind buffer b's bytes (its slot in the segment memfd, or its extent's
+  // memfd), for send_buffer(); false if b is not this end's, or its bytes are private memory.
+  bool backing(const Buffer& b, int* fd, std::uint64_t* offset) const;
+
   // Test hooks: the raw segment (for the scribbling tests) and counts.
   std::byte* segment_base() const noexcept { return seg_.base(); }
   std::size_t segment_size() const noexcept { return seg_.geometry().segment_size; }
@@ -128,6 +132,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   struct PeerExtent {
     std::uint32_t gen = 0;
     bool held = false;
+    os::UniqueFd fd;  // kept with the mapping: egress (send_buffer) and untrusted replies use it
     os::Mapping map;
   };
   struct Stashed {  // an fd received on the control socket, not yet used

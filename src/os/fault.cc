@@ -15,7 +15,8 @@ namespace {
 
 constexpr std::array<const char*, static_cast<std::size_t>(Fault::kCount)> kNames = {
     "memfd_create", "ftruncate",  "mmap",       "sendmsg",  "recvmsg",
-    "socketpair",   "futex_wait", "futex_wake", "epoll_ctl"};
+    "socketpair",   "futex_wait", "futex_wake", "epoll_ctl",
+    "sendfile",     "splice"};
 
 struct Armed {
   std::atomic<std::uint32_t> calls{0};
@@ -34,6 +35,9 @@ int default_errno(Fault f) {
       return ENOMEM;
     case Fault::SendMsg:
       return ENOBUFS;
+    case Fault::Sendfile:
+    case Fault::Splice:
+      return EINVAL;  // what the kernel says when it cannot do it for these fds
     default:
       return EIO;
   }

@@ -26,6 +26,8 @@ enum class Fault : std::uint8_t {
   FutexWait,
   FutexWake,
   EpollCtl,
+  Sendfile,
+  Splice,
   kCount
 };
 const char* fault_name(Fault f) noexcept;

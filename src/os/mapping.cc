@@ -9,12 +9,13 @@
 
 namespace mbmq::os {
 
-Result<Mapping> Mapping::map_shared(int fd, std::size_t size, Access access) {
+Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Access access) {
   if (size == 0) return fail(Errc::InvalidArgument, "mmap: empty");
-  int prot = access == Access::ReadWrite ? PROT_READ | PROT_WRITE : PROT_READ;
+  int prot = access == Access::ReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+  int flags = access == Access::CopyOnWrite ? MAP_PRIVATE : MAP_SHARED;
   if (injected(Fault::Mmap)) return fail(Error::from_syscall("mmap", fault_errno(Fault::Mmap)));
   count_syscall();
-  void* p = ::mmap(nullptr, size, prot, MAP_SHARED, fd, 0);
+  void* p = ::mmap(nullptr, size, prot, flags, fd, static_cast<off_t>(offset));
   if (p == MAP_FAILED) return fail(Error::from_syscall("mmap", errno));
   Mapping m;
   m.addr_ = p;

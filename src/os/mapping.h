@@ -2,19 +2,27 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 #include "mbmq/result.h"
 
 namespace mbmq::os {
 
-enum class Access { ReadWrite, ReadOnly };
+// ReadWrite / ReadOnly: MAP_SHARED (both peers see the same pages). CopyOnWrite: MAP_PRIVATE,
+// readable and writable, writes stay in this process (the kernel copies a page on its first
+// write); allowed on a memfd sealed with F_SEAL_WRITE, unlike a writable shared mapping.
+enum class Access { ReadWrite, ReadOnly, CopyOnWrite };
 
 class Mapping {
  public:
   Mapping() noexcept = default;
   // Maps `size` bytes of `fd` from offset 0, MAP_SHARED (both peers see the same pages).
-  static Result<Mapping> map_shared(int fd, std::size_t size, Access access);
+  static Result<Mapping> map_shared(int fd, std::size_t size, Access access) {
+    return map(fd, 0, size, access);
+  }
+  // Maps `size` bytes of `fd` from `offset` (a multiple of the page size).
+  static Result<Mapping> map(int fd, std::uint64_t offset, std::size_t size, Access access);
 
   Mapping(Mapping&& o) noexcept
       : addr_(std::exchange(o.addr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
@@ -29,6 +37,19 @@ class Mapping {
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
   ~Mapping() { reset(); }
+
+  // Takes over a mapping made earlier (addr, size from release()); it is unmapped on destruction.
+  static Mapping adopt(void* addr, std::size_t size) noexcept {
+    Mapping m;
+    m.addr_ = addr;
+    m.size_ = size;
+    return m;
+  }
+  // Gives up ownership: the caller unmaps (e.g. through adopt()).
+  void* release() noexcept {
+    size_ = 0;
+    return std::exchange(addr_, nullptr);
+  }
 
   std::byte* data() const noexcept { return static_cast<std::byte*>(addr_); }
   std::size_t size() const noexcept { return size_; }

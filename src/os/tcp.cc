@@ -54,4 +54,64 @@ Result<std::pair<UniqueFd, UniqueFd>> tcp_loopback_pair() {
   return std::pair<UniqueFd, UniqueFd>{std::move(client), std::move(server)};
 }
 
+namespace {
+Result<sockaddr_in> ipv4(const char* host, std::uint16_t port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  if (::inet_pton(AF_INET, host, &a.sin_addr) != 1)
+    return fail(Errc::InvalidArgument, "tcp: host is not an IPv4 address");
+  return a;
+}
+}  // namespace
+
+Result<UniqueFd> tcp_listen(const char* host, std::uint16_t port, int backlog,
+                            std::uint16_t* bound_port) {
+  sockaddr_in a = MBMQ_TRY(ipv4(host, port));
+  UniqueFd l = MBMQ_TRY(tcp_socket());
+  int one = 1;
+  count_syscall();
+  (void)::setsockopt(l.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  socklen_t len = sizeof a;
+  count_syscall();
+  if (::bind(l.get(), reinterpret_cast<sockaddr*>(&a), len) != 0)
+    return fail(Error::from_syscall("bind", errno));
+  count_syscall();
+  if (::listen(l.get(), backlog) != 0) return fail(Error::from_syscall("listen", errno));
+  count_syscall();
+  if (::getsockname(l.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    return fail(Error::from_syscall("getsockname", errno));
+  if (bound_port != nullptr) *bound_port = ntohs(a.sin_port);
+  return l;
+}
+
+Result<UniqueFd> tcp_accept(int listener) {
+  for (;;) {
+    count_syscall();
+    UniqueFd s(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
+    if (!s && errno == EINTR) continue;
+    if (!s) return fail(Error::from_syscall("accept4", errno));
+    MBMQ_TRY(no_delay(s.get()));
+    return s;
+  }
+}
+
+Result<UniqueFd> tcp_connect(const char* host, std::uint16_t port) {
+  sockaddr_in a = MBMQ_TRY(ipv4(host, port));
+  UniqueFd s = MBMQ_TRY(tcp_socket());
+  count_syscall();
+  if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
+    return fail(Error::from_syscall("connect", errno));
+  MBMQ_TRY(no_delay(s.get()));
+  return s;
+}
+
+Status tcp_cork(int fd, bool on) {
+  int v = on ? 1 : 0;
+  count_syscall();
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_CORK, &v, sizeof v) != 0)
+    return fail(Error::from_syscall("setsockopt(TCP_CORK)", errno));
+  return {};
+}
+
 }  // namespace mbmq::os

@@ -200,7 +200,7 @@ struct CtlMsg {
 static_assert(std::is_standard_layout_v<CtlMsg> && sizeof(CtlMsg) == 16);
 inline constexpr std::uint32_t kHandlesForReply = 0x100;
 
-enum class HandleKind : std::uint32_t { Fd = 1, ChannelEnd = 2 };
+enum class HandleKind : std::uint32_t { Fd = 1, ChannelEnd = 2, FileRange = 3 };
 // One handle of a CtlType::Handles packet. Fd: one fd, the rest zero. ChannelEnd: two fds (the
 // segment memfd, the control socket) and the end's private state, as Channel::send_over sends it.
 struct HandleMeta {
@@ -213,5 +213,18 @@ struct HandleMeta {
   std::int64_t spin_ns;
 };
 static_assert(std::is_standard_layout_v<HandleMeta> && sizeof(HandleMeta) == 32);
+
+// HandleMeta's bytes for kind FileRange (one fd): a range of a regular file. Written by the
+// sender into the Handles packet; the receiver checks at take time that the fd is a regular
+// file and the range lies within its size (Buffer::take_file).
+struct FileRangeMeta {
+  std::uint32_t kind;  // HandleKind::FileRange
+  std::uint32_t reserved;
+  std::uint64_t offset;
+  std::uint64_t length;
+  std::uint64_t reserved2;
+};
+static_assert(std::is_standard_layout_v<FileRangeMeta> && sizeof(FileRangeMeta) == 32 &&
+              offsetof(FileRangeMeta, offset) == 8 && offsetof(FileRangeMeta, length) == 16);
 
 }  // namespace mbmq::shm
