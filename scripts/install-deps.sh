@@ -7,9 +7,11 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev
       strace valgrind
       libzmq3-dev libboost-dev iceoryx libiceoryx-posh-dev libiceoryx-hoofs-dev
-      clang libclang-rt-14-dev)
+      clang libclang-rt-14-dev
+      curl nginx-light)
 # The fourth line: what `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and
-# its RouDi). The last: libFuzzer and FuzzedDataProvider.h for the fuzz targets.
+# its RouDi). The fifth: libFuzzer and FuzzedDataProvider.h for the fuzz targets. The last: the
+# HTTP client of the file_server tests and the server `mbmq files` compares file_server against.
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
