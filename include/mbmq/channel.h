@@ -18,6 +18,7 @@
 // call() returns.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <utility>
@@ -37,6 +38,19 @@ struct TestAccess;
 struct ChannelAccess;
 }  // namespace detail
 
+// What an end does with the payloads its peer sends it (requests, one-way messages and replies),
+// chosen for the receiving end. See docs/PROTOCOL.md (P3c, P5b, P7b).
+//   Cooperative  zero copy: the application reads the peer's bytes in shared memory (the
+//                default, for peers that trust each other, e.g. the same program or uid).
+//   Untrusted    nothing the peer does after sending can change what the application sees:
+//                payloads up to copy_threshold are copied once into this end's private memory
+//                (and the answer copied back); larger ones must arrive as memfds the sender has
+//                unmapped and sealed (F_SEAL_WRITE|SHRINK|GROW|SEAL), which this end checks and
+//                maps copy-on-write: zero copies. A peer that sends anything else gets its
+//                channel closed with Errc::Protocol. The sending side seals by itself, knowing
+//                the receiver's mode from the segment header.
+enum class Trust : std::uint8_t { Cooperative = 0, Untrusted = 1 };
+
 struct ChannelOptions {
   std::uint32_t slots_per_side = 16;    // pool buffers each side can have in flight (<= 64)
   std::uint32_t slot_size = 64 * 1024;  // larger buffers become memfd extents
@@ -48,6 +62,12 @@ struct ChannelOptions {
   // Handles (fds, Channel ends) one message may carry, <= Buffer::kMaxHandles. Past it, attach
   // fails with Errc::InvalidArgument at send; a peer that ignores it: Errc::Protocol.
   std::uint32_t max_handles = 8;
+  // Trust of each end (see Trust): trust[0] is the first end of pair() (the client's end of a
+  // Listener's channel), trust[1] the second (the listener's, i.e. the server's).
+  std::array<Trust, 2> trust{Trust::Cooperative, Trust::Cooperative};
+  // Untrusted ends: payloads up to this many bytes are copied; larger ones travel sealed.
+  // 0 means slot_size; it cannot be below slot_size (pool buffers cannot be sealed).
+  std::uint32_t copy_threshold = 0;
 };
 
 class Channel {

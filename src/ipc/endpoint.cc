@@ -1,12 +1,14 @@
 // Endpoint: one end of a channel. Steps (P1)-(P8) are those of src/shm/layout.h.
 #include "ipc/endpoint.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 
 #include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "os/epoll.h"
+#include "os/file.h"
 #include "os/fault.h"
 #include "os/futex.h"
 #include "os/memfd.h"
@@ -41,6 +43,9 @@ Endpoint::Endpoint(Init init)
       tx_(&out_.tail, &out_.head, out_.ring, init.tx_tail),
       rx_(&in_.tail, &in_.head, in_.ring, init.rx_head),
       next_extent_gen_(init.next_extent_gen),
+      untrusted_me_(((seg_.geometry().untrusted_mask >> init.side) & 1u) != 0),
+      untrusted_peer_(((seg_.geometry().untrusted_mask >> (1 - init.side)) & 1u) != 0),
+      copy_threshold_(seg_.geometry().copy_threshold),
       wait_(init.wait) {}
 
 Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
@@ -51,6 +56,9 @@ Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   for (std::uint32_t k = ep->n_; k-- > 0;) ep->free_slots_.push_back(k);
   ep->free_ext_.reserve(kMaxExtents);
   for (std::uint32_t e = kMaxExtents; e-- > 0;) ep->free_ext_.push_back(e);
+  if (ep->untrusted_me_)
+    ep->slot_shadow_ =
+        std::make_unique_for_overwrite<std::byte[]>(std::size_t{2} * ep->n_ * ep->slot_size_);
   // Without the watch, the death of the peer would go unnoticed: no end without it.
   MBMQ_TRY(ep->ensure_watched());
   return ep;
@@ -99,6 +107,7 @@ void Endpoint::free_own(std::uint32_t id) noexcept {
     }
     x.map.reset();
     x.fd.reset();
+    x.sealed = false;
     x.state = OwnState::Free;
     free_ext_.push_back(e);  // capacity reserved in make(): no allocation
     return;
@@ -324,8 +333,14 @@ void Endpoint::drain_control() {
       (void)fail_protocol_locked("control message malformed");
       return;
     }
-    if (m.type == static_cast<std::uint32_t>(shm::CtlType::Extent) && m.id < kMaxExtents) {
-      stash_ext_[m.id] = Stashed{std::move(fds[0]), m.gen};
+    if (m.type == static_cast<std::uint32_t>(shm::CtlType::Extent) && m.id < kMaxExtents &&
+        (m.aux & ~(shm::kExtentSealed | shm::kExtentReplace)) == 0) {
+      Stashed st{std::move(fds[0]), m.gen, (m.aux & shm::kExtentSealed) != 0};
+      if ((m.aux & shm::kExtentReplace) != 0) {
+        stash_replace_[m.id] = std::move(st);
+      } else {
+        stash_ext_[m.id] = std::move(st);
+      }
     } else if (m.type == static_cast<std::uint32_t>(shm::CtlType::Doorbell)) {
       stash_doorbell_ = Stashed{std::move(fds[0]), m.gen};
     } else {
@@ -403,12 +418,13 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
     default:
       return fail(fail_protocol_locked("send: peer's ring head is invalid"));
   }
+  MBMQ_TRY(prepare_send_locked(b));
   if ((b.id_ & kExtentBit) != 0) {
     OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
     if (x.sent_gen != x.gen) {
       // (P3) The extent's fd travels before the first descriptor naming it.
       shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), b.id_ & ~kExtentBit, x.gen,
-                    0};
+                    x.sealed ? shm::kExtentSealed : 0u};
       int fd = x.fd.get();
       MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
       x.sent_gen = x.gen;
@@ -457,7 +473,33 @@ Status Endpoint::reply(Buffer&& b) {
     return fail(closed_errc(s), "reply");
   }
   std::uint16_t k = static_cast<std::uint16_t>(DescKind::Reply);
-  if (b.handles_ && tx_.has_room() == shm::RingStatus::Ok) {
+  if (tx_.has_room() != shm::RingStatus::Ok) {
+    detach_buffer(b);
+    return fail(Errc::WouldBlock, "reply: ring full (the peer is not consuming)");
+  }
+  // (P5b) An untrusted end's answer is in its private copy: copy it back. (P7b) A sealed extent
+  // cannot take it, nor may an untrusted caller get more than copy_threshold bytes unsealed.
+  if ((id & kExtentBit) != 0) {
+    PeerExtent& pe = peer_ext_[id & ~kExtentBit];
+    if (pe.sealed || (untrusted_peer_ && size > copy_threshold_)) {
+      if (auto r = send_replacement_locked(id & ~kExtentBit, gen, b.data_, size); !r) {
+        detach_buffer(b);
+        // The caller is not left waiting: it gets NoReply.
+        (void)push_locked(Desc{id, 0, gen, k, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+        return r;
+      }
+      k |= shm::kDescReplaced;
+    } else if (shadowed(b)) {
+      if (auto r = os::pwrite_full(pe.fd.get(), {b.data_, size}, 0); !r) {
+        detach_buffer(b);
+        (void)push_locked(Desc{id, 0, gen, k, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+        return r;
+      }
+    }
+  } else if (shadowed(b)) {
+    std::memcpy(seg_.slot(id), b.data_, size);
+  }
+  if (b.handles_) {
     // A failure here (the caller is gone) still answers the request, without the handles.
     auto sent = send_handles_locked(b, true);
     if (sent && *sent) k |= shm::kDescHasHandles;
@@ -473,32 +515,174 @@ Status Endpoint::reply(Buffer&& b) {
 
 // ---- (P5) receiving ----------------------------------------------------------------------------
 
-bool Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size) {
+const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size) {
   PeerExtent& pe = peer_ext_[e];
-  if (pe.held) return false;  // the peer reused an id we still hold
+  if (pe.held) return "receive: the peer reused an extent we still hold";
   if (!pe.map.valid() || pe.gen != gen) {
     if (!stash_ext_[e].fd || stash_ext_[e].gen != gen) drain_control();
     Stashed& st = stash_ext_[e];
-    if (!st.fd || st.gen != gen) return false;
+    if (!st.fd || st.gen != gen) return "receive: extent descriptor without its memfd";
     os::UniqueFd fd = std::move(st.fd);
     // Only a memfd sealed against shrinking can be mapped without risking SIGBUS later.
     auto seals = os::get_seals(fd.get());
-    if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize) return false;
+    if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
+      return "receive: extent memfd not sealed against shrinking";
+    const bool sealed = (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+    if (st.sealed && !sealed)
+      return "receive: extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
     auto fsize = os::file_size(fd.get());
-    if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return false;
-    auto map = os::Mapping::map_shared(fd.get(), *fsize, os::Access::ReadWrite);
-    if (!map) return false;
+    if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "receive: extent size";
+    // Sealed: copy-on-write (no writable shared mapping of it can exist). Untrusted: read-only,
+    // answers go back with pwrite (P5b). Else shared, read-write: the answer is written in place.
+    const os::Access access = sealed          ? os::Access::CopyOnWrite
+                              : untrusted_me_ ? os::Access::ReadOnly
+                                              : os::Access::ReadWrite;
+    auto map = os::Mapping::map_shared(fd.get(), *fsize, access);
+    if (!map) return "receive: extent mmap failed";
     pe.map = std::move(*map);
     pe.fd = std::move(fd);
     pe.gen = gen;
+    pe.sealed = sealed;
   }
-  return size <= pe.map.size();
+  if (size > pe.map.size()) return "receive: payload larger than its extent";
+  if (untrusted_me_ && size > copy_threshold_ && !pe.sealed)
+    return "receive (untrusted): payload above copy_threshold not in a sealed memfd";
+  return nullptr;
+}
+
+// ---- trust (P3c, P5b, P7b) ----------------------------------------------------------------------
+
+bool Endpoint::shadowed(const Buffer& b) const noexcept {
+  if (!untrusted_me_ || b.data_ == nullptr) return false;
+  if ((b.id_ & kExtentBit) == 0) return b.data_ != seg_.slot(b.id_);
+  const std::uint32_t e = b.id_ & ~kExtentBit;
+  return b.data_ != (b.origin_ == Buffer::Origin::Own ? own_ext_[e].map.data()
+                                                      : peer_ext_[e].map.data());
+}
+
+Status Endpoint::fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size) {
+  const std::size_t cap = std::max<std::size_t>(x.map.size(), (size + 4095) / 4096 * 4096);
+  auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
+  auto map = MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite));
+  if (size > 0) std::memcpy(map.data(), src, size);
+  x.fd = std::move(fd);
+  x.map = std::move(map);
+  x.sealed = false;
+  x.gen = next_extent_gen_++;
+  x.sent_gen = 0;
+  return {};
+}
+
+Status Endpoint::seal_extent_locked(OwnExtent& x, std::size_t size) {
+  // (P3c) No writable shared mapping may exist for F_SEAL_WRITE: drop ours first.
+  const std::size_t cap = x.map.size();
+  x.map.reset();
+  if (!os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal)) {
+    // Someone else still maps it writable (or it may not be sealed): seal a fresh copy instead.
+    auto back = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::ReadOnly));
+    MBMQ_TRY(fresh_extent_locked(x, back.data(), size));
+    x.map.reset();
+    MBMQ_TRY(os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal));
+  }
+  x.map = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::CopyOnWrite));
+  x.sealed = true;
+  x.gen = next_extent_gen_++;
+  x.sent_gen = 0;
+  return {};
+}
+
+Status Endpoint::prepare_send_locked(Buffer& b) {
+  if ((b.id_ & kExtentBit) == 0) {
+    if (shadowed(b)) std::memcpy(seg_.slot(b.id_), b.data_, b.size_);  // (P5b) copy back
+    return {};
+  }
+  OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
+  const bool seal = untrusted_peer_ && b.size_ > copy_threshold_;
+  if (x.sealed) {
+    // Its bytes are in our private view (or a private copy): they go out in a fresh extent.
+    MBMQ_TRY(fresh_extent_locked(x, b.data_, b.size_));
+  } else if (shadowed(b)) {
+    std::memcpy(x.map.data(), b.data_, b.size_);
+  }
+  if (seal) MBMQ_TRY(seal_extent_locked(x, b.size_));
+  b.data_ = x.map.data();
+  b.capacity_ = static_cast<std::uint32_t>(x.map.size());
+  b.gen_ = x.gen;
+  return {};
+}
+
+Status Endpoint::send_replacement_locked(std::uint32_t e, std::uint32_t gen, const std::byte* src,
+                                         std::uint32_t size) {
+  const std::size_t cap = std::max<std::size_t>(4096, (std::size_t{size} + 4095) / 4096 * 4096);
+  auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-reply", cap));
+  if (size > 0) MBMQ_TRY(os::pwrite_full(fd.get(), {src, size}, 0));  // no mapping to drop
+  std::uint32_t aux = shm::kExtentReplace;
+  if (untrusted_peer_ && size > copy_threshold_) {
+    MBMQ_TRY(os::add_seals(fd.get(), os::kSealWrite | os::kSealSeal));
+    aux |= shm::kExtentSealed;
+  }
+  shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), e, gen, aux};
+  int raw = fd.get();
+  return os::send_msg(control_.get(), bytes_of(m), {&raw, 1});
+}
+
+const char* Endpoint::take_replacement_locked(const Desc& d) {
+  if ((d.buffer & kExtentBit) == 0) return "reply: a replaced buffer that is not an extent";
+  const std::uint32_t e = d.buffer & ~kExtentBit;
+  if (e >= kMaxExtents) return "reply: replaced extent id";
+  if (!stash_replace_[e].fd || stash_replace_[e].gen != d.gen) drain_control();
+  Stashed& st = stash_replace_[e];
+  if (!st.fd || st.gen != d.gen) return "reply: replacement announced but not sent";
+  os::UniqueFd fd = std::move(st.fd);
+  auto seals = os::get_seals(fd.get());
+  if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
+    return "reply: replacement memfd not sealed against shrinking";
+  const bool sealed = (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+  if (st.sealed && !sealed) return "reply: replacement announced sealed is not";
+  if (untrusted_me_ && d.size > copy_threshold_ && !sealed)
+    return "reply (untrusted): answer above copy_threshold not in a sealed memfd";
+  auto fsize = os::file_size(fd.get());
+  if (!fsize || *fsize < d.size || *fsize == 0 || *fsize > shm::kMaxExtentSize)
+    return "reply: replacement size";
+  auto map = os::Mapping::map_shared(
+      fd.get(), *fsize, sealed ? os::Access::CopyOnWrite : os::Access::ReadWrite);
+  if (!map) return "reply: replacement mmap failed";
+  OwnExtent& x = own_ext_[e];
+  x.fd = std::move(fd);
+  x.map = std::move(*map);
+  x.sealed = sealed;
+  x.gen = next_extent_gen_++;
+  x.sent_gen = 0;  // the peer's mapping of the old one is stale: a new generation, fd resent
+  return nullptr;
+}
+
+void Endpoint::own_view_locked(Buffer& b, std::uint32_t size) {
+  std::byte* shared = own_data(b.id_);
+  std::uint32_t cap = own_capacity(b.id_);
+  if ((b.id_ & kExtentBit) != 0) b.gen_ = own_ext_[b.id_ & ~kExtentBit].gen;
+  b.data_ = shared;
+  b.capacity_ = cap;
+  if (!untrusted_me_) return;
+  if ((b.id_ & kExtentBit) == 0) {
+    b.data_ = slot_shadow(b.id_);
+  } else {
+    OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
+    if (x.sealed) return;  // immutable for the peer: nothing to copy
+    const std::uint32_t shadow_cap = std::min(cap, copy_threshold_);
+    if (x.shadow.size() < shadow_cap) x.shadow.resize(shadow_cap);  // grows, then reused
+    b.data_ = x.shadow.data();
+    b.capacity_ = shadow_cap;
+  }
+  std::memcpy(b.data_, shared, size);  // (P5b) the one copy; later peer writes change nothing
 }
 
 Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
                                     std::uint16_t* call_status) {
-  const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescHasHandles);
+  const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescFlags);
   const bool with_handles = (d.kind & shm::kDescHasHandles) != 0;
+  const bool replaced = (d.kind & shm::kDescReplaced) != 0;
+  if (replaced && kind != static_cast<std::uint16_t>(DescKind::Reply))
+    return bad("receive: a replacement on a descriptor that is not a reply");
   switch (static_cast<DescKind>(kind)) {
     case DescKind::Request:
     case DescKind::OneWay: {  // the peer's buffer, lent to us
@@ -508,8 +692,8 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
         return bad("receive: the peer exceeded the channel's in-flight limit");
       if ((d.buffer & kExtentBit) != 0) {
         std::uint32_t e = d.buffer & ~kExtentBit;
-        if (e >= kMaxExtents || !map_peer_extent(e, d.gen, d.size))
-          return bad("receive: invalid extent descriptor");
+        if (e >= kMaxExtents) return bad("receive: invalid extent descriptor");
+        if (const char* why = map_peer_extent(e, d.gen, d.size)) return bad(why);
         if (with_handles && !handles_arrived_locked(d, false))
           return bad("receive: handles announced but not sent");
         peer_ext_[e].held = true;
@@ -534,6 +718,12 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
                               : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
       if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App)
         return bad("receive: reply for a buffer not lent");
+      if (replaced) {
+        if (const char* why = take_replacement_locked(d)) return bad(why);
+      } else if (untrusted_me_ && (d.buffer & kExtentBit) != 0 && d.size > copy_threshold_ &&
+                 !own_ext_[d.buffer & ~kExtentBit].sealed) {
+        return bad("reply (untrusted): answer above copy_threshold in shared memory");
+      }
       if (d.size > own_capacity(d.buffer)) return bad("receive: reply larger than its buffer");
       if (kind == static_cast<std::uint16_t>(DescKind::Return)) {
         if (*st != OwnState::LentOneWay || with_handles) return bad("receive: invalid return");
@@ -582,7 +772,7 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
 void Endpoint::make_message(const Desc& d, Message* out) {
   Buffer& b = out->buffer;
   b.reset();
-  const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescHasHandles);
+  const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescFlags);
   if ((d.kind & shm::kDescHasHandles) != 0)
     b.handles_ = take_handles_locked(d, kind == static_cast<std::uint16_t>(DescKind::Reply));
   b.ep_ = shared_from_this();
@@ -594,8 +784,7 @@ void Endpoint::make_message(const Desc& d, Message* out) {
   out->error = Errc::PeerClosed;
   if (kind == static_cast<std::uint16_t>(DescKind::Reply)) {
     b.origin_ = Buffer::Origin::Own;
-    b.data_ = own_data(d.buffer);
-    b.capacity_ = own_capacity(d.buffer);
+    own_view_locked(b, d.size);
     out->kind = Kind::Reply;
     if (d.status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
       out->error = Errc::NoReply;
@@ -603,12 +792,24 @@ void Endpoint::make_message(const Desc& d, Message* out) {
   }
   b.origin_ = Buffer::Origin::Peer;
   if ((d.buffer & kExtentBit) != 0) {
-    const os::Mapping& m = peer_ext_[d.buffer & ~kExtentBit].map;
-    b.data_ = m.data();
-    b.capacity_ = static_cast<std::uint32_t>(m.size());
+    PeerExtent& pe = peer_ext_[d.buffer & ~kExtentBit];
+    b.data_ = pe.map.data();
+    b.capacity_ = static_cast<std::uint32_t>(pe.map.size());
+    if (untrusted_me_ && !pe.sealed) {
+      // (P5b) The one copy, before the application sees a byte.
+      const std::uint32_t cap = std::min(b.capacity_, copy_threshold_);
+      if (pe.shadow.size() < cap) pe.shadow.resize(cap);  // grows, then reused
+      std::memcpy(pe.shadow.data(), pe.map.data(), d.size);
+      b.data_ = pe.shadow.data();
+      b.capacity_ = cap;
+    }
   } else {
     b.data_ = seg_.slot(d.buffer);
     b.capacity_ = slot_size_;
+    if (untrusted_me_) {
+      std::memcpy(slot_shadow(d.buffer), b.data_, d.size);  // (P5b)
+      b.data_ = slot_shadow(d.buffer);
+    }
   }
   out->kind = kind == static_cast<std::uint16_t>(DescKind::Request) ? Kind::Request : Kind::Message;
   if (out->kind == Kind::Request) MBMQ_CRASH_POINT("receive.got_request");
@@ -626,10 +827,11 @@ bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
   const std::uint32_t e = b.id_ & ~kExtentBit;
   if (e >= kMaxExtents) return false;
   if (b.origin_ == Buffer::Origin::Own) {
-    if (b.data_ != own_ext_[e].map.data() || !own_ext_[e].fd) return false;
+    if (b.data_ != own_ext_[e].map.data() || !own_ext_[e].fd || own_ext_[e].sealed) return false;
     *fd = own_ext_[e].fd.get();
   } else {
-    if (b.data_ != peer_ext_[e].map.data() || !peer_ext_[e].fd) return false;
+    if (b.data_ != peer_ext_[e].map.data() || !peer_ext_[e].fd || peer_ext_[e].sealed)
+      return false;
     *fd = peer_ext_[e].fd.get();
   }
   *offset = 0;
@@ -766,6 +968,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
         if (a == Accepted::CallDone) {
           MBMQ_CRASH_POINT("call.got_reply");
           b.size_ = d.size;
+          own_view_locked(b, d.size);
           if ((d.kind & shm::kDescHasHandles) != 0) b.handles_ = take_handles_locked(d, true);
           if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
             return fail(Errc::NoReply, "call");

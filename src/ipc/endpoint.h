@@ -127,17 +127,22 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
     std::uint32_t gen = 0;
     std::uint32_t sent_gen = 0;  // the peer has this extent's fd at this generation
     os::UniqueFd fd;
-    os::Mapping map;
+    os::Mapping map;  // shared read-write; copy-on-write once sealed (P3c)
+    bool sealed = false;
+    std::vector<std::byte> shadow;  // untrusted ends: the private copy of a reply (P5b)
   };
   struct PeerExtent {
     std::uint32_t gen = 0;
     bool held = false;
     os::UniqueFd fd;  // kept with the mapping: egress (send_buffer) and untrusted replies use it
-    os::Mapping map;
+    os::Mapping map;  // shared read-write; read-only for untrusted ends; copy-on-write if sealed
+    bool sealed = false;
+    std::vector<std::byte> shadow;  // untrusted ends: the private copy of the payload (P5b)
   };
   struct Stashed {  // an fd received on the control socket, not yet used
     os::UniqueFd fd;
     std::uint32_t gen = 0;
+    bool sealed = false;  // announced with kExtentSealed (checked when used)
   };
   // What accept() made of a descriptor (P5).
   enum class Accepted { Deliver, Internal, CallDone, Bad };
@@ -166,7 +171,27 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::byte* own_data(std::uint32_t id) const noexcept;
   void free_own(std::uint32_t id) noexcept;
   OwnState* own_state(std::uint32_t id) noexcept;
-  bool map_peer_extent(std::uint32_t id, std::uint32_t gen, std::uint32_t size);
+  // (P5) Maps the peer's extent for Desc (e, gen, size); nullptr, or why it is invalid.
+  const char* map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size);
+  // ---- trust (P3c, P5b, P7b) ----
+  bool shadowed(const Buffer& b) const noexcept;  // b.data_ is a private copy
+  std::byte* slot_shadow(std::uint32_t id) const noexcept {
+    return slot_shadow_.get() + std::size_t{id} * slot_size_;
+  }
+  // Our extent x gets a fresh memfd holding `size` bytes of src (same capacity), unsealed.
+  Status fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size);
+  // Makes our extent x immutable (P3c), through a fresh one if needed.
+  Status seal_extent_locked(OwnExtent& x, std::size_t size);
+  // Before sending our buffer b: copies a private copy back, seals or refreshes its extent, and
+  // points b at the result.
+  Status prepare_send_locked(Buffer& b);
+  // (P7b) Sends the answer in a fresh memfd replacing the peer's extent e at gen.
+  Status send_replacement_locked(std::uint32_t e, std::uint32_t gen, const std::byte* src,
+                                 std::uint32_t size);
+  // (P7b) Installs the replacement announced by Reply d on our extent; nullptr or why not.
+  const char* take_replacement_locked(const shm::Desc& d);
+  // After a reply: points b at our buffer's bytes, or (untrusted) at a private copy of them.
+  void own_view_locked(Buffer& b, std::uint32_t size);
   void drain_control();
   Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as);
   Status push_locked(const shm::Desc& d);
@@ -207,6 +232,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::array<bool, shm::kMaxSlotsPerSide> peer_held_{};     // guarded by mu_
   std::array<PeerExtent, shm::kMaxExtents> peer_ext_{};     // guarded by mu_
   std::array<Stashed, shm::kMaxExtents> stash_ext_{};       // guarded by mu_
+  std::array<Stashed, shm::kMaxExtents> stash_replace_{};   // guarded by mu_ (P7b)
+  const bool untrusted_me_;    // we copy, or require sealed, what the peer sends (P5b)
+  const bool untrusted_peer_;  // the peer does: we seal what we send above the threshold (P3c)
+  const std::uint32_t copy_threshold_;
+  std::unique_ptr<std::byte[]> slot_shadow_;  // untrusted_me_: a private copy per slot (2n)
   Stashed stash_doorbell_;                                  // guarded by mu_
   std::uint32_t peer_db_gen_ = 0;                           // guarded by mu_
   os::Mapping peer_db_map_;                                 // guarded by mu_

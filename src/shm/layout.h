@@ -32,6 +32,15 @@
 //       (without blocking) until it holds the packet; missing or mismatched, it is a protocol
 //       error. Handles never delivered are closed: with the receiver's stash when its end
 //       closes, or by the kernel with the socket.
+//  (P3c) Sealed send: when the receiving side is untrusted (SegmentHeader::untrusted_mask) and
+//       the payload is larger than copy_threshold (so it is an extent), the sender makes the
+//       extent immutable first: it unmaps its writable shared mapping, adds F_SEAL_WRITE |
+//       F_SEAL_SEAL (SHRINK|GROW are there from P2), maps it back copy-on-write (its later writes
+//       stay private), gives it a new generation and sends the fd with kExtentSealed. If the seal
+//       cannot be added (EBUSY: a writable mapping exists elsewhere; EPERM), or the extent is
+//       already sealed (the app's writes since live only in its private view), the payload is
+//       first copied into a fresh extent, which is then sealed. A sealed extent sent again, to
+//       anyone, always goes through a fresh extent (its bytes are in the private view).
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's wake word
 //       (its own `doorbell`, or the queue doorbell page named by doorbell_gen) and FUTEX_WAKE it.
 //  (P5) Receive: acquire-load ring[h % cap].seq; if it is h + 1, copy the Desc to a local and
@@ -39,6 +48,14 @@
 //       Validate the Desc: kind known; for Request/OneWay the buffer must be the peer's, not held
 //       by us already; for Reply/Return it must be ours, lent, with a matching generation; size
 //       within capacity. Anything else is a protocol error: the channel closes, nothing else does.
+//  (P5b) Untrusted receive: an untrusted side copies a payload of up to copy_threshold bytes (a
+//       pool slot, or an extent it maps read-only) into its private memory when it takes the
+//       message, before the application sees a byte; a peer writing on afterwards changes
+//       nothing the application sees. Its answer is copied back (memcpy into the slot, pwrite
+//       into the extent). A larger payload must name an extent whose fd came with kExtentSealed
+//       and has F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL (F_SEAL_FUTURE_WRITE is not
+//       enough: it leaves writable mappings); it is mapped copy-on-write, zero copies. Anything
+//       else is a protocol error. Replies to an untrusted caller follow the same rule.
 //  (P6) Sleep: read the wake word, store consumer_sleeping = 1, seq_cst fence, re-check the ring
 //       and the peer-closed flag, validate tail (garbage there is a protocol error), then
 //       FUTEX_WAIT(word, value read). The fence pairs with P4's: at least one side sees the
@@ -47,6 +64,13 @@
 //       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
 //       A request released without an answer is replied to with status NoReply; a one-way message
 //       is given back with Desc{Return}.
+//  (P7b) Replacement reply: an answer cannot be written into a sealed memfd. The replier puts
+//       it (size bytes) into a fresh memfd of its own (pwrite, no mapping), sealed as in P3c if
+//       the caller is untrusted and size > copy_threshold, sends it as CtlMsg::Extent{caller's
+//       extent id, its gen, kExtentReplace}, then Desc{Reply | kDescReplaced}. The caller checks
+//       it like P5b, maps it, and gives its extent the new fd and a new generation. A
+//       cooperative side answering an untrusted caller with more than copy_threshold bytes does
+//       the same, sealed.
 //  (P8) Close / death: the control socket's hang-up (the peer closed its end, exited or was
 //       killed) is seen by a per-process watcher thread (ipc/peer_watch) sleeping in epoll; it
 //       marks the endpoint closed and wakes its waiters. Outstanding calls then return
@@ -62,7 +86,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 3;   // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 4;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
@@ -86,6 +110,10 @@ enum class DescStatus : std::uint16_t { Ok = 0, NoReply = 1 };
 // CtlMsg::Handles for the same buffer and generation was sent on the control socket before the
 // descriptor was published (P3b).
 inline constexpr std::uint16_t kDescHasHandles = 0x8000;
+// Desc::kind bit (Reply only): the answer is in a new memfd that replaces the caller's extent,
+// sent as CtlMsg::Extent with kExtentReplace before the descriptor (P7b).
+inline constexpr std::uint16_t kDescReplaced = 0x4000;
+inline constexpr std::uint16_t kDescFlags = kDescHasHandles | kDescReplaced;
 
 // One message descriptor: 16 bytes. Written by the producer into a RingEntry before that entry's
 // seq store-release, read (copied) by the consumer after its seq acquire load. Plain fields: they
@@ -162,14 +190,20 @@ struct SegmentHeader {
   // have outstanding (0: as many as it has buffers), handles per message (<= kMaxHandles).
   std::uint16_t max_in_flight;
   std::uint16_t max_handles;
-  std::uint32_t reserved;
+  // Trust (P3c, P5b): bit s set = side s is untrusted of its peer: it copies payloads of up to
+  // copy_threshold bytes into private memory and accepts larger ones only in sealed memfds.
+  std::uint32_t untrusted_mask;
+  std::uint32_t copy_threshold;  // >= slot_size when untrusted_mask != 0
+  std::uint32_t reserved[15];
 };
-static_assert(std::is_standard_layout_v<SegmentHeader> && sizeof(SegmentHeader) == 64);
+static_assert(std::is_standard_layout_v<SegmentHeader> && sizeof(SegmentHeader) == 128);
 static_assert(offsetof(SegmentHeader, dir_offset) == 24 &&
               offsetof(SegmentHeader, segment_size) == 48 &&
-              offsetof(SegmentHeader, max_in_flight) == 56);
+              offsetof(SegmentHeader, max_in_flight) == 56 &&
+              offsetof(SegmentHeader, untrusted_mask) == 60 &&
+              offsetof(SegmentHeader, copy_threshold) == 64);
 
-inline constexpr std::uint64_t kDirOffset = 64;
+inline constexpr std::uint64_t kDirOffset = 128;
 static_assert(kDirOffset % alignof(Direction) == 0);
 
 // A queue's wake word, in its own 4 KiB memfd shared with the peers of every channel redirected to
@@ -190,6 +224,9 @@ enum class CtlType : std::uint32_t {
   Doorbell = 2,  // fd = queue DoorbellPage for doorbell generation `gen`
   Handles = 3,   // (P3b) handles of the message naming buffer (id, gen)
 };
+// CtlMsg::aux bits of an Extent message.
+inline constexpr std::uint32_t kExtentSealed = 1;   // the memfd is immutable (P3c); checked
+inline constexpr std::uint32_t kExtentReplace = 2;  // replaces the receiver's own extent (P7b)
 struct CtlMsg {
   std::uint32_t type;  // CtlType
   std::uint32_t id;    // extent id (Extent); buffer id, as in Desc::buffer (Handles)

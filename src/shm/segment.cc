@@ -21,7 +21,14 @@ Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t sl
     return fail(Errc::InvalidArgument, "segment: max_handles above kMaxHandles (8)");
   if (limits.max_in_flight > slots_per_side + kMaxExtents)
     return fail(Errc::InvalidArgument, "segment: max_in_flight above the buffers a side has");
+  if (limits.untrusted_mask > 3) return fail(Errc::InvalidArgument, "segment: trust mask");
+  const std::uint32_t threshold = limits.copy_threshold == 0 ? slot_size : limits.copy_threshold;
+  if (threshold < slot_size || threshold > kMaxExtentSize)
+    return fail(Errc::InvalidArgument,
+                "segment: copy_threshold below slot_size (pool buffers cannot be sealed)");
   Geometry g;
+  g.untrusted_mask = limits.untrusted_mask;
+  g.copy_threshold = threshold;
   g.max_in_flight = limits.max_in_flight;
   g.max_handles = limits.max_handles;
   g.slots_per_side = slots_per_side;
@@ -52,6 +59,8 @@ Result<Segment> Segment::create(std::uint32_t slots_per_side, std::uint32_t slot
   h.segment_size = g.segment_size;
   h.max_in_flight = static_cast<std::uint16_t>(g.max_in_flight);
   h.max_handles = static_cast<std::uint16_t>(g.max_handles);
+  h.untrusted_mask = g.untrusted_mask;
+  h.copy_threshold = g.copy_threshold;
   std::memcpy(s.map_.data(), &h, sizeof(h));
   // The memfd is zero-filled, which is a valid initial state for every atomic in Direction;
   // placement-new makes their lifetime explicit.
@@ -72,10 +81,10 @@ Result<Segment> Segment::attach(os::UniqueFd fd) {
   std::memcpy(&h, s.map_.data(), sizeof(h));  // read once, validate the private copy
   if (h.magic != kMagic || h.version != kLayoutVersion || h.ring_capacity != kRingCapacity)
     return fail(Errc::Protocol, "segment: bad magic or layout version");
-  auto g = compute_geometry(h.slots_per_side, h.slot_size, Limits{h.max_in_flight, h.max_handles});
+  auto g = compute_geometry(h.slots_per_side, h.slot_size, Limits{h.max_in_flight, h.max_handles, h.untrusted_mask, h.copy_threshold});
   if (!g || g->segment_size != size || g->segment_size != h.segment_size ||
       g->pool_offset != h.pool_offset || g->dir_offset[0] != h.dir_offset[0] ||
-      g->dir_offset[1] != h.dir_offset[1])
+      g->dir_offset[1] != h.dir_offset[1] || g->copy_threshold != h.copy_threshold)
     return fail(Errc::Protocol, "segment: header does not match its size");
   s.geo_ = *g;
   s.fd_ = std::move(fd);

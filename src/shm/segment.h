@@ -21,11 +21,15 @@ struct Geometry {
   std::uint64_t segment_size = 0;
   std::uint32_t max_in_flight = 0;  // 0: bounded by the buffers only
   std::uint32_t max_handles = kMaxHandles;
+  std::uint32_t untrusted_mask = 0;  // bit s: side s is untrusted of its peer (P5b)
+  std::uint32_t copy_threshold = 0;
 };
 
 struct Limits {
   std::uint32_t max_in_flight = 0;
   std::uint32_t max_handles = kMaxHandles;
+  std::uint32_t untrusted_mask = 0;
+  std::uint32_t copy_threshold = 0;  // 0: slot_size
 };
 
 // The layout for the given pool; Errc::InvalidArgument outside the limits in layout.h.
