@@ -838,6 +838,21 @@ bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
   return true;
 }
 
+int Endpoint::extent_fd_for_test(const Buffer& b) const {
+  std::lock_guard lock(mu_);
+  if (b.ep_.get() != this || (b.id_ & kExtentBit) == 0 || b.origin_ != Buffer::Origin::Own)
+    return -1;
+  return own_ext_[b.id_ & ~kExtentBit].fd.get();
+}
+
+Status Endpoint::forge_extent_request_for_test(int fd, std::uint32_t gen, std::uint32_t size,
+                                               std::uint32_t aux) {
+  std::lock_guard lock(mu_);
+  shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), 0, gen, aux};
+  MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
+  return push_locked(Desc{kExtentBit | 0, size, gen, static_cast<std::uint16_t>(DescKind::Request), 0});
+}
+
 void Endpoint::pending_push(const Desc& d) noexcept {
   MBMQ_ASSERT(pending_count_ < pending_.size());  // each entry names a distinct buffer
   pending_[(pending_head_ + pending_count_++) % pending_.size()] = d;

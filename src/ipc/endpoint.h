@@ -113,6 +113,12 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::byte* segment_base() const noexcept { return seg_.base(); }
   std::size_t segment_size() const noexcept { return seg_.geometry().segment_size; }
   int control_fd_for_test() const noexcept { return control_.get(); }
+  // The memfd behind our extent buffer b (-1 if b is not one of our extents).
+  int extent_fd_for_test(const Buffer& b) const;
+  // Plays a forging sender: sends `fd` as our extent 0 at `gen` (CtlMsg aux `aux`), then a
+  // Request descriptor naming it with `size` bytes.
+  Status forge_extent_request_for_test(int fd, std::uint32_t gen, std::uint32_t size,
+                                       std::uint32_t aux);
 
  private:
   explicit Endpoint(Init init);

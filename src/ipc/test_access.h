@@ -15,6 +15,11 @@ struct TestAccess {
   }
   // The end's control socket, to play a peer that sends arbitrary control messages.
   static int control_fd(Channel& c) { return c.ep_->control_fd_for_test(); }
+  static int extent_fd(Channel& c, const Buffer& b) { return c.ep_->extent_fd_for_test(b); }
+  static Status forge_extent_request(Channel& c, int fd, std::uint32_t gen, std::uint32_t size,
+                                     std::uint32_t aux) {
+    return c.ep_->forge_extent_request_for_test(fd, gen, size, aux);
+  }
 };
 
 }  // namespace mbmq::detail
