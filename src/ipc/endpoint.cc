@@ -171,7 +171,7 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
     std::size_t cap = (size + 4095) / 4096 * 4096;
     auto fd = os::make_sealed_memfd("mbmq-extent", cap);
     if (!fd) return fail(fd.error());
-    auto map = os::Mapping::map_shared(fd->get(), cap, os::Access::ReadWrite);
+    auto map = os::Mapping::map_shared(fd->get(), cap, os::Access::ReadWrite, /*prefault=*/true);
     if (!map) return fail(map.error());
     std::uint32_t e = free_ext_.back();
     free_ext_.pop_back();
@@ -537,7 +537,7 @@ const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::u
     const os::Access access = sealed          ? os::Access::CopyOnWrite
                               : untrusted_me_ ? os::Access::ReadOnly
                                               : os::Access::ReadWrite;
-    auto map = os::Mapping::map_shared(fd.get(), *fsize, access);
+    auto map = os::Mapping::map_shared(fd.get(), *fsize, access, /*prefault=*/true);
     if (!map) return "receive: extent mmap failed";
     pe.map = std::move(*map);
     pe.fd = std::move(fd);
@@ -563,7 +563,7 @@ bool Endpoint::shadowed(const Buffer& b) const noexcept {
 Status Endpoint::fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size) {
   const std::size_t cap = std::max<std::size_t>(x.map.size(), (size + 4095) / 4096 * 4096);
   auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
-  auto map = MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite));
+  auto map = MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, true));
   if (size > 0) std::memcpy(map.data(), src, size);
   x.fd = std::move(fd);
   x.map = std::move(map);
@@ -645,7 +645,7 @@ const char* Endpoint::take_replacement_locked(const Desc& d) {
   if (!fsize || *fsize < d.size || *fsize == 0 || *fsize > shm::kMaxExtentSize)
     return "reply: replacement size";
   auto map = os::Mapping::map_shared(
-      fd.get(), *fsize, sealed ? os::Access::CopyOnWrite : os::Access::ReadWrite);
+      fd.get(), *fsize, sealed ? os::Access::CopyOnWrite : os::Access::ReadWrite, true);
   if (!map) return "reply: replacement mmap failed";
   OwnExtent& x = own_ext_[e];
   x.fd = std::move(fd);

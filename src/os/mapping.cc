@@ -9,14 +9,21 @@
 
 namespace mbmq::os {
 
-Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Access access) {
+Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Access access,
+                             bool prefault) {
   if (size == 0) return fail(Errc::InvalidArgument, "mmap: empty");
   int prot = access == Access::ReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
   int flags = access == Access::CopyOnWrite ? MAP_PRIVATE : MAP_SHARED;
+  // Populating a writable private mapping would copy every page: that one uses madvise below.
+  if (prefault && access != Access::CopyOnWrite) flags |= MAP_POPULATE;
   if (injected(Fault::Mmap)) return fail(Error::from_syscall("mmap", fault_errno(Fault::Mmap)));
   count_syscall();
   void* p = ::mmap(nullptr, size, prot, flags, fd, static_cast<off_t>(offset));
   if (p == MAP_FAILED) return fail(Error::from_syscall("mmap", errno));
+  if (prefault && access == Access::CopyOnWrite) {
+    count_syscall();
+    (void)::madvise(p, size, MADV_POPULATE_READ);  // a hint: EINVAL before Linux 5.14
+  }
   Mapping m;
   m.addr_ = p;
   m.size_ = size;

@@ -18,11 +18,15 @@ class Mapping {
  public:
   Mapping() noexcept = default;
   // Maps `size` bytes of `fd` from offset 0, MAP_SHARED (both peers see the same pages).
-  static Result<Mapping> map_shared(int fd, std::size_t size, Access access) {
-    return map(fd, 0, size, access);
+  static Result<Mapping> map_shared(int fd, std::size_t size, Access access,
+                                    bool prefault = false) {
+    return map(fd, 0, size, access, prefault);
   }
-  // Maps `size` bytes of `fd` from `offset` (a multiple of the page size).
-  static Result<Mapping> map(int fd, std::uint64_t offset, std::size_t size, Access access);
+  // Maps `size` bytes of `fd` from `offset` (a multiple of the page size). prefault: map every
+  // page now (MAP_POPULATE; for CopyOnWrite, MADV_POPULATE_READ, which keeps pages shared until
+  // written): one call instead of a page fault per 4 KiB page, which costs ~12 us on this VM.
+  static Result<Mapping> map(int fd, std::uint64_t offset, std::size_t size, Access access,
+                             bool prefault = false);
 
   Mapping(Mapping&& o) noexcept
       : addr_(std::exchange(o.addr_, nullptr)), size_(std::exchange(o.size_, 0)) {}

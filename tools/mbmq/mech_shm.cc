@@ -165,7 +165,8 @@ Mechanism raw_ring_mechanism() {
 }
 
 // ---- mbmq ---------------------------------------------------------------------------------------
-Mechanism mbmq_mechanism(const char* name, WaitMode mode) {
+Mechanism mbmq_mechanism(const char* name, WaitMode mode, Trust server_trust = Trust::Cooperative,
+                         std::uint32_t copy_threshold = 0) {
   struct State {
     Channel client, server;
     Buffer buf;
@@ -174,10 +175,18 @@ Mechanism mbmq_mechanism(const char* name, WaitMode mode) {
   auto st = std::make_shared<State>();
   Mechanism m;
   m.name = name;
-  m.copies_by_design = "0: the payload is written once, in a buffer the server reads in place";
-  m.setup = [st, mode](std::size_t size) -> Status {
+  m.copies_by_design =
+      server_trust != Trust::Untrusted ? "0: the payload is written once, in a buffer the server reads in place"
+      : copy_threshold == 0
+          ? "1 up to copy_threshold = 64 KiB (the server copies the request into private memory, "
+            "and its 8-byte answer back); 0 above it (a sealed memfd, mapped), but fresh pages "
+            "for every message"
+          : "1: the server copies every request into private memory (copy_threshold = 64 MiB)";
+  m.setup = [st, mode, server_trust, copy_threshold](std::size_t size) -> Status {
     ChannelOptions opt;
     opt.wait.mode = mode;
+    opt.trust = {Trust::Cooperative, server_trust};
+    opt.copy_threshold = copy_threshold;
     auto [c, s] = MBMQ_TRY(Channel::pair(opt));
     st->client = std::move(c);
     st->server = std::move(s);
@@ -248,6 +257,11 @@ std::vector<Mechanism> shm_mechanisms() {
   v.push_back(mbmq_mechanism("mbmq-spin", WaitMode::Spin));
   v.push_back(mbmq_mechanism("mbmq-adaptive", WaitMode::Adaptive));
   v.push_back(mbmq_mechanism("mbmq-sleep", WaitMode::Sleep));
+  // The server untrusted of its client (Trust::Untrusted, default copy_threshold = slot_size).
+  v.push_back(mbmq_mechanism("mbmq-untrusted", WaitMode::Adaptive, Trust::Untrusted));
+  // The same with every size on the copy path (copy_threshold 64 MiB): no sealing.
+  v.push_back(
+      mbmq_mechanism("mbmq-untrusted-copy", WaitMode::Adaptive, Trust::Untrusted, 64u << 20));
   return v;
 }
 
