@@ -255,4 +255,12 @@ std::int64_t process_cpu_ns() noexcept {
   ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
+
+std::int64_t process_cpu_ns(pid_t pid) noexcept {
+  clockid_t clk{};
+  if (::clock_getcpuclockid(pid, &clk) != 0) return -1;
+  timespec ts{};
+  if (::clock_gettime(clk, &ts) != 0) return -1;
+  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
 }  // namespace mbmq::os

@@ -78,4 +78,6 @@ std::int64_t thread_cpu_ns() noexcept;
 bool is_terminal(int fd) noexcept;
 // CPU time of the whole process, all threads (CLOCK_PROCESS_CPUTIME_ID).
 std::int64_t process_cpu_ns() noexcept;
+// CPU time of another process (all its threads; clock_getcpuclockid), or -1.
+std::int64_t process_cpu_ns(pid_t pid) noexcept;
 }  // namespace mbmq::os

@@ -73,6 +73,25 @@ TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
             std::string::npos);
 }
 
+// `mbmq files`: every server serves the file (the client checks the bytes) and the JSON has
+// throughput and CPU per GiB for each; argument errors exit 2.
+TEST(Tool, FilesServesWithEveryMethodAndReportsCpuPerGiB) {
+  auto bad = run({"files", "--file-mib", "0"});
+  EXPECT_EQ(bad.code, 2) << bad.err;
+  auto r = run({"files", "--file-mib", "8", "--requests", "2", "--rounds", "1", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  std::vector<std::string> names;
+  for (const auto& row : j) {
+    names.push_back(row.at("server").get<std::string>());
+    EXPECT_GT(row.at("gib_per_s").get<double>(), 0.0);
+    EXPECT_GT(row.at("server_cpu_s_per_gib").get<double>(), 0.0);
+    EXPECT_EQ(row.at("file_bytes").get<std::uint64_t>(), 8u << 20);
+  }
+  for (const char* want : {"read+write", "mmap+write", "sendfile", "splice", "nginx"})
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
+}
+
 TEST(Tool, JsonHasTheSchemaForEveryMechanism) {
   ToolRun r = run({"bench", "--json", "--sizes", "64,64K,1M", "--seconds", "0.05", "--no-strace"});
   ASSERT_EQ(r.code, 0) << r.err;

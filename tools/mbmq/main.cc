@@ -1,6 +1,7 @@
 // tools/mbmq/main.cc: the `mbmq` command.
 //   mbmq bench   two-process request/response: mbmq beside the IPC in use today, measured here
 //   mbmq copies  per mechanism, the copies a request costs by design and as measured
+//   mbmq files   serving a file over loopback HTTP: read+write, mmap+write, sendfile, splice, nginx
 // `mbmq-bench ARGS` is `mbmq bench ARGS`. Argument errors print why and exit 2; a failed cell
 // (a wrong reply, a mechanism that broke) exits 1 after the report.
 #include <sys/wait.h>
@@ -22,6 +23,7 @@
 #include "report.h"
 
 namespace mbmq::tool {
+int run_files(const std::vector<std::string>& argv_rest);  // files.cc
 namespace {
 
 std::vector<std::size_t> parse_sizes(const std::string& s) {
@@ -250,7 +252,8 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
 int usage() {
   std::fprintf(stderr,
                "usage: mbmq bench [options]    side-by-side IPC benchmark (mbmq bench --help)\n"
-               "       mbmq copies [options]   copies per request, by design and measured\n");
+               "       mbmq copies [options]   copies per request, by design and measured\n"
+               "       mbmq files [options]    serving a file: read+write, mmap, sendfile, splice, nginx\n");
   return 2;
 }
 
@@ -274,6 +277,7 @@ int main(int argc, char** argv) {
   rest.erase(rest.begin());
   if (cmd == "bench") return run_bench(rest, false, self);
   if (cmd == "copies") return run_bench(rest, true, self);
+  if (cmd == "files") return run_files(rest);
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     usage();
     return 0;
