@@ -17,7 +17,8 @@
 // redirected to (or from accept(), which waits on a private queue).
 //
 // Handshake (R1-R4), each step bounded by a deadline:
-//  (R1) The client connects (SOCK_SEQPACKET) and sends Hello{magic, protocol version}.
+//  (R1) The client connects (SOCK_SEQPACKET) and sends Hello{magic, protocol version, flags}
+//       (flags: its end is to be Trust::Untrusted).
 //  (R2) The listener reads Hello (a connection with no hello within handshake_timeout is dropped
 //       and counted), then SO_PEERCRED, and checks its AccessPolicy, then its connection limit.
 //       (Hello first: a Unix socket closed with unread data resets the connection, and the
@@ -115,7 +116,10 @@ class Listener {
 };
 
 // Connects to the listener called `name`. Errc::Refused if its policy refuses us,
-// Errc::System/ECONNREFUSED if nobody listens, Errc::TimedOut at the deadline.
-Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait = {});
+// Errc::System/ECONNREFUSED if nobody listens, Errc::TimedOut at the deadline. `trust` is this
+// end's trust mode (see channel.h): Trust::Untrusted protects us from the server's replies; it is
+// asked for in the hello and checked in the segment we get (Errc::Refused if not granted).
+Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait = {},
+                        Trust trust = Trust::Cooperative);
 
 }  // namespace mbmq

@@ -95,6 +95,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // other process holds it) and stop delivering.
   void close_local() noexcept;
   EpState state() const noexcept { return state_.load(std::memory_order_acquire); }
+  bool untrusted() const noexcept { return untrusted_me_; }
   // Something to destroy with this end (a listener's connection count). Set once, before use.
   void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
 

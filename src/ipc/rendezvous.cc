@@ -21,12 +21,13 @@ namespace {
 
 constexpr std::uint64_t kHelloMagic = 0x4f4c'4548'514d'424dull;    // "MBMQHELO"
 constexpr std::uint64_t kVerdictMagic = 0x5443'4944'514d'424dull;  // "MBMQDICT"
-constexpr std::uint32_t kRendezvousVersion = 2;
+constexpr std::uint32_t kRendezvousVersion = 3;
+constexpr std::uint32_t kHelloUntrusted = 1;  // the client's end is to be Trust::Untrusted
 
 struct Hello {
   std::uint64_t magic;
   std::uint32_t version;
-  std::uint32_t reserved;
+  std::uint32_t flags;  // kHelloUntrusted; other bits must be 0
 };
 enum class Verdict : std::uint32_t {
   Accepted = 1,
@@ -233,7 +234,7 @@ void ListenCore::handshake(int fd) noexcept {
   Counters& c = *counters_;
   // (R2) The hello is a single SEQPACKET message: readable means all of it is there.
   auto hello = recv_now<Hello>(conn.get(), "handshake: hello");
-  if (!hello || hello->magic != kHelloMagic) {
+  if (!hello || hello->magic != kHelloMagic || (hello->flags & ~kHelloUntrusted) != 0) {
     c.failed.fetch_add(1, std::memory_order_relaxed);
     return;
   }
@@ -257,7 +258,10 @@ void ListenCore::handshake(int fd) noexcept {
     return;
   }
   // (R4) Accepted: a new channel; the client's end travels over this connection.
-  auto ends = Channel::pair(options_.channel);
+  // The client chooses its own end's trust mode (the receiving side chooses, P5b).
+  ChannelOptions channel_options = options_.channel;
+  if ((hello->flags & kHelloUntrusted) != 0) channel_options.trust[0] = Trust::Untrusted;
+  auto ends = Channel::pair(channel_options);
   if (!ends ||
       !send_plain(conn.get(),
                   VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(Verdict::Accepted), 0}) ||
@@ -334,10 +338,11 @@ std::uint64_t Listener::refused() const noexcept {
 
 // ---- connect ---------------------------------------------------------------------------------
 
-Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait) {
+Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait, Trust trust) {
   // (R1)
   os::UniqueFd sock = MBMQ_TRY(os::connect_abstract(socket_name(name)));
-  MBMQ_TRY(send_plain(sock.get(), Hello{kHelloMagic, kRendezvousVersion, 0}));
+  MBMQ_TRY(send_plain(sock.get(), Hello{kHelloMagic, kRendezvousVersion,
+                                        trust == Trust::Untrusted ? kHelloUntrusted : 0u}));
   MBMQ_CRASH_POINT("connect.sent_hello");
   bool ready = MBMQ_TRY(os::wait_readable(sock.get(), timeout_of(deadline)));
   if (!ready) return fail(Errc::TimedOut, "connect: no verdict from the listener");
@@ -357,6 +362,9 @@ Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wai
       return fail(Errc::Protocol, "connect: verdict");
   }
   Channel ch = MBMQ_TRY(Channel::receive_from(sock.get(), deadline));
+  // A listener that ignored the request (or lied) does not get a cooperative end from us.
+  if (trust == Trust::Untrusted && !detail::ChannelAccess::ep(ch)->untrusted())
+    return fail(Errc::Refused, "connect: the listener did not make this end untrusted");
   ch.set_wait_policy(wait);
   return ch;
 }

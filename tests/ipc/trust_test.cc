@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "ipc/test_access.h"
+#include "mbmq/rendezvous.h"
 #include "os/file.h"
 #include "os/mapping.h"
 #include "os/memfd.h"
@@ -213,6 +214,39 @@ TEST(Trust, ForgedExtentsAreRefused) {
   auto pipe = os::make_pipe();
   ASSERT_TRUE(pipe);
   expect_refused(pipe->first.get(), size, shm::kExtentSealed, "a pipe");
+}
+
+// A connecting client asks for an untrusted end: the (cooperative) server's large answer then
+// comes back sealed in a replacement memfd (P7b), and its small one copied (P5b).
+TEST(Trust, AConnectingClientChoosesItsOwnTrust) {
+  const std::string name = "trust-test-" + std::to_string(os::current_pid());
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l);
+  pid_t pid = spawn([&] {
+    *l = Listener();
+    auto ch = connect(name, secs(5), WaitPolicy{}, Trust::Untrusted);
+    if (!ch) return 10;
+    for (std::size_t answer : {std::size_t{100}, std::size_t{2} << 20}) {
+      auto b = ch->buffer(2 << 20);
+      if (!b) return 11;
+      std::memcpy(b->data().data(), &answer, 8);
+      if (!ch->call(*b, secs(10))) return 12;
+      if (b->size() != answer || !test::check(b->data(), 5)) return 13;
+    }
+    return 0;
+  });
+  auto server = l->accept(secs(10));
+  ASSERT_TRUE(server);
+  for (int i = 0; i < 2; ++i) {
+    auto m = server->receive(secs(10));
+    ASSERT_TRUE(m) << m.error().message();
+    std::size_t answer;
+    std::memcpy(&answer, m->buffer.data().data(), 8);
+    ASSERT_TRUE(m->buffer.resize(answer));
+    test::fill(m->buffer.data(), 5);
+    ASSERT_TRUE(MsgQueue::reply(std::move(*m)));
+  }
+  EXPECT_EQ(join(pid), 0);
 }
 
 // Cooperative ends are untouched by all this: the same extent is read in place, zero copies.
