@@ -14,6 +14,7 @@
 #include "os/file.h"
 #include "os/mapping.h"
 #include "os/tcp.h"
+#include "os/unix_socket.h"
 
 namespace fileserver {
 
@@ -225,7 +226,7 @@ class Connection {
         return true;
       }
       if (n.error().code != mbmq::Errc::WouldBlock) return false;
-      auto ready = os::wait_readable_fd(sock_.get(), std::int64_t{o_.idle_timeout_ms} * 1'000'000);
+      auto ready = os::wait_readable(sock_.get(), std::int64_t{o_.idle_timeout_ms} * 1'000'000);
       if (!ready || !*ready) return false;  // idle too long: close
     }
   }
@@ -368,7 +369,7 @@ int serve(const Options& o, int listener, Counters* counters, const std::atomic<
   auto active = std::make_shared<std::atomic<int>>(0);
   const int root_fd = root->get();
   while (stop == nullptr || !stop->load()) {
-    auto ready = os::wait_readable_fd(listener, 200'000'000);
+    auto ready = os::wait_readable(listener, 200'000'000);
     if (!ready || !*ready) continue;
     auto sock = os::tcp_accept(listener);
     if (!sock) continue;

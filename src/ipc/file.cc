@@ -12,6 +12,7 @@
 #include "os/file.h"
 #include "os/mapping.h"
 #include "os/memfd.h"
+#include "os/unix_socket.h"
 
 namespace mbmq {
 

@@ -156,27 +156,6 @@ Result<std::pair<UniqueFd, UniqueFd>> make_splice_pipe(std::size_t size) {
   return ends;
 }
 
-namespace {
-Result<bool> wait_for(int fd, short events, std::int64_t timeout_ns) {
-  pollfd p{fd, events, 0};
-  int ms = timeout_ns < 0 ? -1 : static_cast<int>((timeout_ns + 999'999) / 1'000'000);
-  for (;;) {
-    count_syscall();
-    int r = ::poll(&p, 1, ms);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return fail(Error::from_syscall("poll", errno));
-    return r > 0;
-  }
-}
-}  // namespace
-
-Result<bool> wait_writable(int fd, std::int64_t timeout_ns) {
-  return wait_for(fd, POLLOUT, timeout_ns);
-}
-Result<bool> wait_readable_fd(int fd, std::int64_t timeout_ns) {
-  return wait_for(fd, POLLIN, timeout_ns);
-}
-
 Result<std::size_t> read_some(int fd, std::span<std::byte> buf) {
   for (;;) {
     count_syscall();

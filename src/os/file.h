@@ -61,9 +61,7 @@ Result<std::size_t> splice_some(int in, std::uint64_t* in_offset, int out, std::
 // A pipe with its capacity raised to `size` where the kernel allows (fcntl F_SETPIPE_SZ), for
 // splice; {read end, write end}.
 Result<std::pair<UniqueFd, UniqueFd>> make_splice_pipe(std::size_t size);
-// poll() for POLLOUT / POLLIN; false on timeout (timeout_ns < 0: forever).
-Result<bool> wait_writable(int fd, std::int64_t timeout_ns);
-Result<bool> wait_readable_fd(int fd, std::int64_t timeout_ns);
+// (Waiting for room or data: os::wait_writable / os::wait_readable in os/unix_socket.h.)
 // One read()/write(); Errc::WouldBlock on EAGAIN, 0 at end of file.
 Result<std::size_t> read_some(int fd, std::span<std::byte> buf);
 Result<std::size_t> write_some(int fd, std::span<const std::byte> buf);

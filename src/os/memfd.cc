@@ -8,21 +8,13 @@
 #include <cerrno>
 
 #include "os/fault.h"
+#include "os/file.h"
 #include "os/syscall_count.h"
 
 namespace mbmq::os {
 
 Result<UniqueFd> make_sealed_memfd(const char* name, std::size_t size) {
-  if (injected(Fault::MemfdCreate))
-    return fail(Error::from_syscall("memfd_create", fault_errno(Fault::MemfdCreate)));
-  count_syscall();
-  UniqueFd fd(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd) return fail(Error::from_syscall("memfd_create", errno));
-  if (injected(Fault::Ftruncate))
-    return fail(Error::from_syscall("ftruncate", fault_errno(Fault::Ftruncate)));
-  count_syscall();
-  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
-    return fail(Error::from_syscall("ftruncate", errno));
+  UniqueFd fd = MBMQ_TRY(make_memfd(name, size));
   count_syscall();
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)
     return fail(Error::from_syscall("fcntl(F_ADD_SEALS)", errno));

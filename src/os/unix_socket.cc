@@ -115,8 +115,9 @@ void shutdown_socket(int sock) noexcept {
   ::shutdown(sock, SHUT_RDWR);
 }
 
-Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
-  pollfd p{sock, POLLIN, 0};
+namespace {
+Result<bool> wait_for(int fd, short events, std::int64_t timeout_ns) {
+  pollfd p{fd, events, 0};
   int ms = timeout_ns < 0 ? -1 : static_cast<int>((timeout_ns + 999'999) / 1'000'000);
   for (;;) {
     count_syscall();
@@ -125,6 +126,14 @@ Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
     if (r < 0) return fail(Error::from_syscall("poll", errno));
     return r > 0;
   }
+}
+}  // namespace
+
+Result<bool> wait_readable(int fd, std::int64_t timeout_ns) {
+  return wait_for(fd, POLLIN, timeout_ns);
+}
+Result<bool> wait_writable(int fd, std::int64_t timeout_ns) {
+  return wait_for(fd, POLLOUT, timeout_ns);
 }
 
 }  // namespace mbmq::os

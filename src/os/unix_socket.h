@@ -43,6 +43,8 @@ namespace mbmq::os {
 void shutdown_socket(int sock) noexcept;
 // Waits until sock is readable or hung up, at most timeout_ns (< 0: no limit).
 Result<bool> wait_readable(int sock, std::int64_t timeout_ns);
+// poll() for POLLOUT (any fd); false on timeout (timeout_ns < 0: forever).
+Result<bool> wait_writable(int fd, std::int64_t timeout_ns);
 }  // namespace mbmq::os
 
 namespace mbmq::os {

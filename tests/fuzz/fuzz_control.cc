@@ -1,12 +1,14 @@
-// Fuzz target: a peer that sends arbitrary control-socket packets (P3, P3b): extent and doorbell
-// messages, handle packets with fds, truncated and oversized ones, each perhaps followed by a
-// descriptor that names it. The victim must take or close every fd it is sent (checked: the fd
+// Fuzz target: a peer that sends arbitrary control-socket packets (P3, P3b, P3c, P7b): extent
+// and doorbell messages (sealed or not, replacements), handle packets with fds and file ranges,
+// truncated and oversized ones, each perhaps followed by a descriptor that names it, to a victim
+// that is cooperative or untrusted (P5b). The victim must take or close every fd it is sent (checked: the fd
 // count comes back), and treat every inconsistency as a protocol error of that channel.
 #include <cstring>
 
 #include "fuzz_common.h"
 #include "ipc/test_access.h"
 #include "mbmq/mbmq.h"
+#include "os/file.h"
 #include "os/memfd.h"
 #include "os/unix_socket.h"
 
@@ -17,7 +19,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::warm_up();
   const std::size_t fds0 = os::open_fd_count();
   {
-    auto ends = Channel::pair();
+    ChannelOptions opt;
+    if (in.ConsumeBool()) opt.trust[0] = Trust::Untrusted;  // the victim's end
+    auto ends = Channel::pair(opt);
     if (!ends) return 0;
     auto& [victim, attacker] = *ends;
     const int ctl = detail::TestAccess::control_fd(attacker);
@@ -43,6 +47,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (in.ConsumeBool()) {
           auto m =
               os::make_sealed_memfd("fuzz-ctl", in.ConsumeIntegralInRange<std::size_t>(0, 1 << 16));
+          if (m && in.ConsumeBool())  // immutable, as P3c makes it (or a subset of it)
+            (void)os::add_seals(m->get(), in.ConsumeBool() ? os::kSealsImmutable : os::kSealWrite);
           if (m) owned.push_back(std::move(*m));
         } else {
           auto p = os::make_pipe();
@@ -57,7 +63,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         e.desc =
             shm::Desc{h.id, in.ConsumeIntegralInRange<std::uint32_t>(0, 1 << 17), h.gen,
                       static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(1, 5) |
-                                                 (in.ConsumeBool() ? shm::kDescHasHandles : 0)),
+                                                 (in.ConsumeBool() ? shm::kDescHasHandles : 0) |
+                                                 (in.ConsumeBool() ? shm::kDescReplaced : 0)),
                       0};
         e.seq.store(++tail, std::memory_order_release);
         dir->tail.store(tail, std::memory_order_release);
@@ -69,6 +76,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           if (m->buffer.handle_kind(i) == HandleKind::Fd) {
             auto fd = m->buffer.take_fd(i);
             if (fd) os::UniqueFd close_it(*fd);
+          } else if (m->buffer.handle_kind(i) == HandleKind::File) {
+            auto r = m->buffer.take_file(i);  // checked against the file: often Protocol
+            if (r) (void)r->map(true);
           } else if (m->buffer.handle_kind(i) == HandleKind::Channel) {
             auto c = m->buffer.take_channel(i);  // usually Protocol: our fds are not an end
             (void)c;
