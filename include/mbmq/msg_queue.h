@@ -44,6 +44,9 @@ struct Message {
   Kind kind = Kind::PeerClosed;
   Buffer buffer;
   Errc error = Errc::PeerClosed;  // Kind::PeerClosed only
+  // Kind::PeerClosed with Errc::Protocol: which rule the peer broke (a static string, e.g.
+  // "receive (untrusted): payload above copy_threshold not in a sealed memfd"); else "".
+  const char* why = "";
   // Kind::Connection only: the new channel. Keep it, or adopt() it into a queue; dropped, it
   // closes and the client sees PeerClosed.
   Channel channel;

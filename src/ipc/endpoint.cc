@@ -870,6 +870,7 @@ bool Endpoint::pending_pop(Desc* d) noexcept {
 Error Endpoint::fail_protocol_locked(const char* op) noexcept {
   EpState expected = EpState::Open;
   if (state_.compare_exchange_strong(expected, EpState::Protocol)) {
+    why_bad_ = op;  // for the final Kind::PeerClosed message (Message::why)
     // Close the channel for both sides: the peer sees the hang-up (P8).
     if (control_) os::shutdown_socket(control_.get());
     in_.doorbell.fetch_add(1, std::memory_order_release);
@@ -905,6 +906,7 @@ Endpoint::Poll Endpoint::poll(Message* out) {
     out->buffer.reset();
     out->kind = Kind::PeerClosed;
     out->error = closed_errc(s);
+    out->why = s == EpState::Protocol ? why_bad_ : "";
     out->key = key_.load(std::memory_order_relaxed);
     return Poll::Ended;
   }

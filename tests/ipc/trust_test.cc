@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <string>
 #include <thread>
 
 #include "ipc/test_access.h"
@@ -168,19 +169,19 @@ TEST(Trust, RoundTripsCarryTheirAnswersInEveryPath) {
 }
 
 // A forging sender: extents that break P5b's rules end the channel with Errc::Protocol.
-void expect_refused(int fd, std::uint32_t size, std::uint32_t aux, const char* what) {
+void expect_refused(int fd, std::uint32_t size, std::uint32_t aux, const char* what,
+                    const char* why_contains) {
   SCOPED_TRACE(what);
   auto p = Channel::pair(untrusted_server());
   ASSERT_TRUE(p);
   auto& [client, server] = *p;
   ASSERT_TRUE(detail::TestAccess::forge_extent_request(client, fd, 1, size, aux));
+  // The final message of the channel says why.
   auto m = server.receive(secs(5));
-  if (m) {
-    EXPECT_EQ(m->kind, Kind::PeerClosed);
-    EXPECT_EQ(m->error, Errc::Protocol);
-  } else {
-    EXPECT_EQ(m.error().code, Errc::Protocol) << m.error().message();
-  }
+  ASSERT_TRUE(m) << m.error().message();
+  EXPECT_EQ(m->kind, Kind::PeerClosed);
+  EXPECT_EQ(m->error, Errc::Protocol);
+  EXPECT_NE(std::string(m->why).find(why_contains), std::string::npos) << m->why;
   // The forger sees the channel end too.
   auto b = client.buffer(64);
   if (b) {
@@ -194,26 +195,29 @@ TEST(Trust, ForgedExtentsAreRefused) {
   // 1. Not sealed against writing, announced as sealed.
   auto plain = os::make_sealed_memfd("forged-plain", size);
   ASSERT_TRUE(plain);
-  expect_refused(plain->get(), size, shm::kExtentSealed, "unsealed memfd claiming seals");
+  expect_refused(plain->get(), size, shm::kExtentSealed, "unsealed memfd claiming seals",
+                 "lacks F_SEAL_WRITE");
   // 2. Not sealed, not claiming it, above the threshold.
-  expect_refused(plain->get(), size, 0, "unsealed memfd above copy_threshold");
+  expect_refused(plain->get(), size, 0, "unsealed memfd above copy_threshold",
+                 "not in a sealed memfd");
   // 3. F_SEAL_FUTURE_WRITE with a writable mapping left: the sender could still write.
   auto future = os::make_sealed_memfd("forged-future", size);
   ASSERT_TRUE(future);
   auto keep = os::Mapping::map_shared(future->get(), size, os::Access::ReadWrite);
   ASSERT_TRUE(keep);
   ASSERT_TRUE(os::add_seals(future->get(), os::kSealFutureWrite | os::kSealSeal));
-  expect_refused(future->get(), size, shm::kExtentSealed, "F_SEAL_FUTURE_WRITE, mapping kept");
-  // 4. Sealed properly but without F_SEAL_SEAL... still writable? No: but seals could be added
-  // later only, never removed; the rule asks for all four, so it is refused too.
+  expect_refused(future->get(), size, shm::kExtentSealed, "F_SEAL_FUTURE_WRITE, mapping kept",
+                 "lacks F_SEAL_WRITE");
+  // 4. F_SEAL_WRITE but no F_SEAL_SEAL (nor SHRINK|GROW... it has those): the rule asks for
+  // all four, so it is refused too.
   auto noseal = os::make_sealed_memfd("forged-noseal", size);
   ASSERT_TRUE(noseal);
   ASSERT_TRUE(os::add_seals(noseal->get(), os::kSealWrite));
-  expect_refused(noseal->get(), size, shm::kExtentSealed, "no F_SEAL_SEAL");
+  expect_refused(noseal->get(), size, shm::kExtentSealed, "no F_SEAL_SEAL", "lacks F_SEAL_WRITE");
   // 5. Not a memfd that can shrink-proof at all: a pipe.
   auto pipe = os::make_pipe();
   ASSERT_TRUE(pipe);
-  expect_refused(pipe->first.get(), size, shm::kExtentSealed, "a pipe");
+  expect_refused(pipe->first.get(), size, shm::kExtentSealed, "a pipe", "not sealed against");
 }
 
 // A connecting client asks for an untrusted end: the (cooperative) server's large answer then
