@@ -13,6 +13,7 @@
 #include "mbmq/file.h"
 #include "os/file.h"
 #include "os/mapping.h"
+#include "os/process.h"
 #include "os/tcp.h"
 #include "os/unix_socket.h"
 
@@ -360,6 +361,8 @@ class Connection {
 }  // namespace
 
 int serve(const Options& o, int listener, Counters* counters, const std::atomic<bool>* stop) {
+  // A client that leaves mid-body must cost its connection an EPIPE, not the server its life.
+  os::ignore_sigpipe();
   auto root = os::open_directory(o.root.c_str());
   if (!root) {
     std::fprintf(stderr, "file_server: --root %s: %s\n", o.root.c_str(),

@@ -59,7 +59,8 @@ struct Counters {
   std::atomic<std::uint64_t> requests{0}, bytes{0}, errors{0}, fallbacks{0}, connections{0};
 };
 
-// Serves on listening socket `listener` until *stop is set (checked between accepts).
+// Serves on listening socket `listener` until *stop is set (checked between accepts). Ignores
+// SIGPIPE for the process (a client leaving mid-body is that connection's EPIPE).
 int serve(const Options& o, int listener, Counters* counters, const std::atomic<bool>* stop);
 
 }  // namespace fileserver

@@ -83,6 +83,8 @@ struct Egress {
 // room until the deadline). Errc::InvalidArgument if the file ends before the range does;
 // Errc::TimedOut at the deadline (result bytes are then unknown to the caller: the stream is
 // mid-message and should be closed); Errc::System for socket errors (EPIPE: the peer left).
+// SIGPIPE: like write(2), sending to a socket whose reader has gone raises SIGPIPE; a server
+// should ignore it (signal(SIGPIPE, SIG_IGN)), as examples/file_server does.
 Result<Egress> send_file(int socket, int file_fd, std::uint64_t offset, std::uint64_t length,
                          const EgressOptions& options = {});
 // Writes buf's size() bytes into `socket`, from the memfd behind them (sendfile/splice), or with

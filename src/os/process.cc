@@ -263,4 +263,6 @@ std::int64_t process_cpu_ns(pid_t pid) noexcept {
   if (::clock_gettime(clk, &ts) != 0) return -1;
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
+
+void ignore_sigpipe() noexcept { ::signal(SIGPIPE, SIG_IGN); }
 }  // namespace mbmq::os

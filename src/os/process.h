@@ -78,6 +78,10 @@ std::int64_t thread_cpu_ns() noexcept;
 bool is_terminal(int fd) noexcept;
 // CPU time of the whole process, all threads (CLOCK_PROCESS_CPUTIME_ID).
 std::int64_t process_cpu_ns() noexcept;
+// signal(SIGPIPE, SIG_IGN) for the whole process: a write to a socket whose reader left then
+// fails with EPIPE instead of killing the process. For programs (servers); a library must not
+// decide it for its host.
+void ignore_sigpipe() noexcept;
 // CPU time of another process (all its threads; clock_getcpuclockid), or -1.
 std::int64_t process_cpu_ns(pid_t pid) noexcept;
 }  // namespace mbmq::os

@@ -16,6 +16,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 root=$work/root
 mkdir -p "$root/sub" "$root/dir"
 head -c 5000000 /dev/urandom >"$root/big.bin"
+head -c 64000000 /dev/zero >"$root/huge.bin"  # more than loopback's socket buffers hold
 printf 'hello, file server\n' >"$root/sub/a.txt"
 printf '<h1>index</h1>\n' >"$root/index.html"
 printf 'secret\n' >"$work/outside.txt"
@@ -96,6 +97,14 @@ for mode in sendfile splice mmap copy; do
   for i in $(seq 8); do curl -sf -o "$work/par$i" "$(url /big.bin)" & clients+=($!); done
   for c in "${clients[@]}"; do wait "$c" || fail "parallel client failed"; done
   for i in $(seq 8); do cmp -s "$work/par$i" "$root/big.bin" || fail "parallel client $i"; done
+  # Clients that leave mid-body (the server gets EPIPE, and must not die of SIGPIPE).
+  for i in 1 2 3; do
+    curl -s "$(url /huge.bin)" | head -c 1000 >/dev/null || true
+    exec 3<>"/dev/tcp/127.0.0.1/$port"
+    printf 'GET /huge.bin HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+    exec 3>&-
+  done
+  sleep 0.3
   # Still serving after all of that.
   curl -sf -o "$work/got" "$(url /sub/a.txt)" && cmp -s "$work/got" "$root/sub/a.txt" ||
     fail "server broken after bad input"
