@@ -473,31 +473,33 @@ Status Endpoint::reply(Buffer&& b) {
     return fail(closed_errc(s), "reply");
   }
   std::uint16_t k = static_cast<std::uint16_t>(DescKind::Reply);
-  if (tx_.has_room() != shm::RingStatus::Ok) {
+  // (P7b) A sealed extent cannot take the answer, nor may an untrusted caller get more than
+  // copy_threshold bytes unsealed: it goes back in a replacement memfd.
+  const bool extent = (id & kExtentBit) != 0;
+  const bool replace =
+      extent && (peer_ext_[id & ~kExtentBit].sealed || (untrusted_peer_ && size > copy_threshold_));
+  // Room first when a control message precedes the descriptor (P3b, P7b): it must follow.
+  if ((replace || b.handles_) && tx_.has_room() != shm::RingStatus::Ok) {
     detach_buffer(b);
     return fail(Errc::WouldBlock, "reply: ring full (the peer is not consuming)");
   }
-  // (P5b) An untrusted end's answer is in its private copy: copy it back. (P7b) A sealed extent
-  // cannot take it, nor may an untrusted caller get more than copy_threshold bytes unsealed.
-  if ((id & kExtentBit) != 0) {
-    PeerExtent& pe = peer_ext_[id & ~kExtentBit];
-    if (pe.sealed || (untrusted_peer_ && size > copy_threshold_)) {
-      if (auto r = send_replacement_locked(id & ~kExtentBit, gen, b.data_, size); !r) {
-        detach_buffer(b);
-        // The caller is not left waiting: it gets NoReply.
-        (void)push_locked(Desc{id, 0, gen, k, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
-        return r;
-      }
-      k |= shm::kDescReplaced;
-    } else if (shadowed(b)) {
-      if (auto r = os::pwrite_full(pe.fd.get(), {b.data_, size}, 0); !r) {
-        detach_buffer(b);
-        (void)push_locked(Desc{id, 0, gen, k, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
-        return r;
-      }
+  Status copied;
+  if (replace) {
+    copied = send_replacement_locked(id & ~kExtentBit, gen, b.data_, size);
+    k |= shm::kDescReplaced;
+  } else if (shadowed(b)) {  // (P5b) an untrusted end's answer is in its private copy
+    if (extent) {
+      copied = os::pwrite_full(peer_ext_[id & ~kExtentBit].fd.get(), {b.data_, size}, 0);
+    } else {
+      std::memcpy(seg_.slot(id), b.data_, size);
     }
-  } else if (shadowed(b)) {
-    std::memcpy(seg_.slot(id), b.data_, size);
+  }
+  if (!copied) {
+    detach_buffer(b);
+    // The caller is not left waiting: it gets NoReply.
+    (void)push_locked(Desc{id, 0, gen, static_cast<std::uint16_t>(DescKind::Reply),
+                           static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+    return copied;
   }
   if (b.handles_) {
     // A failure here (the caller is gone) still answers the request, without the handles.
@@ -515,6 +517,25 @@ Status Endpoint::reply(Buffer&& b) {
 
 // ---- (P5) receiving ----------------------------------------------------------------------------
 
+const char* Endpoint::map_extent_fd(int fd, bool announced_sealed, os::Access unsealed_access,
+                                    os::Mapping* map, bool* sealed) {
+  // Only a memfd sealed against shrinking can be mapped without risking SIGBUS later.
+  auto seals = os::get_seals(fd);
+  if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
+    return "extent memfd not sealed against shrinking";
+  *sealed = (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+  if (announced_sealed && !*sealed)
+    return "extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
+  auto fsize = os::file_size(fd);
+  if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "extent size";
+  // Immutable: copy-on-write (no writable shared mapping of it can exist).
+  auto m = os::Mapping::map_shared(
+      fd, *fsize, *sealed ? os::Access::CopyOnWrite : unsealed_access, /*prefault=*/true);
+  if (!m) return "extent mmap failed";
+  *map = std::move(*m);
+  return nullptr;
+}
+
 const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size) {
   PeerExtent& pe = peer_ext_[e];
   if (pe.held) return "receive: the peer reused an extent we still hold";
@@ -523,23 +544,15 @@ const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::u
     Stashed& st = stash_ext_[e];
     if (!st.fd || st.gen != gen) return "receive: extent descriptor without its memfd";
     os::UniqueFd fd = std::move(st.fd);
-    // Only a memfd sealed against shrinking can be mapped without risking SIGBUS later.
-    auto seals = os::get_seals(fd.get());
-    if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
-      return "receive: extent memfd not sealed against shrinking";
-    const bool sealed = (*seals & os::kSealsImmutable) == os::kSealsImmutable;
-    if (st.sealed && !sealed)
-      return "receive: extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
-    auto fsize = os::file_size(fd.get());
-    if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "receive: extent size";
-    // Sealed: copy-on-write (no writable shared mapping of it can exist). Untrusted: read-only,
-    // answers go back with pwrite (P5b). Else shared, read-write: the answer is written in place.
-    const os::Access access = sealed          ? os::Access::CopyOnWrite
-                              : untrusted_me_ ? os::Access::ReadOnly
-                                              : os::Access::ReadWrite;
-    auto map = os::Mapping::map_shared(fd.get(), *fsize, access, /*prefault=*/true);
-    if (!map) return "receive: extent mmap failed";
-    pe.map = std::move(*map);
+    // Untrusted: read-only, answers go back with pwrite (P5b). Else shared, read-write: the
+    // answer is written in place.
+    os::Mapping map;
+    bool sealed = false;
+    if (const char* why = map_extent_fd(
+            fd.get(), st.sealed, untrusted_me_ ? os::Access::ReadOnly : os::Access::ReadWrite,
+            &map, &sealed))
+      return why;
+    pe.map = std::move(map);
     pe.fd = std::move(fd);
     pe.gen = gen;
     pe.sealed = sealed;
@@ -634,22 +647,16 @@ const char* Endpoint::take_replacement_locked(const Desc& d) {
   Stashed& st = stash_replace_[e];
   if (!st.fd || st.gen != d.gen) return "reply: replacement announced but not sent";
   os::UniqueFd fd = std::move(st.fd);
-  auto seals = os::get_seals(fd.get());
-  if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
-    return "reply: replacement memfd not sealed against shrinking";
-  const bool sealed = (*seals & os::kSealsImmutable) == os::kSealsImmutable;
-  if (st.sealed && !sealed) return "reply: replacement announced sealed is not";
+  os::Mapping map;
+  bool sealed = false;
+  if (const char* why = map_extent_fd(fd.get(), st.sealed, os::Access::ReadWrite, &map, &sealed))
+    return why;
   if (untrusted_me_ && d.size > copy_threshold_ && !sealed)
     return "reply (untrusted): answer above copy_threshold not in a sealed memfd";
-  auto fsize = os::file_size(fd.get());
-  if (!fsize || *fsize < d.size || *fsize == 0 || *fsize > shm::kMaxExtentSize)
-    return "reply: replacement size";
-  auto map = os::Mapping::map_shared(
-      fd.get(), *fsize, sealed ? os::Access::CopyOnWrite : os::Access::ReadWrite, true);
-  if (!map) return "reply: replacement mmap failed";
+  if (map.size() < d.size) return "reply: replacement smaller than the answer";
   OwnExtent& x = own_ext_[e];
   x.fd = std::move(fd);
-  x.map = std::move(*map);
+  x.map = std::move(map);
   x.sealed = sealed;
   x.gen = next_extent_gen_++;
   x.sent_gen = 0;  // the peer's mapping of the old one is stale: a new generation, fd resent

@@ -178,6 +178,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::byte* own_data(std::uint32_t id) const noexcept;
   void free_own(std::uint32_t id) noexcept;
   OwnState* own_state(std::uint32_t id) noexcept;
+  // Checks an extent memfd the peer sent (P5, P5b, P7b): sealed against shrinking, immutable if
+  // announced so, a sane size; maps it (immutable: copy-on-write; else unsealed_access).
+  // nullptr, or why not.
+  static const char* map_extent_fd(int fd, bool announced_sealed, os::Access unsealed_access,
+                                   os::Mapping* map, bool* sealed);
   // (P5) Maps the peer's extent for Desc (e, gen, size); nullptr, or why it is invalid.
   const char* map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size);
   // ---- trust (P3c, P5b, P7b) ----

@@ -8,10 +8,11 @@
 
 #include "mbmq/result.h"
 #include "os/fd.h"
+#include "os/file.h"
 
 namespace mbmq::os {
 
-inline constexpr unsigned kSealsFixedSize = 0x0002u | 0x0004u;  // F_SEAL_SHRINK | F_SEAL_GROW
+inline constexpr unsigned kSealsFixedSize = kSealShrink | kSealGrow;
 
 // memfd_create(MFD_CLOEXEC|MFD_ALLOW_SEALING) + ftruncate(size) + the fixed-size seals.
 Result<UniqueFd> make_sealed_memfd(const char* name, std::size_t size);
