@@ -1,6 +1,12 @@
 // examples/file_server/http.cc: see http.h.
 #include "http.h"
 
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
@@ -137,18 +143,24 @@ std::string safe_path(std::string_view target) {
   }
   std::string out;
   std::size_t pos = 0;
+  bool names_directory = false;  // the last segment is empty or ".": "/sub/", "/sub/."
   while (pos <= decoded.size()) {
     std::size_t next = decoded.find('/', pos);
     if (next == std::string::npos) next = decoded.size();
     std::string_view seg(decoded.data() + pos, next - pos);
     if (seg == "..") return "";
-    if (!seg.empty() && seg != ".") {
+    names_directory = seg.empty() || seg == ".";
+    if (!names_directory) {
       if (!out.empty()) out.push_back('/');
       out.append(seg);
     }
     pos = next + 1;
   }
-  return out.empty() ? "index.html" : out;
+  if (out.empty()) return "index.html";
+  // Keep the trailing slash: the kernel then opens the path only if it is a directory (which is
+  // not served either), so "/index.html/" is ENOTDIR, 404, and never the file.
+  if (names_directory) out.push_back('/');
+  return out;
 }
 
 ByteRange parse_range(std::string_view v, std::uint64_t size) {
@@ -191,44 +203,125 @@ const char* content_type(std::string_view path) {
   return "application/octet-stream";
 }
 
+// Two system calls that os/ has no wrapper for yet. They are made here, in the shape their
+// wrappers would have, until os/file.h and os/unix_socket.h offer them (src/os is not this
+// example's to change); nothing else in this file calls the kernel directly.
+
+// openat2(dir, rel, O_RDONLY|O_CLOEXEC|O_NONBLOCK|O_NOCTTY, RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS):
+// os::open_beneath plus O_NONBLOCK, without which opening a FIFO waits for a writer, possibly
+// forever. The fd is non-blocking; errors as for os::open_beneath.
+mbmq::Result<os::UniqueFd> open_beneath_nonblocking(int dir, const char* rel) {
+  open_how how{};
+  how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  for (;;) {
+    long r = ::syscall(SYS_openat2, dir, rel, &how, sizeof how);
+    if (r >= 0) return os::UniqueFd(static_cast<int>(r));
+    if (errno != EINTR)
+      return mbmq::fail(mbmq::Error::from_syscall("openat2(RESOLVE_BENEATH)", errno));
+  }
+}
+
+// shutdown(SHUT_WR): a FIN after the bytes already queued, while reading stays possible.
+// (os::shutdown_socket is SHUT_RDWR, after which Linux answers any further byte from the peer
+// with a reset: the very thing a lingering close avoids.)
+void shutdown_write(int sock) noexcept { (void)::shutdown(sock, SHUT_WR); }
+
 class Connection {
  public:
   Connection(const Options& o, int root, os::UniqueFd sock, Counters* c)
       : o_(o), root_(root), sock_(std::move(sock)), c_(c) {}
 
+  // Serves requests until the client leaves, a timeout, or an answer that closes the connection.
   void run() {
     for (;;) {
-      std::size_t end = buf_.find("\r\n\r\n");
-      while (end == std::string::npos) {
-        if (buf_.size() > kMaxHead) {
+      // The next head: its first byte may take idle_timeout (between requests of a keep-alive
+      // connection too); from that byte on, the whole head must arrive within head_timeout, so
+      // that a client sending a byte now and then cannot hold this worker for ever.
+      Deadline head_deadline = Deadline::never();
+      std::size_t head_size = 0;
+      for (;;) {
+        if (!buf_.empty() && head_deadline.is_never())
+          head_deadline = Deadline::after(std::chrono::milliseconds(o_.head_timeout_ms));
+        // Only a blank line within the first kMaxHead bytes ends a head that is small enough.
+        std::size_t end = std::string_view(buf_).substr(0, kMaxHead).find("\r\n\r\n");
+        if (end != std::string_view::npos) {
+          head_size = end + 4;
+          break;
+        }
+        if (buf_.size() >= kMaxHead) {
           respond_error(431, "Request Header Fields Too Large", false);
           return;
         }
-        if (!read_more()) return;
-        end = buf_.find("\r\n\r\n");
+        Read r = read_more(head_deadline);
+        if (r == Read::Gone) return;
+        if (r == Read::TimedOut) {
+          // A partial head is answered (408); an idle connection just closes.
+          if (!buf_.empty()) respond_error(408, "Request Timeout", false);
+          return;
+        }
       }
-      std::string head = buf_.substr(0, end + 4);
-      buf_.erase(0, end + 4);
+      std::string head = buf_.substr(0, head_size);
+      buf_.erase(0, head_size);
       c_->requests.fetch_add(1, std::memory_order_relaxed);
       if (!handle(head)) return;
     }
   }
 
  private:
+  // The largest request head, blank line included; one byte more is 431.
   static constexpr std::size_t kMaxHead = 16 * 1024;
+  // Bounds of a lingering close (close_lingering()): how long, and how many bytes, to read and
+  // drop while the client may still be sending.
+  static constexpr std::chrono::milliseconds kLingerTime{1000};
+  static constexpr std::size_t kLingerBytes = 1024 * 1024;
 
-  bool read_more() {
+  enum class Read { Data, Gone, TimedOut };
+
+  // Appends what the socket has to buf_, waiting for it at most idle_timeout and never past
+  // `head_deadline`. Gone: the client closed, or the socket failed.
+  Read read_more(Deadline head_deadline) {
     char tmp[4096];
     for (;;) {
       auto n = os::read_some(sock_.get(), {reinterpret_cast<std::byte*>(tmp), sizeof tmp});
-      if (n && *n == 0) return false;  // the client closed
+      if (n && *n == 0) return Read::Gone;  // the client closed
       if (n) {
         buf_.append(tmp, *n);
-        return true;
+        return Read::Data;
       }
-      if (n.error().code != mbmq::Errc::WouldBlock) return false;
-      auto ready = os::wait_readable(sock_.get(), std::int64_t{o_.idle_timeout_ms} * 1'000'000);
-      if (!ready || !*ready) return false;  // idle too long: close
+      if (n.error().code != mbmq::Errc::WouldBlock) return Read::Gone;
+      const std::int64_t wait =
+          std::min(std::int64_t{o_.idle_timeout_ms} * 1'000'000, head_deadline.remaining_ns());
+      if (wait <= 0) return Read::TimedOut;
+      auto ready = os::wait_readable(sock_.get(), wait);
+      if (!ready) return Read::Gone;
+      if (!*ready) return Read::TimedOut;
+    }
+  }
+
+  // Ends the connection after an answer that closes it while the client may still be sending (an
+  // oversized or slow head, a body, more requests): closing a socket that holds unread bytes
+  // makes the kernel send a reset, which can make the client fail its send or lose the answer
+  // before reading it. So (1) a FIN after the answer, (2) read and drop what the client still
+  // sends until it closes, for at most kLingerTime and kLingerBytes, (3) close (the caller returns
+  // and the destructor does it). Apache's and nginx's "lingering close".
+  void close_lingering() {
+    shutdown_write(sock_.get());  // (1)
+    buf_.clear();
+    const Deadline d = Deadline::after(kLingerTime);
+    char tmp[16384];
+    for (std::size_t dropped = 0; dropped < kLingerBytes;) {  // (2)
+      auto n = os::read_some(sock_.get(), {reinterpret_cast<std::byte*>(tmp), sizeof tmp});
+      if (n && *n == 0) return;  // the client closed: nothing unread is left
+      if (n) {
+        dropped += *n;
+        continue;
+      }
+      if (n.error().code != mbmq::Errc::WouldBlock) return;
+      const std::int64_t left = d.remaining_ns();
+      if (left <= 0) return;
+      auto ready = os::wait_readable(sock_.get(), left);
+      if (!ready || !*ready) return;
     }
   }
 
@@ -252,6 +345,8 @@ class Connection {
     return true;
   }
 
+  // Answers `code`; false when the connection is to end (!keep_alive, or the write failed). An
+  // answer that ends the connection closes it lingeringly (close_lingering()).
   bool respond_error(int code, const char* reason, bool keep_alive, bool head_only = false,
                      const std::string& extra = "") {
     c_->errors.fetch_add(1, std::memory_order_relaxed);
@@ -261,7 +356,9 @@ class Connection {
                     std::to_string(body.size()) + "\r\n" + extra +
                     (keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n") + "\r\n";
     if (!head_only) h += body;
-    return write_all(h) && keep_alive;
+    if (!write_all(h)) return false;
+    if (!keep_alive) close_lingering();
+    return keep_alive;
   }
 
   bool handle(const std::string& head) {
@@ -273,14 +370,22 @@ class Connection {
       return respond_error(405, "Method Not Allowed", req->keep_alive, false, "Allow: GET, HEAD\r\n");
     std::string path = safe_path(req->target);
     if (path.empty()) return respond_error(400, "Bad Request", req->keep_alive, head_only);
-    auto fd = os::open_beneath(root_, path.c_str());
+    // Non-blocking, or a FIFO under the root would stall this worker in open() until a writer
+    // comes, possibly for ever.
+    auto fd = open_beneath_nonblocking(root_, path.c_str());
     if (!fd) {
       if (!o_.quiet && (fd.error().sys_errno == EXDEV || fd.error().sys_errno == ELOOP))
         std::fprintf(stderr, "file_server: refused %s (leaves the root)\n", path.c_str());
       return respond_error(404, "Not Found", req->keep_alive, head_only);
     }
+    // Regular files only: a directory, FIFO, socket or device under the root is 404, as if it
+    // were not there (403 would tell the client it exists).
     auto info = os::file_info(fd->get());
     if (!info || !info->regular) return respond_error(404, "Not Found", req->keep_alive, head_only);
+    // O_NONBLOCK was for the open only. Clear it: some file systems (and mandatory locks, before
+    // Linux 5.15) fail reads of a regular file with EAGAIN under it, sendfile and splice too.
+    if (!os::set_nonblocking(fd->get(), false))
+      return respond_error(500, "Internal Server Error", false, head_only);
     const std::uint64_t size = info->size;
     std::uint64_t first = 0, length = size;
     int code = 200;

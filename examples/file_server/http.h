@@ -5,9 +5,16 @@
 //
 // Safety: a request's path is percent-decoded and refused (400) if it holds NUL or a ".."
 // segment; the file is then opened with openat2(RESOLVE_BENEATH) under the root directory, so no
-// path, symlink or race can leave the root (404). Bad input gets 400, a missing or non-regular
-// file 404, an unsatisfiable range 416 (with Content-Range: bytes */size), other methods 405. Each
-// connection waits at most idle_timeout for its next request and send_timeout for a stalled reader.
+// path, symlink or race can leave the root (404), and non-blocking, so that a FIFO cannot stall a
+// worker. Only regular files are served. Bad input gets 400, a missing or non-regular file 404 (so
+// does a trailing slash after a file name), an unsatisfiable range 416 (with Content-Range: bytes
+// */size), other methods 405, a request head over 16 KiB 431.
+//
+// Time: a connection waits at most idle_timeout for any read, head_timeout for a whole request
+// head (from its first byte; then 408), and send_timeout for a stalled reader. An error answer
+// that ends the connection (400, 408, 431, ...), where the client may still be sending, is
+// followed by a bounded lingering close (FIN, then up to 1 s and 1 MiB of the client's bytes read
+// and dropped), so that the client reads the answer instead of a reset.
 #pragma once
 
 #include <atomic>
@@ -29,7 +36,8 @@ struct Options {
   Mode mode = Mode::Sendfile;
   bool quiet = false;
   int max_connections = 256;
-  int idle_timeout_ms = 10000;
+  int idle_timeout_ms = 10000;  // for each read
+  int head_timeout_ms = 10000;  // for a whole request head, from its first byte
   int send_timeout_ms = 30000;
 };
 
@@ -44,7 +52,9 @@ struct Request {
 std::optional<Request> parse_request(std::string_view head);
 
 // The file path under the root for a request target: "" when the target is malformed or holds
-// NUL or a ".." segment (400). "/" maps to "index.html".
+// NUL or a ".." segment (400). "/" maps to "index.html". A target that names a directory ("/sub/",
+// "/sub/.") keeps one trailing slash ("sub/"), which the kernel refuses to open unless the path
+// is a directory: "/index.html/" never opens index.html.
 std::string safe_path(std::string_view target);
 
 // A single byte range of a file of `size` bytes. Satisfiable: [first, last]. Ignore: the header is

@@ -22,7 +22,12 @@ int main(int argc, char** argv) {
   app.add_flag("--copy", copy, "read+write instead of sendfile (same as --mode copy)");
   app.add_flag("--quiet", o.quiet, "no log lines");
   app.add_option("--max-connections", o.max_connections)->capture_default_str();
-  app.add_option("--idle-timeout-ms", o.idle_timeout_ms)->capture_default_str();
+  app.add_option("--idle-timeout-ms", o.idle_timeout_ms, "longest wait for any read")
+      ->capture_default_str();
+  app.add_option("--head-timeout-ms", o.head_timeout_ms,
+                 "longest time for a whole request head, from its first byte (then 408)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (copy) mode = "copy";
   auto m = fileserver::parse_mode(mode);
