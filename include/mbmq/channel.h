@@ -106,9 +106,12 @@ class Channel {
   Status redirect(MsgQueue& queue, std::uint64_t key);
 
   void set_wait_policy(WaitPolicy policy);
-  bool valid() const noexcept { return ep_ != nullptr; }
-  // Closes this end now (as the destructor does). The peer's pending and future calls return
-  // PeerClosed once every copy of this end (e.g. across fork) is closed.
+  bool valid() const noexcept;  // false once closed
+  // Closes this end now. The peer's pending and future calls return PeerClosed once every copy
+  // of this end (e.g. across fork) is closed. Safe while other threads are inside call() or
+  // receive() on it, or about to enter them: they return Errc::InvalidArgument ("closed"). The
+  // end's control socket and lent buffers are released now; its mapping of the segment when the
+  // handle is destroyed or assigned (a thread may still be reading the ring).
   void close() noexcept;
 
   // Moves this end to another process over a connected AF_UNIX socket (SCM_RIGHTS). The end must

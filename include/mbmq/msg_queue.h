@@ -56,7 +56,8 @@ class MsgQueue {
  public:
   MsgQueue() noexcept = default;
   MsgQueue(MsgQueue&&) noexcept = default;
-  MsgQueue& operator=(MsgQueue&&) noexcept = default;
+  // Closes the channels redirected to the queue it replaces, as the destructor does.
+  MsgQueue& operator=(MsgQueue&&) noexcept;
   ~MsgQueue();
 
   static Result<MsgQueue> create(WaitPolicy policy = {});
@@ -66,8 +67,10 @@ class MsgQueue {
   // Answers a Kind::Request message with the bytes now in msg.buffer (resize() first if needed).
   // Errc::PeerClosed if the caller is gone (the buffer is released either way).
   static Status reply(Message&& msg);
-  // reply() then wait(), as one operation. A failed reply (caller gone) is not an error of the
-  // server: it moves on to the next message.
+  // reply() then wait(), as one operation. A failed reply concerns one channel only (the caller
+  // is gone, broke the protocol, or its answer could not be made: it then gets NoReply): it is
+  // not an error of the server loop, which moves on to the next message. Only a wrong call (an
+  // Errc::InvalidArgument) is returned.
   Result<Message> reply_and_wait(Message&& msg, Deadline deadline);
 
   // Redirects `channel` here with `key` and takes ownership of it: the queue keeps the channel open
@@ -84,6 +87,7 @@ class MsgQueue {
  private:
   friend class Channel;
   friend class Listener;
+  void close_all() noexcept;
   std::shared_ptr<detail::QueueCore> core_;
 };
 

@@ -91,7 +91,7 @@ Status Buffer::attach(Channel&& end) {
   detail::Handle* h = next_free_handle(handles_);
   if (h == nullptr) return fail(Errc::InvalidArgument, "Buffer::attach: kMaxHandles reached");
   detail::Handle item;
-  MBMQ_TRY(ep->export_end(&item.meta, &item.fd, &item.fd2));
+  MBMQ_TRY(ep->export_end(&item.meta, &item.fd, &item.fd2, &item.fd3));
   *h = std::move(item);
   ++handles_->count;
   end.close();  // the buffer's copies keep the connection open
@@ -127,7 +127,9 @@ Result<Channel> Buffer::take_channel(std::size_t i) {
   detail::Handle& h = handles_->items[i];
   const shm::HandleMeta meta = h.meta;
   h.meta.kind = 0;
-  auto ep = MBMQ_TRY(detail::Endpoint::import_end(meta, std::move(h.fd), std::move(h.fd2)));
+  // The wait policy is this process's choice, never the sender's.
+  auto ep = MBMQ_TRY(detail::Endpoint::import_end(meta, std::move(h.fd), std::move(h.fd2),
+                                                  std::move(h.fd3), WaitPolicy{}));
   return detail::ChannelAccess::make(std::move(ep));
 }
 

@@ -18,10 +18,13 @@ Channel& Channel::operator=(Channel&& o) noexcept {
 Channel::~Channel() { close(); }
 
 void Channel::close() noexcept {
-  if (ep_) {
-    ep_->close_local();
-    ep_.reset();
-  }
+  // The end stays allocated until the handle is destroyed or assigned: another thread may be
+  // inside call() or receive() on it; it wakes and returns Errc::InvalidArgument ("closed").
+  if (ep_) ep_->close_local();
+}
+
+bool Channel::valid() const noexcept {
+  return ep_ != nullptr && ep_->state() != detail::EpState::LocalClosed;
 }
 
 Result<std::pair<Channel, Channel>> Channel::pair(const ChannelOptions& options) {

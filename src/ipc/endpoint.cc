@@ -42,7 +42,7 @@ Endpoint::Endpoint(Init init)
       control_(std::move(init.control)),
       tx_(&out_.tail, &out_.head, out_.ring, init.tx_tail),
       rx_(&in_.tail, &in_.head, in_.ring, init.rx_head),
-      next_extent_gen_(init.next_extent_gen),
+      next_extent_gen_(init.next_extent_gen == 0 ? 1 : init.next_extent_gen),
       untrusted_me_(((seg_.geometry().untrusted_mask >> init.side) & 1u) != 0),
       untrusted_peer_(((seg_.geometry().untrusted_mask >> (1 - init.side)) & 1u) != 0),
       copy_threshold_(seg_.geometry().copy_threshold),
@@ -59,6 +59,9 @@ Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   if (ep->untrusted_me_)
     ep->slot_shadow_ =
         std::make_unique_for_overwrite<std::byte[]>(std::size_t{2} * ep->n_ * ep->slot_size_);
+  // Room for every control message an honest peer can have unread (kControlSendBuffer); a best
+  // effort: a smaller net.core.wmem_max only makes a flooding peer's channel close sooner.
+  (void)os::set_send_buffer(ep->control_.get(), kControlSendBuffer);
   // Without the watch, the death of the peer would go unnoticed: no end without it.
   MBMQ_TRY(ep->ensure_watched());
   return ep;
@@ -100,9 +103,13 @@ void Endpoint::free_own(std::uint32_t id) noexcept {
   if ((id & kExtentBit) != 0) {
     std::uint32_t e = id & ~kExtentBit;
     OwnExtent& x = own_ext_[e];
-    if (x.sent_gen == x.gen && state_.load(std::memory_order_relaxed) == EpState::Open) {
-      // The peer may keep the extent mapped; tell it to unmap. A full ring only delays that to
-      // the id's next use, which replaces the mapping.
+    // (P7) Every descriptor that names a buffer (ours lent, or the peer's given back) must
+    // always find room in the ring: at most 2 * (slots + extents) of them can be there at once.
+    // A release is pushed only beyond that reserve; without room it is merely delayed to the
+    // id's next use, which replaces the peer's mapping.
+    const std::uint32_t reserve = 2 * (n_ + kMaxExtents);
+    if (x.sent_gen == x.gen && state_.load(std::memory_order_relaxed) == EpState::Open &&
+        reserve < shm::kRingCapacity && tx_.has_room_for(reserve + 1) == shm::RingStatus::Ok) {
       (void)push_locked(Desc{id, 0, x.gen, static_cast<std::uint16_t>(DescKind::ReleaseExtent), 0});
     }
     x.map.reset();
@@ -179,7 +186,7 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
     x.fd = std::move(*fd);
     x.map = std::move(*map);
     x.state = OwnState::App;
-    x.gen = next_extent_gen_++;
+    x.gen = take_extent_gen_locked();
     x.sent_gen = 0;
     b.id_ = kExtentBit | e;
     b.gen_ = x.gen;
@@ -232,8 +239,15 @@ Status Endpoint::push_locked(const Desc& d) {
     case shm::RingStatus::Ok:
       wake_peer_locked();
       return {};
-    case shm::RingStatus::Full:
+    case shm::RingStatus::Full: {
+      const auto kind = static_cast<DescKind>(d.kind & ~shm::kDescFlags);
+      // A reply or a return always fits in an honest ring (see free_own()): the peer published
+      // a head behind what it took (it read entries without consuming them). Never drop it
+      // silently: the channel is closed, and the caller learns why.
+      if (kind == DescKind::Reply || kind == DescKind::Return)
+        return fail(fail_protocol_locked("reply: ring full although every buffer's entry fits"));
       return fail(Errc::WouldBlock, "send: ring full (the peer is not consuming)");
+    }
     default:
       return fail(fail_protocol_locked("send: peer's ring head is invalid"));
   }
@@ -251,17 +265,25 @@ void Endpoint::wake_peer_locked() noexcept {
   std::uint32_t g = out_.doorbell_gen.load(std::memory_order_acquire);
   if (g != 0) {
     if (g != peer_db_gen_) {
-      if (stash_doorbell_.gen != g) drain_control();
+      (void)drain_until([&] { return stash_doorbell_.fd && stash_doorbell_.gen == g; });
+      if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
       if (stash_doorbell_.fd && stash_doorbell_.gen == g) {
         os::UniqueFd fd = std::move(stash_doorbell_.fd);
+        // Like a segment or an extent: only a memfd sealed against shrinking can be mapped
+        // without risking SIGBUS when the peer truncates it later.
+        auto seals = os::get_seals(fd.get());
         auto size = os::file_size(fd.get());
-        if (size && *size >= shm::kDoorbellPageSize) {
-          auto map =
-              os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
-          if (map) {
-            peer_db_map_ = std::move(*map);
-            peer_db_gen_ = g;
-          }
+        if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize || !size ||
+            *size < shm::kDoorbellPageSize) {
+          (void)fail_protocol_locked("doorbell: not a memfd of a page sealed against shrinking");
+          return;
+        }
+        auto map =
+            os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
+        if (map) {
+          peer_db_map_ = std::move(*map);
+          peer_db_fd_ = std::move(fd);
+          peer_db_gen_ = g;
         }
       }
     }
@@ -273,81 +295,97 @@ void Endpoint::wake_peer_locked() noexcept {
   (void)os::futex_wake(word, 1);
 }
 
-void Endpoint::drain_control() {
-  // Bounded: a peer flooding the socket cannot keep us here.
-  for (int i = 0; i < 256 && control_; ++i) {
-    struct {
-      shm::CtlMsg h;
-      shm::HandleMeta meta[shm::kMaxHandles];
-    } pkt{};
-    std::array<os::UniqueFd, 2 * shm::kMaxHandles> fds;
-    auto r = os::recv_msg(control_.get(), {reinterpret_cast<std::byte*>(&pkt), sizeof(pkt)}, fds,
-                          os::Blocking::No);
-    // A peer that closed its end with our messages unread in its queue makes the kernel report
-    // ECONNRESET once, ahead of the messages it had sent us: read on past it.
-    if (!r && r.error().code == Errc::PeerClosed) continue;
-    if (!r || (r->bytes == 0 && r->nfds == 0)) return;  // nothing more, or hung up (P8)
-    const shm::CtlMsg& m = pkt.h;
-    if (r->truncated || r->bytes < sizeof(m)) {
-      (void)fail_protocol_locked("control message malformed");
-      return;
-    }
-    if (m.type == static_cast<std::uint32_t>(shm::CtlType::Handles)) {
-      // (P3b) Every size and count must agree before anything is kept.
-      const std::uint32_t count = m.aux & 0xff;
-      std::size_t want_fds = 0;
-      bool ok = count >= 1 && count <= seg_.geometry().max_handles &&
-                (m.aux & ~(0xffu | shm::kHandlesForReply)) == 0 &&
-                r->bytes == sizeof(m) + count * sizeof(shm::HandleMeta) &&
-                stash_handles_.size() < 2 * (n_ + kMaxExtents);
-      for (std::uint32_t k = 0; ok && k < count; ++k) {
-        if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::Fd) ||
-            pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::FileRange)) {
-          want_fds += 1;
-        } else if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
-          want_fds += 2;
-        } else {
-          ok = false;
-        }
-      }
-      if (!ok || r->nfds != want_fds) {
-        (void)fail_protocol_locked("control message: handles malformed or over max_handles");
-        return;
-      }
-      auto h = HandlesPtr(new Handles());
-      std::size_t f = 0;
-      for (std::uint32_t k = 0; k < count; ++k) {
-        Handle& item = h->items[k];
-        item.meta = pkt.meta[k];
-        item.incoming = true;
-        item.fd = std::move(fds[f++]);
-        if (item.meta.kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd))
-          item.fd2 = std::move(fds[f++]);
-      }
-      h->count = count;
-      stash_handles_.push_back(
-          StashedHandles{m.id, m.gen, (m.aux & shm::kHandlesForReply) != 0, std::move(h)});
-      continue;
-    }
-    if (r->bytes != sizeof(m) || r->nfds != 1) {
-      (void)fail_protocol_locked("control message malformed");
-      return;
-    }
-    if (m.type == static_cast<std::uint32_t>(shm::CtlType::Extent) && m.id < kMaxExtents &&
-        (m.aux & ~(shm::kExtentSealed | shm::kExtentReplace)) == 0) {
-      Stashed st{std::move(fds[0]), m.gen, (m.aux & shm::kExtentSealed) != 0};
-      if ((m.aux & shm::kExtentReplace) != 0) {
-        stash_replace_[m.id] = std::move(st);
-      } else {
-        stash_ext_[m.id] = std::move(st);
-      }
-    } else if (m.type == static_cast<std::uint32_t>(shm::CtlType::Doorbell)) {
-      stash_doorbell_ = Stashed{std::move(fds[0]), m.gen};
-    } else {
-      (void)fail_protocol_locked("control message type");
-      return;
-    }
+Status Endpoint::send_ctl_locked(std::span<const std::byte> bytes, std::span<const int> fds) {
+  if (!control_) return fail(Errc::PeerClosed, "control socket closed");
+  Status s = os::send_msg(control_.get(), bytes, fds, os::Blocking::No);
+  // Never block under mu_: an honest peer never leaves kControlSendBuffer's worth unread.
+  if (!s && s.error().code == Errc::WouldBlock)
+    return fail(fail_protocol_locked("control socket full: the peer does not read it"));
+  return s;
+}
+
+bool Endpoint::read_control_once() {
+  if (!control_ || state_.load(std::memory_order_relaxed) == EpState::Protocol) return false;
+  struct {
+    shm::CtlMsg h;
+    shm::HandleMeta meta[shm::kMaxHandles];
+  } pkt{};
+  std::array<os::UniqueFd, os::kMaxFdsPerMsg> fds;
+  auto r = os::recv_msg(control_.get(), {reinterpret_cast<std::byte*>(&pkt), sizeof(pkt)}, fds,
+                        os::Blocking::No);
+  // A peer that closed its end with our messages unread in its queue makes the kernel report
+  // ECONNRESET once, ahead of the messages it had sent us: read on past it.
+  if (!r && r.error().code == Errc::PeerClosed) return true;
+  if (!r || (r->bytes == 0 && r->nfds == 0)) return false;  // nothing more, or hung up (P8)
+  const shm::CtlMsg& m = pkt.h;
+  if (r->truncated || r->bytes < sizeof(m)) {
+    (void)fail_protocol_locked("control message malformed");
+    return false;
   }
+  if (m.type == static_cast<std::uint32_t>(shm::CtlType::Handles)) {
+    // (P3b) Every size and count must agree before anything is kept.
+    const std::uint32_t count = m.aux & 0xff;
+    std::size_t want_fds = 0;
+    bool ok = count >= 1 && count <= seg_.geometry().max_handles &&
+              (m.aux & ~(0xffu | shm::kHandlesForReply)) == 0 &&
+              r->bytes == sizeof(m) + count * sizeof(shm::HandleMeta);
+    for (std::uint32_t k = 0; ok && k < count; ++k) {
+      if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::Fd) ||
+          pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::FileRange)) {
+        want_fds += 1;
+      } else if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
+        want_fds += pkt.meta[k].doorbell_gen != 0 ? 3 : 2;
+      } else {
+        ok = false;
+      }
+    }
+    if (!ok || r->nfds != want_fds) {
+      (void)fail_protocol_locked("control message: handles malformed or over max_handles");
+      return false;
+    }
+    // The stash is bounded in packets and in fds (the peer budget, docs/RELIABILITY.md).
+    if (stash_handles_.size() >= 2 * (n_ + kMaxExtents) ||
+        stash_handle_fds_ + want_fds > kMaxStashedHandleFds) {
+      (void)fail_protocol_locked("control message: too many handles sent ahead of their messages");
+      return false;
+    }
+    auto h = HandlesPtr(new Handles());
+    std::size_t f = 0;
+    for (std::uint32_t k = 0; k < count; ++k) {
+      Handle& item = h->items[k];
+      item.meta = pkt.meta[k];
+      item.incoming = true;
+      item.fd = std::move(fds[f++]);
+      if (item.meta.kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
+        item.fd2 = std::move(fds[f++]);
+        if (item.meta.doorbell_gen != 0) item.fd3 = std::move(fds[f++]);
+      }
+    }
+    h->count = count;
+    stash_handle_fds_ += static_cast<std::uint32_t>(want_fds);
+    stash_handles_.push_back(StashedHandles{m.id, m.gen, (m.aux & shm::kHandlesForReply) != 0,
+                                            static_cast<std::uint32_t>(want_fds), std::move(h)});
+    return true;
+  }
+  if (r->bytes != sizeof(m) || r->nfds != 1) {
+    (void)fail_protocol_locked("control message malformed");
+    return false;
+  }
+  if (m.type == static_cast<std::uint32_t>(shm::CtlType::Extent) && m.id < kMaxExtents &&
+      (m.aux & ~(shm::kExtentSealed | shm::kExtentReplace)) == 0) {
+    Stashed st{std::move(fds[0]), m.gen, (m.aux & shm::kExtentSealed) != 0};
+    if ((m.aux & shm::kExtentReplace) != 0) {
+      stash_replace_[m.id] = std::move(st);  // one per id: a newer one replaces (closes) it
+    } else {
+      stash_ext_[m.id] = std::move(st);
+    }
+  } else if (m.type == static_cast<std::uint32_t>(shm::CtlType::Doorbell)) {
+    stash_doorbell_ = Stashed{std::move(fds[0]), m.gen};
+  } else {
+    (void)fail_protocol_locked("control message type");
+    return false;
+  }
+  return true;
 }
 
 bool Endpoint::handles_arrived_locked(const Desc& d, bool reply) {
@@ -356,15 +394,14 @@ bool Endpoint::handles_arrived_locked(const Desc& d, bool reply) {
       if (st.id == d.buffer && st.gen == d.gen && st.reply == reply) return true;
     return false;
   };
-  if (match()) return true;
-  drain_control();
-  return match();
+  return drain_until(match);
 }
 
 HandlesPtr Endpoint::take_handles_locked(const Desc& d, bool reply) {
   for (auto it = stash_handles_.begin(); it != stash_handles_.end(); ++it) {
     if (it->id == d.buffer && it->gen == d.gen && it->reply == reply) {
       HandlesPtr h = std::move(it->h);
+      stash_handle_fds_ -= it->fds;
       stash_handles_.erase(it);
       return h;
     }
@@ -378,7 +415,7 @@ Result<bool> Endpoint::send_handles_locked(Buffer& b, bool reply) {
     shm::CtlMsg h;
     shm::HandleMeta meta[shm::kMaxHandles];
   } pkt{};
-  std::array<int, 2 * shm::kMaxHandles> fds{};
+  std::array<int, os::kMaxFdsPerMsg> fds{};
   std::uint32_t count = 0;
   std::size_t nfds = 0;
   for (std::uint32_t k = 0; k < hs.count; ++k) {
@@ -389,14 +426,14 @@ Result<bool> Endpoint::send_handles_locked(Buffer& b, bool reply) {
     pkt.meta[count++] = item.meta;
     fds[nfds++] = item.fd.get();
     if (item.fd2) fds[nfds++] = item.fd2.get();
+    if (item.fd3) fds[nfds++] = item.fd3.get();
   }
   if (count == 0) return false;
   pkt.h = shm::CtlMsg{static_cast<std::uint32_t>(shm::CtlType::Handles), b.id_, b.gen_,
                       count | (reply ? shm::kHandlesForReply : 0u)};
-  MBMQ_TRY(os::send_msg(control_.get(),
-                        {reinterpret_cast<const std::byte*>(&pkt),
-                         sizeof(shm::CtlMsg) + count * sizeof(shm::HandleMeta)},
-                        {fds.data(), nfds}));
+  MBMQ_TRY(send_ctl_locked({reinterpret_cast<const std::byte*>(&pkt),
+                            sizeof(shm::CtlMsg) + count * sizeof(shm::HandleMeta)},
+                           {fds.data(), nfds}));
   return true;
 }
 
@@ -418,7 +455,15 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
     default:
       return fail(fail_protocol_locked("send: peer's ring head is invalid"));
   }
-  MBMQ_TRY(prepare_send_locked(b));
+  if (Status prep = prepare_send_locked(b); !prep) {
+    // The buffer stays valid and usable, or (its bytes unreachable) becomes invalid: never a
+    // valid buffer over unmapped memory.
+    if ((b.id_ & kExtentBit) != 0 && !own_ext_[b.id_ & ~kExtentBit].map.valid()) {
+      free_own(b.id_);
+      detach_buffer(b);
+    }
+    return prep;
+  }
   if ((b.id_ & kExtentBit) != 0) {
     OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
     if (x.sent_gen != x.gen) {
@@ -426,7 +471,7 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
       shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), b.id_ & ~kExtentBit, x.gen,
                     x.sealed ? shm::kExtentSealed : 0u};
       int fd = x.fd.get();
-      MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
+      MBMQ_TRY(send_ctl_locked(bytes_of(m), {&fd, 1}));
       x.sent_gen = x.gen;
     }
   }
@@ -479,9 +524,10 @@ Status Endpoint::reply(Buffer&& b) {
   const bool replace =
       extent && (peer_ext_[id & ~kExtentBit].sealed || (untrusted_peer_ && size > copy_threshold_));
   // Room first when a control message precedes the descriptor (P3b, P7b): it must follow.
+  // It always has room in an honest ring (free_own()): full, the peer cheated (push_locked()).
   if ((replace || b.handles_) && tx_.has_room() != shm::RingStatus::Ok) {
     detach_buffer(b);
-    return fail(Errc::WouldBlock, "reply: ring full (the peer is not consuming)");
+    return fail(fail_protocol_locked("reply: ring full although every buffer's entry fits"));
   }
   Status copied;
   if (replace) {
@@ -518,7 +564,7 @@ Status Endpoint::reply(Buffer&& b) {
 // ---- (P5) receiving ----------------------------------------------------------------------------
 
 const char* Endpoint::map_extent_fd(int fd, bool announced_sealed, os::Access unsealed_access,
-                                    os::Mapping* map, bool* sealed) {
+                                    std::uint32_t payload, os::Mapping* map, bool* sealed) {
   // Only a memfd sealed against shrinking can be mapped without risking SIGBUS later.
   auto seals = os::get_seals(fd);
   if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
@@ -528,10 +574,11 @@ const char* Endpoint::map_extent_fd(int fd, bool announced_sealed, os::Access un
     return "extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
   auto fsize = os::file_size(fd);
   if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "extent size";
-  // Immutable: copy-on-write (no writable shared mapping of it can exist).
-  auto m = os::Mapping::map_shared(
-      fd, *fsize, *sealed ? os::Access::CopyOnWrite : unsealed_access, /*prefault=*/true);
+  // Immutable: copy-on-write (no writable shared mapping of it can exist). Faulted in as far as
+  // the payload only: the file may be a sparse 4 GiB (the peer budget).
+  auto m = os::Mapping::map_shared(fd, *fsize, *sealed ? os::Access::CopyOnWrite : unsealed_access);
   if (!m) return "extent mmap failed";
+  m->populate(payload);
   *map = std::move(*m);
   return nullptr;
 }
@@ -540,7 +587,7 @@ const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::u
   PeerExtent& pe = peer_ext_[e];
   if (pe.held) return "receive: the peer reused an extent we still hold";
   if (!pe.map.valid() || pe.gen != gen) {
-    if (!stash_ext_[e].fd || stash_ext_[e].gen != gen) drain_control();
+    (void)drain_until([&] { return stash_ext_[e].fd && stash_ext_[e].gen == gen; });
     Stashed& st = stash_ext_[e];
     if (!st.fd || st.gen != gen) return "receive: extent descriptor without its memfd";
     os::UniqueFd fd = std::move(st.fd);
@@ -550,7 +597,7 @@ const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::u
     bool sealed = false;
     if (const char* why = map_extent_fd(
             fd.get(), st.sealed, untrusted_me_ ? os::Access::ReadOnly : os::Access::ReadWrite,
-            &map, &sealed))
+            size, &map, &sealed))
       return why;
     pe.map = std::move(map);
     pe.fd = std::move(fd);
@@ -573,15 +620,16 @@ bool Endpoint::shadowed(const Buffer& b) const noexcept {
                                                       : peer_ext_[e].map.data());
 }
 
-Status Endpoint::fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size) {
-  const std::size_t cap = std::max<std::size_t>(x.map.size(), (size + 4095) / 4096 * 4096);
+Status Endpoint::fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size,
+                                     std::size_t cap) {
+  MBMQ_ASSERT(size <= cap);
   auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
   auto map = MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, true));
   if (size > 0) std::memcpy(map.data(), src, size);
   x.fd = std::move(fd);
   x.map = std::move(map);
   x.sealed = false;
-  x.gen = next_extent_gen_++;
+  x.gen = take_extent_gen_locked();
   x.sent_gen = 0;
   return {};
 }
@@ -590,16 +638,38 @@ Status Endpoint::seal_extent_locked(OwnExtent& x, std::size_t size) {
   // (P3c) No writable shared mapping may exist for F_SEAL_WRITE: drop ours first.
   const std::size_t cap = x.map.size();
   x.map.reset();
+  Status s = seal_unmapped_locked(x, cap, size);
+  if (!s && !x.map.valid()) {
+    // Map the bytes back: writable and shared while the file is unsealed, else copy-on-write
+    // (then it is immutable: a new generation, sent as sealed). Failing that, x.map stays empty
+    // and the caller drops the buffer.
+    auto seals = os::get_seals(x.fd.get());
+    const bool immutable = seals && (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+    auto m = os::Mapping::map_shared(x.fd.get(), cap,
+                                     immutable ? os::Access::CopyOnWrite : os::Access::ReadWrite);
+    if (m) {
+      x.map = std::move(*m);
+      if (immutable && !x.sealed) {
+        x.sealed = true;
+        x.gen = take_extent_gen_locked();
+        x.sent_gen = 0;
+      }
+    }
+  }
+  return s;
+}
+
+Status Endpoint::seal_unmapped_locked(OwnExtent& x, std::size_t cap, std::size_t size) {
   if (!os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal)) {
     // Someone else still maps it writable (or it may not be sealed): seal a fresh copy instead.
     auto back = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::ReadOnly));
-    MBMQ_TRY(fresh_extent_locked(x, back.data(), size));
+    MBMQ_TRY(fresh_extent_locked(x, back.data(), size, cap));
     x.map.reset();
     MBMQ_TRY(os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal));
   }
   x.map = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::CopyOnWrite));
   x.sealed = true;
-  x.gen = next_extent_gen_++;
+  x.gen = take_extent_gen_locked();
   x.sent_gen = 0;
   return {};
 }
@@ -611,13 +681,25 @@ Status Endpoint::prepare_send_locked(Buffer& b) {
   }
   OwnExtent& x = own_ext_[b.id_ & ~kExtentBit];
   const bool seal = untrusted_peer_ && b.size_ > copy_threshold_;
+  const bool view = b.data_ == x.map.data();
   if (x.sealed) {
     // Its bytes are in our private view (or a private copy): they go out in a fresh extent.
-    MBMQ_TRY(fresh_extent_locked(x, b.data_, b.size_));
+    MBMQ_TRY(fresh_extent_locked(x, b.data_, b.size_, x.map.size()));
+    if (view) b.data_ = x.map.data();  // the view was the old mapping, now gone
   } else if (shadowed(b)) {
     std::memcpy(x.map.data(), b.data_, b.size_);
   }
-  if (seal) MBMQ_TRY(seal_extent_locked(x, b.size_));
+  if (seal) {
+    Status sealed = seal_extent_locked(x, b.size_);
+    if (!sealed) {
+      if (x.map.valid() && (view || !shadowed(b))) {
+        b.data_ = x.map.data();
+        b.capacity_ = static_cast<std::uint32_t>(x.map.size());
+      }
+      b.gen_ = x.gen;
+      return sealed;
+    }
+  }
   b.data_ = x.map.data();
   b.capacity_ = static_cast<std::uint32_t>(x.map.size());
   b.gen_ = x.gen;
@@ -636,30 +718,29 @@ Status Endpoint::send_replacement_locked(std::uint32_t e, std::uint32_t gen, con
   }
   shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), e, gen, aux};
   int raw = fd.get();
-  return os::send_msg(control_.get(), bytes_of(m), {&raw, 1});
+  return send_ctl_locked(bytes_of(m), {&raw, 1});
 }
 
-const char* Endpoint::take_replacement_locked(const Desc& d) {
+const char* Endpoint::prepare_replacement_locked(const Desc& d, os::UniqueFd* fd_out,
+                                                 os::Mapping* map_out, bool* sealed_out) {
   if ((d.buffer & kExtentBit) == 0) return "reply: a replaced buffer that is not an extent";
   const std::uint32_t e = d.buffer & ~kExtentBit;
   if (e >= kMaxExtents) return "reply: replaced extent id";
-  if (!stash_replace_[e].fd || stash_replace_[e].gen != d.gen) drain_control();
+  (void)drain_until([&] { return stash_replace_[e].fd && stash_replace_[e].gen == d.gen; });
   Stashed& st = stash_replace_[e];
   if (!st.fd || st.gen != d.gen) return "reply: replacement announced but not sent";
   os::UniqueFd fd = std::move(st.fd);
   os::Mapping map;
   bool sealed = false;
-  if (const char* why = map_extent_fd(fd.get(), st.sealed, os::Access::ReadWrite, &map, &sealed))
+  if (const char* why =
+          map_extent_fd(fd.get(), st.sealed, os::Access::ReadWrite, d.size, &map, &sealed))
     return why;
   if (untrusted_me_ && d.size > copy_threshold_ && !sealed)
     return "reply (untrusted): answer above copy_threshold not in a sealed memfd";
   if (map.size() < d.size) return "reply: replacement smaller than the answer";
-  OwnExtent& x = own_ext_[e];
-  x.fd = std::move(fd);
-  x.map = std::move(map);
-  x.sealed = sealed;
-  x.gen = next_extent_gen_++;
-  x.sent_gen = 0;  // the peer's mapping of the old one is stale: a new generation, fd resent
+  *fd_out = std::move(fd);
+  *map_out = std::move(map);
+  *sealed_out = sealed;
   return nullptr;
 }
 
@@ -720,31 +801,48 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
     case DescKind::Return: {  // our buffer, coming back
       OwnState* st = own_state(d.buffer);
       if (st == nullptr) return bad("receive: reply names no buffer of ours");
-      std::uint32_t gen = (d.buffer & kExtentBit) != 0
-                              ? own_ext_[d.buffer & ~kExtentBit].gen
-                              : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
+      const bool extent = (d.buffer & kExtentBit) != 0;
+      std::uint32_t gen = extent ? own_ext_[d.buffer & ~kExtentBit].gen
+                                 : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
       if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App)
         return bad("receive: reply for a buffer not lent");
-      if (replaced) {
-        if (const char* why = take_replacement_locked(d)) return bad(why);
-      } else if (untrusted_me_ && (d.buffer & kExtentBit) != 0 && d.size > copy_threshold_ &&
-                 !own_ext_[d.buffer & ~kExtentBit].sealed) {
-        return bad("reply (untrusted): answer above copy_threshold in shared memory");
-      }
-      if (d.size > own_capacity(d.buffer)) return bad("receive: reply larger than its buffer");
       if (kind == static_cast<std::uint16_t>(DescKind::Return)) {
-        if (*st != OwnState::LentOneWay || with_handles) return bad("receive: invalid return");
+        if (*st != OwnState::LentOneWay || with_handles || d.size > own_capacity(d.buffer))
+          return bad("receive: invalid return");
         free_own(d.buffer);
         return Accepted::Internal;
       }
+      // Every check first, then the commit: a rejected reply changes nothing of ours (P7b).
       if (d.status > static_cast<std::uint16_t>(shm::DescStatus::NoReply))
         return bad("receive: reply status");
+      if (*st == OwnState::LentCall && (call_buf == nullptr || call_buf->id_ != d.buffer))
+        return bad("receive: reply for a call not waiting");
+      if (*st != OwnState::LentCall && *st != OwnState::Abandoned &&
+          *st != OwnState::LentRequest)
+        return bad("receive: reply for a one-way message");
+      os::UniqueFd rfd;
+      os::Mapping rmap;
+      bool rsealed = false;
+      if (replaced) {
+        if (const char* why = prepare_replacement_locked(d, &rfd, &rmap, &rsealed)) return bad(why);
+      } else {
+        if (untrusted_me_ && extent && d.size > copy_threshold_ &&
+            !own_ext_[d.buffer & ~kExtentBit].sealed)
+          return bad("reply (untrusted): answer above copy_threshold in shared memory");
+        if (d.size > own_capacity(d.buffer)) return bad("receive: reply larger than its buffer");
+      }
       if (with_handles && !handles_arrived_locked(d, true))
         return bad("receive: handles announced but not sent");
+      if (replaced) {  // commit (P7b): the old generation is stale for the peer, the fd is resent
+        OwnExtent& x = own_ext_[d.buffer & ~kExtentBit];
+        x.fd = std::move(rfd);
+        x.map = std::move(rmap);
+        x.sealed = rsealed;
+        x.gen = take_extent_gen_locked();
+        x.sent_gen = 0;
+      }
       switch (*st) {
         case OwnState::LentCall:
-          if (call_buf == nullptr || call_buf->id_ != d.buffer)
-            return bad("receive: reply for a call not waiting");
           *st = OwnState::App;
           *call_status = d.status;
           if (requests_out_ > 0) --requests_out_;
@@ -754,12 +852,10 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
           free_own(d.buffer);
           if (requests_out_ > 0) --requests_out_;
           return Accepted::Internal;
-        case OwnState::LentRequest:
+        default:  // LentRequest
           *st = OwnState::App;
           if (requests_out_ > 0) --requests_out_;
           return Accepted::Deliver;
-        default:
-          return bad("receive: reply for a one-way message");
       }
     }
     case DescKind::ReleaseExtent: {
@@ -856,7 +952,7 @@ Status Endpoint::forge_extent_request_for_test(int fd, std::uint32_t gen, std::u
                                                std::uint32_t aux) {
   std::lock_guard lock(mu_);
   shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), 0, gen, aux};
-  MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
+  MBMQ_TRY(send_ctl_locked(bytes_of(m), {&fd, 1}));
   return push_locked(Desc{kExtentBit | 0, size, gen, static_cast<std::uint16_t>(DescKind::Request), 0});
 }
 
@@ -910,6 +1006,7 @@ Endpoint::Poll Endpoint::poll(Message* out) {
     if (s == EpState::Open) return Poll::Empty;
     if (end_reported_) return Poll::Gone;
     end_reported_ = true;
+    reclaim_lent_locked();
     out->buffer.reset();
     out->kind = Kind::PeerClosed;
     out->error = closed_errc(s);
@@ -917,6 +1014,10 @@ Endpoint::Poll Endpoint::poll(Message* out) {
     out->key = key_.load(std::memory_order_relaxed);
     return Poll::Ended;
   }
+}
+
+bool Endpoint::ring_ready() const noexcept {
+  return rx_.maybe_nonempty() || state_.load(std::memory_order_acquire) != EpState::Open;
 }
 
 bool Endpoint::inbound_ready() const noexcept {
@@ -938,12 +1039,13 @@ void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
 
 // ---- waiting (P6) -----------------------------------------------------------------------------
 
-void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy) {
+void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, bool ring_only) {
+  auto ready = [&] { return ring_only ? ring_ready() : inbound_ready(); };
   if (policy.mode != WaitMode::Sleep) {
     // The clock is first read after 64 looks: a reply that comes at once costs no clock read.
     std::int64_t start = 0;
     for (std::uint32_t i = 0;; ++i) {
-      if (inbound_ready()) return;
+      if (ready()) return;
       cpu_relax();
       if ((i & 63) == 63) {
         std::int64_t now = monotonic_ns();
@@ -959,7 +1061,7 @@ void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy) {
   in_.consumer_sleeping.store(1, std::memory_order_relaxed);
   // Pairs with the producer's fence in (P4).
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (!inbound_ready() && check_ring()) {
+  if (!ready() && check_ring()) {
     std::int64_t rem = deadline.remaining_ns();
     if (deadline.is_never() || rem > 0)
       (void)os::futex_wait(&in_.doorbell, v, deadline.is_never() ? -1 : rem);
@@ -970,7 +1072,12 @@ void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy) {
 Status Endpoint::call(Buffer& b, Deadline deadline) {
   if (redirected_.load(std::memory_order_relaxed))
     return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
-  std::lock_guard consumer(consumer_mu_);
+  // One call at a time on an end: a second caller sleeps here until its own deadline (the buffer
+  // is then still the caller's: it was never sent).
+  std::unique_lock consumer(consumer_mu_, std::defer_lock);
+  if (!consumer_mu_.lock_until(deadline))
+    return fail(Errc::TimedOut, "call: another call on this channel did not finish in time");
+  consumer = std::unique_lock(consumer_mu_, std::adopt_lock);
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   {
@@ -981,7 +1088,9 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
   }
   MBMQ_CRASH_POINT("call.sent");
   for (;;) {
-    if (inbound_ready()) {
+    // Only the ring matters here: messages already set aside for receive() must not keep this
+    // loop from sleeping or from its deadline.
+    if (ring_ready()) {
       std::lock_guard lock(mu_);
       for (;;) {
         if (state_.load(std::memory_order_acquire) == EpState::Protocol) break;
@@ -1012,10 +1121,11 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
           *st = OwnState::App;
           if (requests_out_ > 0) --requests_out_;
         }
+        reclaim_lent_locked();
         return fail(closed_errc(s), "call");
       }
     }
-    if (!inbound_ready() && deadline.expired()) {
+    if (!ring_ready() && deadline.expired()) {
       std::lock_guard lock(mu_);
       // The callee may still write the buffer: give it up; its late reply frees it.
       OwnState* st = own_state(b.id_);
@@ -1023,7 +1133,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       detach_buffer(b);
       return fail(Errc::TimedOut, "call");
     }
-    wait_inbound(deadline, policy);
+    wait_inbound(deadline, policy, /*ring_only=*/true);
   }
 }
 
@@ -1036,7 +1146,9 @@ Status Endpoint::reply_message(Buffer&& b) {
 Result<Message> Endpoint::receive(Deadline deadline) {
   if (redirected_.load(std::memory_order_relaxed))
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
-  std::lock_guard consumer(consumer_mu_);
+  if (!consumer_mu_.lock_until(deadline))
+    return fail(Errc::TimedOut, "receive: another thread's call or receive did not finish in time");
+  std::lock_guard consumer(consumer_mu_, std::adopt_lock);
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   for (;;) {
@@ -1045,7 +1157,7 @@ Result<Message> Endpoint::receive(Deadline deadline) {
     if (p == Poll::Got || p == Poll::Ended) return m;
     if (p == Poll::Gone) return fail(closed_errc(state()), "receive");
     if (deadline.expired()) return fail(Errc::TimedOut, "receive");
-    wait_inbound(deadline, policy);
+    wait_inbound(deadline, policy, /*ring_only=*/false);
   }
 }
 
@@ -1064,7 +1176,7 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
     if (++my_db_gen_ == 0) ++my_db_gen_;
     shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Doorbell), 0, my_db_gen_, 0};
     int fd = queue->doorbell_fd();
-    MBMQ_TRY(os::send_msg(control_.get(), bytes_of(m), {&fd, 1}));
+    MBMQ_TRY(send_ctl_locked(bytes_of(m), {&fd, 1}));
     // Pairs with the producer's acquire load in (P4): the page is on the socket before the
     // generation that names it is visible.
     in_.doorbell_gen.store(my_db_gen_, std::memory_order_release);
@@ -1103,13 +1215,46 @@ void Endpoint::on_hangup() noexcept {
 
 void Endpoint::close_local() noexcept {
   MBMQ_CRASH_POINT("close.before");
+  std::shared_ptr<QueueCore> q;
   {
     std::lock_guard lock(mu_);
     if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
     unwatch();
     control_.reset();
+    reclaim_lent_locked();
+    lease_.reset();  // a listener's connection count drops now, not when the handle goes
+    // Breaks the queue <-> end reference cycle: the queue drops its reference when its scan
+    // finds the end gone (or when it is destroyed).
+    q = std::move(queue_);
+  }
+  in_.doorbell.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&in_.doorbell, INT_MAX);
+  if (q) q->poke();
+}
+
+void Endpoint::abandon(const char* why) noexcept {
+  {
+    std::lock_guard lock(mu_);
+    (void)fail_protocol_locked(why);
   }
   wake_local();
+}
+
+void Endpoint::reclaim_lent_locked() noexcept {
+  // (P8) Nothing the peer holds can come back: lent and abandoned buffers return to the pool,
+  // extents are unmapped and closed (no ReleaseExtent: the channel is over). A call's buffer is
+  // given back to its caller by call() itself.
+  for (std::uint32_t k = 0; k < n_; ++k) {
+    OwnState& st = own_slots_[k].state;
+    if (st == OwnState::LentRequest || st == OwnState::LentOneWay || st == OwnState::Abandoned)
+      free_own(static_cast<std::uint32_t>(side_) * n_ + k);
+  }
+  for (std::uint32_t e = 0; e < kMaxExtents; ++e) {
+    OwnState& st = own_ext_[e].state;
+    if (st == OwnState::LentRequest || st == OwnState::LentOneWay || st == OwnState::Abandoned)
+      free_own(kExtentBit | e);
+  }
+  requests_out_ = 0;
 }
 
 Status Endpoint::ensure_watched() noexcept {

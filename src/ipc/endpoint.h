@@ -4,8 +4,20 @@
 //
 // Locking: mu_ guards the producer ring index, the consumer ring index, the ownership tables and
 // the control socket. It is uncontended on the usual paths (one caller thread, or one queue
-// waiter) and never held across a sleep. consumer_mu_ serializes call()/receive() on an end that
-// is not redirected; for a redirected end the queue's mutex plays that role.
+// waiter), never held across a sleep, and never across a blocking system call: the control socket
+// is written without blocking (a peer that lets it fill has its channel closed, see send_ctl_locked).
+// consumer_mu_ serializes call()/receive() on an end that is not redirected; it IS held while its
+// holder sleeps for the reply, so a second caller sleeps on it (DeadlineMutex) and gives up at its
+// own deadline. For a redirected end the queue's mutex plays that role.
+//
+// What one peer can make this end hold (each bound enforced; docs/RELIABILITY.md, peer budget):
+//   - fds: its extents (<= kMaxExtents, mapped), stashed extent and replacement fds (one per extent
+//     id each), its queue's doorbell (1), stashed handle fds (<= kMaxStashedHandleFds);
+//   - memory: the extents' pages as far as the payloads it sends (never the whole file: no
+//     prefault beyond the payload), untrusted ends' private copies (<= copy_threshold per id);
+//   - control messages: drained only as far as a descriptor needs them; the socket holds at most
+//     its send buffer (about 555 packets with the 416 KiB we ask for), beyond which the sender's
+//     channel is closed with Errc::Protocol.
 #pragma once
 
 #include <array>
@@ -13,9 +25,11 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <vector>
 
 #include "ipc/atomic_wait_policy.h"
+#include "ipc/deadline_mutex.h"
 #include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "ipc/spin_mutex.h"
@@ -37,8 +51,15 @@ class ListenCore;
 
 enum class EpState : std::uint8_t { Open = 0, PeerClosed = 1, Protocol = 2, LocalClosed = 3 };
 inline Errc closed_errc(EpState s) {
+  if (s == EpState::LocalClosed) return Errc::InvalidArgument;  // Channel::close() was called
   return s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed;
 }
+
+// Handle fds a peer may have parked in our stash (sent ahead of the descriptors naming them).
+inline constexpr std::uint32_t kMaxStashedHandleFds = 128;
+// The control socket's send buffer we ask for. The kernel doubles it (416 KiB, about 555 packets
+// of any fd count); an honest peer never has more than 2 unread packets per ring entry (512).
+inline constexpr int kControlSendBuffer = 212992;
 
 class Endpoint final : public Watched, public std::enable_shared_from_this<Endpoint> {
  public:
@@ -49,7 +70,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
     WaitPolicy wait{};
     std::uint32_t tx_tail = 0;  // ring positions (non-zero for an end moved between processes)
     std::uint32_t rx_head = 0;
-    std::uint32_t next_extent_gen = 1;
+    std::uint32_t next_extent_gen = 1;  // 0 is taken as 1
   };
   static Result<std::shared_ptr<Endpoint>> make(Init init);
   Endpoint(const Endpoint&) = delete;
@@ -88,6 +109,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   void set_wait_policy(WaitPolicy p) noexcept;
   WaitPolicy wait_policy() const noexcept;
 
+  // Registers the control socket with this process's watcher (again after fork()). An end whose
+  // peer's death could not be noticed must not be used: the error is returned.
+  Status ensure_watched() noexcept;
+  // Closes the channel with Errc::Protocol saying why (e.g. its peer's death cannot be watched).
+  void abandon(const char* why) noexcept;
   // (P8) From the watcher thread: the control socket hung up.
   void on_hangup() noexcept;
   void on_watch(int fd, std::uint32_t events) noexcept override;
@@ -102,9 +128,12 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Moving an end to another process (ipc/transfer.cc). export_end: the end must be quiet (not
   // redirected, no buffers out or held, nothing pending: Errc::Busy); fills its state and
   // duplicates its two fds; the caller then closes this end. import_end validates all of it.
-  Status export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl);
+  // doorbell (the peer's queue doorbell page, if meta.doorbell_gen != 0) is optional.
+  Status export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl,
+                    os::UniqueFd* doorbell);
   static Result<std::shared_ptr<Endpoint>> import_end(const shm::HandleMeta& meta, os::UniqueFd seg,
-                                                      os::UniqueFd ctl);
+                                                      os::UniqueFd ctl, os::UniqueFd doorbell,
+                                                      WaitPolicy wait);
 
   // The file and offset behind buffer b's bytes (its slot in the segment memfd, or its extent's
   // memfd), for send_buffer(); false if b is not this end's, or its bytes are private memory.
@@ -168,6 +197,25 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // (P3b) Sends b's outgoing handles on the control socket (ring room already checked); false if
   // it has none to send.
   Result<bool> send_handles_locked(Buffer& b, bool reply);
+  // Sends one control message without blocking (mu_ held). A full socket means the peer does
+  // not read it: the channel is closed with Errc::Protocol.
+  Status send_ctl_locked(std::span<const std::byte> bytes, std::span<const int> fds);
+  // Reads one control message into the stashes; false if none (or the channel was closed for
+  // it). drain_until() reads until `have()` holds or nothing is left: never further than needed.
+  bool read_control_once();
+  template <class Pred>
+  bool drain_until(Pred have) {
+    for (std::uint32_t i = 0; !have(); ++i)
+      if (i >= 4 * shm::kRingCapacity || !read_control_once()) return have();
+    return true;
+  }
+  std::uint32_t take_extent_gen_locked() noexcept {
+    const std::uint32_t g = next_extent_gen_;
+    next_extent_gen_ = g + 1 == 0 ? 1 : g + 1;  // 0 means "never sent" (OwnExtent::sent_gen)
+    return g;
+  }
+  // (P8) The peer is gone: buffers lent to it come back to the pool (a call's to its caller).
+  void reclaim_lent_locked() noexcept;
   // (P3b) Whether the handles of Desc d are stashed (reading the control socket if needed).
   bool handles_arrived_locked(const shm::Desc& d, bool reply);
   // Takes the stashed handles of Desc d out of the stash.
@@ -181,8 +229,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Checks an extent memfd the peer sent (P5, P5b, P7b): sealed against shrinking, immutable if
   // announced so, a sane size; maps it (immutable: copy-on-write; else unsealed_access).
   // nullptr, or why not.
+  // Populates the mapping as far as `payload` bytes only.
   static const char* map_extent_fd(int fd, bool announced_sealed, os::Access unsealed_access,
-                                   os::Mapping* map, bool* sealed);
+                                   std::uint32_t payload, os::Mapping* map, bool* sealed);
   // (P5) Maps the peer's extent for Desc (e, gen, size); nullptr, or why it is invalid.
   const char* map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size);
   // ---- trust (P3c, P5b, P7b) ----
@@ -190,21 +239,26 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::byte* slot_shadow(std::uint32_t id) const noexcept {
     return slot_shadow_.get() + std::size_t{id} * slot_size_;
   }
-  // Our extent x gets a fresh memfd holding `size` bytes of src (same capacity), unsealed.
-  Status fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size);
-  // Makes our extent x immutable (P3c), through a fresh one if needed.
+  // Our extent x gets a fresh memfd of `cap` bytes holding `size` bytes of src, unsealed. On
+  // failure x is unchanged.
+  Status fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size,
+                             std::size_t cap);
+  // Makes our extent x immutable (P3c), through a fresh one if needed. On failure x is mapped
+  // again if at all possible (x.map.valid() says whether its bytes are still reachable).
   Status seal_extent_locked(OwnExtent& x, std::size_t size);
+  Status seal_unmapped_locked(OwnExtent& x, std::size_t cap, std::size_t size);
   // Before sending our buffer b: copies a private copy back, seals or refreshes its extent, and
   // points b at the result.
   Status prepare_send_locked(Buffer& b);
   // (P7b) Sends the answer in a fresh memfd replacing the peer's extent e at gen.
   Status send_replacement_locked(std::uint32_t e, std::uint32_t gen, const std::byte* src,
                                  std::uint32_t size);
-  // (P7b) Installs the replacement announced by Reply d on our extent; nullptr or why not.
-  const char* take_replacement_locked(const shm::Desc& d);
+  // (P7b) Checks and maps the replacement announced by Reply d into *fd/*map; installs nothing
+  // (accept() installs it once every check of the descriptor passed). nullptr or why not.
+  const char* prepare_replacement_locked(const shm::Desc& d, os::UniqueFd* fd, os::Mapping* map,
+                                         bool* sealed);
   // After a reply: points b at our buffer's bytes, or (untrusted) at a private copy of them.
   void own_view_locked(Buffer& b, std::uint32_t size);
-  void drain_control();
   Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as);
   Status push_locked(const shm::Desc& d);
   void wake_peer_locked() noexcept;
@@ -213,11 +267,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   bool pending_pop(shm::Desc* d) noexcept;
 
   // No lock: waits until the inbound ring may have data, the state changed, or the deadline.
-  void wait_inbound(Deadline deadline, WaitPolicy policy);
+  // ring_only: messages already pending do not count (call() waits for its reply in the ring).
+  void wait_inbound(Deadline deadline, WaitPolicy policy, bool ring_only);
   bool inbound_ready() const noexcept;
-  // Registers the control socket with this process's watcher (again after fork()). An end whose
-  // peer's death could not be noticed must not be used: the error is returned.
-  Status ensure_watched() noexcept;
+  bool ring_ready() const noexcept;
+
   // Removes this end from the peer watcher (before control_ closes). mu_ held, or the destructor.
   void unwatch() noexcept;
   void wake_local() noexcept;
@@ -232,7 +286,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   shm::Direction& in_;   // we consume
 
   mutable SpinMutex mu_;
-  SpinMutex consumer_mu_;
+  DeadlineMutex consumer_mu_;
   os::UniqueFd control_;                                    // guarded by mu_
   shm::RingProducer<> tx_;                                  // guarded by mu_
   shm::RingConsumer<> rx_;                                  // consumer thread; pops under mu_
@@ -251,6 +305,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::unique_ptr<std::byte[]> slot_shadow_;  // untrusted_me_: a private copy per slot (2n)
   Stashed stash_doorbell_;                                  // guarded by mu_
   std::uint32_t peer_db_gen_ = 0;                           // guarded by mu_
+  os::UniqueFd peer_db_fd_;    // guarded by mu_: kept to hand over with the end (export_end)
   os::Mapping peer_db_map_;                                 // guarded by mu_
   std::uint32_t my_db_gen_ = 0;                             // guarded by mu_
   // Descs accepted by call() that are not its reply: delivered later by receive()/poll(). Each
@@ -262,9 +317,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   struct StashedHandles {      // (P3b) received, not yet given to a buffer
     std::uint32_t id = 0, gen = 0;
     bool reply = false;
+    std::uint32_t fds = 0;  // counted in stash_handle_fds_
     HandlesPtr h;
   };
   std::vector<StashedHandles> stash_handles_;  // guarded by mu_
+  std::uint32_t stash_handle_fds_ = 0;         // guarded by mu_: fds in stash_handles_
   std::uint32_t requests_out_ = 0;             // guarded by mu_: our requests not yet answered
   std::uint32_t requests_in_ = 0;              // guarded by mu_: the peer's requests we hold
   const char* why_bad_ = "";                   // guarded by mu_
@@ -296,6 +353,9 @@ class QueueCore {
   void set_wait_policy(WaitPolicy p);
   // Lets go of every channel (the MsgQueue handle is being destroyed).
   std::vector<std::shared_ptr<Endpoint>> take_all();
+  // In a child forked after channels were redirected here: registers them with this process's
+  // watcher (once per process).
+  void watch_after_fork();
 
  private:
   bool scan_locked(Message* out);
@@ -310,6 +370,7 @@ class QueueCore {
   std::size_t next_ = 0;                                // guarded by mu_: round-robin start
   int sleepers_ = 0;                                    // guarded by mu_
   AtomicWaitPolicy policy_{WaitPolicy{}};               // read on every wait, without the lock
+  std::atomic<int> watch_pid_{0};  // the process whose watcher knows every end here
 };
 
 }  // namespace mbmq::detail

@@ -8,6 +8,7 @@
 #include "ipc/listener_core.h"
 #include "os/futex.h"
 #include "os/memfd.h"
+#include "os/process.h"
 
 namespace mbmq {
 namespace detail {
@@ -20,6 +21,7 @@ Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
   q->page_ = new (q->map_.data()) shm::DoorbellPage{};
   q->policy_.store(policy);
   q->eps_.reserve(64);
+  q->watch_pid_.store(os::current_pid(), std::memory_order_relaxed);
   return q;
 }
 
@@ -104,7 +106,22 @@ bool QueueCore::scan_locked(Message* out) {
   return false;
 }
 
+void QueueCore::watch_after_fork() {
+  // Ends redirected before fork(): the child's watcher must learn of their peers' deaths too.
+  const int pid = os::current_pid();
+  if (watch_pid_.load(std::memory_order_relaxed) == pid) return;
+  std::vector<std::shared_ptr<Endpoint>> eps;
+  {
+    std::lock_guard lock(mu_);
+    eps = eps_;
+  }
+  for (auto& ep : eps)
+    if (!ep->ensure_watched()) ep->abandon("the peer's death cannot be watched in this process");
+  watch_pid_.store(pid, std::memory_order_relaxed);
+}
+
 Result<Message> QueueCore::wait(Deadline deadline) {
+  watch_after_fork();
   const WaitPolicy policy = policy_.load();
   std::int64_t start = 0;  // read lazily: a message already there costs no clock read
   for (std::uint32_t looks = 0;; ++looks) {
@@ -160,11 +177,22 @@ Result<Message> QueueCore::wait(Deadline deadline) {
 
 }  // namespace detail
 
-MsgQueue::~MsgQueue() {
+MsgQueue::~MsgQueue() { close_all(); }
+
+MsgQueue& MsgQueue::operator=(MsgQueue&& o) noexcept {
+  if (this != &o) {
+    close_all();
+    core_ = std::move(o.core_);
+  }
+  return *this;
+}
+
+void MsgQueue::close_all() noexcept {
   if (!core_) return;
   // Channels redirected here can no longer deliver: close them, so their peers' calls end with
   // PeerClosed (the automatic reply) instead of waiting for a queue that is gone.
   for (auto& ep : core_->take_all()) ep->close_local();
+  core_.reset();
 }
 
 Result<MsgQueue> MsgQueue::create(WaitPolicy policy) {
@@ -186,10 +214,9 @@ Status MsgQueue::reply(Message&& msg) {
 Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
   if (msg.kind == Kind::Request) {
     Status s = reply(std::move(msg));
-    // A caller that is gone is not the server's error: move on to the next message.
-    if (!s && s.error().code != Errc::PeerClosed && s.error().code != Errc::Protocol &&
-        s.error().code != Errc::WouldBlock)
-      return fail(s.error());
+    // Whatever went wrong concerns that one channel (its caller is gone, cheated, or got NoReply
+    // because its answer could not be made, e.g. EMFILE): the loop goes on.
+    if (!s && s.error().code == Errc::InvalidArgument) return fail(s.error());
   } else {
     msg.buffer.reset();
   }

@@ -22,7 +22,8 @@ static_assert(sizeof(TransferMsg) == 48);
 
 namespace detail {
 
-Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl) {
+Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl,
+                            os::UniqueFd* doorbell) {
   std::lock_guard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "export channel end");
@@ -35,24 +36,42 @@ Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::Unique
     if (h) return fail(Errc::Busy, "export channel end: peer buffers held");
   for (const auto& pe : peer_ext_)
     if (pe.map.valid()) return fail(Errc::Busy, "export channel end: peer extents mapped");
-  if (pending_count_ != 0 || !stash_handles_.empty())
+  if (pending_count_ != 0 || rx_.maybe_nonempty())
     return fail(Errc::Busy, "export channel end: messages pending");
-  const WaitPolicy w = wait_policy();
+  // What was taken off the control socket ahead of its descriptors cannot travel: only a quiet
+  // end moves (the peer's queue doorbell, which has no descriptor, travels below).
+  if (!stash_handles_.empty())
+    return fail(Errc::Busy, "export channel end: handles pending");
+  for (std::uint32_t e = 0; e < shm::kMaxExtents; ++e)
+    if (stash_ext_[e].fd || stash_replace_[e].fd)
+      return fail(Errc::Busy, "export channel end: extents pending");
   *meta = shm::HandleMeta{static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd),
                           static_cast<std::uint32_t>(side_),
                           tx_.tail(),
                           rx_.head(),
                           next_extent_gen_,
-                          static_cast<std::uint32_t>(w.mode),
-                          static_cast<std::int64_t>(w.spin.count())};
-  *seg = MBMQ_TRY(os::dup_fd(seg_.fd()));
-  *ctl = MBMQ_TRY(os::dup_fd(control_.get()));
+                          0,
+                          0};
+  // The peer's queue doorbell, mapped or still stashed: the new owner wakes the same queue.
+  const int db = peer_db_fd_ ? peer_db_fd_.get() : stash_doorbell_.fd.get();
+  const std::uint32_t db_gen = peer_db_fd_ ? peer_db_gen_ : stash_doorbell_.gen;
+  os::UniqueFd seg_dup = MBMQ_TRY(os::dup_fd(seg_.fd()));
+  os::UniqueFd ctl_dup = MBMQ_TRY(os::dup_fd(control_.get()));
+  os::UniqueFd db_dup;
+  if (db >= 0 && db_gen != 0) {
+    db_dup = MBMQ_TRY(os::dup_fd(db));
+    meta->doorbell_gen = db_gen;
+  }
+  *seg = std::move(seg_dup);
+  *ctl = std::move(ctl_dup);
+  *doorbell = std::move(db_dup);
   return {};
 }
 
 Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
-                                                       os::UniqueFd seg_fd, os::UniqueFd ctl) {
-  if (m.side > 1 || m.wait_mode > 2 || m.spin_ns < 0 || !seg_fd || !ctl)
+                                                       os::UniqueFd seg_fd, os::UniqueFd ctl,
+                                                       os::UniqueFd doorbell, WaitPolicy wait) {
+  if (m.side > 1 || m.reserved != 0 || !seg_fd || !ctl || (m.doorbell_gen != 0) != !!doorbell)
     return fail(Errc::Protocol, "import channel end: malformed");
   if (!os::is_unix_seqpacket(ctl.get()))
     return fail(Errc::Protocol, "import channel end: the control fd is not a SEQPACKET socket");
@@ -63,9 +82,14 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
   if (out.tail.load(std::memory_order_acquire) != m.tx_tail ||
       in.head.load(std::memory_order_acquire) != m.rx_head)
     return fail(Errc::Protocol, "import channel end: ring positions do not match the segment");
-  WaitPolicy wait{static_cast<WaitMode>(m.wait_mode), std::chrono::nanoseconds(m.spin_ns)};
-  return Endpoint::make({std::move(seg), std::move(ctl), static_cast<int>(m.side), wait, m.tx_tail,
-                         m.rx_head, m.next_extent_gen});
+  auto ep = MBMQ_TRY(Endpoint::make({std::move(seg), std::move(ctl), static_cast<int>(m.side),
+                                     wait, m.tx_tail, m.rx_head, m.next_extent_gen}));
+  if (doorbell) {
+    // Checked like any doorbell, when first used (P4).
+    std::lock_guard lock(ep->mu_);
+    ep->stash_doorbell_ = Stashed{std::move(doorbell), m.doorbell_gen};
+  }
+  return ep;
 }
 
 }  // namespace detail
@@ -73,10 +97,11 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
 Status Channel::send_over(int unix_socket) {
   if (!ep_) return fail(Errc::InvalidArgument, "send_over: closed channel");
   TransferMsg m{kTransferMagic, shm::kLayoutVersion, 0, {}};
-  os::UniqueFd seg, ctl;
-  MBMQ_TRY(ep_->export_end(&m.end, &seg, &ctl));
-  int fds[2] = {seg.get(), ctl.get()};
-  MBMQ_TRY(os::send_msg(unix_socket, {reinterpret_cast<const std::byte*>(&m), sizeof(m)}, fds));
+  os::UniqueFd seg, ctl, db;
+  MBMQ_TRY(ep_->export_end(&m.end, &seg, &ctl, &db));
+  int fds[3] = {seg.get(), ctl.get(), db.get()};
+  MBMQ_TRY(os::send_msg(unix_socket, {reinterpret_cast<const std::byte*>(&m), sizeof(m)},
+                        {fds, db ? 3u : 2u}));
   // Our copies of the fds close; the receiver's keep the connection open.
   close();
   return {};
@@ -87,15 +112,18 @@ Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
       unix_socket, deadline.is_never() ? -1 : std::max<std::int64_t>(deadline.remaining_ns(), 0)));
   if (!ready) return fail(Errc::TimedOut, "receive_from");
   TransferMsg m{};
-  std::array<os::UniqueFd, 2> fds;
+  std::array<os::UniqueFd, 3> fds;
   auto r = MBMQ_TRY(os::recv_msg(unix_socket, {reinterpret_cast<std::byte*>(&m), sizeof(m)}, fds,
                                  os::Blocking::Yes));
   if (r.bytes == 0 && r.nfds == 0) return fail(Errc::PeerClosed, "receive_from");
-  if (r.truncated || r.bytes != sizeof(m) || r.nfds != 2 || m.magic != kTransferMagic ||
+  if (r.truncated || r.bytes != sizeof(m) || r.nfds != (m.end.doorbell_gen != 0 ? 3u : 2u) ||
+      m.magic != kTransferMagic ||
       m.version != shm::kLayoutVersion ||
       m.end.kind != static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd))
     return fail(Errc::Protocol, "receive_from: malformed transfer message");
-  auto ep = MBMQ_TRY(detail::Endpoint::import_end(m.end, std::move(fds[0]), std::move(fds[1])));
+  // The wait policy is this process's choice, never the sender's (WaitPolicy{}: adaptive).
+  auto ep = MBMQ_TRY(detail::Endpoint::import_end(m.end, std::move(fds[0]), std::move(fds[1]),
+                                                  std::move(fds[2]), WaitPolicy{}));
   return Channel(std::move(ep));
 }
 

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "os/fault.h"
@@ -28,6 +29,13 @@ Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Acc
   m.addr_ = p;
   m.size_ = size;
   return m;
+}
+
+void Mapping::populate(std::size_t bytes) noexcept {
+  if (addr_ == nullptr || bytes == 0) return;
+  const std::size_t len = std::min(size_, (bytes + 4095) / 4096 * 4096);
+  count_syscall();
+  (void)::madvise(addr_, len, MADV_POPULATE_READ);  // EINVAL before Linux 5.14: faults later
 }
 
 void Mapping::reset() noexcept {

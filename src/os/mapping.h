@@ -28,6 +28,10 @@ class Mapping {
   static Result<Mapping> map(int fd, std::uint64_t offset, std::size_t size, Access access,
                              bool prefault = false);
 
+  // Faults in the first `bytes` bytes now (MADV_POPULATE_READ; a hint, errors ignored): a peer's
+  // extent is populated as far as its payload, never the whole file (a sparse 4 GiB memfd would
+  // make us allocate 4 GiB).
+  void populate(std::size_t bytes) noexcept;
   Mapping(Mapping&& o) noexcept
       : addr_(std::exchange(o.addr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   Mapping& operator=(Mapping&& o) noexcept {

@@ -33,7 +33,8 @@ union CmsgSpace {
 };
 }  // namespace
 
-Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int> fds) {
+Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int> fds,
+                Blocking blocking) {
   if (fds.size() > kMaxFdsPerMsg) return fail(Errc::InvalidArgument, "send_msg: too many fds");
   iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
   msghdr msg{};
@@ -53,9 +54,10 @@ Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int>
     if (injected(Fault::SendMsg))
       return fail(Error::from_syscall("sendmsg", fault_errno(Fault::SendMsg)));
     count_syscall();
-    ssize_t n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
+    ssize_t n = ::sendmsg(sock, &msg, MSG_NOSIGNAL | (blocking == Blocking::No ? MSG_DONTWAIT : 0));
     if (n >= 0) return {};
     if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return fail(Errc::WouldBlock, "sendmsg");
     if (errno == EPIPE || errno == ECONNRESET) return fail(Errc::PeerClosed, "sendmsg");
     return fail(Error::from_syscall("sendmsg", errno));
   }
@@ -108,6 +110,11 @@ Result<Received> recv_msg(int sock, std::span<std::byte> bytes, std::span<Unique
 
 #include <poll.h>
 
+#include <chrono>
+#include <climits>
+
+#include "mbmq/deadline.h"
+
 namespace mbmq::os {
 
 void shutdown_socket(int sock) noexcept {
@@ -116,15 +123,30 @@ void shutdown_socket(int sock) noexcept {
 }
 
 namespace {
+// poll()'s timeout for what is left of `d`: whole milliseconds rounded up (so poll never wakes
+// before the deadline), at most INT_MAX (~24.8 days; the caller polls again after that).
+int poll_ms(Deadline d) {
+  if (d.is_never()) return -1;
+  const std::int64_t left = d.remaining_ns();
+  if (left <= 0) return 0;
+  const std::int64_t ms = left / 1'000'000 + (left % 1'000'000 != 0 ? 1 : 0);
+  return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+}
+
+// Waits against an absolute deadline, not a timeout: a signal (EINTR) retries with the time
+// left. Retrying with the original timeout made a process that gets signals more often than
+// its timeout (a profiler, an interval timer) wait forever.
 Result<bool> wait_for(int fd, short events, std::int64_t timeout_ns) {
+  const Deadline d =
+      timeout_ns < 0 ? Deadline::never() : Deadline::after(std::chrono::nanoseconds(timeout_ns));
   pollfd p{fd, events, 0};
-  int ms = timeout_ns < 0 ? -1 : static_cast<int>((timeout_ns + 999'999) / 1'000'000);
   for (;;) {
     count_syscall();
-    int r = ::poll(&p, 1, ms);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return fail(Error::from_syscall("poll", errno));
-    return r > 0;
+    int r = ::poll(&p, 1, poll_ms(d));
+    if (r > 0) return true;
+    if (r < 0 && errno != EINTR) return fail(Error::from_syscall("poll", errno));
+    // EINTR, or a timeout: clamped to INT_MAX ms, or (never seen) ahead of our clock.
+    if (d.expired()) return false;
   }
 }
 }  // namespace
@@ -141,6 +163,12 @@ Result<bool> wait_writable(int fd, std::int64_t timeout_ns) {
 namespace mbmq::os {
 Result<std::pair<UniqueFd, UniqueFd>> stream_pair() { return unix_pair(SOCK_STREAM); }
 }  // namespace mbmq::os
+
+#include <sys/time.h>
+
+#include <cstdint>
+
+#include "mbmq/deadline.h"
 
 namespace mbmq::os {
 
@@ -173,29 +201,67 @@ Result<UniqueFd> listen_abstract(std::string_view name, int backlog) {
   return fd;
 }
 
-Result<UniqueFd> connect_abstract(std::string_view name) {
+Result<UniqueFd> connect_abstract(std::string_view name, std::int64_t timeout_ns) {
   socklen_t len = 0;
   sockaddr_un a = MBMQ_TRY(abstract_addr(name, &len));
   count_syscall();
   UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
   if (!fd) return fail(Error::from_syscall("socket", errno));
-  for (;;) {
+  // A Unix-socket connect(2) to a full backlog sleeps until the listener accepts, bounded only by
+  // SO_SNDTIMEO (then EAGAIN). Non-blocking connect cannot be waited for (no EINPROGRESS here).
+  const std::int64_t start = timeout_ns >= 0 ? monotonic_ns() : 0;
+  for (bool again = false;; again = true) {
+    if (timeout_ns >= 0) {
+      const std::int64_t left = timeout_ns - (monotonic_ns() - start);
+      if (again && left <= 0) return fail(Errc::TimedOut, "connect: the listener's backlog is full");
+      // At least 1 us (a zero SO_SNDTIMEO means no limit): an expired deadline still connects to
+      // a listener with room in its backlog.
+      const std::int64_t ns = left < 1000 ? 1000 : left;
+      const std::int64_t s = ns / 1'000'000'000 < INT32_MAX ? ns / 1'000'000'000 : INT32_MAX;
+      timeval tv{static_cast<time_t>(s), static_cast<suseconds_t>(
+                                             s == INT32_MAX ? 0 : ns % 1'000'000'000 / 1000)};
+      count_syscall();
+      if (::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0)
+        return fail(Error::from_syscall("setsockopt(SO_SNDTIMEO)", errno));
+    }
     count_syscall();
-    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), len) == 0) return fd;
-    if (errno == EINTR) continue;
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), len) == 0) break;
+    if (errno == EINTR) continue;  // with the time left
+    if (errno == EAGAIN && timeout_ns >= 0)
+      return fail(Errc::TimedOut, "connect: the listener's backlog is full");
     return fail(Error::from_syscall("connect", errno));
   }
+  if (timeout_ns >= 0) {
+    // Back to no limit: the connection's own sends are bounded by their callers' deadlines.
+    timeval none{0, 0};
+    count_syscall();
+    (void)::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
+  }
+  return fd;
 }
 
-Result<UniqueFd> accept_conn(int listener) {
+Result<UniqueFd> accept_conn(int listener, Blocking conn_blocking) {
+  const int flags = SOCK_CLOEXEC | (conn_blocking == Blocking::No ? SOCK_NONBLOCK : 0);
   for (;;) {
     count_syscall();
-    int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);  // the new socket blocks
+    int fd = ::accept4(listener, nullptr, nullptr, flags);
     if (fd >= 0) return UniqueFd(fd);
     if (errno == EINTR || errno == ECONNABORTED) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return fail(Errc::WouldBlock, "accept");
     return fail(Error::from_syscall("accept4", errno));
   }
+}
+
+Result<int> set_send_buffer(int sock, int bytes) {
+  count_syscall();
+  if (::setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)) != 0)
+    return fail(Error::from_syscall("setsockopt(SO_SNDBUF)", errno));
+  int got = 0;
+  socklen_t len = sizeof(got);
+  count_syscall();
+  if (::getsockopt(sock, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0)
+    return fail(Error::from_syscall("getsockopt(SO_SNDBUF)", errno));
+  return got;
 }
 
 bool is_unix_seqpacket(int fd) noexcept {

@@ -13,7 +13,8 @@
 
 namespace mbmq::os {
 
-inline constexpr std::size_t kMaxFdsPerMsg = 16;
+// 8 handles of up to 3 fds each (a channel end: segment, control socket, peer's doorbell).
+inline constexpr std::size_t kMaxFdsPerMsg = 24;
 
 enum class Blocking { Yes, No };
 
@@ -22,8 +23,13 @@ enum class Blocking { Yes, No };
 Result<std::pair<UniqueFd, UniqueFd>> seqpacket_pair();
 
 // Sends one message with `fds` attached (SCM_RIGHTS). MSG_NOSIGNAL: a closed peer is EPIPE, not
-// SIGPIPE. Errc::PeerClosed for EPIPE/ECONNRESET.
-Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int> fds);
+// SIGPIPE. Errc::PeerClosed for EPIPE/ECONNRESET. Blocking::No (MSG_DONTWAIT): Errc::WouldBlock
+// when the socket's send buffer is full (a peer that does not read).
+Status send_msg(int sock, std::span<const std::byte> bytes, std::span<const int> fds,
+                Blocking blocking = Blocking::Yes);
+// SO_SNDBUF (the kernel doubles the value, capped by net.core.wmem_max); returns the size the
+// kernel reports afterwards.
+Result<int> set_send_buffer(int sock, int bytes);
 
 struct Received {
   std::size_t bytes = 0;  // 0 with no fds: the peer closed (orderly end of stream)
@@ -59,9 +65,13 @@ namespace mbmq::os {
 // A name longer than 100 bytes or containing NUL is Errc::InvalidArgument.
 Result<UniqueFd> listen_abstract(std::string_view name, int backlog);
 // Errc::System with ECONNREFUSED (nobody listens) or ENOENT-like errors as the kernel gives them.
-Result<UniqueFd> connect_abstract(std::string_view name);
-// accept4(SOCK_CLOEXEC); Errc::WouldBlock when nothing is pending.
-Result<UniqueFd> accept_conn(int listener);
+// A listener whose backlog is full (it does not accept, e.g. its fd table is full) makes
+// connect(2) wait: at most timeout_ns (< 0: no limit), then Errc::TimedOut.
+Result<UniqueFd> connect_abstract(std::string_view name, std::int64_t timeout_ns = -1);
+// accept4(SOCK_CLOEXEC, and SOCK_NONBLOCK for Blocking::No); Errc::WouldBlock when nothing is
+// pending. Errc::System with EMFILE/ENFILE when the fd table is full: the connection stays in the
+// backlog, and the listener stays readable.
+Result<UniqueFd> accept_conn(int listener, Blocking conn_blocking = Blocking::Yes);
 
 struct PeerCred {
   int pid = 0;

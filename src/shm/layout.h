@@ -86,7 +86,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 4;   // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 5;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
@@ -239,15 +239,18 @@ inline constexpr std::uint32_t kHandlesForReply = 0x100;
 
 enum class HandleKind : std::uint32_t { Fd = 1, ChannelEnd = 2, FileRange = 3 };
 // One handle of a CtlType::Handles packet. Fd: one fd, the rest zero. ChannelEnd: two fds (the
-// segment memfd, the control socket) and the end's private state, as Channel::send_over sends it.
+// segment memfd, the control socket) and the end's private state, as Channel::send_over sends it,
+// plus a third fd when doorbell_gen != 0: the page the end's peer sent as its queue doorbell
+// (CtlMsg::Doorbell with that generation), which the end had already taken off its control socket.
+// The wait policy does not travel: it is the receiving process's own choice.
 struct HandleMeta {
   std::uint32_t kind;  // HandleKind
   std::uint32_t side;
   std::uint32_t tx_tail;
   std::uint32_t rx_head;
   std::uint32_t next_extent_gen;
-  std::uint32_t wait_mode;
-  std::int64_t spin_ns;
+  std::uint32_t doorbell_gen;  // 0: no doorbell fd follows
+  std::int64_t reserved;       // 0
 };
 static_assert(std::is_standard_layout_v<HandleMeta> && sizeof(HandleMeta) == 32);
 

@@ -41,14 +41,16 @@ class RingProducer {
         head_cache_(initial_tail - kCap) {}
 
   // Ok if push() will find room (only this producer fills the ring), Full, or Corrupt.
-  RingStatus has_room() noexcept {
-    if (tail_ - head_cache_ >= kCap) {
+  RingStatus has_room() noexcept { return has_room_for(1); }
+  // Ok if `want` more entries fit now (1 <= want <= kCap), Full, or Corrupt.
+  RingStatus has_room_for(std::uint32_t want) noexcept {
+    if (tail_ - head_cache_ > kCap - want) {
       // Pairs with the consumer's store-release of head in pop(): the entry we overwrite was read.
       std::uint32_t head = head_pub_->load(std::memory_order_acquire);
       std::uint32_t used = tail_ - head;
       if (used > kCap) return RingStatus::Corrupt;
       head_cache_ = head;
-      if (used == kCap) return RingStatus::Full;
+      if (used > kCap - want) return RingStatus::Full;
     }
     return RingStatus::Ok;
   }

@@ -138,8 +138,10 @@ TEST(PeerDeathServer, ReplyToAKilledCallerFailsCleanlyAndNothingLeaks) {
     ASSERT_FALSE(r);
     EXPECT_EQ(r.error().code, Errc::PeerClosed);
     if (trial > 0) {
-      q = fail(Errc::Busy, "");  // drop the queue, then our end: nothing of the trial remains
-      server.close();
+      q = fail(Errc::Busy, "");  // drop the queue, then our ends: nothing of the trial remains
+      // (close() keeps an end's memory until the handle goes: another thread may be inside it)
+      server = Channel();
+      client = Channel();
       // The watcher thread may hold the last reference for a moment after the hang-up.
       Deadline d = secs(2);
       while ((os::open_fd_count() != fds0 || os::mapping_count() != maps0) && !d.expired())
