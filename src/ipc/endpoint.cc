@@ -254,10 +254,12 @@ Status Endpoint::push_locked(const Desc& d) {
 }
 
 void Endpoint::wake_peer_locked() noexcept {
-  // (P4) The seq_cst tail store in RingProducer::push() and this seq_cst load pair with the
-  // consumer's store of consumer_sleeping and its seq_cst fence in (P6): either it sees our tail
-  // when it re-checks the ring, or we see its consumer_sleeping here. (On x86 the store is an
-  // xchg, a full barrier, so no separate fence is needed.) The value is only a hint (layout.h).
+  // (P4) push() published the entry with release stores (its seq, then tail). This seq_cst fence
+  // orders them before the relaxed load of consumer_sleeping below, and pairs with the
+  // consumer's seq_cst fence in (P6), which sits between its store of consumer_sleeping and its
+  // re-check of the ring: either it sees our entry when it re-checks, or we see its flag here.
+  // (On x86 the fence is an mfence or a locked instruction.) The value is only a hint
+  // (layout.h).
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (out_.consumer_sleeping.load(std::memory_order_relaxed) == 0) return;
   std::atomic<std::uint32_t>* word = &out_.doorbell;

@@ -189,3 +189,14 @@ Status set_nonblocking(int fd, bool on) {
 }
 
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+Status truncate_file(int fd, std::uint64_t size) {
+  if (injected(Fault::Ftruncate))
+    return fail(Error::from_syscall("ftruncate", fault_errno(Fault::Ftruncate)));
+  count_syscall();
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
+    return fail(Error::from_syscall("ftruncate", errno));
+  return {};
+}
+}  // namespace mbmq::os

@@ -23,6 +23,8 @@ inline constexpr unsigned kSealsImmutable = kSealSeal | kSealShrink | kSealGrow 
 
 // memfd_create(MFD_CLOEXEC|MFD_ALLOW_SEALING) + ftruncate(size), no seals.
 Result<UniqueFd> make_memfd(const char* name, std::size_t size);
+// ftruncate(): a memfd's peer-visible size (tests play peers that shrink what they sent).
+Status truncate_file(int fd, std::uint64_t size);
 // fcntl(F_ADD_SEALS). EBUSY: a writable shared mapping exists; EPERM: F_SEAL_SEAL already set or
 // sealing not allowed on this file.
 Status add_seals(int fd, unsigned seals);

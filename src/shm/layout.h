@@ -43,6 +43,10 @@
 //       anyone, always goes through a fresh extent (its bytes are in the private view).
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's wake word
 //       (its own `doorbell`, or the queue doorbell page named by doorbell_gen) and FUTEX_WAKE it.
+//       The page arrives as CtlMsg::Doorbell; it is mapped only if it is a memfd of at least a
+//       page sealed against shrinking (else a protocol error: a truncated page would SIGBUS us).
+//       The producer keeps the page's fd, so that an end moved to another process (HandleMeta
+//       doorbell_gen) wakes the same queue.
 //  (P5) Receive: acquire-load ring[h % cap].seq; if it is h + 1, copy the Desc to a local and
 //       store-release head (pairs with the producer's acquire load in P3's space check).
 //       Validate the Desc: kind known; for Request/OneWay the buffer must be the peer's, not held
@@ -74,8 +78,28 @@
 //  (P8) Close / death: the control socket's hang-up (the peer closed its end, exited or was
 //       killed) is seen by a per-process watcher thread (ipc/peer_watch) sleeping in epoll; it
 //       marks the endpoint closed and wakes its waiters. Outstanding calls then return
-//       PeerClosed (the "automatic reply"); buffers lent to the dead peer return to our pool.
-//       Nothing is named in the filesystem, so nothing is left behind.
+//       PeerClosed (the "automatic reply", the call's buffer is its caller's again); every other
+//       buffer lent to the dead peer (requests sent through a queue, one-way messages, buffers of
+//       calls that timed out) returns to our pool, and lent extents are unmapped and closed, when
+//       the end is found closed (the queue delivers its final PeerClosed, a call or receive
+//       returns, or the end is closed locally). Nothing is named in the filesystem, so nothing
+//       is left behind.
+//
+// Control socket rules (who may block, what is bounded):
+//  - Writes are non-blocking (MSG_DONTWAIT) and never made while waiting. Each end asks for a
+//    416 KiB send buffer (about 555 packets). An honest receiver never has more than 2 packets
+//    unread per descriptor in its inbound ring (an extent or replacement fd, and a handles
+//    packet), 512 at most; a full socket therefore means the peer stopped reading: the sender
+//    closes the channel with a protocol error instead of blocking (or dropping the message,
+//    which would desynchronize the two streams).
+//  - Reads are lazy and stop at what a descriptor needs (control messages travel in descriptor
+//    order). Kept meanwhile: one extent fd and one replacement fd per extent id, one doorbell,
+//    and handle packets up to 2 * (slots + extents) packets and kMaxStashedHandleFds fds (more is
+//    a protocol error).
+//  - Ring room: each direction's ring can always take every descriptor that names a buffer
+//    (2 * (slots_per_side + kMaxExtents) <= kRingCapacity); ReleaseExtent hints are only pushed
+//    beyond that reserve. So a reply or a return never finds the ring full unless the peer
+//    published a head behind what it read (a protocol error, never a dropped answer).
 #pragma once
 
 #include <atomic>
