@@ -17,8 +17,10 @@ enum class FutexWait {
   TimedOut,      // timeout_ns elapsed
 };
 
-// Sleeps while *word == expected, at most timeout_ns (< 0: no limit). EINTR is reported as Woken
-// (the caller re-checks its condition and deadline anyway).
+// Sleeps while *word == expected, at most timeout_ns (< 0: no limit). EINTR is reported as Woken,
+// never retried here: a retry would restart the full timeout, so a process signalled more often
+// than that would never time out. Callers loop against their own Deadline and pass the time left
+// each round (Endpoint::wait_inbound via call()/receive(), QueueCore::wait).
 Result<FutexWait> futex_wait(const std::atomic<std::uint32_t>* word, std::uint32_t expected,
                              std::int64_t timeout_ns) noexcept;
 // Wakes up to `count` waiters; returns how many were woken.

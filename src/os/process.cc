@@ -266,3 +266,86 @@ std::int64_t process_cpu_ns(pid_t pid) noexcept {
 
 void ignore_sigpipe() noexcept { ::signal(SIGPIPE, SIG_IGN); }
 }  // namespace mbmq::os
+
+#include <mutex>
+
+namespace mbmq::os {
+namespace {
+// Lock-free, hence async-signal-safe; relaxed: a count for the test to read, no data guarded.
+std::atomic<std::uint64_t> g_interval_signals{0};
+void on_interval_signal(int) { g_interval_signals.fetch_add(1, std::memory_order_relaxed); }
+
+struct IntervalTimer {
+  std::mutex mu;
+  bool running = false;          // guarded by mu
+  timer_t timer{};               // guarded by mu
+  int signo = 0;                 // guarded by mu
+  struct sigaction previous {};  // guarded by mu
+};
+IntervalTimer& interval_timer() {
+  static IntervalTimer t;
+  return t;
+}
+}  // namespace
+
+Status start_interval_signal(std::chrono::microseconds interval, int signo) {
+  if (interval.count() <= 0) return fail(Errc::InvalidArgument, "start_interval_signal: interval");
+  IntervalTimer& t = interval_timer();
+  std::lock_guard lock(t.mu);
+  if (t.running) return fail(Errc::Busy, "start_interval_signal: one is running");
+  struct sigaction sa {};
+  sa.sa_handler = on_interval_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: interrupted system calls fail with EINTR
+  count_syscall();
+  if (::sigaction(signo, &sa, &t.previous) != 0)
+    return fail(Error::from_syscall("sigaction", errno));
+  sigevent ev{};
+  ev.sigev_notify = SIGEV_SIGNAL;
+  ev.sigev_signo = signo;
+  count_syscall();
+  if (::timer_create(CLOCK_MONOTONIC, &ev, &t.timer) != 0) {
+    int err = errno;
+    ::sigaction(signo, &t.previous, nullptr);
+    return fail(Error::from_syscall("timer_create", err));
+  }
+  const auto s = std::chrono::duration_cast<std::chrono::seconds>(interval);
+  itimerspec spec{};
+  spec.it_interval.tv_sec = static_cast<time_t>(s.count());
+  spec.it_interval.tv_nsec = static_cast<long>((interval - s).count() * 1000);
+  spec.it_value = spec.it_interval;
+  g_interval_signals.store(0, std::memory_order_relaxed);
+  count_syscall();
+  if (::timer_settime(t.timer, 0, &spec, nullptr) != 0) {
+    int err = errno;
+    ::timer_delete(t.timer);
+    ::sigaction(signo, &t.previous, nullptr);
+    return fail(Error::from_syscall("timer_settime", err));
+  }
+  t.signo = signo;
+  t.running = true;
+  return {};
+}
+
+void stop_interval_signal() noexcept {
+  IntervalTimer& t = interval_timer();
+  std::lock_guard lock(t.mu);
+  if (!t.running) return;
+  count_syscall();
+  ::timer_delete(t.timer);  // no new signals from here on
+  // SIG_IGN discards one still pending (POSIX), which the previous action (often SIG_DFL:
+  // terminate, for SIGALRM) must not receive.
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  count_syscall();
+  ::sigaction(t.signo, &ignore, nullptr);
+  count_syscall();
+  ::sigaction(t.signo, &t.previous, nullptr);
+  t.running = false;
+}
+
+std::uint64_t interval_signal_count() noexcept {
+  return g_interval_signals.load(std::memory_order_relaxed);
+}
+}  // namespace mbmq::os

@@ -85,3 +85,18 @@ void ignore_sigpipe() noexcept;
 // CPU time of another process (all its threads; clock_getcpuclockid), or -1.
 std::int64_t process_cpu_ns(pid_t pid) noexcept;
 }  // namespace mbmq::os
+
+#include <chrono>
+
+namespace mbmq::os {
+// A POSIX timer (timer_create, CLOCK_MONOTONIC) that raises `signo` in this process every
+// `interval`, caught by a handler installed WITHOUT SA_RESTART: a blocking system call in any
+// thread fails with EINTR at that rate, as under a profiler or an application's own timer. For
+// tests of EINTR handling. One at a time per process: Errc::Busy while one runs.
+Status start_interval_signal(std::chrono::microseconds interval, int signo);
+// Deletes the timer, discards a signal still pending, restores the previous handler. Does
+// nothing when none runs.
+void stop_interval_signal() noexcept;
+// How many times the handler has run since the last start_interval_signal().
+std::uint64_t interval_signal_count() noexcept;
+}  // namespace mbmq::os

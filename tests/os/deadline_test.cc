@@ -1,4 +1,6 @@
-// Deadline arithmetic saturates instead of overflowing.
+// Deadline arithmetic saturates instead of overflowing, and os:: waits turn a timeout into
+// poll()'s milliseconds without waking early or wrapping. (Waits under a stream of signals:
+// tests/ipc/eintr_test.cc.)
 #include "mbmq/deadline.h"
 
 #include <gtest/gtest.h>
@@ -6,7 +8,9 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <thread>
 
+#include "os/unix_socket.h"
 
 namespace mbmq {
 namespace {
@@ -101,6 +105,58 @@ TEST(Deadline, RemainingNsSaturatesAtTheEndsOfTheRange) {
   EXPECT_FALSE(Deadline::at_ns(kMaxNs - 1).expired());
   EXPECT_EQ(Deadline::never().remaining_ns(), Deadline::kNever);
   EXPECT_LE(Deadline::immediate().remaining_ns(), 0);
+}
+
+TEST(WaitTimeout, AHugeTimeoutDoesNotWrapIntoAShortOne) {
+  // (2^32 + 1) ms: the old int conversion kept the low 32 bits, a 1 ms poll, and reported a
+  // timeout at once.
+  auto s = os::stream_pair();
+  ASSERT_TRUE(s);
+  const std::int64_t huge = ((std::int64_t{1} << 32) + 1) * 1'000'000;
+  std::thread writer([fd = s->second.get()] {
+    std::this_thread::sleep_for(milliseconds(100));
+    const std::byte b{1};
+    (void)os::send_msg(fd, {&b, 1}, {});
+  });
+  const std::int64_t t0 = monotonic_ns();
+  auto r = os::wait_readable(s->first.get(), huge);
+  const std::int64_t waited = monotonic_ns() - t0;
+  writer.join();
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_TRUE(*r);
+  EXPECT_GE(waited, 90'000'000);  // woken by the byte, not by a wrapped timeout
+}
+
+TEST(WaitTimeout, TheLargestTimeoutDoesNotOverflow) {
+  auto s = os::stream_pair();
+  ASSERT_TRUE(s);
+  const std::byte b{1};
+  ASSERT_TRUE(os::send_msg(s->second.get(), {&b, 1}, {}));
+  auto r = os::wait_readable(s->first.get(), kMaxNs);  // ready at once
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_TRUE(*r);
+  auto w = os::wait_writable(s->first.get(), kMaxNs);
+  ASSERT_TRUE(w) << w.error().message();
+  EXPECT_TRUE(*w);
+}
+
+TEST(WaitTimeout, ATimeoutNeverEndsEarly) {
+  // Sub-millisecond remainders round up: poll() counts whole milliseconds.
+  auto s = os::stream_pair();
+  ASSERT_TRUE(s);
+  for (std::int64_t t : {std::int64_t{1}, std::int64_t{400'000}, std::int64_t{1'500'000},
+                         std::int64_t{20'000'001}}) {
+    SCOPED_TRACE(t);
+    const std::int64_t t0 = monotonic_ns();
+    auto r = os::wait_readable(s->first.get(), t);
+    const std::int64_t waited = monotonic_ns() - t0;
+    ASSERT_TRUE(r) << r.error().message();
+    EXPECT_FALSE(*r);
+    EXPECT_GE(waited, t);
+  }
+  auto r = os::wait_readable(s->first.get(), 0);  // a poll, no wait
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(*r);
 }
 
 }  // namespace
