@@ -978,6 +978,14 @@ Error Endpoint::fail_protocol_locked(const char* op) noexcept {
     why_bad_ = op;  // for the final Kind::PeerClosed message (Message::why)
     // Close the channel for both sides: the peer sees the hang-up (P8).
     if (control_) os::shutdown_socket(control_.get());
+    // What the peer parked here goes now, not when the end is destroyed (the peer budget).
+    stash_handles_.clear();
+    stash_handle_fds_ = 0;
+    for (std::uint32_t e = 0; e < kMaxExtents; ++e) {
+      stash_ext_[e] = Stashed{};
+      stash_replace_[e] = Stashed{};
+    }
+    stash_doorbell_ = Stashed{};
     in_.doorbell.fetch_add(1, std::memory_order_release);
     (void)os::futex_wake(&in_.doorbell, INT_MAX);
   }
