@@ -8,6 +8,7 @@
 #include <cerrno>
 
 #include "os/syscall_count.h"
+#include "os/unix_socket.h"
 
 namespace mbmq::os {
 
@@ -24,6 +25,34 @@ Status no_delay(int fd) {
   if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
     return fail(Error::from_syscall("setsockopt(TCP_NODELAY)", errno));
   return {};
+}
+
+// connect() on a blocking socket. A signal (EINTR) does not stop the kernel's attempt, which
+// carries on in the background (calling connect() again says EALREADY): wait for the socket to
+// become writable, then take the attempt's outcome from SO_ERROR. Failing with EINTR instead
+// made any process that gets signals (a profiler, a timer) fail connects that take a while.
+Status connect_blocking(int fd, const sockaddr* a, socklen_t len, const char* op) {
+  count_syscall();
+  if (::connect(fd, a, len) == 0) return {};
+  if (errno != EINTR) return fail(Error::from_syscall(op, errno));
+  (void)MBMQ_TRY(wait_writable(fd, -1));  // no limit: true, or an error
+  int err = 0;
+  socklen_t err_len = sizeof err;
+  count_syscall();
+  if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &err_len) != 0)
+    return fail(Error::from_syscall("getsockopt(SO_ERROR)", errno));
+  if (err != 0) return fail(Error::from_syscall(op, err));
+  return {};
+}
+
+// accept4() on a blocking listener, retrying EINTR.
+Result<UniqueFd> accept_blocking(int listener) {
+  for (;;) {
+    count_syscall();
+    UniqueFd s(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
+    if (s) return s;
+    if (errno != EINTR) return fail(Error::from_syscall("accept4", errno));
+  }
 }
 }  // namespace
 
@@ -43,12 +72,9 @@ Result<std::pair<UniqueFd, UniqueFd>> tcp_loopback_pair() {
   if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0)
     return fail(Error::from_syscall("getsockname", errno));
   UniqueFd client = MBMQ_TRY(tcp_socket());
-  count_syscall();
-  if (::connect(client.get(), reinterpret_cast<sockaddr*>(&a), len) != 0)
-    return fail(Error::from_syscall("connect(127.0.0.1)", errno));
-  count_syscall();
-  UniqueFd server(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-  if (!server) return fail(Error::from_syscall("accept4", errno));
+  MBMQ_TRY(
+      connect_blocking(client.get(), reinterpret_cast<sockaddr*>(&a), len, "connect(127.0.0.1)"));
+  UniqueFd server = MBMQ_TRY(accept_blocking(listener.get()));
   MBMQ_TRY(no_delay(client.get()));
   MBMQ_TRY(no_delay(server.get()));
   return std::pair<UniqueFd, UniqueFd>{std::move(client), std::move(server)};
@@ -86,22 +112,15 @@ Result<UniqueFd> tcp_listen(const char* host, std::uint16_t port, int backlog,
 }
 
 Result<UniqueFd> tcp_accept(int listener) {
-  for (;;) {
-    count_syscall();
-    UniqueFd s(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
-    if (!s && errno == EINTR) continue;
-    if (!s) return fail(Error::from_syscall("accept4", errno));
-    MBMQ_TRY(no_delay(s.get()));
-    return s;
-  }
+  UniqueFd s = MBMQ_TRY(accept_blocking(listener));
+  MBMQ_TRY(no_delay(s.get()));
+  return s;
 }
 
 Result<UniqueFd> tcp_connect(const char* host, std::uint16_t port) {
   sockaddr_in a = MBMQ_TRY(ipv4(host, port));
   UniqueFd s = MBMQ_TRY(tcp_socket());
-  count_syscall();
-  if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
-    return fail(Error::from_syscall("connect", errno));
+  MBMQ_TRY(connect_blocking(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a, "connect"));
   MBMQ_TRY(no_delay(s.get()));
   return s;
 }

@@ -16,6 +16,7 @@
 #include "mbmq/mbmq.h"
 #include "os/file.h"
 #include "os/process.h"
+#include "os/tcp.h"
 #include "os/unix_socket.h"
 
 namespace mbmq {
@@ -193,6 +194,37 @@ TEST(DeadlinesUnderSignals, ReceiveFromAPeerThatNeverSendsTimesOut) {
     return fail(m.error());
   });
   expect_timed_out_at_deadline(o);
+}
+
+// A blocking TCP connect() that signals interrupt must still connect: the kernel keeps trying
+// after EINTR. The listener's queue is full (backlog 0 holds one connection), so the kernel drops
+// the child's SYN and the child's connect() waits for the retransmission (~1 s later); the
+// parent makes room meanwhile.
+TEST(SignalsDuringConnect, ATcpConnectInterruptedBySignalsStillConnects) {
+  std::uint16_t port = 0;
+  auto listener = os::tcp_listen("127.0.0.1", 0, 0, &port);
+  ASSERT_TRUE(listener) << listener.error().message();
+  auto filler = os::tcp_connect("127.0.0.1", port);
+  ASSERT_TRUE(filler) << filler.error().message();
+  Outcome o = under_signals(
+      [port]() -> Status {
+        auto s = os::tcp_connect("127.0.0.1", port);
+        if (!s) return fail(s.error());
+        return {};
+      },
+      [l = listener->get()] {
+        std::this_thread::sleep_for(milliseconds(300));
+        auto a = os::tcp_accept(l);  // the filler: room for the child's connection
+        EXPECT_TRUE(a);
+        // The child's, once its SYN comes again (not at all if its connect() gave up).
+        auto ready = os::wait_readable(l, std::int64_t{5'000'000'000});
+        if (ready && *ready) {
+          EXPECT_TRUE(os::tcp_accept(l));
+        }
+      });
+  ASSERT_FALSE(o.hung);
+  EXPECT_TRUE(o.ok) << errc_name(o.code) << " errno " << o.sys_errno;
+  EXPECT_GE(o.signals, 20u);
 }
 
 }  // namespace
