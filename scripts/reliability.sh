@@ -24,12 +24,17 @@ echo "== peer death ($CRASH_TRIALS trials)"
 MBMQ_CRASH_TRIALS=$CRASH_TRIALS ./build/tests/crash_test >"$logs/crash.txt" 2>&1 || true
 echo "== soak"
 ./build/tests/soak_test >"$logs/soak.txt" 2>&1 || true
+echo "== peer budget"
+./build/tests/budget_test >"$logs/budget.txt" 2>&1 || true
+for t in rendezvous_hostile_test hardening_test; do
+  [ -x "./build/tests/$t" ] && ./build/tests/$t >>"$logs/budget.txt" 2>&1 || true
+done
 echo "== hostile neighbour (3 runs)"
 for i in 1 2 3; do
   MBMQ_HOSTILE_REPORT=1 ./build/tests/hostile_test --gtest_filter='*Neighbour*' 2>&1 | grep honest || true
 done >"$logs/hostile.txt"
 echo "== fuzzing ($FUZZ_SECONDS s per target)"
-for t in segment ring control handshake; do
+for t in segment ring control handshake sequence; do
   (cd build-fuzz/tests/fuzz && mkdir -p "corpus_$t" &&
    ./fuzz_$t -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
      "corpus_$t" "../../../tests/fuzz/corpus/$t" >"$logs/fuzz_$t.txt" 2>&1) || true
@@ -82,6 +87,24 @@ fault_all=$(grep -c "^fault:" "$logs/fault.txt" || true)
   echo "start to end, RSS within 1 MiB (tests/ipc/soak_test.cc; \`ctest -L soak\`: 200,000 calls"
   echo "per client)."
   echo
+  echo "## Peer budget"
+  echo
+  echo "Everything one peer can make us hold, each pushed to its bound by a hostile peer while an"
+  echo "honest client is served and every reply verified (tests/ipc/budget_test.cc and the"
+  echo "rendezvous tests; each line is printed by the test that asserts the bound)."
+  echo
+  echo "| what one peer can make us hold | bound | measured |"
+  echo "| --- | --- | --- |"
+  grep -h "^budget:" "$logs/budget.txt" | sed -e 's/^budget: /| /' -e 's/$/ |/' || echo "| (no budget lines) | | |"
+  echo
+  echo "Per connection, the server holds 3 fds while the channel is quiet (the control socket, the"
+  echo "segment memfd, and the mapping's none), plus what the rows above allow while a peer sends"
+  echo "extents or handles. CPU: see the hostile neighbour below."
+  echo
+  if [ -f docs/found-and-fixed.md ]; then
+    cat docs/found-and-fixed.md
+    echo
+  fi
   echo "## Hostile neighbour"
   echo
   echo '```'
@@ -102,13 +125,14 @@ fault_all=$(grep -c "^fault:" "$logs/fault.txt" || true)
   echo
   echo "| target | input a peer controls | executions | coverage (edges) | corpus | crashes |"
   echo "| --- | --- | --- | --- | --- | --- |"
-  for t in segment ring control handshake; do
+  for t in segment ring control handshake sequence; do
     f="$logs/fuzz_$t.txt"
     case $t in
       segment) what="segment size, seals and header (P1)";;
       ring) what="ring descriptors, sequence words, tail, control words (P3/P5/P6)";;
       control) what="control-socket packets with fds, handles (P3b)";;
       handshake) what="hello to a listener; verdict and transfer to connect() (R1-R4)";;
+      sequence) what="stateful: doorbells (announced, truncated), extents, replacements, handles, descriptors, the victim sending, calling and receiving, in any order";;
     esac
     execs=$(grep -o "stat::number_of_executed_units: [0-9]*" "$f" | awk '{print $2}' | tail -1)
     cov=$(grep -o "cov: [0-9]*" "$f" | tail -1 | awk '{print $2}')

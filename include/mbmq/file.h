@@ -79,8 +79,10 @@ struct Egress {
   const char* fallback = "";
 };
 
-// Writes `length` bytes of `file_fd` from `offset` into `socket` (blocking or not: it waits for
-// room until the deadline). Errc::InvalidArgument if the file ends before the range does;
+// Writes `length` bytes of `file_fd` from `offset` into `socket`, waiting for room until the
+// deadline. A finite deadline needs a non-blocking socket (O_NONBLOCK; else Errc::InvalidArgument:
+// a blocking write would sleep in the kernel past it); with Deadline::never() a blocking socket
+// is fine. Errc::InvalidArgument if the file ends before the range does;
 // Errc::TimedOut at the deadline (result bytes are then unknown to the caller: the stream is
 // mid-message and should be closed); Errc::System for socket errors (EPIPE: the peer left).
 // SIGPIPE: like write(2), sending to a socket whose reader has gone raises SIGPIPE; a server

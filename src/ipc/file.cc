@@ -183,6 +183,10 @@ Status copy_out(int socket, int in, const std::byte* from, std::uint64_t offset,
 
 Result<Egress> egress(int socket, int in, const std::byte* private_copy, std::uint64_t offset,
                       std::uint64_t length, const EgressOptions& o) {
+  // A deadline can only be kept on a non-blocking socket: on a blocking one a write with no room
+  // sleeps in the kernel for as long as the reader does not read.
+  if (!o.deadline.is_never() && !MBMQ_TRY(os::is_nonblocking(socket)))
+    return fail(Errc::InvalidArgument, "send_file: a deadline needs a non-blocking socket");
   Egress e;
   const std::uint64_t end = offset + length;
   if (private_copy != nullptr) {

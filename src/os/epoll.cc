@@ -47,7 +47,9 @@ Result<std::size_t> Epoll::wait(std::span<EpollEvent> out, int timeout_ms) {
   for (;;) {
     count_syscall();
     int n = ::epoll_wait(fd_.get(), evs.data(), max, timeout_ms);
-    if (n < 0 && errno == EINTR) continue;
+    // A signal: no events. Retrying with the same timeout would postpone the caller's deadlines
+    // for as long as signals keep coming; the caller recomputes its timeout and waits again.
+    if (n < 0 && errno == EINTR) return std::size_t{0};
     if (n < 0) return fail(Error::from_syscall("epoll_wait", errno));
     for (int i = 0; i < n; ++i) {
       auto k = static_cast<std::size_t>(i);

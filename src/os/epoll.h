@@ -23,6 +23,8 @@ class Epoll {
   Status add(int fd, std::uint32_t events, std::uint64_t data);
   Status remove(int fd);
   // Waits up to timeout_ms (-1: forever); returns how many entries of `out` were filled.
+  // The events seen (0 at the timeout, or when a signal interrupted the wait: the caller
+  // recomputes its timeout).
   Result<std::size_t> wait(std::span<EpollEvent> out, int timeout_ms);
   int fd() const noexcept { return fd_.get(); }
 

@@ -188,6 +188,13 @@ Status set_nonblocking(int fd, bool on) {
   return {};
 }
 
+Result<bool> is_nonblocking(int fd) {
+  count_syscall();
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl < 0) return fail(Error::from_syscall("fcntl(F_GETFL)", errno));
+  return (fl & O_NONBLOCK) != 0;
+}
+
 }  // namespace mbmq::os
 
 namespace mbmq::os {

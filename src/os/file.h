@@ -69,5 +69,6 @@ Result<std::size_t> read_some(int fd, std::span<std::byte> buf);
 Result<std::size_t> write_some(int fd, std::span<const std::byte> buf);
 // fcntl(O_NONBLOCK) on or off.
 Status set_nonblocking(int fd, bool on);
+Result<bool> is_nonblocking(int fd);  // O_NONBLOCK set on fd's open file description
 
 }  // namespace mbmq::os
