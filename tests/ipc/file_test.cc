@@ -224,6 +224,17 @@ struct Drain {
   void finish() { t.join(); }
 };
 
+TEST(Egress, AFiniteDeadlineOnABlockingSocketIsRefused) {
+  TempFile f(4096);
+  auto s = os::tcp_loopback_pair();
+  ASSERT_TRUE(s);
+  EgressOptions o;
+  o.deadline = secs(1);
+  auto r = send_file(s->first.get(), f.fd.get(), 0, 4096, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::InvalidArgument);
+}
+
 TEST(Egress, SendFileMoves1GiBThroughATcpSocket) {
   const std::uint64_t gib = 1ull << 30;
   TempFile f(gib + 100);
@@ -234,7 +245,8 @@ TEST(Egress, SendFileMoves1GiBThroughATcpSocket) {
     Drain d(s->second.get(), gib);
     EgressOptions o;
     o.use_splice = splice;
-    o.deadline = secs(120);
+    o.deadline = secs(120);  // a deadline needs a non-blocking socket
+    ASSERT_TRUE(os::set_nonblocking(s->first.get(), true));
     auto r = send_file(s->first.get(), f.fd.get(), 100, gib, o);
     s->first.reset();
     d.finish();
