@@ -300,9 +300,16 @@ void Endpoint::wake_peer_locked() noexcept {
 Status Endpoint::send_ctl_locked(std::span<const std::byte> bytes, std::span<const int> fds) {
   if (!control_) return fail(Errc::PeerClosed, "control socket closed");
   Status s = os::send_msg(control_.get(), bytes, fds, os::Blocking::No);
-  // Never block under mu_: an honest peer never leaves kControlSendBuffer's worth unread.
-  if (!s && s.error().code == Errc::WouldBlock)
-    return fail(fail_protocol_locked("control socket full: the peer does not read it"));
+  // Never block under mu_. A full socket with descriptors of ours still in the peer's ring: the
+  // peer is slow, and reads the packets when it gets to their descriptors: back-pressure, like a
+  // full ring (Errc::WouldBlock, nothing sent). Full although it took every descriptor we sent
+  // (each packet precedes its descriptor, and is read when that descriptor is): it does not read
+  // its control socket at all, and the channel is closed.
+  if (!s && s.error().code == Errc::WouldBlock) {
+    if (tx_.drained())
+      return fail(fail_protocol_locked("control socket full: the peer does not read it"));
+    return fail(Errc::WouldBlock, "send: the peer's control socket is full (it is not consuming)");
+  }
   return s;
 }
 
@@ -531,9 +538,23 @@ Status Endpoint::reply(Buffer&& b) {
     detach_buffer(b);
     return fail(fail_protocol_locked("reply: ring full although every buffer's entry fits"));
   }
+  // The control socket is full because the caller is slow (send_ctl_locked): the answer is kept,
+  // the buffer stays the application's, and reply() says WouldBlock, to be retried. A packet
+  // already sent for this reply (the replacement) is replaced by the retry's (one per id).
+  auto keep_for_retry = [&] {
+    if (extent) {
+      peer_ext_[id & ~kExtentBit].held = true;
+    } else {
+      peer_held_[id - static_cast<std::uint32_t>(1 - side_) * n_] = true;
+    }
+    ++requests_in_;
+    b.ep_ = std::move(keep);
+    return fail(Errc::WouldBlock, "reply: the caller's control socket is full; retry");
+  };
   Status copied;
   if (replace) {
     copied = send_replacement_locked(id & ~kExtentBit, gen, b.data_, size);
+    if (!copied && copied.error().code == Errc::WouldBlock) return keep_for_retry();
     k |= shm::kDescReplaced;
   } else if (shadowed(b)) {  // (P5b) an untrusted end's answer is in its private copy
     if (extent) {
@@ -552,6 +573,7 @@ Status Endpoint::reply(Buffer&& b) {
   if (b.handles_) {
     // A failure here (the caller is gone) still answers the request, without the handles.
     auto sent = send_handles_locked(b, true);
+    if (!sent && sent.error().code == Errc::WouldBlock) return keep_for_retry();
     if (sent && *sent) k |= shm::kDescHasHandles;
     b.handles_.reset();
   }

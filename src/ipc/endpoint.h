@@ -16,8 +16,10 @@
 //   - memory: the extents' pages as far as the payloads it sends (never the whole file: no
 //     prefault beyond the payload), untrusted ends' private copies (<= copy_threshold per id);
 //   - control messages: drained only as far as a descriptor needs them; the socket holds at most
-//     its send buffer (about 555 packets with the 416 KiB we ask for), beyond which the sender's
-//     channel is closed with Errc::Protocol.
+//     its send buffer (416 KiB: 555 small packets, 333 of 8 handles). When it is full, a sender
+//     whose descriptors the peer has not all taken gets Errc::WouldBlock (back-pressure, as for a
+//     full ring: the peer reads each packet when it takes its descriptor); one whose descriptors
+//     were all taken closes the channel with Errc::Protocol (the peer does not read it at all).
 #pragma once
 
 #include <array>
@@ -57,8 +59,9 @@ inline Errc closed_errc(EpState s) {
 
 // Handle fds a peer may have parked in our stash (sent ahead of the descriptors naming them).
 inline constexpr std::uint32_t kMaxStashedHandleFds = 128;
-// The control socket's send buffer we ask for. The kernel doubles it (416 KiB, about 555 packets
-// of any fd count); an honest peer never has more than 2 unread packets per ring entry (512).
+// The control socket's send buffer we ask for (net.core.wmem_max's stock value). The kernel
+// doubles it: 416 KiB, 555 packets of up to 192 bytes, 333 larger ones (8 handles), whatever
+// their fd count. Not a hard requirement: a full socket is back-pressure (send_ctl_locked).
 inline constexpr int kControlSendBuffer = 212992;
 
 class Endpoint final : public Watched, public std::enable_shared_from_this<Endpoint> {

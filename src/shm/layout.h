@@ -87,11 +87,13 @@
 //
 // Control socket rules (who may block, what is bounded):
 //  - Writes are non-blocking (MSG_DONTWAIT) and never made while waiting. Each end asks for a
-//    416 KiB send buffer (about 555 packets). An honest receiver never has more than 2 packets
-//    unread per descriptor in its inbound ring (an extent or replacement fd, and a handles
-//    packet), 512 at most; a full socket therefore means the peer stopped reading: the sender
-//    closes the channel with a protocol error instead of blocking (or dropping the message,
-//    which would desynchronize the two streams).
+//    416 KiB send buffer (555 small packets, 333 of 8 handles). Every packet precedes the
+//    descriptor that needs it, and the receiver reads packets (in order) when it takes that
+//    descriptor. So when a write finds the socket full: if the peer has not taken all our
+//    descriptors, it is slow, and the send returns WouldBlock with nothing sent (back-pressure,
+//    as a full ring; a reply is kept for a retry, never dropped); if it has taken them all, it
+//    does not read its control socket: the channel is closed with a protocol error. Never a
+//    blocked write, never a dropped packet (which would desynchronize the two streams).
 //  - Reads are lazy and stop at what a descriptor needs (control messages travel in descriptor
 //    order). Kept meanwhile: one extent fd and one replacement fd per extent id, one doorbell,
 //    and handle packets up to 2 * (slots + extents) packets and kMaxStashedHandleFds fds (more is

@@ -67,6 +67,11 @@ class RingProducer {
     return RingStatus::Ok;
   }
   std::uint32_t tail() const noexcept { return tail_; }
+  // True if the consumer has taken every entry pushed so far.
+  bool drained() const noexcept {
+    // Pairs with the consumer's store-release of head in pop().
+    return head_pub_->load(std::memory_order_acquire) == tail_;
+  }
 
  private:
   std::atomic<std::uint32_t>* tail_pub_ = nullptr;
