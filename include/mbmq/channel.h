@@ -11,7 +11,9 @@
 //
 // Thread safety: call(), send() and buffer() may be used from several threads; calls on one
 // channel are serialized (one outstanding call() per channel; use more channels, or
-// send_request() with a queue, for concurrency).
+// send_request() with a queue, for concurrency): a second thread's call() sleeps until the first
+// one's ends, or until its own deadline. close() may be called while other threads are inside
+// call() or receive(): they return Errc::InvalidArgument.
 //
 // Memory ordering: everything written into a buffer before send()/call() is visible to the peer
 // when it receives that buffer, and everything the peer wrote before replying is visible when
@@ -88,11 +90,17 @@ class Channel {
 
   // Sends `buf` as a request and waits for the reply, which arrives in `buf` itself. Errors:
   // TimedOut (the buffer is then given up: `buf` becomes invalid, its slot is reclaimed when the
-  // late reply comes), PeerClosed (the automatic reply: `buf` stays usable), NoReply, Protocol,
-  // InvalidArgument (a buffer of another channel, or this end is redirected to a queue).
+  // late reply comes; but if another thread's call on this channel held it until the deadline,
+  // nothing was sent and `buf` is still yours), PeerClosed (the automatic reply: `buf` stays
+  // usable), NoReply, Protocol, WouldBlock (the peer is not consuming: nothing sent, `buf` is
+  // still yours), InvalidArgument (a buffer of another channel, this end is redirected to a
+  // queue, or it was closed: also what a call in progress on another thread returns then).
+  // Whatever the error, `buf` is either valid and usable or invalid, never over unmapped memory.
   Status call(Buffer& buf, Deadline deadline);
   // Sends `buf` one-way; the receiver gives it back when done with it. Errc::Busy past the
-  // in-flight limit (call, send_request); Errc::WouldBlock when the ring is full.
+  // in-flight limit (call, send_request); Errc::WouldBlock when the ring is full, or the peer's
+  // control socket is (a message with handles or a new extent to a peer that is not consuming):
+  // nothing was sent and `buf` is still yours, to retry.
   Status send(Buffer&& buf);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.
