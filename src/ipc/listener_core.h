@@ -3,8 +3,9 @@
 // process's watcher thread, which runs R2-R4 with non-blocking I/O and queues the server's end of
 // each accepted channel here; the queue the listener is redirected to takes them in its scan.
 //
-// Locking: mu_ guards the handshake table, the arrivals and the queue binding. Order: a queue's
-// mutex, then mu_, then the watcher's; mu_ is never held across a wait.
+// Locking: mu_ guards the listening socket's watch, the handshake table, the arrivals and the
+// queue binding. Order: a queue's mutex, then mu_, then the watcher's; mu_ is never held across a
+// wait.
 #pragma once
 
 #include <atomic>
@@ -45,30 +46,47 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
 
   struct Counters {
     std::atomic<std::uint64_t> accepted{0}, refused_policy{0}, refused_version{0}, refused_limit{0},
-        failed{0}, live{0};
+        refused_busy{0}, failed{0}, live{0}, fd_backoffs{0};
   };
+  std::uint32_t max_connections() const noexcept { return max_connections_; }
 
  private:
   ListenCore() = default;
   // Watcher thread only.
   void accept_pending() noexcept;
+  // (R2) A connection just accepted: its uid checked, then on to finish() or into a slot.
+  void admit(os::UniqueFd conn) noexcept;
+  // (R2) The hello arrived on a connection waiting in a slot.
   void handshake(int conn) noexcept;
+  // (R2)-(R4) for a connection whose uid passed and whose hello (checked) is in hand.
+  void finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept;
+  // mu_ held: accept4() failed for want of fds (or memory). Stops watching the listening socket
+  // (level-triggered, it would wake us at once, forever) and watches it again after a delay.
+  void back_off_locked() noexcept;
+  // mu_ held: drops the slot of the handshake on `fd` (if any), and its uid's count.
+  void erase_handshake_locked(int fd) noexcept;
   // mu_ held: wakes the bound queue after the caller unlocks.
   std::shared_ptr<QueueCore> queue_to_poke_locked() noexcept;
 
   int owner_pid_ = 0;
   std::string name_;
   ListenOptions options_;
+  std::uint32_t max_connections_ = 0;         // options_' or derived (rendezvous.h)
+  std::uint32_t max_handshakes_per_uid_ = 0;  // options_' or derived
   std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();  // shared with leases
 
   std::mutex mu_;
-  os::UniqueFd listen_fd_;  // guarded by mu_
-  std::uint64_t listen_watch_ = 0;
+  os::UniqueFd listen_fd_;          // guarded by mu_
+  std::uint64_t listen_watch_ = 0;  // guarded by mu_: the level-triggered watch, or the timer
+  bool backing_off_ = false;        // guarded by mu_: listen_watch_ is the back-off timer
+  std::int64_t backoff_ns_ = 0;     // guarded by mu_: the current delay (0: none yet)
   struct Handshake {
     os::UniqueFd conn;
     std::uint64_t watch_id = 0;
+    unsigned uid = 0;
   };
-  std::unordered_map<int, Handshake> handshakes_;  // guarded by mu_, keyed by fd
+  std::unordered_map<int, Handshake> handshakes_;           // guarded by mu_, keyed by fd
+  std::unordered_map<unsigned, std::uint32_t> slots_of_;  // guarded by mu_: handshakes_ per uid
   std::deque<Channel> arrivals_;                   // guarded by mu_
   std::weak_ptr<QueueCore> queue_;                 // guarded by mu_
   std::uint64_t key_ = 0;                          // guarded by mu_

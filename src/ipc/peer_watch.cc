@@ -2,6 +2,7 @@
 
 #include <array>
 #include <atomic>
+#include <climits>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -79,10 +80,8 @@ void run(WatchState* st) {
     int timeout_ms = -1;
     {
       std::lock_guard lock(st->mu);
-      if (!st->deadlines.empty()) {
-        std::int64_t left = st->deadlines.begin()->first - monotonic_ns();
-        timeout_ms = left <= 0 ? 0 : static_cast<int>((left + 999'999) / 1'000'000);
-      }
+      if (!st->deadlines.empty())
+        timeout_ms = timeout_ms_until(st->deadlines.begin()->first, monotonic_ns());
     }
     auto n = st->epoll.wait(evs, timeout_ms);
     fire.clear();
@@ -133,6 +132,16 @@ WatchState* state() {
 }
 
 }  // namespace
+
+int timeout_ms_until(std::int64_t deadline_ns, std::int64_t now_ns) noexcept {
+  std::int64_t left = 0;
+  if (__builtin_sub_overflow(deadline_ns, now_ns, &left))
+    return deadline_ns > now_ns ? INT_MAX : 0;
+  if (left <= 0) return 0;
+  // Rounded up without computing left + 999'999, which could overflow.
+  const std::int64_t ms = left / 1'000'000 + (left % 1'000'000 != 0 ? 1 : 0);
+  return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+}
 
 Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spec) {
   MBMQ_ASSERT(spec.deadline_ns == 0 || spec.oneshot);

@@ -38,4 +38,10 @@ Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spe
 // Removes a registration, if still there (before fd is closed).
 void unwatch_fd(std::uint64_t id, int fd) noexcept;
 
+// The watcher's epoll_wait timeout for the nearest deadline: whole milliseconds rounded up (it
+// never wakes before the deadline), 0 once the deadline passed, and at most INT_MAX (~24.8 days;
+// the loop then waits again). Any int64 pair, without overflow: a deadline hours or centuries away
+// neither wraps to a short or negative timeout nor fires early.
+int timeout_ms_until(std::int64_t deadline_ns, std::int64_t now_ns) noexcept;
+
 }  // namespace mbmq::detail

@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cstdio>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "ipc/endpoint.h"
@@ -34,6 +37,7 @@ enum class Verdict : std::uint32_t {
   RefusedPolicy = 2,
   RefusedVersion = 3,
   RefusedLimit = 4,
+  RefusedBusy = 5,  // handshake slots taken, or out of fds: the client may ask again
 };
 struct VerdictMsg {
   std::uint64_t magic;
@@ -65,6 +69,43 @@ Status send_plain(int sock, const T& msg) {
   return os::send_msg(sock, {reinterpret_cast<const std::byte*>(&msg), sizeof(msg)}, {});
 }
 
+// The hello, if it has arrived (Errc::WouldBlock if not); Errc::Protocol if it is not one.
+Result<Hello> read_hello(int conn) {
+  Hello h = MBMQ_TRY(recv_now<Hello>(conn, "handshake: hello"));
+  if (h.magic != kHelloMagic || (h.flags & ~kHelloUntrusted) != 0)
+    return fail(Errc::Protocol, "handshake: hello");
+  return h;
+}
+
+// (R3) Answers `conn` with a refusal, without fds, and closes it. Its hello is read first if it is
+// there: closing a Unix socket with unread data resets the connection. One that arrives after we
+// looked still resets it; the client then reads the reset, and the verdict after it (connect()).
+void refuse(os::UniqueFd conn, Verdict v) noexcept {
+  (void)recv_now<Hello>(conn.get(), "handshake: hello");  // any message; fds sent are closed
+  (void)send_plain(conn.get(), VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(v), 0});
+}
+
+// How long accept4() pauses after EMFILE/ENFILE: doubling from the first to the last.
+constexpr std::int64_t kFirstBackoffNs = 10'000'000;
+constexpr std::int64_t kMaxBackoffNs = 200'000'000;
+// The fds (R4) needs besides the connection: the pair's segment memfd, its duplicate, the two ends
+// of its socketpair, and the two duplicates Channel::send_over() makes of the client's end
+// (segment and control socket) to send them.
+constexpr std::uint64_t kFdsForR4 = 6;
+
+// The default max_connections (rendezvous.h, "File descriptors"): idle connections and silent
+// handshakes together fit in three quarters of the fds free now.
+std::uint32_t derived_max_connections(const ListenOptions& o) {
+  const std::uint64_t soft = os::fd_limit();
+  const std::uint64_t open = os::open_fd_count();
+  const std::uint64_t free_fds = soft > open ? soft - open : 0;
+  const std::uint64_t budget = free_fds - free_fds / 4;
+  const std::uint64_t fixed = std::uint64_t{o.max_handshakes} + kFdsForR4;
+  if (budget < fixed + 2 * kFdsPerConnection) return 1;
+  return static_cast<std::uint32_t>(
+      std::min<std::uint64_t>(1024, (budget - fixed) / kFdsPerConnection));
+}
+
 bool allowed(const AccessPolicy& p, const os::PeerCred& c, unsigned my_uid) {
   if (p.allow_any || c.uid == my_uid) return true;
   return std::find(p.allow_uids.begin(), p.allow_uids.end(), c.uid) != p.allow_uids.end() ||
@@ -92,6 +133,11 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(std::string_view name, List
   std::shared_ptr<ListenCore> core(new ListenCore());
   core->owner_pid_ = os::current_pid();
   core->name_ = std::string(name);
+  core->max_connections_ =
+      options.max_connections != 0 ? options.max_connections : derived_max_connections(options);
+  core->max_handshakes_per_uid_ = options.max_handshakes_per_uid != 0
+                                      ? options.max_handshakes_per_uid
+                                      : std::max<std::uint32_t>(1, options.max_handshakes / 4);
   core->options_ = std::move(options);
   core->listen_fd_ = std::move(fd);
   // Level-triggered: a connection left in the backlog (fd table full, say) is retried at the
@@ -120,6 +166,7 @@ void ListenCore::close() noexcept {
     listen_fd_.reset();  // the name is free from here on
     for (auto& [fd, h] : handshakes_) unwatch_fd(h.watch_id, fd);
     handshakes_.clear();
+    slots_of_.clear();
     drop.swap(arrivals_);
     ready_.store(true, std::memory_order_release);  // the queue must see the close
     q = queue_.lock();
@@ -163,8 +210,16 @@ ListenCore::Take ListenCore::take(Message* out) {
 
 ListenerStats ListenCore::stats() const noexcept {
   const Counters& c = *counters_;
-  return ListenerStats{c.accepted.load(),      c.refused_policy.load(), c.refused_version.load(),
-                       c.refused_limit.load(), c.failed.load(),         c.live.load()};
+  ListenerStats s;
+  s.accepted = c.accepted.load();
+  s.refused_policy = c.refused_policy.load();
+  s.refused_version = c.refused_version.load();
+  s.refused_limit = c.refused_limit.load();
+  s.refused_busy = c.refused_busy.load();
+  s.failed = c.failed.load();
+  s.live = c.live.load();
+  s.fd_backoffs = c.fd_backoffs.load();
+  return s;
 }
 
 std::shared_ptr<QueueCore> ListenCore::queue_to_poke_locked() noexcept {
@@ -178,48 +233,128 @@ void ListenCore::on_watch(int fd, std::uint32_t events) noexcept {
     std::lock_guard lock(mu_);
     if (closed_) return;
     listening = listen_fd_ && fd == listen_fd_.get();
+    if (listening && backing_off_) {
+      // The back-off timer (a oneshot: gone already). Watch the socket again, then try.
+      backing_off_ = false;
+      auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), fd,
+                         WatchSpec{os::kEpollIn, false, 0});
+      if (!id) {
+        back_off_locked();
+        return;
+      }
+      listen_watch_ = *id;
+    }
   }
   if (listening) {
     accept_pending();
   } else if (events == 0) {
     // (R2) No hello within the handshake deadline: drop the connection.
     std::lock_guard lock(mu_);
-    if (handshakes_.erase(fd) > 0) counters_->failed.fetch_add(1, std::memory_order_relaxed);
+    if (handshakes_.count(fd) > 0) {
+      erase_handshake_locked(fd);
+      counters_->failed.fetch_add(1, std::memory_order_relaxed);
+    }
   } else {
     handshake(fd);
   }
 }
 
+void ListenCore::back_off_locked() noexcept {
+  counters_->fd_backoffs.fetch_add(1, std::memory_order_relaxed);
+  unwatch_fd(listen_watch_, listen_fd_.get());  // if still registered (a stale id is ignored)
+  backoff_ns_ = backoff_ns_ == 0 ? kFirstBackoffNs : std::min(2 * backoff_ns_, kMaxBackoffNs);
+  // No events, only the deadline: the socket stays readable (the connection that found no fd is
+  // still in the backlog), and must not wake us before the delay is over.
+  auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), listen_fd_.get(),
+                     WatchSpec{0, true, monotonic_ns() + backoff_ns_});
+  if (id) {
+    listen_watch_ = *id;
+    backing_off_ = true;
+    return;
+  }
+  // No timer (out of memory): keep listening, level-triggered, rather than never again.
+  if (auto lv = watch_fd(std::weak_ptr<Watched>(weak_from_this()), listen_fd_.get(),
+                         WatchSpec{os::kEpollIn, false, 0}))
+    listen_watch_ = *lv;
+}
+
+void ListenCore::erase_handshake_locked(int fd) noexcept {
+  auto it = handshakes_.find(fd);
+  if (it == handshakes_.end()) return;
+  auto n = slots_of_.find(it->second.uid);
+  if (n != slots_of_.end() && --n->second == 0) slots_of_.erase(n);
+  handshakes_.erase(it);
+}
+
 void ListenCore::accept_pending() noexcept {
   // Bounded per wake-up, so that a flood of connections cannot starve the other watched fds.
   for (int i = 0; i < 64; ++i) {
+    os::UniqueFd conn;
+    {
+      std::lock_guard lock(mu_);
+      if (closed_ || !listen_fd_ || backing_off_) return;
+      // The handshake never waits on the connection: reads are MSG_DONTWAIT, and the sends (one
+      // verdict, then at most the channel end) go into a fresh socket's empty send buffer, which
+      // a client cannot shrink.
+      auto r = os::accept_conn(listen_fd_.get());
+      if (!r) {
+        // WouldBlock: none left. Anything else (EMFILE/ENFILE: the fd table is full; ENOBUFS,
+        // ENOMEM) leaves the connection in the backlog and the socket readable: pause.
+        if (r.error().code != Errc::WouldBlock) back_off_locked();
+        return;
+      }
+      backoff_ns_ = 0;
+      conn = std::move(*r);
+    }
+    admit(std::move(conn));
+  }
+}
+
+void ListenCore::admit(os::UniqueFd conn) noexcept {
+  Counters& c = *counters_;
+  // (R2) Who is it? The kernel recorded the peer's credentials at connect(). Asked before the
+  // connection may hold anything here: a uid the policy refuses never takes a handshake slot.
+  auto cred = os::peer_cred(conn.get());
+  if (!cred || !allowed(options_.access, *cred, os::current_uid())) {
+    c.refused_policy.fetch_add(1, std::memory_order_relaxed);
+    refuse(std::move(conn), Verdict::RefusedPolicy);
+    return;
+  }
+  // The usual case: the hello came with the connection, and no slot is needed.
+  auto hello = read_hello(conn.get());
+  if (hello) {
+    finish(std::move(conn), hello->version, hello->flags);
+    return;
+  }
+  if (hello.error().code != Errc::WouldBlock) {  // garbage, or the client is gone
+    c.failed.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  // Silent so far: it waits for its hello in a slot, if the listener and its uid have one left.
+  const int cfd = conn.get();
+  {
     std::lock_guard lock(mu_);
-    if (closed_ || !listen_fd_) return;
-    auto conn = os::accept_conn(listen_fd_.get());
-    if (!conn) {
-      // WouldBlock: none left. Otherwise (fd table full, ...): count it and retry on the next
-      // wake-up; the connection stays in the kernel's backlog meanwhile.
-      if (conn.error().code != Errc::WouldBlock)
-        counters_->failed.fetch_add(1, std::memory_order_relaxed);
+    if (closed_) return;
+    auto n = slots_of_.find(cred->uid);
+    const std::uint32_t held = n == slots_of_.end() ? 0 : n->second;
+    if (handshakes_.size() < options_.max_handshakes && held < max_handshakes_per_uid_) {
+      // Saturating (Deadline::after): a handshake_timeout of any length neither wraps nor fires
+      // at once.
+      const std::int64_t deadline = Deadline::after(options_.handshake_timeout).ns();
+      auto id = watch_fd(
+          std::weak_ptr<Watched>(weak_from_this()), cfd,
+          WatchSpec{os::kEpollIn | os::kEpollHangup, true, std::max<std::int64_t>(deadline, 1)});
+      if (!id) {
+        c.failed.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      handshakes_.emplace(cfd, Handshake{std::move(conn), *id, cred->uid});
+      ++slots_of_[cred->uid];
       return;
     }
-    if (handshakes_.size() >= options_.max_handshakes) {
-      counters_->failed.fetch_add(1, std::memory_order_relaxed);  // closed unanswered
-      continue;
-    }
-    const int cfd = conn->get();
-    std::int64_t deadline =
-        monotonic_ns() +
-        std::chrono::duration_cast<std::chrono::nanoseconds>(options_.handshake_timeout).count();
-    auto id = watch_fd(
-        std::weak_ptr<Watched>(weak_from_this()), cfd,
-        WatchSpec{os::kEpollIn | os::kEpollHangup, true, std::max<std::int64_t>(deadline, 1)});
-    if (!id) {
-      counters_->failed.fetch_add(1, std::memory_order_relaxed);
-      continue;
-    }
-    handshakes_.emplace(cfd, Handshake{std::move(*conn), *id});
   }
+  c.refused_busy.fetch_add(1, std::memory_order_relaxed);
+  refuse(std::move(conn), Verdict::RefusedBusy);
 }
 
 void ListenCore::handshake(int fd) noexcept {
@@ -229,43 +364,64 @@ void ListenCore::handshake(int fd) noexcept {
     auto it = handshakes_.find(fd);
     if (it == handshakes_.end()) return;
     conn = std::move(it->second.conn);
-    handshakes_.erase(it);
+    erase_handshake_locked(fd);
   }
-  Counters& c = *counters_;
   // (R2) The hello is a single SEQPACKET message: readable means all of it is there.
-  auto hello = recv_now<Hello>(conn.get(), "handshake: hello");
-  if (!hello || hello->magic != kHelloMagic || (hello->flags & ~kHelloUntrusted) != 0) {
-    c.failed.fetch_add(1, std::memory_order_relaxed);
+  auto hello = read_hello(conn.get());
+  if (!hello) {
+    counters_->failed.fetch_add(1, std::memory_order_relaxed);
     return;
   }
+  finish(std::move(conn), hello->version, hello->flags);
+}
+
+void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept {
+  Counters& c = *counters_;
   MBMQ_CRASH_POINT("listen.got_hello");
-  // Who is it? The kernel recorded the peer's credentials at connect().
-  auto cred = os::peer_cred(conn.get());
   Verdict verdict = Verdict::Accepted;
-  if (!cred || !allowed(options_.access, *cred, os::current_uid())) {
-    verdict = Verdict::RefusedPolicy;
-    c.refused_policy.fetch_add(1, std::memory_order_relaxed);
-  } else if (hello->version != kRendezvousVersion) {
+  if (version != kRendezvousVersion) {
     verdict = Verdict::RefusedVersion;
     c.refused_version.fetch_add(1, std::memory_order_relaxed);
-  } else if (c.live.load(std::memory_order_relaxed) >= options_.max_connections) {
+  } else if (c.live.load(std::memory_order_relaxed) >= max_connections_) {
     verdict = Verdict::RefusedLimit;
     c.refused_limit.fetch_add(1, std::memory_order_relaxed);
   }
   if (verdict != Verdict::Accepted) {
-    // (R3) Refused: a verdict, no fd, and the connection is closed.
+    // (R3) Refused: a verdict, no fd, and the connection is closed (its hello was read).
     (void)send_plain(conn.get(), VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(verdict), 0});
     return;
   }
   // (R4) Accepted: a new channel; the client's end travels over this connection.
   // The client chooses its own end's trust mode (the receiving side chooses, P5b).
   ChannelOptions channel_options = options_.channel;
-  if ((hello->flags & kHelloUntrusted) != 0) channel_options.trust[0] = Trust::Untrusted;
+  if ((flags & kHelloUntrusted) != 0) channel_options.trust[0] = Trust::Untrusted;
   auto ends = Channel::pair(channel_options);
-  if (!ends ||
-      !send_plain(conn.get(),
-                  VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(Verdict::Accepted), 0}) ||
-      !ends->first.send_over(conn.get())) {
+  if (!ends) {
+    // Out of fds or memory (memfd_create, socketpair, mmap): the client may ask again.
+    c.refused_busy.fetch_add(1, std::memory_order_relaxed);
+    (void)send_plain(conn.get(), VerdictMsg{kVerdictMagic,
+                                            static_cast<std::uint32_t>(Verdict::RefusedBusy), 0});
+    return;
+  }
+  // send_over() duplicates the end's two fds: hold two fd numbers until then, so that a full fd
+  // table is answered "busy" (the client asks again) rather than with a connection closed after
+  // "accepted". (Another thread may still take the numbers in between: then it is the latter.)
+  auto spare1 = os::dup_fd(conn.get());
+  auto spare2 = os::dup_fd(conn.get());
+  if (!spare1 || !spare2) {
+    c.refused_busy.fetch_add(1, std::memory_order_relaxed);
+    (void)send_plain(conn.get(), VerdictMsg{kVerdictMagic,
+                                            static_cast<std::uint32_t>(Verdict::RefusedBusy), 0});
+    return;
+  }
+  if (!send_plain(conn.get(),
+                  VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(Verdict::Accepted), 0})) {
+    c.failed.fetch_add(1, std::memory_order_relaxed);  // the pair is dropped, nothing leaks
+    return;
+  }
+  spare1->reset();
+  spare2->reset();
+  if (!ends->first.send_over(conn.get())) {
     c.failed.fetch_add(1, std::memory_order_relaxed);  // the pair is dropped, nothing leaks
     return;
   }
@@ -333,20 +489,88 @@ ListenerStats Listener::stats() const noexcept { return core_ ? core_->stats() :
 
 std::uint64_t Listener::refused() const noexcept {
   ListenerStats s = stats();
-  return s.refused_policy + s.refused_version + s.refused_limit;
+  return s.refused_policy + s.refused_version + s.refused_limit + s.refused_busy;
+}
+
+std::uint32_t Listener::max_connections() const noexcept {
+  return core_ ? core_->max_connections() : 0;
 }
 
 // ---- connect ---------------------------------------------------------------------------------
 
-Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait, Trust trust) {
-  // (R1)
-  os::UniqueFd sock = MBMQ_TRY(os::connect_abstract(socket_name(name)));
-  MBMQ_TRY(send_plain(sock.get(), Hello{kHelloMagic, kRendezvousVersion,
-                                        trust == Trust::Untrusted ? kHelloUntrusted : 0u}));
-  MBMQ_CRASH_POINT("connect.sent_hello");
-  bool ready = MBMQ_TRY(os::wait_readable(sock.get(), timeout_of(deadline)));
+namespace {
+
+// Error::op is a static string; the uid found is not known until run time. Each distinct message
+// is made once and kept for the life of the process (so op stays valid on any thread, after any
+// later refusal), in a fixed table filled without a lock (fork-safe): at most kNamedUids of them,
+// then one message that does not name the uid.
+constexpr std::size_t kNamedUids = 64;
+std::array<std::atomic<const char*>, kNamedUids> g_untrusted_text{};
+
+const char* untrusted_listener(unsigned uid) noexcept {
+  char text[160];
+  std::snprintf(text, sizeof text,
+                "connect: the listener runs as uid %u, which this client does not trust "
+                "(ConnectOptions::server)",
+                uid);
+  for (auto& slot : g_untrusted_text) {
+    const char* have = slot.load(std::memory_order_acquire);  // pairs with the release CAS below
+    if (have == nullptr) {
+      const std::size_t n = std::strlen(text) + 1;
+      char* mine = new (std::nothrow) char[n];
+      if (mine == nullptr) break;
+      std::memcpy(mine, text, n);
+      // Release: the text is written before the pointer is seen.
+      if (slot.compare_exchange_strong(have, mine, std::memory_order_acq_rel)) return mine;
+      delete[] mine;  // another thread filled this slot first: compare with its text
+    }
+    if (std::strcmp(have, text) == 0) return have;
+  }
+  return "connect: the listener runs as a uid this client does not trust (ConnectOptions::server;"
+         " too many distinct uids to name it)";
+}
+
+bool trusted(const ServerPolicy& p, const os::PeerCred& c) {
+  if (p.check) return p.check(PeerIdentity{c.pid, c.uid, c.gid});
+  if (p.allow_any) return true;
+  if (p.expected_uids.empty())
+    return c.uid == 0 || c.uid == os::current_uid() || c.uid == os::effective_uid();
+  return std::find(p.expected_uids.begin(), p.expected_uids.end(), c.uid) !=
+         p.expected_uids.end();
+}
+
+constexpr const char* kBusy =
+    "connect: the listener stayed busy until the deadline (handshake slots taken, or out of fds)";
+
+// The verdict on `sock`, at most until the deadline. A listener that refused us at accept (R2)
+// may have closed with our hello unread: the kernel then reports the reset once, ahead of the
+// verdict still queued for us, so a reset is followed by one more read.
+Result<VerdictMsg> read_verdict(int sock, Deadline deadline) {
+  bool ready = MBMQ_TRY(os::wait_readable(sock, timeout_of(deadline)));
   if (!ready) return fail(Errc::TimedOut, "connect: no verdict from the listener");
-  auto v = MBMQ_TRY(recv_now<VerdictMsg>(sock.get(), "connect: verdict"));
+  auto v = recv_now<VerdictMsg>(sock, "connect: the listener closed without a verdict");
+  if (!v && v.error().code == Errc::PeerClosed)
+    v = recv_now<VerdictMsg>(sock, "connect: the listener closed without a verdict");
+  if (!v && v.error().code == Errc::WouldBlock)
+    return fail(Errc::PeerClosed, "connect: the listener closed without a verdict");
+  return v;
+}
+
+// One attempt; *busy says the listener answered "busy" (connect() asks again).
+Result<Channel> connect_once(std::string_view name, Deadline deadline, const ConnectOptions& o,
+                             bool* busy) {
+  // (R1) connect(2): it waits while the listener's backlog is full, until the deadline.
+  os::UniqueFd sock = MBMQ_TRY(os::connect_abstract(socket_name(name), timeout_of(deadline)));
+  // Who listens? SO_PEERCRED of a connected socket names the listener (at its listen()). Checked
+  // before anything is sent: a process squatting the name gets no hello, no data.
+  const os::PeerCred cred = MBMQ_TRY(os::peer_cred(sock.get()));
+  if (!trusted(o.server, cred)) return fail(Errc::Refused, untrusted_listener(cred.uid));
+  auto sent = send_plain(sock.get(), Hello{kHelloMagic, kRendezvousVersion,
+                                           o.trust == Trust::Untrusted ? kHelloUntrusted : 0u});
+  // PeerClosed: the listener refused us at accept and closed; its verdict is still to be read.
+  if (!sent && sent.error().code != Errc::PeerClosed) return fail(sent.error());
+  MBMQ_CRASH_POINT("connect.sent_hello");
+  auto v = MBMQ_TRY(read_verdict(sock.get(), deadline));
   MBMQ_CRASH_POINT("connect.got_verdict");
   if (v.magic != kVerdictMagic) return fail(Errc::Protocol, "connect: verdict");
   switch (static_cast<Verdict>(v.verdict)) {
@@ -358,15 +582,46 @@ Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wai
       return fail(Errc::Refused, "connect: protocol version not supported by the listener");
     case Verdict::RefusedLimit:
       return fail(Errc::Refused, "connect: the listener is at its connection limit");
+    case Verdict::RefusedBusy:
+      *busy = true;
+      return fail(Errc::Refused, kBusy);
     default:
       return fail(Errc::Protocol, "connect: verdict");
   }
-  Channel ch = MBMQ_TRY(Channel::receive_from(sock.get(), deadline));
+  if (!sent) return fail(Errc::Protocol, "connect: accepted without a hello");
+  auto received = Channel::receive_from(sock.get(), deadline);
+  if (!received && received.error().code == Errc::PeerClosed)
+    return fail(Errc::PeerClosed, "connect: the listener accepted, then closed without the channel");
+  Channel ch = MBMQ_TRY(std::move(received));
   // A listener that ignored the request (or lied) does not get a cooperative end from us.
-  if (trust == Trust::Untrusted && !detail::ChannelAccess::ep(ch)->untrusted())
+  if (o.trust == Trust::Untrusted && !detail::ChannelAccess::ep(ch)->untrusted())
     return fail(Errc::Refused, "connect: the listener did not make this end untrusted");
-  ch.set_wait_policy(wait);
+  ch.set_wait_policy(o.wait);
   return ch;
+}
+
+}  // namespace
+
+Result<Channel> connect(std::string_view name, Deadline deadline, const ConnectOptions& options) {
+  // "Busy" is the listener's word for "not now" (R2): ask again, pausing a little longer each
+  // time, until the deadline.
+  std::int64_t pause_ns = 1'000'000;
+  for (;;) {
+    bool busy = false;
+    auto ch = connect_once(name, deadline, options, &busy);
+    if (ch || !busy) return ch;
+    const std::int64_t left = deadline.remaining_ns();
+    if (left <= pause_ns) return ch;
+    os::sleep_ns(pause_ns);
+    pause_ns = std::min<std::int64_t>(2 * pause_ns, 50'000'000);
+  }
+}
+
+Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait, Trust trust) {
+  ConnectOptions o;
+  o.wait = wait;
+  o.trust = trust;
+  return connect(name, deadline, o);
 }
 
 }  // namespace mbmq

@@ -349,3 +349,39 @@ std::uint64_t interval_signal_count() noexcept {
   return g_interval_signals.load(std::memory_order_relaxed);
 }
 }  // namespace mbmq::os
+
+#include <sys/resource.h>
+
+namespace mbmq::os {
+std::uint64_t fd_limit() noexcept {
+  rlimit r{};
+  count_syscall();
+  if (::getrlimit(RLIMIT_NOFILE, &r) != 0) return 1024;  // cannot fail; the usual default
+  return r.rlim_cur == RLIM_INFINITY ? UINT64_MAX : static_cast<std::uint64_t>(r.rlim_cur);
+}
+
+Status set_fd_limit(std::uint64_t soft) {
+  rlimit r{};
+  count_syscall();
+  if (::getrlimit(RLIMIT_NOFILE, &r) != 0) return fail(Error::from_syscall("getrlimit", errno));
+  r.rlim_cur = soft == UINT64_MAX ? RLIM_INFINITY : static_cast<rlim_t>(soft);
+  count_syscall();
+  if (::setrlimit(RLIMIT_NOFILE, &r) != 0) return fail(Error::from_syscall("setrlimit", errno));
+  return {};
+}
+
+unsigned effective_uid() noexcept {
+  count_syscall();
+  return ::geteuid();
+}
+
+void sleep_ns(std::int64_t ns) noexcept {
+  if (ns <= 0) return;
+  timespec left{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+  // Relative: an EINTR hands back the time left in `left`, and we sleep that.
+  for (;;) {
+    count_syscall();
+    if (::clock_nanosleep(CLOCK_MONOTONIC, 0, &left, &left) != EINTR) return;
+  }
+}
+}  // namespace mbmq::os

@@ -100,3 +100,17 @@ void stop_interval_signal() noexcept;
 // How many times the handler has run since the last start_interval_signal().
 std::uint64_t interval_signal_count() noexcept;
 }  // namespace mbmq::os
+
+namespace mbmq::os {
+// The soft RLIMIT_NOFILE: one more than the highest fd number this process may open
+// (RLIM_INFINITY is UINT64_MAX).
+std::uint64_t fd_limit() noexcept;
+// Sets the soft RLIMIT_NOFILE (the hard limit stays): tests that play a process with a small fd
+// table. Errc::System/EINVAL above the hard limit.
+Status set_fd_limit(std::uint64_t soft);
+// geteuid(): the uid the kernel reports for this process (SO_PEERCRED gives effective ids).
+unsigned effective_uid() noexcept;
+// Sleeps for `ns` nanoseconds (clock_nanosleep, CLOCK_MONOTONIC, relative), resuming after a
+// signal until the time has passed. ns <= 0 returns at once.
+void sleep_ns(std::int64_t ns) noexcept;
+}  // namespace mbmq::os

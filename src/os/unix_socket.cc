@@ -240,11 +240,10 @@ Result<UniqueFd> connect_abstract(std::string_view name, std::int64_t timeout_ns
   return fd;
 }
 
-Result<UniqueFd> accept_conn(int listener, Blocking conn_blocking) {
-  const int flags = SOCK_CLOEXEC | (conn_blocking == Blocking::No ? SOCK_NONBLOCK : 0);
+Result<UniqueFd> accept_conn(int listener) {
   for (;;) {
     count_syscall();
-    int fd = ::accept4(listener, nullptr, nullptr, flags);
+    int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);  // the new socket blocks
     if (fd >= 0) return UniqueFd(fd);
     if (errno == EINTR || errno == ECONNABORTED) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return fail(Errc::WouldBlock, "accept");

@@ -68,10 +68,9 @@ Result<UniqueFd> listen_abstract(std::string_view name, int backlog);
 // A listener whose backlog is full (it does not accept, e.g. its fd table is full) makes
 // connect(2) wait: at most timeout_ns (< 0: no limit), then Errc::TimedOut.
 Result<UniqueFd> connect_abstract(std::string_view name, std::int64_t timeout_ns = -1);
-// accept4(SOCK_CLOEXEC, and SOCK_NONBLOCK for Blocking::No); Errc::WouldBlock when nothing is
-// pending. Errc::System with EMFILE/ENFILE when the fd table is full: the connection stays in the
-// backlog, and the listener stays readable.
-Result<UniqueFd> accept_conn(int listener, Blocking conn_blocking = Blocking::Yes);
+// accept4(SOCK_CLOEXEC); Errc::WouldBlock when nothing is pending. Errc::System with EMFILE/ENFILE
+// when the fd table is full: the connection stays in the backlog, and the listener readable.
+Result<UniqueFd> accept_conn(int listener);
 
 struct PeerCred {
   int pid = 0;

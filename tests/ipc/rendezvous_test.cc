@@ -2,13 +2,16 @@
 // SO_PEERCRED policy, the handshake deadline, and names that are free again at once.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdio>
 #include <string>
 #include <thread>
 
+#include "ipc/peer_watch.h"
+#include "ipc/test_access.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
-#include "ipc/test_access.h"
 #include "test_util.h"
 
 namespace mbmq {
@@ -206,7 +209,10 @@ TEST(Rendezvous, ARedirectedListenerDeliversConnectionsAndRequestsToOneLoop) {
     if (!m) {  // say what the clients did before failing (killing any that still runs)
       std::string codes;
       for (pid_t p : pids) (void)os::kill_process(p, SIGKILL);
-      for (pid_t p : pids) codes += " " + std::to_string(join(p));
+      for (pid_t p : pids) {
+        codes += ' ';  // (not " " + ...: GCC 12 warns falsely about that, -Wrestrict)
+        codes += std::to_string(join(p));
+      }
       std::string rings;
       for (auto seg : segs) {
         auto* d0 = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset);
@@ -295,6 +301,282 @@ TEST(Rendezvous, TheConnectionLimitRefusesWithAClearErrorUntilAChannelCloses) {
   pid_t p3 = client(0);
   EXPECT_EQ(join(p3), 0);
   EXPECT_TRUE(l->accept(secs(5)));
+}
+
+// ---- Who is listening (ServerPolicy), and the verdict in any order --------------------------
+
+// A listener run by uid 65534 that accepts root, in a child; returns its pid once it listens.
+pid_t nobody_listener(const std::string& name, int ready_fd, int calls) {
+  return spawn([=] {
+    if (!os::become_user(65534, 65534)) return 30;
+    ListenOptions opt;
+    opt.access.allow_uids = {0};
+    auto l = Listener::create(name, opt);
+    const std::byte one{1};
+    if (!l || !os::write_full(ready_fd, {&one, 1})) return 31;
+    for (int c = 0; c < calls; ++c) {
+      auto ch = l->accept(secs(10));
+      if (!ch) return 32;
+      for (;;) {  // answer until the client leaves
+        auto m = ch->receive(secs(10));
+        if (!m || m->kind != Kind::Request) break;
+        test::fill(m->buffer.data(), 1);
+        if (auto r = MsgQueue::reply(std::move(*m)); !r) {
+          std::fprintf(stderr, "server reply: %s\n", r.error().message().c_str());
+          return 33;
+        }
+      }
+    }
+    return 0;
+  });
+}
+
+bool await_byte(int fd) {
+  std::byte b{};
+  auto n = os::read_full(fd, {&b, 1});
+  return n && *n == 1;
+}
+
+TEST(Rendezvous, AClientTrustsTheListenerUidsItNamesOrItsCallbackAccepts) {
+  if (os::current_uid() != 0) GTEST_SKIP() << "needs root to play another uid";
+  std::string name = unique_name("expect");
+  auto ready = os::make_pipe();
+  ASSERT_TRUE(ready);
+  pid_t server = nobody_listener(name, ready->second.get(), 3);
+  ready->second.reset();
+  ASSERT_TRUE(await_byte(ready->first.get()));
+  auto call_once = [](Channel& ch) {
+    auto b = ch.buffer(64);
+    return b && ch.call(*b, secs(5)) && test::check(b->data(), 1);
+  };
+  // By default: refused, naming the uid.
+  auto ch = connect(name, secs(5));
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::Refused);
+  EXPECT_NE(ch.error().message().find("uid 65534"), std::string::npos) << ch.error().message();
+  // Expected uids.
+  ConnectOptions o;
+  o.server.expected_uids = {65534};
+  ch = connect(name, secs(5), o);
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_TRUE(call_once(*ch));
+  ch->close();
+  // Expected uids that do not include it: refused, even though we are root.
+  o.server.expected_uids = {0, 1000};
+  ch = connect(name, secs(5), o);
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::Refused);
+  // A callback, given pid, uid and gid, decides alone.
+  PeerIdentity seen{};
+  o.server.check = [&](const PeerIdentity& who) {
+    seen = who;
+    return false;
+  };
+  ch = connect(name, secs(5), o);
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::Refused);
+  EXPECT_EQ(seen.pid, server);
+  EXPECT_EQ(seen.uid, 65534u);
+  EXPECT_EQ(seen.gid, 65534u);
+  o.server.check = [](const PeerIdentity& who) { return who.uid == 65534; };
+  ch = connect(name, secs(5), o);
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_TRUE(call_once(*ch));
+  ch->close();
+  // allow_any.
+  ConnectOptions any;
+  any.server.allow_any = true;
+  ch = connect(name, secs(5), any);
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_TRUE(call_once(*ch));
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+// A fake listener on `name` (this process's uid) that answers each of up to `n` connections with
+// the verdict `v` (rendezvous.h, R3) as `how` says, then closes it; it stops early once *stop.
+enum class Answer { AfterReadingHello, WithoutReadingHello, BeforeHello };
+struct RawVerdict {
+  std::uint64_t magic = 0x5443'4944'514d'424dull;
+  std::uint32_t verdict = 0, reserved = 0;
+};
+struct FakeListener {
+  std::atomic<int> answered{0};
+  std::atomic<bool> stop{false};
+  std::thread thread;
+};
+void start_fake_listener(FakeListener& f, const std::string& name, int n, std::uint32_t v,
+                         Answer how) {
+  auto l = os::listen_abstract("mbmq:" + name, 8);
+  ASSERT_TRUE(l);
+  f.thread = std::thread([&f, l = std::move(*l), n, v, how] {
+    for (int i = 0; i < n && !f.stop.load();) {
+      auto r = os::wait_readable(l.get(), 10'000'000);
+      if (!r || !*r) continue;
+      auto c = os::accept_conn(l.get());
+      if (!c) return;
+      ++i;
+      std::array<std::byte, 16> hello{};
+      std::array<os::UniqueFd, 1> none;
+      if (how != Answer::BeforeHello) {
+        auto ready = os::wait_readable(c->get(), 5'000'000'000);
+        if (!ready || !*ready) return;
+        if (how == Answer::AfterReadingHello)
+          (void)os::recv_msg(c->get(), hello, none, os::Blocking::No);
+      }
+      RawVerdict verdict;
+      verdict.verdict = v;
+      (void)os::send_msg(c->get(), {reinterpret_cast<const std::byte*>(&verdict), 16}, {});
+      f.answered.fetch_add(1);
+    }  // each connection closes here, its hello unread for WithoutReadingHello: a reset
+  });
+}
+
+TEST(Rendezvous, ARefusalIsReadWhetherItCameBeforeOrAfterTheHello) {
+  const std::uint32_t kRefusedPolicy = 2;
+  // After the hello, read: the plain case.
+  {
+    FakeListener f;
+    std::string name = unique_name("after");
+    start_fake_listener(f, name, 1, kRefusedPolicy, Answer::AfterReadingHello);
+    auto ch = connect(name, secs(5));
+    f.thread.join();
+    ASSERT_FALSE(ch);
+    EXPECT_EQ(ch.error().code, Errc::Refused) << ch.error().message();
+  }
+  // After the hello, unread: the close resets the connection; the verdict is still read.
+  {
+    FakeListener f;
+    std::string name = unique_name("reset");
+    start_fake_listener(f, name, 1, kRefusedPolicy, Answer::WithoutReadingHello);
+    auto ch = connect(name, secs(5));
+    f.thread.join();
+    ASSERT_FALSE(ch);
+    EXPECT_EQ(ch.error().code, Errc::Refused) << ch.error().message();
+  }
+  // Before the hello: the listener has answered and closed while the client checked who it is
+  // (the callback waits for that), so the hello fails with EPIPE; the verdict is still read.
+  {
+    FakeListener f;
+    std::string name = unique_name("before");
+    start_fake_listener(f, name, 1, kRefusedPolicy, Answer::BeforeHello);
+    ConnectOptions o;
+    o.server.check = [&](const PeerIdentity&) {
+      f.thread.join();  // the verdict is sent and the connection closed
+      return true;
+    };
+    auto ch = connect(name, secs(5), o);
+    ASSERT_FALSE(ch);
+    EXPECT_EQ(ch.error().code, Errc::Refused) << ch.error().message();
+    EXPECT_NE(ch.error().message().find("access policy"), std::string::npos);
+    EXPECT_EQ(f.answered.load(), 1);
+  }
+}
+
+TEST(Rendezvous, ABusyListenerIsAskedAgainUntilTheDeadline) {
+  FakeListener f;
+  std::string name = unique_name("busy");
+  const std::uint32_t kRefusedBusy = 5;
+  start_fake_listener(f, name, 1000, kRefusedBusy, Answer::AfterReadingHello);
+  const auto t0 = monotonic_ns();
+  auto ch = connect(name, Deadline::after(std::chrono::milliseconds(200)));
+  const auto took = monotonic_ns() - t0;
+  const int attempts = f.answered.load();
+  f.stop.store(true);
+  f.thread.join();
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::Refused);
+  EXPECT_NE(ch.error().message().find("busy"), std::string::npos) << ch.error().message();
+  EXPECT_GE(took, 150'000'000);
+  EXPECT_LT(took, 1'000'000'000);
+  // Pauses of 1, 2, 4 ... 50 ms: about 7 attempts in 200 ms, not a busy loop.
+  std::printf("attempts within 200 ms: %d\n", attempts);
+  EXPECT_GE(attempts, 3);
+  EXPECT_LE(attempts, 20);
+}
+
+// A listener that never accepts (its backlog is full): connect() ends at its deadline. Before,
+// connect(2) slept until the listener accepted, whatever the deadline.
+TEST(Rendezvous, ConnectingToAListenerThatNeverAcceptsEndsAtTheDeadline) {
+  std::string name = unique_name("backlog");
+  auto l = os::listen_abstract("mbmq:" + name, 1);
+  ASSERT_TRUE(l);
+  std::vector<os::UniqueFd> queued;
+  for (int i = 0; i < 16; ++i) {
+    auto c = os::connect_abstract("mbmq:" + name, 20'000'000);
+    if (!c) {
+      EXPECT_EQ(c.error().code, Errc::TimedOut);
+      break;
+    }
+    queued.push_back(std::move(*c));
+  }
+  ASSERT_LT(queued.size(), 16u) << "the backlog never filled";
+  const auto t0 = monotonic_ns();
+  auto ch = connect(name, Deadline::after(std::chrono::milliseconds(200)));
+  const auto took = monotonic_ns() - t0;
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::TimedOut) << ch.error().message();
+  EXPECT_GE(took, 190'000'000);
+  EXPECT_LT(took, 1'000'000'000);
+}
+
+// The watcher's epoll timeout (ipc/peer_watch.h): never negative, never 0 before the deadline,
+// never past it, whatever the distance. The old arithmetic cast ms to int: 2^32 ms + 5 became 5,
+// and 2^32 ms became 0 (a busy loop); ~24.8 to 49.7 days became negative (no limit at all).
+TEST(Rendezvous, TheWatcherTimeoutIsClampedNotWrapped) {
+  using detail::timeout_ms_until;
+  constexpr std::int64_t kMs = 1'000'000;
+  const std::int64_t now = 1'000'000'000'000;
+  EXPECT_EQ(timeout_ms_until(now, now), 0);
+  EXPECT_EQ(timeout_ms_until(now - 1, now), 0);
+  EXPECT_EQ(timeout_ms_until(INT64_MIN, now), 0);
+  EXPECT_EQ(timeout_ms_until(now + 1, now), 1);  // rounded up: never early
+  EXPECT_EQ(timeout_ms_until(now + kMs, now), 1);
+  EXPECT_EQ(timeout_ms_until(now + kMs + 1, now), 2);
+  EXPECT_EQ(timeout_ms_until(now + std::int64_t{INT_MAX} * kMs, now), INT_MAX);
+  EXPECT_EQ(timeout_ms_until(now + (std::int64_t{1} << 31) * kMs, now), INT_MAX);
+  EXPECT_EQ(timeout_ms_until(now + (std::int64_t{1} << 32) * kMs, now), INT_MAX);
+  EXPECT_EQ(timeout_ms_until(now + ((std::int64_t{1} << 32) + 5) * kMs, now), INT_MAX);
+  EXPECT_EQ(timeout_ms_until(INT64_MAX, now), INT_MAX);
+  EXPECT_EQ(timeout_ms_until(INT64_MAX, INT64_MIN), INT_MAX);  // the difference overflows
+  EXPECT_EQ(timeout_ms_until(INT64_MAX, 0), INT_MAX);
+}
+
+// The default max_connections (rendezvous.h, "File descriptors"): idle connections (3 fds) and
+// handshakes fit in three quarters of the fds free at create(), and never more than 1024.
+TEST(Rendezvous, TheDefaultConnectionLimitFollowsTheFdTable) {
+  auto limit_with = [](std::uint64_t fds) {
+    auto p = os::make_pipe();
+    if (!p) return -1;
+    pid_t pid = spawn([&] {
+      if (!os::set_fd_limit(fds)) return 1;
+      auto l = Listener::create(unique_name("derive"));
+      if (!l) return 2;
+      const std::uint32_t n = l->max_connections();
+      return os::write_full(p->second.get(), {reinterpret_cast<const std::byte*>(&n), sizeof n})
+                 ? 0
+                 : 3;
+    });
+    p->second.reset();
+    std::uint32_t n = 0;
+    auto got = os::read_full(p->first.get(), {reinterpret_cast<std::byte*>(&n), sizeof n});
+    return join(pid) == 0 && got && *got == sizeof n ? static_cast<int>(n) : -1;
+  };
+  const int at_128 = limit_with(128), at_1024 = limit_with(1024), at_8k = limit_with(8192);
+  std::printf("default max_connections: %d with 128 fds, %d with 1024, %d with 8192\n", at_128,
+              at_1024, at_8k);
+  EXPECT_GE(at_128, 1);
+  EXPECT_LE(at_128 * 3 + 64 + 7, 128 * 3 / 4 + 16);  // within the budget (a few fds open)
+  EXPECT_GT(at_1024, 150);
+  EXPECT_LE(at_1024 * 3 + 64 + 7, 1024 * 3 / 4 + 16);
+  if (at_8k != -1) {  // -1: the hard limit is below 8192 here
+    EXPECT_EQ(at_8k, 1024);
+  }
+  ListenOptions explicit_limit;
+  explicit_limit.max_connections = 5000;  // an explicit value is taken as it is
+  auto l = Listener::create(unique_name("explicit"), explicit_limit);
+  ASSERT_TRUE(l);
+  EXPECT_EQ(l->max_connections(), 5000u);
 }
 
 }  // namespace
