@@ -353,7 +353,9 @@ bool Endpoint::read_control_once() {
       return false;
     }
     // The stash is bounded in packets and in fds (the peer budget, docs/RELIABILITY.md).
-    if (stash_handles_.size() >= 2 * (n_ + kMaxExtents) ||
+    // Only packets sent ahead of their descriptors count: those of accepted messages (pending
+    // for receive()) are bounded by the buffers in flight.
+    if (stash_unclaimed_ >= 2 * (n_ + kMaxExtents) ||
         stash_handle_fds_ + want_fds > kMaxStashedHandleFds) {
       (void)fail_protocol_locked("control message: too many handles sent ahead of their messages");
       return false;
@@ -372,8 +374,10 @@ bool Endpoint::read_control_once() {
     }
     h->count = count;
     stash_handle_fds_ += static_cast<std::uint32_t>(want_fds);
+    ++stash_unclaimed_;
     stash_handles_.push_back(StashedHandles{m.id, m.gen, (m.aux & shm::kHandlesForReply) != 0,
-                                            static_cast<std::uint32_t>(want_fds), std::move(h)});
+                                            static_cast<std::uint32_t>(want_fds), false,
+                                            std::move(h)});
     return true;
   }
   if (r->bytes != sizeof(m) || r->nfds != 1) {
@@ -398,19 +402,28 @@ bool Endpoint::read_control_once() {
 }
 
 bool Endpoint::handles_arrived_locked(const Desc& d, bool reply) {
+  StashedHandles* found = nullptr;
   auto match = [&] {
-    for (const auto& st : stash_handles_)
-      if (st.id == d.buffer && st.gen == d.gen && st.reply == reply) return true;
+    for (auto& st : stash_handles_) {
+      if (st.id == d.buffer && st.gen == d.gen && st.reply == reply && !st.claimed) {
+        found = &st;
+        return true;
+      }
+    }
     return false;
   };
-  return drain_until(match);
+  if (!drain_until(match) || found == nullptr) return false;
+  // Its descriptor is accepted (the caller commits right after): no longer "sent ahead".
+  found->claimed = true;
+  stash_handle_fds_ -= found->fds;
+  --stash_unclaimed_;
+  return true;
 }
 
 HandlesPtr Endpoint::take_handles_locked(const Desc& d, bool reply) {
   for (auto it = stash_handles_.begin(); it != stash_handles_.end(); ++it) {
-    if (it->id == d.buffer && it->gen == d.gen && it->reply == reply) {
+    if (it->id == d.buffer && it->gen == d.gen && it->reply == reply && it->claimed) {
       HandlesPtr h = std::move(it->h);
-      stash_handle_fds_ -= it->fds;
       stash_handles_.erase(it);
       return h;
     }
@@ -524,7 +537,9 @@ Status Endpoint::reply(Buffer&& b) {
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) {
     detach_buffer(b);
-    return fail(closed_errc(s), "reply");
+    // Closed here (Channel::close) or by the peer: either way the caller will not get it; not a
+    // mistake of the replier's (a server loop goes on).
+    return fail(s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed, "reply");
   }
   std::uint16_t k = static_cast<std::uint16_t>(DescKind::Reply);
   // (P7b) A sealed extent cannot take the answer, nor may an untrusted caller get more than
@@ -553,8 +568,14 @@ Status Endpoint::reply(Buffer&& b) {
   };
   Status copied;
   if (replace) {
-    copied = send_replacement_locked(id & ~kExtentBit, gen, b.data_, size);
-    if (!copied && copied.error().code == Errc::WouldBlock) return keep_for_retry();
+    // A retry after back-pressure does not send a second replacement for the same generation
+    // (the caller takes the first one it reads): the answer is the bytes of the first attempt.
+    PeerExtent& pe = peer_ext_[id & ~kExtentBit];
+    if (pe.replaced_gen != gen) {
+      copied = send_replacement_locked(id & ~kExtentBit, gen, b.data_, size);
+      if (!copied && copied.error().code == Errc::WouldBlock) return keep_for_retry();
+      if (copied) pe.replaced_gen = gen;
+    }
     k |= shm::kDescReplaced;
   } else if (shadowed(b)) {  // (P5b) an untrusted end's answer is in its private copy
     if (extent) {
@@ -571,12 +592,30 @@ Status Endpoint::reply(Buffer&& b) {
     return copied;
   }
   if (b.handles_) {
-    // A failure here (the caller is gone) still answers the request, without the handles.
     auto sent = send_handles_locked(b, true);
-    if (!sent && sent.error().code == Errc::WouldBlock) return keep_for_retry();
-    if (sent && *sent) k |= shm::kDescHasHandles;
+    if (!sent) {
+      // Too many handles for the channel: the replier's mistake, to fix and retry.
+      if (sent.error().code == Errc::WouldBlock || sent.error().code == Errc::InvalidArgument) {
+        Error e = sent.error();
+        (void)keep_for_retry();
+        return fail(e);
+      }
+      // The handles cannot go (ETOOMANYREFS, ENOBUFS, the caller gone): an answer without the
+      // handles it announces would be a silent loss. The caller gets NoReply; we get the error.
+      // A replacement already sent travels with it (flagged), so the caller consumes it rather
+      // than finding it stale at its next reply.
+      detach_buffer(b);
+      std::uint16_t nk = static_cast<std::uint16_t>(DescKind::Reply);
+      if (replace && peer_ext_[id & ~kExtentBit].replaced_gen == gen) nk |= shm::kDescReplaced;
+      if (extent) peer_ext_[id & ~kExtentBit].replaced_gen = 0;
+      (void)push_locked(
+          Desc{id, 0, gen, nk, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+      return fail(sent.error());
+    }
+    if (*sent) k |= shm::kDescHasHandles;
     b.handles_.reset();
   }
+  if (extent) peer_ext_[id & ~kExtentBit].replaced_gen = 0;
   detach_buffer(b);
   MBMQ_CRASH_POINT("reply.before_send");
   // (P7) The answer travels in the request's own buffer.
@@ -1000,9 +1039,11 @@ Error Endpoint::fail_protocol_locked(const char* op) noexcept {
     why_bad_ = op;  // for the final Kind::PeerClosed message (Message::why)
     // Close the channel for both sides: the peer sees the hang-up (P8).
     if (control_) os::shutdown_socket(control_.get());
-    // What the peer parked here goes now, not when the end is destroyed (the peer budget).
-    stash_handles_.clear();
+    // What the peer parked here goes now, not when the end is destroyed (the peer budget). The
+    // handles of messages already accepted stay with them (they are still delivered).
+    std::erase_if(stash_handles_, [](const StashedHandles& st) { return !st.claimed; });
     stash_handle_fds_ = 0;
+    stash_unclaimed_ = 0;
     for (std::uint32_t e = 0; e < kMaxExtents; ++e) {
       stash_ext_[e] = Stashed{};
       stash_replace_[e] = Stashed{};
@@ -1110,6 +1151,8 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
   if (!consumer_mu_.lock_until(deadline))
     return fail(Errc::TimedOut, "call: another call on this channel did not finish in time");
   consumer = std::unique_lock(consumer_mu_, std::adopt_lock);
+  if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
+    return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   {
@@ -1181,6 +1224,8 @@ Result<Message> Endpoint::receive(Deadline deadline) {
   if (!consumer_mu_.lock_until(deadline))
     return fail(Errc::TimedOut, "receive: another thread's call or receive did not finish in time");
   std::lock_guard consumer(consumer_mu_, std::adopt_lock);
+  if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
+    return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   for (;;) {
@@ -1196,6 +1241,11 @@ Result<Message> Endpoint::receive(Deadline deadline) {
 // ---- redirection, lifecycle (P8) --------------------------------------------------------------
 
 Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t key) {
+  // Not while another thread is inside call() or receive(): its wake-ups would go to the queue
+  // and the queue would take its reply. (They re-check redirected_ once they hold the lock.)
+  std::unique_lock consumer(consumer_mu_, std::try_to_lock);
+  if (!consumer.owns_lock())
+    return fail(Errc::Busy, "redirect: another thread is in call() or receive() on this end");
   {
     std::lock_guard lock(mu_);
     EpState s = state_.load(std::memory_order_acquire);

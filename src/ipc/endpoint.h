@@ -177,6 +177,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
     os::Mapping map;  // shared read-write; read-only for untrusted ends; copy-on-write if sealed
     bool sealed = false;
     std::vector<std::byte> shadow;  // untrusted ends: the private copy of the payload (P5b)
+    // (P7b) A replacement for this generation is on the control socket, its reply not yet sent
+    // (a reply retried after back-pressure): not sent twice.
+    std::uint32_t replaced_gen = 0;
   };
   struct Stashed {  // an fd received on the control socket, not yet used
     os::UniqueFd fd;
@@ -194,7 +197,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Bad: why_bad_ says why.
   Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
   Accepted bad(const char* why) noexcept {
-    why_bad_ = why;
+    // The first reason stands: a channel already closed keeps the rule that closed it.
+    if (state_.load(std::memory_order_relaxed) == EpState::Open) why_bad_ = why;
     return Accepted::Bad;
   }
   // (P3b) Sends b's outgoing handles on the control socket (ring room already checked); false if
@@ -320,11 +324,15 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   struct StashedHandles {      // (P3b) received, not yet given to a buffer
     std::uint32_t id = 0, gen = 0;
     bool reply = false;
-    std::uint32_t fds = 0;  // counted in stash_handle_fds_
+    std::uint32_t fds = 0;
+    bool claimed = false;  // its descriptor was accepted: waits for make_message()/call()
     HandlesPtr h;
   };
   std::vector<StashedHandles> stash_handles_;  // guarded by mu_
-  std::uint32_t stash_handle_fds_ = 0;         // guarded by mu_: fds in stash_handles_
+  // guarded by mu_: fds and packets in stash_handles_ not yet claimed by an accepted descriptor
+  // (the peer budget: what it sent ahead), bounded by kMaxStashedHandleFds and 2*(n+extents).
+  std::uint32_t stash_handle_fds_ = 0;
+  std::uint32_t stash_unclaimed_ = 0;
   std::uint32_t requests_out_ = 0;             // guarded by mu_: our requests not yet answered
   std::uint32_t requests_in_ = 0;              // guarded by mu_: the peer's requests we hold
   const char* why_bad_ = "";                   // guarded by mu_
@@ -359,9 +367,12 @@ class QueueCore {
   // In a child forked after channels were redirected here: registers them with this process's
   // watcher (once per process).
   void watch_after_fork();
+  // A reply that met back-pressure (reply_and_wait): retried by wait() until it goes.
+  void defer(Buffer&& b);
 
  private:
   bool scan_locked(Message* out);
+  void retry_deferred_locked();
   void set_sleeping_locked(bool sleeping) noexcept;
 
   os::UniqueFd fd_;
@@ -374,6 +385,9 @@ class QueueCore {
   int sleepers_ = 0;                                    // guarded by mu_
   AtomicWaitPolicy policy_{WaitPolicy{}};               // read on every wait, without the lock
   std::atomic<int> watch_pid_{0};  // the process whose watcher knows every end here
+  // Replies held back by their callers' full control sockets (at most one per request held).
+  std::vector<Buffer> deferred_;              // guarded by mu_
+  std::atomic<std::size_t> deferred_count_{0};  // deferred_.size(), read without the lock
 };
 
 }  // namespace mbmq::detail

@@ -120,6 +120,22 @@ void QueueCore::watch_after_fork() {
   watch_pid_.store(pid, std::memory_order_relaxed);
 }
 
+void QueueCore::defer(Buffer&& b) {
+  std::lock_guard lock(mu_);
+  deferred_.push_back(std::move(b));
+  deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
+}
+
+void QueueCore::retry_deferred_locked() {
+  // Each is a reply its caller's full control socket held back; it goes as soon as there is room.
+  // Anything but WouldBlock ends it (sent; or dropped: the caller then gets NoReply, or is gone).
+  std::erase_if(deferred_, [](Buffer& b) {
+    Status r = Endpoint::reply_message(std::move(b));
+    return r || r.error().code != Errc::WouldBlock || !b.valid();
+  });
+  deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
+}
+
 Result<Message> QueueCore::wait(Deadline deadline) {
   watch_after_fork();
   const WaitPolicy policy = policy_.load();
@@ -128,6 +144,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
     Message m;
     {
       std::lock_guard lock(mu_);
+      if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
       if (scan_locked(&m)) return m;
     }
     if ((looks & 63) != 63 && policy.mode != WaitMode::Sleep) {
@@ -165,9 +182,14 @@ Result<Message> QueueCore::wait(Deadline deadline) {
         continue;  // the next scan reports the broken channel
       }
     }
-    std::int64_t rem = deadline.remaining_ns();
-    if (deadline.is_never() || rem > 0)
-      (void)os::futex_wait(&page_->word, v, deadline.is_never() ? -1 : rem);
+    std::int64_t timeout = deadline.is_never() ? -1 : deadline.remaining_ns();  // < 0: none
+    // Replies held back by a caller's full control socket are retried every millisecond (its
+    // reading does not ring our doorbell).
+    constexpr std::int64_t kRetryNs = 1'000'000;
+    if (deferred_count_.load(std::memory_order_relaxed) != 0 &&
+        (deadline.is_never() || timeout > kRetryNs))
+      timeout = kRetryNs;
+    if (deadline.is_never() || timeout > 0) (void)os::futex_wait(&page_->word, v, timeout);
     {
       std::lock_guard lock(mu_);
       if (--sleepers_ == 0) set_sleeping_locked(false);
@@ -214,9 +236,15 @@ Status MsgQueue::reply(Message&& msg) {
 Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
   if (msg.kind == Kind::Request) {
     Status s = reply(std::move(msg));
-    // Whatever went wrong concerns that one channel (its caller is gone, cheated, or got NoReply
+    // The caller is slow (its control socket is full): the answer waits in the queue and goes as
+    // soon as it can; never turned into NoReply.
+    if (!s && s.error().code == Errc::WouldBlock && msg.buffer.valid()) {
+      core_->defer(std::move(msg.buffer));
+    } else if (!s && s.error().code == Errc::InvalidArgument) {
+      return fail(s.error());  // the server's own mistake (e.g. more handles than max_handles)
+    }
+    // Anything else concerns that one channel (its caller is gone, cheated, or got NoReply
     // because its answer could not be made, e.g. EMFILE): the loop goes on.
-    if (!s && s.error().code == Errc::InvalidArgument) return fail(s.error());
   } else {
     msg.buffer.reset();
   }
