@@ -97,9 +97,10 @@ fault_all=$(grep -c "^fault:" "$logs/fault.txt" || true)
   echo "| --- | --- | --- |"
   grep -h "^budget:" "$logs/budget.txt" | sed -e 's/^budget: /| /' -e 's/$/ |/' || echo "| (no budget lines) | | |"
   echo
-  echo "Per connection, the server holds 3 fds while the channel is quiet (the control socket, the"
-  echo "segment memfd, and the mapping's none), plus what the rows above allow while a peer sends"
-  echo "extents or handles. CPU: see the hostile neighbour below."
+  echo "Per connection the server holds 2 fds (the end's control socket and segment memfd), 3 once"
+  echo "the client adopts its end into a queue (that queue's doorbell), plus what the rows above allow"
+  echo "while a peer sends extents or handles (include/mbmq/rendezvous.h). Handshake slots per uid and"
+  echo "the fd-table back-off: tests/ipc/rendezvous_hostile_test.cc. CPU: the hostile neighbour below."
   echo
   if [ -f docs/found-and-fixed.md ]; then
     cat docs/found-and-fixed.md
