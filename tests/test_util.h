@@ -6,10 +6,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <span>
+#include <thread>
 
 #include "mbmq/mbmq.h"
 #include "os/process.h"
@@ -53,5 +59,37 @@ inline bool check(std::span<const std::byte> d, std::uint64_t seq) {
 }
 
 inline Deadline secs(int s) { return Deadline::after(std::chrono::seconds(s)); }
+
+// Turns a hang into a failure of the test: if not destroyed within `limit`, prints what hung and
+// ends the process (its threads may be stuck inside the library, nothing can be unwound).
+class Watchdog {
+ public:
+  Watchdog(const char* what, std::chrono::seconds limit)
+      : thread_([this, what, limit] {
+          std::unique_lock lock(mu_);
+          if (!cv_.wait_for(lock, limit, [this] { return done_; })) {
+            std::fprintf(stderr, "WATCHDOG: %s did not finish within %lld s (a hang)\n", what,
+                         static_cast<long long>(limit.count()));
+            std::fflush(stderr);
+            std::_Exit(97);
+          }
+        }) {}
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
 
 }  // namespace mbmq::test

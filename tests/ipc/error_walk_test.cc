@@ -46,40 +46,10 @@ namespace {
 using namespace std::chrono_literals;
 using os::Fault;
 using test::secs;
+using test::Watchdog;
 
 constexpr std::size_t kBig = 1 << 20;  // an extent, above the default copy_threshold (64 KiB)
 
-// Turns a hang into a failure: if not destroyed within `limit`, says what hung and ends the
-// process.
-class Watchdog {
- public:
-  Watchdog(const char* what, std::chrono::seconds limit)
-      : thread_([this, what, limit] {
-          std::unique_lock lock(mu_);
-          if (!cv_.wait_for(lock, limit, [this] { return done_; })) {
-            std::fprintf(stderr, "WATCHDOG: %s did not finish within %lld s (a hang)\n", what,
-                         static_cast<long long>(limit.count()));
-            std::fflush(stderr);
-            std::_Exit(97);
-          }
-        }) {}
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
-  ~Watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 struct Disarm {
   ~Disarm() { os::disarm_failures(); }

@@ -40,42 +40,12 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::secs;
+using test::Watchdog;
 
 constexpr std::int64_t kMs = 1'000'000;
 // Added to every deadline assertion: scheduling noise on 2 shared cores (and sanitizers).
 constexpr std::int64_t kMargin = 500 * kMs;
 
-// Turns a hang into a failure of this test: if not destroyed within `limit`, prints what hung and
-// ends the process (its threads may be stuck inside the library, nothing can be unwound).
-class Watchdog {
- public:
-  Watchdog(const char* what, std::chrono::seconds limit)
-      : thread_([this, what, limit] {
-          std::unique_lock lock(mu_);
-          if (!cv_.wait_for(lock, limit, [this] { return done_; })) {
-            std::fprintf(stderr, "WATCHDOG: %s did not finish within %lld s (a hang)\n", what,
-                         static_cast<long long>(limit.count()));
-            std::fflush(stderr);
-            std::_Exit(97);
-          }
-        }) {}
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
-  ~Watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 // Wall and thread-CPU time of one blocking operation on the calling thread.
 struct Timed {
