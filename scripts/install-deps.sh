@@ -7,10 +7,11 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev
       strace valgrind
       libzmq3-dev libboost-dev iceoryx libiceoryx-posh-dev libiceoryx-hoofs-dev
-      clang libclang-rt-14-dev
+      clang libclang-rt-14-dev clang-format
       curl nginx-light)
 # The fourth line: what `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and
-# its RouDi). The fifth: libFuzzer and FuzzedDataProvider.h for the fuzz targets. The last: the
+# its RouDi). The fifth: libFuzzer and FuzzedDataProvider.h for the fuzz targets, and clang-format
+# for the style check (scripts/check-format.sh, a test). The last: the
 # HTTP client of the file_server tests and the server `mbmq files` compares file_server against.
 missing=()
 for p in "${pkgs[@]}"; do

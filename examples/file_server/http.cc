@@ -367,7 +367,8 @@ class Connection {
     const bool head_only = req->method == "HEAD";
     if (req->has_body) return respond_error(400, "Bad Request", false, head_only);
     if (req->method != "GET" && !head_only)
-      return respond_error(405, "Method Not Allowed", req->keep_alive, false, "Allow: GET, HEAD\r\n");
+      return respond_error(405, "Method Not Allowed", req->keep_alive, false,
+                           "Allow: GET, HEAD\r\n");
     std::string path = safe_path(req->target);
     if (path.empty()) return respond_error(400, "Bad Request", req->keep_alive, head_only);
     // Non-blocking, or a FIFO under the root would stall this worker in open() until a writer
@@ -403,12 +404,11 @@ class Connection {
                 "/" + std::to_string(size) + "\r\n";
       }
     }
-    std::string h = std::string("HTTP/1.1 ") + (code == 200 ? "200 OK" : "206 Partial Content") +
-                    "\r\nServer: mbmq-file-server\r\nContent-Type: " + content_type(path) +
-                    "\r\nContent-Length: " + std::to_string(length) +
-                    "\r\nAccept-Ranges: bytes\r\n" + extra +
-                    (req->keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n") +
-                    "\r\n";
+    std::string h =
+        std::string("HTTP/1.1 ") + (code == 200 ? "200 OK" : "206 Partial Content") +
+        "\r\nServer: mbmq-file-server\r\nContent-Type: " + content_type(path) +
+        "\r\nContent-Length: " + std::to_string(length) + "\r\nAccept-Ranges: bytes\r\n" + extra +
+        (req->keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n") + "\r\n";
     // Header and body in full packets: cork, write both, uncork (nginx's tcp_nopush).
     (void)os::tcp_cork(sock_.get(), true);
     bool ok = write_all(h);
@@ -443,7 +443,8 @@ class Connection {
       case Mode::Copy: {
         std::vector<std::byte> chunk(256 * 1024);
         for (std::uint64_t done = 0; done < length;) {
-          std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), length - done));
+          std::size_t want =
+              static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), length - done));
           auto got = os::pread_full(fd, {chunk.data(), want}, offset + done);
           if (!got || *got == 0) return false;
           if (!write_bytes({chunk.data(), *got}, d)) return false;
@@ -486,7 +487,8 @@ int serve(const Options& o, int listener, Counters* counters, const std::atomic<
     if (active->load() >= o.max_connections) {
       static constexpr char kBusy[] =
           "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-      (void)os::write_some(sock->get(), {reinterpret_cast<const std::byte*>(kBusy), sizeof kBusy - 1});
+      (void)os::write_some(sock->get(),
+                           {reinterpret_cast<const std::byte*>(kBusy), sizeof kBusy - 1});
       continue;
     }
     active->fetch_add(1);

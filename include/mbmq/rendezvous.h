@@ -188,9 +188,9 @@ struct ConnectOptions {
 // Errc::System/ECONNREFUSED if nobody listens; Errc::TimedOut at the deadline (including a full
 // backlog: a listener that does not accept). A listener that answers "busy" (handshake slots
 // taken, out of fds) is asked again, with pauses of 1 ms doubling to 50 ms, while the deadline
-// leaves room for the next pause; then Errc::Refused saying so. options.trust is this end's trust mode (see channel.h):
-// Trust::Untrusted protects us from the server's replies; it is asked for in the hello and checked
-// in the segment we get (Errc::Refused if not granted).
+// leaves room for the next pause; then Errc::Refused saying so. options.trust is this end's trust
+// mode (see channel.h): Trust::Untrusted protects us from the server's replies; it is asked for in
+// the hello and checked in the segment we get (Errc::Refused if not granted).
 Result<Channel> connect(std::string_view name, Deadline deadline, const ConnectOptions& options);
 // The same with ConnectOptions{wait, trust, ServerPolicy{}} (the default server policy).
 Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait = {},

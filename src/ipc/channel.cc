@@ -30,12 +30,12 @@ bool Channel::valid() const noexcept {
 Result<std::pair<Channel, Channel>> Channel::pair(const ChannelOptions& options) {
   // (P1) Side 0 creates the segment; side 1 attaches a second mapping of it, validated exactly as
   // a process receiving the end would.
-  shm::Segment s0 =
-      MBMQ_TRY(shm::Segment::create(options.slots_per_side, options.slot_size,
-                                    shm::Limits{options.max_in_flight, options.max_handles,
-                                                (options.trust[0] == Trust::Untrusted ? 1u : 0u) |
-                                                    (options.trust[1] == Trust::Untrusted ? 2u : 0u),
-                                                options.copy_threshold}));
+  shm::Segment s0 = MBMQ_TRY(
+      shm::Segment::create(options.slots_per_side, options.slot_size,
+                           shm::Limits{options.max_in_flight, options.max_handles,
+                                       (options.trust[0] == Trust::Untrusted ? 1u : 0u) |
+                                           (options.trust[1] == Trust::Untrusted ? 2u : 0u),
+                                       options.copy_threshold}));
   os::UniqueFd dup = MBMQ_TRY(os::dup_fd(s0.fd()));
   shm::Segment s1 = MBMQ_TRY(shm::Segment::attach(std::move(dup)));
   auto [c0, c1] = MBMQ_TRY(os::seqpacket_pair());

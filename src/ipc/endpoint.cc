@@ -8,8 +8,8 @@
 #include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "os/epoll.h"
-#include "os/file.h"
 #include "os/fault.h"
+#include "os/file.h"
 #include "os/futex.h"
 #include "os/memfd.h"
 #include "os/process.h"
@@ -280,8 +280,7 @@ void Endpoint::wake_peer_locked() noexcept {
           (void)fail_protocol_locked("doorbell: not a memfd of a page sealed against shrinking");
           return;
         }
-        auto map =
-            os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
+        auto map = os::Mapping::map_shared(fd.get(), shm::kDoorbellPageSize, os::Access::ReadWrite);
         if (map) {
           peer_db_map_ = std::move(*map);
           peer_db_fd_ = std::move(fd);
@@ -608,8 +607,7 @@ Status Endpoint::reply(Buffer&& b) {
       std::uint16_t nk = static_cast<std::uint16_t>(DescKind::Reply);
       if (replace && peer_ext_[id & ~kExtentBit].replaced_gen == gen) nk |= shm::kDescReplaced;
       if (extent) peer_ext_[id & ~kExtentBit].replaced_gen = 0;
-      (void)push_locked(
-          Desc{id, 0, gen, nk, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+      (void)push_locked(Desc{id, 0, gen, nk, static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
       return fail(sent.error());
     }
     if (*sent) k |= shm::kDescHasHandles;
@@ -659,8 +657,8 @@ const char* Endpoint::map_peer_extent(std::uint32_t e, std::uint32_t gen, std::u
     os::Mapping map;
     bool sealed = false;
     if (const char* why = map_extent_fd(
-            fd.get(), st.sealed, untrusted_me_ ? os::Access::ReadOnly : os::Access::ReadWrite,
-            size, &map, &sealed))
+            fd.get(), st.sealed, untrusted_me_ ? os::Access::ReadOnly : os::Access::ReadWrite, size,
+            &map, &sealed))
       return why;
     pe.map = std::move(map);
     pe.fd = std::move(fd);
@@ -679,8 +677,8 @@ bool Endpoint::shadowed(const Buffer& b) const noexcept {
   if (!untrusted_me_ || b.data_ == nullptr) return false;
   if ((b.id_ & kExtentBit) == 0) return b.data_ != seg_.slot(b.id_);
   const std::uint32_t e = b.id_ & ~kExtentBit;
-  return b.data_ != (b.origin_ == Buffer::Origin::Own ? own_ext_[e].map.data()
-                                                      : peer_ext_[e].map.data());
+  return b.data_ !=
+         (b.origin_ == Buffer::Origin::Own ? own_ext_[e].map.data() : peer_ext_[e].map.data());
 }
 
 Status Endpoint::fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size,
@@ -865,8 +863,9 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
       OwnState* st = own_state(d.buffer);
       if (st == nullptr) return bad("receive: reply names no buffer of ours");
       const bool extent = (d.buffer & kExtentBit) != 0;
-      std::uint32_t gen = extent ? own_ext_[d.buffer & ~kExtentBit].gen
-                                 : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
+      std::uint32_t gen = extent
+                              ? own_ext_[d.buffer & ~kExtentBit].gen
+                              : own_slots_[d.buffer - static_cast<std::uint32_t>(side_) * n_].gen;
       if (gen != d.gen || *st == OwnState::Free || *st == OwnState::App)
         return bad("receive: reply for a buffer not lent");
       if (kind == static_cast<std::uint16_t>(DescKind::Return)) {
@@ -880,8 +879,7 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
         return bad("receive: reply status");
       if (*st == OwnState::LentCall && (call_buf == nullptr || call_buf->id_ != d.buffer))
         return bad("receive: reply for a call not waiting");
-      if (*st != OwnState::LentCall && *st != OwnState::Abandoned &&
-          *st != OwnState::LentRequest)
+      if (*st != OwnState::LentCall && *st != OwnState::Abandoned && *st != OwnState::LentRequest)
         return bad("receive: reply for a one-way message");
       os::UniqueFd rfd;
       os::Mapping rmap;
@@ -996,8 +994,7 @@ bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
     if (b.data_ != own_ext_[e].map.data() || !own_ext_[e].fd || own_ext_[e].sealed) return false;
     *fd = own_ext_[e].fd.get();
   } else {
-    if (b.data_ != peer_ext_[e].map.data() || !peer_ext_[e].fd || peer_ext_[e].sealed)
-      return false;
+    if (b.data_ != peer_ext_[e].map.data() || !peer_ext_[e].fd || peer_ext_[e].sealed) return false;
     *fd = peer_ext_[e].fd.get();
   }
   *offset = 0;
@@ -1016,7 +1013,8 @@ Status Endpoint::forge_extent_request_for_test(int fd, std::uint32_t gen, std::u
   std::lock_guard lock(mu_);
   shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Extent), 0, gen, aux};
   MBMQ_TRY(send_ctl_locked(bytes_of(m), {&fd, 1}));
-  return push_locked(Desc{kExtentBit | 0, size, gen, static_cast<std::uint16_t>(DescKind::Request), 0});
+  return push_locked(
+      Desc{kExtentBit | 0, size, gen, static_cast<std::uint16_t>(DescKind::Request), 0});
 }
 
 void Endpoint::pending_push(const Desc& d) noexcept {

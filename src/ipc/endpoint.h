@@ -5,10 +5,10 @@
 // Locking: mu_ guards the producer ring index, the consumer ring index, the ownership tables and
 // the control socket. It is uncontended on the usual paths (one caller thread, or one queue
 // waiter), never held across a sleep, and never across a blocking system call: the control socket
-// is written without blocking (a peer that lets it fill has its channel closed, see send_ctl_locked).
-// consumer_mu_ serializes call()/receive() on an end that is not redirected; it IS held while its
-// holder sleeps for the reply, so a second caller sleeps on it (DeadlineMutex) and gives up at its
-// own deadline. For a redirected end the queue's mutex plays that role.
+// is written without blocking (a peer that lets it fill has its channel closed, see
+// send_ctl_locked). consumer_mu_ serializes call()/receive() on an end that is not redirected; it
+// IS held while its holder sleeps for the reply, so a second caller sleeps on it (DeadlineMutex)
+// and gives up at its own deadline. For a redirected end the queue's mutex plays that role.
 //
 // What one peer can make this end hold (each bound enforced; docs/RELIABILITY.md, peer budget):
 //   - fds: its extents (<= kMaxExtents, mapped), stashed extent and replacement fds (one per extent
@@ -248,8 +248,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   }
   // Our extent x gets a fresh memfd of `cap` bytes holding `size` bytes of src, unsealed. On
   // failure x is unchanged.
-  Status fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size,
-                             std::size_t cap);
+  Status fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size, std::size_t cap);
   // Makes our extent x immutable (P3c), through a fresh one if needed. On failure x is mapped
   // again if at all possible (x.map.valid() says whether its bytes are still reachable).
   Status seal_extent_locked(OwnExtent& x, std::size_t size);
@@ -310,11 +309,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   const bool untrusted_peer_;  // the peer does: we seal what we send above the threshold (P3c)
   const std::uint32_t copy_threshold_;
   std::unique_ptr<std::byte[]> slot_shadow_;  // untrusted_me_: a private copy per slot (2n)
-  Stashed stash_doorbell_;                                  // guarded by mu_
-  std::uint32_t peer_db_gen_ = 0;                           // guarded by mu_
-  os::UniqueFd peer_db_fd_;    // guarded by mu_: kept to hand over with the end (export_end)
-  os::Mapping peer_db_map_;                                 // guarded by mu_
-  std::uint32_t my_db_gen_ = 0;                             // guarded by mu_
+  Stashed stash_doorbell_;                    // guarded by mu_
+  std::uint32_t peer_db_gen_ = 0;             // guarded by mu_
+  os::UniqueFd peer_db_fd_;      // guarded by mu_: kept to hand over with the end (export_end)
+  os::Mapping peer_db_map_;      // guarded by mu_
+  std::uint32_t my_db_gen_ = 0;  // guarded by mu_
   // Descs accepted by call() that are not its reply: delivered later by receive()/poll(). Each
   // names a distinct buffer, so 2 * (slots + extents) entries always suffice.
   std::array<shm::Desc, 2 * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> pending_{};  // mu_
@@ -333,9 +332,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // (the peer budget: what it sent ahead), bounded by kMaxStashedHandleFds and 2*(n+extents).
   std::uint32_t stash_handle_fds_ = 0;
   std::uint32_t stash_unclaimed_ = 0;
-  std::uint32_t requests_out_ = 0;             // guarded by mu_: our requests not yet answered
-  std::uint32_t requests_in_ = 0;              // guarded by mu_: the peer's requests we hold
-  const char* why_bad_ = "";                   // guarded by mu_
+  std::uint32_t requests_out_ = 0;  // guarded by mu_: our requests not yet answered
+  std::uint32_t requests_in_ = 0;   // guarded by mu_: the peer's requests we hold
+  const char* why_bad_ = "";        // guarded by mu_
 
   std::shared_ptr<QueueCore> queue_;  // guarded by mu_
   std::atomic<std::uint64_t> key_{0};
@@ -386,7 +385,7 @@ class QueueCore {
   AtomicWaitPolicy policy_{WaitPolicy{}};               // read on every wait, without the lock
   std::atomic<int> watch_pid_{0};  // the process whose watcher knows every end here
   // Replies held back by their callers' full control sockets (at most one per request held).
-  std::vector<Buffer> deferred_;              // guarded by mu_
+  std::vector<Buffer> deferred_;                // guarded by mu_
   std::atomic<std::size_t> deferred_count_{0};  // deferred_.size(), read without the lock
 };
 

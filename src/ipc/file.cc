@@ -89,8 +89,8 @@ Status Buffer::attach_file(int fd, std::uint64_t offset, std::uint64_t length) {
     return fail(Errc::InvalidArgument, "Buffer::attach_file: kMaxHandles reached");
   detail::Handle& h = handles_->items[handles_->count];
   h = detail::Handle{};
-  shm::FileRangeMeta meta{static_cast<std::uint32_t>(shm::HandleKind::FileRange), 0, offset,
-                          length, 0};
+  shm::FileRangeMeta meta{static_cast<std::uint32_t>(shm::HandleKind::FileRange), 0, offset, length,
+                          0};
   std::memcpy(&h.meta, &meta, sizeof meta);
   h.fd = std::move(owned);
   ++handles_->count;
@@ -139,9 +139,8 @@ namespace {
 
 // Errors that mean "the kernel cannot do this copy-free for these fds": fall back to write.
 bool kernel_refused(const Error& e) {
-  return e.code == Errc::System &&
-         (e.sys_errno == EINVAL || e.sys_errno == ENOSYS || e.sys_errno == EOPNOTSUPP ||
-          e.sys_errno == ESPIPE);
+  return e.code == Errc::System && (e.sys_errno == EINVAL || e.sys_errno == ENOSYS ||
+                                    e.sys_errno == EOPNOTSUPP || e.sys_errno == ESPIPE);
 }
 
 Status wait_out(int socket, const EgressOptions& o) {
@@ -159,9 +158,11 @@ Status copy_out(int socket, int in, const std::byte* from, std::uint64_t offset,
   while (offset < end) {
     std::span<const std::byte> piece;
     if (from != nullptr) {
-      piece = {from + offset, static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, 1u << 30))};
+      piece = {from + offset,
+               static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, 1u << 30))};
     } else {
-      std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, chunk.size()));
+      std::size_t want =
+          static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, chunk.size()));
       std::size_t got = MBMQ_TRY(os::pread_full(in, {chunk.data(), want}, offset));
       if (got == 0) return fail(Errc::InvalidArgument, "send_file: the file ends before the range");
       piece = {chunk.data(), got};
@@ -201,9 +202,9 @@ Result<Egress> egress(int socket, int in, const std::byte* private_copy, std::ui
     std::size_t in_pipe = 0;
     while (offset < end || in_pipe > 0) {
       if (offset < end) {
-        auto n = os::splice_some(in, &offset, pipe.second.get(),
-                                 static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, 1u << 20)),
-                                 true);
+        auto n = os::splice_some(
+            in, &offset, pipe.second.get(),
+            static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, 1u << 20)), true);
         if (!n && kernel_refused(n.error()) && e.bytes == 0 && in_pipe == 0) {
           e.fallback = "splice(2) refused these fds";
           e.path = EgressPath::Write;
@@ -211,7 +212,8 @@ Result<Egress> egress(int socket, int in, const std::byte* private_copy, std::ui
           return e;
         }
         if (!n && n.error().code != Errc::WouldBlock) return fail(n.error());
-        if (n && *n == 0) return fail(Errc::InvalidArgument, "send_file: the file ends before the range");
+        if (n && *n == 0)
+          return fail(Errc::InvalidArgument, "send_file: the file ends before the range");
         if (n) in_pipe += *n;
       }
       auto m = os::splice_some(pipe.first.get(), nullptr, socket, in_pipe, offset < end);
@@ -227,8 +229,9 @@ Result<Egress> egress(int socket, int in, const std::byte* private_copy, std::ui
   }
   e.path = EgressPath::Sendfile;
   while (offset < end) {
-    auto n = os::sendfile_some(socket, in, &offset,
-                               static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, 1u << 30)));
+    auto n = os::sendfile_some(
+        socket, in, &offset,
+        static_cast<std::size_t>(std::min<std::uint64_t>(end - offset, 1u << 30)));
     if (!n && n.error().code == Errc::WouldBlock) {
       MBMQ_TRY(wait_out(socket, o));
       continue;

@@ -85,12 +85,12 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
     std::uint64_t watch_id = 0;
     unsigned uid = 0;
   };
-  std::unordered_map<int, Handshake> handshakes_;           // guarded by mu_, keyed by fd
+  std::unordered_map<int, Handshake> handshakes_;         // guarded by mu_, keyed by fd
   std::unordered_map<unsigned, std::uint32_t> slots_of_;  // guarded by mu_: handshakes_ per uid
-  std::deque<Channel> arrivals_;                   // guarded by mu_
-  std::weak_ptr<QueueCore> queue_;                 // guarded by mu_
-  std::uint64_t key_ = 0;                          // guarded by mu_
-  bool closed_ = false;                            // guarded by mu_
+  std::deque<Channel> arrivals_;                          // guarded by mu_
+  std::weak_ptr<QueueCore> queue_;                        // guarded by mu_
+  std::uint64_t key_ = 0;                                 // guarded by mu_
+  bool closed_ = false;                                   // guarded by mu_
   // arrivals_ non-empty, or closed and not yet reported: lets the queue skip the lock.
   std::atomic<bool> ready_{false};
 };

@@ -135,8 +135,7 @@ WatchState* state() {
 
 int timeout_ms_until(std::int64_t deadline_ns, std::int64_t now_ns) noexcept {
   std::int64_t left = 0;
-  if (__builtin_sub_overflow(deadline_ns, now_ns, &left))
-    return deadline_ns > now_ns ? INT_MAX : 0;
+  if (__builtin_sub_overflow(deadline_ns, now_ns, &left)) return deadline_ns > now_ns ? INT_MAX : 0;
   if (left <= 0) return 0;
   // Rounded up without computing left + 999'999, which could overflow.
   const std::int64_t ms = left / 1'000'000 + (left % 1'000'000 != 0 ? 1 : 0);

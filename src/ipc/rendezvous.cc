@@ -236,8 +236,8 @@ void ListenCore::on_watch(int fd, std::uint32_t events) noexcept {
     if (listening && backing_off_) {
       // The back-off timer (a oneshot: gone already). Watch the socket again, then try.
       backing_off_ = false;
-      auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), fd,
-                         WatchSpec{os::kEpollIn, false, 0});
+      auto id =
+          watch_fd(std::weak_ptr<Watched>(weak_from_this()), fd, WatchSpec{os::kEpollIn, false, 0});
       if (!id) {
         back_off_locked();
         return;
@@ -399,8 +399,8 @@ void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t 
   if (!ends) {
     // Out of fds or memory (memfd_create, socketpair, mmap): the client may ask again.
     c.refused_busy.fetch_add(1, std::memory_order_relaxed);
-    (void)send_plain(conn.get(), VerdictMsg{kVerdictMagic,
-                                            static_cast<std::uint32_t>(Verdict::RefusedBusy), 0});
+    (void)send_plain(
+        conn.get(), VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(Verdict::RefusedBusy), 0});
     return;
   }
   // send_over() duplicates the end's two fds: hold two fd numbers until then, so that a full fd
@@ -410,8 +410,8 @@ void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t 
   auto spare2 = os::dup_fd(conn.get());
   if (!spare1 || !spare2) {
     c.refused_busy.fetch_add(1, std::memory_order_relaxed);
-    (void)send_plain(conn.get(), VerdictMsg{kVerdictMagic,
-                                            static_cast<std::uint32_t>(Verdict::RefusedBusy), 0});
+    (void)send_plain(
+        conn.get(), VerdictMsg{kVerdictMagic, static_cast<std::uint32_t>(Verdict::RefusedBusy), 0});
     return;
   }
   if (!send_plain(conn.get(),
@@ -535,8 +535,7 @@ bool trusted(const ServerPolicy& p, const os::PeerCred& c) {
   if (p.allow_any) return true;
   if (p.expected_uids.empty())
     return c.uid == 0 || c.uid == os::current_uid() || c.uid == os::effective_uid();
-  return std::find(p.expected_uids.begin(), p.expected_uids.end(), c.uid) !=
-         p.expected_uids.end();
+  return std::find(p.expected_uids.begin(), p.expected_uids.end(), c.uid) != p.expected_uids.end();
 }
 
 constexpr const char* kBusy =
@@ -591,7 +590,8 @@ Result<Channel> connect_once(std::string_view name, Deadline deadline, const Con
   if (!sent) return fail(Errc::Protocol, "connect: accepted without a hello");
   auto received = Channel::receive_from(sock.get(), deadline);
   if (!received && received.error().code == Errc::PeerClosed)
-    return fail(Errc::PeerClosed, "connect: the listener accepted, then closed without the channel");
+    return fail(Errc::PeerClosed,
+                "connect: the listener accepted, then closed without the channel");
   Channel ch = MBMQ_TRY(std::move(received));
   // A listener that ignored the request (or lied) does not get a cooperative end from us.
   if (o.trust == Trust::Untrusted && !detail::ChannelAccess::ep(ch)->untrusted())

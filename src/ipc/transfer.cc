@@ -40,8 +40,7 @@ Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::Unique
     return fail(Errc::Busy, "export channel end: messages pending");
   // What was taken off the control socket ahead of its descriptors cannot travel: only a quiet
   // end moves (the peer's queue doorbell, which has no descriptor, travels below).
-  if (!stash_handles_.empty())
-    return fail(Errc::Busy, "export channel end: handles pending");
+  if (!stash_handles_.empty()) return fail(Errc::Busy, "export channel end: handles pending");
   for (std::uint32_t e = 0; e < shm::kMaxExtents; ++e)
     if (stash_ext_[e].fd || stash_replace_[e].fd)
       return fail(Errc::Busy, "export channel end: extents pending");
@@ -82,8 +81,8 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
   if (out.tail.load(std::memory_order_acquire) != m.tx_tail ||
       in.head.load(std::memory_order_acquire) != m.rx_head)
     return fail(Errc::Protocol, "import channel end: ring positions do not match the segment");
-  auto ep = MBMQ_TRY(Endpoint::make({std::move(seg), std::move(ctl), static_cast<int>(m.side),
-                                     wait, m.tx_tail, m.rx_head, m.next_extent_gen}));
+  auto ep = MBMQ_TRY(Endpoint::make({std::move(seg), std::move(ctl), static_cast<int>(m.side), wait,
+                                     m.tx_tail, m.rx_head, m.next_extent_gen}));
   if (doorbell) {
     // Checked like any doorbell, when first used (P4).
     std::lock_guard lock(ep->mu_);
@@ -117,8 +116,7 @@ Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
                                  os::Blocking::Yes));
   if (r.bytes == 0 && r.nfds == 0) return fail(Errc::PeerClosed, "receive_from");
   if (r.truncated || r.bytes != sizeof(m) || r.nfds != (m.end.doorbell_gen != 0 ? 3u : 2u) ||
-      m.magic != kTransferMagic ||
-      m.version != shm::kLayoutVersion ||
+      m.magic != kTransferMagic || m.version != shm::kLayoutVersion ||
       m.end.kind != static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd))
     return fail(Errc::Protocol, "receive_from: malformed transfer message");
   // The wait policy is this process's choice, never the sender's (WaitPolicy{}: adaptive).

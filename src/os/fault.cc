@@ -14,9 +14,8 @@ namespace mbmq::os {
 namespace {
 
 constexpr std::array<const char*, static_cast<std::size_t>(Fault::kCount)> kNames = {
-    "memfd_create", "ftruncate",  "mmap",       "sendmsg",  "recvmsg",
-    "socketpair",   "futex_wait", "futex_wake", "epoll_ctl",
-    "sendfile",     "splice"};
+    "memfd_create", "ftruncate",  "mmap",      "sendmsg",  "recvmsg", "socketpair",
+    "futex_wait",   "futex_wake", "epoll_ctl", "sendfile", "splice"};
 
 struct Armed {
   std::atomic<std::uint32_t> calls{0};

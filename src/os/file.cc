@@ -91,8 +91,8 @@ Result<std::size_t> pread_full(int fd, std::span<std::byte> buf, std::uint64_t o
   std::size_t done = 0;
   while (done < buf.size()) {
     count_syscall();
-    ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done,
-                        static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return fail(Error::from_syscall("pread", errno));
     if (n == 0) break;
@@ -105,8 +105,8 @@ Status pwrite_full(int fd, std::span<const std::byte> buf, std::uint64_t offset)
   std::size_t done = 0;
   while (done < buf.size()) {
     count_syscall();
-    ssize_t n = ::pwrite(fd, buf.data() + done, buf.size() - done,
-                         static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pwrite(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return fail(Error::from_syscall("pwrite", n < 0 ? errno : EIO));
     done += static_cast<std::size_t>(n);

@@ -213,13 +213,14 @@ Result<UniqueFd> connect_abstract(std::string_view name, std::int64_t timeout_ns
   for (bool again = false;; again = true) {
     if (timeout_ns >= 0) {
       const std::int64_t left = timeout_ns - (monotonic_ns() - start);
-      if (again && left <= 0) return fail(Errc::TimedOut, "connect: the listener's backlog is full");
+      if (again && left <= 0)
+        return fail(Errc::TimedOut, "connect: the listener's backlog is full");
       // At least 1 us (a zero SO_SNDTIMEO means no limit): an expired deadline still connects to
       // a listener with room in its backlog.
       const std::int64_t ns = left < 1000 ? 1000 : left;
       const std::int64_t s = ns / 1'000'000'000 < INT32_MAX ? ns / 1'000'000'000 : INT32_MAX;
-      timeval tv{static_cast<time_t>(s), static_cast<suseconds_t>(
-                                             s == INT32_MAX ? 0 : ns % 1'000'000'000 / 1000)};
+      timeval tv{static_cast<time_t>(s),
+                 static_cast<suseconds_t>(s == INT32_MAX ? 0 : ns % 1'000'000'000 / 1000)};
       count_syscall();
       if (::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0)
         return fail(Error::from_syscall("setsockopt(SO_SNDTIMEO)", errno));

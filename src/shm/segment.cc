@@ -81,7 +81,9 @@ Result<Segment> Segment::attach(os::UniqueFd fd) {
   std::memcpy(&h, s.map_.data(), sizeof(h));  // read once, validate the private copy
   if (h.magic != kMagic || h.version != kLayoutVersion || h.ring_capacity != kRingCapacity)
     return fail(Errc::Protocol, "segment: bad magic or layout version");
-  auto g = compute_geometry(h.slots_per_side, h.slot_size, Limits{h.max_in_flight, h.max_handles, h.untrusted_mask, h.copy_threshold});
+  auto g =
+      compute_geometry(h.slots_per_side, h.slot_size,
+                       Limits{h.max_in_flight, h.max_handles, h.untrusted_mask, h.copy_threshold});
   if (!g || g->segment_size != size || g->segment_size != h.segment_size ||
       g->pool_offset != h.pool_offset || g->dir_offset[0] != h.dir_offset[0] ||
       g->dir_offset[1] != h.dir_offset[1] || g->copy_threshold != h.copy_threshold)

@@ -1,8 +1,9 @@
 // Fuzz target: a peer that sends arbitrary control-socket packets (P3, P3b, P3c, P7b): extent
 // and doorbell messages (sealed or not, replacements), handle packets with fds and file ranges,
 // truncated and oversized ones, each perhaps followed by a descriptor that names it, to a victim
-// that is cooperative or untrusted (P5b). The victim must take or close every fd it is sent (checked: the fd
-// count comes back), and treat every inconsistency as a protocol error of that channel.
+// that is cooperative or untrusted (P5b). The victim must take or close every fd it is sent
+// (checked: the fd count comes back), and treat every inconsistency as a protocol error of that
+// channel.
 #include <cstring>
 
 #include "fuzz_common.h"

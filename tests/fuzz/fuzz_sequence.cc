@@ -110,7 +110,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           e.desc = shm::Desc{
               (ext ? shm::kExtentBit : opt.slots_per_side) +
                   in.ConsumeIntegralInRange<std::uint32_t>(0, ext ? 3 : opt.slots_per_side),
-              in.ConsumeIntegralInRange<std::uint32_t>(0, 3 * 4096), in.ConsumeIntegral<std::uint8_t>() % 5u,
+              in.ConsumeIntegralInRange<std::uint32_t>(0, 3 * 4096),
+              in.ConsumeIntegral<std::uint8_t>() % 5u,
               static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(1, 5) |
                                          (in.ConsumeBool() ? shm::kDescHasHandles : 0) |
                                          (in.ConsumeBool() ? shm::kDescReplaced : 0)),
@@ -126,9 +127,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           break;
         case 4:  // shrink a memfd sent earlier (legal only for unsealed ones: the victim's checks)
           if (!truncatable.empty())
-            (void)os::truncate_file(truncatable[in.ConsumeIntegralInRange<std::size_t>(
-                                        0, truncatable.size() - 1)],
-                                    0);
+            (void)os::truncate_file(
+                truncatable[in.ConsumeIntegralInRange<std::size_t>(0, truncatable.size() - 1)], 0);
           break;
         case 5: {  // the victim sends a one-way message or a request (slot or extent)
           auto b = victim.buffer(in.ConsumeBool() ? 64 : 70000);

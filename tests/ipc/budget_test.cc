@@ -51,8 +51,7 @@ class Honest {
       }
       for (unsigned i = 0; !stop_.load(); ++i) {
         b->data()[0] = static_cast<std::byte>(i & 0x7f);
-        if (!client_.call(*b, secs(10)) ||
-            b->data()[0] != static_cast<std::byte>((i & 0x7f) + 1)) {
+        if (!client_.call(*b, secs(10)) || b->data()[0] != static_cast<std::byte>((i & 0x7f) + 1)) {
           failed_ = true;
           return;
         }
@@ -237,7 +236,7 @@ TEST(PeerBudget, SparseHugeExtentsCostOnlyTheirPayloads) {
   const double ms = static_cast<double>(monotonic_ns() - t0) / 1e6;
   std::uint64_t bytes = 0;
   for (auto& f : files) {
-    struct stat st{};
+    struct stat st {};
     ASSERT_EQ(::fstat(f.get(), &st), 0);
     bytes += static_cast<std::uint64_t>(st.st_blocks) * 512;
   }
@@ -295,8 +294,9 @@ TEST(PeerBudget, APeerThatNeverReadsItsControlSocketIsClosedNotWaitedFor) {
   EXPECT_LT(slowest, 1'000'000'000) << "a send blocked";
   ASSERT_TRUE(honest.finish());
   char buf[160];
-  std::snprintf(buf, sizeof buf, "closed with Protocol after %d unread packets; slowest send %.2f ms",
-                sent, static_cast<double>(slowest) / 1e6);
+  std::snprintf(buf, sizeof buf,
+                "closed with Protocol after %d unread packets; slowest send %.2f ms", sent,
+                static_cast<double>(slowest) / 1e6);
   report("control messages a peer leaves unread",
          "the socket's send buffer (~555 packets); then Protocol, never a blocked send", buf,
          honest.calls());

@@ -50,7 +50,6 @@ using test::Watchdog;
 
 constexpr std::size_t kBig = 1 << 20;  // an extent, above the default copy_threshold (64 KiB)
 
-
 struct Disarm {
   ~Disarm() { os::disarm_failures(); }
 };

@@ -1,8 +1,9 @@
 // File ranges as handles and socket egress (include/mbmq/file.h): ranges arrive intact up to
 // 1 GiB, send_file/send_buffer move bytes through sockets with sendfile, splice, or the write
 // fallback (saying so), and whatever a peer claims about a file is checked against the file.
-#include <gtest/gtest.h>
+#include "os/file.h"
 
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,7 +12,6 @@
 #include <thread>
 
 #include "os/fault.h"
-#include "os/file.h"
 #include "os/tcp.h"
 #include "os/unix_socket.h"
 #include "test_util.h"

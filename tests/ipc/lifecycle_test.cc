@@ -46,7 +46,6 @@ constexpr std::int64_t kMs = 1'000'000;
 // Added to every deadline assertion: scheduling noise on 2 shared cores (and sanitizers).
 constexpr std::int64_t kMargin = 500 * kMs;
 
-
 // Wall and thread-CPU time of one blocking operation on the calling thread.
 struct Timed {
   std::int64_t wall = 0, cpu = 0;

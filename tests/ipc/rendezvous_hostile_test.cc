@@ -66,11 +66,10 @@ int serve_with_fd_limit(const std::string& name, std::uint64_t fd_limit, const L
     auto quit = os::wait_readable(quit_fd, 0);
     if (quit && *quit) {
       const ListenerStats st = l->stats();
-      std::fprintf(stderr, "server: accepted %llu, failed %llu, refused %llu, live %llu\n",
-                   static_cast<unsigned long long>(st.accepted),
-                   static_cast<unsigned long long>(st.failed),
-                   static_cast<unsigned long long>(l->refused()),
-                   static_cast<unsigned long long>(st.live));
+      std::fprintf(
+          stderr, "server: accepted %llu, failed %llu, refused %llu, live %llu\n",
+          static_cast<unsigned long long>(st.accepted), static_cast<unsigned long long>(st.failed),
+          static_cast<unsigned long long>(l->refused()), static_cast<unsigned long long>(st.live));
       return 0;
     }
     auto m = q->wait(Deadline::after(50ms));
@@ -211,9 +210,9 @@ TEST(RendezvousHostile, AListenerOfAnotherUidIsNotTrustedByDefault) {
 
 // A server whose connection limit is above what its fd table holds (max_connections = 1024, the
 // old default, with 128 fds): idle clients and silent connections fill the table, and accept4()
-// fails with EMFILE while connections wait in the backlog. Before the fix the level-triggered listening socket woke the
-// watcher thread at once, forever (about 75% of a core); now it pauses, and an honest client gets
-// in as soon as the idle ones leave.
+// fails with EMFILE while connections wait in the backlog. Before the fix the level-triggered
+// listening socket woke the watcher thread at once, forever (about 75% of a core); now it pauses,
+// and an honest client gets in as soon as the idle ones leave.
 TEST(RendezvousHostile, AFullFdTableMakesTheListenerPauseNotSpin) {
   const std::string name = unique_name("emfile");
   ListenOptions opt;
@@ -246,7 +245,8 @@ TEST(RendezvousHostile, AFullFdTableMakesTheListenerPauseNotSpin) {
   }
   std::this_thread::sleep_for(100ms);
   const std::int64_t cpu = cpu_ns_over(server.pid, 1000);
-  std::printf("server CPU over 1 s with a full fd table: %.1f ms\n", static_cast<double>(cpu) / 1e6);
+  std::printf("server CPU over 1 s with a full fd table: %.1f ms\n",
+              static_cast<double>(cpu) / 1e6);
   EXPECT_LT(cpu, 200'000'000) << "the server spins on a full fd table";
   // The idle clients leave: their server ends close, and an honest client gets in.
   idle.clear();
@@ -344,8 +344,7 @@ std::uint32_t read_verdict(int sock) {
   if (!ready || !*ready) return 0;
   RawVerdict v;
   std::array<os::UniqueFd, 1> none;
-  auto r = os::recv_msg(sock, {reinterpret_cast<std::byte*>(&v), sizeof v}, none,
-                        os::Blocking::No);
+  auto r = os::recv_msg(sock, {reinterpret_cast<std::byte*>(&v), sizeof v}, none, os::Blocking::No);
   if (!r || r->bytes != sizeof v) return 0;
   if (v.verdict != 1) return v.verdict;
   ready = os::wait_readable(sock, 2'000'000'000);

@@ -216,7 +216,8 @@ TEST(Rendezvous, ARedirectedListenerDeliversConnectionsAndRequestsToOneLoop) {
       std::string rings;
       for (auto seg : segs) {
         auto* d0 = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset);
-        auto* d1 = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset + sizeof(shm::Direction));
+        auto* d1 = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset +
+                                                     sizeof(shm::Direction));
         rings += " [c->s tail " + std::to_string(d0->tail.load()) + " head " +
                  std::to_string(d0->head.load()) + " sleeping " +
                  std::to_string(d0->consumer_sleeping.load()) + " dbgen " +
@@ -225,8 +226,8 @@ TEST(Rendezvous, ARedirectedListenerDeliversConnectionsAndRequestsToOneLoop) {
                  "; s->c tail " + std::to_string(d1->tail.load()) + " head " +
                  std::to_string(d1->head.load()) + "]";
       }
-      FAIL() << rings << m.error().message() << " after " << connections << " connections, " << requests
-             << " requests, " << closed << " closed; client exit codes:" << codes
+      FAIL() << rings << m.error().message() << " after " << connections << " connections, "
+             << requests << " requests, " << closed << " closed; client exit codes:" << codes
              << " (30: connect failed); listener stats: accepted " << l->stats().accepted
              << ", failed " << l->stats().failed;
     }

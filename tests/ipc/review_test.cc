@@ -249,15 +249,15 @@ TEST(Review, AReleaseExtentFloodDoesNotKeepCallPastItsDeadline) {
   const auto took = std::chrono::steady_clock::now() - t0;
   f.stop = true;
   attacker.join();
-  std::printf("call flood: %lld ms, %u descriptors flooded\n",
-              static_cast<long long>(
-                  std::chrono::duration_cast<std::chrono::milliseconds>(took).count()),
-              f.pushed);
+  std::printf(
+      "call flood: %lld ms, %u descriptors flooded\n",
+      static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(took).count()),
+      f.pushed);
   EXPECT_FALSE(s);
   EXPECT_LT(took, 1000ms) << "call(200 ms) returned after "
                           << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
-                          << " ms (" << (s ? "ok" : s.error().message()) << "), "
-                          << f.pushed << " descriptors flooded";
+                          << " ms (" << (s ? "ok" : s.error().message()) << "), " << f.pushed
+                          << " descriptors flooded";
 }
 
 // 4b. The same flood against receive().
@@ -317,8 +317,8 @@ TEST(Review, OneFloodingClientDoesNotFreezeTheServersQueue) {
   stop = true;
   server_loop.join();
   EXPECT_TRUE(s) << "honest call: " << s.error().message() << " after "
-                 << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
-                 << " ms, " << f.pushed << " descriptors flooded by the other client";
+                 << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms, "
+                 << f.pushed << " descriptors flooded by the other client";
 }
 
 // ---------------------------------------------------------------------------------------------

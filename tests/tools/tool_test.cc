@@ -47,8 +47,10 @@ ToolRun run(const std::vector<std::string>& args) {
 }
 
 const std::vector<std::string> kMechanisms = {
-    "raw-spin", "raw-ring", "raw-futex", "mbmq-spin", "mbmq-adaptive", "mbmq-sleep", "mbmq-untrusted", "mbmq-untrusted-copy", "pipe",
-    "uds",      "uds-seqpacket", "tcp",       "zeromq-ipc", "boost-mq",      "iceoryx"};
+    "raw-spin",      "raw-ring",   "raw-futex",      "mbmq-spin",
+    "mbmq-adaptive", "mbmq-sleep", "mbmq-untrusted", "mbmq-untrusted-copy",
+    "pipe",          "uds",        "uds-seqpacket",  "tcp",
+    "zeromq-ipc",    "boost-mq",   "iceoryx"};
 
 TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
   const std::vector<std::vector<std::string>> bad = {

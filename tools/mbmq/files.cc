@@ -81,7 +81,8 @@ bool fetch(std::uint16_t port, int requests, std::uint64_t size, std::string* wh
       return *why = "body differs", false;
     pos += rest.size();
     while (pos < len) {
-      auto n = os::read_some(s->get(), {buf.data(), std::min<std::uint64_t>(buf.size(), len - pos)});
+      auto n =
+          os::read_some(s->get(), {buf.data(), std::min<std::uint64_t>(buf.size(), len - pos)});
       if (!n || *n == 0) return *why = "connection closed in the body", false;
       if (!check(buf.data(), *n)) return *why = "body differs at " + std::to_string(pos), false;
       pos += *n;
@@ -109,12 +110,11 @@ Result<Running> start(const Server& sv, const std::string& dir) {
   (void)os::pin_to_cpu(1);
   if (sv.nginx) {
     // A port for nginx: bind an ephemeral one, note it, let it go.
-    {
-      auto probe = MBMQ_TRY(os::tcp_listen("127.0.0.1", 0, 1, &run.port));
-    }
+    { auto probe = MBMQ_TRY(os::tcp_listen("127.0.0.1", 0, 1, &run.port)); }
     std::string conf = dir + "/nginx.conf";
     std::ofstream(conf) << "worker_processes 1;\ndaemon off;\nmaster_process off;\n"
-                        << "error_log " << dir << "/nginx-error.log;\npid " << dir << "/nginx.pid;\n"
+                        << "error_log " << dir << "/nginx-error.log;\npid " << dir
+                        << "/nginx.pid;\n"
                         << "events { worker_connections 64; }\n"
                         << "http {\n  sendfile on;\n  tcp_nopush on;\n  access_log off;\n"
                         << "  keepalive_requests 1000000;\n  keepalive_timeout 60s;\n"
@@ -124,9 +124,8 @@ Result<Running> start(const Server& sv, const std::string& dir) {
                         << "  types { application/octet-stream bin; }\n"
                         << "  server {\n    listen 127.0.0.1:" << run.port << ";\n    root " << dir
                         << "/www;\n  }\n}\n";
-    run.pid = MBMQ_TRY(os::spawn_program("/usr/sbin/nginx", {"-p", dir, "-c", conf, "-e",
-                                                           dir + "/nginx-error.log"},
-                                         -1, -1));
+    run.pid = MBMQ_TRY(os::spawn_program(
+        "/usr/sbin/nginx", {"-p", dir, "-c", conf, "-e", dir + "/nginx-error.log"}, -1, -1));
   } else {
     auto l = MBMQ_TRY(os::tcp_listen("127.0.0.1", 0, 64, &run.port));
     auto pid = MBMQ_TRY(os::fork_process());
@@ -159,17 +158,21 @@ std::string fmt(double v, int prec = 2) {
 }  // namespace
 
 int run_files(const std::vector<std::string>& argv_rest) {
-  CLI::App app{"mbmq files: serving a file over loopback HTTP: read+write, mmap+write, sendfile, "
-               "splice, and nginx (sendfile on)"};
+  CLI::App app{
+      "mbmq files: serving a file over loopback HTTP: read+write, mmap+write, sendfile, "
+      "splice, and nginx (sendfile on)"};
   std::uint64_t file_mib = 256;
   int requests = 8, rounds = 3;
   bool json = false, markdown = false, no_nginx = false;
-  app.add_option("--file-mib", file_mib, "size of the file served")->check(CLI::Range(1, 4096))
+  app.add_option("--file-mib", file_mib, "size of the file served")
+      ->check(CLI::Range(1, 4096))
       ->capture_default_str();
   app.add_option("--requests", requests, "requests per server per round (one connection)")
-      ->check(CLI::Range(1, 1000))->capture_default_str();
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
   app.add_option("--rounds", rounds, "interleaved rounds; medians are reported")
-      ->check(CLI::Range(1, 50))->capture_default_str();
+      ->check(CLI::Range(1, 50))
+      ->capture_default_str();
   app.add_flag("--json", json, "JSON instead of the table");
   app.add_flag("--markdown", markdown, "a Markdown table (for the README)");
   app.add_flag("--no-nginx", no_nginx, "leave nginx out");
@@ -193,8 +196,9 @@ int run_files(const std::vector<std::string>& argv_rest) {
   const bool have_nginx = os::open_read("/usr/sbin/nginx").has_value();
   if (!no_nginx && have_nginx) servers.push_back({"nginx", true, fileserver::Mode::Sendfile});
   if (!no_nginx && !have_nginx)
-    std::fprintf(stderr, "mbmq files: /usr/sbin/nginx not found: nginx left out "
-                         "(scripts/install-deps.sh installs it)\n");
+    std::fprintf(stderr,
+                 "mbmq files: /usr/sbin/nginx not found: nginx left out "
+                 "(scripts/install-deps.sh installs it)\n");
   std::string cmd = "mkdir -p " + dir + "/www";
   if (std::system(cmd.c_str()) != 0) return 1;
   {
@@ -275,7 +279,9 @@ int run_files(const std::vector<std::string>& argv_rest) {
     return 0;
   }
   if (markdown) {
-    std::printf("| server | GiB/s (median; min-max) | server CPU s/GiB | x read+write | client CPU s/GiB |\n");
+    std::printf(
+        "| server | GiB/s (median; min-max) | server CPU s/GiB | x read+write | client CPU s/GiB "
+        "|\n");
     std::printf("| --- | --- | --- | --- | --- |\n");
   } else {
     std::printf("%-12s %22s %18s %14s %18s\n", "server", "GiB/s (min-max)", "server CPU s/GiB",
@@ -293,8 +299,9 @@ int run_files(const std::vector<std::string>& argv_rest) {
                   fmt(r[1], 3).c_str(), x.c_str(), fmt(r[2], 3).c_str());
   }
   if (!markdown)
-    std::printf("\nServer on CPU 1, client on CPU 0; one keep-alive connection; CPU from each "
-                "process's CPU clock over the measured requests.\n");
+    std::printf(
+        "\nServer on CPU 1, client on CPU 0; one keep-alive connection; CPU from each "
+        "process's CPU clock over the measured requests.\n");
   return 0;
 }
 

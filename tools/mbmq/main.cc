@@ -250,10 +250,11 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
 }
 
 int usage() {
-  std::fprintf(stderr,
-               "usage: mbmq bench [options]    side-by-side IPC benchmark (mbmq bench --help)\n"
-               "       mbmq copies [options]   copies per request, by design and measured\n"
-               "       mbmq files [options]    serving a file: read+write, mmap, sendfile, splice, nginx\n");
+  std::fprintf(
+      stderr,
+      "usage: mbmq bench [options]    side-by-side IPC benchmark (mbmq bench --help)\n"
+      "       mbmq copies [options]   copies per request, by design and measured\n"
+      "       mbmq files [options]    serving a file: read+write, mmap, sendfile, splice, nginx\n");
   return 2;
 }
 

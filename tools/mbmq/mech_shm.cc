@@ -176,7 +176,8 @@ Mechanism mbmq_mechanism(const char* name, WaitMode mode, Trust server_trust = T
   Mechanism m;
   m.name = name;
   m.copies_by_design =
-      server_trust != Trust::Untrusted ? "0: the payload is written once, in a buffer the server reads in place"
+      server_trust != Trust::Untrusted
+          ? "0: the payload is written once, in a buffer the server reads in place"
       : copy_threshold == 0
           ? "1 up to copy_threshold = 64 KiB (the server copies the request into private memory, "
             "and its 8-byte answer back); 0 above it (a sealed memfd, mapped), but fresh pages "
