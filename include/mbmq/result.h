@@ -45,8 +45,18 @@ struct Error {
   std::string message() const;
 };
 
+// tl::expected, marked [[nodiscard]]: dropping a returned Result or Status is a compile-time
+// warning (an error with -Werror, as in CI): an error is handled, or dropped with (void) on
+// purpose.
 template <class T>
-using Result = tl::expected<T, Error>;
+class [[nodiscard]] Result : public tl::expected<T, Error> {
+  using Base = tl::expected<T, Error>;
+
+ public:
+  using Base::Base;
+  Result(const Base& b) : Base(b) {}        // NOLINT(google-explicit-constructor)
+  Result(Base&& b) : Base(std::move(b)) {}  // NOLINT(google-explicit-constructor)
+};
 using Status = Result<void>;
 
 inline tl::unexpected<Error> fail(Errc code, const char* op) noexcept {
