@@ -77,7 +77,7 @@ Status Buffer::attach_fd(int fd) {
   detail::Handle* h = next_free_handle(handles_);
   if (h == nullptr) return fail(Errc::InvalidArgument, "Buffer::attach_fd: kMaxHandles reached");
   *h = detail::Handle{};
-  h->meta.kind = static_cast<std::uint32_t>(shm::HandleKind::Fd);
+  h->meta.kind = static_cast<std::uint32_t>(shm::WireHandle::Fd);
   h->fd = std::move(owned);
   ++handles_->count;
   return {};
@@ -102,12 +102,12 @@ std::size_t Buffer::handle_count() const noexcept { return handles_ ? handles_->
 
 HandleKind Buffer::handle_kind(std::size_t i) const noexcept {
   if (i >= handle_count()) return HandleKind::None;
-  switch (static_cast<shm::HandleKind>(handles_->items[i].meta.kind)) {
-    case shm::HandleKind::Fd:
+  switch (static_cast<shm::WireHandle>(handles_->items[i].meta.kind)) {
+    case shm::WireHandle::Fd:
       return HandleKind::Fd;
-    case shm::HandleKind::ChannelEnd:
+    case shm::WireHandle::ChannelEnd:
       return HandleKind::Channel;
-    case shm::HandleKind::FileRange:
+    case shm::WireHandle::FileRange:
       return HandleKind::File;
   }
   return HandleKind::None;

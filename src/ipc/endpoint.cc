@@ -178,7 +178,7 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
     std::size_t cap = (size + 4095) / 4096 * 4096;
     auto fd = os::make_sealed_memfd("mbmq-extent", cap);
     if (!fd) return fail(fd.error());
-    auto map = os::Mapping::map_shared(fd->get(), cap, os::Access::ReadWrite, /*prefault=*/true);
+    auto map = os::Mapping::map_shared(fd->get(), cap, os::Access::ReadWrite, os::Prefault::Yes);
     if (!map) return fail(map.error());
     std::uint32_t e = free_ext_.back();
     free_ext_.pop_back();
@@ -338,10 +338,10 @@ bool Endpoint::read_control_once() {
               (m.aux & ~(0xffu | shm::kHandlesForReply)) == 0 &&
               r->bytes == sizeof(m) + count * sizeof(shm::HandleMeta);
     for (std::uint32_t k = 0; ok && k < count; ++k) {
-      if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::Fd) ||
-          pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::FileRange)) {
+      if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::WireHandle::Fd) ||
+          pkt.meta[k].kind == static_cast<std::uint32_t>(shm::WireHandle::FileRange)) {
         want_fds += 1;
-      } else if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
+      } else if (pkt.meta[k].kind == static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd)) {
         want_fds += pkt.meta[k].doorbell_gen != 0 ? 3 : 2;
       } else {
         ok = false;
@@ -366,7 +366,7 @@ bool Endpoint::read_control_once() {
       item.meta = pkt.meta[k];
       item.incoming = true;
       item.fd = std::move(fds[f++]);
-      if (item.meta.kind == static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd)) {
+      if (item.meta.kind == static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd)) {
         item.fd2 = std::move(fds[f++]);
         if (item.meta.doorbell_gen != 0) item.fd3 = std::move(fds[f++]);
       }
@@ -400,7 +400,8 @@ bool Endpoint::read_control_once() {
   return true;
 }
 
-bool Endpoint::handles_arrived_locked(const Desc& d, bool reply) {
+bool Endpoint::handles_arrived_locked(const Desc& d, HandlesOf of) {
+  const bool reply = of == HandlesOf::Reply;
   StashedHandles* found = nullptr;
   auto match = [&] {
     for (auto& st : stash_handles_) {
@@ -419,7 +420,8 @@ bool Endpoint::handles_arrived_locked(const Desc& d, bool reply) {
   return true;
 }
 
-HandlesPtr Endpoint::take_handles_locked(const Desc& d, bool reply) {
+HandlesPtr Endpoint::take_handles_locked(const Desc& d, HandlesOf of) {
+  const bool reply = of == HandlesOf::Reply;
   for (auto it = stash_handles_.begin(); it != stash_handles_.end(); ++it) {
     if (it->id == d.buffer && it->gen == d.gen && it->reply == reply && it->claimed) {
       HandlesPtr h = std::move(it->h);
@@ -430,7 +432,8 @@ HandlesPtr Endpoint::take_handles_locked(const Desc& d, bool reply) {
   return nullptr;
 }
 
-Result<bool> Endpoint::send_handles_locked(Buffer& b, bool reply) {
+Result<bool> Endpoint::send_handles_locked(Buffer& b, HandlesOf of) {
+  const bool reply = of == HandlesOf::Reply;
   Handles& hs = *b.handles_;
   struct {
     shm::CtlMsg h;
@@ -498,7 +501,7 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
   }
   std::uint16_t k = static_cast<std::uint16_t>(kind);
   if (b.handles_) {
-    if (MBMQ_TRY(send_handles_locked(b, false))) k |= shm::kDescHasHandles;
+    if (MBMQ_TRY(send_handles_locked(b, HandlesOf::Message))) k |= shm::kDescHasHandles;
     b.handles_.reset();  // sent: the receiver's copies are the live ones
   }
   MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, k, 0}));
@@ -591,7 +594,7 @@ Status Endpoint::reply(Buffer&& b) {
     return copied;
   }
   if (b.handles_) {
-    auto sent = send_handles_locked(b, true);
+    auto sent = send_handles_locked(b, HandlesOf::Reply);
     if (!sent) {
       // Too many handles for the channel: the replier's mistake, to fix and retry.
       if (sent.error().code == Errc::WouldBlock || sent.error().code == Errc::InvalidArgument) {
@@ -685,7 +688,8 @@ Status Endpoint::fresh_extent_locked(OwnExtent& x, const std::byte* src, std::si
                                      std::size_t cap) {
   MBMQ_ASSERT(size <= cap);
   auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
-  auto map = MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, true));
+  auto map =
+      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Yes));
   if (size > 0) std::memcpy(map.data(), src, size);
   x.fd = std::move(fd);
   x.map = std::move(map);
@@ -843,7 +847,7 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
         std::uint32_t e = d.buffer & ~kExtentBit;
         if (e >= kMaxExtents) return bad("receive: invalid extent descriptor");
         if (const char* why = map_peer_extent(e, d.gen, d.size)) return bad(why);
-        if (with_handles && !handles_arrived_locked(d, false))
+        if (with_handles && !handles_arrived_locked(d, HandlesOf::Message))
           return bad("receive: handles announced but not sent");
         peer_ext_[e].held = true;
       } else {
@@ -851,7 +855,7 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
         if (d.buffer < first || d.buffer - first >= n_ || d.size > slot_size_)
           return bad("receive: invalid slot descriptor");
         if (peer_held_[d.buffer - first]) return bad("receive: a buffer sent twice");
-        if (with_handles && !handles_arrived_locked(d, false))
+        if (with_handles && !handles_arrived_locked(d, HandlesOf::Message))
           return bad("receive: handles announced but not sent");
         peer_held_[d.buffer - first] = true;
       }
@@ -892,7 +896,7 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
           return bad("reply (untrusted): answer above copy_threshold in shared memory");
         if (d.size > own_capacity(d.buffer)) return bad("receive: reply larger than its buffer");
       }
-      if (with_handles && !handles_arrived_locked(d, true))
+      if (with_handles && !handles_arrived_locked(d, HandlesOf::Reply))
         return bad("receive: handles announced but not sent");
       if (replaced) {  // commit (P7b): the old generation is stale for the peer, the fd is resent
         OwnExtent& x = own_ext_[d.buffer & ~kExtentBit];
@@ -909,7 +913,8 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
           if (requests_out_ > 0) --requests_out_;
           return Accepted::CallDone;
         case OwnState::Abandoned:  // the late reply to a call that timed out
-          if (with_handles) (void)take_handles_locked(d, true);  // closed: nobody waits for them
+          if (with_handles)
+            (void)take_handles_locked(d, HandlesOf::Reply);  // closed: nobody waits for them
           free_own(d.buffer);
           if (requests_out_ > 0) --requests_out_;
           return Accepted::Internal;
@@ -938,7 +943,9 @@ void Endpoint::make_message(const Desc& d, Message* out) {
   b.reset();
   const std::uint16_t kind = d.kind & static_cast<std::uint16_t>(~shm::kDescFlags);
   if ((d.kind & shm::kDescHasHandles) != 0)
-    b.handles_ = take_handles_locked(d, kind == static_cast<std::uint16_t>(DescKind::Reply));
+    b.handles_ = take_handles_locked(d, kind == static_cast<std::uint16_t>(DescKind::Reply)
+                                            ? HandlesOf::Reply
+                                            : HandlesOf::Message);
   b.ep_ = shared_from_this();
   b.id_ = d.buffer;
   b.gen_ = d.gen;
@@ -1110,8 +1117,8 @@ void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
 
 // ---- waiting (P6) -----------------------------------------------------------------------------
 
-void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, bool ring_only) {
-  auto ready = [&] { return ring_only ? ring_ready() : inbound_ready(); };
+void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what) {
+  auto ready = [&] { return what == WaitFor::Ring ? ring_ready() : inbound_ready(); };
   if (policy.mode != WaitMode::Sleep) {
     // The clock is first read after 64 looks: a reply that comes at once costs no clock read.
     std::int64_t start = 0;
@@ -1175,7 +1182,8 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
           MBMQ_CRASH_POINT("call.got_reply");
           b.size_ = d.size;
           own_view_locked(b, d.size);
-          if ((d.kind & shm::kDescHasHandles) != 0) b.handles_ = take_handles_locked(d, true);
+          if ((d.kind & shm::kDescHasHandles) != 0)
+            b.handles_ = take_handles_locked(d, HandlesOf::Reply);
           if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
             return fail(Errc::NoReply, "call");
           return {};
@@ -1206,7 +1214,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       detach_buffer(b);
       return fail(Errc::TimedOut, "call");
     }
-    wait_inbound(deadline, policy, /*ring_only=*/true);
+    wait_inbound(deadline, policy, WaitFor::Ring);
   }
 }
 
@@ -1232,7 +1240,7 @@ Result<Message> Endpoint::receive(Deadline deadline) {
     if (p == Poll::Got || p == Poll::Ended) return m;
     if (p == Poll::Gone) return fail(closed_errc(state()), "receive");
     if (deadline.expired()) return fail(Errc::TimedOut, "receive");
-    wait_inbound(deadline, policy, /*ring_only=*/false);
+    wait_inbound(deadline, policy, WaitFor::AnyMessage);
   }
 }
 

@@ -186,6 +186,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
     std::uint32_t gen = 0;
     bool sealed = false;  // announced with kExtentSealed (checked when used)
   };
+  // Whose buffer a handles packet rides on: a message of the sender's, or the reply in ours.
+  enum class HandlesOf : std::uint8_t { Message, Reply };
   // What accept() made of a descriptor (P5).
   enum class Accepted { Deliver, Internal, CallDone, Bad };
 
@@ -203,7 +205,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   }
   // (P3b) Sends b's outgoing handles on the control socket (ring room already checked); false if
   // it has none to send.
-  Result<bool> send_handles_locked(Buffer& b, bool reply);
+  Result<bool> send_handles_locked(Buffer& b, HandlesOf of);
   // Sends one control message without blocking (mu_ held). A full socket means the peer does
   // not read it: the channel is closed with Errc::Protocol.
   Status send_ctl_locked(std::span<const std::byte> bytes, std::span<const int> fds);
@@ -224,9 +226,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // (P8) The peer is gone: buffers lent to it come back to the pool (a call's to its caller).
   void reclaim_lent_locked() noexcept;
   // (P3b) Whether the handles of Desc d are stashed (reading the control socket if needed).
-  bool handles_arrived_locked(const shm::Desc& d, bool reply);
+  bool handles_arrived_locked(const shm::Desc& d, HandlesOf of);
   // Takes the stashed handles of Desc d out of the stash.
-  HandlesPtr take_handles_locked(const shm::Desc& d, bool reply);
+  HandlesPtr take_handles_locked(const shm::Desc& d, HandlesOf of);
   void make_message(const shm::Desc& d, Message* out);
   OwnSlot* own_slot(std::uint32_t id) noexcept;
   std::uint32_t own_capacity(std::uint32_t id) const noexcept;
@@ -273,8 +275,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   bool pending_pop(shm::Desc* d) noexcept;
 
   // No lock: waits until the inbound ring may have data, the state changed, or the deadline.
-  // ring_only: messages already pending do not count (call() waits for its reply in the ring).
-  void wait_inbound(Deadline deadline, WaitPolicy policy, bool ring_only);
+  // WaitFor::Ring: messages already pending do not count (call() waits for its reply in the ring).
+  enum class WaitFor : std::uint8_t { Ring, AnyMessage };
+  void wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what);
   bool inbound_ready() const noexcept;
   bool ring_ready() const noexcept;
 

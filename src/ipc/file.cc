@@ -89,7 +89,7 @@ Status Buffer::attach_file(int fd, std::uint64_t offset, std::uint64_t length) {
     return fail(Errc::InvalidArgument, "Buffer::attach_file: kMaxHandles reached");
   detail::Handle& h = handles_->items[handles_->count];
   h = detail::Handle{};
-  shm::FileRangeMeta meta{static_cast<std::uint32_t>(shm::HandleKind::FileRange), 0, offset, length,
+  shm::FileRangeMeta meta{static_cast<std::uint32_t>(shm::WireHandle::FileRange), 0, offset, length,
                           0};
   std::memcpy(&h.meta, &meta, sizeof meta);
   h.fd = std::move(owned);

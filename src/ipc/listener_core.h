@@ -30,7 +30,7 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   ~ListenCore();
 
   // Sends arrivals to `queue` with `key` from now on, and wakes it if some are waiting.
-  Status bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key, bool exclusive);
+  Status bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key);
   enum class Take { Got, Empty, Gone };
   // From the queue's scan (its mutex held): the next accepted channel as a Kind::Connection.
   // Gone: the listener was closed; the queue forgets it.

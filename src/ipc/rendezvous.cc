@@ -175,14 +175,11 @@ void ListenCore::close() noexcept {
   if (q) q->poke();
 }
 
-Status ListenCore::bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key,
-                        bool exclusive) {
+Status ListenCore::bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key) {
   std::shared_ptr<QueueCore> q;
   {
     std::lock_guard lock(mu_);
     if (closed_) return fail(Errc::InvalidArgument, "Listener: closed");
-    if (exclusive && !queue_.expired() && queue_.lock() != queue)
-      return fail(Errc::Busy, "Listener::redirect: already redirected");
     queue_ = queue;
     key_ = key;
     if (!arrivals_.empty()) q = queue;
@@ -460,7 +457,7 @@ Result<Listener> Listener::create(std::string_view name, ListenOptions options) 
   Listener l;
   l.core_ = MBMQ_TRY(detail::ListenCore::make(name, std::move(options)));
   l.own_queue_ = MBMQ_TRY(detail::QueueCore::make(WaitPolicy{WaitMode::Sleep}));
-  MBMQ_TRY(l.core_->bind(l.own_queue_, 0, false));
+  MBMQ_TRY(l.core_->bind(l.own_queue_, 0));
   l.own_queue_->add_listener(l.core_);
   l.name_ = std::string(name);
   return l;
@@ -477,7 +474,7 @@ Result<Channel> Listener::accept(Deadline deadline) {
 Status Listener::redirect(MsgQueue& queue, std::uint64_t key) {
   if (!core_ || !queue.core_) return fail(Errc::InvalidArgument, "Listener::redirect");
   if (!own_queue_) return fail(Errc::Busy, "Listener::redirect: already redirected");
-  MBMQ_TRY(core_->bind(queue.core_, key, false));
+  MBMQ_TRY(core_->bind(queue.core_, key));
   own_queue_->remove_listener(core_.get());
   own_queue_.reset();
   queue.core_->add_listener(core_);

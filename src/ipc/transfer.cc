@@ -44,7 +44,7 @@ Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::Unique
   for (std::uint32_t e = 0; e < shm::kMaxExtents; ++e)
     if (stash_ext_[e].fd || stash_replace_[e].fd)
       return fail(Errc::Busy, "export channel end: extents pending");
-  *meta = shm::HandleMeta{static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd),
+  *meta = shm::HandleMeta{static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd),
                           static_cast<std::uint32_t>(side_),
                           tx_.tail(),
                           rx_.head(),
@@ -117,7 +117,7 @@ Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
   if (r.bytes == 0 && r.nfds == 0) return fail(Errc::PeerClosed, "receive_from");
   if (r.truncated || r.bytes != sizeof(m) || r.nfds != (m.end.doorbell_gen != 0 ? 3u : 2u) ||
       m.magic != kTransferMagic || m.version != shm::kLayoutVersion ||
-      m.end.kind != static_cast<std::uint32_t>(shm::HandleKind::ChannelEnd))
+      m.end.kind != static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd))
     return fail(Errc::Protocol, "receive_from: malformed transfer message");
   // The wait policy is this process's choice, never the sender's (WaitPolicy{}: adaptive).
   auto ep = MBMQ_TRY(detail::Endpoint::import_end(m.end, std::move(fds[0]), std::move(fds[1]),

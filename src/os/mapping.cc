@@ -11,7 +11,8 @@
 namespace mbmq::os {
 
 Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Access access,
-                             bool prefault) {
+                             Prefault prefault_pages) {
+  const bool prefault = prefault_pages == Prefault::Yes;
   if (size == 0) return fail(Errc::InvalidArgument, "mmap: empty");
   int prot = access == Access::ReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
   int flags = access == Access::CopyOnWrite ? MAP_PRIVATE : MAP_SHARED;

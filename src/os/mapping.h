@@ -13,20 +13,22 @@ namespace mbmq::os {
 // readable and writable, writes stay in this process (the kernel copies a page on its first
 // write); allowed on a memfd sealed with F_SEAL_WRITE, unlike a writable shared mapping.
 enum class Access { ReadWrite, ReadOnly, CopyOnWrite };
+// Prefault::Yes maps every page at once (see map()).
+enum class Prefault { No, Yes };
 
 class Mapping {
  public:
   Mapping() noexcept = default;
   // Maps `size` bytes of `fd` from offset 0, MAP_SHARED (both peers see the same pages).
   static Result<Mapping> map_shared(int fd, std::size_t size, Access access,
-                                    bool prefault = false) {
+                                    Prefault prefault = Prefault::No) {
     return map(fd, 0, size, access, prefault);
   }
   // Maps `size` bytes of `fd` from `offset` (a multiple of the page size). prefault: map every
   // page now (MAP_POPULATE; for CopyOnWrite, MADV_POPULATE_READ, which keeps pages shared until
   // written): one call instead of a page fault per 4 KiB page, which costs ~12 us on this VM.
   static Result<Mapping> map(int fd, std::uint64_t offset, std::size_t size, Access access,
-                             bool prefault = false);
+                             Prefault prefault = Prefault::No);
 
   // Faults in the first `bytes` bytes now (MADV_POPULATE_READ; a hint, errors ignored): a peer's
   // extent is populated as far as its payload, never the whole file (a sparse 4 GiB memfd would

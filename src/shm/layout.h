@@ -263,14 +263,15 @@ struct CtlMsg {
 static_assert(std::is_standard_layout_v<CtlMsg> && sizeof(CtlMsg) == 16);
 inline constexpr std::uint32_t kHandlesForReply = 0x100;
 
-enum class HandleKind : std::uint32_t { Fd = 1, ChannelEnd = 2, FileRange = 3 };
+// The wire kind of a handle (HandleMeta::kind). The application sees mbmq::HandleKind.
+enum class WireHandle : std::uint32_t { Fd = 1, ChannelEnd = 2, FileRange = 3 };
 // One handle of a CtlType::Handles packet. Fd: one fd, the rest zero. ChannelEnd: two fds (the
 // segment memfd, the control socket) and the end's private state, as Channel::send_over sends it,
 // plus a third fd when doorbell_gen != 0: the page the end's peer sent as its queue doorbell
 // (CtlMsg::Doorbell with that generation), which the end had already taken off its control socket.
 // The wait policy does not travel: it is the receiving process's own choice.
 struct HandleMeta {
-  std::uint32_t kind;  // HandleKind
+  std::uint32_t kind;  // WireHandle
   std::uint32_t side;
   std::uint32_t tx_tail;
   std::uint32_t rx_head;
@@ -284,7 +285,7 @@ static_assert(std::is_standard_layout_v<HandleMeta> && sizeof(HandleMeta) == 32)
 // sender into the Handles packet; the receiver checks at take time that the fd is a regular
 // file and the range lies within its size (Buffer::take_file).
 struct FileRangeMeta {
-  std::uint32_t kind;  // HandleKind::FileRange
+  std::uint32_t kind;  // WireHandle::FileRange
   std::uint32_t reserved;
   std::uint64_t offset;
   std::uint64_t length;

@@ -91,7 +91,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           std::vector<os::UniqueFd> fds;
           std::vector<int> raw;
           for (std::uint32_t k = 0; k < count; ++k) {
-            pkt.meta[k].kind = static_cast<std::uint32_t>(shm::HandleKind::Fd);
+            pkt.meta[k].kind = static_cast<std::uint32_t>(shm::WireHandle::Fd);
             auto p = os::make_pipe();
             if (!p) break;
             raw.push_back(p->first.get());

@@ -128,7 +128,7 @@ TEST(PeerBudget, HandleFdsParkedAheadOfTheirMessagesAreBounded) {
     pkt.h = shm::CtlMsg{static_cast<std::uint32_t>(shm::CtlType::Handles), id, gen, 8};
     std::vector<int> raw;
     for (auto& m : pkt.meta) {
-      m.kind = static_cast<std::uint32_t>(shm::HandleKind::Fd);
+      m.kind = static_cast<std::uint32_t>(shm::WireHandle::Fd);
       auto pipe = os::make_pipe();
       if (!pipe) return false;
       raw.push_back(pipe->first.get());

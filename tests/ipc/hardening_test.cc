@@ -494,7 +494,7 @@ TEST(Hardening, HandlesParkedAheadOfTheirMessagesNeverExceedTheStashBudget) {
                         shm::kMaxHandles};
     std::vector<int> fds;
     for (auto& meta : pkt.meta) {
-      meta.kind = static_cast<std::uint32_t>(shm::HandleKind::Fd);
+      meta.kind = static_cast<std::uint32_t>(shm::WireHandle::Fd);
       fds.push_back(devnull->get());
     }
     for (int k = 0; k < 40; ++k)
