@@ -7,6 +7,7 @@
 
 #include "ipc/handles.h"
 #include "ipc/peer_watch.h"
+#include "ipc/queue_core.h"
 #include "os/epoll.h"
 #include "os/fault.h"
 #include "os/file.h"

@@ -6,6 +6,7 @@
 
 #include "ipc/endpoint.h"
 #include "ipc/listener_core.h"
+#include "ipc/queue_core.h"
 #include "os/futex.h"
 #include "os/memfd.h"
 #include "os/process.h"

@@ -12,6 +12,7 @@
 
 #include "ipc/endpoint.h"
 #include "ipc/listener_core.h"
+#include "ipc/queue_core.h"
 #include "os/epoll.h"
 #include "os/fault.h"
 #include "os/fd.h"
