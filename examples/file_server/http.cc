@@ -2,9 +2,6 @@
 #include "http.h"
 
 #include <fcntl.h>
-#include <linux/openat2.h>
-#include <sys/socket.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -203,30 +200,6 @@ const char* content_type(std::string_view path) {
   return "application/octet-stream";
 }
 
-// Two system calls that os/ has no wrapper for yet. They are made here, in the shape their
-// wrappers would have, until os/file.h and os/unix_socket.h offer them (src/os is not this
-// example's to change); nothing else in this file calls the kernel directly.
-
-// openat2(dir, rel, O_RDONLY|O_CLOEXEC|O_NONBLOCK|O_NOCTTY, RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS):
-// os::open_beneath plus O_NONBLOCK, without which opening a FIFO waits for a writer, possibly
-// forever. The fd is non-blocking; errors as for os::open_beneath.
-mbmq::Result<os::UniqueFd> open_beneath_nonblocking(int dir, const char* rel) {
-  open_how how{};
-  how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY;
-  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-  for (;;) {
-    long r = ::syscall(SYS_openat2, dir, rel, &how, sizeof how);
-    if (r >= 0) return os::UniqueFd(static_cast<int>(r));
-    if (errno != EINTR)
-      return mbmq::fail(mbmq::Error::from_syscall("openat2(RESOLVE_BENEATH)", errno));
-  }
-}
-
-// shutdown(SHUT_WR): a FIN after the bytes already queued, while reading stays possible.
-// (os::shutdown_socket is SHUT_RDWR, after which Linux answers any further byte from the peer
-// with a reset: the very thing a lingering close avoids.)
-void shutdown_write(int sock) noexcept { (void)::shutdown(sock, SHUT_WR); }
-
 class Connection {
  public:
   Connection(const Options& o, int root, os::UniqueFd sock, Counters* c)
@@ -306,7 +279,7 @@ class Connection {
   // sends until it closes, for at most kLingerTime and kLingerBytes, (3) close (the caller returns
   // and the destructor does it). Apache's and nginx's "lingering close".
   void close_lingering() {
-    shutdown_write(sock_.get());  // (1)
+    os::shutdown_write(sock_.get());  // (1)
     buf_.clear();
     const Deadline d = Deadline::after(kLingerTime);
     char tmp[16384];
@@ -373,7 +346,7 @@ class Connection {
     if (path.empty()) return respond_error(400, "Bad Request", req->keep_alive, head_only);
     // Non-blocking, or a FIFO under the root would stall this worker in open() until a writer
     // comes, possibly for ever.
-    auto fd = open_beneath_nonblocking(root_, path.c_str());
+    auto fd = os::open_beneath(root_, path.c_str(), os::OpenMode::NonBlocking);
     if (!fd) {
       if (!o_.quiet && (fd.error().sys_errno == EXDEV || fd.error().sys_errno == ELOOP))
         std::fprintf(stderr, "file_server: refused %s (leaves the root)\n", path.c_str());

@@ -70,14 +70,16 @@ Status remove_file(const char* path) noexcept {
   return {};
 }
 
-Result<UniqueFd> open_beneath(int dir, const char* rel) {
+Result<UniqueFd> open_beneath(int dir, const char* rel, OpenMode mode) {
   open_how how{};
-  how.flags = O_RDONLY | O_CLOEXEC;
+  how.flags = O_RDONLY | O_CLOEXEC | (mode == OpenMode::NonBlocking ? O_NONBLOCK | O_NOCTTY : 0);
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-  count_syscall();
-  long r = ::syscall(SYS_openat2, dir, rel, &how, sizeof how);
-  if (r < 0) return fail(Error::from_syscall("openat2(RESOLVE_BENEATH)", errno));
-  return UniqueFd(static_cast<int>(r));
+  for (;;) {
+    count_syscall();
+    long r = ::syscall(SYS_openat2, dir, rel, &how, sizeof how);
+    if (r >= 0) return UniqueFd(static_cast<int>(r));
+    if (errno != EINTR) return fail(Error::from_syscall("openat2(RESOLVE_BENEATH)", errno));
+  }
 }
 
 Result<UniqueFd> open_directory(const char* path) {

@@ -44,7 +44,10 @@ Result<UniqueFd> create_file(const char* path);
 Status remove_file(const char* path) noexcept;
 // openat2(dir, rel, O_RDONLY|O_CLOEXEC, RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS): the kernel refuses
 // any path ("..", an absolute path, a symlink) that would leave `dir` (Errc::System/EXDEV).
-Result<UniqueFd> open_beneath(int dir, const char* rel);
+// OpenMode::NonBlocking adds O_NONBLOCK|O_NOCTTY: opening a FIFO does not wait for a writer (a
+// server that serves regular files only checks the type afterwards); the fd stays non-blocking.
+enum class OpenMode { Blocking, NonBlocking };
+Result<UniqueFd> open_beneath(int dir, const char* rel, OpenMode mode = OpenMode::Blocking);
 Result<UniqueFd> open_directory(const char* path);
 
 // pread/pwrite until done (or end of file for pread: the count read).

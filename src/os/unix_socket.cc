@@ -122,6 +122,11 @@ void shutdown_socket(int sock) noexcept {
   ::shutdown(sock, SHUT_RDWR);
 }
 
+void shutdown_write(int sock) noexcept {
+  count_syscall();
+  ::shutdown(sock, SHUT_WR);
+}
+
 namespace {
 // poll()'s timeout for what is left of `d`: whole milliseconds rounded up (so poll never wakes
 // before the deadline), at most INT_MAX (~24.8 days; the caller polls again after that).

@@ -47,6 +47,10 @@ namespace mbmq::os {
 // shutdown(SHUT_RDWR): ends the connection for every holder of the socket (the peer sees a
 // hang-up at once). Used when a peer broke the protocol.
 void shutdown_socket(int sock) noexcept;
+// shutdown(SHUT_WR): a FIN after the bytes already queued, while reading stays possible (after
+// SHUT_RDWR, Linux answers any further byte from the peer with a reset; a lingering close that
+// must deliver its last answer uses this instead).
+void shutdown_write(int sock) noexcept;
 // Waits until sock is readable or hung up, at most timeout_ns (< 0: no limit).
 Result<bool> wait_readable(int sock, std::int64_t timeout_ns);
 // poll() for POLLOUT (any fd); false on timeout (timeout_ns < 0: forever).
