@@ -144,7 +144,9 @@ Result<Buffer> Endpoint::alloc(std::size_t size) {
 }
 
 void Endpoint::reap_locked() {
-  while (state_.load(std::memory_order_acquire) != EpState::Protocol) {
+  // At most a ring's worth: a peer that keeps the ring full must not keep us here.
+  for (std::uint32_t i = 0;
+       i < shm::kRingCapacity && state_.load(std::memory_order_acquire) != EpState::Protocol; ++i) {
     Desc d;
     if (rx_.pop(&d) != shm::RingStatus::Ok) return;
     Accepted a = accept(d, nullptr, nullptr);
@@ -1064,7 +1066,11 @@ Error Endpoint::fail_protocol_locked(const char* op) noexcept {
 Endpoint::Poll Endpoint::poll(Message* out) {
   if (!inbound_ready()) return Poll::Empty;
   std::lock_guard lock(mu_);
-  for (;;) {
+  // Descriptors that deliver nothing (returns, release hints) are taken at most a ring's worth at
+  // a time: a peer that floods them keeps neither this end nor its queue from the others and
+  // from deadlines.
+  for (std::uint32_t internal = 0;; ++internal) {
+    if (internal == shm::kRingCapacity) return Poll::Empty;
     EpState s = state_.load(std::memory_order_acquire);
     if (s == EpState::LocalClosed) return Poll::Gone;
     Desc d;
@@ -1173,7 +1179,9 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     // loop from sleeping or from its deadline.
     if (ring_ready()) {
       std::lock_guard lock(mu_);
-      for (;;) {
+      // A ring's worth per pass, then the deadline: a peer that floods descriptors (release hints,
+      // returns) must not keep the call past it.
+      for (std::uint32_t i = 0; i < shm::kRingCapacity; ++i) {
         if (state_.load(std::memory_order_acquire) == EpState::Protocol) break;
         Desc d;
         if (rx_.pop(&d) != shm::RingStatus::Ok) break;
@@ -1207,7 +1215,8 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
         return fail(closed_errc(s), "call");
       }
     }
-    if (!ring_ready() && deadline.expired()) {
+    // After a pass over the ring (so a reply already there is taken, not abandoned).
+    if (deadline.expired()) {
       std::lock_guard lock(mu_);
       // The callee may still write the buffer: give it up; its late reply frees it.
       OwnState* st = own_state(b.id_);
@@ -1215,7 +1224,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       detach_buffer(b);
       return fail(Errc::TimedOut, "call");
     }
-    wait_inbound(deadline, policy, WaitFor::Ring);
+    if (!ring_ready()) wait_inbound(deadline, policy, WaitFor::Ring);
   }
 }
 
