@@ -40,6 +40,7 @@ namespace mbmq {
 class Channel;
 namespace detail {
 class Endpoint;
+class PeerTrust;
 struct Handles;
 struct BufferAccess;
 struct HandlesDeleter {  // defined where Handles is complete
@@ -100,6 +101,7 @@ class Buffer {
 
  private:
   friend class detail::Endpoint;
+  friend class detail::PeerTrust;
   friend struct detail::BufferAccess;
   enum class Origin : std::uint8_t { None, Own, Peer };
 

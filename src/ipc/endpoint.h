@@ -1,13 +1,20 @@
-// ipc/endpoint.h: one end of a channel: the private state that makes the shared segment safe to
-// use against a peer that may be buggy or hostile, and the protocol steps P2-P8 of
-// src/shm/layout.h. Channel, Buffer and MsgQueue are thin handles over it.
+// ipc/endpoint.h: one end of a channel: the protocol steps P2-P8 of src/shm/layout.h, composed
+// from the parts that own their state (docs/PROTOCOL.md names the part of each step):
+//   - BufferTable (ipc/buffer_table.h): our buffers and the peer's we hold, their life states and
+//     generations, requests in flight, descriptors accepted but not yet delivered;
+//   - Sideband (ipc/sideband.h): the control socket, its non-blocking outbox, its bounded stashes;
+//   - PeerTrust (ipc/peer_trust.h): seal checks, private copies, sealed sends, replacements;
+//   - SpinStep / sleep_once (ipc/wait_step.h): the spin-then-sleep of P6;
+//   - the rings (shm/ring.h) and the peer's doorbell page.
+// Endpoint itself holds the channel's state, the locks, and the order of the steps. Channel,
+// Buffer and MsgQueue are thin handles over it.
 //
-// Locking: mu_ guards the producer ring index, the consumer ring index, the ownership tables and
-// the control socket. It is uncontended on the usual paths (one caller thread, or one queue
-// waiter), never held across a sleep, and never across a blocking system call: the control socket
-// is written without blocking (a peer that lets it fill has its channel closed, see
-// send_ctl_locked). consumer_mu_ serializes call()/receive() on an end that is not redirected; it
-// IS held while its holder sleeps for the reply, so a second caller sleeps on it (DeadlineMutex)
+// Locking: mu_ guards the producer ring index, the consumer ring index, and the three parts (the
+// ownership tables, the control socket, trust). It is uncontended on the usual paths (one caller
+// thread, or one queue waiter), never held across a sleep, and never across a blocking system call:
+// the control socket is written without blocking (a peer that lets it fill has its channel closed,
+// see send_ctl_locked). consumer_mu_ serializes call()/receive() on an end that is not redirected;
+// it IS held while its holder sleeps for the reply, so a second caller sleeps on it (DeadlineMutex)
 // and gives up at its own deadline. For a redirected end the queue's mutex plays that role.
 //
 // What one peer can make this end hold (each bound enforced; docs/RELIABILITY.md, peer budget):
@@ -31,9 +38,13 @@
 #include <vector>
 
 #include "ipc/atomic_wait_policy.h"
+#include "ipc/buffer_id.h"
+#include "ipc/buffer_table.h"
 #include "ipc/deadline_mutex.h"
 #include "ipc/handles.h"
+#include "ipc/peer_trust.h"
 #include "ipc/peer_watch.h"
+#include "ipc/sideband.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
@@ -57,8 +68,6 @@ inline Errc closed_errc(EpState s) {
   return s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed;
 }
 
-// Handle fds a peer may have parked in our stash (sent ahead of the descriptors naming them).
-inline constexpr std::uint32_t kMaxStashedHandleFds = 128;
 // The control socket's send buffer we ask for (net.core.wmem_max's stock value). The kernel
 // doubles it: 416 KiB, 555 packets of up to 192 bytes, 333 larger ones (8 handles), whatever
 // their fd count. Not a hard requirement: a full socket is back-pressure (send_ctl_locked).
@@ -124,7 +133,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // other process holds it) and stop delivering.
   void close_local() noexcept;
   EpState state() const noexcept { return state_.load(std::memory_order_acquire); }
-  bool untrusted() const noexcept { return untrusted_me_; }
+  bool untrusted() const noexcept { return trust_.untrusted_me(); }  // fixed at creation
   // Something to destroy with this end (a listener's connection count). Set once, before use.
   void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
 
@@ -145,7 +154,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Test hooks: the raw segment (for the scribbling tests) and counts.
   std::byte* segment_base() const noexcept { return seg_.base(); }
   std::size_t segment_size() const noexcept { return seg_.geometry().segment_size; }
-  int control_fd_for_test() const noexcept { return control_.get(); }
+  int control_fd_for_test() const noexcept { return ctl_.fd(); }
   // The memfd behind our extent buffer b (-1 if b is not one of our extents).
   int extent_fd_for_test(const Buffer& b) const;
   // Plays a forging sender: sends `fd` as our extent 0 at `gen` (CtlMsg aux `aux`), then a
@@ -156,117 +165,51 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
  private:
   explicit Endpoint(Init init);
 
-  enum class OwnState : std::uint8_t { Free, App, LentCall, LentRequest, LentOneWay, Abandoned };
-  struct OwnSlot {
-    OwnState state = OwnState::Free;
-    std::uint32_t gen = 0;
-  };
-  struct OwnExtent {
-    OwnState state = OwnState::Free;
-    std::uint32_t gen = 0;
-    std::uint32_t sent_gen = 0;  // the peer has this extent's fd at this generation
-    os::UniqueFd fd;
-    os::Mapping map;  // shared read-write; copy-on-write once sealed (P3c)
-    bool sealed = false;
-    std::vector<std::byte> shadow;  // untrusted ends: the private copy of a reply (P5b)
-  };
-  struct PeerExtent {
-    std::uint32_t gen = 0;
-    bool held = false;
-    os::UniqueFd fd;  // kept with the mapping: egress (send_buffer) and untrusted replies use it
-    os::Mapping map;  // shared read-write; read-only for untrusted ends; copy-on-write if sealed
-    bool sealed = false;
-    std::vector<std::byte> shadow;  // untrusted ends: the private copy of the payload (P5b)
-    // (P7b) A replacement for this generation is on the control socket, its reply not yet sent
-    // (a reply retried after back-pressure): not sent twice.
-    std::uint32_t replaced_gen = 0;
-  };
-  struct Stashed {  // an fd received on the control socket, not yet used
-    os::UniqueFd fd;
-    std::uint32_t gen = 0;
-    bool sealed = false;  // announced with kExtentSealed (checked when used)
-  };
-  // Whose buffer a handles packet rides on: a message of the sender's, or the reply in ours.
-  enum class HandlesOf : std::uint8_t { Message, Reply };
   // What accept() made of a descriptor (P5).
   enum class Accepted { Deliver, Internal, CallDone, Bad };
 
   Result<Buffer> alloc_once(std::size_t size);
   // All below: mu_ held.
-  // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending_.
+  // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending.
   // The caller holds consumer_mu_ too.
   void reap_locked();
-  // Bad: why_bad_ says why.
+  // (P5) Checks descriptor d against the tables, gathers what it needs from the control socket
+  // (through PeerTrust's checks), then commits. Bad: why_bad_ says why.
   Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
+  Accepted accept_lent(const shm::Desc& d);
+  Accepted accept_back(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
   Accepted bad(const char* why) noexcept {
     // The first reason stands: a channel already closed keeps the rule that closed it.
     if (state_.load(std::memory_order_relaxed) == EpState::Open) why_bad_ = why;
     return Accepted::Bad;
   }
-  // (P3b) Sends b's outgoing handles on the control socket (ring room already checked); false if
-  // it has none to send.
-  Result<bool> send_handles_locked(Buffer& b, HandlesOf of);
-  // Sends one control message without blocking (mu_ held). A full socket means the peer does
-  // not read it: the channel is closed with Errc::Protocol.
-  Status send_ctl_locked(std::span<const std::byte> bytes, std::span<const int> fds);
-  // Reads one control message into the stashes; false if none (or the channel was closed for
-  // it). drain_until() reads until `have()` holds or nothing is left: never further than needed.
-  bool read_control_once();
+  // What a control-socket send's result means. A full socket with descriptors of ours still in
+  // the peer's ring: the peer is slow, and reads the packets when it gets to their descriptors:
+  // back-pressure, like a full ring (Errc::WouldBlock, nothing sent). Full although it took
+  // every descriptor we sent (each packet precedes its descriptor, and is read when that
+  // descriptor is): it does not read its control socket at all, and the channel is closed.
+  Status sent_locked(Status s);
+  // Reads the control socket until have() holds or nothing is left; a bad packet closes the
+  // channel (Errc::Protocol).
   template <class Pred>
-  bool drain_until(Pred have) {
-    for (std::uint32_t i = 0; !have(); ++i)
-      if (i >= 4 * shm::kRingCapacity || !read_control_once()) return have();
-    return true;
+  bool drain_locked(Pred have) {
+    const bool got = ctl_.drain_until(have);
+    if (ctl_.failure() != nullptr) (void)fail_protocol_locked(ctl_.failure());
+    return got;
   }
-  std::uint32_t take_extent_gen_locked() noexcept {
-    const std::uint32_t g = next_extent_gen_;
-    next_extent_gen_ = g + 1 == 0 ? 1 : g + 1;  // 0 means "never sent" (OwnExtent::sent_gen)
-    return g;
-  }
+  // Our buffer back to the pool; a ReleaseExtent hint if the ring has room beyond the reserve.
+  void free_own_locked(BufferId id) noexcept;
   // (P8) The peer is gone: buffers lent to it come back to the pool (a call's to its caller).
-  void reclaim_lent_locked() noexcept;
-  // (P3b) Whether the handles of Desc d are stashed (reading the control socket if needed).
+  void reclaim_lent_locked() noexcept { table_.reclaim_lent(); }
+  // (P3b) Whether the handles of Desc d arrived (reading the control socket if needed); claims
+  // them if so.
   bool handles_arrived_locked(const shm::Desc& d, HandlesOf of);
-  // Takes the stashed handles of Desc d out of the stash.
-  HandlesPtr take_handles_locked(const shm::Desc& d, HandlesOf of);
-  void make_message(const shm::Desc& d, Message* out);
-  OwnSlot* own_slot(std::uint32_t id) noexcept;
-  std::uint32_t own_capacity(std::uint32_t id) const noexcept;
-  std::byte* own_data(std::uint32_t id) const noexcept;
-  void free_own(std::uint32_t id) noexcept;
-  OwnState* own_state(std::uint32_t id) noexcept;
-  // Checks an extent memfd the peer sent (P5, P5b, P7b): sealed against shrinking, immutable if
-  // announced so, a sane size; maps it (immutable: copy-on-write; else unsealed_access).
-  // nullptr, or why not.
-  // Populates the mapping as far as `payload` bytes only.
-  static const char* map_extent_fd(int fd, bool announced_sealed, os::Access unsealed_access,
-                                   std::uint32_t payload, os::Mapping* map, bool* sealed);
-  // (P5) Maps the peer's extent for Desc (e, gen, size); nullptr, or why it is invalid.
-  const char* map_peer_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t size);
-  // ---- trust (P3c, P5b, P7b) ----
-  bool shadowed(const Buffer& b) const noexcept;  // b.data_ is a private copy
-  std::byte* slot_shadow(std::uint32_t id) const noexcept {
-    return slot_shadow_.get() + std::size_t{id} * slot_size_;
-  }
-  // Our extent x gets a fresh memfd of `cap` bytes holding `size` bytes of src, unsealed. On
-  // failure x is unchanged.
-  Status fresh_extent_locked(OwnExtent& x, const std::byte* src, std::size_t size, std::size_t cap);
-  // Makes our extent x immutable (P3c), through a fresh one if needed. On failure x is mapped
-  // again if at all possible (x.map.valid() says whether its bytes are still reachable).
-  Status seal_extent_locked(OwnExtent& x, std::size_t size);
-  Status seal_unmapped_locked(OwnExtent& x, std::size_t cap, std::size_t size);
-  // Before sending our buffer b: copies a private copy back, seals or refreshes its extent, and
-  // points b at the result.
-  Status prepare_send_locked(Buffer& b);
-  // (P7b) Sends the answer in a fresh memfd replacing the peer's extent e at gen.
-  Status send_replacement_locked(std::uint32_t e, std::uint32_t gen, const std::byte* src,
-                                 std::uint32_t size);
-  // (P7b) Checks and maps the replacement announced by Reply d into *fd/*map; installs nothing
-  // (accept() installs it once every check of the descriptor passed). nullptr or why not.
+  // (P5) Maps the peer's extent for Desc d (reading its memfd off the socket if needed).
+  const char* map_peer_extent_locked(const shm::Desc& d);
+  // (P7b) Checks and maps the replacement announced by Reply d; installs nothing.
   const char* prepare_replacement_locked(const shm::Desc& d, os::UniqueFd* fd, os::Mapping* map,
                                          bool* sealed);
-  // After a reply: points b at our buffer's bytes, or (untrusted) at a private copy of them.
-  void own_view_locked(Buffer& b, std::uint32_t size);
+  void make_message(const shm::Desc& d, Message* out);
   Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as);
   Status push_locked(const shm::Desc& d);
   void wake_peer_locked() noexcept;
@@ -281,7 +224,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   bool inbound_ready() const noexcept;
   bool ring_ready() const noexcept;
 
-  // Removes this end from the peer watcher (before control_ closes). mu_ held, or the destructor.
+  // Removes this end from the peer watcher (before the control socket closes). mu_ held, or the
+  // destructor.
   void unwatch() noexcept;
   void wake_local() noexcept;
   // A buffer handed to another owner: forget it without releasing it.
@@ -289,55 +233,23 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
 
   shm::Segment seg_;
   const int side_;
-  const std::uint32_t n_;  // slots per side (private copy of the validated geometry)
-  const std::uint32_t slot_size_;
   shm::Direction& out_;  // we produce
   shm::Direction& in_;   // we consume
 
   mutable SpinMutex mu_;
   DeadlineMutex consumer_mu_;
-  os::UniqueFd control_;                                    // guarded by mu_
-  shm::RingProducer<> tx_;                                  // guarded by mu_
-  shm::RingConsumer<> rx_;                                  // consumer thread; pops under mu_
-  std::array<OwnSlot, shm::kMaxSlotsPerSide> own_slots_{};  // guarded by mu_
-  std::vector<std::uint32_t> free_slots_;                   // guarded by mu_ (reserved at make)
-  std::array<OwnExtent, shm::kMaxExtents> own_ext_{};       // guarded by mu_
-  std::vector<std::uint32_t> free_ext_;                     // guarded by mu_
-  std::uint32_t next_extent_gen_;                           // guarded by mu_
-  std::array<bool, shm::kMaxSlotsPerSide> peer_held_{};     // guarded by mu_
-  std::array<PeerExtent, shm::kMaxExtents> peer_ext_{};     // guarded by mu_
-  std::array<Stashed, shm::kMaxExtents> stash_ext_{};       // guarded by mu_
-  std::array<Stashed, shm::kMaxExtents> stash_replace_{};   // guarded by mu_ (P7b)
-  const bool untrusted_me_;    // we copy, or require sealed, what the peer sends (P5b)
-  const bool untrusted_peer_;  // the peer does: we seal what we send above the threshold (P3c)
-  const std::uint32_t copy_threshold_;
-  std::unique_ptr<std::byte[]> slot_shadow_;  // untrusted_me_: a private copy per slot (2n)
-  Stashed stash_doorbell_;                    // guarded by mu_
-  std::uint32_t peer_db_gen_ = 0;             // guarded by mu_
-  os::UniqueFd peer_db_fd_;      // guarded by mu_: kept to hand over with the end (export_end)
-  os::Mapping peer_db_map_;      // guarded by mu_
-  std::uint32_t my_db_gen_ = 0;  // guarded by mu_
-  // Descs accepted by call() that are not its reply: delivered later by receive()/poll(). Each
-  // names a distinct buffer, so 2 * (slots + extents) entries always suffice.
-  std::array<shm::Desc, 2 * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> pending_{};  // mu_
-  std::uint32_t pending_head_ = 0, pending_count_ = 0;                               // mu_
-  std::atomic<std::uint32_t> pending_nonempty_{0};
-  bool end_reported_ = false;  // guarded by mu_
-  struct StashedHandles {      // (P3b) received, not yet given to a buffer
-    std::uint32_t id = 0, gen = 0;
-    bool reply = false;
-    std::uint32_t fds = 0;
-    bool claimed = false;  // its descriptor was accepted: waits for make_message()/call()
-    HandlesPtr h;
-  };
-  std::vector<StashedHandles> stash_handles_;  // guarded by mu_
-  // guarded by mu_: fds and packets in stash_handles_ not yet claimed by an accepted descriptor
-  // (the peer budget: what it sent ahead), bounded by kMaxStashedHandleFds and 2*(n+extents).
-  std::uint32_t stash_handle_fds_ = 0;
-  std::uint32_t stash_unclaimed_ = 0;
-  std::uint32_t requests_out_ = 0;  // guarded by mu_: our requests not yet answered
-  std::uint32_t requests_in_ = 0;   // guarded by mu_: the peer's requests we hold
-  const char* why_bad_ = "";        // guarded by mu_
+  BufferTable table_;              // guarded by mu_
+  PeerTrust trust_;                // guarded by mu_
+  Sideband ctl_;                   // guarded by mu_
+  shm::RingProducer<> tx_;         // guarded by mu_
+  shm::RingConsumer<> rx_;         // consumer thread; pops under mu_
+  std::uint32_t peer_db_gen_ = 0;  // guarded by mu_
+  os::UniqueFd peer_db_fd_;        // guarded by mu_: kept to hand over with the end (export_end)
+  os::Mapping peer_db_map_;        // guarded by mu_
+  std::uint32_t my_db_gen_ = 0;    // guarded by mu_
+  std::atomic<std::uint32_t> pending_nonempty_{0};  // !table_.pending().empty(), for waiters
+  bool end_reported_ = false;                       // guarded by mu_
+  const char* why_bad_ = "";                        // guarded by mu_
 
   std::shared_ptr<QueueCore> queue_;  // guarded by mu_
   std::atomic<std::uint64_t> key_{0};

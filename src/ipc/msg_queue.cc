@@ -7,6 +7,7 @@
 #include "ipc/endpoint.h"
 #include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
+#include "ipc/wait_step.h"
 #include "os/futex.h"
 #include "os/memfd.h"
 #include "os/process.h"
@@ -139,62 +140,47 @@ void QueueCore::retry_deferred_locked() {
 
 Result<Message> QueueCore::wait(Deadline deadline) {
   watch_after_fork();
-  const WaitPolicy policy = policy_.load();
-  std::int64_t start = 0;  // read lazily: a message already there costs no clock read
-  for (std::uint32_t looks = 0;; ++looks) {
+  // One step for the whole wait (ipc/wait_step.h): after a wake-up that brought nothing for us,
+  // the spin budget is not renewed.
+  SpinStep step(policy_.load(), deadline);
+  for (;;) {
     Message m;
     {
       std::lock_guard lock(mu_);
       if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
       if (scan_locked(&m)) return m;
     }
-    if ((looks & 63) != 63 && policy.mode != WaitMode::Sleep) {
-      __builtin_ia32_pause();
-      continue;
-    }
-    std::int64_t now = monotonic_ns();
-    if (start == 0) start = now;
-    if (!deadline.is_never() && now >= deadline.ns()) return fail(Errc::TimedOut, "MsgQueue::wait");
-    if (policy.mode == WaitMode::Spin ||
-        (policy.mode == WaitMode::Adaptive && now - start < policy.spin.count())) {
-      // One pause per look, as the raw baseline: on AMD Zen a pause is ~65 cycles, so more
-      // would add up to a noticeable delay before a waiting message is seen.
-      __builtin_ia32_pause();
-      continue;
-    }
+    const SpinStep::Next next = step.after_miss();
+    if (next == SpinStep::Next::Expired) return fail(Errc::TimedOut, "MsgQueue::wait");
+    if (next == SpinStep::Next::Look) continue;
     // (P6) Announce sleep on every channel, fence, look once more, sleep on the queue's word.
-    std::uint32_t v;
-    {
-      std::lock_guard lock(mu_);
-      // Pairs with the producers' fetch_add(release) in (P4).
-      v = page_->word.load(std::memory_order_acquire);
-      if (sleepers_++ == 0) set_sleeping_locked(true);
-      // Pairs with the producers' fence in (P4).
-      std::atomic_thread_fence(std::memory_order_seq_cst);
-      if (scan_locked(&m)) {
-        if (--sleepers_ == 0) set_sleeping_locked(false);
-        return m;
-      }
-      // Garbage that reads as "nothing there" must not put us to sleep on that channel.
-      bool all_consistent = true;
-      for (auto& ep : eps_) all_consistent &= ep->check_ring();
-      if (!all_consistent) {
-        if (--sleepers_ == 0) set_sleeping_locked(false);
-        continue;  // the next scan reports the broken channel
-      }
-    }
-    std::int64_t timeout = deadline.is_never() ? -1 : deadline.remaining_ns();  // < 0: none
+    bool got = false;
     // Replies held back by a caller's full control socket are retried every millisecond (its
     // reading does not ring our doorbell).
     constexpr std::int64_t kRetryNs = 1'000'000;
-    if (deferred_count_.load(std::memory_order_relaxed) != 0 &&
-        (deadline.is_never() || timeout > kRetryNs))
-      timeout = kRetryNs;
-    if (deadline.is_never() || timeout > 0) (void)os::futex_wait(&page_->word, v, timeout);
-    {
-      std::lock_guard lock(mu_);
-      if (--sleepers_ == 0) set_sleeping_locked(false);
-    }
+    const std::int64_t max_ns =
+        deferred_count_.load(std::memory_order_relaxed) != 0 ? kRetryNs : -1;
+    sleep_once(
+        page_->word, deadline, max_ns,
+        [&] {
+          std::lock_guard lock(mu_);
+          if (sleepers_++ == 0) set_sleeping_locked(true);
+        },
+        [&] {
+          std::lock_guard lock(mu_);
+          got = scan_locked(&m);
+          if (got) return false;
+          // Garbage that reads as "nothing there" must not put us to sleep on that channel: the
+          // next scan reports the broken channel.
+          bool all_consistent = true;
+          for (auto& ep : eps_) all_consistent &= ep->check_ring();
+          return all_consistent;
+        },
+        [&] {
+          std::lock_guard lock(mu_);
+          if (--sleepers_ == 0) set_sleeping_locked(false);
+        });
+    if (got) return m;
   }
 }
 

@@ -28,34 +28,23 @@ Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::Unique
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "export channel end");
   if (queue_) return fail(Errc::Busy, "export channel end: redirected to a queue");
-  for (const auto& o : own_slots_)
-    if (o.state != OwnState::Free) return fail(Errc::Busy, "export channel end: buffers out");
-  for (const auto& x : own_ext_)
-    if (x.state != OwnState::Free) return fail(Errc::Busy, "export channel end: buffers out");
-  for (bool h : peer_held_)
-    if (h) return fail(Errc::Busy, "export channel end: peer buffers held");
-  for (const auto& pe : peer_ext_)
-    if (pe.map.valid()) return fail(Errc::Busy, "export channel end: peer extents mapped");
-  if (pending_count_ != 0 || rx_.maybe_nonempty())
-    return fail(Errc::Busy, "export channel end: messages pending");
+  if (const char* why = table_.busy()) return fail(Errc::Busy, why);
+  if (rx_.maybe_nonempty()) return fail(Errc::Busy, "export channel end: messages pending");
   // What was taken off the control socket ahead of its descriptors cannot travel: only a quiet
   // end moves (the peer's queue doorbell, which has no descriptor, travels below).
-  if (!stash_handles_.empty()) return fail(Errc::Busy, "export channel end: handles pending");
-  for (std::uint32_t e = 0; e < shm::kMaxExtents; ++e)
-    if (stash_ext_[e].fd || stash_replace_[e].fd)
-      return fail(Errc::Busy, "export channel end: extents pending");
+  if (const char* why = ctl_.busy()) return fail(Errc::Busy, why);
   *meta = shm::HandleMeta{static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd),
                           static_cast<std::uint32_t>(side_),
                           tx_.tail(),
                           rx_.head(),
-                          next_extent_gen_,
+                          table_.next_extent_gen(),
                           0,
                           0};
   // The peer's queue doorbell, mapped or still stashed: the new owner wakes the same queue.
-  const int db = peer_db_fd_ ? peer_db_fd_.get() : stash_doorbell_.fd.get();
-  const std::uint32_t db_gen = peer_db_fd_ ? peer_db_gen_ : stash_doorbell_.gen;
+  const int db = peer_db_fd_ ? peer_db_fd_.get() : ctl_.doorbell().fd.get();
+  const std::uint32_t db_gen = peer_db_fd_ ? peer_db_gen_ : ctl_.doorbell().gen;
   os::UniqueFd seg_dup = MBMQ_TRY(os::dup_fd(seg_.fd()));
-  os::UniqueFd ctl_dup = MBMQ_TRY(os::dup_fd(control_.get()));
+  os::UniqueFd ctl_dup = MBMQ_TRY(os::dup_fd(ctl_.fd()));
   os::UniqueFd db_dup;
   if (db >= 0 && db_gen != 0) {
     db_dup = MBMQ_TRY(os::dup_fd(db));
@@ -86,7 +75,7 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
   if (doorbell) {
     // Checked like any doorbell, when first used (P4).
     std::lock_guard lock(ep->mu_);
-    ep->stash_doorbell_ = Stashed{std::move(doorbell), m.doorbell_gen};
+    ep->ctl_.stash_doorbell(std::move(doorbell), m.doorbell_gen);
   }
   return ep;
 }

@@ -1,0 +1,169 @@
+// ipc/buffer_table.h: BufferTable, one end's ownership tables (P2, P5, P7, P8 of
+// src/shm/layout.h): its own buffers (the slots of its side of the segment, and its extents) with
+// their life states and generations, the peer's buffers it holds, the requests in flight each
+// way, and the descriptors accepted but not yet delivered. Private memory only: nothing here is
+// shared with the peer, so nothing here needs atomics. The owner (Endpoint) calls it with its mu_
+// held. The only system calls: creating and mapping a new extent's memfd in alloc().
+//
+// The life of one of our buffers (OwnState):
+//   Free --alloc--> App --send--> LentCall | LentRequest | LentOneWay
+//   LentCall --reply--> App (the call returns it)    LentCall --deadline--> Abandoned
+//   LentRequest --reply--> App (delivered as Kind::Reply)
+//   LentOneWay --Return--> Free      Abandoned --late reply--> Free
+//   Lent* and Abandoned --peer gone (P8)--> Free;  App --Buffer dropped--> Free
+// Every transition is checked against the peer's descriptor first (check_*), then committed
+// (take_*): a rejected descriptor changes nothing.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "ipc/buffer_id.h"
+#include "mbmq/result.h"
+#include "os/fd.h"
+#include "os/mapping.h"
+#include "shm/layout.h"
+#include "shm/segment.h"
+
+namespace mbmq::detail {
+
+enum class OwnState : std::uint8_t { Free, App, LentCall, LentRequest, LentOneWay, Abandoned };
+
+struct OwnSlot {
+  OwnState state = OwnState::Free;
+  std::uint32_t gen = 0;
+};
+
+struct OwnExtent {
+  OwnState state = OwnState::Free;
+  std::uint32_t gen = 0;
+  std::uint32_t sent_gen = 0;  // the peer has this extent's fd at this generation (0: never)
+  os::UniqueFd fd;
+  os::Mapping map;  // shared read-write; copy-on-write once sealed (P3c)
+  bool sealed = false;
+  std::vector<std::byte> shadow;  // untrusted ends: the private copy of a reply (P5b)
+};
+
+struct PeerExtent {
+  std::uint32_t gen = 0;
+  bool held = false;
+  os::UniqueFd fd;  // kept with the mapping: egress (send_buffer) and untrusted replies use it
+  os::Mapping map;  // shared read-write; read-only for untrusted ends; copy-on-write if sealed
+  bool sealed = false;
+  std::vector<std::byte> shadow;  // untrusted ends: the private copy of the payload (P5b)
+  // (P7b) A replacement for this generation is on the control socket, its reply not yet sent
+  // (a reply retried after back-pressure): not sent twice.
+  std::uint32_t replaced_gen = 0;
+};
+
+// Descriptors accepted while nobody was receiving (call() takes only its reply): delivered later,
+// in order. Each names a distinct buffer, so 2 * (slots + extents) entries always suffice.
+class PendingDescs {
+ public:
+  bool empty() const noexcept { return count_ == 0; }
+  std::uint32_t size() const noexcept { return count_; }
+  void push(const shm::Desc& d) noexcept;
+  bool pop(shm::Desc* d) noexcept;
+
+ private:
+  std::array<shm::Desc, 2 * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> ring_{};
+  std::uint32_t head_ = 0, count_ = 0;
+};
+
+class BufferTable {
+ public:
+  // side 0 owns slots [0, n), side 1 owns [n, 2n) (n = the segment's slots_per_side).
+  BufferTable(const shm::Segment& seg, int side, std::uint32_t next_extent_gen);
+  BufferTable(const BufferTable&) = delete;
+  BufferTable& operator=(const BufferTable&) = delete;
+
+  std::uint32_t slots_per_side() const noexcept { return n_; }
+  std::uint32_t slot_size() const noexcept { return slot_size_; }
+
+  // ---- our buffers (P2) ----
+  struct Allocated {
+    BufferId id;
+    std::uint32_t gen = 0;
+    std::byte* data = nullptr;
+    std::uint32_t capacity = 0;
+  };
+  // A slot if size fits one, else an extent (a new sealed-size memfd, mapped and prefaulted).
+  // Errc::NoBuffers: the pool or the extent table is full.
+  Result<Allocated> alloc(std::size_t size);
+  OwnState* own_state(BufferId id) noexcept;  // nullptr: not one of ours
+  // For an id own_state() accepts:
+  std::uint32_t own_gen(BufferId id) const noexcept;
+  std::uint32_t own_capacity(BufferId id) const noexcept;
+  std::byte* own_data(BufferId id) const noexcept;
+  OwnExtent& own_extent(BufferId id) noexcept { return own_ext_[id.extent_index()]; }
+  const OwnExtent& own_extent(BufferId id) const noexcept { return own_ext_[id.extent_index()]; }
+  // Back to the pool. Returns the generation at which the peer still maps this extent (a
+  // ReleaseExtent hint would let it unmap it now), or 0.
+  std::uint32_t free_own(BufferId id) noexcept;
+  // (P8) The peer is gone: what was lent to it, or abandoned, is free again; no requests are out.
+  void reclaim_lent() noexcept;
+  std::uint32_t take_extent_gen() noexcept;  // never 0 (0 means "never sent")
+  std::uint32_t next_extent_gen() const noexcept { return next_extent_gen_; }
+
+  // ---- the peer's buffers (P5, P7) ----
+  bool is_peer_slot(BufferId id) const noexcept;
+  // nullptr: not an extent id in range.
+  PeerExtent* peer_extent(BufferId id) noexcept;
+  const PeerExtent* peer_extent(BufferId id) const noexcept;
+  // For a valid peer id (a slot in its range, or an extent in range): we hold it (lent to us).
+  bool held(BufferId id) const noexcept;
+  void set_held(BufferId id, bool held) noexcept;
+
+  // ---- checking, then committing, what the peer's descriptors say ----
+  // A buffer of the peer's lent to us (Request, OneWay): nullptr if it may be taken (an
+  // extent's mapping is checked by the caller, before take_lent()).
+  const char* check_lent(const shm::Desc& d, std::uint32_t max_in_flight) const noexcept;
+  void take_lent(const shm::Desc& d) noexcept;
+  // One of ours coming back (Reply, or Return if is_return): nullptr if it may be taken. `call`:
+  // the buffer a call() waits on, if any. A reply's size is checked by the caller (a replaced
+  // reply travels in a buffer of its own); a return's here.
+  const char* check_back(const shm::Desc& d, bool is_return, const BufferId* call) noexcept;
+  // Commits a checked Reply; returns the state it was in (LentCall: the call is done, the buffer
+  // is App; LentRequest: to deliver, App; Abandoned: the late reply to a call that timed out,
+  // for the caller to free_own()).
+  OwnState take_reply(BufferId id) noexcept;
+  // A ReleaseExtent hint: nullptr if valid (the mapping is dropped if still at that generation).
+  const char* release_peer_extent(const shm::Desc& d) noexcept;
+
+  // ---- requests in flight (max_in_flight) ----
+  std::uint32_t requests_out() const noexcept { return requests_out_; }
+  void request_sent() noexcept { ++requests_out_; }
+  void request_answered() noexcept {
+    if (requests_out_ > 0) --requests_out_;
+  }
+  // A peer's request we held is answered or given back.
+  void request_released() noexcept {
+    if (requests_in_ > 0) --requests_in_;
+  }
+  void request_kept() noexcept { ++requests_in_; }  // a reply to retry: still held
+
+  PendingDescs& pending() noexcept { return pending_; }
+  // Why this end cannot move to another process now (buffers out or held, messages pending), or
+  // nullptr.
+  const char* busy() const noexcept;
+
+ private:
+  const shm::Segment& seg_;
+  const int side_;
+  const std::uint32_t n_;  // slots per side (private copy of the validated geometry)
+  const std::uint32_t slot_size_;
+  std::array<OwnSlot, shm::kMaxSlotsPerSide> own_slots_{};
+  std::vector<std::uint32_t> free_slots_;  // capacity reserved at construction: no allocation
+  std::array<OwnExtent, shm::kMaxExtents> own_ext_{};
+  std::vector<std::uint32_t> free_ext_;
+  std::uint32_t next_extent_gen_;
+  std::array<bool, shm::kMaxSlotsPerSide> peer_held_{};
+  std::array<PeerExtent, shm::kMaxExtents> peer_ext_{};
+  std::uint32_t requests_out_ = 0;  // our requests not yet answered
+  std::uint32_t requests_in_ = 0;   // the peer's requests we hold
+  PendingDescs pending_;
+};
+
+}  // namespace mbmq::detail

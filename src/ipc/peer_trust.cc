@@ -1,0 +1,258 @@
+// PeerTrust: seal checks, private copies, sealed sends and replacements (see ipc/peer_trust.h).
+#include "ipc/peer_trust.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "os/file.h"
+#include "os/memfd.h"
+
+namespace mbmq::detail {
+
+PeerTrust::PeerTrust(const shm::Segment& seg, int side, BufferTable& table)
+    : seg_(seg),
+      table_(table),
+      slot_size_(seg.geometry().slot_size),
+      untrusted_me_(((seg.geometry().untrusted_mask >> side) & 1u) != 0),
+      untrusted_peer_(((seg.geometry().untrusted_mask >> (1 - side)) & 1u) != 0),
+      copy_threshold_(seg.geometry().copy_threshold) {
+  if (untrusted_me_)  // all allocation here, never per message
+    slot_shadow_ = std::make_unique_for_overwrite<std::byte[]>(
+        std::size_t{2} * seg.geometry().slots_per_side * slot_size_);
+}
+
+// ---- what the peer sends -----------------------------------------------------------------------
+
+const char* PeerTrust::map_extent_fd(int fd, bool announced_sealed, os::Access unsealed_access,
+                                     std::uint32_t payload, os::Mapping* map, bool* sealed) {
+  // Only a memfd sealed against shrinking can be mapped without risking SIGBUS later.
+  auto seals = os::get_seals(fd);
+  if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize)
+    return "extent memfd not sealed against shrinking";
+  *sealed = (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+  if (announced_sealed && !*sealed)
+    return "extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
+  auto fsize = os::file_size(fd);
+  if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "extent size";
+  // Immutable: copy-on-write (no writable shared mapping of it can exist). Faulted in as far as
+  // the payload only: the file may be a sparse 4 GiB (the peer budget).
+  auto m = os::Mapping::map_shared(fd, *fsize, *sealed ? os::Access::CopyOnWrite : unsealed_access);
+  if (!m) return "extent mmap failed";
+  m->populate(payload);
+  *map = std::move(*m);
+  return nullptr;
+}
+
+const char* PeerTrust::install_peer_extent(PeerExtent& pe, os::UniqueFd fd, bool announced_sealed,
+                                           std::uint32_t gen, std::uint32_t size) {
+  // Untrusted: read-only, answers go back with pwrite (P5b). Else shared, read-write: the answer
+  // is written in place.
+  os::Mapping map;
+  bool sealed = false;
+  if (const char* why = map_extent_fd(fd.get(), announced_sealed,
+                                      untrusted_me_ ? os::Access::ReadOnly : os::Access::ReadWrite,
+                                      size, &map, &sealed))
+    return why;
+  pe.map = std::move(map);
+  pe.fd = std::move(fd);
+  pe.gen = gen;
+  pe.sealed = sealed;
+  return nullptr;
+}
+
+const char* PeerTrust::check_peer_payload(const PeerExtent& pe, std::uint32_t size) const noexcept {
+  if (size > pe.map.size()) return "receive: payload larger than its extent";
+  if (needs_sealed(size) && !pe.sealed)
+    return "receive (untrusted): payload above copy_threshold not in a sealed memfd";
+  return nullptr;
+}
+
+const char* PeerTrust::check_replacement(int fd, bool announced_sealed, std::uint32_t size,
+                                         os::Mapping* map, bool* sealed) const {
+  if (const char* why =
+          map_extent_fd(fd, announced_sealed, os::Access::ReadWrite, size, map, sealed))
+    return why;
+  if (needs_sealed(size) && !*sealed)
+    return "reply (untrusted): answer above copy_threshold not in a sealed memfd";
+  if (map->size() < size) return "reply: replacement smaller than the answer";
+  return nullptr;
+}
+
+const char* PeerTrust::map_doorbell(int fd, os::Mapping* map) {
+  // Like a segment or an extent: only a memfd sealed against shrinking can be mapped without
+  // risking SIGBUS when the peer truncates it later.
+  auto seals = os::get_seals(fd);
+  auto size = os::file_size(fd);
+  if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize || !size ||
+      *size < shm::kDoorbellPageSize)
+    return "doorbell: not a memfd of a page sealed against shrinking";
+  auto m = os::Mapping::map_shared(fd, shm::kDoorbellPageSize, os::Access::ReadWrite);
+  if (m) *map = std::move(*m);  // a local failure is not the peer's: *map stays empty
+  return nullptr;
+}
+
+// ---- what we send ------------------------------------------------------------------------------
+
+bool PeerTrust::shadowed(const Buffer& b) const noexcept {
+  if (!untrusted_me_ || b.data_ == nullptr) return false;
+  const BufferId id = BufferId::from_wire(b.id_);
+  if (!id.is_extent()) return b.data_ != seg_.slot(id.slot_index());
+  return b.data_ != (b.origin_ == Buffer::Origin::Own ? table_.own_extent(id).map.data()
+                                                      : table_.peer_extent(id)->map.data());
+}
+
+Status PeerTrust::fresh_extent(OwnExtent& x, const std::byte* src, std::size_t size,
+                               std::size_t cap) {
+  MBMQ_ASSERT(size <= cap);
+  auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
+  auto map =
+      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Yes));
+  if (size > 0) std::memcpy(map.data(), src, size);
+  x.fd = std::move(fd);
+  x.map = std::move(map);
+  x.sealed = false;
+  x.gen = table_.take_extent_gen();
+  x.sent_gen = 0;
+  return {};
+}
+
+Status PeerTrust::seal_extent(OwnExtent& x, std::size_t size) {
+  // (P3c) No writable shared mapping may exist for F_SEAL_WRITE: drop ours first.
+  const std::size_t cap = x.map.size();
+  x.map.reset();
+  Status s = seal_unmapped(x, cap, size);
+  if (!s && !x.map.valid()) {
+    // Map the bytes back: writable and shared while the file is unsealed, else copy-on-write
+    // (then it is immutable: a new generation, sent as sealed). Failing that, x.map stays empty
+    // and the caller drops the buffer.
+    auto seals = os::get_seals(x.fd.get());
+    const bool immutable = seals && (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+    auto m = os::Mapping::map_shared(x.fd.get(), cap,
+                                     immutable ? os::Access::CopyOnWrite : os::Access::ReadWrite);
+    if (m) {
+      x.map = std::move(*m);
+      if (immutable && !x.sealed) {
+        x.sealed = true;
+        x.gen = table_.take_extent_gen();
+        x.sent_gen = 0;
+      }
+    }
+  }
+  return s;
+}
+
+Status PeerTrust::seal_unmapped(OwnExtent& x, std::size_t cap, std::size_t size) {
+  if (!os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal)) {
+    // Someone else still maps it writable (or it may not be sealed): seal a fresh copy instead.
+    auto back = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::ReadOnly));
+    MBMQ_TRY(fresh_extent(x, back.data(), size, cap));
+    x.map.reset();
+    MBMQ_TRY(os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal));
+  }
+  x.map = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::CopyOnWrite));
+  x.sealed = true;
+  x.gen = table_.take_extent_gen();
+  x.sent_gen = 0;
+  return {};
+}
+
+Status PeerTrust::prepare_send(Buffer& b) {
+  const BufferId id = BufferId::from_wire(b.id_);
+  if (!id.is_extent()) {
+    if (shadowed(b)) std::memcpy(seg_.slot(id.slot_index()), b.data_, b.size_);  // (P5b) back
+    return {};
+  }
+  OwnExtent& x = table_.own_extent(id);
+  const bool view = b.data_ == x.map.data();
+  if (x.sealed) {
+    // Its bytes are in our private view (or a private copy): they go out in a fresh extent.
+    MBMQ_TRY(fresh_extent(x, b.data_, b.size_, x.map.size()));
+    if (view) b.data_ = x.map.data();  // the view was the old mapping, now gone
+  } else if (shadowed(b)) {
+    std::memcpy(x.map.data(), b.data_, b.size_);
+  }
+  if (must_seal(b.size_)) {
+    Status sealed = seal_extent(x, b.size_);
+    if (!sealed) {
+      if (x.map.valid() && (view || !shadowed(b))) {
+        b.data_ = x.map.data();
+        b.capacity_ = static_cast<std::uint32_t>(x.map.size());
+      }
+      b.gen_ = x.gen;
+      return sealed;
+    }
+  }
+  b.data_ = x.map.data();
+  b.capacity_ = static_cast<std::uint32_t>(x.map.size());
+  b.gen_ = x.gen;
+  return {};
+}
+
+Result<PeerTrust::Replacement> PeerTrust::make_replacement(const std::byte* src,
+                                                           std::uint32_t size) const {
+  const std::size_t cap = std::max<std::size_t>(4096, (std::size_t{size} + 4095) / 4096 * 4096);
+  Replacement r{MBMQ_TRY(os::make_sealed_memfd("mbmq-reply", cap)), shm::kExtentReplace};
+  if (size > 0) MBMQ_TRY(os::pwrite_full(r.fd.get(), {src, size}, 0));  // no mapping to drop
+  if (must_seal(size)) {
+    MBMQ_TRY(os::add_seals(r.fd.get(), os::kSealWrite | os::kSealSeal));
+    r.aux |= shm::kExtentSealed;
+  }
+  return r;
+}
+
+Status PeerTrust::write_back_answer(const Buffer& b, std::uint32_t size) {
+  if (!shadowed(b)) return {};
+  const BufferId id = BufferId::from_wire(b.id_);
+  if (id.is_extent()) return os::pwrite_full(table_.peer_extent(id)->fd.get(), {b.data_, size}, 0);
+  std::memcpy(seg_.slot(id.slot_index()), b.data_, size);
+  return {};
+}
+
+// ---- what we read ------------------------------------------------------------------------------
+
+void PeerTrust::own_view(Buffer& b, std::uint32_t size) {
+  const BufferId id = BufferId::from_wire(b.id_);
+  std::byte* shared = table_.own_data(id);
+  const std::uint32_t cap = table_.own_capacity(id);
+  if (id.is_extent()) b.gen_ = table_.own_extent(id).gen;
+  b.data_ = shared;
+  b.capacity_ = cap;
+  if (!untrusted_me_) return;
+  if (!id.is_extent()) {
+    b.data_ = slot_shadow(id.slot_index());
+  } else {
+    OwnExtent& x = table_.own_extent(id);
+    if (x.sealed) return;  // immutable for the peer: nothing to copy
+    const std::uint32_t shadow_cap = std::min(cap, copy_threshold_);
+    if (x.shadow.size() < shadow_cap) x.shadow.resize(shadow_cap);  // grows, then reused
+    b.data_ = x.shadow.data();
+    b.capacity_ = shadow_cap;
+  }
+  std::memcpy(b.data_, shared, size);  // (P5b) the one copy; later peer writes change nothing
+}
+
+void PeerTrust::peer_view(Buffer& b, std::uint32_t size) {
+  const BufferId id = BufferId::from_wire(b.id_);
+  if (id.is_extent()) {
+    PeerExtent& pe = *table_.peer_extent(id);
+    b.data_ = pe.map.data();
+    b.capacity_ = static_cast<std::uint32_t>(pe.map.size());
+    if (untrusted_me_ && !pe.sealed) {
+      // (P5b) The one copy, before the application sees a byte.
+      const std::uint32_t cap = std::min(b.capacity_, copy_threshold_);
+      if (pe.shadow.size() < cap) pe.shadow.resize(cap);  // grows, then reused
+      std::memcpy(pe.shadow.data(), pe.map.data(), size);
+      b.data_ = pe.shadow.data();
+      b.capacity_ = cap;
+    }
+    return;
+  }
+  b.data_ = seg_.slot(id.slot_index());
+  b.capacity_ = slot_size_;
+  if (untrusted_me_) {
+    std::memcpy(slot_shadow(id.slot_index()), b.data_, size);  // (P5b)
+    b.data_ = slot_shadow(id.slot_index());
+  }
+}
+
+}  // namespace mbmq::detail

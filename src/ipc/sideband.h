@@ -1,0 +1,142 @@
+// ipc/sideband.h: Sideband, one end's control socket (P3, P3b, P4, P7b, P8 of src/shm/layout.h):
+// its outbox, where every packet goes without blocking, and its inbox with the stashes of what
+// arrived ahead of the descriptors that name it: extent memfds, replacement memfds, the peer's
+// queue doorbell page, and handles. Each stash is bounded (the peer budget, docs/RELIABILITY.md):
+// one extent and one replacement fd per extent id (a newer one closes the older), one doorbell,
+// and handle packets sent ahead up to Limits.
+//
+// It parses and bounds what arrives; it does not judge an fd (Trust does, when its descriptor
+// comes) nor what a full socket means (Endpoint does: that depends on the ring, see
+// Endpoint::sent_locked). The caller (Endpoint) holds its mu_ for every call. Never blocks.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "ipc/buffer_id.h"
+#include "ipc/handles.h"
+#include "mbmq/buffer.h"
+#include "mbmq/result.h"
+#include "os/fd.h"
+#include "shm/layout.h"
+
+namespace mbmq::detail {
+
+// Handle fds a peer may have parked in our stash (sent ahead of the descriptors naming them).
+inline constexpr std::uint32_t kMaxStashedHandleFds = 128;
+
+// An fd received on the control socket, not yet used.
+struct Stashed {
+  os::UniqueFd fd;
+  std::uint32_t gen = 0;
+  bool sealed = false;  // announced with kExtentSealed (checked when used)
+};
+
+// Whose buffer a handles packet rides on: a message of the sender's, or the reply in ours.
+enum class HandlesOf : std::uint8_t { Message, Reply };
+
+class Sideband {
+ public:
+  struct Limits {
+    std::uint32_t max_handles = 0;        // per packet: the channel's max_handles
+    std::uint32_t max_ahead_packets = 0;  // handle packets not yet claimed by a descriptor
+    std::uint32_t max_ahead_fds = kMaxStashedHandleFds;  // their fds
+  };
+  Sideband(os::UniqueFd control, Limits limits) noexcept;
+  Sideband(const Sideband&) = delete;
+  Sideband& operator=(const Sideband&) = delete;
+
+  int fd() const noexcept { return control_.get(); }
+  bool is_open() const noexcept { return static_cast<bool>(control_); }
+  // Closes the socket (the peer sees a hang-up once no other process holds it).
+  void close() noexcept { control_.reset(); }
+  // The channel failed: no more reading, the peer sees the hang-up (P8), and what it parked here
+  // goes now, not when the end is destroyed (the peer budget). Handles of descriptors already
+  // accepted stay (their messages are still delivered).
+  void fail_channel() noexcept;
+
+  // ---- outbox: Errc::WouldBlock with nothing sent when the socket is full ----
+  Status send(std::span<const std::byte> bytes, std::span<const int> fds);
+  // (P3, P7b) An extent's memfd (aux: kExtentSealed, kExtentReplace).
+  Status send_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t aux, int fd);
+  // (P4) Our queue's doorbell page.
+  Status send_doorbell(std::uint32_t gen, int fd);
+  // (P3b) The handles of buffer id at gen that are ours to send (not taken, not arrived with
+  // it); false if there are none. Errc::InvalidArgument: more than max_handles.
+  Result<bool> send_handles(BufferId id, std::uint32_t gen, HandlesOf of, const Handles& hs);
+
+  // ---- inbox ----
+  enum class Read : std::uint8_t { Got, Nothing, Bad };
+  // Reads one packet into the stashes. Nothing: none waiting, or hung up (P8). Bad: malformed or
+  // over budget; failure() says why, and nothing more is read.
+  Read read_once();
+  // Reads until have() holds or nothing is left: never further than needed (each packet is read
+  // when its descriptor is), and at most 4 rings' worth per call.
+  template <class Pred>
+  bool drain_until(Pred have) {
+    for (std::uint32_t i = 0; !have(); ++i)
+      if (i >= 4 * shm::kRingCapacity || read_once() != Read::Got) return have();
+    return true;
+  }
+  const char* failure() const noexcept { return failure_; }  // nullptr while healthy
+
+  bool has_extent(std::uint32_t e, std::uint32_t gen) const noexcept {
+    return e < shm::kMaxExtents && extents_[e].fd && extents_[e].gen == gen;
+  }
+  Stashed take_extent(std::uint32_t e) noexcept { return std::move(extents_[e]); }
+  bool has_replacement(std::uint32_t e, std::uint32_t gen) const noexcept {
+    return e < shm::kMaxExtents && replacements_[e].fd && replacements_[e].gen == gen;
+  }
+  Stashed take_replacement(std::uint32_t e) noexcept { return std::move(replacements_[e]); }
+  bool has_doorbell(std::uint32_t gen) const noexcept {
+    return doorbell_.fd && doorbell_.gen == gen;
+  }
+  Stashed take_doorbell() noexcept { return std::move(doorbell_); }
+  const Stashed& doorbell() const noexcept { return doorbell_; }
+  void stash_doorbell(os::UniqueFd fd, std::uint32_t gen) noexcept {
+    doorbell_ = Stashed{std::move(fd), gen};
+  }
+
+  // (P3b) Handles: has_handles() once they arrived; claim_handles() when their descriptor is
+  // accepted (no longer "sent ahead": off the budget); take_handles() hands a claimed set over.
+  bool has_handles(BufferId id, std::uint32_t gen, HandlesOf of) const noexcept;
+  void claim_handles(BufferId id, std::uint32_t gen, HandlesOf of) noexcept;
+  HandlesPtr take_handles(BufferId id, std::uint32_t gen, HandlesOf of) noexcept;
+  std::uint32_t ahead_fds() const noexcept { return ahead_fds_; }
+
+  // Why this end cannot move to another process (fds stashed ahead of their descriptors cannot
+  // travel), or nullptr. The doorbell can: it has no descriptor.
+  const char* busy() const noexcept;
+
+ private:
+  struct StashedHandles {
+    BufferId id;
+    std::uint32_t gen = 0;
+    HandlesOf of = HandlesOf::Message;
+    std::uint32_t fds = 0;
+    bool claimed = false;  // its descriptor was accepted: waits for take_handles()
+    HandlesPtr h;
+  };
+  Read bad(const char* why) noexcept {
+    failure_ = why;
+    return Read::Bad;
+  }
+  Read read_handles(const shm::CtlMsg& m, const shm::HandleMeta* meta, std::size_t bytes,
+                    std::span<os::UniqueFd> fds, std::size_t nfds);
+  StashedHandles* find_handles(BufferId id, std::uint32_t gen, HandlesOf of, bool claimed);
+
+  os::UniqueFd control_;
+  const Limits limits_;
+  const char* failure_ = nullptr;  // a packet of the peer's was bad
+  bool stopped_ = false;           // fail_channel(): nothing more is read
+  std::array<Stashed, shm::kMaxExtents> extents_{};
+  std::array<Stashed, shm::kMaxExtents> replacements_{};  // (P7b)
+  Stashed doorbell_;
+  std::vector<StashedHandles> handles_;
+  std::uint32_t ahead_fds_ = 0;      // fds in unclaimed handle packets (<= max_ahead_fds)
+  std::uint32_t ahead_packets_ = 0;  // unclaimed handle packets (<= max_ahead_packets)
+};
+
+}  // namespace mbmq::detail
