@@ -156,7 +156,7 @@ void BufferTable::set_held(BufferId id, bool h) noexcept {
 }
 
 const char* BufferTable::check_lent(const Desc& d, std::uint32_t max_in_flight) const noexcept {
-  const bool request = (d.kind & ~shm::kDescFlags) == static_cast<std::uint16_t>(DescKind::Request);
+  const bool request = is(kind_of(d), DescKind::Request);
   if (request && max_in_flight != 0 && requests_in_ >= max_in_flight)
     return "receive: the peer exceeded the channel's in-flight limit";
   const BufferId id = BufferId::from_wire(d.buffer);
@@ -173,7 +173,7 @@ const char* BufferTable::check_lent(const Desc& d, std::uint32_t max_in_flight) 
 
 void BufferTable::take_lent(const Desc& d) noexcept {
   set_held(BufferId::from_wire(d.buffer), true);
-  if ((d.kind & ~shm::kDescFlags) == static_cast<std::uint16_t>(DescKind::Request)) ++requests_in_;
+  if (is(kind_of(d), DescKind::Request)) ++requests_in_;
 }
 
 const char* BufferTable::check_back(const Desc& d, bool is_return, const BufferId* call) noexcept {

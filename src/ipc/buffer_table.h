@@ -29,6 +29,14 @@
 
 namespace mbmq::detail {
 
+// A descriptor's kind without its flags, and a comparison that reads as one.
+constexpr std::uint16_t kind_of(const shm::Desc& d) noexcept {
+  return d.kind & static_cast<std::uint16_t>(~shm::kDescFlags);
+}
+constexpr bool is(std::uint16_t kind, shm::DescKind k) noexcept {
+  return kind == static_cast<std::uint16_t>(k);
+}
+
 enum class OwnState : std::uint8_t { Free, App, LentCall, LentRequest, LentOneWay, Abandoned };
 
 struct OwnSlot {

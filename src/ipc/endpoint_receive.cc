@@ -1,0 +1,336 @@
+// Endpoint, its receiving half (P5, P6 of src/shm/layout.h): each inbound descriptor checked
+// against the BufferTable, what it needs gathered from the Sideband through PeerTrust's checks,
+// then committed; messages made from them; and the loops that wait for them (call, receive, poll).
+// The sending half, the buffers and the lifecycle are in ipc/endpoint.cc.
+#include <climits>
+#include <cstring>
+
+#include "ipc/endpoint.h"
+#include "ipc/wait_step.h"
+#include "os/fault.h"
+
+namespace mbmq::detail {
+
+using shm::Desc;
+using shm::DescKind;
+using shm::kMaxExtents;
+
+// ---- (P5) receiving ----------------------------------------------------------------------------
+
+const char* Endpoint::map_peer_extent_locked(const Desc& d) {
+  const BufferId id = BufferId::from_wire(d.buffer);
+  PeerExtent& pe = *table_.peer_extent(id);  // check_lent() passed
+  const std::uint32_t e = id.extent_index();
+  if (!pe.map.valid() || pe.gen != d.gen) {
+    (void)drain_locked([&] { return ctl_.has_extent(e, d.gen); });
+    if (!ctl_.has_extent(e, d.gen)) return "receive: extent descriptor without its memfd";
+    Stashed st = ctl_.take_extent(e);
+    if (const char* why =
+            trust_.install_peer_extent(pe, std::move(st.fd), st.sealed, d.gen, d.size))
+      return why;
+  }
+  return trust_.check_peer_payload(pe, d.size);
+}
+
+const char* Endpoint::prepare_replacement_locked(const Desc& d, os::UniqueFd* fd_out,
+                                                 os::Mapping* map_out, bool* sealed_out) {
+  const BufferId id = BufferId::from_wire(d.buffer);
+  if (!id.is_extent()) return "reply: a replaced buffer that is not an extent";
+  const std::uint32_t e = id.extent_index();
+  if (e >= kMaxExtents) return "reply: replaced extent id";
+  (void)drain_locked([&] { return ctl_.has_replacement(e, d.gen); });
+  if (!ctl_.has_replacement(e, d.gen)) return "reply: replacement announced but not sent";
+  Stashed st = ctl_.take_replacement(e);
+  if (const char* why =
+          trust_.check_replacement(st.fd.get(), st.sealed, d.size, map_out, sealed_out))
+    return why;
+  *fd_out = std::move(st.fd);
+  return nullptr;
+}
+
+bool Endpoint::handles_arrived_locked(const Desc& d, HandlesOf of) {
+  const BufferId id = BufferId::from_wire(d.buffer);
+  if (!drain_locked([&] { return ctl_.has_handles(id, d.gen, of); })) return false;
+  // Its descriptor is accepted (the caller commits right after): no longer "sent ahead".
+  ctl_.claim_handles(id, d.gen, of);
+  return true;
+}
+
+Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
+                                    std::uint16_t* call_status) {
+  const std::uint16_t kind = kind_of(d);
+  if ((d.kind & shm::kDescReplaced) != 0 && !is(kind, DescKind::Reply))
+    return bad("receive: a replacement on a descriptor that is not a reply");
+  switch (static_cast<DescKind>(kind)) {
+    case DescKind::Request:
+    case DescKind::OneWay:  // the peer's buffer, lent to us
+      return accept_lent(d);
+    case DescKind::Reply:
+    case DescKind::Return:  // our buffer, coming back
+      return accept_back(d, call_buf, call_status);
+    case DescKind::ReleaseExtent:
+      if (const char* why = table_.release_peer_extent(d)) return bad(why);
+      return Accepted::Internal;
+  }
+  return bad("receive: unknown descriptor kind");
+}
+
+Endpoint::Accepted Endpoint::accept_lent(const Desc& d) {
+  if (const char* why = table_.check_lent(d, seg_.geometry().max_in_flight)) return bad(why);
+  if (BufferId::from_wire(d.buffer).is_extent())
+    if (const char* why = map_peer_extent_locked(d)) return bad(why);
+  if ((d.kind & shm::kDescHasHandles) != 0 && !handles_arrived_locked(d, HandlesOf::Message))
+    return bad("receive: handles announced but not sent");
+  table_.take_lent(d);
+  return Accepted::Deliver;
+}
+
+Endpoint::Accepted Endpoint::accept_back(const Desc& d, const Buffer* call_buf,
+                                         std::uint16_t* call_status) {
+  const BufferId id = BufferId::from_wire(d.buffer);
+  const bool is_return = is(kind_of(d), DescKind::Return);
+  const BufferId call = call_buf != nullptr ? BufferId::from_wire(call_buf->id_) : BufferId{};
+  if (const char* why = table_.check_back(d, is_return, call_buf != nullptr ? &call : nullptr))
+    return bad(why);
+  if (is_return) {
+    free_own_locked(id);
+    return Accepted::Internal;
+  }
+  // Every check first, then the commit: a rejected reply changes nothing of ours (P7b).
+  const bool replaced = (d.kind & shm::kDescReplaced) != 0;
+  const bool with_handles = (d.kind & shm::kDescHasHandles) != 0;
+  os::UniqueFd rfd;
+  os::Mapping rmap;
+  bool rsealed = false;
+  if (replaced) {
+    if (const char* why = prepare_replacement_locked(d, &rfd, &rmap, &rsealed)) return bad(why);
+  } else {
+    if (id.is_extent() && trust_.needs_sealed(d.size) && !table_.own_extent(id).sealed)
+      return bad("reply (untrusted): answer above copy_threshold in shared memory");
+    if (d.size > table_.own_capacity(id)) return bad("receive: reply larger than its buffer");
+  }
+  if (with_handles && !handles_arrived_locked(d, HandlesOf::Reply))
+    return bad("receive: handles announced but not sent");
+  if (replaced) {  // commit (P7b): the old generation is stale for the peer, the fd is resent
+    OwnExtent& x = table_.own_extent(id);
+    x.fd = std::move(rfd);
+    x.map = std::move(rmap);
+    x.sealed = rsealed;
+    x.gen = table_.take_extent_gen();
+    x.sent_gen = 0;
+  }
+  switch (table_.take_reply(id)) {
+    case OwnState::LentCall:
+      *call_status = d.status;
+      return Accepted::CallDone;
+    case OwnState::Abandoned:  // the late reply to a call that timed out
+      if (with_handles) (void)ctl_.take_handles(id, d.gen, HandlesOf::Reply);  // nobody waits
+      free_own_locked(id);
+      return Accepted::Internal;
+    default:  // LentRequest
+      return Accepted::Deliver;
+  }
+}
+
+void Endpoint::make_message(const Desc& d, Message* out) {
+  Buffer& b = out->buffer;
+  b.reset();
+  const std::uint16_t kind = kind_of(d);
+  const bool reply = is(kind, DescKind::Reply);
+  if ((d.kind & shm::kDescHasHandles) != 0)
+    b.handles_ = ctl_.take_handles(BufferId::from_wire(d.buffer), d.gen,
+                                   reply ? HandlesOf::Reply : HandlesOf::Message);
+  b.ep_ = shared_from_this();
+  b.id_ = d.buffer;
+  b.gen_ = d.gen;
+  b.size_ = d.size;
+  b.kind_ = kind;
+  out->key = key_.load(std::memory_order_relaxed);
+  out->error = Errc::PeerClosed;
+  if (reply) {
+    b.origin_ = Buffer::Origin::Own;
+    trust_.own_view(b, d.size);
+    out->kind = Kind::Reply;
+    if (d.status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
+      out->error = Errc::NoReply;
+    return;
+  }
+  b.origin_ = Buffer::Origin::Peer;
+  trust_.peer_view(b, d.size);
+  out->kind = is(kind, DescKind::Request) ? Kind::Request : Kind::Message;
+  if (out->kind == Kind::Request) MBMQ_CRASH_POINT("receive.got_request");
+}
+
+Endpoint::Poll Endpoint::poll(Message* out) {
+  if (!inbound_ready()) return Poll::Empty;
+  std::lock_guard lock(mu_);
+  // Descriptors that deliver nothing (returns, release hints) are taken at most a ring's worth at
+  // a time: a peer that floods them keeps neither this end nor its queue from the others and
+  // from deadlines.
+  for (std::uint32_t internal = 0;; ++internal) {
+    if (internal == shm::kRingCapacity) return Poll::Empty;
+    EpState s = state_.load(std::memory_order_acquire);
+    if (s == EpState::LocalClosed) return Poll::Gone;
+    Desc d;
+    if (pending_pop(&d)) {
+      make_message(d, out);
+      return Poll::Got;
+    }
+    if (s != EpState::Protocol && rx_.pop(&d) == shm::RingStatus::Ok) {
+      Accepted a = accept(d, nullptr, nullptr);
+      if (a == Accepted::Deliver) {
+        make_message(d, out);
+        return Poll::Got;
+      }
+      if (a != Accepted::Internal)
+        (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
+      continue;
+    }
+    if (s == EpState::Open) return Poll::Empty;
+    if (end_reported_) return Poll::Gone;
+    end_reported_ = true;
+    reclaim_lent_locked();
+    out->buffer.reset();
+    out->kind = Kind::PeerClosed;
+    out->error = closed_errc(s);
+    out->why = s == EpState::Protocol ? why_bad_ : "";
+    out->key = key_.load(std::memory_order_relaxed);
+    return Poll::Ended;
+  }
+}
+
+bool Endpoint::ring_ready() const noexcept {
+  return rx_.maybe_nonempty() || state_.load(std::memory_order_acquire) != EpState::Open;
+}
+
+bool Endpoint::inbound_ready() const noexcept {
+  return rx_.maybe_nonempty() || pending_nonempty_.load(std::memory_order_relaxed) != 0 ||
+         state_.load(std::memory_order_acquire) != EpState::Open;
+}
+
+bool Endpoint::check_ring() noexcept {
+  if (rx_.check() != shm::RingStatus::Corrupt) return true;
+  std::lock_guard lock(mu_);
+  (void)fail_protocol_locked("receive: ring tail inconsistent with its entries");
+  return false;
+}
+
+void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
+  // Relaxed: the queue issues the seq_cst fence of (P6) after setting all of them.
+  in_.consumer_sleeping.store(sleeping ? 1u : 0u, std::memory_order_relaxed);
+}
+
+// ---- waiting (P6): ipc/wait_step.h -------------------------------------------------------------
+
+void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what) {
+  auto ready = [&] { return what == WaitFor::Ring ? ring_ready() : inbound_ready(); };
+  SpinStep step(policy, deadline);
+  for (;;) {
+    if (ready()) return;
+    const SpinStep::Next next = step.after_miss();
+    if (next == SpinStep::Next::Expired) return;
+    if (next == SpinStep::Next::Sleep) break;
+  }
+  sleep_once(
+      in_.doorbell, deadline, -1,
+      [&] { in_.consumer_sleeping.store(1, std::memory_order_relaxed); },
+      [&] { return !ready() && check_ring(); },
+      [&] { in_.consumer_sleeping.store(0, std::memory_order_relaxed); });
+}
+
+Status Endpoint::call(Buffer& b, Deadline deadline) {
+  if (redirected_.load(std::memory_order_relaxed))
+    return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
+  // One call at a time on an end: a second caller sleeps here until its own deadline (the buffer
+  // is then still the caller's: it was never sent).
+  std::unique_lock consumer(consumer_mu_, std::defer_lock);
+  if (!consumer_mu_.lock_until(deadline))
+    return fail(Errc::TimedOut, "call: another call on this channel did not finish in time");
+  consumer = std::unique_lock(consumer_mu_, std::adopt_lock);
+  if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
+    return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
+  MBMQ_TRY(ensure_watched());
+  const WaitPolicy policy = wait_policy();
+  {
+    std::lock_guard lock(mu_);
+    EpState s = state_.load(std::memory_order_acquire);
+    if (s != EpState::Open) return fail(closed_errc(s), "call");
+    MBMQ_TRY(send_locked(b, DescKind::Request, OwnState::LentCall));
+  }
+  MBMQ_CRASH_POINT("call.sent");
+  const BufferId id = BufferId::from_wire(b.id_);
+  for (;;) {
+    // Only the ring matters here: messages already set aside for receive() must not keep this
+    // loop from sleeping or from its deadline.
+    if (ring_ready()) {
+      std::lock_guard lock(mu_);
+      // A ring's worth per pass, then the deadline: a peer that floods descriptors (release hints,
+      // returns) must not keep the call past it.
+      for (std::uint32_t i = 0; i < shm::kRingCapacity; ++i) {
+        if (state_.load(std::memory_order_acquire) == EpState::Protocol) break;
+        Desc d;
+        if (rx_.pop(&d) != shm::RingStatus::Ok) break;
+        std::uint16_t status = 0;
+        Accepted a = accept(d, &b, &status);
+        if (a == Accepted::CallDone) {
+          MBMQ_CRASH_POINT("call.got_reply");
+          b.size_ = d.size;
+          trust_.own_view(b, d.size);
+          if ((d.kind & shm::kDescHasHandles) != 0)
+            b.handles_ = ctl_.take_handles(id, d.gen, HandlesOf::Reply);
+          if (status == static_cast<std::uint16_t>(shm::DescStatus::NoReply))
+            return fail(Errc::NoReply, "call");
+          return {};
+        }
+        if (a == Accepted::Deliver) pending_push(d);  // a request from the peer: for receive()
+        if (a == Accepted::Bad) {
+          (void)fail_protocol_locked(why_bad_);
+          break;
+        }
+      }
+      EpState s = state_.load(std::memory_order_acquire);
+      if (s != EpState::Open) {
+        // (P8) The automatic reply: the buffer is the caller's again.
+        OwnState* st = table_.own_state(id);
+        if (st != nullptr && *st == OwnState::LentCall) {
+          *st = OwnState::App;
+          table_.request_answered();
+        }
+        reclaim_lent_locked();
+        return fail(closed_errc(s), "call");
+      }
+    }
+    // After a pass over the ring (so a reply already there is taken, not abandoned).
+    if (deadline.expired()) {
+      std::lock_guard lock(mu_);
+      // The callee may still write the buffer: give it up; its late reply frees it.
+      OwnState* st = table_.own_state(id);
+      if (st != nullptr && *st == OwnState::LentCall) *st = OwnState::Abandoned;
+      detach_buffer(b);
+      return fail(Errc::TimedOut, "call");
+    }
+    if (!ring_ready()) wait_inbound(deadline, policy, WaitFor::Ring);
+  }
+}
+
+Result<Message> Endpoint::receive(Deadline deadline) {
+  if (redirected_.load(std::memory_order_relaxed))
+    return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
+  if (!consumer_mu_.lock_until(deadline))
+    return fail(Errc::TimedOut, "receive: another thread's call or receive did not finish in time");
+  std::lock_guard consumer(consumer_mu_, std::adopt_lock);
+  if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
+    return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
+  MBMQ_TRY(ensure_watched());
+  const WaitPolicy policy = wait_policy();
+  for (;;) {
+    Message m;
+    Poll p = poll(&m);
+    if (p == Poll::Got || p == Poll::Ended) return m;
+    if (p == Poll::Gone) return fail(closed_errc(state()), "receive");
+    if (deadline.expired()) return fail(Errc::TimedOut, "receive");
+    wait_inbound(deadline, policy, WaitFor::AnyMessage);
+  }
+}
+
+}  // namespace mbmq::detail
