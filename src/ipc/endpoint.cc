@@ -184,7 +184,7 @@ void Endpoint::wake_peer_locked() noexcept {
   const std::uint32_t g = out_.doorbell_gen.load(std::memory_order_acquire);
   if (g != 0) {
     if (g != peer_db_gen_) {
-      (void)drain_locked([&] { return ctl_.has_doorbell(g); });
+      (void)drain_locked([g](const Sideband& s) { return s.has_doorbell(g); });
       if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
       if (ctl_.has_doorbell(g)) {
         Stashed st = ctl_.take_doorbell();
@@ -279,6 +279,13 @@ Status Endpoint::send(Buffer&& b, DescKind kind) {
   return {};
 }
 
+Status Endpoint::keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep) {
+  table_.set_held(BufferId::from_wire(b.id_), true);
+  table_.request_kept();
+  b.ep_ = std::move(keep);
+  return fail(Errc::WouldBlock, "reply: the caller's control socket is full; retry");
+}
+
 Status Endpoint::reply(Buffer&& b) {
   if (b.origin_ != Buffer::Origin::Peer || !is(b.kind_, DescKind::Request))
     return fail(Errc::InvalidArgument, "reply: not a received request");
@@ -309,15 +316,6 @@ Status Endpoint::reply(Buffer&& b) {
     detach_buffer(b);
     return fail(fail_protocol_locked("reply: ring full although every buffer's entry fits"));
   }
-  // The control socket is full because the caller is slow (sent_locked): the answer is kept, the
-  // buffer stays the application's, and reply() says WouldBlock, to be retried. A packet already
-  // sent for this reply (the replacement) is replaced by the retry's (one per id).
-  auto keep_for_retry = [&] {
-    table_.set_held(id, true);
-    table_.request_kept();
-    b.ep_ = std::move(keep);
-    return fail(Errc::WouldBlock, "reply: the caller's control socket is full; retry");
-  };
   Status copied;
   if (replace) {
     // A retry after back-pressure does not send a second replacement for the same generation
@@ -326,7 +324,8 @@ Status Endpoint::reply(Buffer&& b) {
       auto r = trust_.make_replacement(b.data_, size);
       copied = r ? sent_locked(ctl_.send_extent(id.extent_index(), gen, r->aux, r->fd.get()))
                  : Status(fail(r.error()));
-      if (!copied && copied.error().code == Errc::WouldBlock) return keep_for_retry();
+      if (!copied && copied.error().code == Errc::WouldBlock)
+        return keep_for_retry_locked(b, std::move(keep));
       if (copied) pe->replaced_gen = gen;
     }
     k |= shm::kDescReplaced;
@@ -347,7 +346,7 @@ Status Endpoint::reply(Buffer&& b) {
       // Back-pressure, or too many handles for the channel (the replier's mistake, to fix and
       // retry): kept for the retry.
       if (why.error().code == Errc::WouldBlock || why.error().code == Errc::InvalidArgument) {
-        (void)keep_for_retry();
+        (void)keep_for_retry_locked(b, std::move(keep));
         return why;
       }
       // The handles cannot go (ETOOMANYREFS, ENOBUFS, the caller gone): an answer without the

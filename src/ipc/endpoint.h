@@ -211,6 +211,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
                                          bool* sealed);
   void make_message(const shm::Desc& d, Message* out);
   Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as);
+  // The control socket is full because the caller is slow (sent_locked): the answer is kept, the
+  // buffer stays the application's (still held), and reply() says WouldBlock, to be retried. A
+  // packet already sent for this reply (the replacement) is replaced by the retry's (one per id).
+  Status keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep);
   Status push_locked(const shm::Desc& d);
   void wake_peer_locked() noexcept;
   Error fail_protocol_locked(const char* op) noexcept;

@@ -22,7 +22,7 @@ const char* Endpoint::map_peer_extent_locked(const Desc& d) {
   PeerExtent& pe = *table_.peer_extent(id);  // check_lent() passed
   const std::uint32_t e = id.extent_index();
   if (!pe.map.valid() || pe.gen != d.gen) {
-    (void)drain_locked([&] { return ctl_.has_extent(e, d.gen); });
+    (void)drain_locked([&](const Sideband& s) { return s.has_extent(e, d.gen); });
     if (!ctl_.has_extent(e, d.gen)) return "receive: extent descriptor without its memfd";
     Stashed st = ctl_.take_extent(e);
     if (const char* why =
@@ -38,7 +38,7 @@ const char* Endpoint::prepare_replacement_locked(const Desc& d, os::UniqueFd* fd
   if (!id.is_extent()) return "reply: a replaced buffer that is not an extent";
   const std::uint32_t e = id.extent_index();
   if (e >= kMaxExtents) return "reply: replaced extent id";
-  (void)drain_locked([&] { return ctl_.has_replacement(e, d.gen); });
+  (void)drain_locked([&](const Sideband& s) { return s.has_replacement(e, d.gen); });
   if (!ctl_.has_replacement(e, d.gen)) return "reply: replacement announced but not sent";
   Stashed st = ctl_.take_replacement(e);
   if (const char* why =
@@ -50,7 +50,7 @@ const char* Endpoint::prepare_replacement_locked(const Desc& d, os::UniqueFd* fd
 
 bool Endpoint::handles_arrived_locked(const Desc& d, HandlesOf of) {
   const BufferId id = BufferId::from_wire(d.buffer);
-  if (!drain_locked([&] { return ctl_.has_handles(id, d.gen, of); })) return false;
+  if (!drain_locked([&](const Sideband& s) { return s.has_handles(id, d.gen, of); })) return false;
   // Its descriptor is accepted (the caller commits right after): no longer "sent ahead".
   ctl_.claim_handles(id, d.gen, of);
   return true;

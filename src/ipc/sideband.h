@@ -13,6 +13,7 @@
 #include <array>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "ipc/buffer_id.h"
@@ -73,11 +74,12 @@ class Sideband {
   // over budget; failure() says why, and nothing more is read.
   Read read_once();
   // Reads until have() holds or nothing is left: never further than needed (each packet is read
-  // when its descriptor is), and at most 4 rings' worth per call.
+  // when its descriptor is), and at most 4 rings' worth per call. have(const Sideband&).
   template <class Pred>
   bool drain_until(Pred have) {
-    for (std::uint32_t i = 0; !have(); ++i)
-      if (i >= 4 * shm::kRingCapacity || read_once() != Read::Got) return have();
+    for (std::uint32_t i = 0; !have(std::as_const(*this)); ++i)
+      if (i >= 4 * shm::kRingCapacity || read_once() != Read::Got)
+        return have(std::as_const(*this));
     return true;
   }
   const char* failure() const noexcept { return failure_; }  // nullptr while healthy

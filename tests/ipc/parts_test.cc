@@ -183,7 +183,7 @@ TEST(SidebandTest, AnExtentFdIsStashedUntilItsDescriptorTakesIt) {
   auto fd = memfd();
   ASSERT_TRUE(p.a->send_extent(3, 17, shm::kExtentSealed, fd.get()));
   EXPECT_FALSE(p.b->has_extent(3, 17));  // nothing read before it is needed
-  EXPECT_TRUE(p.b->drain_until([&] { return p.b->has_extent(3, 17); }));
+  EXPECT_TRUE(p.b->drain_until([](const Sideband& s) { return s.has_extent(3, 17); }));
   EXPECT_FALSE(p.b->has_replacement(3, 17));
   Stashed st = p.b->take_extent(3);
   EXPECT_TRUE(st.fd);
