@@ -12,7 +12,7 @@ enum class WaitMode : std::uint8_t {
   Spin,      // never sleep: lowest latency, one core busy while waiting (still honours deadlines)
   Adaptive,  // spin for `spin`, then sleep on the futex (the default)
   Sleep,     // sleep at once (after one look): least CPU, pays a wake-up per message
-};
+};           // A value outside these is taken as Adaptive.
 
 struct WaitPolicy {
   WaitMode mode = WaitMode::Adaptive;

@@ -194,7 +194,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   template <class Pred>
   bool drain_locked(Pred have) {
     const bool got = ctl_.drain_until(have);
-    if (ctl_.failure() != nullptr) (void)fail_protocol_locked(ctl_.failure());
+    if (const char* why = ctl_.take_failure()) (void)fail_protocol_locked(why);
     return got;
   }
   // Our buffer back to the pool; a ReleaseExtent hint if the ring has room beyond the reserve.

@@ -231,8 +231,9 @@ void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what) 
     if (next == SpinStep::Next::Expired) return;
     if (next == SpinStep::Next::Sleep) break;
   }
+  const std::int64_t no_cap = -1;
   sleep_once(
-      in_.doorbell, deadline, -1,
+      in_.doorbell, deadline, no_cap,
       [&] { in_.consumer_sleeping.store(1, std::memory_order_relaxed); },
       [&] { return !ready() && check_ring(); },
       [&] { in_.consumer_sleeping.store(0, std::memory_order_relaxed); });

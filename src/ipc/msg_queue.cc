@@ -158,8 +158,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
     // Replies held back by a caller's full control socket are retried every millisecond (its
     // reading does not ring our doorbell).
     constexpr std::int64_t kRetryNs = 1'000'000;
-    const std::int64_t max_ns =
-        deferred_count_.load(std::memory_order_relaxed) != 0 ? kRetryNs : -1;
+    std::int64_t max_ns = -1;  // set by the last look, under mu_
     sleep_once(
         page_->word, deadline, max_ns,
         [&] {
@@ -170,6 +169,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
           std::lock_guard lock(mu_);
           got = scan_locked(&m);
           if (got) return false;
+          if (deferred_count_.load(std::memory_order_relaxed) != 0) max_ns = kRetryNs;
           // Garbage that reads as "nothing there" must not put us to sleep on that channel: the
           // next scan reports the broken channel.
           bool all_consistent = true;

@@ -77,7 +77,7 @@ Result<bool> Sideband::send_handles(BufferId id, std::uint32_t gen, HandlesOf of
 // ---- inbox -------------------------------------------------------------------------------------
 
 Sideband::Read Sideband::read_once() {
-  if (!control_ || stopped_ || failure_ != nullptr) return Read::Nothing;
+  if (!control_ || stopped_) return Read::Nothing;
   struct {
     shm::CtlMsg h;
     shm::HandleMeta meta[shm::kMaxHandles];

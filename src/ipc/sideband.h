@@ -70,8 +70,11 @@ class Sideband {
 
   // ---- inbox ----
   enum class Read : std::uint8_t { Got, Nothing, Bad };
-  // Reads one packet into the stashes. Nothing: none waiting, or hung up (P8). Bad: malformed or
-  // over budget; failure() says why, and nothing more is read.
+  // Reads one packet into the stashes. Nothing: none waiting, hung up (P8), or fail_channel()
+  // was called. Bad: that packet was malformed or over budget (dropped); take_failure() says why.
+  // The caller decides what a bad packet means: while the channel is open it fails it
+  // (fail_channel()); after a hang-up the packets behind it are still read (what the peer queued
+  // before it closed is still delivered).
   Read read_once();
   // Reads until have() holds or nothing is left: never further than needed (each packet is read
   // when its descriptor is), and at most 4 rings' worth per call. have(const Sideband&).
@@ -82,7 +85,8 @@ class Sideband {
         return have(std::as_const(*this));
     return true;
   }
-  const char* failure() const noexcept { return failure_; }  // nullptr while healthy
+  // Why the last bad packet was bad (nullptr: none since the last call), and forgets it.
+  const char* take_failure() noexcept { return std::exchange(failure_, nullptr); }
 
   bool has_extent(std::uint32_t e, std::uint32_t gen) const noexcept {
     return e < shm::kMaxExtents && extents_[e].fd && extents_[e].gen == gen;
@@ -131,7 +135,7 @@ class Sideband {
 
   os::UniqueFd control_;
   const Limits limits_;
-  const char* failure_ = nullptr;  // a packet of the peer's was bad
+  const char* failure_ = nullptr;  // why the last bad packet was bad, until take_failure()
   bool stopped_ = false;           // fail_channel(): nothing more is read
   std::array<Stashed, shm::kMaxExtents> extents_{};
   std::array<Stashed, shm::kMaxExtents> replacements_{};  // (P7b)

@@ -30,7 +30,10 @@ inline void cpu_relax() noexcept { __builtin_ia32_pause(); }
 class SpinStep {
  public:
   enum class Next : std::uint8_t { Look, Sleep, Expired };
-  SpinStep(WaitPolicy policy, Deadline deadline) noexcept : policy_(policy), deadline_(deadline) {}
+  // A mode outside the enum is taken as Adaptive (the default), by every waiter alike.
+  SpinStep(WaitPolicy policy, Deadline deadline) noexcept
+      : policy_(valid(policy.mode) ? policy : WaitPolicy{WaitMode::Adaptive, policy.spin}),
+        deadline_(deadline) {}
 
   // After a look that found nothing.
   Next after_miss() noexcept {
@@ -50,6 +53,9 @@ class SpinStep {
   }
 
  private:
+  static constexpr bool valid(WaitMode m) noexcept {
+    return m == WaitMode::Spin || m == WaitMode::Adaptive || m == WaitMode::Sleep;
+  }
   const WaitPolicy policy_;
   const Deadline deadline_;
   std::uint32_t looks_ = 0;
@@ -57,9 +63,10 @@ class SpinStep {
 };
 
 // Steps 1-5 above. announce() and retract() set and clear consumer_sleeping; nothing_there()
-// looks once more (after the fence) and says whether to sleep.
+// looks once more (after the fence) and says whether to sleep. max_ns is read after
+// nothing_there() (which may change it): < 0 means no cap.
 template <class Announce, class NothingThere, class Retract>
-void sleep_once(std::atomic<std::uint32_t>& word, Deadline deadline, std::int64_t max_ns,
+void sleep_once(std::atomic<std::uint32_t>& word, Deadline deadline, const std::int64_t& max_ns,
                 Announce announce, NothingThere nothing_there, Retract retract) {
   const std::uint32_t v = word.load(std::memory_order_acquire);
   announce();

@@ -191,14 +191,20 @@ TEST(SidebandTest, AnExtentFdIsStashedUntilItsDescriptorTakesIt) {
   EXPECT_FALSE(p.b->has_extent(3, 17));
 }
 
-TEST(SidebandTest, AMalformedPacketIsBadAndStopsReading) {
+TEST(SidebandTest, AMalformedPacketIsBadAndDroppedAndOnlyFailingTheChannelStopsReading) {
   SidebandPair p;
   const std::byte junk[3]{};
   ASSERT_TRUE(p.a->send(junk, {}));
-  EXPECT_EQ(p.b->read_once(), Sideband::Read::Bad);
-  EXPECT_NE(p.b->failure(), nullptr);
   auto fd = memfd();
   ASSERT_TRUE(p.a->send_extent(0, 1, 0, fd.get()));
+  ASSERT_TRUE(p.a->send_extent(1, 1, 0, fd.get()));
+  EXPECT_EQ(p.b->read_once(), Sideband::Read::Bad);
+  EXPECT_NE(p.b->take_failure(), nullptr);
+  EXPECT_EQ(p.b->take_failure(), nullptr);  // taken
+  // After a hang-up the owner reads on past a bad packet: what the peer queued is delivered.
+  EXPECT_EQ(p.b->read_once(), Sideband::Read::Got);
+  EXPECT_TRUE(p.b->has_extent(0, 1));
+  p.b->fail_channel();
   EXPECT_EQ(p.b->read_once(), Sideband::Read::Nothing);  // no more reading
 }
 
@@ -343,6 +349,15 @@ TEST(SpinStepTest, SpinNeverSleepsAndStopsAtTheDeadline) {
   while ((n = step.after_miss()) == SpinStep::Next::Look) {
   }
   EXPECT_EQ(n, SpinStep::Next::Expired);
+}
+
+TEST(SpinStepTest, AnUnknownModeIsAdaptive) {
+  SpinStep step(WaitPolicy{static_cast<WaitMode>(7), std::chrono::microseconds(200)},
+                Deadline::never());
+  const std::int64_t start = monotonic_ns();
+  while (step.after_miss() == SpinStep::Next::Look) {
+  }
+  EXPECT_GE(monotonic_ns() - start, 200'000);  // spun its budget, then asked to sleep
 }
 
 TEST(SpinStepTest, SleepSleepsAtOnceAndAdaptiveAfterItsSpin) {

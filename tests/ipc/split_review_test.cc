@@ -128,8 +128,8 @@ TEST(SplitReview, AfterAHangUpAnOverBudgetHandlesPacketDoesNotStopLaterPacketsBe
     shm::HandleMeta meta[shm::kMaxHandles];
   } pkt{};
   // Slot 16 is the peer's first (16 slots per side); generation 0xdead is never used.
-  pkt.h = shm::CtlMsg{static_cast<std::uint32_t>(shm::CtlType::Handles), 16, 0xdead,
-                      shm::kMaxHandles};
+  pkt.h =
+      shm::CtlMsg{static_cast<std::uint32_t>(shm::CtlType::Handles), 16, 0xdead, shm::kMaxHandles};
   std::vector<int> fds;
   for (auto& meta : pkt.meta) {
     meta.kind = static_cast<std::uint32_t>(shm::WireHandle::Fd);
@@ -157,8 +157,8 @@ TEST(SplitReview, AfterAHangUpAnOverBudgetHandlesPacketDoesNotStopLaterPacketsBe
 
   auto m = us.receive(secs(2));
   ASSERT_TRUE(m) << m.error().message();
-  EXPECT_EQ(m->kind, Kind::Message) << "the peer's last message was dropped (why: \"" << m->why
-                                    << "\")";
+  EXPECT_EQ(m->kind, Kind::Message)
+      << "the peer's last message was dropped (why: \"" << m->why << "\")";
   if (m->kind == Kind::Message) {
     ASSERT_EQ(m->buffer.size(), kSize);
     EXPECT_TRUE(test::check(m->buffer.data(), 78));
@@ -166,14 +166,12 @@ TEST(SplitReview, AfterAHangUpAnOverBudgetHandlesPacketDoesNotStopLaterPacketsBe
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. A WaitMode outside the enum on a Channel (nothing validates WaitPolicy::mode).
+// 2. A WaitMode outside the enum (nothing validates WaitPolicy::mode at the API).
 //
-// Old (d433593 endpoint.cc, wait_inbound): any mode but Sleep spins, and only Adaptive ever
-// breaks out to sleep: an unknown mode spins (like Spin) until the message or the deadline, and
-// never announces consumer_sleeping.
-// New (wait_step.h, SpinStep::after_miss): only Spin and Adaptive-within-budget look again; any
-// other mode sleeps after 64 looks (what the old QueueCore::wait did, but not the old Endpoint).
-TEST(SplitReview, AnUnknownWaitModeOnAChannelWaitsAsTheOldEndpointDid) {
+// d433593: Endpoint::wait_inbound spun forever for it (like Spin), QueueCore::wait slept after
+// 64 looks. Since the split one step (SpinStep) serves both, and takes such a mode as Adaptive
+// (the default): it spins its budget, then announces the sleep, on a channel and on a queue.
+TEST(SplitReview, AnUnknownWaitModeOnAChannelWaitsAsAdaptive) {
   auto p = Channel::pair();
   ASSERT_TRUE(p);
   auto& [us, peer] = *p;
@@ -191,7 +189,7 @@ TEST(SplitReview, AnUnknownWaitModeOnAChannelWaitsAsTheOldEndpointDid) {
     std::this_thread::yield();
   }
   receiver.join();
-  EXPECT_FALSE(slept) << "receive() with an unknown WaitMode announced a sleep (old: it spun)";
+  EXPECT_TRUE(slept) << "receive() with an unknown WaitMode never announced a sleep";
 }
 
 }  // namespace
