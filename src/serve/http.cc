@@ -1,5 +1,5 @@
-// examples/file_server/http.cc: see http.h.
-#include "http.h"
+// serve/http.cc: see http.h.
+#include "serve/http.h"
 
 #include <fcntl.h>
 #include <unistd.h>
