@@ -1,9 +1,6 @@
 // serve/http.cc: see http.h.
 #include "serve/http.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
