@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The installed package, in both of its forms, used by a program outside the tree (consumer.cc),
 # built with find_package(mbmq) (CMake) and with pkg-config, and run (one call between two
-# processes):
-#  - static: the build tree, installed into a temporary prefix: libmbmq.a alone, no .so;
-#  - shared: the library alone, configured and built again in a temporary directory with
-#    BUILD_SHARED_LIBS=ON and MBMQ_LIBRARY_ONLY=ON, then installed: libmbmq.so and its links; both
-#    consumers need it by its SONAME, and it exports mbmq:: names only, none from the internal
-#    namespaces (mbmq::os, mbmq::shm, mbmq::detail but for assert_fail, which MBMQ_ASSERT calls).
+# processes). The build tree is installed into a temporary prefix, and the library alone in its
+# other form (configured and built again in a temporary directory with MBMQ_LIBRARY_ONLY=ON and
+# BUILD_SHARED_LIBS flipped, then installed), so both are tested whichever the tree is:
+#  - static: libmbmq.a alone, no .so; the consumers need no libmbmq;
+#  - shared: libmbmq.so and its links; both consumers need it by its SONAME, and it exports mbmq::
+#    names only, none from the internal namespaces (mbmq::os, mbmq::shm, mbmq::detail but for
+#    assert_fail, which MBMQ_ASSERT calls).
 # Either way only include/mbmq is installed as headers.
-# Usage: install_test.sh BUILD_DIR CXX VERSION (the build tree's compiler and project version).
+# Usage: install_test.sh BUILD_DIR CXX VERSION SHARED (the build tree's compiler, project version
+# and whether it builds libmbmq shared: 1 or 0).
 set -euo pipefail
 build=$1
 cxx=$2
 version=$3
+tree_shared=$4
 soname=libmbmq.so.${version%.*}
 here=$(cd "$(dirname "$0")" && pwd)
 src=$(cd "$here/../.." && pwd)
@@ -54,43 +57,62 @@ consume() {
 # needs EXE: the shared libraries EXE needs (NEEDED entries).
 needs() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | xargs; }
 
-echo "== static: the build tree, installed"
-cmake --install "$build" --prefix "$tmp/static" >/dev/null
-check_files "$tmp/static" libmbmq.a
-consume static "$tmp/static"
-for exe in "$tmp/static-cmake/consumer" "$tmp/static-pkg-config"; do
-  case " $(needs "$exe") " in
-    *" libmbmq"*) fail "$exe needs a shared libmbmq: $(needs "$exe")" ;;
-  esac
-done
+# check_shared PREFIX: libmbmq.so with its SONAME, exporting mbmq:: names only (none from the
+# internal namespaces).
+check_shared() {
+  local so got n
+  so=$(find "$1" -name "libmbmq.so.$version")
+  got=$(readelf -d "$so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+  [ "$got" = "$soname" ] || fail "SONAME is '$got', expected $soname"
+  # The dynamic symbol table, demangled: "ADDRESS TYPE NAME".
+  nm -D --defined-only -C "$so" | sed -E 's/^[0-9a-f]+ [A-Za-z] //' >"$tmp/exports"
+  n=$(wc -l <"$tmp/exports")
+  echo "libmbmq.so.$version (SONAME $got) exports $n symbols, e.g.:"
+  grep -m 3 -F 'mbmq::Channel::' "$tmp/exports" | sed 's/^/  /'
+  grep -q -F 'mbmq::Channel::call(mbmq::Buffer&, mbmq::Deadline)' "$tmp/exports" ||
+    fail "mbmq::Channel::call is not exported"
+  if grep -v '^mbmq::' "$tmp/exports" | grep . >"$tmp/bad" ||
+    grep -E '^mbmq::(os|shm)::|^mbmq::detail::' "$tmp/exports" |
+    grep -v '^mbmq::detail::assert_fail(' >"$tmp/bad"; then
+    fail "exported beyond the public API:$(head -20 "$tmp/bad" | sed 's/^/\n  /')"
+  fi
+}
 
-echo "== shared: the library alone, built with BUILD_SHARED_LIBS=ON"
-cmake -S "$src" -B "$tmp/shared-build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CXX_COMPILER="$cxx" -DBUILD_SHARED_LIBS=ON -DMBMQ_LIBRARY_ONLY=ON \
-  -DCMAKE_INSTALL_PREFIX="$tmp/shared" >/dev/null
-cmake --build "$tmp/shared-build" -j2 >/dev/null
-cmake --install "$tmp/shared-build" >/dev/null
-check_files "$tmp/shared" "libmbmq.so $soname libmbmq.so.$version"
-so=$(find "$tmp/shared" -name "libmbmq.so.$version")
-got=$(readelf -d "$so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
-[ "$got" = "$soname" ] || fail "SONAME is '$got', expected $soname"
-# The dynamic symbol table, demangled: "ADDRESS TYPE NAME".
-nm -D --defined-only -C "$so" | sed -E 's/^[0-9a-f]+ [A-Za-z] //' >"$tmp/exports"
-n=$(wc -l <"$tmp/exports")
-echo "$so (SONAME $got) exports $n symbols, e.g.:"
-grep -m 3 -F 'mbmq::Channel::' "$tmp/exports" | sed 's/^/  /'
-grep -q -F 'mbmq::Channel::call(mbmq::Buffer&, mbmq::Deadline)' "$tmp/exports" ||
-  fail "mbmq::Channel::call is not exported"
-if grep -v '^mbmq::' "$tmp/exports" | grep . >"$tmp/bad" ||
-  grep -E '^mbmq::(os|shm)::|^mbmq::detail::' "$tmp/exports" |
-  grep -v '^mbmq::detail::assert_fail(' >"$tmp/bad"; then
-  fail "exported beyond the public API:$(head -20 "$tmp/bad" | sed 's/^/\n  /')"
+# verify NAME KIND PREFIX: the package in PREFIX is of KIND (static or shared); both consumers
+# build and run against it, and need libmbmq.so by its SONAME (shared) or not at all (static).
+verify() {
+  local name=$1 kind=$2 prefix=$3 exe needed
+  if [ "$kind" = static ]; then
+    check_files "$prefix" libmbmq.a
+  else
+    check_files "$prefix" "libmbmq.so $soname libmbmq.so.$version"
+    check_shared "$prefix"
+  fi
+  consume "$name" "$prefix"
+  for exe in "$tmp/$name-cmake/consumer" "$tmp/$name-pkg-config"; do
+    needed=" $(needs "$exe") "
+    if [ "$kind" = static ] && [[ $needed == *" libmbmq"* ]]; then
+      fail "$exe needs a shared libmbmq:$needed"
+    elif [ "$kind" = shared ] && [[ $needed != *" $soname "* ]]; then
+      fail "$exe does not need $soname:$needed"
+    fi
+  done
+}
+
+if [ "$tree_shared" = 1 ]; then
+  tree=shared other=static other_shared=OFF
+else
+  tree=static other=shared other_shared=ON
 fi
-consume shared "$tmp/shared"
-for exe in "$tmp/shared-cmake/consumer" "$tmp/shared-pkg-config"; do
-  case " $(needs "$exe") " in
-    *" $soname "*) ;;
-    *) fail "$exe does not need $soname: $(needs "$exe")" ;;
-  esac
-done
+echo "== $tree: the build tree, installed"
+cmake --install "$build" --prefix "$tmp/tree" >/dev/null
+verify "$tree" "$tree" "$tmp/tree"
+
+echo "== $other: the library alone, built again with BUILD_SHARED_LIBS=$other_shared"
+cmake -S "$src" -B "$tmp/alone-build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CXX_COMPILER="$cxx" -DBUILD_SHARED_LIBS=$other_shared -DMBMQ_LIBRARY_ONLY=ON \
+  -DCMAKE_INSTALL_PREFIX="$tmp/alone" >/dev/null
+cmake --build "$tmp/alone-build" -j2 >/dev/null
+cmake --install "$tmp/alone-build" >/dev/null
+verify "$other" "$other" "$tmp/alone"
 echo "package: static and shared, both consumers built and ran"
