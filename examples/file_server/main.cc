@@ -5,8 +5,8 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
-#include "http.h"
 #include "os/tcp.h"
+#include "serve/http.h"
 
 int main(int argc, char** argv) {
   fileserver::Options o;

@@ -33,6 +33,7 @@
 #include <memory>
 #include <span>
 
+#include "mbmq/export.h"
 #include "mbmq/result.h"
 
 namespace mbmq {
@@ -52,7 +53,7 @@ using HandlesPtr = std::unique_ptr<Handles, HandlesDeleter>;
 enum class HandleKind : std::uint8_t { None, Fd, Channel, File };
 class FileRange;
 
-class Buffer {
+class MBMQ_EXPORT Buffer {
  public:
   static constexpr std::size_t kMaxHandles = 8;
 

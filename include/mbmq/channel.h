@@ -27,6 +27,7 @@
 
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
+#include "mbmq/export.h"
 #include "mbmq/result.h"
 #include "mbmq/wait_policy.h"
 
@@ -72,7 +73,7 @@ struct ChannelOptions {
   std::uint32_t copy_threshold = 0;
 };
 
-class Channel {
+class MBMQ_EXPORT Channel {
  public:
   Channel() noexcept = default;
   Channel(Channel&&) noexcept = default;

@@ -13,10 +13,12 @@
 #include <ratio>
 #include <type_traits>
 
+#include "mbmq/export.h"
+
 namespace mbmq {
 
 // Nanoseconds on CLOCK_MONOTONIC (vDSO: no system call).
-std::int64_t monotonic_ns() noexcept;
+MBMQ_EXPORT std::int64_t monotonic_ns() noexcept;
 
 namespace detail {
 // d in nanoseconds, clamped to the range of std::int64_t instead of overflowing (the implicit

@@ -26,11 +26,12 @@
 
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
+#include "mbmq/export.h"
 #include "mbmq/result.h"
 
 namespace mbmq {
 
-class FileRange {
+class MBMQ_EXPORT FileRange {
  public:
   FileRange() noexcept = default;
   FileRange(FileRange&& o) noexcept;
@@ -64,7 +65,7 @@ class FileRange {
 };
 
 enum class EgressPath : std::uint8_t { Sendfile, Splice, Write };
-const char* egress_path_name(EgressPath p) noexcept;
+MBMQ_EXPORT const char* egress_path_name(EgressPath p) noexcept;
 
 struct EgressOptions {
   Deadline deadline = Deadline::never();
@@ -87,10 +88,11 @@ struct Egress {
 // mid-message and should be closed); Errc::System for socket errors (EPIPE: the peer left).
 // SIGPIPE: like write(2), sending to a socket whose reader has gone raises SIGPIPE; a server
 // should ignore it (signal(SIGPIPE, SIG_IGN)), as examples/file_server does.
-Result<Egress> send_file(int socket, int file_fd, std::uint64_t offset, std::uint64_t length,
-                         const EgressOptions& options = {});
+MBMQ_EXPORT Result<Egress> send_file(int socket, int file_fd, std::uint64_t offset,
+                                     std::uint64_t length, const EgressOptions& options = {});
 // Writes buf's size() bytes into `socket`, from the memfd behind them (sendfile/splice), or with
 // write() for bytes held in private memory (an untrusted end's copy; fallback says so).
-Result<Egress> send_buffer(int socket, const Buffer& buf, const EgressOptions& options = {});
+MBMQ_EXPORT Result<Egress> send_buffer(int socket, const Buffer& buf,
+                                       const EgressOptions& options = {});
 
 }  // namespace mbmq

@@ -21,6 +21,7 @@
 #include "mbmq/buffer.h"
 #include "mbmq/channel.h"
 #include "mbmq/deadline.h"
+#include "mbmq/export.h"
 #include "mbmq/result.h"
 #include "mbmq/wait_policy.h"
 
@@ -52,7 +53,7 @@ struct Message {
   Channel channel;
 };
 
-class MsgQueue {
+class MBMQ_EXPORT MsgQueue {
  public:
   MsgQueue() noexcept = default;
   MsgQueue(MsgQueue&&) noexcept = default;

@@ -78,6 +78,7 @@
 
 #include "mbmq/channel.h"
 #include "mbmq/deadline.h"
+#include "mbmq/export.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/result.h"
 
@@ -119,7 +120,7 @@ struct ListenerStats {
   std::uint64_t fd_backoffs = 0;      // accept4() found the fd table full: paused (see above)
 };
 
-class Listener {
+class MBMQ_EXPORT Listener {
  public:
   Listener() noexcept = default;
   // Errc::System/EADDRINUSE if another live listener has the name.
@@ -191,9 +192,10 @@ struct ConnectOptions {
 // leaves room for the next pause; then Errc::Refused saying so. options.trust is this end's trust
 // mode (see channel.h): Trust::Untrusted protects us from the server's replies; it is asked for in
 // the hello and checked in the segment we get (Errc::Refused if not granted).
-Result<Channel> connect(std::string_view name, Deadline deadline, const ConnectOptions& options);
+MBMQ_EXPORT Result<Channel> connect(std::string_view name, Deadline deadline,
+                                    const ConnectOptions& options);
 // The same with ConnectOptions{wait, trust, ServerPolicy{}} (the default server policy).
-Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait = {},
-                        Trust trust = Trust::Cooperative);
+MBMQ_EXPORT Result<Channel> connect(std::string_view name, Deadline deadline, WaitPolicy wait = {},
+                                    Trust trust = Trust::Cooperative);
 
 }  // namespace mbmq

@@ -13,6 +13,8 @@
 #include <tl/expected.hpp>
 #include <utility>
 
+#include "mbmq/export.h"
+
 namespace mbmq {
 
 // The four kinds of failure: expected outcomes (TimedOut, WouldBlock, PeerClosed, NoReply), system
@@ -31,9 +33,9 @@ enum class Errc : std::uint8_t {
   Refused,          // a listener's access policy refused the connection
 };
 
-const char* errc_name(Errc code) noexcept;
+MBMQ_EXPORT const char* errc_name(Errc code) noexcept;
 
-struct Error {
+struct MBMQ_EXPORT Error {
   Errc code{Errc::System};
   int sys_errno{0};    // errno for Errc::System, else 0
   const char* op{""};  // static string naming what failed ("memfd_create", "ring.pop", ...)
@@ -92,5 +94,5 @@ inline void unwrap(Status&&) {}
   } while (0)
 
 namespace mbmq::detail {
-[[noreturn]] void assert_fail(const char* cond, const char* file, int line) noexcept;
+[[noreturn]] MBMQ_EXPORT void assert_fail(const char* cond, const char* file, int line) noexcept;
 }

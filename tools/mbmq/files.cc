@@ -1,5 +1,5 @@
 // tools/mbmq/files.cc: `mbmq files`: one file served over loopback HTTP/1.1, per way of sending
-// it: examples/file_server's core (the very same code) with read+write, mmap+write, sendfile and
+// it: file_server's core (src/serve, the very same code) with read+write, mmap+write, sendfile and
 // splice, and nginx (Debian's, `sendfile on`) in the same run. Per server: throughput, server CPU
 // seconds per GiB served (the server process's CPU clock, every thread, over the measured
 // requests only) and the client's, median over interleaved rounds. The client reads every body
@@ -16,11 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "http.h"
 #include "mbmq/deadline.h"
 #include "os/file.h"
 #include "os/process.h"
 #include "os/tcp.h"
+#include "serve/http.h"
 
 namespace mbmq::tool {
 namespace {

@@ -1,7 +1,8 @@
-// examples/file_server/http.h: the core of `file_server`, a small static HTTP/1.1 file server
-// (GET, HEAD, single byte ranges, keep-alive) that sends file bodies with sendfile(2) through
-// mbmq::send_file, or, for comparison, with splice, mmap+write or read+write. `mbmq files`
-// benchmarks the same code.
+// serve/http.h: the core of `file_server` (examples/file_server), a small static HTTP/1.1 file
+// server (GET, HEAD, single byte ranges, keep-alive) that sends file bodies with sendfile(2)
+// through mbmq::send_file, or, for comparison, with splice, mmap+write or read+write. `mbmq files`
+// benchmarks the same code. Internal to the project (target mbmq_file_server), not part of the
+// installed library.
 //
 // Safety: a request's path is percent-decoded and refused (400) if it holds NUL or a ".."
 // segment; the file is then opened with openat2(RESOLVE_BENEATH) under the root directory, so no

@@ -1,8 +1,5 @@
-// examples/file_server/http.cc: see http.h.
-#include "http.h"
-
-#include <fcntl.h>
-#include <unistd.h>
+// serve/http.cc: see http.h.
+#include "serve/http.h"
 
 #include <algorithm>
 #include <cerrno>
