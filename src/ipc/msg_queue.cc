@@ -9,6 +9,7 @@
 #include "ipc/queue_core.h"
 #include "os/futex.h"
 #include "os/memfd.h"
+#include "os/mutex.h"
 #include "os/process.h"
 
 namespace mbmq {
@@ -21,25 +22,28 @@ Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
       os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize, os::Access::ReadWrite));
   q->page_ = new (q->map_.data()) shm::DoorbellPage{};
   q->policy_.store(policy);
-  q->eps_.reserve(64);
+  {
+    os::LockGuard lock(q->mu_);  // not shared yet: uncontended, for the analysis
+    q->eps_.reserve(64);
+  }
   q->watch_pid_.store(os::current_pid(), std::memory_order_relaxed);
   return q;
 }
 
 void QueueCore::add(std::shared_ptr<Endpoint> ep) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   // A waiter already asleep must be woken by this channel's peer too (P6).
   if (sleepers_ > 0) ep->set_consumer_sleeping(true);
   eps_.push_back(std::move(ep));
 }
 
 void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   listeners_.push_back(std::move(l));
 }
 
 void QueueCore::remove_listener(const ListenCore* l) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
 }
 
@@ -49,7 +53,7 @@ void QueueCore::poke() noexcept {
 }
 
 std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   listeners_.clear();
   std::vector<std::shared_ptr<Endpoint>> eps;
   eps.swap(eps_);
@@ -57,7 +61,7 @@ std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
 }
 
 std::size_t QueueCore::channel_count() const {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   return eps_.size();
 }
 
@@ -113,7 +117,7 @@ void QueueCore::watch_after_fork() {
   if (watch_pid_.load(std::memory_order_relaxed) == pid) return;
   std::vector<std::shared_ptr<Endpoint>> eps;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     eps = eps_;
   }
   for (auto& ep : eps)
@@ -122,7 +126,7 @@ void QueueCore::watch_after_fork() {
 }
 
 void QueueCore::defer(Buffer&& b) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   deferred_.push_back(std::move(b));
   deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
 }
@@ -144,7 +148,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
   for (std::uint32_t looks = 0;; ++looks) {
     Message m;
     {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
       if (scan_locked(&m)) return m;
     }
@@ -165,7 +169,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
     // (P6) Announce sleep on every channel, fence, look once more, sleep on the queue's word.
     std::uint32_t v;
     {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       // Pairs with the producers' fetch_add(release) in (P4).
       v = page_->word.load(std::memory_order_acquire);
       if (sleepers_++ == 0) set_sleeping_locked(true);
@@ -192,7 +196,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
       timeout = kRetryNs;
     if (deadline.is_never() || timeout > 0) (void)os::futex_wait(&page_->word, v, timeout);
     {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       if (--sleepers_ == 0) set_sleeping_locked(false);
     }
   }

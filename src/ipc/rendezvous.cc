@@ -16,6 +16,7 @@
 #include "os/epoll.h"
 #include "os/fault.h"
 #include "os/fd.h"
+#include "os/mutex.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
 
@@ -140,6 +141,9 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(std::string_view name, List
                                       ? options.max_handshakes_per_uid
                                       : std::max<std::uint32_t>(1, options.max_handshakes / 4);
   core->options_ = std::move(options);
+  // Locked: once watched, the watcher thread may run on_watch() at once (accept4() failing sends
+  // it to back_off_locked(), which writes listen_watch_ too).
+  os::LockGuard lock(core->mu_);
   core->listen_fd_ = std::move(fd);
   // Level-triggered: a connection left in the backlog (fd table full, say) is retried at the
   // next wake-up rather than forgotten.
@@ -150,17 +154,19 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(std::string_view name, List
 
 ListenCore::~ListenCore() { close(); }
 
+void ListenCore::close_in_child() noexcept { listen_fd_.reset(); }
+
 void ListenCore::close() noexcept {
   if (os::current_pid() != owner_pid_) {
     // A forked child's copy: the parent's watcher owns the registrations, and mu_ may have been
     // copied locked. Close only our copy of the listening socket.
-    listen_fd_.reset();
+    close_in_child();
     return;
   }
   std::deque<Channel> drop;
   std::shared_ptr<QueueCore> q;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (closed_) return;
     closed_ = true;
     if (listen_fd_) unwatch_fd(listen_watch_, listen_fd_.get());
@@ -179,7 +185,7 @@ void ListenCore::close() noexcept {
 Status ListenCore::bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key) {
   std::shared_ptr<QueueCore> q;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (closed_) return fail(Errc::InvalidArgument, "Listener: closed");
     queue_ = queue;
     key_ = key;
@@ -190,7 +196,7 @@ Status ListenCore::bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t k
 }
 
 ListenCore::Take ListenCore::take(Message* out) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   if (!arrivals_.empty()) {
     out->buffer.reset();
     out->kind = Kind::Connection;
@@ -228,7 +234,7 @@ std::shared_ptr<QueueCore> ListenCore::queue_to_poke_locked() noexcept {
 void ListenCore::on_watch(int fd, std::uint32_t events) noexcept {
   bool listening;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (closed_) return;
     listening = listen_fd_ && fd == listen_fd_.get();
     if (listening && backing_off_) {
@@ -247,7 +253,7 @@ void ListenCore::on_watch(int fd, std::uint32_t events) noexcept {
     accept_pending();
   } else if (events == 0) {
     // (R2) No hello within the handshake deadline: drop the connection.
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (handshakes_.count(fd) > 0) {
       erase_handshake_locked(fd);
       counters_->failed.fetch_add(1, std::memory_order_relaxed);
@@ -289,7 +295,7 @@ void ListenCore::accept_pending() noexcept {
   for (int i = 0; i < 64; ++i) {
     os::UniqueFd conn;
     {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       if (closed_ || !listen_fd_ || backing_off_) return;
       // The handshake never waits on the connection: reads are MSG_DONTWAIT, and the sends (one
       // verdict, then at most the channel end) go into a fresh socket's empty send buffer, which
@@ -331,7 +337,7 @@ void ListenCore::admit(os::UniqueFd conn) noexcept {
   // Silent so far: it waits for its hello in a slot, if the listener and its uid have one left.
   const int cfd = conn.get();
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (closed_) return;
     auto n = slots_of_.find(cred->uid);
     const std::uint32_t held = n == slots_of_.end() ? 0 : n->second;
@@ -358,7 +364,7 @@ void ListenCore::admit(os::UniqueFd conn) noexcept {
 void ListenCore::handshake(int fd) noexcept {
   os::UniqueFd conn;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     auto it = handshakes_.find(fd);
     if (it == handshakes_.end()) return;
     conn = std::move(it->second.conn);
@@ -428,7 +434,7 @@ void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t 
   c.accepted.fetch_add(1, std::memory_order_relaxed);
   std::shared_ptr<QueueCore> q;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (closed_) return;  // the end closes on the way out
     arrivals_.push_back(std::move(ends->second));
     q = queue_to_poke_locked();

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "os/mutex.h"
 #include "os/syscall_count.h"
 
 namespace mbmq::os {
@@ -265,22 +266,18 @@ std::int64_t process_cpu_ns(pid_t pid) noexcept {
 }
 
 void ignore_sigpipe() noexcept { ::signal(SIGPIPE, SIG_IGN); }
-}  // namespace mbmq::os
 
-#include <mutex>
-
-namespace mbmq::os {
 namespace {
 // Lock-free, hence async-signal-safe; relaxed: a count for the test to read, no data guarded.
 std::atomic<std::uint64_t> g_interval_signals{0};
 void on_interval_signal(int) { g_interval_signals.fetch_add(1, std::memory_order_relaxed); }
 
 struct IntervalTimer {
-  std::mutex mu;
-  bool running = false;          // guarded by mu
-  timer_t timer{};               // guarded by mu
-  int signo = 0;                 // guarded by mu
-  struct sigaction previous {};  // guarded by mu
+  Mutex mu;
+  bool running MBMQ_GUARDED_BY(mu) = false;
+  timer_t timer MBMQ_GUARDED_BY(mu) = {};
+  int signo MBMQ_GUARDED_BY(mu) = 0;
+  struct sigaction previous MBMQ_GUARDED_BY(mu) {};
 };
 IntervalTimer& interval_timer() {
   static IntervalTimer t;
@@ -291,7 +288,7 @@ IntervalTimer& interval_timer() {
 Status start_interval_signal(std::chrono::microseconds interval, int signo) {
   if (interval.count() <= 0) return fail(Errc::InvalidArgument, "start_interval_signal: interval");
   IntervalTimer& t = interval_timer();
-  std::lock_guard lock(t.mu);
+  LockGuard lock(t.mu);
   if (t.running) return fail(Errc::Busy, "start_interval_signal: one is running");
   struct sigaction sa {};
   sa.sa_handler = on_interval_signal;
@@ -329,7 +326,7 @@ Status start_interval_signal(std::chrono::microseconds interval, int signo) {
 
 void stop_interval_signal() noexcept {
   IntervalTimer& t = interval_timer();
-  std::lock_guard lock(t.mu);
+  LockGuard lock(t.mu);
   if (!t.running) return;
   count_syscall();
   ::timer_delete(t.timer);  // no new signals from here on
