@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command (and CI's): install what is needed, build, and run the whole suite,
-# then the same suite under ASan+UBSan and the thread-level tests under TSan.
+# build the library with clang -Wthread-safety -Werror (preset tsa), then run the same suite under
+# ASan+UBSan and the thread-level tests under TSan.
 # SANITIZERS=0 skips the sanitizer builds (a quick local run). CTEST_ARGS adds ctest arguments.
 # Tests labelled soak (long trials) are left out; run them with: (cd build && ctest -L soak).
 set -euo pipefail
@@ -8,6 +9,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
 (cd build && ctest --output-on-failure -j2 -LE soak ${CTEST_ARGS:-})
+echo "== clang -Wthread-safety -Werror: the library =="
+cmake --preset tsa >/dev/null
+cmake --build build-tsa -j"$(nproc)" --target mbmq_os mbmq_shm mbmq_ipc
 if [ "${SANITIZERS:-1}" != 0 ]; then
   echo "== ASan + UBSan: whole suite =="
   cmake --preset asan >/dev/null
