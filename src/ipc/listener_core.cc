@@ -54,7 +54,7 @@ std::uint32_t derived_max_connections(const ListenOptions& o) {
   const std::uint64_t free_fds = soft > open ? soft - open : 0;
   const std::uint64_t budget = free_fds - free_fds / 4;
   const std::uint64_t fixed = std::uint64_t{o.max_handshakes} + kFdsForR4;
-  if (budget < fixed + 2 * kFdsPerConnection) return 1;
+  if (budget < fixed + 2 * std::uint64_t{kFdsPerConnection}) return 1;
   return static_cast<std::uint32_t>(
       std::min<std::uint64_t>(1024, (budget - fixed) / kFdsPerConnection));
 }
@@ -203,7 +203,7 @@ void ListenCore::on_watch(int fd, std::uint32_t events) noexcept {
   } else if (events == 0) {
     // (R2) No hello within the handshake deadline: drop the connection.
     os::LockGuard lock(mu_);
-    if (handshakes_.count(fd) > 0) {
+    if (handshakes_.contains(fd)) {
       erase_handshake_locked(fd);
       counters_->failed.fetch_add(1, std::memory_order_relaxed);
     }

@@ -61,7 +61,7 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   // (R2) A connection just accepted: its uid checked, then on to finish() or into a slot.
   void admit(os::UniqueFd conn) noexcept MBMQ_EXCLUDES(mu_);
   // (R2) The hello arrived on a connection waiting in a slot.
-  void handshake(int conn) noexcept MBMQ_EXCLUDES(mu_);
+  void handshake(int fd) noexcept MBMQ_EXCLUDES(mu_);
   // (R2)-(R4) for a connection whose uid passed and whose hello (checked) is in hand.
   void finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept
       MBMQ_EXCLUDES(mu_);

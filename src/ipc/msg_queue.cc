@@ -136,6 +136,8 @@ void QueueCore::retry_deferred_locked() {
   // Anything but WouldBlock ends it (sent; or dropped: the caller then gets NoReply, or is gone).
   std::erase_if(deferred_, [](Buffer& b) {
     Status r = Endpoint::reply_message(std::move(b));
+    // reply_message() takes an rvalue reference and leaves b with us when it cannot send it.
+    // NOLINTNEXTLINE(bugprone-use-after-move)
     return r || r.error().code != Errc::WouldBlock || !b.valid();
   });
   deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
@@ -243,6 +245,8 @@ Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
     Status s = reply(std::move(msg));
     // The caller is slow (its control socket is full): the answer waits in the queue and goes as
     // soon as it can; never turned into NoReply.
+    // reply() leaves the buffer in msg when the caller's socket is full (an rvalue reference).
+    // NOLINTNEXTLINE(bugprone-use-after-move)
     if (!s && s.error().code == Errc::WouldBlock && msg.buffer.valid()) {
       core_->defer(std::move(msg.buffer));
     } else if (!s && s.error().code == Errc::InvalidArgument) {

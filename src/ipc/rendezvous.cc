@@ -106,10 +106,10 @@ std::array<std::atomic<const char*>, kNamedUids> g_untrusted_text{};
 
 const char* untrusted_listener(unsigned uid) noexcept {
   char text[160];
-  std::snprintf(text, sizeof text,
-                "connect: the listener runs as uid %u, which this client does not trust "
-                "(ConnectOptions::server)",
-                uid);
+  (void)std::snprintf(text, sizeof text,
+                      "connect: the listener runs as uid %u, which this client does not trust "
+                      "(ConnectOptions::server)",
+                      uid);
   for (auto& slot : g_untrusted_text) {
     const char* have = slot.load(std::memory_order_acquire);  // pairs with the release CAS below
     if (have == nullptr) {

@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 
@@ -144,8 +144,9 @@ std::size_t open_fd_count() {
 std::size_t resident_bytes() {
   std::size_t pages_total = 0, pages_resident = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    // NOLINTNEXTLINE(cert-err34-c): the kernel prints two page counts that fit; a short read is 0.
     if (std::fscanf(f, "%zu %zu", &pages_total, &pages_resident) != 2) pages_resident = 0;
-    std::fclose(f);
+    (void)std::fclose(f);
   }
   return pages_resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
 }
@@ -174,7 +175,10 @@ Result<pid_t> spawn_program(const std::string& path, const std::vector<std::stri
   if (stdout_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stdout_fd, 1);
   if (stderr_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
   if (fd3 >= 0) ::posix_spawn_file_actions_adddup2(&fa, fd3, 3);
+  std::size_t inherited = 0;
+  while (environ[inherited] != nullptr) ++inherited;
   std::vector<char*> envp;
+  envp.reserve(env_extra.size() + inherited + 1);
   for (const auto& e : env_extra) envp.push_back(const_cast<char*>(e.c_str()));
   for (char** e = environ; *e != nullptr; ++e) {
     std::string_view kv(*e);
@@ -199,7 +203,7 @@ std::size_t mapping_count(const char* needle) {
     char line[4096];
     while (std::fgets(line, sizeof line, f) != nullptr)
       if (std::strstr(line, needle) != nullptr) ++n;
-    std::fclose(f);
+    (void)std::fclose(f);
   }
   return n;
 }
@@ -209,7 +213,7 @@ std::size_t mapping_count() {
   if (FILE* f = std::fopen("/proc/self/maps", "r")) {
     for (int c; (c = std::fgetc(f)) != EOF;)
       if (c == '\n') ++n;
-    std::fclose(f);
+    (void)std::fclose(f);
   }
   return n;
 }
@@ -265,7 +269,7 @@ std::int64_t process_cpu_ns(pid_t pid) noexcept {
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
-void ignore_sigpipe() noexcept { ::signal(SIGPIPE, SIG_IGN); }
+void ignore_sigpipe() noexcept { (void)::signal(SIGPIPE, SIG_IGN); }
 
 namespace {
 // Lock-free, hence async-signal-safe; relaxed: a count for the test to read, no data guarded.
