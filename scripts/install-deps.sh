@@ -7,12 +7,13 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev
       strace valgrind
       libzmq3-dev libboost-dev iceoryx libiceoryx-posh-dev libiceoryx-hoofs-dev
-      clang libclang-rt-14-dev clang-format
+      clang libclang-rt-14-dev clang-format clang-tidy
       curl nginx-light)
 # The fourth line: what `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and
-# its RouDi). The fifth: libFuzzer and FuzzedDataProvider.h for the fuzz targets, and clang-format
-# for the style check (scripts/check-format.sh, a test). The last: the
-# HTTP client of the file_server tests and the server `mbmq files` compares file_server against.
+# its RouDi). The fifth: libFuzzer and FuzzedDataProvider.h for the fuzz targets, the clang build
+# (preset tsa: -Wthread-safety) and the style checks: clang-format (scripts/check-format.sh, a
+# test) and clang-tidy (scripts/clang-tidy.sh). The last: the HTTP client of the file_server
+# tests and the server `mbmq files` compares file_server against.
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

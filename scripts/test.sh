@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The README's test command (and CI's): install what is needed, build, and run the whole suite,
-# then the same suite under ASan+UBSan and the thread-level tests under TSan.
+# The README's test command (and CI's): install what is needed, build, and run the whole suite;
+# build the library with clang -Wthread-safety -Werror (preset tsa) and run clang-tidy over src/
+# (scripts/clang-tidy.sh); then run the same suite under ASan+UBSan and the thread-level tests
+# under TSan.
 # SANITIZERS=0 skips the sanitizer builds (a quick local run). CTEST_ARGS adds ctest arguments.
 # Tests labelled soak (long trials) are left out; run them with: (cd build && ctest -L soak).
 set -euo pipefail
@@ -8,6 +10,11 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
 (cd build && ctest --output-on-failure -j2 -LE soak ${CTEST_ARGS:-})
+echo "== clang -Wthread-safety -Werror: the library =="
+cmake --preset tsa >/dev/null
+cmake --build build-tsa -j"$(nproc)" --target mbmq_os mbmq_shm mbmq_ipc
+echo "== clang-tidy: src/ =="
+bash scripts/clang-tidy.sh
 if [ "${SANITIZERS:-1}" != 0 ]; then
   echo "== ASan + UBSan: whole suite =="
   cmake --preset asan >/dev/null

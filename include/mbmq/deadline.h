@@ -26,7 +26,7 @@ namespace detail {
 template <class Rep, class Period>
 constexpr std::int64_t saturating_ns(std::chrono::duration<Rep, Period> d) noexcept {
   using Limits = std::numeric_limits<std::int64_t>;
-  constexpr long double kLimit = static_cast<long double>(Limits::max());
+  constexpr auto kLimit = static_cast<long double>(Limits::max());
   // Types whose whole range fits in int64 nanoseconds (nanoseconds, int32 seconds, ...) convert
   // exactly; the others are compared first, in long double (range enough for any duration).
   using ToNs = std::ratio_divide<Period, std::nano>;  // nanoseconds per tick

@@ -76,7 +76,7 @@ class PendingDescs {
   bool pop(shm::Desc* d) noexcept;
 
  private:
-  std::array<shm::Desc, 2 * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> ring_{};
+  std::array<shm::Desc, std::size_t{2} * (shm::kMaxSlotsPerSide + shm::kMaxExtents)> ring_{};
   std::uint32_t head_ = 0, count_ = 0;
 };
 

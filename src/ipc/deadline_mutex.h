@@ -5,6 +5,8 @@
 //
 // State word (Drepper, "Futexes are tricky", mutex 2): 0 free, 1 locked, 2 locked and a waiter
 // may sleep. Memory ordering: a successful lock acquires, unlock() releases, as a mutex.
+// A capability for clang's thread-safety analysis: after a successful lock_until(), hold it with
+// os::LockGuard(mu, os::kAdoptLock) (os/mutex.h).
 #pragma once
 
 #include <atomic>
@@ -13,13 +15,14 @@
 
 #include "mbmq/deadline.h"
 #include "os/futex.h"
+#include "os/thread_annotations.h"
 
 namespace mbmq::detail {
 
-class DeadlineMutex {
+class MBMQ_CAPABILITY("mutex") DeadlineMutex {
  public:
   // True once locked; false if the deadline passed first.
-  bool lock_until(Deadline deadline) noexcept {
+  bool lock_until(Deadline deadline) noexcept MBMQ_TRY_ACQUIRE(true) {
     std::uint32_t c = 0;
     // Pairs with the release exchange in unlock().
     if (w_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
@@ -33,12 +36,12 @@ class DeadlineMutex {
     }
     return true;
   }
-  void lock() noexcept { (void)lock_until(Deadline::never()); }
-  bool try_lock() noexcept {
+  void lock() noexcept MBMQ_ACQUIRE() { (void)lock_until(Deadline::never()); }
+  bool try_lock() noexcept MBMQ_TRY_ACQUIRE(true) {
     std::uint32_t c = 0;
     return w_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed);
   }
-  void unlock() noexcept {
+  void unlock() noexcept MBMQ_RELEASE() {
     // Pairs with the acquire operations in lock_until().
     if (w_.exchange(0, std::memory_order_release) == 2) (void)os::futex_wake(&w_, 1);
   }

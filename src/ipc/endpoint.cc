@@ -12,6 +12,7 @@
 #include "os/epoll.h"
 #include "os/fault.h"
 #include "os/futex.h"
+#include "os/mutex.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
 
@@ -34,14 +35,15 @@ Endpoint::Endpoint(Init init)
                             kMaxStashedHandleFds}),
       tx_(&out_.tail, &out_.head, out_.ring, init.tx_tail),
       rx_(&in_.tail, &in_.head, in_.ring, init.rx_head),
-      wait_(init.wait) {}
+      wait_(init.wait) {
+  // Room for every control message an honest peer can have unread (kControlSendBuffer); a best
+  // effort: a smaller net.core.wmem_max only makes a flooding peer's channel close sooner.
+  (void)os::set_send_buffer(ctl_.fd(), kControlSendBuffer);
+}
 
 Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   if (init.side != 0 && init.side != 1) return fail(Errc::InvalidArgument, "endpoint: side");
   std::shared_ptr<Endpoint> ep(new Endpoint(std::move(init)));
-  // Room for every control message an honest peer can have unread (kControlSendBuffer); a best
-  // effort: a smaller net.core.wmem_max only makes a flooding peer's channel close sooner.
-  (void)os::set_send_buffer(ep->ctl_.fd(), kControlSendBuffer);
   // Without the watch, the death of the peer would go unnoticed: no end without it.
   MBMQ_TRY(ep->ensure_watched());
   return ep;
@@ -65,10 +67,10 @@ Result<Buffer> Endpoint::alloc(std::size_t size) {
   // Our buffers may be waiting in the inbound ring (returned one-way messages, late replies)
   // with no call() or receive() running to take them: reap them here, unless another thread is
   // consuming (then it will). A redirected end's returns are reaped by its queue's wait().
-  std::unique_lock consumer(consumer_mu_, std::try_to_lock);
-  if (!consumer.owns_lock()) return b;
+  if (!consumer_mu_.try_lock()) return b;
+  os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     reap_locked();
   }
   return alloc_once(size);
@@ -90,7 +92,7 @@ void Endpoint::reap_locked() {
 }
 
 Result<Buffer> Endpoint::alloc_once(std::size_t size) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
   const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size));
@@ -129,7 +131,7 @@ void Endpoint::free_own_locked(BufferId id) noexcept {
 }
 
 void Endpoint::release(Buffer& b) noexcept {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   const BufferId id = BufferId::from_wire(b.id_);
   if (b.origin_ == Buffer::Origin::Own) {
     OwnState* st = table_.own_state(id);
@@ -255,7 +257,7 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
       x.sent_gen = x.gen;
     }
   }
-  std::uint16_t k = static_cast<std::uint16_t>(kind);
+  auto k = static_cast<std::uint16_t>(kind);
   if (b.handles_) {
     auto sent = ctl_.send_handles(id, b.gen_, HandlesOf::Message, *b.handles_);
     if (!sent) return sent_locked(fail(sent.error()));
@@ -269,7 +271,7 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
 }
 
 Status Endpoint::send(Buffer&& b, DescKind kind) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "send");
   MBMQ_TRY(send_locked(b, kind,
@@ -293,7 +295,7 @@ Status Endpoint::reply(Buffer&& b) {
   // before the lock so it is released after the unlock. Moved, not copied: two atomic
   // reference-count updates fewer per reply.
   std::shared_ptr<Endpoint> keep = std::move(b.ep_);
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   const BufferId id = BufferId::from_wire(b.id_);
   const std::uint32_t size = b.size_, gen = b.gen_;
   table_.set_held(id, false);
@@ -305,7 +307,7 @@ Status Endpoint::reply(Buffer&& b) {
     // mistake of the replier's (a server loop goes on).
     return fail(s == EpState::Protocol ? Errc::Protocol : Errc::PeerClosed, "reply");
   }
-  std::uint16_t k = static_cast<std::uint16_t>(DescKind::Reply);
+  auto k = static_cast<std::uint16_t>(DescKind::Reply);
   // (P7b) A sealed extent cannot take the answer, nor may an untrusted caller get more than
   // copy_threshold bytes unsealed: it goes back in a replacement memfd.
   PeerExtent* pe = table_.peer_extent(id);  // nullptr: a slot
@@ -354,7 +356,7 @@ Status Endpoint::reply(Buffer&& b) {
       // A replacement already sent travels with it (flagged), so the caller consumes it rather
       // than finding it stale at its next reply.
       detach_buffer(b);
-      std::uint16_t nk = static_cast<std::uint16_t>(DescKind::Reply);
+      auto nk = static_cast<std::uint16_t>(DescKind::Reply);
       if (replace && pe->replaced_gen == gen) nk |= shm::kDescReplaced;
       if (pe != nullptr) pe->replaced_gen = 0;
       (void)push_locked(
@@ -374,7 +376,7 @@ Status Endpoint::reply(Buffer&& b) {
 }
 
 bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   if (b.ep_.get() != this || b.data_ == nullptr) return false;
   const BufferId id = BufferId::from_wire(b.id_);
   if (!id.is_extent()) {
@@ -396,7 +398,7 @@ bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
 }
 
 int Endpoint::extent_fd_for_test(const Buffer& b) const {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   const BufferId id = BufferId::from_wire(b.id_);
   if (b.ep_.get() != this || !id.is_extent() || b.origin_ != Buffer::Origin::Own) return -1;
   return table_.own_extent(id).fd.get();
@@ -404,7 +406,7 @@ int Endpoint::extent_fd_for_test(const Buffer& b) const {
 
 Status Endpoint::forge_extent_request_for_test(int fd, std::uint32_t gen, std::uint32_t size,
                                                std::uint32_t aux) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   MBMQ_TRY(sent_locked(ctl_.send_extent(0, gen, aux, fd)));
   return push_locked(
       Desc{BufferId::extent(0).raw(), size, gen, static_cast<std::uint16_t>(DescKind::Request), 0});
@@ -445,11 +447,11 @@ Status Endpoint::reply_message(Buffer&& b) {
 Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t key) {
   // Not while another thread is inside call() or receive(): its wake-ups would go to the queue
   // and the queue would take its reply. (They re-check redirected_ once they hold the lock.)
-  std::unique_lock consumer(consumer_mu_, std::try_to_lock);
-  if (!consumer.owns_lock())
+  if (!consumer_mu_.try_lock())
     return fail(Errc::Busy, "redirect: another thread is in call() or receive() on this end");
+  os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     EpState s = state_.load(std::memory_order_acquire);
     if (s != EpState::Open) return fail(closed_errc(s), "redirect");
     if (queue_ == queue) {
@@ -481,7 +483,7 @@ void Endpoint::wake_local() noexcept {
   (void)os::futex_wake(&in_.doorbell, INT_MAX);
   std::shared_ptr<QueueCore> q;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     q = queue_;
   }
   if (q) q->poke();
@@ -499,7 +501,7 @@ void Endpoint::close_local() noexcept {
   MBMQ_CRASH_POINT("close.before");
   std::shared_ptr<QueueCore> q;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
     unwatch();
     ctl_.close();
@@ -516,7 +518,7 @@ void Endpoint::close_local() noexcept {
 
 void Endpoint::abandon(const char* why) noexcept {
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     (void)fail_protocol_locked(why);
   }
   wake_local();
@@ -525,7 +527,7 @@ void Endpoint::abandon(const char* why) noexcept {
 Status Endpoint::ensure_watched() noexcept {
   int pid = os::current_pid();
   if (watch_pid_.load(std::memory_order_relaxed) == pid) return {};
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   if (watch_pid_.load(std::memory_order_relaxed) == pid || !ctl_.is_open()) return {};
   // Hang-up only, edge-triggered: a peer's close is reported once; data on the socket is read by
   // the endpoint itself.

@@ -53,6 +53,7 @@
 #include "mbmq/wait_policy.h"
 #include "os/fd.h"
 #include "os/mapping.h"
+#include "os/thread_annotations.h"
 #include "shm/layout.h"
 #include "shm/ring.h"
 #include "shm/segment.h"
@@ -133,7 +134,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // other process holds it) and stop delivering.
   void close_local() noexcept;
   EpState state() const noexcept { return state_.load(std::memory_order_acquire); }
-  bool untrusted() const noexcept { return trust_.untrusted_me(); }  // fixed at creation
+  // A const member of trust_, fixed at creation: no lock needed.
+  bool untrusted() const noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS { return trust_.untrusted_me(); }
   // Something to destroy with this end (a listener's connection count). Set once, before use.
   void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
 
@@ -154,7 +156,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Test hooks: the raw segment (for the scribbling tests) and counts.
   std::byte* segment_base() const noexcept { return seg_.base(); }
   std::size_t segment_size() const noexcept { return seg_.geometry().segment_size; }
-  int control_fd_for_test() const noexcept { return ctl_.fd(); }
+  // A test hook, read while nothing closes the end.
+  int control_fd_for_test() const noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS { return ctl_.fd(); }
   // The memfd behind our extent buffer b (-1 if b is not one of our extents).
   int extent_fd_for_test(const Buffer& b) const;
   // Plays a forging sender: sends `fd` as our extent 0 at `gen` (CtlMsg aux `aux`), then a
@@ -172,13 +175,15 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // All below: mu_ held.
   // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending.
   // The caller holds consumer_mu_ too.
-  void reap_locked();
+  void reap_locked() MBMQ_REQUIRES(mu_);
   // (P5) Checks descriptor d against the tables, gathers what it needs from the control socket
   // (through PeerTrust's checks), then commits. Bad: why_bad_ says why.
-  Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
-  Accepted accept_lent(const shm::Desc& d);
-  Accepted accept_back(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status);
-  Accepted bad(const char* why) noexcept {
+  Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status)
+      MBMQ_REQUIRES(mu_);
+  Accepted accept_lent(const shm::Desc& d) MBMQ_REQUIRES(mu_);
+  Accepted accept_back(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status)
+      MBMQ_REQUIRES(mu_);
+  Accepted bad(const char* why) noexcept MBMQ_REQUIRES(mu_) {
     // The first reason stands: a channel already closed keeps the rule that closed it.
     if (state_.load(std::memory_order_relaxed) == EpState::Open) why_bad_ = why;
     return Accepted::Bad;
@@ -188,38 +193,38 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // back-pressure, like a full ring (Errc::WouldBlock, nothing sent). Full although it took
   // every descriptor we sent (each packet precedes its descriptor, and is read when that
   // descriptor is): it does not read its control socket at all, and the channel is closed.
-  Status sent_locked(Status s);
+  Status sent_locked(Status s) MBMQ_REQUIRES(mu_);
   // Reads the control socket until have() holds or nothing is left; a bad packet closes the
   // channel (Errc::Protocol).
   template <class Pred>
-  bool drain_locked(Pred have) {
+  bool drain_locked(Pred have) MBMQ_REQUIRES(mu_) {
     const bool got = ctl_.drain_until(have);
     if (const char* why = ctl_.take_failure()) (void)fail_protocol_locked(why);
     return got;
   }
   // Our buffer back to the pool; a ReleaseExtent hint if the ring has room beyond the reserve.
-  void free_own_locked(BufferId id) noexcept;
+  void free_own_locked(BufferId id) noexcept MBMQ_REQUIRES(mu_);
   // (P8) The peer is gone: buffers lent to it come back to the pool (a call's to its caller).
-  void reclaim_lent_locked() noexcept { table_.reclaim_lent(); }
+  void reclaim_lent_locked() noexcept MBMQ_REQUIRES(mu_) { table_.reclaim_lent(); }
   // (P3b) Whether the handles of Desc d arrived (reading the control socket if needed); claims
   // them if so.
-  bool handles_arrived_locked(const shm::Desc& d, HandlesOf of);
+  bool handles_arrived_locked(const shm::Desc& d, HandlesOf of) MBMQ_REQUIRES(mu_);
   // (P5) Maps the peer's extent for Desc d (reading its memfd off the socket if needed).
-  const char* map_peer_extent_locked(const shm::Desc& d);
+  const char* map_peer_extent_locked(const shm::Desc& d) MBMQ_REQUIRES(mu_);
   // (P7b) Checks and maps the replacement announced by Reply d; installs nothing.
   const char* prepare_replacement_locked(const shm::Desc& d, os::UniqueFd* fd, os::Mapping* map,
-                                         bool* sealed);
-  void make_message(const shm::Desc& d, Message* out);
-  Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as);
+                                         bool* sealed) MBMQ_REQUIRES(mu_);
+  void make_message(const shm::Desc& d, Message* out) MBMQ_REQUIRES(mu_);
+  Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as) MBMQ_REQUIRES(mu_);
   // The control socket is full because the caller is slow (sent_locked): the answer is kept, the
   // buffer stays the application's (still held), and reply() says WouldBlock, to be retried. A
   // packet already sent for this reply (the replacement) is replaced by the retry's (one per id).
-  Status keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep);
-  Status push_locked(const shm::Desc& d);
-  void wake_peer_locked() noexcept;
-  Error fail_protocol_locked(const char* op) noexcept;
-  void pending_push(const shm::Desc& d) noexcept;
-  bool pending_pop(shm::Desc* d) noexcept;
+  Status keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep) MBMQ_REQUIRES(mu_);
+  Status push_locked(const shm::Desc& d) MBMQ_REQUIRES(mu_);
+  void wake_peer_locked() noexcept MBMQ_REQUIRES(mu_);
+  Error fail_protocol_locked(const char* op) noexcept MBMQ_REQUIRES(mu_);
+  void pending_push(const shm::Desc& d) noexcept MBMQ_REQUIRES(mu_);
+  bool pending_pop(shm::Desc* d) noexcept MBMQ_REQUIRES(mu_);
 
   // No lock: waits until the inbound ring may have data, the state changed, or the deadline.
   // WaitFor::Ring: messages already pending do not count (call() waits for its reply in the ring).
@@ -230,7 +235,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
 
   // Removes this end from the peer watcher (before the control socket closes). mu_ held, or the
   // destructor.
-  void unwatch() noexcept;
+  void unwatch() noexcept MBMQ_REQUIRES(mu_);
   void wake_local() noexcept;
   // A buffer handed to another owner: forget it without releasing it.
   static void detach_buffer(Buffer& b) noexcept;
@@ -242,26 +247,26 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
 
   mutable SpinMutex mu_;
   DeadlineMutex consumer_mu_;
-  BufferTable table_;              // guarded by mu_
-  PeerTrust trust_;                // guarded by mu_
-  Sideband ctl_;                   // guarded by mu_
-  shm::RingProducer<> tx_;         // guarded by mu_
-  shm::RingConsumer<> rx_;         // consumer thread; pops under mu_
-  std::uint32_t peer_db_gen_ = 0;  // guarded by mu_
-  os::UniqueFd peer_db_fd_;        // guarded by mu_: kept to hand over with the end (export_end)
-  os::Mapping peer_db_map_;        // guarded by mu_
-  std::uint32_t my_db_gen_ = 0;    // guarded by mu_
+  BufferTable table_ MBMQ_GUARDED_BY(mu_);
+  PeerTrust trust_ MBMQ_GUARDED_BY(mu_);
+  Sideband ctl_ MBMQ_GUARDED_BY(mu_);
+  shm::RingProducer<> tx_ MBMQ_GUARDED_BY(mu_);
+  shm::RingConsumer<> rx_;  // consumer thread; pops under mu_
+  std::uint32_t peer_db_gen_ MBMQ_GUARDED_BY(mu_) = 0;
+  os::UniqueFd peer_db_fd_ MBMQ_GUARDED_BY(mu_);  // kept to hand over with the end (export_end)
+  os::Mapping peer_db_map_ MBMQ_GUARDED_BY(mu_);
+  std::uint32_t my_db_gen_ MBMQ_GUARDED_BY(mu_) = 0;
   std::atomic<std::uint32_t> pending_nonempty_{0};  // !table_.pending().empty(), for waiters
-  bool end_reported_ = false;                       // guarded by mu_
-  const char* why_bad_ = "";                        // guarded by mu_
+  bool end_reported_ MBMQ_GUARDED_BY(mu_) = false;
+  const char* why_bad_ MBMQ_GUARDED_BY(mu_) = "";
 
-  std::shared_ptr<QueueCore> queue_;  // guarded by mu_
+  std::shared_ptr<QueueCore> queue_ MBMQ_GUARDED_BY(mu_);
   std::atomic<std::uint64_t> key_{0};
   std::atomic<bool> redirected_{false};
   std::atomic<EpState> state_{EpState::Open};
   AtomicWaitPolicy wait_;
   std::atomic<int> watch_pid_{0};
-  std::uint64_t watch_id_ = 0;  // guarded by mu_
+  std::uint64_t watch_id_ MBMQ_GUARDED_BY(mu_) = 0;
   std::shared_ptr<void> lease_;
 };
 

@@ -8,6 +8,7 @@
 #include "ipc/endpoint.h"
 #include "ipc/wait_step.h"
 #include "os/fault.h"
+#include "os/mutex.h"
 
 namespace mbmq::detail {
 
@@ -163,7 +164,7 @@ void Endpoint::make_message(const Desc& d, Message* out) {
 
 Endpoint::Poll Endpoint::poll(Message* out) {
   if (!inbound_ready()) return Poll::Empty;
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   // Descriptors that deliver nothing (returns, release hints) are taken at most a ring's worth at
   // a time: a peer that floods them keeps neither this end nor its queue from the others and
   // from deadlines.
@@ -210,7 +211,7 @@ bool Endpoint::inbound_ready() const noexcept {
 
 bool Endpoint::check_ring() noexcept {
   if (rx_.check() != shm::RingStatus::Corrupt) return true;
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   (void)fail_protocol_locked("receive: ring tail inconsistent with its entries");
   return false;
 }
@@ -244,16 +245,15 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
   // One call at a time on an end: a second caller sleeps here until its own deadline (the buffer
   // is then still the caller's: it was never sent).
-  std::unique_lock consumer(consumer_mu_, std::defer_lock);
   if (!consumer_mu_.lock_until(deadline))
     return fail(Errc::TimedOut, "call: another call on this channel did not finish in time");
-  consumer = std::unique_lock(consumer_mu_, std::adopt_lock);
+  os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
   if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
     return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     EpState s = state_.load(std::memory_order_acquire);
     if (s != EpState::Open) return fail(closed_errc(s), "call");
     MBMQ_TRY(send_locked(b, DescKind::Request, OwnState::LentCall));
@@ -264,7 +264,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     // Only the ring matters here: messages already set aside for receive() must not keep this
     // loop from sleeping or from its deadline.
     if (ring_ready()) {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       // A ring's worth per pass, then the deadline: a peer that floods descriptors (release hints,
       // returns) must not keep the call past it.
       for (std::uint32_t i = 0; i < shm::kRingCapacity; ++i) {
@@ -303,7 +303,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     }
     // After a pass over the ring (so a reply already there is taken, not abandoned).
     if (deadline.expired()) {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       // The callee may still write the buffer: give it up; its late reply frees it.
       OwnState* st = table_.own_state(id);
       if (st != nullptr && *st == OwnState::LentCall) *st = OwnState::Abandoned;
@@ -319,7 +319,7 @@ Result<Message> Endpoint::receive(Deadline deadline) {
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   if (!consumer_mu_.lock_until(deadline))
     return fail(Errc::TimedOut, "receive: another thread's call or receive did not finish in time");
-  std::lock_guard consumer(consumer_mu_, std::adopt_lock);
+  os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
   if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   MBMQ_TRY(ensure_watched());

@@ -62,7 +62,7 @@ Result<std::span<const std::byte>> FileRange::map(bool allow_mutable_file) {
   unmap();
   const std::uint64_t page = 4096;
   const std::uint64_t start = offset_ / page * page;
-  const std::size_t lead = static_cast<std::size_t>(offset_ - start);
+  const auto lead = static_cast<std::size_t>(offset_ - start);
   auto m = MBMQ_TRY(os::Mapping::map(fd_, start, lead + length_, os::Access::ReadOnly));
   map_size_ = m.size();
   map_addr_ = m.release();

@@ -11,7 +11,6 @@
 #include <atomic>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <unordered_map>
 
@@ -19,6 +18,8 @@
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
 #include "os/fd.h"
+#include "os/mutex.h"
+#include "os/thread_annotations.h"
 
 namespace mbmq::detail {
 
@@ -30,19 +31,19 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   ~ListenCore();
 
   // Sends arrivals to `queue` with `key` from now on, and wakes it if some are waiting.
-  Status bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key);
+  Status bind(const std::shared_ptr<QueueCore>& queue, std::uint64_t key) MBMQ_EXCLUDES(mu_);
   enum class Take { Got, Empty, Gone };
   // From the queue's scan (its mutex held): the next accepted channel as a Kind::Connection.
   // Gone: the listener was closed; the queue forgets it.
-  Take take(Message* out);
+  Take take(Message* out) MBMQ_EXCLUDES(mu_);
   // Without a lock: whether take() may have something (an arrival, or the close to report).
   bool maybe_ready() const noexcept { return ready_.load(std::memory_order_acquire); }
   // Stops listening (the Listener handle is gone). Safe in a forked child, where it only closes
   // this process's copies.
-  void close() noexcept;
+  void close() noexcept MBMQ_EXCLUDES(mu_);
 
   ListenerStats stats() const noexcept;
-  void on_watch(int fd, std::uint32_t events) noexcept override;
+  void on_watch(int fd, std::uint32_t events) noexcept override MBMQ_EXCLUDES(mu_);
 
   struct Counters {
     std::atomic<std::uint64_t> accepted{0}, refused_policy{0}, refused_version{0}, refused_limit{0},
@@ -52,21 +53,25 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
 
  private:
   ListenCore() = default;
+  // close() in a forked child: mu_ may have been copied locked by a thread that does not exist
+  // here, so it is not taken (the analysis cannot know that no other thread can race).
+  void close_in_child() noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS;
   // Watcher thread only.
-  void accept_pending() noexcept;
+  void accept_pending() noexcept MBMQ_EXCLUDES(mu_);
   // (R2) A connection just accepted: its uid checked, then on to finish() or into a slot.
-  void admit(os::UniqueFd conn) noexcept;
+  void admit(os::UniqueFd conn) noexcept MBMQ_EXCLUDES(mu_);
   // (R2) The hello arrived on a connection waiting in a slot.
-  void handshake(int conn) noexcept;
+  void handshake(int fd) noexcept MBMQ_EXCLUDES(mu_);
   // (R2)-(R4) for a connection whose uid passed and whose hello (checked) is in hand.
-  void finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept;
-  // mu_ held: accept4() failed for want of fds (or memory). Stops watching the listening socket
+  void finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept
+      MBMQ_EXCLUDES(mu_);
+  // accept4() failed for want of fds (or memory). Stops watching the listening socket
   // (level-triggered, it would wake us at once, forever) and watches it again after a delay.
-  void back_off_locked() noexcept;
-  // mu_ held: drops the slot of the handshake on `fd` (if any), and its uid's count.
-  void erase_handshake_locked(int fd) noexcept;
-  // mu_ held: wakes the bound queue after the caller unlocks.
-  std::shared_ptr<QueueCore> queue_to_poke_locked() noexcept;
+  void back_off_locked() noexcept MBMQ_REQUIRES(mu_);
+  // Drops the slot of the handshake on `fd` (if any), and its uid's count.
+  void erase_handshake_locked(int fd) noexcept MBMQ_REQUIRES(mu_);
+  // Marks the arrivals ready and returns the bound queue, for the caller to wake once unlocked.
+  std::shared_ptr<QueueCore> queue_to_poke_locked() noexcept MBMQ_REQUIRES(mu_);
 
   int owner_pid_ = 0;
   std::string name_;
@@ -75,22 +80,24 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   std::uint32_t max_handshakes_per_uid_ = 0;  // options_' or derived
   std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();  // shared with leases
 
-  std::mutex mu_;
-  os::UniqueFd listen_fd_;          // guarded by mu_
-  std::uint64_t listen_watch_ = 0;  // guarded by mu_: the level-triggered watch, or the timer
-  bool backing_off_ = false;        // guarded by mu_: listen_watch_ is the back-off timer
-  std::int64_t backoff_ns_ = 0;     // guarded by mu_: the current delay (0: none yet)
+  os::Mutex mu_;
+  os::UniqueFd listen_fd_ MBMQ_GUARDED_BY(mu_);
+  // The level-triggered watch, or the timer.
+  std::uint64_t listen_watch_ MBMQ_GUARDED_BY(mu_) = 0;
+  bool backing_off_ MBMQ_GUARDED_BY(mu_) = false;     // listen_watch_ is the back-off timer
+  std::int64_t backoff_ns_ MBMQ_GUARDED_BY(mu_) = 0;  // the current delay (0: none yet)
   struct Handshake {
     os::UniqueFd conn;
     std::uint64_t watch_id = 0;
     unsigned uid = 0;
   };
-  std::unordered_map<int, Handshake> handshakes_;         // guarded by mu_, keyed by fd
-  std::unordered_map<unsigned, std::uint32_t> slots_of_;  // guarded by mu_: handshakes_ per uid
-  std::deque<Channel> arrivals_;                          // guarded by mu_
-  std::weak_ptr<QueueCore> queue_;                        // guarded by mu_
-  std::uint64_t key_ = 0;                                 // guarded by mu_
-  bool closed_ = false;                                   // guarded by mu_
+  std::unordered_map<int, Handshake> handshakes_ MBMQ_GUARDED_BY(mu_);  // keyed by fd
+  // handshakes_ per uid.
+  std::unordered_map<unsigned, std::uint32_t> slots_of_ MBMQ_GUARDED_BY(mu_);
+  std::deque<Channel> arrivals_ MBMQ_GUARDED_BY(mu_);
+  std::weak_ptr<QueueCore> queue_ MBMQ_GUARDED_BY(mu_);
+  std::uint64_t key_ MBMQ_GUARDED_BY(mu_) = 0;
+  bool closed_ MBMQ_GUARDED_BY(mu_) = false;
   // arrivals_ non-empty, or closed and not yet reported: lets the queue skip the lock.
   std::atomic<bool> ready_{false};
 };

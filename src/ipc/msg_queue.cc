@@ -10,6 +10,7 @@
 #include "ipc/wait_step.h"
 #include "os/futex.h"
 #include "os/memfd.h"
+#include "os/mutex.h"
 #include "os/process.h"
 
 namespace mbmq {
@@ -22,25 +23,28 @@ Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
       os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize, os::Access::ReadWrite));
   q->page_ = new (q->map_.data()) shm::DoorbellPage{};
   q->policy_.store(policy);
-  q->eps_.reserve(64);
+  {
+    os::LockGuard lock(q->mu_);  // not shared yet: uncontended, for the analysis
+    q->eps_.reserve(64);
+  }
   q->watch_pid_.store(os::current_pid(), std::memory_order_relaxed);
   return q;
 }
 
 void QueueCore::add(std::shared_ptr<Endpoint> ep) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   // A waiter already asleep must be woken by this channel's peer too (P6).
   if (sleepers_ > 0) ep->set_consumer_sleeping(true);
   eps_.push_back(std::move(ep));
 }
 
 void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   listeners_.push_back(std::move(l));
 }
 
 void QueueCore::remove_listener(const ListenCore* l) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
 }
 
@@ -50,7 +54,7 @@ void QueueCore::poke() noexcept {
 }
 
 std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   listeners_.clear();
   std::vector<std::shared_ptr<Endpoint>> eps;
   eps.swap(eps_);
@@ -58,7 +62,7 @@ std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
 }
 
 std::size_t QueueCore::channel_count() const {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   return eps_.size();
 }
 
@@ -114,7 +118,7 @@ void QueueCore::watch_after_fork() {
   if (watch_pid_.load(std::memory_order_relaxed) == pid) return;
   std::vector<std::shared_ptr<Endpoint>> eps;
   {
-    std::lock_guard lock(mu_);
+    os::LockGuard lock(mu_);
     eps = eps_;
   }
   for (auto& ep : eps)
@@ -123,7 +127,7 @@ void QueueCore::watch_after_fork() {
 }
 
 void QueueCore::defer(Buffer&& b) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   deferred_.push_back(std::move(b));
   deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
 }
@@ -133,6 +137,8 @@ void QueueCore::retry_deferred_locked() {
   // Anything but WouldBlock ends it (sent; or dropped: the caller then gets NoReply, or is gone).
   std::erase_if(deferred_, [](Buffer& b) {
     Status r = Endpoint::reply_message(std::move(b));
+    // reply_message() takes an rvalue reference and leaves b with us when it cannot send it.
+    // NOLINTNEXTLINE(bugprone-use-after-move)
     return r || r.error().code != Errc::WouldBlock || !b.valid();
   });
   deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
@@ -146,7 +152,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
   for (;;) {
     Message m;
     {
-      std::lock_guard lock(mu_);
+      os::LockGuard lock(mu_);
       if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
       if (scan_locked(&m)) return m;
     }
@@ -162,11 +168,11 @@ Result<Message> QueueCore::wait(Deadline deadline) {
     sleep_once(
         page_->word, deadline, max_ns,
         [&] {
-          std::lock_guard lock(mu_);
+          os::LockGuard lock(mu_);
           if (sleepers_++ == 0) set_sleeping_locked(true);
         },
         [&] {
-          std::lock_guard lock(mu_);
+          os::LockGuard lock(mu_);
           got = scan_locked(&m);
           if (got) return false;
           if (deferred_count_.load(std::memory_order_relaxed) != 0) max_ns = kRetryNs;
@@ -177,7 +183,7 @@ Result<Message> QueueCore::wait(Deadline deadline) {
           return all_consistent;
         },
         [&] {
-          std::lock_guard lock(mu_);
+          os::LockGuard lock(mu_);
           if (--sleepers_ == 0) set_sleeping_locked(false);
         });
     if (got) return m;
@@ -225,6 +231,8 @@ Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
     Status s = reply(std::move(msg));
     // The caller is slow (its control socket is full): the answer waits in the queue and goes as
     // soon as it can; never turned into NoReply.
+    // reply() leaves the buffer in msg when the caller's socket is full (an rvalue reference).
+    // NOLINTNEXTLINE(bugprone-use-after-move)
     if (!s && s.error().code == Errc::WouldBlock && msg.buffer.valid()) {
       core_->defer(std::move(msg.buffer));
     } else if (!s && s.error().code == Errc::InvalidArgument) {

@@ -44,7 +44,7 @@ const char* PeerTrust::map_extent_fd(int fd, bool announced_sealed, os::Access u
 }
 
 const char* PeerTrust::install_peer_extent(PeerExtent& pe, os::UniqueFd fd, bool announced_sealed,
-                                           std::uint32_t gen, std::uint32_t size) {
+                                           std::uint32_t gen, std::uint32_t size) const {
   // Untrusted: read-only, answers go back with pwrite (P5b). Else shared, read-write: the answer
   // is written in place.
   os::Mapping map;

@@ -46,7 +46,7 @@ class PeerTrust {
                                    std::uint32_t payload, os::Mapping* map, bool* sealed);
   // (P5) The peer's extent memfd for a descriptor of `size` bytes at `gen`, installed into pe.
   const char* install_peer_extent(PeerExtent& pe, os::UniqueFd fd, bool announced_sealed,
-                                  std::uint32_t gen, std::uint32_t size);
+                                  std::uint32_t gen, std::uint32_t size) const;
   // (P5) Whether a payload of `size` bytes may be read from pe as it is mapped.
   const char* check_peer_payload(const PeerExtent& pe, std::uint32_t size) const noexcept;
   // (P7b) A replacement memfd announced by a reply of `size` bytes: checked and mapped into

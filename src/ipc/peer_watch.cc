@@ -4,12 +4,12 @@
 #include <atomic>
 #include <climits>
 #include <map>
-#include <mutex>
 #include <thread>
 #include <unordered_map>
 
 #include "mbmq/deadline.h"
 #include "os/epoll.h"
+#include "os/mutex.h"
 #include "os/process.h"
 
 namespace mbmq::detail {
@@ -17,40 +17,51 @@ namespace mbmq::detail {
 namespace {
 
 struct WatchState {
-  std::mutex mu;
-  os::Epoll epoll;  // guarded by mu (creation)
+  os::Mutex mu;
+  // Assigned once, under mu, before the thread starts; the thread then waits on it without mu
+  // (watcher_epoll()).
+  os::Epoll epoll MBMQ_GUARDED_BY(mu);
   struct Entry {
     std::weak_ptr<Watched> who;
     int fd;
     bool oneshot;
     std::int64_t deadline_ns;
   };
-  std::unordered_map<std::uint64_t, Entry> entries;      // guarded by mu
-  std::multimap<std::int64_t, std::uint64_t> deadlines;  // guarded by mu: deadline -> id
-  std::uint64_t next_id = 1;                             // guarded by mu
-  bool started = false;                                  // guarded by mu
+  std::unordered_map<std::uint64_t, Entry> entries MBMQ_GUARDED_BY(mu);
+  std::multimap<std::int64_t, std::uint64_t> deadlines MBMQ_GUARDED_BY(mu);  // deadline -> id
+  std::uint64_t next_id MBMQ_GUARDED_BY(mu) = 1;
+  bool started MBMQ_GUARDED_BY(mu) = false;
   std::atomic<bool> running{false};  // set by the thread itself once it is in its own code
 };
 
 // One per process. After fork() the child abandons the parent's copy (its thread does not exist
 // in the child, and its epoll instance is shared with the parent) and builds a new one.
-WatchState* g_state = nullptr;
-std::mutex g_init_mu;
+os::Mutex g_init_mu;
+WatchState* g_state MBMQ_GUARDED_BY(g_init_mu) = nullptr;
 
-void forget_after_fork() noexcept {
-  // In the child: the copied mutexes may be held by threads that do not exist here; abandon the
-  // state rather than touch them (a small, bounded leak per fork), closing only its epoll fd.
+// Not analysed: it runs in a forked child, where the copied mutexes may be held by threads that
+// do not exist, so it must not take them; the child has one thread then, so nothing can race.
+void forget_after_fork() noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS {
+  // In the child: abandon the state rather than touch its mutexes (a small, bounded leak per
+  // fork), closing only its epoll fd.
   if (g_state != nullptr) {
     os::Epoll dead = std::move(g_state->epoll);
     (void)dead;
   }
   g_state = nullptr;
-  new (&g_init_mu) std::mutex();
+  new (&g_init_mu) os::Mutex();
 }
 
-// mu held. Removes entry `it` from epoll and the deadline index.
-void erase_locked(WatchState* st,
-                  std::unordered_map<std::uint64_t, WatchState::Entry>::iterator it) {
+// The watcher thread's own view of its epoll instance, read without mu. Not analysed: epoll is
+// assigned once, under mu, before the thread is started (which orders it before every read
+// here), and never again in this process (forget_after_fork() only runs in a child).
+os::Epoll& watcher_epoll(WatchState* st) noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS {
+  return st->epoll;
+}
+
+// Removes entry `it` from epoll and the deadline index.
+void erase_locked(WatchState* st, std::unordered_map<std::uint64_t, WatchState::Entry>::iterator it)
+    MBMQ_REQUIRES(st->mu) {
   (void)st->epoll.remove(it->second.fd);
   if (it->second.deadline_ns != 0) {
     auto [lo, hi] = st->deadlines.equal_range(it->second.deadline_ns);
@@ -79,14 +90,14 @@ void run(WatchState* st) {
   for (;;) {
     int timeout_ms = -1;
     {
-      std::lock_guard lock(st->mu);
+      os::LockGuard lock(st->mu);
       if (!st->deadlines.empty())
         timeout_ms = timeout_ms_until(st->deadlines.begin()->first, monotonic_ns());
     }
-    auto n = st->epoll.wait(evs, timeout_ms);
+    auto n = watcher_epoll(st).wait(evs, timeout_ms);
     fire.clear();
     {
-      std::lock_guard lock(st->mu);
+      os::LockGuard lock(st->mu);
       for (std::size_t i = 0; n && i < *n; ++i) {
         auto it = st->entries.find(evs[i].data);
         if (it == st->entries.end()) continue;
@@ -119,7 +130,7 @@ void run(WatchState* st) {
 }
 
 WatchState* state() {
-  std::lock_guard lock(g_init_mu);
+  os::LockGuard lock(g_init_mu);
   if (g_state == nullptr) {
     static const bool registered = [] {
       os::on_fork_child(forget_after_fork);
@@ -145,7 +156,7 @@ int timeout_ms_until(std::int64_t deadline_ns, std::int64_t now_ns) noexcept {
 Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spec) {
   MBMQ_ASSERT(spec.deadline_ns == 0 || spec.oneshot);
   WatchState* st = state();
-  std::lock_guard lock(st->mu);
+  os::LockGuard lock(st->mu);
   if (!st->started) {
     st->epoll = MBMQ_TRY(os::Epoll::create());
     std::thread(run, st).detach();
@@ -166,7 +177,7 @@ Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spe
 
 void unwatch_fd(std::uint64_t id, int fd) noexcept {
   WatchState* st = state();
-  std::lock_guard lock(st->mu);
+  os::LockGuard lock(st->mu);
   auto it = st->entries.find(id);
   if (it == st->entries.end() || it->second.fd != fd) return;
   erase_locked(st, it);

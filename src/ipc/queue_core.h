@@ -21,6 +21,7 @@
 #include "mbmq/result.h"
 #include "os/fd.h"
 #include "os/mapping.h"
+#include "os/thread_annotations.h"
 #include "shm/layout.h"
 
 namespace mbmq::detail {
@@ -51,22 +52,22 @@ class QueueCore {
   void defer(Buffer&& b);
 
  private:
-  bool scan_locked(Message* out);
-  void retry_deferred_locked();
-  void set_sleeping_locked(bool sleeping) noexcept;
+  bool scan_locked(Message* out) MBMQ_REQUIRES(mu_);
+  void retry_deferred_locked() MBMQ_REQUIRES(mu_);
+  void set_sleeping_locked(bool sleeping) noexcept MBMQ_REQUIRES(mu_);
 
   os::UniqueFd fd_;
   os::Mapping map_;
   shm::DoorbellPage* page_ = nullptr;
   mutable SpinMutex mu_;
-  std::vector<std::shared_ptr<Endpoint>> eps_;          // guarded by mu_
-  std::vector<std::shared_ptr<ListenCore>> listeners_;  // guarded by mu_
-  std::size_t next_ = 0;                                // guarded by mu_: round-robin start
-  int sleepers_ = 0;                                    // guarded by mu_
-  AtomicWaitPolicy policy_{WaitPolicy{}};               // read on every wait, without the lock
-  std::atomic<int> watch_pid_{0};  // the process whose watcher knows every end here
+  std::vector<std::shared_ptr<Endpoint>> eps_ MBMQ_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<ListenCore>> listeners_ MBMQ_GUARDED_BY(mu_);
+  std::size_t next_ MBMQ_GUARDED_BY(mu_) = 0;  // round-robin start
+  int sleepers_ MBMQ_GUARDED_BY(mu_) = 0;
+  AtomicWaitPolicy policy_{WaitPolicy{}};  // read on every wait, without the lock
+  std::atomic<int> watch_pid_{0};          // the process whose watcher knows every end here
   // Replies held back by their callers' full control sockets (at most one per request held).
-  std::vector<Buffer> deferred_;                // guarded by mu_
+  std::vector<Buffer> deferred_ MBMQ_GUARDED_BY(mu_);
   std::atomic<std::size_t> deferred_count_{0};  // deferred_.size(), read without the lock
 };
 

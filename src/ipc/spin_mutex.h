@@ -3,16 +3,20 @@
 // store (a pthread mutex pays a second locked instruction to unlock). Holders that take long
 // (buffer allocation, fd passing) are rare: waiters spin briefly, then yield.
 // Memory ordering: lock() acquires, unlock() releases, as a mutex.
+// A capability for clang's thread-safety analysis: hold it with os::LockGuard (os/mutex.h), and
+// mark what it guards with MBMQ_GUARDED_BY.
 #pragma once
 
 #include <atomic>
 #include <thread>
 
+#include "os/thread_annotations.h"
+
 namespace mbmq::detail {
 
-class SpinMutex {
+class MBMQ_CAPABILITY("mutex") SpinMutex {
  public:
-  void lock() noexcept {
+  void lock() noexcept MBMQ_ACQUIRE() {
     for (int spins = 0;; ++spins) {
       // Pairs with the release store in unlock().
       if (!locked_.exchange(true, std::memory_order_acquire)) return;
@@ -26,11 +30,11 @@ class SpinMutex {
       }
     }
   }
-  bool try_lock() noexcept {
+  bool try_lock() noexcept MBMQ_TRY_ACQUIRE(true) {
     return !locked_.load(std::memory_order_relaxed) &&
            !locked_.exchange(true, std::memory_order_acquire);
   }
-  void unlock() noexcept { locked_.store(false, std::memory_order_release); }
+  void unlock() noexcept MBMQ_RELEASE() { locked_.store(false, std::memory_order_release); }
 
  private:
   std::atomic<bool> locked_{false};

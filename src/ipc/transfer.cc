@@ -5,6 +5,7 @@
 
 #include "ipc/endpoint.h"
 #include "mbmq/channel.h"
+#include "os/mutex.h"
 #include "os/unix_socket.h"
 
 namespace mbmq {
@@ -24,7 +25,7 @@ namespace detail {
 
 Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl,
                             os::UniqueFd* doorbell) {
-  std::lock_guard lock(mu_);
+  os::LockGuard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "export channel end");
   if (queue_) return fail(Errc::Busy, "export channel end: redirected to a queue");
@@ -74,7 +75,7 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
                                      m.tx_tail, m.rx_head, m.next_extent_gen}));
   if (doorbell) {
     // Checked like any doorbell, when first used (P4).
-    std::lock_guard lock(ep->mu_);
+    os::LockGuard lock(ep->mu_);
     ep->ctl_.stash_doorbell(std::move(doorbell), m.doorbell_gen);
   }
   return ep;

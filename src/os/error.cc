@@ -44,14 +44,17 @@ std::string Error::message() const {
   }
   if (sys_errno != 0) {
     s += ": ";
-    s += std::strerror(sys_errno);
+    // strerror() may use a static buffer (unknown errno values): not thread-safe. GNU
+    // strerror_r returns the text, in buf or static.
+    char buf[128];
+    s += ::strerror_r(sys_errno, buf, sizeof buf);
   }
   return s;
 }
 
 namespace detail {
 void assert_fail(const char* cond, const char* file, int line) noexcept {
-  std::fprintf(stderr, "mbmq: assertion failed: %s at %s:%d\n", cond, file, line);
+  (void)std::fprintf(stderr, "mbmq: assertion failed: %s at %s:%d\n", cond, file, line);
   std::abort();
 }
 }  // namespace detail

@@ -1,11 +1,11 @@
 #include "os/fault.h"
 
-#include <signal.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 
@@ -44,7 +44,8 @@ int default_errno(Fault f) {
 
 // MBMQ_FAIL=name[:after[:times]][,name...] and MBMQ_CRASH_AT=point, read once at start-up.
 struct FromEnvironment {
-  FromEnvironment() {
+  // noexcept: it runs during static initialization, where an exception could not be caught.
+  FromEnvironment() noexcept {
     if (const char* c = std::getenv("MBMQ_CRASH_AT"); c != nullptr && *c != '\0')
       detail::g_crash_at.store(c, std::memory_order_relaxed);
     const char* f = std::getenv("MBMQ_FAIL");

@@ -119,7 +119,7 @@ Status pwrite_full(int fd, std::span<const std::byte> buf, std::uint64_t offset)
 Result<std::size_t> sendfile_some(int out, int in, std::uint64_t* offset, std::size_t count) {
   if (injected(Fault::Sendfile))
     return fail(Error::from_syscall("sendfile", fault_errno(Fault::Sendfile)));
-  off_t off = static_cast<off_t>(*offset);
+  auto off = static_cast<off_t>(*offset);
   for (;;) {
     count_syscall();
     ssize_t n = ::sendfile(out, in, &off, count);

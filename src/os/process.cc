@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,9 +11,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 
+#include "os/mutex.h"
 #include "os/syscall_count.h"
 
 namespace mbmq::os {
@@ -143,8 +144,9 @@ std::size_t open_fd_count() {
 std::size_t resident_bytes() {
   std::size_t pages_total = 0, pages_resident = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    // NOLINTNEXTLINE(cert-err34-c): the kernel prints two page counts that fit; a short read is 0.
     if (std::fscanf(f, "%zu %zu", &pages_total, &pages_resident) != 2) pages_resident = 0;
-    std::fclose(f);
+    (void)std::fclose(f);
   }
   return pages_resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
 }
@@ -173,7 +175,10 @@ Result<pid_t> spawn_program(const std::string& path, const std::vector<std::stri
   if (stdout_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stdout_fd, 1);
   if (stderr_fd >= 0) ::posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
   if (fd3 >= 0) ::posix_spawn_file_actions_adddup2(&fa, fd3, 3);
+  std::size_t inherited = 0;
+  while (environ[inherited] != nullptr) ++inherited;
   std::vector<char*> envp;
+  envp.reserve(env_extra.size() + inherited + 1);
   for (const auto& e : env_extra) envp.push_back(const_cast<char*>(e.c_str()));
   for (char** e = environ; *e != nullptr; ++e) {
     std::string_view kv(*e);
@@ -198,7 +203,7 @@ std::size_t mapping_count(const char* needle) {
     char line[4096];
     while (std::fgets(line, sizeof line, f) != nullptr)
       if (std::strstr(line, needle) != nullptr) ++n;
-    std::fclose(f);
+    (void)std::fclose(f);
   }
   return n;
 }
@@ -208,7 +213,7 @@ std::size_t mapping_count() {
   if (FILE* f = std::fopen("/proc/self/maps", "r")) {
     for (int c; (c = std::fgetc(f)) != EOF;)
       if (c == '\n') ++n;
-    std::fclose(f);
+    (void)std::fclose(f);
   }
   return n;
 }
@@ -264,23 +269,19 @@ std::int64_t process_cpu_ns(pid_t pid) noexcept {
   return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
-void ignore_sigpipe() noexcept { ::signal(SIGPIPE, SIG_IGN); }
-}  // namespace mbmq::os
+void ignore_sigpipe() noexcept { (void)::signal(SIGPIPE, SIG_IGN); }
 
-#include <mutex>
-
-namespace mbmq::os {
 namespace {
 // Lock-free, hence async-signal-safe; relaxed: a count for the test to read, no data guarded.
 std::atomic<std::uint64_t> g_interval_signals{0};
 void on_interval_signal(int) { g_interval_signals.fetch_add(1, std::memory_order_relaxed); }
 
 struct IntervalTimer {
-  std::mutex mu;
-  bool running = false;          // guarded by mu
-  timer_t timer{};               // guarded by mu
-  int signo = 0;                 // guarded by mu
-  struct sigaction previous {};  // guarded by mu
+  Mutex mu;
+  bool running MBMQ_GUARDED_BY(mu) = false;
+  timer_t timer MBMQ_GUARDED_BY(mu) = {};
+  int signo MBMQ_GUARDED_BY(mu) = 0;
+  struct sigaction previous MBMQ_GUARDED_BY(mu) {};
 };
 IntervalTimer& interval_timer() {
   static IntervalTimer t;
@@ -291,7 +292,7 @@ IntervalTimer& interval_timer() {
 Status start_interval_signal(std::chrono::microseconds interval, int signo) {
   if (interval.count() <= 0) return fail(Errc::InvalidArgument, "start_interval_signal: interval");
   IntervalTimer& t = interval_timer();
-  std::lock_guard lock(t.mu);
+  LockGuard lock(t.mu);
   if (t.running) return fail(Errc::Busy, "start_interval_signal: one is running");
   struct sigaction sa {};
   sa.sa_handler = on_interval_signal;
@@ -329,7 +330,7 @@ Status start_interval_signal(std::chrono::microseconds interval, int signo) {
 
 void stop_interval_signal() noexcept {
   IntervalTimer& t = interval_timer();
-  std::lock_guard lock(t.mu);
+  LockGuard lock(t.mu);
   if (!t.running) return;
   count_syscall();
   ::timer_delete(t.timer);  // no new signals from here on

@@ -156,8 +156,8 @@ Result<bool> wait_for(int fd, short events, std::int64_t timeout_ns) {
 }
 }  // namespace
 
-Result<bool> wait_readable(int fd, std::int64_t timeout_ns) {
-  return wait_for(fd, POLLIN, timeout_ns);
+Result<bool> wait_readable(int sock, std::int64_t timeout_ns) {
+  return wait_for(sock, POLLIN, timeout_ns);
 }
 Result<bool> wait_writable(int fd, std::int64_t timeout_ns) {
   return wait_for(fd, POLLOUT, timeout_ns);
@@ -172,8 +172,6 @@ Result<std::pair<UniqueFd, UniqueFd>> stream_pair() { return unix_pair(SOCK_STRE
 #include <sys/time.h>
 
 #include <cstdint>
-
-#include "mbmq/deadline.h"
 
 namespace mbmq::os {
 

@@ -240,11 +240,11 @@ class Connection {
 
  private:
   // The largest request head, blank line included; one byte more is 431.
-  static constexpr std::size_t kMaxHead = 16 * 1024;
+  static constexpr std::size_t kMaxHead = std::size_t{16} * 1024;
   // Bounds of a lingering close (close_lingering()): how long, and how many bytes, to read and
   // drop while the client may still be sending.
   static constexpr std::chrono::milliseconds kLingerTime{1000};
-  static constexpr std::size_t kLingerBytes = 1024 * 1024;
+  static constexpr std::size_t kLingerBytes = std::size_t{1024} * 1024;
 
   enum class Read { Data, Gone, TimedOut };
 
@@ -346,7 +346,7 @@ class Connection {
     auto fd = os::open_beneath(root_, path.c_str(), os::OpenMode::NonBlocking);
     if (!fd) {
       if (!o_.quiet && (fd.error().sys_errno == EXDEV || fd.error().sys_errno == ELOOP))
-        std::fprintf(stderr, "file_server: refused %s (leaves the root)\n", path.c_str());
+        (void)std::fprintf(stderr, "file_server: refused %s (leaves the root)\n", path.c_str());
       return respond_error(404, "Not Found", req->keep_alive, head_only);
     }
     // Regular files only: a directory, FIFO, socket or device under the root is 404, as if it
@@ -411,7 +411,7 @@ class Connection {
         return ok;
       }
       case Mode::Copy: {
-        std::vector<std::byte> chunk(256 * 1024);
+        std::vector<std::byte> chunk(std::size_t{256} * 1024);
         for (std::uint64_t done = 0; done < length;) {
           std::size_t want =
               static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), length - done));
@@ -441,8 +441,8 @@ int serve(const Options& o, int listener, Counters* counters, const std::atomic<
   os::ignore_sigpipe();
   auto root = os::open_directory(o.root.c_str());
   if (!root) {
-    std::fprintf(stderr, "file_server: --root %s: %s\n", o.root.c_str(),
-                 root.error().message().c_str());
+    (void)std::fprintf(stderr, "file_server: --root %s: %s\n", o.root.c_str(),
+                       root.error().message().c_str());
     return 1;
   }
   auto active = std::make_shared<std::atomic<int>>(0);

@@ -64,7 +64,7 @@ Result<Segment> Segment::create(std::uint32_t slots_per_side, std::uint32_t slot
   std::memcpy(s.map_.data(), &h, sizeof(h));
   // The memfd is zero-filled, which is a valid initial state for every atomic in Direction;
   // placement-new makes their lifetime explicit.
-  for (int i = 0; i < 2; ++i) new (s.map_.data() + g.dir_offset[i]) Direction{};
+  for (const std::uint64_t off : g.dir_offset) new (s.map_.data() + off) Direction{};
   return s;
 }
 
