@@ -9,6 +9,14 @@
 
 namespace mbmq {
 
+namespace {
+// The two strerror_r variants' results (see Error::message()).
+[[maybe_unused]] const char* text_of(const char* gnu, const char* /*buf*/) { return gnu; }
+[[maybe_unused]] const char* text_of(int xsi, const char* buf) {
+  return xsi == 0 ? buf : "unknown error";
+}
+}  // namespace
+
 const char* errc_name(Errc code) noexcept {
   switch (code) {
     case Errc::TimedOut:
@@ -44,10 +52,11 @@ std::string Error::message() const {
   }
   if (sys_errno != 0) {
     s += ": ";
-    // strerror() may use a static buffer (unknown errno values): not thread-safe. GNU
-    // strerror_r returns the text, in buf or static.
+    // strerror() may use a static buffer (unknown errno values): not thread-safe. strerror_r is
+    // GNU (returns the text, in buf or static) or XSI (returns 0 and fills buf), by libc and
+    // feature macros: text_of() takes either.
     char buf[128];
-    s += ::strerror_r(sys_errno, buf, sizeof buf);
+    s += text_of(::strerror_r(sys_errno, buf, sizeof buf), buf);
   }
   return s;
 }

@@ -2,9 +2,8 @@
 # House review (review2): Error::message() (src/os/error.cc) appends the result of ::strerror_r as
 # if it were always the GNU variant (char*). Where the XSI variant is declared (musl, or glibc
 # without _GNU_SOURCE) it returns int, and `s += int` compiles (std::string::operator+=(char)):
-# the message then ends in a NUL byte instead of the error's text. This compiles error.cc in the
-# XSI variant and checks that the text is there. Fails now. Not registered with ctest: on glibc
-# with g++/clang++ (which predefine _GNU_SOURCE) the GNU variant is always the one used.
+# the message then ended in a NUL byte instead of the error's text. This compiles error.cc in the
+# XSI variant and checks that the text is there (a test: style.strerror_r_either_variant).
 # Usage: strerror_xsi_test.sh [CXX]
 set -euo pipefail
 cxx=${1:-${CXX:-c++}}
