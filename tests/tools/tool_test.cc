@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
@@ -28,12 +29,12 @@ std::string drain(int fd) {
   return s;
 }
 
-ToolRun run(const std::vector<std::string>& args) {
+ToolRun run(const std::vector<std::string>& args, const std::string& program = kTool) {
   ToolRun r;
   auto out = os::make_pipe();
   auto err = os::make_pipe();
   if (!out || !err) return r;
-  auto pid = os::spawn_program(kTool, args, out->second.get(), err->second.get());
+  auto pid = os::spawn_program(program, args, out->second.get(), err->second.get());
   out->second.reset();
   err->second.reset();
   if (!pid) return r;
@@ -60,6 +61,9 @@ TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
       {"bench", "--mechanisms", "carrier-pigeon"},
       {"bench", "--seconds", "0"},
       {"bench", "--json", "--markdown"},
+      {"bench", "--channels", "0"},
+      {"bench", "--channels", "1,x"},
+      {"bench", "--channels", "4", "--mechanisms", "raw-spin"},  // not a channel mechanism
       {"bench", "--frobnicate"},
       {"frobnicate"},
       {},
@@ -144,6 +148,44 @@ TEST(Tool, EveryMechanismsVerificationCatchesACorruptedPayload) {
     EXPECT_NE(e.find("verification"), std::string::npos) << m << ": " << e;
     EXPECT_EQ(r.code, 1) << m;
   }
+}
+
+// `mbmq bench --channels` (#13): a row per channel mechanism and count, each with `channels`;
+// each mechanism's verification catches a corrupted payload; too few fds is said and fails.
+TEST(Tool, ChannelsRowsCarryTheCountVerifyAndSayWhenFdsRunOut) {
+  ToolRun r = run({"bench", "--json", "--channels", "1,8", "--seconds", "0.05", "--no-strace"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto doc = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(doc.is_discarded()) << r.out.substr(0, 500);
+  std::set<std::pair<std::string, std::size_t>> seen;
+  for (const auto& res : doc["results"]) {
+    const std::string m = res["mechanism"].get<std::string>();
+    ASSERT_TRUE(res.contains("channels")) << m;
+    seen.insert({m, res["channels"].get<std::size_t>()});
+    EXPECT_EQ(res["size"], 64u) << m;
+    EXPECT_FALSE(res.contains("error")) << m << ": " << res["error"];
+    EXPECT_GT(res["iterations"].get<std::size_t>(), 0u) << m;
+  }
+  for (const char* m : {"mbmq-spin", "mbmq-adaptive", "mbmq-sleep", "uds-epoll"})
+    for (std::size_t n : {1u, 8u}) EXPECT_TRUE(seen.count({m, n})) << m << " x" << n;
+  EXPECT_EQ(seen.size(), 8u);
+
+  ToolRun bad = run({"bench", "--json", "--channels", "4", "--seconds", "0.05", "--no-strace",
+                     "--inject-corruption"});
+  EXPECT_EQ(bad.code, 1);
+  auto bdoc = nlohmann::json::parse(bad.out, nullptr, false);
+  ASSERT_FALSE(bdoc.is_discarded()) << bad.err;
+  ASSERT_EQ(bdoc["results"].size(), 4u);
+  for (const auto& res : bdoc["results"])
+    EXPECT_NE(res.value("error", "").find("verification"), std::string::npos) << res;
+
+  // A hard limit of 256 fds: 100 channels cannot be reached, and the row says why.
+  if (!std::filesystem::exists("/usr/bin/prlimit")) GTEST_SKIP() << "no prlimit";
+  ToolRun few = run({"--nofile=256:256", kTool, "bench", "--channels", "100", "--mechanisms",
+                     "mbmq-adaptive", "--seconds", "0.05", "--no-strace"},
+                    "/usr/bin/prlimit");
+  EXPECT_EQ(few.code, 1) << few.out << few.err;
+  EXPECT_NE(few.out.find("cannot reach 100 channels"), std::string::npos) << few.out;
 }
 
 }  // namespace

@@ -78,6 +78,11 @@ int iceoryx_server_main(const std::vector<std::string>& args);
 // A run under strace, started by a run that has RouDi up already: use that one.
 void use_running_roudi();
 std::vector<Mechanism> all_mechanisms();
+// `mbmq bench --channels`: mbmq-spin, mbmq-adaptive, mbmq-sleep and uds-epoll, each a server
+// holding n channels (n-1 idle, one active) and a client holding their other ends.
+std::vector<Mechanism> channel_mechanisms(std::size_t n);
+// The fds one channel of that mechanism takes, both ends (measured: make one, count).
+std::size_t fds_per_channel(const std::string& mechanism);
 
 // ---- a cell ------------------------------------------------------------------------------------
 struct Options {
@@ -91,6 +96,7 @@ struct Options {
 struct CellResult {
   std::string mechanism;
   std::size_t size = 0;
+  std::size_t channels = 0;       // --channels: channels the server holds; 0: not such a cell
   std::vector<std::int64_t> lat;  // ns per round trip, measured iterations, sorted
   std::optional<double> syscalls_per_rtt, allocs_per_rtt;  // os/ counters, both sides
   double client_syscalls = 0, server_syscalls = 0;

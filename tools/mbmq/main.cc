@@ -4,6 +4,7 @@
 //   mbmq files   serving a file over loopback HTTP: read+write, mmap+write, sendfile, splice, nginx
 // `mbmq-bench ARGS` is `mbmq bench ARGS`. Argument errors print why and exit 2; a failed cell
 // (a wrong reply, a mechanism that broke) exits 1 after the report.
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <CLI/CLI.hpp>
@@ -49,6 +50,36 @@ std::vector<std::size_t> parse_sizes(const std::string& s) {
     pos = comma + 1;
   }
   return out;
+}
+
+std::vector<std::size_t> parse_channels(const std::string& s) {
+  std::vector<std::size_t> out;
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    std::size_t comma = s.find(',', pos);
+    std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    char* end = nullptr;
+    unsigned long long v = std::strtoull(tok.c_str(), &end, 10);
+    if (tok.empty() || *end != '\0' || tok[0] == '-' || v < 1 || v > 65536)
+      throw CLI::ValidationError("--channels", "not a channel count 1..65536: '" + tok + "'");
+    out.push_back(static_cast<std::size_t>(v));
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
+// Raises the soft RLIMIT_NOFILE to the hard limit (4096 channels take over 16000 fds) and returns
+// the soft limit then in force. The os/ layer sets it; reading the hard limit is done here.
+std::uint64_t raise_fd_limit() {
+  rlimit r{};
+  if (::getrlimit(RLIMIT_NOFILE, &r) == 0) {
+    // An unlimited hard limit: the kernel still caps at fs.nr_open (1 Mi by default).
+    const std::uint64_t hard = r.rlim_max == RLIM_INFINITY ? std::uint64_t{1} << 20
+                                                           : static_cast<std::uint64_t>(r.rlim_max);
+    if (os::fd_limit() < hard) (void)os::set_fd_limit(hard);
+  }
+  return os::fd_limit();
 }
 
 // Runs this program under `strace -f -c` for `rtts` round trips of one cell and returns the total
@@ -137,6 +168,92 @@ struct Progress {
   }
 };
 
+// Keeps the mechanisms named in `only` (comma-separated; empty: all). False, with a message, if
+// one of the names is unknown.
+bool select_mechanisms(std::vector<Mechanism>& mechs, const std::string& only) {
+  if (only.empty()) return true;
+  std::string list = "," + only + ",";
+  for (std::size_t pos = 1; pos < list.size();) {
+    std::size_t c = list.find(',', pos);
+    std::string name = list.substr(pos, c - pos);
+    if (!name.empty() && std::none_of(mechs.begin(), mechs.end(),
+                                      [&](const Mechanism& m) { return m.name == name; })) {
+      std::string known;
+      for (const auto& m : mechs) known += " " + m.name;
+      std::fprintf(stderr, "--mechanisms: unknown '%s' (known:%s)\n", name.c_str(), known.c_str());
+      return false;
+    }
+    pos = c + 1;
+  }
+  std::erase_if(mechs, [&](const Mechanism& m) {
+    return list.find("," + m.name + ",") == std::string::npos;
+  });
+  return true;
+}
+
+enum class Output { Table, Json, Markdown };
+
+bool failed_any(const std::vector<CellResult>& results) {
+  return std::any_of(results.begin(), results.end(), [](const CellResult& r) {
+    return !r.error.empty() && r.error.rfind("unavailable", 0) != 0 &&
+           r.error.rfind("unsupported", 0) != 0;
+  });
+}
+
+// `mbmq bench --channels N,...`: per N, the channel mechanisms (mech_channels.cc) at each size.
+int run_channels(const std::vector<std::size_t>& counts, const std::string& only,
+                 const Options& opt, Output out) {
+  const std::uint64_t limit = raise_fd_limit();
+  std::vector<Mechanism> names = channel_mechanisms(1);
+  if (!select_mechanisms(names, only)) return 2;
+  std::vector<std::size_t> per_channel;  // fds per channel, both ends, per mechanism
+  for (const auto& m : names) per_channel.push_back(fds_per_channel(m.name));
+  Progress progress;
+  progress.total = counts.size() * names.size() * opt.sizes.size();
+  progress.on =
+      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  std::vector<CellResult> results;
+  for (std::size_t n : counts) {
+    std::vector<Mechanism> mechs = channel_mechanisms(n);
+    (void)select_mechanisms(mechs, only);
+    for (std::size_t size : opt.sizes) {
+      for (std::size_t k = 0; k < mechs.size(); ++k) {
+        progress.step(mechs[k].name + " x" + std::to_string(n));
+        // Before the fork this process holds both ends of every channel; a few more for the
+        // ready pipe, the stats pipe, epoll and the watcher.
+        const std::uint64_t need = n * per_channel[k] + os::open_fd_count() + 16;
+        CellResult r;
+        if (need > limit) {
+          r.mechanism = mechs[k].name;
+          r.size = size;
+          r.error = "cannot reach " + std::to_string(n) + " channels: they need about " +
+                    std::to_string(need) + " fds, RLIMIT_NOFILE allows " + std::to_string(limit) +
+                    " (soft raised to the hard limit)";
+        } else {
+          r = run_cell(mechs[k], size, opt);
+          if (!r.error.empty())
+            r.error = std::to_string(n) + " channels (fd limit " + std::to_string(limit) +
+                      "): " + r.error;
+        }
+        r.channels = n;
+        results.push_back(std::move(r));
+      }
+    }
+  }
+  progress.clear();
+  if (out == Output::Json)
+    std::printf("%s\n", to_json(results, {}, opt).dump(2).c_str());
+  else if (out == Output::Markdown)
+    std::printf("%s", markdown(results).c_str());
+  else
+    print_channels_table(results, opt, limit);
+  if (failed_any(results)) {
+    std::fprintf(stderr, "mbmq bench --channels: a cell failed (see its row)\n");
+    return 1;
+  }
+  return 0;
+}
+
 int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
               const std::string& self) {
   CLI::App app{copies_mode
@@ -145,7 +262,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   bool json = false, markdown_out = false, quick = false, no_pin = false, no_touch = false,
        no_strace = false, corrupt = false, roudi_running = false;
   std::string sizes_arg = copies_mode ? "64K,1M,16M" : "64,4K,64K,1M,16M,64M";
-  std::string only, plot;
+  std::string only, plot, channels_arg;
   double seconds = copies_mode ? 0.3 : 1.0;
   std::uint64_t fixed = 0;
   app.add_flag("--json", json, "print one JSON document instead of the table");
@@ -156,6 +273,11 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
       ->check(CLI::Range(0.05, 60.0));
   app.add_option("--mechanisms", only, "comma-separated subset of mechanisms");
   app.add_option("--plot", plot, "write a log-log latency-vs-size plot to this SVG file");
+  if (!copies_mode)
+    app.add_option(
+        "--channels", channels_arg,
+        "instead: a server holding N channels, N-1 idle, one active (e.g. "
+        "1,64,1024,4096): mbmq-spin/-adaptive/-sleep beside a Unix socket + epoll, 64 B");
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
   app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
@@ -174,7 +296,12 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
     return 2;
   }
   Options opt;
+  std::vector<std::size_t> channel_counts;
   try {
+    if (!channels_arg.empty()) {
+      channel_counts = parse_channels(channels_arg);
+      if (!app.count("--sizes")) sizes_arg = "64";
+    }
     opt.sizes = parse_sizes(quick && !app.count("--sizes") ? std::string("64,64K,1M") : sizes_arg);
   } catch (const CLI::Error& e) {
     std::fprintf(stderr, "%s\n", e.what());
@@ -190,27 +317,20 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   g_work.touch = !no_touch;
   g_work.corrupt = corrupt;
   if (roudi_running) use_running_roudi();
+  if (!channel_counts.empty()) {
+    if (!plot.empty() || fixed != 0) {
+      std::fprintf(stderr, "--channels: --plot and --fixed-rtts do not apply\n");
+      return 2;
+    }
+    if (quick && !app.count("--sizes")) opt.sizes = {64};
+    return run_channels(channel_counts, only, opt,
+                        json           ? Output::Json
+                        : markdown_out ? Output::Markdown
+                                       : Output::Table);
+  }
 
   std::vector<Mechanism> mechs = all_mechanisms();
-  if (!only.empty()) {
-    std::string list = "," + only + ",";
-    for (std::size_t pos = 1; pos < list.size();) {
-      std::size_t c = list.find(',', pos);
-      std::string name = list.substr(pos, c - pos);
-      if (!name.empty() && std::none_of(mechs.begin(), mechs.end(),
-                                        [&](const Mechanism& m) { return m.name == name; })) {
-        std::string known;
-        for (const auto& m : mechs) known += " " + m.name;
-        std::fprintf(stderr, "--mechanisms: unknown '%s' (known:%s)\n", name.c_str(),
-                     known.c_str());
-        return 2;
-      }
-      pos = c + 1;
-    }
-    std::erase_if(mechs, [&](const Mechanism& m) {
-      return list.find("," + m.name + ",") == std::string::npos;
-    });
-  }
+  if (!select_mechanisms(mechs, only)) return 2;
 
   Progress progress;
   progress.total = mechs.size() * opt.sizes.size();
@@ -242,11 +362,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   } else {
     print_table(results, checks, opt);
   }
-  bool failed = std::any_of(results.begin(), results.end(), [](const CellResult& r) {
-    return !r.error.empty() && r.error.rfind("unavailable", 0) != 0 &&
-           r.error.rfind("unsupported", 0) != 0;
-  });
-  return failed ? 1 : 0;
+  return failed_any(results) ? 1 : 0;
 }
 
 int usage() {

@@ -124,6 +124,7 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
     json j;
     j["mechanism"] = r.mechanism;
     j["size"] = r.size;
+    if (r.channels > 0) j["channels"] = r.channels;  // --channels rows only
     j["iterations"] = r.lat.size();
     const bool ok = r.error.empty() && !r.lat.empty();
     j["p50_ns"] = ok ? json(r.pct(0.5)) : json();
@@ -203,7 +204,91 @@ void print_table(const std::vector<CellResult>& rs, const std::vector<Check>& ch
   }
 }
 
+namespace {
+// --channels: p50 over `base`'s p50 at the same size; `base` is the same mechanism at the smallest
+// channel count measured (same_mech) or the named mechanism at the same count.
+std::string channel_ratio(const CellResult& r, const std::vector<CellResult>& rs,
+                          const char* base) {
+  const CellResult* b = nullptr;
+  for (const auto& q : rs) {
+    if (!q.error.empty() || q.lat.empty() || q.size != r.size) continue;
+    if (base == nullptr ? q.mechanism == r.mechanism && (b == nullptr || q.channels < b->channels)
+                        : q.mechanism == base && q.channels == r.channels)
+      b = &q;
+  }
+  if (b == nullptr || b->pct(0.5) <= 0) return "-";
+  char s[32];
+  std::snprintf(s, sizeof s, "%.2fx", r.pct(0.5) / b->pct(0.5));
+  return s;
+}
+
+std::string channels_markdown(const std::vector<CellResult>& rs) {
+  std::string out =
+      "| mechanism | channels | size | p50 µs | p99 µs | p99.9 µs | max µs | rtt/s | × fewest | "
+      "× uds-epoll | syscalls/rtt | allocs/rtt | CPU µs/rtt |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  char line[512];
+  for (const auto& r : rs) {
+    if (!r.error.empty()) {
+      std::snprintf(line, sizeof line, "| %s | %zu | %s | %s ||||||||||\n", r.mechanism.c_str(),
+                    r.channels, human_size(r.size).c_str(), r.error.c_str());
+    } else {
+      std::snprintf(line, sizeof line,
+                    "| %s | %zu | %s | %s | %s | %s | %s | %.0f | %s | %s | %s | %s | %s |\n",
+                    r.mechanism.c_str(), r.channels, human_size(r.size).c_str(),
+                    fmt_us(r.pct(0.5)).c_str(), fmt_us(r.pct(0.99)).c_str(),
+                    fmt_us(r.pct(0.999)).c_str(), fmt_us(r.pct(1.0)).c_str(), r.rtt_per_s(),
+                    channel_ratio(r, rs, nullptr).c_str(),
+                    channel_ratio(r, rs, "uds-epoll").c_str(), opt_num(shown_syscalls(r)).c_str(),
+                    opt_num(r.allocs_per_rtt).c_str(), fmt_us(r.cpu_ns_per_rtt).c_str());
+    }
+    out += line;
+  }
+  return out;
+}
+}  // namespace
+
+void print_channels_table(const std::vector<CellResult>& rs, const Options& opt,
+                          std::uint64_t fd_limit) {
+  std::printf(
+      "mbmq bench --channels: %d CPUs, %s, %.2f s per cell, RLIMIT_NOFILE %llu.\nOne server "
+      "holds N channels, N-1 idle and one active; the client holds their other ends and calls on "
+      "the active one:\nit writes %s payload, the server reads it and answers its 8-byte sum, "
+      "the client verifies it.\n\n",
+      cpus(), opt.pin && cpus() >= 2 ? "client on CPU 0, server on CPU 1" : "not pinned",
+      opt.seconds_per_cell, static_cast<unsigned long long>(fd_limit),
+      g_work.touch ? "the whole" : "8 bytes of the (--no-touch)");
+  std::printf("%-14s %8s %8s %9s %9s %9s %9s %10s %9s %9s %8s %7s %8s\n", "mechanism", "channels",
+              "size", "p50 us", "p99 us", "p99.9 us", "max us", "rtt/s", "x fewest", "x uds",
+              "sys/rtt", "allocs", "cpu us");
+  std::size_t last = 0;
+  for (const auto& r : rs) {
+    if (r.channels != last && last != 0) std::printf("\n");
+    last = r.channels;
+    if (!r.error.empty()) {
+      std::printf("%-14s %8zu %8s  %s\n", r.mechanism.c_str(), r.channels,
+                  human_size(r.size).c_str(), r.error.c_str());
+      continue;
+    }
+    std::printf("%-14s %8zu %8s %9s %9s %9s %9s %10.0f %9s %9s %8s %7s %8s\n", r.mechanism.c_str(),
+                r.channels, human_size(r.size).c_str(), fmt_us(r.pct(0.5)).c_str(),
+                fmt_us(r.pct(0.99)).c_str(), fmt_us(r.pct(0.999)).c_str(),
+                fmt_us(r.pct(1.0)).c_str(), r.rtt_per_s(), channel_ratio(r, rs, nullptr).c_str(),
+                channel_ratio(r, rs, "uds-epoll").c_str(), opt_num(shown_syscalls(r)).c_str(),
+                opt_num(r.allocs_per_rtt).c_str(), fmt_us(r.cpu_ns_per_rtt).c_str());
+  }
+  std::printf(
+      "\nx fewest: p50 / the same mechanism's p50 at the fewest channels measured. x uds: p50 / "
+      "uds-epoll's p50 at the same\nchannel count (a Unix stream socket per channel, the server "
+      "in epoll_wait on all of them).\nsys/rtt: system calls per round trip, both processes "
+      "(mbmq's os/ layer counts them). allocs: operator new\ncalls per round trip, both threads. "
+      "cpu us: CPU time per round trip, both processes. Setting up the\nchannels (before the "
+      "fork) and adopting or registering them (in the server) is not measured.\n");
+}
+
 std::string markdown(const std::vector<CellResult>& rs) {
+  if (std::any_of(rs.begin(), rs.end(), [](const CellResult& r) { return r.channels > 0; }))
+    return channels_markdown(rs);
   std::string out =
       "| mechanism | size | p50 µs | p99 µs | p99.9 µs | max µs | rtt/s | MB/s | × mbmq | × hw | "
       "syscalls/rtt | allocs/rtt | copies "

@@ -25,6 +25,10 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
                        const Options& opt);
 void print_table(const std::vector<CellResult>& rs, const std::vector<Check>& checks,
                  const Options& opt);
+// `mbmq bench --channels`: the cells grouped by channel count. fd_limit: RLIMIT_NOFILE in force.
+void print_channels_table(const std::vector<CellResult>& rs, const Options& opt,
+                          std::uint64_t fd_limit);
+// With --channels rows (CellResult::channels > 0) the table has a channels column.
 std::string markdown(const std::vector<CellResult>& rs);
 // Log-log p50 latency against payload size, one line per mechanism.
 std::string svg_plot(const std::vector<CellResult>& rs);
