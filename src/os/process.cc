@@ -371,6 +371,17 @@ Status set_fd_limit(std::uint64_t soft) {
   return {};
 }
 
+std::uint64_t raise_fd_limit() noexcept {
+  rlimit r{};
+  count_syscall();
+  if (::getrlimit(RLIMIT_NOFILE, &r) == 0) {
+    const std::uint64_t hard = r.rlim_max == RLIM_INFINITY ? std::uint64_t{1} << 20
+                                                           : static_cast<std::uint64_t>(r.rlim_max);
+    if (fd_limit() < hard) (void)set_fd_limit(hard);
+  }
+  return fd_limit();
+}
+
 unsigned effective_uid() noexcept {
   count_syscall();
   return ::geteuid();

@@ -108,6 +108,9 @@ std::uint64_t fd_limit() noexcept;
 // Sets the soft RLIMIT_NOFILE (the hard limit stays): tests that play a process with a small fd
 // table. Errc::System/EINVAL above the hard limit.
 Status set_fd_limit(std::uint64_t soft);
+// Raises the soft RLIMIT_NOFILE to the hard limit (an unlimited hard limit counts as 1 Mi, the
+// kernel's default fs.nr_open) and returns the soft limit then in force.
+std::uint64_t raise_fd_limit() noexcept;
 // geteuid(): the uid the kernel reports for this process (SO_PEERCRED gives effective ids).
 unsigned effective_uid() noexcept;
 // Sleeps for `ns` nanoseconds (clock_nanosleep, CLOCK_MONOTONIC, relative), resuming after a

@@ -4,7 +4,6 @@
 //   mbmq files   serving a file over loopback HTTP: read+write, mmap+write, sendfile, splice, nginx
 // `mbmq-bench ARGS` is `mbmq bench ARGS`. Argument errors print why and exit 2; a failed cell
 // (a wrong reply, a mechanism that broke) exits 1 after the report.
-#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <CLI/CLI.hpp>
@@ -67,19 +66,6 @@ std::vector<std::size_t> parse_channels(const std::string& s) {
     pos = comma + 1;
   }
   return out;
-}
-
-// Raises the soft RLIMIT_NOFILE to the hard limit (4096 channels take over 16000 fds) and returns
-// the soft limit then in force. The os/ layer sets it; reading the hard limit is done here.
-std::uint64_t raise_fd_limit() {
-  rlimit r{};
-  if (::getrlimit(RLIMIT_NOFILE, &r) == 0) {
-    // An unlimited hard limit: the kernel still caps at fs.nr_open (1 Mi by default).
-    const std::uint64_t hard = r.rlim_max == RLIM_INFINITY ? std::uint64_t{1} << 20
-                                                           : static_cast<std::uint64_t>(r.rlim_max);
-    if (os::fd_limit() < hard) (void)os::set_fd_limit(hard);
-  }
-  return os::fd_limit();
 }
 
 // Runs this program under `strace -f -c` for `rtts` round trips of one cell and returns the total
@@ -203,7 +189,7 @@ bool failed_any(const std::vector<CellResult>& results) {
 // `mbmq bench --channels N,...`: per N, the channel mechanisms (mech_channels.cc) at each size.
 int run_channels(const std::vector<std::size_t>& counts, const std::string& only,
                  const Options& opt, Output out) {
-  const std::uint64_t limit = raise_fd_limit();
+  const std::uint64_t limit = os::raise_fd_limit();
   std::vector<Mechanism> names = channel_mechanisms(1);
   if (!select_mechanisms(names, only)) return 2;
   std::vector<std::size_t> per_channel;  // fds per channel, both ends, per mechanism
