@@ -88,7 +88,6 @@ class BufferTable {
   BufferTable& operator=(const BufferTable&) = delete;
 
   std::uint32_t slots_per_side() const noexcept { return n_; }
-  std::uint32_t slot_size() const noexcept { return slot_size_; }
 
   // ---- our buffers (P2) ----
   struct Allocated {

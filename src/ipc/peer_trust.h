@@ -29,7 +29,6 @@ class PeerTrust {
   PeerTrust& operator=(const PeerTrust&) = delete;
 
   bool untrusted_me() const noexcept { return untrusted_me_; }  // we copy what the peer sends
-  std::uint32_t copy_threshold() const noexcept { return copy_threshold_; }
   // (P5b) What we accept above copy_threshold only in a sealed memfd.
   bool needs_sealed(std::uint32_t size) const noexcept {
     return untrusted_me_ && size > copy_threshold_;

@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "hostile_peer.h"
 #include "ipc/endpoint.h"
 #include "ipc/test_access.h"
 #include "os/file.h"
@@ -47,26 +48,9 @@ using test::spawn;
     }                                                                                     \
   } while (0)
 
-std::span<const std::byte> bytes_of(const shm::CtlMsg& m) {
-  return {reinterpret_cast<const std::byte*>(&m), sizeof m};
-}
-
-// Direction `side` of the segment behind end c: the messages side `side` produces.
-shm::Direction& dir(Channel& c, int side) {
-  auto seg = detail::TestAccess::segment(c);
-  return *reinterpret_cast<shm::Direction*>(
-      seg.data() + shm::kDirOffset + static_cast<std::size_t>(side) * sizeof(shm::Direction));
-}
-
-// A peer producing on its own ring by hand (P3): the entry, its seq (store-release), then tail.
-// *tail is the peer's private producer index.
-void raw_push(shm::Direction& d, std::uint32_t* tail, const shm::Desc& desc) {
-  shm::RingEntry& e = d.ring[*tail % shm::kRingCapacity];
-  e.desc = desc;
-  e.seq.store(*tail + 1, std::memory_order_release);
-  ++*tail;
-  d.tail.store(*tail, std::memory_order_release);
-}
+using test::bytes_of;
+using test::dir;
+using test::raw_push;
 
 // A peer consuming its inbound ring by hand (P5); false if the entry at *head is not ready.
 bool raw_pop(shm::Direction& d, std::uint32_t* head, shm::Desc* out) {

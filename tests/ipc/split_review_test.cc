@@ -11,6 +11,7 @@
 #include <cstring>
 #include <thread>
 
+#include "hostile_peer.h"
 #include "ipc/endpoint.h"
 #include "ipc/test_access.h"
 #include "mbmq/mbmq.h"
@@ -27,25 +28,9 @@ namespace {
 using namespace std::chrono_literals;
 using test::secs;
 
-std::span<const std::byte> bytes_of(const shm::CtlMsg& m) {
-  return {reinterpret_cast<const std::byte*>(&m), sizeof m};
-}
-
-// Direction `side` of the segment behind end c: the messages side `side` produces.
-shm::Direction& dir(Channel& c, int side) {
-  auto seg = detail::TestAccess::segment(c);
-  return *reinterpret_cast<shm::Direction*>(
-      seg.data() + shm::kDirOffset + static_cast<std::size_t>(side) * sizeof(shm::Direction));
-}
-
-// A peer producing on its own ring by hand (P3): the entry, its seq (store-release), then tail.
-void raw_push(shm::Direction& d, std::uint32_t* tail, const shm::Desc& desc) {
-  shm::RingEntry& e = d.ring[*tail % shm::kRingCapacity];
-  e.desc = desc;
-  e.seq.store(*tail + 1, std::memory_order_release);
-  ++*tail;
-  d.tail.store(*tail, std::memory_order_release);
-}
+using test::bytes_of;
+using test::dir;
+using test::raw_push;
 
 std::uint16_t kind_bits(shm::DescKind k, std::uint16_t flags = 0) {
   return static_cast<std::uint16_t>(static_cast<std::uint16_t>(k) | flags);
