@@ -112,6 +112,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Got: *out is a message. Ended: the channel is over and drained, *out is the final
   // Kind::PeerClosed. Gone: closed locally, drop it silently.
   Poll poll(Message* out);
+  // Lock-free: the ring may hold a descriptor, messages are pending, or the end changed state.
+  bool inbound_ready() const noexcept;
   // (P6) Before sleeping, by the consumer: false (and the channel closed with a protocol error)
   // if the peer's published tail contradicts the ring.
   bool check_ring() noexcept;
@@ -227,7 +229,6 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // WaitFor::Ring: messages already pending do not count (call() waits for its reply in the ring).
   enum class WaitFor : std::uint8_t { Ring, AnyMessage };
   void wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what);
-  bool inbound_ready() const noexcept;
   bool ring_ready() const noexcept;
 
   // Removes this end from the peer watcher (before the control socket closes). mu_ held, or the

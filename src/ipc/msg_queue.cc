@@ -59,7 +59,25 @@ void QueueCore::add(std::shared_ptr<Endpoint> ep, std::uint32_t q) {
   bell_.ring_local(q);
 }
 
+void QueueCore::set_hot_locked(std::uint32_t q) {
+  const std::uint32_t old = hot_;
+  hot_ = q;
+  bell_.publish_hot(q == kNone ? 0 : q + 1);
+  // The old hot slot's producer may have skipped its bit before it saw the change: one more poll
+  // of its ring, after the fence publish_hot() made (P4q step 0).
+  if (old != kNone) enqueue_locked(old);
+}
+
+void QueueCore::got_from_locked(std::uint32_t q) {
+  // Two messages in a row from one channel make it hot: a single busy client then costs what a
+  // channel without a queue costs (no bitmap traffic), and many busy ones change nothing.
+  if (q == last_got_ && q != hot_) set_hot_locked(q);
+  last_got_ = q;
+}
+
 void QueueCore::remove_locked(std::uint32_t q) {
+  if (q == hot_) set_hot_locked(kNone);
+  if (q == last_got_) last_got_ = kNone;
   by_slot_[q].reset();
   --live_;
   os::LockGuard lock(slot_mu_);
@@ -87,6 +105,8 @@ std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
   std::vector<std::shared_ptr<Endpoint>> eps;
   for (auto& ep : by_slot_)
     if (ep) eps.push_back(std::move(ep));
+  if (hot_ != kNone) set_hot_locked(kNone);
+  last_got_ = kNone;
   by_slot_.clear();
   queued_.clear();
   fifo_.clear();
@@ -164,6 +184,7 @@ bool QueueCore::scan_locked(Message* out, bool full_if_empty) {
       monotonic_ns() - last_full_scan_ns_ >= kFullScanEveryNs)
     full_scan_locked();
   harvest_locked();
+  if (hot_ != kNone) enqueue_locked(hot_);
   if (fifo_count_ == 0 && (full_if_empty || full_pending_) && live_ != 0) {
     // A wake-up that found no bit: a full scan, at most one per kEmptyWakeGapNs (spurious wakes
     // must not cost O(channels) each); one held back is done by the next look after the gap.
@@ -172,7 +193,9 @@ bool QueueCore::scan_locked(Message* out, bool full_if_empty) {
     else
       full_pending_ = true;
   }
-  while (fifo_count_ != 0) {
+  // One pass over what is queued now: an end queued again during it (still ready after a ring's
+  // worth of internal descriptors) waits for the next look, so a flooding peer cannot hold us.
+  for (std::size_t pass = fifo_count_; pass != 0 && fifo_count_ != 0; --pass) {
     const std::uint32_t q = fifo_[fifo_head_];
     fifo_head_ = (fifo_head_ + 1) % fifo_.size();
     --fifo_count_;
@@ -183,8 +206,12 @@ bool QueueCore::scan_locked(Message* out, bool full_if_empty) {
       case Endpoint::Poll::Got:
         // Round robin: it may hold more, after the others.
         enqueue_locked(q);
+        got_from_locked(q);
         return true;
       case Endpoint::Poll::Empty:
+        // Empty, or it stopped after a ring's worth of internal descriptors (returns, hints):
+        // then it is still ready, and nobody will mark it again.
+        if (ep->inbound_ready()) enqueue_locked(q);
         break;
       case Endpoint::Poll::Ended:
         // The final PeerClosed: the queue lets go of it.

@@ -31,9 +31,9 @@ struct BellFds {
   Result<BellFds> dup() const;
 };
 
-// P4q steps 1 and 2: marks slot q ready, then the seq_cst fence.
+// P4q step 1: marks slot q ready, then the seq_cst fence.
 void mark_ready(shm::QueueReadyPage& page, std::uint32_t q) noexcept;
-// P4q step 3, after mark_ready(): wakes what `sleepers` says is waiting.
+// P4q step 2, after mark_ready(): wakes what `sleepers` says is waiting.
 void wake_queue(shm::QueueReadyPage& page, std::uint32_t sleepers, int signal_fd) noexcept;
 
 class QueueBell {
@@ -48,6 +48,11 @@ class QueueBell {
   }
   std::uint32_t sleepers() const noexcept {
     return wait_->sleepers.load(std::memory_order_relaxed);
+  }
+  // The slot polled on every look (q + 1; 0: none), then the seq_cst fence (P6q).
+  void publish_hot(std::uint32_t hot_plus_one) noexcept {
+    wait_->hot.store(hot_plus_one, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
   }
   // What travels to a producer (CtlMsg::Doorbell).
   std::array<int, shm::kDoorbellFds> fds() const noexcept {
@@ -88,7 +93,10 @@ class PeerBell {
   const BellFds& fds() const noexcept { return fds_; }
   // P4q, after the descriptor was pushed.
   void ring() noexcept {
-    mark_ready(*ready_, slot_);
+    // Step 0. Orders our ring entry before the loads below; pairs with the queue's fence after
+    // it publishes hot or sleepers: either it polls our ring after, or we see what it published.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (wait_->hot.load(std::memory_order_relaxed) != slot_ + 1) mark_ready(*ready_, slot_);
     wake_queue(*ready_, wait_->sleepers.load(std::memory_order_relaxed), fds_.signal.get());
   }
 

@@ -86,6 +86,9 @@ class QueueCore {
   void full_scan_locked() MBMQ_REQUIRES(mu_);
   void enqueue_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
   void remove_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
+  void set_hot_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
+  // After a message from slot q.
+  void got_from_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
   void retry_deferred_locked() MBMQ_REQUIRES(mu_);
   void publish_locked() noexcept MBMQ_REQUIRES(mu_) {
     bell_.publish(static_cast<std::uint32_t>(sleepers_) | (armed_ ? shm::kQueueArmed : 0u));
@@ -107,6 +110,10 @@ class QueueCore {
   std::int64_t last_full_scan_ns_ MBMQ_GUARDED_BY(mu_) = 0;
   std::uint32_t looks_ MBMQ_GUARDED_BY(mu_) = 0;
   bool full_pending_ MBMQ_GUARDED_BY(mu_) = false;  // a full scan held back by kEmptyWakeGapNs
+  // The hot slot (QueueWaitPage::hot): polled on every look; its producer does not mark it.
+  static constexpr std::uint32_t kNone = 0xffff'ffffu;
+  std::uint32_t hot_ MBMQ_GUARDED_BY(mu_) = kNone;
+  std::uint32_t last_got_ MBMQ_GUARDED_BY(mu_) = kNone;  // the slot of the last message
   std::atomic<std::uint64_t> full_scans_{0};
   std::vector<std::shared_ptr<ListenCore>> listeners_ MBMQ_GUARDED_BY(mu_);
   int sleepers_ MBMQ_GUARDED_BY(mu_) = 0;

@@ -50,10 +50,12 @@
 //       the ready page read-write and the wait page read-only, each only if it is a memfd of at
 //       least a page sealed against shrinking (a truncated page would SIGBUS us), and checks that
 //       the signal fd is a socket; else a protocol error. After pushing a descriptor (P3):
+//         0. seq_cst fence; if hot == q + 1 (read-only page): the queue polls our ring on every
+//            look: skip step 1 (the single busy channel pays no bitmap traffic);
 //         1. old = ready[q / 64].fetch_or(bit q % 64); if old == 0: summary[q / 4096]
 //            .fetch_or(bit (q / 64) % 64)  (both acq_rel, after the ring entry's release);
-//         2. seq_cst fence (pairs with the queue's fence in P6q);
-//         3. s = sleepers (relaxed, read-only page); if s & kQueueSleepersMask: fetch_add(1,
+//            then a seq_cst fence (pairs with the queue's fence in P6q);
+//         2. s = sleepers (relaxed, read-only page); if s & kQueueSleepersMask: fetch_add(1,
 //            release) on the ready page's `word`, FUTEX_WAKE(word, 1); if s & kQueueArmed: send
 //            one byte on the signal socket, MSG_DONTWAIT (it never blocks; a full socket is
 //            already readable).
@@ -288,10 +290,16 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 struct QueueWaitPage {
   // Bits 0-30: the queue's waiters asleep in FUTEX_WAIT; kQueueArmed: the owner may be in
   // epoll/poll on the fd. The queue: relaxed store (under its mutex), then a seq_cst fence before
-  // its last look (P6q). Producers: relaxed load after their seq_cst fence (P4q step 3).
+  // its last look (P6q). Producers: relaxed load after their seq_cst fence (P4q step 2).
   alignas(64) std::atomic<std::uint32_t> sleepers;
+  // q + 1: the queue polls channel q's ring on every look (the last two messages came from it),
+  // so its producer need not mark it (P4q step 1 is skipped); 0: none. The queue: relaxed store,
+  // seq_cst fence, then one more poll of the slot it replaced. Producers: relaxed load after
+  // their fence (P4q step 0).
+  std::atomic<std::uint32_t> hot;
 };
-static_assert(std::is_standard_layout_v<QueueWaitPage> && offsetof(QueueWaitPage, sleepers) == 0);
+static_assert(std::is_standard_layout_v<QueueWaitPage> && offsetof(QueueWaitPage, sleepers) == 0 &&
+              offsetof(QueueWaitPage, hot) == 4);
 static_assert(sizeof(QueueWaitPage) <= kQueuePageSize);
 
 // Control-socket message (SOCK_SEQPACKET, one per packet). Extent and Doorbell carry one fd;
