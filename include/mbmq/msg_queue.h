@@ -32,6 +32,7 @@ namespace mbmq {
 
 namespace detail {
 class QueueCore;
+struct TestAccess;
 }
 class Listener;
 
@@ -101,6 +102,7 @@ class MBMQ_EXPORT MsgQueue {
  private:
   friend class Channel;
   friend class Listener;
+  friend struct detail::TestAccess;
   void close_all() noexcept;
   std::shared_ptr<detail::QueueCore> core_;
 };
