@@ -7,8 +7,10 @@
 #include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
 #include "ipc/wait_step.h"
+#include "os/epoll.h"
 #include "os/mutex.h"
 #include "os/process.h"
+#include "os/timer.h"
 
 namespace mbmq {
 namespace detail {
@@ -92,6 +94,39 @@ void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
 void QueueCore::remove_listener(const ListenCore* l) {
   os::LockGuard lock(mu_);
   std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
+}
+
+QueueCore::~QueueCore() {
+  os::LockGuard lock(mu_);
+  if (timer_watch_ != 0 && timer_pid_ == os::current_pid()) unwatch_fd(timer_watch_, timer_.get());
+}
+
+void QueueCore::on_watch(int /*fd*/, std::uint32_t /*events*/) noexcept {
+  os::drain_timer(timer_.get());
+  timer_pending_.store(false, std::memory_order_relaxed);
+  // Still armed: the owner is (probably) in epoll on the fd; make it look, everywhere.
+  if (armed_hint_.load(std::memory_order_relaxed)) {
+    safety_due_.store(true, std::memory_order_relaxed);
+    bell_.signal_self();
+  }
+}
+
+void QueueCore::set_safety_timer_locked() {
+  if (live_ == 0 || timer_pending_.load(std::memory_order_relaxed)) return;
+  const int pid = os::current_pid();
+  if (timer_pid_ != pid) {
+    // First use (or first in a forked child): a timer of this process's own, on its watcher.
+    auto t = os::make_timer();
+    if (!t) return;  // no safety net: only a hostile peer's cleared bits would wait longer
+    auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), t->get(),
+                       WatchSpec{os::kEpollIn, false, 0});
+    if (!id) return;
+    timer_ = std::move(*t);  // a parent's copy stays registered with the parent's watcher only
+    timer_watch_ = *id;
+    timer_pid_ = pid;
+  }
+  if (os::arm_timer_once(timer_.get(), kSafetyNetNs))
+    timer_pending_.store(true, std::memory_order_relaxed);
 }
 
 int QueueCore::fd() noexcept {
@@ -270,6 +305,8 @@ bool QueueCore::arm_and_look(Message* out) {
   // the fd is readable whenever a message came after our last look.
   os::LockGuard lock(mu_);
   bell_.drain();
+  if (live_ != 0 && monotonic_ns() - last_full_scan_ns_ >= kFullScanEveryNs) full_scan_locked();
+  set_safety_timer_locked();
   armed_ = true;
   armed_hint_.store(true, std::memory_order_relaxed);
   publish_locked();
@@ -289,11 +326,18 @@ Result<Message> QueueCore::wait(Deadline deadline) {
   // the spin budget is not renewed.
   SpinStep step(policy_.load(), deadline);
   bool after_sleep = false;  // the next look scans every end if it finds no bit
+  // The fd's safety-net timer fired: every end is looked at once.
+  bool safety = safety_due_.load(std::memory_order_relaxed) &&
+                safety_due_.exchange(false, std::memory_order_relaxed);
   for (;;) {
     Message m;
     {
       os::LockGuard lock(mu_);
       if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
+      if (safety) {
+        if (live_ != 0) full_scan_locked();
+        safety = false;
+      }
       if (scan_locked(&m, after_sleep)) return m;
     }
     after_sleep = false;
