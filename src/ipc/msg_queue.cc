@@ -106,26 +106,36 @@ void QueueCore::on_watch(int /*fd*/, std::uint32_t /*events*/) noexcept {
   timer_pending_.store(false, std::memory_order_relaxed);
   // Still armed: the owner is (probably) in epoll on the fd; make it look, everywhere.
   if (armed_hint_.load(std::memory_order_relaxed)) {
-    safety_due_.store(true, std::memory_order_relaxed);
+    if (!timer_is_retry_.load(std::memory_order_relaxed))
+      safety_due_.store(true, std::memory_order_relaxed);
     bell_.signal_self();
   }
 }
 
 void QueueCore::set_safety_timer_locked() {
-  if (live_ == 0 || timer_pending_.load(std::memory_order_relaxed)) return;
+  if (live_ == 0 && deferred_count_.load(std::memory_order_relaxed) == 0) return;
   const int pid = os::current_pid();
   if (timer_pid_ != pid) {
+    // A forked child inherits the parent's pending flag, not its watcher's registration.
+    timer_pending_.store(false, std::memory_order_relaxed);
     // First use (or first in a forked child): a timer of this process's own, on its watcher.
     auto t = os::make_timer();
     if (!t) return;  // no safety net: only a hostile peer's cleared bits would wait longer
-    auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), t->get(),
+    // Set before the watcher can see it (on_watch reads timer_ without our lock). A parent's copy
+    // stays registered with the parent's watcher only.
+    timer_ = std::move(*t);
+    auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), timer_.get(),
                        WatchSpec{os::kEpollIn, false, 0});
     if (!id) return;
-    timer_ = std::move(*t);  // a parent's copy stays registered with the parent's watcher only
     timer_watch_ = *id;
     timer_pid_ = pid;
   }
-  if (os::arm_timer_once(timer_.get(), kSafetyNetNs))
+  // Replies deferred by back-pressure are retried every millisecond, as on the sleeping path:
+  // the timer then makes the fd readable that soon (without a full scan).
+  const bool retry = deferred_count_.load(std::memory_order_relaxed) != 0;
+  if (timer_pending_.load(std::memory_order_relaxed) && !retry) return;
+  timer_is_retry_.store(retry, std::memory_order_relaxed);
+  if (os::arm_timer_once(timer_.get(), retry ? kRetryNs : kSafetyNetNs))
     timer_pending_.store(true, std::memory_order_relaxed);
 }
 
@@ -320,12 +330,20 @@ bool QueueCore::arm_and_look(Message* out) {
 
 Result<Message> QueueCore::wait(Deadline deadline) {
   watch_after_fork();
-  // Whoever watches the fd is looking now: producers stop signalling it until the next miss.
-  if (armed_hint_.load(std::memory_order_relaxed)) disarm();
+  // The fd's owner is looking now (it calls wait(Deadline::immediate()) until TimedOut, which arms
+  // the fd again): producers stop signalling it. A blocking wait() on another thread leaves it
+  // armed: it sleeps on the futex word, and the fd's owner must still hear of what it leaves.
+  bool from_fd = false;
+  if (armed_hint_.load(std::memory_order_relaxed) && deadline.expired()) {
+    disarm();
+    from_fd = true;
+  }
   // One step for the whole wait (ipc/wait_step.h): after a wake-up that brought nothing for us,
   // the spin budget is not renewed.
   SpinStep step(policy_.load(), deadline);
-  bool after_sleep = false;  // the next look scans every end if it finds no bit
+  // The next look scans every end if it finds no bit: after a sleep, or after the fd woke us (a
+  // wake-up that found no bit: a peer may have cleared it).
+  bool after_sleep = from_fd;
   // The fd's safety-net timer fired: every end is looked at once.
   bool safety = safety_due_.load(std::memory_order_relaxed) &&
                 safety_due_.exchange(false, std::memory_order_relaxed);
@@ -349,9 +367,6 @@ Result<Message> QueueCore::wait(Deadline deadline) {
     if (next == SpinStep::Next::Look) continue;
     // (P6q) Announce (one store), fence, look once more, sleep on the queue's word.
     bool got = false;
-    // Replies held back by a caller's full control socket are retried every millisecond (its
-    // reading does not ring our doorbell).
-    constexpr std::int64_t kRetryNs = 1'000'000;
     std::int64_t max_ns = kSafetyNetNs;  // set by the last look, under mu_
     sleep_once(
         bell_.ready().word, deadline, max_ns,

@@ -47,6 +47,9 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   // The bound on the delay a peer clearing other channels' bits can cause an idle queue; and the
   // idle cost: one full scan per second (~0.2 ms at 1,000 channels).
   static constexpr std::int64_t kSafetyNetNs = 1'000'000'000;
+  // Replies held back by a caller's full control socket are retried this often (its reading does
+  // not ring our doorbell).
+  static constexpr std::int64_t kRetryNs = 1'000'000;
   // A wake-up that found no ready bit triggers a full scan, at most this often.
   static constexpr std::int64_t kEmptyWakeGapNs = 1'000'000;
 
@@ -64,8 +67,11 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   Result<std::uint32_t> reserve();
   void unreserve(std::uint32_t q);
   void add(std::shared_ptr<Endpoint> ep, std::uint32_t q);
-  // What travels to the peer of a redirected end (CtlMsg::Doorbell).
-  std::array<int, shm::kDoorbellFds> bell_fds() const noexcept { return bell_.fds(); }
+  // What travels to the peer of a redirected end (CtlMsg::Doorbell): the pages, and a signal
+  // sender of the channel's own.
+  int ready_fd() const noexcept { return bell_.ready_fd(); }
+  int wait_fd() const noexcept { return bell_.wait_fd(); }
+  Result<os::UniqueFd> new_signal_sender() const { return bell_.new_sender(); }
   // Something happened on the end in slot q here (its peer died, it was closed): look at it.
   void notify(std::uint32_t q) noexcept { bell_.ring_local(q); }
   // Listeners whose accepted connections arrive here as Kind::Connection.
@@ -139,6 +145,7 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   std::uint64_t timer_watch_ MBMQ_GUARDED_BY(mu_) = 0;
   int timer_pid_ MBMQ_GUARDED_BY(mu_) = 0;  // the process whose watcher has the timer
   std::atomic<bool> timer_pending_{false};
+  std::atomic<bool> timer_is_retry_{false};  // set for kRetryNs (deferred replies), not the net
   std::atomic<bool> safety_due_{false};
   // Free slots (slot_mu_): never reused while an end holds them.
   SpinMutex slot_mu_;
