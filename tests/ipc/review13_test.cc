@@ -3,6 +3,7 @@
 // while the suspicion it names is real. Peers are played by hand, in-process, through the ready
 // page (TestAccess::ready_page) or the control socket of the other end of a pair.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -120,6 +121,61 @@ TEST(Review13, APeerThatShutsDownItsCopyOfTheSignalSocketMakesTheFdReadableForev
   }
   std::printf("fd readable %d times in 100 ms on a quiet queue\n", spurious);
   EXPECT_LT(spurious, 10) << "the owner's event loop spins: the fd reads EOF for ever";
+}
+
+// The ready page is sealed against shrinking and growing only (os::make_sealed_memfd), not with
+// F_SEAL_SEAL. F_SEAL_FUTURE_WRITE needs no "no writable mapping" check: any peer holding the fd
+// can add it. Existing mappings keep working, but every later PeerBell::open() then fails its
+// read-write mmap, which it takes for a local failure: the bell stays closed, and every client
+// that connects after the hostile one never wakes the queue again (its consumer_sleeping stays 0):
+// a sleeping queue finds their messages at its 1 s safety net only.
+TEST(Review13, APeerThatSealsTheReadyPageAgainstFutureWritesSilencesEveryLaterChannel) {
+  auto q = MsgQueue::create(WaitPolicy{WaitMode::Sleep, {}});
+  ASSERT_TRUE(q);
+  auto h = Channel::pair();
+  ASSERT_TRUE(h);
+  ASSERT_TRUE(h->second.redirect(*q, 1));
+  {
+    shm::CtlMsg m{};
+    std::array<os::UniqueFd, os::kMaxFdsPerMsg> fds;
+    auto r = os::recv_msg(detail::TestAccess::control_fd(h->first),
+                          {reinterpret_cast<std::byte*>(&m), sizeof m}, fds, os::Blocking::No);
+    ASSERT_TRUE(r);
+    ASSERT_EQ(m.type, static_cast<std::uint32_t>(shm::CtlType::Doorbell));
+    ASSERT_EQ(r->nfds, 3u);
+    ASSERT_EQ(::fcntl(fds[0].get(), F_ADD_SEALS, F_SEAL_FUTURE_WRITE), 0)
+        << "the hostile peer could not seal the queue's ready page";
+  }
+  // An honest client connects afterwards.
+  auto a = Channel::pair();
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(a->second.redirect(*q, 2));
+  std::atomic<bool> stop{false};
+  std::thread server([&] {
+    auto m = q->wait(secs(10));
+    while (m && !stop.load()) {
+      if (m->kind == Kind::Request)
+        m = q->reply_and_wait(std::move(*m), secs(10));
+      else
+        m = q->wait(secs(10));
+    }
+  });
+  std::int64_t worst = 0;
+  for (int i = 0; i < 5; ++i) {
+    std::this_thread::sleep_for(20ms);  // the queue is asleep
+    auto buf = a->first.buffer(8);
+    ASSERT_TRUE(buf);
+    const std::int64_t t0 = monotonic_ns();
+    ASSERT_TRUE(a->first.call(*buf, secs(5)));
+    worst = std::max(worst, monotonic_ns() - t0);
+  }
+  stop.store(true);
+  a->first.close();
+  h->first.close();
+  server.join();
+  std::printf("honest client after the seal: worst call %.1f ms\n",
+              static_cast<double>(worst) / 1e6);
+  EXPECT_LT(worst, 100'000'000) << "the honest client's wake-ups are lost (1 s safety net)";
 }
 
 // ---- the ready page: hints a peer writes --------------------------------------------------------
