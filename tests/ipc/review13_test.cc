@@ -21,6 +21,7 @@
 #include "ipc/test_access.h"
 #include "mbmq/mbmq.h"
 #include "os/fd.h"
+#include "os/process.h"
 #include "os/unix_socket.h"
 #include "shm/layout.h"
 #include "test_util.h"
@@ -176,6 +177,34 @@ TEST(Review13, APeerThatSealsTheReadyPageAgainstFutureWritesSilencesEveryLaterCh
   std::printf("honest client after the seal: worst call %.1f ms\n",
               static_cast<double>(worst) / 1e6);
   EXPECT_LT(worst, 100'000'000) << "the honest client's wake-ups are lost (1 s safety net)";
+}
+
+// ---- resource bounds -----------------------------------------------------------------------------
+
+// rendezvous.h: "Each accepted connection costs the server's process kFdsPerConnection fds while
+// idle: the segment memfd and the control socket of its end, and [the client's queue doorbell]",
+// which the listener divides its fd budget by. The doorbell is three fds now (ready page, wait
+// page, signal socket), kept by the server's end once it has woken the client's queue.
+TEST(Review13, AServerEndWhoseClientAdoptedItsEndHoldsAtMostKFdsPerConnection) {
+  auto cq = MsgQueue::create();
+  ASSERT_TRUE(cq);
+  constexpr int kN = 8;
+  std::vector<std::pair<Channel, Channel>> pairs;  // {client end, server end}
+  for (int i = 0; i < kN; ++i) {
+    auto p = Channel::pair();
+    ASSERT_TRUE(p);
+    ASSERT_TRUE(p->first.redirect(*cq, static_cast<std::uint64_t>(i)));
+    pairs.push_back(std::move(*p));
+  }
+  const std::size_t before = os::open_fd_count();
+  for (auto& [client, server] : pairs) ASSERT_TRUE(send_one_way(server, 1));  // opens the bell
+  const std::size_t after = os::open_fd_count();
+  ASSERT_EQ(drain_queue(*cq), kN);
+  const double per_end = 2.0 + static_cast<double>(after - before) / kN;
+  std::printf("a server end holds %.1f fds once its client adopted its end; kFdsPerConnection = %u\n",
+              per_end, kFdsPerConnection);
+  EXPECT_LE(per_end, static_cast<double>(kFdsPerConnection))
+      << "the listener's derived max_connections overcommits the fd table";
 }
 
 // ---- the ready page: hints a peer writes --------------------------------------------------------
