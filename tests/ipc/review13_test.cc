@@ -179,6 +179,47 @@ TEST(Review13, APeerThatSealsTheReadyPageAgainstFutureWritesSilencesEveryLaterCh
   EXPECT_LT(worst, 100'000'000) << "the honest client's wake-ups are lost (1 s safety net)";
 }
 
+// ---- redirect racing with the peer's death (add() after the end's lock is released) --------------
+
+// Guard (passes): a peer that closes while its end is being redirected: the queue delivers the
+// final PeerClosed, at once (no 1 s safety net), every time; a message sent just before is
+// delivered first.
+TEST(Review13, RedirectRacingWithThePeersCloseNeverLosesTheEnd) {
+  auto q = MsgQueue::create(WaitPolicy{WaitMode::Sleep, {}});
+  ASSERT_TRUE(q);
+  std::int64_t worst = 0;
+  int adopted = 0;
+  for (int i = 0; i < 300; ++i) {
+    auto p = Channel::pair();
+    ASSERT_TRUE(p);
+    auto& [client, server] = *p;
+    ASSERT_TRUE(send_one_way(client, 1));
+    std::thread closer([&] {
+      if (i % 2 == 0) std::this_thread::yield();
+      client.close();
+    });
+    const Status r = server.redirect(*q, static_cast<std::uint64_t>(i));
+    closer.join();
+    if (!r) continue;  // PeerClosed: nothing to adopt
+    ++adopted;
+    const std::int64_t t0 = monotonic_ns();
+    bool got_msg = false, got_end = false;
+    while (!got_end) {
+      auto m = q->wait(secs(3));
+      ASSERT_TRUE(m) << "iteration " << i << ": lost";
+      ASSERT_EQ(m->key, static_cast<std::uint64_t>(i));
+      if (m->kind == Kind::Message) got_msg = true;
+      if (m->kind == Kind::PeerClosed) got_end = true;
+    }
+    EXPECT_TRUE(got_msg);
+    worst = std::max(worst, monotonic_ns() - t0);
+    server.close();
+  }
+  std::printf("%d of 300 redirected; worst time to the final PeerClosed: %.2f ms\n", adopted,
+              static_cast<double>(worst) / 1e6);
+  EXPECT_LT(worst, 200'000'000);
+}
+
 // ---- resource bounds -----------------------------------------------------------------------------
 
 // rendezvous.h: "Each accepted connection costs the server's process kFdsPerConnection fds while
