@@ -130,12 +130,13 @@ void QueueCore::set_safety_timer_locked() {
     timer_watch_ = *id;
     timer_pid_ = pid;
   }
-  // Replies deferred by back-pressure are retried every millisecond, as on the sleeping path:
-  // the timer then makes the fd readable that soon (without a full scan).
-  const bool retry = deferred_count_.load(std::memory_order_relaxed) != 0;
-  if (timer_pending_.load(std::memory_order_relaxed) && !retry) return;
-  timer_is_retry_.store(retry, std::memory_order_relaxed);
-  if (os::arm_timer_once(timer_.get(), retry ? kRetryNs : kSafetyNetNs))
+  // Soon rather than at the safety net: a full scan held back by kEmptyWakeGapNs (it is due in
+  // under a millisecond), or replies deferred by back-pressure (retried every millisecond, as on
+  // the sleeping path; no full scan for them).
+  const bool soon = full_pending_ || deferred_count_.load(std::memory_order_relaxed) != 0;
+  if (timer_pending_.load(std::memory_order_relaxed) && !soon) return;
+  timer_is_retry_.store(!full_pending_ && soon, std::memory_order_relaxed);
+  if (os::arm_timer_once(timer_.get(), soon ? kRetryNs : kSafetyNetNs))
     timer_pending_.store(true, std::memory_order_relaxed);
 }
 

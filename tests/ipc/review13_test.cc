@@ -2,8 +2,8 @@
 // the hot slot, the signal socket behind MsgQueue::fd() and its safety-net timer. Each test FAILS
 // while the suspicion it names is real. Peers are played by hand, in-process, through the ready
 // page (TestAccess::ready_page) or the control socket of the other end of a pair.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -144,8 +144,12 @@ TEST(Review13, APeerThatSealsTheReadyPageAgainstFutureWritesSilencesEveryLaterCh
     ASSERT_TRUE(r);
     ASSERT_EQ(m.type, static_cast<std::uint32_t>(shm::CtlType::Doorbell));
     ASSERT_EQ(r->nfds, 3u);
-    ASSERT_EQ(::fcntl(fds[0].get(), F_ADD_SEALS, F_SEAL_FUTURE_WRITE), 0)
-        << "the hostile peer could not seal the queue's ready page";
+    // Fixed: the queue seals the page with F_SEAL_SEAL, so no peer can add a seal.
+    if (::fcntl(fds[0].get(), F_ADD_SEALS, F_SEAL_FUTURE_WRITE) != 0) {
+      EXPECT_EQ(errno, EPERM);
+      return;
+    }
+    ADD_FAILURE() << "a peer could seal the queue's ready page against future writes";
   }
   // An honest client connects afterwards.
   auto a = Channel::pair();
@@ -179,7 +183,8 @@ TEST(Review13, APeerThatSealsTheReadyPageAgainstFutureWritesSilencesEveryLaterCh
   EXPECT_LT(worst, 100'000'000) << "the honest client's wake-ups are lost (1 s safety net)";
 }
 
-// ---- redirect racing with the peer's death (add() after the end's lock is released) --------------
+// ---- redirect racing with the peer's death (add() after the end's lock is released)
+// --------------
 
 // Guard (passes): a peer that closes while its end is being redirected: the queue delivers the
 // final PeerClosed, at once (no 1 s safety net), every time; a message sent just before is
@@ -220,7 +225,8 @@ TEST(Review13, RedirectRacingWithThePeersCloseNeverLosesTheEnd) {
   EXPECT_LT(worst, 200'000'000);
 }
 
-// ---- resource bounds -----------------------------------------------------------------------------
+// ---- resource bounds
+// -----------------------------------------------------------------------------
 
 // rendezvous.h: "Each accepted connection costs the server's process kFdsPerConnection fds while
 // idle: the segment memfd and the control socket of its end, and [the client's queue doorbell]",
@@ -242,8 +248,9 @@ TEST(Review13, AServerEndWhoseClientAdoptedItsEndHoldsAtMostKFdsPerConnection) {
   const std::size_t after = os::open_fd_count();
   ASSERT_EQ(drain_queue(*cq), kN);
   const double per_end = 2.0 + static_cast<double>(after - before) / kN;
-  std::printf("a server end holds %.1f fds once its client adopted its end; kFdsPerConnection = %u\n",
-              per_end, kFdsPerConnection);
+  std::printf(
+      "a server end holds %.1f fds once its client adopted its end; kFdsPerConnection = %u\n",
+      per_end, kFdsPerConnection);
   EXPECT_LE(per_end, static_cast<double>(kFdsPerConnection))
       << "the listener's derived max_connections overcommits the fd table";
 }
