@@ -263,7 +263,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
     app.add_option(
         "--channels", channels_arg,
         "instead: a server holding N channels, N-1 idle, one active (e.g. "
-        "1,64,1024,4096): mbmq-spin/-adaptive/-sleep beside a Unix socket + epoll, 64 B");
+        "1,64,1024,4096): mbmq-spin/-adaptive/-sleep/-fd beside a Unix socket + epoll, 64 B");
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
   app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
