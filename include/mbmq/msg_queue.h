@@ -90,9 +90,11 @@ class MBMQ_EXPORT MsgQueue {
   // already taken by an earlier wait()); it stays readable until a wait() finds nothing and
   // returns Errc::TimedOut. So: when it is readable, call wait(Deadline::immediate()) (or
   // reply_and_wait) until TimedOut, then poll again. Owned by the queue: do not close or read it.
-  // From the first call on, a wait() that finds nothing arms the fd (its peers then signal it,
-  // one system call per message, until the next wait() starts); a queue whose fd() was never
-  // called costs its peers no system call while it spins. -1 for an invalid queue.
+  // From the first call on, a wait() that finds nothing arms the fd: its peers then signal it
+  // (one system call per message) until the same thread's next wait() starts. So a thread that
+  // stops polling the fd and spins in wait() costs its peers no system call; a wait() on another
+  // thread leaves the fd armed. A queue whose fd() was never called costs its peers no system
+  // call while it spins. -1 for an invalid queue.
   int fd() const noexcept;
   void set_wait_policy(WaitPolicy policy);
   // How many channels are redirected here and still open.

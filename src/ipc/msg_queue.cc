@@ -231,14 +231,22 @@ bool QueueCore::scan_locked(Message* out, bool full_if_empty) {
     full_scan_locked();
   harvest_locked();
   if (hot_ != kNone) enqueue_locked(hot_);
-  if (fifo_count_ == 0 && (full_if_empty || full_pending_) && live_ != 0) {
-    // A wake-up that found no bit: a full scan, at most one per kEmptyWakeGapNs (spurious wakes
-    // must not cost O(channels) each); one held back is done by the next look after the gap.
-    if (monotonic_ns() - last_full_scan_ns_ >= kEmptyWakeGapNs)
-      full_scan_locked();
-    else
+  if (poll_fifo_locked(out)) return true;
+  if ((full_if_empty || full_pending_) && live_ != 0) {
+    // A wake-up that found nothing (no bit, nothing on the hot slot): a full scan, at most one
+    // per kEmptyWakeGapNs (spurious wakes must not cost O(channels) each); one held back is done
+    // by a look after the gap (the sleep, or the fd's timer, is cut short for it).
+    if (monotonic_ns() - last_full_scan_ns_ < kEmptyWakeGapNs) {
       full_pending_ = true;
+      return false;
+    }
+    full_scan_locked();
+    return poll_fifo_locked(out);
   }
+  return false;
+}
+
+bool QueueCore::poll_fifo_locked(Message* out) {
   // One pass over what is queued now: an end queued again during it (still ready after a ring's
   // worth of internal descriptors) waits for the next look, so a flooding peer cannot hold us.
   for (std::size_t pass = fifo_count_; pass != 0 && fifo_count_ != 0; --pass) {
@@ -304,11 +312,13 @@ void QueueCore::retry_deferred_locked() {
   deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
 }
 
-void QueueCore::disarm() {
+bool QueueCore::disarm_if_armed_here() {
   os::LockGuard lock(mu_);
+  if (!armed_ || armed_by_ != std::this_thread::get_id()) return false;
   armed_ = false;
   armed_hint_.store(false, std::memory_order_relaxed);
   publish_locked();
+  return true;
 }
 
 bool QueueCore::arm_and_look(Message* out) {
@@ -319,6 +329,7 @@ bool QueueCore::arm_and_look(Message* out) {
   if (live_ != 0 && monotonic_ns() - last_full_scan_ns_ >= kFullScanEveryNs) full_scan_locked();
   set_safety_timer_locked();
   armed_ = true;
+  armed_by_ = std::this_thread::get_id();
   armed_hint_.store(true, std::memory_order_relaxed);
   publish_locked();
   // Pairs with the producers' fence (P4q step 2): either they see kQueueArmed, or we see their bit.
@@ -331,23 +342,19 @@ bool QueueCore::arm_and_look(Message* out) {
 
 Result<Message> QueueCore::wait(Deadline deadline) {
   watch_after_fork();
-  // The fd's owner is looking now (it calls wait(Deadline::immediate()) until TimedOut, which arms
-  // the fd again): producers stop signalling it. A blocking wait() on another thread leaves it
-  // armed: it sleeps on the futex word, and the fd's owner must still hear of what it leaves.
-  bool from_fd = false;
-  if (armed_hint_.load(std::memory_order_relaxed) && deadline.expired()) {
-    disarm();
-    from_fd = true;
-  }
+  // The thread that armed the fd (its event loop) is looking now: producers stop signalling it
+  // until this wait finds nothing and arms it again. Another thread's wait() leaves it armed: the
+  // event loop may be in epoll on the fd, and must still hear of what that wait leaves.
+  const bool from_fd = armed_hint_.load(std::memory_order_relaxed) && disarm_if_armed_here();
   // One step for the whole wait (ipc/wait_step.h): after a wake-up that brought nothing for us,
   // the spin budget is not renewed.
   SpinStep step(policy_.load(), deadline);
   // The next look scans every end if it finds no bit: after a sleep, or after the fd woke us (a
   // wake-up that found no bit: a peer may have cleared it).
-  bool after_sleep = from_fd;
-  // The fd's safety-net timer fired: every end is looked at once.
+  // The fd's safety-net timer fired: every end is looked at once (and that is the full scan).
   bool safety = safety_due_.load(std::memory_order_relaxed) &&
                 safety_due_.exchange(false, std::memory_order_relaxed);
+  bool after_sleep = from_fd && !safety;
   for (;;) {
     Message m;
     {

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "ipc/atomic_wait_policy.h"
@@ -101,6 +102,8 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   // One look: listeners, then the ready bits, then the FIFO. full: queue every end first.
   bool scan_locked(Message* out, bool full) MBMQ_REQUIRES(mu_);
   void harvest_locked() MBMQ_REQUIRES(mu_);
+  // One pass over the FIFO: the first message, if any.
+  bool poll_fifo_locked(Message* out) MBMQ_REQUIRES(mu_);
   void full_scan_locked() MBMQ_REQUIRES(mu_);
   void enqueue_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
   void remove_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
@@ -114,7 +117,8 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   // The fd: nothing was found; drain, arm, fence, look once more.
   bool arm_and_look(Message* out);
   void set_safety_timer_locked() MBMQ_REQUIRES(mu_);
-  void disarm();
+  // Disarms the fd if this thread armed it; whether it did.
+  bool disarm_if_armed_here();
 
   QueueBell bell_;
   mutable SpinMutex mu_;
@@ -137,7 +141,8 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   std::vector<std::shared_ptr<ListenCore>> listeners_ MBMQ_GUARDED_BY(mu_);
   int sleepers_ MBMQ_GUARDED_BY(mu_) = 0;
   bool armed_ MBMQ_GUARDED_BY(mu_) = false;
-  std::atomic<bool> armed_hint_{false};  // armed_, read without the lock
+  std::thread::id armed_by_ MBMQ_GUARDED_BY(mu_);  // the thread whose wait() armed the fd
+  std::atomic<bool> armed_hint_{false};            // armed_, read without the lock
   std::atomic<bool> fd_used_{false};
   // The fd's safety net (kSafetyNetNs): a timerfd the watcher thread watches, set when the fd is
   // armed with channels here and not already pending; when it fires, safety_due_ and the fd.

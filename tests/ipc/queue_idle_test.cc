@@ -74,8 +74,9 @@ void end_idle(IdleSetup& s) {
   }
 }
 
-// (i) Design: an armed fd is signalled only by a message; nothing comes, so the owner's process
-// does not run at all for 10 s (its watcher thread sleeps in epoll too).
+// (i) Design: an armed fd is signalled by a message, and by the safety-net timer (the watcher
+// thread's timerfd, QueueCore::kSafetyNetNs = 1 s), which makes the owner do one full scan of the
+// 1,000 channels: ~10 wake-ups and ~10 full scans in 10 s, a fraction of a millisecond each.
 TEST(QueueIdle, OwnerInEpollWaitOnTheFdUsesUnderAThousandthOfACpu) {
   IdleSetup s;
   ASSERT_NO_FATAL_FAILURE(make_idle(s, {}));
@@ -116,15 +117,16 @@ TEST(QueueIdle, OwnerInEpollWaitOnTheFdUsesUnderAThousandthOfACpu) {
   RecordProperty("cpu_us", static_cast<int>(cpu / 1000));
   RecordProperty("epoll_wakes", wakes);
   EXPECT_EQ(messages, 0);
-  EXPECT_EQ(wakes, 0) << "the fd of an idle queue became readable";
+  EXPECT_LE(wakes, 12) << "the fd of an idle queue became readable more often than its safety net";
+  EXPECT_LE(scans, 12u) << "more full scans than the 1 s safety net makes";
   EXPECT_LT(cpu, kWaitNs / 1000) << "over 0.1% of a CPU while idle in epoll";
   end_idle(s);
 }
 
-// (ii) Design: the sleeper's futex wait ends every 100 ms (the safety net against peers that
-// cleared bits), and each wake-up looks at the bitmap and, having found nothing, does a full scan
-// of the 1,000 channels: ~10 wake-ups and ~10 full scans per second, i.e. about 100 of each in
-// 10 s; a full scan of 1,000 idle rings costs tens of microseconds, so well under 1% of a CPU.
+// (ii) Design: the sleeper's futex wait ends every second (QueueCore::kSafetyNetNs, the safety net
+// against peers that cleared bits), and each wake-up looks at the bitmap and, having found
+// nothing, does a full scan of the 1,000 channels: ~1 wake-up and ~1 full scan per second; a full
+// scan of 1,000 idle rings costs a few hundred microseconds at most, so well under 0.1% of a CPU.
 TEST(QueueIdle, OwnerAsleepInWaitWakesOnlyForItsSafetyNet) {
   IdleSetup s;
   ASSERT_NO_FATAL_FAILURE(make_idle(s, {WaitMode::Sleep, 0ns}));
@@ -146,9 +148,9 @@ TEST(QueueIdle, OwnerAsleepInWaitWakesOnlyForItsSafetyNet) {
   RecordProperty("cpu_us", static_cast<int>(cpu / 1000));
   RecordProperty("full_scans", static_cast<int>(scans));
   EXPECT_GE(wall, kWaitNs);
-  EXPECT_LT(cpu, kWaitNs / 100) << "over 1% of a CPU while asleep";
-  EXPECT_GE(scans_per_s, 5.0) << "the safety net's full scans did not happen";
-  EXPECT_LE(scans_per_s, 12.5) << "more full scans than the 100 ms safety net makes";
+  EXPECT_LT(cpu, kWaitNs / 1000) << "over 0.1% of a CPU while asleep";
+  EXPECT_GE(scans_per_s, 0.5) << "the safety net's full scans did not happen";
+  EXPECT_LE(scans_per_s, 1.3) << "more full scans than the 1 s safety net makes";
   end_idle(s);
 }
 
