@@ -10,9 +10,12 @@
 //     msg = MBMQ_TRY(queue.reply_and_wait(std::move(msg), deadline));
 //   }
 //
-// Waiting: the queue spins for its policy's budget over its channels, then sleeps on one futex
-// word in a 4 KiB memfd shared with the peers of its channels; peers wake it only when a waiter
-// has announced that it sleeps (docs/PROTOCOL.md, P4/P6).
+// Waiting: a wait() costs O(ready channels), not O(channels): each channel's peer marks it ready
+// in a page the queue shares with its peers (one bit per channel), and the queue polls only the
+// channels whose bits it took, round robin. The queue spins for its policy's budget, then sleeps
+// on one futex word; peers wake it only when a waiter has announced that it sleeps (one store,
+// whatever the number of channels). Up to kQueueCapacity (16,384) channels per queue
+// (docs/PROTOCOL.md, P4q/P6q). fd() puts the queue in an epoll/poll event loop.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +32,7 @@ namespace mbmq {
 
 namespace detail {
 class QueueCore;
+struct TestAccess;
 }
 class Listener;
 
@@ -80,6 +84,16 @@ class MBMQ_EXPORT MsgQueue {
   // has already ended (a client that connected and left at once): it is closed, nothing to adopt.
   Status adopt(Channel&& channel, std::uint64_t key);
 
+  // A file descriptor for epoll/poll/select, asio, libuv (level-triggered, POLLIN): readable
+  // whenever wait(Deadline::immediate()) could return a message (a request, reply, one-way
+  // message, peer-closed, connection). It may also be readable with nothing there (a message
+  // already taken by an earlier wait()); it stays readable until a wait() finds nothing and
+  // returns Errc::TimedOut. So: when it is readable, call wait(Deadline::immediate()) (or
+  // reply_and_wait) until TimedOut, then poll again. Owned by the queue: do not close or read it.
+  // From the first call on, a wait() that finds nothing arms the fd (its peers then signal it,
+  // one system call per message, until the next wait() starts); a queue whose fd() was never
+  // called costs its peers no system call while it spins. -1 for an invalid queue.
+  int fd() const noexcept;
   void set_wait_policy(WaitPolicy policy);
   // How many channels are redirected here and still open.
   std::size_t channel_count() const;
@@ -88,6 +102,7 @@ class MBMQ_EXPORT MsgQueue {
  private:
   friend class Channel;
   friend class Listener;
+  friend struct detail::TestAccess;
   void close_all() noexcept;
   std::shared_ptr<detail::QueueCore> core_;
 };

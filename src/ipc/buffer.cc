@@ -91,7 +91,7 @@ Status Buffer::attach(Channel&& end) {
   detail::Handle* h = next_free_handle(handles_);
   if (h == nullptr) return fail(Errc::InvalidArgument, "Buffer::attach: kMaxHandles reached");
   detail::Handle item;
-  MBMQ_TRY(ep->export_end(&item.meta, &item.fd, &item.fd2, &item.fd3));
+  MBMQ_TRY(ep->export_end(&item.meta, &item.fd, &item.fd2, &item.bell));
   *h = std::move(item);
   ++handles_->count;
   end.close();  // the buffer's copies keep the connection open
@@ -129,7 +129,7 @@ Result<Channel> Buffer::take_channel(std::size_t i) {
   h.meta.kind = 0;
   // The wait policy is this process's choice, never the sender's.
   auto ep = MBMQ_TRY(detail::Endpoint::import_end(meta, std::move(h.fd), std::move(h.fd2),
-                                                  std::move(h.fd3), WaitPolicy{}));
+                                                  std::move(h.bell), WaitPolicy{}));
   return detail::ChannelAccess::make(std::move(ep));
 }
 

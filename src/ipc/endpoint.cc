@@ -173,6 +173,30 @@ Status Endpoint::push_locked(const Desc& d) {
 }
 
 void Endpoint::wake_peer_locked() noexcept {
+  // Pairs with the consumer's store-release of doorbell_gen after sending its queue's doorbell
+  // (redirect): the doorbell is on the socket before the generation that names it is visible.
+  const std::uint32_t g = out_.doorbell_gen.load(std::memory_order_acquire);
+  if (g != 0) {
+    if (g != peer_bell_.gen()) {
+      (void)drain_locked([g](const Sideband& s) { return s.has_doorbell(g); });
+      if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
+      if (ctl_.has_doorbell(g)) {
+        StashedBell st = ctl_.take_doorbell();
+        PeerBell bell;
+        if (const char* why = bell.open(std::move(st.fds), g, st.slot)) {
+          (void)fail_protocol_locked(why);
+          return;
+        }
+        if (bell.is_open()) peer_bell_ = std::move(bell);
+      }
+    }
+    // (P4q) The peer's queue. Without its doorbell (a peer that lied about it, or our own mmap
+    // failed), its own word below: its problem, not ours.
+    if (g == peer_bell_.gen()) {
+      peer_bell_.ring();
+      return;
+    }
+  }
   // (P4) push() published the entry with release stores (its seq, then tail). This seq_cst fence
   // orders them before the relaxed load of consumer_sleeping below, and pairs with the
   // consumer's seq_cst fence in (P6, ipc/wait_step.h), which sits between its store of
@@ -181,33 +205,9 @@ void Endpoint::wake_peer_locked() noexcept {
   // is only a hint (layout.h).
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (out_.consumer_sleeping.load(std::memory_order_relaxed) == 0) return;
-  std::atomic<std::uint32_t>* word = &out_.doorbell;
-  // Pairs with the consumer's store-release of doorbell_gen after sending the page (redirect).
-  const std::uint32_t g = out_.doorbell_gen.load(std::memory_order_acquire);
-  if (g != 0) {
-    if (g != peer_db_gen_) {
-      (void)drain_locked([g](const Sideband& s) { return s.has_doorbell(g); });
-      if (state_.load(std::memory_order_relaxed) != EpState::Open) return;
-      if (ctl_.has_doorbell(g)) {
-        Stashed st = ctl_.take_doorbell();
-        os::Mapping map;
-        if (const char* why = PeerTrust::map_doorbell(st.fd.get(), &map)) {
-          (void)fail_protocol_locked(why);
-          return;
-        }
-        if (map.valid()) {
-          peer_db_map_ = std::move(map);
-          peer_db_fd_ = std::move(st.fd);
-          peer_db_gen_ = g;
-        }
-      }
-    }
-    // Without the page (a peer that lied about it), wake its own word: its problem, not ours.
-    if (g == peer_db_gen_) word = &reinterpret_cast<shm::DoorbellPage*>(peer_db_map_.data())->word;
-  }
   // Pairs with the consumer's acquire load of the word before FUTEX_WAIT (P6).
-  word->fetch_add(1, std::memory_order_release);
-  (void)os::futex_wake(word, 1);
+  out_.doorbell.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&out_.doorbell, 1);
 }
 
 Status Endpoint::sent_locked(Status s) {
@@ -450,6 +450,7 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
   if (!consumer_mu_.try_lock())
     return fail(Errc::Busy, "redirect: another thread is in call() or receive() on this end");
   os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
+  std::uint32_t q = 0;
   {
     os::LockGuard lock(mu_);
     EpState s = state_.load(std::memory_order_acquire);
@@ -459,19 +460,30 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
       return {};
     }
     if (queue_) return fail(Errc::Busy, "redirect: already redirected to another queue");
+    q = MBMQ_TRY(queue->reserve());
     if (++my_db_gen_ == 0) ++my_db_gen_;
-    MBMQ_TRY(sent_locked(ctl_.send_doorbell(my_db_gen_, queue->doorbell_fd())));
-    // Pairs with the producer's acquire load in (P4): the page is on the socket before the
+    if (Status sent = sent_locked(ctl_.send_doorbell(my_db_gen_, q, queue->bell_fds())); !sent) {
+      queue->unreserve(q);
+      return sent;
+    }
+    // Pairs with the producer's acquire load in (P4q): the doorbell is on the socket before the
     // generation that names it is visible.
     in_.doorbell_gen.store(my_db_gen_, std::memory_order_release);
     queue_ = queue;
+    my_slot_ = q;
     key_.store(key, std::memory_order_relaxed);
     redirected_.store(true, std::memory_order_relaxed);
   }
-  MBMQ_TRY(ensure_watched());
-  queue->add(shared_from_this());
-  queue->poke();
-  return {};
+  // After our lock (the queue's comes first, ipc/queue_core.h). An event between the two is not
+  // lost: wake_local() below rings the slot once the end is installed.
+  queue->add(shared_from_this(), q);
+  // An end whose peer's death cannot be watched is closed (abandon() rings the queue, which
+  // delivers its end); the caller learns why.
+  Status w = ensure_watched();
+  if (!w) abandon("the peer's death cannot be watched in this process");
+  // Messages that came before the redirect are in the ring already: the queue looks at once.
+  wake_local();
+  return w;
 }
 
 WaitPolicy Endpoint::wait_policy() const noexcept { return wait_.load(); }
@@ -482,11 +494,13 @@ void Endpoint::wake_local() noexcept {
   in_.doorbell.fetch_add(1, std::memory_order_release);
   (void)os::futex_wake(&in_.doorbell, INT_MAX);
   std::shared_ptr<QueueCore> q;
+  std::uint32_t slot = 0;
   {
     os::LockGuard lock(mu_);
     q = queue_;
+    slot = my_slot_;
   }
-  if (q) q->poke();
+  if (q) q->notify(slot);
 }
 
 void Endpoint::on_watch(int /*fd*/, std::uint32_t /*events*/) noexcept { on_hangup(); }
@@ -500,6 +514,7 @@ void Endpoint::on_hangup() noexcept {
 void Endpoint::close_local() noexcept {
   MBMQ_CRASH_POINT("close.before");
   std::shared_ptr<QueueCore> q;
+  std::uint32_t slot = 0;
   {
     os::LockGuard lock(mu_);
     if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
@@ -510,10 +525,11 @@ void Endpoint::close_local() noexcept {
     // Breaks the queue <-> end reference cycle: the queue drops its reference when its scan
     // finds the end gone (or when it is destroyed).
     q = std::move(queue_);
+    slot = my_slot_;
   }
   in_.doorbell.fetch_add(1, std::memory_order_release);
   (void)os::futex_wake(&in_.doorbell, INT_MAX);
-  if (q) q->poke();
+  if (q) q->notify(slot);
 }
 
 void Endpoint::abandon(const char* why) noexcept {

@@ -44,6 +44,7 @@
 #include "ipc/handles.h"
 #include "ipc/peer_trust.h"
 #include "ipc/peer_watch.h"
+#include "ipc/queue_bell.h"
 #include "ipc/sideband.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
@@ -111,12 +112,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Got: *out is a message. Ended: the channel is over and drained, *out is the final
   // Kind::PeerClosed. Gone: closed locally, drop it silently.
   Poll poll(Message* out);
+  // Lock-free: the ring may hold a descriptor, messages are pending, or the end changed state.
+  bool inbound_ready() const noexcept;
   // (P6) Before sleeping, by the consumer: false (and the channel closed with a protocol error)
   // if the peer's published tail contradicts the ring.
   bool check_ring() noexcept;
-  // Sets consumer_sleeping on the inbound direction (P6), for the queue's waiters.
-  void set_consumer_sleeping(bool sleeping) noexcept;
-
   Status redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t key);
   std::uint64_t key() const noexcept { return key_.load(std::memory_order_relaxed); }
   void set_wait_policy(WaitPolicy p) noexcept;
@@ -142,11 +142,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Moving an end to another process (ipc/transfer.cc). export_end: the end must be quiet (not
   // redirected, no buffers out or held, nothing pending: Errc::Busy); fills its state and
   // duplicates its two fds; the caller then closes this end. import_end validates all of it.
-  // doorbell (the peer's queue doorbell page, if meta.doorbell_gen != 0) is optional.
-  Status export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl,
-                    os::UniqueFd* doorbell);
+  // bell (the peer's queue doorbell, if meta.doorbell_gen != 0) is optional.
+  Status export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl, BellFds* bell);
   static Result<std::shared_ptr<Endpoint>> import_end(const shm::HandleMeta& meta, os::UniqueFd seg,
-                                                      os::UniqueFd ctl, os::UniqueFd doorbell,
+                                                      os::UniqueFd ctl, BellFds bell,
                                                       WaitPolicy wait);
 
   // The file and offset behind buffer b's bytes (its slot in the segment memfd, or its extent's
@@ -230,7 +229,6 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // WaitFor::Ring: messages already pending do not count (call() waits for its reply in the ring).
   enum class WaitFor : std::uint8_t { Ring, AnyMessage };
   void wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what);
-  bool inbound_ready() const noexcept;
   bool ring_ready() const noexcept;
 
   // Removes this end from the peer watcher (before the control socket closes). mu_ held, or the
@@ -251,11 +249,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   PeerTrust trust_ MBMQ_GUARDED_BY(mu_);
   Sideband ctl_ MBMQ_GUARDED_BY(mu_);
   shm::RingProducer<> tx_ MBMQ_GUARDED_BY(mu_);
-  shm::RingConsumer<> rx_;  // consumer thread; pops under mu_
-  std::uint32_t peer_db_gen_ MBMQ_GUARDED_BY(mu_) = 0;
-  os::UniqueFd peer_db_fd_ MBMQ_GUARDED_BY(mu_);  // kept to hand over with the end (export_end)
-  os::Mapping peer_db_map_ MBMQ_GUARDED_BY(mu_);
+  shm::RingConsumer<> rx_;                   // consumer thread; pops under mu_
+  PeerBell peer_bell_ MBMQ_GUARDED_BY(mu_);  // (P4q) the peer's queue, once it redirected
   std::uint32_t my_db_gen_ MBMQ_GUARDED_BY(mu_) = 0;
+  // Our slot on our queue_ (P4q), while redirected.
+  std::uint32_t my_slot_ MBMQ_GUARDED_BY(mu_) = 0;
   std::atomic<std::uint32_t> pending_nonempty_{0};  // !table_.pending().empty(), for waiters
   bool end_reported_ MBMQ_GUARDED_BY(mu_) = false;
   const char* why_bad_ MBMQ_GUARDED_BY(mu_) = "";

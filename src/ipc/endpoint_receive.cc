@@ -216,11 +216,6 @@ bool Endpoint::check_ring() noexcept {
   return false;
 }
 
-void Endpoint::set_consumer_sleeping(bool sleeping) noexcept {
-  // Relaxed: the queue issues the seq_cst fence of (P6) after setting all of them.
-  in_.consumer_sleeping.store(sleeping ? 1u : 0u, std::memory_order_relaxed);
-}
-
 // ---- waiting (P6): ipc/wait_step.h -------------------------------------------------------------
 
 void Endpoint::wait_inbound(Deadline deadline, WaitPolicy policy, WaitFor what) {

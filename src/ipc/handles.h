@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 
+#include "ipc/queue_bell.h"
 #include "os/fd.h"
 #include "shm/layout.h"
 
@@ -14,7 +15,7 @@ struct Handle {
   shm::HandleMeta meta{};  // meta.kind == 0: empty (taken)
   os::UniqueFd fd;         // Fd: the fd. ChannelEnd: the segment memfd.
   os::UniqueFd fd2;        // ChannelEnd: the control socket.
-  os::UniqueFd fd3;        // ChannelEnd with meta.doorbell_gen != 0: the peer's queue doorbell.
+  BellFds bell;            // ChannelEnd with meta.doorbell_gen != 0: the peer's queue doorbell.
   bool incoming = false;   // arrived with the buffer: not sent back with a reply
 };
 

@@ -1,15 +1,12 @@
 // MsgQueue and its private half, QueueCore (waiting steps P4/P6 of src/shm/layout.h).
 #include "mbmq/msg_queue.h"
 
-#include <climits>
-#include <new>
+#include <algorithm>
 
 #include "ipc/endpoint.h"
 #include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
 #include "ipc/wait_step.h"
-#include "os/futex.h"
-#include "os/memfd.h"
 #include "os/mutex.h"
 #include "os/process.h"
 
@@ -18,24 +15,73 @@ namespace detail {
 
 Result<std::shared_ptr<QueueCore>> QueueCore::make(WaitPolicy policy) {
   auto q = std::make_shared<QueueCore>();
-  q->fd_ = MBMQ_TRY(os::make_sealed_memfd("mbmq-queue", shm::kDoorbellPageSize));
-  q->map_ = MBMQ_TRY(
-      os::Mapping::map_shared(q->fd_.get(), shm::kDoorbellPageSize, os::Access::ReadWrite));
-  q->page_ = new (q->map_.data()) shm::DoorbellPage{};
+  q->bell_ = MBMQ_TRY(QueueBell::make());
   q->policy_.store(policy);
-  {
-    os::LockGuard lock(q->mu_);  // not shared yet: uncontended, for the analysis
-    q->eps_.reserve(64);
-  }
   q->watch_pid_.store(os::current_pid(), std::memory_order_relaxed);
   return q;
 }
 
-void QueueCore::add(std::shared_ptr<Endpoint> ep) {
-  os::LockGuard lock(mu_);
-  // A waiter already asleep must be woken by this channel's peer too (P6).
-  if (sleepers_ > 0) ep->set_consumer_sleeping(true);
-  eps_.push_back(std::move(ep));
+Result<std::uint32_t> QueueCore::reserve() {
+  os::LockGuard lock(slot_mu_);
+  if (!free_slots_.empty()) {
+    const std::uint32_t q = free_slots_.back();
+    free_slots_.pop_back();
+    return q;
+  }
+  if (next_slot_ >= shm::kQueueCapacity)
+    return fail(Errc::Busy, "redirect: the queue holds kQueueCapacity (16384) channels already");
+  return next_slot_++;
+}
+
+void QueueCore::unreserve(std::uint32_t q) {
+  os::LockGuard lock(slot_mu_);
+  free_slots_.push_back(q);
+}
+
+void QueueCore::add(std::shared_ptr<Endpoint> ep, std::uint32_t q) {
+  {
+    os::LockGuard lock(mu_);
+    if (by_slot_.size() <= q) {
+      // Grows geometrically (adding stays cheap); the ring keeps its order.
+      const std::size_t n = std::max<std::size_t>(q + 1, 2 * by_slot_.size());
+      std::vector<std::uint32_t> ring(n);
+      for (std::size_t k = 0; k < fifo_count_; ++k)
+        ring[k] = fifo_[(fifo_head_ + k) % fifo_.size()];
+      fifo_ = std::move(ring);
+      fifo_head_ = 0;
+      by_slot_.resize(n);
+      queued_.resize(n, 0);
+    }
+    by_slot_[q] = std::move(ep);
+    ++live_;
+  }
+  // Whatever came before it was installed is looked at.
+  bell_.ring_local(q);
+}
+
+void QueueCore::set_hot_locked(std::uint32_t q) {
+  const std::uint32_t old = hot_;
+  hot_ = q;
+  bell_.publish_hot(q == kNone ? 0 : q + 1);
+  // The old hot slot's producer may have skipped its bit before it saw the change: one more poll
+  // of its ring, after the fence publish_hot() made (P4q step 0).
+  if (old != kNone) enqueue_locked(old);
+}
+
+void QueueCore::got_from_locked(std::uint32_t q) {
+  // Two messages in a row from one channel make it hot: a single busy client then costs what a
+  // channel without a queue costs (no bitmap traffic), and many busy ones change nothing.
+  if (q == last_got_ && q != hot_) set_hot_locked(q);
+  last_got_ = q;
+}
+
+void QueueCore::remove_locked(std::uint32_t q) {
+  if (q == hot_) set_hot_locked(kNone);
+  if (q == last_got_) last_got_ = kNone;
+  by_slot_[q].reset();
+  --live_;
+  os::LockGuard lock(slot_mu_);
+  free_slots_.push_back(q);
 }
 
 void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
@@ -48,31 +94,77 @@ void QueueCore::remove_listener(const ListenCore* l) {
   std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
 }
 
-void QueueCore::poke() noexcept {
-  page_->word.fetch_add(1, std::memory_order_release);
-  (void)os::futex_wake(&page_->word, INT_MAX);
+int QueueCore::fd() noexcept {
+  fd_used_.store(true, std::memory_order_relaxed);
+  return bell_.signal_fd();
 }
 
 std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
   os::LockGuard lock(mu_);
   listeners_.clear();
   std::vector<std::shared_ptr<Endpoint>> eps;
-  eps.swap(eps_);
+  for (auto& ep : by_slot_)
+    if (ep) eps.push_back(std::move(ep));
+  if (hot_ != kNone) set_hot_locked(kNone);
+  last_got_ = kNone;
+  by_slot_.clear();
+  queued_.clear();
+  fifo_.clear();
+  fifo_head_ = 0;
+  fifo_count_ = 0;
+  live_ = 0;
   return eps;
 }
 
 std::size_t QueueCore::channel_count() const {
   os::LockGuard lock(mu_);
-  return eps_.size();
+  return live_;
 }
 
 void QueueCore::set_wait_policy(WaitPolicy p) { policy_.store(p); }
 
-void QueueCore::set_sleeping_locked(bool sleeping) noexcept {
-  for (auto& ep : eps_) ep->set_consumer_sleeping(sleeping);
+void QueueCore::enqueue_locked(std::uint32_t q) {
+  if (q >= by_slot_.size() || !by_slot_[q] || queued_[q] != 0) return;
+  queued_[q] = 1;
+  fifo_[(fifo_head_ + fifo_count_++) % fifo_.size()] = q;
 }
 
-bool QueueCore::scan_locked(Message* out) {
+void QueueCore::harvest_locked() {
+  // (P6q) Only words a relaxed load saw non-zero are exchanged: an idle queue reads one cache
+  // line per look and writes nothing.
+  shm::QueueReadyPage& page = bell_.ready();
+  for (std::uint32_t w = 0; w < std::size(page.summary); ++w) {
+    if (page.summary[w].load(std::memory_order_relaxed) == 0) continue;
+    // Acquire: pairs with the producers' acq_rel fetch_or (after their ring entries).
+    std::uint64_t s = page.summary[w].exchange(0, std::memory_order_acquire);
+    while (s != 0) {
+      const std::uint32_t i = w * 64 + static_cast<std::uint32_t>(__builtin_ctzll(s));
+      s &= s - 1;
+      std::uint64_t r = page.ready[i].exchange(0, std::memory_order_acquire);
+      while (r != 0) {
+        enqueue_locked(i * 64 + static_cast<std::uint32_t>(__builtin_ctzll(r)));
+        r &= r - 1;
+      }
+    }
+  }
+}
+
+void QueueCore::full_scan_locked() {
+  // Every end, in slot order after those already queued. A peer that cleared other channels'
+  // bits delays them until here, never longer.
+  for (std::uint32_t q = 0; q < by_slot_.size(); ++q) {
+    if (!by_slot_[q]) continue;
+    // Garbage that reads as "nothing there" must not hide a broken channel: the poll below
+    // reports it (its end is closed with a protocol error).
+    (void)by_slot_[q]->check_ring();
+    enqueue_locked(q);
+  }
+  last_full_scan_ns_ = monotonic_ns();
+  full_pending_ = false;
+  full_scans_.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool QueueCore::scan_locked(Message* out, bool full_if_empty) {
   // New connections first: they are rare, and a client waits on its connect().
   for (std::size_t k = 0; k < listeners_.size();) {
     if (!listeners_[k]->maybe_ready()) {
@@ -88,25 +180,46 @@ bool QueueCore::scan_locked(Message* out) {
     }
     ++k;
   }
-  std::size_t i = 0;
-  while (i < eps_.size()) {
-    std::size_t idx = (next_ + i) % eps_.size();
-    Endpoint::Poll p = eps_[idx]->poll(out);
-    if (p == Endpoint::Poll::Got) {
-      next_ = idx + 1;
-      return true;
-    }
-    if (p == Endpoint::Poll::Empty) {
-      ++i;
-      continue;
-    }
-    // Ended (deliver the final PeerClosed) or Gone (closed here): the queue lets go of it.
-    eps_[idx]->set_consumer_sleeping(false);
-    eps_[idx] = std::move(eps_.back());
-    eps_.pop_back();
-    if (p == Endpoint::Poll::Ended) {
-      next_ = idx;
-      return true;
+  if ((++looks_ & 255) == 0 && live_ != 0 &&
+      monotonic_ns() - last_full_scan_ns_ >= kFullScanEveryNs)
+    full_scan_locked();
+  harvest_locked();
+  if (hot_ != kNone) enqueue_locked(hot_);
+  if (fifo_count_ == 0 && (full_if_empty || full_pending_) && live_ != 0) {
+    // A wake-up that found no bit: a full scan, at most one per kEmptyWakeGapNs (spurious wakes
+    // must not cost O(channels) each); one held back is done by the next look after the gap.
+    if (monotonic_ns() - last_full_scan_ns_ >= kEmptyWakeGapNs)
+      full_scan_locked();
+    else
+      full_pending_ = true;
+  }
+  // One pass over what is queued now: an end queued again during it (still ready after a ring's
+  // worth of internal descriptors) waits for the next look, so a flooding peer cannot hold us.
+  for (std::size_t pass = fifo_count_; pass != 0 && fifo_count_ != 0; --pass) {
+    const std::uint32_t q = fifo_[fifo_head_];
+    fifo_head_ = (fifo_head_ + 1) % fifo_.size();
+    --fifo_count_;
+    queued_[q] = 0;
+    Endpoint* ep = by_slot_[q].get();
+    if (ep == nullptr) continue;  // a stale or forged bit
+    switch (ep->poll(out)) {
+      case Endpoint::Poll::Got:
+        // Round robin: it may hold more, after the others.
+        enqueue_locked(q);
+        got_from_locked(q);
+        return true;
+      case Endpoint::Poll::Empty:
+        // Empty, or it stopped after a ring's worth of internal descriptors (returns, hints):
+        // then it is still ready, and nobody will mark it again.
+        if (ep->inbound_ready()) enqueue_locked(q);
+        break;
+      case Endpoint::Poll::Ended:
+        // The final PeerClosed: the queue lets go of it.
+        remove_locked(q);
+        return true;
+      case Endpoint::Poll::Gone:
+        remove_locked(q);
+        break;
     }
   }
   return false;
@@ -119,7 +232,8 @@ void QueueCore::watch_after_fork() {
   std::vector<std::shared_ptr<Endpoint>> eps;
   {
     os::LockGuard lock(mu_);
-    eps = eps_;
+    for (auto& ep : by_slot_)
+      if (ep) eps.push_back(ep);
   }
   for (auto& ep : eps)
     if (!ep->ensure_watched()) ep->abandon("the peer's death cannot be watched in this process");
@@ -144,49 +258,79 @@ void QueueCore::retry_deferred_locked() {
   deferred_count_.store(deferred_.size(), std::memory_order_relaxed);
 }
 
+void QueueCore::disarm() {
+  os::LockGuard lock(mu_);
+  armed_ = false;
+  armed_hint_.store(false, std::memory_order_relaxed);
+  publish_locked();
+}
+
+bool QueueCore::arm_and_look(Message* out) {
+  // (P6q, the fd) Drain first: a byte a producer sends after this (it saw kQueueArmed) stays, so
+  // the fd is readable whenever a message came after our last look.
+  os::LockGuard lock(mu_);
+  bell_.drain();
+  armed_ = true;
+  armed_hint_.store(true, std::memory_order_relaxed);
+  publish_locked();
+  // Pairs with the producers' fence (P4q step 2): either they see kQueueArmed, or we see their bit.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (!scan_locked(out, false)) return false;
+  // Found after the drain: more may be behind it, and the fd must say so (level-triggered).
+  bell_.signal_self();
+  return true;
+}
+
 Result<Message> QueueCore::wait(Deadline deadline) {
   watch_after_fork();
+  // Whoever watches the fd is looking now: producers stop signalling it until the next miss.
+  if (armed_hint_.load(std::memory_order_relaxed)) disarm();
   // One step for the whole wait (ipc/wait_step.h): after a wake-up that brought nothing for us,
   // the spin budget is not renewed.
   SpinStep step(policy_.load(), deadline);
+  bool after_sleep = false;  // the next look scans every end if it finds no bit
   for (;;) {
     Message m;
     {
       os::LockGuard lock(mu_);
       if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
-      if (scan_locked(&m)) return m;
+      if (scan_locked(&m, after_sleep)) return m;
     }
+    after_sleep = false;
     const SpinStep::Next next = step.after_miss();
-    if (next == SpinStep::Next::Expired) return fail(Errc::TimedOut, "MsgQueue::wait");
+    if (next == SpinStep::Next::Expired) {
+      if (fd_used_.load(std::memory_order_relaxed) && arm_and_look(&m)) return m;
+      return fail(Errc::TimedOut, "MsgQueue::wait");
+    }
     if (next == SpinStep::Next::Look) continue;
-    // (P6) Announce sleep on every channel, fence, look once more, sleep on the queue's word.
+    // (P6q) Announce (one store), fence, look once more, sleep on the queue's word.
     bool got = false;
     // Replies held back by a caller's full control socket are retried every millisecond (its
     // reading does not ring our doorbell).
     constexpr std::int64_t kRetryNs = 1'000'000;
-    std::int64_t max_ns = -1;  // set by the last look, under mu_
+    std::int64_t max_ns = kSafetyNetNs;  // set by the last look, under mu_
     sleep_once(
-        page_->word, deadline, max_ns,
+        bell_.ready().word, deadline, max_ns,
         [&] {
           os::LockGuard lock(mu_);
-          if (sleepers_++ == 0) set_sleeping_locked(true);
+          ++sleepers_;
+          publish_locked();
         },
         [&] {
           os::LockGuard lock(mu_);
-          got = scan_locked(&m);
+          got = scan_locked(&m, false);
           if (got) return false;
-          if (deferred_count_.load(std::memory_order_relaxed) != 0) max_ns = kRetryNs;
-          // Garbage that reads as "nothing there" must not put us to sleep on that channel: the
-          // next scan reports the broken channel.
-          bool all_consistent = true;
-          for (auto& ep : eps_) all_consistent &= ep->check_ring();
-          return all_consistent;
+          if (deferred_count_.load(std::memory_order_relaxed) != 0 || full_pending_)
+            max_ns = kRetryNs;
+          return true;
         },
         [&] {
           os::LockGuard lock(mu_);
-          if (--sleepers_ == 0) set_sleeping_locked(false);
+          --sleepers_;
+          publish_locked();
         });
     if (got) return m;
+    after_sleep = true;
   }
 }
 
@@ -253,6 +397,8 @@ Status MsgQueue::adopt(Channel&& channel, std::uint64_t key) {
   channel.ep_.reset();
   return {};
 }
+
+int MsgQueue::fd() const noexcept { return core_ ? core_->fd() : -1; }
 
 void MsgQueue::set_wait_policy(WaitPolicy policy) {
   if (core_) core_->set_wait_policy(policy);

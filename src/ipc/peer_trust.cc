@@ -78,19 +78,6 @@ const char* PeerTrust::check_replacement(int fd, bool announced_sealed, std::uin
   return nullptr;
 }
 
-const char* PeerTrust::map_doorbell(int fd, os::Mapping* map) {
-  // Like a segment or an extent: only a memfd sealed against shrinking can be mapped without
-  // risking SIGBUS when the peer truncates it later.
-  auto seals = os::get_seals(fd);
-  auto size = os::file_size(fd);
-  if (!seals || (*seals & os::kSealsFixedSize) != os::kSealsFixedSize || !size ||
-      *size < shm::kDoorbellPageSize)
-    return "doorbell: not a memfd of a page sealed against shrinking";
-  auto m = os::Mapping::map_shared(fd, shm::kDoorbellPageSize, os::Access::ReadWrite);
-  if (m) *map = std::move(*m);  // a local failure is not the peer's: *map stays empty
-  return nullptr;
-}
-
 // ---- what we send ------------------------------------------------------------------------------
 
 bool PeerTrust::shadowed(const Buffer& b) const noexcept {

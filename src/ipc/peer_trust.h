@@ -1,7 +1,8 @@
 // ipc/peer_trust.h: PeerTrust, what one end does about a peer it does not trust, and what it owes a
 // peer that does not trust it (P3c, P4, P5b, P7b of src/shm/layout.h):
-//   - the seal checks on every memfd a peer sends (extents, replacements, doorbell pages): sealed
-//     against shrinking, immutable if announced so, a sane size; mapped copy-on-write if immutable;
+//   - the seal checks on every memfd a peer sends (extents, replacements): sealed against
+//     shrinking, immutable if announced so, a sane size; mapped copy-on-write if immutable (a
+//     queue's doorbell is checked by PeerBell, ipc/queue_bell.h);
 //   - the private copies an untrusted end reads (slot shadows, extent shadows) and writes back;
 //   - sealing what goes to an untrusted peer above copy_threshold (through a fresh memfd when the
 //     old one cannot be sealed), and the replacement memfds that carry such answers back (P7b).
@@ -52,9 +53,6 @@ class PeerTrust {
   // *map/*sealed; the caller installs it once the whole descriptor has passed.
   const char* check_replacement(int fd, bool announced_sealed, std::uint32_t size, os::Mapping* map,
                                 bool* sealed) const;
-  // (P4) The peer's queue doorbell page. A local mmap failure (not the peer's doing) returns
-  // nullptr with *map left empty.
-  static const char* map_doorbell(int fd, os::Mapping* map);
 
   // ---- what we send ----
   // b.data_ is a private copy (P5b), not the shared bytes.

@@ -1,9 +1,17 @@
 // ipc/queue_core.h: QueueCore, the process-private half of a MsgQueue (its shared half is the
-// DoorbellPage of src/shm/layout.h). Waiting steps P4/P6; the scan over the redirected ends and
-// the listeners; replies deferred by back-pressure.
+// QueueBell of ipc/queue_bell.h: the ready page, the wait page, the signal socket). Waiting steps
+// P6q of src/shm/layout.h: a look costs O(ready channels), not O(channels).
 //
-// Locking: mu_ guards the ends, listeners and deferred replies. Order: the queue's mu_, then an
-// end's mu_ (Endpoint::poll), or a listener's. Never held while sleeping.
+// Each redirected end has a slot q < kQueueCapacity. A look takes the ready bits (exchange to 0)
+// into a private FIFO of slots to poll; a slot that delivered a message goes to the back (round
+// robin: a busy channel cannot starve the others) and leaves the FIFO when a poll finds it empty.
+// The bits are hints any peer can forge or clear: forged ones cost spurious polls; cleared ones
+// are caught by a full scan (every end polled) after a wake-up that found no bit, every
+// kFullScanEveryNs while looking, and after a sleep's safety-net timeout.
+//
+// Locking: mu_ guards the ends, the FIFO, listeners, deferred replies and the sleepers count.
+// Order: the queue's mu_, then an end's mu_ (Endpoint::poll), or a listener's. slot_mu_ guards
+// the free slots only and is taken alone or inside mu_ (a leaf). Never held while sleeping.
 #pragma once
 
 #include <atomic>
@@ -14,13 +22,12 @@
 
 #include "ipc/atomic_wait_policy.h"
 #include "ipc/endpoint.h"
+#include "ipc/queue_bell.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/result.h"
-#include "os/fd.h"
-#include "os/mapping.h"
 #include "os/thread_annotations.h"
 #include "shm/layout.h"
 
@@ -28,19 +35,34 @@ namespace mbmq::detail {
 
 class ListenCore;
 
-// The process-private half of a MsgQueue (its shared half is the DoorbellPage).
 class QueueCore {
  public:
+  // A full scan at least this often while the queue looks (spinning, or between messages).
+  static constexpr std::int64_t kFullScanEveryNs = 10'000'000;
+  // A sleep lasts at most this long; a full scan follows it.
+  static constexpr std::int64_t kSafetyNetNs = 100'000'000;
+  // A wake-up that found no ready bit triggers a full scan, at most this often.
+  static constexpr std::int64_t kEmptyWakeGapNs = 1'000'000;
+
   static Result<std::shared_ptr<QueueCore>> make(WaitPolicy policy);
 
   Result<Message> wait(Deadline deadline);
-  void add(std::shared_ptr<Endpoint> ep);
+  // A slot for an end about to be redirected here (Errc::Busy when kQueueCapacity ends are);
+  // unreserve() if the redirect fails, else add() once the peer has the doorbell.
+  Result<std::uint32_t> reserve();
+  void unreserve(std::uint32_t q);
+  void add(std::shared_ptr<Endpoint> ep, std::uint32_t q);
+  // What travels to the peer of a redirected end (CtlMsg::Doorbell).
+  std::array<int, shm::kDoorbellFds> bell_fds() const noexcept { return bell_.fds(); }
+  // Something happened on the end in slot q here (its peer died, it was closed): look at it.
+  void notify(std::uint32_t q) noexcept { bell_.ring_local(q); }
   // Listeners whose accepted connections arrive here as Kind::Connection.
   void add_listener(std::shared_ptr<ListenCore> l);
   void remove_listener(const ListenCore* l);
-  // Bumps the wake word and wakes every waiter, so they look again.
-  void poke() noexcept;
-  int doorbell_fd() const noexcept { return fd_.get(); }
+  // Bumps the wake word, wakes every waiter and makes the fd readable, so they look again.
+  void poke() noexcept { bell_.poke(); }
+  // MsgQueue::fd(): from the first call on, a wait() that finds nothing arms it (P6q).
+  int fd() noexcept;
   std::size_t channel_count() const;
   void set_wait_policy(WaitPolicy p);
   // Lets go of every channel (the MsgQueue handle is being destroyed).
@@ -51,19 +73,57 @@ class QueueCore {
   // A reply that met back-pressure (reply_and_wait): retried by wait() until it goes.
   void defer(Buffer&& b);
 
- private:
-  bool scan_locked(Message* out) MBMQ_REQUIRES(mu_);
-  void retry_deferred_locked() MBMQ_REQUIRES(mu_);
-  void set_sleeping_locked(bool sleeping) noexcept MBMQ_REQUIRES(mu_);
+  // Test hooks.
+  shm::QueueReadyPage& ready_page_for_test() noexcept { return bell_.ready(); }
+  std::uint64_t full_scans_for_test() const noexcept {
+    return full_scans_.load(std::memory_order_relaxed);
+  }
 
-  os::UniqueFd fd_;
-  os::Mapping map_;
-  shm::DoorbellPage* page_ = nullptr;
+ private:
+  // One look: listeners, then the ready bits, then the FIFO. full: queue every end first.
+  bool scan_locked(Message* out, bool full) MBMQ_REQUIRES(mu_);
+  void harvest_locked() MBMQ_REQUIRES(mu_);
+  void full_scan_locked() MBMQ_REQUIRES(mu_);
+  void enqueue_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
+  void remove_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
+  void set_hot_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
+  // After a message from slot q.
+  void got_from_locked(std::uint32_t q) MBMQ_REQUIRES(mu_);
+  void retry_deferred_locked() MBMQ_REQUIRES(mu_);
+  void publish_locked() noexcept MBMQ_REQUIRES(mu_) {
+    bell_.publish(static_cast<std::uint32_t>(sleepers_) | (armed_ ? shm::kQueueArmed : 0u));
+  }
+  // The fd: nothing was found; drain, arm, fence, look once more.
+  bool arm_and_look(Message* out);
+  void disarm();
+
+  QueueBell bell_;
   mutable SpinMutex mu_;
-  std::vector<std::shared_ptr<Endpoint>> eps_ MBMQ_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<Endpoint>> by_slot_ MBMQ_GUARDED_BY(mu_);
+  std::size_t live_ MBMQ_GUARDED_BY(mu_) = 0;
+  // Slots to poll, in order: a ring of by_slot_.size() entries (a slot is in it at most once, so
+  // it never overflows, and the message path never allocates).
+  std::vector<std::uint32_t> fifo_ MBMQ_GUARDED_BY(mu_);
+  std::size_t fifo_head_ MBMQ_GUARDED_BY(mu_) = 0;
+  std::size_t fifo_count_ MBMQ_GUARDED_BY(mu_) = 0;
+  std::vector<std::uint8_t> queued_ MBMQ_GUARDED_BY(mu_);  // by slot: in fifo_
+  std::int64_t last_full_scan_ns_ MBMQ_GUARDED_BY(mu_) = 0;
+  std::uint32_t looks_ MBMQ_GUARDED_BY(mu_) = 0;
+  bool full_pending_ MBMQ_GUARDED_BY(mu_) = false;  // a full scan held back by kEmptyWakeGapNs
+  // The hot slot (QueueWaitPage::hot): polled on every look; its producer does not mark it.
+  static constexpr std::uint32_t kNone = 0xffff'ffffu;
+  std::uint32_t hot_ MBMQ_GUARDED_BY(mu_) = kNone;
+  std::uint32_t last_got_ MBMQ_GUARDED_BY(mu_) = kNone;  // the slot of the last message
+  std::atomic<std::uint64_t> full_scans_{0};
   std::vector<std::shared_ptr<ListenCore>> listeners_ MBMQ_GUARDED_BY(mu_);
-  std::size_t next_ MBMQ_GUARDED_BY(mu_) = 0;  // round-robin start
   int sleepers_ MBMQ_GUARDED_BY(mu_) = 0;
+  bool armed_ MBMQ_GUARDED_BY(mu_) = false;
+  std::atomic<bool> armed_hint_{false};  // armed_, read without the lock
+  std::atomic<bool> fd_used_{false};
+  // Free slots (slot_mu_): never reused while an end holds them.
+  SpinMutex slot_mu_;
+  std::vector<std::uint32_t> free_slots_ MBMQ_GUARDED_BY(slot_mu_);
+  std::uint32_t next_slot_ MBMQ_GUARDED_BY(slot_mu_) = 0;
   AtomicWaitPolicy policy_{WaitPolicy{}};  // read on every wait, without the lock
   std::atomic<int> watch_pid_{0};          // the process whose watcher knows every end here
   // Replies held back by their callers' full control sockets (at most one per request held).

@@ -26,7 +26,7 @@ void Sideband::fail_channel() noexcept {
     extents_[e] = Stashed{};
     replacements_[e] = Stashed{};
   }
-  doorbell_ = Stashed{};
+  doorbell_ = StashedBell{};
 }
 
 // ---- outbox ------------------------------------------------------------------------------------
@@ -41,9 +41,9 @@ Status Sideband::send_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t a
   return send(bytes_of(m), {&fd, 1});
 }
 
-Status Sideband::send_doorbell(std::uint32_t gen, int fd) {
-  const shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Doorbell), 0, gen, 0};
-  return send(bytes_of(m), {&fd, 1});
+Status Sideband::send_doorbell(std::uint32_t gen, std::uint32_t q, std::span<const int> fds) {
+  const shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Doorbell), q, gen, 0};
+  return send(bytes_of(m), fds);
 }
 
 Result<bool> Sideband::send_handles(BufferId id, std::uint32_t gen, HandlesOf of,
@@ -63,7 +63,8 @@ Result<bool> Sideband::send_handles(BufferId id, std::uint32_t gen, HandlesOf of
     pkt.meta[count++] = item.meta;
     fds[nfds++] = item.fd.get();
     if (item.fd2) fds[nfds++] = item.fd2.get();
-    if (item.fd3) fds[nfds++] = item.fd3.get();
+    if (item.bell)
+      for (int fd : item.bell.raw()) fds[nfds++] = fd;
   }
   if (count == 0) return false;
   pkt.h = shm::CtlMsg{static_cast<std::uint32_t>(shm::CtlType::Handles), id.raw(), gen,
@@ -93,16 +94,19 @@ Sideband::Read Sideband::read_once() {
   if (r->truncated || r->bytes < sizeof(m)) return bad("control message malformed");
   if (m.type == static_cast<std::uint32_t>(shm::CtlType::Handles))
     return read_handles(m, pkt.meta, r->bytes, fds, r->nfds);
+  if (m.type == static_cast<std::uint32_t>(shm::CtlType::Doorbell)) {
+    if (r->bytes != sizeof(m) || r->nfds != shm::kDoorbellFds || m.aux != 0)
+      return bad("control message malformed");
+    // One stashed: a newer one replaces (closes) the older. Checked when used (PeerBell::open).
+    doorbell_ = StashedBell{{std::move(fds[0]), std::move(fds[1]), std::move(fds[2])}, m.gen, m.id};
+    return Read::Got;
+  }
   if (r->bytes != sizeof(m) || r->nfds != 1) return bad("control message malformed");
   if (m.type == static_cast<std::uint32_t>(shm::CtlType::Extent) && m.id < shm::kMaxExtents &&
       (m.aux & ~(shm::kExtentSealed | shm::kExtentReplace)) == 0) {
     Stashed st{std::move(fds[0]), m.gen, (m.aux & shm::kExtentSealed) != 0};
     // One per id: a newer one replaces (closes) the older.
     ((m.aux & shm::kExtentReplace) != 0 ? replacements_ : extents_)[m.id] = std::move(st);
-    return Read::Got;
-  }
-  if (m.type == static_cast<std::uint32_t>(shm::CtlType::Doorbell)) {
-    doorbell_ = Stashed{std::move(fds[0]), m.gen};
     return Read::Got;
   }
   return bad("control message type");
@@ -122,7 +126,7 @@ Sideband::Read Sideband::read_handles(const shm::CtlMsg& m, const shm::HandleMet
         meta[k].kind == static_cast<std::uint32_t>(shm::WireHandle::FileRange)) {
       want_fds += 1;
     } else if (meta[k].kind == static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd)) {
-      want_fds += meta[k].doorbell_gen != 0 ? 3 : 2;
+      want_fds += shm::kChannelEndFds + (meta[k].doorbell_gen != 0 ? shm::kDoorbellFds : 0);
     } else {
       ok = false;
     }
@@ -141,7 +145,11 @@ Sideband::Read Sideband::read_handles(const shm::CtlMsg& m, const shm::HandleMet
     item.fd = std::move(fds[f++]);
     if (item.meta.kind == static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd)) {
       item.fd2 = std::move(fds[f++]);
-      if (item.meta.doorbell_gen != 0) item.fd3 = std::move(fds[f++]);
+      if (item.meta.doorbell_gen != 0) {
+        item.bell.ready = std::move(fds[f++]);
+        item.bell.wait = std::move(fds[f++]);
+        item.bell.signal = std::move(fds[f++]);
+      }
     }
   }
   h->count = count;

@@ -18,6 +18,7 @@
 
 #include "ipc/buffer_id.h"
 #include "ipc/handles.h"
+#include "ipc/queue_bell.h"
 #include "mbmq/buffer.h"
 #include "mbmq/result.h"
 #include "os/fd.h"
@@ -33,6 +34,13 @@ struct Stashed {
   os::UniqueFd fd;
   std::uint32_t gen = 0;
   bool sealed = false;  // announced with kExtentSealed (checked when used)
+};
+
+// A queue doorbell received (P4q), not yet checked (PeerBell::open does).
+struct StashedBell {
+  BellFds fds;
+  std::uint32_t gen = 0;
+  std::uint32_t slot = 0;
 };
 
 // Whose buffer a handles packet rides on: a message of the sender's, or the reply in ours.
@@ -62,8 +70,8 @@ class Sideband {
   Status send(std::span<const std::byte> bytes, std::span<const int> fds);
   // (P3, P7b) An extent's memfd (aux: kExtentSealed, kExtentReplace).
   Status send_extent(std::uint32_t e, std::uint32_t gen, std::uint32_t aux, int fd);
-  // (P4) Our queue's doorbell page.
-  Status send_doorbell(std::uint32_t gen, int fd);
+  // (P4q) Our queue's doorbell, for slot q.
+  Status send_doorbell(std::uint32_t gen, std::uint32_t q, std::span<const int> fds);
   // (P3b) The handles of buffer id at gen that are ours to send (not taken, not arrived with
   // it); false if there are none. Errc::InvalidArgument: more than max_handles.
   Result<bool> send_handles(BufferId id, std::uint32_t gen, HandlesOf of, const Handles& hs);
@@ -97,13 +105,11 @@ class Sideband {
   }
   Stashed take_replacement(std::uint32_t e) noexcept { return std::move(replacements_[e]); }
   bool has_doorbell(std::uint32_t gen) const noexcept {
-    return doorbell_.fd && doorbell_.gen == gen;
+    return doorbell_.fds && doorbell_.gen == gen;
   }
-  Stashed take_doorbell() noexcept { return std::move(doorbell_); }
-  const Stashed& doorbell() const noexcept { return doorbell_; }
-  void stash_doorbell(os::UniqueFd fd, std::uint32_t gen) noexcept {
-    doorbell_ = Stashed{std::move(fd), gen};
-  }
+  StashedBell take_doorbell() noexcept { return std::move(doorbell_); }
+  const StashedBell& doorbell() const noexcept { return doorbell_; }
+  void stash_doorbell(StashedBell bell) noexcept { doorbell_ = std::move(bell); }
 
   // (P3b) Handles: has_handles() once they arrived; claim_handles() when their descriptor is
   // accepted (no longer "sent ahead": off the budget); take_handles() hands a claimed set over.
@@ -139,7 +145,7 @@ class Sideband {
   bool stopped_ = false;           // fail_channel(): nothing more is read
   std::array<Stashed, shm::kMaxExtents> extents_{};
   std::array<Stashed, shm::kMaxExtents> replacements_{};  // (P7b)
-  Stashed doorbell_;
+  StashedBell doorbell_;
   std::vector<StashedHandles> handles_;
   std::uint32_t ahead_fds_ = 0;      // fds in unclaimed handle packets (<= max_ahead_fds)
   std::uint32_t ahead_packets_ = 0;  // unclaimed handle packets (<= max_ahead_packets)

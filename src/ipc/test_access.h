@@ -5,7 +5,9 @@
 #include <span>
 
 #include "ipc/endpoint.h"
+#include "ipc/queue_core.h"
 #include "mbmq/channel.h"
+#include "mbmq/msg_queue.h"
 
 namespace mbmq::detail {
 
@@ -20,6 +22,10 @@ struct TestAccess {
                                      std::uint32_t aux) {
     return c.ep_->forge_extent_request_for_test(fd, gen, size, aux);
   }
+  // A queue's shared ready page (P4q), to play a peer that forges or clears other channels' bits,
+  // and its count of full scans (P6q).
+  static shm::QueueReadyPage& ready_page(MsgQueue& q) { return q.core_->ready_page_for_test(); }
+  static std::uint64_t full_scans(const MsgQueue& q) { return q.core_->full_scans_for_test(); }
 };
 
 }  // namespace mbmq::detail

@@ -24,7 +24,7 @@ static_assert(sizeof(TransferMsg) == 48);
 namespace detail {
 
 Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::UniqueFd* ctl,
-                            os::UniqueFd* doorbell) {
+                            BellFds* bell) {
   os::LockGuard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "export channel end");
@@ -40,27 +40,32 @@ Status Endpoint::export_end(shm::HandleMeta* meta, os::UniqueFd* seg, os::Unique
                           rx_.head(),
                           table_.next_extent_gen(),
                           0,
+                          0,
                           0};
-  // The peer's queue doorbell, mapped or still stashed: the new owner wakes the same queue.
-  const int db = peer_db_fd_ ? peer_db_fd_.get() : ctl_.doorbell().fd.get();
-  const std::uint32_t db_gen = peer_db_fd_ ? peer_db_gen_ : ctl_.doorbell().gen;
+  // The peer's queue doorbell, opened or still stashed: the new owner wakes the same queue.
+  const bool opened = peer_bell_.is_open();
+  const BellFds& db = opened ? peer_bell_.fds() : ctl_.doorbell().fds;
+  const std::uint32_t db_gen = opened ? peer_bell_.gen() : ctl_.doorbell().gen;
+  const std::uint32_t db_slot = opened ? peer_bell_.slot() : ctl_.doorbell().slot;
   os::UniqueFd seg_dup = MBMQ_TRY(os::dup_fd(seg_.fd()));
   os::UniqueFd ctl_dup = MBMQ_TRY(os::dup_fd(ctl_.fd()));
-  os::UniqueFd db_dup;
-  if (db >= 0 && db_gen != 0) {
-    db_dup = MBMQ_TRY(os::dup_fd(db));
+  BellFds db_dup;
+  if (db && db_gen != 0) {
+    db_dup = MBMQ_TRY(db.dup());
     meta->doorbell_gen = db_gen;
+    meta->doorbell_slot = db_slot;
   }
   *seg = std::move(seg_dup);
   *ctl = std::move(ctl_dup);
-  *doorbell = std::move(db_dup);
+  *bell = std::move(db_dup);
   return {};
 }
 
 Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
                                                        os::UniqueFd seg_fd, os::UniqueFd ctl,
-                                                       os::UniqueFd doorbell, WaitPolicy wait) {
-  if (m.side > 1 || m.reserved != 0 || !seg_fd || !ctl || (m.doorbell_gen != 0) != !!doorbell)
+                                                       BellFds bell, WaitPolicy wait) {
+  if (m.side > 1 || m.reserved != 0 || !seg_fd || !ctl || (m.doorbell_gen != 0) != !!bell ||
+      (m.doorbell_gen == 0 && m.doorbell_slot != 0))
     return fail(Errc::Protocol, "import channel end: malformed");
   if (!os::is_unix_seqpacket(ctl.get()))
     return fail(Errc::Protocol, "import channel end: the control fd is not a SEQPACKET socket");
@@ -73,10 +78,10 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
     return fail(Errc::Protocol, "import channel end: ring positions do not match the segment");
   auto ep = MBMQ_TRY(Endpoint::make({std::move(seg), std::move(ctl), static_cast<int>(m.side), wait,
                                      m.tx_tail, m.rx_head, m.next_extent_gen}));
-  if (doorbell) {
-    // Checked like any doorbell, when first used (P4).
+  if (bell) {
+    // Checked like any doorbell, when first used (P4q).
     os::LockGuard lock(ep->mu_);
-    ep->ctl_.stash_doorbell(std::move(doorbell), m.doorbell_gen);
+    ep->ctl_.stash_doorbell(StashedBell{std::move(bell), m.doorbell_gen, m.doorbell_slot});
   }
   return ep;
 }
@@ -86,11 +91,14 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
 Status Channel::send_over(int unix_socket) {
   if (!ep_) return fail(Errc::InvalidArgument, "send_over: closed channel");
   TransferMsg m{kTransferMagic, shm::kLayoutVersion, 0, {}};
-  os::UniqueFd seg, ctl, db;
+  os::UniqueFd seg, ctl;
+  detail::BellFds db;
   MBMQ_TRY(ep_->export_end(&m.end, &seg, &ctl, &db));
-  int fds[3] = {seg.get(), ctl.get(), db.get()};
+  const auto bell = db.raw();
+  int fds[shm::kChannelEndFds + shm::kDoorbellFds] = {seg.get(), ctl.get(), bell[0], bell[1],
+                                                      bell[2]};
   MBMQ_TRY(os::send_msg(unix_socket, {reinterpret_cast<const std::byte*>(&m), sizeof(m)},
-                        {fds, db ? 3u : 2u}));
+                        {fds, db ? std::size(fds) : shm::kChannelEndFds}));
   // Our copies of the fds close; the receiver's keep the connection open.
   close();
   return {};
@@ -101,17 +109,19 @@ Result<Channel> Channel::receive_from(int unix_socket, Deadline deadline) {
       unix_socket, deadline.is_never() ? -1 : std::max<std::int64_t>(deadline.remaining_ns(), 0)));
   if (!ready) return fail(Errc::TimedOut, "receive_from");
   TransferMsg m{};
-  std::array<os::UniqueFd, 3> fds;
+  std::array<os::UniqueFd, shm::kChannelEndFds + shm::kDoorbellFds> fds;
   auto r = MBMQ_TRY(os::recv_msg(unix_socket, {reinterpret_cast<std::byte*>(&m), sizeof(m)}, fds,
                                  os::Blocking::Yes));
   if (r.bytes == 0 && r.nfds == 0) return fail(Errc::PeerClosed, "receive_from");
-  if (r.truncated || r.bytes != sizeof(m) || r.nfds != (m.end.doorbell_gen != 0 ? 3u : 2u) ||
-      m.magic != kTransferMagic || m.version != shm::kLayoutVersion ||
+  const std::size_t want = shm::kChannelEndFds + (m.end.doorbell_gen != 0 ? shm::kDoorbellFds : 0);
+  if (r.truncated || r.bytes != sizeof(m) || r.nfds != want || m.magic != kTransferMagic ||
+      m.version != shm::kLayoutVersion ||
       m.end.kind != static_cast<std::uint32_t>(shm::WireHandle::ChannelEnd))
     return fail(Errc::Protocol, "receive_from: malformed transfer message");
   // The wait policy is this process's choice, never the sender's (WaitPolicy{}: adaptive).
+  detail::BellFds bell{std::move(fds[2]), std::move(fds[3]), std::move(fds[4])};
   auto ep = MBMQ_TRY(detail::Endpoint::import_end(m.end, std::move(fds[0]), std::move(fds[1]),
-                                                  std::move(fds[2]), WaitPolicy{}));
+                                                  std::move(bell), WaitPolicy{}));
   return Channel(std::move(ep));
 }
 

@@ -278,6 +278,39 @@ bool is_unix_seqpacket(int fd) noexcept {
   return type == SOCK_SEQPACKET && domain == AF_UNIX;
 }
 
+bool is_unix_stream(int fd) noexcept {
+  int type = 0, domain = 0;
+  socklen_t len = sizeof(type);
+  count_syscall();
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return false;
+  len = sizeof(domain);
+  count_syscall();
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return false;
+  return type == SOCK_STREAM && domain == AF_UNIX;
+}
+
+void signal_byte(int sock) noexcept {
+  const char one = 1;
+  count_syscall();
+  (void)::send(sock, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+std::size_t drain_bytes(int sock) noexcept {
+  std::size_t total = 0;
+  char buf[256];
+  for (;;) {
+    count_syscall();
+    ssize_t n = ::recv(sock, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n > 0) {
+      total += static_cast<std::size_t>(n);
+      if (static_cast<std::size_t>(n) < sizeof(buf)) return total;
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    return total;
+  }
+}
+
 Result<PeerCred> peer_cred(int sock) {
   ucred c{};
   socklen_t len = sizeof(c);

@@ -13,8 +13,9 @@
 
 namespace mbmq::os {
 
-// 8 handles of up to 3 fds each (a channel end: segment, control socket, peer's doorbell).
-inline constexpr std::size_t kMaxFdsPerMsg = 24;
+// 8 handles of up to 5 fds each (a channel end: segment, control socket, and the three fds of
+// its peer's queue doorbell).
+inline constexpr std::size_t kMaxFdsPerMsg = 40;
 
 enum class Blocking { Yes, No };
 
@@ -83,6 +84,15 @@ struct PeerCred {
 };
 // True if fd is an AF_UNIX SOCK_SEQPACKET socket (a control socket received from a peer).
 bool is_unix_seqpacket(int fd) noexcept;
+// True if fd is an AF_UNIX SOCK_STREAM socket (a queue's signal socket received from a peer).
+bool is_unix_stream(int fd) noexcept;
+
+// A queue's signal socket (P4q): one byte, MSG_DONTWAIT | MSG_NOSIGNAL. Never blocks, whatever
+// the fd's flags; every failure (a full socket is already readable; a closed one has no reader)
+// is ignored.
+void signal_byte(int sock) noexcept;
+// Reads (MSG_DONTWAIT) and discards everything queued on sock; the bytes read.
+std::size_t drain_bytes(int sock) noexcept;
 
 // SO_PEERCRED of a connected AF_UNIX socket: who was at the other end when it connected.
 Result<PeerCred> peer_cred(int sock);

@@ -41,12 +41,26 @@
 //       already sealed (the app's writes since live only in its private view), the payload is
 //       first copied into a fresh extent, which is then sealed. A sealed extent sent again, to
 //       anyone, always goes through a fresh extent (its bytes are in the private view).
-//  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's wake word
-//       (its own `doorbell`, or the queue doorbell page named by doorbell_gen) and FUTEX_WAKE it.
-//       The page arrives as CtlMsg::Doorbell; it is mapped only if it is a memfd of at least a
-//       page sealed against shrinking (else a protocol error: a truncated page would SIGBUS us).
-//       The producer keeps the page's fd, so that an end moved to another process (HandleMeta
-//       doorbell_gen) wakes the same queue.
+//  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's `doorbell`
+//       word and FUTEX_WAKE it. A consumer redirected to a queue (doorbell_gen != 0) is woken
+//       through the queue instead, (P4q) below; its consumer_sleeping stays 0.
+//  (P4q) Queue wake: a MsgQueue sends the peer of each channel redirected to it a
+//       CtlMsg::Doorbell with three fds (QueueReadyPage, QueueWaitPage, the queue's signal
+//       socket) and the channel's slot index q < kQueueCapacity in CtlMsg::id. The producer maps
+//       the ready page read-write and the wait page read-only, each only if it is a memfd of at
+//       least a page sealed against shrinking (a truncated page would SIGBUS us), and checks that
+//       the signal fd is a socket; else a protocol error. After pushing a descriptor (P3):
+//         0. seq_cst fence; if hot == q + 1 (read-only page): the queue polls our ring on every
+//            look: skip step 1 (the single busy channel pays no bitmap traffic);
+//         1. old = ready[q / 64].fetch_or(bit q % 64); if old == 0: summary[q / 4096]
+//            .fetch_or(bit (q / 64) % 64)  (both acq_rel, after the ring entry's release);
+//            then a seq_cst fence (pairs with the queue's fence in P6q);
+//         2. s = sleepers (relaxed, read-only page); if s & kQueueSleepersMask: fetch_add(1,
+//            release) on the ready page's `word`, FUTEX_WAKE(word, 1); if s & kQueueArmed: send
+//            one byte on the signal socket, MSG_DONTWAIT (it never blocks; a full socket is
+//            already readable).
+//       No system call while the queue is awake. The producer keeps the fds, so that an end moved
+//       to another process (HandleMeta doorbell_gen) wakes the same queue.
 //  (P5) Receive: acquire-load ring[h % cap].seq; if it is h + 1, copy the Desc to a local and
 //       store-release head (pairs with the producer's acquire load in P3's space check).
 //       Validate the Desc: kind known; for Request/OneWay the buffer must be the peer's, not held
@@ -64,6 +78,17 @@
 //       and the peer-closed flag, validate tail (garbage there is a protocol error), then
 //       FUTEX_WAIT(word, value read). The fence pairs with P4's: at least one side sees the
 //       other's store, so a wake-up is never lost.
+//  (P6q) Queue wait: the queue exchanges to 0 each non-zero summary word, then each ready word
+//       it names, and polls the channels of the bits it got (P5), round-robin: a channel that
+//       delivered goes to the back of a private list, and stays there until a poll finds it
+//       empty. Sleeping: read `word`, store sleepers (+1), seq_cst fence, look once more,
+//       FUTEX_WAIT(word, value read, at most kQueueSafetyNetNs), store sleepers (-1). The fd
+//       (MsgQueue::fd(), the signal socket's other end): a wait() that finds nothing drains the
+//       socket, sets kQueueArmed, fences and looks once more before it returns TimedOut; the next
+//       wait() clears kQueueArmed. The ready bits are hints written by every peer of the queue: a
+//       peer can set or clear other channels' bits. Setting costs spurious polls; clearing is
+//       caught by a poll of every channel (a "full scan") after a wake-up that found no bit, every
+//       10 ms while the queue looks, and after the safety-net timeout of a sleep.
 //  (P7) Reply: the callee writes the answer into the same buffer and sends Desc{Reply} naming it;
 //       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
 //       A request released without an answer is replied to with status NoReply; a one-way message
@@ -112,7 +137,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 5;   // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 6;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
@@ -232,14 +257,50 @@ static_assert(offsetof(SegmentHeader, dir_offset) == 24 &&
 inline constexpr std::uint64_t kDirOffset = 128;
 static_assert(kDirOffset % alignof(Direction) == 0);
 
-// A queue's wake word, in its own 4 KiB memfd shared with the peers of every channel redirected to
-// the queue (P4/P6). Producers: fetch_add(1, release) + FUTEX_WAKE. The queue's waiters: acquire
-// load, then FUTEX_WAIT. A peer that scribbles it causes spurious wake-ups only.
-struct DoorbellPage {
+// A MsgQueue's shared pages (P4q/P6q). Channels per queue: slot indices q < kQueueCapacity.
+inline constexpr std::uint32_t kQueueCapacity = 16384;
+inline constexpr std::size_t kQueuePageSize = 4096;
+inline constexpr std::uint32_t kQueueArmed = 0x8000'0000u;         // QueueWaitPage::sleepers
+inline constexpr std::uint32_t kQueueSleepersMask = 0x7fff'ffffu;  // waiters in FUTEX_WAIT
+
+// Written by the queue and by the producer of every channel redirected to it (a memfd sealed
+// against shrinking and growing, mapped read-write by all). Every field is a hint: validation of
+// what a channel holds is its ring's (P5).
+struct QueueReadyPage {
+  // Bit i set: ready[i] may be non-zero. Producers: fetch_or(acq_rel) when they set the first bit
+  // of ready[i]. The queue: exchange(0, acquire) after a relaxed load saw it non-zero. The first
+  // four ready words share its cache line: a queue of up to 256 channels takes a message's bits
+  // in one line transfer.
+  alignas(64) std::atomic<std::uint64_t> summary[kQueueCapacity / 4096];
+  // Bit q % 64 of ready[q / 64]: channel q may have messages. Producers: fetch_or(acq_rel) after
+  // publishing the descriptor. The queue: exchange(0, acquire) for each summary bit it took.
+  std::atomic<std::uint64_t> ready[kQueueCapacity / 64];
+  // Futex word of the queue's sleeping waiters. Producers: fetch_add(1, release) then FUTEX_WAKE
+  // (P4q step 3). Waiters: acquire load before announcing, FUTEX_WAIT on the value (P6q).
   alignas(64) std::atomic<std::uint32_t> word;
 };
-static_assert(std::is_standard_layout_v<DoorbellPage> && offsetof(DoorbellPage, word) == 0);
-inline constexpr std::size_t kDoorbellPageSize = 4096;
+static_assert(std::is_standard_layout_v<QueueReadyPage>);
+static_assert(offsetof(QueueReadyPage, summary) == 0 && offsetof(QueueReadyPage, ready) == 32 &&
+              offsetof(QueueReadyPage, word) == 2112);
+static_assert(sizeof(QueueReadyPage) <= kQueuePageSize);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+
+// Written by the queue only, read by producers: a memfd sealed with F_SEAL_FUTURE_WRITE after the
+// queue mapped it, so no peer can map it writable (a peer that cleared it would stop every wake).
+struct QueueWaitPage {
+  // Bits 0-30: the queue's waiters asleep in FUTEX_WAIT; kQueueArmed: the owner may be in
+  // epoll/poll on the fd. The queue: relaxed store (under its mutex), then a seq_cst fence before
+  // its last look (P6q). Producers: relaxed load after their seq_cst fence (P4q step 2).
+  alignas(64) std::atomic<std::uint32_t> sleepers;
+  // q + 1: the queue polls channel q's ring on every look (the last two messages came from it),
+  // so its producer need not mark it (P4q step 1 is skipped); 0: none. The queue: relaxed store,
+  // seq_cst fence, then one more poll of the slot it replaced. Producers: relaxed load after
+  // their fence (P4q step 0).
+  std::atomic<std::uint32_t> hot;
+};
+static_assert(std::is_standard_layout_v<QueueWaitPage> && offsetof(QueueWaitPage, sleepers) == 0 &&
+              offsetof(QueueWaitPage, hot) == 4);
+static_assert(sizeof(QueueWaitPage) <= kQueuePageSize);
 
 // Control-socket message (SOCK_SEQPACKET, one per packet). Extent and Doorbell carry one fd;
 // Handles carries `count` HandleMeta records after the CtlMsg and their fds in the same order.
@@ -247,7 +308,7 @@ inline constexpr std::size_t kDoorbellPageSize = 4096;
 // and fd count is checked against the others before anything is kept.
 enum class CtlType : std::uint32_t {
   Extent = 1,    // fd = extent memfd for (id, gen)
-  Doorbell = 2,  // fd = queue DoorbellPage for doorbell generation `gen`
+  Doorbell = 2,  // fds = the queue's ready page, wait page, signal socket (P4q); id = slot, gen
   Handles = 3,   // (P3b) handles of the message naming buffer (id, gen)
 };
 // CtlMsg::aux bits of an Extent message.
@@ -255,8 +316,8 @@ inline constexpr std::uint32_t kExtentSealed = 1;   // the memfd is immutable (P
 inline constexpr std::uint32_t kExtentReplace = 2;  // replaces the receiver's own extent (P7b)
 struct CtlMsg {
   std::uint32_t type;  // CtlType
-  std::uint32_t id;    // extent id (Extent); buffer id, as in Desc::buffer (Handles)
-  std::uint32_t gen;   // extent generation, doorbell generation, or buffer generation
+  std::uint32_t id;  // extent id (Extent); buffer id, as in Desc::buffer (Handles); slot (Doorbell)
+  std::uint32_t gen;  // extent generation, doorbell generation, or buffer generation
   // Handles: count in bits 0-7; bit 8 set when the buffer belongs to the receiver (a Reply).
   std::uint32_t aux;
 };
@@ -267,19 +328,25 @@ inline constexpr std::uint32_t kHandlesForReply = 0x100;
 enum class WireHandle : std::uint32_t { Fd = 1, ChannelEnd = 2, FileRange = 3 };
 // One handle of a CtlType::Handles packet. Fd: one fd, the rest zero. ChannelEnd: two fds (the
 // segment memfd, the control socket) and the end's private state, as Channel::send_over sends it,
-// plus a third fd when doorbell_gen != 0: the page the end's peer sent as its queue doorbell
-// (CtlMsg::Doorbell with that generation), which the end had already taken off its control socket.
-// The wait policy does not travel: it is the receiving process's own choice.
+// plus three more when doorbell_gen != 0: the queue doorbell the end's peer sent (CtlMsg::Doorbell
+// with that generation and slot doorbell_slot: ready page, wait page, signal socket), which the
+// end had already taken off its control socket. The wait policy does not travel: it is the
+// receiving process's own choice.
 struct HandleMeta {
   std::uint32_t kind;  // WireHandle
   std::uint32_t side;
   std::uint32_t tx_tail;
   std::uint32_t rx_head;
   std::uint32_t next_extent_gen;
-  std::uint32_t doorbell_gen;  // 0: no doorbell fd follows
-  std::int64_t reserved;       // 0
+  std::uint32_t doorbell_gen;   // 0: no doorbell fds follow
+  std::uint32_t doorbell_slot;  // with doorbell_gen != 0: the slot index (P4q), else 0
+  std::uint32_t reserved;       // 0
 };
 static_assert(std::is_standard_layout_v<HandleMeta> && sizeof(HandleMeta) == 32);
+static_assert(offsetof(HandleMeta, doorbell_slot) == 24);
+// fds of one ChannelEnd handle: segment, control socket, and the three of a queue doorbell.
+inline constexpr std::uint32_t kChannelEndFds = 2;
+inline constexpr std::uint32_t kDoorbellFds = 3;
 
 // HandleMeta's bytes for kind FileRange (one fd): a range of a regular file. Written by the
 // sender into the Handles packet; the receiver checks at take time that the fd is a regular

@@ -134,11 +134,15 @@ TEST(Hardening, ATruncatableDoorbellPageClosesTheChannelInsteadOfRaisingSigbus) 
         MBMQ_CHILD_CHECK(p);
         auto& [us, peer] = *p;  // we are side 0: we produce dir[0], whose consumer is the peer
         // The peer redirects "its queue": a page of its own, not sealed at all.
-        auto page = os::make_memfd("hostile-doorbell", shm::kDoorbellPageSize);
+        auto page = os::make_memfd("hostile-doorbell", shm::kQueuePageSize);
         MBMQ_CHILD_CHECK(page);
         const int fd = page->get();
+        auto wait = os::make_sealed_memfd("wait", shm::kQueuePageSize);
+        auto sig = os::stream_pair();
+        MBMQ_CHILD_CHECK(wait && sig);
+        const int fds[3] = {fd, wait->get(), sig->second.get()};
         const shm::CtlMsg m{static_cast<std::uint32_t>(shm::CtlType::Doorbell), 0, 1, 0};
-        MBMQ_CHILD_CHECK(os::send_msg(detail::TestAccess::control_fd(peer), bytes_of(m), {&fd, 1}));
+        MBMQ_CHILD_CHECK(os::send_msg(detail::TestAccess::control_fd(peer), bytes_of(m), fds));
         shm::Direction& to_peer = dir(peer, 0);
         to_peer.doorbell_gen.store(1, std::memory_order_release);
         to_peer.consumer_sleeping.store(1);

@@ -1,6 +1,7 @@
 // The parts Endpoint is composed of, each on its own (ipc/buffer_id.h, buffer_table.h,
 // sideband.h, peer_trust.h, wait_step.h): what each promises, without a channel around it.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include "ipc/buffer_table.h"
 #include "ipc/handles.h"
 #include "ipc/peer_trust.h"
+#include "ipc/queue_bell.h"
 #include "ipc/sideband.h"
 #include "ipc/wait_step.h"
 #include "os/memfd.h"
@@ -253,12 +255,14 @@ TEST(SidebandTest, FailingTheChannelDropsWhatThePeerParked) {
   auto fd = memfd();
   ASSERT_TRUE(p.a->send_extent(1, 1, 0, fd.get()));
   ASSERT_TRUE(p.a->send_extent(1, 1, shm::kExtentReplace, fd.get()));
-  ASSERT_TRUE(p.a->send_doorbell(2, fd.get()));
+  const int bell[3] = {fd.get(), fd.get(), fd.get()};
+  ASSERT_TRUE(p.a->send_doorbell(2, 5, bell));
   while (p.b->read_once() == Sideband::Read::Got) {
   }
   EXPECT_TRUE(p.b->has_extent(1, 1));
   EXPECT_TRUE(p.b->has_replacement(1, 1));
   EXPECT_TRUE(p.b->has_doorbell(2));
+  EXPECT_EQ(p.b->doorbell().slot, 5u);
   EXPECT_NE(p.b->busy(), nullptr);
   p.b->fail_channel();
   EXPECT_FALSE(p.b->has_extent(1, 1));
@@ -329,16 +333,88 @@ TEST(PeerTrustTest, ALargeAnswerToAnUntrustedPeerGoesBackSealed) {
   EXPECT_EQ(small->aux, shm::kExtentReplace);  // at or below copy_threshold: not sealed
 }
 
-TEST(PeerTrustTest, ADoorbellMustBeASealedPage) {
-  os::Mapping map;
-  auto page = memfd(shm::kDoorbellPageSize);
-  EXPECT_EQ(PeerTrust::map_doorbell(page.get(), &map), nullptr);
-  EXPECT_TRUE(map.valid());
+// ---- PeerBell, QueueBell (P4q) ----
+
+namespace {
+BellFds dup_bell(const QueueBell& q) {
+  auto fds = q.fds();
+  BellFds b;
+  b.ready = os::UniqueFd(::dup(fds[0]));
+  b.wait = os::UniqueFd(::dup(fds[1]));
+  b.signal = os::UniqueFd(::dup(fds[2]));
+  return b;
+}
+}  // namespace
+
+TEST(PeerBellTest, ADoorbellMustBeTwoSealedPagesAndASocketWithASlotInRange) {
+  auto q = QueueBell::make();
+  ASSERT_TRUE(q);
+  {
+    PeerBell ok;
+    EXPECT_EQ(ok.open(dup_bell(*q), 1, 7), nullptr);
+    EXPECT_TRUE(ok.is_open());
+    EXPECT_EQ(ok.slot(), 7u);
+  }
+  {
+    PeerBell bad;
+    EXPECT_NE(bad.open(dup_bell(*q), 1, shm::kQueueCapacity), nullptr);  // slot out of range
+    EXPECT_FALSE(bad.is_open());
+  }
   const int raw = ::memfd_create("unsealed", MFD_CLOEXEC);
   ASSERT_GE(raw, 0);
-  os::UniqueFd unsealed(raw);
-  ASSERT_EQ(::ftruncate(raw, shm::kDoorbellPageSize), 0);
-  EXPECT_NE(PeerTrust::map_doorbell(raw, &map), nullptr);
+  ASSERT_EQ(::ftruncate(raw, shm::kQueuePageSize), 0);
+  {
+    BellFds b = dup_bell(*q);
+    b.ready = os::UniqueFd(::dup(raw));  // can be truncated under us: SIGBUS
+    PeerBell bad;
+    EXPECT_NE(bad.open(std::move(b), 1, 0), nullptr);
+  }
+  {
+    BellFds b = dup_bell(*q);
+    b.signal = os::UniqueFd(::dup(raw));  // not a socket: a write could block on a pipe
+    PeerBell bad;
+    EXPECT_NE(bad.open(std::move(b), 1, 0), nullptr);
+  }
+  ::close(raw);
+}
+
+TEST(PeerBellTest, NoPeerCanMapTheWaitPageWritable) {
+  auto q = QueueBell::make();
+  ASSERT_TRUE(q);
+  const int wait_fd = q->fds()[1];
+  void* p = ::mmap(nullptr, shm::kQueuePageSize, PROT_READ | PROT_WRITE, MAP_SHARED, wait_fd, 0);
+  EXPECT_EQ(p, MAP_FAILED);
+  EXPECT_EQ(errno, EPERM);
+  void* ro = ::mmap(nullptr, shm::kQueuePageSize, PROT_READ, MAP_SHARED, wait_fd, 0);
+  ASSERT_NE(ro, MAP_FAILED);
+  EXPECT_NE(::mprotect(ro, shm::kQueuePageSize, PROT_READ | PROT_WRITE), 0);
+  q->publish(3);  // the queue's own mapping stays writable
+  EXPECT_EQ(static_cast<const std::atomic<std::uint32_t>*>(ro)->load(), 3u);
+  ::munmap(ro, shm::kQueuePageSize);
+}
+
+TEST(PeerBellTest, RingingMarksTheSlotAndSignalsOnlyWhenArmed) {
+  auto q = QueueBell::make();
+  ASSERT_TRUE(q);
+  PeerBell bell;
+  ASSERT_EQ(bell.open(dup_bell(*q), 1, 4100), nullptr);
+  bell.ring();  // nobody asleep, not armed: bits only
+  shm::QueueReadyPage& page = q->ready();
+  EXPECT_EQ(page.ready[4100 / 64].load(), std::uint64_t{1} << (4100 % 64));
+  EXPECT_EQ(page.summary[1].load(), std::uint64_t{1} << ((4100 / 64) % 64));
+  EXPECT_EQ(page.word.load(), 0u);
+  pollfd pfd{q->signal_fd(), POLLIN, 0};
+  EXPECT_EQ(::poll(&pfd, 1, 0), 0);
+  q->publish(shm::kQueueArmed);
+  bell.ring();
+  EXPECT_EQ(::poll(&pfd, 1, 0), 1);
+  EXPECT_EQ(page.word.load(), 0u);  // nobody in FUTEX_WAIT: the word is untouched
+  q->drain();
+  EXPECT_EQ(::poll(&pfd, 1, 0), 0);
+  q->publish(1);
+  bell.ring();
+  EXPECT_EQ(page.word.load(), 1u);
+  EXPECT_EQ(::poll(&pfd, 1, 0), 0);
 }
 
 // ---- SpinStep, sleep_once ----
