@@ -33,7 +33,7 @@ namespace mbmq {
 namespace detail {
 class QueueCore;
 struct TestAccess;
-}
+}  // namespace detail
 class Listener;
 
 enum class Kind : std::uint8_t {
