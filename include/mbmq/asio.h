@@ -21,9 +21,11 @@
 //   // s: the reply is in buf, as Channel::call() leaves it
 //
 // Completion signatures: async_wait void(Result<Message>), async_call void(Status). Any asio
-// completion token works (asio::use_awaitable, a callback, asio::use_future, ...); nothing throws
-// an mbmq error: errors are values, as in the blocking API. Handlers run through their associated
-// executor (by default the queue's), never inside the initiating call.
+// completion token works (tested: asio::use_awaitable and callbacks); nothing throws an mbmq
+// error: errors are values, as in the blocking API. Handlers run on their associated executor (by
+// default the queue's), never inside the initiating call: errors are posted; a message or reply
+// is dispatched as the loop takes it (run at once when the handler's executor is the one running,
+// as it is for a coroutine spawned on the queue's executor).
 //
 // Errors are those of the blocking API:
 //   Errc::TimedOut        the deadline passed first. A cancelled operation (asio per-operation
@@ -39,9 +41,13 @@
 //
 // Nothing is lost to a cancellation or a deadline:
 //  - async_wait takes a message from the queue only for an operation that is waiting for it, and
-//    hands it over in the same step; a cancelled or expired wait had taken nothing. A message
-//    taken while no async_wait is pending (the queue is drained to route replies while calls are
-//    in flight) is kept, in order, for the next async_wait.
+//    runs its handler in the same step; a cancelled or expired wait had taken nothing. So an
+//    awaitable operator || whose other branch (a timer) wins drops no message: by the time it
+//    cancels the wait, the wait either has its message delivered or has taken none. That needs the
+//    handler's executor to be the queue's (the thread running it): a handler bound elsewhere gets
+//    its message posted, and a cancellation emitted before it runs comes too late to stop it.
+//    A message taken while no async_wait is pending (the queue is drained to route replies while
+//    calls are in flight) is kept, in order, for the next async_wait.
 //  - async_call's buffer, given up at its deadline or cancellation, is lost to the caller (`buf`
 //    is left invalid, as Channel::call leaves it at TimedOut) until the late reply arrives; the
 //    queue then releases that reply, so the buffer goes back to the channel's pool: nothing leaks.
