@@ -51,17 +51,18 @@
 // Per channel (ChannelOptions): slots_per_side bounds the buffers, hence the calls, each side can
 // have in flight; max_in_flight lowers that for requests; max_handles bounds fds per message.
 //
-// File descriptors. Each accepted connection costs the server's process kFdsPerConnection = 3
-// fds while idle: the segment memfd and the control socket of its end, and the doorbell page of
-// the client's queue once the client adopts its end into a MsgQueue (2 without). On top, while in
+// File descriptors. Each accepted connection costs the server's process kFdsPerConnection = 5
+// fds while idle: the segment memfd and the control socket of its end, and the three fds of the
+// client's queue doorbell (ready page, wait page, signal socket) once the client redirects its
+// end to a MsgQueue (2 without). On top, while in
 // use: one memfd per large-buffer extent mapped (up to 64 of the client's and 64 of the server's
 // own) and fds travelling as handles. A handshake holds 1 fd (the connection) from accept to
 // R4, and R4 briefly 6 more (the new pair's segment memfd, its duplicate, the socketpair, and
 // the duplicates sent of the client's end). With max_connections = 0 (the default) the listener
 // takes
-//   min(1024, ((soft RLIMIT_NOFILE - fds open at create()) * 3/4 - max_handshakes - 6) / 3)
+//   min(1024, ((soft RLIMIT_NOFILE - fds open at create()) * 3/4 - max_handshakes - 6) / 5)
 // (at least 1): idle clients are refused with "connection limit" while a quarter of the free fd
-// table stays for the application. With the usual soft limit of 1,024 that is about 230.
+// table stays for the application. With the usual soft limit of 1,024 that is about 138.
 // Should the table fill all the same (extents, the application's own files), accept4() fails
 // with EMFILE: the listener then stops watching its socket and retries after a delay (10 ms,
 // doubling to 200 ms; stats().fd_backoffs), rather than waking up for it in a loop; connections
@@ -96,7 +97,7 @@ struct AccessPolicy {
 };
 
 // What each accepted connection costs the server's process in fds while idle (see above).
-inline constexpr std::uint32_t kFdsPerConnection = 3;
+inline constexpr std::uint32_t kFdsPerConnection = 5;
 
 struct ListenOptions {
   AccessPolicy access{};

@@ -450,6 +450,8 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
   if (!consumer_mu_.try_lock())
     return fail(Errc::Busy, "redirect: another thread is in call() or receive() on this end");
   os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
+  // The peer's sender of our queue's signal, its own (made before our lock: system calls).
+  os::UniqueFd sender = MBMQ_TRY(queue->new_signal_sender());
   std::uint32_t q = 0;
   {
     os::LockGuard lock(mu_);
@@ -462,7 +464,8 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
     if (queue_) return fail(Errc::Busy, "redirect: already redirected to another queue");
     q = MBMQ_TRY(queue->reserve());
     if (++my_db_gen_ == 0) ++my_db_gen_;
-    if (Status sent = sent_locked(ctl_.send_doorbell(my_db_gen_, q, queue->bell_fds())); !sent) {
+    const int bell[shm::kDoorbellFds] = {queue->ready_fd(), queue->wait_fd(), sender.get()};
+    if (Status sent = sent_locked(ctl_.send_doorbell(my_db_gen_, q, bell)); !sent) {
       queue->unreserve(q);
       return sent;
     }

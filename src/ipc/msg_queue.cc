@@ -7,8 +7,10 @@
 #include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
 #include "ipc/wait_step.h"
+#include "os/epoll.h"
 #include "os/mutex.h"
 #include "os/process.h"
+#include "os/timer.h"
 
 namespace mbmq {
 namespace detail {
@@ -92,6 +94,50 @@ void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
 void QueueCore::remove_listener(const ListenCore* l) {
   os::LockGuard lock(mu_);
   std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
+}
+
+QueueCore::~QueueCore() {
+  os::LockGuard lock(mu_);
+  if (timer_watch_ != 0 && timer_pid_ == os::current_pid()) unwatch_fd(timer_watch_, timer_.get());
+}
+
+void QueueCore::on_watch(int /*fd*/, std::uint32_t /*events*/) noexcept {
+  os::drain_timer(timer_.get());
+  timer_pending_.store(false, std::memory_order_relaxed);
+  // Still armed: the owner is (probably) in epoll on the fd; make it look, everywhere.
+  if (armed_hint_.load(std::memory_order_relaxed)) {
+    if (!timer_is_retry_.load(std::memory_order_relaxed))
+      safety_due_.store(true, std::memory_order_relaxed);
+    bell_.signal_self();
+  }
+}
+
+void QueueCore::set_safety_timer_locked() {
+  if (live_ == 0 && deferred_count_.load(std::memory_order_relaxed) == 0) return;
+  const int pid = os::current_pid();
+  if (timer_pid_ != pid) {
+    // A forked child inherits the parent's pending flag, not its watcher's registration.
+    timer_pending_.store(false, std::memory_order_relaxed);
+    // First use (or first in a forked child): a timer of this process's own, on its watcher.
+    auto t = os::make_timer();
+    if (!t) return;  // no safety net: only a hostile peer's cleared bits would wait longer
+    // Set before the watcher can see it (on_watch reads timer_ without our lock). A parent's copy
+    // stays registered with the parent's watcher only.
+    timer_ = std::move(*t);
+    auto id = watch_fd(std::weak_ptr<Watched>(weak_from_this()), timer_.get(),
+                       WatchSpec{os::kEpollIn, false, 0});
+    if (!id) return;
+    timer_watch_ = *id;
+    timer_pid_ = pid;
+  }
+  // Soon rather than at the safety net: a full scan held back by kEmptyWakeGapNs (it is due in
+  // under a millisecond), or replies deferred by back-pressure (retried every millisecond, as on
+  // the sleeping path; no full scan for them).
+  const bool soon = full_pending_ || deferred_count_.load(std::memory_order_relaxed) != 0;
+  if (timer_pending_.load(std::memory_order_relaxed) && !soon) return;
+  timer_is_retry_.store(!full_pending_ && soon, std::memory_order_relaxed);
+  if (os::arm_timer_once(timer_.get(), soon ? kRetryNs : kSafetyNetNs))
+    timer_pending_.store(true, std::memory_order_relaxed);
 }
 
 int QueueCore::fd() noexcept {
@@ -270,6 +316,8 @@ bool QueueCore::arm_and_look(Message* out) {
   // the fd is readable whenever a message came after our last look.
   os::LockGuard lock(mu_);
   bell_.drain();
+  if (live_ != 0 && monotonic_ns() - last_full_scan_ns_ >= kFullScanEveryNs) full_scan_locked();
+  set_safety_timer_locked();
   armed_ = true;
   armed_hint_.store(true, std::memory_order_relaxed);
   publish_locked();
@@ -283,17 +331,32 @@ bool QueueCore::arm_and_look(Message* out) {
 
 Result<Message> QueueCore::wait(Deadline deadline) {
   watch_after_fork();
-  // Whoever watches the fd is looking now: producers stop signalling it until the next miss.
-  if (armed_hint_.load(std::memory_order_relaxed)) disarm();
+  // The fd's owner is looking now (it calls wait(Deadline::immediate()) until TimedOut, which arms
+  // the fd again): producers stop signalling it. A blocking wait() on another thread leaves it
+  // armed: it sleeps on the futex word, and the fd's owner must still hear of what it leaves.
+  bool from_fd = false;
+  if (armed_hint_.load(std::memory_order_relaxed) && deadline.expired()) {
+    disarm();
+    from_fd = true;
+  }
   // One step for the whole wait (ipc/wait_step.h): after a wake-up that brought nothing for us,
   // the spin budget is not renewed.
   SpinStep step(policy_.load(), deadline);
-  bool after_sleep = false;  // the next look scans every end if it finds no bit
+  // The next look scans every end if it finds no bit: after a sleep, or after the fd woke us (a
+  // wake-up that found no bit: a peer may have cleared it).
+  bool after_sleep = from_fd;
+  // The fd's safety-net timer fired: every end is looked at once.
+  bool safety = safety_due_.load(std::memory_order_relaxed) &&
+                safety_due_.exchange(false, std::memory_order_relaxed);
   for (;;) {
     Message m;
     {
       os::LockGuard lock(mu_);
       if (deferred_count_.load(std::memory_order_relaxed) != 0) retry_deferred_locked();
+      if (safety) {
+        if (live_ != 0) full_scan_locked();
+        safety = false;
+      }
       if (scan_locked(&m, after_sleep)) return m;
     }
     after_sleep = false;
@@ -305,9 +368,6 @@ Result<Message> QueueCore::wait(Deadline deadline) {
     if (next == SpinStep::Next::Look) continue;
     // (P6q) Announce (one store), fence, look once more, sleep on the queue's word.
     bool got = false;
-    // Replies held back by a caller's full control socket are retried every millisecond (its
-    // reading does not ring our doorbell).
-    constexpr std::int64_t kRetryNs = 1'000'000;
     std::int64_t max_ns = kSafetyNetNs;  // set by the last look, under mu_
     sleep_once(
         bell_.ready().word, deadline, max_ns,

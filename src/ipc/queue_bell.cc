@@ -20,13 +20,13 @@ Result<BellFds> BellFds::dup() const {
 }
 
 void mark_ready(shm::QueueReadyPage& page, std::uint32_t q) noexcept {
-  // Step 1. acq_rel: after the ring entry's release stores, before the fence. The summary bit
-  // is set by whoever set the word's first bit; a queue that took the word in between finds
-  // the summary bit on its next look (a spurious look at worst).
+  // Step 1. acq_rel: after the ring entry's release stores, before the fence. The queue takes the
+  // summary bit, then the word: a bit set in between is found on its next look.
   const std::uint64_t bit = std::uint64_t{1} << (q % 64);
-  const std::uint64_t old = page.ready[q / 64].fetch_or(bit, std::memory_order_acq_rel);
-  if (old == 0)
-    page.summary[q / 4096].fetch_or(std::uint64_t{1} << ((q / 64) % 64), std::memory_order_acq_rel);
+  page.ready[q / 64].fetch_or(bit, std::memory_order_acq_rel);
+  // Always, not only when the word's first bit was ours: a word with a bit set and no summary bit
+  // (forged, or a producer killed between the two) would otherwise never be looked at again.
+  page.summary[q / 4096].fetch_or(std::uint64_t{1} << ((q / 64) % 64), std::memory_order_acq_rel);
   // Step 2. Pairs with the queue's fence between its store of sleepers and its last look (P6q):
   // either it sees our bit, or we see its sleepers.
   std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -45,6 +45,9 @@ void wake_queue(shm::QueueReadyPage& page, std::uint32_t sleepers, int signal_fd
 Result<QueueBell> QueueBell::make() {
   QueueBell b;
   b.ready_fd_ = MBMQ_TRY(os::make_sealed_memfd("mbmq-queue-ready", shm::kQueuePageSize));
+  // No more seals, from anyone: a peer that added F_SEAL_FUTURE_WRITE would keep every later peer
+  // from mapping the page.
+  MBMQ_TRY(os::add_seals(b.ready_fd_.get(), os::kSealSeal));
   b.ready_map_ = MBMQ_TRY(
       os::Mapping::map_shared(b.ready_fd_.get(), shm::kQueuePageSize, os::Access::ReadWrite));
   b.ready_ = new (b.ready_map_.data()) shm::QueueReadyPage{};
@@ -55,9 +58,8 @@ Result<QueueBell> QueueBell::make() {
   // Our mapping stays writable; nobody can map the page writable from now on (a peer that could
   // would stop every wake-up by clearing sleepers).
   MBMQ_TRY(os::add_seals(b.wait_fd_.get(), os::kSealFutureWrite | os::kSealSeal));
-  auto [rx, tx] = MBMQ_TRY(os::stream_pair());
-  b.signal_rx_ = std::move(rx);
-  b.signal_tx_ = std::move(tx);
+  b.signal_rx_ = MBMQ_TRY(os::dgram_receiver());
+  b.signal_tx_ = MBMQ_TRY(os::dgram_sender_to(b.signal_rx_.get()));
   return b;
 }
 
@@ -86,7 +88,8 @@ const char* PeerBell::open(BellFds fds, std::uint32_t gen, std::uint32_t q) {
     return "doorbell: malformed (fds or slot)";
   if (!page_ok(fds.ready.get()) || !page_ok(fds.wait.get()))
     return "doorbell: not a memfd of a page sealed against shrinking";
-  if (!os::is_unix_stream(fds.signal.get())) return "doorbell: the signal fd is not a socket";
+  if (!os::is_unix_dgram(fds.signal.get()))
+    return "doorbell: the signal fd is not a datagram socket";
   auto r = os::Mapping::map_shared(fds.ready.get(), shm::kQueuePageSize, os::Access::ReadWrite);
   auto w = os::Mapping::map_shared(fds.wait.get(), shm::kQueuePageSize, os::Access::ReadOnly);
   if (!r || !w) return nullptr;  // a local failure is not the peer's: the bell stays closed

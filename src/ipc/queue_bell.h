@@ -1,7 +1,7 @@
 // ipc/queue_bell.h: a MsgQueue's doorbell, both halves (P4q/P6q of src/shm/layout.h).
 //   - QueueBell, the queue's own: the ready page (read-write for everyone), the wait page (written
-//     by the queue only; peers can map it read-only), and the signal socket pair whose read end is
-//     MsgQueue::fd().
+//     by the queue only; peers can map it read-only), and the signal receiver, MsgQueue::fd() (a
+//     datagram socket; each channel's peer gets a sender of its own, connected to it).
 //   - PeerBell, a producer's view of its peer's queue: the pages mapped after the seal checks, the
 //     signal socket, and the slot of its channel; ring() is P4q.
 // Neither takes a lock: QueueBell's sleepers word is written under the queue's mutex by its
@@ -15,6 +15,7 @@
 #include "mbmq/result.h"
 #include "os/fd.h"
 #include "os/mapping.h"
+#include "os/unix_socket.h"
 #include "shm/layout.h"
 
 namespace mbmq::detail {
@@ -23,7 +24,7 @@ namespace mbmq::detail {
 struct BellFds {
   os::UniqueFd ready;   // QueueReadyPage memfd
   os::UniqueFd wait;    // QueueWaitPage memfd
-  os::UniqueFd signal;  // the signal socket's write end
+  os::UniqueFd signal;  // a datagram socket connected to the queue's signal receiver
   explicit operator bool() const noexcept { return static_cast<bool>(ready); }
   std::array<int, shm::kDoorbellFds> raw() const noexcept {
     return {ready.get(), wait.get(), signal.get()};
@@ -54,10 +55,11 @@ class QueueBell {
     wait_->hot.store(hot_plus_one, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
   }
-  // What travels to a producer (CtlMsg::Doorbell).
-  std::array<int, shm::kDoorbellFds> fds() const noexcept {
-    return {ready_fd_.get(), wait_fd_.get(), signal_tx_.get()};
-  }
+  // The pages' fds, for a producer (CtlMsg::Doorbell, with a sender of new_sender()).
+  int ready_fd() const noexcept { return ready_fd_.get(); }
+  int wait_fd() const noexcept { return wait_fd_.get(); }
+  // A sender of the channel's own: a peer that shuts its sender down silences itself only.
+  Result<os::UniqueFd> new_sender() const { return os::dgram_sender_to(signal_rx_.get()); }
   // MsgQueue::fd(): readable while the socket holds a byte.
   int signal_fd() const noexcept { return signal_rx_.get(); }
   // Marks q (a local event on that channel: its peer's death, a local close) and wakes as a
@@ -68,7 +70,7 @@ class QueueBell {
   }
   // Wakes every sleeping waiter and makes the fd readable (listeners, redirect, poke()).
   void poke() noexcept;
-  // Empties the signal socket (one recv when something is there).
+  // Empties the signal receiver (one recv per datagram, one more to see it empty).
   void drain() noexcept;
   // Makes the fd readable from here (a message found after draining: the level must stay).
   void signal_self() noexcept;
@@ -82,7 +84,7 @@ class QueueBell {
 
 class PeerBell {
  public:
-  // Checks the three fds (memfds of a page sealed against shrinking; a Unix stream socket) and
+  // Checks the three fds (memfds of a page sealed against shrinking; a Unix datagram socket) and
   // q < kQueueCapacity, and maps the pages: nullptr, or why not (the peer's fault: a protocol
   // error). A local mmap failure returns nullptr and leaves this bell closed (the peer's queue is
   // then never woken: the caller's problem is not the peer's).

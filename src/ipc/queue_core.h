@@ -7,7 +7,9 @@
 // robin: a busy channel cannot starve the others) and leaves the FIFO when a poll finds it empty.
 // The bits are hints any peer can forge or clear: forged ones cost spurious polls; cleared ones
 // are caught by a full scan (every end polled) after a wake-up that found no bit, every
-// kFullScanEveryNs while looking, and after a sleep's safety-net timeout.
+// kFullScanEveryNs while looking, and kSafetyNetNs after the queue last looked: a sleep's timeout,
+// or, while the owner waits on the fd instead, a timer on the watcher thread that makes the fd
+// readable.
 //
 // Locking: mu_ guards the ends, the FIFO, listeners, deferred replies and the sleepers count.
 // Order: the queue's mu_, then an end's mu_ (Endpoint::poll), or a listener's. slot_mu_ guards
@@ -22,12 +24,14 @@
 
 #include "ipc/atomic_wait_policy.h"
 #include "ipc/endpoint.h"
+#include "ipc/peer_watch.h"
 #include "ipc/queue_bell.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/result.h"
+#include "os/fd.h"
 #include "os/thread_annotations.h"
 #include "shm/layout.h"
 
@@ -35,16 +39,27 @@ namespace mbmq::detail {
 
 class ListenCore;
 
-class QueueCore {
+class QueueCore final : public Watched, public std::enable_shared_from_this<QueueCore> {
  public:
   // A full scan at least this often while the queue looks (spinning, or between messages).
   static constexpr std::int64_t kFullScanEveryNs = 10'000'000;
-  // A sleep lasts at most this long; a full scan follows it.
-  static constexpr std::int64_t kSafetyNetNs = 100'000'000;
+  // A sleep (or an armed fd) lasts at most this long without a look; a full scan follows it.
+  // The bound on the delay a peer clearing other channels' bits can cause an idle queue; and the
+  // idle cost: one full scan per second (~0.2 ms at 1,000 channels).
+  static constexpr std::int64_t kSafetyNetNs = 1'000'000'000;
+  // Replies held back by a caller's full control socket are retried this often (its reading does
+  // not ring our doorbell).
+  static constexpr std::int64_t kRetryNs = 1'000'000;
   // A wake-up that found no ready bit triggers a full scan, at most this often.
   static constexpr std::int64_t kEmptyWakeGapNs = 1'000'000;
 
   static Result<std::shared_ptr<QueueCore>> make(WaitPolicy policy);
+  ~QueueCore();
+  QueueCore() = default;
+  QueueCore(const QueueCore&) = delete;
+  QueueCore& operator=(const QueueCore&) = delete;
+  // The fd's safety-net timer expired (watcher thread).
+  void on_watch(int fd, std::uint32_t events) noexcept override;
 
   Result<Message> wait(Deadline deadline);
   // A slot for an end about to be redirected here (Errc::Busy when kQueueCapacity ends are);
@@ -52,8 +67,11 @@ class QueueCore {
   Result<std::uint32_t> reserve();
   void unreserve(std::uint32_t q);
   void add(std::shared_ptr<Endpoint> ep, std::uint32_t q);
-  // What travels to the peer of a redirected end (CtlMsg::Doorbell).
-  std::array<int, shm::kDoorbellFds> bell_fds() const noexcept { return bell_.fds(); }
+  // What travels to the peer of a redirected end (CtlMsg::Doorbell): the pages, and a signal
+  // sender of the channel's own.
+  int ready_fd() const noexcept { return bell_.ready_fd(); }
+  int wait_fd() const noexcept { return bell_.wait_fd(); }
+  Result<os::UniqueFd> new_signal_sender() const { return bell_.new_sender(); }
   // Something happened on the end in slot q here (its peer died, it was closed): look at it.
   void notify(std::uint32_t q) noexcept { bell_.ring_local(q); }
   // Listeners whose accepted connections arrive here as Kind::Connection.
@@ -95,6 +113,7 @@ class QueueCore {
   }
   // The fd: nothing was found; drain, arm, fence, look once more.
   bool arm_and_look(Message* out);
+  void set_safety_timer_locked() MBMQ_REQUIRES(mu_);
   void disarm();
 
   QueueBell bell_;
@@ -120,6 +139,14 @@ class QueueCore {
   bool armed_ MBMQ_GUARDED_BY(mu_) = false;
   std::atomic<bool> armed_hint_{false};  // armed_, read without the lock
   std::atomic<bool> fd_used_{false};
+  // The fd's safety net (kSafetyNetNs): a timerfd the watcher thread watches, set when the fd is
+  // armed with channels here and not already pending; when it fires, safety_due_ and the fd.
+  os::UniqueFd timer_;
+  std::uint64_t timer_watch_ MBMQ_GUARDED_BY(mu_) = 0;
+  int timer_pid_ MBMQ_GUARDED_BY(mu_) = 0;  // the process whose watcher has the timer
+  std::atomic<bool> timer_pending_{false};
+  std::atomic<bool> timer_is_retry_{false};  // set for kRetryNs (deferred replies), not the net
+  std::atomic<bool> safety_due_{false};
   // Free slots (slot_mu_): never reused while an end holds them.
   SpinMutex slot_mu_;
   std::vector<std::uint32_t> free_slots_ MBMQ_GUARDED_BY(slot_mu_);

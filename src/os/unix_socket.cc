@@ -278,7 +278,7 @@ bool is_unix_seqpacket(int fd) noexcept {
   return type == SOCK_SEQPACKET && domain == AF_UNIX;
 }
 
-bool is_unix_stream(int fd) noexcept {
+bool is_unix_dgram(int fd) noexcept {
   int type = 0, domain = 0;
   socklen_t len = sizeof(type);
   count_syscall();
@@ -286,7 +286,36 @@ bool is_unix_stream(int fd) noexcept {
   len = sizeof(domain);
   count_syscall();
   if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return false;
-  return type == SOCK_STREAM && domain == AF_UNIX;
+  return type == SOCK_DGRAM && domain == AF_UNIX;
+}
+
+Result<UniqueFd> dgram_receiver() {
+  count_syscall();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) return fail(Error::from_syscall("socket", errno));
+  // Autobind: the kernel picks an unused abstract name. Anyone on the machine may send to it:
+  // a spurious wake-up at worst.
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  count_syscall();
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&a), sizeof(sa_family_t)) != 0)
+    return fail(Error::from_syscall("bind", errno));
+  return fd;
+}
+
+Result<UniqueFd> dgram_sender_to(int receiver) {
+  sockaddr_un a{};
+  socklen_t len = sizeof(a);
+  count_syscall();
+  if (::getsockname(receiver, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    return fail(Error::from_syscall("getsockname", errno));
+  count_syscall();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!fd) return fail(Error::from_syscall("socket", errno));
+  count_syscall();
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&a), len) != 0)
+    return fail(Error::from_syscall("connect", errno));
+  return fd;
 }
 
 void signal_byte(int sock) noexcept {
@@ -296,19 +325,17 @@ void signal_byte(int sock) noexcept {
 }
 
 std::size_t drain_bytes(int sock) noexcept {
-  std::size_t total = 0;
-  char buf[256];
-  for (;;) {
+  std::size_t n = 0;
+  char buf[16];
+  while (n < 64) {
     count_syscall();
-    ssize_t n = ::recv(sock, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n > 0) {
-      total += static_cast<std::size_t>(n);
-      if (static_cast<std::size_t>(n) < sizeof(buf)) return total;
-      continue;
+    if (::recv(sock, buf, sizeof(buf), MSG_DONTWAIT) < 0) {
+      if (errno == EINTR) continue;
+      break;
     }
-    if (n < 0 && errno == EINTR) continue;
-    return total;
+    ++n;
   }
+  return n;
 }
 
 Result<PeerCred> peer_cred(int sock) {

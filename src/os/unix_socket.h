@@ -84,14 +84,18 @@ struct PeerCred {
 };
 // True if fd is an AF_UNIX SOCK_SEQPACKET socket (a control socket received from a peer).
 bool is_unix_seqpacket(int fd) noexcept;
-// True if fd is an AF_UNIX SOCK_STREAM socket (a queue's signal socket received from a peer).
-bool is_unix_stream(int fd) noexcept;
+// True if fd is an AF_UNIX SOCK_DGRAM socket (a queue's signal sender received from a peer).
+bool is_unix_dgram(int fd) noexcept;
 
-// A queue's signal socket (P4q): one byte, MSG_DONTWAIT | MSG_NOSIGNAL. Never blocks, whatever
-// the fd's flags; every failure (a full socket is already readable; a closed one has no reader)
-// is ignored.
+// A queue's signal (P4q): an AF_UNIX SOCK_DGRAM socket bound to an autobound abstract name (the
+// queue's fd), and senders connected to it, one per channel, so that what a peer does to its own
+// sender (shutdown, close) concerns its channel only.
+Result<UniqueFd> dgram_receiver();
+Result<UniqueFd> dgram_sender_to(int receiver);
+// One byte, MSG_DONTWAIT | MSG_NOSIGNAL. Never blocks, whatever the fd's flags; every failure (a
+// full receiver is already readable; a closed one has no reader) is ignored.
 void signal_byte(int sock) noexcept;
-// Reads (MSG_DONTWAIT) and discards everything queued on sock; the bytes read.
+// Reads (MSG_DONTWAIT) and discards what is queued on sock, at most 64 datagrams; how many.
 std::size_t drain_bytes(int sock) noexcept;
 
 // SO_PEERCRED of a connected AF_UNIX socket: who was at the other end when it connected.

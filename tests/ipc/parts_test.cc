@@ -337,11 +337,10 @@ TEST(PeerTrustTest, ALargeAnswerToAnUntrustedPeerGoesBackSealed) {
 
 namespace {
 BellFds dup_bell(const QueueBell& q) {
-  auto fds = q.fds();
   BellFds b;
-  b.ready = os::UniqueFd(::dup(fds[0]));
-  b.wait = os::UniqueFd(::dup(fds[1]));
-  b.signal = os::UniqueFd(::dup(fds[2]));
+  b.ready = os::UniqueFd(::dup(q.ready_fd()));
+  b.wait = os::UniqueFd(::dup(q.wait_fd()));
+  if (auto s = q.new_sender()) b.signal = std::move(*s);
   return b;
 }
 }  // namespace
@@ -371,7 +370,7 @@ TEST(PeerBellTest, ADoorbellMustBeTwoSealedPagesAndASocketWithASlotInRange) {
   }
   {
     BellFds b = dup_bell(*q);
-    b.signal = os::UniqueFd(::dup(raw));  // not a socket: a write could block on a pipe
+    b.signal = os::UniqueFd(::dup(raw));  // not a datagram socket: a write could block
     PeerBell bad;
     EXPECT_NE(bad.open(std::move(b), 1, 0), nullptr);
   }
@@ -381,7 +380,7 @@ TEST(PeerBellTest, ADoorbellMustBeTwoSealedPagesAndASocketWithASlotInRange) {
 TEST(PeerBellTest, NoPeerCanMapTheWaitPageWritable) {
   auto q = QueueBell::make();
   ASSERT_TRUE(q);
-  const int wait_fd = q->fds()[1];
+  const int wait_fd = q->wait_fd();
   void* p = ::mmap(nullptr, shm::kQueuePageSize, PROT_READ | PROT_WRITE, MAP_SHARED, wait_fd, 0);
   EXPECT_EQ(p, MAP_FAILED);
   EXPECT_EQ(errno, EPERM);

@@ -47,11 +47,25 @@ ToolRun run(const std::vector<std::string>& args, const std::string& program = k
   return r;
 }
 
+// Every mechanism of the default list, in its order.
 const std::vector<std::string> kMechanisms = {
-    "raw-spin",      "raw-ring",   "raw-futex",      "mbmq-spin",
-    "mbmq-adaptive", "mbmq-sleep", "mbmq-untrusted", "mbmq-untrusted-copy",
-    "pipe",          "uds",        "uds-seqpacket",  "tcp",
-    "zeromq-ipc",    "boost-mq",   "iceoryx"};
+    "raw-spin",
+    "raw-ring",
+    "raw-futex",
+    "mbmq-spin",
+    "mbmq-adaptive",
+    "mbmq-sleep",
+    "mbmq-fd",
+    "mbmq-untrusted",
+    "mbmq-untrusted-copy",
+    "pipe",
+    "uds",
+    "uds-seqpacket",
+    "tcp",
+    "zeromq-ipc",
+    "boost-mq",
+    "iceoryx",
+};
 
 TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
   const std::vector<std::vector<std::string>> bad = {
@@ -170,16 +184,16 @@ TEST(Tool, ChannelsRowsCarryTheCountVerifyAndSayWhenFdsRunOut) {
     EXPECT_FALSE(res.contains("error")) << m << ": " << res["error"];
     EXPECT_GT(res["iterations"].get<std::size_t>(), 0u) << m;
   }
-  for (const char* m : {"mbmq-spin", "mbmq-adaptive", "mbmq-sleep", "uds-epoll"})
+  for (const char* m : {"mbmq-spin", "mbmq-adaptive", "mbmq-sleep", "mbmq-fd", "uds-epoll"})
     for (std::size_t n : {1u, 8u}) EXPECT_TRUE(seen.count({m, n})) << m << " x" << n;
-  EXPECT_EQ(seen.size(), 8u);
+  EXPECT_EQ(seen.size(), 10u);
 
   ToolRun bad = run({"bench", "--json", "--channels", "4", "--seconds", "0.05", "--no-strace",
                      "--inject-corruption"});
   EXPECT_EQ(bad.code, 1);
   auto bdoc = nlohmann::json::parse(bad.out, nullptr, false);
   ASSERT_FALSE(bdoc.is_discarded()) << bad.err;
-  ASSERT_EQ(bdoc["results"].size(), 4u);
+  ASSERT_EQ(bdoc["results"].size(), 5u);
   for (const auto& res : bdoc["results"])
     EXPECT_NE(res.value("error", "").find("verification"), std::string::npos) << res;
 

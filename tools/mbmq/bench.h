@@ -16,6 +16,10 @@
 
 #include "mbmq/result.h"
 
+namespace mbmq {
+class MsgQueue;
+}
+
 namespace mbmq::tool {
 
 // ---- the work of a round trip ------------------------------------------------------------------
@@ -46,6 +50,18 @@ struct ServerCounter {
   void stop();
   ServerStats finish(int error);
 };
+
+// ---- the mbmq server loop
+// How the server of an mbmq row waits for its queue's next message.
+enum class QueueWait : std::uint8_t {
+  Block,  // wait() / reply_and_wait() with Deadline::never(): the queue's WaitPolicy decides
+  Epoll,  // the event-loop way (MsgQueue::fd()): epoll_wait on the fd, then wait(immediate) /
+          // reply_and_wait(immediate) until Errc::TimedOut, then epoll_wait again
+};
+// Answers every request on `q` (the sum of its payload, read in place, 8 bytes back in the same
+// buffer) until the stop request (an empty one) or the client's PeerClosed. Every message must
+// come from the channel with key `key`. 0 when stopped; else a server error code for ServerStats.
+int serve_queue(MsgQueue& q, QueueWait how, std::uint64_t key, ServerCounter& count);
 
 // ---- mechanisms ------------------------------------------------------------------------------
 // setup() runs in the parent before the fork; serve() in the server child; after_fork_parent()
@@ -78,7 +94,7 @@ int iceoryx_server_main(const std::vector<std::string>& args);
 // A run under strace, started by a run that has RouDi up already: use that one.
 void use_running_roudi();
 std::vector<Mechanism> all_mechanisms();
-// `mbmq bench --channels`: mbmq-spin, mbmq-adaptive, mbmq-sleep and uds-epoll, each a server
+// `mbmq bench --channels`: mbmq-spin, -adaptive, -sleep, -fd and uds-epoll, each a server
 // holding n channels (n-1 idle, one active) and a client holding their other ends.
 std::vector<Mechanism> channel_mechanisms(std::size_t n);
 // The fds one channel of that mechanism takes, both ends (measured: make one, count).

@@ -345,7 +345,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
     app.add_option(
         "--channels", channels_arg,
         "instead: a server holding N channels, N-1 idle, one active (e.g. "
-        "1,64,1024,4096): mbmq-spin/-adaptive/-sleep beside a Unix socket + epoll, 64 B");
+        "1,64,1024,4096): mbmq-spin/-adaptive/-sleep/-fd beside a Unix socket + epoll, 64 B");
   if (!copies_mode)
     app.add_option("--async", async_n,
                    "instead: N calls in flight at once (1..64): async_calls on one channel "

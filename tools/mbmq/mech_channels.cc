@@ -3,6 +3,8 @@
 //   mbmq-spin / mbmq-adaptive / mbmq-sleep   N Channel pairs; the server adopts its N ends into one
 //              MsgQueue with that WaitPolicy (both sides), the client holds the N client ends and
 //              calls on one of them
+//   mbmq-fd    mbmq-sleep with the server in an event loop: epoll_wait on MsgQueue::fd(), then
+//              wait(immediate) / reply_and_wait(immediate) until TimedOut
 //   uds-epoll  N Unix stream socket pairs; the server waits on all N in one epoll set and answers
 //              the active one (the framing of `uds`); the client does write() + read() on its end
 // Everything is made in setup() (before the fork), adopted or registered by the server, and only
@@ -48,7 +50,8 @@ struct Ready {
   }
 };
 
-Mechanism mbmq_channels(const char* name, WaitMode mode, std::size_t n) {
+// `how`: the server in wait() (Block) or in epoll_wait on the queue's fd (Epoll).
+Mechanism mbmq_channels(const char* name, WaitMode mode, QueueWait how, std::size_t n) {
   struct State {
     std::vector<Channel> client, server;
     Ready ready;
@@ -77,7 +80,7 @@ Mechanism mbmq_channels(const char* name, WaitMode mode, std::size_t n) {
     st->size = size;
     return st->ready.make();
   };
-  m.serve = [st, mode](std::size_t, ServerCounter& count) -> int {
+  m.serve = [st, mode, how](std::size_t, ServerCounter& count) -> int {
     for (auto& c : st->client) c.close();
     WaitPolicy policy;
     policy.mode = mode;
@@ -86,25 +89,9 @@ Mechanism mbmq_channels(const char* name, WaitMode mode, std::size_t n) {
     for (std::size_t i = 0; i < st->server.size(); ++i)
       if (!q->adopt(std::move(st->server[i]), i)) return 1;
     if (q->channel_count() != st->server.size() || !st->ready.signal()) return 1;
-    auto msg = q->wait(Deadline::never());
-    for (;;) {
-      if (!msg) return 2;
-      // An idle channel says nothing, not even PeerClosed: the client keeps them all open.
-      if (msg->key != kActive) return 5;
-      if (msg->kind != Kind::Request) return msg->kind == Kind::PeerClosed ? 0 : 3;
-      Buffer& b = msg->buffer;
-      std::size_t len = b.size();
-      if (len == 0) {
-        count.stop();
-        (void)MsgQueue::reply(std::move(*msg));  // the stop request
-        return 0;
-      }
-      std::uint64_t sum = read_payload(b.data().data(), len);  // read in place
-      std::memcpy(b.data().data(), &sum, 8);
-      if (!b.resize(8)) return 4;
-      count.tick();
-      msg = q->reply_and_wait(std::move(*msg), Deadline::never());
-    }
+    // An idle channel says nothing, not even PeerClosed (the client keeps them all open): a
+    // message with another key fails the cell.
+    return serve_queue(*q, how, kActive, count);
   };
   m.after_fork_parent = [st]() -> Status {
     for (auto& s : st->server) s.close();
@@ -225,9 +212,11 @@ Mechanism uds_epoll(std::size_t n) {
 
 std::vector<Mechanism> channel_mechanisms(std::size_t n) {
   std::vector<Mechanism> v;
-  v.push_back(mbmq_channels("mbmq-spin", WaitMode::Spin, n));
-  v.push_back(mbmq_channels("mbmq-adaptive", WaitMode::Adaptive, n));
-  v.push_back(mbmq_channels("mbmq-sleep", WaitMode::Sleep, n));
+  v.push_back(mbmq_channels("mbmq-spin", WaitMode::Spin, QueueWait::Block, n));
+  v.push_back(mbmq_channels("mbmq-adaptive", WaitMode::Adaptive, QueueWait::Block, n));
+  v.push_back(mbmq_channels("mbmq-sleep", WaitMode::Sleep, QueueWait::Block, n));
+  // As in the main bench (mech_shm.cc): a Sleep queue, so that wait(immediate) looks only once.
+  v.push_back(mbmq_channels("mbmq-fd", WaitMode::Sleep, QueueWait::Epoll, n));
   v.push_back(uds_epoll(n));
   return v;
 }

@@ -5,13 +5,17 @@
 //   raw-futex  shared memory, always FUTEX_WAKE the peer and FUTEX_WAIT for it
 //   mbmq-spin / mbmq-adaptive / mbmq-sleep   a Channel, the server on a MsgQueue, with that
 //              WaitPolicy on both sides (0 copies: the payload is written once, in place)
+//   mbmq-fd    mbmq-sleep with the server in an event loop: epoll_wait on MsgQueue::fd(), then
+//              wait(immediate) / reply_and_wait(immediate) until TimedOut (#13)
 #include <atomic>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <optional>
 
 #include "bench.h"
 #include "mbmq/mbmq.h"
+#include "os/epoll.h"
 #include "os/futex.h"
 #include "os/mapping.h"
 #include "os/memfd.h"
@@ -165,7 +169,9 @@ Mechanism raw_ring_mechanism() {
 }
 
 // ---- mbmq ---------------------------------------------------------------------------------------
-Mechanism mbmq_mechanism(const char* name, WaitMode mode, Trust server_trust = Trust::Cooperative,
+// `how`: the server in wait() (Block) or in epoll_wait on the queue's fd (Epoll).
+Mechanism mbmq_mechanism(const char* name, WaitMode mode, QueueWait how = QueueWait::Block,
+                         Trust server_trust = Trust::Cooperative,
                          std::uint32_t copy_threshold = 0) {
   struct State {
     Channel client, server;
@@ -194,29 +200,13 @@ Mechanism mbmq_mechanism(const char* name, WaitMode mode, Trust server_trust = T
     st->size = size;
     return {};
   };
-  m.serve = [st, mode](std::size_t, ServerCounter& count) -> int {
+  m.serve = [st, mode, how](std::size_t, ServerCounter& count) -> int {
     st->client.close();
     WaitPolicy policy;
     policy.mode = mode;
     auto q = MsgQueue::create(policy);
     if (!q || !st->server.redirect(*q, 1)) return 1;
-    auto msg = q->wait(Deadline::never());
-    for (;;) {
-      if (!msg) return 2;
-      if (msg->kind != Kind::Request) return msg->kind == Kind::PeerClosed ? 0 : 3;
-      Buffer& b = msg->buffer;
-      std::size_t n = b.size();
-      if (n == 0) {
-        count.stop();
-        (void)MsgQueue::reply(std::move(*msg));  // the stop request
-        return 0;
-      }
-      std::uint64_t sum = read_payload(b.data().data(), n);  // read in place
-      std::memcpy(b.data().data(), &sum, 8);
-      if (!b.resize(8)) return 4;
-      count.tick();
-      msg = q->reply_and_wait(std::move(*msg), Deadline::never());
-    }
+    return serve_queue(*q, how, 1, count);
   };
   m.after_fork_parent = [st]() -> Status {
     st->server.close();
@@ -250,6 +240,44 @@ Mechanism mbmq_mechanism(const char* name, WaitMode mode, Trust server_trust = T
 
 }  // namespace
 
+int serve_queue(MsgQueue& q, QueueWait how, std::uint64_t key, ServerCounter& count) {
+  std::optional<os::Epoll> ep;
+  if (how == QueueWait::Epoll) {
+    // fd() before the first wait(): from then on, a wait() that finds nothing arms the fd.
+    auto e = os::Epoll::create();
+    if (!e || !e->add(q.fd(), os::kEpollIn, key)) return 6;
+    ep = std::move(*e);
+  }
+  const Deadline deadline = ep ? Deadline::immediate() : Deadline::never();
+  auto msg = q.wait(deadline);
+  for (;;) {
+    if (!msg) {
+      if (!ep || msg.error().code != Errc::TimedOut) return 2;
+      // Nothing there: that wait() armed the fd (level-triggered), so sleep in epoll_wait until
+      // it is readable, then take messages until the next TimedOut.
+      os::EpollEvent ev[1];
+      if (!ep->wait(ev, -1)) return 6;
+      msg = q.wait(deadline);
+      continue;
+    }
+    if (msg->key != key) return 5;
+    if (msg->kind != Kind::Request) return msg->kind == Kind::PeerClosed ? 0 : 3;
+    Buffer& b = msg->buffer;
+    std::size_t n = b.size();
+    if (n == 0) {
+      count.stop();
+      (void)MsgQueue::reply(std::move(*msg));  // the stop request
+      return 0;
+    }
+    std::uint64_t sum = read_payload(b.data().data(), n);  // read in place
+    std::memcpy(b.data().data(), &sum, 8);
+    if (!b.resize(8)) return 4;
+    count.tick();
+    // With Epoll, a TimedOut here has sent the reply all the same (only the wait timed out).
+    msg = q.reply_and_wait(std::move(*msg), deadline);
+  }
+}
+
 std::vector<Mechanism> shm_mechanisms() {
   std::vector<Mechanism> v;
   v.push_back(raw_mechanism(false));
@@ -258,11 +286,16 @@ std::vector<Mechanism> shm_mechanisms() {
   v.push_back(mbmq_mechanism("mbmq-spin", WaitMode::Spin));
   v.push_back(mbmq_mechanism("mbmq-adaptive", WaitMode::Adaptive));
   v.push_back(mbmq_mechanism("mbmq-sleep", WaitMode::Sleep));
+  // The server in an event loop (#13). Its queue sleeps at once (WaitMode::Sleep): a
+  // wait(immediate) then looks once and returns TimedOut, where Spin or Adaptive would look 64
+  // times first (SpinStep reads the clock once per 64 looks).
+  v.push_back(mbmq_mechanism("mbmq-fd", WaitMode::Sleep, QueueWait::Epoll));
   // The server untrusted of its client (Trust::Untrusted, default copy_threshold = slot_size).
-  v.push_back(mbmq_mechanism("mbmq-untrusted", WaitMode::Adaptive, Trust::Untrusted));
-  // The same with every size on the copy path (copy_threshold 64 MiB): no sealing.
   v.push_back(
-      mbmq_mechanism("mbmq-untrusted-copy", WaitMode::Adaptive, Trust::Untrusted, 64u << 20));
+      mbmq_mechanism("mbmq-untrusted", WaitMode::Adaptive, QueueWait::Block, Trust::Untrusted));
+  // The same with every size on the copy path (copy_threshold 64 MiB): no sealing.
+  v.push_back(mbmq_mechanism("mbmq-untrusted-copy", WaitMode::Adaptive, QueueWait::Block,
+                             Trust::Untrusted, 64u << 20));
   return v;
 }
 
