@@ -82,14 +82,14 @@
 //       it names, and polls the channels of the bits it got (P5), round-robin: a channel that
 //       delivered goes to the back of a private list, and stays there until a poll finds it
 //       empty. Sleeping: read `word`, store sleepers (+1), seq_cst fence, look once more,
-//       FUTEX_WAIT(word, value read, at most QueueCore::kSafetyNetNs, 1 s), store sleepers (-1). The fd
-//       (MsgQueue::fd(), the signal socket's other end): a wait() that finds nothing drains the
-//       socket, sets kQueueArmed, fences and looks once more before it returns TimedOut; the next
-//       wait() clears kQueueArmed. The ready bits are hints written by every peer of the queue: a
-//       peer can set or clear other channels' bits. Setting costs spurious polls; clearing is
-//       caught by a poll of every channel (a "full scan") after a wake-up that found no bit, every
-//       10 ms while the queue looks, and 1 s after it last looked (a sleep's timeout; a timer that
-//       makes an armed fd readable).
+//       FUTEX_WAIT(word, value read, at most QueueCore::kSafetyNetNs, 1 s), store sleepers (-1).
+//       The fd (MsgQueue::fd(), the signal socket's other end): a wait() that finds nothing drains
+//       the socket, sets kQueueArmed, fences and looks once more before it returns TimedOut; the
+//       next wait() clears kQueueArmed. The ready bits are hints written by every peer of the
+//       queue: a peer can set or clear other channels' bits. Setting costs spurious polls; clearing
+//       is caught by a poll of every channel (a "full scan") after a wake-up that found no bit,
+//       every 10 ms while the queue looks, and 1 s after it last looked (a sleep's timeout; a timer
+//       that makes an armed fd readable).
 //  (P7) Reply: the callee writes the answer into the same buffer and sends Desc{Reply} naming it;
 //       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
 //       A request released without an answer is replied to with status NoReply; a one-way message
