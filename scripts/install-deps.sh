@@ -4,16 +4,18 @@
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
-      libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev
+      libexpected-dev libcli11-dev nlohmann-json3-dev libfmt-dev libasio-dev
       strace valgrind
       libzmq3-dev libboost-dev iceoryx libiceoryx-posh-dev libiceoryx-hoofs-dev
       clang libclang-rt-14-dev clang-format clang-tidy
       curl nginx-light)
-# The fourth line: what `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and
-# its RouDi). The fifth: libFuzzer and FuzzedDataProvider.h for the fuzz targets, the clang build
-# (preset tsa: -Wthread-safety) and the style checks: clang-format (scripts/check-format.sh, a
-# test) and clang-tidy (scripts/clang-tidy.sh). The last: the HTTP client of the file_server
-# tests and the server `mbmq files` compares file_server against.
+# libasio-dev (third line): standalone asio, header-only, for mbmq/asio.h, its example and tests,
+# and `mbmq bench --async`; the library itself does not need it. The fourth line: what
+# `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and its RouDi). The fifth:
+# libFuzzer and FuzzedDataProvider.h for the fuzz targets, the clang build (preset tsa:
+# -Wthread-safety) and the style checks: clang-format (scripts/check-format.sh, a test) and
+# clang-tidy (scripts/clang-tidy.sh). The last: the HTTP client of the file_server tests and the
+# server `mbmq files` compares file_server against.
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

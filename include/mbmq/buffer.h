@@ -69,6 +69,13 @@ class MBMQ_EXPORT Buffer {
   std::size_t size() const noexcept { return size_; }
   std::size_t capacity() const noexcept { return capacity_; }
   bool valid() const noexcept { return data_ != nullptr; }
+  // Which buffer of its channel end this is (a pool slot or an extent), as an opaque number: the
+  // same for a buffer this side owns from send_request() to its Kind::Reply, and different for any
+  // two buffers of one end in flight at once. It matches replies to requests when many are in
+  // flight on one channel (mbmq/asio.h). data() cannot: an untrusted end reads a reply in a
+  // private copy, and a sealed answer may come back in a replacement extent (P5b, P7b).
+  // Meaningless for an invalid buffer.
+  std::uint32_t id() const noexcept { return id_; }
 
   // Sets size(); n <= capacity() never moves the bytes. A larger n on a buffer this side owns
   // calls reserve(n) first. A buffer received from the peer cannot grow past its capacity

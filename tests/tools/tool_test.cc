@@ -78,6 +78,10 @@ TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
       {"bench", "--channels", "0"},
       {"bench", "--channels", "1,x"},
       {"bench", "--channels", "4", "--mechanisms", "raw-spin"},  // not a channel mechanism
+      {"bench", "--async", "0"},
+      {"bench", "--async", "65"},                             // above the 64 slots of a side
+      {"bench", "--async", "8", "--channels", "4"},           // one or the other
+      {"bench", "--async", "8", "--mechanisms", "raw-spin"},  // not an async mechanism
       {"bench", "--frobnicate"},
       {"frobnicate"},
       {},

@@ -99,6 +99,10 @@ std::vector<Mechanism> all_mechanisms();
 std::vector<Mechanism> channel_mechanisms(std::size_t n);
 // The fds one channel of that mechanism takes, both ends (measured: make one, count).
 std::size_t fds_per_channel(const std::string& mechanism);
+// `mbmq bench --async N` (mech_async.cc; built where asio is found): async-1ch (N async_calls
+// on one channel), async-Nch (N channels, one async_call each), blocking-Nch (N channels, one
+// blocking call each from N threads). One "round trip" of these cells is a batch of N calls.
+std::vector<Mechanism> async_mechanisms(std::size_t n);
 
 // ---- a cell ------------------------------------------------------------------------------------
 struct Options {
@@ -113,6 +117,7 @@ struct CellResult {
   std::string mechanism;
   std::size_t size = 0;
   std::size_t channels = 0;       // --channels: channels the server holds; 0: not such a cell
+  std::size_t in_flight = 0;      // --async: calls per batch (lat: batch times); 0: not such a cell
   std::vector<std::int64_t> lat;  // ns per round trip, measured iterations, sorted
   std::optional<double> syscalls_per_rtt, allocs_per_rtt;  // os/ counters, both sides
   double client_syscalls = 0, server_syscalls = 0;

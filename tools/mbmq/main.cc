@@ -240,6 +240,87 @@ int run_channels(const std::vector<std::size_t>& counts, const std::string& only
   return 0;
 }
 
+// `mbmq bench --async N`: per size, the three async mechanisms (mech_async.cc); one iteration of
+// these cells is a batch of N calls in flight at once. The checks: async-1ch's median batch
+// against blocking-Nch's and async-Nch's (issue #13: <= 1.5x).
+int run_async(std::size_t n, const std::string& only, const Options& opt, Output out) {
+#if MBMQ_HAVE_ASIO
+  std::vector<Mechanism> mechs = async_mechanisms(n);
+  if (!select_mechanisms(mechs, only)) return 2;
+  Progress progress;
+  progress.total = mechs.size() * opt.sizes.size();
+  progress.on =
+      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  std::vector<CellResult> results;
+  for (std::size_t size : opt.sizes) {
+    for (auto& m : mechs) {
+      progress.step(m.name);
+      CellResult r = run_cell(m, size, opt);
+      r.in_flight = n;
+      r.channels = m.name == "async-1ch" ? 1 : n;
+      results.push_back(std::move(r));
+    }
+  }
+  progress.clear();
+  const std::string nch = std::to_string(n) + "ch";
+  auto p50 = [&](const std::string& mech, std::size_t size) -> double {
+    for (const auto& r : results)
+      if (r.mechanism == mech && r.size == size && r.error.empty() && !r.lat.empty())
+        return r.pct(0.5);
+    return 0;
+  };
+  std::vector<Check> checks;
+  for (std::size_t size : opt.sizes) {
+    const double one = p50("async-1ch", size);
+    for (const std::string& base : {"blocking-" + nch, "async-" + nch}) {
+      const double b = p50(base, size);
+      if (one > 0 && b > 0)
+        checks.push_back({"async-1ch / " + base + " median batch of " + std::to_string(n) +
+                              " calls, " + human_size(size),
+                          one / b, 1.5, one / b <= 1.5});
+    }
+  }
+  if (out == Output::Json) {
+    std::printf("%s\n", to_json(results, checks, opt).dump(2).c_str());
+  } else {
+    std::printf(
+        "mbmq bench --async %zu: %d CPUs, %s, %.2f s per cell.\nA batch: %zu calls in flight at "
+        "once; it ends when the last reply is verified. The server, another process, answers\n"
+        "each request in turn with the 8-byte sum of its payload.\n  async-1ch     %zu "
+        "async_calls on one channel (mbmq/asio.h)\n  async-%-7s %zu channels, one async_call "
+        "each, one AsyncQueue\n  blocking-%-4s %zu channels, one blocking call() each, from %zu "
+        "threads\n\n",
+        n, cpus(), opt.pin && cpus() >= 2 ? "client on CPU 0, server on CPU 1" : "not pinned",
+        opt.seconds_per_cell, n, n, nch.c_str(), n, nch.c_str(), n, n);
+    std::printf("%-16s %8s %8s %12s %12s %12s %10s %12s\n", "mechanism", "size", "batches",
+                "p50 us", "p99 us", "per call us", "batches/s", "cpu us/batch");
+    for (const auto& r : results) {
+      if (!r.error.empty()) {
+        std::printf("%-16s %8s  %s\n", r.mechanism.c_str(), human_size(r.size).c_str(),
+                    r.error.c_str());
+        continue;
+      }
+      std::printf("%-16s %8s %8zu %12.1f %12.1f %12.2f %10.0f %12.1f\n", r.mechanism.c_str(),
+                  human_size(r.size).c_str(), r.lat.size(), r.pct(0.5) / 1e3, r.pct(0.99) / 1e3,
+                  r.pct(0.5) / 1e3 / static_cast<double>(n), r.rtt_per_s(), r.cpu_ns_per_rtt / 1e3);
+    }
+    std::printf("\n");
+    for (const auto& c : checks)
+      std::printf("%-60s %6.2fx  (limit %.1fx)  %s\n", c.what.c_str(), c.measured, c.limit,
+                  c.pass ? "ok" : "OVER");
+  }
+  if (failed_any(results)) {
+    std::fprintf(stderr, "mbmq bench --async: a cell failed (see its row)\n");
+    return 1;
+  }
+  return 0;
+#else
+  (void)n, (void)only, (void)opt, (void)out;
+  std::fprintf(stderr, "--async: this mbmq was built without asio (Debian: libasio-dev)\n");
+  return 2;
+#endif
+}
+
 int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
               const std::string& self) {
   CLI::App app{copies_mode
@@ -251,6 +332,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   std::string only, plot, channels_arg;
   double seconds = copies_mode ? 0.3 : 1.0;
   std::uint64_t fixed = 0;
+  std::size_t async_n = 0;
   app.add_flag("--json", json, "print one JSON document instead of the table");
   app.add_flag("--markdown", markdown_out, "print a Markdown table instead");
   app.add_flag("--quick", quick, "a run under 30 s: sizes 64,64K,1M and 0.2 s per cell");
@@ -264,6 +346,11 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
         "--channels", channels_arg,
         "instead: a server holding N channels, N-1 idle, one active (e.g. "
         "1,64,1024,4096): mbmq-spin/-adaptive/-sleep/-fd beside a Unix socket + epoll, 64 B");
+  if (!copies_mode)
+    app.add_option("--async", async_n,
+                   "instead: N calls in flight at once (1..64): async_calls on one channel "
+                   "(mbmq/asio.h) beside N channels with one call each, async and blocking; 64 B")
+        ->check(CLI::Range(1, 64));
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
   app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
@@ -288,6 +375,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
       channel_counts = parse_channels(channels_arg);
       if (!app.count("--sizes")) sizes_arg = "64";
     }
+    if (async_n != 0 && !app.count("--sizes")) sizes_arg = "64";
     opt.sizes = parse_sizes(quick && !app.count("--sizes") ? std::string("64,64K,1M") : sizes_arg);
   } catch (const CLI::Error& e) {
     std::fprintf(stderr, "%s\n", e.what());
@@ -303,6 +391,14 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   g_work.touch = !no_touch;
   g_work.corrupt = corrupt;
   if (roudi_running) use_running_roudi();
+  if (async_n != 0) {
+    if (!plot.empty() || fixed != 0 || !channel_counts.empty()) {
+      std::fprintf(stderr, "--async: --plot, --fixed-rtts and --channels do not apply\n");
+      return 2;
+    }
+    if (quick && !app.count("--sizes")) opt.sizes = {64};
+    return run_async(async_n, only, opt, json ? Output::Json : Output::Table);
+  }
   if (!channel_counts.empty()) {
     if (!plot.empty() || fixed != 0) {
       std::fprintf(stderr, "--channels: --plot and --fixed-rtts do not apply\n");

@@ -128,7 +128,8 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
     json j;
     j["mechanism"] = r.mechanism;
     j["size"] = r.size;
-    if (r.channels > 0) j["channels"] = r.channels;  // --channels rows only
+    if (r.channels > 0) j["channels"] = r.channels;     // --channels rows only
+    if (r.in_flight > 0) j["in_flight"] = r.in_flight;  // --async rows: one iteration = a batch
     j["iterations"] = r.lat.size();
     const bool ok = r.error.empty() && !r.lat.empty();
     j["p50_ns"] = ok ? json(r.pct(0.5)) : json();
