@@ -119,7 +119,12 @@ TEST(QueueIdle, OwnerInEpollWaitOnTheFdUsesUnderAThousandthOfACpu) {
   EXPECT_EQ(messages, 0);
   EXPECT_LE(wakes, 12) << "the fd of an idle queue became readable more often than its safety net";
   EXPECT_LE(scans, 12u) << "more full scans than the 1 s safety net makes";
+#if defined(__SANITIZE_ADDRESS__)
+  // ASan makes each safety-net full scan ~5x dearer; the Release run holds the 0.1% bar.
+  EXPECT_LT(cpu, kWaitNs / 200) << "over 0.5% of a CPU while idle in epoll (ASan)";
+#else
   EXPECT_LT(cpu, kWaitNs / 1000) << "over 0.1% of a CPU while idle in epoll";
+#endif
   end_idle(s);
 }
 
