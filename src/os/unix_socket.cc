@@ -267,7 +267,8 @@ Result<int> set_send_buffer(int sock, int bytes) {
   return got;
 }
 
-bool is_unix_seqpacket(int fd) noexcept {
+namespace {
+bool is_unix_of_type(int fd, int want) noexcept {
   int type = 0, domain = 0;
   socklen_t len = sizeof(type);
   count_syscall();
@@ -275,19 +276,13 @@ bool is_unix_seqpacket(int fd) noexcept {
   len = sizeof(domain);
   count_syscall();
   if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return false;
-  return type == SOCK_SEQPACKET && domain == AF_UNIX;
+  return type == want && domain == AF_UNIX;
 }
+}  // namespace
 
-bool is_unix_dgram(int fd) noexcept {
-  int type = 0, domain = 0;
-  socklen_t len = sizeof(type);
-  count_syscall();
-  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return false;
-  len = sizeof(domain);
-  count_syscall();
-  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return false;
-  return type == SOCK_DGRAM && domain == AF_UNIX;
-}
+bool is_unix_seqpacket(int fd) noexcept { return is_unix_of_type(fd, SOCK_SEQPACKET); }
+
+bool is_unix_dgram(int fd) noexcept { return is_unix_of_type(fd, SOCK_DGRAM); }
 
 Result<UniqueFd> dgram_receiver() {
   count_syscall();
