@@ -565,6 +565,24 @@ class AsyncCore : public std::enable_shared_from_this<AsyncCore> {
   std::size_t abandoned_ = 0;  // late replies awaited, all channels
 };
 
+// Completes `handler` with `r` through a post: on the handler's associated executor, else on
+// `ex` (the queue's, kept after close), else on asio's system executor (a default-constructed
+// object that never had one).
+template <class Handler, class R>
+void post_failure(Handler&& handler, const asio::any_io_executor& ex, R r) {
+  if (ex) {
+    auto target = asio::get_associated_executor(handler, ex);
+    asio::post(target, [h = std::forward<Handler>(handler), r = std::move(r)]() mutable {
+      std::move(h)(std::move(r));
+    });
+  } else {
+    auto target = asio::get_associated_executor(handler);
+    asio::post(target, [h = std::forward<Handler>(handler), r = std::move(r)]() mutable {
+      std::move(h)(std::move(r));
+    });
+  }
+}
+
 }  // namespace detail
 
 class AsyncChannel;
@@ -580,6 +598,7 @@ class AsyncQueue {
     if (this != &o) {
       close();
       core_ = std::move(o.core_);
+      ex_ = o.ex_;
     }
     return *this;
   }
@@ -599,13 +618,16 @@ class AsyncQueue {
     MBMQ_TRY(core->open());
     AsyncQueue q;
     q.core_ = std::move(core);
+    q.ex_ = ex;
     return q;
   }
 
   // The queue: redirect channels and listeners to it, adopt() channels. Do not wait() on it
   // directly while the AsyncQueue serves it (the message would bypass the routing).
   MsgQueue& queue() noexcept { return core_->queue(); }
-  executor_type get_executor() const noexcept { return core_->executor(); }
+  // The executor it was created with; it stays after close(), so that operations started on a
+  // closed queue complete there (with InvalidArgument) rather than on asio's system executor.
+  executor_type get_executor() const noexcept { return ex_; }
   bool valid() const noexcept { return core_ != nullptr && !core_->closed(); }
 
   // The next message for the application: requests, one-way messages, connections of a
@@ -617,20 +639,19 @@ class AsyncQueue {
   template <class Token>
   auto async_wait(Deadline deadline, Token&& token) {
     return asio::async_initiate<Token, void(Result<Message>)>(
-        [](auto handler, std::shared_ptr<detail::AsyncCore> core, Deadline d) {
+        [](auto handler, std::shared_ptr<detail::AsyncCore> core, executor_type ex, Deadline d) {
           using H = std::decay_t<decltype(handler)>;
           if (!core) {
-            asio::post(asio::get_associated_executor(handler), [h = std::move(handler)]() mutable {
-              std::move(h)(Result<Message>(fail(Errc::InvalidArgument, "async_wait: no queue")));
-            });
-            return;
+            return detail::post_failure(
+                std::move(handler), ex,
+                Result<Message>(fail(Errc::InvalidArgument, "async_wait: no queue")));
           }
           auto* op = new detail::OpImpl<Result<Message>, H>(detail::AsyncOp::Type::Wait,
                                                             std::move(handler), core->executor());
           core->prepare(*op);
           core->start_wait(op, d);
         },
-        token, core_, deadline);
+        token, core_, ex_, deadline);
   }
   template <class Token>
   auto async_wait(Token&& token) {
@@ -660,6 +681,7 @@ class AsyncQueue {
  private:
   friend class AsyncChannel;
   std::shared_ptr<detail::AsyncCore> core_;
+  executor_type ex_;  // kept by close(): see get_executor()
 };
 
 // A Channel redirected to an AsyncQueue, for async_call(): any number of calls in flight on the
@@ -675,6 +697,7 @@ class AsyncChannel {
     if (this != &o) {
       close();
       core_ = std::move(o.core_);
+      ex_ = o.ex_;
     }
     return *this;
   }
@@ -695,6 +718,7 @@ class AsyncChannel {
     MBMQ_TRY(ch->core->attach(*ch));
     AsyncChannel c;
     c.core_ = std::move(ch);
+    c.ex_ = queue.ex_;
     return c;
   }
 
@@ -725,20 +749,20 @@ class AsyncChannel {
   template <class Token>
   auto async_call(Buffer& buf, Deadline deadline, Token&& token) {
     return asio::async_initiate<Token, void(Status)>(
-        [](auto handler, std::shared_ptr<detail::AsyncChannelCore> ch, Buffer* b, Deadline d) {
+        [](auto handler, std::shared_ptr<detail::AsyncChannelCore> ch, asio::any_io_executor ex,
+           Buffer* b, Deadline d) {
           using H = std::decay_t<decltype(handler)>;
           if (!ch) {
-            asio::post(asio::get_associated_executor(handler), [h = std::move(handler)]() mutable {
-              std::move(h)(Status(fail(Errc::InvalidArgument, "async_call: no channel")));
-            });
-            return;
+            return detail::post_failure(
+                std::move(handler), ex,
+                Status(fail(Errc::InvalidArgument, "async_call: no channel")));
           }
           auto* op = new detail::OpImpl<Status, H>(detail::AsyncOp::Type::Call, std::move(handler),
                                                    ch->core->executor());
           ch->core->prepare(*op);
           ch->core->start_call(*ch, *b, d, op);
         },
-        token, core_, &buf, deadline);
+        token, core_, ex_, &buf, deadline);
   }
   template <class Token>
   auto async_call(Buffer& buf, Token&& token) {
@@ -761,6 +785,7 @@ class AsyncChannel {
 
  private:
   std::shared_ptr<detail::AsyncChannelCore> core_;
+  asio::any_io_executor ex_;  // the queue's, kept by close()
 };
 
 }  // namespace mbmq

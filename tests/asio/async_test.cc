@@ -396,11 +396,19 @@ TEST(AsyncQueue, CloseEndsPendingWaitsWithInvalidArgument) {
   run_until(io, [&] { return got.has_value(); });
   ASSERT_FALSE(*got);
   EXPECT_EQ(got->error().code, Errc::InvalidArgument);
+  // A wait started on the closed queue completes on the queue's executor (this thread, running
+  // io), not on asio's system executor (a thread of its own: a data race on `after`, TSan's find).
   std::optional<Result<Message>> after;
-  q->async_wait([&](Result<Message> r) { after = std::move(r); });
+  std::thread::id ran_on;
+  EXPECT_TRUE(q->get_executor() == io.get_executor());
+  q->async_wait([&](Result<Message> r) {
+    ran_on = std::this_thread::get_id();
+    after = std::move(r);
+  });
   run_until(io, [&] { return after.has_value(); });
   ASSERT_FALSE(*after);
   EXPECT_EQ(after->error().code, Errc::InvalidArgument);
+  EXPECT_EQ(ran_on, std::this_thread::get_id());
 }
 
 // ---- AsyncChannel ------------------------------------------------------------------------------
@@ -633,6 +641,20 @@ TEST(AsyncChannel, ClosingTheQueueEndsCallsWithInvalidArgument) {
   run_until(io, [&] { return got.has_value(); });
   ASSERT_FALSE(*got);
   EXPECT_EQ(got->error().code, Errc::InvalidArgument);
+  // A call started on the closed channel completes on the queue's executor, on this thread.
+  ch->close();
+  auto spare = *Channel::pair();
+  Buffer other = *spare.first.buffer(16);
+  std::optional<Status> after;
+  std::thread::id ran_on;
+  ch->async_call(other, Deadline::never(), [&](Status s) {
+    ran_on = std::this_thread::get_id();
+    after = std::move(s);
+  });
+  run_until(io, [&] { return after.has_value(); });
+  ASSERT_FALSE(*after);
+  EXPECT_EQ(after->error().code, Errc::InvalidArgument);
+  EXPECT_EQ(ran_on, std::this_thread::get_id());
 }
 
 // One queue serves requests (async_wait) and carries calls (async_call) at once: a reply goes to
