@@ -23,6 +23,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <utility>
 
 #include "mbmq/buffer.h"
@@ -88,6 +89,11 @@ class MBMQ_EXPORT Channel {
   // A buffer of `size` bytes owned by this end. Errc::NoBuffers when the pool and extent table are
   // exhausted; Errc::InvalidArgument above 4 GiB - 4 KiB.
   Result<Buffer> buffer(std::size_t size);
+  // The same, but when every buffer is out (lent to the peer) it waits, per this end's
+  // WaitPolicy, until one comes back or `deadline` passes (Errc::TimedOut): back-pressure for a
+  // producer that streams one-way messages faster than the peer takes them. A peer that closes
+  // or dies ends the wait with Errc::PeerClosed (or Protocol).
+  Result<Buffer> buffer(std::size_t size, Deadline deadline);
 
   // Sends `buf` as a request and waits for the reply, which arrives in `buf` itself. Errors:
   // TimedOut (the buffer is then given up: `buf` becomes invalid, its slot is reclaimed when the
@@ -103,6 +109,12 @@ class MBMQ_EXPORT Channel {
   // control socket is (a message with handles or a new extent to a peer that is not consuming):
   // nothing was sent and `buf` is still yours, to retry.
   Status send(Buffer&& buf);
+  // Sends bufs one-way, in order, as one batch: one lock and one wake-up check for all, so the
+  // peer's spinning receiver sees them as they land and a sleeping one is woken once. Returns how
+  // many were sent: a prefix of bufs, each moved from (invalid); the rest are untouched, still
+  // the caller's (stopped by back-pressure, Errc::WouldBlock, or an error that the next send
+  // reports). An error only when none was sent (as send()).
+  Result<std::size_t> send_batch(std::span<Buffer> bufs);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.
   Status send_request(Buffer&& buf);
@@ -110,6 +122,12 @@ class MBMQ_EXPORT Channel {
   // Waits for the next request or one-way message on a channel that is not redirected. Answer a
   // request with reply(); a Message of Kind::PeerClosed ends the channel.
   Result<Message> receive(Deadline deadline);
+  // Waits as receive() for the first message, then takes every message already there, up to
+  // out.size(), without waiting: returns how many (>= 1) were written to out[0..n). A
+  // Kind::PeerClosed message, if it comes, is the last one. Messages left in `out` from an earlier
+  // batch are dropped first (reuse one span: no allocation per batch). Dropping a one-way message
+  // gives its buffer back without a system call or a descriptor (docs/PROTOCOL.md, P7r).
+  Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
   // Routes every message arriving on this end (requests, one-way messages, replies to
   // send_request(), and the final peer-closed) to `queue`, tagged with `key`.
   Status redirect(MsgQueue& queue, std::uint64_t key);

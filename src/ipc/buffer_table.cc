@@ -106,6 +106,18 @@ std::uint32_t BufferTable::free_own(BufferId id) noexcept {
   return 0;
 }
 
+std::uint32_t BufferTable::take_returned(std::uint64_t bits) noexcept {
+  std::uint32_t freed = 0;
+  for (; bits != 0; bits &= bits - 1) {
+    const auto k = static_cast<std::uint32_t>(__builtin_ctzll(bits));
+    if (k >= n_ || own_slots_[k].state != OwnState::LentOneWay) continue;
+    own_slots_[k].state = OwnState::Free;
+    free_slots_.push_back(k);  // capacity reserved at construction: no allocation
+    ++freed;
+  }
+  return freed;
+}
+
 void BufferTable::reclaim_lent() noexcept {
   // (P8) Nothing the peer holds can come back: lent and abandoned buffers return to the pool,
   // extents are unmapped and closed (no ReleaseExtent: the channel is over). A call's buffer is
@@ -183,7 +195,8 @@ const char* BufferTable::check_back(const Desc& d, bool is_return, const BufferI
   if (own_gen(id) != d.gen || *st == OwnState::Free || *st == OwnState::App)
     return "receive: reply for a buffer not lent";
   if (is_return) {
-    if (*st != OwnState::LentOneWay || (d.kind & shm::kDescHasHandles) != 0 ||
+    // Slots come back through `returned` (P7r), extents with Return.
+    if (!id.is_extent() || *st != OwnState::LentOneWay || (d.kind & shm::kDescHasHandles) != 0 ||
         d.size > own_capacity(id))
       return "receive: invalid return";
     return nullptr;

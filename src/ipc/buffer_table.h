@@ -9,7 +9,8 @@
 //   Free --alloc--> App --send--> LentCall | LentRequest | LentOneWay
 //   LentCall --reply--> App (the call returns it)    LentCall --deadline--> Abandoned
 //   LentRequest --reply--> App (delivered as Kind::Reply)
-//   LentOneWay --Return--> Free      Abandoned --late reply--> Free
+//   LentOneWay --Return (extent) or its bit in `returned` (slot, P7r)--> Free
+//   Abandoned --late reply--> Free
 //   Lent* and Abandoned --peer gone (P8)--> Free;  App --Buffer dropped--> Free
 // Every transition is checked against the peer's descriptor first (check_*), then committed
 // (take_*): a rejected descriptor changes nothing.
@@ -109,6 +110,10 @@ class BufferTable {
   // Back to the pool. Returns the generation at which the peer still maps this extent (a
   // ReleaseExtent hint would let it unmap it now), or 0.
   std::uint32_t free_own(BufferId id) noexcept;
+  bool has_free_slot() const noexcept { return !free_slots_.empty(); }
+  // (P7r) The peer's `returned` word: each bit k names our k-th slot; those lent one-way are free
+  // again (others are ignored: a bit the peer had no right to set). Returns how many were freed.
+  std::uint32_t take_returned(std::uint64_t bits) noexcept;
   // (P8) The peer is gone: what was lent to it, or abandoned, is free again; no requests are out.
   void reclaim_lent() noexcept;
   std::uint32_t take_extent_gen() noexcept;  // never 0 (0 means "never sent")

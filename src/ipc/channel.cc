@@ -49,6 +49,11 @@ Result<Buffer> Channel::buffer(std::size_t size) {
   return ep_->alloc(size);
 }
 
+Result<Buffer> Channel::buffer(std::size_t size, Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "Channel::buffer: closed channel");
+  return ep_->alloc_until(size, deadline);
+}
+
 Status Channel::call(Buffer& buf, Deadline deadline) {
   if (!ep_) return fail(Errc::InvalidArgument, "call: closed channel");
   return ep_->call(buf, deadline);
@@ -59,6 +64,11 @@ Status Channel::send(Buffer&& buf) {
   return ep_->send(std::move(buf), shm::DescKind::OneWay);
 }
 
+Result<std::size_t> Channel::send_batch(std::span<Buffer> bufs) {
+  if (!ep_) return fail(Errc::InvalidArgument, "send: closed channel");
+  return ep_->send_batch(bufs);
+}
+
 Status Channel::send_request(Buffer&& buf) {
   if (!ep_) return fail(Errc::InvalidArgument, "send_request: closed channel");
   return ep_->send(std::move(buf), shm::DescKind::Request);
@@ -67,6 +77,11 @@ Status Channel::send_request(Buffer&& buf) {
 Result<Message> Channel::receive(Deadline deadline) {
   if (!ep_) return fail(Errc::InvalidArgument, "receive: closed channel");
   return ep_->receive(deadline);
+}
+
+Result<std::size_t> Channel::receive_batch(std::span<Message> out, Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "receive: closed channel");
+  return ep_->receive_batch(out, deadline);
 }
 
 Status Channel::redirect(MsgQueue& queue, std::uint64_t key) {

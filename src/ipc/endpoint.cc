@@ -95,6 +95,12 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   os::LockGuard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
+  // (P7r) Slots the peer gave back, harvested only when none is free: one line transfer per up to
+  // slots_per_side one-way messages. Pairs with the consumer's fetch_or: its reads of the payload
+  // happen before we reuse the slot.
+  if (size <= seg_.geometry().slot_size && !table_.has_free_slot() &&
+      out_.returned.load(std::memory_order_relaxed) != 0)
+    (void)table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire));
   const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size));
   Buffer b;
   b.id_ = a.id.raw();
@@ -105,6 +111,64 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   b.size_ = static_cast<std::uint32_t>(size);
   b.origin_ = Buffer::Origin::Own;
   return b;
+}
+
+Result<Buffer> Endpoint::alloc_until(std::size_t size, Deadline deadline) {
+  SpinStep step(wait_policy(), deadline);
+  for (;;) {
+    const std::uint32_t frees = frees_.load(std::memory_order_acquire);
+    auto b = alloc(size);
+    if (b || b.error().code != Errc::NoBuffers) return b;
+    // (P6r) Wait for room: spin on the cheap signs of it, retrying alloc() (which also reaps
+    // returned extents from the ring) every 64 looks; then sleep on `room`.
+    for (std::uint32_t looks = 1;; ++looks) {
+      if (room_maybe(frees) || looks % 64 == 0) break;
+      const SpinStep::Next next = step.after_miss();
+      if (next == SpinStep::Next::Expired)
+        return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
+      if (next == SpinStep::Next::Look) continue;
+      const std::int64_t no_cap = -1;
+      // Counted before the fence of sleep_once: a local free either sees us or we see it.
+      room_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      sleep_once(
+          out_.room, deadline, no_cap,
+          [&] { out_.producer_waiting.fetch_add(1, std::memory_order_relaxed); },
+          [&] { return !room_maybe(frees); },
+          [&] { out_.producer_waiting.fetch_sub(1, std::memory_order_relaxed); });
+      room_sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      if (deadline.expired() && !room_maybe(frees))
+        return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
+      break;
+    }
+  }
+}
+
+bool Endpoint::room_maybe(std::uint32_t frees) const noexcept {
+  return out_.returned.load(std::memory_order_relaxed) != 0 ||
+         frees_.load(std::memory_order_relaxed) != frees ||
+         state_.load(std::memory_order_acquire) != EpState::Open;
+}
+
+void Endpoint::wake_room() noexcept {
+  out_.room.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&out_.room, INT_MAX);
+}
+
+void Endpoint::wake_peer_producer() noexcept {
+  if (in_.producer_waiting.load(std::memory_order_relaxed) == 0) return;
+  // Pairs with the producer's acquire load of `room` before FUTEX_WAIT (P6r).
+  in_.room.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&in_.room, INT_MAX);
+}
+
+void Endpoint::give_back_slot_locked(BufferId id) noexcept {
+  const std::uint32_t k =
+      id.slot_index() - static_cast<std::uint32_t>(1 - side_) * table_.slots_per_side();
+  // seq_cst: our reads of the payload happen before the producer's reuse (its acquire
+  // exchange), and the RMW is the fence between this store and the load of producer_waiting
+  // (pairs with the fence in the producer's sleep_once, P6r).
+  in_.returned.fetch_or(std::uint64_t{1} << k, std::memory_order_seq_cst);
+  wake_peer_producer();
 }
 
 Status Endpoint::grow(Buffer& b, std::size_t n) {
@@ -119,6 +183,9 @@ Status Endpoint::grow(Buffer& b, std::size_t n) {
 
 void Endpoint::free_own_locked(BufferId id) noexcept {
   const std::uint32_t hint = table_.free_own(id);
+  // (P6r) seq_cst: pairs with a waiter's count-then-fence; it sees the new count, or we see it.
+  frees_.fetch_add(1, std::memory_order_seq_cst);
+  if (room_sleepers_.load(std::memory_order_relaxed) != 0) wake_room();
   // (P7) Every descriptor that names a buffer (ours lent, or the peer's given back) must always
   // find room in the ring: at most 2 * (slots + extents) of them can be there at once. A release
   // hint is pushed only beyond that reserve; without room it is merely delayed to the id's next
@@ -146,17 +213,21 @@ void Endpoint::release(Buffer& b) noexcept {
   if (request) {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
                            static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
+  } else if (!id.is_extent()) {
+    give_back_slot_locked(id);  // (P7r) no descriptor
   } else {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Return), 0});
+    // push_locked's fence (P4) orders the entry before this load of producer_waiting (P6r).
+    wake_peer_producer();
   }
 }
 
 // ---- (P3)/(P4) sending -------------------------------------------------------------------------
 
-Status Endpoint::push_locked(const Desc& d) {
+Status Endpoint::push_locked(const Desc& d, bool wake) {
   switch (tx_.push(d)) {
     case shm::RingStatus::Ok:
-      wake_peer_locked();
+      if (wake) wake_peer_locked();
       return {};
     case shm::RingStatus::Full: {
       const std::uint16_t kind = kind_of(d);
@@ -220,7 +291,7 @@ Status Endpoint::sent_locked(Status s) {
   return s;
 }
 
-Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
+Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as, bool wake) {
   if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Own)
     return fail(Errc::InvalidArgument, "send: not a buffer of this channel's end");
   const BufferId id = BufferId::from_wire(b.id_);
@@ -264,7 +335,7 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as) {
     if (*sent) k |= shm::kDescHasHandles;
     b.handles_.reset();  // sent: the receiver's copies are the live ones
   }
-  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, k, 0}));
+  MBMQ_TRY(push_locked(Desc{b.id_, b.size_, b.gen_, k, 0}, wake));
   *st = lent_as;
   if (kind == DescKind::Request) table_.request_sent();
   return {};
@@ -279,6 +350,26 @@ Status Endpoint::send(Buffer&& b, DescKind kind) {
   detach_buffer(b);
   MBMQ_CRASH_POINT("send.sent");
   return {};
+}
+
+Result<std::size_t> Endpoint::send_batch(std::span<Buffer> bufs) {
+  os::LockGuard lock(mu_);
+  EpState s = state_.load(std::memory_order_acquire);
+  if (s != EpState::Open) return fail(closed_errc(s), "send");
+  std::size_t sent = 0;
+  Status why;
+  for (Buffer& b : bufs) {
+    // A control message (an extent's fd, handles) must be followed by its descriptor, and the
+    // peer reads it when it takes that descriptor: waking it late is fine, it only reads later.
+    why = send_locked(b, DescKind::OneWay, OwnState::LentOneWay, /*wake=*/false);
+    if (!why) break;
+    detach_buffer(b);
+    ++sent;
+  }
+  // (P4) One fence and one look at the peer's sleeping flag for the whole batch.
+  if (sent > 0) wake_peer_locked();
+  if (sent == 0 && !why) return fail(why.error());
+  return sent;
 }
 
 Status Endpoint::keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep) {
@@ -432,6 +523,7 @@ Error Endpoint::fail_protocol_locked(const char* op) noexcept {
     ctl_.fail_channel();
     in_.doorbell.fetch_add(1, std::memory_order_release);
     (void)os::futex_wake(&in_.doorbell, INT_MAX);
+    wake_room();
   }
   return Error::make(Errc::Protocol, op);
 }
@@ -496,6 +588,7 @@ void Endpoint::set_wait_policy(WaitPolicy p) noexcept { wait_.store(p); }
 void Endpoint::wake_local() noexcept {
   in_.doorbell.fetch_add(1, std::memory_order_release);
   (void)os::futex_wake(&in_.doorbell, INT_MAX);
+  wake_room();
   std::shared_ptr<QueueCore> q;
   std::uint32_t slot = 0;
   {
@@ -532,6 +625,7 @@ void Endpoint::close_local() noexcept {
   }
   in_.doorbell.fetch_add(1, std::memory_order_release);
   (void)os::futex_wake(&in_.doorbell, INT_MAX);
+  wake_room();
   if (q) q->notify(slot);
 }
 

@@ -94,24 +94,34 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
 
   // (P2) Buffers of this side.
   Result<Buffer> alloc(std::size_t size);
+  // alloc(), waiting (P6r) until `deadline` for a buffer to come back when none is free.
+  Result<Buffer> alloc_until(std::size_t size, Deadline deadline);
   Status grow(Buffer& b, std::size_t n);
   void release(Buffer& b) noexcept;  // from ~Buffer / Buffer::reset
 
   // (P3)-(P7) Sending.
   Status call(Buffer& b, Deadline deadline);
   Status send(Buffer&& b, shm::DescKind kind);  // OneWay, or Request answered through the queue
+  // One-way messages, in order, under one lock and with one wake-up check (P4) for all: the
+  // count sent (a prefix, each moved from); the error when none could be.
+  Result<std::size_t> send_batch(std::span<Buffer> bufs);
   Status reply(Buffer&& b);
   // Replies through whichever endpoint `b` belongs to (MsgQueue::reply).
   static Status reply_message(Buffer&& b);
 
   // Receiving, for an end that is not redirected.
   Result<Message> receive(Deadline deadline);
+  // Waits for the first message as receive(), then takes up to out.size() in all without waiting.
+  Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
 
   // Receiving through a queue: one thread at a time (the queue's mutex).
   enum class Poll { Got, Empty, Ended, Gone };
   // Got: *out is a message. Ended: the channel is over and drained, *out is the final
   // Kind::PeerClosed. Gone: closed locally, drop it silently.
   Poll poll(Message* out);
+  // Up to n messages (one lock), into empty Messages: *got of them, and how the last look ended
+  // (Got: n were taken).
+  Poll poll_batch(Message* out, std::size_t n, std::size_t* got);
   // Lock-free: the ring may hold a descriptor, messages are pending, or the end changed state.
   bool inbound_ready() const noexcept;
   // (P6) Before sleeping, by the consumer: false (and the channel closed with a protocol error)
@@ -214,13 +224,26 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   const char* prepare_replacement_locked(const shm::Desc& d, os::UniqueFd* fd, os::Mapping* map,
                                          bool* sealed) MBMQ_REQUIRES(mu_);
   void make_message(const shm::Desc& d, Message* out) MBMQ_REQUIRES(mu_);
-  Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as) MBMQ_REQUIRES(mu_);
+  Poll poll_locked(Message* out) MBMQ_REQUIRES(mu_);
+  // wake = false: the caller calls wake_peer_locked() once after a batch.
+  Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as, bool wake = true)
+      MBMQ_REQUIRES(mu_);
   // The control socket is full because the caller is slow (sent_locked): the answer is kept, the
   // buffer stays the application's (still held), and reply() says WouldBlock, to be retried. A
   // packet already sent for this reply (the replacement) is replaced by the retry's (one per id).
   Status keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep) MBMQ_REQUIRES(mu_);
-  Status push_locked(const shm::Desc& d) MBMQ_REQUIRES(mu_);
+  Status push_locked(const shm::Desc& d, bool wake = true) MBMQ_REQUIRES(mu_);
   void wake_peer_locked() noexcept MBMQ_REQUIRES(mu_);
+  // (P7r) The peer's one-way message in slot id is done with: its bit in `returned`, and a wake
+  // of its producer if one waits for room (P6r).
+  void give_back_slot_locked(BufferId id) noexcept MBMQ_REQUIRES(mu_);
+  // After a Return or a bit in `returned`: wakes the peer's producer if it waits for room.
+  void wake_peer_producer() noexcept;
+  // (P6r) Wakes our own threads waiting for room (hang-up, close, protocol error, local frees).
+  void wake_room() noexcept;
+  // Something may have made room since `frees` was read: a returned bit, a local free, the end's
+  // state changed.
+  bool room_maybe(std::uint32_t frees) const noexcept;
   Error fail_protocol_locked(const char* op) noexcept MBMQ_REQUIRES(mu_);
   void pending_push(const shm::Desc& d) noexcept MBMQ_REQUIRES(mu_);
   bool pending_pop(shm::Desc* d) noexcept MBMQ_REQUIRES(mu_);
@@ -255,6 +278,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // Our slot on our queue_ (P4q), while redirected.
   std::uint32_t my_slot_ MBMQ_GUARDED_BY(mu_) = 0;
   std::atomic<std::uint32_t> pending_nonempty_{0};  // !table_.pending().empty(), for waiters
+  // (P6r) Our buffers freed (free_own_locked), and our threads asleep waiting for room: a free
+  // wakes `room` only when someone sleeps on it.
+  std::atomic<std::uint32_t> frees_{0};
+  std::atomic<std::uint32_t> room_sleepers_{0};
   bool end_reported_ MBMQ_GUARDED_BY(mu_) = false;
   const char* why_bad_ MBMQ_GUARDED_BY(mu_) = "";
 

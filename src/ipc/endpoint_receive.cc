@@ -165,6 +165,22 @@ void Endpoint::make_message(const Desc& d, Message* out) {
 Endpoint::Poll Endpoint::poll(Message* out) {
   if (!inbound_ready()) return Poll::Empty;
   os::LockGuard lock(mu_);
+  return poll_locked(out);
+}
+
+Endpoint::Poll Endpoint::poll_batch(Message* out, std::size_t n, std::size_t* got) {
+  *got = 0;
+  if (n == 0) return Poll::Got;
+  if (!inbound_ready()) return Poll::Empty;
+  os::LockGuard lock(mu_);
+  for (;;) {
+    const Poll p = poll_locked(&out[*got]);
+    if (p == Poll::Got || p == Poll::Ended) ++*got;
+    if (p != Poll::Got || *got == n) return p;
+  }
+}
+
+Endpoint::Poll Endpoint::poll_locked(Message* out) {
   // Descriptors that deliver nothing (returns, release hints) are taken at most a ring's worth at
   // a time: a peer that floods them keeps neither this end nor its queue from the others and
   // from deadlines.
@@ -310,6 +326,16 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
 }
 
 Result<Message> Endpoint::receive(Deadline deadline) {
+  Message m;
+  MBMQ_TRY(receive_batch({&m, 1}, deadline));
+  return m;
+}
+
+Result<std::size_t> Endpoint::receive_batch(std::span<Message> out, Deadline deadline) {
+  if (out.empty()) return std::size_t{0};
+  // What the caller left in out is dropped first, without our lock (a buffer's release takes it;
+  // make_message() under the lock must find empty messages).
+  for (Message& m : out) m = Message{};
   if (redirected_.load(std::memory_order_relaxed))
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   if (!consumer_mu_.lock_until(deadline))
@@ -320,9 +346,9 @@ Result<Message> Endpoint::receive(Deadline deadline) {
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
   for (;;) {
-    Message m;
-    Poll p = poll(&m);
-    if (p == Poll::Got || p == Poll::Ended) return m;
+    std::size_t got = 0;
+    const Poll p = poll_batch(out.data(), out.size(), &got);
+    if (got > 0) return got;  // the final PeerClosed, if it came, is the last one
     if (p == Poll::Gone) return fail(closed_errc(state()), "receive");
     if (deadline.expired()) return fail(Errc::TimedOut, "receive");
     wait_inbound(deadline, policy, WaitFor::AnyMessage);

@@ -94,6 +94,18 @@
 //       the buffer returns to the caller (state 1 of DESIGN.md's buffer life), no allocation.
 //       A request released without an answer is replied to with status NoReply; a one-way message
 //       is given back with Desc{Return}.
+//  (P7r) Slot return: a one-way message in a pool slot is given back without a descriptor. The
+//       consumer, dropping it, sets the slot's bit in `returned` of the producer's Direction
+//       (fetch_or, seq_cst: its reads of the payload happen before), then loads
+//       producer_waiting and, if set, bumps `room` and FUTEX_WAKEs it. The producer harvests the
+//       word (exchange 0, acquire) only when it has no free slot: one line transfer per up to
+//       slots_per_side messages, none per message. Extents still come back with Desc{Return}
+//       (their mapping and fd are per-id state the producer must see in ring order).
+//  (P6r) Waiting for room (Channel::buffer with a deadline, when the pool is exhausted): spin per
+//       the WaitPolicy looking at `returned`, the inbound ring and local frees; then read `room`,
+//       producer_waiting += 1, seq_cst fence, look once more, FUTEX_WAIT(room, value read, the
+//       deadline), producer_waiting -= 1. The fence pairs with the consumer's seq_cst fetch_or:
+//       either the producer sees the bit, or the consumer sees the waiter.
 //  (P7b) Replacement reply: an answer cannot be written into a sealed memfd. The replier puts
 //       it (size bytes) into a fresh memfd of its own (pwrite, no mapping), sealed as in P3c if
 //       the caller is untrusted and size > copy_threshold, sends it as CtlMsg::Extent{caller's
@@ -138,7 +150,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 6;   // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 7;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
@@ -215,6 +227,23 @@ struct Direction {
   // acquire load in P4, then reads the control socket for the page (never blocking on it).
   std::atomic<std::uint32_t> doorbell_gen;
   std::uint32_t reserved0[13];
+  // (P7r) Slots the consumer gives back, one bit per producer slot (bit k: the producer's k-th
+  // slot, k < slots_per_side <= 64). Consumer: fetch_or(bit, seq_cst) when it drops a one-way
+  // message that arrived in that slot (its RMW is also the fence before the load of
+  // producer_waiting below). Producer: exchange(0, acquire) when its free list is empty, then frees
+  // only bits whose slot it lent one-way (others are ignored: the peer can only lose its own
+  // messages by lying here). One line, which the consumer keeps between the producer's harvests.
+  alignas(64) std::atomic<std::uint64_t> returned;
+  // Producer: threads of the producer waiting for a buffer to come back (fetch_add(1) before the
+  // seq_cst fence and its last look, fetch_sub(1) after). Consumer: relaxed load after its
+  // fetch_or on `returned` (or after pushing a Return): if non-zero, fetch_add(1, release) on
+  // `room` and FUTEX_WAKE it. A hint: a wrong value costs the producer a spurious or a missed
+  // wake-up (it still wakes at its deadline or on the hang-up).
+  std::atomic<std::uint32_t> producer_waiting;
+  // The futex word the producer sleeps on for room (P6r). Written as above by the consumer, and by
+  // the producer's own process on hang-up, close and local frees.
+  std::atomic<std::uint32_t> room;
+  std::uint32_t reserved1[12];
   // Producer writes, consumer reads (P3/P5).
   alignas(64) RingEntry ring[kRingCapacity];
 };
@@ -222,8 +251,12 @@ static_assert(std::is_standard_layout_v<Direction>);
 static_assert(offsetof(Direction, tail) == 0 && offsetof(Direction, head) == 64);
 static_assert(offsetof(Direction, consumer_sleeping) == 128 &&
               offsetof(Direction, doorbell) == 132);
-static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, ring) == 192);
-static_assert(sizeof(Direction) == 192 + sizeof(RingEntry) * kRingCapacity);
+static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, returned) == 192);
+static_assert(offsetof(Direction, producer_waiting) == 200 && offsetof(Direction, room) == 204);
+static_assert(offsetof(Direction, ring) == 256);
+static_assert(sizeof(Direction) == 256 + sizeof(RingEntry) * kRingCapacity);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+static_assert(kMaxSlotsPerSide <= 64, "Direction::returned has one bit per slot");
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert((kRingCapacity & (kRingCapacity - 1)) == 0);
 

@@ -255,7 +255,7 @@ TEST(PeerBudget, APeerThatNeverReadsItsControlSocketIsClosedNotWaitedFor) {
   ChannelOptions opt;
   opt.slots_per_side = 4;
   Attacker a(opt);
-  // The attacker takes every descriptor the victim sends and gives the buffer back (a Return),
+  // The attacker takes every descriptor the victim sends and gives the buffer back (P7r),
   // so the victim can send on, but never reads its control socket. Each one-way message carries
   // a handle: one control packet per message.
   auto* out = reinterpret_cast<shm::Direction*>(detail::TestAccess::segment(a.attacker).data() +
@@ -285,7 +285,7 @@ TEST(PeerBudget, APeerThatNeverReadsItsControlSocketIsClosedNotWaitedFor) {
     ASSERT_EQ(e.seq.load(std::memory_order_acquire), head + 1);
     const shm::Desc d = e.desc;
     out->head.store(++head, std::memory_order_release);
-    a.publish(shm::Desc{d.buffer, 0, d.gen, 4, 0});  // Return
+    out->returned.fetch_or(std::uint64_t{1} << d.buffer);  // given back (P7r): side 0's slot
   }
   ASSERT_FALSE(last);
   EXPECT_EQ(last.error().code, Errc::Protocol) << last.error().message();

@@ -252,10 +252,10 @@ TEST(Hardening, ARejectedReplacementReplyLeavesTheCallersBufferReadable) {
 //
 // The construction: we send one-way messages from pool slots, each with one handle attached (a
 // /dev/null fd), so each adds one Handles packet to the peer's control socket (P3b). The peer,
-// played by hand, takes every descriptor off dir[0] and gives the slot back with Return on
-// dir[1] (P7), exactly as its receive() and release would, except that it never reads the
-// control socket (its receive() would, to find the handles). So we never run out of buffers
-// (alloc() reaps the returns), and the packets pile up: the socket holds about 555 of them.
+// played by hand, takes every descriptor off dir[0] and gives the slot back in dir[0]'s
+// `returned` word (P7r), exactly as its receive() and release would, except that it never reads
+// the control socket (its receive() would, to find the handles). So we never run out of buffers
+// (alloc() harvests the returns), and the packets pile up: the socket holds about 555 of them.
 // The loop runs on a thread with a watchdog: a send that blocks fails the test, and closing the
 // peer's end then releases it.
 TEST(Hardening, APeerThatNeverReadsItsControlSocketGetsProtocolNotAFrozenSender) {
@@ -265,14 +265,13 @@ TEST(Hardening, APeerThatNeverReadsItsControlSocketGetsProtocolNotAFrozenSender)
   auto devnull = os::open_read("/dev/null");
   ASSERT_TRUE(devnull);
   shm::Direction& to_peer = dir(peer, 0);
-  shm::Direction& from_peer = dir(peer, 1);
   constexpr int kSends = 5000;  // far beyond what the socket holds
   std::atomic<bool> done{false};
   std::atomic<int> sent{0};
   std::atomic<std::int64_t> slowest_ns{0};
   Status last;
   std::thread sender([&] {
-    std::uint32_t head = 0, tail = 0;
+    std::uint32_t head = 0;
     for (int i = 0; i < kSends; ++i) {
       auto b = us.buffer(64);
       if (!b) {
@@ -293,9 +292,9 @@ TEST(Hardening, APeerThatNeverReadsItsControlSocketGetsProtocolNotAFrozenSender)
       }
       ++sent;
       shm::Desc d{};
+      // (P7r) Side 0's slot k comes back as bit k of `returned`, in the direction it came on.
       while (raw_pop(to_peer, &head, &d))
-        raw_push(from_peer, &tail,
-                 shm::Desc{d.buffer, 0, d.gen, kind_bits(shm::DescKind::Return), 0});
+        to_peer.returned.fetch_or(std::uint64_t{1} << d.buffer, std::memory_order_seq_cst);
     }
     done = true;
   });

@@ -109,18 +109,47 @@ TEST(BufferTableTest, ARepliedBufferIsCheckedThenCommitted) {
   EXPECT_EQ(t.requests_out(), 0u);
 }
 
-TEST(BufferTableTest, AReturnIsOnlyForAOneWayMessage) {
+TEST(BufferTableTest, AReturnIsOnlyForAOneWayMessageInAnExtent) {
   auto seg = segment();
   BufferTable t(seg, 0, 1);
+  auto x = t.alloc(seg.geometry().slot_size + 1);  // an extent
+  ASSERT_TRUE(x);
+  ASSERT_TRUE(x->id.is_extent());
+  *t.own_state(x->id) = OwnState::LentRequest;
+  EXPECT_NE(t.check_back(desc(x->id, 0, x->gen, DescKind::Return), true, nullptr), nullptr);
+  *t.own_state(x->id) = OwnState::LentOneWay;
+  EXPECT_EQ(t.check_back(desc(x->id, 0, x->gen, DescKind::Return), true, nullptr), nullptr);
+  EXPECT_NE(
+      t.check_back(desc(x->id, 0, x->gen, DescKind::Return, shm::kDescHasHandles), true, nullptr),
+      nullptr);
+  // A slot comes back through `returned` (P7r), never with a Return.
   auto a = t.alloc(10);
   ASSERT_TRUE(a);
-  *t.own_state(a->id) = OwnState::LentRequest;
-  EXPECT_NE(t.check_back(desc(a->id, 0, a->gen, DescKind::Return), true, nullptr), nullptr);
   *t.own_state(a->id) = OwnState::LentOneWay;
-  EXPECT_EQ(t.check_back(desc(a->id, 0, a->gen, DescKind::Return), true, nullptr), nullptr);
-  EXPECT_NE(
-      t.check_back(desc(a->id, 0, a->gen, DescKind::Return, shm::kDescHasHandles), true, nullptr),
-      nullptr);
+  EXPECT_NE(t.check_back(desc(a->id, 0, a->gen, DescKind::Return), true, nullptr), nullptr);
+}
+
+// (P7r) Only bits of slots lent one-way free anything: the peer's other bits are ignored.
+TEST(BufferTableTest, ReturnedBitsFreeOnlySlotsLentOneWay) {
+  auto seg = segment(4);
+  BufferTable t(seg, 0, 1);
+  std::vector<BufferTable::Allocated> a;
+  for (int i = 0; i < 4; ++i) a.push_back(*t.alloc(10));
+  EXPECT_FALSE(t.has_free_slot());
+  *t.own_state(a[0].id) = OwnState::LentOneWay;
+  *t.own_state(a[1].id) = OwnState::LentRequest;
+  *t.own_state(a[2].id) = OwnState::LentCall;         // a[3] stays App
+  EXPECT_EQ(t.take_returned(~std::uint64_t{0}), 1u);  // every bit, slots beyond n_ included
+  EXPECT_EQ(*t.own_state(a[0].id), OwnState::Free);
+  EXPECT_EQ(*t.own_state(a[1].id), OwnState::LentRequest);
+  EXPECT_EQ(*t.own_state(a[2].id), OwnState::LentCall);
+  EXPECT_EQ(*t.own_state(a[3].id), OwnState::App);
+  EXPECT_TRUE(t.has_free_slot());
+  EXPECT_EQ(t.take_returned(1), 0u);  // freed already: a second bit is ignored
+  auto again = t.alloc(10);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->id.raw(), a[0].id.raw());
+  EXPECT_FALSE(t.alloc(10));
 }
 
 TEST(BufferTableTest, ThePeersBuffersAreHeldOnceAndWithinTheInFlightLimit) {

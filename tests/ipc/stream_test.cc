@@ -1,0 +1,513 @@
+// Streaming one-way messages (#14): send_batch, receive_batch, Channel::buffer with a deadline
+// (P6r), and slots given back without a descriptor (P7r). Each claim of channel.h's streaming
+// API has a test here that fails if the claim is false: order, nothing lost or duplicated,
+// back-pressure that waits and honours its deadline, a peer's death that ends the wait, the
+// returned-bits word a peer can scribble, either side killed mid-stream, and no system call per
+// message while the receiver spins.
+//
+// The soak (10^8 messages, label soak) is soak.stream_100M in tests/CMakeLists.txt; its size is
+// MBMQ_STREAM_SOAK_MESSAGES (default here: 2,000,000).
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "ipc/test_access.h"
+#include "os/process.h"
+#include "os/syscall_count.h"
+#include "peer_util.h"
+#include "shm/layout.h"
+#include "test_util.h"
+
+namespace mbmq {
+namespace {
+
+using namespace std::chrono_literals;
+using test::secs;
+
+constexpr std::size_t kBatch = 16;
+
+ChannelOptions stream_options(WaitMode mode, std::uint32_t slots = 64, std::uint32_t slot = 256) {
+  ChannelOptions o;
+  o.slots_per_side = slots;
+  o.slot_size = slot;
+  o.wait = WaitPolicy{mode, std::chrono::microseconds(50)};
+  return o;
+}
+
+// A message of the stream: its sequence number, then bytes derived from it.
+void write_msg(Buffer& b, std::uint64_t seq) {
+  std::memcpy(b.data().data(), &seq, sizeof seq);
+  test::fill(b.data().subspan(sizeof seq), seq);
+}
+// The sequence number if the message is intact, else ~0.
+std::uint64_t read_msg(const Buffer& b) {
+  std::uint64_t seq = 0;
+  if (b.size() < sizeof seq) return ~std::uint64_t{0};
+  std::memcpy(&seq, b.data().data(), sizeof seq);
+  return test::check(b.data().subspan(sizeof seq), seq) ? seq : ~std::uint64_t{0};
+}
+
+// Streams `count` messages from `from`, message s of size_of(s) bytes, in batches of up to
+// kBatch: what is free now joins the batch; with nothing free and an empty batch, it waits for
+// room up to the deadline. Returns how many were sent; stops at the first error (*why).
+template <class SizeOf>
+std::uint64_t produce_sized(Channel& from, std::uint64_t count, SizeOf size_of, Deadline deadline,
+                            Status* why) {
+  std::vector<Buffer> batch;
+  batch.reserve(kBatch);
+  std::uint64_t seq = 0;
+  while (seq < count) {
+    while (batch.size() < kBatch && seq + batch.size() < count) {
+      const std::uint64_t s = seq + batch.size();
+      auto b = batch.empty() ? from.buffer(size_of(s), deadline) : from.buffer(size_of(s));
+      if (!b && !batch.empty() && b.error().code == Errc::NoBuffers) break;  // send these first
+      if (!b) {
+        *why = fail(b.error());
+        return seq;
+      }
+      write_msg(*b, s);
+      batch.push_back(std::move(*b));
+    }
+    auto n = from.send_batch(batch);
+    if (!n) {
+      *why = fail(n.error());
+      return seq;
+    }
+    seq += *n;
+    batch.erase(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(*n));
+  }
+  return seq;
+}
+std::uint64_t produce(Channel& from, std::uint64_t count, std::size_t size, Deadline deadline,
+                      Status* why) {
+  return produce_sized(
+      from, count, [size](std::uint64_t) { return size; }, deadline, why);
+}
+
+// Receives until `count` messages or PeerClosed; every message checked in order. Returns how
+// many arrived intact and in order; *ended: the final PeerClosed came.
+std::uint64_t consume(Channel& at, std::uint64_t count, Deadline deadline, bool* ended,
+                      std::string* bad) {
+  std::vector<Message> got(kBatch);
+  std::uint64_t next = 0;
+  *ended = false;
+  while (next < count) {
+    auto n = at.receive_batch(got, deadline);
+    if (!n) {
+      *bad = n.error().message();
+      return next;
+    }
+    for (std::size_t i = 0; i < *n; ++i) {
+      Message& m = got[i];
+      if (m.kind == Kind::PeerClosed) {
+        *ended = true;
+        return next;
+      }
+      const std::uint64_t seq = read_msg(m.buffer);
+      if (m.kind != Kind::Message || seq != next) {
+        *bad = "message " + std::to_string(next) + " arrived as " + std::to_string(seq);
+        return next;
+      }
+      ++next;
+      m.buffer.reset();  // given back (P7r)
+    }
+  }
+  return next;
+}
+
+class StreamModes : public ::testing::TestWithParam<WaitMode> {};
+
+// Far more messages than slots: every slot comes back through `returned` many times, in order,
+// with nothing lost or duplicated, in each wait mode (the sleeping ones exercise P6r's wake-ups).
+TEST_P(StreamModes, ABatchedStreamBetweenProcessesLosesDuplicatesAndReordersNothing) {
+  constexpr std::uint64_t kCount = 200'000;
+  auto p = Channel::pair(stream_options(GetParam(), 8));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  pid_t child = test::spawn([&] {
+    producer = {};
+    bool ended = false;
+    std::string bad;
+    const std::uint64_t got = consume(consumer, kCount, secs(60), &ended, &bad);
+    if (got != kCount)
+      std::fprintf(stderr, "consumer: %llu of %llu: %s\n", static_cast<unsigned long long>(got),
+                   static_cast<unsigned long long>(kCount), bad.c_str());
+    return got == kCount ? 0 : 1;
+  });
+  ASSERT_GT(child, 0);
+  consumer = {};
+  Status why;
+  EXPECT_EQ(produce(producer, kCount, 100, secs(60), &why), kCount)
+      << (why ? "" : why.error().message());
+  EXPECT_EQ(test::join(child), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, StreamModes,
+                         ::testing::Values(WaitMode::Spin, WaitMode::Adaptive, WaitMode::Sleep));
+
+// Returned slots travel without a descriptor: after a stream of slot-sized one-way messages, the
+// producer's inbound ring never held an entry.
+TEST(Stream, SlotsComeBackWithoutADescriptor) {
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  for (std::uint64_t i = 0; i < 100; ++i) {
+    auto b = producer.buffer(64, secs(5));
+    ASSERT_TRUE(b) << b.error().message();
+    write_msg(*b, i);
+    ASSERT_TRUE(producer.send(std::move(*b)));
+    auto m = consumer.receive(secs(5));
+    ASSERT_TRUE(m);
+    EXPECT_EQ(read_msg(m->buffer), i);
+  }
+  const auto seg = detail::TestAccess::segment(producer);
+  const auto* back = reinterpret_cast<const shm::Direction*>(seg.data() + shm::kDirOffset +
+                                                             sizeof(shm::Direction));
+  EXPECT_EQ(back->tail.load(), 0u) << "a slot came back with a descriptor";
+}
+
+// receive_batch takes what is there (up to its span) without waiting for more, in order.
+TEST(Stream, ReceiveBatchTakesWhatIsThereInOrder) {
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 16));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  std::vector<Buffer> bufs;
+  for (std::uint64_t i = 0; i < 10; ++i) {
+    bufs.push_back(*producer.buffer(64));
+    write_msg(bufs.back(), i);
+  }
+  auto sent = producer.send_batch(bufs);
+  ASSERT_TRUE(sent);
+  EXPECT_EQ(*sent, 10u);
+  for (const Buffer& b : bufs) EXPECT_FALSE(b.valid());
+  std::vector<Message> got(4);
+  std::uint64_t next = 0;
+  while (next < 10) {
+    auto n = consumer.receive_batch(got, secs(5));
+    ASSERT_TRUE(n);
+    EXPECT_EQ(*n, std::min<std::uint64_t>(4, 10 - next));
+    for (std::size_t i = 0; i < *n; ++i) EXPECT_EQ(read_msg(got[i].buffer), next++);
+  }
+  auto none = consumer.receive_batch(got, Deadline::after(20ms));
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, Errc::TimedOut);
+  std::vector<Message> empty;
+  auto zero = consumer.receive_batch(empty, Deadline::after(20ms));
+  ASSERT_TRUE(zero);
+  EXPECT_EQ(*zero, 0u);
+}
+
+// send_batch stops at back-pressure: a prefix is sent, the rest stays the caller's, valid.
+TEST(Stream, SendBatchSendsAPrefixAndLeavesTheRestWithTheCaller) {
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  std::vector<Buffer> bufs;
+  for (int i = 0; i < 4; ++i) bufs.push_back(*producer.buffer(64));
+  Buffer foreign = *consumer.buffer(64);  // not the producer's: refused
+  std::swap(bufs[2], foreign);
+  auto n = producer.send_batch(bufs);
+  ASSERT_TRUE(n);
+  EXPECT_EQ(*n, 2u);
+  EXPECT_FALSE(bufs[0].valid());
+  EXPECT_TRUE(bufs[2].valid());
+  EXPECT_TRUE(bufs[3].valid());
+  std::span<Buffer> rest(bufs.data() + 2, 2);
+  auto again = producer.send_batch(rest);
+  ASSERT_FALSE(again);  // nothing sent: the error itself
+  EXPECT_EQ(again.error().code, Errc::InvalidArgument);
+}
+
+class RoomModes : public ::testing::TestWithParam<WaitMode> {};
+
+// The consumer holds every buffer: buffer(size, deadline) waits, and gives up at its deadline,
+// neither early nor much late.
+TEST_P(RoomModes, BufferWaitsForRoomAndHonoursItsDeadline) {
+  auto p = Channel::pair(stream_options(GetParam(), 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    auto b = producer.buffer(64, secs(1));
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(producer.send(std::move(*b)));
+  }
+  std::vector<Message> held(4);
+  ASSERT_TRUE(consumer.receive_batch(held, secs(5)));
+  const std::int64_t t0 = monotonic_ns();
+  auto b = producer.buffer(64, Deadline::after(100ms));
+  const std::int64_t took = monotonic_ns() - t0;
+  ASSERT_FALSE(b);
+  EXPECT_EQ(b.error().code, Errc::TimedOut);
+  EXPECT_GE(took, 100'000'000);
+  EXPECT_LT(took, 2'000'000'000);
+  // The non-waiting form says NoBuffers at once, as before.
+  auto now = producer.buffer(64);
+  ASSERT_FALSE(now);
+  EXPECT_EQ(now.error().code, Errc::NoBuffers);
+}
+
+// A release in another process wakes the producer waiting for room (a shared futex, P6r).
+TEST_P(RoomModes, AReleaseInTheConsumerProcessWakesAProducerWaitingForRoom) {
+  auto p = Channel::pair(stream_options(GetParam(), 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  pid_t child = test::spawn([&] {
+    producer = {};
+    std::vector<Message> held(4);
+    std::size_t have = 0;
+    while (have < 4) {
+      auto n = consumer.receive_batch(std::span(held).subspan(have), secs(10));
+      if (!n) return 1;
+      have += *n;
+    }
+    std::this_thread::sleep_for(200ms);  // the producer is asleep on `room` by now
+    held[1].buffer.reset();
+    auto m = consumer.receive(secs(10));  // the fifth message
+    return m && m->kind == Kind::Message ? 0 : 2;
+  });
+  ASSERT_GT(child, 0);
+  consumer = {};
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));
+  const std::int64_t t0 = monotonic_ns();
+  auto b = producer.buffer(64, secs(10));
+  const std::int64_t took = monotonic_ns() - t0;
+  ASSERT_TRUE(b) << b.error().message();
+  EXPECT_LT(took, 5'000'000'000) << "woken by the deadline's neighbourhood, not the release";
+  ASSERT_TRUE(producer.send(std::move(*b)));
+  EXPECT_EQ(test::join(child), 0);
+}
+
+// Extents (payloads above slot_size) come back with a Return descriptor; a producer waiting for
+// room is woken by it too.
+TEST_P(RoomModes, AReturnedExtentWakesAProducerWaitingForRoom) {
+  auto p = Channel::pair(stream_options(GetParam(), 4, 256));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  // Every extent id out: the 65th extent buffer waits.
+  std::vector<Message> held;
+  for (std::uint32_t i = 0; i < shm::kMaxExtents; ++i) {
+    auto b = producer.buffer(4096, secs(1));
+    ASSERT_TRUE(b) << i << ": " << b.error().message();
+    ASSERT_TRUE(producer.send(std::move(*b)));
+    auto m = consumer.receive(secs(5));
+    ASSERT_TRUE(m);
+    held.push_back(std::move(*m));
+  }
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(200ms);
+    held[7].buffer.reset();
+  });
+  auto b = producer.buffer(4096, secs(10));
+  releaser.join();
+  ASSERT_TRUE(b) << b.error().message();
+}
+
+// The consumer dies holding every buffer: the waiting producer gets PeerClosed at once, not at
+// its deadline.
+TEST_P(RoomModes, TheConsumersDeathEndsAWaitForRoom) {
+  auto p = Channel::pair(stream_options(GetParam(), 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  pid_t child = test::spawn([&] {
+    producer = {};
+    std::vector<Message> held(4);
+    std::size_t have = 0;
+    while (have < 4) {
+      auto n = consumer.receive_batch(std::span(held).subspan(have), secs(10));
+      if (!n) return 1;
+      have += *n;
+    }
+    std::this_thread::sleep_for(200ms);
+    ::kill(::getpid(), SIGKILL);
+    return 3;
+  });
+  ASSERT_GT(child, 0);
+  consumer = {};
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));
+  const std::int64_t t0 = monotonic_ns();
+  auto b = producer.buffer(64, secs(20));
+  const std::int64_t took = monotonic_ns() - t0;
+  ASSERT_FALSE(b);
+  EXPECT_EQ(b.error().code, Errc::PeerClosed);
+  EXPECT_LT(took, 5'000'000'000);
+  EXPECT_EQ(test::join(child), 128 + SIGKILL);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, RoomModes,
+                         ::testing::Values(WaitMode::Spin, WaitMode::Adaptive, WaitMode::Sleep));
+
+// A hostile consumer sets every bit of `returned`: the producer frees only the slot it lent
+// one-way (the consumer can only lose its own message by lying about it); the buffers the
+// application holds are never handed out twice.
+TEST(Stream, ScribbledReturnedBitsNeverHandOutABufferTwice) {
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  auto seg = detail::TestAccess::segment(producer);
+  auto* out = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset);
+  std::vector<Buffer> mine;
+  for (int i = 0; i < 3; ++i) mine.push_back(*producer.buffer(64));
+  ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));  // lent, not given back
+  out->returned.store(~std::uint64_t{0});
+  auto b = producer.buffer(64);
+  ASSERT_TRUE(b) << b.error().message();  // the lent slot, "given back" by the lie
+  for (const Buffer& m : mine) EXPECT_NE(b->id(), m.id());
+  out->returned.store(~std::uint64_t{0});
+  auto none = producer.buffer(64);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, Errc::NoBuffers);
+  // The consumer takes the message whose slot it lied about and drops it: its bit frees nothing
+  // the application holds.
+  auto m = consumer.receive(secs(5));
+  ASSERT_TRUE(m);
+  m->buffer.reset();
+  EXPECT_FALSE(producer.buffer(64));
+  for (Buffer& x : mine) x.reset();
+  b->reset();
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(producer.buffer(64)) << i;  // the pool is whole
+}
+
+// The producer is killed mid-stream: the consumer gets an unbroken prefix of the stream, then
+// PeerClosed; its process keeps no fd or mapping of the channel.
+TEST(Stream, AProducerKilledMidStreamLeavesAnUnbrokenPrefixThenPeerClosed) {
+  // The baseline with the peer watcher thread (and its epoll fd) up, kept up by `warm`; the C
+  // library keeps a joined thread's stack for reuse.
+  auto warm = Channel::pair();
+  std::thread([] {}).join();
+  const test::Snapshot before = test::snapshot();
+  {
+    auto p = Channel::pair(stream_options(WaitMode::Adaptive, 16));
+    ASSERT_TRUE(p);
+    auto& [producer, consumer] = *p;
+    pid_t child = test::spawn([&] {
+      consumer = {};
+      Status why;
+      (void)produce(producer, ~std::uint64_t{0} >> 1, 200, secs(60), &why);
+      return 1;
+    });
+    ASSERT_GT(child, 0);
+    producer = {};
+    std::thread killer([&] {
+      std::this_thread::sleep_for(300ms);
+      ::kill(child, SIGKILL);
+    });
+    bool ended = false;
+    std::string bad;
+    const std::uint64_t got = consume(consumer, ~std::uint64_t{0}, secs(30), &ended, &bad);
+    killer.join();
+    EXPECT_TRUE(ended) << bad;
+    EXPECT_TRUE(bad.empty()) << bad;
+    EXPECT_GT(got, 0u);
+    EXPECT_EQ(test::join(child), 128 + SIGKILL);
+  }
+  EXPECT_EQ(test::settled(before), before);
+}
+
+// The consumer is killed mid-stream: the producer's next send_batch or wait for room ends with
+// PeerClosed (not its deadline); its process keeps no fd or mapping of the channel.
+TEST(Stream, AConsumerKilledMidStreamEndsTheProducerWithPeerClosed) {
+  // The baseline with the peer watcher thread (and its epoll fd) up, kept up by `warm`; the C
+  // library keeps a joined thread's stack for reuse.
+  auto warm = Channel::pair();
+  std::thread([] {}).join();
+  const test::Snapshot before = test::snapshot();
+  {
+    auto p = Channel::pair(stream_options(WaitMode::Adaptive, 16));
+    ASSERT_TRUE(p);
+    auto& [producer, consumer] = *p;
+    pid_t child = test::spawn([&] {
+      producer = {};
+      bool ended = false;
+      std::string bad;
+      (void)consume(consumer, ~std::uint64_t{0}, secs(60), &ended, &bad);
+      return 1;
+    });
+    ASSERT_GT(child, 0);
+    consumer = {};
+    std::thread killer([&] {
+      std::this_thread::sleep_for(300ms);
+      ::kill(child, SIGKILL);
+    });
+    Status why;
+    const std::int64_t t0 = monotonic_ns();
+    (void)produce(producer, ~std::uint64_t{0} >> 1, 200, secs(30), &why);
+    const std::int64_t took = monotonic_ns() - t0;
+    killer.join();
+    ASSERT_FALSE(why);
+    EXPECT_EQ(why.error().code, Errc::PeerClosed) << why.error().message();
+    EXPECT_LT(took, 10'000'000'000);
+    EXPECT_EQ(test::join(child), 128 + SIGKILL);
+  }
+  EXPECT_EQ(test::settled(before), before);
+}
+
+// While the receiver spins, neither side makes a system call per message: 0 in total over
+// 100,000 messages (threads of one process; the os/ layer counts per thread).
+TEST(Stream, NoSystemCallPerMessageWhileTheReceiverSpins) {
+  constexpr std::uint64_t kCount = 100'000;
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 64));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  // Warm up first: the first receive registers the end with the peer watcher (a system call).
+  ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));
+  ASSERT_TRUE(consumer.receive(secs(5)));
+  std::uint64_t consumer_syscalls = 0, got = 0;
+  std::string bad;
+  std::thread rx([&] {
+    const std::uint64_t s0 = os::syscalls_this_thread();
+    bool ended = false;
+    got = consume(consumer, kCount, secs(60), &ended, &bad);
+    consumer_syscalls = os::syscalls_this_thread() - s0;
+  });
+  const std::uint64_t s0 = os::syscalls_this_thread();
+  Status why;
+  const std::uint64_t sent = produce(producer, kCount, 64, secs(60), &why);
+  const std::uint64_t producer_syscalls = os::syscalls_this_thread() - s0;
+  rx.join();
+  EXPECT_EQ(sent, kCount);
+  EXPECT_EQ(got, kCount) << bad;
+  EXPECT_EQ(producer_syscalls, 0u);
+  EXPECT_EQ(consumer_syscalls, 0u);
+}
+
+std::uint64_t soak_messages() {
+  const char* v = std::getenv("MBMQ_STREAM_SOAK_MESSAGES");
+  const long long n = v != nullptr ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<std::uint64_t>(n) : 2'000'000;
+}
+
+// Soak: a long stream between processes, sizes varying per message (8 B .. 1 KiB, and every
+// 1,000th an extent of 64 KiB), every message's sequence number and bytes checked.
+TEST(Stream, SoakNothingLostDuplicatedReorderedOrCorrupted) {
+  const std::uint64_t count = soak_messages();
+  auto p = Channel::pair(stream_options(WaitMode::Adaptive, 64, 1024));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  pid_t child = test::spawn(
+      [&] {
+        producer = {};
+        bool ended = false;
+        std::string bad;
+        const std::uint64_t got = consume(consumer, count, secs(3000), &ended, &bad);
+        if (got != count) std::fprintf(stderr, "soak consumer: %s\n", bad.c_str());
+        return got == count ? 0 : 1;
+      },
+      3600);
+  ASSERT_GT(child, 0);
+  consumer = {};
+  Status why;
+  const std::uint64_t sent = produce_sized(
+      producer, count,
+      [](std::uint64_t s) -> std::size_t { return s % 1000 == 999 ? 65536 : 8 + s % 1017; },
+      secs(3000), &why);
+  EXPECT_EQ(sent, count) << (why ? "" : why.error().message());
+  EXPECT_EQ(test::join(child), 0);
+}
+
+}  // namespace
+}  // namespace mbmq
