@@ -94,6 +94,11 @@ class MBMQ_EXPORT Channel {
   // producer that streams one-way messages faster than the peer takes them. A peer that closes
   // or dies ends the wait with Errc::PeerClosed (or Protocol).
   Result<Buffer> buffer(std::size_t size, Deadline deadline);
+  // Up to out.size() buffers of `size` bytes at once, for a batch (send_batch): waits as above
+  // for the first, then takes what is free without waiting; returns how many were put in
+  // out[0..n). Buffers left in `out` are dropped first. Pool slots come under one lock; a size
+  // above slot_size makes one extent per call.
+  Result<std::size_t> buffers(std::size_t size, std::span<Buffer> out, Deadline deadline);
 
   // Sends `buf` as a request and waits for the reply, which arrives in `buf` itself. Errors:
   // TimedOut (the buffer is then given up: `buf` becomes invalid, its slot is reclaimed when the

@@ -54,6 +54,11 @@ Result<Buffer> Channel::buffer(std::size_t size, Deadline deadline) {
   return ep_->alloc_until(size, deadline);
 }
 
+Result<std::size_t> Channel::buffers(std::size_t size, std::span<Buffer> out, Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "Channel::buffer: closed channel");
+  return ep_->alloc_until(size, out, deadline);
+}
+
 Status Channel::call(Buffer& buf, Deadline deadline) {
   if (!ep_) return fail(Errc::InvalidArgument, "call: closed channel");
   return ep_->call(buf, deadline);

@@ -27,6 +27,7 @@ Endpoint::Endpoint(Init init)
       side_(init.side),
       out_(seg_.dir(init.side)),
       in_(seg_.dir(1 - init.side)),
+      table_slots_(seg_.geometry().slots_per_side),
       table_(seg_, init.side, init.next_extent_gen),
       trust_(seg_, init.side, table_),
       ctl_(std::move(init.control),
@@ -91,17 +92,16 @@ void Endpoint::reap_locked() {
   }
 }
 
-Result<Buffer> Endpoint::alloc_once(std::size_t size) {
-  os::LockGuard lock(mu_);
-  EpState s = state_.load(std::memory_order_acquire);
-  if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
+void Endpoint::harvest_locked(std::size_t size) {
   // (P7r) Slots the peer gave back, harvested only when none is free: one line transfer per up to
   // slots_per_side one-way messages. Pairs with the consumer's fetch_or: its reads of the payload
   // happen before we reuse the slot.
   if (size <= seg_.geometry().slot_size && !table_.has_free_slot() &&
       out_.returned.load(std::memory_order_relaxed) != 0)
     (void)table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire));
-  const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size));
+}
+
+Buffer Endpoint::own_buffer_locked(const BufferTable::Allocated& a, std::size_t size) {
   Buffer b;
   b.id_ = a.id.raw();
   b.gen_ = a.gen;
@@ -113,38 +113,84 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   return b;
 }
 
-Result<Buffer> Endpoint::alloc_until(std::size_t size, Deadline deadline) {
+Result<Buffer> Endpoint::alloc_once(std::size_t size) {
+  os::LockGuard lock(mu_);
+  EpState s = state_.load(std::memory_order_acquire);
+  if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
+  harvest_locked(size);
+  const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size));
+  return own_buffer_locked(a, size);
+}
+
+Result<std::size_t> Endpoint::alloc_many(std::size_t size, std::span<Buffer> out) {
+  if (out.empty()) return std::size_t{0};
+  // What the caller left in out is dropped first, without our lock (a release takes it).
+  for (Buffer& b : out) b.reset();
+  if (out.size() > 1 && size <= seg_.geometry().slot_size) {
+    // Slots: as many as are free, under one lock (one drain of the store buffer for the batch).
+    os::LockGuard lock(mu_);
+    EpState s = state_.load(std::memory_order_acquire);
+    if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
+    harvest_locked(size);
+    std::size_t k = 0;
+    for (; k < out.size() && table_.has_free_slot(); ++k)
+      out[k] = own_buffer_locked(*table_.alloc(size), size);
+    if (k > 0) return k;
+  }
+  // One buffer: an extent, or a slot after reaping the ring as alloc() does (or NoBuffers).
+  out[0] = MBMQ_TRY(alloc(size));
+  return std::size_t{1};
+}
+
+Result<std::size_t> Endpoint::alloc_until(std::size_t size, std::span<Buffer> out,
+                                          Deadline deadline) {
   SpinStep step(wait_policy(), deadline);
   for (;;) {
     const std::uint32_t frees = frees_.load(std::memory_order_acquire);
-    auto b = alloc(size);
-    if (b || b.error().code != Errc::NoBuffers) return b;
-    // (P6r) Wait for room: spin on the cheap signs of it, retrying alloc() (which also reaps
-    // returned extents from the ring) every 64 looks; then sleep on `room`.
-    for (std::uint32_t looks = 1;; ++looks) {
-      if (room_maybe(frees) || looks % 64 == 0) break;
-      const SpinStep::Next next = step.after_miss();
-      if (next == SpinStep::Next::Expired)
-        return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
-      if (next == SpinStep::Next::Look) continue;
-      const std::int64_t no_cap = -1;
-      // Counted before the fence of sleep_once: a local free either sees us or we see it.
-      room_sleepers_.fetch_add(1, std::memory_order_seq_cst);
-      sleep_once(
-          out_.room, deadline, no_cap,
-          [&] { out_.producer_waiting.fetch_add(1, std::memory_order_relaxed); },
-          [&] { return !room_maybe(frees); },
-          [&] { out_.producer_waiting.fetch_sub(1, std::memory_order_relaxed); });
-      room_sleepers_.fetch_sub(1, std::memory_order_relaxed);
-      if (deadline.expired() && !room_maybe(frees))
-        return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
-      break;
-    }
+    auto n = alloc_many(size, out);
+    if (n || n.error().code != Errc::NoBuffers) return n;
+    MBMQ_TRY(wait_room(frees, step, deadline));
   }
 }
 
-bool Endpoint::room_maybe(std::uint32_t frees) const noexcept {
-  return out_.returned.load(std::memory_order_relaxed) != 0 ||
+Result<Buffer> Endpoint::alloc_until(std::size_t size, Deadline deadline) {
+  Buffer b;
+  MBMQ_TRY(alloc_until(size, {&b, 1}, deadline));
+  return b;
+}
+
+Status Endpoint::wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline) {
+  // (P6r) Spinning, it looks at `returned` every 8th pause only, and waits for a quarter of the
+  // pool to be back (any bit after 512 looks): reading the consumer's line on every pause would
+  // steal it from the consumer's next fetch_or, and harvesting bit by bit would make batches of
+  // one. The caller retries after 1024 looks anyway (alloc() also reaps extents returned through
+  // the ring). Then it sleeps on `room`, woken by the first bit.
+  const std::uint32_t quarter = std::max<std::uint32_t>(1, table_slots_ / 4);
+  for (std::uint32_t looks = 1;; ++looks) {
+    if ((looks % 8 == 0 && room_maybe(frees, looks < 512 ? quarter : 1u)) || looks % 1024 == 0)
+      return {};
+    const SpinStep::Next next = step.after_miss();
+    if (next == SpinStep::Next::Expired)
+      return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
+    if (next == SpinStep::Next::Look) continue;
+    const std::int64_t no_cap = -1;
+    // Counted before the fence of sleep_once: a local free either sees us or we see it.
+    room_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    sleep_once(
+        out_.room, deadline, no_cap,
+        [&] { out_.producer_waiting.fetch_add(1, std::memory_order_relaxed); },
+        [&] { return !room_maybe(frees); },
+        [&] { out_.producer_waiting.fetch_sub(1, std::memory_order_relaxed); });
+    room_sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    if (deadline.expired() && !room_maybe(frees))
+      return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
+    return {};
+  }
+}
+
+bool Endpoint::room_maybe(std::uint32_t frees, std::uint32_t min_bits) const noexcept {
+  return static_cast<std::uint32_t>(
+             __builtin_popcountll(out_.returned.load(std::memory_order_relaxed))) >= min_bits ||
          frees_.load(std::memory_order_relaxed) != frees ||
          state_.load(std::memory_order_acquire) != EpState::Open;
 }
@@ -161,13 +207,11 @@ void Endpoint::wake_peer_producer() noexcept {
   (void)os::futex_wake(&in_.room, INT_MAX);
 }
 
-void Endpoint::give_back_slot_locked(BufferId id) noexcept {
-  const std::uint32_t k =
-      id.slot_index() - static_cast<std::uint32_t>(1 - side_) * table_.slots_per_side();
-  // seq_cst: our reads of the payload happen before the producer's reuse (its acquire
+void Endpoint::give_back_slots(std::uint64_t mask) noexcept {
+  // seq_cst: our reads of the payloads happen before the producer's reuse (its acquire
   // exchange), and the RMW is the fence between this store and the load of producer_waiting
   // (pairs with the fence in the producer's sleep_once, P6r).
-  in_.returned.fetch_or(std::uint64_t{1} << k, std::memory_order_seq_cst);
+  in_.returned.fetch_or(mask, std::memory_order_seq_cst);
   wake_peer_producer();
 }
 
@@ -214,7 +258,7 @@ void Endpoint::release(Buffer& b) noexcept {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
                            static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
   } else if (!id.is_extent()) {
-    give_back_slot_locked(id);  // (P7r) no descriptor
+    give_back_slots(peer_slot_bit(id));  // (P7r) no descriptor
   } else {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Return), 0});
     // push_locked's fence (P4) orders the entry before this load of producer_waiting (P6r).

@@ -47,6 +47,7 @@
 #include "ipc/queue_bell.h"
 #include "ipc/sideband.h"
 #include "ipc/spin_mutex.h"
+#include "ipc/wait_step.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
 #include "mbmq/msg_queue.h"
@@ -96,6 +97,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   Result<Buffer> alloc(std::size_t size);
   // alloc(), waiting (P6r) until `deadline` for a buffer to come back when none is free.
   Result<Buffer> alloc_until(std::size_t size, Deadline deadline);
+  // Up to out.size() buffers of `size` bytes (slots under one lock; an extent alone): how many
+  // were put in out[0..n); out's earlier buffers are dropped first. Errc::NoBuffers when none
+  // is free; alloc_until() waits for the first one.
+  Result<std::size_t> alloc_many(std::size_t size, std::span<Buffer> out);
+  Result<std::size_t> alloc_until(std::size_t size, std::span<Buffer> out, Deadline deadline);
   Status grow(Buffer& b, std::size_t n);
   void release(Buffer& b) noexcept;  // from ~Buffer / Buffer::reset
 
@@ -181,6 +187,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   enum class Accepted { Deliver, Internal, CallDone, Bad };
 
   Result<Buffer> alloc_once(std::size_t size);
+  void harvest_locked(std::size_t size) MBMQ_REQUIRES(mu_);
+  Buffer own_buffer_locked(const BufferTable::Allocated& a, std::size_t size) MBMQ_REQUIRES(mu_);
+  // (P6r) Until room_maybe() or the deadline (Errc::TimedOut), per step's WaitPolicy.
+  Status wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline);
   // All below: mu_ held.
   // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending.
   // The caller holds consumer_mu_ too.
@@ -225,6 +235,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
                                          bool* sealed) MBMQ_REQUIRES(mu_);
   void make_message(const shm::Desc& d, Message* out) MBMQ_REQUIRES(mu_);
   Poll poll_locked(Message* out) MBMQ_REQUIRES(mu_);
+  // Drops every message of ms (as their destructors would); the one-way messages in the peer's
+  // slots are given back together (P7r): one lock, one fetch_or.
+  void release_batch(std::span<Message> ms) noexcept;
   // wake = false: the caller calls wake_peer_locked() once after a batch.
   Status send_locked(Buffer& b, shm::DescKind kind, OwnState lent_as, bool wake = true)
       MBMQ_REQUIRES(mu_);
@@ -234,16 +247,21 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   Status keep_for_retry_locked(Buffer& b, std::shared_ptr<Endpoint>&& keep) MBMQ_REQUIRES(mu_);
   Status push_locked(const shm::Desc& d, bool wake = true) MBMQ_REQUIRES(mu_);
   void wake_peer_locked() noexcept MBMQ_REQUIRES(mu_);
-  // (P7r) The peer's one-way message in slot id is done with: its bit in `returned`, and a wake
-  // of its producer if one waits for room (P6r).
-  void give_back_slot_locked(BufferId id) noexcept MBMQ_REQUIRES(mu_);
+  // (P7r) The peer's one-way messages in the slots of `mask` are done with: their bits in
+  // `returned`, and a wake of its producer if one waits for room (P6r).
+  void give_back_slots(std::uint64_t mask) noexcept;
+  // The bit of the peer's slot id in `returned`.
+  std::uint64_t peer_slot_bit(BufferId id) const noexcept {
+    return std::uint64_t{1} << (id.slot_index() -
+                                static_cast<std::uint32_t>(1 - side_) * table_slots_);
+  }
   // After a Return or a bit in `returned`: wakes the peer's producer if it waits for room.
   void wake_peer_producer() noexcept;
   // (P6r) Wakes our own threads waiting for room (hang-up, close, protocol error, local frees).
   void wake_room() noexcept;
-  // Something may have made room since `frees` was read: a returned bit, a local free, the end's
-  // state changed.
-  bool room_maybe(std::uint32_t frees) const noexcept;
+  // Something may have made room since `frees` was read: min_bits returned bits, a local free,
+  // the end's state changed.
+  bool room_maybe(std::uint32_t frees, std::uint32_t min_bits = 1) const noexcept;
   Error fail_protocol_locked(const char* op) noexcept MBMQ_REQUIRES(mu_);
   void pending_push(const shm::Desc& d) noexcept MBMQ_REQUIRES(mu_);
   bool pending_pop(shm::Desc* d) noexcept MBMQ_REQUIRES(mu_);
@@ -263,8 +281,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
 
   shm::Segment seg_;
   const int side_;
-  shm::Direction& out_;  // we produce
-  shm::Direction& in_;   // we consume
+  shm::Direction& out_;              // we produce
+  shm::Direction& in_;               // we consume
+  const std::uint32_t table_slots_;  // slots per side (the validated geometry's private copy)
 
   mutable SpinMutex mu_;
   DeadlineMutex consumer_mu_;

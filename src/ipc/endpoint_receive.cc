@@ -331,11 +331,31 @@ Result<Message> Endpoint::receive(Deadline deadline) {
   return m;
 }
 
+void Endpoint::release_batch(std::span<Message> ms) noexcept {
+  std::uint64_t mask = 0;
+  {
+    os::LockGuard lock(mu_);
+    const bool open = state_.load(std::memory_order_relaxed) == EpState::Open;
+    for (Message& m : ms) {
+      Buffer& b = m.buffer;
+      const BufferId id = BufferId::from_wire(b.id_);
+      if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Peer || b.handles_ ||
+          !is(b.kind_, DescKind::OneWay) || id.is_extent())
+        continue;
+      table_.set_held(id, false);
+      if (open) mask |= peer_slot_bit(id);
+      detach_buffer(b);  // not our last reference: the caller's Channel holds one
+    }
+    if (mask != 0) give_back_slots(mask);  // one RMW, one look at a waiter, for the batch
+  }
+  for (Message& m : ms) m = Message{};  // the rest (requests, extents, handles) as ~Buffer would
+}
+
 Result<std::size_t> Endpoint::receive_batch(std::span<Message> out, Deadline deadline) {
   if (out.empty()) return std::size_t{0};
-  // What the caller left in out is dropped first, without our lock (a buffer's release takes it;
-  // make_message() under the lock must find empty messages).
-  for (Message& m : out) m = Message{};
+  // What the caller left in out is dropped first (make_message() under the lock must find empty
+  // messages): our one-way slots in one go, the rest one by one.
+  release_batch(out);
   if (redirected_.load(std::memory_order_relaxed))
     return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
   if (!consumer_mu_.lock_until(deadline))
