@@ -1,6 +1,8 @@
 // tools/mbmq/mech_boost.cc: Boost.Interprocess message_queue (header-only, from Debian's Boost):
 // two queues in POSIX shared memory (/dev/shm), one message deep each. send() copies the payload
 // into the queue's shared memory, receive() copies it out.
+// `--stream` (boost-mq): one queue, up to 1024 messages deep, the same copies.
+#include <boost/date_time/posix_time/posix_time_types.hpp>
 #include <boost/interprocess/ipc/message_queue.hpp>
 #include <memory>
 #include <string>
@@ -8,6 +10,7 @@
 
 #include "bench.h"
 #include "os/process.h"
+#include "stream.h"
 
 namespace mbmq::tool {
 
@@ -86,6 +89,84 @@ Mechanism boost_mq_mechanism() {
     bip::message_queue::remove(st->resp_name.c_str());
     st->cbuf = {};
     st->sbuf = {};
+  };
+  return m;
+}
+
+// ---- --stream -----------------------------------------------------------------------------------
+namespace {
+// A side waits at most this long in one call (then tries again), to notice the other's failure.
+boost::posix_time::ptime patience() {
+  return boost::posix_time::microsec_clock::universal_time() + boost::posix_time::milliseconds(200);
+}
+constexpr std::size_t kStreamDepth = 1024;            // messages
+constexpr std::size_t kStreamQueueBytes = 64u << 20;  // fewer messages for large ones
+}  // namespace
+
+StreamMechanism boost_mq_stream_mechanism() {
+  struct State {
+    std::string name;
+    std::unique_ptr<bip::message_queue> q;
+  };
+  auto st = std::make_shared<State>();
+  StreamMechanism m;
+  m.name = "boost-mq";
+  m.os_counted = false;
+  m.note = "boost-mq: a message_queue 1024 messages deep (at most 64 MiB: fewer for large ones)";
+  m.setup = [st](std::size_t size) -> Status {
+    st->name = "mbmq-stream-" + std::to_string(os::current_pid());
+    bip::message_queue::remove(st->name.c_str());
+    const std::size_t depth =
+        std::max<std::size_t>(2, std::min<std::size_t>(kStreamDepth, kStreamQueueBytes / size));
+    try {
+      st->q = std::make_unique<bip::message_queue>(bip::create_only, st->name.c_str(), depth, size);
+    } catch (const bip::interprocess_exception&) {
+      return fail(Errc::System, "boost message_queue create");
+    }
+    return {};
+  };
+  // Blocking as its users do; the fast path is try_send / try_receive, which never reads the
+  // clock, and only a full or empty queue waits (timed, to notice the other side's failure).
+  m.produce = [st](StreamProducer& p) -> Status {
+    std::vector<std::byte> buf(p.size());
+    try {
+      for (;;) {
+        const bool end = !p.running();
+        if (end)
+          p.fill_end(buf.data());
+        else
+          p.fill(buf.data());
+        while (!st->q->try_send(buf.data(), buf.size(), 0) &&
+               !st->q->timed_send(buf.data(), buf.size(), 0, patience())) {
+          if (!p.healthy()) return {};
+        }
+        if (end) return {};
+      }
+    } catch (const bip::interprocess_exception&) {
+      return fail(Errc::System, "boost message_queue send");
+    }
+  };
+  m.consume = [st](StreamConsumer& c) -> Status {
+    std::vector<std::byte> buf(c.size());
+    try {
+      for (;;) {
+        bip::message_queue::size_type got = 0;
+        unsigned prio = 0;
+        while (!st->q->try_receive(buf.data(), buf.size(), got, prio) &&
+               !st->q->timed_receive(buf.data(), buf.size(), got, prio, patience())) {
+          if (!c.healthy()) return {};
+        }
+        const auto v = c.check(buf.data(), got);
+        if (v == StreamConsumer::Verdict::Fail) return fail(Errc::Protocol, "stream verification");
+        if (v == StreamConsumer::Verdict::End) return {};
+      }
+    } catch (const bip::interprocess_exception&) {
+      return fail(Errc::System, "boost message_queue receive");
+    }
+  };
+  m.teardown = [st] {
+    st->q.reset();
+    bip::message_queue::remove(st->name.c_str());
   };
   return m;
 }
