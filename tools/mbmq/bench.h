@@ -137,5 +137,8 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
 double memcpy_ns(std::size_t n);
 
 std::string human_size(std::size_t n);
+// "/tmp/mbmq-<what>-<pid>-<n><suffix>", n counting up in this process: a name no other run or
+// cell uses (ZeroMQ's ipc:// socket files).
+std::string unique_tmp_path(const char* what, const char* suffix);
 
 }  // namespace mbmq::tool

@@ -139,6 +139,12 @@ void add_strace(std::vector<CellResult>& rs, const std::string& self, bool touch
 }
 
 struct Progress {
+  Progress() = default;
+  // Shown on a terminal when `cells` cells of `opt` take more than 3 s (and `allowed`).
+  Progress(std::size_t cells, const Options& opt, bool allowed = true)
+      : on(allowed && os::is_terminal(2) &&
+           static_cast<double>(cells) * opt.seconds_per_cell > 3.0),
+        total(cells) {}
   bool on = false;
   std::size_t total = 0, done = 0;
   void step(const std::string& what) {
@@ -195,10 +201,7 @@ bool failed_any(const std::vector<R>& results) {
 int run_stream(const std::string& only, const Options& opt, Output out) {
   std::vector<StreamMechanism> mechs = stream_mechanisms();
   if (!select_mechanisms(mechs, only)) return 2;
-  Progress progress;
-  progress.total = mechs.size() * opt.sizes.size();
-  progress.on =
-      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(mechs.size() * opt.sizes.size(), opt);
   std::vector<StreamResult> results;
   for (std::size_t size : opt.sizes) {
     for (auto& m : mechs) {
@@ -226,10 +229,7 @@ int run_channels(const std::vector<std::size_t>& counts, const std::string& only
   if (!select_mechanisms(names, only)) return 2;
   std::vector<std::size_t> per_channel;  // fds per channel, both ends, per mechanism
   for (const auto& m : names) per_channel.push_back(fds_per_channel(m.name));
-  Progress progress;
-  progress.total = counts.size() * names.size() * opt.sizes.size();
-  progress.on =
-      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(counts.size() * names.size() * opt.sizes.size(), opt);
   std::vector<CellResult> results;
   for (std::size_t n : counts) {
     std::vector<Mechanism> mechs = channel_mechanisms(n);
@@ -279,10 +279,7 @@ int run_async(std::size_t n, const std::string& only, const Options& opt, Output
 #if MBMQ_HAVE_ASIO
   std::vector<Mechanism> mechs = async_mechanisms(n);
   if (!select_mechanisms(mechs, only)) return 2;
-  Progress progress;
-  progress.total = mechs.size() * opt.sizes.size();
-  progress.on =
-      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(mechs.size() * opt.sizes.size(), opt);
   std::vector<CellResult> results;
   for (std::size_t size : opt.sizes) {
     for (auto& m : mechs) {
@@ -465,10 +462,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   std::vector<Mechanism> mechs = all_mechanisms();
   if (!select_mechanisms(mechs, only)) return 2;
 
-  Progress progress;
-  progress.total = mechs.size() * opt.sizes.size();
-  progress.on = fixed == 0 && os::is_terminal(2) &&
-                static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(mechs.size() * opt.sizes.size(), opt, fixed == 0);
   std::vector<CellResult> results;
   for (std::size_t size : opt.sizes) {
     for (auto& m : mechs) {

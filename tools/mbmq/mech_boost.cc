@@ -16,6 +16,20 @@ namespace mbmq::tool {
 
 namespace bip = boost::interprocess;
 
+namespace {
+// Creates the queue `name` (replacing one a crashed run left behind): `depth` messages of at most
+// `size` bytes.
+Result<std::unique_ptr<bip::message_queue>> create_queue(const std::string& name, std::size_t depth,
+                                                         std::size_t size) {
+  bip::message_queue::remove(name.c_str());
+  try {
+    return std::make_unique<bip::message_queue>(bip::create_only, name.c_str(), depth, size);
+  } catch (const bip::interprocess_exception&) {
+    return fail(Errc::System, "boost message_queue create");
+  }
+}
+}  // namespace
+
 Mechanism boost_mq_mechanism() {
   struct State {
     std::string req_name, resp_name;
@@ -32,16 +46,8 @@ Mechanism boost_mq_mechanism() {
     std::string base = "mbmq-bench-" + std::to_string(os::current_pid());
     st->req_name = base + "-req";
     st->resp_name = base + "-resp";
-    bip::message_queue::remove(st->req_name.c_str());
-    bip::message_queue::remove(st->resp_name.c_str());
-    try {
-      st->req =
-          std::make_unique<bip::message_queue>(bip::create_only, st->req_name.c_str(), 1, size);
-      st->resp =
-          std::make_unique<bip::message_queue>(bip::create_only, st->resp_name.c_str(), 1, 8);
-    } catch (const bip::interprocess_exception& e) {
-      return fail(Errc::System, "boost message_queue create");
-    }
+    st->req = MBMQ_TRY(create_queue(st->req_name, 1, size));
+    st->resp = MBMQ_TRY(create_queue(st->resp_name, 1, 8));
     st->size = size;
     st->cbuf.assign(size, std::byte{0});
     st->sbuf.assign(size, std::byte{0});
@@ -115,14 +121,9 @@ StreamMechanism boost_mq_stream_mechanism() {
   m.note = "boost-mq: a message_queue 1024 messages deep (at most 64 MiB: fewer for large ones)";
   m.setup = [st](std::size_t size) -> Status {
     st->name = "mbmq-stream-" + std::to_string(os::current_pid());
-    bip::message_queue::remove(st->name.c_str());
     const std::size_t depth =
         std::max<std::size_t>(2, std::min<std::size_t>(kStreamDepth, kStreamQueueBytes / size));
-    try {
-      st->q = std::make_unique<bip::message_queue>(bip::create_only, st->name.c_str(), depth, size);
-    } catch (const bip::interprocess_exception&) {
-      return fail(Errc::System, "boost message_queue create");
-    }
+    st->q = MBMQ_TRY(create_queue(st->name, depth, size));
     return {};
   };
   // Blocking as its users do; the fast path is try_send / try_receive, which never reads the
@@ -131,16 +132,12 @@ StreamMechanism boost_mq_stream_mechanism() {
     std::vector<std::byte> buf(p.size());
     try {
       for (;;) {
-        const bool end = !p.running();
-        if (end)
-          p.fill_end(buf.data());
-        else
-          p.fill(buf.data());
+        const bool more = p.next(buf.data());
         while (!st->q->try_send(buf.data(), buf.size(), 0) &&
                !st->q->timed_send(buf.data(), buf.size(), 0, patience())) {
           if (!p.healthy()) return {};
         }
-        if (end) return {};
+        if (!more) return {};
       }
     } catch (const bip::interprocess_exception&) {
       return fail(Errc::System, "boost message_queue send");

@@ -300,17 +300,12 @@ Status iceoryx_produce(StreamProducer& p) {
   }
   const auto size = static_cast<std::uint32_t>(p.size());
   for (;;) {
-    const bool end = !p.running();
     // RouDi's pool holds the queue and more: a failed loan is a failure, not a retry.
     auto chunk = pub.loan(size, 8);
     if (chunk.has_error()) return fail(Errc::NoBuffers, "iceoryx: loan");
-    auto* payload = static_cast<std::byte*>(chunk.value());
-    if (end)
-      p.fill_end(payload);
-    else
-      p.fill(payload);
+    const bool more = p.next(static_cast<std::byte*>(chunk.value()));
     pub.publish(chunk.value());  // waits while the subscriber's queue is full
-    if (end) return {};
+    if (!more) return {};
   }
 }
 

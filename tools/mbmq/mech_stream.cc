@@ -80,20 +80,15 @@ StreamMechanism raw_spsc_mechanism() {
     const std::uint64_t entries = st->mask + 1;
     std::uint64_t tail = 0, head = 0;  // head: our cached copy of the consumer's
     for (;;) {
-      const bool end = !p.running();
       if (tail - head == entries) {  // full by the cache: look again, and wait for room
         while (tail - (head = st->hdr->head.load(std::memory_order_acquire)) == entries) {
           if (!p.healthy()) return {};  // the consumer failed: it reports why
           __builtin_ia32_pause();
         }
       }
-      std::byte* e = st->entries + (tail & st->mask) * st->stride;
-      if (end)
-        p.fill_end(e);
-      else
-        p.fill(e);
+      const bool more = p.next(st->entries + (tail & st->mask) * st->stride);
       st->hdr->tail.store(++tail, std::memory_order_release);
-      if (end) return {};
+      if (!more) return {};
     }
   };
   m.consume = [st](StreamConsumer& c) -> Status {
@@ -140,13 +135,9 @@ StreamMechanism byte_stream_mechanism(bool pipe) {
     st->rd.reset();
     std::vector<std::byte> buf(p.size());
     for (;;) {
-      const bool end = !p.running();
-      if (end)
-        p.fill_end(buf.data());
-      else
-        p.fill(buf.data());
+      const bool more = p.next(buf.data());
       if (auto s = os::write_full(st->wr.get(), buf); !s) return p.healthy() ? s : Status{};
-      if (end) return {};
+      if (!more) return {};
     }
   };
   m.consume = [st](StreamConsumer& c) -> Status {
@@ -196,9 +187,7 @@ StreamMechanism zmq_pushpull_mechanism() {
   m.os_counted = false;
   m.note = "zmq-pushpull: libzmq's default high-water marks (1000 messages each side)";
   m.setup = [st](std::size_t) -> Status {
-    static int n = 0;
-    st->path = "/tmp/mbmq-stream-zmq-" + std::to_string(os::current_pid()) + "-" +
-               std::to_string(n++) + ".ipc";
+    st->path = unique_tmp_path("stream-zmq", ".ipc");
     st->endpoint = "ipc://" + st->path;
     return {};
   };
@@ -212,12 +201,8 @@ StreamMechanism zmq_pushpull_mechanism() {
     // connect() before the consumer's bind() is fine: ZeroMQ connects when the endpoint appears.
     if (zmq_connect(sock, st->endpoint.c_str()) != 0) rc = fail(Errc::System, "zmq_connect");
     std::vector<std::byte> buf(p.size());
-    for (bool end = false; rc && !end;) {
-      end = !p.running();
-      if (end)
-        p.fill_end(buf.data());
-      else
-        p.fill(buf.data());
+    for (bool more = true; rc && more;) {
+      more = p.next(buf.data());
       // zmq_send copies buf into a message; EAGAIN: the queue stayed full for kZmqPatienceMs.
       while (zmq_send(sock, buf.data(), buf.size(), 0) != static_cast<int>(buf.size())) {
         if (zmq_errno() != EAGAIN) {
@@ -227,7 +212,12 @@ StreamMechanism zmq_pushpull_mechanism() {
         if (!p.healthy()) return {};
       }
     }
-    // The default linger (forever) delivers the end message before the context ends.
+    // The default linger (forever) delivers the end message before the context ends; with the
+    // consumer gone (it failed) nothing would, and zmq_ctx_term would wait forever.
+    if (!p.healthy()) {
+      int linger = 0;
+      zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    }
     zmq_close(sock);
     zmq_ctx_term(ctx);
     return rc;
@@ -345,19 +335,16 @@ StreamMechanism mbmq_stream_mechanism() {
     st->consumer.close();
     MbmqProducer out{st->producer, p};
     std::array<Buffer, kMbmqBatch> bufs;
-    for (;;) {
-      const bool end = !p.running();
-      const std::size_t n = MBMQ_TRY(out.acquire(bufs));
+    for (bool more = true; more;) {
+      std::size_t n = MBMQ_TRY(out.acquire(bufs));
       if (n == 0) return {};
-      for (std::size_t i = 0; i < n; ++i) {
-        if (end && i == n - 1)
-          p.fill_end(bufs[i].data().data());
-        else
-          p.fill(bufs[i].data().data());
+      for (std::size_t i = 0; i < n && more; ++i) {
+        more = p.next(bufs[i].data().data());
+        if (!more) n = i + 1;  // the end message last; the buffers after it go back unused
       }
       MBMQ_TRY(out.publish({bufs.data(), n}));
-      if (end) return {};
     }
+    return {};
   };
   m.consume = [st](StreamConsumer& c) -> Status {
     st->producer.close();

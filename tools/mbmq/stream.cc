@@ -127,9 +127,14 @@ bool StreamProducer::running() {
 
 bool StreamProducer::healthy() const noexcept { return phase_of(ctl_) != Phase::Failed; }
 
-void StreamProducer::fill(std::byte* p) noexcept {
+bool StreamProducer::next(std::byte* p) {
+  if (!running()) {
+    write_stream_payload(p, size_, kStreamEnd);
+    return false;
+  }
   if (ctl_.skip_seq && seq_ == 100) ++seq_;  // the test hook: a lost message
   write_stream_payload(p, size_, seq_++);
+  return true;
 }
 
 void StreamProducer::snapshot(StreamSideStats& into) const {
@@ -251,14 +256,10 @@ double StreamResult::median() const {
   return v[v.size() / 2];
 }
 double StreamResult::min() const {
-  return window_msgs_per_s.empty()
-             ? 0
-             : *std::min_element(window_msgs_per_s.begin(), window_msgs_per_s.end());
+  return window_msgs_per_s.empty() ? 0 : *std::ranges::min_element(window_msgs_per_s);
 }
 double StreamResult::max() const {
-  return window_msgs_per_s.empty()
-             ? 0
-             : *std::max_element(window_msgs_per_s.begin(), window_msgs_per_s.end());
+  return window_msgs_per_s.empty() ? 0 : *std::ranges::max_element(window_msgs_per_s);
 }
 
 namespace {

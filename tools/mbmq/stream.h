@@ -76,21 +76,18 @@ struct StreamControl {
 };
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 
-// The producer's bookkeeping. A mechanism's loop: while (p.running()) { get room; p.fill(room);
-// send; } then p.fill_end(room) and send that.
+// The producer's bookkeeping. A mechanism's loop: for (;;) { get room; const bool more =
+// p.next(room); send it; if (!more) return {}; }
 class StreamProducer {
  public:
   explicit StreamProducer(StreamControl& ctl) : ctl_(ctl), size_(ctl.size) {}
   std::size_t size() const noexcept { return size_; }
   const StreamControl& control() const noexcept { return ctl_; }
-  // (2) False once the consumer has its windows or a side failed. Snapshots the counters as the
-  // measured period begins and ends. One relaxed load of a line written twice per cell.
-  bool running();
   // True while no side has failed: for loops that wait (a full ring, no buffer) to give up on.
   bool healthy() const noexcept;
-  // Writes the next message's payload into p (size() bytes) and advances the sequence number.
-  void fill(std::byte* p) noexcept;
-  void fill_end(std::byte* p) noexcept { write_stream_payload(p, size_, kStreamEnd); }
+  // Writes the next message into p (size() bytes): the next sequence number's payload, true; or,
+  // once running() is false, the end-of-stream message, false (send it, then stop).
+  bool next(std::byte* p);
   // A retry of the mechanism (no room, no buffer): reported per message where counted.
   void retry() noexcept { ++retries_; }
   // (4) Records `s` (an error stops the consumer too) and the counters; sets producer_exited.
@@ -99,6 +96,9 @@ class StreamProducer {
   void external() noexcept { external_ = true; }
 
  private:
+  // (2) False once the consumer has its windows or a side failed. Snapshots the counters as the
+  // measured period begins and ends. One relaxed load of a line written twice per cell.
+  bool running();
   void snapshot(StreamSideStats& into) const;
   StreamControl& ctl_;
   const std::size_t size_;
