@@ -116,7 +116,7 @@ StreamMechanism raw_spsc_mechanism() {
 
 // ---- uds and pipe
 // --------------------------------------------------------------------------------
-constexpr std::size_t kReadChunk = 256 * 1024;
+constexpr std::size_t kReadChunk = std::size_t{256} * 1024;
 
 StreamMechanism byte_stream_mechanism(bool pipe) {
   struct State {
@@ -269,11 +269,11 @@ struct MbmqProducer {
   // Fills `bufs` with buffers of p.size() bytes; how many (0: stop).
   // TODO(#14): ch.buffer(size, deadline) for the first, which waits for one to come back.
   Result<std::size_t> acquire(std::span<Buffer> bufs) {
-    for (std::size_t i = 0; i < bufs.size(); ++i) {
+    for (Buffer& buf : bufs) {
       for (;;) {
         auto b = ch.buffer(p.size());
         if (b) {
-          bufs[i] = std::move(*b);
+          buf = std::move(*b);
           break;
         }
         if (b.error().code != Errc::NoBuffers) return fail(b.error());
@@ -289,7 +289,8 @@ struct MbmqProducer {
   Status publish(std::span<Buffer> bufs) {
     for (Buffer& b : bufs) {
       for (;;) {
-        auto s = ch.send(std::move(b));  // on failure nothing was sent and b is still ours
+        // On failure nothing was sent and b is still ours (Channel::send's contract).
+        auto s = ch.send(std::move(b));  // NOLINT(bugprone-use-after-move): retried, see above
         if (s) break;
         if (s.error().code != Errc::WouldBlock) return s;
         if (!p.healthy()) return {};

@@ -2,10 +2,9 @@
 // verification, and running one stream cell (see stream.h for the protocol's steps).
 #include "stream.h"
 
-#include <signal.h>
-
 #include <algorithm>
 #include <cinttypes>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -62,7 +61,7 @@ std::size_t first_wrong_byte(const std::byte* p, std::size_t n, std::uint64_t se
 }
 
 void set_error(StreamSideStats& s, const char* text) {
-  if (s.error[0] == '\0') std::snprintf(s.error, sizeof s.error, "%s", text);
+  if (s.error[0] == '\0') (void)std::snprintf(s.error, sizeof s.error, "%s", text);
 }
 
 void read_counters(StreamSideStats& s) {
@@ -174,9 +173,9 @@ void StreamConsumer::fail(const char* what) {
 StreamConsumer::Verdict StreamConsumer::check(std::byte* p, std::size_t n) {
   char why[200];
   if (n != size_) {
-    std::snprintf(why, sizeof why,
-                  "verification failed: message %" PRIu64 " has %zu bytes, not %zu", seq_, n,
-                  size_);
+    (void)std::snprintf(why, sizeof why,
+                        "verification failed: message %" PRIu64 " has %zu bytes, not %zu", seq_, n,
+                        size_);
     fail(why);
     return Verdict::Fail;
   }
@@ -185,18 +184,18 @@ StreamConsumer::Verdict StreamConsumer::check(std::byte* p, std::size_t n) {
   std::memcpy(&got, p, 8);
   const bool end = got == kStreamEnd;
   if (!end && got != seq_) {
-    std::snprintf(why, sizeof why,
-                  "verification failed: message %" PRIu64 " carries sequence number %" PRIu64
-                  " (lost, duplicated or reordered messages)",
-                  seq_, got);
+    (void)std::snprintf(why, sizeof why,
+                        "verification failed: message %" PRIu64 " carries sequence number %" PRIu64
+                        " (lost, duplicated or reordered messages)",
+                        seq_, got);
     fail(why);
     return Verdict::Fail;
   }
   if (payload_diff(p, n, got) != 0) {
-    std::snprintf(why, sizeof why,
-                  "verification failed: message %" PRIu64
-                  ": its payload differs from what its sequence number implies at byte %zu",
-                  seq_, first_wrong_byte(p, n, got));
+    (void)std::snprintf(why, sizeof why,
+                        "verification failed: message %" PRIu64
+                        ": its payload differs from what its sequence number implies at byte %zu",
+                        seq_, first_wrong_byte(p, n, got));
     fail(why);
     return Verdict::Fail;
   }

@@ -29,7 +29,7 @@ std::optional<double> ratio(const std::vector<StreamResult>& rs, const std::stri
 std::string num(const std::optional<double>& v, const char* fmt = "%.2f") {
   if (!v) return "-";
   char s[32];
-  std::snprintf(s, sizeof s, fmt, *v);
+  (void)std::snprintf(s, sizeof s, fmt, *v);
   return s;
 }
 
