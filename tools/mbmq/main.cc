@@ -215,7 +215,7 @@ int run_stream(const std::string& only, const Options& opt, Output out) {
   else
     print_stream_table(results, mechs, opt);
   if (failed_any(results)) {
-    std::fprintf(stderr, "mbmq bench --stream: a cell failed (see its row)\n");
+    (void)std::fprintf(stderr, "mbmq bench --stream: a cell failed (see its row)\n");
     return 1;
   }
   return 0;
@@ -411,9 +411,10 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
       if (!app.count("--sizes")) sizes_arg = "64";
     }
     if (async_n != 0 && !app.count("--sizes")) sizes_arg = "64";
-    if (stream && !app.count("--sizes")) sizes_arg = quick ? "64,64K" : "8,64,1K,64K";
-    opt.sizes = parse_sizes(quick && !stream && !app.count("--sizes") ? std::string("64,64K,1M")
-                                                                      : sizes_arg);
+    const bool sizes_given = app.count("--sizes") > 0;
+    if (stream && !sizes_given) sizes_arg = quick ? "64,64K" : "8,64,1K,64K";
+    opt.sizes =
+        parse_sizes(quick && !stream && !sizes_given ? std::string("64,64K,1M") : sizes_arg);
   } catch (const CLI::Error& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 2;
@@ -432,9 +433,9 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   if (stream) {
     if (async_n != 0 || !channel_counts.empty() || !plot.empty() || fixed != 0 || no_touch ||
         markdown_out) {
-      std::fprintf(stderr,
-                   "--stream: --async, --channels, --plot, --fixed-rtts, --no-touch and "
-                   "--markdown do not apply\n");
+      (void)std::fprintf(stderr,
+                         "--stream: --async, --channels, --plot, --fixed-rtts, --no-touch and "
+                         "--markdown do not apply\n");
       return 2;
     }
     return run_stream(only, opt, json ? Output::Json : Output::Table);
