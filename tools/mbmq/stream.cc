@@ -136,6 +136,12 @@ bool StreamProducer::next(std::byte* p) {
   return true;
 }
 
+void StreamProducer::await_consumer() const {
+  // Acquire: pairs with the consumer's release in finish() (nothing is read after it, though).
+  for (int i = 0; i < 10'000 && ctl_.consumer_exited.load(std::memory_order_acquire) == 0; ++i)
+    os::sleep_ns(1'000'000);
+}
+
 void StreamProducer::snapshot(StreamSideStats& into) const {
   read_counters(into);
   into.retries = retries_;
@@ -391,8 +397,14 @@ StreamResult run_stream_cell(StreamMechanism& m, std::size_t size, const Options
                                     static_cast<double>(ctl->window_elapsed_ns[i]));
   const StreamSideStats& c = ctl->consumer;
   const StreamSideStats& p = ctl->producer;
-  if (c.msgs == 0 || p.msgs == 0 || r.window_msgs_per_s.size() != kStreamWindows) {
-    r.error = "no messages measured";
+  if (c.msgs == 0 || r.window_msgs_per_s.size() != kStreamWindows) {
+    r.error = "the consumer measured no messages";
+    return r;
+  }
+  if (p.msgs == 0) {  // its per-message counters would divide by zero
+    r.error =
+        "the producer sent nothing while the consumer measured (blocked on a full queue the whole "
+        "time): use more --seconds";
     return r;
   }
   const auto cn = static_cast<double>(c.msgs), pn = static_cast<double>(p.msgs);

@@ -88,6 +88,9 @@ class StreamProducer {
   // Writes the next message into p (size() bytes): the next sequence number's payload, true; or,
   // once running() is false, the end-of-stream message, false (send it, then stop).
   bool next(std::byte* p);
+  // Waits until the consumer has ended (seen the end message, or failed), 10 s at most: for a
+  // mechanism that may drop what is in flight when the sender closes (ZeroMQ).
+  void await_consumer() const;
   // A retry of the mechanism (no room, no buffer): reported per message where counted.
   void retry() noexcept { ++retries_; }
   // (4) Records `s` (an error stops the consumer too) and the counters; sets producer_exited.
