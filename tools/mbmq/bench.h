@@ -25,7 +25,7 @@ namespace mbmq::tool {
 // ---- the work of a round trip ------------------------------------------------------------------
 struct Work {
   bool touch = true;      // write and read the whole payload (else 8 bytes)
-  bool corrupt = false;   // test hook: the server flips one payload byte before reading it
+  bool corrupt = false;   // test hook: the server (--stream: the consumer) flips a payload byte
   bool skip_seq = false;  // test hook (--stream): the producer skips one sequence number
 };
 extern Work g_work;  // set once by main(), before any cell
