@@ -1,5 +1,6 @@
 // The `mbmq` command: argument errors exit 2 with a message; --json has the documented schema
-// for every mechanism; every mechanism's reply verification catches a corrupted payload.
+// for every mechanism; every mechanism's reply verification catches a corrupted payload; the
+// --stream rows (#14) verify every message and catch a corrupted byte and a lost message.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -82,6 +83,9 @@ TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
       {"bench", "--async", "65"},                             // above the 64 slots of a side
       {"bench", "--async", "8", "--channels", "4"},           // one or the other
       {"bench", "--async", "8", "--mechanisms", "raw-spin"},  // not an async mechanism
+      {"bench", "--stream", "--channels", "4"},               // one or the other
+      {"bench", "--stream", "--no-touch"},                    // the stream reads every byte
+      {"bench", "--stream", "--mechanisms", "raw-spin"},      // not a stream mechanism
       {"bench", "--frobnicate"},
       {"frobnicate"},
       {},
@@ -204,6 +208,96 @@ TEST(Tool, ChannelsRowsCarryTheCountVerifyAndSayWhenFdsRunOut) {
                     "/usr/bin/prlimit");
   EXPECT_EQ(few.code, 1) << few.out << few.err;
   EXPECT_NE(few.out.find("cannot reach 100 channels"), std::string::npos) << few.out;
+}
+
+// `mbmq bench --stream` (#14), every stream mechanism in its order.
+const std::vector<std::string> kStreamMechanisms = {
+    "raw-spsc", "mbmq-stream", "uds", "pipe", "zmq-pushpull", "boost-mq", "iceoryx",
+};
+
+// --stream --quick (sizes 64 B and 64 KiB): every row verified every message it took and carries
+// the documented fields; the ratios to raw-spsc and uds are there for each size.
+TEST(Tool, StreamRowsVerifyEveryMessageAndCarryTheFields) {
+  ToolRun r = run({"bench", "--stream", "--quick", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err << r.out.substr(0, 2000);
+  auto doc = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(doc.is_discarded()) << r.out.substr(0, 500);
+  EXPECT_EQ(doc["mode"], "stream");
+  EXPECT_EQ(doc["windows"], 5);
+  std::set<std::pair<std::string, std::size_t>> seen;
+  for (const auto& res : doc["results"]) {
+    const std::string m = res["mechanism"].get<std::string>();
+    const std::size_t size = res["size"].get<std::size_t>();
+    seen.insert({m, size});
+    for (const char* key : {"msgs_per_s", "msgs_per_s_min", "msgs_per_s_max", "mb_per_s",
+                            "syscalls_per_msg", "allocs_per_msg", "cpu_ns_per_msg",
+                            "retries_per_msg", "verified_msgs", "window_msgs_per_s"})
+      ASSERT_TRUE(res.contains(key)) << m << " lacks " << key;
+    if (res.contains("error")) {
+      // Only iceoryx may be missing here (RouDi cannot run), and it must say why.
+      EXPECT_EQ(m, "iceoryx") << res["error"];
+      EXPECT_EQ(res["error"].get<std::string>().rfind("unavailable", 0), 0u) << res["error"];
+      continue;
+    }
+    const double med = res["msgs_per_s"].get<double>();
+    EXPECT_GT(res["msgs_per_s_min"].get<double>(), 0) << m;
+    EXPECT_LE(res["msgs_per_s_min"].get<double>(), med) << m;
+    EXPECT_LE(med, res["msgs_per_s_max"].get<double>()) << m;
+    EXPECT_EQ(res["window_msgs_per_s"].size(), 5u) << m;
+    EXPECT_NEAR(res["mb_per_s"].get<double>(), med * static_cast<double>(size) / 1e6, 1e-6 * med)
+        << m;
+    EXPECT_GT(res["verified_msgs"].get<std::uint64_t>(), 0u) << m;
+    EXPECT_GT(res["cpu_ns_per_msg"].get<double>(), 0) << m;
+    EXPECT_TRUE(res["allocs_per_msg"].is_number()) << m;
+    // Counted by the os/ layer where every system call goes through it; null for libraries.
+    const bool counted = m == "raw-spsc" || m == "mbmq-stream" || m == "uds" || m == "pipe";
+    EXPECT_EQ(res["syscalls_per_msg"].is_number(), counted) << m;
+    if (m == "raw-spsc") {
+      EXPECT_EQ(res["syscalls_per_msg"].get<double>(), 0.0);
+    }
+    if (m == "uds" || m == "pipe") {
+      EXPECT_GE(res["syscalls_per_msg"].get<double>(), 1.0) << m;
+    }
+    EXPECT_EQ(res["retries_per_msg"].is_number(), m == "mbmq-stream") << m;
+  }
+  for (const auto& m : kStreamMechanisms)
+    for (std::size_t size : {64u, 65536u}) EXPECT_TRUE(seen.count({m, size})) << m << " " << size;
+  EXPECT_EQ(seen.size(), 2 * kStreamMechanisms.size());
+  ASSERT_EQ(doc["ratios"].size(), 2u);
+  for (const auto& q : doc["ratios"]) {
+    EXPECT_TRUE(q["mbmq_stream_over_raw_spsc"].is_number()) << q;
+    EXPECT_TRUE(q["mbmq_stream_over_uds"].is_number()) << q;
+  }
+}
+
+// The checker can fail: a flipped payload byte (at 8 B, a byte of the sequence number itself) and
+// a sequence number the producer skips both fail every stream mechanism's row, saying what.
+TEST(Tool, StreamVerificationCatchesACorruptedByteAndALostMessage) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {{"--inject-corruption", "--sizes", "8"}, "carries sequence number"},
+      {{"--inject-corruption", "--sizes", "64"}, "payload differs"},
+      {{"--inject-corruption", "--sizes", "64K"}, "payload differs"},
+      {{"--inject-skip", "--sizes", "64"}, "message 100 carries sequence number 101"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> args = {"bench", "--stream", "--json", "--seconds", "0.1"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    ToolRun r = run(args);
+    EXPECT_EQ(r.code, 1) << c.args[0] << " " << c.args[2];
+    auto doc = nlohmann::json::parse(r.out, nullptr, false);
+    ASSERT_FALSE(doc.is_discarded()) << r.err;
+    ASSERT_EQ(doc["results"].size(), kStreamMechanisms.size());
+    for (const auto& res : doc["results"]) {
+      const std::string e = res.value("error", "");
+      if (e.rfind("unavailable", 0) == 0) continue;
+      EXPECT_EQ(e.rfind("verification failed", 0), 0u) << res["mechanism"] << ": " << e;
+      EXPECT_NE(e.find(c.says), std::string::npos) << res["mechanism"] << ": " << e;
+    }
+  }
 }
 
 }  // namespace

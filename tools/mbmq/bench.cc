@@ -112,6 +112,12 @@ std::string human_size(std::size_t n) {
   return std::to_string(n) + " B";
 }
 
+std::string unique_tmp_path(const char* what, const char* suffix) {
+  static int n = 0;
+  return std::string("/tmp/mbmq-") + what + "-" + std::to_string(os::current_pid()) + "-" +
+         std::to_string(n++) + suffix;
+}
+
 CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt) {
   CellResult r;
   r.mechanism = m.name;

@@ -24,8 +24,9 @@ namespace mbmq::tool {
 
 // ---- the work of a round trip ------------------------------------------------------------------
 struct Work {
-  bool touch = true;     // write and read the whole payload (else 8 bytes)
-  bool corrupt = false;  // test hook: the server flips one payload byte before reading it
+  bool touch = true;      // write and read the whole payload (else 8 bytes)
+  bool corrupt = false;   // test hook: the server (--stream: the consumer) flips a payload byte
+  bool skip_seq = false;  // test hook (--stream): the producer skips one sequence number
 };
 extern Work g_work;  // set once by main(), before any cell
 
@@ -136,5 +137,8 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
 double memcpy_ns(std::size_t n);
 
 std::string human_size(std::size_t n);
+// "/tmp/mbmq-<what>-<pid>-<n><suffix>", n counting up in this process: a name no other run or
+// cell uses (ZeroMQ's ipc:// socket files).
+std::string unique_tmp_path(const char* what, const char* suffix);
 
 }  // namespace mbmq::tool

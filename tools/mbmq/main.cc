@@ -1,5 +1,6 @@
 // tools/mbmq/main.cc: the `mbmq` command.
 //   mbmq bench   two-process request/response: mbmq beside the IPC in use today, measured here
+//                (--stream: one-way messages, producer to consumer, every message verified)
 //   mbmq copies  per mechanism, the copies a request costs by design and as measured
 //   mbmq files   serving a file over loopback HTTP: read+write, mmap+write, sendfile, splice, nginx
 // `mbmq-bench ARGS` is `mbmq bench ARGS`. Argument errors print why and exit 2; a failed cell
@@ -21,6 +22,7 @@
 #include "mbmq/deadline.h"
 #include "os/process.h"
 #include "report.h"
+#include "stream.h"
 
 namespace mbmq::tool {
 int run_files(const std::vector<std::string>& argv_rest);  // files.cc
@@ -137,6 +139,12 @@ void add_strace(std::vector<CellResult>& rs, const std::string& self, bool touch
 }
 
 struct Progress {
+  Progress() = default;
+  // Shown on a terminal when `cells` cells of `opt` take more than 3 s (and `allowed`).
+  Progress(std::size_t cells, const Options& opt, bool allowed = true)
+      : on(allowed && os::is_terminal(2) &&
+           static_cast<double>(cells) * opt.seconds_per_cell > 3.0),
+        total(cells) {}
   bool on = false;
   std::size_t total = 0, done = 0;
   void step(const std::string& what) {
@@ -155,15 +163,16 @@ struct Progress {
 };
 
 // Keeps the mechanisms named in `only` (comma-separated; empty: all). False, with a message, if
-// one of the names is unknown.
-bool select_mechanisms(std::vector<Mechanism>& mechs, const std::string& only) {
+// one of the names is unknown. M: Mechanism or StreamMechanism.
+template <class M>
+bool select_mechanisms(std::vector<M>& mechs, const std::string& only) {
   if (only.empty()) return true;
   std::string list = "," + only + ",";
   for (std::size_t pos = 1; pos < list.size();) {
     std::size_t c = list.find(',', pos);
     std::string name = list.substr(pos, c - pos);
-    if (!name.empty() && std::none_of(mechs.begin(), mechs.end(),
-                                      [&](const Mechanism& m) { return m.name == name; })) {
+    if (!name.empty() &&
+        std::none_of(mechs.begin(), mechs.end(), [&](const M& m) { return m.name == name; })) {
       std::string known;
       for (const auto& m : mechs) known += " " + m.name;
       std::fprintf(stderr, "--mechanisms: unknown '%s' (known:%s)\n", name.c_str(), known.c_str());
@@ -171,19 +180,45 @@ bool select_mechanisms(std::vector<Mechanism>& mechs, const std::string& only) {
     }
     pos = c + 1;
   }
-  std::erase_if(mechs, [&](const Mechanism& m) {
-    return list.find("," + m.name + ",") == std::string::npos;
-  });
+  std::erase_if(mechs,
+                [&](const M& m) { return list.find("," + m.name + ",") == std::string::npos; });
   return true;
 }
 
 enum class Output { Table, Json, Markdown };
 
-bool failed_any(const std::vector<CellResult>& results) {
-  return std::any_of(results.begin(), results.end(), [](const CellResult& r) {
+// A row whose error is a failure (not a mechanism that cannot run here). R: CellResult or
+// StreamResult.
+template <class R>
+bool failed_any(const std::vector<R>& results) {
+  return std::any_of(results.begin(), results.end(), [](const R& r) {
     return !r.error.empty() && r.error.rfind("unavailable", 0) != 0 &&
            r.error.rfind("unsupported", 0) != 0;
   });
+}
+
+// `mbmq bench --stream`: per size, the stream mechanisms (mech_stream.cc), one-way messages.
+int run_stream(const std::string& only, const Options& opt, Output out) {
+  std::vector<StreamMechanism> mechs = stream_mechanisms();
+  if (!select_mechanisms(mechs, only)) return 2;
+  Progress progress(mechs.size() * opt.sizes.size(), opt);
+  std::vector<StreamResult> results;
+  for (std::size_t size : opt.sizes) {
+    for (auto& m : mechs) {
+      progress.step(m.name + " " + human_size(size));
+      results.push_back(run_stream_cell(m, size, opt));
+    }
+  }
+  progress.clear();
+  if (out == Output::Json)
+    std::printf("%s\n", stream_json(results, opt).c_str());
+  else
+    print_stream_table(results, mechs, opt);
+  if (failed_any(results)) {
+    (void)std::fprintf(stderr, "mbmq bench --stream: a cell failed (see its row)\n");
+    return 1;
+  }
+  return 0;
 }
 
 // `mbmq bench --channels N,...`: per N, the channel mechanisms (mech_channels.cc) at each size.
@@ -194,10 +229,7 @@ int run_channels(const std::vector<std::size_t>& counts, const std::string& only
   if (!select_mechanisms(names, only)) return 2;
   std::vector<std::size_t> per_channel;  // fds per channel, both ends, per mechanism
   for (const auto& m : names) per_channel.push_back(fds_per_channel(m.name));
-  Progress progress;
-  progress.total = counts.size() * names.size() * opt.sizes.size();
-  progress.on =
-      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(counts.size() * names.size() * opt.sizes.size(), opt);
   std::vector<CellResult> results;
   for (std::size_t n : counts) {
     std::vector<Mechanism> mechs = channel_mechanisms(n);
@@ -247,10 +279,7 @@ int run_async(std::size_t n, const std::string& only, const Options& opt, Output
 #if MBMQ_HAVE_ASIO
   std::vector<Mechanism> mechs = async_mechanisms(n);
   if (!select_mechanisms(mechs, only)) return 2;
-  Progress progress;
-  progress.total = mechs.size() * opt.sizes.size();
-  progress.on =
-      os::is_terminal(2) && static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(mechs.size() * opt.sizes.size(), opt);
   std::vector<CellResult> results;
   for (std::size_t size : opt.sizes) {
     for (auto& m : mechs) {
@@ -327,7 +356,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
                    ? "mbmq copies: how many copies does a request cost, per mechanism"
                    : "mbmq bench: two-process request/response, mbmq beside the IPC you use"};
   bool json = false, markdown_out = false, quick = false, no_pin = false, no_touch = false,
-       no_strace = false, corrupt = false, roudi_running = false;
+       no_strace = false, corrupt = false, skip_seq = false, roudi_running = false, stream = false;
   std::string sizes_arg = copies_mode ? "64K,1M,16M" : "64,4K,64K,1M,16M,64M";
   std::string only, plot, channels_arg;
   double seconds = copies_mode ? 0.3 : 1.0;
@@ -351,12 +380,18 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
                    "instead: N calls in flight at once (1..64): async_calls on one channel "
                    "(mbmq/asio.h) beside N channels with one call each, async and blocking; 64 B")
         ->check(CLI::Range(1, 64));
+  if (!copies_mode)
+    app.add_flag("--stream", stream,
+                 "instead: one-way messages from a producer to a consumer process, every message "
+                 "verified; msgs/s per mechanism (sizes 8,64,1K,64K; --quick: 64,64K, 0.3 s)");
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
   app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
   app.add_option("--fixed-rtts", fixed, "exactly this many measured round trips (for strace)")
       ->group("");
   app.add_flag("--inject-corruption", corrupt, "test: the server flips a payload byte")->group("");
+  app.add_flag("--inject-skip", skip_seq, "test (--stream): the producer skips a sequence number")
+      ->group("");
   app.add_flag("--roudi-running", roudi_running, "use the RouDi our parent run started")->group("");
   std::vector<const char*> args = {copies_mode ? "mbmq copies" : "mbmq bench"};
   for (const auto& a : argv_rest) args.push_back(a.c_str());
@@ -376,7 +411,10 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
       if (!app.count("--sizes")) sizes_arg = "64";
     }
     if (async_n != 0 && !app.count("--sizes")) sizes_arg = "64";
-    opt.sizes = parse_sizes(quick && !app.count("--sizes") ? std::string("64,64K,1M") : sizes_arg);
+    const bool sizes_given = app.count("--sizes") > 0;
+    if (stream && !sizes_given) sizes_arg = quick ? "64,64K" : "8,64,1K,64K";
+    opt.sizes =
+        parse_sizes(quick && !stream && !sizes_given ? std::string("64,64K,1M") : sizes_arg);
   } catch (const CLI::Error& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 2;
@@ -385,12 +423,23 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
     std::fprintf(stderr, "--json and --markdown: choose one\n");
     return 2;
   }
-  opt.seconds_per_cell = quick ? 0.2 : seconds;
+  opt.seconds_per_cell = quick ? (stream ? 0.3 : 0.2) : seconds;
   opt.pin = !no_pin;
   opt.fixed_rtts = fixed;
   g_work.touch = !no_touch;
   g_work.corrupt = corrupt;
+  g_work.skip_seq = skip_seq;
   if (roudi_running) use_running_roudi();
+  if (stream) {
+    if (async_n != 0 || !channel_counts.empty() || !plot.empty() || fixed != 0 || no_touch ||
+        markdown_out) {
+      (void)std::fprintf(stderr,
+                         "--stream: --async, --channels, --plot, --fixed-rtts, --no-touch and "
+                         "--markdown do not apply\n");
+      return 2;
+    }
+    return run_stream(only, opt, json ? Output::Json : Output::Table);
+  }
   if (async_n != 0) {
     if (!plot.empty() || fixed != 0 || !channel_counts.empty()) {
       std::fprintf(stderr, "--async: --plot, --fixed-rtts and --channels do not apply\n");
@@ -414,10 +463,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   std::vector<Mechanism> mechs = all_mechanisms();
   if (!select_mechanisms(mechs, only)) return 2;
 
-  Progress progress;
-  progress.total = mechs.size() * opt.sizes.size();
-  progress.on = fixed == 0 && os::is_terminal(2) &&
-                static_cast<double>(progress.total) * opt.seconds_per_cell > 3.0;
+  Progress progress(mechs.size() * opt.sizes.size(), opt, fixed == 0);
   std::vector<CellResult> results;
   for (std::size_t size : opt.sizes) {
     for (auto& m : mechs) {
@@ -470,6 +516,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> rest(argv + 1, argv + argc);
   if (!rest.empty() && rest.front() == "__iceoryx-server")
     return iceoryx_server_main({rest.begin() + 1, rest.end()});
+  if (!rest.empty() && rest.front() == "__iceoryx-stream")
+    return iceoryx_stream_main({rest.begin() + 1, rest.end()});
   if (prog == "mbmq-bench") return run_bench(rest, false, self);  // the old name: an alias
   if (rest.empty()) return usage();
   std::string cmd = rest.front();

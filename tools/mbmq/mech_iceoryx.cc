@@ -7,7 +7,13 @@
 // The iceoryx runtime is one per process and does not survive fork(), so the server is this
 // program exec'd as `mbmq __iceoryx-server SIZE` (ServerStats come back on its fd 3, a pipe: its
 // stdout is ours, where iceoryx may log).
+//
+// `--stream` (iceoryx): publish/subscribe, lossless (the publisher waits for a full subscriber
+// queue: WAIT_FOR_CONSUMER / BLOCK_PRODUCER), publisher history 0, the subscriber's queue at its
+// maximum (256). Both sides are this program exec'd as `mbmq __iceoryx-stream producer|consumer`
+// by the forked sides, on the StreamControl (fd 3); the subscriber reads samples in place.
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <cstdio>
@@ -23,11 +29,15 @@
 #include "iceoryx_hoofs/log/logmanager.hpp"
 #include "iceoryx_posh/mepoo/chunk_header.hpp"
 #include "iceoryx_posh/popo/untyped_client.hpp"
+#include "iceoryx_posh/popo/untyped_publisher.hpp"
 #include "iceoryx_posh/popo/untyped_server.hpp"
+#include "iceoryx_posh/popo/untyped_subscriber.hpp"
 #include "iceoryx_posh/popo/wait_set.hpp"
 #include "iceoryx_posh/runtime/posh_runtime.hpp"
 #include "mbmq/deadline.h"
+#include "os/mapping.h"
 #include "os/process.h"
+#include "stream.h"
 
 namespace mbmq::tool {
 
@@ -37,6 +47,25 @@ const char* kRoudi = "/usr/bin/iox-roudi";
 constexpr std::size_t kStopSize = 1;  // real payloads are >= 8 bytes
 
 iox::capro::ServiceDescription service() { return {"mbmq", "bench", "request-response"}; }
+
+// RouDi's memory pools: {chunk size, chunks}; chunk = payload + iceoryx's chunk header; responses
+// are 8 bytes. A --stream subscriber queue holds up to 256 chunks (its maximum), so the pools of
+// the stream's default sizes (8 B, 64 B, 1 KiB, 64 KiB) hold 300.
+constexpr std::pair<std::size_t, std::uint32_t> kPools[] = {{128, 512},
+                                                            {1024, 300},
+                                                            {2048, 300},
+                                                            {16384, 300},
+                                                            {131072, 300},
+                                                            {1u << 20 | 4096, 8},
+                                                            {(16u << 20) + 4096, 4},
+                                                            {(64u << 20) + 4096, 3}};
+
+// The chunks of the pool a payload of `size` bytes is loaned from (0: none holds it).
+std::uint32_t pool_chunks(std::size_t size) {
+  for (auto [chunk, count] : kPools)
+    if (size + sizeof(iox::mepoo::ChunkHeader) <= chunk) return count;
+  return 0;
+}
 
 struct Roudi {
   pid_t pid = 0;
@@ -69,15 +98,7 @@ std::string ensure_roudi() {
   {
     std::ofstream f(g_roudi.config);
     f << "[general]\nversion = 1\n\n[[segment]]\n";
-    // chunk = payload + iceoryx's chunk header; responses are 8 bytes.
-    const std::pair<std::size_t, int> pools[] = {{128, 256},
-                                                 {1024, 64},
-                                                 {16384, 16},
-                                                 {131072, 16},
-                                                 {1u << 20 | 4096, 8},
-                                                 {(16u << 20) + 4096, 4},
-                                                 {(64u << 20) + 4096, 3}};
-    for (auto [size, count] : pools)
+    for (auto [size, count] : kPools)
       f << "\n[[segment.mempool]]\nsize = " << size << "\ncount = " << count << "\n";
   }
   auto devnull = std::fopen("/dev/null", "w");
@@ -235,6 +256,130 @@ int iceoryx_server_main(const std::vector<std::string>& args) {
   (void)size;
   ServerStats s = count.finish(error);
   (void)os::write_full(3, {reinterpret_cast<const std::byte*>(&s), sizeof s});
+  return 0;
+}
+
+// ---- --stream -----------------------------------------------------------------------------------
+namespace {
+
+// One service per cell: a subscriber left behind by an earlier cell cannot hold this one up.
+iox::capro::ServiceDescription stream_service(std::uint64_t cell) {
+  return {"mbmq", "stream",
+          iox::capro::IdString_t(iox::cxx::TruncateToCapacity, std::to_string(cell).c_str())};
+}
+
+// In a forked side: this program exec'd as `mbmq __iceoryx-stream ROLE` on the control block
+// (its fd 3; its stdout our stderr, where iceoryx may log), waited for.
+Status exec_side(const char* role, int control_fd) {
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  const pid_t pid =
+      MBMQ_TRY(os::spawn_program(self, {"__iceoryx-stream", role}, 2, -1, control_fd));
+  const int status = MBMQ_TRY(os::wait_process(pid));
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    return fail(Errc::System, "the exec'd iceoryx side failed");
+  return {};
+}
+
+std::uint64_t queue_capacity(std::size_t size) {
+  const std::uint32_t chunks = pool_chunks(size);
+  // The chunks in flight: the queue, the one the subscriber holds, the publisher's loan.
+  const std::uint64_t fit = chunks > 4 ? chunks - 4 : 1;
+  return std::min<std::uint64_t>(iox::popo::SubscriberOptions{}.queueCapacity, fit);
+}
+
+Status iceoryx_produce(StreamProducer& p) {
+  iox::popo::PublisherOptions po;
+  po.historyCapacity = 0;
+  po.subscriberTooSlowPolicy = iox::popo::ConsumerTooSlowPolicy::WAIT_FOR_CONSUMER;
+  iox::popo::UntypedPublisher pub(stream_service(p.control().cell_id), po);
+  // History 0: what is published before the subscriber is connected is lost. Wait (10 s).
+  for (int i = 0; !pub.hasSubscribers(); ++i) {
+    if (!p.healthy()) return {};
+    if (i == 10000) return fail(Errc::TimedOut, "iceoryx: no subscriber connected");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const auto size = static_cast<std::uint32_t>(p.size());
+  for (;;) {
+    // RouDi's pool holds the queue and more: a failed loan is a failure, not a retry.
+    auto chunk = pub.loan(size, 8);
+    if (chunk.has_error()) return fail(Errc::NoBuffers, "iceoryx: loan");
+    const bool more = p.next(static_cast<std::byte*>(chunk.value()));
+    pub.publish(chunk.value());  // waits while the subscriber's queue is full
+    if (!more) return {};
+  }
+}
+
+Status iceoryx_consume(StreamConsumer& c) {
+  iox::popo::SubscriberOptions so;
+  so.queueCapacity = queue_capacity(c.size());
+  so.historyRequest = 0;
+  so.queueFullPolicy = iox::popo::QueueFullPolicy::BLOCK_PRODUCER;
+  iox::popo::UntypedSubscriber sub(stream_service(c.control().cell_id), so);
+  iox::popo::WaitSet<> waitset;
+  if (waitset.attachState(sub, iox::popo::SubscriberState::HAS_DATA).has_error())
+    return fail(Errc::System, "iceoryx: WaitSet");
+  for (;;) {
+    auto sample = sub.take();
+    if (sample.has_error()) {
+      if (!c.healthy()) return {};  // the producer failed: it reports why
+      (void)waitset.timedWait(iox::units::Duration::fromMilliseconds(200));
+      continue;
+    }
+    const void* payload = sample.value();
+    const std::size_t n = iox::mepoo::ChunkHeader::fromUserPayload(payload)->userPayloadSize();
+    // Read in place (the corruption hook writes: the chunk is this process's to read).
+    const auto v = c.check(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+    sub.release(payload);
+    if (v == StreamConsumer::Verdict::Fail) return fail(Errc::Protocol, "stream verification");
+    if (v == StreamConsumer::Verdict::End) return {};
+  }
+}
+
+}  // namespace
+
+StreamMechanism iceoryx_stream_mechanism() {
+  StreamMechanism m;
+  m.name = "iceoryx";
+  m.os_counted = false;
+  m.note =
+      "iceoryx: publish/subscribe, history 0, lossless (WAIT_FOR_CONSUMER / BLOCK_PRODUCER), "
+      "subscriber queue 256 (its maximum; less where RouDi's pool for the size has fewer chunks)";
+  if (!std::filesystem::exists(kRoudi)) m.unavailable = "iox-roudi not installed (apt: iceoryx)";
+  m.available = [] {
+    std::string why = ensure_roudi();
+    return why.empty() ? why : "RouDi: " + why;
+  };
+  m.setup = [](std::size_t size) -> Status {
+    if (pool_chunks(size) == 0) return fail(Errc::InvalidArgument, "iceoryx: no RouDi pool fits");
+    return {};
+  };
+  m.produce = [](StreamProducer& p) -> Status {
+    p.external();
+    return exec_side("producer", p.control().control_fd);
+  };
+  m.consume = [](StreamConsumer& c) -> Status {
+    c.external();
+    return exec_side("consumer", c.control().control_fd);
+  };
+  m.teardown = [] {};
+  return m;
+}
+
+int iceoryx_stream_main(const std::vector<std::string>& args) {
+  if (args.size() != 1 || (args[0] != "producer" && args[0] != "consumer")) return 2;
+  os::die_with_parent();
+  // The block the parent made (and constructed) before the forks.
+  auto map = os::Mapping::map_shared(3, sizeof(StreamControl), os::Access::ReadWrite);
+  if (!map) return 3;
+  auto* ctl = std::launder(reinterpret_cast<StreamControl*>(map->data()));
+  init_runtime("mbmq-stream-" + args[0] + "-" + std::to_string(os::current_pid()));
+  if (args[0] == "producer") {
+    StreamProducer p(*ctl);
+    p.finish(iceoryx_produce(p));
+  } else {
+    StreamConsumer c(*ctl);
+    c.finish(iceoryx_consume(c));
+  }
   return 0;
 }
 

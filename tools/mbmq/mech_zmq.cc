@@ -30,9 +30,7 @@ Mechanism zeromq_mechanism() {
       "4: zmq_send copies into a message; the I/O thread's write() copies into the kernel; the "
       "peer's read() copies out; small messages are copied once more into their zmq_msg_t";
   m.setup = [st](std::size_t size) -> Status {
-    static int n = 0;
-    st->path = "/tmp/mbmq-bench-zmq-" + std::to_string(os::current_pid()) + "-" +
-               std::to_string(n++) + ".ipc";
+    st->path = unique_tmp_path("bench-zmq", ".ipc");
     st->endpoint = "ipc://" + st->path;
     st->size = size;
     st->cbuf.assign(size, std::byte{0});
