@@ -118,7 +118,9 @@ class MBMQ_EXPORT Channel {
   // peer's spinning receiver sees them as they land and a sleeping one is woken once. Returns how
   // many were sent: a prefix of bufs, each moved from (invalid); the rest are untouched, still
   // the caller's (stopped by back-pressure, Errc::WouldBlock, or an error that the next send
-  // reports). An error only when none was sent (as send()).
+  // reports). An error only when none was sent (as send()). A sent Buffer left in bufs keeps a
+  // reference to this end (its segment stays mapped after close()) until buffers() reuses it or
+  // it is destroyed: reuse one span for the stream.
   Result<std::size_t> send_batch(std::span<Buffer> bufs);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.

@@ -101,16 +101,15 @@ void Endpoint::harvest_locked(std::size_t size) {
     (void)table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire));
 }
 
-Buffer Endpoint::own_buffer_locked(const BufferTable::Allocated& a, std::size_t size) {
-  Buffer b;
+void Endpoint::fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size) {
+  // b is empty; parked (send_batch) with a reference to us, it keeps it.
+  if (b.ep_.get() != this) b.ep_ = shared_from_this();
   b.id_ = a.id.raw();
   b.gen_ = a.gen;
   b.data_ = a.data;
   b.capacity_ = a.capacity;
-  b.ep_ = shared_from_this();
   b.size_ = static_cast<std::uint32_t>(size);
   b.origin_ = Buffer::Origin::Own;
-  return b;
 }
 
 Result<Buffer> Endpoint::alloc_once(std::size_t size) {
@@ -119,13 +118,17 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
   harvest_locked(size);
   const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size));
-  return own_buffer_locked(a, size);
+  Buffer b;
+  fill_own_locked(b, a, size);
+  return b;
 }
 
 Result<std::size_t> Endpoint::alloc_many(std::size_t size, std::span<Buffer> out) {
   if (out.empty()) return std::size_t{0};
-  // What the caller left in out is dropped first, without our lock (a release takes it).
-  for (Buffer& b : out) b.reset();
+  // What the caller left in out is dropped first, without our lock (a release takes it); buffers
+  // parked by send_batch() keep their reference to us.
+  for (Buffer& b : out)
+    if (b.ep_.get() != this || b.origin_ != Buffer::Origin::None) b.reset();
   if (out.size() > 1 && size <= seg_.geometry().slot_size) {
     // Slots: as many as are free, under one lock (one drain of the store buffer for the batch).
     os::LockGuard lock(mu_);
@@ -134,7 +137,7 @@ Result<std::size_t> Endpoint::alloc_many(std::size_t size, std::span<Buffer> out
     harvest_locked(size);
     std::size_t k = 0;
     for (; k < out.size() && table_.has_free_slot(); ++k)
-      out[k] = own_buffer_locked(*table_.alloc(size), size);
+      fill_own_locked(out[k], *table_.alloc(size), size);
     if (k > 0) return k;
   }
   // One buffer: an extent, or a slot after reaping the ring as alloc() does (or NoBuffers).
@@ -407,7 +410,7 @@ Result<std::size_t> Endpoint::send_batch(std::span<Buffer> bufs) {
     // peer reads it when it takes that descriptor: waking it late is fine, it only reads later.
     why = send_locked(b, DescKind::OneWay, OwnState::LentOneWay, /*wake=*/false);
     if (!why) break;
-    detach_buffer(b);
+    park_buffer(b);  // invalid, but keeps its reference to us for buffers() to reuse
     ++sent;
   }
   // (P4) One fence and one look at the peer's sleeping flag for the whole batch.
@@ -696,11 +699,15 @@ Status Endpoint::ensure_watched() noexcept {
   return {};
 }
 
-void Endpoint::detach_buffer(Buffer& b) noexcept {
+void Endpoint::park_buffer(Buffer& b) noexcept {
   b.origin_ = Buffer::Origin::None;
-  b.ep_.reset();
   b.data_ = nullptr;
   b.size_ = b.capacity_ = 0;
+}
+
+void Endpoint::detach_buffer(Buffer& b) noexcept {
+  park_buffer(b);
+  b.ep_.reset();
 }
 
 }  // namespace mbmq::detail

@@ -188,7 +188,8 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
 
   Result<Buffer> alloc_once(std::size_t size);
   void harvest_locked(std::size_t size) MBMQ_REQUIRES(mu_);
-  Buffer own_buffer_locked(const BufferTable::Allocated& a, std::size_t size) MBMQ_REQUIRES(mu_);
+  void fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size)
+      MBMQ_REQUIRES(mu_);
   // (P6r) Until room_maybe() or the deadline (Errc::TimedOut), per step's WaitPolicy.
   Status wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline);
   // All below: mu_ held.
@@ -278,6 +279,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   void wake_local() noexcept;
   // A buffer handed to another owner: forget it without releasing it.
   static void detach_buffer(Buffer& b) noexcept;
+  // The same, but b keeps its reference to its end (invalid, and reset() only drops the
+  // reference): the batch paths reuse it, two atomic updates fewer per message.
+  static void park_buffer(Buffer& b) noexcept;
 
   shm::Segment seg_;
   const int side_;

@@ -135,13 +135,17 @@ Endpoint::Accepted Endpoint::accept_back(const Desc& d, const Buffer* call_buf,
 
 void Endpoint::make_message(const Desc& d, Message* out) {
   Buffer& b = out->buffer;
-  b.reset();
+  // Empty (the callers' contract), perhaps parked with a reference to us by release_batch(): the
+  // reference is kept, two atomic updates fewer per message.
+  if (b.ep_.get() != this) {
+    b.reset();
+    b.ep_ = shared_from_this();
+  }
   const std::uint16_t kind = kind_of(d);
   const bool reply = is(kind, DescKind::Reply);
   if ((d.kind & shm::kDescHasHandles) != 0)
     b.handles_ = ctl_.take_handles(BufferId::from_wire(d.buffer), d.gen,
                                    reply ? HandlesOf::Reply : HandlesOf::Message);
-  b.ep_ = shared_from_this();
   b.id_ = d.buffer;
   b.gen_ = d.gen;
   b.size_ = d.size;
@@ -344,11 +348,16 @@ void Endpoint::release_batch(std::span<Message> ms) noexcept {
         continue;
       table_.set_held(id, false);
       if (open) mask |= peer_slot_bit(id);
-      detach_buffer(b);  // not our last reference: the caller's Channel holds one
+      park_buffer(b);  // keeps its reference to us for the next batch
     }
     if (mask != 0) give_back_slots(mask);  // one RMW, one look at a waiter, for the batch
   }
-  for (Message& m : ms) m = Message{};  // the rest (requests, extents, handles) as ~Buffer would
+  // The rest (requests, extents, handles, other ends' buffers) as their destructors would.
+  for (Message& m : ms) {
+    if (m.buffer.ep_.get() != this || m.buffer.origin_ != Buffer::Origin::None) m.buffer.reset();
+    if (m.kind == Kind::Connection) m.channel = Channel{};
+    m.kind = Kind::PeerClosed;
+  }
 }
 
 Result<std::size_t> Endpoint::receive_batch(std::span<Message> out, Deadline deadline) {

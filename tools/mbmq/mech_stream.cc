@@ -13,6 +13,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -266,56 +267,45 @@ StreamMechanism zmq_pushpull_mechanism() {
 // ---- mbmq-stream
 // --------------------------------------------------------------------------------- Messages per
 // step of the producer and the consumer. 1 with today's Channel API.
-// TODO(#14): with Channel::send_batch / buffer(size, deadline) / receive_batch, a larger batch,
-// and only acquire(), publish() and take() change.
-constexpr std::size_t kMbmqBatch = 1;
+// Messages per batch: buffers(), send_batch() and receive_batch() take up to this many at once.
+constexpr std::size_t kMbmqBatch = 32;
 
-// The producer's two steps. Retries (counted) while every buffer is in flight (NoBuffers) or the
-// ring is full (WouldBlock); gives up, successfully, when the consumer has failed (it says why).
+// The producer's two steps. A wait for room that reaches its (short) deadline is a retry
+// (counted); it gives up, successfully, when the consumer has failed (it says why).
 struct MbmqProducer {
   Channel& ch;
   StreamProducer& p;
-  // Fills `bufs` with buffers of p.size() bytes; how many (0: stop).
-  // TODO(#14): ch.buffer(size, deadline) for the first, which waits for one to come back.
+  // Fills `bufs` with buffers of p.size() bytes, waiting for the first; how many (0: stop).
   Result<std::size_t> acquire(std::span<Buffer> bufs) {
-    for (Buffer& buf : bufs) {
-      for (;;) {
-        auto b = ch.buffer(p.size());
-        if (b) {
-          buf = std::move(*b);
-          break;
-        }
-        if (b.error().code != Errc::NoBuffers) return fail(b.error());
-        if (!p.healthy()) return 0;
-        p.retry();
-        __builtin_ia32_pause();
-      }
+    for (;;) {
+      auto n = ch.buffers(p.size(), bufs, Deadline::after(std::chrono::milliseconds(100)));
+      if (n) return *n;
+      if (n.error().code != Errc::TimedOut) return fail(n.error());
+      if (!p.healthy()) return 0;
+      p.retry();
     }
-    return bufs.size();
   }
-  // Sends every buffer of `bufs`, in order.
-  // TODO(#14): ch.send_batch(bufs), which sends a prefix and says how many.
+  // Sends every buffer of `bufs`, in order, as batches.
   Status publish(std::span<Buffer> bufs) {
-    for (Buffer& b : bufs) {
-      for (;;) {
-        // On failure nothing was sent and b is still ours (Channel::send's contract).
-        auto s = ch.send(std::move(b));  // NOLINT(bugprone-use-after-move): retried, see above
-        if (s) break;
-        if (s.error().code != Errc::WouldBlock) return s;
-        if (!p.healthy()) return {};
-        p.retry();
-        __builtin_ia32_pause();
+    while (!bufs.empty()) {
+      auto n = ch.send_batch(bufs);
+      if (n) {
+        bufs = bufs.subspan(*n);
+        continue;
       }
+      if (n.error().code != Errc::WouldBlock) return fail(n.error());
+      if (!p.healthy()) return {};
+      p.retry();
+      __builtin_ia32_pause();
     }
     return {};
   }
 };
 
 // The consumer's step: the next messages, at least one (waiting, spinning) unless the channel
-// failed. TODO(#14): ch.receive_batch(out, Deadline::never()).
+// failed. The messages of the previous batch are given back first, together.
 Result<std::size_t> take(Channel& ch, std::span<Message> out) {
-  out[0] = MBMQ_TRY(ch.receive(Deadline::never()));
-  return 1;
+  return ch.receive_batch(out, Deadline::never());
 }
 
 StreamMechanism mbmq_stream_mechanism() {
@@ -328,8 +318,9 @@ StreamMechanism mbmq_stream_mechanism() {
   m.counts_retries = true;
   m.note =
       "mbmq-stream: Channel::pair(), 64 slots per side of max(size, 64) bytes (16 MiB at most: "
-      "larger buffers are extents), consumer in WaitMode::Spin; retries/msg: buffer() or send() "
-      "refused (NoBuffers, WouldBlock) and retried";
+      "larger buffers are extents), consumer in WaitMode::Spin; batches of up to 32: "
+      "Channel::buffers(), send_batch(), receive_batch(); retries/msg: a 100 ms wait for room "
+      "that ran out, or a send_batch() refused (WouldBlock)";
   m.setup = [st](std::size_t size) -> Status {
     ChannelOptions opt;
     opt.slots_per_side = 64;
@@ -368,8 +359,8 @@ StreamMechanism mbmq_stream_mechanism() {
           return fail(msg.error, "the channel closed before the end message");
         }
         if (msg.kind != Kind::Message) return fail(Errc::Protocol, "not a one-way message");
+        // Read in place; the next receive_batch() gives the batch back to the producer.
         const auto v = c.check(msg.buffer.data().data(), msg.buffer.size());
-        msg.buffer.reset();  // read in place; dropping it gives it back to the producer
         if (v == StreamConsumer::Verdict::Fail) return verification_failed();
         if (v == StreamConsumer::Verdict::End) return {};
       }
