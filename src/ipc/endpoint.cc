@@ -98,7 +98,12 @@ void Endpoint::harvest_locked(std::size_t size) {
   // happen before we reuse the slot.
   if (size <= seg_.geometry().slot_size && !table_.has_free_slot() &&
       out_.returned.load(std::memory_order_relaxed) != 0)
-    (void)table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire));
+    if (table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire)) > 0) {
+      // More may be free than this thread takes: another thread waiting for room must see it
+      // (as for a local free, free_own_locked()).
+      frees_.fetch_add(1, std::memory_order_seq_cst);
+      if (room_sleepers_.load(std::memory_order_seq_cst) != 0) wake_room();
+    }
 }
 
 void Endpoint::fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size) {
@@ -152,7 +157,7 @@ Result<std::size_t> Endpoint::alloc_until(std::size_t size, std::span<Buffer> ou
     const std::uint32_t frees = frees_.load(std::memory_order_acquire);
     auto n = alloc_many(size, out);
     if (n || n.error().code != Errc::NoBuffers) return n;
-    MBMQ_TRY(wait_room(frees, step, deadline));
+    MBMQ_TRY(wait_room(frees, step, deadline, size <= seg_.geometry().slot_size));
   }
 }
 
@@ -162,30 +167,35 @@ Result<Buffer> Endpoint::alloc_until(std::size_t size, Deadline deadline) {
   return b;
 }
 
-Status Endpoint::wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline) {
+Status Endpoint::wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline, bool slot) {
   // (P6r) Spinning, it looks at `returned` every 8th pause only, and waits for a quarter of the
   // pool to be back (any bit after 512 looks): reading the consumer's line on every pause would
   // steal it from the consumer's next fetch_or, and harvesting bit by bit would make batches of
   // one. The caller retries after 1024 looks anyway (alloc() also reaps extents returned through
   // the ring). Then it sleeps on `room`, woken by the first bit.
-  const std::uint32_t quarter = std::max<std::uint32_t>(1, table_slots_ / 4);
+  // An extent is wanted: returned slot bits are no sign of room (they would keep it from sleeping).
+  const std::uint32_t any = slot ? 1u : ~0u;
+  const std::uint32_t quarter = slot ? std::max<std::uint32_t>(1, table_slots_ / 4) : ~0u;
   for (std::uint32_t looks = 1;; ++looks) {
-    if ((looks % 8 == 0 && room_maybe(frees, looks < 512 ? quarter : 1u)) || looks % 1024 == 0)
+    if ((looks % 8 == 0 && room_maybe(frees, looks < 512 ? quarter : any)) || looks % 1024 == 0)
       return {};
     const SpinStep::Next next = step.after_miss();
     if (next == SpinStep::Next::Expired)
       return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
     if (next == SpinStep::Next::Look) continue;
-    const std::int64_t no_cap = -1;
+    // At most 10 ms per sleep: an extent's Return arriving through the ring between our reap and
+    // our announcement wakes nobody (room_maybe() cannot look at the ring, which another thread
+    // may be consuming): the next alloc() reaps it.
+    const std::int64_t cap = kRoomSleepCapNs;
     // Counted before the fence of sleep_once: a local free either sees us or we see it.
     room_sleepers_.fetch_add(1, std::memory_order_seq_cst);
     sleep_once(
-        out_.room, deadline, no_cap,
+        out_.room, deadline, cap,
         [&] { out_.producer_waiting.fetch_add(1, std::memory_order_relaxed); },
-        [&] { return !room_maybe(frees); },
+        [&] { return !room_maybe(frees, any); },
         [&] { out_.producer_waiting.fetch_sub(1, std::memory_order_relaxed); });
     room_sleepers_.fetch_sub(1, std::memory_order_relaxed);
-    if (deadline.expired() && !room_maybe(frees))
+    if (deadline.expired() && !room_maybe(frees, any))
       return fail(Errc::TimedOut, "Channel::buffer: no buffer came back before the deadline");
     return {};
   }
@@ -204,7 +214,8 @@ void Endpoint::wake_room() noexcept {
 }
 
 void Endpoint::wake_peer_producer() noexcept {
-  if (in_.producer_waiting.load(std::memory_order_relaxed) == 0) return;
+  // seq_cst: after our seq_cst RMW (or fence), ordered on every architecture, not only x86.
+  if (in_.producer_waiting.load(std::memory_order_seq_cst) == 0) return;
   // Pairs with the producer's acquire load of `room` before FUTEX_WAIT (P6r).
   in_.room.fetch_add(1, std::memory_order_release);
   (void)os::futex_wake(&in_.room, INT_MAX);
@@ -232,7 +243,7 @@ void Endpoint::free_own_locked(BufferId id) noexcept {
   const std::uint32_t hint = table_.free_own(id);
   // (P6r) seq_cst: pairs with a waiter's count-then-fence; it sees the new count, or we see it.
   frees_.fetch_add(1, std::memory_order_seq_cst);
-  if (room_sleepers_.load(std::memory_order_relaxed) != 0) wake_room();
+  if (room_sleepers_.load(std::memory_order_seq_cst) != 0) wake_room();
   // (P7) Every descriptor that names a buffer (ours lent, or the peer's given back) must always
   // find room in the ring: at most 2 * (slots + extents) of them can be there at once. A release
   // hint is pushed only beyond that reserve; without room it is merely delayed to the id's next

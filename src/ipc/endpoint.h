@@ -191,7 +191,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   void fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size)
       MBMQ_REQUIRES(mu_);
   // (P6r) Until room_maybe() or the deadline (Errc::TimedOut), per step's WaitPolicy.
-  Status wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline);
+  // slot: a pool slot is wanted (returned bits count as room), else an extent.
+  Status wait_room(std::uint32_t frees, SpinStep& step, Deadline deadline, bool slot);
+  static constexpr std::int64_t kRoomSleepCapNs = 10'000'000;
   // All below: mu_ held.
   // Pops every inbound descriptor: our returned buffers are freed, messages kept in pending.
   // The caller holds consumer_mu_ too.

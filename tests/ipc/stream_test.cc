@@ -475,6 +475,40 @@ TEST(Stream, NoSystemCallPerMessageWhileTheReceiverSpins) {
   EXPECT_EQ(consumer_syscalls, 0u);
 }
 
+// Review of #14, finding 1: a thread that harvests returned bits frees more slots than it takes;
+// another producer thread asleep waiting for room must be woken (frees_ is bumped), not left
+// until its deadline. Sleep mode, 4 slots, two producer threads: no wait for room takes 1 s.
+TEST(Stream, TwoProducerThreadsInSleepModeNeverWaitForRoomUntilTheDeadline) {
+  auto p = Channel::pair(stream_options(WaitMode::Sleep, 4));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  constexpr int kPerThread = 3000;
+  std::atomic<std::int64_t> slowest{0};
+  std::atomic<int> failures{0};
+  auto run = [&] {
+    for (int i = 0; i < kPerThread; ++i) {
+      const std::int64_t t0 = monotonic_ns();
+      auto b = producer.buffer(64, secs(10));
+      slowest = std::max(slowest.load(), monotonic_ns() - t0);
+      if (!b || !producer.send(std::move(*b))) ++failures;
+    }
+  };
+  std::thread rx([&] {
+    std::vector<Message> got(8);
+    for (int n = 0; n < 2 * kPerThread;) {
+      auto k = consumer.receive_batch(got, secs(10));
+      if (!k) break;
+      n += static_cast<int>(*k);
+    }
+  });
+  std::thread a(run), b(run);
+  a.join();
+  b.join();
+  rx.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_LT(slowest.load(), 1'000'000'000);
+}
+
 std::uint64_t soak_messages() {
   const char* v = std::getenv("MBMQ_STREAM_SOAK_MESSAGES");
   const long long n = v != nullptr ? std::atoll(v) : 0;
