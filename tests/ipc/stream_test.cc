@@ -120,6 +120,23 @@ std::uint64_t consume(Channel& at, std::uint64_t count, Deadline deadline, bool*
   return next;
 }
 
+// Fills `held` with the next held.size() messages; false on an error.
+bool receive_all(Channel& at, std::vector<Message>& held) {
+  for (std::size_t have = 0; have < held.size();) {
+    auto n = at.receive_batch(std::span(held).subspan(have), secs(10));
+    if (!n) return false;
+    have += *n;
+  }
+  return true;
+}
+
+// The leak baseline, taken while a channel keeps the peer watcher up; the C library keeps a
+// joined thread's stack for reuse, so one is joined first.
+test::Snapshot baseline() {
+  std::thread([] {}).join();
+  return test::snapshot();
+}
+
 class StreamModes : public ::testing::TestWithParam<WaitMode> {};
 
 // Far more messages than slots: every slot comes back through `returned` many times, in order,
@@ -259,12 +276,7 @@ TEST_P(RoomModes, AReleaseInTheConsumerProcessWakesAProducerWaitingForRoom) {
   pid_t child = test::spawn([&] {
     producer = {};
     std::vector<Message> held(4);
-    std::size_t have = 0;
-    while (have < 4) {
-      auto n = consumer.receive_batch(std::span(held).subspan(have), secs(10));
-      if (!n) return 1;
-      have += *n;
-    }
+    if (!receive_all(consumer, held)) return 1;
     std::this_thread::sleep_for(200ms);  // the producer is asleep on `room` by now
     held[1].buffer.reset();
     auto m = consumer.receive(secs(10));  // the fifth message
@@ -316,12 +328,7 @@ TEST_P(RoomModes, TheConsumersDeathEndsAWaitForRoom) {
   pid_t child = test::spawn([&] {
     producer = {};
     std::vector<Message> held(4);
-    std::size_t have = 0;
-    while (have < 4) {
-      auto n = consumer.receive_batch(std::span(held).subspan(have), secs(10));
-      if (!n) return 1;
-      have += *n;
-    }
+    if (!receive_all(consumer, held)) return 1;
     std::this_thread::sleep_for(200ms);
     ::kill(::getpid(), SIGKILL);
     return 3;
@@ -375,11 +382,8 @@ TEST(Stream, ScribbledReturnedBitsNeverHandOutABufferTwice) {
 // The producer is killed mid-stream: the consumer gets an unbroken prefix of the stream, then
 // PeerClosed; its process keeps no fd or mapping of the channel.
 TEST(Stream, AProducerKilledMidStreamLeavesAnUnbrokenPrefixThenPeerClosed) {
-  // The baseline with the peer watcher thread (and its epoll fd) up, kept up by `warm`; the C
-  // library keeps a joined thread's stack for reuse.
-  auto warm = Channel::pair();
-  std::thread([] {}).join();
-  const test::Snapshot before = test::snapshot();
+  auto warm = Channel::pair();  // keeps the peer watcher thread (and its epoll fd) up
+  const test::Snapshot before = baseline();
   {
     auto p = Channel::pair(stream_options(WaitMode::Adaptive, 16));
     ASSERT_TRUE(p);
@@ -411,11 +415,8 @@ TEST(Stream, AProducerKilledMidStreamLeavesAnUnbrokenPrefixThenPeerClosed) {
 // The consumer is killed mid-stream: the producer's next send_batch or wait for room ends with
 // PeerClosed (not its deadline); its process keeps no fd or mapping of the channel.
 TEST(Stream, AConsumerKilledMidStreamEndsTheProducerWithPeerClosed) {
-  // The baseline with the peer watcher thread (and its epoll fd) up, kept up by `warm`; the C
-  // library keeps a joined thread's stack for reuse.
-  auto warm = Channel::pair();
-  std::thread([] {}).join();
-  const test::Snapshot before = test::snapshot();
+  auto warm = Channel::pair();  // keeps the peer watcher thread (and its epoll fd) up
+  const test::Snapshot before = baseline();
   {
     auto p = Channel::pair(stream_options(WaitMode::Adaptive, 16));
     ASSERT_TRUE(p);
