@@ -74,8 +74,12 @@ printf 'secret\n' >"$work/outside.txt"
 ln -s "$work/outside.txt" "$root/escape"
 ln -s /etc/passwd "$root/passwd"
 
+servers=0
 start() {  # start MODE... ; sets $port
-  local out=$work/server.$RANDOM
+  # The file exists before the server starts: the shell that runs it in the background creates it
+  # only when that child is scheduled, which on a loaded machine can be after the first look.
+  local out=$work/server.$((++servers))
+  : >"$out"
   "$bin" --root "$root" --port 0 "$@" >"$out" 2>"$out.err" &
   pids+=($!)
   for _ in $(seq 100); do
