@@ -92,7 +92,9 @@ class MBMQ_EXPORT Channel {
   // The same, but when every buffer is out (lent to the peer) it waits, per this end's
   // WaitPolicy, until one comes back or `deadline` passes (Errc::TimedOut): back-pressure for a
   // producer that streams one-way messages faster than the peer takes them. A peer that closes
-  // or dies ends the wait with Errc::PeerClosed (or Protocol).
+  // or dies ends the wait with Errc::PeerClosed (or Protocol). On an end redirected to a queue,
+  // extents (sizes above slot_size) come back through the queue: they are seen only while some
+  // thread runs the queue's wait(); pool slots come back without it.
   Result<Buffer> buffer(std::size_t size, Deadline deadline);
   // Up to out.size() buffers of `size` bytes at once, for a batch (send_batch): waits as above
   // for the first, then takes what is free without waiting; returns how many were put in
@@ -118,9 +120,11 @@ class MBMQ_EXPORT Channel {
   // peer's spinning receiver sees them as they land and a sleeping one is woken once. Returns how
   // many were sent: a prefix of bufs, each moved from (invalid); the rest are untouched, still
   // the caller's (stopped by back-pressure, Errc::WouldBlock, or an error that the next send
-  // reports). An error only when none was sent (as send()). A sent Buffer left in bufs keeps a
-  // reference to this end (its segment stays mapped after close()) until buffers() reuses it or
-  // it is destroyed: reuse one span for the stream.
+  // reports). An error only when none was sent (as send()). A buffer sealed on its way to an
+  // untrusted peer (an extent above copy_threshold, docs/PROTOCOL.md P3c) goes only first in a
+  // batch: the call stops before it, so that a failure to seal is the next call's error. A sent
+  // Buffer left in bufs keeps a reference to this end (its segment stays mapped after close())
+  // until buffers() reuses it or it is destroyed: reuse one span for the stream.
   Result<std::size_t> send_batch(std::span<Buffer> bufs);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.

@@ -417,6 +417,10 @@ Result<std::size_t> Endpoint::send_batch(std::span<Buffer> bufs) {
   std::size_t sent = 0;
   Status why;
   for (Buffer& b : bufs) {
+    // A sealed send (P3c) can fail in a way that loses the buffer: such a buffer goes only first
+    // in a batch, so that its error is this call's (after a prefix it would be lost with it).
+    if (sent > 0 && b.ep_.get() == this && b.origin_ == Buffer::Origin::Own && trust_.seals(b))
+      break;
     // A control message (an extent's fd, handles) must be followed by its descriptor, and the
     // peer reads it when it takes that descriptor: waking it late is fine, it only reads later.
     why = send_locked(b, DescKind::OneWay, OwnState::LentOneWay, /*wake=*/false);

@@ -143,6 +143,11 @@ Status PeerTrust::seal_unmapped(OwnExtent& x, std::size_t cap, std::size_t size)
   return {};
 }
 
+bool PeerTrust::seals(const Buffer& b) const noexcept {
+  const BufferId id = BufferId::from_wire(b.id_);
+  return id.is_extent() && (table_.own_extent(id).sealed || must_seal(b.size_));
+}
+
 Status PeerTrust::prepare_send(Buffer& b) {
   const BufferId id = BufferId::from_wire(b.id_);
   if (!id.is_extent()) {

@@ -61,6 +61,8 @@ class PeerTrust {
   // points b at the result. On failure b stays usable, or (its extent's bytes unreachable:
   // own_extent().map is empty) must be dropped by the caller.
   Status prepare_send(Buffer& b);
+  // prepare_send(b) will make a fresh or sealed extent (P3c): the one failure that can lose b.
+  bool seals(const Buffer& b) const noexcept;
   // (P7b) The answer in a fresh memfd (sealed if the peer is untrusted and it is large).
   struct Replacement {
     os::UniqueFd fd;

@@ -240,6 +240,39 @@ TEST(Stream, SendBatchSendsAPrefixAndLeavesTheRestWithTheCaller) {
   EXPECT_EQ(again.error().code, Errc::InvalidArgument);
 }
 
+// A buffer that must be sealed for an untrusted receiver (an extent above copy_threshold, P3c)
+// goes only first in a batch: a failed seal can lose the buffer, and after a prefix its error
+// would be lost with it. The next call sends it first, sealed, and the receiver takes it.
+TEST(Stream, ABufferToSealEndsABatchAndGoesFirstInTheNext) {
+  ChannelOptions o = stream_options(WaitMode::Spin, 4);
+  o.trust = {Trust::Cooperative, Trust::Untrusted};
+  auto p = Channel::pair(o);
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  constexpr std::size_t kBig = 128 * 1024;  // above the copy_threshold (slot_size, 256 B)
+  std::vector<Buffer> bufs;
+  bufs.push_back(*producer.buffer(64));
+  bufs.push_back(*producer.buffer(kBig));
+  bufs.push_back(*producer.buffer(64));
+  for (std::size_t i = 0; i < bufs.size(); ++i) write_msg(bufs[i], i);
+  auto n = producer.send_batch(bufs);
+  ASSERT_TRUE(n) << n.error().message();
+  EXPECT_EQ(*n, 1u);
+  ASSERT_TRUE(bufs[1].valid());
+  auto rest = producer.send_batch(std::span<Buffer>(bufs).subspan(1));
+  ASSERT_TRUE(rest) << rest.error().message();
+  EXPECT_EQ(*rest, 2u);
+  for (std::uint64_t i = 0; i < 3; ++i) {
+    auto m = consumer.receive(Deadline::after(std::chrono::seconds(5)));
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ(m->kind, Kind::Message);
+    EXPECT_EQ(m->buffer.size(), i == 1 ? kBig : 64u);
+    std::uint64_t seq = ~0ull;
+    std::memcpy(&seq, m->buffer.data().data(), sizeof seq);
+    EXPECT_EQ(seq, i) << "out of order";
+  }
+}
+
 class RoomModes : public ::testing::TestWithParam<WaitMode> {};
 
 // The consumer holds every buffer: buffer(size, deadline) waits, and gives up at its deadline,
