@@ -28,7 +28,7 @@ inline shm::Direction& dir(Channel& c, int side) {
 // *tail is the peer's private producer index.
 inline void raw_push(shm::Direction& d, std::uint32_t* tail, const shm::Desc& desc) {
   shm::RingEntry& e = d.ring[*tail % shm::kRingCapacity];
-  e.desc = desc;
+  e.store(desc);
   e.seq.store(*tail + 1, std::memory_order_release);
   ++*tail;
   d.tail.store(*tail, std::memory_order_release);

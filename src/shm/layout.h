@@ -150,7 +150,7 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 7;   // bump on any change to this file
+inline constexpr std::uint32_t kLayoutVersion = 8;   // bump on any change to this file
 inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
 inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
 inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
@@ -179,32 +179,72 @@ inline constexpr std::uint16_t kDescHasHandles = 0x8000;
 inline constexpr std::uint16_t kDescReplaced = 0x4000;
 inline constexpr std::uint16_t kDescFlags = kDescHasHandles | kDescReplaced;
 
-// One message descriptor: 16 bytes. Written by the producer into a RingEntry before that entry's
-// seq store-release, read (copied) by the consumer after its seq acquire load. Plain fields: they
-// are protected by the seq release/acquire pair, and a hostile writer racing with the copy only
-// produces a torn value that validation (P5) rejects.
+// One message descriptor, as the two ends handle it in private memory. It travels packed in a
+// RingEntry (RingEntry::store / load): the same values, 12 bytes beside the entry's seq.
 struct Desc {
   std::uint32_t buffer;  // slot index, or kExtentBit | extent id
   std::uint32_t size;    // payload bytes
   std::uint32_t gen;     // generation of the buffer (slot reuse count / extent generation)
-  std::uint16_t kind;    // DescKind, | kDescHasHandles
+  std::uint16_t kind;    // DescKind, | kDescHasHandles, kDescReplaced
   std::uint16_t status;  // DescStatus (Reply only)
 };
 static_assert(std::is_standard_layout_v<Desc> && std::is_trivially_copyable_v<Desc>);
 static_assert(sizeof(Desc) == 16 && alignof(Desc) == 4);
 
-// One ring entry, two to a cache line. The consumer polls `seq` of the entry at its head: one
+// RingEntry::buffer: an extent (its id in the low bits), else a slot index.
+inline constexpr std::uint16_t kWireExtentBit = 0x8000;
+// RingEntry::kind: DescKind and its flags, with DescStatus in bits 8-11 (values <= 15 travel,
+// so a status the receiver does not know is seen, and refused, as it is).
+inline constexpr std::uint16_t kWireStatusShift = 8;
+inline constexpr std::uint16_t kWireStatusMask = 0x0f00;
+static_assert((kWireStatusMask & kDescFlags) == 0);
+static_assert(2 * kMaxSlotsPerSide <= kWireExtentBit && kMaxExtents <= kWireExtentBit);
+
+// One ring entry, four to a cache line. The consumer polls `seq` of the entry at its head: one
 // cache-line transfer tells it both that a message is there and what it is (a separate tail
-// index would cost a second, serial, transfer per message).
+// index would cost a second, serial, transfer per message), and a consumer that lags behind its
+// producer takes four descriptors per transfer.
 struct RingEntry {
-  // Producer: store-release of (position + 1) after writing `desc` (P3). Consumer: acquire load;
-  // the entry at position h is ready when seq == h + 1 (earlier laps left h + 1 - k * capacity).
+  // Producer: store-release of (position + 1) after writing the fields below (P3). Consumer:
+  // acquire load; the entry at position h is ready when seq == h + 1 (earlier laps left
+  // h + 1 - k * capacity).
   std::atomic<std::uint32_t> seq;
-  Desc desc;  // producer writes before seq; consumer copies after seq
-  std::uint32_t reserved[3];
+  // Plain fields: the producer writes them before seq's store-release, the consumer copies them
+  // (load()) after seq's acquire load. A hostile writer racing with the copy only produces a
+  // torn value that validation (P5) rejects.
+  std::uint32_t size;    // Desc::size
+  std::uint32_t gen;     // Desc::gen
+  std::uint16_t buffer;  // Desc::buffer: slot index, or kWireExtentBit | extent id
+  std::uint16_t kind;    // Desc::kind | Desc::status << kWireStatusShift
+
+  // Writes d's fields (not seq). d.buffer is one of ours: a slot index below 2 *
+  // kMaxSlotsPerSide or kExtentBit | an id below kMaxExtents; d.status <= 15.
+  void store(const Desc& d) noexcept {
+    size = d.size;
+    gen = d.gen;
+    buffer = static_cast<std::uint16_t>((d.buffer & kExtentBit) != 0
+                                            ? kWireExtentBit | (d.buffer & (kWireExtentBit - 1))
+                                            : d.buffer & (kWireExtentBit - 1));
+    kind = static_cast<std::uint16_t>((d.kind & ~kWireStatusMask) |
+                                      ((d.status << kWireStatusShift) & kWireStatusMask));
+  }
+  // The descriptor, each field read once (a hostile peer may be writing them).
+  Desc load() const noexcept {
+    Desc d;
+    d.size = size;
+    d.gen = gen;
+    const std::uint16_t b = buffer;
+    d.buffer = (b & kWireExtentBit) != 0 ? kExtentBit | (b & (kWireExtentBit - 1)) : b;
+    const std::uint16_t k = kind;
+    d.kind = static_cast<std::uint16_t>(k & ~kWireStatusMask);
+    d.status = static_cast<std::uint16_t>((k & kWireStatusMask) >> kWireStatusShift);
+    return d;
+  }
 };
 static_assert(std::is_standard_layout_v<RingEntry>);
-static_assert(sizeof(RingEntry) == 32 && offsetof(RingEntry, desc) == 4);
+static_assert(sizeof(RingEntry) == 16 && offsetof(RingEntry, size) == 4 &&
+              offsetof(RingEntry, gen) == 8 && offsetof(RingEntry, buffer) == 12 &&
+              offsetof(RingEntry, kind) == 14);
 
 // One direction of a channel: producer side p sends, consumer side 1-p receives.
 struct Direction {

@@ -5,11 +5,12 @@
 //   RingProducer<> tx(&dir.tail, &dir.head, dir.ring);   // private tail_ is authoritative
 //   RingConsumer<> rx(&dir.tail, &dir.head, dir.ring);   // private head_ is authoritative
 //
-// Memory ordering: push() writes the Desc, store-releases the entry's seq (pairs with pop()'s
-// acquire load of it), then store-releases tail (pairs with check()'s acquire load). pop()
-// store-releases head after copying the Desc (pairs with push()'s acquire load of head, which
-// happens only when push()'s cached copy says the ring is full). So on the spinning path each
-// message moves one entry line from producer to consumer, and nothing else.
+// Memory ordering: push() writes the Desc (packed: RingEntry::store), store-releases the entry's
+// seq (pairs with pop()'s acquire load of it), then store-releases tail (pairs with check()'s
+// acquire load). pop() store-releases head after copying the Desc (pairs with push()'s acquire
+// load of head, which happens only when push()'s cached copy says the ring is full). So on the
+// spinning path the entries' lines move from producer to consumer (four entries to a line), and
+// nothing else.
 //
 // Values written by the peer are loaded once and validated: a head more than a capacity behind
 // tail, or a tail that claims messages the entries do not show, is RingStatus::Corrupt, never
@@ -58,7 +59,7 @@ class RingProducer {
   RingStatus push(const Desc& d) noexcept {
     if (RingStatus r = has_room(); r != RingStatus::Ok) return r;
     RingEntry& e = ring_[tail_ & (kCap - 1)];
-    e.desc = d;
+    e.store(d);
     ++tail_;
     // Pairs with the consumer's acquire load of seq in pop().
     e.seq.store(tail_, std::memory_order_release);
@@ -100,7 +101,7 @@ class RingConsumer {
     const RingEntry& e = ring_[head_ & (kCap - 1)];
     // Pairs with the producer's store-release of seq in push().
     if (e.seq.load(std::memory_order_acquire) != head_ + 1) return RingStatus::Empty;
-    *out = e.desc;  // copied once; validated by the caller (P5)
+    *out = e.load();  // copied once; validated by the caller (P5)
     ++head_;
     // Pairs with the producer's acquire load of head in push().
     head_pub_->store(head_, std::memory_order_release);

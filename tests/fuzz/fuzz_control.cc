@@ -61,12 +61,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       (void)os::send_msg(ctl, {reinterpret_cast<const std::byte*>(pkt.data()), pkt.size()}, fds);
       if (in.ConsumeBool()) {  // and a descriptor that refers to it
         shm::RingEntry& e = dir->ring[tail % shm::kRingCapacity];
-        e.desc =
-            shm::Desc{h.id, in.ConsumeIntegralInRange<std::uint32_t>(0, 1 << 17), h.gen,
-                      static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(1, 5) |
-                                                 (in.ConsumeBool() ? shm::kDescHasHandles : 0) |
-                                                 (in.ConsumeBool() ? shm::kDescReplaced : 0)),
-                      0};
+        e.store(shm::Desc{h.id, in.ConsumeIntegralInRange<std::uint32_t>(0, 1 << 17), h.gen,
+                          static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(1, 5) |
+                                                     (in.ConsumeBool() ? shm::kDescHasHandles : 0) |
+                                                     (in.ConsumeBool() ? shm::kDescReplaced : 0)),
+                          0});
         e.seq.store(++tail, std::memory_order_release);
         dir->tail.store(tail, std::memory_order_release);
       }

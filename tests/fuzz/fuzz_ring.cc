@@ -31,7 +31,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           shm::Desc d{in.ConsumeIntegral<std::uint32_t>(), in.ConsumeIntegral<std::uint32_t>(),
                       in.ConsumeIntegral<std::uint32_t>(), in.ConsumeIntegral<std::uint16_t>(),
                       in.ConsumeIntegral<std::uint16_t>()};
-          if (in.ConsumeBool()) {  // mostly plausible values, so that deeper paths are reached
+          const bool plausible = in.ConsumeBool();
+          if (plausible) {  // mostly plausible values, so that deeper paths are reached
             d.buffer = opt.slots_per_side + d.buffer % (opt.slots_per_side + 2);
             d.size %= opt.slot_size + 2;
             d.kind = static_cast<std::uint16_t>(1 + d.kind % 5) |
@@ -39,7 +40,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             d.gen %= 4;
           }
           shm::RingEntry& e = dir->ring[tail % shm::kRingCapacity];
-          e.desc = d;
+          if (plausible) {
+            e.store(d);
+          } else {  // any bits in the packed fields
+            e.size = d.size;
+            e.gen = d.gen;
+            e.buffer = static_cast<std::uint16_t>(d.buffer);
+            e.kind = d.kind;
+          }
           e.seq.store(in.ConsumeBool() ? tail + 1 : in.ConsumeIntegral<std::uint32_t>(),
                       std::memory_order_release);
           ++tail;

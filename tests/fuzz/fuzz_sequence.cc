@@ -107,7 +107,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         case 2: {  // a descriptor from the attacker
           shm::RingEntry& e = into->ring[tail % shm::kRingCapacity];
           const bool ext = in.ConsumeBool();
-          e.desc = shm::Desc{
+          e.store(shm::Desc{
               (ext ? shm::kExtentBit : opt.slots_per_side) +
                   in.ConsumeIntegralInRange<std::uint32_t>(0, ext ? 3 : opt.slots_per_side),
               in.ConsumeIntegralInRange<std::uint32_t>(0, 3 * 4096),
@@ -115,7 +115,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
               static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(1, 5) |
                                          (in.ConsumeBool() ? shm::kDescHasHandles : 0) |
                                          (in.ConsumeBool() ? shm::kDescReplaced : 0)),
-              static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(0, 2))};
+              static_cast<std::uint16_t>(in.ConsumeIntegralInRange<int>(0, 2))});
           e.seq.store(++tail, std::memory_order_release);
           into->tail.store(tail, std::memory_order_release);
           break;

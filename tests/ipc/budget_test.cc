@@ -99,7 +99,7 @@ struct Attacker {
   }
   void publish(const shm::Desc& d) {
     shm::RingEntry& e = ring->ring[tail % shm::kRingCapacity];
-    e.desc = d;
+    e.store(d);
     e.seq.store(++tail, std::memory_order_release);
     ring->tail.store(tail, std::memory_order_release);
   }
@@ -283,7 +283,7 @@ TEST(PeerBudget, APeerThatNeverReadsItsControlSocketIsClosedNotWaitedFor) {
     // The attacker consumes the descriptor and returns the buffer.
     shm::RingEntry& e = out->ring[head % shm::kRingCapacity];
     ASSERT_EQ(e.seq.load(std::memory_order_acquire), head + 1);
-    const shm::Desc d = e.desc;
+    const shm::Desc d = e.load();
     out->head.store(++head, std::memory_order_release);
     out->returned.fetch_or(std::uint64_t{1} << d.buffer);  // given back (P7r): side 0's slot
   }

@@ -56,7 +56,7 @@ using test::raw_push;
 bool raw_pop(shm::Direction& d, std::uint32_t* head, shm::Desc* out) {
   shm::RingEntry& e = d.ring[*head % shm::kRingCapacity];
   if (e.seq.load(std::memory_order_acquire) != *head + 1) return false;
-  *out = e.desc;
+  *out = e.load();
   ++*head;
   d.head.store(*head, std::memory_order_release);
   return true;

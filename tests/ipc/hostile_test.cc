@@ -152,7 +152,7 @@ TEST(Hostile, ForgedDescriptorsAreRejected) {
     auto seg = detail::TestAccess::segment(b);
     auto* dir =
         reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset + sizeof(shm::Direction));
-    dir->ring[0].desc = shm::Desc{c.buffer, c.size, 1, c.kind, 0};
+    dir->ring[0].store(shm::Desc{c.buffer, c.size, 1, c.kind, 0});
     dir->ring[0].seq.store(1, std::memory_order_release);
     dir->tail.store(1, std::memory_order_release);
     auto m = a.receive(secs(5));
@@ -204,8 +204,8 @@ void neighbour_loop(bool hostile, Channel& ch, const std::atomic<std::uint32_t>*
   for (std::uint32_t t = mine->tail.load(); monotonic_ns() < end; ++t) {
     // Descriptors naming bogus and duplicate buffers, published properly.
     shm::RingEntry& e = mine->ring[t % shm::kRingCapacity];
-    e.desc = shm::Desc{rng() % 40, rng() % 100000, rng() % 3,
-                       static_cast<std::uint16_t>(1 + rng() % 5), std::uint16_t{0}};
+    e.store(shm::Desc{rng() % 40, rng() % 100000, rng() % 3,
+                      static_cast<std::uint16_t>(1 + rng() % 5), std::uint16_t{0}});
     e.seq.store(t + 1, std::memory_order_release);
     mine->tail.store(t + 1, std::memory_order_release);
     // Every control word it can reach, rewritten between the server's reads.

@@ -213,8 +213,8 @@ struct Flooder {
         const std::uint32_t head = d->head.load(std::memory_order_acquire);
         while (tail - head < shm::kRingCapacity) {
           shm::RingEntry& e = d->ring[tail % shm::kRingCapacity];
-          e.desc = shm::Desc{shm::kExtentBit | (tail % shm::kMaxExtents), 0, 12345,
-                             static_cast<std::uint16_t>(shm::DescKind::ReleaseExtent), 0};
+          e.store(shm::Desc{shm::kExtentBit | (tail % shm::kMaxExtents), 0, 12345,
+                            static_cast<std::uint16_t>(shm::DescKind::ReleaseExtent), 0});
           e.seq.store(++tail, std::memory_order_release);
         }
         d->tail.store(tail, std::memory_order_release);

@@ -16,7 +16,9 @@ struct TestRing {
   RingConsumer<8> rx{&tail, &head, ring};
 };
 
-Desc desc(std::uint32_t i) { return Desc{i, i * 2, i * 3, 1, 0}; }
+// Descriptor i: a slot index (the packed entry carries up to 2 * kMaxSlotsPerSide), and i itself
+// in size and gen.
+Desc desc(std::uint32_t i) { return Desc{i % (2 * kMaxSlotsPerSide), i * 2, i * 3, 1, 0}; }
 
 TEST(Ring, PopsWhatWasPushedInOrder) {
   TestRing r;
@@ -30,6 +32,34 @@ TEST(Ring, PopsWhatWasPushedInOrder) {
   }
   Desc d;
   EXPECT_EQ(r.rx.pop(&d), RingStatus::Empty);
+}
+
+// A descriptor travels packed in 12 bytes (four entries to a cache line): every value an end
+// sends comes out as it went in, and a status the receiver does not know stays visible (P5
+// refuses it) rather than being masked into a valid one.
+TEST(Ring, EveryDescriptorAnEndSendsSurvivesThePacking) {
+  TestRing r;
+  const std::uint16_t handles = kDescHasHandles, replaced = kDescReplaced;
+  const Desc sent[] = {
+      {0, 0, 0, static_cast<std::uint16_t>(DescKind::Request), 0},
+      {2 * kMaxSlotsPerSide - 1, ~0u, ~0u,
+       static_cast<std::uint16_t>(static_cast<std::uint16_t>(DescKind::OneWay) | handles), 0},
+      {kExtentBit | (kMaxExtents - 1), 0xFFFF'F000u, 7,
+       static_cast<std::uint16_t>(static_cast<std::uint16_t>(DescKind::Reply) | handles | replaced),
+       static_cast<std::uint16_t>(DescStatus::NoReply)},
+      {kExtentBit, 1, 1, static_cast<std::uint16_t>(DescKind::ReleaseExtent), 0},
+      {5, 64, 9, static_cast<std::uint16_t>(DescKind::Reply), 15},
+  };
+  for (const Desc& d : sent) {
+    ASSERT_EQ(r.tx.push(d), RingStatus::Ok);
+    Desc got;
+    ASSERT_EQ(r.rx.pop(&got), RingStatus::Ok);
+    EXPECT_EQ(got.buffer, d.buffer);
+    EXPECT_EQ(got.size, d.size);
+    EXPECT_EQ(got.gen, d.gen);
+    EXPECT_EQ(got.kind, d.kind);
+    EXPECT_EQ(got.status, d.status);
+  }
 }
 
 TEST(Ring, PushFailsWhenFull) {
@@ -117,7 +147,8 @@ TEST(Ring, TwoThreadsTransferEveryDescriptorOnceInOrder) {
     RingStatus s = r.rx.pop(&d);
     ASSERT_NE(s, RingStatus::Corrupt);
     if (s != RingStatus::Ok) continue;
-    ASSERT_EQ(d.buffer, next);
+    ASSERT_EQ(d.buffer, next % (2 * kMaxSlotsPerSide));
+    ASSERT_EQ(d.size, next * 2);
     ASSERT_EQ(d.gen, next * 3);
     ++next;
   }
