@@ -56,7 +56,9 @@ constexpr std::size_t kSpscMaxEntries = 4096;
 // through memory and ran at half the rate of mbmq-stream's 4 MiB pool: no floor.
 constexpr std::size_t kSpscMaxBytes = 4u << 20;
 
-StreamMechanism raw_spsc_mechanism() {
+// `max_entries`: 4096 for the floor; 64 for raw-spsc-64, a ring as deep as mbmq-stream's pool
+// (64 slots per side), which shows what that depth alone costs.
+StreamMechanism raw_spsc_mechanism(std::size_t max_entries) {
   struct State {
     os::UniqueFd fd;
     os::Mapping map;
@@ -67,13 +69,19 @@ StreamMechanism raw_spsc_mechanism() {
   };
   auto st = std::make_shared<State>();
   StreamMechanism m;
-  m.name = "raw-spsc";
-  m.note =
-      "raw-spsc: 4096 entries of the message size, at most 4 MiB (64 entries at 64 KiB, as "
-      "mbmq-stream's 64 slots; a 64 MiB ring ran at half the rate)";
-  m.setup = [st](std::size_t size) -> Status {
+  if (max_entries == kSpscMaxEntries) {
+    m.name = "raw-spsc";
+    m.note =
+        "raw-spsc: 4096 entries of the message size, at most 4 MiB (64 entries at 64 KiB, as "
+        "mbmq-stream's 64 slots; a 64 MiB ring ran at half the rate)";
+  } else {
+    m.name = "raw-spsc-" + std::to_string(max_entries);
+    m.note = m.name + ": the same ring with " + std::to_string(max_entries) +
+             " entries, as deep as mbmq-stream's pool";
+  }
+  m.setup = [st, max_entries](std::size_t size) -> Status {
     st->stride = (size + 7) / 8 * 8;  // 8-byte aligned words
-    std::size_t n = kSpscMaxEntries;
+    std::size_t n = max_entries;
     while (n > 2 && n * st->stride > kSpscMaxBytes) n /= 2;
     st->mask = n - 1;
     const std::size_t total = kSpscEntriesOffset + n * st->stride;
@@ -381,7 +389,8 @@ StreamMechanism mbmq_stream_mechanism() {
 
 std::vector<StreamMechanism> stream_mechanisms() {
   std::vector<StreamMechanism> v;
-  v.push_back(raw_spsc_mechanism());
+  v.push_back(raw_spsc_mechanism(kSpscMaxEntries));
+  v.push_back(raw_spsc_mechanism(64));
   v.push_back(mbmq_stream_mechanism());
   v.push_back(byte_stream_mechanism(false));
   v.push_back(byte_stream_mechanism(true));

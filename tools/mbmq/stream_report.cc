@@ -74,10 +74,12 @@ void print_stream_table(const std::vector<StreamResult>& rs,
                 num(r.syscalls_per_msg, "%.3f").c_str(), num(r.allocs_per_msg).c_str(),
                 r.cpu_ns_per_msg, num(r.retries_per_msg, "%.3f").c_str());
   }
-  std::printf("\nmbmq-stream / raw-spsc and mbmq-stream / uds (median msgs/s, this run):\n");
+  std::printf("\nmbmq-stream / raw-spsc, / raw-spsc-64 and / uds (median msgs/s, this run):\n");
   for (std::size_t size : sizes_of(rs))
-    std::printf("  %8s   / raw-spsc %8s   / uds %8s\n", human_size(size).c_str(),
+    std::printf("  %8s   / raw-spsc %8s   / raw-spsc-64 %8s   / uds %8s\n",
+                human_size(size).c_str(),
                 num(ratio(rs, kStream, "raw-spsc", size), "%.3fx").c_str(),
+                num(ratio(rs, kStream, "raw-spsc-64", size), "%.3fx").c_str(),
                 num(ratio(rs, kStream, "uds", size), "%.3fx").c_str());
   std::printf(
       "\nx spsc, x uds: the row's median msgs/s over raw-spsc's and uds's at the same size.\n"
@@ -116,9 +118,11 @@ std::string stream_json(const std::vector<StreamResult>& rs, const Options& opt)
   }
   json ratios = json::array();
   for (std::size_t size : sizes_of(rs))
-    ratios.push_back({{"size", size},
-                      {"mbmq_stream_over_raw_spsc", opt_json(ratio(rs, kStream, "raw-spsc", size))},
-                      {"mbmq_stream_over_uds", opt_json(ratio(rs, kStream, "uds", size))}});
+    ratios.push_back(
+        {{"size", size},
+         {"mbmq_stream_over_raw_spsc", opt_json(ratio(rs, kStream, "raw-spsc", size))},
+         {"mbmq_stream_over_raw_spsc_64", opt_json(ratio(rs, kStream, "raw-spsc-64", size))},
+         {"mbmq_stream_over_uds", opt_json(ratio(rs, kStream, "uds", size))}});
   json doc = {{"mode", "stream"},
               {"results", results},
               {"ratios", ratios},
