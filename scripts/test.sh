@@ -22,6 +22,7 @@ if [ "${SANITIZERS:-1}" != 0 ]; then
   (cd build-asan && ctest --output-on-failure -j2 -LE soak ${CTEST_ARGS:-})
   echo "== TSan: thread-level tests =="
   cmake --preset tsan >/dev/null
-  cmake --build build-tsan -j"$(nproc)"
+  # Only the thread-level test binaries: the rest would be built for nothing.
+  cmake --build build-tsan -j"$(nproc)" --target threads_tests
   (cd build-tsan && ctest --output-on-failure -j2 -L threads)
 fi
