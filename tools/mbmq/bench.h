@@ -7,6 +7,8 @@
 // sum; the client verifies it. With --no-touch only the first 8 bytes are written and read.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -130,6 +132,9 @@ struct CellResult {
   double rtt_per_s() const;
 };
 
+// The q-quantile (0..1) of sorted samples, nearest rank; 0 when there are none.
+double percentile(const std::vector<std::int64_t>& sorted, double q);
+
 int cpus();
 CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
 
@@ -137,6 +142,20 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
 double memcpy_ns(std::size_t n);
 
 std::string human_size(std::size_t n);
+
+// ---- processes shared by the multi-process cells (--stream, --fanout) -------------------------
+// Forks a child that dies with its parent, is pinned to `cpu` (when `pin` and there are two CPUs
+// or more), ignores SIGPIPE, runs `body` and exits 0. The child's pid, or -1 with `error` set.
+pid_t fork_pinned(int cpu, bool pin, const std::function<void()>& body, std::string& error);
+// os::spawn_program with stdout and stderr on /dev/null (strace, RouDi).
+Result<pid_t> spawn_quiet(const std::string& path, const std::vector<std::string>& args);
+// Waits until the read end `r` of a pipe sees its writer gone (the child exited) or `deadline`
+// (monotonic ns) passes: true when gone.
+bool wait_exit(int r, std::int64_t deadline);
+// The calls counted in a `strace -c -o FILE` summary, but those of the `excluded` system calls;
+// none if the file has no summary.
+std::optional<double> strace_calls(const std::string& file,
+                                   const std::vector<std::string>& excluded = {});
 // "/tmp/mbmq-<what>-<pid>-<n><suffix>", n counting up in this process: a name no other run or
 // cell uses (ZeroMQ's ipc:// socket files).
 std::string unique_tmp_path(const char* what, const char* suffix);

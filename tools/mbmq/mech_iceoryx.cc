@@ -26,6 +26,7 @@
 #include <thread>
 
 #include "bench.h"
+#include "fanout.h"
 #include "iceoryx_hoofs/log/logmanager.hpp"
 #include "iceoryx_posh/mepoo/chunk_header.hpp"
 #include "iceoryx_posh/popo/untyped_client.hpp"
@@ -36,6 +37,7 @@
 #include "iceoryx_posh/runtime/posh_runtime.hpp"
 #include "mbmq/deadline.h"
 #include "os/mapping.h"
+#include "os/memfd.h"
 #include "os/process.h"
 #include "stream.h"
 
@@ -101,11 +103,7 @@ std::string ensure_roudi() {
     for (auto [size, count] : kPools)
       f << "\n[[segment.mempool]]\nsize = " << size << "\ncount = " << count << "\n";
   }
-  auto devnull = std::fopen("/dev/null", "w");
-  const int quiet = devnull ? fileno(devnull) : -1;
-  auto pid =
-      os::spawn_program(kRoudi, {"-c", g_roudi.config, "-l", "off", "-m", "off"}, quiet, quiet);
-  if (devnull) std::fclose(devnull);
+  auto pid = spawn_quiet(kRoudi, {"-c", g_roudi.config, "-l", "off", "-m", "off"});
   if (!pid) return g_roudi.error = "cannot start iox-roudi: " + pid.error().message();
   g_roudi.pid = *pid;
   // Ready when its management segment exists.
@@ -268,12 +266,12 @@ iox::capro::ServiceDescription stream_service(std::uint64_t cell) {
           iox::capro::IdString_t(iox::cxx::TruncateToCapacity, std::to_string(cell).c_str())};
 }
 
-// In a forked side: this program exec'd as `mbmq __iceoryx-stream ROLE` on the control block
+// In a forked side: this program exec'd as `mbmq ARGS` (__iceoryx-stream ROLE, __iceoryx-fanout
+// ROLE [INDEX]) on the control block
 // (its fd 3; its stdout our stderr, where iceoryx may log), waited for.
-Status exec_side(const char* role, int control_fd) {
+Status exec_side(const std::vector<std::string>& args, int control_fd) {
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  const pid_t pid =
-      MBMQ_TRY(os::spawn_program(self, {"__iceoryx-stream", role}, 2, -1, control_fd));
+  const pid_t pid = MBMQ_TRY(os::spawn_program(self, args, 2, -1, control_fd));
   const int status = MBMQ_TRY(os::wait_process(pid));
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
     return fail(Errc::System, "the exec'd iceoryx side failed");
@@ -355,11 +353,11 @@ StreamMechanism iceoryx_stream_mechanism() {
   };
   m.produce = [](StreamProducer& p) -> Status {
     p.external();
-    return exec_side("producer", p.control().control_fd);
+    return exec_side({"__iceoryx-stream", "producer"}, p.control().control_fd);
   };
   m.consume = [](StreamConsumer& c) -> Status {
     c.external();
-    return exec_side("consumer", c.control().control_fd);
+    return exec_side({"__iceoryx-stream", "consumer"}, c.control().control_fd);
   };
   m.teardown = [] {};
   return m;
@@ -379,6 +377,110 @@ int iceoryx_stream_main(const std::vector<std::string>& args) {
   } else {
     StreamConsumer c(*ctl);
     c.finish(iceoryx_consume(c));
+  }
+  return 0;
+}
+
+// ---- --fanout -----------------------------------------------------------------------------------
+namespace {
+
+iox::capro::ServiceDescription fanout_service(std::uint64_t cell) {
+  return {"mbmq", "fanout",
+          iox::capro::IdString_t(iox::cxx::TruncateToCapacity, std::to_string(cell).c_str())};
+}
+
+Status iceoryx_fanout_publish(FanoutPublisher& p) {
+  iox::popo::PublisherOptions po;
+  po.historyCapacity = 0;
+  iox::popo::UntypedPublisher pub(fanout_service(p.control().cell_id), po);
+  const auto size = static_cast<std::uint32_t>(p.size());
+  while (p.next()) {
+    auto chunk = pub.loan(size, 8);
+    if (chunk.has_error()) {
+      if (p.probing()) continue;  // a probe may be dropped: the next one comes in 1 ms
+      return fail(Errc::NoBuffers, "iceoryx: loan");
+    }
+    p.fill(static_cast<std::byte*>(chunk.value()));
+    pub.publish(chunk.value());
+    p.sent();
+  }
+  return p.status();
+}
+
+Status iceoryx_fanout_subscribe(FanoutSubscriber& s) {
+  iox::popo::SubscriberOptions so;
+  so.historyRequest = 0;
+  iox::popo::UntypedSubscriber sub(fanout_service(s.control().cell_id), so);
+  iox::popo::WaitSet<> waitset;
+  if (waitset.attachState(sub, iox::popo::SubscriberState::HAS_DATA).has_error())
+    return fail(Errc::System, "iceoryx: WaitSet");
+  for (;;) {
+    auto sample = sub.take();
+    if (sample.has_error()) {
+      if (!s.healthy()) return {};  // another side failed: it says why
+      (void)waitset.timedWait(iox::units::Duration::fromMilliseconds(200));
+      continue;
+    }
+    const void* payload = sample.value();
+    const std::size_t n = iox::mepoo::ChunkHeader::fromUserPayload(payload)->userPayloadSize();
+    // Read in place (the corruption hook writes: the chunk is this process's to read).
+    const auto v = s.received(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+    sub.release(payload);
+    if (v == FanoutSubscriber::Verdict::Fail) return s.failure();
+    if (v == FanoutSubscriber::Verdict::End) return {};
+  }
+}
+
+}  // namespace
+
+FanoutMechanism iceoryx_fanout_mechanism() {
+  FanoutMechanism m;
+  m.name = "iceoryx";
+  m.os_counted = false;
+  m.note =
+      "iceoryx: untyped publish/subscribe, history 0, default queue policies; loan(), write in "
+      "place, publish(); each subscriber sleeps in a WaitSet (SubscriberState::HAS_DATA), then "
+      "take(), reads in place, release()";
+  m.copies = [](std::size_t) { return std::size_t{0}; };
+  if (!std::filesystem::exists(kRoudi)) m.unavailable = "iox-roudi not installed (apt: iceoryx)";
+  m.available = [] {
+    std::string why = ensure_roudi();
+    return why.empty() ? why : "RouDi: " + why;
+  };
+  m.setup = [](std::size_t size, std::size_t) -> Status {
+    if (pool_chunks(size) == 0) return fail(Errc::InvalidArgument, "iceoryx: no RouDi pool fits");
+    return {};
+  };
+  m.publish = [](FanoutPublisher& p) -> Status {
+    p.external();
+    return exec_side({"__iceoryx-fanout", "publisher"}, p.control().control_fd);
+  };
+  m.subscribe = [](FanoutSubscriber& s) -> Status {
+    s.external();
+    return exec_side({"__iceoryx-fanout", "subscriber", std::to_string(s.index())},
+                     s.control().control_fd);
+  };
+  m.teardown = [] {};
+  return m;
+}
+
+int iceoryx_fanout_main(const std::vector<std::string>& args) {
+  const bool publisher = args.size() == 1 && args[0] == "publisher";
+  if (!publisher && (args.size() != 2 || args[0] != "subscriber")) return 2;
+  os::die_with_parent();
+  // The block the parent made (and constructed) before the forks, with its arrays.
+  auto bytes = os::file_size(3);
+  if (!bytes) return 3;
+  auto map = os::Mapping::map_shared(3, *bytes, os::Access::ReadWrite);
+  if (!map) return 3;
+  auto* ctl = std::launder(reinterpret_cast<FanoutControl*>(map->data()));
+  init_runtime("mbmq-fanout-" + args[0] + "-" + std::to_string(os::current_pid()));
+  if (publisher) {
+    FanoutPublisher p(*ctl);
+    p.finish(iceoryx_fanout_publish(p));
+  } else {
+    FanoutSubscriber s(*ctl, std::strtoull(args[1].c_str(), nullptr, 10));
+    s.finish(iceoryx_fanout_subscribe(s));
   }
   return 0;
 }
