@@ -79,7 +79,7 @@ std::int64_t* recv_times(FanoutControl& ctl, std::size_t subscriber) {
   return send_times(ctl) + (subscriber + 1) * ctl.total();
 }
 
-std::size_t default_fanout_messages(std::size_t size) { return size >= (1u << 20) ? 500 : 1000; }
+std::size_t default_fanout_messages(std::size_t size) { return size >= (1u << 20) ? 1000 : 2000; }
 
 // ---- the publisher ------------------------------------------------------------------------------
 bool FanoutPublisher::healthy() const noexcept { return phase_of(ctl_) != FanoutPhase::Failed; }

@@ -421,7 +421,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
                    "(sizes 64,1M)");
   if (!copies_mode)
     app.add_option("--messages", messages,
-                   "--fanout: measured messages per cell (default 1000, 500 from 1 MiB)")
+                   "--fanout: measured messages per cell (default 2000, 1000 from 1 MiB)")
         ->check(CLI::Range(1, 1000000));
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
