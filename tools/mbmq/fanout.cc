@@ -234,7 +234,7 @@ Status FanoutSubscriber::failure() const {
   return mbmq::fail(Errc::Protocol, "fanout verification");
 }
 
-FanoutSubscriber::Verdict FanoutSubscriber::received(std::byte* p, std::size_t n) {
+FanoutSubscriber::Verdict FanoutSubscriber::received(const std::byte* p, std::size_t n) {
   const std::int64_t now = monotonic_ns();  // (3) first
   char why[200];
   if (n != ctl_.size) {
@@ -264,7 +264,9 @@ FanoutSubscriber::Verdict FanoutSubscriber::received(std::byte* p, std::size_t n
     return Verdict::Fail;
   }
   recv_times(ctl_, index_)[seq] = now;
-  if (ctl_.corrupt && index_ == 0) p[first_checked_word(n, seq) * 8 + 3] ^= std::byte{0x40};
+  // The corruption hook: subscriber 0 reads byte 3 of the first checked word flipped, as if a
+  // broken transport had flipped it (the message itself may be read-only).
+  const std::size_t flipped = ctl_.corrupt && index_ == 0 ? first_checked_word(n, seq) : 0;
   std::int64_t sent_at;
   std::memcpy(&sent_at, p + 8, 8);
   const std::uint64_t base = stream_base(seq);
@@ -272,6 +274,7 @@ FanoutSubscriber::Verdict FanoutSubscriber::received(std::byte* p, std::size_t n
   for_checked_words(n, seq, [&](std::size_t i) {
     std::uint64_t w;
     std::memcpy(&w, p + i * 8, 8);
+    if (i == flipped) w ^= std::uint64_t{0x40} << 24;
     diff |= w ^ (base + i * kStreamStep);
   });
   if (diff != 0) {

@@ -50,7 +50,7 @@ struct FanoutControl {
   std::uint64_t total_bytes = 0;           // of the memfd: this block and its arrays
   std::uint64_t cell_id = 0;               // unique per cell in this run (iceoryx's service)
   int control_fd = -1;                     // the memfd, in the parent and its forks
-  bool corrupt = false;                    // test hook: subscriber 0 flips a payload byte
+  bool corrupt = false;                    // test hook: subscriber 0 sees a payload byte flipped
   bool traced = false;  // the publisher waits for `go` before its first message (strace)
   // Relaxed everywhere: it only tells waits when to give up; the stats travel through the
   // exit counters below.
@@ -134,9 +134,9 @@ class FanoutSubscriber {
   std::size_t index() const noexcept { return index_; }
   const FanoutControl& control() const noexcept { return ctl_; }
   bool healthy() const noexcept;
-  // (3) Call as soon as the receive call returns, with the message in place (the corruption
-  // hook writes one byte).
-  Verdict received(std::byte* p, std::size_t n);
+  // (3) Call as soon as the receive call returns, with the message in place (it may be
+  // read-only memory).
+  Verdict received(const std::byte* p, std::size_t n);
   // (1) A probe arrived: for a mechanism that reads the first word itself and must not hand a
   // probe to received() (raw-futex: the slot may be rewritten meanwhile).
   void probe();

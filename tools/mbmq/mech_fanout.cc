@@ -249,7 +249,8 @@ FanoutMechanism zmq_pubsub_mechanism() {
         if (!s.healthy()) break;
         continue;
       }
-      const auto v = s.received(static_cast<std::byte*>(zmq_msg_data(&msg)), zmq_msg_size(&msg));
+      const auto v =
+          s.received(static_cast<const std::byte*>(zmq_msg_data(&msg)), zmq_msg_size(&msg));
       if (v == FanoutSubscriber::Verdict::Fail) rc = s.failure();
       end = v == FanoutSubscriber::Verdict::End;
     }

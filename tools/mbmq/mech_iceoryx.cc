@@ -423,8 +423,7 @@ Status iceoryx_fanout_subscribe(FanoutSubscriber& s) {
     }
     const void* payload = sample.value();
     const std::size_t n = iox::mepoo::ChunkHeader::fromUserPayload(payload)->userPayloadSize();
-    // Read in place (the corruption hook writes: the chunk is this process's to read).
-    const auto v = s.received(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+    const auto v = s.received(static_cast<const std::byte*>(payload), n);  // read in place
     sub.release(payload);
     if (v == FanoutSubscriber::Verdict::Fail) return s.failure();
     if (v == FanoutSubscriber::Verdict::End) return {};
