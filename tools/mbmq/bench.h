@@ -86,6 +86,22 @@ struct Mechanism {
   bool os_counted = true;
 };
 
+// The receiving side of --stream's zmq-pushpull and --fanout's zmq-pubsub (mech_zmq.cc): a new
+// context and a socket of `type` (ZMQ_PULL, ZMQ_SUB) that waits at most 200 ms per receive and
+// does not linger; `attach(sock)` binds or connects it (and subscribes), 0 on success. Then
+// messages are received and handed to `take` in place until it returns End or Fail (a failed
+// check: Errc::Protocol), or a receive times out and `healthy()` is false (success: the side
+// that failed says why). Closes the socket and the context.
+enum class Take : std::uint8_t { More, End, Fail };
+// From a checker's verdict (Ok, End, Fail: StreamConsumer's, FanoutSubscriber's).
+template <class Verdict>
+Take take_of(Verdict v) {
+  return v == Verdict::End ? Take::End : v == Verdict::Fail ? Take::Fail : Take::More;
+}
+Status zmq_receive_each(int type, const std::function<int(void* sock)>& attach,
+                        const std::function<bool()>& healthy,
+                        const std::function<Take(std::byte* p, std::size_t n)>& take);
+
 std::vector<Mechanism> shm_mechanisms();     // raw-spin, raw-ring, raw-futex, mbmq-*
 std::vector<Mechanism> kernel_mechanisms();  // pipe, uds, uds-seqpacket, tcp
 Mechanism zeromq_mechanism();

@@ -33,7 +33,6 @@ namespace {
 
 // A blocking wait in a subscriber gives up after this long to look whether a side has failed.
 constexpr std::int64_t kPatienceNs = 200'000'000;
-constexpr int kPatienceMs = 200;
 
 // ---- raw-futex --------------------------------------------------------------------------------
 // In the shared segment, before the slot. `word` is a sequence lock and the futex: odd while the
@@ -232,32 +231,15 @@ FanoutMechanism zmq_pubsub_mechanism() {
     return rc ? p.status() : rc;
   };
   m.subscribe = [st](FanoutSubscriber& s) -> Status {
-    void* ctx = zmq_ctx_new();
-    void* sock = zmq_socket(ctx, ZMQ_SUB);
-    int patience = kPatienceMs, linger = 0;
-    zmq_setsockopt(sock, ZMQ_RCVTIMEO, &patience, sizeof patience);
-    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(sock, ZMQ_SUBSCRIBE, "", 0);
-    Status rc;
-    // Before the publisher's bind() is fine: ZeroMQ connects when the endpoint appears.
-    if (zmq_connect(sock, st->endpoint.c_str()) != 0) rc = fail(Errc::System, "zmq_connect");
-    zmq_msg_t msg;
-    zmq_msg_init(&msg);
-    for (bool end = false; rc && !end;) {
-      if (zmq_msg_recv(&msg, sock, 0) < 0) {
-        if (zmq_errno() != EAGAIN) rc = fail(Errc::System, "zmq_msg_recv");
-        if (!s.healthy()) break;
-        continue;
-      }
-      const auto v =
-          s.received(static_cast<const std::byte*>(zmq_msg_data(&msg)), zmq_msg_size(&msg));
-      if (v == FanoutSubscriber::Verdict::Fail) rc = s.failure();
-      end = v == FanoutSubscriber::Verdict::End;
-    }
-    zmq_msg_close(&msg);
-    zmq_close(sock);
-    zmq_ctx_term(ctx);
-    return rc;
+    return zmq_receive_each(
+        ZMQ_SUB,
+        [&](void* sock) {
+          zmq_setsockopt(sock, ZMQ_SUBSCRIBE, "", 0);
+          // Before the publisher's bind() is fine: ZeroMQ connects when the endpoint appears.
+          return zmq_connect(sock, st->endpoint.c_str());
+        },
+        [&] { return s.healthy(); },
+        [&](std::byte* p, std::size_t n) { return take_of(s.received(p, n)); });
   };
   m.teardown = [st] {
     std::error_code ec;

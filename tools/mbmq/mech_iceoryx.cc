@@ -307,30 +307,42 @@ Status iceoryx_produce(StreamProducer& p) {
   }
 }
 
-Status iceoryx_consume(StreamConsumer& c) {
-  iox::popo::SubscriberOptions so;
-  so.queueCapacity = queue_capacity(c.size());
-  so.historyRequest = 0;
-  so.queueFullPolicy = iox::popo::QueueFullPolicy::BLOCK_PRODUCER;
-  iox::popo::UntypedSubscriber sub(stream_service(c.control().cell_id), so);
+// Takes the samples of `sub`, sleeping in a WaitSet (200 ms at a time, then asking `healthy`:
+// false ends the loop, successfully: the side that failed says why), and hands each to `take`
+// in place before releasing it. The verdict Fail fails the loop; End ends it.
+template <class Verdict, class Healthy, class Take>
+Status take_samples(iox::popo::UntypedSubscriber& sub, const Healthy& healthy, const Take& take) {
   iox::popo::WaitSet<> waitset;
   if (waitset.attachState(sub, iox::popo::SubscriberState::HAS_DATA).has_error())
     return fail(Errc::System, "iceoryx: WaitSet");
   for (;;) {
     auto sample = sub.take();
     if (sample.has_error()) {
-      if (!c.healthy()) return {};  // the producer failed: it reports why
+      if (!healthy()) return {};
       (void)waitset.timedWait(iox::units::Duration::fromMilliseconds(200));
       continue;
     }
     const void* payload = sample.value();
     const std::size_t n = iox::mepoo::ChunkHeader::fromUserPayload(payload)->userPayloadSize();
-    // Read in place (the corruption hook writes: the chunk is this process's to read).
-    const auto v = c.check(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+    const Verdict v = take(payload, n);
     sub.release(payload);
-    if (v == StreamConsumer::Verdict::Fail) return fail(Errc::Protocol, "stream verification");
-    if (v == StreamConsumer::Verdict::End) return {};
+    if (v == Verdict::Fail) return fail(Errc::Protocol, "verification");
+    if (v == Verdict::End) return {};
   }
+}
+
+Status iceoryx_consume(StreamConsumer& c) {
+  iox::popo::SubscriberOptions so;
+  so.queueCapacity = queue_capacity(c.size());
+  so.historyRequest = 0;
+  so.queueFullPolicy = iox::popo::QueueFullPolicy::BLOCK_PRODUCER;
+  iox::popo::UntypedSubscriber sub(stream_service(c.control().cell_id), so);
+  return take_samples<StreamConsumer::Verdict>(
+      sub, [&] { return c.healthy(); },
+      [&](const void* payload, std::size_t n) {
+        // Read in place (the corruption hook writes: the chunk is this process's to read).
+        return c.check(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+      });
 }
 
 }  // namespace
@@ -411,23 +423,11 @@ Status iceoryx_fanout_subscribe(FanoutSubscriber& s) {
   iox::popo::SubscriberOptions so;
   so.historyRequest = 0;
   iox::popo::UntypedSubscriber sub(fanout_service(s.control().cell_id), so);
-  iox::popo::WaitSet<> waitset;
-  if (waitset.attachState(sub, iox::popo::SubscriberState::HAS_DATA).has_error())
-    return fail(Errc::System, "iceoryx: WaitSet");
-  for (;;) {
-    auto sample = sub.take();
-    if (sample.has_error()) {
-      if (!s.healthy()) return {};  // another side failed: it says why
-      (void)waitset.timedWait(iox::units::Duration::fromMilliseconds(200));
-      continue;
-    }
-    const void* payload = sample.value();
-    const std::size_t n = iox::mepoo::ChunkHeader::fromUserPayload(payload)->userPayloadSize();
-    const auto v = s.received(static_cast<const std::byte*>(payload), n);  // read in place
-    sub.release(payload);
-    if (v == FanoutSubscriber::Verdict::Fail) return s.failure();
-    if (v == FanoutSubscriber::Verdict::End) return {};
-  }
+  return take_samples<FanoutSubscriber::Verdict>(
+      sub, [&] { return s.healthy(); },
+      [&](const void* payload, std::size_t n) {
+        return s.received(static_cast<const std::byte*>(payload), n);  // read in place
+      });
 }
 
 }  // namespace
