@@ -5,7 +5,8 @@
 //                  subscriber FUTEX_WAITs on the word and reads the slot in place
 //   mbmq-channels  what mbmq offers today: one Channel per subscriber; the publisher writes the
 //                  message into the first channel's buffer, copies it into the others', and
-//                  send()s one buffer per channel; each subscriber receive()s (default policy)
+//                  send()s one buffer per channel; each subscriber receive()s (default policy;
+//                  mbmq-channels-sleep: WaitMode::Sleep)
 //   zmq-pubsub     ZeroMQ PUB/SUB over ipc://: zmq_send() from the publisher's buffer; each SUB
 //                  socket (subscribed to everything) reads the message in place in its zmq_msg_t
 // iceoryx (publish/subscribe) lives beside its other rows (mech_iceoryx.cc).
@@ -116,21 +117,26 @@ FanoutMechanism raw_futex_mechanism() {
 }
 
 // ---- mbmq-channels ----------------------------------------------------------------------------
-FanoutMechanism mbmq_channels_mechanism() {
+// mode: the subscribers' WaitMode (Adaptive is the default policy).
+FanoutMechanism mbmq_channels_mechanism(WaitMode mode) {
   struct State {
     std::vector<Channel> pub, sub;  // pub[i] is connected to sub[i]
   };
   auto st = std::make_shared<State>();
   FanoutMechanism m;
-  m.name = "mbmq-channels";
-  m.note =
-      "mbmq-channels: N Channel::pair()s, 4 slots per side of the message size (16 MiB at most), "
-      "the default WaitPolicy (adaptive: 50 us of spinning, then the futex); per message N "
-      "buffer()s, the payload written into the first and memcpy'd into the other N-1, N send()s";
+  const bool sleep = mode == WaitMode::Sleep;
+  m.name = sleep ? "mbmq-channels-sleep" : "mbmq-channels";
+  m.note = sleep
+               ? "mbmq-channels-sleep: the same, the subscribers in WaitMode::Sleep (no spinning)"
+               : "mbmq-channels: N Channel::pair()s, 4 slots per side of the message size (16 MiB "
+                 "at most), the subscribers in the default WaitPolicy (adaptive: 50 us of "
+                 "spinning after each message, then the futex); per message N buffer()s, the "
+                 "payload written into the first and memcpy'd into the other N-1, N send()s";
   m.copies = [](std::size_t n) { return n - 1; };
-  m.setup = [st](std::size_t size, std::size_t n) -> Status {
+  m.setup = [st, mode](std::size_t size, std::size_t n) -> Status {
     ChannelOptions opt;
     opt.slots_per_side = 4;
+    opt.wait.mode = mode;
     const std::size_t slot = std::max<std::size_t>((size + 63) / 64 * 64, 64);
     opt.slot_size = static_cast<std::uint32_t>(std::min<std::size_t>(slot, 16u << 20));
     st->pub.clear();
@@ -253,7 +259,8 @@ FanoutMechanism zmq_pubsub_mechanism() {
 std::vector<FanoutMechanism> fanout_mechanisms() {
   std::vector<FanoutMechanism> v;
   v.push_back(raw_futex_mechanism());
-  v.push_back(mbmq_channels_mechanism());
+  v.push_back(mbmq_channels_mechanism(WaitMode::Adaptive));
+  v.push_back(mbmq_channels_mechanism(WaitMode::Sleep));
   v.push_back(iceoryx_fanout_mechanism());
   v.push_back(zmq_pubsub_mechanism());
   return v;
