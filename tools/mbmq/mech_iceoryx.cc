@@ -12,6 +12,11 @@
 // queue: WAIT_FOR_CONSUMER / BLOCK_PRODUCER), publisher history 0, the subscriber's queue at its
 // maximum (256). Both sides are this program exec'd as `mbmq __iceoryx-stream producer|consumer`
 // by the forked sides, on the StreamControl (fd 3); the subscriber reads samples in place.
+//
+// `--fanout` (iceoryx): publish/subscribe, history 0, default queue policies (the run is paced,
+// so no queue fills); the publisher and each subscriber are this program exec'd as
+// `mbmq __iceoryx-fanout publisher|subscriber INDEX` on the FanoutControl (fd 3); subscribers
+// sleep in a WaitSet and read samples in place.
 #include <signal.h>
 #include <sys/wait.h>
 
