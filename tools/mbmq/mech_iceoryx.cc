@@ -91,6 +91,19 @@ struct Roudi {
 Roudi g_roudi;
 bool g_use_running = false;
 
+constexpr const char* kMgmt = "/dev/shm/iceoryx_mgmt";  // RouDi's management segment
+
+// Whether an iox-roudi process runs on this machine (a /proc/PID/comm of that name).
+bool roudi_process_runs() {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    std::ifstream f(e.path() / "comm");
+    std::string comm;
+    if (f && std::getline(f, comm) && comm == "iox-roudi") return true;
+  }
+  return false;
+}
+
 // Starts RouDi once per run. Empty on success, else why not.
 std::string ensure_roudi() {
   if (g_use_running) {
@@ -99,8 +112,18 @@ std::string ensure_roudi() {
   }
   if (g_roudi.pid > 0 || !g_roudi.error.empty()) return g_roudi.error;
   if (!std::filesystem::exists(kRoudi)) return g_roudi.error = "iox-roudi not installed";
-  if (std::filesystem::exists("/dev/shm/iceoryx_mgmt"))
+  // A management segment without a RouDi process is what a killed RouDi leaves: the new one
+  // purges and re-creates it (ready when it has been re-written).
+  const bool leftover = std::filesystem::exists(kMgmt);
+  if (leftover && roudi_process_runs())
     return g_roudi.error = "another RouDi runs on this machine (/dev/shm/iceoryx_mgmt exists)";
+  std::error_code ec;
+  const auto stale =
+      leftover ? std::filesystem::last_write_time(kMgmt, ec) : std::filesystem::file_time_type{};
+  auto ready = [&] {
+    return std::filesystem::exists(kMgmt) &&
+           (!leftover || std::filesystem::last_write_time(kMgmt, ec) != stale);
+  };
   g_roudi.config = "/tmp/mbmq-roudi-" + std::to_string(os::current_pid()) + ".toml";
   {
     std::ofstream f(g_roudi.config);
@@ -112,9 +135,9 @@ std::string ensure_roudi() {
   if (!pid) return g_roudi.error = "cannot start iox-roudi: " + pid.error().message();
   g_roudi.pid = *pid;
   // Ready when its management segment exists.
-  for (int i = 0; i < 500 && !std::filesystem::exists("/dev/shm/iceoryx_mgmt"); ++i)
+  for (int i = 0; i < 500 && !ready(); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!std::filesystem::exists("/dev/shm/iceoryx_mgmt")) {
+  if (!ready()) {
     g_roudi.stop();
     return g_roudi.error = "iox-roudi did not come up within 5 s";
   }
