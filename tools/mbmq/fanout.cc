@@ -22,7 +22,7 @@ namespace mbmq::tool {
 namespace {
 constexpr std::int64_t kMs = 1'000'000;
 constexpr std::int64_t kProbeEvery = kMs;             // (1)
-constexpr std::int64_t kJoinPatience = 30'000 * kMs;  // (1) iceoryx's start-up may take seconds
+constexpr std::int64_t kJoinPatience = 15'000 * kMs;  // (1) iceoryx's start-up may take seconds
 constexpr std::int64_t kAckPatience = 10'000 * kMs;   // (2) a message not acknowledged: lost
 constexpr std::int64_t kAckPoll = 20'000;             // (2) 20 us (~70 us with the timer slack)
 constexpr std::int64_t kExitPatience = 10'000 * kMs;  // (4)
@@ -125,7 +125,7 @@ bool FanoutPublisher::next() {
       // Acquire: pairs with the subscribers' release (only the count matters).
       if (ctl_.joined.load(std::memory_order_acquire) < subs) {
         if (monotonic_ns() > probe_deadline_) {
-          give_up("publisher: the subscribers did not all join within 30 s");
+          give_up("publisher: the subscribers did not all join within 15 s");
           return false;
         }
         os::sleep_ns(kProbeEvery);

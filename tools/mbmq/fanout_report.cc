@@ -64,18 +64,24 @@ void print_fanout_table(const std::vector<FanoutResult>& rs,
                         const std::vector<FanoutMechanism>& mechs, const FanoutOptions& opt) {
   const int n_cpus = cpus();
   std::printf(
-      "mbmq bench --fanout: one publisher process, N subscriber processes, every message to "
-      "every subscriber.\nThis machine has %d CPUs: %s. Paced: a message starts when every "
-      "subscriber has acknowledged\nthe previous one and %.0f us have passed, so every subscriber "
-      "is asleep when it comes (the case measured).\nlatency: from the start of a publish (before "
-      "the publisher writes the payload) to the LAST subscriber's receive.\n\n",
-      n_cpus,
-      opt.pin && n_cpus >= 2
-          ? "the publisher on CPU 0, subscriber i on CPU (i+1) mod CPUs; subscribers beyond the "
-            "second CPU share CPUs and sleep until woken"
-          : "not pinned; subscribers beyond the CPUs share them and sleep until woken",
+      "mbmq bench --fanout: one publisher process, N subscriber processes, every message to every "
+      "subscriber.\n");
+  if (opt.pin && n_cpus >= 2)
+    std::printf(
+        "This machine has %d CPUs: the publisher runs on CPU 0, subscriber i on CPU (i+1) mod %d; "
+        "beyond\nthe CPUs, subscribers share them and sleep until woken (the case measured).\n",
+        n_cpus, n_cpus);
+  else
+    std::printf(
+        "This machine has %d CPUs (not pinned): subscribers beyond them share them and sleep "
+        "until woken.\n",
+        n_cpus);
+  std::printf(
+      "Paced: a message starts when every subscriber has acknowledged the previous one and %.0f "
+      "us have\npassed, so every subscriber is asleep when it comes. Latency: from the start of a "
+      "publish (before the\npublisher writes the payload) to the LAST subscriber's receive.\n\n",
       static_cast<double>(opt.gap_ns) / 1e3);
-  std::printf("%-14s %5s %8s %9s %9s %9s %8s %9s %9s %7s %6s\n", "mechanism", "subs", "size",
+  std::printf("%-20s %5s %8s %9s %9s %9s %8s %9s %9s %7s %6s\n", "mechanism", "subs", "size",
               "p50 us", "p99 us", "p99.9 us", "x futex", "pub sys", "pub cpu", "copies", "msgs");
   std::size_t last_subs = 0, last_size = 0;
   for (const auto& r : rs) {
@@ -83,7 +89,7 @@ void print_fanout_table(const std::vector<FanoutResult>& rs,
     last_subs = r.subscribers;
     last_size = r.size;
     if (!r.error.empty()) {
-      std::printf("%-14s %5zu %8s  %s\n", r.mechanism.c_str(), r.subscribers,
+      std::printf("%-20s %5zu %8s  %s\n", r.mechanism.c_str(), r.subscribers,
                   human_size(r.size).c_str(), r.error.c_str());
       continue;
     }
@@ -94,7 +100,7 @@ void print_fanout_table(const std::vector<FanoutResult>& rs,
     if (r.publisher_syscalls_per_msg)
       (void)std::snprintf(sys, sizeof sys, "%.2f%s", *r.publisher_syscalls_per_msg,
                           r.syscalls_method == "strace" ? "*" : "");
-    std::printf("%-14s %5zu %8s %9s %9s %9s %8s %9s %9s %7zu %6zu\n", r.mechanism.c_str(),
+    std::printf("%-20s %5zu %8s %9s %9s %9s %8s %9s %9s %7zu %6zu\n", r.mechanism.c_str(),
                 r.subscribers, human_size(r.size).c_str(), us(p50(r)).c_str(),
                 us(percentile(r.lat, 0.99)).c_str(), us(percentile(r.lat, 0.999)).c_str(), ratio,
                 sys, us(r.publisher_cpu_ns_per_msg).c_str(), r.copies, r.messages);
