@@ -176,6 +176,8 @@ struct FanoutMechanism {
 
 std::vector<FanoutMechanism> fanout_mechanisms();  // in the table's order
 FanoutMechanism iceoryx_fanout_mechanism();        // mech_iceoryx.cc
+// mech_topic.cc: mbmq-topic and mbmq-topic-sleep where mbmq/topic.h exists; else none.
+std::vector<FanoutMechanism> topic_fanout_mechanisms();
 // `mbmq __iceoryx-fanout publisher|subscriber INDEX`: that side, exec'd, on the block at fd 3.
 int iceoryx_fanout_main(const std::vector<std::string>& args);
 

@@ -9,8 +9,8 @@
 //                  mbmq-channels-sleep: WaitMode::Sleep)
 //   zmq-pubsub     ZeroMQ PUB/SUB over ipc://: zmq_send() from the publisher's buffer; each SUB
 //                  socket (subscribed to everything) reads the message in place in its zmq_msg_t
-// iceoryx (publish/subscribe) lives beside its other rows (mech_iceoryx.cc).
-// TODO(#15): mbmq-topic (Publisher/Subscriber of mbmq/topic.h) in mech_topic.cc, once merged.
+// iceoryx (publish/subscribe) lives beside its other rows (mech_iceoryx.cc), mbmq-topic in
+// mech_topic.cc (built where mbmq/topic.h exists).
 #include <zmq.h>
 
 #include <atomic>
@@ -261,6 +261,7 @@ std::vector<FanoutMechanism> fanout_mechanisms() {
   v.push_back(raw_futex_mechanism());
   v.push_back(mbmq_channels_mechanism(WaitMode::Adaptive));
   v.push_back(mbmq_channels_mechanism(WaitMode::Sleep));
+  for (auto& m : topic_fanout_mechanisms()) v.push_back(std::move(m));
   v.push_back(iceoryx_fanout_mechanism());
   v.push_back(zmq_pubsub_mechanism());
   return v;
