@@ -2,12 +2,18 @@
 #include "bench.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "alloc_count.h"
 #include "mbmq/deadline.h"
 #include "os/process.h"
 #include "os/syscall_count.h"
+#include "os/unix_socket.h"
 
 namespace mbmq::tool {
 
@@ -94,11 +100,13 @@ void pin(int cpu, bool enabled) {
 
 int cpus() { return g_cpus; }
 
-double CellResult::pct(double q) const {
-  if (lat.empty()) return 0;
-  std::size_t i = static_cast<std::size_t>(q * static_cast<double>(lat.size() - 1) + 0.5);
-  return static_cast<double>(lat[std::min(i, lat.size() - 1)]);
+double percentile(const std::vector<std::int64_t>& sorted, double q) {
+  if (sorted.empty()) return 0;
+  std::size_t i = static_cast<std::size_t>(q * static_cast<double>(sorted.size() - 1) + 0.5);
+  return static_cast<double>(sorted[std::min(i, sorted.size() - 1)]);
 }
+
+double CellResult::pct(double q) const { return percentile(lat, q); }
 
 double CellResult::rtt_per_s() const {
   double total = 0;
@@ -110,6 +118,62 @@ std::string human_size(std::size_t n) {
   if (n >= (1u << 20) && n % (1u << 20) == 0) return std::to_string(n >> 20) + " MiB";
   if (n >= 1024 && n % 1024 == 0) return std::to_string(n >> 10) + " KiB";
   return std::to_string(n) + " B";
+}
+
+pid_t fork_pinned(int cpu, bool pin, const std::function<void()>& body, std::string& error) {
+  auto pid = os::fork_process();
+  if (!pid) {
+    error = pid.error().message();
+    return -1;
+  }
+  if (*pid != 0) return *pid;
+  os::die_with_parent();
+  if (pin && g_cpus >= 2) (void)os::pin_to_cpu(cpu);
+  os::ignore_sigpipe();  // a write to a pipe or socket whose reader left fails with EPIPE
+  body();
+  os::exit_now(0);
+}
+
+Result<pid_t> spawn_quiet(const std::string& path, const std::vector<std::string>& args) {
+  std::FILE* devnull = std::fopen("/dev/null", "w");
+  const int quiet = devnull != nullptr ? fileno(devnull) : -1;
+  auto pid = os::spawn_program(path, args, quiet, quiet);
+  if (devnull != nullptr) (void)std::fclose(devnull);
+  return pid;
+}
+
+bool wait_exit(int r, std::int64_t deadline) {
+  const std::int64_t left = deadline - monotonic_ns();
+  auto ready = os::wait_readable(r, std::max<std::int64_t>(left, 0));
+  return ready && *ready;
+}
+
+std::optional<double> strace_calls(const std::string& file,
+                                   const std::vector<std::string>& excluded) {
+  // "% time     seconds  usecs/call     calls    errors syscall", a row per system call
+  // ("  12.50    0.000123          12        10         2 futex", errors may be blank), a rule,
+  // then "100.00    0.001234          12      1234        5 total".
+  std::ifstream f(file);
+  std::string line;
+  double calls = 0;
+  bool total = false;
+  while (std::getline(f, line)) {
+    std::istringstream in(line);
+    std::vector<std::string> t;
+    for (std::string w; in >> w;) t.push_back(w);
+    if (t.size() < 5 || t[0].empty() || (std::isdigit(static_cast<unsigned char>(t[0][0])) == 0))
+      continue;
+    if (t.back() == "total") {
+      total = true;
+      break;
+    }
+    if (std::find(excluded.begin(), excluded.end(), t.back()) != excluded.end()) continue;
+    char* end = nullptr;
+    const double v = std::strtod(t[3].c_str(), &end);
+    if (end != t[3].c_str()) calls += v;
+  }
+  if (!total) return std::nullopt;
+  return calls;
 }
 
 std::string unique_tmp_path(const char* what, const char* suffix) {

@@ -7,6 +7,8 @@
 // sum; the client verifies it. With --no-touch only the first 8 bytes are written and read.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -84,6 +86,22 @@ struct Mechanism {
   bool os_counted = true;
 };
 
+// The receiving side of --stream's zmq-pushpull and --fanout's zmq-pubsub (mech_zmq.cc): a new
+// context and a socket of `type` (ZMQ_PULL, ZMQ_SUB) that waits at most 200 ms per receive and
+// does not linger; `attach(sock)` binds or connects it (and subscribes), 0 on success. Then
+// messages are received and handed to `take` in place until it returns End or Fail (a failed
+// check: Errc::Protocol), or a receive times out and `healthy()` is false (success: the side
+// that failed says why). Closes the socket and the context.
+enum class Take : std::uint8_t { More, End, Fail };
+// From a checker's verdict (Ok, End, Fail: StreamConsumer's, FanoutSubscriber's).
+template <class Verdict>
+Take take_of(Verdict v) {
+  return v == Verdict::End ? Take::End : v == Verdict::Fail ? Take::Fail : Take::More;
+}
+Status zmq_receive_each(int type, const std::function<int(void* sock)>& attach,
+                        const std::function<bool()>& healthy,
+                        const std::function<Take(std::byte* p, std::size_t n)>& take);
+
 std::vector<Mechanism> shm_mechanisms();     // raw-spin, raw-ring, raw-futex, mbmq-*
 std::vector<Mechanism> kernel_mechanisms();  // pipe, uds, uds-seqpacket, tcp
 Mechanism zeromq_mechanism();
@@ -130,6 +148,9 @@ struct CellResult {
   double rtt_per_s() const;
 };
 
+// The q-quantile (0..1) of sorted samples, nearest rank; 0 when there are none.
+double percentile(const std::vector<std::int64_t>& sorted, double q);
+
 int cpus();
 CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
 
@@ -137,6 +158,20 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt);
 double memcpy_ns(std::size_t n);
 
 std::string human_size(std::size_t n);
+
+// ---- processes shared by the multi-process cells (--stream, --fanout) -------------------------
+// Forks a child that dies with its parent, is pinned to `cpu` (when `pin` and there are two CPUs
+// or more), ignores SIGPIPE, runs `body` and exits 0. The child's pid, or -1 with `error` set.
+pid_t fork_pinned(int cpu, bool pin, const std::function<void()>& body, std::string& error);
+// os::spawn_program with stdout and stderr on /dev/null (strace, RouDi).
+Result<pid_t> spawn_quiet(const std::string& path, const std::vector<std::string>& args);
+// Waits until the read end `r` of a pipe sees its writer gone (the child exited) or `deadline`
+// (monotonic ns) passes: true when gone.
+bool wait_exit(int r, std::int64_t deadline);
+// The calls counted in a `strace -c -o FILE` summary, but those of the `excluded` system calls;
+// none if the file has no summary.
+std::optional<double> strace_calls(const std::string& file,
+                                   const std::vector<std::string>& excluded = {});
 // "/tmp/mbmq-<what>-<pid>-<n><suffix>", n counting up in this process: a name no other run or
 // cell uses (ZeroMQ's ipc:// socket files).
 std::string unique_tmp_path(const char* what, const char* suffix);

@@ -1,6 +1,7 @@
 // tools/mbmq/main.cc: the `mbmq` command.
 //   mbmq bench   two-process request/response: mbmq beside the IPC in use today, measured here
-//                (--stream: one-way messages, producer to consumer, every message verified)
+//                (--stream: one-way messages, producer to consumer, every message verified;
+//                --fanout: one publisher, N subscribers, publish to last receive)
 //   mbmq copies  per mechanism, the copies a request costs by design and as measured
 //   mbmq files   serving a file over loopback HTTP: read+write, mmap+write, sendfile, splice, nginx
 // `mbmq-bench ARGS` is `mbmq bench ARGS`. Argument errors print why and exit 2; a failed cell
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "bench.h"
+#include "fanout.h"
 #include "mbmq/deadline.h"
 #include "os/process.h"
 #include "report.h"
@@ -53,7 +55,9 @@ std::vector<std::size_t> parse_sizes(const std::string& s) {
   return out;
 }
 
-std::vector<std::size_t> parse_channels(const std::string& s) {
+// "1,64,1024": counts 1..max for `option` (--channels, --fanout).
+std::vector<std::size_t> parse_counts(const std::string& s, const char* option,
+                                      unsigned long long max) {
   std::vector<std::size_t> out;
   std::size_t pos = 0;
   while (pos <= s.size()) {
@@ -61,8 +65,9 @@ std::vector<std::size_t> parse_channels(const std::string& s) {
     std::string tok = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     char* end = nullptr;
     unsigned long long v = std::strtoull(tok.c_str(), &end, 10);
-    if (tok.empty() || *end != '\0' || tok[0] == '-' || v < 1 || v > 65536)
-      throw CLI::ValidationError("--channels", "not a channel count 1..65536: '" + tok + "'");
+    if (tok.empty() || *end != '\0' || tok[0] == '-' || v < 1 || v > max)
+      throw CLI::ValidationError(option,
+                                 "not a count 1.." + std::to_string(max) + ": '" + tok + "'");
     out.push_back(static_cast<std::size_t>(v));
     if (comma == std::string::npos) break;
     pos = comma + 1;
@@ -96,28 +101,15 @@ std::optional<double> strace_total(const std::string& self, const std::string& m
                                    "--json",
                                    "--roudi-running"};
   if (!touch) args.push_back("--no-touch");
-  auto devnull = ::fopen("/dev/null", "w");
-  auto pid = os::spawn_program("/usr/bin/strace", args, devnull ? fileno(devnull) : -1,
-                               devnull ? fileno(devnull) : -1);
-  if (devnull) std::fclose(devnull);
+  auto pid = spawn_quiet("/usr/bin/strace", args);
   if (!pid) return std::nullopt;
   auto st = os::wait_process(*pid);
   const bool cell_ok = st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0;
-  std::ifstream f(out);
-  std::string line, last_total;
-  while (std::getline(f, line))
-    if (line.find(" total") != std::string::npos) last_total = line;
+  auto calls = strace_calls(out);
   std::error_code ec;
   std::filesystem::remove(out, ec);
-  if (!cell_ok || last_total.empty()) return std::nullopt;
-  // "100.00    0.001234          12      1234        5 total": calls is the 4th column.
-  std::istringstream in(last_total);
-  std::string pct, secs, usecs, calls;
-  in >> pct >> secs >> usecs >> calls;
-  char* end = nullptr;
-  double v = std::strtod(calls.c_str(), &end);
-  if (end == calls.c_str()) return std::nullopt;
-  return v;
+  if (!cell_ok) return std::nullopt;
+  return calls;
 }
 
 // Syscalls per round trip by strace: the difference of two runs cancels start-up and tear-down.
@@ -216,6 +208,43 @@ int run_stream(const std::string& only, const Options& opt, Output out) {
     print_stream_table(results, mechs, opt);
   if (failed_any(results)) {
     (void)std::fprintf(stderr, "mbmq bench --stream: a cell failed (see its row)\n");
+    return 1;
+  }
+  return 0;
+}
+
+// `mbmq bench --fanout N,...`: per size and subscriber count, the fan-out mechanisms
+// (mech_fanout.cc); then strace counts the publisher's system calls where os/ cannot, at the
+// first size.
+int run_fanout(const FanoutOptions& fo, const std::string& only, Output out) {
+  std::vector<FanoutMechanism> mechs = fanout_mechanisms();
+  if (!select_mechanisms(mechs, only)) return 2;
+  Options progress_opt;  // about a second per cell
+  Progress progress(mechs.size() * fo.sizes.size() * fo.subscribers.size(), progress_opt);
+  std::vector<FanoutResult> results;
+  for (std::size_t size : fo.sizes)
+    for (std::size_t n : fo.subscribers)
+      for (auto& m : mechs) {
+        progress.step(m.name + " x" + std::to_string(n) + " " + human_size(size));
+        results.push_back(run_fanout_cell(m, n, size, fo));
+      }
+  if (fo.strace) {
+    for (auto& r : results) {
+      auto m = std::find_if(mechs.begin(), mechs.end(),
+                            [&](const FanoutMechanism& x) { return x.name == r.mechanism; });
+      if (r.size != fo.sizes.front() || !r.error.empty() || m->os_counted) continue;
+      progress.step("strace " + r.mechanism + " x" + std::to_string(r.subscribers));
+      r.publisher_syscalls_per_msg = strace_publisher(*m, r.subscribers, r.size, fo);
+      if (r.publisher_syscalls_per_msg) r.syscalls_method = "strace";
+    }
+  }
+  progress.clear();
+  if (out == Output::Json)
+    std::printf("%s\n", fanout_json(results, fo).c_str());
+  else
+    print_fanout_table(results, mechs, fo);
+  if (failed_any(results)) {
+    (void)std::fprintf(stderr, "mbmq bench --fanout: a cell failed (see its row)\n");
     return 1;
   }
   return 0;
@@ -358,7 +387,8 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   bool json = false, markdown_out = false, quick = false, no_pin = false, no_touch = false,
        no_strace = false, corrupt = false, skip_seq = false, roudi_running = false, stream = false;
   std::string sizes_arg = copies_mode ? "64K,1M,16M" : "64,4K,64K,1M,16M,64M";
-  std::string only, plot, channels_arg;
+  std::string only, plot, channels_arg, fanout_arg;
+  std::size_t messages = 0;
   double seconds = copies_mode ? 0.3 : 1.0;
   std::uint64_t fixed = 0;
   std::size_t async_n = 0;
@@ -384,6 +414,15 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
     app.add_flag("--stream", stream,
                  "instead: one-way messages from a producer to a consumer process, every message "
                  "verified; msgs/s per mechanism (sizes 8,64,1K,64K; --quick: 64,64K, 0.3 s)");
+  if (!copies_mode)
+    app.add_option("--fanout", fanout_arg,
+                   "instead: one publisher, N subscriber processes (e.g. 1,2,4,8): latency from "
+                   "publish to the last receive, publisher system calls and CPU per message "
+                   "(sizes 64,1M)");
+  if (!copies_mode)
+    app.add_option("--messages", messages,
+                   "--fanout: measured messages per cell (default 2000, 1000 from 1 MiB)")
+        ->check(CLI::Range(1, 1000000));
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
   app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
@@ -405,16 +444,22 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   }
   Options opt;
   std::vector<std::size_t> channel_counts;
+  FanoutOptions fanout;
   try {
+    if (!fanout_arg.empty()) {
+      fanout.subscribers = parse_counts(fanout_arg, "--fanout", 64);
+      if (!app.count("--sizes")) sizes_arg = "64,1M";
+    }
     if (!channels_arg.empty()) {
-      channel_counts = parse_channels(channels_arg);
+      channel_counts = parse_counts(channels_arg, "--channels", 65536);
       if (!app.count("--sizes")) sizes_arg = "64";
     }
     if (async_n != 0 && !app.count("--sizes")) sizes_arg = "64";
     const bool sizes_given = app.count("--sizes") > 0;
     if (stream && !sizes_given) sizes_arg = quick ? "64,64K" : "8,64,1K,64K";
-    opt.sizes =
-        parse_sizes(quick && !stream && !sizes_given ? std::string("64,64K,1M") : sizes_arg);
+    opt.sizes = parse_sizes(quick && !stream && fanout.subscribers.empty() && !sizes_given
+                                ? std::string("64,64K,1M")
+                                : sizes_arg);
   } catch (const CLI::Error& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 2;
@@ -430,6 +475,28 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   g_work.corrupt = corrupt;
   g_work.skip_seq = skip_seq;
   if (roudi_running) use_running_roudi();
+  if (!fanout.subscribers.empty()) {
+    if (stream || async_n != 0 || !channel_counts.empty() || !plot.empty() || fixed != 0 ||
+        no_touch || markdown_out || app.count("--seconds") || skip_seq) {
+      (void)std::fprintf(stderr,
+                         "--fanout: --stream, --async, --channels, --plot, --fixed-rtts, "
+                         "--no-touch, --markdown, --seconds and --inject-skip do not apply\n");
+      return 2;
+    }
+    if (std::any_of(opt.sizes.begin(), opt.sizes.end(), [](std::size_t s) { return s < 16; })) {
+      (void)std::fprintf(stderr, "--fanout: each size must be at least 16 B\n");
+      return 2;
+    }
+    fanout.sizes = opt.sizes;
+    fanout.messages = quick && messages == 0 ? 200 : messages;
+    fanout.pin = opt.pin;
+    fanout.strace = !no_strace;
+    return run_fanout(fanout, only, json ? Output::Json : Output::Table);
+  }
+  if (messages != 0) {
+    (void)std::fprintf(stderr, "--messages: only with --fanout\n");
+    return 2;
+  }
   if (stream) {
     if (async_n != 0 || !channel_counts.empty() || !plot.empty() || fixed != 0 || no_touch ||
         markdown_out) {
@@ -518,6 +585,8 @@ int main(int argc, char** argv) {
     return iceoryx_server_main({rest.begin() + 1, rest.end()});
   if (!rest.empty() && rest.front() == "__iceoryx-stream")
     return iceoryx_stream_main({rest.begin() + 1, rest.end()});
+  if (!rest.empty() && rest.front() == "__iceoryx-fanout")
+    return iceoryx_fanout_main({rest.begin() + 1, rest.end()});
   if (prog == "mbmq-bench") return run_bench(rest, false, self);  // the old name: an alias
   if (rest.empty()) return usage();
   std::string cmd = rest.front();

@@ -12,6 +12,11 @@
 // queue: WAIT_FOR_CONSUMER / BLOCK_PRODUCER), publisher history 0, the subscriber's queue at its
 // maximum (256). Both sides are this program exec'd as `mbmq __iceoryx-stream producer|consumer`
 // by the forked sides, on the StreamControl (fd 3); the subscriber reads samples in place.
+//
+// `--fanout` (iceoryx): publish/subscribe, history 0, default queue policies (the run is paced,
+// so no queue fills); the publisher and each subscriber are this program exec'd as
+// `mbmq __iceoryx-fanout publisher|subscriber INDEX` on the FanoutControl (fd 3); subscribers
+// sleep in a WaitSet and read samples in place.
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -26,6 +31,7 @@
 #include <thread>
 
 #include "bench.h"
+#include "fanout.h"
 #include "iceoryx_hoofs/log/logmanager.hpp"
 #include "iceoryx_posh/mepoo/chunk_header.hpp"
 #include "iceoryx_posh/popo/untyped_client.hpp"
@@ -36,6 +42,7 @@
 #include "iceoryx_posh/runtime/posh_runtime.hpp"
 #include "mbmq/deadline.h"
 #include "os/mapping.h"
+#include "os/memfd.h"
 #include "os/process.h"
 #include "stream.h"
 
@@ -84,6 +91,19 @@ struct Roudi {
 Roudi g_roudi;
 bool g_use_running = false;
 
+constexpr const char* kMgmt = "/dev/shm/iceoryx_mgmt";  // RouDi's management segment
+
+// Whether an iox-roudi process runs on this machine (a /proc/PID/comm of that name).
+bool roudi_process_runs() {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    std::ifstream f(e.path() / "comm");
+    std::string comm;
+    if (f && std::getline(f, comm) && comm == "iox-roudi") return true;
+  }
+  return false;
+}
+
 // Starts RouDi once per run. Empty on success, else why not.
 std::string ensure_roudi() {
   if (g_use_running) {
@@ -92,8 +112,18 @@ std::string ensure_roudi() {
   }
   if (g_roudi.pid > 0 || !g_roudi.error.empty()) return g_roudi.error;
   if (!std::filesystem::exists(kRoudi)) return g_roudi.error = "iox-roudi not installed";
-  if (std::filesystem::exists("/dev/shm/iceoryx_mgmt"))
+  // A management segment without a RouDi process is what a killed RouDi leaves: the new one
+  // purges and re-creates it (ready when it has been re-written).
+  const bool leftover = std::filesystem::exists(kMgmt);
+  if (leftover && roudi_process_runs())
     return g_roudi.error = "another RouDi runs on this machine (/dev/shm/iceoryx_mgmt exists)";
+  std::error_code ec;
+  const auto stale =
+      leftover ? std::filesystem::last_write_time(kMgmt, ec) : std::filesystem::file_time_type{};
+  auto ready = [&] {
+    return std::filesystem::exists(kMgmt) &&
+           (!leftover || std::filesystem::last_write_time(kMgmt, ec) != stale);
+  };
   g_roudi.config = "/tmp/mbmq-roudi-" + std::to_string(os::current_pid()) + ".toml";
   {
     std::ofstream f(g_roudi.config);
@@ -101,17 +131,13 @@ std::string ensure_roudi() {
     for (auto [size, count] : kPools)
       f << "\n[[segment.mempool]]\nsize = " << size << "\ncount = " << count << "\n";
   }
-  auto devnull = std::fopen("/dev/null", "w");
-  const int quiet = devnull ? fileno(devnull) : -1;
-  auto pid =
-      os::spawn_program(kRoudi, {"-c", g_roudi.config, "-l", "off", "-m", "off"}, quiet, quiet);
-  if (devnull) std::fclose(devnull);
+  auto pid = spawn_quiet(kRoudi, {"-c", g_roudi.config, "-l", "off", "-m", "off"});
   if (!pid) return g_roudi.error = "cannot start iox-roudi: " + pid.error().message();
   g_roudi.pid = *pid;
   // Ready when its management segment exists.
-  for (int i = 0; i < 500 && !std::filesystem::exists("/dev/shm/iceoryx_mgmt"); ++i)
+  for (int i = 0; i < 500 && !ready(); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!std::filesystem::exists("/dev/shm/iceoryx_mgmt")) {
+  if (!ready()) {
     g_roudi.stop();
     return g_roudi.error = "iox-roudi did not come up within 5 s";
   }
@@ -268,12 +294,12 @@ iox::capro::ServiceDescription stream_service(std::uint64_t cell) {
           iox::capro::IdString_t(iox::cxx::TruncateToCapacity, std::to_string(cell).c_str())};
 }
 
-// In a forked side: this program exec'd as `mbmq __iceoryx-stream ROLE` on the control block
+// In a forked side: this program exec'd as `mbmq ARGS` (__iceoryx-stream ROLE, __iceoryx-fanout
+// ROLE [INDEX]) on the control block
 // (its fd 3; its stdout our stderr, where iceoryx may log), waited for.
-Status exec_side(const char* role, int control_fd) {
+Status exec_side(const std::vector<std::string>& args, int control_fd) {
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  const pid_t pid =
-      MBMQ_TRY(os::spawn_program(self, {"__iceoryx-stream", role}, 2, -1, control_fd));
+  const pid_t pid = MBMQ_TRY(os::spawn_program(self, args, 2, -1, control_fd));
   const int status = MBMQ_TRY(os::wait_process(pid));
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
     return fail(Errc::System, "the exec'd iceoryx side failed");
@@ -309,30 +335,42 @@ Status iceoryx_produce(StreamProducer& p) {
   }
 }
 
-Status iceoryx_consume(StreamConsumer& c) {
-  iox::popo::SubscriberOptions so;
-  so.queueCapacity = queue_capacity(c.size());
-  so.historyRequest = 0;
-  so.queueFullPolicy = iox::popo::QueueFullPolicy::BLOCK_PRODUCER;
-  iox::popo::UntypedSubscriber sub(stream_service(c.control().cell_id), so);
+// Takes the samples of `sub`, sleeping in a WaitSet (200 ms at a time, then asking `healthy`:
+// false ends the loop, successfully: the side that failed says why), and hands each to `take`
+// in place before releasing it. The verdict Fail fails the loop; End ends it.
+template <class Verdict, class Healthy, class Take>
+Status take_samples(iox::popo::UntypedSubscriber& sub, const Healthy& healthy, const Take& take) {
   iox::popo::WaitSet<> waitset;
   if (waitset.attachState(sub, iox::popo::SubscriberState::HAS_DATA).has_error())
     return fail(Errc::System, "iceoryx: WaitSet");
   for (;;) {
     auto sample = sub.take();
     if (sample.has_error()) {
-      if (!c.healthy()) return {};  // the producer failed: it reports why
+      if (!healthy()) return {};
       (void)waitset.timedWait(iox::units::Duration::fromMilliseconds(200));
       continue;
     }
     const void* payload = sample.value();
     const std::size_t n = iox::mepoo::ChunkHeader::fromUserPayload(payload)->userPayloadSize();
-    // Read in place (the corruption hook writes: the chunk is this process's to read).
-    const auto v = c.check(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+    const Verdict v = take(payload, n);
     sub.release(payload);
-    if (v == StreamConsumer::Verdict::Fail) return fail(Errc::Protocol, "stream verification");
-    if (v == StreamConsumer::Verdict::End) return {};
+    if (v == Verdict::Fail) return fail(Errc::Protocol, "verification");
+    if (v == Verdict::End) return {};
   }
+}
+
+Status iceoryx_consume(StreamConsumer& c) {
+  iox::popo::SubscriberOptions so;
+  so.queueCapacity = queue_capacity(c.size());
+  so.historyRequest = 0;
+  so.queueFullPolicy = iox::popo::QueueFullPolicy::BLOCK_PRODUCER;
+  iox::popo::UntypedSubscriber sub(stream_service(c.control().cell_id), so);
+  return take_samples<StreamConsumer::Verdict>(
+      sub, [&] { return c.healthy(); },
+      [&](const void* payload, std::size_t n) {
+        // Read in place (the corruption hook writes: the chunk is this process's to read).
+        return c.check(static_cast<std::byte*>(const_cast<void*>(payload)), n);
+      });
 }
 
 }  // namespace
@@ -355,11 +393,11 @@ StreamMechanism iceoryx_stream_mechanism() {
   };
   m.produce = [](StreamProducer& p) -> Status {
     p.external();
-    return exec_side("producer", p.control().control_fd);
+    return exec_side({"__iceoryx-stream", "producer"}, p.control().control_fd);
   };
   m.consume = [](StreamConsumer& c) -> Status {
     c.external();
-    return exec_side("consumer", c.control().control_fd);
+    return exec_side({"__iceoryx-stream", "consumer"}, c.control().control_fd);
   };
   m.teardown = [] {};
   return m;
@@ -379,6 +417,97 @@ int iceoryx_stream_main(const std::vector<std::string>& args) {
   } else {
     StreamConsumer c(*ctl);
     c.finish(iceoryx_consume(c));
+  }
+  return 0;
+}
+
+// ---- --fanout -----------------------------------------------------------------------------------
+namespace {
+
+iox::capro::ServiceDescription fanout_service(std::uint64_t cell) {
+  return {"mbmq", "fanout",
+          iox::capro::IdString_t(iox::cxx::TruncateToCapacity, std::to_string(cell).c_str())};
+}
+
+Status iceoryx_fanout_publish(FanoutPublisher& p) {
+  iox::popo::PublisherOptions po;
+  po.historyCapacity = 0;
+  iox::popo::UntypedPublisher pub(fanout_service(p.control().cell_id), po);
+  const auto size = static_cast<std::uint32_t>(p.size());
+  while (p.next()) {
+    auto chunk = pub.loan(size, 8);
+    if (chunk.has_error()) {
+      if (p.probing()) continue;  // a probe may be dropped: the next one comes in 1 ms
+      return fail(Errc::NoBuffers, "iceoryx: loan");
+    }
+    p.fill(static_cast<std::byte*>(chunk.value()));
+    pub.publish(chunk.value());
+    p.sent();
+  }
+  return p.status();
+}
+
+Status iceoryx_fanout_subscribe(FanoutSubscriber& s) {
+  iox::popo::SubscriberOptions so;
+  so.historyRequest = 0;
+  iox::popo::UntypedSubscriber sub(fanout_service(s.control().cell_id), so);
+  return take_samples<FanoutSubscriber::Verdict>(
+      sub, [&] { return s.healthy(); },
+      [&](const void* payload, std::size_t n) {
+        return s.received(static_cast<const std::byte*>(payload), n);  // read in place
+      });
+}
+
+}  // namespace
+
+FanoutMechanism iceoryx_fanout_mechanism() {
+  FanoutMechanism m;
+  m.name = "iceoryx";
+  m.os_counted = false;
+  m.note =
+      "iceoryx: untyped publish/subscribe, history 0, default queue policies; loan(), write in "
+      "place, publish(); each subscriber sleeps in a WaitSet (SubscriberState::HAS_DATA), then "
+      "take(), reads in place, release()";
+  m.copies = [](std::size_t) { return std::size_t{0}; };
+  if (!std::filesystem::exists(kRoudi)) m.unavailable = "iox-roudi not installed (apt: iceoryx)";
+  m.available = [] {
+    std::string why = ensure_roudi();
+    return why.empty() ? why : "RouDi: " + why;
+  };
+  m.setup = [](std::size_t size, std::size_t) -> Status {
+    if (pool_chunks(size) == 0) return fail(Errc::InvalidArgument, "iceoryx: no RouDi pool fits");
+    return {};
+  };
+  m.publish = [](FanoutPublisher& p) -> Status {
+    p.external();
+    return exec_side({"__iceoryx-fanout", "publisher"}, p.control().control_fd);
+  };
+  m.subscribe = [](FanoutSubscriber& s) -> Status {
+    s.external();
+    return exec_side({"__iceoryx-fanout", "subscriber", std::to_string(s.index())},
+                     s.control().control_fd);
+  };
+  m.teardown = [] {};
+  return m;
+}
+
+int iceoryx_fanout_main(const std::vector<std::string>& args) {
+  const bool publisher = args.size() == 1 && args[0] == "publisher";
+  if (!publisher && (args.size() != 2 || args[0] != "subscriber")) return 2;
+  os::die_with_parent();
+  // The block the parent made (and constructed) before the forks, with its arrays.
+  auto bytes = os::file_size(3);
+  if (!bytes) return 3;
+  auto map = os::Mapping::map_shared(3, *bytes, os::Access::ReadWrite);
+  if (!map) return 3;
+  auto* ctl = std::launder(reinterpret_cast<FanoutControl*>(map->data()));
+  init_runtime("mbmq-fanout-" + args[0] + "-" + std::to_string(os::current_pid()));
+  if (publisher) {
+    FanoutPublisher p(*ctl);
+    p.finish(iceoryx_fanout_publish(p));
+  } else {
+    FanoutSubscriber s(*ctl, std::strtoull(args[1].c_str(), nullptr, 10));
+    s.finish(iceoryx_fanout_subscribe(s));
   }
   return 0;
 }

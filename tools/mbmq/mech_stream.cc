@@ -241,29 +241,10 @@ StreamMechanism zmq_pushpull_mechanism() {
     return rc;
   };
   m.consume = [st](StreamConsumer& c) -> Status {
-    void* ctx = zmq_ctx_new();
-    void* sock = zmq_socket(ctx, ZMQ_PULL);
-    int patience = kZmqPatienceMs, linger = 0;
-    zmq_setsockopt(sock, ZMQ_RCVTIMEO, &patience, sizeof patience);
-    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
-    Status rc;
-    if (zmq_bind(sock, st->endpoint.c_str()) != 0) rc = fail(Errc::System, "zmq_bind");
-    zmq_msg_t msg;
-    zmq_msg_init(&msg);
-    for (bool end = false; rc && !end;) {
-      if (zmq_msg_recv(&msg, sock, 0) < 0) {
-        if (zmq_errno() != EAGAIN) rc = fail(Errc::System, "zmq_msg_recv");
-        if (!c.healthy()) break;
-        continue;
-      }
-      const auto v = c.check(static_cast<std::byte*>(zmq_msg_data(&msg)), zmq_msg_size(&msg));
-      if (v == StreamConsumer::Verdict::Fail) rc = verification_failed();
-      end = v == StreamConsumer::Verdict::End;
-    }
-    zmq_msg_close(&msg);
-    zmq_close(sock);
-    zmq_ctx_term(ctx);
-    return rc;
+    return zmq_receive_each(
+        ZMQ_PULL, [&](void* sock) { return zmq_bind(sock, st->endpoint.c_str()); },
+        [&] { return c.healthy(); },
+        [&](std::byte* p, std::size_t n) { return take_of(c.check(p, n)); });
   };
   m.teardown = [st] {
     std::error_code ec;

@@ -1,6 +1,7 @@
 // tools/mbmq/mech_zmq.cc: ZeroMQ REQ/REP over ipc:// (libzmq from Debian), used as its users do:
 // zmq_send() from the caller's buffer, zmq_msg_recv() on the server, reading the message in
-// place. Contexts are made after fork() (libzmq is not fork-safe).
+// place. Contexts are made after fork() (libzmq is not fork-safe). Also the receiving loop of the
+// --stream and --fanout rows (zmq_receive_each).
 #include <zmq.h>
 
 #include <cstdio>
@@ -99,6 +100,34 @@ Mechanism zeromq_mechanism() {
     st->cbuf = {};
   };
   return m;
+}
+
+Status zmq_receive_each(int type, const std::function<int(void* sock)>& attach,
+                        const std::function<bool()>& healthy,
+                        const std::function<Take(std::byte* p, std::size_t n)>& take) {
+  void* ctx = zmq_ctx_new();
+  void* sock = zmq_socket(ctx, type);
+  int patience = 200, linger = 0;
+  zmq_setsockopt(sock, ZMQ_RCVTIMEO, &patience, sizeof patience);
+  zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+  Status rc;
+  if (attach(sock) != 0) rc = fail(Errc::System, "zmq_bind/zmq_connect");
+  zmq_msg_t msg;
+  zmq_msg_init(&msg);
+  for (bool end = false; rc && !end;) {
+    if (zmq_msg_recv(&msg, sock, 0) < 0) {
+      if (zmq_errno() != EAGAIN) rc = fail(Errc::System, "zmq_msg_recv");
+      if (!healthy()) break;
+      continue;
+    }
+    const Take t = take(static_cast<std::byte*>(zmq_msg_data(&msg)), zmq_msg_size(&msg));
+    if (t == Take::Fail) rc = fail(Errc::Protocol, "verification");
+    end = t == Take::End;
+  }
+  zmq_msg_close(&msg);
+  zmq_close(sock);
+  zmq_ctx_term(ctx);
+  return rc;
 }
 
 }  // namespace mbmq::tool

@@ -24,7 +24,7 @@ namespace mbmq::tool {
 namespace {
 // Word i of message seq is base(seq) + i * kStep: every message differs from every other in
 // every word, so a stale slot, a torn write or another message's bytes cannot pass for it.
-constexpr std::uint64_t kStep = 0x9E3779B97F4A7C15ull;
+constexpr std::uint64_t kStep = kStreamStep;
 std::uint64_t base_of(std::uint64_t seq) {  // splitmix64's finalizer
   std::uint64_t z = seq + kStep;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -107,6 +107,8 @@ void write_stream_payload(std::byte* p, std::size_t n, std::uint64_t seq) {
     std::memcpy(p + words * 8, &w, n % 8);
   }
 }
+
+std::uint64_t stream_base(std::uint64_t seq) { return base_of(seq); }
 
 // ---- the producer ------------------------------------------------------------------------------
 bool StreamProducer::running() {
@@ -271,26 +273,14 @@ namespace {
 // Forks one side, pinned; the child runs `run` on it, records the outcome and exits.
 template <class Side, class Fn>
 pid_t fork_side(StreamControl& ctl, int cpu, bool pin, const Fn& run, std::string& error) {
-  auto pid = os::fork_process();
-  if (!pid) {
-    error = pid.error().message();
-    return -1;
-  }
-  if (*pid != 0) return *pid;
-  os::die_with_parent();
-  if (pin && cpus() >= 2) (void)os::pin_to_cpu(cpu);
-  os::ignore_sigpipe();  // a write to a pipe or socket whose reader left fails with EPIPE
-  Side side(ctl);
-  const Status s = run(side);
-  side.finish(s);
-  os::exit_now(0);
-}
-
-// Waits until the read end `r` sees its writer gone (the child exited) or `deadline`.
-bool wait_exit(int r, std::int64_t deadline) {
-  const std::int64_t left = deadline - monotonic_ns();
-  auto ready = os::wait_readable(r, std::max<std::int64_t>(left, 0));
-  return ready && *ready;
+  return fork_pinned(
+      cpu, pin,
+      [&] {
+        Side side(ctl);
+        const Status s = run(side);
+        side.finish(s);
+      },
+      error);
 }
 }  // namespace
 

@@ -42,6 +42,9 @@ constexpr std::uint64_t kStreamEnd = ~std::uint64_t{0};  // first word of the en
 // the low bytes of the next word. Writes every byte. The end marker is the same with seq =
 // kStreamEnd.
 void write_stream_payload(std::byte* p, std::size_t n, std::uint64_t seq);
+// Word i >= 1 of message seq's payload is stream_base(seq) + i * kStreamStep (sampled checks).
+constexpr std::uint64_t kStreamStep = 0x9E3779B97F4A7C15ull;
+std::uint64_t stream_base(std::uint64_t seq);
 
 enum class Phase : std::uint32_t { Warmup = 0, Measuring = 1, Done = 2, Failed = 3 };
 
