@@ -31,7 +31,10 @@ std::uint64_t hash(std::span<const std::byte> d) {
   return h;
 }
 
-ChannelOptions untrusted_server(std::uint32_t threshold = 0) {
+// The sealed path above 64 KiB (the slot size): copy_threshold's default copies everything.
+constexpr std::uint32_t kSealAbove64K = 64 * 1024;
+
+ChannelOptions untrusted_server(std::uint32_t threshold = kSealAbove64K) {
   ChannelOptions o;
   o.trust = {Trust::Cooperative, Trust::Untrusted};  // the second end (the server) trusts nobody
   o.copy_threshold = threshold;
@@ -113,8 +116,31 @@ TEST(Trust, CopyPathExtentIsImmuneToLaterWrites) {
 }
 
 TEST(Trust, SealedPathIsImmuneToLaterWrites) {
-  // 4 MiB, above the default threshold (slot_size): sealed by the sender, mapped, not copied.
-  hostile_writer_case(4 << 20, 0, true);
+  // 4 MiB, above a 64 KiB threshold (slot_size): sealed by the sender, mapped, not copied.
+  hostile_writer_case(4 << 20, kSealAbove64K, true);
+}
+
+TEST(Trust, DefaultCopyPathIsImmuneToLaterWritesAtAnySize) {
+  // 4 MiB with the default threshold: an unsealed extent, copied before the server sees it.
+  hostile_writer_case(4 << 20, 0, false);
+}
+
+// A peer announcing a huge sparse extent with a tiny payload gets a private copy of the payload's
+// size (at least slot_size), not of the file: what it can make an untrusted end allocate is
+// bounded by what it sends.
+TEST(Trust, DefaultCopyIsSizedByThePayloadNotTheFile) {
+  auto p = Channel::pair(untrusted_server(0));
+  ASSERT_TRUE(p);
+  auto& [client, server] = *p;
+  auto sparse = os::make_sealed_memfd("sparse", std::size_t{1} << 30);  // 1 GiB, never written
+  ASSERT_TRUE(sparse);
+  ASSERT_TRUE(detail::TestAccess::forge_extent_request(client, sparse->get(), 1, 8, 0));
+  auto m = server.receive(secs(5));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Request);
+  EXPECT_EQ(m->buffer.size(), 8u);
+  EXPECT_LE(m->buffer.capacity(), std::size_t{64} * 1024);
+  EXPECT_TRUE(MsgQueue::reply(std::move(*m)));
 }
 
 // Round trips in every size class, with the answer checked: request and reply both copied,
