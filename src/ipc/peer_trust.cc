@@ -99,7 +99,7 @@ Status PeerTrust::fresh_extent(OwnExtent& x, const std::byte* src, std::size_t s
   MBMQ_ASSERT(size <= cap);
   auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
   auto map =
-      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Yes));
+      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Huge));
   if (size > 0) std::memcpy(map.data(), src, size);
   x.fd = std::move(fd);
   x.map = std::move(map);

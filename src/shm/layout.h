@@ -41,6 +41,10 @@
 //       already sealed (the app's writes since live only in its private view), the payload is
 //       first copied into a fresh extent, which is then sealed. A sealed extent sent again, to
 //       anyone, always goes through a fresh extent (its bytes are in the private view).
+//       Fresh pages: a call() that sent a sealed extent prepares one spare extent of that size
+//       while it waits (ipc/buffer_table.h wants_spare); it is sealed like any other, so only
+//       once no writable mapping of it is left (the kernel refuses F_SEAL_WRITE before that).
+//       copy_threshold 0 with a side untrusted means kCopyEverything: nothing is sealed.
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's `doorbell`
 //       word and FUTEX_WAKE it. A consumer redirected to a queue (doorbell_gen != 0) is woken
 //       through the queue instead, (P4q) below; its consumer_sleeping stays 0.
