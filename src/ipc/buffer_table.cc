@@ -50,19 +50,31 @@ Result<BufferTable::Allocated> BufferTable::alloc(std::size_t size) {
   if (size > shm::kMaxExtentSize)
     return fail(Errc::InvalidArgument, "Channel::buffer: larger than 4 GiB - 4 KiB");
   if (free_ext_.empty()) return fail(Errc::NoBuffers, "Channel::buffer: extent table full");
-  const std::size_t cap = (size + 4095) / 4096 * 4096;
-  auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
-  auto map =
-      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Yes));
+  std::size_t cap = (size + 4095) / 4096 * 4096;
+  ExtentMemory m;
+  if (spare_.map.valid() && spare_.map.size() >= cap && spare_.map.size() / 2 <= cap) {
+    m = std::move(spare_);  // prepared while the last call waited (see wants_spare())
+    cap = m.map.size();
+  } else {
+    m = MBMQ_TRY(make_extent_memory(cap));
+  }
   const std::uint32_t e = free_ext_.back();
   free_ext_.pop_back();
   OwnExtent& x = own_ext_[e];
-  x.fd = std::move(fd);
-  x.map = std::move(map);
+  x.fd = std::move(m.fd);
+  x.map = std::move(m.map);
   x.state = OwnState::App;
   x.gen = take_extent_gen();
   x.sent_gen = 0;
   return Allocated{BufferId::extent(e), x.gen, x.map.data(), static_cast<std::uint32_t>(cap)};
+}
+
+Result<BufferTable::ExtentMemory> BufferTable::make_extent_memory(std::size_t cap) {
+  ExtentMemory m;
+  m.fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
+  m.map =
+      MBMQ_TRY(os::Mapping::map_shared(m.fd.get(), cap, os::Access::ReadWrite, os::Prefault::Huge));
+  return m;
 }
 
 OwnState* BufferTable::own_state(BufferId id) noexcept {

@@ -117,6 +117,24 @@ class BufferTable {
   // (P8) The peer is gone: what was lent to it, or abandoned, is free again; no requests are out.
   void reclaim_lent() noexcept;
   std::uint32_t take_extent_gen() noexcept;  // never 0 (0 means "never sent")
+
+  // ---- the spare extent (P3c): fresh pages for the next sealed send ----
+  // A sealed memfd is never written again, so every sealed send needs fresh pages, and preparing
+  // them (allocating, and mapping every page writable) is most of its cost. A call() that sent a
+  // sealed extent prepares one fresh extent of the same capacity while it waits for the reply
+  // (make_extent_memory, outside mu_), and alloc() takes it when a request of up to that size
+  // needs an extent (capacity within 2x: never much more memory than asked for). At most one per
+  // end: the bound is one extent of the last sealed size. It is ours only, mapped only by us,
+  // unsealed; sealing it later is P3c's (the kernel refuses F_SEAL_WRITE while any writable
+  // mapping of it exists, so a mapping kept elsewhere makes the send go through a fresh copy).
+  struct ExtentMemory {
+    os::UniqueFd fd;
+    os::Mapping map;
+  };
+  static Result<ExtentMemory> make_extent_memory(std::size_t cap);
+  bool wants_spare(std::size_t cap) const noexcept { return spare_.map.size() != cap; }
+  void put_spare(ExtentMemory m) noexcept { spare_ = std::move(m); }
+  std::size_t spare_capacity() const noexcept { return spare_.map.size(); }
   std::uint32_t next_extent_gen() const noexcept { return next_extent_gen_; }
 
   // ---- the peer's buffers (P5, P7) ----
@@ -173,6 +191,7 @@ class BufferTable {
   std::uint32_t next_extent_gen_;
   std::array<bool, shm::kMaxSlotsPerSide> peer_held_{};
   std::array<PeerExtent, shm::kMaxExtents> peer_ext_{};
+  ExtentMemory spare_;              // see wants_spare()
   std::uint32_t requests_out_ = 0;  // our requests not yet answered
   std::uint32_t requests_in_ = 0;   // the peer's requests we hold
   PendingDescs pending_;

@@ -267,13 +267,27 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     return fail(Errc::InvalidArgument, "call: end is redirected to a queue (use send_request)");
   MBMQ_TRY(ensure_watched());
   const WaitPolicy policy = wait_policy();
+  std::size_t spare = 0;  // a sealed request: the capacity of fresh pages to prepare meanwhile
   {
     os::LockGuard lock(mu_);
     EpState s = state_.load(std::memory_order_acquire);
     if (s != EpState::Open) return fail(closed_errc(s), "call");
     MBMQ_TRY(send_locked(b, DescKind::Request, OwnState::LentCall));
+    const BufferId sent = BufferId::from_wire(b.id_);
+    if (sent.is_extent() && table_.own_extent(sent).sealed &&
+        table_.wants_spare(table_.own_extent(sent).map.size()))
+      spare = table_.own_extent(sent).map.size();
   }
   MBMQ_CRASH_POINT("call.sent");
+  if (spare != 0) {
+    // (P3c) The sealed extent cannot be written again: while the peer reads it, prepare the fresh
+    // pages the next sealed request will need (BufferTable::wants_spare), outside mu_. A failure
+    // only means the next one is made when needed.
+    if (auto m = BufferTable::make_extent_memory(spare)) {
+      os::LockGuard lock(mu_);
+      table_.put_spare(std::move(*m));
+    }
+  }
   const BufferId id = BufferId::from_wire(b.id_);
   for (;;) {
     // Only the ring matters here: messages already set aside for receive() must not keep this

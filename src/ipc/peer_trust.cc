@@ -9,6 +9,12 @@
 
 namespace mbmq::detail {
 
+namespace {
+std::uint32_t page_round(std::uint32_t n) {
+  return static_cast<std::uint32_t>((std::uint64_t{n} + 4095) / 4096 * 4096);
+}
+}  // namespace
+
 PeerTrust::PeerTrust(const shm::Segment& seg, int side, BufferTable& table)
     : seg_(seg),
       table_(table),
@@ -93,7 +99,7 @@ Status PeerTrust::fresh_extent(OwnExtent& x, const std::byte* src, std::size_t s
   MBMQ_ASSERT(size <= cap);
   auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
   auto map =
-      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Yes));
+      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Huge));
   if (size > 0) std::memcpy(map.data(), src, size);
   x.fd = std::move(fd);
   x.map = std::move(map);
@@ -230,8 +236,11 @@ void PeerTrust::peer_view(Buffer& b, std::uint32_t size) {
     b.data_ = pe.map.data();
     b.capacity_ = static_cast<std::uint32_t>(pe.map.size());
     if (untrusted_me_ && !pe.sealed) {
-      // (P5b) The one copy, before the application sees a byte.
-      const std::uint32_t cap = std::min(b.capacity_, copy_threshold_);
+      // (P5b) The one copy, before the application sees a byte. Its capacity (what the answer
+      // may grow to in place) is the payload's, at least slot_size, never the whole file: a peer
+      // announcing a sparse 4 GiB extent with an 8-byte payload must not make us allocate 4 GiB.
+      const std::uint32_t cap =
+          std::min({b.capacity_, copy_threshold_, std::max(page_round(size), slot_size_)});
       if (pe.shadow.size() < cap) pe.shadow.resize(cap);  // grows, then reused
       std::memcpy(pe.shadow.data(), pe.map.data(), size);
       b.data_ = pe.shadow.data();

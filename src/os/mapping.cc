@@ -12,8 +12,10 @@ namespace mbmq::os {
 
 Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Access access,
                              Prefault prefault_pages) {
-  const bool prefault = prefault_pages == Prefault::Yes;
   if (size == 0) return fail(Errc::InvalidArgument, "mmap: empty");
+  const bool huge =
+      prefault_pages == Prefault::Huge && access == Access::ReadWrite && size >= kHugePageSize;
+  const bool prefault = prefault_pages != Prefault::No && !huge;
   int prot = access == Access::ReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
   int flags = access == Access::CopyOnWrite ? MAP_PRIVATE : MAP_SHARED;
   // Populating a writable private mapping would copy every page: that one uses madvise below.
@@ -25,6 +27,14 @@ Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Acc
   if (prefault && access == Access::CopyOnWrite) {
     count_syscall();
     (void)::madvise(p, size, MADV_POPULATE_READ);  // a hint: EINVAL before Linux 5.14
+  }
+  if (huge) {
+    // Before any page exists: the huge-page choice is made when a page is allocated. Both are
+    // hints (EINVAL where THP is compiled out, or before Linux 5.14: pages fault in later).
+    count_syscall();
+    (void)::madvise(p, size, MADV_HUGEPAGE);
+    count_syscall();
+    (void)::madvise(p, size, MADV_POPULATE_WRITE);
   }
   Mapping m;
   m.addr_ = p;

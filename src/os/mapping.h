@@ -13,8 +13,15 @@ namespace mbmq::os {
 // readable and writable, writes stay in this process (the kernel copies a page on its first
 // write); allowed on a memfd sealed with F_SEAL_WRITE, unlike a writable shared mapping.
 enum class Access { ReadWrite, ReadOnly, CopyOnWrite };
-// Prefault::Yes maps every page at once (see map()).
-enum class Prefault { No, Yes };
+// Prefault::Yes maps every page at once (see map()). Prefault::Huge does the same for a writable
+// shared mapping of 2 MiB or more, asking first for transparent huge pages (MADV_HUGEPAGE, then
+// MADV_POPULATE_WRITE): where the machine allows them for shared memory
+// (/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise, within_size or always) a 16 MiB
+// memfd is then 8 page-table entries instead of 4096 (measured here: preparing fresh pages
+// 0.8-1.9 ms instead of 7-13 ms, and the sealed send's unmap/map 0.03 ms instead of 1.3-6 ms);
+// elsewhere it costs one hint call. Other mappings: as Yes.
+enum class Prefault { No, Yes, Huge };
+inline constexpr std::size_t kHugePageSize = std::size_t{2} << 20;
 
 class Mapping {
  public:

@@ -335,7 +335,7 @@ TEST(PeerTrustTest, AnExtentMustBeSealedAgainstShrinkingAndImmutableIfAnnounced)
 
 TEST(PeerTrustTest, ALargeAnswerToAnUntrustedPeerGoesBackSealed) {
   // Side 1 is untrusted; this is side 0's PeerTrust, answering it.
-  auto seg = segment(4, shm::Limits{0, shm::kMaxHandles, 2, 0});  // threshold: the slot size
+  auto seg = segment(4, shm::Limits{0, shm::kMaxHandles, 2, 256});  // threshold: the slot size
   BufferTable t(seg, 0, 1);
   PeerTrust trust(seg, 0, t);
   EXPECT_FALSE(trust.untrusted_me());
@@ -360,6 +360,24 @@ TEST(PeerTrustTest, ALargeAnswerToAnUntrustedPeerGoesBackSealed) {
   auto small = trust.make_replacement(answer.data(), 10);
   ASSERT_TRUE(small);
   EXPECT_EQ(small->aux, shm::kExtentReplace);  // at or below copy_threshold: not sealed
+}
+
+TEST(PeerTrustTest, AnUntrustedEndCopiesEveryPayloadByDefault) {
+  // copy_threshold 0 with a side untrusted: kCopyEverything, so nothing is sealed by either side
+  // and nothing is required sealed, at any size an extent can have.
+  auto seg = segment(4, shm::Limits{0, shm::kMaxHandles, 2, 0});
+  EXPECT_EQ(seg.geometry().copy_threshold, shm::kCopyEverything);
+  BufferTable t0(seg, 0, 1), t1(seg, 1, 1);
+  PeerTrust sender(seg, 0, t0), receiver(seg, 1, t1);
+  EXPECT_TRUE(receiver.untrusted_me());
+  for (std::uint32_t n :
+       {257u, 1u << 20, 16u << 20, static_cast<std::uint32_t>(shm::kMaxExtentSize)}) {
+    EXPECT_FALSE(sender.must_seal(n)) << n;
+    EXPECT_FALSE(receiver.needs_sealed(n)) << n;
+  }
+  // With both ends cooperative the threshold stays the slot size (unused).
+  auto coop = segment(4, shm::Limits{0, shm::kMaxHandles, 0, 0});
+  EXPECT_EQ(coop.geometry().copy_threshold, coop.geometry().slot_size);
 }
 
 // ---- PeerBell, QueueBell (P4q) ----

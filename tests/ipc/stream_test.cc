@@ -246,6 +246,7 @@ TEST(Stream, SendBatchSendsAPrefixAndLeavesTheRestWithTheCaller) {
 TEST(Stream, ABufferToSealEndsABatchAndGoesFirstInTheNext) {
   ChannelOptions o = stream_options(WaitMode::Spin, 4);
   o.trust = {Trust::Cooperative, Trust::Untrusted};
+  o.copy_threshold = o.slot_size;  // the sealed path above it (the default copies everything)
   auto p = Channel::pair(o);
   ASSERT_TRUE(p);
   auto& [producer, consumer] = *p;

@@ -31,7 +31,10 @@ std::uint64_t hash(std::span<const std::byte> d) {
   return h;
 }
 
-ChannelOptions untrusted_server(std::uint32_t threshold = 0) {
+// The sealed path above 64 KiB (the slot size): copy_threshold's default copies everything.
+constexpr std::uint32_t kSealAbove64K = 64 * 1024;
+
+ChannelOptions untrusted_server(std::uint32_t threshold = kSealAbove64K) {
   ChannelOptions o;
   o.trust = {Trust::Cooperative, Trust::Untrusted};  // the second end (the server) trusts nobody
   o.copy_threshold = threshold;
@@ -113,9 +116,104 @@ TEST(Trust, CopyPathExtentIsImmuneToLaterWrites) {
 }
 
 TEST(Trust, SealedPathIsImmuneToLaterWrites) {
-  // 4 MiB, above the default threshold (slot_size): sealed by the sender, mapped, not copied.
-  hostile_writer_case(4 << 20, 0, true);
+  // 4 MiB, above a 64 KiB threshold (slot_size): sealed by the sender, mapped, not copied.
+  hostile_writer_case(4 << 20, kSealAbove64K, true);
 }
+
+TEST(Trust, DefaultCopyPathIsImmuneToLaterWritesAtAnySize) {
+  // 4 MiB with the default threshold: an unsealed extent, copied before the server sees it.
+  hostile_writer_case(4 << 20, 0, false);
+}
+
+// A peer announcing a huge sparse extent with a tiny payload gets a private copy of the payload's
+// size (at least slot_size), not of the file: what it can make an untrusted end allocate is
+// bounded by what it sends.
+TEST(Trust, DefaultCopyIsSizedByThePayloadNotTheFile) {
+  auto p = Channel::pair(untrusted_server(0));
+  ASSERT_TRUE(p);
+  auto& [client, server] = *p;
+  auto sparse = os::make_sealed_memfd("sparse", std::size_t{1} << 30);  // 1 GiB, never written
+  ASSERT_TRUE(sparse);
+  ASSERT_TRUE(detail::TestAccess::forge_extent_request(client, sparse->get(), 1, 8, 0));
+  auto m = server.receive(secs(5));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Request);
+  EXPECT_EQ(m->buffer.size(), 8u);
+  EXPECT_LE(m->buffer.capacity(), std::size_t{64} * 1024);
+  EXPECT_TRUE(MsgQueue::reply(std::move(*m)));
+}
+
+// The spare extent (BufferTable::wants_spare): a sealed call prepares the fresh pages of the next
+// sealed request, mapped writable by the sender. The next request takes them; sealing it must
+// happen only once no writable mapping is left. Honest sender: the spare's own mapping is dropped
+// and the spare itself is sealed (zero copies). Hostile sender that kept a writable mapping of the
+// spare: the kernel refuses F_SEAL_WRITE (EBUSY), the payload goes in a fresh sealed copy, and its
+// later writes through the kept mapping change nothing the server sees.
+void spare_case(bool keep_mapping) {
+  constexpr std::size_t kSize = 4 << 20;
+  auto p = Channel::pair(untrusted_server());
+  ASSERT_TRUE(p);
+  auto& [client, server] = *p;
+  auto taken = os::make_pipe();
+  ASSERT_TRUE(taken);
+  pid_t pid = spawn([&] {
+    server.close();
+    taken->second.reset();
+    auto b = client.buffer(kSize);
+    if (!b) return 10;
+    test::fill(b->data(), 1);
+    if (!client.call(*b, secs(10))) return 11;  // sealed: prepares the spare meanwhile
+    if (!b->resize(kSize)) return 12;           // grows into the spare
+    const int fd = detail::TestAccess::extent_fd(client, *b);
+    if (fd < 0) return 13;
+    os::UniqueFd file(::dup(fd));
+    void* kept = MAP_FAILED;
+    if (keep_mapping) {
+      kept = ::mmap(nullptr, kSize, PROT_READ | PROT_WRITE, MAP_SHARED, file.get(), 0);
+      if (kept == MAP_FAILED) return 14;
+    }
+    test::fill(b->data(), 7);
+    if (!client.send(std::move(*b))) return 15;
+    auto seals = os::get_seals(file.get());
+    const bool immutable = seals && (*seals & os::kSealsImmutable) == os::kSealsImmutable;
+    // Kept mapping: the spare could not be sealed; else it was, itself.
+    if (immutable == keep_mapping) return 16;
+    std::byte go{};
+    if (!os::read_full(taken->first.get(), {&go, 1})) return 17;
+    const std::int64_t end = monotonic_ns() + 200'000'000;
+    while (keep_mapping && monotonic_ns() < end) {
+      std::memset(kept, static_cast<int>(monotonic_ns() & 0xff), kSize);
+      ::usleep(1000);
+    }
+    if (keep_mapping) ::munmap(kept, kSize);
+    return 0;
+  });
+  client.close();
+  auto first = server.receive(secs(10));
+  ASSERT_TRUE(first) << first.error().message();
+  ASSERT_EQ(first->kind, Kind::Request);
+  EXPECT_TRUE(test::check(first->buffer.data(), 1));
+  ASSERT_TRUE(first->buffer.resize(8));
+  ASSERT_TRUE(MsgQueue::reply(std::move(*first)));
+  auto m = server.receive(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Message);
+  ASSERT_EQ(m->buffer.size(), kSize);
+  const std::byte go{1};
+  ASSERT_TRUE(os::write_full(taken->second.get(), {&go, 1}));
+  const std::uint64_t h = hash(m->buffer.data());
+  for (int i = 0; i < 10; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ASSERT_EQ(hash(m->buffer.data()), h) << "the sender changed what we saw, round " << i;
+  }
+  EXPECT_TRUE(test::check(m->buffer.data(), 7));
+  m->buffer.reset();
+  EXPECT_EQ(join(pid), 0);
+}
+
+TEST(Trust, ASpareExtentIsSealedOnlyOnceItsWritableMappingIsGone) { spare_case(false); }
+
+TEST(Trust, ASpareExtentWhoseMappingTheSenderKeptGoesInAFreshSealedCopy) { spare_case(true); }
 
 // Round trips in every size class, with the answer checked: request and reply both copied,
 // both sealed, and mixed; both ends untrusted, so replies are checked too.

@@ -59,7 +59,7 @@ const std::vector<std::string> kMechanisms = {
     "mbmq-sleep",
     "mbmq-fd",
     "mbmq-untrusted",
-    "mbmq-untrusted-copy",
+    "mbmq-untrusted-sealed",
     "pipe",
     "uds",
     "uds-seqpacket",

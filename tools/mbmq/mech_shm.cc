@@ -185,10 +185,10 @@ Mechanism mbmq_mechanism(const char* name, WaitMode mode, QueueWait how = QueueW
       server_trust != Trust::Untrusted
           ? "0: the payload is written once, in a buffer the server reads in place"
       : copy_threshold == 0
-          ? "1 up to copy_threshold = 64 KiB (the server copies the request into private memory, "
-            "and its 8-byte answer back); 0 above it (a sealed memfd, mapped), but fresh pages "
-            "for every message"
-          : "1: the server copies every request into private memory (copy_threshold = 64 MiB)";
+          ? "1: the server copies every request into private memory (the untrusted default), and "
+            "its 8-byte answer back"
+          : "1 up to copy_threshold = 64 KiB (the server copies the request into private memory); "
+            "0 above it (a sealed memfd, mapped), but fresh pages for every message";
   m.setup = [st, mode, server_trust, copy_threshold](std::size_t size) -> Status {
     ChannelOptions opt;
     opt.wait.mode = mode;
@@ -290,12 +290,13 @@ std::vector<Mechanism> shm_mechanisms() {
   // wait(immediate) then looks once and returns TimedOut, where Spin or Adaptive would look 64
   // times first (SpinStep reads the clock once per 64 looks).
   v.push_back(mbmq_mechanism("mbmq-fd", WaitMode::Sleep, QueueWait::Epoll));
-  // The server untrusted of its client (Trust::Untrusted, default copy_threshold = slot_size).
+  // The server untrusted of its client (Trust::Untrusted, default copy_threshold: every payload
+  // copied).
   v.push_back(
       mbmq_mechanism("mbmq-untrusted", WaitMode::Adaptive, QueueWait::Block, Trust::Untrusted));
-  // The same with every size on the copy path (copy_threshold 64 MiB): no sealing.
-  v.push_back(mbmq_mechanism("mbmq-untrusted-copy", WaitMode::Adaptive, QueueWait::Block,
-                             Trust::Untrusted, 64u << 20));
+  // The same with the sealed path above 64 KiB (copy_threshold = slot_size, the old default).
+  v.push_back(mbmq_mechanism("mbmq-untrusted-sealed", WaitMode::Adaptive, QueueWait::Block,
+                             Trust::Untrusted, 64u << 10));
   return v;
 }
 

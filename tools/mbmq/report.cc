@@ -98,6 +98,15 @@ std::vector<Check> evaluate(const std::vector<CellResult>& rs,
     add("mbmq-sleep p50 / uds p50", "mbmq-sleep", "uds", s, 1.0);
     // Issue #13: the server in epoll_wait on MsgQueue::fd() within 1.2x of one in wait().
     add("mbmq-fd p50 / mbmq-sleep p50", "mbmq-fd", "mbmq-sleep", s, 1.2);
+    // Issue #16: untrusted peers at copy speed or better, never slower than a Unix socket; the
+    // sealed path, where chosen, within 2x of cooperative from 16 MiB.
+    if (s >= (1u << 20)) {
+      add("mbmq-untrusted p50 / mbmq-adaptive p50", "mbmq-untrusted", "mbmq-adaptive", s, 1.5);
+      add("mbmq-untrusted p50 / uds p50", "mbmq-untrusted", "uds", s, 1.0);
+    }
+    if (s >= (16u << 20))
+      add("mbmq-untrusted-sealed p50 / mbmq-adaptive p50", "mbmq-untrusted-sealed", "mbmq-adaptive",
+          s, 2.0);
   }
   for (const auto& r : rs) {
     if (!r.syscalls_per_rtt || !r.error.empty()) continue;
