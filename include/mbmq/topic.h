@@ -111,6 +111,7 @@ class MBMQ_EXPORT Publisher {
   Result<std::size_t> serve(Deadline deadline);
   // serve() until at least n subscribers have joined (Errc::TimedOut at the deadline).
   Result<std::size_t> wait_for_subscribers(std::size_t n, Deadline deadline);
+  // Counters, and the free samples after taking back what subscribers released.
   TopicStats stats() const;
   bool valid() const noexcept { return core_ != nullptr; }
 

@@ -446,6 +446,11 @@ Result<std::size_t> TopicCore::serve(Deadline deadline, std::size_t until) {
 
 TopicStats TopicCore::stats() {
   os::LockGuard lock(mu_);
+  if (!closed_) {
+    poll_events_locked(Deadline::immediate());
+    for (Sub& sub : subs_)
+      if (sub.active) harvest_locked(sub);  // so that free_samples is current
+  }
   TopicStats s = stats_;
   s.free_samples = static_cast<std::uint32_t>(free_.size());
   return s;

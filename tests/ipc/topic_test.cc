@@ -46,7 +46,7 @@ Result<Subscriber> connect_retry(const std::string& name, ConnectOptions o = {})
   }
 }
 
-std::size_t size_of(std::uint64_t seq) { return 1 + (seq * 977) % 3000; }
+std::size_t size_of(std::uint64_t seq) { return 1 + (seq * 977) % 250; }  // <= every sample_size
 
 // A subscriber that checks every sample from seq 1 to n: in order, nothing missed, payload intact.
 int receive_all(const std::string& name, std::uint64_t n, WaitPolicy wait = {}) {
@@ -61,6 +61,26 @@ int receive_all(const std::string& name, std::uint64_t n, WaitPolicy wait = {}) 
     if (s->size() != size_of(want) || !check(s->data(), want)) return 13;
   }
   return 0;
+}
+
+// A subscriber that may lose samples (DropOldest): what it gets is in order and intact, and what
+// it gets plus what it was told it missed is exactly the n published.
+int receive_accounted(const std::string& name, std::uint64_t n, unsigned pause_one_in = 0) {
+  auto sub = connect_retry(name);
+  if (!sub) return 10;
+  std::uint64_t got = 0, missed = 0, last = 0;
+  std::mt19937 rng(7);
+  while (last < n) {
+    auto s = sub->receive(secs(10));
+    if (!s) return 11;
+    if (s->seq() <= last || s->seq() - last - 1 != s->missed()) return 12;
+    if (s->size() != size_of(s->seq()) || !check(s->data(), s->seq())) return 13;
+    last = s->seq();
+    ++got;
+    missed += s->missed();
+    if (pause_one_in != 0 && rng() % pause_one_in == 0) ::usleep(300);
+  }
+  return got + missed == n ? 0 : 14;
 }
 
 Status publish_one(Publisher& pub, std::uint64_t seq, Deadline d) {
@@ -114,7 +134,7 @@ TEST(Topic, WakingSleepingSubscribersCostsOneSystemCall) {
   o.sample_size = 4096;
   o.keep = 8;
   auto pub = Publisher::create(name, o);
-  ASSERT_TRUE(pub);
+  ASSERT_TRUE(pub) << pub.error().op;
   ASSERT_TRUE(pub->wait_for_subscribers(kSubs, secs(10)));
   std::uint64_t worst = 0;
   for (std::uint64_t seq = 1; seq <= kN; ++seq) {
@@ -135,5 +155,358 @@ TEST(Topic, WakingSleepingSubscribersCostsOneSystemCall) {
   expect_all_free(*pub, o.samples);
 }
 
+// A pipe a child waits on before it reads: the parent decides when a slow subscriber wakes up.
+struct Gate {
+  os::UniqueFd r, w;
+  static Gate make() {
+    auto p = os::make_pipe();
+    return p ? Gate{std::move(p->first), std::move(p->second)} : Gate{};
+  }
+  void open() const {
+    char c = 1;
+    (void)os::write_once(w.get(), &c, 1);
+  }
+  void wait() const {
+    char c = 0;
+    (void)os::read_once(r.get(), &c, 1);
+  }
+};
+
+// (T9) Subscribers killed at random mid-stream, some holding samples: the publisher (Block) never
+// waits past its deadline, the others see everything, and every sample comes back.
+TEST(Topic, KilledSubscribersAreReclaimed) {
+  const std::string name = topic_name("kill");
+  constexpr std::uint64_t kN = 2000;
+  std::vector<pid_t> good, doomed;
+  for (int i = 0; i < 2; ++i) good.push_back(spawn([&] { return receive_all(name, kN); }));
+  for (int i = 0; i < 3; ++i)
+    doomed.push_back(spawn([&, i] {
+      auto sub = connect_retry(name);
+      if (!sub) return 10;
+      std::vector<Sample> held;  // keeps some: they must come back when we die
+      for (int n = 0;; ++n) {
+        auto s = sub->receive(secs(10));
+        if (!s) return 11;
+        if (n % (3 + i) == 0) held.push_back(std::move(*s));
+        if (held.size() > 4) held.erase(held.begin());
+        if (i == 2 && n > 100) ::pause();  // stops reading: the publisher blocks on it
+      }
+    }));
+  TopicOptions o;
+  o.samples = 32;
+  o.sample_size = 4096;
+  o.keep = 8;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().op;
+  ASSERT_TRUE(pub->wait_for_subscribers(5, secs(10)));
+  std::thread killer([&] {
+    std::mt19937 rng(42);
+    for (pid_t k : doomed) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 100));
+      (void)os::kill_process(k, SIGKILL);
+    }
+  });
+  std::int64_t worst_ns = 0;
+  for (std::uint64_t seq = 1; seq <= kN; ++seq) {
+    const std::int64_t t0 = monotonic_ns();
+    auto st = publish_one(*pub, seq, Deadline::after(2s));
+    worst_ns = std::max(worst_ns, monotonic_ns() - t0);
+    ASSERT_TRUE(st) << st.error().op << " at seq " << seq;
+  }
+  killer.join();
+  for (pid_t k : doomed) EXPECT_EQ(join(k), 128 + SIGKILL);
+  for (pid_t k : good) EXPECT_EQ(join(k), 0);
+  EXPECT_LT(worst_ns, 2'000'000'000);
+  EXPECT_GE(pub->stats().left, 3u);  // the three killed (and the others, once they exit)
+  expect_all_free(*pub, o.samples);
+}
+
+// (T8) DropOldest: a subscriber that stops reading gets exactly the newest `keep`, the first
+// counting everything it lost; the publisher never waits for it.
+TEST(Topic, DropOldestCountsMissedSamplesExactly) {
+  const std::string name = topic_name("drop");
+  constexpr std::uint64_t kN = 500;
+  constexpr std::uint32_t kKeep = 10;
+  Gate gate = Gate::make();
+  pid_t slow = spawn([&] {
+    auto sub = connect_retry(name);
+    if (!sub) return 10;
+    gate.wait();  // the publisher has published all kN
+    for (std::uint64_t i = 0; i < kKeep; ++i) {
+      auto s = sub->receive(secs(5));
+      if (!s) return 11;
+      const std::uint64_t want = kN - kKeep + 1 + i;
+      if (s->seq() != want || !check(s->data(), want)) return 12;
+      if (s->missed() != (i == 0 ? kN - kKeep : 0)) return 13;
+    }
+    auto more = sub->receive(Deadline::after(50ms));
+    return (!more && more.error().code == Errc::TimedOut) ? 0 : 14;
+  });
+  // A subscriber that reads at its own pace: what it gets plus what it missed is everything.
+  pid_t jittery = spawn([&] { return receive_accounted(name, kN, 8); });
+  TopicOptions o;
+  o.samples = 32;
+  o.sample_size = 4096;
+  o.keep = kKeep;
+  o.policy = SlowSubscriber::DropOldest;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().op;
+  ASSERT_TRUE(pub->wait_for_subscribers(2, secs(10)));
+  for (std::uint64_t seq = 1; seq <= kN; ++seq) {
+    auto st = publish_one(*pub, seq, Deadline::immediate());  // never waits
+    ASSERT_TRUE(st) << st.error().op << " at seq " << seq;
+  }
+  gate.open();
+  EXPECT_EQ(join(slow), 0);
+  EXPECT_EQ(join(jittery), 0);
+  const TopicStats s = pub->stats();
+  EXPECT_GE(s.dropped, kN - kKeep);
+  EXPECT_EQ(s.skipped, 0u);
+  expect_all_free(*pub, o.samples);
+}
+
+// (T8) DropOldest with a subscriber that takes samples and holds them all: it pins at most
+// `keep`, then is skipped (missed counted), and the publisher goes on.
+TEST(Topic, DropOldestSkipsASubscriberHoldingKeepSamples) {
+  const std::string name = topic_name("hold");
+  constexpr std::uint32_t kKeep = 4;
+  Gate gate = Gate::make();
+  pid_t holder = spawn([&] {
+    auto sub = connect_retry(name);
+    if (!sub) return 10;
+    std::vector<Sample> held;
+    for (std::uint32_t i = 0; i < kKeep; ++i) {
+      auto s = sub->receive(secs(5));
+      if (!s || s->seq() != i + 1) return 11;
+      held.push_back(std::move(*s));
+    }
+    gate.wait();
+    held.clear();
+    auto s = sub->receive(secs(5));
+    // Samples kKeep+1 .. 99 were skipped for us (we held kKeep), then kKeep of the newest were
+    // queued as room came back... none: we released only now, so we get sample 100.
+    if (!s) return 12;
+    return (s->seq() == 100 && s->missed() == 100 - kKeep - 1) ? 0 : 13;
+  });
+  TopicOptions o;
+  o.samples = 16;
+  o.sample_size = 256;
+  o.keep = kKeep;
+  o.policy = SlowSubscriber::DropOldest;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().op;
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(10)));
+  for (std::uint64_t seq = 1; seq <= 99; ++seq) {
+    ASSERT_TRUE(publish_one(*pub, seq, Deadline::immediate()));
+    if (seq == kKeep) ::usleep(100000);  // the holder takes its kKeep
+  }
+  EXPECT_EQ(pub->stats().free_samples, o.samples - kKeep);
+  gate.open();
+  ::usleep(100000);
+  ASSERT_TRUE(publish_one(*pub, 100, secs(1)));
+  EXPECT_EQ(join(holder), 0);
+  EXPECT_EQ(pub->stats().skipped, 99u - kKeep);
+  expect_all_free(*pub, o.samples);
+}
+
+// (T8) Refuse: Errc::Busy, and the buffer is still the caller's; Block: Errc::TimedOut at the
+// deadline, the same.
+void full_subscriber_case(SlowSubscriber policy, Errc expected) {
+  const std::string name = topic_name("full");
+  constexpr std::uint32_t kKeep = 4;
+  Gate gate = Gate::make();
+  pid_t slow = spawn([&] {
+    auto sub = connect_retry(name);
+    if (!sub) return 10;
+    gate.wait();
+    for (std::uint64_t want = 1; want <= kKeep + 1; ++want) {
+      auto s = sub->receive(secs(5));
+      if (!s || s->seq() != want || s->missed() != 0 || !check(s->data(), want)) return 11;
+    }
+    return 0;
+  });
+  TopicOptions o;
+  o.samples = 16;
+  o.sample_size = 256;
+  o.keep = kKeep;
+  o.policy = policy;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().op;
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(10)));
+  for (std::uint64_t seq = 1; seq <= kKeep; ++seq) ASSERT_TRUE(publish_one(*pub, seq, secs(1)));
+  auto b0 = pub->buffer(size_of(kKeep + 1), secs(1));
+  ASSERT_TRUE(b0);
+  Buffer b = std::move(*b0);
+  fill(b.data(), kKeep + 1);
+  const std::int64_t t0 = monotonic_ns();
+  auto st = pub->publish(std::move(b), Deadline::after(100ms));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, expected);
+  if (expected == Errc::TimedOut) {
+    EXPECT_GE(monotonic_ns() - t0, 90'000'000);
+  }
+  ASSERT_TRUE(b.valid());  // still ours: retry once the subscriber has read
+  gate.open();
+  ASSERT_TRUE(pub->publish(std::move(b), secs(5)) || policy == SlowSubscriber::Refuse);
+  if (b.valid()) {  // Refuse: retry until the subscriber has released one
+    const Deadline end = secs(5);
+    Status r = fail(Errc::Busy, "");
+    while (!r && !end.expired()) {
+      ::usleep(1000);
+      r = pub->publish(std::move(b), Deadline::immediate());
+    }
+    ASSERT_TRUE(r);
+  }
+  EXPECT_EQ(join(slow), 0);
+  if (policy == SlowSubscriber::Refuse) {
+    EXPECT_GE(pub->stats().refused, 1u);
+  }
+  expect_all_free(*pub, o.samples);
+}
+TEST(Topic, RefuseFailsWithBusyAndKeepsTheBuffer) {
+  full_subscriber_case(SlowSubscriber::Refuse, Errc::Busy);
+}
+TEST(Topic, BlockTimesOutAndKeepsTheBuffer) {
+  full_subscriber_case(SlowSubscriber::Block, Errc::TimedOut);
+}
+
+// (Threat model) The pool is read-only for subscribers: a write kills the writer, nobody else.
+TEST(Topic, SubscriberCannotWriteThePool) {
+  const std::string name = topic_name("ro");
+  pid_t writer = spawn([&] {
+    auto sub = connect_retry(name);
+    if (!sub) return 10;
+    auto s = sub->receive(secs(5));
+    if (!s) return 11;
+    auto* p = const_cast<std::byte*>(s->data().data());
+    // mprotect cannot make it writable (F_SEAL_FUTURE_WRITE)...
+    auto page = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{4095};
+    if (::mprotect(reinterpret_cast<void*>(page), 4096, PROT_READ | PROT_WRITE) == 0) return 12;
+    *p = std::byte{0};  // ... and a write faults
+    return 13;
+  });
+  pid_t reader = spawn([&] { return receive_all(name, 1); });
+  auto pub = Publisher::create(name, {.samples = 4, .sample_size = 4096, .keep = 2});
+  ASSERT_TRUE(pub) << pub.error().op;
+  ASSERT_TRUE(pub->wait_for_subscribers(2, secs(10)));
+  ASSERT_TRUE(publish_one(*pub, 1, secs(1)));
+  EXPECT_EQ(join(writer), 128 + SIGSEGV);
+  EXPECT_EQ(join(reader), 0);
+  expect_all_free(*pub, 4);
+}
+
+// (Threat model) A subscriber scribbling everything it can write (its own segment: ring states,
+// fields, returned bits, sleeping, publisher_waiting) affects only itself: the others get every
+// sample intact and in order, the publisher never hangs, and the pool is whole afterwards.
+TEST(Topic, HostileSubscriberAffectsOnlyItself) {
+  const std::string name = topic_name("hostile");
+  constexpr std::uint64_t kN = 3000;
+  std::vector<pid_t> good;
+  for (int i = 0; i < 2; ++i) good.push_back(spawn([&] { return receive_accounted(name, kN); }));
+  std::vector<pid_t> bad;
+  for (int i = 0; i < 2; ++i)
+    bad.push_back(spawn([&, i] {
+      auto sub = connect_retry(name);
+      if (!sub) return 10;
+      auto* seg = detail::TopicTestAccess::segment(*sub);
+      auto* bytes = reinterpret_cast<unsigned char*>(seg);
+      std::mt19937_64 rng(1234 + static_cast<unsigned>(i));
+      const Deadline end = secs(20);
+      while (!end.expired()) {
+        switch (rng() % 6) {
+          case 0:  // random bytes anywhere
+            bytes[rng() % sizeof(shm::TopicSubSegment)] = static_cast<unsigned char>(rng());
+            break;
+          case 1:  // claim every sample back
+            seg->returned[rng() % shm::kTopicReturnedWords].store(~0ull);
+            break;
+          case 2:  // mark entries taken (or anything) without returning them
+            seg->ring[rng() % shm::kTopicRingCapacity].state.store(rng() % 4 == 0 ? rng() : 0);
+            break;
+          case 3:
+            seg->sleeping.store(static_cast<std::uint32_t>(rng()));
+            break;
+          case 4:
+            seg->publisher_waiting.store(0);
+            break;
+          default:
+            if (i == 1) (void)sub->receive(Deadline::immediate());  // also use it
+            break;
+        }
+      }
+      return 0;
+    }));
+  TopicOptions o;
+  o.samples = 256;
+  o.sample_size = 4096;
+  o.keep = 200;
+  o.policy = SlowSubscriber::DropOldest;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().op;
+  ASSERT_TRUE(pub->wait_for_subscribers(4, secs(10)));
+  for (std::uint64_t seq = 1; seq <= kN; ++seq) {
+    auto st = publish_one(*pub, seq, secs(5));
+    ASSERT_TRUE(st) << st.error().op << " at seq " << seq;
+  }
+  for (pid_t k : good) EXPECT_EQ(join(k), 0);
+  for (pid_t k : bad) (void)os::kill_process(k, SIGKILL);
+  for (pid_t k : bad) (void)join(k);
+  EXPECT_GE(pub->stats().protocol_errors, 1u);  // caught scribbling at least once
+  expect_all_free(*pub, o.samples);
+}
+
+// Threads of one process (TSan): join mid-stream, receive from there on, leave; publisher gone.
+TEST(Topic, ThreadsJoinMidStreamAndSeePublisherLeave) {
+  const std::string name = topic_name("threads");
+  TopicOptions o;
+  o.samples = 16;
+  o.sample_size = 1024;
+  o.keep = 4;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().op;
+  std::atomic<bool> joined{false};
+  std::atomic<int> result{-1};
+  std::thread t([&] {
+    auto sub = Subscriber::connect(name, secs(5));
+    if (!sub) {
+      result = 10;
+      return;
+    }
+    joined = true;
+    std::uint64_t last = 0;
+    for (;;) {
+      auto s = sub->receive(secs(5));
+      if (!s) {
+        if (s.error().code != Errc::PeerClosed || last != 500)
+          std::fprintf(stderr, "receive: %s (code %d) after seq %llu\n", s.error().op,
+                       static_cast<int>(s.error().code), static_cast<unsigned long long>(last));
+        result = (s.error().code == Errc::PeerClosed && last == 500) ? 0 : 11;
+        return;
+      }
+      if (last != 0 && (s->seq() != last + 1 || s->missed() != 0)) {
+        result = 12;
+        return;
+      }
+      if (!check(s->data(), s->seq())) {
+        result = 13;
+        return;
+      }
+      last = s->seq();
+    }
+  });
+  // Publish before anyone listens: nobody holds those samples.
+  for (std::uint64_t seq = 1; seq <= 100; ++seq) ASSERT_TRUE(publish_one(*pub, seq, secs(1)));
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(5)));
+  while (!joined) std::this_thread::sleep_for(1ms);
+  for (std::uint64_t seq = 101; seq <= 500; ++seq) ASSERT_TRUE(publish_one(*pub, seq, secs(5)));
+  // Wait until it has everything, then go: it sees PeerClosed.
+  const Deadline end = secs(5);
+  while (pub->stats().free_samples != o.samples && !end.expired()) {
+    (void)pub->serve(Deadline::after(1ms));
+  }
+  *pub = Publisher{};
+  t.join();
+  EXPECT_EQ(result.load(), 0);
+}
 }  // namespace
 }  // namespace mbmq
