@@ -1,6 +1,7 @@
 // Publisher, Subscriber, Sample: the topic protocol (T1)-(T9) of docs/design/topic.md.
 #include "mbmq/topic.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <utility>
@@ -61,6 +62,7 @@ Result<std::shared_ptr<TopicCore>> TopicCore::make(std::string_view name, const 
   c.samples_.resize(o.samples);
   for (std::uint32_t k = o.samples; k-- > 0;) c.free_.push_back(k);
   c.subs_.resize(o.max_subscribers);
+  c.skip_.resize(o.max_subscribers);
   c.queue_ = MBMQ_TRY(MsgQueue::create(o.wait));
   ListenOptions lo;
   lo.access = o.access;
@@ -353,7 +355,8 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
     return fail(Errc::InvalidArgument, "Publisher::publish: stale sample");
   poll_events_locked(Deadline::immediate());
   // (T8) Slow subscribers, per policy.
-  std::vector<bool> skip(subs_.size(), false);
+  std::vector<std::uint8_t>& skip = skip_;  // reused: no allocation per publish
+  std::fill(skip.begin(), skip.end(), std::uint8_t{0});
   switch (opt_.policy) {
     case SlowSubscriber::Refuse:
       for (Sub& s : subs_)
@@ -376,7 +379,7 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
         if (bad) {
           remove_locked(i, true);
         } else if (s.lent_count >= opt_.keep) {
-          skip[i] = true;  // everything it holds is taken by its application
+          skip[i] = 1;  // everything it holds is taken by its application
           ++stats_.skipped;
         }
       }
@@ -393,7 +396,7 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
   r.refs = 0;
   for (std::size_t i = 0; i < subs_.size(); ++i) {
     Sub& s = subs_[i];
-    if (!s.active || skip[i]) continue;
+    if (!s.active || skip[i] != 0) continue;
     if (!push_locked(s, k, b.size_, seq)) {
       remove_locked(i, true);
       continue;
@@ -431,9 +434,9 @@ std::size_t TopicCore::subscribers() {
 }
 
 Result<std::size_t> TopicCore::serve(Deadline deadline, std::size_t until) {
-  os::LockGuard lock(mu_);
-  if (closed_) return fail(Errc::InvalidArgument, "Publisher::serve: closed");
-  for (;;) {
+  for (;;) {  // the lock is let go between steps of at most kRoomStepNs
+    os::LockGuard lock(mu_);
+    if (closed_) return fail(Errc::InvalidArgument, "Publisher::serve: closed");
     poll_events_locked(Deadline::immediate());
     if (until != 0 && active_ >= until) return active_;
     if (deadline.expired()) {

@@ -94,6 +94,7 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
   std::vector<SampleRec> samples_ MBMQ_GUARDED_BY(mu_);
   std::vector<std::uint32_t> free_ MBMQ_GUARDED_BY(mu_);
   std::vector<Sub> subs_ MBMQ_GUARDED_BY(mu_);
+  std::vector<std::uint8_t> skip_ MBMQ_GUARDED_BY(mu_);  // publish(): subscribers skipped (T8)
   std::size_t active_ MBMQ_GUARDED_BY(mu_) = 0;
   std::uint64_t next_seq_ MBMQ_GUARDED_BY(mu_) = 1;
   bool waiting_ MBMQ_GUARDED_BY(mu_) = false;  // publisher_waiting set in the segments

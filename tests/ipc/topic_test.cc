@@ -508,5 +508,127 @@ TEST(Topic, ThreadsJoinMidStreamAndSeePublisherLeave) {
   t.join();
   EXPECT_EQ(result.load(), 0);
 }
+
+// (T9) A publisher killed mid-stream: a sleeping subscriber gets what was queued, then
+// Errc::PeerClosed promptly; the samples it holds stay readable.
+TEST(Topic, KilledPublisherEndsSubscribersWithPeerClosed) {
+  const std::string name = topic_name("pubkill");
+  Gate gate = Gate::make();
+  pid_t publisher = spawn([&] {
+    auto pub = Publisher::create(name, {.samples = 8, .sample_size = 256, .keep = 4});
+    if (!pub || !pub->wait_for_subscribers(1, secs(10))) return 10;
+    for (std::uint64_t seq = 1; seq <= 3; ++seq)
+      if (!publish_one(*pub, seq, secs(1))) return 11;
+    gate.open();
+    ::pause();  // killed here
+    return 0;
+  });
+  ConnectOptions co;
+  co.wait = WaitPolicy{WaitMode::Sleep, {}};
+  auto sub = connect_retry(name, co);
+  ASSERT_TRUE(sub);
+  gate.wait();
+  std::vector<Sample> held;
+  for (std::uint64_t want = 1; want <= 3; ++want) {
+    auto s = sub->receive(secs(5));
+    ASSERT_TRUE(s);
+    EXPECT_EQ(s->seq(), want);
+    held.push_back(std::move(*s));
+  }
+  std::thread killer([&] {
+    std::this_thread::sleep_for(50ms);  // the subscriber is asleep by then
+    (void)os::kill_process(publisher, SIGKILL);
+  });
+  const std::int64_t t0 = monotonic_ns();
+  auto end = sub->receive(secs(5));
+  const std::int64_t waited = monotonic_ns() - t0;
+  killer.join();
+  ASSERT_FALSE(end);
+  EXPECT_EQ(end.error().code, Errc::PeerClosed);
+  EXPECT_LT(waited, 1'000'000'000);  // 50 ms + at most one 100 ms sleep step, with slack
+  for (std::uint64_t i = 0; i < 3; ++i) EXPECT_TRUE(check(held[i].data(), i + 1));
+  EXPECT_EQ(join(publisher), 128 + SIGKILL);
+}
+
+// Past max_subscribers a subscriber is refused (its connect fails), and the others go on.
+TEST(Topic, SubscribersPastTheLimitAreRefused) {
+  const std::string name = topic_name("limit");
+  auto pub =
+      Publisher::create(name, {.samples = 8, .sample_size = 256, .keep = 4, .max_subscribers = 1});
+  ASSERT_TRUE(pub);
+  std::thread t([&] { (void)pub->serve(secs(2)); });
+  auto first = Subscriber::connect(name, secs(2));
+  auto second = Subscriber::connect(name, secs(2));
+  t.join();
+  ASSERT_TRUE(first);
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error().code, Errc::PeerClosed);
+  EXPECT_EQ(pub->subscribers(), 1u);
+  ASSERT_TRUE(publish_one(*pub, 1, secs(1)));
+  auto s = first->receive(secs(1));
+  ASSERT_TRUE(s);
+  EXPECT_EQ(s->seq(), 1u);
+}
+
+// Soak: rounds of subscribers that join mid-stream, read, hold, stop, and are killed at random,
+// under Block and DropOldest. After each round every sample is back. 3 rounds by default;
+// MBMQ_TOPIC_SOAK_ROUNDS (the soak label runs 100).
+TEST(Topic, SoakRandomJoinsAndKills) {
+  int rounds = 3;
+  if (const char* v = std::getenv("MBMQ_TOPIC_SOAK_ROUNDS")) rounds = std::atoi(v);
+  std::mt19937 rng(2026);
+  for (int round = 0; round < rounds; ++round) {
+    const std::string name = topic_name("soak");
+    TopicOptions o;
+    o.samples = 24;
+    o.sample_size = 512;
+    o.keep = 6;
+    o.policy = round % 2 == 0 ? SlowSubscriber::Block : SlowSubscriber::DropOldest;
+    auto pub = Publisher::create(name, o);
+    ASSERT_TRUE(pub) << pub.error().op;
+    std::vector<pid_t> kids;
+    const std::uint64_t kN = 1500;
+    for (std::uint64_t seq = 1; seq <= kN; ++seq) {
+      if (seq % 100 == 1 && kids.size() < 8) {
+        const unsigned behaviour = static_cast<unsigned>(rng() % 3);
+        kids.push_back(spawn([&name, behaviour] {
+          auto sub = connect_retry(name);
+          if (!sub) return 10;
+          std::vector<Sample> held;
+          std::uint64_t last = 0;
+          for (int n = 0;; ++n) {
+            auto s = sub->receive(secs(10));
+            if (!s) return s.error().code == Errc::PeerClosed ? 0 : 11;
+            if (s->seq() <= last || !check(s->data(), s->seq())) return 12;
+            last = s->seq();
+            if (behaviour == 1) held.push_back(std::move(*s));
+            if (held.size() > 3) held.erase(held.begin());
+            if (behaviour == 2 && n == 50) ::pause();
+          }
+        }));
+      }
+      if (!kids.empty() && rng() % 150 == 0) {
+        (void)os::kill_process(kids[rng() % kids.size()], SIGKILL);
+      }
+      const std::int64_t t0 = monotonic_ns();
+      auto st = publish_one(*pub, seq, Deadline::after(1s));
+      // Block with a subscriber that stopped reading: TimedOut (nothing published) until one of
+      // the kills takes it away; never longer than the deadline.
+      ASSERT_LT(monotonic_ns() - t0, 1'500'000'000);
+      if (!st) {
+        ASSERT_EQ(st.error().code, Errc::TimedOut) << st.error().op;
+        for (pid_t k : kids) (void)os::kill_process(k, SIGKILL);  // unstick it
+        --seq;  // nothing was published: the same seq again (the topic's seq did not move)
+      }
+    }
+    for (pid_t k : kids) (void)os::kill_process(k, SIGKILL);
+    for (pid_t k : kids) {
+      const int rc = join(k);
+      EXPECT_TRUE(rc == 0 || rc == 128 + SIGKILL) << "child exit " << rc;
+    }
+    expect_all_free(*pub, o.samples);
+    EXPECT_EQ(pub->stats().protocol_errors, 0u);
+  }
+}
 }  // namespace
 }  // namespace mbmq
