@@ -532,7 +532,9 @@ bool SubscriberCore::ring_has_news() const noexcept {
 
 // (T5) Copy the fields, then claim the entry by CAS; a failed CAS means the publisher dropped it.
 Result<std::optional<Sample>> SubscriberCore::try_take() {
-  for (;;) {
+  // Skips are bounded per look: a publisher writing huge positions everywhere cannot keep us here
+  // (receive() still ends at its deadline).
+  for (std::uint32_t skips = 0; skips < 2 * shm::kTopicRingCapacity; ++skips) {
     shm::TopicEntry& e = seg_->ring[head_ % shm::kTopicRingCapacity];
     std::uint64_t st = e.state.load(std::memory_order_acquire);  // pairs with T3's release
     if ((st >> 2) < head_ + 1) return std::optional<Sample>{};
@@ -563,6 +565,7 @@ Result<std::optional<Sample>> SubscriberCore::try_take() {
     expected_seq_ = seq + 1;
     return std::optional<Sample>{std::move(s)};
   }
+  return std::optional<Sample>{};
 }
 
 Result<Sample> SubscriberCore::receive(Deadline deadline) {

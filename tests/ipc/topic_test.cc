@@ -270,7 +270,7 @@ TEST(Topic, DropOldestCountsMissedSamplesExactly) {
 TEST(Topic, DropOldestSkipsASubscriberHoldingKeepSamples) {
   const std::string name = topic_name("hold");
   constexpr std::uint32_t kKeep = 4;
-  Gate gate = Gate::make();
+  Gate taken = Gate::make(), go = Gate::make(), released = Gate::make();
   pid_t holder = spawn([&] {
     auto sub = connect_retry(name);
     if (!sub) return 10;
@@ -280,11 +280,13 @@ TEST(Topic, DropOldestSkipsASubscriberHoldingKeepSamples) {
       if (!s || s->seq() != i + 1) return 11;
       held.push_back(std::move(*s));
     }
-    gate.wait();
+    taken.open();
+    go.wait();
     held.clear();
+    released.open();
+    // Samples kKeep+1 .. 99 were skipped for us (we held kKeep and had nothing queued to drop);
+    // we released only after the 99th, so the next we get is the 100th.
     auto s = sub->receive(secs(5));
-    // Samples kKeep+1 .. 99 were skipped for us (we held kKeep), then kKeep of the newest were
-    // queued as room came back... none: we released only now, so we get sample 100.
     if (!s) return 12;
     return (s->seq() == 100 && s->missed() == 100 - kKeep - 1) ? 0 : 13;
   });
@@ -298,11 +300,11 @@ TEST(Topic, DropOldestSkipsASubscriberHoldingKeepSamples) {
   ASSERT_TRUE(pub->wait_for_subscribers(1, secs(10)));
   for (std::uint64_t seq = 1; seq <= 99; ++seq) {
     ASSERT_TRUE(publish_one(*pub, seq, Deadline::immediate()));
-    if (seq == kKeep) ::usleep(100000);  // the holder takes its kKeep
+    if (seq == kKeep) taken.wait();  // the holder has taken its kKeep
   }
   EXPECT_EQ(pub->stats().free_samples, o.samples - kKeep);
-  gate.open();
-  ::usleep(100000);
+  go.open();
+  released.wait();
   ASSERT_TRUE(publish_one(*pub, 100, secs(1)));
   EXPECT_EQ(join(holder), 0);
   EXPECT_EQ(pub->stats().skipped, 99u - kKeep);
@@ -382,7 +384,8 @@ TEST(Topic, SubscriberCannotWriteThePool) {
     // mprotect cannot make it writable (F_SEAL_FUTURE_WRITE)...
     auto page = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{4095};
     if (::mprotect(reinterpret_cast<void*>(page), 4096, PROT_READ | PROT_WRITE) == 0) return 12;
-    *p = std::byte{0};  // ... and a write faults
+    ::signal(SIGSEGV, SIG_DFL);  // die of it, even under ASan (which would catch it)
+    *p = std::byte{0};           // ... and a write faults
     return 13;
   });
   pid_t reader = spawn([&] { return receive_all(name, 1); });
