@@ -41,6 +41,7 @@
 #include "mbmq/export.h"
 #include "mbmq/rendezvous.h"
 #include "mbmq/result.h"
+#include "mbmq/sample.h"
 #include "mbmq/wait_policy.h"
 
 namespace mbmq {
@@ -79,6 +80,7 @@ struct TopicStats {
   std::uint64_t left = 0;             // subscribers gone (closed, died, or thrown out)
   std::uint64_t protocol_errors = 0;  // subscribers thrown out for breaking the protocol
   std::uint64_t wakes = 0;            // FUTEX_WAKE calls made by publish()
+  std::uint64_t notifications = 0;    // messages to subscribers redirected to a queue (T10)
   std::uint32_t free_samples = 0;     // samples neither lent nor handed out now
 };
 
@@ -120,37 +122,6 @@ class MBMQ_EXPORT Publisher {
   std::shared_ptr<detail::TopicCore> core_;
 };
 
-// A received sample: its bytes in the publisher's pool, read-only. Dropping it (or reset())
-// releases this subscriber's reference. Move-only; may be dropped on any thread.
-class MBMQ_EXPORT Sample {
- public:
-  Sample() noexcept = default;
-  Sample(Sample&& o) noexcept;
-  Sample& operator=(Sample&& o) noexcept;
-  Sample(const Sample&) = delete;
-  Sample& operator=(const Sample&) = delete;
-  ~Sample();
-
-  std::span<const std::byte> data() const noexcept { return {data_, size_}; }
-  std::size_t size() const noexcept { return size_; }
-  // The topic's sequence number of this sample (consecutive over everything published).
-  std::uint64_t seq() const noexcept { return seq_; }
-  // Samples published since the previous one this subscriber received (or since it joined) that
-  // it did not get: dropped (DropOldest) or not offered. 0 under Block and Refuse.
-  std::uint64_t missed() const noexcept { return missed_; }
-  bool valid() const noexcept { return data_ != nullptr; }
-  void reset() noexcept;
-
- private:
-  friend class detail::SubscriberCore;
-  std::shared_ptr<detail::SubscriberCore> core_;
-  const std::byte* data_ = nullptr;
-  std::size_t size_ = 0;
-  std::uint64_t seq_ = 0;
-  std::uint64_t missed_ = 0;
-  std::uint32_t index_ = 0;
-};
-
 class MBMQ_EXPORT Subscriber {
  public:
   Subscriber() noexcept = default;
@@ -170,6 +141,10 @@ class MBMQ_EXPORT Subscriber {
   // publisher has gone (or threw us out) and every sample queued before was received;
   // Errc::Protocol if the publisher wrote garbage.
   Result<Sample> receive(Deadline deadline);
+  // Delivers this subscription's samples to `queue` instead, as Message{key, Kind::Sample,
+  // sample}, and its end (the publisher gone, or it threw us out) as Kind::PeerClosed: one loop
+  // serves requests and subscriptions. receive() then returns Errc::InvalidArgument. Once only.
+  Status redirect(MsgQueue& queue, std::uint64_t key);
   bool valid() const noexcept { return core_ != nullptr; }
 
  private:

@@ -424,6 +424,17 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
     (void)os::futex_wake(&hdr_->wake, INT_MAX);
     ++stats_.wakes;
   }
+  // (T10) Subscribers that receive through a MsgQueue and asked to be told: one message each.
+  for (Sub& s : subs_) {
+    if (!s.active || s.seg->notify.load(std::memory_order_relaxed) == 0) continue;
+    if (s.seg->notify.exchange(0, std::memory_order_acq_rel) == 0) continue;
+    auto nb = s.channel.buffer(1);
+    if (!nb || !s.channel.send(std::move(*nb))) {
+      s.seg->notify.store(1, std::memory_order_relaxed);  // the next publish tries again
+    } else {
+      ++stats_.notifications;
+    }
+  }
   return {};
 }
 
@@ -570,6 +581,7 @@ Result<std::optional<Sample>> SubscriberCore::try_take() {
 
 Result<Sample> SubscriberCore::receive(Deadline deadline) {
   os::LockGuard lock(recv_mu_);
+  if (redirected_) return fail(Errc::InvalidArgument, "Subscriber::receive: redirected to a queue");
   if (broken_ != nullptr) return fail(Errc::Protocol, broken_);
   SpinStep step(wait_, deadline);
   for (;;) {
@@ -595,6 +607,55 @@ Result<Sample> SubscriberCore::receive(Deadline deadline) {
     }
     seg_->sleeping.store(0, std::memory_order_relaxed);
   }
+}
+
+// Lock order: the queue's lock, then recv_mu_ (take_into). So recv_mu_ is not held across the
+// channel's redirect, which takes the queue's lock.
+Status SubscriberCore::redirect(MsgQueue& queue, std::uint64_t key) {
+  {
+    os::LockGuard lock(recv_mu_);
+    if (redirected_) return fail(Errc::InvalidArgument, "Subscriber::redirect: already redirected");
+    if (!ChannelAccess::ep(channel_))
+      return fail(Errc::InvalidArgument, "Subscriber::redirect: closed");
+    key_ = key;
+    redirected_ = true;
+  }
+  // Before the queue can poll the end: the redirect publishes it to the queue's threads.
+  ChannelAccess::ep(channel_)->set_tap(std::weak_ptr<TopicTap>(weak_from_this()));
+  Status st = channel_.redirect(queue, key);
+  if (!st) {  // the tap stays, unused: nothing polls an end that is not redirected
+    os::LockGuard lock(recv_mu_);
+    redirected_ = false;
+  }
+  return st;
+}
+
+// (T10) From the queue's poll of our channel end, with the queue's lock held. Nothing there: arm
+// `notify`, fence (pairs with T4's), look once more.
+bool SubscriberCore::take_into(Message* out) noexcept {
+  os::LockGuard lock(recv_mu_);
+  if (!redirected_ || broken_ != nullptr) return false;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    auto got = try_take();
+    if (!got) {
+      // The publisher wrote garbage: the channel ends with Errc::Protocol, which the queue
+      // delivers as this subscription's Kind::PeerClosed.
+      ChannelAccess::ep(channel_)->abandon(broken_);
+      return false;
+    }
+    if (*got) {
+      *out = Message{};
+      out->key = key_;
+      out->kind = Kind::Sample;
+      out->sample = std::move(**got);
+      return true;
+    }
+    if (attempt == 0) {
+      seg_->notify.store(1, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+    }
+  }
+  return false;
 }
 
 // (T6) No lock: one RMW on our own segment, then a kick if the publisher waits for room.
@@ -697,6 +758,11 @@ Result<Subscriber> Subscriber::connect(std::string_view name, Deadline deadline,
   Subscriber s;
   s.core_ = MBMQ_TRY(detail::SubscriberCore::connect(name, deadline, options));
   return s;
+}
+
+Status Subscriber::redirect(MsgQueue& queue, std::uint64_t key) {
+  if (!core_) return fail(Errc::InvalidArgument, "Subscriber::redirect: invalid");
+  return core_->redirect(queue, key);
 }
 
 Result<Sample> Subscriber::receive(Deadline deadline) {

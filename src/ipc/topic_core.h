@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "ipc/topic_tap.h"
 #include "mbmq/channel.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
@@ -109,7 +110,7 @@ inline void topic_release_unpublished(TopicCore& core, std::uint32_t index,
   core.release_unpublished(index, gen);
 }
 
-class SubscriberCore : public std::enable_shared_from_this<SubscriberCore> {
+class SubscriberCore final : public TopicTap, public std::enable_shared_from_this<SubscriberCore> {
  public:
   static Result<std::shared_ptr<SubscriberCore>> connect(std::string_view name, Deadline deadline,
                                                          const ConnectOptions& options);
@@ -118,7 +119,9 @@ class SubscriberCore : public std::enable_shared_from_this<SubscriberCore> {
   SubscriberCore& operator=(const SubscriberCore&) = delete;
 
   Result<Sample> receive(Deadline deadline);
-  void release(std::uint32_t index) noexcept;  // (T6)
+  Status redirect(MsgQueue& queue, std::uint64_t key);
+  bool take_into(Message* out) noexcept override;  // (T10), from the queue's poll
+  void release(std::uint32_t index) noexcept;      // (T6)
   void close() noexcept;
   shm::TopicSubSegment* segment_for_test() noexcept { return seg_; }
 
@@ -142,6 +145,8 @@ class SubscriberCore : public std::enable_shared_from_this<SubscriberCore> {
   std::uint64_t head_ MBMQ_GUARDED_BY(recv_mu_) = 0;
   std::uint64_t expected_seq_ MBMQ_GUARDED_BY(recv_mu_) = 0;
   const char* broken_ MBMQ_GUARDED_BY(recv_mu_) = nullptr;  // a protocol error seen
+  bool redirected_ MBMQ_GUARDED_BY(recv_mu_) = false;
+  std::uint64_t key_ MBMQ_GUARDED_BY(recv_mu_) = 0;
   std::atomic<bool> kicking_{false};
 };
 

@@ -89,6 +89,13 @@ struct TopicSubSegment {
   // sleep. Publisher: relaxed load after its seq_cst fence (T4). A hint: a lie costs the publisher
   // at most one FUTEX_WAKE per publish, or delays only this subscriber.
   alignas(64) std::atomic<std::uint32_t> sleeping;
+  // (T10) A subscriber redirected to a MsgQueue: 1 = "notify me". Subscriber: store 1 after a
+  // look that found nothing, seq_cst fence, look once more. Publisher: after T4's fence, a relaxed
+  // load, and if set exchange(0, acq_rel); if it got 1, one one-way message on the channel (which
+  // wakes the subscriber's queue, P4q); if that send fails, store 1 again. A lie costs the
+  // publisher one channel send per publish, or delays only this subscriber (its queue's 1 s
+  // safety net still polls it).
+  std::atomic<std::uint32_t> notify;
   // Publisher: store 1 (then seq_cst fence, then a last harvest) while it waits for room (T7),
   // 0 after. Subscriber: load after its seq_cst fetch_or on `returned` (T6); if set, it kicks the
   // publisher with a one-way message on its channel. A hint: the publisher's waits are bounded.

@@ -573,6 +573,74 @@ TEST(Topic, SubscribersPastTheLimitAreRefused) {
   EXPECT_EQ(s->seq(), 1u);
 }
 
+// (T10) A subscriber redirected to a MsgQueue: one loop serves requests on a channel and the
+// subscription's samples (Kind::Sample), every sample in order, then the end as Kind::PeerClosed.
+TEST(Topic, OneQueueServesRequestsAndSamples) {
+  const std::string name = topic_name("queue");
+  constexpr std::uint64_t kN = 2000;
+  constexpr int kCalls = 200;
+  auto pair = Channel::pair();
+  ASSERT_TRUE(pair);
+  auto [client, server] = std::move(*pair);
+  pid_t kid = spawn([&] {
+    client = Channel{};
+    auto q = MsgQueue::create();
+    if (!q || !server.redirect(*q, 9)) return 10;
+    auto sub = connect_retry(name);
+    if (!sub) return 11;
+    if (!sub->redirect(*q, 7)) return 12;
+    if (sub->receive(Deadline::immediate())) return 13;  // redirected: not here
+    std::uint64_t last = 0;
+    int calls = 0;
+    for (;;) {
+      auto m = q->wait(secs(10));
+      if (!m) return 14;
+      if (m->kind == Kind::Sample) {
+        if (m->key != 7 || m->sample.seq() != last + 1 || m->sample.missed() != 0) return 15;
+        if (!check(m->sample.data(), m->sample.seq())) return 16;
+        last = m->sample.seq();
+      } else if (m->kind == Kind::Request) {
+        if (m->key != 9) return 17;
+        ++calls;
+        if (!MsgQueue::reply(std::move(*m))) return 18;
+      } else if (m->kind == Kind::PeerClosed && m->key == 7) {
+        // The publisher went after publishing everything.
+        return (last == kN && calls == kCalls) ? 0 : 19;
+      } else if (m->kind != Kind::PeerClosed) {
+        return 20;
+      }
+    }
+  });
+  server = Channel{};
+  TopicOptions o;
+  o.samples = 32;
+  o.sample_size = 512;
+  o.keep = 8;
+  {
+    auto pub = Publisher::create(name, o);
+    ASSERT_TRUE(pub) << pub.error().op;
+    ASSERT_TRUE(pub->wait_for_subscribers(1, secs(10)));
+    int calls = 0;
+    for (std::uint64_t seq = 1; seq <= kN; ++seq) {
+      auto st = publish_one(*pub, seq, secs(5));
+      ASSERT_TRUE(st) << st.error().op << " at seq " << seq;
+      if (seq % (kN / kCalls) == 0) {
+        auto b = client.buffer(16);
+        ASSERT_TRUE(b);
+        ASSERT_TRUE(client.call(*b, secs(5)));
+        ++calls;
+      }
+      if (seq % 500 == 0) ::usleep(20000);  // let the queue fall asleep now and then
+    }
+    EXPECT_EQ(calls, kCalls);
+    EXPECT_GE(pub->stats().notifications, 1u);
+    const Deadline end = secs(5);
+    while (pub->stats().free_samples != o.samples && !end.expired()) ::usleep(1000);
+    EXPECT_EQ(pub->stats().free_samples, o.samples);
+  }  // the publisher goes: the subscription ends
+  EXPECT_EQ(join(kid), 0);
+}
+
 // Soak: rounds of subscribers that join mid-stream, read, hold, stop, and are killed at random,
 // under Block and DropOldest. After each round every sample is back. 3 rounds by default;
 // MBMQ_TOPIC_SOAK_ROUNDS (the soak label runs 100).
