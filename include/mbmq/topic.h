@@ -1,6 +1,6 @@
 // mbmq/topic.h: publish/subscribe. A Publisher writes a sample once, in place, and publishes it to
 // every Subscriber of its topic; subscribers read it in place, read-only, and the sample is reused
-// when the last of them has released it. Design: docs/design/topic.md (protocol steps T1-T9).
+// when the last of them has released it. Design: docs/design/topic.md (protocol steps T1-T10).
 //
 //   // publisher process
 //   mbmq::Publisher pub = MBMQ_TRY(mbmq::Publisher::create("prices", {.keep = 8}));
@@ -9,9 +9,12 @@
 //   MBMQ_TRY(pub.publish(std::move(b), mbmq::Deadline::after(1s)));
 //
 //   // subscriber process
-//   mbmq::Subscriber sub = MBMQ_TRY(mbmq::Subscriber::connect("prices",
-//   mbmq::Deadline::after(1s))); mbmq::Sample s = MBMQ_TRY(sub.receive(mbmq::Deadline::never()));
+//   auto sub = MBMQ_TRY(mbmq::Subscriber::connect("prices", mbmq::Deadline::after(1s)));
+//   mbmq::Sample s = MBMQ_TRY(sub.receive(mbmq::Deadline::never()));
 //   read_price(s.data(), s.seq(), s.missed());       // dropping `s` releases the sample
+//
+//   // or, one loop for requests and subscriptions:
+//   MBMQ_TRY(sub.redirect(queue, kPrices));          // Message{kPrices, Kind::Sample, sample}
 //
 // Subscribers join by name through the Listener/connect rendezvous (its access control applies)
 // and receive the samples published after they joined. The samples live in one memfd that

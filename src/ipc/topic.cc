@@ -1,4 +1,4 @@
-// Publisher, Subscriber, Sample: the topic protocol (T1)-(T9) of docs/design/topic.md.
+// Publisher, Subscriber, Sample: the topic protocol (T1)-(T10) of docs/design/topic.md.
 #include "mbmq/topic.h"
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // ipc/topic_core.h: the state behind Publisher (TopicCore) and Subscriber (SubscriberCore), the
-// protocol steps (T1)-(T9) of docs/design/topic.md over the layout of shm/topic_layout.h.
+// protocol steps (T1)-(T10) of docs/design/topic.md over the layout of shm/topic_layout.h.
 //
 // Locking: TopicCore::mu_ guards everything of the publisher: the sample table, the subscriber
 // table, the queue and the listener. It is held while publish()/buffer() wait for room (in steps

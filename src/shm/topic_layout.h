@@ -1,5 +1,5 @@
 // shm/topic_layout.h: the bytes a topic's publisher shares with its subscribers (#15). The
-// protocol steps (T1)-(T9) and the threat model are in docs/design/topic.md; the code cites them.
+// protocol steps (T1)-(T10) and the threat model are in docs/design/topic.md; the code cites them.
 //
 //   pool memfd (one per topic): TopicPoolHeader (one page), then `samples` sample slots of
 //     sample_stride bytes. The publisher maps it read-write and seals it F_SEAL_FUTURE_WRITE |
