@@ -641,6 +641,48 @@ TEST(Topic, OneQueueServesRequestsAndSamples) {
   EXPECT_EQ(join(kid), 0);
 }
 
+// (T10) The same in threads of one process (TSan): a queue waiter and the publisher.
+TEST(Topic, ThreadsReceiveSamplesThroughAQueue) {
+  const std::string name = topic_name("tqueue");
+  TopicOptions o;
+  o.samples = 16;
+  o.sample_size = 256;
+  o.keep = 4;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub);
+  auto q = MsgQueue::create(WaitPolicy{WaitMode::Sleep, {}});
+  ASSERT_TRUE(q);
+  std::atomic<int> result{-1};
+  std::thread t([&] {
+    auto sub = Subscriber::connect(name, secs(5));
+    if (!sub || !sub->redirect(*q, 3)) {
+      result = 10;
+      return;
+    }
+    std::uint64_t last = 0;
+    while (last < 300) {
+      auto m = q->wait(secs(5));
+      if (!m || m->kind != Kind::Sample || m->key != 3) {
+        result = 11;
+        return;
+      }
+      if (m->sample.seq() != last + 1 || !check(m->sample.data(), m->sample.seq())) {
+        result = 12;
+        return;
+      }
+      last = m->sample.seq();
+    }
+    result = 0;
+  });
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(5)));
+  for (std::uint64_t seq = 1; seq <= 300; ++seq) {
+    ASSERT_TRUE(publish_one(*pub, seq, secs(5)));
+    if (seq % 50 == 0) std::this_thread::sleep_for(5ms);  // the waiter sleeps
+  }
+  t.join();
+  EXPECT_EQ(result.load(), 0);
+}
+
 // Soak: rounds of subscribers that join mid-stream, read, hold, stop, and are killed at random,
 // under Block and DropOldest. After each round every sample is back. 3 rounds by default;
 // MBMQ_TOPIC_SOAK_ROUNDS (the soak label runs 100).
