@@ -100,7 +100,7 @@ class MBMQ_EXPORT Publisher {
 
   // Listens on `name`. Errc::InvalidArgument for options out of range; Errc::System/EADDRINUSE
   // if another live listener has the name.
-  static Result<Publisher> create(std::string_view name, TopicOptions options = {});
+  static Result<Publisher> create(std::string_view name, const TopicOptions& options = {});
 
   // A free sample of `size` bytes (capacity sample_size), to write and publish(). Waits until
   // `deadline` for one to be released (Errc::TimedOut). Errc::InvalidArgument above sample_size.

@@ -113,6 +113,7 @@ void TopicCore::join_locked(Channel&& ch) {
     return;
   }
   Sub& s = subs_[i];
+  const std::uint64_t join_seq = next_seq_;
   auto setup = [&]() -> Status {
     os::UniqueFd fd =
         MBMQ_TRY(os::make_sealed_memfd("mbmq-topic-sub", sizeof(shm::TopicSubSegment)));
@@ -124,7 +125,7 @@ void TopicCore::join_locked(Channel&& ch) {
     s.seg->version = shm::kTopicLayoutVersion;
     s.seg->ring_capacity = shm::kTopicRingCapacity;
     s.seg->samples = opt_.samples;
-    s.seg->join_seq = next_seq_;
+    s.seg->join_seq = join_seq;
     shm::TopicHello hello{};
     hello.magic = shm::kTopicMagic;
     hello.version = shm::kTopicLayoutVersion;
@@ -139,10 +140,11 @@ void TopicCore::join_locked(Channel&& ch) {
     MBMQ_TRY(b.attach_fd(pool_dup.release()));
     MBMQ_TRY(b.attach_fd(fd.release()));
     MBMQ_TRY(ch.send(std::move(b)));
-    MBMQ_TRY(ch.redirect(queue_, sub_key(i, s.gen + 1)));
     return {};
   };
-  if (!setup()) {
+  Status st = setup();
+  if (st) st = ch.redirect(queue_, sub_key(i, s.gen + 1));
+  if (!st) {
     s.map.reset();
     s.seg = nullptr;
     ch.close();
@@ -191,7 +193,7 @@ void TopicCore::handle_message_locked(Message&& m) {
     if (m.key == kListenKey) join_locked(std::move(m.channel));
     return;
   }
-  const std::size_t i = static_cast<std::size_t>(m.key & 0xffff'ffffu);
+  const auto i = static_cast<std::size_t>(m.key & 0xffff'ffffu);
   const auto gen = static_cast<std::uint32_t>(m.key >> 32);
   if (i >= subs_.size() || !subs_[i].active || subs_[i].gen != gen) return;
   if (m.kind == Kind::PeerClosed) remove_locked(i, m.error == Errc::Protocol);
@@ -688,7 +690,7 @@ Publisher::~Publisher() {
   if (core_) core_->shutdown();
 }
 
-Result<Publisher> Publisher::create(std::string_view name, TopicOptions options) {
+Result<Publisher> Publisher::create(std::string_view name, const TopicOptions& options) {
   Publisher p;
   p.core_ = MBMQ_TRY(detail::TopicCore::make(name, options));
   return p;

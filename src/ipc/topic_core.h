@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "ipc/topic_tap.h"
@@ -31,7 +32,7 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
   static Result<std::shared_ptr<TopicCore>> make(std::string_view name, const TopicOptions& o);
   TopicCore(const TopicCore&) = delete;
   TopicCore& operator=(const TopicCore&) = delete;
-  explicit TopicCore(const TopicOptions& o) : opt_(o) {}
+  explicit TopicCore(TopicOptions o) : opt_(std::move(o)) {}
 
   Result<Buffer> buffer(std::size_t size, Deadline deadline);
   Status publish(Buffer&& b, Deadline deadline);
