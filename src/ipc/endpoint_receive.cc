@@ -178,6 +178,7 @@ Endpoint::Poll Endpoint::poll(Message* out) {
         os::LockGuard lock(mu_);
         p = poll_locked(out);
       }
+      if (p == Poll::Ended) tap->on_end(out);
       if (p != Poll::Got || out->kind != Kind::Message) return p;
       *out = Message{};  // a notification: its slot goes back (P7r)
       if (tap->take_into(out)) return Poll::Got;

@@ -21,6 +21,8 @@ namespace {
 constexpr std::uint64_t kListenKey = ~std::uint64_t{0};
 constexpr std::int64_t kRoomStepNs = 10'000'000;    // (T7) safety net of a wait for room
 constexpr std::int64_t kSleepStepNs = 100'000'000;  // (T5) a sleeping subscriber's check period
+constexpr const char* kThrownOut =
+    "Subscriber: the publisher disconnected us for breaking the topic protocol";
 
 std::uint64_t sub_key(std::size_t i, std::uint32_t gen) {
   return (std::uint64_t{gen} << 32) | static_cast<std::uint64_t>(i);
@@ -178,6 +180,8 @@ void TopicCore::remove_locked(std::size_t i, bool protocol) {
     s.lent[w] = 0;
   }
   s.lent_count = 0;
+  // Tells the subscriber why, before the hang-up it will see (only it reads this).
+  if (protocol) s.seg->verdict.store(shm::kTopicVerdictProtocol, std::memory_order_release);
   s.channel.close();
   s.channel = Channel{};
   s.seg = nullptr;
@@ -380,8 +384,8 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
         }
         if (bad) {
           remove_locked(i, true);
-        } else if (s.lent_count >= opt_.keep) {
-          skip[i] = 1;  // everything it holds is taken by its application
+        } else if (full_locked(s)) {  // harvested once more: it may have taken and released
+          skip[i] = 1;                // everything it holds is taken by its application
           ++stats_.skipped;
         }
       }
@@ -534,6 +538,8 @@ Status SubscriberCore::closed_status() noexcept {
   if (!ep) return fail(Errc::InvalidArgument, "Subscriber: closed");
   const EpState st = ep->state();
   if (st == EpState::Open) return {};
+  if (seg_->verdict.load(std::memory_order_acquire) == shm::kTopicVerdictProtocol)
+    return fail(Errc::Protocol, kThrownOut);
   return fail(closed_errc(st), "Subscriber::receive: the publisher has gone");
 }
 
@@ -658,6 +664,13 @@ bool SubscriberCore::take_into(Message* out) noexcept {
     }
   }
   return false;
+}
+
+void SubscriberCore::on_end(Message* out) noexcept {
+  if (seg_->verdict.load(std::memory_order_acquire) == shm::kTopicVerdictProtocol) {
+    out->error = Errc::Protocol;
+    out->why = kThrownOut;
+  }
 }
 
 // (T6) No lock: one RMW on our own segment, then a kick if the publisher waits for room.

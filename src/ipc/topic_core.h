@@ -122,7 +122,8 @@ class SubscriberCore final : public TopicTap, public std::enable_shared_from_thi
   Result<Sample> receive(Deadline deadline);
   Status redirect(MsgQueue& queue, std::uint64_t key);
   bool take_into(Message* out) noexcept override;  // (T10), from the queue's poll
-  void release(std::uint32_t index) noexcept;      // (T6)
+  void on_end(Message* out) noexcept override;
+  void release(std::uint32_t index) noexcept;  // (T6)
   void close() noexcept;
   shm::TopicSubSegment* segment_for_test() noexcept { return seg_; }
 

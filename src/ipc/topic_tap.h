@@ -15,6 +15,9 @@ class TopicTap {
   // True: *out is a Kind::Sample. False: nothing now, and the tap has armed its notification
   // (the publisher will send one when it queues the next sample).
   virtual bool take_into(Message* out) noexcept = 0;
+  // The subscription's final Kind::PeerClosed, before the queue delivers it: the tap may say
+  // why (the publisher threw it out for breaking the protocol).
+  virtual void on_end(Message* out) noexcept = 0;
 
  protected:
   ~TopicTap() = default;

@@ -30,6 +30,8 @@ inline constexpr std::uint32_t kMaxTopicSampleSize = 64u << 20;
 inline constexpr std::uint64_t kTopicPublished = 0;  // publisher: store-release after the fields
 inline constexpr std::uint64_t kTopicTaken = 1;      // subscriber: CAS from Published (T5)
 inline constexpr std::uint64_t kTopicDropped = 2;    // publisher: CAS from Published (T8)
+inline constexpr std::uint32_t kTopicVerdictProtocol = 1;  // TopicSubSegment::verdict
+
 constexpr std::uint64_t topic_state(std::uint64_t pos, std::uint64_t tag) noexcept {
   return ((pos + 1) << 2) | tag;
 }
@@ -100,6 +102,10 @@ struct TopicSubSegment {
   // 0 after. Subscriber: load after its seq_cst fetch_or on `returned` (T6); if set, it kicks the
   // publisher with a one-way message on its channel. A hint: the publisher's waits are bounded.
   alignas(64) std::atomic<std::uint32_t> publisher_waiting;
+  // Publisher: store-release kTopicVerdictProtocol just before it closes the channel of a
+  // subscriber that broke the protocol (T9). Subscriber: acquire load once it finds its channel
+  // closed, to report Errc::Protocol instead of PeerClosed. Only this subscriber reads it.
+  std::atomic<std::uint32_t> verdict;
   // (T6/T7) Bit k % 64 of word k / 64: sample k released. Subscriber: fetch_or(seq_cst) when it
   // drops a sample (its reads of the payload happen before). Publisher: exchange(0, acquire) when
   // it needs room; bits of samples it has not lent to this subscriber are ignored.
@@ -111,6 +117,7 @@ static_assert(std::is_standard_layout_v<TopicSubSegment>);
 static_assert(offsetof(TopicSubSegment, join_seq) == 24 &&
               offsetof(TopicSubSegment, sleeping) == 64 &&
               offsetof(TopicSubSegment, publisher_waiting) == 128 &&
+              offsetof(TopicSubSegment, verdict) == 132 &&
               offsetof(TopicSubSegment, returned) == 192 &&
               offsetof(TopicSubSegment, ring) == 192 + 8 * kTopicReturnedWords);
 static_assert(sizeof(TopicSubSegment) == 320 + sizeof(TopicEntry) * kTopicRingCapacity);

@@ -458,6 +458,44 @@ TEST(Topic, HostileSubscriberAffectsOnlyItself) {
   expect_all_free(*pub, o.samples);
 }
 
+// (T8/T9) A subscriber caught writing garbage into a ring entry the publisher must take back is
+// thrown out, and is told so: its receive() ends with Errc::Protocol, not PeerClosed.
+TEST(Topic, AThrownOutSubscriberIsToldProtocol) {
+  const std::string name = topic_name("verdict");
+  Gate published = Gate::make(), scribbled = Gate::make(), checked = Gate::make();
+  pid_t liar = spawn([&] {
+    auto sub = connect_retry(name);
+    if (!sub) return 10;
+    published.wait();  // seq 1 is queued at ring position 0
+    detail::TopicTestAccess::segment(*sub)->ring[0].state.store(12345);
+    scribbled.open();
+    checked.wait();
+    for (;;) {
+      auto s = sub->receive(secs(5));
+      if (!s) return s.error().code == Errc::Protocol ? 0 : 11;
+    }
+  });
+  TopicOptions o;
+  o.samples = 8;
+  o.sample_size = 256;
+  o.keep = 2;
+  o.policy = SlowSubscriber::DropOldest;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub);
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(10)));
+  ASSERT_TRUE(publish_one(*pub, 1, secs(1)));
+  published.open();
+  scribbled.wait();
+  // The third publish finds it at keep and tries to drop position 0: garbage there.
+  ASSERT_TRUE(publish_one(*pub, 2, secs(1)));
+  ASSERT_TRUE(publish_one(*pub, 3, secs(1)));
+  EXPECT_EQ(pub->stats().protocol_errors, 1u);
+  EXPECT_EQ(pub->subscribers(), 0u);
+  checked.open();
+  EXPECT_EQ(join(liar), 0);
+  expect_all_free(*pub, o.samples);
+}
+
 // Threads of one process (TSan): join mid-stream, receive from there on, leave; publisher gone.
 TEST(Topic, ThreadsJoinMidStreamAndSeePublisherLeave) {
   const std::string name = topic_name("threads");
