@@ -21,6 +21,7 @@ namespace {
 constexpr std::uint64_t kListenKey = ~std::uint64_t{0};
 constexpr std::int64_t kRoomStepNs = 10'000'000;    // (T7) safety net of a wait for room
 constexpr std::int64_t kSleepStepNs = 100'000'000;  // (T5) a sleeping subscriber's check period
+constexpr std::int64_t kEventPollNs = 1'000'000;    // the queue's events, on the publishing path
 constexpr const char* kThrownOut =
     "Subscriber: the publisher disconnected us for breaking the topic protocol";
 
@@ -216,6 +217,16 @@ void TopicCore::poll_events_locked(Deadline deadline) {
   }
 }
 
+// On the publishing path the queue is looked at once per kEventPollNs at most: a look costs a
+// spin of the queue's own (~64 polls), and joins, departures and kicks can wait a millisecond.
+// (A wait for room looks at it on every step, make_room_locked.)
+void TopicCore::maybe_poll_events_locked() {
+  const std::int64_t now = monotonic_ns();
+  if (now - last_event_poll_ns_ < kEventPollNs) return;
+  last_event_poll_ns_ = now;
+  poll_events_locked(Deadline::immediate());
+}
+
 // (T7) Bits for samples not lent to this subscriber are ignored.
 void TopicCore::harvest_locked(Sub& s) {
   for (std::uint32_t w = 0; w < words_; ++w) {
@@ -334,7 +345,7 @@ Result<Buffer> TopicCore::buffer(std::size_t size, Deadline deadline) {
     return fail(Errc::InvalidArgument, "Publisher::buffer: above sample_size");
   os::LockGuard lock(mu_);
   if (closed_) return fail(Errc::InvalidArgument, "Publisher::buffer: closed");
-  poll_events_locked(Deadline::immediate());
+  maybe_poll_events_locked();
   MBMQ_TRY(make_room_locked(deadline, true));
   const std::uint32_t k = free_.back();
   free_.pop_back();
@@ -359,7 +370,7 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
   const std::uint32_t k = b.id_;
   if (k >= samples_.size() || samples_[k].state != SampleState::App || samples_[k].gen != b.gen_)
     return fail(Errc::InvalidArgument, "Publisher::publish: stale sample");
-  poll_events_locked(Deadline::immediate());
+  maybe_poll_events_locked();
   // (T8) Slow subscribers, per policy.
   std::vector<std::uint8_t>& skip = skip_;  // reused: no allocation per publish
   std::fill(skip.begin(), skip.end(), std::uint8_t{0});

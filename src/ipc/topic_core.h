@@ -73,6 +73,7 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
   bool room_ready_locked(bool for_buffer) MBMQ_REQUIRES(mu_);
   // Takes queue events (joins, departures, kicks): waits until `deadline` for the first.
   void poll_events_locked(Deadline deadline) MBMQ_REQUIRES(mu_);
+  void maybe_poll_events_locked() MBMQ_REQUIRES(mu_);
   void handle_message_locked(Message&& m) MBMQ_REQUIRES(mu_);
   void join_locked(Channel&& ch) MBMQ_REQUIRES(mu_);
   void remove_locked(std::size_t i, bool protocol) MBMQ_REQUIRES(mu_);
@@ -99,6 +100,7 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
   std::vector<std::uint8_t> skip_ MBMQ_GUARDED_BY(mu_);  // publish(): subscribers skipped (T8)
   std::size_t active_ MBMQ_GUARDED_BY(mu_) = 0;
   std::uint64_t next_seq_ MBMQ_GUARDED_BY(mu_) = 1;
+  std::int64_t last_event_poll_ns_ MBMQ_GUARDED_BY(mu_) = 0;
   bool waiting_ MBMQ_GUARDED_BY(mu_) = false;  // publisher_waiting set in the segments
   bool closed_ MBMQ_GUARDED_BY(mu_) = false;
   TopicStats stats_ MBMQ_GUARDED_BY(mu_);
