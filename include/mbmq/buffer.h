@@ -25,6 +25,9 @@
 // is never delivered (the receiver died, the channel closed). A received buffer's own handles
 // do not go back with the reply; handles attached after receipt do.
 //
+// A Buffer may also be a topic's sample (Publisher::buffer, mbmq/topic.h): it cannot grow past
+// its capacity and cannot carry handles.
+//
 // Thread safety: a Buffer is a move-only value; use it from one thread at a time.
 #pragma once
 
@@ -42,6 +45,7 @@ class Channel;
 namespace detail {
 class Endpoint;
 class PeerTrust;
+class TopicCore;
 struct Handles;
 struct BufferAccess;
 struct HandlesDeleter {  // defined where Handles is complete
@@ -110,6 +114,7 @@ class MBMQ_EXPORT Buffer {
  private:
   friend class detail::Endpoint;
   friend class detail::PeerTrust;
+  friend class detail::TopicCore;
   friend struct detail::BufferAccess;
   enum class Origin : std::uint8_t { None, Own, Peer };
 
@@ -122,6 +127,9 @@ class MBMQ_EXPORT Buffer {
   Origin origin_ = Origin::None;
   std::uint16_t kind_ = 0;      // for Origin::Peer: the DescKind it arrived as
   detail::HandlesPtr handles_;  // null unless handles are attached or received
+  // A topic's sample (Publisher::buffer, mbmq/topic.h) instead of a channel's buffer: ep_ is
+  // null, id_/gen_ name the sample; dropping it unpublished gives it back to the topic's pool.
+  std::shared_ptr<detail::TopicCore> topic_;
 };
 
 }  // namespace mbmq

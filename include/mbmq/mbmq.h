@@ -8,4 +8,5 @@
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
 #include "mbmq/result.h"
+#include "mbmq/topic.h"
 #include "mbmq/wait_policy.h"

@@ -26,6 +26,7 @@
 #include "mbmq/deadline.h"
 #include "mbmq/export.h"
 #include "mbmq/result.h"
+#include "mbmq/sample.h"
 #include "mbmq/wait_policy.h"
 
 namespace mbmq {
@@ -42,6 +43,7 @@ enum class Kind : std::uint8_t {
   Message,     // one-way; dropping the buffer gives it back to the sender
   PeerClosed,  // the channel ended: `error` says PeerClosed or Protocol; the buffer is empty
   Connection,  // a Listener redirected here accepted a client: `channel` is the server's end
+  Sample,      // a topic's sample for a Subscriber redirected here: `sample` (mbmq/topic.h)
 };
 
 struct Message {
@@ -55,6 +57,8 @@ struct Message {
   // Kind::Connection only: the new channel. Keep it, or adopt() it into a queue; dropped, it
   // closes and the client sees PeerClosed.
   Channel channel;
+  // Kind::Sample only: the sample, read-only; dropping it releases it.
+  Sample sample;
 };
 
 class MBMQ_EXPORT MsgQueue {

@@ -4,6 +4,7 @@
 #include "ipc/endpoint.h"
 #include "ipc/handles.h"
 #include "ipc/listener_core.h"
+#include "ipc/topic_core.h"
 #include "mbmq/channel.h"
 
 namespace mbmq {
@@ -19,7 +20,8 @@ Buffer::Buffer(Buffer&& o) noexcept
       gen_(o.gen_),
       origin_(std::exchange(o.origin_, Origin::None)),
       kind_(o.kind_),
-      handles_(std::move(o.handles_)) {}
+      handles_(std::move(o.handles_)),
+      topic_(std::move(o.topic_)) {}
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
@@ -33,6 +35,7 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     origin_ = std::exchange(o.origin_, Origin::None);
     kind_ = o.kind_;
     handles_ = std::move(o.handles_);
+    topic_ = std::move(o.topic_);
   }
   return *this;
 }
@@ -42,6 +45,8 @@ Buffer::~Buffer() { reset(); }
 void Buffer::reset() noexcept {
   if (ep_ && origin_ != Origin::None) ep_->release(*this);
   ep_.reset();
+  if (topic_) detail::topic_release_unpublished(*topic_, id_, gen_);
+  topic_.reset();
   data_ = nullptr;
   size_ = capacity_ = 0;
   origin_ = Origin::None;
@@ -58,6 +63,7 @@ Status Buffer::resize(std::size_t n) {
 Status Buffer::reserve(std::size_t n) {
   if (!valid()) return fail(Errc::InvalidArgument, "Buffer::reserve: invalid buffer");
   if (n <= capacity_) return {};
+  if (topic_) return fail(Errc::InvalidArgument, "Buffer::reserve: a topic's sample cannot grow");
   return ep_->grow(*this, n);
 }
 

@@ -47,6 +47,7 @@
 #include "ipc/queue_bell.h"
 #include "ipc/sideband.h"
 #include "ipc/spin_mutex.h"
+#include "ipc/topic_tap.h"
 #include "ipc/wait_step.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
@@ -154,6 +155,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   bool untrusted() const noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS { return trust_.untrusted_me(); }
   // Something to destroy with this end (a listener's connection count). Set once, before use.
   void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
+  // A topic subscription's tap (ipc/topic_tap.h), asked first by poll(). Set once, before the
+  // end is redirected (the redirect publishes it to the queue's threads); held weakly (the
+  // subscriber owns this end).
+  void set_tap(std::weak_ptr<TopicTap> tap) noexcept { tap_ = std::move(tap); }
 
   // Moving an end to another process (ipc/transfer.cc). export_end: the end must be quiet (not
   // redirected, no buffers out or held, nothing pending: Errc::Busy); fills its state and
@@ -314,6 +319,7 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::atomic<std::uint64_t> key_{0};
   std::atomic<bool> redirected_{false};
   std::atomic<EpState> state_{EpState::Open};
+  std::weak_ptr<TopicTap> tap_;  // set once before redirect (set_tap), read by poll()
   AtomicWaitPolicy wait_;
   std::atomic<int> watch_pid_{0};
   std::uint64_t watch_id_ MBMQ_GUARDED_BY(mu_) = 0;

@@ -167,6 +167,24 @@ void Endpoint::make_message(const Desc& d, Message* out) {
 }
 
 Endpoint::Poll Endpoint::poll(Message* out) {
+  // (T10) A topic subscription: samples come from the subscriber's ring; the channel carries only
+  // the publisher's notifications (dropped here: their slots go back by P7r) and the end.
+  if (std::shared_ptr<TopicTap> tap = tap_.lock()) {
+    if (tap->take_into(out)) return Poll::Got;
+    for (std::uint32_t n = 0; n < shm::kRingCapacity; ++n) {
+      if (!inbound_ready()) return Poll::Empty;
+      Poll p;
+      {
+        os::LockGuard lock(mu_);
+        p = poll_locked(out);
+      }
+      if (p == Poll::Ended) tap->on_end(out);
+      if (p != Poll::Got || out->kind != Kind::Message) return p;
+      *out = Message{};  // a notification: its slot goes back (P7r)
+      if (tap->take_into(out)) return Poll::Got;
+    }
+    return Poll::Empty;
+  }
   if (!inbound_ready()) return Poll::Empty;
   os::LockGuard lock(mu_);
   return poll_locked(out);
