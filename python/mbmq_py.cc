@@ -247,6 +247,7 @@ struct PyMessage {
 };
 
 class PyChannel;
+class PyQueue;
 py::object wrap(Message&& m);
 
 // ---- Channel
@@ -311,7 +312,7 @@ class PyChannel {
     return wrap(std::move(m));
   }
 
-  void redirect(py::object queue, std::uint64_t key);
+  void redirect(PyQueue& queue, std::uint64_t key);
   void close() { ch_.close(); }
   bool valid() const { return ch_.valid(); }
   int busy() const { return busy_; }
@@ -387,8 +388,8 @@ class PyQueue {
   int busy_ = 0;
 };
 
-void PyChannel::redirect(py::object queue, std::uint64_t key) {
-  check(ch_.redirect(queue.cast<PyQueue&>().get(), key));
+void PyChannel::redirect(PyQueue& queue, std::uint64_t key) {
+  check(ch_.redirect(queue.get(), key));
 }
 
 class PyListener {
