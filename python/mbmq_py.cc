@@ -172,6 +172,10 @@ class PyBuffer {
       PyErr_SetString(PyExc_BufferError, "not an mbmq.Buffer");
       return -1;
     }
+    if (p->busy_ != 0) {  // (3): its fields change under the call; views made before stay
+      PyErr_SetString(PyExc_BufferError, "the buffer is in use by a call on another thread");
+      return -1;
+    }
     if (!p->buf_.valid()) {
       PyErr_SetString(PyExc_BufferError, "the buffer is not valid (sent, released or abandoned)");
       return -1;

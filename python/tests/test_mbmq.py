@@ -142,6 +142,19 @@ def test_negative_sizes_and_timeouts_raise_valueerror():
         a.buffer(1 << 70)
 
 
+def test_bad_channel_options_raise():
+    with pytest.raises(mbmq.InvalidArgument):
+        mbmq.Channel.pair(slots_per_side=0)
+    with pytest.raises(mbmq.InvalidArgument):
+        mbmq.Channel.pair(slot_size=100)
+    with pytest.raises(TypeError):
+        mbmq.Channel.pair(slot_size=1 << 40)
+    with pytest.raises(ValueError):
+        mbmq.Channel.pair(spin_us=-1)
+    with pytest.raises(TypeError):
+        mbmq.Channel.pair(wait="spin")
+
+
 def test_resize_past_capacity_with_a_view_raises_and_within_capacity_does_not():
     a, _ = mbmq.Channel.pair()
     buf = a.buffer(100)
@@ -231,6 +244,7 @@ def test_waiting_releases_the_gil():
 def test_a_buffer_in_use_by_a_call_on_another_thread_cannot_be_given_away():
     a, b = mbmq.Channel.pair()
     buf = a.buffer(64)
+    view = memoryview(buf)  # made before the call: stays valid through it
     t = threading.Thread(target=lambda: pytest.raises(mbmq.TimedOut, a.call, buf, 0.5))
     t.start()
     time.sleep(0.1)
@@ -238,7 +252,13 @@ def test_a_buffer_in_use_by_a_call_on_another_thread_cannot_be_given_away():
         a.send(buf)
     with pytest.raises(BufferError):
         buf.release()
+    with pytest.raises(BufferError):  # a new view while the call may change the buffer
+        memoryview(buf)
+    with pytest.raises(BufferError):
+        a.call(buf, timeout=0.1)
     t.join()
+    view[:4] = b"safe"  # the call timed out and gave the buffer up; the view still maps it
+    assert bytes(view[:4]) == b"safe"
 
 
 def test_reply_with_a_view_of_the_request_raises_buffererror():
