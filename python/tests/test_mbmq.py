@@ -316,3 +316,41 @@ def test_listener_connect_and_a_queue_server_loop():
     listener.close()
     with pytest.raises(mbmq.Error):
         mbmq.connect(name, timeout=0.2)
+
+
+def test_misuse_of_channels_queues_and_listeners_raises():
+    a, b = mbmq.Channel.pair()
+    c, d = mbmq.Channel.pair()
+    with pytest.raises(mbmq.InvalidArgument):  # a buffer of another channel
+        a.call(c.buffer(8), timeout=0.1)
+    a.send(a.buffer(8))
+    one_way = b.receive(timeout=1)
+    with pytest.raises(ValueError):  # not a request
+        one_way.reply()
+    t = threading.Thread(target=lambda: a.call(a.buffer(8), timeout=5))
+    t.start()
+    req = b.receive(timeout=5)
+    req.reply()
+    t.join()
+    with pytest.raises(ValueError):  # replied already
+        req.reply()
+    q = mbmq.MsgQueue()
+    with pytest.raises(ValueError):
+        q.reply_and_wait(req, timeout=0.01)
+    b.redirect(q, 1)
+    with pytest.raises(mbmq.InvalidArgument):
+        b.receive(timeout=0.01)
+    q.adopt(d, 3)
+    with pytest.raises(mbmq.InvalidArgument):  # adopted: this handle is closed
+        q.adopt(d, 4)
+    with pytest.raises(mbmq.InvalidArgument):
+        d.buffer(8)
+    listener = mbmq.Listener(f"mbmq-pytest-misuse-{os.getpid()}")
+    listener.close()
+    with pytest.raises(mbmq.InvalidArgument):
+        listener.accept(timeout=0.01)
+    q.close()
+    with pytest.raises(mbmq.InvalidArgument):
+        q.wait(timeout=0.01)
+    with pytest.raises(TypeError):
+        mbmq.Buffer()
