@@ -22,9 +22,11 @@
 //  (2) While views exist, nothing gives the buffer away or moves it: send(), reply(),
 //      reply_and_wait(), release() and a resize past capacity raise BufferError, as bytearray does
 //      on resize. call() keeps the buffer, so views stay valid and show the reply.
-//  (3) While a call that released the GIL uses a Buffer, other threads cannot move it
-//  (BufferError). Only cooperative ends are offered: an untrusted end may move a buffer's bytes to
-//  a private copy, which (1) does not cover.
+//  (3) While a call that released the GIL uses a Buffer, other threads cannot move it or make new
+//      views of it (BufferError).
+// Only cooperative ends are offered: an untrusted end may move a buffer's bytes to a private copy,
+// which (1) does not cover. The module uses the public API only, so it calls mremap/munmap itself
+// (the os/ layer is internal to the library).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <sys/mman.h>
@@ -46,8 +48,7 @@ namespace py = pybind11;
 namespace mbmq::python {
 namespace {
 
-// ---- errors
-// --------------------------------------------------------------------------------------
+// ---- errors -------------------------------------------------------------------------------------
 
 struct Exceptions {
   PyObject* base = nullptr;
@@ -111,8 +112,7 @@ class InUse {
   int& n_;
 };
 
-// ---- Buffer
-// --------------------------------------------------------------------------------------
+// ---- Buffer -------------------------------------------------------------------------------------
 
 class PyBuffer {
  public:
@@ -231,8 +231,7 @@ class PyBuffer {
   int busy_ = 0;
 };
 
-// ---- Message
-// -------------------------------------------------------------------------------------
+// ---- Message ------------------------------------------------------------------------------------
 
 struct PyMessage {
   std::uint64_t key = 0;
@@ -260,8 +259,7 @@ class PyChannel;
 class PyQueue;
 py::object wrap(Message&& m);
 
-// ---- Channel
-// -------------------------------------------------------------------------------------
+// ---- Channel ------------------------------------------------------------------------------------
 
 class PyChannel {
  public:
@@ -344,8 +342,7 @@ py::object wrap(Message&& m) {
   return py::cast(std::move(pm));
 }
 
-// ---- MsgQueue, Listener
-// --------------------------------------------------------------------------
+// ---- MsgQueue, Listener -------------------------------------------------------------------------
 
 class PyQueue {
  public:
