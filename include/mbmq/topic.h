@@ -64,13 +64,17 @@ enum class SlowSubscriber : std::uint8_t {
 };
 
 struct TopicOptions {
-  std::uint32_t samples = 64;             // samples in the pool (<= 1024)
+  std::uint32_t samples = 512;            // samples in the pool (<= 1024)
   std::uint32_t sample_size = 64 * 1024;  // bytes per sample (<= 64 MiB)
-  std::uint32_t keep = 16;                // per subscriber (1 <= keep <= min(samples - 1, 256))
+  std::uint32_t keep = 4;                 // per subscriber (1 <= keep <= min(samples - 1, 256))
   SlowSubscriber policy = SlowSubscriber::Block;
-  std::uint32_t max_subscribers = 64;  // more are refused (their connect sees PeerClosed)
-  WaitPolicy wait{};                   // how the publisher waits (for room, for events)
-  AccessPolicy access{};               // who may subscribe (the listener's policy)
+  // More are refused (their connect sees PeerClosed). DropOldest needs samples > keep *
+  // max_subscribers (each subscriber may pin `keep` samples): Errc::InvalidArgument otherwise.
+  // Any local process the access policy admits may take subscriber slots (one process can take
+  // them all): limit who may subscribe with `access`.
+  std::uint32_t max_subscribers = 64;
+  WaitPolicy wait{};      // how the publisher waits (for room, for events)
+  AccessPolicy access{};  // who may subscribe (the listener's policy)
 };
 
 struct TopicStats {

@@ -3,17 +3,25 @@
 //
 // Locking: TopicCore::mu_ guards everything of the publisher: the sample table, the subscriber
 // table, the queue and the listener. It is held while publish()/buffer() wait for room (in steps
-// of at most 10 ms on the private queue), so a Buffer dropped on another thread meanwhile waits
-// for it. SubscriberCore::recv_mu_ serializes receive(); release() (T6) takes no lock.
+// of at most 10 ms on the private queue): another thread's publish()/buffer() waits for it only
+// until its own deadline (a DeadlineMutex), but a Buffer dropped on another thread meanwhile
+// waits for it. SubscriberCore::recv_mu_ serializes receive() (a second receiver waits until its
+// own deadline); release() (T6) takes no lock.
+//
+// Fork: the private records (free list, rings' tails, references) describe the pool of the
+// process that made them; a copy of a Publisher or Subscriber in a forked child refuses to work
+// (Errc::InvalidArgument), as two publishers of one pool would hand out the same sample.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <utility>
 #include <vector>
 
+#include "ipc/deadline_mutex.h"
 #include "ipc/topic_tap.h"
 #include "mbmq/channel.h"
 #include "mbmq/msg_queue.h"
@@ -22,6 +30,7 @@
 #include "os/fd.h"
 #include "os/mapping.h"
 #include "os/mutex.h"
+#include "os/process.h"
 #include "os/thread_annotations.h"
 #include "shm/topic_layout.h"
 
@@ -93,7 +102,13 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
   std::byte* data_ = nullptr;
   std::uint32_t stride_ = 0;
 
-  os::Mutex mu_;
+  // Loops over the subscribers stop at live_end_ (one past the highest active index): a publish
+  // costs O(subscribers that joined), not O(max_subscribers).
+  std::span<Sub> live_locked() MBMQ_REQUIRES(mu_) { return {subs_.data(), live_end_}; }
+  bool forked() const noexcept { return os::current_pid() != pid_; }
+  const pid_t pid_ = os::current_pid();
+  DeadlineMutex mu_;
+  std::size_t live_end_ MBMQ_GUARDED_BY(mu_) = 0;
   std::vector<SampleRec> samples_ MBMQ_GUARDED_BY(mu_);
   std::vector<std::uint32_t> free_ MBMQ_GUARDED_BY(mu_);
   std::vector<Sub> subs_ MBMQ_GUARDED_BY(mu_);
@@ -145,7 +160,8 @@ class SubscriberCore final : public TopicTap, public std::enable_shared_from_thi
   std::uint32_t sample_size_ = 0;
   std::uint32_t stride_ = 0;
   WaitPolicy wait_{};
-  os::Mutex recv_mu_;
+  const pid_t pid_ = os::current_pid();
+  DeadlineMutex recv_mu_;
   std::uint64_t head_ MBMQ_GUARDED_BY(recv_mu_) = 0;
   std::uint64_t expected_seq_ MBMQ_GUARDED_BY(recv_mu_) = 0;
   const char* broken_ MBMQ_GUARDED_BY(recv_mu_) = nullptr;  // a protocol error seen

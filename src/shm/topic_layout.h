@@ -45,7 +45,12 @@ struct TopicPoolHeader {
   std::uint32_t sample_stride;  // sample_size rounded up to 64
   std::uint64_t pool_size;      // data_offset + samples * sample_stride, == the memfd's size
   std::uint64_t data_offset;    // kTopicPoolDataOffset
-  std::uint32_t reserved[8];
+  // Subscribers joined now. Publisher: relaxed store on each join and departure. Subscribers: a
+  // relaxed load per receive(), a hint only: with more subscribers than CPUs besides the
+  // publisher's, a subscriber in WaitMode::Adaptive sleeps at once instead of spinning (it would
+  // hold a CPU that another subscriber needs to wake up on). A wrong value costs latency only.
+  std::atomic<std::uint32_t> subscribers;
+  std::uint32_t reserved[7];
   // The futex word every sleeping subscriber waits on (read-only for them). Publisher:
   // fetch_add(1, release) then FUTEX_WAKE(INT_MAX) when some subscriber announced sleep (T4).
   // Subscribers: acquire load before announcing sleep, FUTEX_WAIT on that value (T5).
@@ -56,6 +61,7 @@ static_assert(offsetof(TopicPoolHeader, samples) == 12 &&
               offsetof(TopicPoolHeader, sample_stride) == 20 &&
               offsetof(TopicPoolHeader, pool_size) == 24 &&
               offsetof(TopicPoolHeader, data_offset) == 32 &&
+              offsetof(TopicPoolHeader, subscribers) == 40 &&
               offsetof(TopicPoolHeader, wake) == 128);
 static_assert(sizeof(TopicPoolHeader) <= kTopicPoolDataOffset);
 

@@ -248,6 +248,7 @@ TEST(Topic, DropOldestCountsMissedSamplesExactly) {
   o.samples = 32;
   o.sample_size = 4096;
   o.keep = kKeep;
+  o.max_subscribers = 3;  // DropOldest: samples > keep * max_subscribers
   o.policy = SlowSubscriber::DropOldest;
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub) << pub.error().op;
@@ -294,6 +295,7 @@ TEST(Topic, DropOldestSkipsASubscriberHoldingKeepSamples) {
   o.samples = 16;
   o.sample_size = 256;
   o.keep = kKeep;
+  o.max_subscribers = 3;
   o.policy = SlowSubscriber::DropOldest;
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub) << pub.error().op;
@@ -440,9 +442,10 @@ TEST(Topic, HostileSubscriberAffectsOnlyItself) {
       return 0;
     }));
   TopicOptions o;
-  o.samples = 256;
+  o.samples = 1024;
   o.sample_size = 4096;
   o.keep = 200;
+  o.max_subscribers = 4;  // DropOldest: samples > keep * max_subscribers
   o.policy = SlowSubscriber::DropOldest;
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub) << pub.error().op;
@@ -479,6 +482,7 @@ TEST(Topic, AThrownOutSubscriberIsToldProtocol) {
   o.samples = 8;
   o.sample_size = 256;
   o.keep = 2;
+  o.max_subscribers = 3;
   o.policy = SlowSubscriber::DropOldest;
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub);
@@ -731,9 +735,10 @@ TEST(Topic, SoakRandomJoinsAndKills) {
   for (int round = 0; round < rounds; ++round) {
     const std::string name = topic_name("soak");
     TopicOptions o;
-    o.samples = 24;
+    o.samples = 64;  // > keep * max_subscribers (DropOldest rounds)
     o.sample_size = 512;
     o.keep = 6;
+    o.max_subscribers = 10;
     o.policy = round % 2 == 0 ? SlowSubscriber::Block : SlowSubscriber::DropOldest;
     auto pub = Publisher::create(name, o);
     ASSERT_TRUE(pub) << pub.error().op;
