@@ -35,6 +35,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -96,6 +97,8 @@ std::size_t size_of(std::int64_t n) {
 
 WaitPolicy policy_of(WaitMode mode, double spin_us) {
   if (std::isnan(spin_us) || spin_us < 0) throw py::value_error("spin_us must be >= 0");
+  // Past 2^63 ns the conversion would be undefined (inf, 1e300): a year of spinning is plenty.
+  if (spin_us > 365.0 * 86400 * 1e6) throw py::value_error("spin_us must be at most a year");
   return WaitPolicy{mode, std::chrono::nanoseconds(static_cast<std::int64_t>(spin_us * 1e3))};
 }
 
@@ -156,6 +159,29 @@ class PyBuffer {
       buffer_error("resize: past capacity would move the buffer while views of it exist");
     if (want > b.capacity()) unmap_alias();  // the buffer may move (no view exists)
     check(b.resize(want));
+  }
+  // After a call that gave the buffer up (it timed out: the library reclaims it when the late
+  // reply comes, and may hand its pages out again): views must not keep writing them. With no
+  // view, the second mapping goes; with views, a private copy of its bytes replaces it at the
+  // same addresses (mremap MREMAP_FIXED), so the views stay valid and write only there.
+  void detach_if_given_up() noexcept {
+    if (buf_.valid() || alias_ == nullptr) return;
+    if (exports_ == 0) {
+      unmap_alias();
+      return;
+    }
+    void* priv =
+        ::mmap(nullptr, alias_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (priv != MAP_FAILED) {
+      std::memcpy(priv, alias_, alias_len_);
+      if (::mremap(priv, alias_len_, alias_len_, MREMAP_MAYMOVE | MREMAP_FIXED, alias_) !=
+          MAP_FAILED)
+        return;
+      ::munmap(priv, alias_len_);
+    }
+    // Out of memory: zeroed private pages at the same addresses (the bytes are lost, not shared).
+    (void)::mmap(alias_, alias_len_, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
   }
   void release() {
     guard("release");
@@ -297,6 +323,7 @@ class PyChannel {
       py::gil_scoped_release nogil;
       s = ch_.call(b, d);
     }
+    pb.detach_if_given_up();
     check(std::move(s));
   }
 
