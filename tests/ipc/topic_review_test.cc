@@ -22,32 +22,21 @@
 #include "mbmq/mbmq.h"
 #include "os/process.h"
 #include "test_util.h"
+#include "topic_util.h"
 
 namespace mbmq {
 namespace {
 
 using namespace std::chrono_literals;
 using test::check;
+using test::connect_retry;
 using test::fill;
 using test::join;
 using test::secs;
 using test::spawn;
 using Clock = std::chrono::steady_clock;
 
-std::string topic_name(const char* what) {
-  static int n = 0;
-  return std::string("mbmq-topic-review-") + what + "-" + std::to_string(::getpid()) + "-" +
-         std::to_string(n++);
-}
-
-Result<Subscriber> connect_retry(const std::string& name, ConnectOptions o = {}) {
-  const Deadline end = secs(10);
-  for (;;) {
-    auto s = Subscriber::connect(name, secs(5), o);
-    if (s || end.expired()) return s;
-    ::usleep(2000);
-  }
-}
+std::string topic_name(const char* what) { return test::topic_name("mbmq-topic-review-", what); }
 
 int open_fds() {
   int n = 0;

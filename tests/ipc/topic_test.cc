@@ -18,33 +18,20 @@
 #include "os/process.h"
 #include "os/syscall_count.h"
 #include "test_util.h"
+#include "topic_util.h"
 
 namespace mbmq {
 namespace {
 
 using namespace std::chrono_literals;
 using test::check;
+using test::connect_retry;
 using test::fill;
 using test::join;
 using test::secs;
 using test::spawn;
 
-std::string topic_name(const char* what) {
-  static int n = 0;
-  return std::string("mbmq-topic-test-") + what + "-" + std::to_string(::getpid()) + "-" +
-         std::to_string(n++);
-}
-
-// Children are forked before the publisher exists (so none inherits another's channel), and
-// connect once it listens.
-Result<Subscriber> connect_retry(const std::string& name, ConnectOptions o = {}) {
-  const Deadline end = secs(10);
-  for (;;) {
-    auto s = Subscriber::connect(name, secs(5), o);
-    if (s || end.expired()) return s;
-    ::usleep(2000);
-  }
-}
+std::string topic_name(const char* what) { return test::topic_name("mbmq-topic-test-", what); }
 
 std::size_t size_of(std::uint64_t seq) { return 1 + (seq * 977) % 250; }  // <= every sample_size
 
