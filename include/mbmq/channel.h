@@ -70,11 +70,13 @@ struct ChannelOptions {
   // Listener's channel), trust[1] the second (the listener's, i.e. the server's).
   std::array<Trust, 2> trust{Trust::Cooperative, Trust::Cooperative};
   // Untrusted ends: payloads up to this many bytes are copied; larger ones travel sealed.
-  // 0 (the default): every payload is copied, at any size (one memcpy, measured faster than a
-  // sealed memfd's fresh pages on 4 KiB-page machines, and than a Unix socket; README "trust
-  // modes"). The memory it costs: one private copy per buffer the untrusted end holds, the size of
-  // the payload copied (at least slot_size, at most the buffer's capacity). Set it (>= slot_size,
-  // pool buffers cannot be sealed) to send larger payloads as sealed memfds instead, zero copies.
+  // 0 (the default): up to 64 MiB (one memcpy, measured faster than a sealed memfd's fresh pages
+  // on 4 KiB-page machines, and than a Unix socket; README "trust modes"). The memory it costs:
+  // a private copy per extent buffer the untrusted end holds, the size of the payload copied
+  // (at least slot_size, at most the threshold), plus copies kept for reuse after their buffers
+  // went back, at most 128 MiB per end in all (beyond, they are freed). A copy that cannot be
+  // allocated closes the channel (Errc::Protocol, "why" says so). Set it (>= slot_size, pool
+  // buffers cannot be sealed) to send larger payloads as sealed memfds instead, zero copies.
   std::uint32_t copy_threshold = 0;
 };
 

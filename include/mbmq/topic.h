@@ -26,8 +26,13 @@
 // subscribers(), serve()): an idle publisher should call serve() so that subscribers can join.
 //
 // Thread safety: Publisher's methods take one lock (publish() and buffer() may hold it while they
-// wait, up to their deadline, in 10 ms steps). Buffers and Samples may be dropped on any thread.
-// Subscriber::receive() may be called from several threads (one at a time gets in).
+// wait, up to their deadline, in 10 ms steps). Another thread's publish(), buffer() and serve()
+// wait for it only until their own deadline (Errc::TimedOut); stats(), subscribers() and a
+// Buffer dropped meanwhile wait until it is let go. Buffers and Samples may be dropped on any
+// thread. Subscriber::receive() may be called from several threads (one at a time gets in; the
+// others until their deadline). A Publisher or Subscriber used in a forked child refuses to work
+// (Errc::InvalidArgument; a Sample dropped there is not given back): use them in the process that
+// made them.
 //
 // Memory ordering: everything written into a buffer before publish() is visible to a subscriber
 // when receive() returns it.

@@ -230,6 +230,20 @@ OwnState BufferTable::take_reply(BufferId id) noexcept {
   return was;
 }
 
+std::uint64_t BufferTable::shadow_bytes() const noexcept {
+  std::uint64_t n = 0;
+  for (const OwnExtent& x : own_ext_) n += x.shadow.capacity();
+  for (const PeerExtent& pe : peer_ext_) n += pe.shadow.capacity();
+  return n;
+}
+
+void BufferTable::free_idle_shadows() noexcept {
+  for (OwnExtent& x : own_ext_)
+    if (x.state == OwnState::Free) std::vector<std::byte>().swap(x.shadow);
+  for (PeerExtent& pe : peer_ext_)
+    if (!pe.held) std::vector<std::byte>().swap(pe.shadow);
+}
+
 const char* BufferTable::release_peer_extent(const Desc& d) noexcept {
   PeerExtent* pe = peer_extent(BufferId::from_wire(d.buffer));
   if (pe == nullptr || (d.kind & shm::kDescHasHandles) != 0 || pe->held)
@@ -237,6 +251,7 @@ const char* BufferTable::release_peer_extent(const Desc& d) noexcept {
   if (pe->gen == d.gen) {
     pe->map.reset();
     pe->fd.reset();
+    std::vector<std::byte>().swap(pe->shadow);
   }
   return nullptr;
 }

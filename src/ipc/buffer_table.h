@@ -141,6 +141,10 @@ class BufferTable {
   bool is_peer_slot(BufferId id) const noexcept;
   // nullptr: not an extent id in range.
   PeerExtent* peer_extent(BufferId id) noexcept;
+  // (P5b) Bytes of the private copies of extents (an untrusted end's), and freeing the copies of
+  // extents nobody holds (the peer's not held, ours free): kept for reuse until then.
+  std::uint64_t shadow_bytes() const noexcept;
+  void free_idle_shadows() noexcept;
   const PeerExtent* peer_extent(BufferId id) const noexcept;
   // For a valid peer id (a slot in its range, or an extent in range): we hold it (lent to us).
   bool held(BufferId id) const noexcept;

@@ -78,8 +78,11 @@ Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
 
 Endpoint::Accepted Endpoint::accept_lent(const Desc& d) {
   if (const char* why = table_.check_lent(d, seg_.geometry().max_in_flight)) return bad(why);
-  if (BufferId::from_wire(d.buffer).is_extent())
+  if (BufferId::from_wire(d.buffer).is_extent()) {
     if (const char* why = map_peer_extent_locked(d)) return bad(why);
+    if (const char* why = trust_.prepare_copy(BufferId::from_wire(d.buffer), d.size, false))
+      return bad(why);
+  }
   if ((d.kind & shm::kDescHasHandles) != 0 && !handles_arrived_locked(d, HandlesOf::Message))
     return bad("receive: handles announced but not sent");
   table_.take_lent(d);
@@ -120,6 +123,7 @@ Endpoint::Accepted Endpoint::accept_back(const Desc& d, const Buffer* call_buf,
     x.gen = table_.take_extent_gen();
     x.sent_gen = 0;
   }
+  if (const char* why = trust_.prepare_copy(id, d.size, true)) return bad(why);
   switch (table_.take_reply(id)) {
     case OwnState::LentCall:
       *call_status = d.status;

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
+#include <vector>
 
 #include "os/file.h"
 #include "os/memfd.h"
@@ -208,6 +210,43 @@ Status PeerTrust::write_back_answer(const Buffer& b, std::uint32_t size) {
 
 // ---- what we read ------------------------------------------------------------------------------
 
+const char* PeerTrust::prepare_copy(BufferId id, std::uint32_t size, bool own) noexcept {
+  if (!untrusted_me_ || !id.is_extent()) return nullptr;
+  std::vector<std::byte>* shadow = nullptr;
+  std::uint32_t cap = 0;
+  if (own) {
+    OwnExtent& x = table_.own_extent(id);
+    if (x.sealed) return nullptr;
+    shadow = &x.shadow;
+    cap = own_copy_cap(table_.own_capacity(id), size);
+  } else {
+    PeerExtent* pe = table_.peer_extent(id);
+    if (pe == nullptr || pe->sealed) return nullptr;
+    shadow = &pe->shadow;
+    cap = peer_copy_cap(static_cast<std::uint32_t>(pe->map.size()), size);
+  }
+  if (shadow->size() >= cap) return nullptr;
+  if (table_.shadow_bytes() + cap > shm::kRetainedCopyBytes) table_.free_idle_shadows();
+  try {
+    shadow->resize(cap);  // grows, then reused for the next messages in this extent
+  } catch (const std::bad_alloc&) {
+    return "receive (untrusted): out of memory for the private copy of a payload";
+  }
+  return nullptr;
+}
+
+std::uint32_t PeerTrust::own_copy_cap(std::uint32_t cap, std::uint32_t size) const noexcept {
+  // The answer's size, at least slot_size: an 8-byte answer in a 64 MiB extent is not 64 MiB.
+  return std::min({cap, copy_threshold_, std::max(page_round(size), slot_size_)});
+}
+
+std::uint32_t PeerTrust::peer_copy_cap(std::uint32_t cap, std::uint32_t size) const noexcept {
+  // The payload's size (what the answer may grow to in place), at least slot_size, never the
+  // whole file: a peer announcing a sparse 4 GiB extent with an 8-byte payload must not make us
+  // allocate 4 GiB.
+  return std::min({cap, copy_threshold_, std::max(page_round(size), slot_size_)});
+}
+
 void PeerTrust::own_view(Buffer& b, std::uint32_t size) {
   const BufferId id = BufferId::from_wire(b.id_);
   std::byte* shared = table_.own_data(id);
@@ -221,8 +260,8 @@ void PeerTrust::own_view(Buffer& b, std::uint32_t size) {
   } else {
     OwnExtent& x = table_.own_extent(id);
     if (x.sealed) return;  // immutable for the peer: nothing to copy
-    const std::uint32_t shadow_cap = std::min(cap, copy_threshold_);
-    if (x.shadow.size() < shadow_cap) x.shadow.resize(shadow_cap);  // grows, then reused
+    const std::uint32_t shadow_cap = own_copy_cap(cap, size);
+    if (x.shadow.size() < shadow_cap) x.shadow.resize(shadow_cap);  // prepare_copy() did it
     b.data_ = x.shadow.data();
     b.capacity_ = shadow_cap;
   }
@@ -236,12 +275,9 @@ void PeerTrust::peer_view(Buffer& b, std::uint32_t size) {
     b.data_ = pe.map.data();
     b.capacity_ = static_cast<std::uint32_t>(pe.map.size());
     if (untrusted_me_ && !pe.sealed) {
-      // (P5b) The one copy, before the application sees a byte. Its capacity (what the answer
-      // may grow to in place) is the payload's, at least slot_size, never the whole file: a peer
-      // announcing a sparse 4 GiB extent with an 8-byte payload must not make us allocate 4 GiB.
-      const std::uint32_t cap =
-          std::min({b.capacity_, copy_threshold_, std::max(page_round(size), slot_size_)});
-      if (pe.shadow.size() < cap) pe.shadow.resize(cap);  // grows, then reused
+      // (P5b) The one copy, before the application sees a byte (allocated by prepare_copy()).
+      const std::uint32_t cap = peer_copy_cap(b.capacity_, size);
+      if (pe.shadow.size() < cap) pe.shadow.resize(cap);
       std::memcpy(pe.shadow.data(), pe.map.data(), size);
       b.data_ = pe.shadow.data();
       b.capacity_ = cap;

@@ -74,12 +74,20 @@ class PeerTrust {
   Status write_back_answer(const Buffer& b, std::uint32_t size);
 
   // ---- what we read ----
+  // (P5b) Before a message in extent `id` of size `size` is delivered to an untrusted end (the
+  // peer's payload, or the reply into ours): its private copy is allocated now, after freeing
+  // idle copies if all would pass kRetainedCopyBytes. nullptr, or why not (out of memory: the
+  // caller fails the channel; never an exception).
+  const char* prepare_copy(BufferId id, std::uint32_t size, bool own) noexcept;
   // After a reply: points b at our buffer's bytes, or (untrusted) at a private copy of them.
   void own_view(Buffer& b, std::uint32_t size);
   // A message of the peer's: points b at its bytes, or (untrusted) at a private copy of them.
   void peer_view(Buffer& b, std::uint32_t size);
 
  private:
+  // The capacity of the private copy of our extent's answer / of the peer's payload.
+  std::uint32_t own_copy_cap(std::uint32_t cap, std::uint32_t size) const noexcept;
+  std::uint32_t peer_copy_cap(std::uint32_t cap, std::uint32_t size) const noexcept;
   std::byte* slot_shadow(std::uint32_t id) const noexcept {
     return slot_shadow_.get() + std::size_t{id} * slot_size_;
   }

@@ -729,6 +729,8 @@ void SubscriberCore::on_end(Message* out) noexcept {
 // (T6) No lock: one RMW on our own segment, then a kick if the publisher waits for room.
 void SubscriberCore::release(std::uint32_t index) noexcept {
   if (seg_ == nullptr || index >= samples_) return;
+  // A Sample's copy dropped in a forked child: the parent still reads it (found by review).
+  if (os::current_pid() != pid_) return;
   seg_->returned[index / 64].fetch_or(std::uint64_t{1} << (index % 64), std::memory_order_seq_cst);
   if (seg_->publisher_waiting.load(std::memory_order_relaxed) == 0) return;
   // One kick at a time; a lost one is covered by the publisher's 10 ms safety net.

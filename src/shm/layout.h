@@ -44,7 +44,7 @@
 //       Fresh pages: a call() that sent a sealed extent prepares one spare extent of that size
 //       while it waits (ipc/buffer_table.h wants_spare); it is sealed like any other, so only
 //       once no writable mapping of it is left (the kernel refuses F_SEAL_WRITE before that).
-//       copy_threshold 0 with a side untrusted means kCopyEverything: nothing is sealed.
+//       copy_threshold 0 with a side untrusted means kDefaultCopyThreshold (64 MiB).
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's `doorbell`
 //       word and FUTEX_WAKE it. A consumer redirected to a queue (doorbell_gen != 0) is woken
 //       through the queue instead, (P4q) below; its consumer_sleeping stays 0.
@@ -162,10 +162,15 @@ inline constexpr std::uint32_t kMinSlotSize = 64;
 inline constexpr std::uint32_t kMaxSlotSize = 16u << 20;
 inline constexpr std::uint32_t kExtentBit = 0x8000'0000u;  // Desc::buffer: an extent id, not a slot
 inline constexpr std::uint64_t kMaxExtentSize = 0xFFFF'F000ull;  // sizes travel as uint32
-// copy_threshold when the creator asked for none (0) and a side is untrusted: every payload is
-// copied (P5b), none needs sealing (P3c). Measured on a 4 KiB-page machine, one copy costs less
-// than the fresh, mapped pages a sealed memfd needs per message (README, trust modes).
-inline constexpr std::uint32_t kCopyEverything = static_cast<std::uint32_t>(kMaxExtentSize);
+// copy_threshold when the creator asked for none (0) and a side is untrusted: payloads up to 64
+// MiB are copied (P5b), larger ones sealed (P3c). Measured on a 4 KiB-page machine, one copy
+// costs less than the fresh, mapped pages a sealed memfd needs per message (README, trust modes).
+// Not every size: a peer announcing a sparse 4 GiB payload would make the untrusted end allocate
+// and fill a 4 GiB private copy (found by review).
+inline constexpr std::uint32_t kDefaultCopyThreshold = 64u << 20;
+// An untrusted end keeps the private copies of extents it no longer holds for reuse (no fresh
+// pages per message) up to this many bytes in all; beyond, they are freed.
+inline constexpr std::uint64_t kRetainedCopyBytes = std::uint64_t{2} * kDefaultCopyThreshold;
 inline constexpr std::uint32_t kMaxHandles = 8;  // fds / channel ends attached to one message
 
 enum class DescKind : std::uint16_t {
@@ -326,7 +331,7 @@ struct SegmentHeader {
   // Trust (P3c, P5b): bit s set = side s is untrusted of its peer: it copies payloads of up to
   // copy_threshold bytes into private memory and accepts larger ones only in sealed memfds.
   std::uint32_t untrusted_mask;
-  std::uint32_t copy_threshold;  // >= slot_size when untrusted_mask != 0; kCopyEverything: no seals
+  std::uint32_t copy_threshold;  // >= slot_size when untrusted_mask != 0 (0 asked: 64 MiB)
   std::uint32_t reserved[15];
 };
 static_assert(std::is_standard_layout_v<SegmentHeader> && sizeof(SegmentHeader) == 128);

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "mbmq/result.h"
 #include "shm/layout.h"
 
 namespace mbmq::shm {
@@ -57,6 +58,9 @@ class RingProducer {
   }
 
   RingStatus push(const Desc& d) noexcept {
+    // Only our own descriptors, within what the packed entry carries (RingEntry::store).
+    MBMQ_ASSERT(d.status <= (kWireStatusMask >> kWireStatusShift) &&
+                (d.kind & kWireStatusMask) == 0 && ((d.buffer & ~kExtentBit) < kWireExtentBit));
     if (RingStatus r = has_room(); r != RingStatus::Ok) return r;
     RingEntry& e = ring_[tail_ & (kCap - 1)];
     e.store(d);

@@ -1,5 +1,6 @@
 #include "shm/segment.h"
 
+#include <algorithm>
 #include <cstring>
 #include <new>
 
@@ -22,11 +23,12 @@ Result<Geometry> compute_geometry(std::uint32_t slots_per_side, std::uint32_t sl
   if (limits.max_in_flight > slots_per_side + kMaxExtents)
     return fail(Errc::InvalidArgument, "segment: max_in_flight above the buffers a side has");
   if (limits.untrusted_mask > 3) return fail(Errc::InvalidArgument, "segment: trust mask");
-  // 0: untrusted ends copy every payload (the faster path on machines with 4 KiB pages, see
-  // kCopyEverything); with every end cooperative the value is unused, slot_size as before.
-  const std::uint32_t threshold = limits.copy_threshold != 0   ? limits.copy_threshold
-                                  : limits.untrusted_mask != 0 ? kCopyEverything
-                                                               : slot_size;
+  // 0: untrusted ends copy payloads up to 64 MiB (the faster path on machines with 4 KiB pages,
+  // see kDefaultCopyThreshold); with every end cooperative the value is unused, slot_size.
+  const std::uint32_t threshold = limits.copy_threshold != 0 ? limits.copy_threshold
+                                  : limits.untrusted_mask != 0
+                                      ? std::max(kDefaultCopyThreshold, slot_size)
+                                      : slot_size;
   if (threshold < slot_size || threshold > kMaxExtentSize)
     return fail(Errc::InvalidArgument,
                 "segment: copy_threshold below slot_size (pool buffers cannot be sealed)");

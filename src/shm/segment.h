@@ -29,7 +29,8 @@ struct Limits {
   std::uint32_t max_in_flight = 0;
   std::uint32_t max_handles = kMaxHandles;
   std::uint32_t untrusted_mask = 0;
-  std::uint32_t copy_threshold = 0;  // 0: kCopyEverything if a side is untrusted, else slot_size
+  std::uint32_t copy_threshold =
+      0;  // 0: kDefaultCopyThreshold if a side is untrusted, else slot_size
 };
 
 // The layout for the given pool; Errc::InvalidArgument outside the limits in layout.h.

@@ -247,7 +247,7 @@ struct Op {
 };
 
 // Untrusted ends here take the sealed path above the slot size (64 KiB): it has the most calls
-// that can fail (the default copies every payload).
+// that can fail (the default copies payloads up to 64 MiB).
 ChannelOptions trust(Trust client, Trust server) {
   ChannelOptions o;
   o.trust = {client, server};

@@ -362,18 +362,23 @@ TEST(PeerTrustTest, ALargeAnswerToAnUntrustedPeerGoesBackSealed) {
   EXPECT_EQ(small->aux, shm::kExtentReplace);  // at or below copy_threshold: not sealed
 }
 
-TEST(PeerTrustTest, AnUntrustedEndCopiesEveryPayloadByDefault) {
-  // copy_threshold 0 with a side untrusted: kCopyEverything, so nothing is sealed by either side
-  // and nothing is required sealed, at any size an extent can have.
+TEST(PeerTrustTest, AnUntrustedEndCopiesPayloadsUpTo64MiBByDefault) {
+  // copy_threshold 0 with a side untrusted: kDefaultCopyThreshold (64 MiB): nothing up to it is
+  // sealed by either side or required sealed; above it, sealed (a peer must not make us allocate
+  // a private copy of any size it announces).
   auto seg = segment(4, shm::Limits{0, shm::kMaxHandles, 2, 0});
-  EXPECT_EQ(seg.geometry().copy_threshold, shm::kCopyEverything);
+  EXPECT_EQ(seg.geometry().copy_threshold, shm::kDefaultCopyThreshold);
   BufferTable t0(seg, 0, 1), t1(seg, 1, 1);
   PeerTrust sender(seg, 0, t0), receiver(seg, 1, t1);
   EXPECT_TRUE(receiver.untrusted_me());
-  for (std::uint32_t n :
-       {257u, 1u << 20, 16u << 20, static_cast<std::uint32_t>(shm::kMaxExtentSize)}) {
+  for (std::uint32_t n : {257u, 1u << 20, 16u << 20, shm::kDefaultCopyThreshold}) {
     EXPECT_FALSE(sender.must_seal(n)) << n;
     EXPECT_FALSE(receiver.needs_sealed(n)) << n;
+  }
+  for (std::uint32_t n :
+       {shm::kDefaultCopyThreshold + 1, static_cast<std::uint32_t>(shm::kMaxExtentSize)}) {
+    EXPECT_TRUE(sender.must_seal(n)) << n;
+    EXPECT_TRUE(receiver.needs_sealed(n)) << n;
   }
   // With both ends cooperative the threshold stays the slot size (unused).
   auto coop = segment(4, shm::Limits{0, shm::kMaxHandles, 0, 0});

@@ -396,6 +396,9 @@ TEST(Topic, HostileSubscriberAffectsOnlyItself) {
   std::vector<pid_t> good;
   for (int i = 0; i < 2; ++i) good.push_back(spawn([&] { return receive_accounted(name, kN); }));
   std::vector<pid_t> bad;
+  // Each scribbler says when it has begun: 3000 publishes take ~10 ms, which a scribbler not yet
+  // scheduled would miss entirely (seen in CI: no protocol error caught).
+  const Gate scribbling[2] = {Gate::make(), Gate::make()};
   for (int i = 0; i < 2; ++i)
     bad.push_back(spawn([&, i] {
       auto sub = connect_retry(name);
@@ -404,7 +407,8 @@ TEST(Topic, HostileSubscriberAffectsOnlyItself) {
       auto* bytes = reinterpret_cast<unsigned char*>(seg);
       std::mt19937_64 rng(1234 + static_cast<unsigned>(i));
       const Deadline end = secs(20);
-      while (!end.expired()) {
+      for (std::uint64_t n = 0; !end.expired(); ++n) {
+        if (n == 1000) scribbling[i].open();
         switch (rng() % 6) {
           case 0:  // random bytes anywhere
             bytes[rng() % sizeof(shm::TopicSubSegment)] = static_cast<unsigned char>(rng());
@@ -437,6 +441,7 @@ TEST(Topic, HostileSubscriberAffectsOnlyItself) {
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub) << pub.error().op;
   ASSERT_TRUE(pub->wait_for_subscribers(4, secs(10)));
+  for (const Gate& g : scribbling) g.wait();
   for (std::uint64_t seq = 1; seq <= kN; ++seq) {
     auto st = publish_one(*pub, seq, secs(5));
     ASSERT_TRUE(st) << st.error().op << " at seq " << seq;
