@@ -401,7 +401,7 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
   maybe_poll_events_locked();
   // (T8) Slow subscribers, per policy.
   std::vector<std::uint8_t>& skip = skip_;  // reused: no allocation per publish
-  std::fill(skip.begin(), skip.end(), std::uint8_t{0});
+  std::fill(skip.begin(), skip.begin() + static_cast<std::ptrdiff_t>(live_end_), std::uint8_t{0});
   switch (opt_.policy) {
     case SlowSubscriber::Refuse:
       for (Sub& s : live_locked())
