@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <string>
+#include <thread>
 
 #include "mbmq/mbmq.h"
 #include "test_util.h"
@@ -25,6 +26,16 @@ inline Result<Subscriber> connect_retry(const std::string& name, ConnectOptions 
     if (s || end.expired()) return s;
     ::usleep(2000);
   }
+}
+
+// A subscriber connected from a thread while the publisher serves on this one.
+inline Result<Subscriber> join_one(Publisher& pub, const std::string& name) {
+  Result<Subscriber> sub = fail(Errc::TimedOut, "join_one");
+  const std::size_t want = pub.subscribers() + 1;  // before the thread can join
+  std::thread t([&] { sub = connect_retry(name); });
+  (void)pub.wait_for_subscribers(want, secs(10));
+  t.join();
+  return sub;
 }
 
 }  // namespace mbmq::test

@@ -21,6 +21,7 @@
 #include "shm/layout.h"
 #include "shm/ring.h"
 #include "test_util.h"
+#include "topic_util.h"
 
 namespace mbmq {
 namespace {
@@ -205,17 +206,7 @@ TEST(FinalReview, ASampleDroppedInAForkedChildIsTakenFromTheParent) {
   o.keep = 1;
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub) << pub.error().message();
-  Result<Subscriber> sub = fail(Errc::TimedOut, "connect");
-  std::thread t([&] {
-    const Deadline end = secs(10);
-    for (;;) {
-      sub = Subscriber::connect(name, secs(5));
-      if (sub || end.expired()) return;
-      ::usleep(2000);
-    }
-  });
-  (void)pub->wait_for_subscribers(1, secs(10));
-  t.join();
+  Result<Subscriber> sub = test::join_one(*pub, name);
   ASSERT_TRUE(sub) << sub.error().message();
   {
     auto b = pub->buffer(8, secs(1));
@@ -262,17 +253,7 @@ TEST(FinalReview, DISABLED_PublisherStatsWaitsForABlockedPublish) {
   o.policy = SlowSubscriber::Block;
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub) << pub.error().message();
-  Result<Subscriber> sub = fail(Errc::TimedOut, "connect");
-  std::thread t([&] {
-    const Deadline end = secs(10);
-    for (;;) {
-      sub = Subscriber::connect(name, secs(5));
-      if (sub || end.expired()) return;
-      ::usleep(2000);
-    }
-  });
-  (void)pub->wait_for_subscribers(1, secs(10));
-  t.join();
+  Result<Subscriber> sub = test::join_one(*pub, name);
   ASSERT_TRUE(sub) << sub.error().message();
   {
     auto b = pub->buffer(8, secs(1));

@@ -32,6 +32,7 @@ using test::check;
 using test::connect_retry;
 using test::fill;
 using test::join;
+using test::join_one;
 using test::secs;
 using test::spawn;
 using Clock = std::chrono::steady_clock;
@@ -49,16 +50,6 @@ int open_fds() {
 
 std::int64_t ms_since(Clock::time_point t0) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
-}
-
-// A subscriber connected from a thread while the publisher serves on this one.
-Result<Subscriber> join_one(Publisher& pub, const std::string& name) {
-  Result<Subscriber> sub = fail(Errc::TimedOut, "join_one");
-  const std::size_t want = pub.subscribers() + 1;  // before the thread can join
-  std::thread t([&] { sub = connect_retry(name); });
-  (void)pub.wait_for_subscribers(want, secs(10));
-  t.join();
-  return sub;
 }
 
 // R1: receive() on one thread holds recv_mu_ across its FUTEX_WAIT (up to its own deadline);
