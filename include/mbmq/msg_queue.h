@@ -33,6 +33,7 @@ namespace mbmq {
 
 namespace detail {
 class QueueCore;
+class TopicCore;
 struct TestAccess;
 }  // namespace detail
 class Listener;
@@ -108,6 +109,7 @@ class MBMQ_EXPORT MsgQueue {
  private:
   friend class Channel;
   friend class Listener;
+  friend class detail::TopicCore;  // waits on its queue's core without holding its own lock
   friend struct detail::TestAccess;
   void close_all() noexcept;
   std::shared_ptr<detail::QueueCore> core_;

@@ -25,10 +25,11 @@
 // Joins and departures are handled when the publisher calls into the topic (buffer(), publish(),
 // subscribers(), serve()): an idle publisher should call serve() so that subscribers can join.
 //
-// Thread safety: Publisher's methods take one lock (publish() and buffer() may hold it while they
-// wait, up to their deadline, in 10 ms steps). Another thread's publish(), buffer() and serve()
-// wait for it only until their own deadline (Errc::TimedOut); stats(), subscribers() and a
-// Buffer dropped meanwhile wait until it is let go. Buffers and Samples may be dropped on any
+// Thread safety: Publisher's methods take one lock, for short steps only: a publish() or buffer()
+// that waits for room, and serve(), let it go while they sleep. So stats(), subscribers() and a
+// Buffer dropped on another thread never wait for another thread's wait; another thread's
+// publish(), buffer() and serve() wait for the lock at most until their own deadline
+// (Errc::TimedOut). Buffers and Samples may be dropped on any
 // thread. Subscriber::receive() may be called from several threads (one at a time gets in; the
 // others until their deadline). A Publisher or Subscriber used in a forked child refuses to work
 // (Errc::InvalidArgument; a Sample dropped there is not given back): use them in the process that

@@ -8,6 +8,7 @@
 
 #include "ipc/endpoint.h"
 #include "ipc/listener_core.h"
+#include "ipc/queue_core.h"
 #include "ipc/topic_core.h"
 #include "ipc/wait_step.h"
 #include "os/file.h"
@@ -227,16 +228,30 @@ void TopicCore::handle_message_locked(Message&& m) {
     remove_locked(i, true);
 }
 
-void TopicCore::poll_events_locked(Deadline deadline) {
+void TopicCore::poll_events_locked() {
   if (closed_) return;
-  Deadline d = deadline;
   // At most a ring's worth per call: a flood of kicks cannot keep us here.
   for (int n = 0; n < 512; ++n) {
-    auto m = queue_.wait(d);
+    auto m = queue_.wait(Deadline::immediate());
     if (!m) return;
     handle_message_locked(std::move(*m));
-    d = Deadline::immediate();
   }
+}
+
+// No lock is held across a sleep: the queue is waited on with mu_ let go (other threads'
+// publish(), stats(), subscribers() and dropped Buffers go on meanwhile), and what it gives is
+// handled under mu_ again. Two threads waiting at once may take a subscriber's messages in either
+// order; every message is valid in any order (a kick or a departure of a subscriber already
+// removed is ignored: handle_message_locked), so that is harmless. The queue's core is kept alive
+// by the copy of its pointer if shutdown() drops queue_ meanwhile (closed_ is then seen here).
+void TopicCore::wait_events_unlocked(Deadline deadline) {
+  if (closed_) return;
+  const std::shared_ptr<QueueCore> q = queue_.core_;
+  mu_.unlock();
+  Result<Message> m = q->wait(deadline);
+  mu_.lock();
+  if (m && !closed_) handle_message_locked(std::move(*m));
+  poll_events_locked();
 }
 
 // On the publishing path the queue is looked at once per kEventPollNs at most: a look costs a
@@ -246,7 +261,7 @@ void TopicCore::maybe_poll_events_locked() {
   const std::int64_t now = monotonic_ns();
   if (now - last_event_poll_ns_ < kEventPollNs) return;
   last_event_poll_ns_ = now;
-  poll_events_locked(Deadline::immediate());
+  poll_events_locked();
 }
 
 // (T7) Bits for samples not lent to this subscriber are ignored.
@@ -341,24 +356,32 @@ bool TopicCore::room_ready_locked(bool for_buffer) {
 }
 
 // (T7) Wait for room: announce publisher_waiting, fence (pairs with T6's seq_cst fetch_or), look,
-// then wait on the queue (kicks, departures, joins) for at most kRoomStepNs.
+// then wait on the queue (kicks, departures, joins) for at most kRoomStepNs, without the lock
+// (wait_events_unlocked). The flag stays up while any thread waits here (room_waiters_).
 Status TopicCore::make_room_locked(Deadline deadline, bool for_buffer) {
   Status result{};
+  bool announced = false;
   for (;;) {
+    if (closed_) {
+      result = fail(Errc::InvalidArgument,
+                    for_buffer ? "Publisher::buffer: closed" : "Publisher::publish: closed");
+      break;
+    }
     if (room_ready_locked(for_buffer)) break;
     if (deadline.expired()) {
       result = fail(Errc::TimedOut, for_buffer ? "Publisher::buffer: no free sample"
                                                : "Publisher::publish: a subscriber is full");
       break;
     }
-    if (!waiting_) {
-      set_waiting_locked(1);
+    if (!announced) {
+      announced = true;
+      if (room_waiters_++ == 0) set_waiting_locked(1);
       std::atomic_thread_fence(std::memory_order_seq_cst);
       continue;  // look once more after the fence
     }
-    poll_events_locked(earlier(deadline, kRoomStepNs));
+    wait_events_unlocked(earlier(deadline, kRoomStepNs));
   }
-  if (waiting_) set_waiting_locked(0);
+  if (announced && --room_waiters_ == 0 && !closed_) set_waiting_locked(0);
   return result;
 }
 
@@ -431,7 +454,10 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
       break;
     case SlowSubscriber::Block:
     default:
+      // May let the lock go while it sleeps: subscribers may have joined meanwhile.
       MBMQ_TRY(make_room_locked(deadline, false));
+      std::fill(skip.begin(), skip.begin() + static_cast<std::ptrdiff_t>(live_end_),
+                std::uint8_t{0});
       break;
   }
   // (T3) Queue it for every subscriber.
@@ -485,7 +511,7 @@ Status TopicCore::publish(Buffer&& b, Deadline deadline) {
 
 std::size_t TopicCore::subscribers() {
   os::LockGuard lock(mu_);
-  poll_events_locked(Deadline::immediate());
+  poll_events_locked();
   return active_;
 }
 
@@ -496,20 +522,20 @@ Result<std::size_t> TopicCore::serve(Deadline deadline, std::size_t until) {
       return fail(Errc::TimedOut, "Publisher::serve: another thread held the publisher");
     os::LockGuard lock(mu_, os::kAdoptLock);
     if (closed_) return fail(Errc::InvalidArgument, "Publisher::serve: closed");
-    poll_events_locked(Deadline::immediate());
+    poll_events_locked();
     if (until != 0 && active_ >= until) return active_;
     if (deadline.expired()) {
       if (until != 0) return fail(Errc::TimedOut, "Publisher::wait_for_subscribers");
       return active_;
     }
-    poll_events_locked(earlier(deadline, kRoomStepNs));
+    wait_events_unlocked(earlier(deadline, kRoomStepNs));
   }
 }
 
 TopicStats TopicCore::stats() {
   os::LockGuard lock(mu_);
   if (!closed_) {
-    poll_events_locked(Deadline::immediate());
+    poll_events_locked();
     for (Sub& sub : live_locked())
       if (sub.active) harvest_locked(sub);  // so that free_samples is current
   }

@@ -2,11 +2,12 @@
 // protocol steps (T1)-(T10) of docs/design/topic.md over the layout of shm/topic_layout.h.
 //
 // Locking: TopicCore::mu_ guards everything of the publisher: the sample table, the subscriber
-// table, the queue and the listener. It is held while publish()/buffer() wait for room (in steps
-// of at most 10 ms on the private queue): another thread's publish()/buffer() waits for it only
-// until its own deadline (a DeadlineMutex), but a Buffer dropped on another thread meanwhile
-// waits for it. SubscriberCore::recv_mu_ serializes receive() (a second receiver waits until its
-// own deadline); release() (T6) takes no lock.
+// table, the queue and the listener. It is never held across a sleep: publish()/buffer() waiting
+// for room and serve() let it go while they wait on the private queue (wait_events_unlocked, in
+// steps of at most 10 ms), so other threads' calls, stats(), subscribers() and Buffers dropped
+// meanwhile wait only for short critical sections. Another thread's publish()/buffer() waits for
+// it only until its own deadline (a DeadlineMutex). SubscriberCore::recv_mu_ serializes
+// receive() (a second receiver waits until its own deadline); release() (T6) takes no lock.
 //
 // Fork: the private records (free list, rings' tails, references) describe the pool of the
 // process that made them; a copy of a Publisher or Subscriber in a forked child refuses to work
@@ -80,8 +81,10 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
 
   Status make_room_locked(Deadline deadline, bool for_buffer) MBMQ_REQUIRES(mu_);
   bool room_ready_locked(bool for_buffer) MBMQ_REQUIRES(mu_);
-  // Takes queue events (joins, departures, kicks): waits until `deadline` for the first.
-  void poll_events_locked(Deadline deadline) MBMQ_REQUIRES(mu_);
+  // Takes queue events (joins, departures, kicks) that are there now (never sleeps).
+  void poll_events_locked() MBMQ_REQUIRES(mu_);
+  // Sleeps until `deadline` for the next event with mu_ let go, then handles what came under it.
+  void wait_events_unlocked(Deadline deadline) MBMQ_REQUIRES(mu_);
   void maybe_poll_events_locked() MBMQ_REQUIRES(mu_);
   void handle_message_locked(Message&& m) MBMQ_REQUIRES(mu_);
   void join_locked(Channel&& ch) MBMQ_REQUIRES(mu_);
@@ -116,7 +119,8 @@ class TopicCore : public std::enable_shared_from_this<TopicCore> {
   std::size_t active_ MBMQ_GUARDED_BY(mu_) = 0;
   std::uint64_t next_seq_ MBMQ_GUARDED_BY(mu_) = 1;
   std::int64_t last_event_poll_ns_ MBMQ_GUARDED_BY(mu_) = 0;
-  bool waiting_ MBMQ_GUARDED_BY(mu_) = false;  // publisher_waiting set in the segments
+  bool waiting_ MBMQ_GUARDED_BY(mu_) = false;            // publisher_waiting set in the segments
+  std::uint32_t room_waiters_ MBMQ_GUARDED_BY(mu_) = 0;  // threads in make_room_locked's wait
   bool closed_ MBMQ_GUARDED_BY(mu_) = false;
   TopicStats stats_ MBMQ_GUARDED_BY(mu_);
   MsgQueue queue_ MBMQ_GUARDED_BY(mu_);

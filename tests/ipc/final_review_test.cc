@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -236,13 +237,14 @@ TEST(FinalReview, ASampleDroppedInAForkedChildIsTakenFromTheParent) {
   EXPECT_TRUE(test::check(held->data(), 1)) << "the parent's held sample was rewritten";
 }
 
-// ---- 4b. Topics: stats() and subscribers() wait out another thread's publish ----
+// ---- 4b. Topics: stats() and subscribers() waited out another thread's publish ----
 // DeadlineMutex bounds publish()/buffer()/serve()/receive() by their deadlines, but stats() and
-// subscribers() take mu_ with no deadline, and publish() under Block holds mu_ while it waits for
-// room: a monitoring thread asking for stats() hangs as long as the publish waits (forever with
-// Deadline::never() and a subscriber that is alive but stuck).
-// Not fixed: documented (include/mbmq/topic.h, thread safety); kept as the reproducer, not run.
-TEST(FinalReview, DISABLED_PublisherStatsWaitsForABlockedPublish) {
+// subscribers() take mu_ with no deadline, and publish() under Block held mu_ while it waited for
+// room: a monitoring thread asking for stats() hung as long as the publish waited (forever with
+// Deadline::never() and a subscriber that is alive but stuck). Fixed: the wait for room lets the
+// lock go while it sleeps (TopicCore::wait_events_unlocked).
+TEST(FinalReview, PublisherStatsDoNotWaitForABlockedPublish) {
+  using namespace std::chrono_literals;
   static int n = 0;
   const std::string name =
       "mbmq-final-review-stats-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
@@ -261,16 +263,39 @@ TEST(FinalReview, DISABLED_PublisherStatsWaitsForABlockedPublish) {
     ASSERT_TRUE(pub->publish(std::move(*b), secs(1)));  // the subscriber is full now (keep 1)
   }
   auto b2 = pub->buffer(8, secs(1));
-  ASSERT_TRUE(b2);
-  std::thread blocked(
-      [&] { (void)pub->publish(std::move(*b2), Deadline::after(std::chrono::seconds(2))); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  const std::int64_t t0 = monotonic_ns();
+  auto b3 = pub->buffer(8, secs(1));
+  ASSERT_TRUE(b2 && b3);
+  // 1. A publish that waits for room until its deadline: the other calls go on meanwhile.
+  std::optional<Status> first;
+  std::thread blocked([&] { first = pub->publish(std::move(*b2), Deadline::after(1s)); });
+  std::this_thread::sleep_for(100ms);
+  auto ms_since = [](std::int64_t t0) { return (monotonic_ns() - t0) / 1'000'000; };
+  std::int64_t t0 = monotonic_ns();
   (void)pub->stats();
-  const std::int64_t waited_ms = (monotonic_ns() - t0) / 1'000'000;
+  EXPECT_LT(ms_since(t0), 200) << "stats() waited for another thread's publish()";
+  t0 = monotonic_ns();
+  EXPECT_EQ(pub->subscribers(), 1u);
+  EXPECT_LT(ms_since(t0), 200) << "subscribers() waited for another thread's publish()";
+  t0 = monotonic_ns();
+  *b3 = Buffer{};  // dropped unpublished: back to the pool, under the publisher's lock
+  EXPECT_LT(ms_since(t0), 200) << "a dropped Buffer waited for another thread's publish()";
   blocked.join();
-  EXPECT_LT(waited_ms, 200) << "stats() waited " << waited_ms
-                            << " ms for another thread's publish() to stop waiting for room";
+  ASSERT_TRUE(first.has_value());
+  ASSERT_FALSE(*first) << "published to a full subscriber under Block";
+  EXPECT_EQ(first->error().code, Errc::TimedOut);
+  // 2. The same wait ends as soon as the subscriber takes and releases its sample (T6's kick
+  // reaches a publisher that waits without its lock).
+  std::optional<Status> second;
+  std::thread waits([&] { second = pub->publish(std::move(*b2), Deadline::after(10s)); });
+  std::this_thread::sleep_for(50ms);
+  {
+    Result<Sample> got = sub->receive(secs(5));
+    ASSERT_TRUE(got) << got.error().message();
+  }  // released here
+  waits.join();
+  ASSERT_TRUE(second.has_value());
+  EXPECT_TRUE(*second) << second->error().message();
+  EXPECT_EQ(pub->stats().published, 2u);
 }
 
 // ---- 1d. A sealed send whose mappings fail (P3c error paths) ----
