@@ -50,9 +50,9 @@ struct ListenerStat {
   char policy[64];    // AccessPolicy, e.g. "own uid" or "uids 1000,1001 gids 27"
   char last_why[96];  // the last protocol error's why ("" if none)
 };
-static_assert(std::is_standard_layout_v<ListenerStat> && std::is_trivially_copyable_v<ListenerStat>);
+static_assert(std::is_standard_layout_v<ListenerStat> &&
+              std::is_trivially_copyable_v<ListenerStat>);
 static_assert(sizeof(ListenerStat) == 504 && offsetof(ListenerStat, name) == 232);
-
 
 enum class ChannelState : std::uint8_t { Open = 0, PeerClosed = 1, Protocol = 2, Closed = 3 };
 
@@ -68,9 +68,9 @@ struct ChannelStat {
   std::uint64_t wait_spin_ns;
   std::uint64_t requests_in, requests_out, replies_in, replies_out, oneway_in, oneway_out,
       returns_in, returns_out, no_reply_in, no_reply_out, bytes_in, bytes_out;
-  std::uint32_t ring_in;        // descriptors in our inbound ring not yet taken (clamped)
-  std::uint32_t slots_in_use;   // our pool slots not free
-  std::uint32_t requests_held;  // the peer's requests we hold (in flight here)
+  std::uint32_t ring_in;           // descriptors in our inbound ring not yet taken (clamped)
+  std::uint32_t slots_in_use;      // our pool slots not free
+  std::uint32_t requests_held;     // the peer's requests we hold (in flight here)
   std::uint32_t requests_out_now;  // our requests not yet answered
   std::uint32_t extents_in_use;    // our extents not free
   std::uint32_t reserved2;

@@ -56,12 +56,6 @@ Endpoint::~Endpoint() {
   retire_locked(state());  // if close_local() did not
 }
 
-void Endpoint::retire_locked(EpState was) noexcept {
-  if (!retire_) return;
-  retire_->retire(counters_, was == EpState::PeerClosed, was == EpState::Protocol, why_bad_);
-  retire_.reset();
-}
-
 void Endpoint::unwatch() noexcept {
   // A copy inherited across fork() was registered by the parent's watcher, not ours.
   if (watch_pid_.load(std::memory_order_relaxed) != os::current_pid() || !ctl_.is_open()) return;

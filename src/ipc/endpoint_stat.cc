@@ -13,12 +13,18 @@ namespace {
 // Descriptors between a ring's published head and tail, as a monitor sees them: relaxed loads
 // (shown, never used), clamped (the peer may have scribbled either index).
 std::uint32_t ring_used(const shm::Direction& d) noexcept {
-  const std::uint32_t used = d.tail.load(std::memory_order_relaxed) -
-                             d.head.load(std::memory_order_relaxed);
+  const std::uint32_t used =
+      d.tail.load(std::memory_order_relaxed) - d.head.load(std::memory_order_relaxed);
   return std::min(used, shm::kRingCapacity);
 }
 
 }  // namespace
+
+void Endpoint::retire_locked(EpState was) noexcept {
+  if (!retire_) return;
+  retire_->retire(counters_, was == EpState::PeerClosed, was == EpState::Protocol, why_bad_);
+  retire_.reset();
+}
 
 std::uint64_t Endpoint::message_total() const noexcept {
   std::uint64_t n = 0;
@@ -51,10 +57,18 @@ void Endpoint::fill_stat(ChannelStat* out) const noexcept {
   out->wait_mode = static_cast<std::uint8_t>(w.mode);
   out->wait_spin_ns = static_cast<std::uint64_t>(std::max<std::int64_t>(w.spin.count(), 0));
   switch (state()) {
-    case EpState::Open: out->state = static_cast<std::uint8_t>(ChannelState::Open); break;
-    case EpState::PeerClosed: out->state = static_cast<std::uint8_t>(ChannelState::PeerClosed); break;
-    case EpState::Protocol: out->state = static_cast<std::uint8_t>(ChannelState::Protocol); break;
-    case EpState::LocalClosed: out->state = static_cast<std::uint8_t>(ChannelState::Closed); break;
+    case EpState::Open:
+      out->state = static_cast<std::uint8_t>(ChannelState::Open);
+      break;
+    case EpState::PeerClosed:
+      out->state = static_cast<std::uint8_t>(ChannelState::PeerClosed);
+      break;
+    case EpState::Protocol:
+      out->state = static_cast<std::uint8_t>(ChannelState::Protocol);
+      break;
+    case EpState::LocalClosed:
+      out->state = static_cast<std::uint8_t>(ChannelState::Closed);
+      break;
   }
   // mu_ is a spin lock held for nanoseconds by the owner: taken once per channel per query.
   os::LockGuard lock(mu_);

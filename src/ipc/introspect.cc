@@ -35,8 +35,8 @@ Result<std::size_t> query_page(std::string_view name, std::uint32_t first, bool 
   os::UniqueFd sock =
       MBMQ_TRY(os::connect_abstract(detail::socket_name(name), timeout_of(deadline)));
   const os::PeerCred cred = MBMQ_TRY(os::peer_cred(sock.get()));
-  auto sent = detail::send_plain(
-      sock.get(), StatQuery{kStatMagic, first, channels ? kStatWantChannels : 0u});
+  auto sent = detail::send_plain(sock.get(),
+                                 StatQuery{kStatMagic, first, channels ? kStatWantChannels : 0u});
   // PeerClosed: refused at accept (R2) and closed; its verdict is still to be read.
   if (!sent && sent.error().code != Errc::PeerClosed) return fail(sent.error());
   for (int attempt = 0; attempt < 2; ++attempt) {  // a reset may come once before the verdict

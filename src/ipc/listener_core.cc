@@ -24,7 +24,6 @@ namespace mbmq::detail {
 
 namespace {
 
-
 // (R3) Answers `conn` with a refusal, without fds, and closes it. Its hello is read first if it is
 // there: closing a Unix socket with unread data resets the connection. One that arrives after we
 // looked still resets it; the client then reads the reset, and the verdict after it (connect()).
@@ -392,8 +391,10 @@ void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t 
   server_end->set_lease(std::make_shared<ConnLease>(counters_));
   // (#18) Its counters join the listener's totals when it goes; a stat query sees it till then.
   server_end->set_retire(std::shared_ptr<ListenTotals>(counters_, &counters_->totals));
-  if (auto cred = os::peer_cred(conn.get())) register_end(server_end, cred->pid, cred->uid);
-  else register_end(server_end, 0, ~0u);
+  if (auto cred = os::peer_cred(conn.get()))
+    register_end(server_end, cred->pid, cred->uid);
+  else
+    register_end(server_end, 0, ~0u);
   c.accepted.fetch_add(1, std::memory_order_relaxed);
   std::shared_ptr<QueueCore> q;
   {

@@ -50,8 +50,7 @@ void describe_policy(const AccessPolicy& p, char (&to)[64]) noexcept {
 
 }  // namespace
 
-void ListenCore::register_end(const std::shared_ptr<Endpoint>& ep, int pid,
-                              unsigned uid) noexcept {
+void ListenCore::register_end(const std::shared_ptr<Endpoint>& ep, int pid, unsigned uid) noexcept {
   os::LockGuard lock(mu_);
   if (registry_.size() >= prune_at_) {
     std::erase_if(registry_, [](const Registered& r) { return r.ep.expired(); });
@@ -156,8 +155,8 @@ void ListenCore::answer_query(os::UniqueFd conn, const StatQuery& q) noexcept {
     head.no_reply_out += ch.no_reply_out;
     head.bytes_in += ch.bytes_in;
     head.bytes_out += ch.bytes_out;
-    const bool wanted = (q.flags & kStatWantChannels) != 0 && i >= q.first_channel &&
-                        n < kStatChannelsPerReply;
+    const bool wanted =
+        (q.flags & kStatWantChannels) != 0 && i >= q.first_channel && n < kStatChannelsPerReply;
     const std::uint64_t msgs = ends[i]->message_total();
     {
       os::LockGuard lock(mu_);

@@ -1,8 +1,9 @@
 // ipc/stat_wire.h: the stat query of live introspection (#18), steps (Q1)-(Q4) of
 // docs/design/introspection.md. A reader connects to a listener's rendezvous socket like a client
 // (Q1), passes its AccessPolicy (Q2), sends a StatQuery where a client sends its Hello (Q3), and
-// gets one SEQPACKET message back (Q4): a ListenerStat, then ListenerStat::channels ChannelStat records.
-// Host byte order (the reader is on the same machine); the version and record sizes are checked.
+// gets one SEQPACKET message back (Q4): a ListenerStat, then ListenerStat::channels ChannelStat
+// records. Host byte order (the reader is on the same machine); the version and record sizes are
+// checked.
 #pragma once
 
 #include <cstddef>

@@ -2,6 +2,8 @@
 // library's query_stats) report exactly the counts the clients made; a refused client shows in the
 // refused count with its uid; a protocol violation shows with its why; a querier the policy refuses
 // learns nothing, and a malformed query closes only its own connection.
+#include "mbmq/introspect.h"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -14,7 +16,6 @@
 #include "hostile_peer.h"
 #include "ipc/rendezvous_wire.h"
 #include "ipc/stat_wire.h"
-#include "mbmq/introspect.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
 #include "test_util.h"
@@ -256,7 +257,7 @@ TEST(Introspect, AProtocolViolationShowsWithItsWhy) {
                    shm::Desc{0x7fff, 8, 1, static_cast<std::uint16_t>(shm::DescKind::Request), 0});
     auto b = ch->buffer(64);
     if (!b) return 31;
-    (void)ch->call(*b, secs(10));  // answered, or PeerClosed: either is fine here
+    (void)ch->call(*b, secs(10));                 // answered, or PeerClosed: either is fine here
     for (Deadline d = secs(10); !d.expired();) {  // until the server has closed the channel
       auto m = ch->receive(Deadline::after(std::chrono::milliseconds(50)));
       if (!m) continue;

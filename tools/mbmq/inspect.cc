@@ -45,8 +45,7 @@ std::string user_name(unsigned uid) {
       const std::size_t c3 = c2 == std::string::npos ? c2 : line.find(':', c2 + 1);
       if (c3 == std::string::npos) continue;
       try {
-        m[static_cast<unsigned>(std::stoul(line.substr(c2 + 1, c3 - c2 - 1)))] =
-            line.substr(0, c1);
+        m[static_cast<unsigned>(std::stoul(line.substr(c2 + 1, c3 - c2 - 1)))] = line.substr(0, c1);
       } catch (...) {
       }
     }
@@ -58,62 +57,97 @@ std::string user_name(unsigned uid) {
 
 const char* wait_name(std::uint8_t m) {
   switch (static_cast<WaitMode>(m)) {
-    case WaitMode::Spin: return "spin";
-    case WaitMode::Sleep: return "sleep";
-    default: return "adaptive";
+    case WaitMode::Spin:
+      return "spin";
+    case WaitMode::Sleep:
+      return "sleep";
+    default:
+      return "adaptive";
   }
 }
 const char* state_name(std::uint8_t s) {
   switch (static_cast<ChannelState>(s)) {
-    case ChannelState::Open: return "open";
-    case ChannelState::PeerClosed: return "peer-closed";
-    case ChannelState::Protocol: return "protocol";
-    default: return "closed";
+    case ChannelState::Open:
+      return "open";
+    case ChannelState::PeerClosed:
+      return "peer-closed";
+    case ChannelState::Protocol:
+      return "protocol";
+    default:
+      return "closed";
   }
 }
 std::uint64_t messages(const ChannelStat& c) {
-  return c.requests_in + c.requests_out + c.replies_in + c.replies_out + c.oneway_in +
-         c.oneway_out;
+  return c.requests_in + c.requests_out + c.replies_in + c.replies_out + c.oneway_in + c.oneway_out;
 }
 std::uint64_t messages(const ListenerStat& l) {
-  return l.requests_in + l.requests_out + l.replies_in + l.replies_out + l.oneway_in +
-         l.oneway_out;
+  return l.requests_in + l.requests_out + l.replies_in + l.replies_out + l.oneway_in + l.oneway_out;
 }
 
 nlohmann::json to_json(const StatSnapshot& s) {
   const ListenerStat& l = s.listener;
   nlohmann::json j = {
-      {"name", l.name}, {"pid", l.pid}, {"uid", l.uid}, {"user", user_name(l.uid)},
-      {"policy", l.policy}, {"uptime_ns", l.uptime_ns}, {"max_connections", l.max_connections},
-      {"accepted", l.accepted}, {"refused_policy", l.refused_policy},
-      {"refused_version", l.refused_version}, {"refused_limit", l.refused_limit},
-      {"refused_busy", l.refused_busy}, {"failed", l.failed}, {"live", l.live},
-      {"fd_backoffs", l.fd_backoffs}, {"queries", l.queries},
+      {"name", l.name},
+      {"pid", l.pid},
+      {"uid", l.uid},
+      {"user", user_name(l.uid)},
+      {"policy", l.policy},
+      {"uptime_ns", l.uptime_ns},
+      {"max_connections", l.max_connections},
+      {"accepted", l.accepted},
+      {"refused_policy", l.refused_policy},
+      {"refused_version", l.refused_version},
+      {"refused_limit", l.refused_limit},
+      {"refused_busy", l.refused_busy},
+      {"failed", l.failed},
+      {"live", l.live},
+      {"fd_backoffs", l.fd_backoffs},
+      {"queries", l.queries},
       {"queries_dropped", l.queries_dropped},
-      {"last_refused_uid", l.last_refused_uid == ~0u ? nlohmann::json() : nlohmann::json(l.last_refused_uid)},
+      {"last_refused_uid",
+       l.last_refused_uid == ~0u ? nlohmann::json() : nlohmann::json(l.last_refused_uid)},
       {"last_refused_pid", l.last_refused_pid},
-      {"requests_in", l.requests_in}, {"requests_out", l.requests_out},
-      {"replies_in", l.replies_in}, {"replies_out", l.replies_out},
-      {"oneway_in", l.oneway_in}, {"oneway_out", l.oneway_out},
-      {"no_reply_in", l.no_reply_in}, {"no_reply_out", l.no_reply_out},
-      {"bytes_in", l.bytes_in}, {"bytes_out", l.bytes_out},
-      {"ended_peer_closed", l.peer_closed}, {"ended_protocol", l.protocol},
+      {"requests_in", l.requests_in},
+      {"requests_out", l.requests_out},
+      {"replies_in", l.replies_in},
+      {"replies_out", l.replies_out},
+      {"oneway_in", l.oneway_in},
+      {"oneway_out", l.oneway_out},
+      {"no_reply_in", l.no_reply_in},
+      {"no_reply_out", l.no_reply_out},
+      {"bytes_in", l.bytes_in},
+      {"bytes_out", l.bytes_out},
+      {"ended_peer_closed", l.peer_closed},
+      {"ended_protocol", l.protocol},
       {"last_protocol_why", l.last_why}};
   nlohmann::json chans = nlohmann::json::array();
   for (const ChannelStat& c : s.channels)
-    chans.push_back({{"id", c.id}, {"peer_pid", c.peer_pid}, {"peer_uid", c.peer_uid},
+    chans.push_back({{"id", c.id},
+                     {"peer_pid", c.peer_pid},
+                     {"peer_uid", c.peer_uid},
                      {"trust", c.trust != 0 ? "untrusted" : "cooperative"},
-                     {"wait", wait_name(c.wait_mode)}, {"wait_spin_ns", c.wait_spin_ns},
-                     {"state", state_name(c.state)}, {"why", c.why},
-                     {"requests_in", c.requests_in}, {"requests_out", c.requests_out},
-                     {"replies_in", c.replies_in}, {"replies_out", c.replies_out},
-                     {"oneway_in", c.oneway_in}, {"oneway_out", c.oneway_out},
-                     {"returns_in", c.returns_in}, {"returns_out", c.returns_out},
-                     {"no_reply_in", c.no_reply_in}, {"no_reply_out", c.no_reply_out},
-                     {"bytes_in", c.bytes_in}, {"bytes_out", c.bytes_out},
-                     {"in_flight_here", c.requests_held}, {"in_flight_out", c.requests_out_now},
-                     {"ring_in", c.ring_in}, {"ring_out", c.ring_out},
-                     {"slots_in_use", c.slots_in_use}, {"extents_in_use", c.extents_in_use},
+                     {"wait", wait_name(c.wait_mode)},
+                     {"wait_spin_ns", c.wait_spin_ns},
+                     {"state", state_name(c.state)},
+                     {"why", c.why},
+                     {"requests_in", c.requests_in},
+                     {"requests_out", c.requests_out},
+                     {"replies_in", c.replies_in},
+                     {"replies_out", c.replies_out},
+                     {"oneway_in", c.oneway_in},
+                     {"oneway_out", c.oneway_out},
+                     {"returns_in", c.returns_in},
+                     {"returns_out", c.returns_out},
+                     {"no_reply_in", c.no_reply_in},
+                     {"no_reply_out", c.no_reply_out},
+                     {"bytes_in", c.bytes_in},
+                     {"bytes_out", c.bytes_out},
+                     {"in_flight_here", c.requests_held},
+                     {"in_flight_out", c.requests_out_now},
+                     {"ring_in", c.ring_in},
+                     {"ring_out", c.ring_out},
+                     {"slots_in_use", c.slots_in_use},
+                     {"extents_in_use", c.extents_in_use},
                      {"idle_ns", c.idle_ns}});
   j["channels"] = chans;
   return j;
@@ -125,16 +159,16 @@ void print_text(const StatSnapshot& s) {
               user_name(l.uid).c_str(), l.policy, static_cast<double>(l.uptime_ns) / 1e9);
   std::printf("  connections  accepted %" PRIu64 "  live %" PRIu64 " (max %u)  failed %" PRIu64
               "  refused: policy %" PRIu64 " version %" PRIu64 " limit %" PRIu64 " busy %" PRIu64,
-              l.accepted, l.live, l.max_connections, l.failed, l.refused_policy,
-              l.refused_version, l.refused_limit, l.refused_busy);
+              l.accepted, l.live, l.max_connections, l.failed, l.refused_policy, l.refused_version,
+              l.refused_limit, l.refused_busy);
   if (l.last_refused_uid != ~0u)
     std::printf("  (last refused: uid %u %s, pid %d)", l.last_refused_uid,
                 user_name(l.last_refused_uid).c_str(), l.last_refused_pid);
   std::printf("\n  messages     requests in %" PRIu64 " out %" PRIu64 "  replies in %" PRIu64
               " out %" PRIu64 "  one-way in %" PRIu64 " out %" PRIu64 "  NoReply in %" PRIu64
               " out %" PRIu64 "  bytes in %" PRIu64 " out %" PRIu64 "\n",
-              l.requests_in, l.requests_out, l.replies_in, l.replies_out, l.oneway_in,
-              l.oneway_out, l.no_reply_in, l.no_reply_out, l.bytes_in, l.bytes_out);
+              l.requests_in, l.requests_out, l.replies_in, l.replies_out, l.oneway_in, l.oneway_out,
+              l.no_reply_in, l.no_reply_out, l.bytes_in, l.bytes_out);
   std::printf("  ended        peer-closed %" PRIu64 "  protocol %" PRIu64 "%s%s%s  queries %" PRIu64
               " (dropped %" PRIu64 ")\n",
               l.peer_closed, l.protocol, l.last_why[0] != 0 ? " (last: " : "", l.last_why,
@@ -162,6 +196,7 @@ struct Opts {
   std::vector<std::string> pos;
   bool json = false, watch = false;
   int iterations = 0;  // 0: until interrupted
+  int idle = 0;        // demo: idle channels held by one more client process
   int interval_ms = 1000;
 };
 bool parse(const std::vector<std::string>& args, Opts* o) {
@@ -176,13 +211,22 @@ bool parse(const std::vector<std::string>& args, Opts* o) {
       }
       return *v >= 0;
     };
-    if (a == "--json") o->json = true;
-    else if (a == "--watch") o->watch = true;
-    else if (a == "--once") o->iterations = 1;
-    else if (a == "--iterations") { if (!num(&o->iterations)) return false; }
-    else if (a == "--interval-ms") { if (!num(&o->interval_ms)) return false; }
-    else if (!a.empty() && a[0] == '-') return false;
-    else o->pos.push_back(a);
+    if (a == "--json")
+      o->json = true;
+    else if (a == "--watch")
+      o->watch = true;
+    else if (a == "--once")
+      o->iterations = 1;
+    else if (a == "--iterations") {
+      if (!num(&o->iterations)) return false;
+    } else if (a == "--interval-ms") {
+      if (!num(&o->interval_ms)) return false;
+    } else if (a == "--idle") {
+      if (!num(&o->idle)) return false;
+    } else if (!a.empty() && a[0] == '-')
+      return false;
+    else
+      o->pos.push_back(a);
   }
   return true;
 }
@@ -208,7 +252,10 @@ int run_ls(const std::vector<std::string>& args) {
     if (!s) continue;
     const ListenerStat& l = s->listener;
     if (o.json)
-      out.push_back({{"name", n}, {"pid", l.pid}, {"uid", l.uid}, {"user", user_name(l.uid)},
+      out.push_back({{"name", n},
+                     {"pid", l.pid},
+                     {"uid", l.uid},
+                     {"user", user_name(l.uid)},
                      {"live", l.live}});
     else
       std::printf("%-32s %8d %-10s %6" PRIu64 "\n", n.c_str(), l.pid, user_name(l.uid).c_str(),
@@ -320,7 +367,7 @@ int run_top(const std::vector<std::string>& args) {
 int run_demo(const std::vector<std::string>& args) {
   Opts o;
   if (!parse(args, &o) || o.pos.empty() || o.pos.size() > 4) {
-    std::fprintf(stderr, "usage: mbmq demo NAME [CLIENTS [SECONDS [LINGER]]]\n");
+    std::fprintf(stderr, "usage: mbmq demo NAME [CLIENTS [SECONDS [LINGER]]] [--idle N]\n");
     return 2;
   }
   const std::string name = o.pos[0];
@@ -348,6 +395,21 @@ int run_demo(const std::vector<std::string>& args) {
           if (!ch->call(*b, Deadline::after(5s))) _exit(1);
         std::this_thread::sleep_for(std::chrono::milliseconds(1 + i));
       }
+      _exit(0);
+    }
+  }
+  if (o.idle > 0) {  // one process holding `idle` quiet channels, for as long as the server
+    auto pid = os::fork_process();
+    if (!pid) return 1;
+    if (*pid == 0) {
+      os::die_with_parent();
+      std::vector<Channel> quiet;
+      for (int i = 0; i < o.idle; ++i) {
+        auto ch = connect(name, Deadline::after(10s));
+        if (!ch) _exit(1);
+        quiet.push_back(std::move(*ch));
+      }
+      std::this_thread::sleep_for(std::chrono::duration<double>(seconds + linger));
       _exit(0);
     }
   }

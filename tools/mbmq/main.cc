@@ -576,7 +576,8 @@ int usage() {
       "                               a listener's counters and its channels'\n"
       "       mbmq top [--once | --iterations N] [--interval-ms N]\n"
       "                               listeners and channels sorted by message rate\n"
-      "       mbmq demo NAME [CLIENTS [SECONDS [LINGER]]]  an echo listener with looping clients\n");
+      "       mbmq demo NAME [CLIENTS [SECONDS [LINGER]]] [--idle N]\n"
+      "                               an echo listener with looping clients (and N idle ones)\n");
   return 2;
 }
 
