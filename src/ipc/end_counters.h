@@ -31,9 +31,9 @@ struct EndCounters {
     c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   }
   // kind: DescKind's value without flags; status: DescStatus; size: payload bytes.
-  void count(std::array<std::atomic<std::uint64_t>, 6>& dir, std::atomic<std::uint64_t>& bytes,
-             std::atomic<std::uint64_t>& no_reply, std::uint16_t kind, std::uint16_t status,
-             std::uint32_t size) noexcept {
+  static void count(std::array<std::atomic<std::uint64_t>, 6>& dir,
+                    std::atomic<std::uint64_t>& bytes, std::atomic<std::uint64_t>& no_reply,
+                    std::uint16_t kind, std::uint16_t status, std::uint32_t size) noexcept {
     if (kind >= dir.size()) return;
     bump(dir[kind]);
     if (kind <= static_cast<std::uint16_t>(shm::DescKind::OneWay)) bump(bytes, size);
@@ -80,6 +80,6 @@ struct ListenTotals {
     }
   }
 };
-static_assert(sizeof(EndCounters) == 16 * 8);
+static_assert(sizeof(EndCounters) == std::size_t{16} * 8);
 
 }  // namespace mbmq::detail

@@ -108,7 +108,7 @@ Result<StatSnapshot> query_stats(std::string_view name, StatChannels channels, D
 Result<std::vector<std::string>> listener_names() {
   os::UniqueFd f = MBMQ_TRY(os::open_read("/proc/net/unix"));
   std::string text;
-  std::vector<std::byte> chunk(64 * 1024);
+  std::vector<std::byte> chunk(std::size_t{64} * 1024);
   for (;;) {
     std::size_t n = MBMQ_TRY(os::read_some(f.get(), chunk));
     if (n == 0) break;

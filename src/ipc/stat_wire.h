@@ -31,6 +31,7 @@ struct StatQuery {
 };
 static_assert(std::is_standard_layout_v<StatQuery> && sizeof(StatQuery) == 16);
 
-static_assert(sizeof(ListenerStat) + kStatChannelsPerReply * sizeof(ChannelStat) < 66 * 1024);
+static_assert(sizeof(ListenerStat) + kStatChannelsPerReply * sizeof(ChannelStat) <
+              std::size_t{66} * 1024);
 
 }  // namespace mbmq::detail
