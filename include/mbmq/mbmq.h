@@ -5,6 +5,7 @@
 #include "mbmq/channel.h"
 #include "mbmq/deadline.h"
 #include "mbmq/file.h"
+#include "mbmq/introspect.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
 #include "mbmq/result.h"

@@ -41,6 +41,9 @@
 //  (R4) Accepted: it makes a channel pair, sends Verdict{accepted}, then the client's end with
 //       Channel::send_over (the sealed segment memfd and the control socket, SCM_RIGHTS), and
 //       closes the rendezvous connection; the channel lives on its own control socket.
+//  A stat query (mbmq/introspect.h, `mbmq stat`) takes the same path to (R2), then sends a
+//  StatQuery where the hello goes and gets one stat reply instead of a verdict: steps (Q1)-(Q4)
+//  of docs/design/introspection.md.
 //
 // Limits, enforced by the listener and reported in stats() and to the refused client:
 //   max_connections  accepted channels alive at once in this process (the server's ends not yet

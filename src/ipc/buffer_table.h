@@ -168,6 +168,16 @@ class BufferTable {
 
   // ---- requests in flight (max_in_flight) ----
   std::uint32_t requests_out() const noexcept { return requests_out_; }
+  // (#18) Gauges for a stat query.
+  std::uint32_t requests_in() const noexcept { return requests_in_; }
+  std::uint32_t slots_in_use() const noexcept {
+    return n_ - static_cast<std::uint32_t>(free_slots_.size());
+  }
+  std::uint32_t extents_in_use() const noexcept {
+    std::uint32_t n = 0;
+    for (const OwnExtent& e : own_ext_) n += e.state != OwnState::Free ? 1 : 0;
+    return n;
+  }
   void request_sent() noexcept { ++requests_out_; }
   void request_answered() noexcept {
     if (requests_out_ > 0) --requests_out_;

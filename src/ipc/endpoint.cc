@@ -50,7 +50,11 @@ Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   return ep;
 }
 
-Endpoint::~Endpoint() { unwatch(); }
+Endpoint::~Endpoint() {
+  unwatch();
+  os::LockGuard lock(mu_);
+  retire_locked(state());  // if close_local() did not
+}
 
 void Endpoint::unwatch() noexcept {
   // A copy inherited across fork() was registered by the parent's watcher, not ours.
@@ -285,6 +289,7 @@ void Endpoint::release(Buffer& b) noexcept {
 Status Endpoint::push_locked(const Desc& d, bool wake) {
   switch (tx_.push(d)) {
     case shm::RingStatus::Ok:
+      counters_.count_out(kind_of(d), d.status, d.size);  // (#18) plain stores, mu_ held
       if (wake) wake_peer_locked();
       return {};
     case shm::RingStatus::Full: {
@@ -675,7 +680,9 @@ void Endpoint::close_local() noexcept {
   std::uint32_t slot = 0;
   {
     os::LockGuard lock(mu_);
-    if (state_.exchange(EpState::LocalClosed) == EpState::LocalClosed) return;
+    const EpState was = state_.exchange(EpState::LocalClosed);
+    if (was == EpState::LocalClosed) return;
+    retire_locked(was);  // (#18) with the lease: the listener's totals take this end's counts now
     unwatch();
     ctl_.close();
     reclaim_lent_locked();

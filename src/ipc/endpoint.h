@@ -41,6 +41,7 @@
 #include "ipc/buffer_id.h"
 #include "ipc/buffer_table.h"
 #include "ipc/deadline_mutex.h"
+#include "ipc/end_counters.h"
 #include "ipc/handles.h"
 #include "ipc/peer_trust.h"
 #include "ipc/peer_watch.h"
@@ -51,6 +52,7 @@
 #include "ipc/wait_step.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
+#include "mbmq/introspect.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/result.h"
 #include "mbmq/wait_policy.h"
@@ -155,6 +157,16 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   bool untrusted() const noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS { return trust_.untrusted_me(); }
   // Something to destroy with this end (a listener's connection count). Set once, before use.
   void set_lease(std::shared_ptr<void> lease) noexcept { lease_ = std::move(lease); }
+  // Introspection (#18): where this end's counters and final state go when it is destroyed (its
+  // listener's totals). Set once, before use, like set_lease().
+  void set_retire(std::shared_ptr<ListenTotals> totals) noexcept MBMQ_NO_THREAD_SAFETY_ANALYSIS {
+    retire_ = std::move(totals);
+  }
+  // From the watcher thread answering a stat query: this end's counters (relaxed loads) and
+  // gauges (mu_ taken briefly); peer ids, id and idle_ns are the caller's to fill.
+  void fill_stat(ChannelStat* out) const noexcept;
+  // Messages sent and received so far (relaxed loads): the watcher's idle-time clock.
+  std::uint64_t message_total() const noexcept;
   // A topic subscription's tap (ipc/topic_tap.h), asked first by poll(). Set once, before the
   // end is redirected (the redirect publishes it to the queue's threads); held weakly (the
   // subscriber owns this end).
@@ -206,6 +218,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // (P5) Checks descriptor d against the tables, gathers what it needs from the control socket
   // (through PeerTrust's checks), then commits. Bad: why_bad_ says why.
   Accepted accept(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status)
+      MBMQ_REQUIRES(mu_);
+  // accept() before counting (#18).
+  Accepted accept_one(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status)
       MBMQ_REQUIRES(mu_);
   Accepted accept_lent(const shm::Desc& d) MBMQ_REQUIRES(mu_);
   Accepted accept_back(const shm::Desc& d, const Buffer* call_buf, std::uint16_t* call_status)
@@ -324,6 +339,12 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   std::atomic<int> watch_pid_{0};
   std::uint64_t watch_id_ MBMQ_GUARDED_BY(mu_) = 0;
   std::shared_ptr<void> lease_;
+  // (#18) Written under mu_ by the thread pushing or accepting a descriptor; read by the watcher
+  // (ipc/end_counters.h says why relaxed is enough).
+  EndCounters counters_;
+  std::shared_ptr<ListenTotals> retire_ MBMQ_GUARDED_BY(mu_);
+  // Adds counters_ and the end's state before closing (`was`) to retire_, once.
+  void retire_locked(EpState was) noexcept MBMQ_REQUIRES(mu_);
 };
 
 }  // namespace mbmq::detail

@@ -59,6 +59,13 @@ bool Endpoint::handles_arrived_locked(const Desc& d, HandlesOf of) {
 
 Endpoint::Accepted Endpoint::accept(const Desc& d, const Buffer* call_buf,
                                     std::uint16_t* call_status) {
+  const Accepted a = accept_one(d, call_buf, call_status);
+  if (a != Accepted::Bad) counters_.count_in(kind_of(d), d.status, d.size);  // (#18) mu_ held
+  return a;
+}
+
+Endpoint::Accepted Endpoint::accept_one(const Desc& d, const Buffer* call_buf,
+                                        std::uint16_t* call_status) {
   const std::uint16_t kind = kind_of(d);
   if ((d.kind & shm::kDescReplaced) != 0 && !is(kind, DescKind::Reply))
     return bad("receive: a replacement on a descriptor that is not a reply");

@@ -4,12 +4,14 @@
 #include "ipc/listener_core.h"
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <string>
 
 #include "ipc/endpoint.h"
 #include "ipc/queue_core.h"
 #include "ipc/rendezvous_wire.h"
+#include "ipc/stat_wire.h"
 #include "mbmq/rendezvous.h"
 #include "os/epoll.h"
 #include "os/fault.h"
@@ -21,14 +23,6 @@
 namespace mbmq::detail {
 
 namespace {
-
-// The hello, if it has arrived (Errc::WouldBlock if not); Errc::Protocol if it is not one.
-Result<Hello> read_hello(int conn) {
-  Hello h = MBMQ_TRY(recv_now<Hello>(conn, "handshake: hello"));
-  if (h.magic != kHelloMagic || (h.flags & ~kHelloUntrusted) != 0)
-    return fail(Errc::Protocol, "handshake: hello");
-  return h;
-}
 
 // (R3) Answers `conn` with a refusal, without fds, and closes it. Its hello is read first if it is
 // there: closing a Unix socket with unread data resets the connection. One that arrives after we
@@ -83,6 +77,7 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(std::string_view name, List
   os::UniqueFd fd = MBMQ_TRY(os::listen_abstract(socket_name(name), options.backlog));
   std::shared_ptr<ListenCore> core(new ListenCore());
   core->owner_pid_ = os::current_pid();
+  core->start_ns_ = monotonic_ns();
   core->name_ = std::string(name);
   core->max_connections_ =
       options.max_connections != 0 ? options.max_connections : derived_max_connections(options);
@@ -270,17 +265,17 @@ void ListenCore::admit(os::UniqueFd conn) noexcept {
   auto cred = os::peer_cred(conn.get());
   if (!cred || !allowed(options_.access, *cred, os::current_uid())) {
     c.refused_policy.fetch_add(1, std::memory_order_relaxed);
+    if (cred) {  // (#18) who it was, for `mbmq stat`
+      c.last_refused_uid.store(cred->uid, std::memory_order_relaxed);
+      c.last_refused_pid.store(cred->pid, std::memory_order_relaxed);
+    }
     refuse(std::move(conn), Verdict::RefusedPolicy);
     return;
   }
-  // The usual case: the hello came with the connection, and no slot is needed.
-  auto hello = read_hello(conn.get());
-  if (hello) {
-    finish(std::move(conn), hello->version, hello->flags);
-    return;
-  }
-  if (hello.error().code != Errc::WouldBlock) {  // garbage, or the client is gone
-    c.failed.fetch_add(1, std::memory_order_relaxed);
+  // The usual case: the hello (or a stat query) came with the connection, and no slot is needed.
+  Status got = dispatch(&conn);
+  if (got || got.error().code != Errc::WouldBlock) {  // done, or garbage, or the client is gone
+    if (!got) c.failed.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   // Silent so far: it waits for its hello in a slot, if the listener and its uid have one left.
@@ -320,12 +315,25 @@ void ListenCore::handshake(int fd) noexcept {
     erase_handshake_locked(fd);
   }
   // (R2) The hello is a single SEQPACKET message: readable means all of it is there.
-  auto hello = read_hello(conn.get());
-  if (!hello) {
-    counters_->failed.fetch_add(1, std::memory_order_relaxed);
-    return;
+  if (!dispatch(&conn)) counters_->failed.fetch_add(1, std::memory_order_relaxed);
+}
+
+Status ListenCore::dispatch(os::UniqueFd* conn) noexcept {
+  // A Hello and a StatQuery are both 16 bytes, told apart by their magic (rendezvous_wire.h,
+  // stat_wire.h). Anything else closes only this connection.
+  Hello h = MBMQ_TRY(recv_now<Hello>(conn->get(), "handshake: hello"));
+  if (h.magic == kStatMagic) {
+    StatQuery q{};
+    static_assert(sizeof(q) == sizeof(h));
+    std::memcpy(&q, &h, sizeof(q));
+    if ((q.flags & ~kStatWantChannels) != 0) return fail(Errc::Protocol, "stat query: flags");
+    answer_query(std::move(*conn), q);
+    return {};
   }
-  finish(std::move(conn), hello->version, hello->flags);
+  if (h.magic != kHelloMagic || (h.flags & ~kHelloUntrusted) != 0)
+    return fail(Errc::Protocol, "handshake: hello");
+  finish(std::move(*conn), h.version, h.flags);
+  return {};
 }
 
 void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept {
@@ -379,7 +387,14 @@ void ListenCore::finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t 
     return;
   }
   MBMQ_CRASH_POINT("listen.sent_verdict");
-  ChannelAccess::ep(ends->second)->set_lease(std::make_shared<ConnLease>(counters_));
+  const std::shared_ptr<Endpoint>& server_end = ChannelAccess::ep(ends->second);
+  server_end->set_lease(std::make_shared<ConnLease>(counters_));
+  // (#18) Its counters join the listener's totals when it goes; a stat query sees it till then.
+  server_end->set_retire(std::shared_ptr<ListenTotals>(counters_, &counters_->totals));
+  if (auto cred = os::peer_cred(conn.get()))
+    register_end(server_end, cred->pid, cred->uid);
+  else
+    register_end(server_end, 0, ~0u);
   c.accepted.fetch_add(1, std::memory_order_relaxed);
   std::shared_ptr<QueueCore> q;
   {

@@ -13,8 +13,11 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
+#include "ipc/end_counters.h"
 #include "ipc/peer_watch.h"
+#include "ipc/stat_wire.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
 #include "os/fd.h"
@@ -24,6 +27,7 @@
 namespace mbmq::detail {
 
 class QueueCore;
+class Endpoint;
 
 class ListenCore final : public Watched, public std::enable_shared_from_this<ListenCore> {
  public:
@@ -45,9 +49,16 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   ListenerStats stats() const noexcept;
   void on_watch(int fd, std::uint32_t events) noexcept override MBMQ_EXCLUDES(mu_);
 
+  // Written by the watcher thread (handshakes, queries) and by the leases (live); relaxed RMW
+  // (several writers; each is a count read by monitors, ordering nothing). totals: see
+  // ListenTotals (ipc/end_counters.h).
   struct Counters {
     std::atomic<std::uint64_t> accepted{0}, refused_policy{0}, refused_version{0}, refused_limit{0},
         refused_busy{0}, failed{0}, live{0}, fd_backoffs{0};
+    std::atomic<std::uint64_t> queries{0}, queries_dropped{0};  // (Q4) answered, not sent
+    std::atomic<std::uint32_t> last_refused_uid{~0u};           // ~0u: none yet
+    std::atomic<std::int32_t> last_refused_pid{0};
+    ListenTotals totals;
   };
   std::uint32_t max_connections() const noexcept { return max_connections_; }
 
@@ -62,8 +73,19 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   void admit(os::UniqueFd conn) noexcept MBMQ_EXCLUDES(mu_);
   // (R2) The hello arrived on a connection waiting in a slot.
   void handshake(int fd) noexcept MBMQ_EXCLUDES(mu_);
+  // (Q3)-(Q4) A stat query in place of the hello (ipc/stat_wire.h): one reply, never waiting;
+  // the connection is closed on return. Watcher thread only.
+  void answer_query(os::UniqueFd conn, const StatQuery& q) noexcept MBMQ_EXCLUDES(mu_);
+  // The listener's half of the reply (counters, totals over live and retired ends).
+  void fill_listener_stat(ListenerStat* out) const noexcept;
   // (R2)-(R4) for a connection whose uid passed and whose hello (checked) is in hand.
   void finish(os::UniqueFd conn, std::uint32_t version, std::uint32_t flags) noexcept
+      MBMQ_EXCLUDES(mu_);
+  // A hello or a stat query has arrived on conn (its uid passed): on to finish() or
+  // answer_query(). Errc::WouldBlock: nothing yet (the connection is handed back in *conn).
+  Status dispatch(os::UniqueFd* conn) noexcept MBMQ_EXCLUDES(mu_);
+  // Adds an accepted server end to the stat registry (pruning dead entries as it doubles).
+  void register_end(const std::shared_ptr<Endpoint>& ep, int pid, unsigned uid) noexcept
       MBMQ_EXCLUDES(mu_);
   // accept4() failed for want of fds (or memory). Stops watching the listening socket
   // (level-triggered, it would wake us at once, forever) and watches it again after a delay.
@@ -95,6 +117,20 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
   // handshakes_ per uid.
   std::unordered_map<unsigned, std::uint32_t> slots_of_ MBMQ_GUARDED_BY(mu_);
   std::deque<Channel> arrivals_ MBMQ_GUARDED_BY(mu_);
+  // (#18) The accepted server ends, for stat queries. seen_*: the message total a query last saw
+  // and when it first saw it (the idle time, without a clock on the hot path).
+  struct Registered {
+    std::weak_ptr<Endpoint> ep;
+    std::uint64_t id = 0;
+    int pid = 0;
+    unsigned uid = 0;
+    std::uint64_t seen_total = 0;
+    std::int64_t seen_ns = -1;
+  };
+  std::vector<Registered> registry_ MBMQ_GUARDED_BY(mu_);
+  std::size_t prune_at_ MBMQ_GUARDED_BY(mu_) = 64;
+  std::uint64_t next_id_ MBMQ_GUARDED_BY(mu_) = 1;
+  std::int64_t start_ns_ = 0;
   std::weak_ptr<QueueCore> queue_ MBMQ_GUARDED_BY(mu_);
   std::uint64_t key_ MBMQ_GUARDED_BY(mu_) = 0;
   bool closed_ MBMQ_GUARDED_BY(mu_) = false;

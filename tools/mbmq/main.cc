@@ -28,6 +28,11 @@
 
 namespace mbmq::tool {
 int run_files(const std::vector<std::string>& argv_rest);  // files.cc
+// inspect.cc (#18)
+int run_ls(const std::vector<std::string>& args);
+int run_stat(const std::vector<std::string>& args);
+int run_top(const std::vector<std::string>& args);
+int run_demo(const std::vector<std::string>& args);
 namespace {
 
 std::vector<std::size_t> parse_sizes(const std::string& s) {
@@ -565,7 +570,14 @@ int usage() {
       stderr,
       "usage: mbmq bench [options]    side-by-side IPC benchmark (mbmq bench --help)\n"
       "       mbmq copies [options]   copies per request, by design and measured\n"
-      "       mbmq files [options]    serving a file: read+write, mmap, sendfile, splice, nginx\n");
+      "       mbmq files [options]    serving a file: read+write, mmap, sendfile, splice, nginx\n"
+      "       mbmq ls [--json]        the mbmq listeners this user may see: name, pid, user, live\n"
+      "       mbmq stat NAME [--json] [--watch [--interval-ms N] [--iterations N]]\n"
+      "                               a listener's counters and its channels'\n"
+      "       mbmq top [--once | --iterations N] [--interval-ms N]\n"
+      "                               listeners and channels sorted by message rate\n"
+      "       mbmq demo NAME [CLIENTS [SECONDS [LINGER]]] [--idle N]\n"
+      "                               an echo listener with looping clients (and N idle ones)\n");
   return 2;
 }
 
@@ -594,6 +606,10 @@ int main(int argc, char** argv) {
   if (cmd == "bench") return run_bench(rest, false, self);
   if (cmd == "copies") return run_bench(rest, true, self);
   if (cmd == "files") return run_files(rest);
+  if (cmd == "ls") return run_ls(rest);
+  if (cmd == "stat") return run_stat(rest);
+  if (cmd == "top") return run_top(rest);
+  if (cmd == "demo") return run_demo(rest);
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     usage();
     return 0;
