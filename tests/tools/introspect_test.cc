@@ -27,7 +27,13 @@ using test::join;
 using test::secs;
 using test::spawn;
 
+#ifdef MBMQ_TOOL
 const std::string kTool = MBMQ_TOOL;
+constexpr bool kHaveTool = true;
+#else
+const std::string kTool;  // the ASan build has no `mbmq` command (MBMQ_TOOLS=OFF)
+constexpr bool kHaveTool = false;
+#endif
 
 std::string unique_name(const char* what) {
   static int n = 0;
@@ -166,6 +172,7 @@ TEST(Introspect, StatReportsExactlyTheCountsThreeClientsMade) {
   EXPECT_EQ(l.bytes_in, bytes);
   EXPECT_EQ(l.protocol, 0u);
   EXPECT_EQ(l.pid, os::current_pid());
+  if (!kHaveTool) return;  // the library's numbers are checked; the command's in the Release run
   // The same numbers through the tool.
   auto [code, out] = run_tool({"stat", name, "--json"});
   ASSERT_EQ(code, 0) << out;
@@ -237,6 +244,7 @@ TEST(Introspect, ARefusedClientShowsInTheRefusedCountWithItsUid) {
   EXPECT_EQ(s.listener.refused_policy, 2u);
   EXPECT_EQ(s.listener.last_refused_uid, 65534u);
   EXPECT_EQ(s.listener.last_refused_pid, pid);
+  if (!kHaveTool) return;  // the library's numbers are checked; the command's in the Release run
   auto [code, out] = run_tool({"stat", name});
   EXPECT_EQ(code, 0);
   EXPECT_NE(out.find("last refused: uid 65534"), std::string::npos) << out;
@@ -272,6 +280,7 @@ TEST(Introspect, AProtocolViolationShowsWithItsWhy) {
   for (Deadline d = secs(10); server.last_why().empty() && !d.expired();)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   EXPECT_EQ(std::string(s.listener.last_why), server.last_why());
+  if (!kHaveTool) return;  // the library's numbers are checked; the command's in the Release run
   auto [code, out] = run_tool({"stat", name, "--json"});
   ASSERT_EQ(code, 0);
   EXPECT_EQ(nlohmann::json::parse(out)["last_protocol_why"], server.last_why());
