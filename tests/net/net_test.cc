@@ -1,0 +1,245 @@
+// mbmq::net over UCX's TCP transport on loopback, between two processes (issue #19). Each test
+// forks its peer before this process loads UCX (a child forked after cannot use it: tested too).
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#include "mbmq/net.h"
+#include "os/process.h"
+#include "test_util.h"
+
+namespace mbmq {
+namespace {
+
+using test::join;
+using test::secs;
+using test::spawn;
+
+// A pipe for a child to tell the parent a number (its port, or "I got the request").
+struct Pipe {
+  os::UniqueFd r, w;
+  static Pipe make() {
+    auto p = os::make_pipe();
+    EXPECT_TRUE(p);
+    return Pipe{std::move(p->first), std::move(p->second)};
+  }
+  void put(std::uint32_t v) const { (void)os::write_once(w.get(), &v, sizeof v); }
+  std::uint32_t get() const {
+    std::uint32_t v = 0;
+    auto n = os::read_full(r.get(), std::as_writable_bytes(std::span(&v, 1)));
+    return n && *n == sizeof v ? v : 0;
+  }
+};
+
+std::string url(std::uint32_t port, const char* service = "svc") {
+  return "ucx://127.0.0.1:" + std::to_string(port) + "/" + service;
+}
+
+// The server's answer to a request: every byte + 1, and one byte more.
+void answer(net::Buffer& b) {
+  for (auto& x : b.data()) x = static_cast<std::byte>(static_cast<unsigned>(x) + 1);
+  const std::size_t n = b.size();
+  if (b.resize(n + 1)) b.data()[n] = std::byte{0x5a};
+}
+
+// Serves `service` on 127.0.0.1: tells the parent its port, accepts one client, answers its
+// requests until it leaves, checks its one-way message. Exits 0 when all went as expected.
+int serve_one(const Pipe& port_pipe, net::ListenOptions opt = {}) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc", opt);
+  if (!l) return 10;
+  port_pipe.put(l->port());
+  auto ch = l->accept(secs(20));
+  if (!ch) return 11;
+  int messages = 0;
+  for (;;) {
+    auto m = ch->receive(secs(20));
+    if (!m) return 12;
+    if (m->kind == Kind::PeerClosed) return m->error == Errc::PeerClosed && messages == 1 ? 0 : 13;
+    if (m->kind == Kind::Message) {
+      if (m->buffer.size() != 3 || m->buffer.data()[2] != std::byte{7}) return 14;
+      ++messages;
+      continue;
+    }
+    answer(m->buffer);
+    if (!net::Channel::reply(std::move(*m))) return 15;
+  }
+}
+
+TEST(NetChannel, CallsAreAnsweredInTheCallersBufferAcrossProcesses) {
+  Pipe p = Pipe::make();
+  pid_t server = spawn([&] { return serve_one(p); });
+  p.w.reset();  // a child that fails before writing its port: get() sees the end, not a hang
+  const std::uint32_t port = p.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  // 64 B and 4 KiB go eagerly; 1 MiB and 8 MiB by UCX's rendezvous.
+  for (std::size_t size : {std::size_t{64}, std::size_t{4096}, std::size_t{1} << 20,
+                           std::size_t{8} << 20}) {
+    auto b = ch->buffer(size);
+    ASSERT_TRUE(b) << b.error().message();
+    test::fill(b->data(), size);
+    ASSERT_TRUE(ch->call(*b, secs(10))) << size;
+    ASSERT_EQ(b->size(), size + 1);
+    bool same = true;
+    for (std::size_t i = 0; i < size; ++i)
+      same = same && b->data()[i] == static_cast<std::byte>(
+                                         static_cast<unsigned>(test::pattern(size, i)) + 1);
+    EXPECT_TRUE(same) << size;
+    EXPECT_EQ(b->data()[size], std::byte{0x5a});
+    // The same buffer again: the reply arrived in it, ready for the next call.
+    ASSERT_TRUE(b->resize(16));
+    ASSERT_TRUE(ch->call(*b, secs(10)));
+    EXPECT_EQ(b->size(), 17u);
+  }
+  auto msg = ch->buffer(3);
+  ASSERT_TRUE(msg);
+  msg->data()[2] = std::byte{7};
+  ASSERT_TRUE(ch->send(std::move(*msg)));
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+TEST(NetChannel, AKilledServerFailsTheCallInFlightWithPeerClosed) {
+  Pipe port_pipe = Pipe::make();
+  Pipe got = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    auto m = ch->receive(secs(20));  // the request, never answered: we are killed holding it
+    if (!m) return 12;
+    got.put(1);
+    os::sleep_ns(30'000'000'000);
+    return 13;
+  });
+  port_pipe.w.reset();
+  got.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  std::thread killer([&] {
+    if (got.get() == 1) (void)os::kill_process(server, SIGKILL);
+  });
+  auto b = ch->buffer(64);
+  ASSERT_TRUE(b);
+  std::int64_t t0 = 0;
+  const std::int64_t start = monotonic_ns();
+  Status s = ch->call(*b, secs(25));
+  t0 = monotonic_ns() - start;
+  killer.join();
+  EXPECT_EQ(join(server), 128 + SIGKILL);
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, Errc::PeerClosed) << s.error().message();
+  EXPECT_LT(t0, 10'000'000'000) << "the death took " << t0 / 1'000'000 << " ms to be seen";
+  EXPECT_TRUE(b->valid());  // the automatic reply leaves the buffer usable
+  auto again = ch->call(*b, secs(5));
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, Errc::PeerClosed);
+}
+
+TEST(NetChannel, AKilledClientEndsTheServersChannelWithPeerClosed) {
+  Pipe port_pipe = Pipe::make();
+  pid_t client = spawn([&]() -> int {
+    const std::uint32_t port = port_pipe.get();
+    auto ch = net::connect(url(port), secs(10));
+    if (!ch) return 10;
+    auto b = ch->buffer(64);
+    if (!b) return 11;
+    (void)ch->call(*b, secs(30));  // killed while waiting
+    return 12;
+  });
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  port_pipe.put(l->port());
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto m = ch->receive(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Request);
+  ASSERT_TRUE(os::kill_process(client, SIGKILL));
+  EXPECT_EQ(join(client), 128 + SIGKILL);
+  const std::int64_t start = monotonic_ns();
+  auto end = ch->receive(secs(20));
+  ASSERT_TRUE(end) << end.error().message();
+  EXPECT_EQ(end->kind, Kind::PeerClosed);
+  EXPECT_LT(monotonic_ns() - start, 10'000'000'000);
+  auto r = net::Channel::reply(std::move(*m));  // its caller is gone
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::PeerClosed);
+}
+
+TEST(NetChannel, AWrongServiceOrAnAddressNotAllowedIsRefused) {
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    net::ListenOptions strict;
+    strict.allow = {"10.255.255.1"};  // not us
+    auto l2 = net::listen("ucx://127.0.0.1:0/svc", strict);
+    if (!l2) return 11;
+    port_pipe.put(l->port());
+    port_pipe.put(l2->port());
+    // Serve handshakes until the parent is done (it kills us).
+    for (;;) {
+      (void)l->accept(Deadline::after(std::chrono::milliseconds(20)));
+      (void)l2->accept(Deadline::after(std::chrono::milliseconds(20)));
+    }
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  const std::uint32_t strict_port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto wrong = net::connect(url(port, "other"), secs(10));
+  ASSERT_FALSE(wrong);
+  EXPECT_EQ(wrong.error().code, Errc::Refused) << wrong.error().message();
+  auto refused = net::connect(url(strict_port), secs(10));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::Refused) << refused.error().message();
+  (void)os::kill_process(server, SIGKILL);
+  (void)join(server);
+}
+
+TEST(NetChannel, MalformedUrlsAndHandlesAreInvalidArgument) {
+  for (const char* u : {"tcp://127.0.0.1:1/x", "ucx://127.0.0.1/x", "ucx://127.0.0.1:99999/x",
+                        "ucx://127.0.0.1:1/", "ucx://localhost:1/x"}) {
+    auto ch = net::connect(u, secs(1));
+    ASSERT_FALSE(ch) << u;
+    EXPECT_EQ(ch.error().code, Errc::InvalidArgument) << u;
+  }
+  net::Buffer b;
+  auto pipe = os::make_pipe();
+  ASSERT_TRUE(pipe);
+  auto a = b.attach_fd(pipe->first.release());
+  ASSERT_FALSE(a);
+  EXPECT_EQ(a.error().code, Errc::InvalidArgument);
+}
+
+// Loading UCX installs no signal handler and, in a child forked after, every call fails at once
+// with a clear error instead of touching UCX.
+TEST(NetChannel, UcxLeavesSignalsAloneAndAForkedChildGetsAClearError) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE}) {
+    struct sigaction sa {};
+    ASSERT_EQ(::sigaction(sig, nullptr, &sa), 0);
+    EXPECT_EQ(sa.sa_handler, SIG_DFL) << "UCX installed a handler for signal " << sig;
+  }
+  const std::uint16_t port = l->port();
+  pid_t child = spawn([&]() -> int {
+    auto ch = net::connect(url(port), secs(5));
+    if (ch || ch.error().code != Errc::InvalidArgument) return 1;
+    return std::strstr(ch.error().op, "forked") != nullptr ? 0 : 2;
+  }, 20);
+  EXPECT_EQ(join(child), 0);
+}
+
+}  // namespace
+}  // namespace mbmq
