@@ -78,6 +78,18 @@ struct Message {
   const char* why = "";           // Kind::PeerClosed with Errc::Protocol: the rule broken
 };
 
+// How long a channel waits without a word from its peer before it ends with Errc::PeerClosed. A
+// killed peer is seen at once (its host's TCP resets the connection); a partitioned one (a cable
+// pulled, a host frozen) only through silence: each end sends a heartbeat after peer_timeout / 4
+// without traffic, from a thread of mbmq::net when the application is not waiting. 0: never
+// (Debian's UCX 1.13 alone did not see a partition within 70 s; docs/design/net.md).
+inline constexpr std::chrono::milliseconds kDefaultPeerTimeout{10'000};
+
+struct ConnectOptions {
+  WaitPolicy wait{};
+  std::chrono::milliseconds peer_timeout = kDefaultPeerTimeout;
+};
+
 class Channel {
  public:
   Channel() noexcept = default;
@@ -107,7 +119,7 @@ class Channel {
   void close() noexcept;
 
  private:
-  friend Result<Channel> connect(std::string_view, Deadline, WaitPolicy);
+  friend Result<Channel> connect(std::string_view, Deadline, const ConnectOptions&);
   friend class Listener;
   explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
   std::shared_ptr<detail::ChannelCore> core_;
@@ -119,6 +131,7 @@ struct ListenOptions {
   std::vector<std::string> allow;
   std::uint32_t max_message = 64u << 20;  // the largest payload accepted from a client
   std::chrono::milliseconds handshake_timeout{1000};
+  std::chrono::milliseconds peer_timeout = kDefaultPeerTimeout;  // for accepted channels
 };
 
 struct ListenerStats {
@@ -156,6 +169,6 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options = {})
 // Connects to "ucx://HOST:PORT/service" (HOST an IPv4 literal). Errc::Refused if the listener
 // rejects our address or serves no such service; Errc::PeerClosed/System if nobody listens;
 // Errc::TimedOut at the deadline.
-Result<Channel> connect(std::string_view url, Deadline deadline, WaitPolicy wait = {});
+Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOptions& options = {});
 
 }  // namespace mbmq::net

@@ -268,6 +268,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
                                 std::uint32_t limit, const void* data, std::size_t n,
                                 std::vector<std::byte>* owned, bool is_call) {
   if (ep_ == nullptr) return fail(closed_error_locked("net: send on a closed channel"));
+  last_tx_ns_ = monotonic_ns();
   auto* op = new SendOp{w_.get(), ep_, WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind),
                                                   status, seq, limit},
                         {}, is_call};
@@ -306,6 +307,7 @@ void ChannelCore::on_send_done_locked(std::uint32_t seq, bool was_call) {
 void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t length,
                                const ucp_am_recv_param_t* param) {
   const auto kind = static_cast<WireKind>(h.kind);
+  last_rx_ns_ = monotonic_ns();
   // Which kinds each state accepts (docs/design/net.md).
   const bool ok = state_ == State::Pending      ? kind == WireKind::Hello
                   : state_ == State::Connecting ? kind == WireKind::HelloAck

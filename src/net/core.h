@@ -10,6 +10,7 @@
 
 #include <ucp/api/ucp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -62,6 +63,8 @@ class WorkerCore {
   // deadline: false. Spins per `policy`, then sleeps on the worker's event fd (unlocked).
   template <class Done>
   Result<bool> run_until(Deadline deadline, WaitPolicy policy, Done done);
+  template <class Done>
+  Result<bool> run_until_counted(Deadline deadline, WaitPolicy policy, Done done);
   void progress_locked() MBMQ_REQUIRES(mu);
   // In UCX's callbacks, which run inside progress_locked(): mu is held.
   void assert_held() const MBMQ_ASSERT_CAPABILITY(mu) {}
@@ -71,6 +74,7 @@ class WorkerCore {
   ucp_worker_h worker = nullptr;  // set in make(), then used under mu only
   int efd = -1;
   std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
+  int waiters MBMQ_GUARDED_BY(mu) = 0;  // threads inside run_until (they progress the worker)
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
@@ -112,6 +116,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void close() noexcept;
   bool open() noexcept;
   void set_policy(WaitPolicy p) noexcept { policy_ = p; }
+  // The keeper's tick (net/keeper.cc): progresses the worker if no thread waits on it, ends the
+  // channel after peer_timeout of silence, and sends a heartbeat after peer_timeout / 4 of ours.
+  void keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns);
 
   // Callbacks (worker mu held).
   void on_am_locked(const WireHeader& h, void* data, std::size_t length,
@@ -160,6 +167,8 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // the call's SendOp while UCX reads it
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
   std::int64_t pending_since_ns_ = 0;
+  std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
+  std::int64_t last_tx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
   os::Mutex call_mu_;  // one call() at a time
   WaitPolicy policy_{};
 };
@@ -203,6 +212,10 @@ class ListenCore {
   ListenerStats stats_ MBMQ_GUARDED_BY(w_->mu);
 };
 
+// Watches `ch` from mbmq::net's keeper thread (started on first use) until it is gone: heartbeats
+// and peer_timeout (net/keeper.cc). timeout 0: not watched.
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
+
 // Maps a UCX status of a failed endpoint to an mbmq error code.
 Errc errc_of(ucs_status_t s) noexcept;
 
@@ -210,6 +223,18 @@ Errc errc_of(ucs_status_t s) noexcept;
 template <class Done>
 Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, Done done) {
   MBMQ_TRY(check_not_forked());
+  {
+    os::LockGuard lock(mu);
+    ++waiters;
+  }
+  Result<bool> r = run_until_counted(deadline, policy, done);
+  os::LockGuard lock(mu);
+  --waiters;
+  return r;
+}
+
+template <class Done>
+Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy, Done done) {
   const std::int64_t spin_ns = policy.mode == WaitMode::Spin    ? Deadline::kNever
                                : policy.mode == WaitMode::Sleep ? 0
                                                                 : policy.spin.count();

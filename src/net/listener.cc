@@ -115,6 +115,7 @@ void ListenCore::on_hello_locked(ChannelCore* ch, std::uint16_t verdict) {
   c->listener_ = nullptr;
   if (verdict == kHelloOk) {
     ++stats_.accepted;
+    keep_alive(c, options_.peer_timeout);
     ready_.push_back(std::move(c));
     return;
   }
@@ -220,11 +221,13 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options) {
   return l;
 }
 
-Result<Channel> connect(std::string_view url, Deadline deadline, WaitPolicy wait) {
+Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOptions& options) {
   Url u = MBMQ_TRY(parse(url, "net::connect: expected ucx://HOST:PORT/service"));
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
-  return Channel(
-      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, wait)));
+  auto core = MBMQ_TRY(
+      detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait));
+  detail::keep_alive(core, options.peer_timeout);
+  return Channel(std::move(core));
 }
 
 // ---- Listener ----

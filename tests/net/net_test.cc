@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -205,6 +206,61 @@ TEST(NetChannel, AWrongServiceOrAnAddressNotAllowedIsRefused) {
   EXPECT_EQ(refused.error().code, Errc::Refused) << refused.error().message();
   (void)os::kill_process(server, SIGKILL);
   (void)join(server);
+}
+
+// A server killed and started again binds the same port at once (UCX_TCP_CM_REUSEADDR=y, set
+// by mbmq::net), and its old clients see PeerClosed, its new ones are served.
+TEST(NetChannel, ARestartedServerListensOnTheSamePortAtOnce) {
+  // Both servers are forked now, before this process loads UCX (a child forked after could not
+  // use it); the second waits for the first one's port, then for the word to start.
+  Pipe p1 = Pipe::make();
+  Pipe p2 = Pipe::make();
+  Pipe go = Pipe::make();
+  pid_t first = spawn([&] { return serve_one(p1); });
+  pid_t second = spawn([&]() -> int {
+    const std::uint32_t port = go.get();
+    if (port == 0) return 19;
+    // The first attempt must succeed: no retry loop hides a port still held by the dead server.
+    const std::int64_t t0 = monotonic_ns();
+    auto l = net::listen(url(port));
+    if (!l) return 20;
+    p2.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
+    auto ch = l->accept(secs(20));
+    if (!ch) return 21;
+    auto m = ch->receive(secs(20));
+    if (!m || m->kind != Kind::Request) return 22;
+    answer(m->buffer);
+    if (!net::Channel::reply(std::move(*m))) return 23;
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed ? 0 : 24;
+  });
+  p1.w.reset();
+  p2.w.reset();
+  go.r.reset();
+  const std::uint32_t port = p1.get();
+  ASSERT_NE(port, 0u);
+  auto old = net::connect(url(port), secs(10));
+  ASSERT_TRUE(old) << old.error().message();
+  auto b = old->buffer(64);
+  ASSERT_TRUE(b);
+  ASSERT_TRUE(old->call(*b, secs(10)));
+  ASSERT_TRUE(os::kill_process(first, SIGKILL));
+  EXPECT_EQ(join(first), 128 + SIGKILL);
+  go.put(port);
+  const std::uint32_t listen_ms = p2.get();
+  auto gone = old->call(*b, secs(10));
+  ASSERT_FALSE(gone);
+  EXPECT_EQ(gone.error().code, Errc::PeerClosed);
+  auto fresh = net::connect(url(port), secs(10));
+  ASSERT_TRUE(fresh) << fresh.error().message();
+  auto c = fresh->buffer(8);
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(fresh->call(*c, secs(10)));
+  EXPECT_EQ(c->size(), 9u);
+  fresh->close();
+  EXPECT_EQ(join(second), 0);
+  EXPECT_LT(listen_ms, 1000u);  // the target is 100 ms; generous on a loaded machine
+  std::printf("restarted server listened in %u ms\n", listen_ms);
 }
 
 TEST(NetChannel, MalformedUrlsAndHandlesAreInvalidArgument) {
