@@ -25,7 +25,8 @@ void report(const char* what, std::vector<std::int64_t>& ns) {
   double sum = 0;
   for (auto v : ns) sum += static_cast<double>(v);
   std::printf("%-34s median %7.2f us  mean %7.2f us  p99 %7.2f us  (%zu round trips)\n", what,
-              static_cast<double>(ns[ns.size() / 2]) / 1e3, sum / static_cast<double>(ns.size()) / 1e3,
+              static_cast<double>(ns[ns.size() / 2]) / 1e3,
+              sum / static_cast<double>(ns.size()) / 1e3,
               static_cast<double>(ns[ns.size() * 99 / 100]) / 1e3, ns.size());
 }
 

@@ -169,6 +169,7 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options = {})
 // Connects to "ucx://HOST:PORT/service" (HOST an IPv4 literal). Errc::Refused if the listener
 // rejects our address or serves no such service; Errc::PeerClosed/System if nobody listens;
 // Errc::TimedOut at the deadline.
-Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOptions& options = {});
+Result<Channel> connect(std::string_view url, Deadline deadline,
+                        const ConnectOptions& options = {});
 
 }  // namespace mbmq::net

@@ -269,20 +269,23 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
                                 std::vector<std::byte>* owned, bool is_call) {
   if (ep_ == nullptr) return fail(closed_error_locked("net: send on a closed channel"));
   last_tx_ns_ = monotonic_ns();
-  auto* op = new SendOp{w_.get(), ep_, WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind),
-                                                  status, seq, limit},
-                        {}, is_call};
+  auto* op =
+      new SendOp{w_.get(),
+                 ep_,
+                 WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind), status, seq, limit},
+                 {},
+                 is_call};
   if (owned != nullptr) {
     op->owned = std::move(*owned);
     data = op->owned.data();
   }
   ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.op_attr_mask =
+      UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.flags = UCP_AM_SEND_FLAG_REPLY;
   p.cb.send = send_done;
   p.user_data = op;
-  ucs_status_ptr_t r =
-      w_->u->ucp_am_send_nbx(ep_, kAmId, &op->hdr, sizeof op->hdr, data, n, &p);
+  ucs_status_ptr_t r = w_->u->ucp_am_send_nbx(ep_, kAmId, &op->hdr, sizeof op->hdr, data, n, &p);
   if (r == nullptr) {  // done already: no callback comes
     if (is_call) call_sent_ = true;
     delete op;
@@ -330,7 +333,8 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.recv_am = recv_done;
     p.user_data = op;
-    ucs_status_ptr_t r = w_->u->ucp_am_recv_data_nbx(w_->worker, data, op->bytes.data(), length, &p);
+    ucs_status_ptr_t r =
+        w_->u->ucp_am_recv_data_nbx(w_->worker, data, op->bytes.data(), length, &p);
     if (r == nullptr) {
       on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
       delete op;
@@ -423,7 +427,8 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     call_seq_ = seq;
     call_sent_ = false;
     reply_ready_ = false;
-    MBMQ_TRY(send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), buf.size_, nullptr, true));
+    MBMQ_TRY(
+        send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), buf.size_, nullptr, true));
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
     w_->assert_held();

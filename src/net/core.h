@@ -164,7 +164,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint16_t reply_status_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::vector<std::byte> reply_bytes_ MBMQ_GUARDED_BY(w_->mu);
   std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
-  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // the call's SendOp while UCX reads it
+  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
   std::int64_t pending_since_ns_ = 0;
   std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();

@@ -58,7 +58,8 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(const Ucx* u, const std::st
   p.conn_handler.cb = on_conn_request;
   p.conn_handler.arg = l.get();
   const ucs_status_t s = u->ucp_listener_create(w->worker, &p, &l->listener_);
-  if (s == UCS_ERR_BUSY) return fail(Error::from_syscall("net::listen: address in use", EADDRINUSE));
+  if (s == UCS_ERR_BUSY)
+    return fail(Error::from_syscall("net::listen: address in use", EADDRINUSE));
   if (s != UCS_OK) return fail(Errc::System, "net::listen: ucp_listener_create failed");
   ucp_listener_attr_t a{};
   a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
@@ -224,8 +225,8 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options) {
 Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOptions& options) {
   Url u = MBMQ_TRY(parse(url, "net::connect: expected ucx://HOST:PORT/service"));
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
-  auto core = MBMQ_TRY(
-      detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait));
+  auto core =
+      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait));
   detail::keep_alive(core, options.peer_timeout);
   return Channel(std::move(core));
 }

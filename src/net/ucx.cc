@@ -12,8 +12,8 @@
 namespace mbmq::net::detail {
 namespace {
 
-Ucx g_ucx;                           // written once, under g_once
-Error g_error{};                     // why loading failed, if it did
+Ucx g_ucx;        // written once, under g_once
+Error g_error{};  // why loading failed, if it did
 // Release-stored once, under g_once, after g_ucx and g_pid; acquire-loaded by every check.
 std::atomic<bool> g_loaded{false};
 pid_t g_pid = 0;  // the process that loaded UCX: written before g_loaded's release store
@@ -24,12 +24,12 @@ std::once_flag g_once;
 // constructors, so ucp_config_modify() would be too late for them: they must be in the
 // environment before dlopen().
 constexpr const char* kDefaults[][2] = {
-    {"UCX_ERROR_SIGNALS", ""},            // no SIGSEGV/SIGBUS/SIGILL/SIGFPE handlers
-    {"UCX_MEM_MALLOC_HOOKS", "n"},        // no malloc hooks
-    {"UCX_MEM_MMAP_HOOK_MODE", "none"},   // no mmap/munmap/brk hooks
-    {"UCX_MEM_EVENTS", "n"},              // and no memory-event machinery at all
-    {"UCX_TCP_CM_REUSEADDR", "y"},        // a restarted server binds its port at once
-    {"UCX_HANDLE_ERRORS", "none"},        // no backtrace-and-freeze on a fatal error
+    {"UCX_ERROR_SIGNALS", ""},           // no SIGSEGV/SIGBUS/SIGILL/SIGFPE handlers
+    {"UCX_MEM_MALLOC_HOOKS", "n"},       // no malloc hooks
+    {"UCX_MEM_MMAP_HOOK_MODE", "none"},  // no mmap/munmap/brk hooks
+    {"UCX_MEM_EVENTS", "n"},             // and no memory-event machinery at all
+    {"UCX_TCP_CM_REUSEADDR", "y"},       // a restarted server binds its port at once
+    {"UCX_HANDLE_ERRORS", "none"},       // no backtrace-and-freeze on a fatal error
 };
 
 void load() {
@@ -40,13 +40,14 @@ void load() {
     return;
   }
   bool all = true;
-#define MBMQ_UCX_LOAD(name)                                            \
+#define MBMQ_UCX_LOAD(name)                                              \
   g_ucx.name = reinterpret_cast<decltype(&::name)>(::dlsym(lib, #name)); \
   all = all && g_ucx.name != nullptr;
   MBMQ_UCX_FUNCTIONS(MBMQ_UCX_LOAD)
 #undef MBMQ_UCX_LOAD
   if (!all) {
-    g_error = Error::make(Errc::System, "net: libucp.so.0 lacks a function mbmq needs (UCX < 1.13?)");
+    g_error =
+        Error::make(Errc::System, "net: libucp.so.0 lacks a function mbmq needs (UCX < 1.13?)");
     return;
   }
   ucp_config_t* config = nullptr;

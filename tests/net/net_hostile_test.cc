@@ -103,14 +103,16 @@ TEST(NetHostile, MalformedHeadersEndOnlyTheSendersChannel) {
   pid_t c1 = spawn([&] { return hostile(p1.get(), kShortHeaderFirst); }, 30);
   pid_t c2 = spawn([&] { return hostile(p2.get(), kReplyToNoCall); }, 30);
   pid_t c3 = spawn([&] { return hostile(p3.get(), kBadMagic); }, 30);
-  pid_t good = spawn([&]() -> int {
-    const std::uint32_t port = p4.get();
-    auto ch = net::connect("ucx://127.0.0.1:" + std::to_string(port) + "/svc", secs(10));
-    if (!ch) return 10;
-    auto b = ch->buffer(64);
-    if (!b) return 11;
-    return ch->call(*b, secs(10)) ? 0 : 12;
-  }, 30);
+  pid_t good = spawn(
+      [&]() -> int {
+        const std::uint32_t port = p4.get();
+        auto ch = net::connect("ucx://127.0.0.1:" + std::to_string(port) + "/svc", secs(10));
+        if (!ch) return 10;
+        auto b = ch->buffer(64);
+        if (!b) return 11;
+        return ch->call(*b, secs(10)) ? 0 : 12;
+      },
+      30);
   net::ListenOptions opt;
   opt.handshake_timeout = std::chrono::milliseconds(500);
   auto l = net::listen("ucx://127.0.0.1:0/svc", opt);

@@ -1,5 +1,7 @@
 // mbmq::net over UCX's TCP transport on loopback, between two processes (issue #19). Each test
 // forks its peer before this process loads UCX (a child forked after cannot use it: tested too).
+#include "mbmq/net.h"
+
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -9,7 +11,6 @@
 #include <string>
 #include <thread>
 
-#include "mbmq/net.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -79,8 +80,8 @@ TEST(NetChannel, CallsAreAnsweredInTheCallersBufferAcrossProcesses) {
   auto ch = net::connect(url(port), secs(10));
   ASSERT_TRUE(ch) << ch.error().message();
   // 64 B and 4 KiB go eagerly; 1 MiB and 8 MiB by UCX's rendezvous.
-  for (std::size_t size : {std::size_t{64}, std::size_t{4096}, std::size_t{1} << 20,
-                           std::size_t{8} << 20}) {
+  for (std::size_t size :
+       {std::size_t{64}, std::size_t{4096}, std::size_t{1} << 20, std::size_t{8} << 20}) {
     auto b = ch->buffer(size);
     ASSERT_TRUE(b) << b.error().message();
     test::fill(b->data(), size);
@@ -88,8 +89,8 @@ TEST(NetChannel, CallsAreAnsweredInTheCallersBufferAcrossProcesses) {
     ASSERT_EQ(b->size(), size + 1);
     bool same = true;
     for (std::size_t i = 0; i < size; ++i)
-      same = same && b->data()[i] == static_cast<std::byte>(
-                                         static_cast<unsigned>(test::pattern(size, i)) + 1);
+      same = same && b->data()[i] ==
+                         static_cast<std::byte>(static_cast<unsigned>(test::pattern(size, i)) + 1);
     EXPECT_TRUE(same) << size;
     EXPECT_EQ(b->data()[size], std::byte{0x5a});
     // The same buffer again: the reply arrived in it, ready for the next call.
@@ -289,11 +290,13 @@ TEST(NetChannel, UcxLeavesSignalsAloneAndAForkedChildGetsAClearError) {
     EXPECT_EQ(sa.sa_handler, SIG_DFL) << "UCX installed a handler for signal " << sig;
   }
   const std::uint16_t port = l->port();
-  pid_t child = spawn([&]() -> int {
-    auto ch = net::connect(url(port), secs(5));
-    if (ch || ch.error().code != Errc::InvalidArgument) return 1;
-    return std::strstr(ch.error().op, "forked") != nullptr ? 0 : 2;
-  }, 20);
+  pid_t child = spawn(
+      [&]() -> int {
+        auto ch = net::connect(url(port), secs(5));
+        if (ch || ch.error().code != Errc::InvalidArgument) return 1;
+        return std::strstr(ch.error().op, "forked") != nullptr ? 0 : 2;
+      },
+      20);
   EXPECT_EQ(join(child), 0);
 }
 

@@ -5,8 +5,8 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sched.h>
-#include <sys/mount.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -39,8 +39,8 @@ struct NetnsPair {
     b = "mq" + tag + "b";
     va = "mq" + tag + "x";
     vb = "mq" + tag + "y";
-    const std::string net = "10." + std::to_string(100 + pid % 100) + "." +
-                            std::to_string(pid / 100 % 250) + ".";
+    const std::string net =
+        "10." + std::to_string(100 + pid % 100) + "." + std::to_string(pid / 100 % 250) + ".";
     ip_a = net + "1";
     ip_b = net + "2";
     ok = sh("ip netns add " + a) == 0 && sh("ip netns add " + b) == 0 &&
@@ -82,8 +82,10 @@ bool enter(const std::string& ns, const std::string& dev) {
   if (!ok) return false;
   // UCX lists devices in /sys/class/net, which shows the namespace of whoever mounted /sys: do
   // what `ip netns exec` does, a mount namespace of our own with a sysfs of the new namespace.
-  return ::unshare(CLONE_NEWNS) == 0 && ::mount("", "/", nullptr, MS_SLAVE | MS_REC, nullptr) == 0 &&
-         ::umount2("/sys", MNT_DETACH) == 0 && ::mount(ns.c_str(), "/sys", "sysfs", 0, nullptr) == 0;
+  return ::unshare(CLONE_NEWNS) == 0 &&
+         ::mount("", "/", nullptr, MS_SLAVE | MS_REC, nullptr) == 0 &&
+         ::umount2("/sys", MNT_DETACH) == 0 &&
+         ::mount(ns.c_str(), "/sys", "sysfs", 0, nullptr) == 0;
 }
 
 struct Pipe {
@@ -101,9 +103,10 @@ struct Pipe {
   }
 };
 
-#define MBMQ_NEED_NETNS(pair)                                                              \
+#define MBMQ_NEED_NETNS(pair)                                                                 \
   if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root"; \
-  if (!(pair).ok) GTEST_SKIP() << "ip netns / veth unavailable here (no iproute2, no CAP_NET_ADMIN?)"
+  if (!(pair).ok)                                                                             \
+  GTEST_SKIP() << "ip netns / veth unavailable here (no iproute2, no CAP_NET_ADMIN?)"
 
 constexpr std::uint32_t kPeerTimeoutMs = 1000;
 
@@ -116,47 +119,52 @@ TEST(NetNamespaces, APartitionEndsACallInFlightWithinPeerTimeout) {
   ::setenv("UCX_TLS", "tcp", 1);
   Pipe port = Pipe::make(), ready = Pipe::make(), go = Pipe::make(), took = Pipe::make(),
        server_saw = Pipe::make();
-  pid_t server = spawn([&]() -> int {
-    if (!enter(ns.a, ns.va)) return 10;
-    net::ListenOptions opt;
-    opt.peer_timeout = std::chrono::milliseconds(kPeerTimeoutMs);
-    auto l = net::listen("ucx://" + ns.ip_a + ":0/svc", opt);
-    if (!l) {
-      std::fprintf(stderr, "server: %s\n", l.error().message().c_str());
-      return 11;
-    }
-    port.put(l->port());
-    auto ch = l->accept(secs(20));
-    if (!ch) return 12;
-    auto m = ch->receive(secs(20));  // the first call: answered
-    if (!m || m->kind != Kind::Request) return 13;
-    if (!net::Channel::reply(std::move(*m))) return 14;
-    // The second call never arrives (the link is down); silence must end the channel.
-    const std::int64_t t0 = monotonic_ns();
-    auto end = ch->receive(secs(30));
-    if (!end) return 15;
-    server_saw.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
-    return end->kind == Kind::PeerClosed ? 0 : 16;
-  }, 60);
-  pid_t client = spawn([&]() -> int {
-    if (!enter(ns.b, ns.vb)) return 10;
-    const std::uint32_t p = port.get();
-    net::ConnectOptions opt;
-    opt.peer_timeout = std::chrono::milliseconds(kPeerTimeoutMs);
-    auto ch = net::connect("ucx://" + ns.ip_a + ":" + std::to_string(p) + "/svc", secs(10), opt);
-    if (!ch) {
-      std::fprintf(stderr, "client: %s\n", ch.error().message().c_str());
-      return 11;
-    }
-    auto b = ch->buffer(64);
-    if (!b || !ch->call(*b, secs(10))) return 12;
-    ready.put(1);
-    if (go.get() != 1) return 13;
-    const std::int64_t t0 = monotonic_ns();
-    Status s = ch->call(*b, secs(30));
-    took.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
-    return !s && s.error().code == Errc::PeerClosed ? 0 : 14;
-  }, 60);
+  pid_t server = spawn(
+      [&]() -> int {
+        if (!enter(ns.a, ns.va)) return 10;
+        net::ListenOptions opt;
+        opt.peer_timeout = std::chrono::milliseconds(kPeerTimeoutMs);
+        auto l = net::listen("ucx://" + ns.ip_a + ":0/svc", opt);
+        if (!l) {
+          std::fprintf(stderr, "server: %s\n", l.error().message().c_str());
+          return 11;
+        }
+        port.put(l->port());
+        auto ch = l->accept(secs(20));
+        if (!ch) return 12;
+        auto m = ch->receive(secs(20));  // the first call: answered
+        if (!m || m->kind != Kind::Request) return 13;
+        if (!net::Channel::reply(std::move(*m))) return 14;
+        // The second call never arrives (the link is down); silence must end the channel.
+        const std::int64_t t0 = monotonic_ns();
+        auto end = ch->receive(secs(30));
+        if (!end) return 15;
+        server_saw.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
+        return end->kind == Kind::PeerClosed ? 0 : 16;
+      },
+      60);
+  pid_t client = spawn(
+      [&]() -> int {
+        if (!enter(ns.b, ns.vb)) return 10;
+        const std::uint32_t p = port.get();
+        net::ConnectOptions opt;
+        opt.peer_timeout = std::chrono::milliseconds(kPeerTimeoutMs);
+        auto ch =
+            net::connect("ucx://" + ns.ip_a + ":" + std::to_string(p) + "/svc", secs(10), opt);
+        if (!ch) {
+          std::fprintf(stderr, "client: %s\n", ch.error().message().c_str());
+          return 11;
+        }
+        auto b = ch->buffer(64);
+        if (!b || !ch->call(*b, secs(10))) return 12;
+        ready.put(1);
+        if (go.get() != 1) return 13;
+        const std::int64_t t0 = monotonic_ns();
+        Status s = ch->call(*b, secs(30));
+        took.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
+        return !s && s.error().code == Errc::PeerClosed ? 0 : 14;
+      },
+      60);
   port.w.reset();
   ready.w.reset();
   took.w.reset();
