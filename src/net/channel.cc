@@ -18,6 +18,10 @@ struct SendOp {
   WireHeader hdr;
   std::vector<std::byte> owned;  // a one-way message's bytes, or a timed-out call's
   bool is_call;
+  // A call's channel while call() waits: call() always clears call_op_ (or detaches this) before
+  // it returns, so the channel outlives the pointer. Not found through eps: a closed endpoint is
+  // no longer there, and its cancelled sends complete later.
+  ChannelCore* owner;
 };
 
 // A rendezvous payload being received into `bytes`.
@@ -38,7 +42,7 @@ void send_done(void* request, ucs_status_t /*status*/, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
-  if (ChannelCore* ch = find_locked(w, op->ep)) ch->on_send_done_locked(op->hdr.seq, op->is_call);
+  if (op->owner != nullptr) op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
 }
@@ -274,7 +278,8 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
                  ep_,
                  WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind), status, seq, limit},
                  {},
-                 is_call};
+                 is_call,
+                 is_call ? this : nullptr};
   if (owned != nullptr) {
     op->owned = std::move(*owned);
     data = op->owned.data();
@@ -446,7 +451,9 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   }
   if (call_op_ != nullptr) {
     // UCX may still read buf's bytes: they go with the send, and buf is given up.
-    static_cast<SendOp*>(call_op_)->owned = std::move(buf.bytes_);
+    auto* op = static_cast<SendOp*>(call_op_);
+    op->owned = std::move(buf.bytes_);
+    op->owner = nullptr;
     call_op_ = nullptr;
     buf = Buffer{};
   }

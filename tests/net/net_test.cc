@@ -147,6 +147,46 @@ TEST(NetChannel, AKilledServerFailsTheCallInFlightWithPeerClosed) {
   EXPECT_EQ(again.error().code, Errc::PeerClosed);
 }
 
+// A server that holds the request: the call ends at its deadline with TimedOut, and a reply
+// that comes later is dropped, not taken for the next call's.
+TEST(NetChannel, ACallEndsAtItsDeadlineAndALateReplyIsDropped) {
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    auto first = ch->receive(secs(20));
+    if (!first || first->kind != Kind::Request) return 12;
+    auto second = ch->receive(secs(20));  // the next call, sent after the first timed out
+    if (!second || second->kind != Kind::Request) return 13;
+    if (!net::Channel::reply(std::move(*first))) return 14;  // late: must be dropped
+    answer(second->buffer);
+    if (!net::Channel::reply(std::move(*second))) return 15;
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed ? 0 : 16;
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto b = ch->buffer(16);
+  ASSERT_TRUE(b);
+  const std::int64_t start = monotonic_ns();
+  Status s = ch->call(*b, Deadline::after(std::chrono::milliseconds(200)));
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, Errc::TimedOut);
+  EXPECT_LT(monotonic_ns() - start, 5'000'000'000);
+  auto c = ch->buffer(32);
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(ch->call(*c, secs(10)));
+  EXPECT_EQ(c->size(), 33u);  // the second call's answer, not the first's (16 bytes)
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
 TEST(NetChannel, AKilledClientEndsTheServersChannelWithPeerClosed) {
   Pipe port_pipe = Pipe::make();
   pid_t client = spawn([&]() -> int {
