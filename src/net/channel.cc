@@ -42,7 +42,10 @@ void send_done(void* request, ucs_status_t /*status*/, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
-  if (op->owner != nullptr) op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
+  if (op->owner != nullptr) {
+    op->owner->assert_held();
+    op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
+  }
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
 }
@@ -52,6 +55,7 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   WorkerCore* w = op->w;
   w->assert_held();
   if (ChannelCore* ch = find_locked(w, op->ep)) {
+    ch->assert_held();
     if (status == UCS_OK)
       ch->on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
     else
@@ -70,6 +74,7 @@ ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, voi
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) return UCS_OK;  // anonymous
   ChannelCore* ch = find_locked(w, param->reply_ep);
   if (ch == nullptr) return UCS_OK;  // a channel closed meanwhile
+  ch->assert_held();
   WireHeader h{};
   if (header_length != sizeof h) {
     ch->fail_locked(Errc::Protocol, "net: header of the wrong length");
@@ -118,12 +123,12 @@ WorkerCore::~WorkerCore() {
   if (worker != nullptr && ucx_usable()) u->ucp_worker_destroy(worker);
 }
 
-void WorkerCore::progress_locked() {
+void WorkerCore::progress_locked() const {
   while (u->ucp_worker_progress(worker) != 0) {
   }
 }
 
-Status WorkerCore::wait_events(Deadline deadline) {
+Status WorkerCore::wait_events(Deadline deadline) const {
   // Capped at 20 ms: a safety net, should another thread have taken the events our arm was for.
   const std::int64_t cap = 20'000'000;
   const std::int64_t left = deadline.remaining_ns();
@@ -152,7 +157,7 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
   auto ch = std::make_shared<ChannelCore>(w, State::Connecting);
   ch->policy_ = policy;
   {
-    os::LockGuard lock(w->mu);
+    os::LockGuard lock(ch->w_->mu);
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
                     UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -163,23 +168,26 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
     ep.err_handler.cb = [](void* arg, ucp_ep_h e, ucs_status_t s) {
       auto* wk = static_cast<WorkerCore*>(arg);
       wk->assert_held();
-      if (ChannelCore* c = find_locked(wk, e)) c->fail_locked(errc_of(s), "net: endpoint failed");
+      if (ChannelCore* c = find_locked(wk, e)) {
+        c->assert_held();
+        c->fail_locked(errc_of(s), "net: endpoint failed");
+      }
     };
     ep.err_handler.arg = w.get();
     ucp_ep_h h = nullptr;
     if (u->ucp_ep_create(w->worker, &ep, &h) != UCS_OK)
       return fail(Errc::System, "net::connect: ucp_ep_create failed");
     ch->ep_ = h;
-    w->eps[h] = ch.get();
+    ch->w_->eps[h] = ch.get();
     // (N1) Hello{service, our limit}.
     MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, 0, ch->my_limit_, service.data(), service.size(),
                              nullptr, false));
   }
   const bool done = MBMQ_TRY(w->run_until(deadline, policy, [&] {
-    w->assert_held();
+    ch->assert_held();
     return ch->state_ != State::Connecting;
   }));
-  os::LockGuard lock(w->mu);
+  os::LockGuard lock(ch->w_->mu);
   if (!done) {
     ch->close_ep_locked(Close::Force);
     return fail(Errc::TimedOut, "net::connect: no answer to the hello before the deadline");
@@ -205,7 +213,10 @@ Status ChannelCore::accept_locked(ucp_conn_request_h req, ListenCore* listener) 
   ep.err_handler.cb = [](void* arg, ucp_ep_h e, ucs_status_t s) {
     auto* wk = static_cast<WorkerCore*>(arg);
     wk->assert_held();
-    if (ChannelCore* c = find_locked(wk, e)) c->fail_locked(errc_of(s), "net: endpoint failed");
+    if (ChannelCore* c = find_locked(wk, e)) {
+      c->assert_held();
+      c->fail_locked(errc_of(s), "net: endpoint failed");
+    }
   };
   ep.err_handler.arg = w_.get();
   ucp_ep_h h = nullptr;
@@ -263,7 +274,10 @@ void ChannelCore::fail_locked(Errc code, const char* why) {
     closed_code_ = code;
     why_ = why;
   }
-  if (listener_ != nullptr) listener_->drop_pending_locked(this);  // may end our life later
+  if (listener_ != nullptr) {
+    listener_->w_->assert_held();          // the same worker as ours
+    listener_->drop_pending_locked(this);  // may end our life later
+  }
   listener_ = nullptr;
   close_ep_locked(Close::Force);
 }
@@ -387,6 +401,7 @@ void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, st
   // (N3)/(N4) The answer; a refused client is closed after it (flush: the answer goes first).
   (void)send_locked(WireKind::HelloAck, verdict, 0, my_limit_, nullptr, 0, nullptr, false);
   if (verdict == kHelloOk) state_ = State::Open;
+  l->w_->assert_held();  // the same worker as ours
   l->on_hello_locked(this, verdict);
 }
 
@@ -512,7 +527,10 @@ void ChannelCore::close() noexcept {
       closed_code_ = Errc::InvalidArgument;
       why_ = "net::Channel: closed";
     }
-    if (listener_ != nullptr) listener_->drop_pending_locked(this);
+    if (listener_ != nullptr) {
+      listener_->w_->assert_held();  // the same worker as ours
+      listener_->drop_pending_locked(this);
+    }
     listener_ = nullptr;
     close_ep_locked(Close::Flush);
     drop.swap(inbox_);

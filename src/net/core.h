@@ -65,7 +65,7 @@ class WorkerCore {
   Result<bool> run_until(Deadline deadline, WaitPolicy policy, Done done);
   template <class Done>
   Result<bool> run_until_counted(Deadline deadline, WaitPolicy policy, Done done);
-  void progress_locked() MBMQ_REQUIRES(mu);
+  void progress_locked() const MBMQ_REQUIRES(mu);
   // In UCX's callbacks, which run inside progress_locked(): mu is held.
   void assert_held() const MBMQ_ASSERT_CAPABILITY(mu) {}
 
@@ -78,7 +78,7 @@ class WorkerCore {
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
-  Status wait_events(Deadline deadline);
+  Status wait_events(Deadline deadline) const;
 };
 
 // Held by a received request's Buffer: destroyed unanswered, it answers NoReply.
@@ -116,6 +116,8 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void close() noexcept;
   bool open() noexcept;
   void set_policy(WaitPolicy p) noexcept { policy_ = p; }
+  // For the thread-safety analysis: w_->mu is held (the caller holds it under another name).
+  void assert_held() const MBMQ_ASSERT_CAPABILITY(w_->mu) {}
   // The keeper's tick (net/keeper.cc): progresses the worker if no thread waits on it, ends the
   // channel after peer_timeout of silence, and sends a heartbeat after peer_timeout / 4 of ours.
   void keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns);

@@ -50,7 +50,7 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(const Ucx* u, const std::st
     return fail(Errc::InvalidArgument, "net::listen: the address must be an IPv4 literal");
   auto w = MBMQ_TRY(WorkerCore::make(u));
   std::shared_ptr<ListenCore> l(new ListenCore(w, std::move(service), options));
-  os::LockGuard lock(w->mu);
+  os::LockGuard lock(l->w_->mu);
   ucp_listener_params_t p{};
   p.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
   p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
@@ -78,6 +78,7 @@ ListenCore::~ListenCore() {
   if (listener_ != nullptr) w_->u->ucp_listener_destroy(listener_);
   listener_ = nullptr;
   for (auto& c : pending_) {
+    c->assert_held();  // our worker's
     c->listener_ = nullptr;
     c->close_ep_locked(ChannelCore::Close::Force);
   }
@@ -100,6 +101,7 @@ void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
     }
   }
   auto ch = std::make_shared<ChannelCore>(w_, State::Pending);
+  ch->assert_held();  // our worker's
   if (!ch->accept_locked(req, this)) {
     ++stats_.failed;
     return;
@@ -113,6 +115,7 @@ void ListenCore::on_hello_locked(ChannelCore* ch, std::uint16_t verdict) {
   if (it == pending_.end()) return;
   std::shared_ptr<ChannelCore> c = std::move(*it);
   pending_.erase(it);
+  c->assert_held();  // our worker's
   c->listener_ = nullptr;
   if (verdict == kHelloOk) {
     ++stats_.accepted;
@@ -143,7 +146,10 @@ void ListenCore::expire_pending_locked() {
   std::vector<ChannelCore*> late;
   for (auto& c : pending_)
     if (now - c->pending_since_ns_ > limit) late.push_back(c.get());
-  for (ChannelCore* c : late) c->fail_locked(Errc::Protocol, "net: no hello in time");
+  for (ChannelCore* c : late) {
+    c->assert_held();  // our worker's
+    c->fail_locked(Errc::Protocol, "net: no hello in time");
+  }
 }
 
 Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
@@ -299,6 +305,7 @@ Status Buffer::resize(std::size_t n) {
   return {};
 }
 
+// NOLINTNEXTLINE(readability-convert-member-functions-to-static): the API of mbmq::Buffer
 Status Buffer::attach_fd(int fd) {
   os::UniqueFd owned(fd);  // closed here, as a local buffer closes a handle it cannot carry
   return fail(Errc::InvalidArgument, "net::Buffer::attach_fd: handles cannot cross hosts");

@@ -33,7 +33,10 @@ constexpr const char* kDefaults[][2] = {
 };
 
 void load() {
-  for (const auto& kv : kDefaults) (void)::setenv(kv[0], kv[1], 0);
+  // setenv is not thread-safe against a concurrent getenv: it runs once, before UCX exists
+  // (net/ucx.h says so; the README asks for UCX_* to be set before threads that read it start).
+  for (const auto& kv : kDefaults)
+    (void)::setenv(kv[0], kv[1], 0);  // NOLINT(concurrency-mt-unsafe)
   void* lib = ::dlopen("libucp.so.0", RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
     g_error = Error::make(Errc::System, "net: cannot load libucp.so.0 (Debian: libucx0)");

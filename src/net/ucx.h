@@ -43,6 +43,7 @@ namespace mbmq::net::detail {
   X(ucs_status_string)
 
 struct Ucx {
+// NOLINTNEXTLINE(bugprone-macro-parentheses): `name` is a declarator, not an expression
 #define MBMQ_UCX_MEMBER(name) decltype(&::name) name = nullptr;
   MBMQ_UCX_FUNCTIONS(MBMQ_UCX_MEMBER)
 #undef MBMQ_UCX_MEMBER
