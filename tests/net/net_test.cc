@@ -187,6 +187,47 @@ TEST(NetChannel, ACallEndsAtItsDeadlineAndALateReplyIsDropped) {
   EXPECT_EQ(join(server), 0);
 }
 
+// peer_timeout must not end a live channel that is merely quiet or busy: here the server works on
+// a request (not waiting on the channel) for 3x peer_timeout, and the client then idles as long;
+// the keeper threads' heartbeats keep both ends open.
+TEST(NetChannel, HeartbeatsKeepABusyOrIdleChannelOpenPastPeerTimeout) {
+  constexpr auto kTimeout = std::chrono::milliseconds(400);
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    net::ListenOptions opt;
+    opt.peer_timeout = kTimeout;
+    auto l = net::listen("ucx://127.0.0.1:0/svc", opt);
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    for (int i = 0; i < 2; ++i) {
+      auto m = ch->receive(secs(20));
+      if (!m || m->kind != Kind::Request) return 12 + i;
+      if (i == 0) os::sleep_ns(1'200'000'000);  // busy, not waiting: only the keeper runs
+      answer(m->buffer);
+      if (!net::Channel::reply(std::move(*m))) return 14;
+    }
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed && end->error == Errc::PeerClosed ? 0 : 15;
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  net::ConnectOptions opt;
+  opt.peer_timeout = kTimeout;
+  auto ch = net::connect(url(port), secs(10), opt);
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto b = ch->buffer(8);
+  ASSERT_TRUE(b);
+  ASSERT_TRUE(ch->call(*b, secs(10)));
+  os::sleep_ns(1'200'000'000);  // idle, not waiting
+  ASSERT_TRUE(ch->call(*b, secs(10)));
+  EXPECT_EQ(b->size(), 10u);
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
 TEST(NetChannel, AKilledClientEndsTheServersChannelWithPeerClosed) {
   Pipe port_pipe = Pipe::make();
   pid_t client = spawn([&]() -> int {
