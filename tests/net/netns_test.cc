@@ -186,5 +186,63 @@ TEST(NetNamespaces, APartitionEndsACallInFlightWithinPeerTimeout) {
   EXPECT_LE(server_ms, kPeerTimeoutMs + 1000);
 }
 
+// Kill either side across the veth: the other one's call (client) or receive (server) ends with
+// PeerClosed promptly (the dead host's kernel resets the TCP connection), far below peer_timeout.
+TEST(NetNamespaces, AKilledPeerInTheOtherNamespaceIsSeenPromptly) {
+  NetnsPair ns;
+  MBMQ_NEED_NETNS(ns);
+  ::setenv("UCX_TLS", "tcp", 1);
+  for (const bool kill_server : {true, false}) {
+    Pipe port = Pipe::make(), holding = Pipe::make(), took = Pipe::make();
+    pid_t server = spawn(
+        [&]() -> int {
+          if (!enter(ns.a, ns.va)) return 10;
+          auto l = net::listen("ucx://" + ns.ip_a + ":0/svc");  // peer_timeout: the default 10 s
+          if (!l) return 11;
+          port.put(l->port());
+          auto ch = l->accept(secs(20));
+          if (!ch) return 12;
+          auto m = ch->receive(secs(20));
+          if (!m || m->kind != Kind::Request) return 13;
+          holding.put(1);
+          const std::int64_t t0 = monotonic_ns();
+          auto end = ch->receive(secs(30));  // the client is killed (or we are)
+          took.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
+          return end && end->kind == Kind::PeerClosed ? 0 : 14;
+        },
+        60);
+    pid_t client = spawn(
+        [&]() -> int {
+          if (!enter(ns.b, ns.vb)) return 10;
+          const std::uint32_t p = port.get();
+          auto ch = net::connect("ucx://" + ns.ip_a + ":" + std::to_string(p) + "/svc", secs(10));
+          if (!ch) return 11;
+          auto b = ch->buffer(64);
+          if (!b) return 12;
+          const std::int64_t t0 = monotonic_ns();
+          Status s = ch->call(*b, secs(30));  // never answered: the server is killed (or we are)
+          took.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
+          return !s && s.error().code == Errc::PeerClosed ? 0 : 13;
+        },
+        60);
+    port.w.reset();
+    holding.w.reset();
+    took.w.reset();
+    ASSERT_EQ(holding.get(), 1u) << "the call did not reach the server";
+    const pid_t victim = kill_server ? server : client;
+    const pid_t survivor = kill_server ? client : server;
+    const std::int64_t t0 = monotonic_ns();
+    ASSERT_TRUE(os::kill_process(victim, SIGKILL));
+    EXPECT_EQ(join(victim), 128 + SIGKILL);
+    const std::uint32_t ms = took.get();
+    EXPECT_EQ(join(survivor), 0);
+    const std::int64_t seen_ms = (monotonic_ns() - t0) / 1'000'000;
+    std::printf("killed %s: the other side saw PeerClosed %lld ms after the kill\n",
+                kill_server ? "server" : "client", static_cast<long long>(seen_ms));
+    EXPECT_NE(ms, 0xffffffffu);
+    EXPECT_LT(seen_ms, 3000) << "not via peer_timeout (10 s): the reset must be seen";
+  }
+}
+
 }  // namespace
 }  // namespace mbmq
