@@ -52,8 +52,11 @@ struct NetnsPair {
          sh("ip -n " + a + " link set " + va + " up") == 0 &&
          sh("ip -n " + b + " link set " + vb + " up") == 0 &&
          sh("ip -n " + a + " link set lo up") == 0 && sh("ip -n " + b + " link set lo up") == 0 &&
-         running(a, va) && running(b, vb);
+         running(a, va) && running(b, vb) && can_enter();
   }
+  // Whether a child can enter namespace a as the tests' children do (setns, and a mount namespace
+  // with its own /sys: a container may forbid either).
+  bool can_enter() const;
   // Waits (up to 10 s) until the link has its carrier: UCX ignores a device that is not running.
   static bool running(const std::string& ns, const std::string& dev) {
     for (int i = 0; i < 1000; ++i) {
@@ -65,6 +68,7 @@ struct NetnsPair {
   ~NetnsPair() {
     (void)sh("ip netns del " + a);
     (void)sh("ip netns del " + b);
+    (void)sh("ip link del " + va);  // if it was made but never moved into a namespace
   }
   NetnsPair(const NetnsPair&) = delete;
   NetnsPair& operator=(const NetnsPair&) = delete;
@@ -88,6 +92,10 @@ bool enter(const std::string& ns, const std::string& dev) {
          ::mount(ns.c_str(), "/sys", "sysfs", 0, nullptr) == 0;
 }
 
+bool NetnsPair::can_enter() const {
+  return join(spawn([&] { return enter(a, va) ? 0 : 1; }, 10)) == 0;
+}
+
 struct Pipe {
   os::UniqueFd r, w;
   static Pipe make() {
@@ -106,7 +114,8 @@ struct Pipe {
 #define MBMQ_NEED_NETNS(pair)                                                                 \
   if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root"; \
   if (!(pair).ok)                                                                             \
-  GTEST_SKIP() << "ip netns / veth unavailable here (no iproute2, no CAP_NET_ADMIN?)"
+  GTEST_SKIP() << "ip netns / veth / setns+sysfs remount unavailable here (no iproute2, no "  \
+                  "CAP_NET_ADMIN or CAP_SYS_ADMIN?)"
 
 constexpr std::uint32_t kPeerTimeoutMs = 1000;
 
