@@ -237,6 +237,7 @@ ChannelCore::~ChannelCore() {
 }
 
 bool ChannelCore::open() noexcept {
+  if (!ucx_usable()) return false;
   os::LockGuard lock(w_->mu);
   return state_ == State::Open;
 }
@@ -423,6 +424,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
 }
 
 Result<Buffer> ChannelCore::buffer(std::size_t size) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return fail(closed_error_locked("net::Channel::buffer: closed"));
   if (size > peer_limit_)
@@ -436,6 +438,7 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
 }
 
 Status ChannelCore::call(Buffer& buf, Deadline deadline) {
+  MBMQ_TRY(check_not_forked());  // before the locks: a forked child may have them held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::call: buffer");
   os::LockGuard serial(call_mu_);
   std::uint32_t seq = 0;
@@ -477,6 +480,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
 }
 
 Status ChannelCore::send(Buffer&& buf) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::send: buffer");
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
@@ -487,6 +491,7 @@ Status ChannelCore::send(Buffer&& buf) {
 }
 
 Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return fail(closed_error_locked("net::Channel::reply"));
   const std::size_t n = buf.size_;

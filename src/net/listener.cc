@@ -153,6 +153,7 @@ void ListenCore::expire_pending_locked() {
 }
 
 Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
+  MBMQ_TRY(check_not_forked());
   std::vector<std::shared_ptr<ChannelCore>> drop;  // destroyed unlocked
   for (;;) {
     // Wake at least every 50 ms to expire silent handshakes.
@@ -180,6 +181,7 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
 }
 
 ListenerStats ListenCore::stats() noexcept {
+  if (!ucx_usable()) return {};  // a forked child: the lock may be held for ever
   os::LockGuard lock(w_->mu);
   return stats_;
 }

@@ -375,6 +375,8 @@ TEST(NetChannel, UcxLeavesSignalsAloneAndAForkedChildGetsAClearError) {
       [&]() -> int {
         auto ch = net::connect(url(port), secs(5));
         if (ch || ch.error().code != Errc::InvalidArgument) return 1;
+        auto a = l->accept(Deadline::immediate());  // an object inherited from the parent
+        if (a || a.error().code != Errc::InvalidArgument) return 3;
         return std::strstr(ch.error().op, "forked") != nullptr ? 0 : 2;
       },
       20);
