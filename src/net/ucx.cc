@@ -25,6 +25,7 @@ std::once_flag g_once;
 // environment before dlopen().
 constexpr const char* kDefaults[][2] = {
     {"UCX_ERROR_SIGNALS", ""},           // no SIGSEGV/SIGBUS/SIGILL/SIGFPE handlers
+    {"UCX_DEBUG_SIGNO", "0"},            // no SIGHUP handler (UCX's "enter debug mode" signal)
     {"UCX_MEM_MALLOC_HOOKS", "n"},       // no malloc hooks
     {"UCX_MEM_MMAP_HOOK_MODE", "none"},  // no mmap/munmap/brk hooks
     {"UCX_MEM_EVENTS", "n"},             // and no memory-event machinery at all
