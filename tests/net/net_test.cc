@@ -188,10 +188,10 @@ TEST(NetChannel, ACallEndsAtItsDeadlineAndALateReplyIsDropped) {
 }
 
 // peer_timeout must not end a live channel that is merely quiet or busy: here the server works on
-// a request (not waiting on the channel) for 3x peer_timeout, and the client then idles as long;
+// a request (not waiting on the channel) for 2.5x peer_timeout, and the client then idles as long;
 // the keeper threads' heartbeats keep both ends open.
 TEST(NetChannel, HeartbeatsKeepABusyOrIdleChannelOpenPastPeerTimeout) {
-  constexpr auto kTimeout = std::chrono::milliseconds(400);
+  constexpr auto kTimeout = std::chrono::milliseconds(800);
   Pipe port_pipe = Pipe::make();
   pid_t server = spawn([&]() -> int {
     net::ListenOptions opt;
@@ -204,7 +204,7 @@ TEST(NetChannel, HeartbeatsKeepABusyOrIdleChannelOpenPastPeerTimeout) {
     for (int i = 0; i < 2; ++i) {
       auto m = ch->receive(secs(20));
       if (!m || m->kind != Kind::Request) return 12 + i;
-      if (i == 0) os::sleep_ns(1'200'000'000);  // busy, not waiting: only the keeper runs
+      if (i == 0) os::sleep_ns(2'000'000'000);  // busy, not waiting: only the keeper runs
       answer(m->buffer);
       if (!net::Channel::reply(std::move(*m))) return 14;
     }
@@ -221,7 +221,7 @@ TEST(NetChannel, HeartbeatsKeepABusyOrIdleChannelOpenPastPeerTimeout) {
   auto b = ch->buffer(8);
   ASSERT_TRUE(b);
   ASSERT_TRUE(ch->call(*b, secs(10)));
-  os::sleep_ns(1'200'000'000);  // idle, not waiting
+  os::sleep_ns(2'000'000'000);  // idle, not waiting
   ASSERT_TRUE(ch->call(*b, secs(10)));
   EXPECT_EQ(b->size(), 10u);
   ch->close();
