@@ -360,6 +360,25 @@ TEST(NetHelper, DISABLED_ClientThatWaitsToBeKilled) {
   (void)ch->call(*b, secs(60));
 }
 
+// Not a test: a client of NetChannel.ManyClients..., run as a fresh program. 50 calls to
+// $MBMQ_NET_URL, each answer checked.
+TEST(NetHelper, DISABLED_ClientThatCalls) {
+  const char* u = std::getenv("MBMQ_NET_URL");
+  if (u == nullptr) GTEST_SKIP() << "a helper of ManyClients";
+  auto ch = net::connect(u, secs(20));
+  ASSERT_TRUE(ch) << ch.error().message();
+  for (std::uint64_t i = 0; i < 50; ++i) {
+    auto b = ch->buffer(100 + i);
+    ASSERT_TRUE(b);
+    test::fill(b->data(), i);
+    ASSERT_TRUE(ch->call(*b, secs(20))) << i;
+    ASSERT_EQ(b->size(), 101 + i);
+    for (std::size_t k = 0; k < 100 + i; ++k)
+      ASSERT_EQ(b->data()[k],
+                static_cast<std::byte>(static_cast<unsigned>(test::pattern(i, k)) + 1));
+  }
+}
+
 std::size_t thread_count() { return os::dir_listing("/proc/self/task").size(); }
 
 // Clients connect, call, and are killed holding a call, 30 times: each time the server's channel
@@ -405,6 +424,46 @@ TEST(NetChannel, ConnectKillCyclesLeakNoFdsOrThreadsAndDeathIsSeenPromptly) {
               static_cast<double>(seen_ns[seen_ns.size() / 2]) / 1e6,
               static_cast<double>(seen_ns.back()) / 1e6);
   EXPECT_LT(seen_ns[seen_ns.size() / 2], 1'000'000'000);  // the p99 bar is 100 ms
+}
+
+// Eight client programs at once; the server serves each accepted channel from a thread of its
+// own. The channels share the listener's UCX worker (and its lock): none starves or mixes up
+// another's calls.
+TEST(NetChannel, ManyClientsAreServedByThreadsSharingTheListenersWorker) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  const std::string env = "MBMQ_NET_URL=" + url(l->port());
+  const std::vector<std::string> args = {"net_test", "--gtest_also_run_disabled_tests",
+                                         "--gtest_filter=NetHelper.DISABLED_ClientThatCalls"};
+  constexpr int kClients = 8;
+  std::vector<pid_t> pids;
+  for (int i = 0; i < kClients; ++i) {
+    auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, {env});
+    ASSERT_TRUE(pid) << pid.error().message();
+    pids.push_back(*pid);
+  }
+  std::atomic<int> answered{0}, ended{0};
+  std::vector<std::thread> servers;
+  for (int i = 0; i < kClients; ++i) {
+    auto ch = l->accept(secs(30));
+    ASSERT_TRUE(ch) << ch.error().message();
+    servers.emplace_back([&answered, &ended, c = std::move(*ch)]() mutable {
+      for (;;) {
+        auto m = c.receive(secs(30));
+        if (!m) return;
+        if (m->kind == Kind::PeerClosed) {
+          ended.fetch_add(1);
+          return;
+        }
+        answer(m->buffer);
+        if (net::Channel::reply(std::move(*m))) answered.fetch_add(1);
+      }
+    });
+  }
+  for (pid_t pid : pids) EXPECT_EQ(join(pid), 0);
+  for (auto& t : servers) t.join();
+  EXPECT_EQ(answered.load(), kClients * 50);
+  EXPECT_EQ(ended.load(), kClients);
 }
 
 TEST(NetChannel, MalformedUrlsAndHandlesAreInvalidArgument) {
