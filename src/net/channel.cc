@@ -193,12 +193,13 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
     return fail(Errc::TimedOut, "net::connect: no answer to the hello before the deadline");
   }
   if (ch->state_ == State::Closed) {
-    if (ch->closed_code_ == Errc::Refused)
-      return fail(Errc::Refused, "net::connect: the listener rejected our address (allow-list)");
+    // The hello's answer first: a refused hello closes with Refused too.
     if (ch->hello_status_ == kNoService)
       return fail(Errc::Refused, "net::connect: the listener serves no such service");
     if (ch->hello_status_ == kBadVersion)
       return fail(Errc::Refused, "net::connect: the listener speaks another protocol version");
+    if (ch->closed_code_ == Errc::Refused)
+      return fail(Errc::Refused, "net::connect: the listener rejected our address (allow-list)");
     return fail(Errc::PeerClosed, "net::connect: no listener there, or the connection failed");
   }
   return ch;

@@ -285,9 +285,12 @@ TEST(NetChannel, AWrongServiceOrAnAddressNotAllowedIsRefused) {
   auto wrong = net::connect(url(port, "other"), secs(10));
   ASSERT_FALSE(wrong);
   EXPECT_EQ(wrong.error().code, Errc::Refused) << wrong.error().message();
+  EXPECT_NE(std::string(wrong.error().op).find("service"), std::string::npos) << wrong.error().op;
   auto refused = net::connect(url(strict_port), secs(10));
   ASSERT_FALSE(refused);
   EXPECT_EQ(refused.error().code, Errc::Refused) << refused.error().message();
+  EXPECT_NE(std::string(refused.error().op).find("allow-list"), std::string::npos)
+      << refused.error().op;
   (void)os::kill_process(server, SIGKILL);
   (void)join(server);
 }
