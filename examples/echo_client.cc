@@ -1,23 +1,27 @@
 // examples/echo_client.cc: `echo_client NAME` makes one call to the echo server NAME and exits 0
 // when the echo came back intact. `echo_client NAME --loop` calls until an error, then prints the
-// error (for example peer-closed, when the server is killed) and exits 1.
+// error (for example peer-closed, when the server is killed) and exits 1. NAME may also be a
+// "ucx://HOST:PORT/service" URL (mbmq::net, #19) where the build has UCX: the same code runs on a
+// net::Channel, which has the local channel's method names.
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <string_view>
 
 #include "mbmq/mbmq.h"
+#ifdef MBMQ_EXAMPLE_NET
+#include "mbmq/net.h"
+#endif
 
 using namespace std::chrono_literals;
 
-int main(int argc, char** argv) {
-  bool loop = argc == 3 && std::strcmp(argv[2], "--loop") == 0;
-  if (argc < 2 || argc > 3 || (argc == 3 && !loop)) {
-    std::fprintf(stderr, "usage: echo_client NAME [--loop]\n");
-    return 2;
-  }
-  auto ch = mbmq::connect(argv[1], mbmq::Deadline::after(2s));
+namespace {
+
+// Calls on `ch` (an mbmq::Channel or an mbmq::net::Channel) as the usage above says.
+template <class ChannelResult>
+int run(ChannelResult ch, const char* name, bool loop) {
   if (!ch) {
-    std::fprintf(stderr, "echo_client: connect %s: %s\n", argv[1], ch.error().message().c_str());
+    std::fprintf(stderr, "echo_client: connect %s: %s\n", name, ch.error().message().c_str());
     return 1;
   }
   auto buf = ch->buffer(256);
@@ -25,7 +29,7 @@ int main(int argc, char** argv) {
   for (std::uint64_t n = 0;; ++n) {
     char text[256];
     int len = std::snprintf(text, sizeof text, "echo %llu from %s",
-                            static_cast<unsigned long long>(n), argv[1]);
+                            static_cast<unsigned long long>(n), name);
     if (!buf->resize(static_cast<std::size_t>(len))) return 1;
     std::memcpy(buf->data().data(), text, static_cast<std::size_t>(len));
     if (auto r = ch->call(*buf, mbmq::Deadline::after(5s)); !r) {
@@ -44,4 +48,19 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool loop = argc == 3 && std::strcmp(argv[2], "--loop") == 0;
+  if (argc < 2 || argc > 3 || (argc == 3 && !loop)) {
+    std::fprintf(stderr, "usage: echo_client NAME|ucx://HOST:PORT/service [--loop]\n");
+    return 2;
+  }
+#ifdef MBMQ_EXAMPLE_NET
+  if (std::string_view(argv[1]).substr(0, 6) == "ucx://")
+    return run(mbmq::net::connect(argv[1], mbmq::Deadline::after(2s)), argv[1], loop);
+#endif
+  return run(mbmq::connect(argv[1], mbmq::Deadline::after(2s)), argv[1], loop);
 }

@@ -38,7 +38,16 @@ Listener::~Listener() {
   if (core_) core_->close();
 }
 
+namespace {
+// A URL of mbmq::net (include/mbmq/net.h): the core does not speak UCX and never links it.
+bool is_net_url(std::string_view name) { return name.substr(0, 6) == "ucx://"; }
+}  // namespace
+
 Result<Listener> Listener::create(std::string_view name, ListenOptions options) {
+  if (is_net_url(name))
+    return fail(Errc::InvalidArgument,
+                "Listener::create: ucx:// URLs need mbmq::net: link mbmq::net and call "
+                "mbmq::net::listen (include/mbmq/net.h)");
   Listener l;
   l.core_ = MBMQ_TRY(detail::ListenCore::make(name, std::move(options)));
   l.own_queue_ = MBMQ_TRY(detail::QueueCore::make(WaitPolicy{WaitMode::Sleep}));
@@ -200,6 +209,10 @@ Result<Channel> connect_once(std::string_view name, Deadline deadline, const Con
 }  // namespace
 
 Result<Channel> connect(std::string_view name, Deadline deadline, const ConnectOptions& options) {
+  if (is_net_url(name))
+    return fail(Errc::InvalidArgument,
+                "connect: ucx:// URLs need mbmq::net: link mbmq::net and call mbmq::net::connect "
+                "(include/mbmq/net.h)");
   // "Busy" is the listener's word for "not now" (R2): ask again, pausing a little longer each
   // time, until the deadline.
   std::int64_t pause_ns = 1'000'000;

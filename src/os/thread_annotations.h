@@ -40,4 +40,6 @@
 // A function called without the lock(s) (it takes them itself).
 #define MBMQ_EXCLUDES(...) MBMQ_THREAD_ANNOTATION_(locks_excluded(__VA_ARGS__))
 // Turns the analysis off for one function; always with a comment saying why.
+// The capability is held here though the analysis cannot see it (a callback run under it).
+#define MBMQ_ASSERT_CAPABILITY(x) MBMQ_THREAD_ANNOTATION_(assert_capability(x))
 #define MBMQ_NO_THREAD_SAFETY_ANALYSIS MBMQ_THREAD_ANNOTATION_(no_thread_safety_analysis)

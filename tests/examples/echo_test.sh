@@ -29,3 +29,23 @@ wait_listening || fail "restarted server did not serve the same name"
 "$dir/echo_client" "$name" || fail "call to the restarted server"
 kill -9 "$srv"; wait "$srv" 2>/dev/null
 echo "ok: echo_server/echo_client"
+
+# The same over UCX (#19) when the build has mbmq::net (second argument "ucx"): one call, a wrong
+# service refused, a looping client told peer-closed when the server is killed.
+if [ "${2:-}" = ucx ]; then
+  url="ucx://127.0.0.1:$((20000 + $$ % 20000))/echo"
+  name=$url
+  "$dir/echo_server" "$url" >/dev/null & srv=$!
+  wait_listening || fail "ucx server did not come up"
+  "$dir/echo_client" "$url" || fail "one ucx call"
+  "$dir/echo_client" "${url%/echo}/other" 2>&1 | grep -q "no such service" || fail "wrong service not refused"
+  "$dir/echo_client" "$url" --loop 2>/tmp/echo_loop.$$ & loop=$!
+  sleep 0.3
+  kill -9 "$srv"; wait "$srv" 2>/dev/null
+  if timeout 5 tail --pid="$loop" -f /dev/null; then :; else fail "ucx looping client hung after the server died"; fi
+  wait "$loop"; rc=$?
+  [ "$rc" -ne 0 ] || fail "ucx looping client exited 0 after the server died"
+  grep -q "peer-closed" /tmp/echo_loop.$$ || fail "ucx looping client did not say peer-closed: $(cat /tmp/echo_loop.$$)"
+  rm -f /tmp/echo_loop.$$
+  echo "ok: echo_server/echo_client over ucx://"
+fi

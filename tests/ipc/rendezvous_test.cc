@@ -130,6 +130,18 @@ TEST(Rendezvous, ConnectingToNobodyFailsAtOnce) {
   EXPECT_LT(monotonic_ns() - t0, 1'000'000'000);
 }
 
+// #19: the core never speaks UCX; a ucx:// URL names mbmq::net, and the error says so.
+TEST(Rendezvous, AUcxUrlIsInvalidArgumentPointingAtMbmqNet) {
+  auto ch = connect("ucx://127.0.0.1:7000/kv", secs(5));
+  ASSERT_FALSE(ch);
+  EXPECT_EQ(ch.error().code, Errc::InvalidArgument);
+  EXPECT_NE(std::string(ch.error().op).find("mbmq::net"), std::string::npos) << ch.error().op;
+  auto l = Listener::create("ucx://127.0.0.1:7000/kv");
+  ASSERT_FALSE(l);
+  EXPECT_EQ(l.error().code, Errc::InvalidArgument);
+  EXPECT_NE(std::string(l.error().op).find("mbmq::net"), std::string::npos) << l.error().op;
+}
+
 TEST(Rendezvous, ASilentClientCostsTheListenerOnlyItsHandshakeDeadline) {
   std::string name = unique_name("silent");
   ListenOptions opt;

@@ -1,0 +1,175 @@
+// mbmq/net.h: channels across machines, over UCX (Active Messages on its TCP or RDMA
+// transports). An opt-in library, mbmq::net; the core library never links UCX. A first slice of
+// issue #19: see docs/design/net.md for why these are classes of their own (same method names and
+// results as mbmq::Channel, not yet the same type) and README "Across machines (UCX)".
+//
+//   // server                                            // client
+//   auto l = MBMQ_TRY(mbmq::net::listen(                 auto ch = MBMQ_TRY(mbmq::net::connect(
+//       "ucx://10.0.0.1:7000/kv", {}));                      "ucx://10.0.0.1:7000/kv", deadline));
+//   mbmq::net::Channel c = MBMQ_TRY(l.accept(deadline));  auto buf = MBMQ_TRY(ch.buffer(64));
+//   auto msg = MBMQ_TRY(c.receive(deadline));            MBMQ_TRY(ch.call(buf, deadline));
+//   MBMQ_TRY(mbmq::net::Channel::reply(std::move(msg)));  // the reply is now in buf
+//
+// Security: UCX authenticates nobody and encrypts nothing. Use on trusted networks only: bind an
+// explicit address and list the clients allowed (ListenOptions::allow); anyone who can reach the
+// port and is on the list can call the service, and anyone on the path can read and alter it.
+//
+// Process-wide effects: the first listen()/connect() creates the process's UCX context, with its
+// malloc/mmap hooks and its signal handlers off (unless the user's UCX_* environment sets them),
+// and UCX's own async thread. In a child forked after that, every call returns
+// Errc::InvalidArgument ("forked child"): UCX cannot be used there.
+//
+// Thread safety: one thread at a time per Channel (calls are serialized by a lock); a Listener's
+// accepted channels share its UCX worker, and so its lock.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "mbmq/deadline.h"
+#include "mbmq/msg_queue.h"
+#include "mbmq/result.h"
+#include "mbmq/wait_policy.h"
+
+namespace mbmq::net {
+
+namespace detail {
+class ChannelCore;
+class ListenCore;
+struct ReplyToken;
+}  // namespace detail
+
+// A message buffer of a remote channel: private memory of this process (UCX moves the bytes; over
+// TCP the kernel copies them). A call's reply arrives in the caller's own buffer.
+class Buffer {
+ public:
+  Buffer() noexcept = default;
+  std::span<std::byte> data() noexcept { return {bytes_.data(), size_}; }
+  std::span<const std::byte> data() const noexcept { return {bytes_.data(), size_}; }
+  std::size_t size() const noexcept { return size_; }
+  std::size_t capacity() const noexcept { return bytes_.size(); }
+  bool valid() const noexcept { return valid_; }
+  // Sets size(), growing the buffer if needed. Errc::InvalidArgument past the channel's limit.
+  Status resize(std::size_t n);
+  // Handles cannot cross hosts: always Errc::InvalidArgument (the fd is closed, as locally).
+  Status attach_fd(int fd);
+
+ private:
+  friend class detail::ChannelCore;
+  friend class Channel;
+  std::vector<std::byte> bytes_;
+  std::size_t size_ = 0;
+  std::size_t limit_ = 0;
+  bool valid_ = false;
+  // A received request: where its reply goes (dropped unanswered, it answers NoReply).
+  std::shared_ptr<detail::ReplyToken> reply_;
+};
+
+struct Message {
+  Kind kind = Kind::PeerClosed;  // Request, Message or PeerClosed
+  Buffer buffer;
+  Errc error = Errc::PeerClosed;  // Kind::PeerClosed only: PeerClosed or Protocol
+  const char* why = "";           // Kind::PeerClosed with Errc::Protocol: the rule broken
+};
+
+// How long a channel waits without a word from its peer before it ends with Errc::PeerClosed. A
+// killed peer is seen at once (its host's TCP resets the connection); a partitioned one (a cable
+// pulled, a host frozen) only through silence: each end sends a heartbeat after peer_timeout / 4
+// without traffic, from a thread of mbmq::net when the application is not waiting. 0: never
+// (Debian's UCX 1.13 alone did not see a partition within 70 s; docs/design/net.md).
+inline constexpr std::chrono::milliseconds kDefaultPeerTimeout{10'000};
+
+struct ConnectOptions {
+  WaitPolicy wait{};
+  std::chrono::milliseconds peer_timeout = kDefaultPeerTimeout;
+};
+
+class Channel {
+ public:
+  Channel() noexcept = default;
+  Channel(Channel&&) noexcept = default;
+  Channel& operator=(Channel&&) noexcept;
+  Channel(const Channel&) = delete;
+  Channel& operator=(const Channel&) = delete;
+  ~Channel();
+
+  // A buffer of `size` bytes. Errc::InvalidArgument above the peer's limit (from the hello).
+  Result<Buffer> buffer(std::size_t size);
+  // Sends buf as a request and waits for the reply, which arrives in buf. Errors as
+  // mbmq::Channel::call: TimedOut (buf is then invalid; a late reply is dropped), PeerClosed (the
+  // automatic reply; buf stays usable), NoReply, Protocol, InvalidArgument.
+  Status call(Buffer& buf, Deadline deadline);
+  // Sends buf one-way.
+  Status send(Buffer&& buf);
+  // The next request or one-way message; a Kind::PeerClosed message ends the channel.
+  Result<Message> receive(Deadline deadline);
+  // Answers a Kind::Request with the bytes now in msg.buffer. Errc::PeerClosed if the caller is
+  // gone.
+  static Status reply(Message&& msg);
+
+  void set_wait_policy(WaitPolicy policy);
+  bool valid() const noexcept;
+  // Sends Bye and closes: the peer's calls get PeerClosed.
+  void close() noexcept;
+
+ private:
+  friend Result<Channel> connect(std::string_view, Deadline, const ConnectOptions&);
+  friend class Listener;
+  explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
+  std::shared_ptr<detail::ChannelCore> core_;
+};
+
+struct ListenOptions {
+  // Client addresses (IPv4/IPv6 literals, no names) allowed to connect; empty: any. A client not
+  // listed is rejected at connection request (its connect() gets Errc::Refused).
+  std::vector<std::string> allow;
+  std::uint32_t max_message = 64u << 20;  // the largest payload accepted from a client
+  std::chrono::milliseconds handshake_timeout{1000};
+  std::chrono::milliseconds peer_timeout = kDefaultPeerTimeout;  // for accepted channels
+};
+
+struct ListenerStats {
+  std::uint64_t accepted = 0;
+  std::uint64_t refused_address = 0;  // not on ListenOptions::allow
+  std::uint64_t refused_service = 0;  // a hello naming another service, or another version
+  std::uint64_t failed = 0;           // malformed hello, no hello in time, gone
+};
+
+class Listener {
+ public:
+  Listener() noexcept = default;
+  Listener(Listener&&) noexcept = default;
+  Listener& operator=(Listener&&) noexcept;
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+  ~Listener();
+
+  // The server's end of the next accepted connection. Errc::TimedOut at the deadline.
+  Result<Channel> accept(Deadline deadline);
+  ListenerStats stats() const noexcept;
+  // The port bound (useful after listening on port 0).
+  std::uint16_t port() const noexcept;
+  bool valid() const noexcept { return core_ != nullptr; }
+
+ private:
+  friend Result<Listener> listen(std::string_view, const ListenOptions&);
+  std::shared_ptr<detail::ListenCore> core_;
+};
+
+// "ucx://ADDR:PORT/service": ADDR an IPv4 literal (the address to bind: explicit, never a
+// wildcard by accident; 0.0.0.0 is allowed if written), PORT (0: any), service 1-255 bytes.
+// Errc::InvalidArgument for a malformed URL; Errc::System if UCX cannot listen there.
+Result<Listener> listen(std::string_view url, const ListenOptions& options = {});
+// Connects to "ucx://HOST:PORT/service" (HOST an IPv4 literal). Errc::Refused if the listener
+// rejects our address or serves no such service; Errc::PeerClosed/System if nobody listens;
+// Errc::TimedOut at the deadline.
+Result<Channel> connect(std::string_view url, Deadline deadline,
+                        const ConnectOptions& options = {});
+
+}  // namespace mbmq::net

@@ -1,0 +1,546 @@
+// net/channel.cc: ChannelCore, one UCX endpoint carrying an mbmq channel, and the WorkerCore it
+// runs on (net/core.h; wire format and handshake in docs/design/net.md).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <cstring>
+
+#include "net/core.h"
+#include "os/unix_socket.h"
+
+namespace mbmq::net::detail {
+namespace {
+
+// An AM send in flight: UCX reads the header (and the payload) until it completes.
+struct SendOp {
+  WorkerCore* w;
+  ucp_ep_h ep;
+  WireHeader hdr;
+  std::vector<std::byte> owned;  // a one-way message's bytes, or a timed-out call's
+  bool is_call;
+  // A call's channel while call() waits: call() always clears call_op_ (or detaches this) before
+  // it returns, so the channel outlives the pointer. Not found through eps: a closed endpoint is
+  // no longer there, and its cancelled sends complete later.
+  ChannelCore* owner;
+};
+
+// A rendezvous payload being received into `bytes`.
+struct RecvOp {
+  WorkerCore* w;
+  ucp_ep_h ep;
+  WireHeader hdr;
+  std::vector<std::byte> bytes;
+  std::size_t n;
+};
+
+ChannelCore* find_locked(WorkerCore* w, ucp_ep_h ep) MBMQ_REQUIRES(w->mu) {
+  auto it = w->eps.find(ep);
+  return it == w->eps.end() ? nullptr : it->second;
+}
+
+void send_done(void* request, ucs_status_t /*status*/, void* user) {
+  auto* op = static_cast<SendOp*>(user);
+  WorkerCore* w = op->w;
+  w->assert_held();
+  if (op->owner != nullptr) {
+    op->owner->assert_held();
+    op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
+  }
+  delete op;
+  if (request != nullptr) w->u->ucp_request_free(request);
+}
+
+void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void* user) {
+  auto* op = static_cast<RecvOp*>(user);
+  WorkerCore* w = op->w;
+  w->assert_held();
+  if (ChannelCore* ch = find_locked(w, op->ep)) {
+    ch->assert_held();
+    if (status == UCS_OK)
+      ch->on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
+    else
+      ch->fail_locked(errc_of(status), "net: receiving a payload failed");
+  }
+  delete op;
+  if (request != nullptr) w->u->ucp_request_free(request);
+}
+
+// The one AM handler of a worker: finds the channel by its endpoint (we always send with
+// UCP_AM_SEND_FLAG_REPLY, so UCX names it) and checks the header before anything else.
+ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, void* data,
+                   std::size_t length, const ucp_am_recv_param_t* param) {
+  auto* w = static_cast<WorkerCore*>(arg);
+  w->assert_held();
+  if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) return UCS_OK;  // anonymous
+  ChannelCore* ch = find_locked(w, param->reply_ep);
+  if (ch == nullptr) return UCS_OK;  // a channel closed meanwhile
+  ch->assert_held();
+  WireHeader h{};
+  if (header_length != sizeof h) {
+    ch->fail_locked(Errc::Protocol, "net: header of the wrong length");
+    return UCS_OK;
+  }
+  std::memcpy(&h, header, sizeof h);
+  if (h.magic != kMagic || h.version != kVersion) {
+    ch->fail_locked(Errc::Protocol, "net: bad magic or version in a header");
+    return UCS_OK;
+  }
+  ch->on_am_locked(h, data, length, param);
+  return UCS_OK;
+}
+
+}  // namespace
+
+Errc errc_of(ucs_status_t s) noexcept {
+  return s == UCS_ERR_REJECTED ? Errc::Refused : Errc::PeerClosed;
+}
+
+// ---- WorkerCore ----
+
+Result<std::shared_ptr<WorkerCore>> WorkerCore::make(const Ucx* u) {
+  std::shared_ptr<WorkerCore> w(new WorkerCore(u));
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // serialized by mu
+  if (u->ucp_worker_create(u->context, &wp, &w->worker) != UCS_OK)
+    return fail(Errc::System, "net: ucp_worker_create failed");
+  if (u->ucp_worker_get_efd(w->worker, &w->efd) != UCS_OK)
+    return fail(Errc::System, "net: ucp_worker_get_efd failed");
+  ucp_am_handler_param_t hp{};
+  hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  hp.id = kAmId;
+  hp.cb = on_am;
+  hp.arg = w.get();
+  hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+  if (u->ucp_worker_set_am_recv_handler(w->worker, &hp) != UCS_OK)
+    return fail(Errc::System, "net: ucp_worker_set_am_recv_handler failed");
+  return w;
+}
+
+WorkerCore::~WorkerCore() {
+  // In a forked child UCX must not be touched: the worker is left as it is.
+  if (worker != nullptr && ucx_usable()) u->ucp_worker_destroy(worker);
+}
+
+void WorkerCore::progress_locked() const {
+  while (u->ucp_worker_progress(worker) != 0) {
+  }
+}
+
+Status WorkerCore::wait_events(Deadline deadline) const {
+  // Capped at 20 ms: a safety net, should another thread have taken the events our arm was for.
+  const std::int64_t cap = 20'000'000;
+  const std::int64_t left = deadline.remaining_ns();
+  (void)MBMQ_TRY(os::wait_readable(efd, left < 0 ? 0 : std::min(left, cap)));
+  return {};
+}
+
+// ---- ReplyToken ----
+
+ReplyToken::~ReplyToken() {
+  if (answered) return;
+  if (auto c = ch.lock()) (void)c->reply(seq, Buffer{}, kReplyNone);
+}
+
+// ---- ChannelCore ----
+
+Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const std::string& host,
+                                                          std::uint16_t port, std::string service,
+                                                          Deadline deadline, WaitPolicy policy) {
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  if (inet_pton(AF_INET, host.c_str(), &sa.sin_addr) != 1)
+    return fail(Errc::InvalidArgument, "net::connect: the host must be an IPv4 address literal");
+  auto w = MBMQ_TRY(WorkerCore::make(u));
+  auto ch = std::make_shared<ChannelCore>(w, State::Connecting);
+  ch->policy_ = policy;
+  {
+    os::LockGuard lock(ch->w_->mu);
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+    ep.sockaddr.addrlen = sizeof sa;
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = [](void* arg, ucp_ep_h e, ucs_status_t s) {
+      auto* wk = static_cast<WorkerCore*>(arg);
+      wk->assert_held();
+      if (ChannelCore* c = find_locked(wk, e)) {
+        c->assert_held();
+        c->fail_locked(errc_of(s), "net: endpoint failed");
+      }
+    };
+    ep.err_handler.arg = w.get();
+    ucp_ep_h h = nullptr;
+    if (u->ucp_ep_create(w->worker, &ep, &h) != UCS_OK)
+      return fail(Errc::System, "net::connect: ucp_ep_create failed");
+    ch->ep_ = h;
+    ch->w_->eps[h] = ch.get();
+    // (N1) Hello{service, our limit}.
+    MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, 0, ch->my_limit_, service.data(), service.size(),
+                             nullptr, false));
+  }
+  const bool done = MBMQ_TRY(w->run_until(deadline, policy, [&] {
+    ch->assert_held();
+    return ch->state_ != State::Connecting;
+  }));
+  os::LockGuard lock(ch->w_->mu);
+  if (!done) {
+    ch->close_ep_locked(Close::Force);
+    return fail(Errc::TimedOut, "net::connect: no answer to the hello before the deadline");
+  }
+  if (ch->state_ == State::Closed) {
+    // The hello's answer first: a refused hello closes with Refused too.
+    if (ch->hello_status_ == kNoService)
+      return fail(Errc::Refused, "net::connect: the listener serves no such service");
+    if (ch->hello_status_ == kBadVersion)
+      return fail(Errc::Refused, "net::connect: the listener speaks another protocol version");
+    if (ch->closed_code_ == Errc::Refused)
+      return fail(Errc::Refused, "net::connect: the listener rejected our address (allow-list)");
+    return fail(Errc::PeerClosed, "net::connect: no listener there, or the connection failed");
+  }
+  return ch;
+}
+
+Status ChannelCore::accept_locked(ucp_conn_request_h req, ListenCore* listener) {
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.conn_request = req;
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = [](void* arg, ucp_ep_h e, ucs_status_t s) {
+    auto* wk = static_cast<WorkerCore*>(arg);
+    wk->assert_held();
+    if (ChannelCore* c = find_locked(wk, e)) {
+      c->assert_held();
+      c->fail_locked(errc_of(s), "net: endpoint failed");
+    }
+  };
+  ep.err_handler.arg = w_.get();
+  ucp_ep_h h = nullptr;
+  if (w_->u->ucp_ep_create(w_->worker, &ep, &h) != UCS_OK)
+    return fail(Errc::System, "net::Listener: ucp_ep_create failed");
+  ep_ = h;
+  w_->eps[h] = this;
+  listener_ = listener;
+  my_limit_ = listener->max_message();
+  pending_since_ns_ = monotonic_ns();
+  return {};
+}
+
+ChannelCore::~ChannelCore() {
+  if (!ucx_usable()) return;  // a forked child: leave UCX alone
+  os::LockGuard lock(w_->mu);
+  close_ep_locked(Close::Force);
+}
+
+bool ChannelCore::open() noexcept {
+  if (!ucx_usable()) return false;
+  os::LockGuard lock(w_->mu);
+  return state_ == State::Open;
+}
+
+Error ChannelCore::closed_error_locked(const char* op) {
+  if (closed_code_ == Errc::Protocol) return Error::make(Errc::Protocol, why_);
+  return Error::make(closed_code_ == Errc::Refused ? Errc::PeerClosed : closed_code_, op);
+}
+
+void ChannelCore::close_ep_locked(Close how) {
+  if (ep_ == nullptr) return;
+  w_->eps.erase(ep_);
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = how == Close::Force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  ucs_status_ptr_t r = w_->u->ucp_ep_close_nbx(ep_, &p);
+  ep_ = nullptr;
+  state_ = State::Closed;
+  if (!UCS_PTR_IS_PTR(r)) return;  // done, or failed: nothing to wait for
+  if (how == Close::Flush) {
+    // What we sent (a Bye, a reply) goes out before the close, for at most 100 ms. Not from a
+    // callback: UCX's progress does not nest.
+    const std::int64_t until = monotonic_ns() + 100'000'000;
+    while (w_->u->ucp_request_check_status(r) == UCS_INPROGRESS && monotonic_ns() < until)
+      (void)w_->u->ucp_worker_progress(w_->worker);
+  }
+  // Released now; an unfinished close finishes (or is cut short) as the worker progresses or is
+  // destroyed. UCX asserts at ucp_worker_destroy on a request not released.
+  w_->u->ucp_request_free(r);
+}
+
+void ChannelCore::fail_locked(Errc code, const char* why) {
+  if (state_ == State::Closed && ep_ == nullptr) return;
+  if (state_ != State::Closed) {
+    closed_code_ = code;
+    why_ = why;
+  }
+  if (listener_ != nullptr) {
+    listener_->w_->assert_held();          // the same worker as ours
+    listener_->drop_pending_locked(this);  // may end our life later
+  }
+  listener_ = nullptr;
+  close_ep_locked(Close::Force);
+}
+
+Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32_t seq,
+                                std::uint32_t limit, const void* data, std::size_t n,
+                                std::vector<std::byte>* owned, bool is_call) {
+  if (ep_ == nullptr) return fail(closed_error_locked("net: send on a closed channel"));
+  last_tx_ns_ = monotonic_ns();
+  auto* op =
+      new SendOp{w_.get(),
+                 ep_,
+                 WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind), status, seq, limit},
+                 {},
+                 is_call,
+                 is_call ? this : nullptr};
+  if (owned != nullptr) {
+    op->owned = std::move(*owned);
+    data = op->owned.data();
+  }
+  ucp_request_param_t p{};
+  p.op_attr_mask =
+      UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.flags = UCP_AM_SEND_FLAG_REPLY;
+  p.cb.send = send_done;
+  p.user_data = op;
+  ucs_status_ptr_t r = w_->u->ucp_am_send_nbx(ep_, kAmId, &op->hdr, sizeof op->hdr, data, n, &p);
+  if (r == nullptr) {  // done already: no callback comes
+    if (is_call) call_sent_ = true;
+    delete op;
+    return {};
+  }
+  if (UCS_PTR_IS_ERR(r)) {
+    delete op;
+    fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_send_nbx failed");
+    return fail(closed_error_locked("net: send failed"));
+  }
+  if (is_call) call_op_ = op;
+  return {};
+}
+
+void ChannelCore::on_send_done_locked(std::uint32_t seq, bool was_call) {
+  if (was_call && seq == call_seq_) {
+    call_sent_ = true;
+    call_op_ = nullptr;
+  }
+}
+
+void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t length,
+                               const ucp_am_recv_param_t* param) {
+  const auto kind = static_cast<WireKind>(h.kind);
+  last_rx_ns_ = monotonic_ns();
+  // Which kinds each state accepts (docs/design/net.md).
+  const bool ok = state_ == State::Pending      ? kind == WireKind::Hello
+                  : state_ == State::Connecting ? kind == WireKind::HelloAck
+                  : state_ == State::Open       ? (kind == WireKind::Request ||
+                                             kind == WireKind::Message || kind == WireKind::Reply ||
+                                             kind == WireKind::Bye || kind == WireKind::Heartbeat)
+                                                : false;
+  if (!ok) return fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
+  if (length > my_limit_) return fail_locked(Errc::Protocol, "net: payload above our limit");
+  if (kind == WireKind::Reply && (call_seq_ == 0 || h.seq != call_seq_)) {
+    if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call
+    return fail_locked(Errc::Protocol, "net: a reply to no call");
+  }
+  if (kind == WireKind::Bye) return fail_locked(Errc::PeerClosed, "net: the peer closed");
+  if (kind == WireKind::Heartbeat) return;
+  if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+    // The receiver chooses where the payload lands: a buffer of ours, given to the application.
+    auto* op = new RecvOp{w_.get(), ep_, h, std::vector<std::byte>(length), length};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.recv_am = recv_done;
+    p.user_data = op;
+    ucs_status_ptr_t r =
+        w_->u->ucp_am_recv_data_nbx(w_->worker, data, op->bytes.data(), length, &p);
+    if (r == nullptr) {
+      on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
+      delete op;
+    } else if (UCS_PTR_IS_ERR(r)) {
+      delete op;
+      fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_recv_data_nbx failed");
+    }
+    return;
+  }
+  // Eager: UCX's bounce buffer, valid during this callback only: one copy.
+  std::vector<std::byte> bytes(length);
+  if (length != 0) std::memcpy(bytes.data(), data, length);
+  on_recv_done_locked(h, std::move(bytes), length);
+}
+
+void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes,
+                                      std::size_t n) {
+  switch (static_cast<WireKind>(h.kind)) {
+    case WireKind::Hello:
+      return on_hello_locked(h, bytes.data(), n);
+    case WireKind::HelloAck:
+      hello_status_ = h.status;
+      if (h.status != kHelloOk) return fail_locked(Errc::Refused, "net: hello refused");
+      peer_limit_ = h.limit;
+      state_ = State::Open;
+      return;
+    case WireKind::Reply:
+      if (h.seq != call_seq_) return;  // a timed-out call's, arriving late
+      reply_bytes_ = std::move(bytes);
+      reply_size_ = n;
+      reply_status_ = h.status;
+      reply_ready_ = true;
+      return;
+    default:
+      return deliver_locked(h, std::move(bytes), n);
+  }
+}
+
+void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n) {
+  if (listener_ == nullptr) return fail_locked(Errc::Protocol, "net: hello, not listening");
+  peer_limit_ = h.limit;
+  ListenCore* l = listener_;
+  const std::string_view asked(reinterpret_cast<const char*>(data), n);
+  const std::uint16_t verdict = asked == l->service() ? kHelloOk : kNoService;
+  // (N3)/(N4) The answer; a refused client is closed after it (flush: the answer goes first).
+  (void)send_locked(WireKind::HelloAck, verdict, 0, my_limit_, nullptr, 0, nullptr, false);
+  if (verdict == kHelloOk) state_ = State::Open;
+  l->w_->assert_held();  // the same worker as ours
+  l->on_hello_locked(this, verdict);
+}
+
+void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes,
+                                 std::size_t n) {
+  Message m;
+  m.kind = static_cast<WireKind>(h.kind) == WireKind::Request ? Kind::Request : Kind::Message;
+  m.buffer.bytes_ = std::move(bytes);
+  m.buffer.size_ = n;
+  m.buffer.limit_ = peer_limit_;
+  m.buffer.valid_ = true;
+  if (m.kind == Kind::Request) {
+    auto t = std::make_shared<ReplyToken>();
+    t->ch = weak_from_this();
+    t->seq = h.seq;
+    m.buffer.reply_ = std::move(t);
+  }
+  inbox_.push_back(std::move(m));
+}
+
+Result<Buffer> ChannelCore::buffer(std::size_t size) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  os::LockGuard lock(w_->mu);
+  if (state_ != State::Open) return fail(closed_error_locked("net::Channel::buffer: closed"));
+  if (size > peer_limit_)
+    return fail(Errc::InvalidArgument, "net::Channel::buffer: above the peer's limit");
+  Buffer b;
+  b.bytes_.resize(size);
+  b.size_ = size;
+  b.limit_ = peer_limit_;
+  b.valid_ = true;
+  return b;
+}
+
+Status ChannelCore::call(Buffer& buf, Deadline deadline) {
+  MBMQ_TRY(check_not_forked());  // before the locks: a forked child may have them held
+  if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::call: buffer");
+  os::LockGuard serial(call_mu_);
+  std::uint32_t seq = 0;
+  {
+    os::LockGuard lock(w_->mu);
+    if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
+    seq = ++next_seq_;
+    if (seq == 0) seq = ++next_seq_;
+    call_seq_ = seq;
+    call_sent_ = false;
+    reply_ready_ = false;
+    MBMQ_TRY(
+        send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), buf.size_, nullptr, true));
+  }
+  const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+    w_->assert_held();
+    return (reply_ready_ && call_sent_) || state_ == State::Closed;
+  }));
+  os::LockGuard lock(w_->mu);
+  call_seq_ = 0;
+  if (done && reply_ready_ && call_sent_) {
+    // The reply lands in the caller's buffer: the bytes UCX gave us become buf's.
+    reply_ready_ = false;
+    if (reply_status_ == kReplyNone) return fail(Errc::NoReply, "net::Channel::call");
+    buf.bytes_ = std::move(reply_bytes_);
+    buf.size_ = reply_size_;
+    return {};
+  }
+  if (call_op_ != nullptr) {
+    // UCX may still read buf's bytes: they go with the send, and buf is given up.
+    auto* op = static_cast<SendOp*>(call_op_);
+    op->owned = std::move(buf.bytes_);
+    op->owner = nullptr;
+    call_op_ = nullptr;
+    buf = Buffer{};
+  }
+  if (state_ == State::Closed) return fail(closed_error_locked("net::Channel::call"));
+  return fail(Errc::TimedOut, "net::Channel::call");
+}
+
+Status ChannelCore::send(Buffer&& buf) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::send: buffer");
+  os::LockGuard lock(w_->mu);
+  if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
+  const std::size_t n = buf.size_;
+  Status s = send_locked(WireKind::Message, 0, 0, 0, nullptr, n, &buf.bytes_, false);
+  buf = Buffer{};
+  return s;
+}
+
+Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  os::LockGuard lock(w_->mu);
+  if (state_ != State::Open) return fail(closed_error_locked("net::Channel::reply"));
+  const std::size_t n = buf.size_;
+  return send_locked(WireKind::Reply, status, seq, 0, nullptr, n, &buf.bytes_, false);
+}
+
+Result<Message> ChannelCore::receive(Deadline deadline) {
+  const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+    w_->assert_held();
+    return !inbox_.empty() || state_ == State::Closed;
+  }));
+  os::LockGuard lock(w_->mu);
+  if (!inbox_.empty()) {
+    Message m = std::move(inbox_.front());
+    inbox_.pop_front();
+    return m;
+  }
+  if (!done) return fail(Errc::TimedOut, "net::Channel::receive");
+  if (peer_closed_delivered_) return fail(closed_error_locked("net::Channel::receive: closed"));
+  peer_closed_delivered_ = true;
+  Message m;
+  m.kind = Kind::PeerClosed;
+  m.error = closed_code_ == Errc::Protocol ? Errc::Protocol : Errc::PeerClosed;
+  m.why = why_;
+  return m;
+}
+
+void ChannelCore::close() noexcept {
+  if (!ucx_usable()) return;
+  std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
+  {
+    os::LockGuard lock(w_->mu);
+    if (state_ == State::Open) {
+      (void)send_locked(WireKind::Bye, 0, 0, 0, nullptr, 0, nullptr, false);
+      w_->progress_locked();
+    }
+    if (state_ != State::Closed) {
+      closed_code_ = Errc::InvalidArgument;
+      why_ = "net::Channel: closed";
+    }
+    if (listener_ != nullptr) {
+      listener_->w_->assert_held();  // the same worker as ours
+      listener_->drop_pending_locked(this);
+    }
+    listener_ = nullptr;
+    close_ep_locked(Close::Flush);
+    drop.swap(inbox_);
+  }
+}
+
+}  // namespace mbmq::net::detail

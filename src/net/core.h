@@ -1,0 +1,258 @@
+// net/core.h: the internals of mbmq::net (include/mbmq/net.h): the wire header, WorkerCore (a UCX
+// worker behind a mutex), ChannelCore (one UCX endpoint) and ListenCore. docs/design/net.md has
+// the wire format and the handshake (N1)-(N4).
+//
+// Locking: every UCX call on a worker, and every callback UCX makes (they run inside
+// ucp_worker_progress), happens with WorkerCore::mu held. Callbacks therefore find channels
+// through WorkerCore::eps (raw pointers, registered and unregistered under mu) and never drop the
+// last strong reference to a ChannelCore (its destructor takes mu).
+#pragma once
+
+#include <ucp/api/ucp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "mbmq/net.h"
+#include "net/ucx.h"
+#include "os/mutex.h"
+
+namespace mbmq::net::detail {
+
+// ---- wire (docs/design/net.md, "Wire format") ----
+inline constexpr unsigned kAmId = 0x6d;
+inline constexpr std::uint32_t kMagic = 0x716d626d;
+inline constexpr std::uint8_t kVersion = 1;
+enum class WireKind : std::uint8_t {
+  Hello = 1,
+  HelloAck = 2,
+  Request = 3,
+  Reply = 4,
+  Message = 5,
+  Bye = 6,
+  Heartbeat = 7,
+};
+enum HelloStatus : std::uint16_t { kHelloOk = 0, kNoService = 1, kBadVersion = 2 };
+enum ReplyStatus : std::uint16_t { kReplyOk = 0, kReplyNone = 1 };
+struct WireHeader {
+  std::uint32_t magic;
+  std::uint8_t version;
+  std::uint8_t kind;
+  std::uint16_t status;
+  std::uint32_t seq;
+  std::uint32_t limit;
+};
+static_assert(sizeof(WireHeader) == 16 && std::is_standard_layout_v<WireHeader>);
+
+class ChannelCore;
+class ListenCore;
+
+class WorkerCore {
+ public:
+  static Result<std::shared_ptr<WorkerCore>> make(const Ucx* u);
+  ~WorkerCore();
+  WorkerCore(const WorkerCore&) = delete;
+  WorkerCore& operator=(const WorkerCore&) = delete;
+
+  // Progresses the worker until done() (called with mu held) is true: true; or until the
+  // deadline: false. Spins per `policy`, then sleeps on the worker's event fd (unlocked).
+  template <class Done>
+  Result<bool> run_until(Deadline deadline, WaitPolicy policy, Done done);
+  template <class Done>
+  Result<bool> run_until_counted(Deadline deadline, WaitPolicy policy, Done done);
+  void progress_locked() const MBMQ_REQUIRES(mu);
+  // In UCX's callbacks, which run inside progress_locked(): mu is held.
+  void assert_held() const MBMQ_ASSERT_CAPABILITY(mu) {}
+
+  const Ucx* const u;
+  os::Mutex mu;
+  ucp_worker_h worker = nullptr;  // set in make(), then used under mu only
+  int efd = -1;
+  std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
+  int waiters MBMQ_GUARDED_BY(mu) = 0;  // threads inside run_until (they progress the worker)
+
+ private:
+  explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
+  Status wait_events(Deadline deadline) const;
+};
+
+// Held by a received request's Buffer: destroyed unanswered, it answers NoReply.
+struct ReplyToken {
+  std::weak_ptr<ChannelCore> ch;
+  std::uint32_t seq = 0;
+  bool answered = false;
+  ~ReplyToken();
+  ReplyToken() = default;
+  ReplyToken(const ReplyToken&) = delete;
+  ReplyToken& operator=(const ReplyToken&) = delete;
+};
+
+enum class State : std::uint8_t { Connecting, Pending, Open, Closed };
+
+class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
+ public:
+  ChannelCore(std::shared_ptr<WorkerCore> w, State s) : w_(std::move(w)), state_(s) {}
+  ~ChannelCore();
+  ChannelCore(const ChannelCore&) = delete;
+  ChannelCore& operator=(const ChannelCore&) = delete;
+
+  // Client side: creates the endpoint, sends Hello and waits for HelloAck (N1, N4).
+  static Result<std::shared_ptr<ChannelCore>> connect(const Ucx* u, const std::string& host,
+                                                      std::uint16_t port, std::string service,
+                                                      Deadline deadline, WaitPolicy policy);
+  // Server side: the endpoint for an accepted connection request (N2).
+  Status accept_locked(ucp_conn_request_h req, ListenCore* listener) MBMQ_REQUIRES(w_->mu);
+
+  Result<Buffer> buffer(std::size_t size);
+  Status call(Buffer& buf, Deadline deadline);
+  Status send(Buffer&& buf);
+  Result<Message> receive(Deadline deadline);
+  Status reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status);
+  void close() noexcept;
+  bool open() noexcept;
+  void set_policy(WaitPolicy p) noexcept { policy_ = p; }
+  // For the thread-safety analysis: w_->mu is held (the caller holds it under another name).
+  void assert_held() const MBMQ_ASSERT_CAPABILITY(w_->mu) {}
+  // The keeper's tick (net/keeper.cc): progresses the worker if no thread waits on it, ends the
+  // channel after peer_timeout of silence, and sends a heartbeat after peer_timeout / 4 of ours.
+  void keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns);
+
+  // Callbacks (worker mu held).
+  void on_am_locked(const WireHeader& h, void* data, std::size_t length,
+                    const ucp_am_recv_param_t* param) MBMQ_REQUIRES(w_->mu);
+  void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
+      MBMQ_REQUIRES(w_->mu);
+  void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
+  void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
+
+  const std::shared_ptr<WorkerCore> w_;
+
+ private:
+  friend class ListenCore;
+  // Force: at once, dropping what is queued (failures, callbacks). Flush: what was sent goes out
+  // first, progressing up to 100 ms (not from a callback). FlushAsync: the same as the worker
+  // progresses later (from a callback).
+  enum class Close : std::uint8_t { Force, Flush, FlushAsync };
+  void close_ep_locked(Close how) MBMQ_REQUIRES(w_->mu);
+  Status send_locked(WireKind kind, std::uint16_t status, std::uint32_t seq, std::uint32_t limit,
+                     const void* data, std::size_t n, std::vector<std::byte>* owned, bool is_call)
+      MBMQ_REQUIRES(w_->mu);
+  void deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
+      MBMQ_REQUIRES(w_->mu);
+  void on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n)
+      MBMQ_REQUIRES(w_->mu);
+  Error closed_error_locked(const char* op) MBMQ_REQUIRES(w_->mu);
+
+  ucp_ep_h ep_ MBMQ_GUARDED_BY(w_->mu) = nullptr;
+  State state_ MBMQ_GUARDED_BY(w_->mu);
+  Errc closed_code_ MBMQ_GUARDED_BY(w_->mu) = Errc::PeerClosed;
+  const char* why_ MBMQ_GUARDED_BY(w_->mu) = "";
+  bool peer_closed_delivered_ MBMQ_GUARDED_BY(w_->mu) = false;
+  std::deque<Message> inbox_ MBMQ_GUARDED_BY(w_->mu);
+  std::uint32_t peer_limit_ MBMQ_GUARDED_BY(w_->mu) = 0;  // the peer accepts payloads up to this
+  std::uint32_t my_limit_ MBMQ_GUARDED_BY(w_->mu) = 64u << 20;
+  std::uint16_t hello_status_ MBMQ_GUARDED_BY(w_->mu) = 0xffff;  // client: HelloAck's status
+  // The call in flight (one per channel, serialized by call_mu_): its number, whether its send
+  // completed, and its reply.
+  std::uint32_t next_seq_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::uint32_t call_seq_ MBMQ_GUARDED_BY(w_->mu) = 0;  // 0: none
+  bool call_sent_ MBMQ_GUARDED_BY(w_->mu) = false;
+  bool reply_ready_ MBMQ_GUARDED_BY(w_->mu) = false;
+  std::uint16_t reply_status_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::vector<std::byte> reply_bytes_ MBMQ_GUARDED_BY(w_->mu);
+  std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
+  ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
+  std::int64_t pending_since_ns_ = 0;
+  std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
+  std::int64_t last_tx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
+  os::Mutex call_mu_;  // one call() at a time
+  WaitPolicy policy_{};
+};
+
+class ListenCore {
+ public:
+  static Result<std::shared_ptr<ListenCore>> make(const Ucx* u, const std::string& addr,
+                                                  std::uint16_t port, std::string service,
+                                                  const ListenOptions& options);
+  ~ListenCore();
+  ListenCore(const ListenCore&) = delete;
+  ListenCore& operator=(const ListenCore&) = delete;
+
+  Result<std::shared_ptr<ChannelCore>> accept(Deadline deadline);
+  ListenerStats stats() noexcept;
+  std::uint16_t port() const noexcept { return port_; }
+
+  // Callbacks (worker mu held).
+  void on_conn_request_locked(ucp_conn_request_h req) MBMQ_REQUIRES(w_->mu);
+  // A pending channel's hello: kHelloOk moves it to ready_, else it is closed and counted.
+  void on_hello_locked(ChannelCore* ch, std::uint16_t verdict) MBMQ_REQUIRES(w_->mu);
+  void drop_pending_locked(ChannelCore* ch) MBMQ_REQUIRES(w_->mu);
+  const std::string& service() const noexcept { return service_; }
+  std::uint32_t max_message() const noexcept { return options_.max_message; }
+
+  const std::shared_ptr<WorkerCore> w_;
+
+ private:
+  ListenCore(std::shared_ptr<WorkerCore> w, std::string service, ListenOptions options)
+      : w_(std::move(w)), service_(std::move(service)), options_(std::move(options)) {}
+  void expire_pending_locked() MBMQ_REQUIRES(w_->mu);
+
+  ucp_listener_h listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;
+  std::uint16_t port_ = 0;
+  const std::string service_;
+  const ListenOptions options_;
+  std::vector<std::shared_ptr<ChannelCore>> pending_ MBMQ_GUARDED_BY(w_->mu);
+  std::deque<std::shared_ptr<ChannelCore>> ready_ MBMQ_GUARDED_BY(w_->mu);
+  // Channels dropped inside a callback: destroyed later, outside mu (their destructor takes it).
+  std::vector<std::shared_ptr<ChannelCore>> graveyard_ MBMQ_GUARDED_BY(w_->mu);
+  ListenerStats stats_ MBMQ_GUARDED_BY(w_->mu);
+};
+
+// Watches `ch` from mbmq::net's keeper thread (started on first use) until it is gone: heartbeats
+// and peer_timeout (net/keeper.cc). timeout 0: not watched.
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
+
+// Maps a UCX status of a failed endpoint to an mbmq error code.
+Errc errc_of(ucs_status_t s) noexcept;
+
+// ---- WorkerCore::run_until ----
+template <class Done>
+Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, Done done) {
+  MBMQ_TRY(check_not_forked());
+  {
+    os::LockGuard lock(mu);
+    ++waiters;
+  }
+  Result<bool> r = run_until_counted(deadline, policy, done);
+  os::LockGuard lock(mu);
+  --waiters;
+  return r;
+}
+
+template <class Done>
+Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy, Done done) {
+  const std::int64_t spin_ns = policy.mode == WaitMode::Spin    ? Deadline::kNever
+                               : policy.mode == WaitMode::Sleep ? 0
+                                                                : policy.spin.count();
+  const std::int64_t start = monotonic_ns();
+  for (;;) {
+    {
+      os::LockGuard lock(mu);
+      progress_locked();
+      if (done()) return true;
+      if (deadline.expired()) return false;
+      if (monotonic_ns() - start < spin_ns) continue;
+      // Arm the event fd; UCS_ERR_BUSY: events came meanwhile, progress again.
+      if (u->ucp_worker_arm(worker) == UCS_ERR_BUSY) continue;
+    }
+    MBMQ_TRY(wait_events(deadline));
+  }
+}
+
+}  // namespace mbmq::net::detail

@@ -1,0 +1,84 @@
+// net/keeper.cc: mbmq::net's keeper thread, which notices a silent peer (issue #19).
+//
+// Debian's UCX 1.13 does not see a network partition for a long time: its TCP transport has no
+// UCX_TCP_USER_TIMEOUT and its keepalive needs the worker progressed. So each channel watched here
+// gets, every tick (a quarter of the shortest peer_timeout, within [10 ms, 250 ms]):
+//  (K1) its worker progressed if no application thread waits on it (heartbeats are read, and
+//       answered by the peer's own keeper, while the application is busy elsewhere);
+//  (K2) PeerClosed after peer_timeout with nothing received (any message, heartbeat or not);
+//  (K3) a Heartbeat after peer_timeout / 4 with nothing sent.
+// The thread starts on the first channel that asks, and lives as long as the process; it holds
+// weak references only. A forked child has no keeper (and cannot use UCX anyway).
+#include <algorithm>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "net/core.h"
+#include "os/process.h"
+
+namespace mbmq::net::detail {
+namespace {
+
+struct Watched {
+  std::weak_ptr<ChannelCore> ch;
+  std::int64_t timeout_ns;
+};
+
+struct Keeper {
+  os::Mutex mu;
+  std::vector<Watched> watched MBMQ_GUARDED_BY(mu);
+  std::int64_t tick_ns MBMQ_GUARDED_BY(mu) = 250'000'000;
+  bool started MBMQ_GUARDED_BY(mu) = false;
+};
+
+Keeper& keeper() {
+  static auto* k = new Keeper();  // never destroyed: the thread may outlive static destructors
+  return *k;
+}
+
+[[noreturn]] void run() {
+  Keeper& k = keeper();
+  std::vector<Watched> now_watched;
+  for (;;) {
+    std::int64_t tick = 0;
+    {
+      os::LockGuard lock(k.mu);
+      std::erase_if(k.watched, [](const Watched& w) { return w.ch.expired(); });
+      now_watched = k.watched;
+      tick = k.tick_ns;
+    }
+    os::sleep_ns(tick);
+    if (!ucx_usable()) continue;
+    for (const Watched& w : now_watched)
+      if (auto ch = w.ch.lock()) ch->keep_alive_tick(monotonic_ns(), w.timeout_ns);
+  }
+}
+
+}  // namespace
+
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
+  if (timeout.count() <= 0) return;
+  const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count();
+  Keeper& k = keeper();
+  os::LockGuard lock(k.mu);
+  k.watched.push_back({ch, ns});
+  k.tick_ns = std::clamp<std::int64_t>(std::min(k.tick_ns, ns / 4), 10'000'000, 250'000'000);
+  if (!k.started) {
+    k.started = true;
+    std::thread(run).detach();
+  }
+}
+
+void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
+  os::LockGuard lock(w_->mu);
+  if (state_ != State::Open) return;
+  if (w_->waiters == 0) w_->progress_locked();  // (K1)
+  if (state_ != State::Open) return;
+  if (now_ns - last_rx_ns_ > timeout_ns)  // (K2)
+    return fail_locked(Errc::PeerClosed, "net: no word from the peer within peer_timeout");
+  if (now_ns - last_tx_ns_ >= timeout_ns / 4)  // (K3)
+    (void)send_locked(WireKind::Heartbeat, 0, 0, 0, nullptr, 0, nullptr, false);
+}
+
+}  // namespace mbmq::net::detail

@@ -1,0 +1,519 @@
+// mbmq::net over UCX's TCP transport on loopback, between two processes (issue #19). Each test
+// forks its peer before this process loads UCX (a child forked after cannot use it: tested too).
+#include "mbmq/net.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "os/process.h"
+#include "test_util.h"
+
+namespace mbmq {
+namespace {
+
+using test::join;
+using test::secs;
+using test::spawn;
+
+// A pipe for a child to tell the parent a number (its port, or "I got the request").
+struct Pipe {
+  os::UniqueFd r, w;
+  static Pipe make() {
+    auto p = os::make_pipe();
+    EXPECT_TRUE(p);
+    return Pipe{std::move(p->first), std::move(p->second)};
+  }
+  void put(std::uint32_t v) const { (void)os::write_once(w.get(), &v, sizeof v); }
+  std::uint32_t get() const {
+    std::uint32_t v = 0;
+    auto n = os::read_full(r.get(), std::as_writable_bytes(std::span(&v, 1)));
+    return n && *n == sizeof v ? v : 0;
+  }
+};
+
+std::string url(std::uint32_t port, const char* service = "svc") {
+  return "ucx://127.0.0.1:" + std::to_string(port) + "/" + service;
+}
+
+// The server's answer to a request: every byte + 1, and one byte more.
+void answer(net::Buffer& b) {
+  for (auto& x : b.data()) x = static_cast<std::byte>(static_cast<unsigned>(x) + 1);
+  const std::size_t n = b.size();
+  if (b.resize(n + 1)) b.data()[n] = std::byte{0x5a};
+}
+
+// Serves `service` on 127.0.0.1: tells the parent its port, accepts one client, answers its
+// requests until it leaves, checks its one-way message. Exits 0 when all went as expected.
+int serve_one(const Pipe& port_pipe, net::ListenOptions opt = {}) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc", opt);
+  if (!l) return 10;
+  port_pipe.put(l->port());
+  auto ch = l->accept(secs(20));
+  if (!ch) return 11;
+  int messages = 0;
+  for (;;) {
+    auto m = ch->receive(secs(20));
+    if (!m) return 12;
+    if (m->kind == Kind::PeerClosed) return m->error == Errc::PeerClosed && messages == 1 ? 0 : 13;
+    if (m->kind == Kind::Message) {
+      if (m->buffer.size() != 3 || m->buffer.data()[2] != std::byte{7}) return 14;
+      ++messages;
+      continue;
+    }
+    answer(m->buffer);
+    if (!net::Channel::reply(std::move(*m))) return 15;
+  }
+}
+
+TEST(NetChannel, CallsAreAnsweredInTheCallersBufferAcrossProcesses) {
+  Pipe p = Pipe::make();
+  pid_t server = spawn([&] { return serve_one(p); });
+  p.w.reset();  // a child that fails before writing its port: get() sees the end, not a hang
+  const std::uint32_t port = p.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  // 64 B and 4 KiB go eagerly; 1 MiB and 8 MiB by UCX's rendezvous.
+  for (std::size_t size :
+       {std::size_t{64}, std::size_t{4096}, std::size_t{1} << 20, std::size_t{8} << 20}) {
+    auto b = ch->buffer(size);
+    ASSERT_TRUE(b) << b.error().message();
+    test::fill(b->data(), size);
+    ASSERT_TRUE(ch->call(*b, secs(10))) << size;
+    ASSERT_EQ(b->size(), size + 1);
+    bool same = true;
+    for (std::size_t i = 0; i < size; ++i)
+      same = same && b->data()[i] ==
+                         static_cast<std::byte>(static_cast<unsigned>(test::pattern(size, i)) + 1);
+    EXPECT_TRUE(same) << size;
+    EXPECT_EQ(b->data()[size], std::byte{0x5a});
+    // The same buffer again: the reply arrived in it, ready for the next call.
+    ASSERT_TRUE(b->resize(16));
+    ASSERT_TRUE(ch->call(*b, secs(10)));
+    EXPECT_EQ(b->size(), 17u);
+  }
+  auto msg = ch->buffer(3);
+  ASSERT_TRUE(msg);
+  msg->data()[2] = std::byte{7};
+  ASSERT_TRUE(ch->send(std::move(*msg)));
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+TEST(NetChannel, AKilledServerFailsTheCallInFlightWithPeerClosed) {
+  Pipe port_pipe = Pipe::make();
+  Pipe got = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    auto m = ch->receive(secs(20));  // the request, never answered: we are killed holding it
+    if (!m) return 12;
+    got.put(1);
+    os::sleep_ns(30'000'000'000);
+    return 13;
+  });
+  port_pipe.w.reset();
+  got.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  std::thread killer([&] {
+    if (got.get() == 1) (void)os::kill_process(server, SIGKILL);
+  });
+  auto b = ch->buffer(64);
+  ASSERT_TRUE(b);
+  std::int64_t t0 = 0;
+  const std::int64_t start = monotonic_ns();
+  Status s = ch->call(*b, secs(25));
+  t0 = monotonic_ns() - start;
+  killer.join();
+  EXPECT_EQ(join(server), 128 + SIGKILL);
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, Errc::PeerClosed) << s.error().message();
+  EXPECT_LT(t0, 10'000'000'000) << "the death took " << t0 / 1'000'000 << " ms to be seen";
+  EXPECT_TRUE(b->valid());  // the automatic reply leaves the buffer usable
+  auto again = ch->call(*b, secs(5));
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, Errc::PeerClosed);
+}
+
+// A server that holds the request: the call ends at its deadline with TimedOut, and a reply
+// that comes later is dropped, not taken for the next call's.
+TEST(NetChannel, ACallEndsAtItsDeadlineAndALateReplyIsDropped) {
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    auto first = ch->receive(secs(20));
+    if (!first || first->kind != Kind::Request) return 12;
+    auto second = ch->receive(secs(20));  // the next call, sent after the first timed out
+    if (!second || second->kind != Kind::Request) return 13;
+    if (!net::Channel::reply(std::move(*first))) return 14;  // late: must be dropped
+    answer(second->buffer);
+    if (!net::Channel::reply(std::move(*second))) return 15;
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed ? 0 : 16;
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto b = ch->buffer(16);
+  ASSERT_TRUE(b);
+  const std::int64_t start = monotonic_ns();
+  Status s = ch->call(*b, Deadline::after(std::chrono::milliseconds(200)));
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, Errc::TimedOut);
+  EXPECT_LT(monotonic_ns() - start, 5'000'000'000);
+  auto c = ch->buffer(32);
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(ch->call(*c, secs(10)));
+  EXPECT_EQ(c->size(), 33u);  // the second call's answer, not the first's (16 bytes)
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+// peer_timeout must not end a live channel that is merely quiet or busy: here the server works on
+// a request (not waiting on the channel) for 2.5x peer_timeout, and the client then idles as long;
+// the keeper threads' heartbeats keep both ends open.
+TEST(NetChannel, HeartbeatsKeepABusyOrIdleChannelOpenPastPeerTimeout) {
+  constexpr auto kTimeout = std::chrono::milliseconds(800);
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    net::ListenOptions opt;
+    opt.peer_timeout = kTimeout;
+    auto l = net::listen("ucx://127.0.0.1:0/svc", opt);
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    for (int i = 0; i < 2; ++i) {
+      auto m = ch->receive(secs(20));
+      if (!m || m->kind != Kind::Request) return 12 + i;
+      if (i == 0) os::sleep_ns(2'000'000'000);  // busy, not waiting: only the keeper runs
+      answer(m->buffer);
+      if (!net::Channel::reply(std::move(*m))) return 14;
+    }
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed && end->error == Errc::PeerClosed ? 0 : 15;
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  net::ConnectOptions opt;
+  opt.peer_timeout = kTimeout;
+  auto ch = net::connect(url(port), secs(10), opt);
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto b = ch->buffer(8);
+  ASSERT_TRUE(b);
+  ASSERT_TRUE(ch->call(*b, secs(10)));
+  os::sleep_ns(2'000'000'000);  // idle, not waiting
+  ASSERT_TRUE(ch->call(*b, secs(10)));
+  EXPECT_EQ(b->size(), 10u);
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+TEST(NetChannel, AKilledClientEndsTheServersChannelWithPeerClosed) {
+  Pipe port_pipe = Pipe::make();
+  pid_t client = spawn([&]() -> int {
+    const std::uint32_t port = port_pipe.get();
+    auto ch = net::connect(url(port), secs(10));
+    if (!ch) return 10;
+    auto b = ch->buffer(64);
+    if (!b) return 11;
+    (void)ch->call(*b, secs(30));  // killed while waiting
+    return 12;
+  });
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  port_pipe.put(l->port());
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto m = ch->receive(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Request);
+  ASSERT_TRUE(os::kill_process(client, SIGKILL));
+  EXPECT_EQ(join(client), 128 + SIGKILL);
+  const std::int64_t start = monotonic_ns();
+  auto end = ch->receive(secs(20));
+  ASSERT_TRUE(end) << end.error().message();
+  EXPECT_EQ(end->kind, Kind::PeerClosed);
+  EXPECT_LT(monotonic_ns() - start, 10'000'000'000);
+  auto r = net::Channel::reply(std::move(*m));  // its caller is gone
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::PeerClosed);
+}
+
+TEST(NetChannel, AWrongServiceOrAnAddressNotAllowedIsRefused) {
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    net::ListenOptions strict;
+    strict.allow = {"10.255.255.1"};  // not us
+    auto l2 = net::listen("ucx://127.0.0.1:0/svc", strict);
+    if (!l2) return 11;
+    port_pipe.put(l->port());
+    port_pipe.put(l2->port());
+    // Serve handshakes until the parent is done (it kills us).
+    for (;;) {
+      (void)l->accept(Deadline::after(std::chrono::milliseconds(20)));
+      (void)l2->accept(Deadline::after(std::chrono::milliseconds(20)));
+    }
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  const std::uint32_t strict_port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto wrong = net::connect(url(port, "other"), secs(10));
+  ASSERT_FALSE(wrong);
+  EXPECT_EQ(wrong.error().code, Errc::Refused) << wrong.error().message();
+  EXPECT_NE(std::string(wrong.error().op).find("service"), std::string::npos) << wrong.error().op;
+  auto refused = net::connect(url(strict_port), secs(10));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::Refused) << refused.error().message();
+  EXPECT_NE(std::string(refused.error().op).find("allow-list"), std::string::npos)
+      << refused.error().op;
+  (void)os::kill_process(server, SIGKILL);
+  (void)join(server);
+}
+
+// A server killed and started again binds the same port at once (UCX_TCP_CM_REUSEADDR=y, set
+// by mbmq::net), and its old clients see PeerClosed, its new ones are served.
+TEST(NetChannel, ARestartedServerListensOnTheSamePortAtOnce) {
+  // Both servers are forked now, before this process loads UCX (a child forked after could not
+  // use it); the second waits for the first one's port, then for the word to start.
+  Pipe p1 = Pipe::make();
+  Pipe p2 = Pipe::make();
+  Pipe go = Pipe::make();
+  pid_t first = spawn([&] { return serve_one(p1); });
+  pid_t second = spawn([&]() -> int {
+    const std::uint32_t port = go.get();
+    if (port == 0) return 19;
+    // The first attempt must succeed: no retry loop hides a port still held by the dead server.
+    const std::int64_t t0 = monotonic_ns();
+    auto l = net::listen(url(port));
+    if (!l) return 20;
+    p2.put(static_cast<std::uint32_t>((monotonic_ns() - t0) / 1'000'000));
+    auto ch = l->accept(secs(20));
+    if (!ch) return 21;
+    auto m = ch->receive(secs(20));
+    if (!m || m->kind != Kind::Request) return 22;
+    answer(m->buffer);
+    if (!net::Channel::reply(std::move(*m))) return 23;
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed ? 0 : 24;
+  });
+  p1.w.reset();
+  p2.w.reset();
+  go.r.reset();
+  const std::uint32_t port = p1.get();
+  ASSERT_NE(port, 0u);
+  auto old = net::connect(url(port), secs(10));
+  ASSERT_TRUE(old) << old.error().message();
+  auto b = old->buffer(64);
+  ASSERT_TRUE(b);
+  ASSERT_TRUE(old->call(*b, secs(10)));
+  ASSERT_TRUE(os::kill_process(first, SIGKILL));
+  EXPECT_EQ(join(first), 128 + SIGKILL);
+  go.put(port);
+  const std::uint32_t listen_ms = p2.get();
+  auto gone = old->call(*b, secs(10));
+  ASSERT_FALSE(gone);
+  EXPECT_EQ(gone.error().code, Errc::PeerClosed);
+  auto fresh = net::connect(url(port), secs(10));
+  ASSERT_TRUE(fresh) << fresh.error().message();
+  auto c = fresh->buffer(8);
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(fresh->call(*c, secs(10)));
+  EXPECT_EQ(c->size(), 9u);
+  fresh->close();
+  EXPECT_EQ(join(second), 0);
+  EXPECT_LT(listen_ms, 1000u);  // the issue's target is 100 ms; generous on a loaded machine
+  std::printf("restarted server listened in %u ms\n", listen_ms);
+}
+
+// Not a test: the client NetChannel.ConnectKillCycles... runs as a fresh program (posix_spawn of
+// this binary), since a child forked after UCX is loaded could not use it. It connects to
+// $MBMQ_NET_URL, calls, and waits for the server to kill it.
+TEST(NetHelper, DISABLED_ClientThatWaitsToBeKilled) {
+  const char* u = std::getenv("MBMQ_NET_URL");
+  if (u == nullptr) GTEST_SKIP() << "a helper of ConnectKillCycles";
+  auto ch = net::connect(u, secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto b = ch->buffer(64);
+  ASSERT_TRUE(b);
+  (void)ch->call(*b, secs(60));
+}
+
+// Not a test: a client of NetChannel.ManyClients..., run as a fresh program. 50 calls to
+// $MBMQ_NET_URL, each answer checked.
+TEST(NetHelper, DISABLED_ClientThatCalls) {
+  const char* u = std::getenv("MBMQ_NET_URL");
+  if (u == nullptr) GTEST_SKIP() << "a helper of ManyClients";
+  auto ch = net::connect(u, secs(20));
+  ASSERT_TRUE(ch) << ch.error().message();
+  for (std::uint64_t i = 0; i < 50; ++i) {
+    auto b = ch->buffer(100 + i);
+    ASSERT_TRUE(b);
+    test::fill(b->data(), i);
+    ASSERT_TRUE(ch->call(*b, secs(20))) << i;
+    ASSERT_EQ(b->size(), 101 + i);
+    for (std::size_t k = 0; k < 100 + i; ++k)
+      ASSERT_EQ(b->data()[k],
+                static_cast<std::byte>(static_cast<unsigned>(test::pattern(i, k)) + 1));
+  }
+}
+
+std::size_t thread_count() { return os::dir_listing("/proc/self/task").size(); }
+
+// Clients connect, call, and are killed holding a call, 30 times: each time the server's channel
+// ends with PeerClosed promptly, and the server is left with the fds and threads it had.
+TEST(NetChannel, ConnectKillCyclesLeakNoFdsOrThreadsAndDeathIsSeenPromptly) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  const std::string env = "MBMQ_NET_URL=" + url(l->port());
+  const std::vector<std::string> args = {
+      "net_test", "--gtest_also_run_disabled_tests",
+      "--gtest_filter=NetHelper.DISABLED_ClientThatWaitsToBeKilled"};
+  std::vector<std::int64_t> seen_ns;
+  std::size_t fds0 = 0, threads0 = 0;
+  constexpr int kCycles = 31;  // the first one warms up (UCX's and the keeper's threads)
+  for (int i = 0; i < kCycles; ++i) {
+    if (i == 1) {
+      fds0 = os::open_fd_count();
+      threads0 = thread_count();
+    }
+    auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, {env});
+    ASSERT_TRUE(pid) << pid.error().message();
+    auto ch = l->accept(secs(20));
+    ASSERT_TRUE(ch) << ch.error().message();
+    auto m = ch->receive(secs(20));
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ(m->kind, Kind::Request);
+    const std::int64_t t0 = monotonic_ns();
+    ASSERT_TRUE(os::kill_process(*pid, SIGKILL));
+    auto end = ch->receive(secs(20));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_EQ(end->kind, Kind::PeerClosed);
+    seen_ns.push_back(monotonic_ns() - t0);
+    EXPECT_EQ(join(*pid), 128 + SIGKILL);
+  }
+  // Closed endpoints' sockets may linger for a moment in UCX: wait for the counts, generously.
+  const Deadline d = secs(10);
+  while ((os::open_fd_count() > fds0 || thread_count() > threads0) && !d.expired())
+    os::sleep_ns(10'000'000);
+  EXPECT_LE(os::open_fd_count(), fds0);
+  EXPECT_LE(thread_count(), threads0);
+  std::sort(seen_ns.begin(), seen_ns.end());
+  std::printf("kill -> PeerClosed over %zu cycles: median %.2f ms, max %.2f ms\n", seen_ns.size(),
+              static_cast<double>(seen_ns[seen_ns.size() / 2]) / 1e6,
+              static_cast<double>(seen_ns.back()) / 1e6);
+  EXPECT_LT(seen_ns[seen_ns.size() / 2], 1'000'000'000);  // the issue's p99 bar is 100 ms
+}
+
+// Eight client programs at once; the server serves each accepted channel from a thread of its
+// own. The channels share the listener's UCX worker (and its lock): none starves or mixes up
+// another's calls.
+TEST(NetChannel, ManyClientsAreServedByThreadsSharingTheListenersWorker) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  const std::string env = "MBMQ_NET_URL=" + url(l->port());
+  const std::vector<std::string> args = {"net_test", "--gtest_also_run_disabled_tests",
+                                         "--gtest_filter=NetHelper.DISABLED_ClientThatCalls"};
+  constexpr int kClients = 8;
+  std::vector<pid_t> pids;
+  for (int i = 0; i < kClients; ++i) {
+    auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, {env});
+    ASSERT_TRUE(pid) << pid.error().message();
+    pids.push_back(*pid);
+  }
+  std::atomic<int> answered{0}, ended{0};
+  std::vector<std::thread> servers;
+  for (int i = 0; i < kClients; ++i) {
+    auto ch = l->accept(secs(30));
+    ASSERT_TRUE(ch) << ch.error().message();
+    servers.emplace_back([&answered, &ended, c = std::move(*ch)]() mutable {
+      for (;;) {
+        auto m = c.receive(secs(30));
+        if (!m) return;
+        if (m->kind == Kind::PeerClosed) {
+          ended.fetch_add(1);
+          return;
+        }
+        answer(m->buffer);
+        if (net::Channel::reply(std::move(*m))) answered.fetch_add(1);
+      }
+    });
+  }
+  for (pid_t pid : pids) EXPECT_EQ(join(pid), 0);
+  for (auto& t : servers) t.join();
+  EXPECT_EQ(answered.load(), kClients * 50);
+  EXPECT_EQ(ended.load(), kClients);
+}
+
+TEST(NetChannel, MalformedUrlsAndHandlesAreInvalidArgument) {
+  for (const char* u : {"tcp://127.0.0.1:1/x", "ucx://127.0.0.1/x", "ucx://127.0.0.1:99999/x",
+                        "ucx://127.0.0.1:1/", "ucx://localhost:1/x"}) {
+    auto ch = net::connect(u, secs(1));
+    ASSERT_FALSE(ch) << u;
+    EXPECT_EQ(ch.error().code, Errc::InvalidArgument) << u;
+  }
+  net::Buffer b;
+  auto pipe = os::make_pipe();
+  ASSERT_TRUE(pipe);
+  auto a = b.attach_fd(pipe->first.release());
+  ASSERT_FALSE(a);
+  EXPECT_EQ(a.error().code, Errc::InvalidArgument);
+}
+
+// Loading UCX installs no signal handler and, in a child forked after, every call fails at once
+// with a clear error instead of touching UCX.
+TEST(NetChannel, UcxLeavesSignalsAloneAndAForkedChildGetsAClearError) {
+  // Compared with what was there before (ASan has handlers of its own), not with SIG_DFL.
+  constexpr int kSignals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGHUP};
+  void (*before[std::size(kSignals)])(int) = {};
+  for (std::size_t i = 0; i < std::size(kSignals); ++i) {
+    struct sigaction sa {};
+    ASSERT_EQ(::sigaction(kSignals[i], nullptr, &sa), 0);
+    before[i] = sa.sa_handler;
+  }
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  for (std::size_t i = 0; i < std::size(kSignals); ++i) {
+    struct sigaction sa {};
+    ASSERT_EQ(::sigaction(kSignals[i], nullptr, &sa), 0);
+    EXPECT_EQ(sa.sa_handler, before[i]) << "UCX installed a handler for signal " << kSignals[i];
+  }
+  const std::uint16_t port = l->port();
+  pid_t child = spawn(
+      [&]() -> int {
+        auto ch = net::connect(url(port), secs(5));
+        if (ch || ch.error().code != Errc::InvalidArgument) return 1;
+        auto a = l->accept(Deadline::immediate());  // an object inherited from the parent
+        if (a || a.error().code != Errc::InvalidArgument) return 3;
+        return std::strstr(ch.error().op, "forked") != nullptr ? 0 : 2;
+      },
+      20);
+  EXPECT_EQ(join(child), 0);
+}
+
+}  // namespace
+}  // namespace mbmq
