@@ -16,10 +16,10 @@ pkgs=(build-essential cmake ninja-build pkg-config
 # `mbmq bench` compares against (ZeroMQ, Boost.Interprocess, iceoryx and its RouDi). The fifth:
 # libFuzzer and FuzzedDataProvider.h for the fuzz targets, the clang build (preset tsa:
 # -Wthread-safety) and the style checks: clang-format (scripts/check-format.sh, a test) and
-# clang-tidy (scripts/clang-tidy.sh). The seventh: UCX for the opt-in mbmq::net (src/net/, built
-# only where UCX is found), ucx_perftest to compare with, and `ip` for its network-namespace tests.
-# The sixth: the HTTP client of the file_server tests and the
-# server `mbmq files` compares file_server against. The last line: the Python module (python/,
+# clang-tidy (scripts/clang-tidy.sh). The sixth: the HTTP client of the file_server tests and the
+# server `mbmq files` compares file_server against. The seventh: UCX for the opt-in mbmq::net
+# (src/net/, built only where UCX is found), ucx_perftest to compare with, and `ip` for its
+# network-namespace tests. The last line: the Python module (python/,
 # built for /usr/bin/python3 with pybind11) and its tests (pytest, NumPy); without them the C++
 # build goes on and skips it. build-essential brings dpkg-dev, whose dpkg-shlibdeps gives the .deb
 # (cpack -G DEB) its dependencies.
