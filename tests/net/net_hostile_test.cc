@@ -11,6 +11,7 @@
 
 #include "mbmq/net.h"
 #include "net/core.h"
+#include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -23,23 +24,9 @@ using net::detail::kVersion;
 using net::detail::WireHeader;
 using net::detail::WireKind;
 using test::join;
+using test::Pipe;
 using test::secs;
 using test::spawn;
-
-struct Pipe {
-  os::UniqueFd r, w;
-  static Pipe make() {
-    auto p = os::make_pipe();
-    EXPECT_TRUE(p);
-    return Pipe{std::move(p->first), std::move(p->second)};
-  }
-  void put(std::uint32_t v) const { (void)os::write_once(w.get(), &v, sizeof v); }
-  std::uint32_t get() const {
-    std::uint32_t v = 0;
-    auto n = os::read_full(r.get(), std::as_writable_bytes(std::span(&v, 1)));
-    return n && *n == sizeof v ? v : 0;
-  }
-};
 
 enum Mode : std::uint32_t { kShortHeaderFirst = 1, kReplyToNoCall = 2, kBadMagic = 3 };
 

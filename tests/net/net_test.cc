@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -20,24 +21,9 @@ namespace mbmq {
 namespace {
 
 using test::join;
+using test::Pipe;
 using test::secs;
 using test::spawn;
-
-// A pipe for a child to tell the parent a number (its port, or "I got the request").
-struct Pipe {
-  os::UniqueFd r, w;
-  static Pipe make() {
-    auto p = os::make_pipe();
-    EXPECT_TRUE(p);
-    return Pipe{std::move(p->first), std::move(p->second)};
-  }
-  void put(std::uint32_t v) const { (void)os::write_once(w.get(), &v, sizeof v); }
-  std::uint32_t get() const {
-    std::uint32_t v = 0;
-    auto n = os::read_full(r.get(), std::as_writable_bytes(std::span(&v, 1)));
-    return n && *n == sizeof v ? v : 0;
-  }
-};
 
 std::string url(std::uint32_t port, const char* service = "svc") {
   return "ucx://127.0.0.1:" + std::to_string(port) + "/" + service;

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "mbmq/net.h"
+#include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -22,6 +23,7 @@ namespace mbmq {
 namespace {
 
 using test::join;
+using test::Pipe;
 using test::secs;
 using test::spawn;
 
@@ -95,21 +97,6 @@ bool enter(const std::string& ns, const std::string& dev) {
 bool NetnsPair::can_enter() const {
   return join(spawn([&] { return enter(a, va) ? 0 : 1; }, 10)) == 0;
 }
-
-struct Pipe {
-  os::UniqueFd r, w;
-  static Pipe make() {
-    auto p = os::make_pipe();
-    EXPECT_TRUE(p);
-    return Pipe{std::move(p->first), std::move(p->second)};
-  }
-  void put(std::uint32_t v) const { (void)os::write_once(w.get(), &v, sizeof v); }
-  std::uint32_t get() const {
-    std::uint32_t v = 0;
-    auto n = os::read_full(r.get(), std::as_writable_bytes(std::span(&v, 1)));
-    return n && *n == sizeof v ? v : 0xffffffffu;
-  }
-};
 
 #define MBMQ_NEED_NETNS(pair)                                                                 \
   if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root"; \
@@ -185,7 +172,7 @@ TEST(NetNamespaces, APartitionEndsACallInFlightWithinPeerTimeout) {
   }
   ASSERT_EQ(sh("ip -n " + ns.b + " link set " + ns.vb + " down"), 0);
   go.put(1);
-  const std::uint32_t client_ms = took.get();
+  const std::uint32_t client_ms = took.get(0xffffffffu);
   const std::uint32_t server_ms = server_saw.get();
   EXPECT_EQ(join(client), 0);
   EXPECT_EQ(join(server), 0);
@@ -243,7 +230,7 @@ TEST(NetNamespaces, AKilledPeerInTheOtherNamespaceIsSeenPromptly) {
     const std::int64_t t0 = monotonic_ns();
     ASSERT_TRUE(os::kill_process(victim, SIGKILL));
     EXPECT_EQ(join(victim), 128 + SIGKILL);
-    const std::uint32_t ms = took.get();
+    const std::uint32_t ms = took.get(0xffffffffu);
     EXPECT_EQ(join(survivor), 0);
     const std::int64_t seen_ms = (monotonic_ns() - t0) / 1'000'000;
     std::printf("killed %s: the other side saw PeerClosed %lld ms after the kill\n",
