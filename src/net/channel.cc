@@ -38,6 +38,17 @@ ChannelCore* find_locked(WorkerCore* w, ucp_ep_h ep) MBMQ_REQUIRES(w->mu) {
   return it == w->eps.end() ? nullptr : it->second;
 }
 
+// UCX's error callback of every endpoint (connect and accept): runs inside progress, under the
+// worker's lock; the channel fails with PeerClosed (Refused for a rejected connection).
+void on_ep_error(void* arg, ucp_ep_h e, ucs_status_t s) {
+  auto* wk = static_cast<WorkerCore*>(arg);
+  wk->assert_held();
+  if (ChannelCore* c = find_locked(wk, e)) {
+    c->assert_held();
+    c->fail_locked(errc_of(s), "net: endpoint failed");
+  }
+}
+
 void send_done(void* request, ucs_status_t /*status*/, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
@@ -165,14 +176,7 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
     ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
     ep.sockaddr.addrlen = sizeof sa;
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    ep.err_handler.cb = [](void* arg, ucp_ep_h e, ucs_status_t s) {
-      auto* wk = static_cast<WorkerCore*>(arg);
-      wk->assert_held();
-      if (ChannelCore* c = find_locked(wk, e)) {
-        c->assert_held();
-        c->fail_locked(errc_of(s), "net: endpoint failed");
-      }
-    };
+    ep.err_handler.cb = on_ep_error;
     ep.err_handler.arg = w.get();
     ucp_ep_h h = nullptr;
     if (u->ucp_ep_create(w->worker, &ep, &h) != UCS_OK)
@@ -211,14 +215,7 @@ Status ChannelCore::accept_locked(ucp_conn_request_h req, ListenCore* listener) 
                   UCP_EP_PARAM_FIELD_ERR_HANDLER;
   ep.conn_request = req;
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  ep.err_handler.cb = [](void* arg, ucp_ep_h e, ucs_status_t s) {
-    auto* wk = static_cast<WorkerCore*>(arg);
-    wk->assert_held();
-    if (ChannelCore* c = find_locked(wk, e)) {
-      c->assert_held();
-      c->fail_locked(errc_of(s), "net: endpoint failed");
-    }
-  };
+  ep.err_handler.cb = on_ep_error;
   ep.err_handler.arg = w_.get();
   ucp_ep_h h = nullptr;
   if (w_->u->ucp_ep_create(w_->worker, &ep, &h) != UCS_OK)
