@@ -1,0 +1,214 @@
+// The hostile review of #18 (live introspection), the topic wait without the lock (1413d66) and the
+// CI config (98863ea). Each test asserts the correct behaviour: it fails while its bug is real.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ipc/rendezvous_wire.h"
+#include "ipc/stat_wire.h"
+#include "mbmq/introspect.h"
+#include "mbmq/mbmq.h"
+#include "os/process.h"
+#include "os/unix_socket.h"
+
+namespace mbmq {
+namespace {
+
+using namespace std::chrono_literals;
+
+#ifdef MBMQ_TOOL
+const std::string kTool = MBMQ_TOOL;
+constexpr bool kHaveTool = true;
+#else
+const std::string kTool;
+constexpr bool kHaveTool = false;
+#endif
+
+std::string unique_name(const char* what) {
+  static int n = 0;
+  return std::string("r18-") + what + "-" + std::to_string(os::current_pid()) + "-" +
+         std::to_string(n++);
+}
+
+// The tool's exit status: its exit code, or -1 if it did not exit (killed by a signal: a crash).
+int run_tool(const std::vector<std::string>& args) {
+  auto out = os::make_pipe();
+  if (!out) return -2;
+  auto pid = os::spawn_program(kTool, args, out->second.get());
+  out->second.reset();
+  if (!pid) return -2;
+  char buf[65536];
+  while (os::read_once(out->first.get(), buf, sizeof buf) > 0) {
+  }
+  auto st = os::wait_process(*pid);
+  return st && WIFEXITED(*st) ? WEXITSTATUS(*st) : -1;
+}
+
+// A listener that is not mbmq: it answers each stat query with what `answer` makes of it, for
+// at most max_pages queries, then goes away.
+class FakeListener {
+ public:
+  using Answer = std::function<std::vector<std::byte>(const detail::StatQuery&)>;
+  FakeListener(const std::string& name, Answer answer, int max_pages)
+      : answer_(std::move(answer)), max_pages_(max_pages) {
+    auto fd = os::listen_abstract(detail::socket_name(name), 64);
+    EXPECT_TRUE(fd) << fd.error().message();
+    if (fd) fd_ = std::move(*fd);
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~FakeListener() {
+    stop_.store(true);
+    thread_.join();
+  }
+  int pages() const { return pages_.load(); }
+
+ private:
+  void loop() {
+    while (!stop_.load() && pages_.load() < max_pages_ && fd_) {
+      auto ready = os::wait_readable(fd_.get(), 20'000'000);
+      if (!ready || !*ready) continue;
+      auto conn = os::accept_conn(fd_.get());
+      if (!conn) continue;
+      auto in = os::wait_readable(conn->get(), 1'000'000'000);
+      if (!in || !*in) continue;
+      std::array<std::byte, 16> q{};
+      std::array<os::UniqueFd, 1> fds;
+      auto r = os::recv_msg(conn->get(), q, fds, os::Blocking::No);
+      if (!r || r->bytes != sizeof(detail::StatQuery)) continue;
+      detail::StatQuery sq{};
+      std::memcpy(&sq, q.data(), sizeof sq);
+      std::vector<std::byte> reply = answer_(sq);
+      (void)os::send_msg(conn->get(), reply, {}, os::Blocking::Yes);
+      pages_.fetch_add(1);
+    }
+    fd_.reset();  // the name is gone: the next query fails
+  }
+  Answer answer_;
+  int max_pages_;
+  os::UniqueFd fd_;
+  std::atomic<int> pages_{0};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+ListenerStat good_head() {
+  ListenerStat h{};
+  h.magic = detail::kStatMagic;
+  h.version = detail::kStatVersion;
+  h.header_size = sizeof(ListenerStat);
+  h.channel_size = sizeof(ChannelStat);
+  h.last_refused_uid = ~0u;
+  return h;
+}
+
+std::vector<std::byte> reply_of(const ListenerStat& h, std::uint32_t channels, const char* why) {
+  std::vector<std::byte> out(sizeof(ListenerStat) + channels * sizeof(ChannelStat));
+  std::memcpy(out.data(), &h, sizeof h);
+  for (std::uint32_t i = 0; i < channels; ++i) {
+    ChannelStat c{};
+    c.id = i + 1;
+    c.wait_mode = 0xee;  // out of range
+    c.state = 0xee;
+    std::strncpy(c.why, why, sizeof c.why - 1);
+    std::memcpy(out.data() + sizeof(ListenerStat) + i * sizeof(ChannelStat), &c, sizeof c);
+  }
+  return out;
+}
+
+// Finding 1. query_stats() pages while first + channels < total_channels, with total_channels
+// taken from each (untrusted) reply, in uint32 arithmetic that wraps. A listener (anyone can bind
+// an abstract mbmq: name) that claims 2^32-1 channels makes `mbmq stat` fetch page after page,
+// holding 64 KiB more per page, until its deadline (2 s in the tool: gigabytes). The client must
+// bound what it collects (here: it must give up long before 1100 pages, 275 000 records).
+TEST(Review18, StatClientBoundsWhatAHostileListenerMakesItHold) {
+  const std::string name = unique_name("hoard");
+  FakeListener fake(
+      name,
+      [](const detail::StatQuery& q) {
+        ListenerStat h = good_head();
+        h.max_connections = ~0u;
+        h.total_channels = ~0u;
+        h.first_channel = q.first_channel;
+        h.channels = detail::kStatChannelsPerReply;
+        return reply_of(h, h.channels, "");
+      },
+      1500);
+  auto r = query_stats(name, StatChannels::Yes, Deadline::after(4s));
+  EXPECT_LE(fake.pages(), 1100) << "the client kept paging for a listener's claim";
+  if (r) {
+    EXPECT_LE(r->channels.size(), std::size_t{1100} * detail::kStatChannelsPerReply);
+  }
+}
+
+// Finding 2. `mbmq stat --json` puts the reply's strings (name, policy, why) into nlohmann::json,
+// whose dump() throws on bytes that are not UTF-8: uncaught, the tool aborts. A hostile listener's
+// reply must not crash it (exit 0 or 1, any text).
+TEST(Review18, StatJsonSurvivesBytesThatAreNotUtf8) {
+  if (!kHaveTool) GTEST_SKIP() << "no mbmq command in this build";
+  const std::string name = unique_name("utf8");
+  FakeListener fake(
+      name,
+      [](const detail::StatQuery& q) {
+        ListenerStat h = good_head();
+        std::strcpy(h.name, "bad\xff\xfe");
+        std::strcpy(h.policy, "\xc3");
+        std::strcpy(h.last_why, "\x80\x80");
+        h.total_channels = 1;
+        h.first_channel = q.first_channel;
+        h.channels = q.first_channel == 0 ? 1 : 0;
+        return reply_of(h, h.channels, "\xff why");
+      },
+      4);
+  const int code = run_tool({"stat", name, "--json"});
+  EXPECT_TRUE(code == 0 || code == 1) << "mbmq stat --json exited with " << code
+                                      << " (-1: killed by a signal)";
+}
+
+// Finding 2b. The same through a real mbmq Listener of ours: its name is any bytes but NUL (the
+// library accepts "\xff"); `mbmq ls --json` lists it and aborts.
+TEST(Review18, LsJsonSurvivesAListenerNameThatIsNotUtf8) {
+  if (!kHaveTool) GTEST_SKIP() << "no mbmq command in this build";
+  const std::string name = unique_name("ls") + "\xff";
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  const int code = run_tool({"ls", "--json"});
+  EXPECT_EQ(code, 0) << "mbmq ls --json exited with " << code << " (-1: killed by a signal)";
+}
+
+// Finding 3. An end's counters are added to the listener's totals when it is closed
+// (close_local -> retire_locked), but the registry still lists the end while its object lives
+// (Channel::close() keeps it allocated, as do Buffers taken from it), and answer_query() adds the
+// live ends' counters to the totals again: every message is counted twice.
+TEST(Review18, ClosedButStillHeldServerEndIsCountedOnce) {
+  const std::string name = unique_name("twice");
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  auto client = connect(name, Deadline::after(5s));
+  ASSERT_TRUE(client) << client.error().message();
+  auto server = l->accept(Deadline::after(5s));
+  ASSERT_TRUE(server) << server.error().message();
+  constexpr int kN = 10;
+  for (int i = 0; i < kN; ++i) {
+    auto b = client->buffer(8);
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(client->send(std::move(*b)));
+  }
+  for (int i = 0; i < kN; ++i) {
+    auto m = server->receive(Deadline::after(5s));
+    ASSERT_TRUE(m) << m.error().message();
+  }
+  server->close();  // closed, not yet destroyed
+  auto s = query_stats(name, StatChannels::Yes, Deadline::after(5s));
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(s->listener.oneway_in, std::uint64_t{kN});
+  EXPECT_EQ(s->listener.bytes_in, std::uint64_t{kN} * 8);
+}
+
+}  // namespace
+}  // namespace mbmq
