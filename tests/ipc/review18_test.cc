@@ -166,8 +166,8 @@ TEST(Review18, StatJsonSurvivesBytesThatAreNotUtf8) {
       },
       4);
   const int code = run_tool({"stat", name, "--json"});
-  EXPECT_TRUE(code == 0 || code == 1) << "mbmq stat --json exited with " << code
-                                      << " (-1: killed by a signal)";
+  EXPECT_TRUE(code == 0 || code == 1)
+      << "mbmq stat --json exited with " << code << " (-1: killed by a signal)";
 }
 
 // Finding 2b. The same through a real mbmq Listener of ours: its name is any bytes but NUL (the
