@@ -55,6 +55,9 @@ std::string user_name(unsigned uid) {
   return it != names.end() ? it->second : std::to_string(uid);
 }
 
+// A hostile listener's strings may be any bytes: JSON output replaces what is not UTF-8.
+constexpr auto kJsonReplace = nlohmann::json::error_handler_t::replace;
+
 const char* wait_name(std::uint8_t m) {
   switch (static_cast<WaitMode>(m)) {
     case WaitMode::Spin:
@@ -261,7 +264,9 @@ int run_ls(const std::vector<std::string>& args) {
       std::printf("%-32s %8d %-10s %6" PRIu64 "\n", n.c_str(), l.pid, user_name(l.uid).c_str(),
                   l.live);
   }
-  if (o.json) std::printf("%s\n", out.dump(2).c_str());
+  // Names are any bytes but NUL (the kernel's and the listeners' word): not UTF-8, they are
+  // replaced (U+FFFD), never thrown about (json::dump's default).
+  if (o.json) std::printf("%s\n", out.dump(2, ' ', false, kJsonReplace).c_str());
   return 0;
 }
 
@@ -282,7 +287,7 @@ int run_stat(const std::vector<std::string>& args) {
     }
     if (o.watch && !o.json && os::is_terminal(1)) std::printf("\033[H\033[2J");
     if (o.json)
-      std::printf("%s\n", to_json(*s).dump(o.watch ? -1 : 2).c_str());
+      std::printf("%s\n", to_json(*s).dump(o.watch ? -1 : 2, ' ', false, kJsonReplace).c_str());
     else
       print_text(*s);
     std::fflush(stdout);
