@@ -37,15 +37,16 @@ std::string unique_name(const char* what) {
 }
 
 // The tool's exit status: its exit code, or -1 if it did not exit (killed by a signal: a crash).
-int run_tool(const std::vector<std::string>& args) {
+// Its stdout in *text if given.
+int run_tool(const std::vector<std::string>& args, std::string* text = nullptr) {
   auto out = os::make_pipe();
   if (!out) return -2;
   auto pid = os::spawn_program(kTool, args, out->second.get());
   out->second.reset();
   if (!pid) return -2;
   char buf[65536];
-  while (os::read_once(out->first.get(), buf, sizeof buf) > 0) {
-  }
+  for (long n; (n = os::read_once(out->first.get(), buf, sizeof buf)) > 0;)
+    if (text != nullptr) text->append(buf, static_cast<std::size_t>(n));
   auto st = os::wait_process(*pid);
   return st && WIFEXITED(*st) ? WEXITSTATUS(*st) : -1;
 }
@@ -179,6 +180,33 @@ TEST(Review18, LsJsonSurvivesAListenerNameThatIsNotUtf8) {
   ASSERT_TRUE(l) << l.error().message();
   const int code = run_tool({"ls", "--json"});
   EXPECT_EQ(code, 0) << "mbmq ls --json exited with " << code << " (-1: killed by a signal)";
+}
+
+// Finding 2c. `mbmq stat` (text) prints the reply's strings as they came: a listener (any local
+// user can bind an abstract mbmq: name) writes terminal escapes (retitle, clear, OSC 52 clipboard
+// writes on some terminals) to the terminal of whoever looks at it. They must not reach stdout.
+TEST(Review18, StatTextDoesNotPassTerminalEscapes) {
+  if (!kHaveTool) GTEST_SKIP() << "no mbmq command in this build";
+  const std::string name = unique_name("esc");
+  FakeListener fake(
+      name,
+      [](const detail::StatQuery& q) {
+        ListenerStat h = good_head();
+        std::strcpy(h.name, "x\x1b]0;owned\x07\x1b[2J");
+        std::strcpy(h.policy, "\x1b[31m");
+        std::strcpy(h.last_why, "\x1b[8m");
+        h.protocol = 1;
+        h.total_channels = 1;
+        h.first_channel = q.first_channel;
+        h.channels = q.first_channel == 0 ? 1 : 0;
+        return reply_of(h, h.channels, "\x1b]52;c;cm0gLXJmIH4K\x07");
+      },
+      4);
+  std::string text;
+  const int code = run_tool({"stat", name}, &text);
+  EXPECT_EQ(code, 0);
+  EXPECT_EQ(text.find('\x1b'), std::string::npos) << text;
+  EXPECT_EQ(text.find('\x07'), std::string::npos) << text;
 }
 
 // Finding 3. An end's counters are added to the listener's totals when it is closed
