@@ -58,6 +58,35 @@ std::string user_name(unsigned uid) {
 // A hostile listener's strings may be any bytes: JSON output replaces what is not UTF-8.
 constexpr auto kJsonReplace = nlohmann::json::error_handler_t::replace;
 
+// Text output: a listener's strings (and names from /proc/net/unix) may carry terminal escapes;
+// control bytes (C0, DEL, and C1 as UTF-8 \xc2\x80-\x9f) are shown as '?'.
+void scrub(char* p, std::size_t n) {
+  for (std::size_t i = 0; i < n && p[i] != 0; ++i) {
+    const auto b = static_cast<unsigned char>(p[i]);
+    const auto next = i + 1 < n ? static_cast<unsigned char>(p[i + 1]) : 0u;
+    if (b < 0x20 || b == 0x7f) {
+      p[i] = '?';
+    } else if (b == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      p[i] = p[i + 1] = '?';
+      ++i;
+    }
+  }
+}
+template <std::size_t N>
+void scrub(char (&s)[N]) {
+  scrub(s, N);
+}
+void scrub(StatSnapshot* s) {
+  scrub(s->listener.name);
+  scrub(s->listener.policy);
+  scrub(s->listener.last_why);
+  for (ChannelStat& c : s->channels) scrub(c.why);
+}
+std::string shown(std::string s) {
+  scrub(s.data(), s.size());
+  return s;
+}
+
 const char* wait_name(std::uint8_t m) {
   switch (static_cast<WaitMode>(m)) {
     case WaitMode::Spin:
@@ -261,8 +290,8 @@ int run_ls(const std::vector<std::string>& args) {
                      {"user", user_name(l.uid)},
                      {"live", l.live}});
     else
-      std::printf("%-32s %8d %-10s %6" PRIu64 "\n", n.c_str(), l.pid, user_name(l.uid).c_str(),
-                  l.live);
+      std::printf("%-32s %8d %-10s %6" PRIu64 "\n", shown(n).c_str(), l.pid,
+                  user_name(l.uid).c_str(), l.live);
   }
   // Names are any bytes but NUL (the kernel's and the listeners' word): not UTF-8, they are
   // replaced (U+FFFD), never thrown about (json::dump's default).
@@ -288,8 +317,10 @@ int run_stat(const std::vector<std::string>& args) {
     if (o.watch && !o.json && os::is_terminal(1)) std::printf("\033[H\033[2J");
     if (o.json)
       std::printf("%s\n", to_json(*s).dump(o.watch ? -1 : 2, ' ', false, kJsonReplace).c_str());
-    else
+    else {
+      scrub(&*s);
       print_text(*s);
+    }
     std::fflush(stdout);
   }
   return 0;
@@ -343,12 +374,13 @@ int run_top(const std::vector<std::string>& args) {
     for (const StatSnapshot& s : snaps) {
       const ListenerStat& l = s.listener;
       char line[256];
-      std::snprintf(line, sizeof line, "%-24s %8d %-10s %6" PRIu64 " live", l.name, l.pid,
-                    user_name(l.uid).c_str(), l.live);
+      std::snprintf(line, sizeof line, "%-24s %8d %-10s %6" PRIu64 " live", shown(l.name).c_str(),
+                    l.pid, user_name(l.uid).c_str(), l.live);
       procs.push_back({rate({l.name, 0}), line});
       for (const ChannelStat& c : s.channels) {
-        std::snprintf(line, sizeof line, "%-24s %5" PRIu64 " peer %7d %-10s %-11s", l.name, c.id,
-                      c.peer_pid, user_name(c.peer_uid).c_str(), state_name(c.state));
+        std::snprintf(line, sizeof line, "%-24s %5" PRIu64 " peer %7d %-10s %-11s",
+                      shown(l.name).c_str(), c.id, c.peer_pid, user_name(c.peer_uid).c_str(),
+                      state_name(c.state));
         chans.push_back({rate({l.name, c.id}), line});
       }
     }
