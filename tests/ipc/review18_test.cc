@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -16,6 +18,7 @@
 #include "mbmq/mbmq.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
+#include "topic_util.h"
 
 namespace mbmq {
 namespace {
@@ -236,6 +239,98 @@ TEST(Review18, ClosedButStillHeldServerEndIsCountedOnce) {
   ASSERT_TRUE(s) << s.error().message();
   EXPECT_EQ(s->listener.oneway_in, std::uint64_t{kN});
   EXPECT_EQ(s->listener.bytes_in, std::uint64_t{kN} * 8);
+}
+
+// ---- Topics: publish()/buffer()/serve() wait without the publisher's lock (1413d66) ----------
+
+std::uint8_t first_byte(const Sample& s) { return std::to_integer<std::uint8_t>(s.data()[0]); }
+
+Buffer filled(Publisher& pub, std::uint8_t v) {
+  auto b = pub.buffer(8, test::secs(2));
+  EXPECT_TRUE(b) << b.error().message();
+  if (!b) return Buffer{};
+  b->data()[0] = std::byte{v};
+  return std::move(*b);
+}
+
+// Finding T1 (suspected lost wake-up). Two threads wait for room at once (room_waiters_ 2). The
+// subscriber's release kicks once; the flag must stay up for the second waiter, whichever thread
+// took the kick, and both samples arrive, each once.
+TEST(Review18, TwoPublishersWaitingForRoomBothGetThrough) {
+  const std::string name = test::topic_name("r18-", "two-waiters");
+  TopicOptions o;
+  o.samples = 8;
+  o.sample_size = 64;
+  o.keep = 1;
+  o.policy = SlowSubscriber::Block;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().message();
+  Result<Subscriber> sub = test::join_one(*pub, name);
+  ASSERT_TRUE(sub) << sub.error().message();
+  ASSERT_TRUE(pub->publish(filled(*pub, 1), test::secs(2)));  // full now (keep 1)
+  Buffer b2 = filled(*pub, 2), b3 = filled(*pub, 3);
+  std::optional<Status> r2, r3;
+  std::thread t2([&] { r2 = pub->publish(std::move(b2), test::secs(10)); });
+  std::thread t3([&] { r3 = pub->publish(std::move(b3), test::secs(10)); });
+  std::this_thread::sleep_for(50ms);
+  std::vector<int> got;
+  const std::int64_t t0 = monotonic_ns();
+  for (int i = 0; i < 3; ++i) {
+    Result<Sample> s = sub->receive(test::secs(5));
+    ASSERT_TRUE(s) << s.error().message();
+    got.push_back(first_byte(*s));
+  }  // each released at once: the next waiter gets the room
+  t2.join();
+  t3.join();
+  EXPECT_LT((monotonic_ns() - t0) / 1'000'000, 2000);
+  ASSERT_TRUE(r2 && r3);
+  EXPECT_TRUE(*r2) << r2->error().message();
+  EXPECT_TRUE(*r3) << r3->error().message();
+  std::sort(got.begin(), got.end());
+  EXPECT_EQ(got, (std::vector<int>{1, 2, 3}));
+  const TopicStats st = pub->stats();
+  EXPECT_EQ(st.published, 3u);
+  EXPECT_EQ(st.deliveries, 3u);
+}
+
+// Finding T2 (suspected stale state after re-locking). A subscriber joins while a publish() waits
+// for room without the lock: once room comes, the sample goes to the newcomer too (skip_ and
+// live_end_ taken after the wait), and the first subscriber gets it once.
+TEST(Review18, SubscriberJoiningWhilePublishWaitsGetsTheSample) {
+  const std::string name = test::topic_name("r18-", "join-while-waiting");
+  TopicOptions o;
+  o.samples = 8;
+  o.sample_size = 64;
+  o.keep = 1;
+  o.policy = SlowSubscriber::Block;
+  auto pub = Publisher::create(name, o);
+  ASSERT_TRUE(pub) << pub.error().message();
+  Result<Subscriber> sub1 = test::join_one(*pub, name);
+  ASSERT_TRUE(sub1) << sub1.error().message();
+  ASSERT_TRUE(pub->publish(filled(*pub, 1), test::secs(2)));  // sub1 full
+  Buffer b2 = filled(*pub, 2);
+  std::optional<Status> r2;
+  std::thread t([&] { r2 = pub->publish(std::move(b2), test::secs(10)); });
+  // The waiting publish() takes the join (serve() is not called by anyone else).
+  Result<Subscriber> sub2 = test::connect_retry(name);
+  ASSERT_TRUE(sub2) << sub2.error().message();
+  for (Deadline d = test::secs(5); pub->subscribers() < 2 && !d.expired();)
+    std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(pub->subscribers(), 2u);
+  {
+    Result<Sample> s = sub1->receive(test::secs(5));
+    ASSERT_TRUE(s);
+    EXPECT_EQ(first_byte(*s), 1);
+  }
+  t.join();
+  ASSERT_TRUE(r2);
+  ASSERT_TRUE(*r2) << r2->error().message();
+  Result<Sample> a = sub1->receive(test::secs(5));
+  ASSERT_TRUE(a) << a.error().message();
+  EXPECT_EQ(first_byte(*a), 2);
+  Result<Sample> b = sub2->receive(test::secs(5));
+  ASSERT_TRUE(b) << b.error().message();
+  EXPECT_EQ(first_byte(*b), 2);
 }
 
 }  // namespace
