@@ -241,6 +241,46 @@ TEST(Review18, ClosedButStillHeldServerEndIsCountedOnce) {
   EXPECT_EQ(s->listener.bytes_in, std::uint64_t{kN} * 8);
 }
 
+// Finding 4 (suspected). More live channels than one reply holds (kStatChannelsPerReply, 256): the
+// reply of a full page (66 KB) must fit the socket, and the pages must cover every channel once.
+TEST(Review18, StatPagesThroughMoreChannelsThanOneReplyHolds) {
+  const std::string name = unique_name("pages");
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  constexpr std::size_t kN = 300;
+  std::vector<Channel> clients;
+  for (std::size_t i = 0; i < kN; ++i) {
+    auto c = connect(name, Deadline::after(5s));
+    ASSERT_TRUE(c) << i << ": " << c.error().message();
+    clients.push_back(std::move(*c));
+  }
+  auto s = query_stats(name, StatChannels::Yes, Deadline::after(5s));
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(s->listener.total_channels, kN);
+  std::vector<std::uint64_t> ids;
+  for (const ChannelStat& c : s->channels) ids.push_back(c.id);
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(std::unique(ids.begin(), ids.end()) - ids.begin(), static_cast<std::ptrdiff_t>(kN));
+  EXPECT_EQ(s->channels.size(), kN);
+  EXPECT_EQ(s->listener.queries_dropped, 0u);
+}
+
+// Finding 5. `mbmq ls` asks every mbmq: name in turn, each with 200 ms to answer: sockets that
+// listen and never answer (anyone can bind one) stall it 200 ms each. 8 of them must not make
+// it take 1.6 s.
+TEST(Review18, LsIsNotStalledBySilentListeners) {
+  if (!kHaveTool) GTEST_SKIP() << "no mbmq command in this build";
+  std::vector<os::UniqueFd> silent;
+  for (int i = 0; i < 8; ++i) {
+    auto fd = os::listen_abstract(detail::socket_name(unique_name("silent")), 16);
+    ASSERT_TRUE(fd) << fd.error().message();
+    silent.push_back(std::move(*fd));
+  }
+  const std::int64_t t0 = monotonic_ns();
+  EXPECT_EQ(run_tool({"ls"}), 0);
+  EXPECT_LT((monotonic_ns() - t0) / 1'000'000, 1000) << "mbmq ls waited on each silent listener";
+}
+
 // ---- Topics: publish()/buffer()/serve() wait without the publisher's lock (1413d66) ----------
 
 std::uint8_t first_byte(const Sample& s) { return std::to_integer<std::uint8_t>(s.data()[0]); }
