@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -263,6 +265,33 @@ bool parse(const std::vector<std::string>& args, Opts* o) {
   return true;
 }
 
+// Asks every listener in `names` at once (in rounds of 32 threads), each until `timeout`: a
+// socket that listens and never answers (anyone may bind an mbmq: name) costs one timeout in all,
+// not one per silent socket. Index i: names[i]'s snapshot, if it answered.
+std::vector<std::optional<StatSnapshot>> query_all(const std::vector<std::string>& names,
+                                                   StatChannels channels,
+                                                   std::chrono::milliseconds timeout) {
+  std::vector<std::optional<StatSnapshot>> out(names.size());
+  constexpr std::size_t kRound = 32;
+  for (std::size_t at = 0; at < names.size(); at += kRound) {
+    std::vector<std::thread> threads;
+    const std::size_t end = std::min(names.size(), at + kRound);
+    for (std::size_t i = at; i < end; ++i) {
+      auto ask = [&, i] {
+        auto s = query_stats(names[i], channels, Deadline::after(timeout));
+        if (s) out[i] = std::move(*s);
+      };
+      try {
+        threads.emplace_back(ask);
+      } catch (const std::system_error&) {
+        ask();  // no thread to be had: in turn
+      }
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  return out;
+}
+
 }  // namespace
 
 int run_ls(const std::vector<std::string>& args) {
@@ -278,9 +307,11 @@ int run_ls(const std::vector<std::string>& args) {
   }
   nlohmann::json out = nlohmann::json::array();
   if (!o.json) std::printf("%-32s %8s %-10s %6s\n", "NAME", "PID", "USER", "LIVE");
-  for (const std::string& n : *names) {
+  const auto snaps = query_all(*names, StatChannels::No, 200ms);
+  for (std::size_t i = 0; i < names->size(); ++i) {
+    const std::string& n = (*names)[i];
     // Only what the caller may see: a listener whose policy refuses us is left out.
-    auto s = query_stats(n, StatChannels::No, Deadline::after(200ms));
+    const auto& s = snaps[i];
     if (!s) continue;
     const ListenerStat& l = s->listener;
     if (o.json)
@@ -340,8 +371,10 @@ int run_top(const std::vector<std::string>& args) {
     m->clear();
     auto names = listener_names();
     if (!names) return;
-    for (const std::string& n : *names) {
-      auto s = query_stats(n, StatChannels::Yes, Deadline::after(500ms));
+    auto all = query_all(*names, StatChannels::Yes, 500ms);
+    for (std::size_t i = 0; i < names->size(); ++i) {
+      const std::string& n = (*names)[i];
+      auto& s = all[i];
       if (!s) continue;
       std::uint64_t sum = messages(s->listener);  // includes the live channels
       (*m)[{n, 0}] = sum;
