@@ -281,6 +281,46 @@ TEST(Review18, LsIsNotStalledBySilentListeners) {
   EXPECT_LT((monotonic_ns() - t0) / 1'000'000, 1000) << "mbmq ls waited on each silent listener";
 }
 
+// Finding 6 (suspected data race, for TSan). The watcher reads an end's counters and gauges while
+// its owner's threads send and receive: every read is atomic or under mu_; after the traffic
+// stops, the numbers are exact.
+TEST(Review18, QueriesDuringTrafficAreRaceFreeAndExactAfter) {
+  const std::string name = unique_name("traffic");
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  auto client = connect(name, Deadline::after(5s));
+  ASSERT_TRUE(client) << client.error().message();
+  auto server = l->accept(Deadline::after(5s));
+  ASSERT_TRUE(server) << server.error().message();
+  constexpr int kN = 3000;
+  std::thread rx([&] {
+    for (int i = 0; i < kN; ++i) {
+      auto m = server->receive(Deadline::after(10s));
+      ASSERT_TRUE(m) << m.error().message();
+    }
+  });
+  std::thread tx([&] {
+    for (int i = 0; i < kN; ++i) {
+      auto b = client->buffer(16, Deadline::after(10s));
+      ASSERT_TRUE(b) << b.error().message();
+      ASSERT_TRUE(client->send(std::move(*b)));
+    }
+  });
+  for (int q = 0; q < 20; ++q) {
+    auto s = query_stats(name, StatChannels::Yes, Deadline::after(5s));
+    ASSERT_TRUE(s) << s.error().message();
+    EXPECT_LE(s->listener.oneway_in, std::uint64_t{kN});
+  }
+  tx.join();
+  rx.join();
+  auto s = query_stats(name, StatChannels::Yes, Deadline::after(5s));
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(s->listener.oneway_in, std::uint64_t{kN});
+  EXPECT_EQ(s->listener.bytes_in, std::uint64_t{kN} * 16);
+  ASSERT_EQ(s->channels.size(), 1u);
+  EXPECT_EQ(s->channels[0].oneway_in, std::uint64_t{kN});
+}
+
 // ---- Topics: publish()/buffer()/serve() wait without the publisher's lock (1413d66) ----------
 
 std::uint8_t first_byte(const Sample& s) { return std::to_integer<std::uint8_t>(s.data()[0]); }
