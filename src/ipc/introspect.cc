@@ -24,6 +24,9 @@ using detail::kStatWantChannels;
 using detail::StatQuery;
 
 constexpr std::string_view kPrefix = "mbmq:";
+// Channel records one query_stats() keeps at most (16 MiB): a listener claiming more (a hostile one
+// may claim 2^32) is shown its first ones.
+constexpr std::size_t kStatMaxChannels = std::size_t{1} << 16;
 
 std::int64_t timeout_of(Deadline d) {
   return d.is_never() ? -1 : std::max<std::int64_t>(d.remaining_ns(), 0);
@@ -97,11 +100,15 @@ Result<StatSnapshot> query_stats(std::string_view name, StatChannels channels, D
     out.listener.policy[sizeof out.listener.policy - 1] = 0;
     out.listener.last_why[sizeof out.listener.last_why - 1] = 0;
     // Pages until the registry is covered (channels that come and go meanwhile may be missed or
-    // seen twice: a monitor's view).
-    if (channels == StatChannels::No || head.channels == 0 ||
-        first + head.channels >= head.total_channels)
-      return out;
-    first += head.channels;
+    // seen twice: a monitor's view). The reply's numbers are the listener's word, not trusted:
+    // a page must start where asked, the sum is taken in 64 bits (no wrap), and at most
+    // kStatMaxChannels records are kept, whatever total_channels claims.
+    if (channels == StatChannels::No || head.channels == 0) return out;
+    if (head.first_channel != first)
+      return fail(Errc::Protocol, "stat: a page that does not start where asked");
+    const std::uint64_t next = std::uint64_t{first} + head.channels;
+    if (next >= head.total_channels || out.channels.size() >= kStatMaxChannels) return out;
+    first = static_cast<std::uint32_t>(next);
   }
 }
 

@@ -145,16 +145,20 @@ void ListenCore::answer_query(os::UniqueFd conn, const StatQuery& q) noexcept {
   for (std::uint32_t i = 0; i < total; ++i) {
     ChannelStat ch{};
     ends[i]->fill_stat(&ch);
-    head.requests_in += ch.requests_in;
-    head.requests_out += ch.requests_out;
-    head.replies_in += ch.replies_in;
-    head.replies_out += ch.replies_out;
-    head.oneway_in += ch.oneway_in;
-    head.oneway_out += ch.oneway_out;
-    head.no_reply_in += ch.no_reply_in;
-    head.no_reply_out += ch.no_reply_out;
-    head.bytes_in += ch.bytes_in;
-    head.bytes_out += ch.bytes_out;
+    // A closed end was retired (close_local): its counts are in the totals already, though its
+    // object lives on (a Channel closed but not destroyed, a Buffer taken from it).
+    if (ch.state != static_cast<std::uint8_t>(ChannelState::Closed)) {
+      head.requests_in += ch.requests_in;
+      head.requests_out += ch.requests_out;
+      head.replies_in += ch.replies_in;
+      head.replies_out += ch.replies_out;
+      head.oneway_in += ch.oneway_in;
+      head.oneway_out += ch.oneway_out;
+      head.no_reply_in += ch.no_reply_in;
+      head.no_reply_out += ch.no_reply_out;
+      head.bytes_in += ch.bytes_in;
+      head.bytes_out += ch.bytes_out;
+    }
     const bool wanted =
         (q.flags & kStatWantChannels) != 0 && i >= q.first_channel && n < kStatChannelsPerReply;
     const std::uint64_t msgs = ends[i]->message_total();

@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -53,6 +55,38 @@ std::string user_name(unsigned uid) {
   }();
   auto it = names.find(uid);
   return it != names.end() ? it->second : std::to_string(uid);
+}
+
+// A hostile listener's strings may be any bytes: JSON output replaces what is not UTF-8.
+constexpr auto kJsonReplace = nlohmann::json::error_handler_t::replace;
+
+// Text output: a listener's strings (and names from /proc/net/unix) may carry terminal escapes;
+// control bytes (C0, DEL, and C1 as UTF-8 \xc2\x80-\x9f) are shown as '?'.
+void scrub(char* p, std::size_t n) {
+  for (std::size_t i = 0; i < n && p[i] != 0; ++i) {
+    const auto b = static_cast<unsigned char>(p[i]);
+    const auto next = i + 1 < n ? static_cast<unsigned char>(p[i + 1]) : 0u;
+    if (b < 0x20 || b == 0x7f) {
+      p[i] = '?';
+    } else if (b == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      p[i] = p[i + 1] = '?';
+      ++i;
+    }
+  }
+}
+template <std::size_t N>
+void scrub(char (&s)[N]) {
+  scrub(s, N);
+}
+void scrub(StatSnapshot* s) {
+  scrub(s->listener.name);
+  scrub(s->listener.policy);
+  scrub(s->listener.last_why);
+  for (ChannelStat& c : s->channels) scrub(c.why);
+}
+std::string shown(std::string s) {
+  scrub(s.data(), s.size());
+  return s;
 }
 
 const char* wait_name(std::uint8_t m) {
@@ -231,6 +265,33 @@ bool parse(const std::vector<std::string>& args, Opts* o) {
   return true;
 }
 
+// Asks every listener in `names` at once (in rounds of 32 threads), each until `timeout`: a
+// socket that listens and never answers (anyone may bind an mbmq: name) costs one timeout in all,
+// not one per silent socket. Index i: names[i]'s snapshot, if it answered.
+std::vector<std::optional<StatSnapshot>> query_all(const std::vector<std::string>& names,
+                                                   StatChannels channels,
+                                                   std::chrono::milliseconds timeout) {
+  std::vector<std::optional<StatSnapshot>> out(names.size());
+  constexpr std::size_t kRound = 32;
+  for (std::size_t at = 0; at < names.size(); at += kRound) {
+    std::vector<std::thread> threads;
+    const std::size_t end = std::min(names.size(), at + kRound);
+    for (std::size_t i = at; i < end; ++i) {
+      auto ask = [&, i] {
+        auto s = query_stats(names[i], channels, Deadline::after(timeout));
+        if (s) out[i] = std::move(*s);
+      };
+      try {
+        threads.emplace_back(ask);
+      } catch (const std::system_error&) {
+        ask();  // no thread to be had: in turn
+      }
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  return out;
+}
+
 }  // namespace
 
 int run_ls(const std::vector<std::string>& args) {
@@ -246,9 +307,11 @@ int run_ls(const std::vector<std::string>& args) {
   }
   nlohmann::json out = nlohmann::json::array();
   if (!o.json) std::printf("%-32s %8s %-10s %6s\n", "NAME", "PID", "USER", "LIVE");
-  for (const std::string& n : *names) {
+  const auto snaps = query_all(*names, StatChannels::No, 200ms);
+  for (std::size_t i = 0; i < names->size(); ++i) {
+    const std::string& n = (*names)[i];
     // Only what the caller may see: a listener whose policy refuses us is left out.
-    auto s = query_stats(n, StatChannels::No, Deadline::after(200ms));
+    const auto& s = snaps[i];
     if (!s) continue;
     const ListenerStat& l = s->listener;
     if (o.json)
@@ -258,10 +321,12 @@ int run_ls(const std::vector<std::string>& args) {
                      {"user", user_name(l.uid)},
                      {"live", l.live}});
     else
-      std::printf("%-32s %8d %-10s %6" PRIu64 "\n", n.c_str(), l.pid, user_name(l.uid).c_str(),
-                  l.live);
+      std::printf("%-32s %8d %-10s %6" PRIu64 "\n", shown(n).c_str(), l.pid,
+                  user_name(l.uid).c_str(), l.live);
   }
-  if (o.json) std::printf("%s\n", out.dump(2).c_str());
+  // Names are any bytes but NUL (the kernel's and the listeners' word): not UTF-8, they are
+  // replaced (U+FFFD), never thrown about (json::dump's default).
+  if (o.json) std::printf("%s\n", out.dump(2, ' ', false, kJsonReplace).c_str());
   return 0;
 }
 
@@ -282,9 +347,11 @@ int run_stat(const std::vector<std::string>& args) {
     }
     if (o.watch && !o.json && os::is_terminal(1)) std::printf("\033[H\033[2J");
     if (o.json)
-      std::printf("%s\n", to_json(*s).dump(o.watch ? -1 : 2).c_str());
-    else
+      std::printf("%s\n", to_json(*s).dump(o.watch ? -1 : 2, ' ', false, kJsonReplace).c_str());
+    else {
+      scrub(&*s);
       print_text(*s);
+    }
     std::fflush(stdout);
   }
   return 0;
@@ -304,8 +371,10 @@ int run_top(const std::vector<std::string>& args) {
     m->clear();
     auto names = listener_names();
     if (!names) return;
-    for (const std::string& n : *names) {
-      auto s = query_stats(n, StatChannels::Yes, Deadline::after(500ms));
+    auto all = query_all(*names, StatChannels::Yes, 500ms);
+    for (std::size_t i = 0; i < names->size(); ++i) {
+      const std::string& n = (*names)[i];
+      auto& s = all[i];
       if (!s) continue;
       std::uint64_t sum = messages(s->listener);  // includes the live channels
       (*m)[{n, 0}] = sum;
@@ -338,12 +407,13 @@ int run_top(const std::vector<std::string>& args) {
     for (const StatSnapshot& s : snaps) {
       const ListenerStat& l = s.listener;
       char line[256];
-      std::snprintf(line, sizeof line, "%-24s %8d %-10s %6" PRIu64 " live", l.name, l.pid,
-                    user_name(l.uid).c_str(), l.live);
+      std::snprintf(line, sizeof line, "%-24s %8d %-10s %6" PRIu64 " live", shown(l.name).c_str(),
+                    l.pid, user_name(l.uid).c_str(), l.live);
       procs.push_back({rate({l.name, 0}), line});
       for (const ChannelStat& c : s.channels) {
-        std::snprintf(line, sizeof line, "%-24s %5" PRIu64 " peer %7d %-10s %-11s", l.name, c.id,
-                      c.peer_pid, user_name(c.peer_uid).c_str(), state_name(c.state));
+        std::snprintf(line, sizeof line, "%-24s %5" PRIu64 " peer %7d %-10s %-11s",
+                      shown(l.name).c_str(), c.id, c.peer_pid, user_name(c.peer_uid).c_str(),
+                      state_name(c.state));
         chans.push_back({rate({l.name, c.id}), line});
       }
     }
