@@ -37,6 +37,10 @@
 
 namespace mbmq::detail {
 
+// What a Publisher or Subscriber copy in a forked child returns (both refuse to work there).
+inline constexpr const char* kForked =
+    "Publisher/Subscriber: a copy in a forked child (use it in the process that made it)";
+
 class TopicCore : public std::enable_shared_from_this<TopicCore> {
  public:
   static Result<std::shared_ptr<TopicCore>> make(std::string_view name, const TopicOptions& o);
