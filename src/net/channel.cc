@@ -340,6 +340,10 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
                                              kind == WireKind::Bye || kind == WireKind::Heartbeat)
                                                 : false;
   if (!ok) return fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
+  // A hello carries a service name (1-255 bytes): checked before anything is allocated for it,
+  // since a client not (yet) accepted must not make us allocate up to max_message.
+  if (kind == WireKind::Hello && (length == 0 || length > kMaxServiceName))
+    return fail_locked(Errc::Protocol, "net: a hello's service name is not 1-255 bytes");
   if (length > my_limit_) return fail_locked(Errc::Protocol, "net: payload above our limit");
   if (kind == WireKind::Reply && (call_seq_ == 0 || h.seq != call_seq_)) {
     if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call

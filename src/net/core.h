@@ -28,6 +28,7 @@ namespace mbmq::net::detail {
 inline constexpr unsigned kAmId = 0x6d;
 inline constexpr std::uint32_t kMagic = 0x716d626d;
 inline constexpr std::uint8_t kVersion = 1;
+inline constexpr std::size_t kMaxServiceName = 255;  // a hello's payload: 1-255 bytes
 enum class WireKind : std::uint8_t {
   Hello = 1,
   HelloAck = 2,
