@@ -122,6 +122,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // The keeper's tick (net/keeper.cc): progresses the worker if no thread waits on it, ends the
   // channel after peer_timeout of silence, and sends a heartbeat after peer_timeout / 4 of ours.
   void keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns);
+  // The keeper's tick for a listener's pending connection: dropped after handshake_timeout with
+  // no hello, whether or not anyone calls Listener::accept().
+  void handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns);
 
   // Callbacks (worker mu held).
   void on_am_locked(const WireHeader& h, void* data, std::size_t length,
@@ -169,7 +172,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
   void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
-  std::int64_t pending_since_ns_ = 0;
+  std::int64_t pending_since_ns_ = 0;  // written before the channel is shared, then read under mu
   std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
   std::int64_t last_tx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
   os::Mutex call_mu_;  // one call() at a time
@@ -218,6 +221,9 @@ class ListenCore {
 // Watches `ch` from mbmq::net's keeper thread (started on first use) until it is gone: heartbeats
 // and peer_timeout (net/keeper.cc). timeout 0: not watched.
 void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
+// Watches a listener's pending connection from the keeper thread: no hello within `timeout`, it
+// is dropped (and counted failed). timeout 0: only Listener::accept() expires it.
+void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
 
 // Maps a UCX status of a failed endpoint to an mbmq error code.
 Errc errc_of(ucs_status_t s) noexcept;

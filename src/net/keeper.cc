@@ -23,6 +23,7 @@ namespace {
 struct Watched {
   std::weak_ptr<ChannelCore> ch;
   std::int64_t timeout_ns;
+  bool handshake;  // a listener's pending connection: dropped without a hello in timeout_ns
 };
 
 struct Keeper {
@@ -51,23 +52,49 @@ Keeper& keeper() {
     os::sleep_ns(tick);
     if (!ucx_usable()) continue;
     for (const Watched& w : now_watched)
-      if (auto ch = w.ch.lock()) ch->keep_alive_tick(monotonic_ns(), w.timeout_ns);
+      if (auto ch = w.ch.lock()) {
+        if (w.handshake)
+          ch->handshake_tick(monotonic_ns(), w.timeout_ns);
+        else
+          ch->keep_alive_tick(monotonic_ns(), w.timeout_ns);
+      }
   }
 }
 
 }  // namespace
 
-void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
+namespace {
+void watch(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
+           bool handshake) {
   if (timeout.count() <= 0) return;
   const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count();
   Keeper& k = keeper();
   os::LockGuard lock(k.mu);
-  k.watched.push_back({ch, ns});
+  k.watched.push_back({ch, ns, handshake});
   k.tick_ns = std::clamp<std::int64_t>(std::min(k.tick_ns, ns / 4), 10'000'000, 250'000'000);
   if (!k.started) {
     k.started = true;
     std::thread(run).detach();
   }
+}
+}  // namespace
+
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
+  watch(ch, timeout, false);
+}
+
+void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
+  watch(ch, timeout, true);
+}
+
+void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
+  os::LockGuard lock(w_->mu);
+  if (state_ != State::Pending) return;
+  if (w_->waiters == 0) w_->progress_locked();  // its hello may be waiting
+  if (state_ != State::Pending || now_ns - pending_since_ns_ <= timeout_ns) return;
+  // The listener's pending_ gives this channel to its graveyard; our strong reference (the
+  // keeper's) keeps it alive until after the lock is released.
+  fail_locked(Errc::Protocol, "net: no hello in time");
 }
 
 void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns) {

@@ -106,6 +106,9 @@ void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
     ++stats_.failed;
     return;
   }
+  // Expired by the keeper thread too: a server that no longer calls accept() must not keep silent
+  // connections (an endpoint and a socket each) for ever.
+  watch_handshake(ch, options_.handshake_timeout);
   pending_.push_back(std::move(ch));
 }
 
