@@ -147,7 +147,8 @@ ReplyToken::~ReplyToken() {
 
 Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const std::string& host,
                                                           std::uint16_t port, std::string service,
-                                                          Deadline deadline, WaitPolicy policy) {
+                                                          Deadline deadline, WaitPolicy policy,
+                                                          std::chrono::milliseconds peer_timeout) {
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = htons(port);
@@ -179,9 +180,9 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
       return fail(Errc::System, "net::connect: ucp_ep_create failed");
     ch->ep_ = h;
     ch->w_->eps[h] = ch.get();
-    // (N1) Hello{service, our limit}.
-    MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, 0, ch->my_limit_, service.data(), service.size(),
-                             nullptr, false));
+    // (N1) Hello{service, our limit, our peer_timeout}.
+    MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, wire_timeout_ms(peer_timeout), ch->my_limit_,
+                             service.data(), service.size(), nullptr, false));
   }
   const bool done = MBMQ_TRY(w->run_until(deadline, policy, [&] {
     ch->assert_held();
@@ -235,6 +236,17 @@ ChannelCore::~ChannelCore() {
   if (!ucx_usable()) return;  // a forked child: leave UCX alone
   os::LockGuard lock(w_->mu);
   close_ep_locked(Close::Force);
+}
+
+std::chrono::milliseconds ChannelCore::peer_timeout() noexcept {
+  if (!ucx_usable()) return std::chrono::milliseconds(0);
+  os::LockGuard lock(w_->mu);
+  return std::chrono::milliseconds(peer_timeout_ms_);
+}
+
+std::uint32_t wire_timeout_ms(std::chrono::milliseconds t) noexcept {
+  if (t.count() <= 0) return 0;
+  return static_cast<std::uint32_t>(std::min<std::int64_t>(t.count(), 0xffffffff));
 }
 
 bool ChannelCore::open() noexcept {
@@ -384,6 +396,7 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
       hello_status_ = h.status;
       if (h.status != kHelloOk) return fail_locked(Errc::Refused, "net: hello refused");
       peer_limit_ = h.limit;
+      peer_timeout_ms_ = h.seq;
       state_ = State::Open;
       return;
     case WireKind::Reply:
@@ -401,11 +414,13 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
 void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n) {
   if (listener_ == nullptr) return fail_locked(Errc::Protocol, "net: hello, not listening");
   peer_limit_ = h.limit;
+  peer_timeout_ms_ = h.seq;
   ListenCore* l = listener_;
   const std::string_view asked(reinterpret_cast<const char*>(data), n);
   const std::uint16_t verdict = asked == l->service() ? kHelloOk : kNoService;
   // (N3)/(N4) The answer; a refused client is closed after it (flush: the answer goes first).
-  (void)send_locked(WireKind::HelloAck, verdict, 0, my_limit_, nullptr, 0, nullptr, false);
+  (void)send_locked(WireKind::HelloAck, verdict, wire_timeout_ms(l->peer_timeout()), my_limit_,
+                    nullptr, 0, nullptr, false);
   if (verdict == kHelloOk) state_ = State::Open;
   l->w_->assert_held();  // the same worker as ours
   l->on_hello_locked(this, verdict);

@@ -22,7 +22,8 @@ namespace {
 
 struct Watched {
   std::weak_ptr<ChannelCore> ch;
-  std::int64_t timeout_ns;
+  std::int64_t timeout_ns;    // ours (0: we never end the channel for silence)
+  std::int64_t heartbeat_ns;  // the shorter positive of ours and the peer's: heartbeats at 1/4
   bool handshake;  // a listener's pending connection: dropped without a hello in timeout_ns
 };
 
@@ -56,7 +57,7 @@ Keeper& keeper() {
         if (w.handshake)
           ch->handshake_tick(monotonic_ns(), w.timeout_ns);
         else
-          ch->keep_alive_tick(monotonic_ns(), w.timeout_ns);
+          ch->keep_alive_tick(monotonic_ns(), w.timeout_ns, w.heartbeat_ns);
       }
   }
 }
@@ -65,12 +66,17 @@ Keeper& keeper() {
 
 namespace {
 void watch(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
-           bool handshake) {
-  if (timeout.count() <= 0) return;
-  const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count();
+           std::chrono::milliseconds peer_timeout, bool handshake) {
+  const auto to_ns = [](std::chrono::milliseconds t) -> std::int64_t {
+    return t.count() <= 0 ? 0 : std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
+  };
+  const std::int64_t own = to_ns(timeout);
+  const std::int64_t peer = to_ns(peer_timeout);
+  if (own == 0 && peer == 0) return;
+  const std::int64_t ns = own == 0 ? peer : peer == 0 ? own : std::min(own, peer);
   Keeper& k = keeper();
   os::LockGuard lock(k.mu);
-  k.watched.push_back({ch, ns, handshake});
+  k.watched.push_back({ch, own, ns, handshake});
   k.tick_ns = std::clamp<std::int64_t>(std::min(k.tick_ns, ns / 4), 10'000'000, 250'000'000);
   if (!k.started) {
     k.started = true;
@@ -79,12 +85,13 @@ void watch(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds tim
 }
 }  // namespace
 
-void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
-  watch(ch, timeout, false);
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
+                std::chrono::milliseconds peer_timeout) {
+  watch(ch, timeout, peer_timeout, false);
 }
 
 void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
-  watch(ch, timeout, true);
+  watch(ch, timeout, std::chrono::milliseconds(0), true);
 }
 
 void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
@@ -97,14 +104,15 @@ void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
   fail_locked(Errc::Protocol, "net: no hello in time");
 }
 
-void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
+void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns,
+                                  std::int64_t heartbeat_ns) {
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return;
   if (w_->waiters == 0) w_->progress_locked();  // (K1)
   if (state_ != State::Open) return;
-  if (now_ns - last_rx_ns_ > timeout_ns)  // (K2)
+  if (timeout_ns > 0 && now_ns - last_rx_ns_ > timeout_ns)  // (K2)
     return fail_locked(Errc::PeerClosed, "net: no word from the peer within peer_timeout");
-  if (now_ns - last_tx_ns_ >= timeout_ns / 4)  // (K3)
+  if (now_ns - last_tx_ns_ >= heartbeat_ns / 4)  // (K3), for the shorter peer_timeout
     (void)send_locked(WireKind::Heartbeat, 0, 0, 0, nullptr, 0, nullptr, false);
 }
 

@@ -122,7 +122,7 @@ void ListenCore::on_hello_locked(ChannelCore* ch, std::uint16_t verdict) {
   c->listener_ = nullptr;
   if (verdict == kHelloOk) {
     ++stats_.accepted;
-    keep_alive(c, options_.peer_timeout);
+    keep_alive(c, options_.peer_timeout, std::chrono::milliseconds(c->peer_timeout_ms_));
     ready_.push_back(std::move(c));
     return;
   }
@@ -237,8 +237,9 @@ Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOp
   Url u = MBMQ_TRY(parse(url, "net::connect: expected ucx://HOST:PORT/service"));
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
   auto core =
-      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait));
-  detail::keep_alive(core, options.peer_timeout);
+      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait,
+                                            options.peer_timeout));
+  detail::keep_alive(core, options.peer_timeout, core->peer_timeout());
   return Channel(std::move(core));
 }
 
