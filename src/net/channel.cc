@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "net/core.h"
+#include "os/process.h"
 #include "os/unix_socket.h"
 
 namespace mbmq::net::detail {
@@ -260,8 +261,8 @@ Error ChannelCore::closed_error_locked(const char* op) {
   return Error::make(closed_code_ == Errc::Refused ? Errc::PeerClosed : closed_code_, op);
 }
 
-void ChannelCore::close_ep_locked(Close how) {
-  if (ep_ == nullptr) return;
+void* ChannelCore::close_ep_locked(Close how) {
+  if (ep_ == nullptr) return nullptr;
   w_->eps.erase(ep_);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -269,17 +270,14 @@ void ChannelCore::close_ep_locked(Close how) {
   ucs_status_ptr_t r = w_->u->ucp_ep_close_nbx(ep_, &p);
   ep_ = nullptr;
   state_ = State::Closed;
-  if (!UCS_PTR_IS_PTR(r)) return;  // done, or failed: nothing to wait for
-  if (how == Close::Flush) {
-    // What we sent (a Bye, a reply) goes out before the close, for at most 100 ms. Not from a
-    // callback: UCX's progress does not nest.
-    const std::int64_t until = monotonic_ns() + 100'000'000;
-    while (w_->u->ucp_request_check_status(r) == UCS_INPROGRESS && monotonic_ns() < until)
-      (void)w_->u->ucp_worker_progress(w_->worker);
-  }
+  if (!UCS_PTR_IS_PTR(r)) return nullptr;  // done, or failed: nothing to wait for
+  // Flush: the caller waits for it, unlocked, and frees it. Not from a callback: UCX's progress
+  // does not nest.
+  if (how == Close::Flush) return r;
   // Released now; an unfinished close finishes (or is cut short) as the worker progresses or is
   // destroyed. UCX asserts at ucp_worker_destroy on a request not released.
   w_->u->ucp_request_free(r);
+  return nullptr;
 }
 
 void ChannelCore::fail_locked(Errc code, const char* why) {
@@ -542,6 +540,7 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
 void ChannelCore::close() noexcept {
   if (!ucx_usable()) return;
   std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
+  void* closing = nullptr;   // the close's request, waited on unlocked
   {
     os::LockGuard lock(w_->mu);
     if (state_ == State::Open) {
@@ -557,8 +556,25 @@ void ChannelCore::close() noexcept {
       listener_->drop_pending_locked(this);
     }
     listener_ = nullptr;
-    close_ep_locked(Close::Flush);
+    closing = close_ep_locked(Close::Flush);
     drop.swap(inbox_);
+  }
+  if (closing == nullptr) return;
+  // What we sent (a Bye, a reply) goes out before the close, for at most 100 ms; the lock is taken
+  // for each progress only (house rule: no lock held across a wait; the listener's other channels
+  // share this worker), then released, unfinished or not (UCX asserts at ucp_worker_destroy on a
+  // request not released; an unfinished close is cut short there).
+  const std::int64_t until = monotonic_ns() + 100'000'000;
+  for (;;) {
+    {
+      os::LockGuard lock(w_->mu);
+      (void)w_->u->ucp_worker_progress(w_->worker);
+      if (w_->u->ucp_request_check_status(closing) != UCS_INPROGRESS || monotonic_ns() >= until) {
+        w_->u->ucp_request_free(closing);
+        return;
+      }
+    }
+    os::sleep_ns(100'000);
   }
 }
 

@@ -142,10 +142,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
  private:
   friend class ListenCore;
   // Force: at once, dropping what is queued (failures, callbacks). Flush: what was sent goes out
-  // first, progressing up to 100 ms (not from a callback). FlushAsync: the same as the worker
-  // progresses later (from a callback).
+  // first: the close's UCX request is returned, for the caller to wait on WITHOUT the lock (the
+  // worker is shared by every channel of a listener) and free (close()). FlushAsync: the same as
+  // the worker progresses later (from a callback). Returns nullptr but for an unfinished Flush.
   enum class Close : std::uint8_t { Force, Flush, FlushAsync };
-  void close_ep_locked(Close how) MBMQ_REQUIRES(w_->mu);
+  void* close_ep_locked(Close how) MBMQ_REQUIRES(w_->mu);
   Status send_locked(WireKind kind, std::uint16_t status, std::uint32_t seq, std::uint32_t limit,
                      const void* data, std::size_t n, std::vector<std::byte>* owned, bool is_call)
       MBMQ_REQUIRES(w_->mu);
