@@ -103,7 +103,10 @@ void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
   auto ch = std::make_shared<ChannelCore>(w_, State::Pending);
   ch->assert_held();  // our worker's
   if (!ch->accept_locked(req, this)) {
+    // (A client that gave up already, say.) Not destroyed here: ~ChannelCore takes the worker's
+    // mutex, held in this callback. accept() (or ~ListenCore) destroys it unlocked.
     ++stats_.failed;
+    graveyard_.push_back(std::move(ch));
     return;
   }
   // Expired by the keeper thread too: a server that no longer calls accept() must not keep silent
