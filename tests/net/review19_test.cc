@@ -141,14 +141,14 @@ struct RawClient {
 // ---------------------------------------------------------------------------------------------
 // F1. peer_timeout is not agreed between the ends: each end sends heartbeats after ITS OWN
 // peer_timeout / 4 of silence, but declares the peer dead after ITS OWN peer_timeout. A server
-// with peer_timeout 600 ms and a client with the default 10 s: the idle, healthy client says
-// nothing for 2.5 s, and the server ends the channel with PeerClosed after 600 ms.
+// with peer_timeout 1 s and a client with the default 10 s: the idle, healthy client says
+// nothing for 2.5 s, and the server ends the channel with PeerClosed after 1 s.
 TEST(Review19, IdleHealthyChannelSurvivesPeersWithDifferentPeerTimeouts) {
   net::ListenOptions lo;
-  lo.peer_timeout = 600ms;
+  lo.peer_timeout = 1000ms;
   auto p = make_pair(lo, {});  // client: kDefaultPeerTimeout (10 s)
   ASSERT_TRUE(p);
-  std::this_thread::sleep_for(1500ms);  // idle; the keeper thread progresses both workers
+  std::this_thread::sleep_for(2200ms);  // idle; the keeper thread progresses both workers
   auto m = p->server.receive(Deadline::immediate());
   if (m) {
     EXPECT_NE(m->kind, Kind::PeerClosed) << "false positive: a live, idle client declared dead: "
