@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "net/core.h"
+#include "os/process.h"
 #include "os/unix_socket.h"
 
 namespace mbmq::net::detail {
@@ -158,7 +159,8 @@ ReplyToken::~ReplyToken() {
 
 Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const std::string& host,
                                                           std::uint16_t port, std::string service,
-                                                          Deadline deadline, WaitPolicy policy) {
+                                                          Deadline deadline, WaitPolicy policy,
+                                                          std::chrono::milliseconds peer_timeout) {
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = htons(port);
@@ -183,9 +185,9 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
       return fail(Errc::System, "net::connect: ucp_ep_create failed");
     ch->ep_ = h;
     ch->w_->eps[h] = ch.get();
-    // (N1) Hello{service, our limit}.
-    MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, 0, ch->my_limit_, service.data(), service.size(),
-                             nullptr, false));
+    // (N1) Hello{service, our limit, our peer_timeout}.
+    MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, wire_timeout_ms(peer_timeout), ch->my_limit_,
+                             service.data(), service.size(), nullptr, false));
   }
   const bool done = MBMQ_TRY(w->run_until(deadline, policy, [&] {
     ch->assert_held();
@@ -234,6 +236,17 @@ ChannelCore::~ChannelCore() {
   close_ep_locked(Close::Force);
 }
 
+std::chrono::milliseconds ChannelCore::peer_timeout() noexcept {
+  if (!ucx_usable()) return std::chrono::milliseconds(0);
+  os::LockGuard lock(w_->mu);
+  return std::chrono::milliseconds(peer_timeout_ms_);
+}
+
+std::uint32_t wire_timeout_ms(std::chrono::milliseconds t) noexcept {
+  if (t.count() <= 0) return 0;
+  return static_cast<std::uint32_t>(std::min<std::int64_t>(t.count(), 0xffffffff));
+}
+
 bool ChannelCore::open() noexcept {
   if (!ucx_usable()) return false;
   os::LockGuard lock(w_->mu);
@@ -245,8 +258,8 @@ Error ChannelCore::closed_error_locked(const char* op) {
   return Error::make(closed_code_ == Errc::Refused ? Errc::PeerClosed : closed_code_, op);
 }
 
-void ChannelCore::close_ep_locked(Close how) {
-  if (ep_ == nullptr) return;
+void* ChannelCore::close_ep_locked(Close how) {
+  if (ep_ == nullptr) return nullptr;
   w_->eps.erase(ep_);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -254,17 +267,14 @@ void ChannelCore::close_ep_locked(Close how) {
   ucs_status_ptr_t r = w_->u->ucp_ep_close_nbx(ep_, &p);
   ep_ = nullptr;
   state_ = State::Closed;
-  if (!UCS_PTR_IS_PTR(r)) return;  // done, or failed: nothing to wait for
-  if (how == Close::Flush) {
-    // What we sent (a Bye, a reply) goes out before the close, for at most 100 ms. Not from a
-    // callback: UCX's progress does not nest.
-    const std::int64_t until = monotonic_ns() + 100'000'000;
-    while (w_->u->ucp_request_check_status(r) == UCS_INPROGRESS && monotonic_ns() < until)
-      (void)w_->u->ucp_worker_progress(w_->worker);
-  }
+  if (!UCS_PTR_IS_PTR(r)) return nullptr;  // done, or failed: nothing to wait for
+  // Flush: the caller waits for it, unlocked, and frees it. Not from a callback: UCX's progress
+  // does not nest.
+  if (how == Close::Flush) return r;
   // Released now; an unfinished close finishes (or is cut short) as the worker progresses or is
   // destroyed. UCX asserts at ucp_worker_destroy on a request not released.
   w_->u->ucp_request_free(r);
+  return nullptr;
 }
 
 void ChannelCore::fail_locked(Errc code, const char* why) {
@@ -337,6 +347,10 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
                                              kind == WireKind::Bye || kind == WireKind::Heartbeat)
                                                 : false;
   if (!ok) return fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
+  // A hello carries a service name (1-255 bytes): checked before anything is allocated for it,
+  // since a client not (yet) accepted must not make us allocate up to max_message.
+  if (kind == WireKind::Hello && (length == 0 || length > kMaxServiceName))
+    return fail_locked(Errc::Protocol, "net: a hello's service name is not 1-255 bytes");
   if (length > my_limit_) return fail_locked(Errc::Protocol, "net: payload above our limit");
   if (kind == WireKind::Reply && (call_seq_ == 0 || h.seq != call_seq_)) {
     if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call
@@ -377,6 +391,7 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
       hello_status_ = h.status;
       if (h.status != kHelloOk) return fail_locked(Errc::Refused, "net: hello refused");
       peer_limit_ = h.limit;
+      peer_timeout_ms_ = h.seq;
       state_ = State::Open;
       return;
     case WireKind::Reply:
@@ -394,11 +409,13 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
 void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n) {
   if (listener_ == nullptr) return fail_locked(Errc::Protocol, "net: hello, not listening");
   peer_limit_ = h.limit;
+  peer_timeout_ms_ = h.seq;
   ListenCore* l = listener_;
   const std::string_view asked(reinterpret_cast<const char*>(data), n);
   const std::uint16_t verdict = asked == l->service() ? kHelloOk : kNoService;
   // (N3)/(N4) The answer; a refused client is closed after it (flush: the answer goes first).
-  (void)send_locked(WireKind::HelloAck, verdict, 0, my_limit_, nullptr, 0, nullptr, false);
+  (void)send_locked(WireKind::HelloAck, verdict, wire_timeout_ms(l->peer_timeout()), my_limit_,
+                    nullptr, 0, nullptr, false);
   if (verdict == kHelloOk) state_ = State::Open;
   l->w_->assert_held();  // the same worker as ours
   l->on_hello_locked(this, verdict);
@@ -520,6 +537,7 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
 void ChannelCore::close() noexcept {
   if (!ucx_usable()) return;
   std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
+  void* closing = nullptr;   // the close's request, waited on unlocked
   {
     os::LockGuard lock(w_->mu);
     if (state_ == State::Open) {
@@ -535,8 +553,25 @@ void ChannelCore::close() noexcept {
       listener_->drop_pending_locked(this);
     }
     listener_ = nullptr;
-    close_ep_locked(Close::Flush);
+    closing = close_ep_locked(Close::Flush);
     drop.swap(inbox_);
+  }
+  if (closing == nullptr) return;
+  // What we sent (a Bye, a reply) goes out before the close, for at most 100 ms; the lock is taken
+  // for each progress only (house rule: no lock held across a wait; the listener's other channels
+  // share this worker), then released, unfinished or not (UCX asserts at ucp_worker_destroy on a
+  // request not released; an unfinished close is cut short there).
+  const std::int64_t until = monotonic_ns() + 100'000'000;
+  for (;;) {
+    {
+      os::LockGuard lock(w_->mu);
+      (void)w_->u->ucp_worker_progress(w_->worker);
+      if (w_->u->ucp_request_check_status(closing) != UCS_INPROGRESS || monotonic_ns() >= until) {
+        w_->u->ucp_request_free(closing);
+        return;
+      }
+    }
+    os::sleep_ns(100'000);
   }
 }
 

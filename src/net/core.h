@@ -28,6 +28,7 @@ namespace mbmq::net::detail {
 inline constexpr unsigned kAmId = 0x6d;
 inline constexpr std::uint32_t kMagic = 0x716d626d;
 inline constexpr std::uint8_t kVersion = 1;
+inline constexpr std::size_t kMaxServiceName = 255;  // a hello's payload: 1-255 bytes
 enum class WireKind : std::uint8_t {
   Hello = 1,
   HelloAck = 2,
@@ -104,7 +105,8 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // Client side: creates the endpoint, sends Hello and waits for HelloAck (N1, N4).
   static Result<std::shared_ptr<ChannelCore>> connect(const Ucx* u, const std::string& host,
                                                       std::uint16_t port, std::string service,
-                                                      Deadline deadline, WaitPolicy policy);
+                                                      Deadline deadline, WaitPolicy policy,
+                                                      std::chrono::milliseconds peer_timeout);
   // Server side: the endpoint for an accepted connection request (N2).
   Status accept_locked(ucp_conn_request_h req, ListenCore* listener) MBMQ_REQUIRES(w_->mu);
 
@@ -120,7 +122,12 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void assert_held() const MBMQ_ASSERT_CAPABILITY(w_->mu) {}
   // The keeper's tick (net/keeper.cc): progresses the worker if no thread waits on it, ends the
   // channel after peer_timeout of silence, and sends a heartbeat after peer_timeout / 4 of ours.
-  void keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns);
+  void keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns, std::int64_t heartbeat_ns);
+  // The peer's peer_timeout, from its hello (0: it watches nothing, or an older peer).
+  std::chrono::milliseconds peer_timeout() noexcept;
+  // The keeper's tick for a listener's pending connection: dropped after handshake_timeout with
+  // no hello, whether or not anyone calls Listener::accept().
+  void handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns);
 
   // Callbacks (worker mu held).
   void on_am_locked(const WireHeader& h, void* data, std::size_t length,
@@ -135,10 +142,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
  private:
   friend class ListenCore;
   // Force: at once, dropping what is queued (failures, callbacks). Flush: what was sent goes out
-  // first, progressing up to 100 ms (not from a callback). FlushAsync: the same as the worker
-  // progresses later (from a callback).
+  // first: the close's UCX request is returned, for the caller to wait on WITHOUT the lock (the
+  // worker is shared by every channel of a listener) and free (close()). FlushAsync: the same as
+  // the worker progresses later (from a callback). Returns nullptr but for an unfinished Flush.
   enum class Close : std::uint8_t { Force, Flush, FlushAsync };
-  void close_ep_locked(Close how) MBMQ_REQUIRES(w_->mu);
+  void* close_ep_locked(Close how) MBMQ_REQUIRES(w_->mu);
   Status send_locked(WireKind kind, std::uint16_t status, std::uint32_t seq, std::uint32_t limit,
                      const void* data, std::size_t n, std::vector<std::byte>* owned, bool is_call)
       MBMQ_REQUIRES(w_->mu);
@@ -157,6 +165,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint32_t peer_limit_ MBMQ_GUARDED_BY(w_->mu) = 0;  // the peer accepts payloads up to this
   std::uint32_t my_limit_ MBMQ_GUARDED_BY(w_->mu) = 64u << 20;
   std::uint16_t hello_status_ MBMQ_GUARDED_BY(w_->mu) = 0xffff;  // client: HelloAck's status
+  // The peer's peer_timeout in ms, from its Hello/HelloAck's seq field: we send heartbeats often
+  // enough for it, not only for our own (0: unknown).
+  std::uint32_t peer_timeout_ms_ MBMQ_GUARDED_BY(w_->mu) = 0;
   // The call in flight (one per channel, serialized by call_mu_): its number, whether its send
   // completed, and its reply.
   std::uint32_t next_seq_ MBMQ_GUARDED_BY(w_->mu) = 0;
@@ -168,7 +179,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
   void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
-  std::int64_t pending_since_ns_ = 0;
+  std::int64_t pending_since_ns_ = 0;  // written before the channel is shared, then read under mu
   std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
   std::int64_t last_tx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
   os::Mutex call_mu_;  // one call() at a time
@@ -195,6 +206,7 @@ class ListenCore {
   void drop_pending_locked(ChannelCore* ch) MBMQ_REQUIRES(w_->mu);
   const std::string& service() const noexcept { return service_; }
   std::uint32_t max_message() const noexcept { return options_.max_message; }
+  std::chrono::milliseconds peer_timeout() const noexcept { return options_.peer_timeout; }
 
   const std::shared_ptr<WorkerCore> w_;
 
@@ -216,7 +228,16 @@ class ListenCore {
 
 // Watches `ch` from mbmq::net's keeper thread (started on first use) until it is gone: heartbeats
 // and peer_timeout (net/keeper.cc). timeout 0: not watched.
-void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
+// `peer_timeout` is the peer's (from its hello): heartbeats go out after a quarter of the shorter
+// of the two, so that a peer with a shorter peer_timeout than ours does not think us dead. Both 0:
+// not watched.
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
+                std::chrono::milliseconds peer_timeout);
+// A peer_timeout in ms as sent in a hello's seq field.
+std::uint32_t wire_timeout_ms(std::chrono::milliseconds t) noexcept;
+// Watches a listener's pending connection from the keeper thread: no hello within `timeout`, it
+// is dropped (and counted failed). timeout 0: only Listener::accept() expires it.
+void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
 
 // Maps a UCX status of a failed endpoint to an mbmq error code.
 Errc errc_of(ucs_status_t s) noexcept;

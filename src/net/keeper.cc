@@ -22,7 +22,9 @@ namespace {
 
 struct Watched {
   std::weak_ptr<ChannelCore> ch;
-  std::int64_t timeout_ns;
+  std::int64_t timeout_ns;    // ours (0: we never end the channel for silence)
+  std::int64_t heartbeat_ns;  // the shorter positive of ours and the peer's: heartbeats at 1/4
+  bool handshake;  // a listener's pending connection: dropped without a hello in timeout_ns
 };
 
 struct Keeper {
@@ -51,33 +53,66 @@ Keeper& keeper() {
     os::sleep_ns(tick);
     if (!ucx_usable()) continue;
     for (const Watched& w : now_watched)
-      if (auto ch = w.ch.lock()) ch->keep_alive_tick(monotonic_ns(), w.timeout_ns);
+      if (auto ch = w.ch.lock()) {
+        if (w.handshake)
+          ch->handshake_tick(monotonic_ns(), w.timeout_ns);
+        else
+          ch->keep_alive_tick(monotonic_ns(), w.timeout_ns, w.heartbeat_ns);
+      }
   }
 }
 
 }  // namespace
 
-void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
-  if (timeout.count() <= 0) return;
-  const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count();
+namespace {
+void watch(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
+           std::chrono::milliseconds peer_timeout, bool handshake) {
+  const auto to_ns = [](std::chrono::milliseconds t) -> std::int64_t {
+    return t.count() <= 0 ? 0 : std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
+  };
+  const std::int64_t own = to_ns(timeout);
+  const std::int64_t peer = to_ns(peer_timeout);
+  if (own == 0 && peer == 0) return;
+  const std::int64_t ns = own == 0 ? peer : peer == 0 ? own : std::min(own, peer);
   Keeper& k = keeper();
   os::LockGuard lock(k.mu);
-  k.watched.push_back({ch, ns});
+  k.watched.push_back({ch, own, ns, handshake});
   k.tick_ns = std::clamp<std::int64_t>(std::min(k.tick_ns, ns / 4), 10'000'000, 250'000'000);
   if (!k.started) {
     k.started = true;
     std::thread(run).detach();
   }
 }
+}  // namespace
 
-void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
+void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
+                std::chrono::milliseconds peer_timeout) {
+  watch(ch, timeout, peer_timeout, false);
+}
+
+void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout) {
+  watch(ch, timeout, std::chrono::milliseconds(0), true);
+}
+
+void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
+  os::LockGuard lock(w_->mu);
+  if (state_ != State::Pending) return;
+  if (w_->waiters == 0) w_->progress_locked();  // its hello may be waiting
+  if (state_ != State::Pending || now_ns - pending_since_ns_ <= timeout_ns) return;
+  // The listener's pending_ gives this channel to its graveyard; our strong reference (the
+  // keeper's) keeps it alive until after the lock is released.
+  fail_locked(Errc::Protocol, "net: no hello in time");
+}
+
+void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns,
+                                  std::int64_t heartbeat_ns) {
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return;
   if (w_->waiters == 0) w_->progress_locked();  // (K1)
   if (state_ != State::Open) return;
-  if (now_ns - last_rx_ns_ > timeout_ns)  // (K2)
+  if (timeout_ns > 0 && now_ns - last_rx_ns_ > timeout_ns)  // (K2)
     return fail_locked(Errc::PeerClosed, "net: no word from the peer within peer_timeout");
-  if (now_ns - last_tx_ns_ >= timeout_ns / 4)  // (K3)
+  if (now_ns - last_tx_ns_ >= heartbeat_ns / 4)  // (K3), for the shorter peer_timeout
     (void)send_locked(WireKind::Heartbeat, 0, 0, 0, nullptr, 0, nullptr, false);
 }
 

@@ -103,9 +103,15 @@ void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
   auto ch = std::make_shared<ChannelCore>(w_, State::Pending);
   ch->assert_held();  // our worker's
   if (!ch->accept_locked(req, this)) {
+    // (A client that gave up already, say.) Not destroyed here: ~ChannelCore takes the worker's
+    // mutex, held in this callback. accept() (or ~ListenCore) destroys it unlocked.
     ++stats_.failed;
+    graveyard_.push_back(std::move(ch));
     return;
   }
+  // Expired by the keeper thread too: a server that no longer calls accept() must not keep silent
+  // connections (an endpoint and a socket each) for ever.
+  watch_handshake(ch, options_.handshake_timeout);
   pending_.push_back(std::move(ch));
 }
 
@@ -119,7 +125,7 @@ void ListenCore::on_hello_locked(ChannelCore* ch, std::uint16_t verdict) {
   c->listener_ = nullptr;
   if (verdict == kHelloOk) {
     ++stats_.accepted;
-    keep_alive(c, options_.peer_timeout);
+    keep_alive(c, options_.peer_timeout, std::chrono::milliseconds(c->peer_timeout_ms_));
     ready_.push_back(std::move(c));
     return;
   }
@@ -234,8 +240,9 @@ Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOp
   Url u = MBMQ_TRY(parse(url, "net::connect: expected ucx://HOST:PORT/service"));
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
   auto core =
-      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait));
-  detail::keep_alive(core, options.peer_timeout);
+      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait,
+                                            options.peer_timeout));
+  detail::keep_alive(core, options.peer_timeout, core->peer_timeout());
   return Channel(std::move(core));
 }
 
