@@ -239,9 +239,8 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options) {
 Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOptions& options) {
   Url u = MBMQ_TRY(parse(url, "net::connect: expected ucx://HOST:PORT/service"));
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
-  auto core =
-      MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline, options.wait,
-                                            options.peer_timeout));
+  auto core = MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline,
+                                                    options.wait, options.peer_timeout));
   detail::keep_alive(core, options.peer_timeout, core->peer_timeout());
   return Channel(std::move(core));
 }
