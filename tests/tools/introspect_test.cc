@@ -129,7 +129,17 @@ StatSnapshot wait_stats(const std::string& name, Pred pred) {
   return s;
 }
 
+// GCC 12's libasan does not hold its allocator locks across fork(): a child forked while the
+// EchoServer's and the watcher's threads run can hang in malloc (README, the fork note). Under
+// ASan the tests that fork clients after starting threads are skipped; Release runs them.
+#if defined(__SANITIZE_ADDRESS__)
+#define MBMQ_SKIP_FORK_AFTER_THREADS() GTEST_SKIP() << "fork after threads under GCC 12's ASan"
+#else
+#define MBMQ_SKIP_FORK_AFTER_THREADS() (void)0
+#endif
+
 TEST(Introspect, StatReportsExactlyTheCountsThreeClientsMade) {
+  MBMQ_SKIP_FORK_AFTER_THREADS();
   const std::string name = unique_name("echo");
   EchoServer server(name);
   // Client i: 1000*(i+1) calls of 64+i bytes and 50*(i+1) one-way messages of 100 bytes.
@@ -197,6 +207,7 @@ TEST(Introspect, StatReportsExactlyTheCountsThreeClientsMade) {
 }
 
 TEST(Introspect, ALiveChannelShowsItsPeerAndCounts) {
+  MBMQ_SKIP_FORK_AFTER_THREADS();
   const std::string name = unique_name("live");
   EchoServer server(name);
   auto [rfd, wfd] = *os::make_pipe();
@@ -251,6 +262,7 @@ TEST(Introspect, ARefusedClientShowsInTheRefusedCountWithItsUid) {
 }
 
 TEST(Introspect, AProtocolViolationShowsWithItsWhy) {
+  MBMQ_SKIP_FORK_AFTER_THREADS();
   const std::string name = unique_name("protocol");
   EchoServer server(name);
   pid_t pid = spawn([&] {
