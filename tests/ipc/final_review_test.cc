@@ -245,9 +245,7 @@ TEST(FinalReview, ASampleDroppedInAForkedChildIsTakenFromTheParent) {
 // lock go while it sleeps (TopicCore::wait_events_unlocked).
 TEST(FinalReview, PublisherStatsDoNotWaitForABlockedPublish) {
   using namespace std::chrono_literals;
-  static int n = 0;
-  const std::string name =
-      "mbmq-final-review-stats-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
+  const std::string name = test::topic_name("mbmq-final-review-", "stats");
   TopicOptions o;
   o.samples = 4;
   o.sample_size = 64;
