@@ -54,6 +54,7 @@ const std::vector<std::string> kMechanisms = {
     "raw-spin",
     "raw-ring",
     "raw-futex",
+    "raw-futex-deadline",
     "mbmq-spin",
     "mbmq-adaptive",
     "mbmq-sleep",

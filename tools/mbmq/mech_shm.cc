@@ -35,7 +35,10 @@ static_assert(sizeof(RawCtl) == 256);
 constexpr std::size_t kRawPayloadOffset = 4096;
 constexpr std::uint32_t kStop = 0xFFFFFFFFu;
 
-Mechanism raw_mechanism(bool futex) {
+// futex: sleep in FUTEX_WAIT (else spin). deadline: the client's wait carries a timeout computed
+// per call from a 10 s deadline, as an mbmq client's call() does (an hrtimer armed and cancelled
+// per wait, one clock read): the raw cost of the API's deadline, to set beside raw-futex.
+Mechanism raw_mechanism(bool futex, bool deadline = false) {
   struct State {
     os::UniqueFd fd;
     os::Mapping map;
@@ -44,7 +47,7 @@ Mechanism raw_mechanism(bool futex) {
   };
   auto st = std::make_shared<State>();
   Mechanism m;
-  m.name = futex ? "raw-futex" : "raw-spin";
+  m.name = !futex ? "raw-spin" : deadline ? "raw-futex-deadline" : "raw-futex";
   m.copies_by_design = "0: the payload is written in place in shared memory";
   m.setup = [st](std::size_t size) -> Status {
     std::size_t total = kRawPayloadOffset + size;
@@ -72,8 +75,10 @@ Mechanism raw_mechanism(bool futex) {
       count.tick();
     }
   };
-  m.client_rtt = [st, futex](std::uint64_t iter) -> bool {
+  m.client_rtt = [st, futex, deadline](std::uint64_t iter) -> bool {
     std::size_t size = st->map.size() - kRawPayloadOffset;
+    const Deadline until =
+        deadline ? Deadline::after(std::chrono::seconds(10)) : Deadline::never();
     write_payload(st->payload, size, iter);
     std::uint32_t seq = static_cast<std::uint32_t>(iter % 0x7FFFFFFF) + 1;
     st->ctl->req.store(seq, std::memory_order_release);
@@ -81,7 +86,7 @@ Mechanism raw_mechanism(bool futex) {
     std::uint32_t got;
     while ((got = st->ctl->resp.load(std::memory_order_acquire)) != seq) {
       if (futex)
-        (void)os::futex_wait(&st->ctl->resp, got, -1);
+        (void)os::futex_wait(&st->ctl->resp, got, until.is_never() ? -1 : until.remaining_ns());
       else
         __builtin_ia32_pause();
     }
@@ -283,6 +288,7 @@ std::vector<Mechanism> shm_mechanisms() {
   v.push_back(raw_mechanism(false));
   v.push_back(raw_ring_mechanism());
   v.push_back(raw_mechanism(true));
+  v.push_back(raw_mechanism(true, true));
   v.push_back(mbmq_mechanism("mbmq-spin", WaitMode::Spin));
   v.push_back(mbmq_mechanism("mbmq-adaptive", WaitMode::Adaptive));
   v.push_back(mbmq_mechanism("mbmq-sleep", WaitMode::Sleep));
