@@ -77,8 +77,7 @@ Mechanism raw_mechanism(bool futex, bool deadline = false) {
   };
   m.client_rtt = [st, futex, deadline](std::uint64_t iter) -> bool {
     std::size_t size = st->map.size() - kRawPayloadOffset;
-    const Deadline until =
-        deadline ? Deadline::after(std::chrono::seconds(10)) : Deadline::never();
+    const Deadline until = deadline ? Deadline::after(std::chrono::seconds(10)) : Deadline::never();
     write_payload(st->payload, size, iter);
     std::uint32_t seq = static_cast<std::uint32_t>(iter % 0x7FFFFFFF) + 1;
     st->ctl->req.store(seq, std::memory_order_release);
