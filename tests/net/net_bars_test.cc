@@ -1,0 +1,398 @@
+// Issue #19's failure bars for mbmq::net, measured (UCX_TLS=tcp, 127.0.0.1; the test process
+// never loads UCX, its children do):
+//   - a server killed (SIGKILL) while 32 client processes each have a call in flight: every call
+//     ends with PeerClosed, p99 of kill -> PeerClosed <= 100 ms;
+//   - a server restarted on the same port listens again within 100 ms of the kill;
+//   - connect/kill cycles leak no fds, threads or memory (RSS, heap) in the side that survives,
+//     server or client.
+// Built twice: net_bars_test (label unit: 1 round of 32 clients, 50 cycles) and net_bars_soak_test
+// (MBMQ_SOAK, label soak: 10 rounds, 1,000 cycles).
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "mbmq/net.h"
+#include "net/net_util.h"
+#include "os/process.h"
+#include "test_util.h"
+
+namespace mbmq {
+namespace {
+
+using test::join;
+using test::Pipe;
+using test::secs;
+using test::spawn;
+
+#ifdef MBMQ_SOAK
+constexpr int kRounds = 10;
+constexpr int kCycles = 1000;
+#else
+constexpr int kRounds = 1;
+constexpr int kCycles = 50;
+#endif
+constexpr int kClients = 32;
+constexpr int kWarmCycles = 10;  // before the baseline: UCX's and malloc's one-time growth
+
+std::string url(std::uint32_t port) { return "ucx://127.0.0.1:" + std::to_string(port) + "/bars"; }
+
+double pct(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1,
+                    static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5))];
+}
+
+// A record a client child writes to the shared pipe (12 bytes: one write, atomic).
+struct Seen {
+  std::int64_t at_ns;  // monotonic (system-wide) time call() returned
+  std::int32_t code;   // 0: PeerClosed; else what went wrong
+};
+
+// One round: a server holds one unanswered call from each of 32 client processes, is killed;
+// each client's time from the kill to its call's PeerClosed is appended to `ms`.
+void kill_round(std::vector<double>& ms, int& wrong) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  Pipe port = Pipe::make(), holding = Pipe::make();
+  auto seen = os::make_pipe();
+  ASSERT_TRUE(seen);
+  const pid_t server = spawn(
+      [&]() -> int {
+        auto l = net::listen("ucx://127.0.0.1:0/bars");
+        if (!l) return 10;
+        for (int i = 0; i < kClients; ++i) port.put(l->port());
+        std::vector<net::Channel> chans;
+        std::vector<net::Message> held;  // requests never answered
+        for (int i = 0; i < kClients; ++i) {
+          auto ch = l->accept(secs(30));
+          if (!ch) return 11;
+          chans.push_back(std::move(*ch));
+        }
+        for (auto& ch : chans) {
+          auto m = ch.receive(secs(30));
+          if (!m || m->kind != Kind::Request) return 12;
+          held.push_back(std::move(*m));
+        }
+        holding.put(1);
+        os::sleep_ns(60'000'000'000);  // killed long before
+        return 13;
+      },
+      90);
+  std::vector<pid_t> clients;
+  for (int i = 0; i < kClients; ++i)
+    clients.push_back(spawn(
+        [&]() -> int {
+          const std::uint32_t p = port.get();
+          auto ch = net::connect(url(p), secs(20));
+          Seen s{0, 1};
+          if (ch) {
+            auto b = ch->buffer(64);
+            if (b) {
+              Status st = ch->call(*b, secs(30));
+              s.at_ns = monotonic_ns();
+              s.code = st ? 2 : st.error().code == Errc::PeerClosed ? 0 : 3;
+            }
+          }
+          (void)os::write_once(seen->second.get(), &s, sizeof s);
+          return 0;
+        },
+        90));
+  port.w.reset();
+  holding.w.reset();
+  seen->second.reset();
+  if (holding.get() != 1) {
+    for (pid_t c : clients) (void)os::kill_process(c, SIGKILL);
+    for (pid_t c : clients) (void)join(c);
+    FAIL() << "the server did not get 32 calls: exit " << join(server);
+  }
+  os::sleep_ns(20'000'000);  // every client is inside call(), waiting
+  const std::int64_t t_kill = monotonic_ns();
+  ASSERT_TRUE(os::kill_process(server, SIGKILL));
+  for (int i = 0; i < kClients; ++i) {
+    Seen s{};
+    auto n = os::read_full(seen->first.get(), std::as_writable_bytes(std::span(&s, 1)));
+    if (!n || *n != sizeof s) {
+      ++wrong;
+      continue;
+    }
+    if (s.code != 0)
+      ++wrong;
+    else
+      ms.push_back(static_cast<double>(s.at_ns - t_kill) / 1e6);
+  }
+  EXPECT_EQ(join(server), 128 + SIGKILL);
+  for (pid_t c : clients) EXPECT_EQ(join(c), 0);
+}
+
+// Bar: p99 <= 100 ms. If this fails, the bar is not met: the numbers are printed and reported
+// (README "Across machines"), the bar is not loosened.
+TEST(NetBars, KilledServerIsSeenByAll32ClientsWithinP99Of100ms) {
+  std::vector<double> ms;
+  int wrong = 0;
+  for (int r = 0; r < kRounds; ++r) {
+    kill_round(ms, wrong);
+    if (HasFatalFailure()) return;
+  }
+  std::printf(
+      "killed server, %d clients x %d rounds: kill -> PeerClosed p50 %.1f ms, p99 %.1f ms, max "
+      "%.1f ms, min %.1f ms (%zu seen, %d wrong); load %s\n",
+      kClients, kRounds, pct(ms, 0.5), pct(ms, 0.99), pct(ms, 1.0), pct(ms, 0.0), ms.size(), wrong,
+      [] {
+        static char b[64] = {};
+        std::FILE* f = std::fopen("/proc/loadavg", "r");
+        if (f != nullptr) {
+          if (std::fgets(b, sizeof b, f) == nullptr) b[0] = 0;
+          std::fclose(f);
+        }
+        return b;
+      }());
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(ms.size(), static_cast<std::size_t>(kClients * kRounds));
+  EXPECT_LE(pct(ms, 0.99), 100.0) << "#19 bar: killed peer -> PeerClosed p99 <= 100 ms";
+}
+
+// A server with a client connected is killed; a new server process (UCX already loaded, waiting)
+// listens on the same port: it must be listening within 100 ms of the kill, and serve a call.
+TEST(NetBars, ARestartedServerListensOnTheSamePortWithin100ms) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  std::vector<double> listen_ms, serve_ms;
+  for (int r = 0; r < kRounds * 3; ++r) {
+    Pipe port = Pipe::make(), holding = Pipe::make(), go = Pipe::make(), listening = Pipe::make(),
+         served = Pipe::make();
+    const pid_t first = spawn(
+        [&]() -> int {
+          auto l = net::listen("ucx://127.0.0.1:0/bars");
+          if (!l) return 10;
+          port.put(l->port());
+          port.put(l->port());
+          auto ch = l->accept(secs(20));
+          if (!ch) return 11;
+          auto m = ch->receive(secs(20));
+          if (!m) return 12;
+          holding.put(1);
+          os::sleep_ns(60'000'000'000);
+          return 13;
+        },
+        90);
+    const pid_t second = spawn(
+        [&]() -> int {
+          // UCX loaded and warm before the kill: what is measured is listening, not exec.
+          auto warm = net::listen("ucx://127.0.0.1:0/warm");
+          if (!warm) return 10;
+          const std::uint32_t p = port.get();
+          if (go.get() != 1) return 11;
+          const std::int64_t until = monotonic_ns() + 5'000'000'000;
+          Result<net::Listener> l = net::listen(url(p));
+          while (!l && monotonic_ns() < until) {
+            os::sleep_ns(1'000'000);
+            l = net::listen(url(p));
+          }
+          if (!l) return 12;
+          listening.put(static_cast<std::uint32_t>(monotonic_ns() / 1000 % 4'000'000'000u));
+          auto ch = l->accept(secs(20));
+          if (!ch) return 13;
+          auto m = ch->receive(secs(20));
+          if (!m || m->kind != Kind::Request) return 14;
+          return net::Channel::reply(std::move(*m)) ? 0 : 15;
+        },
+        90);
+    const pid_t client = spawn(
+        [&]() -> int {
+          const std::uint32_t p = port.get();
+          auto ch = net::connect(url(p), secs(10));
+          if (!ch) return 10;
+          auto b = ch->buffer(64);
+          if (!b) return 11;
+          Status s = ch->call(*b, secs(20));  // the first server is killed
+          if (s || s.error().code != Errc::PeerClosed) return 12;
+          // Reconnect to the restarted one (retrying until it listens).
+          const std::int64_t until = monotonic_ns() + 5'000'000'000;
+          for (;;) {
+            auto again = net::connect(url(p), secs(2));
+            if (again) {
+              auto b2 = again->buffer(64);
+              if (!b2 || !again->call(*b2, secs(5))) return 13;
+              served.put(static_cast<std::uint32_t>(monotonic_ns() / 1000 % 4'000'000'000u));
+              return 0;
+            }
+            if (monotonic_ns() > until) return 14;
+            os::sleep_ns(1'000'000);
+          }
+        },
+        90);
+    port.w.reset();
+    holding.w.reset();
+    listening.w.reset();
+    served.w.reset();
+    ASSERT_EQ(holding.get(), 1u) << "the first server did not get the call";
+    const std::int64_t t_kill = monotonic_ns();
+    ASSERT_TRUE(os::kill_process(first, SIGKILL));
+    go.put(1);
+    const std::uint32_t at_listen = listening.get(0), at_served = served.get(0);
+    EXPECT_EQ(join(first), 128 + SIGKILL);
+    EXPECT_EQ(join(second), 0);
+    EXPECT_EQ(join(client), 0);
+    ASSERT_NE(at_listen, 0u);
+    const auto us = [&](std::uint32_t at) {
+      const std::int64_t kill_us = t_kill / 1000 % 4'000'000'000;
+      return static_cast<double>(static_cast<std::int64_t>(at) - kill_us) / 1e3;
+    };
+    listen_ms.push_back(us(at_listen));
+    if (at_served != 0) serve_ms.push_back(us(at_served));
+  }
+  std::printf(
+      "restart on the same port, %zu runs: kill -> listening again p50 %.1f ms, max %.1f ms; "
+      "kill -> the old client's first call served by the new server p50 %.1f ms, max %.1f ms\n",
+      listen_ms.size(), pct(listen_ms, 0.5), pct(listen_ms, 1.0), pct(serve_ms, 0.5),
+      pct(serve_ms, 1.0));
+  EXPECT_LE(pct(listen_ms, 1.0), 100.0) << "#19 bar: restart listening <= 100 ms";
+}
+
+// ---- leaks --------------------------------------------------------------------------------
+struct Usage {
+  std::int64_t fds, threads, rss, heap;
+};
+Usage usage() {
+  const struct mallinfo2 mi = ::mallinfo2();
+  return Usage{static_cast<std::int64_t>(os::open_fd_count()),
+               static_cast<std::int64_t>(os::dir_listing("/proc/self/task").size()),
+               static_cast<std::int64_t>(os::resident_bytes()),
+               static_cast<std::int64_t>(mi.uordblks)};
+}
+void put_usage(const Pipe& p, const Usage& u) {
+  (void)os::write_full(p.w.get(), std::as_bytes(std::span(&u, 1)));
+}
+bool get_usage(const Pipe& p, Usage& u) {
+  auto n = os::read_full(p.r.get(), std::as_writable_bytes(std::span(&u, 1)));
+  return n && *n == sizeof u;
+}
+
+void expect_no_leak(const char* who, const Usage& a, const Usage& b, int cycles) {
+  std::printf(
+      "%s, %d connect/kill cycles after %d warm-up: fds %lld -> %lld, threads %lld -> %lld, RSS "
+      "%+lld KiB, heap in use %+lld B (%.1f B/cycle)\n",
+      who, cycles, kWarmCycles, static_cast<long long>(a.fds), static_cast<long long>(b.fds),
+      static_cast<long long>(a.threads), static_cast<long long>(b.threads),
+      static_cast<long long>((b.rss - a.rss) / 1024), static_cast<long long>(b.heap - a.heap),
+      static_cast<double>(b.heap - a.heap) / cycles);
+  EXPECT_EQ(a.fds, b.fds);
+  EXPECT_EQ(a.threads, b.threads);
+  // Heap: a leak of even 64 B a cycle shows (3.2 KB over 50, 64 KB over 1,000); the allowance is
+  // for malloc's own bookkeeping (a bin or two), not per cycle.
+  EXPECT_LE(b.heap - a.heap, 16 * 1024) << "heap grew";
+  // RSS moves by pages with malloc's trimming and UCX's pools: 1 MiB allowed.
+  EXPECT_LE(b.rss - a.rss, 1 << 20) << "RSS grew";
+}
+
+// A long-lived server; each cycle a new client process connects, calls, and is killed with the
+// call in flight. The server's fds, threads, RSS and heap after the cycles = after the warm-up.
+TEST(NetBars, ClientsKilledMidCallLeakNothingInTheServer) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  const int total = kWarmCycles + kCycles;
+  Pipe port = Pipe::make(), holding = Pipe::make(), before = Pipe::make(), after = Pipe::make();
+  const pid_t server = spawn(
+      [&]() -> int {
+        auto l = net::listen("ucx://127.0.0.1:0/bars");
+        if (!l) return 10;
+        for (int i = 0; i < total; ++i) port.put(l->port());
+        for (int i = 0; i < total; ++i) {
+          if (i == kWarmCycles) put_usage(before, usage());
+          auto ch = l->accept(secs(20));
+          if (!ch) return 11;
+          auto m = ch->receive(secs(20));
+          if (!m || m->kind != Kind::Request) return 12;
+          holding.put(1);
+          auto end = ch->receive(secs(20));  // the client is killed
+          if (!end || end->kind != Kind::PeerClosed) return 13;
+        }  // m (unanswered) and the channel go here
+        put_usage(after, usage());
+        return 0;
+      },
+      kCycles * 2 + 60);
+  port.w.reset();
+  holding.w.reset();
+  before.w.reset();
+  after.w.reset();
+  for (int i = 0; i < total; ++i) {
+    const pid_t c = spawn(
+        [&]() -> int {
+          auto ch = net::connect(url(port.get()), secs(10));
+          if (!ch) return 10;
+          auto b = ch->buffer(64);
+          if (!b) return 11;
+          (void)ch->call(*b, secs(30));
+          return 12;
+        },
+        60);
+    ASSERT_EQ(holding.get(), 1u) << "cycle " << i;
+    ASSERT_TRUE(os::kill_process(c, SIGKILL));
+    ASSERT_EQ(join(c), 128 + SIGKILL);
+  }
+  Usage a{}, b{};
+  ASSERT_TRUE(get_usage(before, a));
+  ASSERT_TRUE(get_usage(after, b));
+  EXPECT_EQ(join(server), 0);
+  expect_no_leak("server surviving killed clients", a, b, kCycles);
+}
+
+// A long-lived client; each cycle a new server process is started, the client connects and
+// calls, and the server is killed with the call in flight.
+TEST(NetBars, ServersKilledMidCallLeakNothingInTheClient) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  const int total = kWarmCycles + kCycles;
+  Pipe port = Pipe::make(), holding = Pipe::make(), before = Pipe::make(), after = Pipe::make(),
+       done = Pipe::make();
+  const pid_t client = spawn(
+      [&]() -> int {
+        for (int i = 0; i < total; ++i) {
+          if (i == kWarmCycles) put_usage(before, usage());
+          auto ch = net::connect(url(port.get()), secs(10));
+          if (!ch) return 10;
+          auto b = ch->buffer(64);
+          if (!b) return 11;
+          Status s = ch->call(*b, secs(30));  // the server is killed
+          if (s || s.error().code != Errc::PeerClosed) return 12;
+          done.put(1);
+        }
+        put_usage(after, usage());
+        return 0;
+      },
+      kCycles * 2 + 60);
+  before.w.reset();
+  after.w.reset();
+  done.w.reset();
+  for (int i = 0; i < total; ++i) {
+    const pid_t s = spawn(
+        [&]() -> int {
+          auto l = net::listen("ucx://127.0.0.1:0/bars");
+          if (!l) return 10;
+          port.put(l->port());
+          auto ch = l->accept(secs(20));
+          if (!ch) return 11;
+          auto m = ch->receive(secs(20));
+          if (!m) return 12;
+          holding.put(1);
+          os::sleep_ns(60'000'000'000);
+          return 13;
+        },
+        60);
+    ASSERT_EQ(holding.get(), 1u) << "cycle " << i;
+    ASSERT_TRUE(os::kill_process(s, SIGKILL));
+    ASSERT_EQ(join(s), 128 + SIGKILL);
+    ASSERT_EQ(done.get(), 1u) << "cycle " << i << ": the call did not end with PeerClosed";
+  }
+  Usage a{}, b{};
+  ASSERT_TRUE(get_usage(before, a));
+  ASSERT_TRUE(get_usage(after, b));
+  EXPECT_EQ(join(client), 0);
+  expect_no_leak("client surviving killed servers", a, b, kCycles);
+}
+
+}  // namespace
+}  // namespace mbmq
