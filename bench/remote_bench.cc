@@ -16,6 +16,13 @@
 //
 //   sudo build/bench/mbmq-net-bench [--seconds S] [--sizes 64,4K,...] [--oneway-sizes ...]
 //                                   [--only tcp,raw-ucx,...] [--json] [--no-pin]
+//
+// Pinning: the client's main thread on CPU 0, the server's on CPU 1, as `mbmq bench` does, but
+// only once UCX is up (after listen()/connect()): UCX's async thread and mbmq::net's keeper
+// thread keep every CPU. Pinned before, they inherit the spinning thread's CPU and starve behind
+// it (measured: mbmq-net-spin one-way 16 MiB at 20 MB/s); not pinned at all, two spinning
+// processes on a busy 2-vCPU machine share a CPU and a round trip waits for a scheduler tick
+// (4 ms multiples measured). ucx_perftest is pinned with its own -c (the whole process).
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -105,7 +112,7 @@ void client_cells(const std::string& mech, ClientOps& ops, int out) {
     std::vector<std::int64_t> lat;
     lat.reserve(200'000);
     const std::int64_t end = monotonic_ns() + budget;
-    while (ok && lat.size() < 200'000 && (lat.size() < 5 || monotonic_ns() < end)) {
+    while (ok && lat.size() < 200'000 && (lat.size() < 7 || monotonic_ns() < end)) {
       const std::int64_t t0 = monotonic_ns();
       ok = ops.rtt(size, ++seq);
       lat.push_back(monotonic_ns() - t0);
@@ -154,7 +161,7 @@ pid_t child_in(const std::string& ns, const std::string& dev, int cpu,
   os::ignore_sigpipe();
   ::setenv("UCX_TLS", "tcp", 1);
   if (!mbmq::netns::enter(ns, dev)) os::exit_now(99);
-  pin(cpu);
+  (void)cpu;  // pinned by body(), once UCX's threads exist
   os::exit_now(body());
 }
 
@@ -217,6 +224,7 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech,
     lo.max_message = (64u << 20) + 4096;
     auto l = net::listen("ucx://" + ns.ip_a + ":0/bench", lo);
     if (!l) return 10;
+    pin(1);
     put_u32(port_fd, l->port());
     auto ch = l->accept(Deadline::after(std::chrono::seconds(30)));
     if (!ch) return 11;
@@ -236,6 +244,7 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech,
       std::fprintf(stderr, "mbmq-net-bench: connect: %s\n", ch.error().message().c_str());
       return 20;
     }
+    pin(0);
     std::size_t max = 8;
     for (auto s : g_opt.sizes) max = std::max(max, s);
     auto b = ch->buffer(max);
@@ -269,7 +278,12 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech,
 std::vector<Row> raw_ucx(const mbmq::netns::Pair& ns) {
   auto serve = [&](int port_fd) -> int {
     return mbmq::bench::raw_ucx_serve(
-        ns.ip_a, [](std::uint32_t p, void* fd) { put_u32(*static_cast<int*>(fd), p); }, &port_fd);
+        ns.ip_a,
+        [](std::uint32_t p, void* fd) {
+          pin(1);  // UCX is up
+          put_u32(*static_cast<int*>(fd), p);
+        },
+        &port_fd);
   };
   auto client = [&](std::uint32_t port, int out) -> int {
     mbmq::bench::RawUcxClient c;
@@ -280,6 +294,7 @@ std::vector<Row> raw_ucx(const mbmq::netns::Pair& ns) {
       std::fprintf(stderr, "mbmq-net-bench: raw-ucx: %s\n", e.c_str());
       return 20;
     }
+    pin(0);
     ClientOps ops;
     ops.rtt = [&](std::size_t n, std::uint64_t seq) { return c.call(n, seq); };
     ops.stream = [&](std::size_t n, std::int64_t until) { return c.stream(n, until); };
@@ -299,6 +314,7 @@ std::vector<Row> tcp(const mbmq::netns::Pair& ns) {
   for (auto s : g_opt.oneway) max = std::max(max, s);
   auto serve = [&](int port_fd) -> int {
     std::uint16_t port = 0;
+    pin(1);
     auto l = os::tcp_listen(ns.ip_a.c_str(), 0, 4, &port);
     if (!l) return 10;
     put_u32(port_fd, port);
@@ -319,6 +335,7 @@ std::vector<Row> tcp(const mbmq::netns::Pair& ns) {
     }
   };
   auto client = [&](std::uint32_t port, int out) -> int {
+    pin(0);
     auto c = os::tcp_connect(ns.ip_a.c_str(), static_cast<std::uint16_t>(port));
     if (!c) return 20;
     std::vector<std::byte> buf(max + 8);
@@ -433,7 +450,7 @@ std::vector<Row> perftest_rows(const mbmq::netns::Pair& ns) {
   auto iters = [](std::size_t size, double per_iter_us) {
     const double n = g_opt.seconds * 1e6 / per_iter_us;
     (void)size;
-    return static_cast<unsigned>(std::clamp(n, 5.0, 100'000.0));
+    return static_cast<unsigned>(std::clamp(n, 7.0, 100'000.0));
   };
   for (std::size_t size : g_opt.sizes) {
     Row r;
