@@ -410,19 +410,20 @@ TEST(MBMQ_BARS, ServersKilledMidCallLeakNothingInTheClient) {
 }
 
 // Not a bar of #19: a measurement of two suspects found with mbmq-net-bench, asserting only that
-// every call works. Channels accepted by one listener share its UCX worker and its lock.
-// (a) "alone": 64 B calls on the first channel while the server's main thread waits in accept()
-//     for the second, on the same worker: a waiting thread may take the wake-up another armed
-//     for, and the other then sleeps to its 20 ms safety-net poll (README "Not done yet");
-//     measured p50 20.15 ms in 2 runs of 3, 0.011 ms in the third.
-// (b) "beside": the same calls while another channel of the listener makes 64 MiB calls; a
-//     helper thread was seen waiting up to 229 ms on a futex during 64 MiB transfers, consistent
-//     with WorkerCore::progress_locked() looping ucp_worker_progress under the worker's lock for
-//     a whole rendezvous. Measured p99 72-79 ms, max 121-152 ms (alone: max 24-31 ms).
+// every call works. Channels accepted by one listener share its UCX worker and its lock. 64 B
+// calls on the listener's first channel (served by a thread of its own), while the server's main
+// thread is (1) away from the worker (reading a pipe), (2) waiting in accept() for a second
+// client on the same worker: a waiting thread may take the wake-up another armed for, and the
+// other then sleeps to its 20 ms safety-net poll; (3) serving, on a second channel, 64 MiB calls
+// (a helper thread was seen waiting up to 229 ms on a futex during 64 MiB transfers, consistent
+// with WorkerCore::progress_locked() looping ucp_worker_progress under the worker's lock for a
+// whole rendezvous). Measured (4 runs): (1) p50 0.011-0.12 ms; (2) p50 20.15-20.18 ms in 3 runs,
+// 0.011 ms in one; (3) max 119-140 ms.
 TEST(MBMQ_BARS, SmallCallsBesideA64MiBTransferOnOneListenerAreMeasured) {
   ::setenv("UCX_TLS", "tcp", 1);
   constexpr std::size_t kBig = 64u << 20;
-  Pipe port = Pipe::make(), big_start = Pipe::make(), big_going = Pipe::make();
+  Pipe port = Pipe::make(), idle_done = Pipe::make(), accepting = Pipe::make(),
+       big_start = Pipe::make(), big_going = Pipe::make();
   const pid_t server = spawn(
       [&]() -> int {
         net::ListenOptions lo;
@@ -433,6 +434,10 @@ TEST(MBMQ_BARS, SmallCallsBesideA64MiBTransferOnOneListenerAreMeasured) {
         port.put(l->port());
         std::vector<std::thread> ts;
         for (int i = 0; i < 2; ++i) {
+          if (i == 1) {  // (phase 1 ran with this thread away from the worker)
+            if (idle_done.get() != 1) return 12;
+            accepting.put(1);
+          }
           auto ch = l->accept(secs(20));
           if (!ch) return 11;
           ts.emplace_back([c = std::move(*ch)]() mutable {
@@ -476,21 +481,28 @@ TEST(MBMQ_BARS, SmallCallsBesideA64MiBTransferOnOneListenerAreMeasured) {
           }
           return true;
         };
-        std::vector<double> alone, beside;
-        if (!run(1'000'000'000, alone)) return 12;
+        std::vector<double> idle, in_accept, beside;
+        if (!run(700'000'000, idle)) return 12;  // (1) the server's main thread in a read()
+        idle_done.put(1);
+        if (accepting.get() != 1) return 13;
+        os::sleep_ns(10'000'000);
+        if (!run(700'000'000, in_accept)) return 14;  // (2) ... in accept() on the same worker
         big_start.put(1);
-        if (big_going.get() != 1) return 13;
-        if (!run(2'000'000'000, beside)) return 14;
+        if (big_going.get() != 1) return 15;
+        if (!run(2'000'000'000, beside)) return 16;  // (3) beside 64 MiB calls
         std::printf(
-            "64 B calls on one listener's worker: alone p50 %.3f ms max %.3f ms (%zu); beside "
-            "64 MiB calls on another channel p50 %.3f ms p99 %.3f ms max %.3f ms (%zu)\n",
-            pct(alone, 0.5), pct(alone, 1.0), alone.size(), pct(beside, 0.5), pct(beside, 0.99),
-            pct(beside, 1.0), beside.size());
+            "64 B calls on one listener's worker: (1) server's main thread elsewhere p50 %.3f ms "
+            "max %.3f ms (%zu); (2) it waiting in accept() p50 %.3f ms max %.3f ms (%zu); (3) "
+            "beside 64 MiB calls on another channel p50 %.3f ms p99 %.3f ms max %.3f ms (%zu)\n",
+            pct(idle, 0.5), pct(idle, 1.0), idle.size(), pct(in_accept, 0.5), pct(in_accept, 1.0),
+            in_accept.size(), pct(beside, 0.5), pct(beside, 0.99), pct(beside, 1.0), beside.size());
         std::fflush(stdout);
         return 0;
       },
       90);
   port.w.reset();
+  idle_done.w.reset();
+  accepting.w.reset();
   big_start.w.reset();
   big_going.w.reset();
   EXPECT_EQ(join(small), 0);
