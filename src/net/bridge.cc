@@ -96,6 +96,7 @@ class BridgeCore {
       os::LockGuard lock(mu_);
       k = &links_.emplace_back();
     }
+    remote.set_wait_policy(opt_.remote_wait);
     k->remote = std::move(remote);
     k->local = std::move(pair->first);
     live_.fetch_add(1, std::memory_order_relaxed);  // only accept() adds: no ordering needed
