@@ -215,6 +215,24 @@ TEST(NetBridge, OneQueueServesALocalClientAndTwoRemoteClientsAtOnce) {
   EXPECT_EQ(s.no_reply, 0u);
 }
 
+// Payloads above the local slot size (extents) and above UCX's eager size (rendezvous) cross the
+// bridge both ways; an empty request too.
+TEST(NetBridge, LargeAndEmptyPayloadsCrossTheBridge) {
+  test::Watchdog dog("the test", 60s);
+  Server server;
+  auto bridge = make_bridge();
+  ASSERT_TRUE(bridge) << bridge.error().message();
+  auto c = connect_and_accept(*bridge);
+  ASSERT_TRUE(c.remote) << c.remote.error().message();
+  ASSERT_TRUE(c.end) << c.end.error().message();
+  ASSERT_TRUE(server.queue().adopt(std::move(*c.end), 1));
+  std::uint64_t seq = 0;
+  for (std::size_t size : {std::size_t{0}, std::size_t{65'535}, std::size_t{65'537},
+                           (std::size_t{1} << 20) - 3, (std::size_t{8} << 20) - 3})
+    EXPECT_TRUE(call_and_check(*c.remote, seq++, size)) << size;
+  EXPECT_EQ(bridge->stats().calls, 5u);
+}
+
 // One-way messages from a remote client arrive on the queue as Kind::Message, in order with its
 // calls.
 TEST(NetBridge, OneWayMessagesArriveOnTheQueue) {
