@@ -97,8 +97,8 @@ class Bridge {
 
   // The server's end of the next accepted remote connection: redirect it to a queue (or adopt()
   // it) and serve it as any local channel. Errc::TimedOut at the deadline; Errc::Busy when
-  // max_connections were live (that connection was closed); Errc::System if the local pair cannot
-  // be made (the connection was closed).
+  // max_connections were live (that connection was closed); Errc::System if the local pair or the
+  // thread cannot be made (the connection was closed).
   Result<mbmq::Channel> accept(Deadline deadline);
 
   BridgeStats stats() const noexcept;

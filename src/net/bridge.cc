@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstring>
 #include <list>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -100,8 +101,18 @@ class BridgeCore {
     k->remote = std::move(remote);
     k->local = std::move(pair->first);
     live_.fetch_add(1, std::memory_order_relaxed);  // only accept() adds: no ordering needed
-    accepted_.fetch_add(1, std::memory_order_relaxed);
-    k->thread = std::thread([this, k] { run(*k); });
+    try {
+      k->thread = std::thread([this, k] { run(*k); });
+    } catch (const std::system_error& e) {  // out of threads (RLIMIT_NPROC, memory)
+      k->remote.close();
+      k->local.close();
+      live_.fetch_sub(1, std::memory_order_relaxed);
+      os::LockGuard lock(mu_);
+      links_.remove_if([k](const Link& l) { return &l == k; });
+      return fail(Error::from_syscall("net::Bridge::accept: a thread for the connection",
+                                      e.code().value()));
+    }
+    accepted_.fetch_add(1, std::memory_order_relaxed);  // a counter: no ordering
     return std::move(pair->second);
   }
 
