@@ -190,11 +190,12 @@ class BridgeCore {
 
   // (B2)
   Next forward_call(Link& k, net::Message& m) {
+    const Deadline d = call_deadline();  // one bound for the buffer and the call
     const std::size_t n = m.buffer.size();
-    auto lb = k.local.buffer(n, call_deadline());
+    auto lb = k.local.buffer(n, d);
     if (!lb) return local_failed(lb.error().code);
     if (n != 0) std::memcpy(lb->data().data(), m.buffer.data().data(), n);  // copy in
-    Status s = k.local.call(*lb, call_deadline());
+    Status s = k.local.call(*lb, d);
     if (!s) return local_failed(s.error().code);
     const std::size_t r = lb->size();
     if (!m.buffer.resize(r)) {  // above the client's limit: it gets NoReply
