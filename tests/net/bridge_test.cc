@@ -525,6 +525,46 @@ TEST(NetBridge, ConnectionsPastTheLimitAreClosedWithBusyAndTheOthersGoOn) {
   EXPECT_TRUE(call_and_check(in[1], 5, 64));
 }
 
+// A request the server holds past call_timeout is answered NoReply by the bridge (the bridge's
+// wait is bounded whatever the remote caller's deadline); the link goes on, and the server's late
+// answer is dropped.
+TEST(NetBridge, ARequestHeldPastCallTimeoutIsAnsweredNoReplyAndTheLinkGoesOn) {
+  test::Watchdog dog("the test", 30s);
+  std::mutex mu;
+  std::vector<Message> held;
+  Server server([&](Message& m) {
+    if (m.buffer.size() != 1) return false;
+    std::lock_guard lock(mu);
+    held.push_back(std::move(m));  // held, answered only after the bridge gave up
+    return true;
+  });
+  net::BridgeOptions opt;
+  opt.call_timeout = 200ms;
+  auto bridge = make_bridge(opt);
+  ASSERT_TRUE(bridge) << bridge.error().message();
+  auto c = connect_and_accept(*bridge);
+  ASSERT_TRUE(c.remote) << c.remote.error().message();
+  ASSERT_TRUE(c.end) << c.end.error().message();
+  ASSERT_TRUE(server.queue().adopt(std::move(*c.end), 1));
+  auto b = c.remote->buffer(1);
+  ASSERT_TRUE(b);
+  const std::int64_t t0 = monotonic_ns();
+  Status s = c.remote->call(*b, secs(10));
+  const std::int64_t took = monotonic_ns() - t0;
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, Errc::NoReply) << s.error().message();
+  EXPECT_GE(took, 190'000'000);
+  EXPECT_LT(took, 5'000'000'000);
+  EXPECT_EQ(bridge->stats().no_reply, 1u);
+  {
+    std::lock_guard lock(mu);
+    ASSERT_EQ(held.size(), 1u);
+    (void)MsgQueue::reply(std::move(held[0]));  // late: dropped by the bridge's end
+    held.clear();
+  }
+  for (std::uint64_t i = 0; i < 10; ++i) EXPECT_TRUE(call_and_check(*c.remote, i, 64));
+}
+
 TEST(NetBridge, BadOptionsAreInvalidArgument) {
   net::BridgeOptions opt;
   opt.max_connections = 0;
