@@ -26,6 +26,9 @@
 // sends on it (send, send_request) are dropped (a request is answered NoReply). Handles cannot
 // cross hosts (net::Buffer::attach_fd); handles attached to a reply are dropped.
 //
+// Keep a thread in accept(), as with net::Listener: a connecting client's hello is answered while
+// the listener's worker progresses there (a connect() waits for that answer).
+//
 // Thread safety: accept() from one thread at a time; stats() from any. Destroy the bridge when no
 // thread is inside accept(). Memory ordering: as for the two channels it joins.
 #pragma once
