@@ -66,7 +66,7 @@ struct BridgeOptions {
   // Options of each local pair (the bridge's end is the first, trust[0]; the server's the second).
   // channel.wait is how a bridge thread waits for the server's reply. Sleep by default, as
   // remote_wait: a thread per client spinning after each message costs the server's cores more
-  // than the wake-up saves (on the busy 2-vCPU test machine, bridged round trips were 5-12x
+  // than the wake-up saves (on the busy 2-vCPU test machine, bridged round trips were 5-13x
   // slower with every side adaptive than with the bridge's sides asleep: docs/design/net.md).
   ChannelOptions channel{.wait = {WaitMode::Sleep, {}}};
   // How a bridge thread waits for its remote client's next message (net::Channel::set_wait_policy).
