@@ -48,7 +48,8 @@ bool local_ended(Errc code) noexcept {
 
 struct Link {
   // Set before the thread starts, then used by that thread only, except local.close() which
-  // ~BridgeCore may call from its own thread (mbmq::Channel::close is safe then).
+  // ~BridgeCore may call from its own thread (mbmq::Channel::close is safe then), holding
+  // BridgeCore::mu_, which the thread holds to reset them as it ends.
   net::Channel remote;
   mbmq::Channel local;
   std::thread thread;
@@ -68,12 +69,12 @@ class BridgeCore {
     stop_.store(true, std::memory_order_release);
     std::list<Link> links;
     {
-      os::LockGuard lock(mu_);
+      os::LockGuard lock(mu_);  // a link's thread drops its ends under it (end of run())
       links.swap(links_);
+      // A thread inside a local call() or send() returns at once (InvalidArgument); one waiting
+      // for its remote client returns within poll_interval (B1).
+      for (Link& k : links) k.local.close();
     }
-    // A thread inside a local call() or send() returns at once (InvalidArgument); one waiting for
-    // its remote client returns within poll_interval (B1).
-    for (Link& k : links) k.local.close();
     for (Link& k : links) k.thread.join();
   }
 
@@ -172,6 +173,13 @@ class BridgeCore {
     // (B4) Remote first (if not done above), then local.
     k.remote.close();
     k.local.close();
+    {
+      // The ends' memory (the pair's segment mapping, the net channel) goes now, not when the
+      // next accept() reaps the link. Under mu_: ~BridgeCore may be closing k.local.
+      os::LockGuard lock(mu_);
+      k.local = mbmq::Channel{};
+      k.remote = net::Channel{};
+    }
     // Release: the decrement pairs with accept()'s acquire load (a free slot).
     live_.fetch_sub(1, std::memory_order_release);
     // Release pairs with reap()'s acquire load: everything this thread did is before its join.
