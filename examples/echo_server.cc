@@ -1,65 +1,80 @@
-// examples/echo_server.cc: `echo_server NAME` serves NAME until it is killed. Every request comes
-// back unchanged (it is already in the caller's buffer: the echo costs no copy). The listener is
-// redirected to the queue, so one loop serves new connections and requests alike.
-// `echo_server ucx://ADDR:PORT/service` (mbmq::net, #19, where the build has UCX) serves remote
-// clients instead, a thread per connection: a net::Channel cannot be redirected to a MsgQueue yet.
+// examples/echo_server.cc: `echo_server NAME...` serves each NAME until it is killed. Every request
+// comes back unchanged (it is already in the caller's buffer: the echo costs no copy). The
+// listeners are redirected to one queue, so one loop serves new connections and requests alike.
+// A NAME may be `ucx://ADDR:PORT/service` (mbmq::net, #19, where the build has UCX): its remote
+// clients are served by the same loop, through a net::Bridge (mbmq/net_bridge.h) whose accepted
+// connections a thread of ours adopts into the queue.
+#include <atomic>
 #include <cstdio>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include "mbmq/mbmq.h"
 #ifdef MBMQ_EXAMPLE_NET
 #include "mbmq/net.h"
+#include "mbmq/net_bridge.h"
 #endif
 
 namespace {
 
+constexpr std::uint64_t kListenerKey = 0;
+std::atomic<std::uint64_t> next_key{1};  // channel keys, local and remote alike
+
 #ifdef MBMQ_EXAMPLE_NET
-int serve_remote(const char* url) {
+// Accepts remote clients through a bridge and hands each to the queue, as the loop in main() does
+// for local ones (Kind::Connection). The thread and the bridge live as long as the program.
+bool serve_remote(const char* url, mbmq::MsgQueue& queue) {
   auto listener = mbmq::net::listen(url);
   if (!listener) {
     std::fprintf(stderr, "echo_server: listen %s: %s\n", url, listener.error().message().c_str());
-    return 1;
+    return false;
   }
-  std::printf("echo_server: listening on %s\n", url);
-  std::fflush(stdout);
-  for (;;) {
-    auto ch = listener->accept(mbmq::Deadline::never());
-    if (!ch) continue;
-    std::thread([c = std::move(*ch)]() mutable {
-      for (;;) {
-        auto msg = c.receive(mbmq::Deadline::never());
-        if (!msg || msg->kind == mbmq::Kind::PeerClosed) return;
-        if (msg->kind == mbmq::Kind::Request) (void)mbmq::net::Channel::reply(std::move(*msg));
+  auto bridge = mbmq::net::Bridge::create(std::move(*listener));
+  if (!bridge) return false;
+  std::thread([&queue, b = std::move(*bridge)]() mutable {
+    for (;;) {
+      auto ch = b.accept(mbmq::Deadline::never());
+      if (!ch) {  // Busy: max_connections remote clients already
+        std::fprintf(stderr, "echo_server: accept: %s\n", ch.error().message().c_str());
+        continue;
       }
-    }).detach();
-  }
+      if (auto r = queue.adopt(std::move(*ch), next_key++); !r)
+        std::fprintf(stderr, "echo_server: adopt: %s\n", r.error().message().c_str());
+    }
+  }).detach();
+  return true;
 }
 #endif
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: echo_server NAME|ucx://ADDR:PORT/service\n");
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: echo_server NAME|ucx://ADDR:PORT/service...\n");
     return 2;
-  }
-#ifdef MBMQ_EXAMPLE_NET
-  if (std::string_view(argv[1]).substr(0, 6) == "ucx://") return serve_remote(argv[1]);
-#endif
-  auto listener = mbmq::Listener::create(argv[1]);
-  if (!listener) {
-    std::fprintf(stderr, "echo_server: listen %s: %s\n", argv[1],
-                 listener.error().message().c_str());
-    return 1;
   }
   auto queue = mbmq::MsgQueue::create();
   if (!queue) return 1;
-  constexpr std::uint64_t kListenerKey = 0;
-  if (auto r = listener->redirect(*queue, kListenerKey); !r) return 1;
-  std::printf("echo_server: listening on %s\n", argv[1]);
+  std::vector<mbmq::Listener> listeners;
+  for (int i = 1; i < argc; ++i) {
+#ifdef MBMQ_EXAMPLE_NET
+    if (std::string_view(argv[i]).substr(0, 6) == "ucx://") {
+      if (!serve_remote(argv[i], *queue)) return 1;
+      continue;
+    }
+#endif
+    auto listener = mbmq::Listener::create(argv[i]);
+    if (!listener) {
+      std::fprintf(stderr, "echo_server: listen %s: %s\n", argv[i],
+                   listener.error().message().c_str());
+      return 1;
+    }
+    if (auto r = listener->redirect(*queue, kListenerKey); !r) return 1;
+    listeners.push_back(std::move(*listener));
+  }
+  for (int i = 1; i < argc; ++i) std::printf("echo_server: listening on %s\n", argv[i]);
   std::fflush(stdout);
-  std::uint64_t next_key = 1;
   for (;;) {
     auto msg = queue->wait(mbmq::Deadline::never());
     if (!msg) continue;
@@ -69,7 +84,7 @@ int main(int argc, char** argv) {
         if (auto r = queue->adopt(std::move(msg->channel), next_key++); !r)
           std::fprintf(stderr, "echo_server: adopt: %s\n", r.error().message().c_str());
         break;
-      case mbmq::Kind::Request:
+      case mbmq::Kind::Request:  // from a local or a remote client alike
         (void)mbmq::MsgQueue::reply(std::move(*msg));
         break;
       default:  // Kind::PeerClosed: that client is gone; the queue has already let its channel go

@@ -31,7 +31,8 @@ kill -9 "$srv"; wait "$srv" 2>/dev/null
 echo "ok: echo_server/echo_client"
 
 # The same over UCX (#19) when the build has mbmq::net (second argument "ucx"): one call, a wrong
-# service refused, a looping client told peer-closed when the server is killed.
+# service refused, a looping client told peer-closed when the server is killed; then one server
+# serving a local name and a ucx:// URL from one queue.
 if [ "${2:-}" = ucx ]; then
   url="ucx://127.0.0.1:$((20000 + $$ % 20000))/echo"
   name=$url
@@ -47,5 +48,12 @@ if [ "${2:-}" = ucx ]; then
   [ "$rc" -ne 0 ] || fail "ucx looping client exited 0 after the server died"
   grep -q "peer-closed" /tmp/echo_loop.$$ || fail "ucx looping client did not say peer-closed: $(cat /tmp/echo_loop.$$)"
   rm -f /tmp/echo_loop.$$
+  # One server loop for a local name and a ucx:// URL at once (remote clients through net::Bridge).
+  both="echo-test-both-$$"
+  "$dir/echo_server" "$both" "$url" >/dev/null & srv=$!
+  wait_listening || fail "local+ucx server did not come up"
+  "$dir/echo_client" "$both" || fail "local call to the local+ucx server"
+  "$dir/echo_client" "$url" || fail "ucx call to the local+ucx server"
+  kill -9 "$srv"; wait "$srv" 2>/dev/null
   echo "ok: echo_server/echo_client over ucx://"
 fi
