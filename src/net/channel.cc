@@ -158,11 +158,9 @@ ReplyToken::~ReplyToken() {
 
 // ---- ChannelCore ----
 
-Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const std::string& host,
-                                                          std::uint16_t port, std::string service,
-                                                          Deadline deadline, WaitPolicy policy,
-                                                          std::chrono::milliseconds peer_timeout,
-                                                          Grant grant) {
+Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(
+    const Ucx* u, const std::string& host, std::uint16_t port, const std::string& service,
+    Deadline deadline, WaitPolicy policy, std::chrono::milliseconds peer_timeout, Grant grant) {
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = htons(port);

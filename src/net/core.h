@@ -124,11 +124,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   ChannelCore& operator=(const ChannelCore&) = delete;
 
   // Client side: creates the endpoint, sends Hello and waits for HelloAck (N1, N4).
-  static Result<std::shared_ptr<ChannelCore>> connect(const Ucx* u, const std::string& host,
-                                                      std::uint16_t port, std::string service,
-                                                      Deadline deadline, WaitPolicy policy,
-                                                      std::chrono::milliseconds peer_timeout,
-                                                      Grant grant);
+  static Result<std::shared_ptr<ChannelCore>> connect(
+      const Ucx* u, const std::string& host, std::uint16_t port, const std::string& service,
+      Deadline deadline, WaitPolicy policy, std::chrono::milliseconds peer_timeout, Grant grant);
   // Server side: the endpoint for an accepted connection request (N2).
   Status accept_locked(ucp_conn_request_h req, ListenCore* listener) MBMQ_REQUIRES(w_->mu);
 
