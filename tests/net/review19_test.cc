@@ -192,8 +192,8 @@ TEST(Review19, OversizedRendezvousHelloIsRefusedBeforeTheServerAllocatesIt) {
   EXPECT_LT(oversized_hello(UCP_AM_SEND_FLAG_RNDV), 8 << 20)
       << "a hello of 16 MiB was allocated before any check";
 }
-// Sent eagerly (a sender that forces UCP_AM_SEND_FLAG_EAGER; mbmq::net never does for a payload
-// above UCX's own threshold): UCX 1.13 itself assembles a multi-fragment eager message before any
+// Sent eagerly (a sender that forces UCP_AM_SEND_FLAG_EAGER; mbmq::net leaves the protocol to
+// UCX): UCX 1.13 itself assembles a multi-fragment eager message before any
 // handler sees its header (ucp_am_long_first_handler mallocs the total size the first fragment
 // claims, with or without UCP_AM_FLAG_WHOLE_MSG), so mbmq cannot refuse it earlier. What mbmq
 // bounds: it copies nothing of it (one 16 MiB copy, UCX's, not two), refuses it (the connection
