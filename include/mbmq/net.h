@@ -88,12 +88,14 @@ inline constexpr std::chrono::milliseconds kDefaultPeerTimeout{10'000};
 // Flow control (docs/design/net.md, "Flow control"): what a peer can make this end hold. Each end
 // grants its peer, in the hello, kDefaultInboxMessages requests and one-way messages and
 // kDefaultInboxBytes of their payload that it has not yet given back; it gives a one-way message
-// back once the application has received it, a request once it is answered (the reply carries
-// it). A sender out of credit waits (call, send with a deadline) or gets Errc::WouldBlock (send),
-// as with a local channel's full ring. A peer that sends beyond its grant is closed with
-// Errc::Protocol before its payload is received. So one channel's inbox holds at most
-// inbox_messages messages and max(inbox_bytes, the largest payload accepted) payload bytes
-// (one message alone may be larger than inbox_bytes).
+// back once the application has received it (batched: at half the grant, or when receive() is
+// about to wait), a request once it is answered (the reply carries it; a request held unanswered
+// holds its credit). A sender out of credit waits (call, send with a deadline) or gets
+// Errc::WouldBlock (send), as with a local channel's full ring. A peer that sends beyond its
+// grant is closed with Errc::Protocol before mbmq fetches or copies that payload. So one
+// channel's inbox holds at most inbox_messages messages and max(inbox_bytes, the largest payload
+// accepted) payload bytes (one message alone may be larger than inbox_bytes). Not bounded:
+// UCX 1.13's own reassembly of one eager message from a sender forcing eager (docs/design/net.md).
 inline constexpr std::uint32_t kDefaultInboxMessages = 16;  // as ChannelOptions::slots_per_side
 inline constexpr std::uint32_t kDefaultInboxBytes = 16u << 20;
 
