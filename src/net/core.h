@@ -201,7 +201,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   Grant peer_grant_ MBMQ_GUARDED_BY(w_->mu) = {0, 0};
   std::uint64_t out_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint64_t out_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
-  Grant my_grant_ MBMQ_GUARDED_BY(w_->mu) = {16, 16u << 20};
+  Grant my_grant_ MBMQ_GUARDED_BY(w_->mu) = {kDefaultInboxMessages, kDefaultInboxBytes};
   std::uint64_t rx_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint64_t rx_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint64_t ret_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;

@@ -93,8 +93,9 @@ TEST(Review19, SilentHandshakeIsDroppedWithoutAnAcceptCall) {
 // F3. No flow control: one-way messages were taken off the wire by the keeper thread (or any
 // progress) and queued in the channel's inbox without bound: a client sending 96 MiB of 1 MiB
 // messages to a server that did not receive grew the server's heap by 99 MiB. Fixed by credits
-// (docs/design/net.md, "Flow control"): the server grants kDefaultInboxMessages (16) messages and
-// kDefaultInboxBytes (16 MiB); the 17th send gets WouldBlock and nothing more is queued. (Client
+// (docs/design/net.md, "Flow control"): the server grants kDefaultInboxMessages (1024) messages and
+// kDefaultInboxBytes (16 MiB); 16 MiB are out after 16 sends, the 17th gets WouldBlock and nothing
+// more is queued. (Client
 // and server share this process's heap: the bound below covers both.)
 TEST(Review19, OneWayFloodDoesNotGrowTheReceiverWithoutBound) {
   auto p = make_pair();
@@ -127,7 +128,7 @@ TEST(Review19, OneWayFloodDoesNotGrowTheReceiverWithoutBound) {
   }
   std::printf("sent %d MiB one-way (%d refused); heap grew by up to %.1f MiB\n", sent, refused,
               static_cast<double>(peak) / (1 << 20));
-  EXPECT_EQ(sent, static_cast<int>(net::kDefaultInboxMessages)) << "the grant is 16 messages";
+  EXPECT_EQ(sent, static_cast<int>(net::kDefaultInboxBytes / kSize)) << "the grant is 16 MiB";
   EXPECT_LT(peak, 24 << 20) << "the receiver queued more than its grant (16 MiB)";
   // Nothing lost: the server receives the 16, and the client may then send again.
   for (int i = 0; i < sent; ++i) {
