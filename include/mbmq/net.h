@@ -85,9 +85,28 @@ struct Message {
 // (Debian's UCX 1.13 alone did not see a partition within 70 s; docs/design/net.md).
 inline constexpr std::chrono::milliseconds kDefaultPeerTimeout{10'000};
 
+// Flow control (docs/design/net.md, "Flow control"): what a peer can make this end hold. Each end
+// grants its peer, in the hello, kDefaultInboxMessages requests and one-way messages and
+// kDefaultInboxBytes of their payload that it has not yet given back; it gives a one-way message
+// back once the application has received it (batched: at half the grant, or when receive() is
+// about to wait), a request once it is answered (the reply carries it; a request held unanswered
+// holds its credit). A sender out of credit waits (call, send with a deadline) or gets
+// Errc::WouldBlock (send), as with a local channel's full ring. A peer that sends beyond its
+// grant is closed with Errc::Protocol before mbmq fetches or copies that payload. So one
+// channel's inbox holds at most inbox_messages messages and max(inbox_bytes, the largest payload
+// accepted) payload bytes (one message alone may be larger than inbox_bytes). Not bounded:
+// UCX 1.13's own reassembly of one eager message from a sender forcing eager (docs/design/net.md).
+// The defaults: 1024 messages (a window for small messages: with 16, one-way 64 B streams ran at a
+// third or less of the rate, docs/design/net.md) and 16 MiB, the bound on memory.
+inline constexpr std::uint32_t kDefaultInboxMessages = 1024;
+inline constexpr std::uint32_t kDefaultInboxBytes = 16u << 20;
+
 struct ConnectOptions {
   WaitPolicy wait{};
   std::chrono::milliseconds peer_timeout = kDefaultPeerTimeout;
+  // What this end grants the server (>= 1 each; else connect() returns Errc::InvalidArgument).
+  std::uint32_t inbox_messages = kDefaultInboxMessages;
+  std::uint32_t inbox_bytes = kDefaultInboxBytes;
 };
 
 class Channel {
@@ -102,11 +121,16 @@ class Channel {
   // A buffer of `size` bytes. Errc::InvalidArgument above the peer's limit (from the hello).
   Result<Buffer> buffer(std::size_t size);
   // Sends buf as a request and waits for the reply, which arrives in buf. Errors as
-  // mbmq::Channel::call: TimedOut (buf is then invalid; a late reply is dropped), PeerClosed (the
-  // automatic reply; buf stays usable), NoReply, Protocol, InvalidArgument.
+  // mbmq::Channel::call: TimedOut (buf is then invalid; a late reply is dropped; but if the peer
+  // granted no credit before the deadline, nothing was sent and buf is still yours), PeerClosed
+  // (the automatic reply; buf stays usable), NoReply, Protocol, InvalidArgument.
   Status call(Buffer& buf, Deadline deadline);
-  // Sends buf one-way.
+  // Sends buf one-way. Errc::WouldBlock when the peer's grant is used up (its application has
+  // not received what we sent): nothing was sent and buf is still yours, to retry.
   Status send(Buffer&& buf);
+  // The same, but out of credit it waits for the peer to give some back until `deadline`
+  // (Errc::TimedOut, buf still yours); a peer that closes or dies ends the wait (PeerClosed).
+  Status send(Buffer&& buf, Deadline deadline);
   // The next request or one-way message; a Kind::PeerClosed message ends the channel.
   Result<Message> receive(Deadline deadline);
   // Answers a Kind::Request with the bytes now in msg.buffer. Errc::PeerClosed if the caller is
@@ -132,6 +156,10 @@ struct ListenOptions {
   std::uint32_t max_message = 64u << 20;  // the largest payload accepted from a client
   std::chrono::milliseconds handshake_timeout{1000};
   std::chrono::milliseconds peer_timeout = kDefaultPeerTimeout;  // for accepted channels
+  // What each accepted channel grants its client (flow control, above; >= 1 each, else listen()
+  // returns Errc::InvalidArgument).
+  std::uint32_t inbox_messages = kDefaultInboxMessages;
+  std::uint32_t inbox_bytes = kDefaultInboxBytes;
 };
 
 struct ListenerStats {

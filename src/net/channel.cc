@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "net/core.h"
@@ -152,15 +153,14 @@ Status WorkerCore::wait_events(Deadline deadline) const {
 
 ReplyToken::~ReplyToken() {
   if (answered) return;
-  if (auto c = ch.lock()) (void)c->reply(seq, Buffer{}, kReplyNone);
+  if (auto c = ch.lock()) (void)c->reply(seq, Buffer{}, kReplyNone, credit_bytes);
 }
 
 // ---- ChannelCore ----
 
-Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const std::string& host,
-                                                          std::uint16_t port, std::string service,
-                                                          Deadline deadline, WaitPolicy policy,
-                                                          std::chrono::milliseconds peer_timeout) {
+Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(
+    const Ucx* u, const std::string& host, std::uint16_t port, const std::string& service,
+    Deadline deadline, WaitPolicy policy, std::chrono::milliseconds peer_timeout, Grant grant) {
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = htons(port);
@@ -185,9 +185,11 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(const Ucx* u, const st
       return fail(Errc::System, "net::connect: ucp_ep_create failed");
     ch->ep_ = h;
     ch->w_->eps[h] = ch.get();
-    // (N1) Hello{service, our limit, our peer_timeout}.
+    // (N1) Hello{our limit, our peer_timeout; payload: our grant (F1), then the service}.
+    ch->my_grant_ = grant;
+    std::vector<std::byte> hello = hello_payload(grant, service);
     MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, wire_timeout_ms(peer_timeout), ch->my_limit_,
-                             service.data(), service.size(), nullptr, false));
+                             nullptr, hello.size(), &hello, false));
   }
   const bool done = MBMQ_TRY(w->run_until(deadline, policy, [&] {
     ch->assert_held();
@@ -226,6 +228,7 @@ Status ChannelCore::accept_locked(ucp_conn_request_h req, ListenCore* listener) 
   w_->eps[h] = this;
   listener_ = listener;
   my_limit_ = listener->max_message();
+  my_grant_ = listener->grant();
   pending_since_ns_ = monotonic_ns();
   return {};
 }
@@ -340,24 +343,60 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
   const auto kind = static_cast<WireKind>(h.kind);
   last_rx_ns_ = monotonic_ns();
   // Which kinds each state accepts (docs/design/net.md).
-  const bool ok = state_ == State::Pending      ? kind == WireKind::Hello
-                  : state_ == State::Connecting ? kind == WireKind::HelloAck
-                  : state_ == State::Open       ? (kind == WireKind::Request ||
-                                             kind == WireKind::Message || kind == WireKind::Reply ||
-                                             kind == WireKind::Bye || kind == WireKind::Heartbeat)
-                                                : false;
+  const bool ok =
+      state_ == State::Pending      ? kind == WireKind::Hello
+      : state_ == State::Connecting ? kind == WireKind::HelloAck
+      : state_ == State::Open
+          ? (kind == WireKind::Request || kind == WireKind::Message || kind == WireKind::Reply ||
+             kind == WireKind::Bye || kind == WireKind::Heartbeat || kind == WireKind::Credit)
+          : false;
   if (!ok) return fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
-  // A hello carries a service name (1-255 bytes): checked before anything is allocated for it,
-  // since a client not (yet) accepted must not make us allocate up to max_message.
-  if (kind == WireKind::Hello && (length == 0 || length > kMaxServiceName))
-    return fail_locked(Errc::Protocol, "net: a hello's service name is not 1-255 bytes");
+  // Sizes, checked before anything is allocated (a rendezvous payload is not received yet): a
+  // hello is a grant and a service name of 1-255 bytes (a client not yet accepted must not make
+  // us allocate up to max_message), a HelloAck a grant, the control kinds nothing.
+  switch (kind) {
+    case WireKind::Hello:
+      if (length < kMinHello || length > kMaxHello)
+        return fail_locked(Errc::Protocol, "net: a hello is not a grant and a 1-255 byte name");
+      break;
+    case WireKind::HelloAck:
+      if (length != sizeof(Grant))
+        return fail_locked(Errc::Protocol, "net: a hello's answer without its grant");
+      break;
+    case WireKind::Bye:
+    case WireKind::Heartbeat:
+    case WireKind::Credit:
+      if (length != 0) return fail_locked(Errc::Protocol, "net: a control message with a payload");
+      break;
+    default:
+      break;
+  }
   if (length > my_limit_) return fail_locked(Errc::Protocol, "net: payload above our limit");
-  if (kind == WireKind::Reply && (call_seq_ == 0 || h.seq != call_seq_)) {
-    if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call
-    return fail_locked(Errc::Protocol, "net: a reply to no call");
+  if (kind == WireKind::Reply) {
+    // (F4) A reply gives back its request's credit, late or not: 1 message, `limit` bytes.
+    if (!take_back_locked(1, h.limit)) return;
+    if (call_seq_ == 0 || h.seq != call_seq_) {
+      if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call
+      return fail_locked(Errc::Protocol, "net: a reply to no call");
+    }
+  }
+  if (kind == WireKind::Credit) {
+    (void)take_back_locked(h.seq, h.limit);  // (F5) one-way messages received by the peer's app
+    return;
   }
   if (kind == WireKind::Bye) return fail_locked(Errc::PeerClosed, "net: the peer closed");
   if (kind == WireKind::Heartbeat) return;
+  if (kind == WireKind::Request || kind == WireKind::Message) {
+    // (F3) Within what we granted, or the peer is closed here: before its payload is received (a
+    // rendezvous one is never fetched) or copied (an eager one, which UCX has assembled already).
+    // The "rx_bytes_ != 0" mirrors the sender's rule: one message alone may exceed the bytes.
+    if (rx_msgs_ + 1 > my_grant_.messages ||
+        (rx_bytes_ != 0 && rx_bytes_ + length > my_grant_.bytes))
+      return fail_locked(Errc::Protocol,
+                         "net: the peer sent beyond the credit we granted (flow control)");
+    ++rx_msgs_;
+    rx_bytes_ += length;
+  }
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
     // The receiver chooses where the payload lands: a buffer of ours, given to the application.
     auto* op = new RecvOp{w_.get(), ep_, h, std::vector<std::byte>(length), length};
@@ -387,13 +426,19 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
   switch (static_cast<WireKind>(h.kind)) {
     case WireKind::Hello:
       return on_hello_locked(h, bytes.data(), n);
-    case WireKind::HelloAck:
+    case WireKind::HelloAck: {
       hello_status_ = h.status;
       if (h.status != kHelloOk) return fail_locked(Errc::Refused, "net: hello refused");
+      Grant g{};
+      std::memcpy(&g, bytes.data(), sizeof g);  // n == sizeof g: checked in on_am_locked
+      if (g.messages == 0 || g.bytes == 0)
+        return fail_locked(Errc::Protocol, "net: the peer granted no credit");
+      peer_grant_ = g;
       peer_limit_ = h.limit;
       peer_timeout_ms_ = h.seq;
       state_ = State::Open;
       return;
+    }
     case WireKind::Reply:
       if (h.seq != call_seq_) return;  // a timed-out call's, arriving late
       reply_bytes_ = std::move(bytes);
@@ -408,14 +453,22 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
 
 void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n) {
   if (listener_ == nullptr) return fail_locked(Errc::Protocol, "net: hello, not listening");
+  Grant g{};
+  std::memcpy(&g, data, sizeof g);  // kMinHello <= n: checked in on_am_locked
+  if (g.messages == 0 || g.bytes == 0)
+    return fail_locked(Errc::Protocol, "net: the peer granted no credit");
+  peer_grant_ = g;
   peer_limit_ = h.limit;
   peer_timeout_ms_ = h.seq;
   ListenCore* l = listener_;
-  const std::string_view asked(reinterpret_cast<const char*>(data), n);
+  const std::string_view asked(reinterpret_cast<const char*>(data + sizeof g), n - sizeof g);
   const std::uint16_t verdict = asked == l->service() ? kHelloOk : kNoService;
-  // (N3)/(N4) The answer; a refused client is closed after it (flush: the answer goes first).
+  // (N3)/(N4) The answer, with our grant (F1); a refused client is closed after it (flush: the
+  // answer goes first).
+  std::vector<std::byte> ack(sizeof my_grant_);
+  std::memcpy(ack.data(), &my_grant_, sizeof my_grant_);
   (void)send_locked(WireKind::HelloAck, verdict, wire_timeout_ms(l->peer_timeout()), my_limit_,
-                    nullptr, 0, nullptr, false);
+                    nullptr, ack.size(), &ack, false);
   if (verdict == kHelloOk) state_ = State::Open;
   l->w_->assert_held();  // the same worker as ours
   l->on_hello_locked(this, verdict);
@@ -433,6 +486,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
     auto t = std::make_shared<ReplyToken>();
     t->ch = weak_from_this();
     t->seq = h.seq;
+    t->credit_bytes = static_cast<std::uint32_t>(n);  // n <= my_limit_
     m.buffer.reply_ = std::move(t);
   }
   inbox_.push_back(std::move(m));
@@ -456,17 +510,35 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   MBMQ_TRY(check_not_forked());  // before the locks: a forked child may have them held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::call: buffer");
   os::LockGuard serial(call_mu_);
+  const std::size_t n = buf.size_;
+  bool credit = false;
+  {
+    os::LockGuard lock(w_->mu);
+    if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
+    credit = can_send_locked(n);
+  }
+  if (!credit) {
+    // (F2) Out of credit: wait for the peer to give some back, as a local call waits for a slot.
+    const bool got = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+      w_->assert_held();
+      return state_ != State::Open || can_send_locked(n);
+    }));
+    if (!got) return fail(Errc::TimedOut, "net::Channel::call: no credit in time (nothing sent)");
+  }
   std::uint32_t seq = 0;
   {
     os::LockGuard lock(w_->mu);
     if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
+    if (!can_send_locked(n))  // taken by a send() on another thread meanwhile
+      return fail(Errc::TimedOut, "net::Channel::call: no credit in time (nothing sent)");
     seq = ++next_seq_;
     if (seq == 0) seq = ++next_seq_;
     call_seq_ = seq;
     call_sent_ = false;
     reply_ready_ = false;
-    MBMQ_TRY(
-        send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), buf.size_, nullptr, true));
+    ++out_msgs_;  // (F2) its reply gives it back
+    out_bytes_ += n;
+    MBMQ_TRY(send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), n, nullptr, true));
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
     w_->assert_held();
@@ -494,26 +566,90 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   return fail(Errc::TimedOut, "net::Channel::call");
 }
 
-Status ChannelCore::send(Buffer&& buf) {
+Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::send: buffer");
-  os::LockGuard lock(w_->mu);
-  if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
   const std::size_t n = buf.size_;
-  Status s = send_locked(WireKind::Message, 0, 0, 0, nullptr, n, &buf.bytes_, false);
-  buf = Buffer{};
-  return s;
+  for (bool waited = false;; waited = true) {
+    {
+      os::LockGuard lock(w_->mu);
+      if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
+      // Credit may be in the worker already, not yet taken in: progress once before failing.
+      if (!can_send_locked(n) && !waited) w_->progress_locked();
+      if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
+      if (can_send_locked(n)) {
+        ++out_msgs_;  // (F2) the peer gives it back once its application has received it
+        out_bytes_ += n;
+        Status s = send_locked(WireKind::Message, 0, 0, 0, nullptr, n, &buf.bytes_, false);
+        buf = Buffer{};
+        return s;
+      }
+      // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
+      if (how == NoCredit::Fail)
+        return fail(Errc::WouldBlock, "net::Channel::send: the peer's inbox is full (no credit)");
+      if (waited) return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
+    }
+    (void)MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+      w_->assert_held();
+      return state_ != State::Open || can_send_locked(n);
+    }));
+  }
 }
 
-Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status) {
+Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status,
+                          std::uint32_t credit_bytes) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return fail(closed_error_locked("net::Channel::reply"));
   const std::size_t n = buf.size_;
-  return send_locked(WireKind::Reply, status, seq, 0, nullptr, n, &buf.bytes_, false);
+  // (F4) The reply carries its request's credit back (1 message, credit_bytes).
+  if (rx_msgs_ > 0) --rx_msgs_;
+  rx_bytes_ -= std::min<std::uint64_t>(rx_bytes_, credit_bytes);
+  return send_locked(WireKind::Reply, status, seq, credit_bytes, nullptr, n, &buf.bytes_, false);
+}
+
+bool ChannelCore::can_send_locked(std::size_t n) const {
+  // (F2) One more message within the peer's grant; its bytes too, unless nothing is out (so that
+  // a message larger than the byte grant, up to the peer's limit, goes alone).
+  return out_msgs_ < peer_grant_.messages &&
+         (out_bytes_ == 0 || out_bytes_ + n <= peer_grant_.bytes);
+}
+
+bool ChannelCore::take_back_locked(std::uint32_t messages, std::uint32_t bytes) {
+  if (messages > out_msgs_ || bytes > out_bytes_) {
+    fail_locked(Errc::Protocol, "net: the peer gave back credit it was never given");
+    return false;
+  }
+  out_msgs_ -= messages;
+  out_bytes_ -= bytes;
+  return true;
+}
+
+void ChannelCore::flush_credit_locked(Flush when) {
+  if (ret_msgs_ == 0) return;  // every one-way message returns at least one message's credit
+  if (when == Flush::IfHalf && ret_msgs_ < std::max<std::uint32_t>(1, my_grant_.messages / 2) &&
+      ret_bytes_ < std::max<std::uint32_t>(1, my_grant_.bytes / 2))
+    return;
+  if (state_ != State::Open) return;
+  // (F5) Credit{seq: messages, limit: bytes}. ret_ <= rx_ <= the grant (bytes: at most
+  // max(grant, my_limit_)), so both fit in 32 bits.
+  const auto msgs = static_cast<std::uint32_t>(ret_msgs_);
+  const auto bytes = static_cast<std::uint32_t>(ret_bytes_);
+  rx_msgs_ -= ret_msgs_;
+  rx_bytes_ -= ret_bytes_;
+  ret_msgs_ = 0;
+  ret_bytes_ = 0;
+  (void)send_locked(WireKind::Credit, 0, msgs, bytes, nullptr, 0, nullptr, false);
 }
 
 Result<Message> ChannelCore::receive(Deadline deadline) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  {
+    os::LockGuard lock(w_->mu);
+    // (F5) About to wait with nothing queued: what the application took goes back now, so that a
+    // sender waiting for it (or for bytes a large message needs) is never stuck on a batch.
+    if (inbox_.empty()) flush_credit_locked(Flush::IfAny);
+  }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
     w_->assert_held();
     return !inbox_.empty() || state_ == State::Closed;
@@ -522,6 +658,12 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
   if (!inbox_.empty()) {
     Message m = std::move(inbox_.front());
     inbox_.pop_front();
+    if (m.kind == Kind::Message) {
+      // (F5) Received: its credit goes back, batched (a request's goes with its reply).
+      ++ret_msgs_;
+      ret_bytes_ += m.buffer.size_;
+      flush_credit_locked(Flush::IfHalf);
+    }
     return m;
   }
   if (!done) return fail(Errc::TimedOut, "net::Channel::receive");

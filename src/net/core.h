@@ -12,9 +12,11 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -27,8 +29,9 @@ namespace mbmq::net::detail {
 // ---- wire (docs/design/net.md, "Wire format") ----
 inline constexpr unsigned kAmId = 0x6d;
 inline constexpr std::uint32_t kMagic = 0x716d626d;
-inline constexpr std::uint8_t kVersion = 1;
-inline constexpr std::size_t kMaxServiceName = 255;  // a hello's payload: 1-255 bytes
+// 2: flow control (credits, kind 8); a version-1 peer, which ignores credits, is closed.
+inline constexpr std::uint8_t kVersion = 2;
+inline constexpr std::size_t kMaxServiceName = 255;  // a hello's name: 1-255 bytes
 enum class WireKind : std::uint8_t {
   Hello = 1,
   HelloAck = 2,
@@ -37,6 +40,7 @@ enum class WireKind : std::uint8_t {
   Message = 5,
   Bye = 6,
   Heartbeat = 7,
+  Credit = 8,
 };
 enum HelloStatus : std::uint16_t { kHelloOk = 0, kNoService = 1, kBadVersion = 2 };
 enum ReplyStatus : std::uint16_t { kReplyOk = 0, kReplyNone = 1 };
@@ -49,6 +53,22 @@ struct WireHeader {
   std::uint32_t limit;
 };
 static_assert(sizeof(WireHeader) == 16 && std::is_standard_layout_v<WireHeader>);
+// What a receiver grants its peer (docs/design/net.md, "Flow control"): the payload of a HelloAck,
+// and the first 8 bytes of a Hello's (the service name follows).
+struct Grant {
+  std::uint32_t messages;  // Requests and Messages the peer may have unreturned at once (>= 1)
+  std::uint32_t bytes;     // their payload bytes (>= 1); one message alone may exceed it
+};
+static_assert(sizeof(Grant) == 8 && std::is_standard_layout_v<Grant>);
+inline constexpr std::size_t kMinHello = sizeof(Grant) + 1;
+inline constexpr std::size_t kMaxHello = sizeof(Grant) + kMaxServiceName;
+// A hello's payload: the grant, then the service name.
+inline std::vector<std::byte> hello_payload(Grant grant, std::string_view service) {
+  std::vector<std::byte> p(sizeof grant + service.size());
+  std::memcpy(p.data(), &grant, sizeof grant);
+  std::memcpy(p.data() + sizeof grant, service.data(), service.size());
+  return p;
+}
 
 class ChannelCore;
 class ListenCore;
@@ -86,6 +106,7 @@ class WorkerCore {
 struct ReplyToken {
   std::weak_ptr<ChannelCore> ch;
   std::uint32_t seq = 0;
+  std::uint32_t credit_bytes = 0;  // the request's size: its reply gives that credit back
   bool answered = false;
   ~ReplyToken();
   ReplyToken() = default;
@@ -103,18 +124,20 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   ChannelCore& operator=(const ChannelCore&) = delete;
 
   // Client side: creates the endpoint, sends Hello and waits for HelloAck (N1, N4).
-  static Result<std::shared_ptr<ChannelCore>> connect(const Ucx* u, const std::string& host,
-                                                      std::uint16_t port, std::string service,
-                                                      Deadline deadline, WaitPolicy policy,
-                                                      std::chrono::milliseconds peer_timeout);
+  static Result<std::shared_ptr<ChannelCore>> connect(
+      const Ucx* u, const std::string& host, std::uint16_t port, const std::string& service,
+      Deadline deadline, WaitPolicy policy, std::chrono::milliseconds peer_timeout, Grant grant);
   // Server side: the endpoint for an accepted connection request (N2).
   Status accept_locked(ucp_conn_request_h req, ListenCore* listener) MBMQ_REQUIRES(w_->mu);
 
   Result<Buffer> buffer(std::size_t size);
   Status call(Buffer& buf, Deadline deadline);
-  Status send(Buffer&& buf);
+  // Out of credit: WouldBlock at once (Fail), or wait until the deadline (Wait: TimedOut).
+  enum class NoCredit : std::uint8_t { Fail, Wait };
+  Status send(Buffer&& buf, Deadline deadline, NoCredit how);
   Result<Message> receive(Deadline deadline);
-  Status reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status);
+  // Answers request `seq`, giving back its credit (1 message, `credit_bytes`, the request's size).
+  Status reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status, std::uint32_t credit_bytes);
   void close() noexcept;
   bool open() noexcept;
   void set_policy(WaitPolicy p) noexcept { policy_ = p; }
@@ -155,6 +178,13 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
   Error closed_error_locked(const char* op) MBMQ_REQUIRES(w_->mu);
+  // Flow control (docs/design/net.md, (F1)-(F6)).
+  bool can_send_locked(std::size_t n) const MBMQ_REQUIRES(w_->mu);
+  // (F4) A Reply or Credit gives back credit: false (and the channel closed) if more than is out.
+  bool take_back_locked(std::uint32_t messages, std::uint32_t bytes) MBMQ_REQUIRES(w_->mu);
+  // (F5) Sends what the application released, if any (or only past half the grant: kIfHalf).
+  enum class Flush : std::uint8_t { IfAny, IfHalf };
+  void flush_credit_locked(Flush when) MBMQ_REQUIRES(w_->mu);
 
   ucp_ep_h ep_ MBMQ_GUARDED_BY(w_->mu) = nullptr;
   State state_ MBMQ_GUARDED_BY(w_->mu);
@@ -164,6 +194,18 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::deque<Message> inbox_ MBMQ_GUARDED_BY(w_->mu);
   std::uint32_t peer_limit_ MBMQ_GUARDED_BY(w_->mu) = 0;  // the peer accepts payloads up to this
   std::uint32_t my_limit_ MBMQ_GUARDED_BY(w_->mu) = 64u << 20;
+  // Flow control. Sender side: what the peer granted (its hello), and what we sent of it that it
+  // has not given back. Receiver side: what we grant; what the peer used of it and we have not
+  // given back (rx_: queued, in the application's hands, or released and not yet returned); and
+  // what the application released (received one-way messages) that the next Credit returns.
+  Grant peer_grant_ MBMQ_GUARDED_BY(w_->mu) = {0, 0};
+  std::uint64_t out_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::uint64_t out_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  Grant my_grant_ MBMQ_GUARDED_BY(w_->mu) = {kDefaultInboxMessages, kDefaultInboxBytes};
+  std::uint64_t rx_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::uint64_t rx_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::uint64_t ret_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::uint64_t ret_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint16_t hello_status_ MBMQ_GUARDED_BY(w_->mu) = 0xffff;  // client: HelloAck's status
   // The peer's peer_timeout in ms, from its Hello/HelloAck's seq field: we send heartbeats often
   // enough for it, not only for our own (0: unknown).
@@ -206,6 +248,7 @@ class ListenCore {
   void drop_pending_locked(ChannelCore* ch) MBMQ_REQUIRES(w_->mu);
   const std::string& service() const noexcept { return service_; }
   std::uint32_t max_message() const noexcept { return options_.max_message; }
+  Grant grant() const noexcept { return {options_.inbox_messages, options_.inbox_bytes}; }
   std::chrono::milliseconds peer_timeout() const noexcept { return options_.peer_timeout; }
 
   const std::shared_ptr<WorkerCore> w_;

@@ -230,6 +230,8 @@ Result<Url> parse(std::string_view url, const char* op) {
 
 Result<Listener> listen(std::string_view url, const ListenOptions& options) {
   Url u = MBMQ_TRY(parse(url, "net::listen: expected ucx://ADDR:PORT/service"));
+  if (options.inbox_messages == 0 || options.inbox_bytes == 0)
+    return fail(Errc::InvalidArgument, "net::listen: inbox_messages and inbox_bytes must be >= 1");
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
   Listener l;
   l.core_ = MBMQ_TRY(detail::ListenCore::make(x, u.host, u.port, u.service, options));
@@ -238,9 +240,12 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options) {
 
 Result<Channel> connect(std::string_view url, Deadline deadline, const ConnectOptions& options) {
   Url u = MBMQ_TRY(parse(url, "net::connect: expected ucx://HOST:PORT/service"));
+  if (options.inbox_messages == 0 || options.inbox_bytes == 0)
+    return fail(Errc::InvalidArgument, "net::connect: inbox_messages and inbox_bytes must be >= 1");
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
-  auto core = MBMQ_TRY(detail::ChannelCore::connect(x, u.host, u.port, u.service, deadline,
-                                                    options.wait, options.peer_timeout));
+  auto core = MBMQ_TRY(detail::ChannelCore::connect(
+      x, u.host, u.port, u.service, deadline, options.wait, options.peer_timeout,
+      detail::Grant{options.inbox_messages, options.inbox_bytes}));
   detail::keep_alive(core, options.peer_timeout, core->peer_timeout());
   return Channel(std::move(core));
 }
@@ -281,7 +286,11 @@ Status Channel::call(Buffer& buf, Deadline deadline) {
 }
 Status Channel::send(Buffer&& buf) {
   if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
-  return core_->send(std::move(buf));
+  return core_->send(std::move(buf), Deadline::immediate(), detail::ChannelCore::NoCredit::Fail);
+}
+Status Channel::send(Buffer&& buf, Deadline deadline) {
+  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
+  return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait);
 }
 Result<Message> Channel::receive(Deadline deadline) {
   if (!core_) return fail(Errc::InvalidArgument, "net::Channel::receive: closed");
@@ -294,7 +303,7 @@ Status Channel::reply(Message&& msg) {
   t->answered = true;
   auto ch = t->ch.lock();
   if (!ch) return fail(Errc::PeerClosed, "net::Channel::reply: the channel is closed");
-  return ch->reply(t->seq, std::move(msg.buffer), detail::kReplyOk);
+  return ch->reply(t->seq, std::move(msg.buffer), detail::kReplyOk, t->credit_bytes);
 }
 void Channel::set_wait_policy(WaitPolicy policy) {
   if (core_) core_->set_policy(policy);

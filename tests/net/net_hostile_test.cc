@@ -72,7 +72,8 @@ int hostile(std::uint32_t port, Mode mode) {
     const char junk[3] = {1, 2, 3};
     send(junk, sizeof junk, nullptr, 0);
   } else {
-    send(&hello, sizeof hello, svc.data(), svc.size());
+    const auto payload = net::detail::hello_payload({16, 1u << 20}, svc);
+    send(&hello, sizeof hello, payload.data(), payload.size());
     const std::int64_t until = monotonic_ns() + 300'000'000;  // its HelloAck
     while (monotonic_ns() < until) (void)(*u)->ucp_worker_progress(wk.worker);
     WireHeader bad{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Reply), 0, 12345, 0};

@@ -135,6 +135,47 @@ TEST(NetChannel, AKilledServerFailsTheCallInFlightWithPeerClosed) {
   EXPECT_EQ(again.error().code, Errc::PeerClosed);
 }
 
+// Flow control (docs/design/net.md (F6)): a sender waiting for credit from a receiver that never
+// receives learns at once that the receiver was killed.
+TEST(NetChannel, AKilledReceiverEndsASenderWaitingForCredit) {
+  Pipe port_pipe = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    net::ListenOptions lo;
+    lo.inbox_messages = 2;
+    auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    os::sleep_ns(30'000'000'000);  // never receives; killed
+    return 13;
+  });
+  port_pipe.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  for (int i = 0; i < 2; ++i) {
+    auto b = ch->buffer(64);
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(ch->send(std::move(*b)));
+  }
+  auto b = ch->buffer(64);
+  ASSERT_TRUE(b);
+  Status st = ch->send(std::move(*b));
+  ASSERT_FALSE(st);
+  ASSERT_EQ(st.error().code, Errc::WouldBlock) << st.error().message();
+  (void)os::kill_process(server, SIGKILL);
+  const std::int64_t start = monotonic_ns();
+  st = ch->send(std::move(*b), secs(20));
+  const std::int64_t took = monotonic_ns() - start;
+  EXPECT_EQ(join(server), 128 + SIGKILL);
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::PeerClosed) << st.error().message();
+  EXPECT_LT(took, 5'000'000'000) << "the death took " << took / 1'000'000 << " ms to be seen";
+  EXPECT_TRUE(b->valid()) << "nothing was sent: the buffer is still the caller's";
+}
+
 // A server that holds the request: the call ends at its deadline with TimedOut, and a reply
 // that comes later is dropped, not taken for the next call's.
 TEST(NetChannel, ACallEndsAtItsDeadlineAndALateReplyIsDropped) {

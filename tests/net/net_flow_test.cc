@@ -1,0 +1,279 @@
+// Flow control of mbmq::net (issue #19; docs/design/net.md, "Flow control"): what a peer can make
+// a receiver hold is its grant; a sender out of credit gets WouldBlock or waits; credit comes back
+// as the application receives; a peer that sends beyond its grant is closed, alone. Client and
+// server live in this one process (two UCX workers of one context, over 127.0.0.1).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mbmq/net.h"
+#include "net/core.h"
+#include "net/net_pair.h"
+#include "os/process.h"
+#include "test_util.h"
+
+namespace mbmq {
+namespace {
+
+using namespace std::chrono_literals;
+using net::detail::kMagic;
+using net::detail::kVersion;
+using net::detail::WireHeader;
+using net::detail::WireKind;
+using test::heap_bytes;
+using test::make_pair;
+using test::RawClient;
+using test::secs;
+using test::url;
+
+// A buffer of `size` bytes whose first 4 hold `i`.
+net::Buffer numbered(net::Channel& ch, std::size_t size, std::uint32_t i) {
+  auto b = ch.buffer(size);
+  EXPECT_TRUE(b) << b.error().message();
+  if (!b) return {};
+  std::memcpy(b->data().data(), &i, sizeof i);
+  return std::move(*b);
+}
+
+std::uint32_t number_of(const net::Buffer& b) {
+  std::uint32_t i = 0;
+  if (b.size() >= sizeof i) std::memcpy(&i, b.data().data(), sizeof i);
+  return i;
+}
+
+// A sender streaming one-way as fast as credit allows, a receiver slower than it: every message
+// arrives, in order, and the sender is never more than the grant ahead of what the receiving
+// application took (so the receiver never holds more than the grant).
+TEST(NetFlow, FastSenderAgainstSlowReceiverDeliversEverythingInOrderWithinTheGrant) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 8;
+  lo.inbox_bytes = 64 << 10;
+  auto p = make_pair(lo, {});
+  ASSERT_TRUE(p);
+  constexpr std::uint32_t kCount = 3000;
+  constexpr std::size_t kSize = 1024;
+  std::atomic<std::uint32_t> sent{0};
+  std::atomic<bool> sender_failed{false};
+  std::thread sender([&] {
+    for (std::uint32_t i = 0; i < kCount; ++i) {
+      auto st = p->client.send(numbered(p->client, kSize, i), secs(20));
+      if (!st) {
+        std::fprintf(stderr, "send %u: %s\n", i, st.error().message().c_str());
+        sender_failed = true;
+        return;
+      }
+      sent.store(i + 1, std::memory_order_release);
+    }
+  });
+  std::int64_t worst_ahead = 0;
+  const std::int64_t before = heap_bytes();
+  std::int64_t peak = 0;
+  for (std::uint32_t i = 0; i < kCount && !sender_failed; ++i) {
+    auto m = p->server.receive(secs(20));
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ(m->kind, Kind::Message) << m->why;
+    ASSERT_EQ(number_of(m->buffer), i) << "out of order or lost";
+    // Sent so far <= received + the grant: what the sender read is at most what it sent.
+    const std::int64_t ahead =
+        static_cast<std::int64_t>(sent.load(std::memory_order_acquire)) - (i + 1);
+    worst_ahead = std::max(worst_ahead, ahead);
+    EXPECT_LE(ahead, lo.inbox_messages) << "the sender got ahead of the grant";
+    // A slow receiver: some work per message (not a wait on anything).
+    const std::int64_t until = monotonic_ns() + 20'000;
+    while (monotonic_ns() < until) {
+    }
+    if (i % 64 == 0) peak = std::max(peak, heap_bytes() - before);
+  }
+  sender.join();
+  ASSERT_FALSE(sender_failed);
+  std::printf(
+      "%u messages in order; the sender was at most %lld ahead of the receiver (grant %u); "
+      "heap grew by up to %.1f KiB\n",
+      kCount, static_cast<long long>(worst_ahead), lo.inbox_messages,
+      static_cast<double>(peak) / 1024);
+  EXPECT_LT(peak, 4 << 20);
+}
+
+// Out of credit: send() gets WouldBlock with the buffer still the caller's; call() waits until
+// its deadline and sends nothing; once the server receives, credit comes back and both go.
+TEST(NetFlow, SenderOutOfCreditGetsWouldBlockAndCreditComesBackAfterReceive) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 4;
+  auto p = make_pair(lo, {});
+  ASSERT_TRUE(p);
+  for (std::uint32_t i = 0; i < 4; ++i) {
+    auto st = p->client.send(numbered(p->client, 64, i));
+    ASSERT_TRUE(st) << st.error().message();
+  }
+  net::Buffer fifth = numbered(p->client, 64, 4);
+  auto st = p->client.send(std::move(fifth));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::WouldBlock) << st.error().message();
+  ASSERT_TRUE(fifth.valid()) << "a refused send gave up the caller's buffer";
+  EXPECT_EQ(number_of(fifth), 4u);
+  // send with a deadline and call wait, then time out, having sent nothing.
+  std::int64_t t0 = monotonic_ns();
+  st = p->client.send(std::move(fifth), Deadline::after(200ms));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::TimedOut);
+  EXPECT_TRUE(fifth.valid());
+  net::Buffer req = numbered(p->client, 64, 99);
+  t0 = monotonic_ns();
+  st = p->client.call(req, Deadline::after(200ms));
+  const std::int64_t took = monotonic_ns() - t0;
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::TimedOut);
+  EXPECT_GE(took, 190'000'000);
+  EXPECT_LT(took, 2'000'000'000);
+  ASSERT_TRUE(req.valid()) << "a call that sent nothing gave up its buffer";
+  // The server takes two: half the grant goes back (batched), and the client may send again.
+  for (std::uint32_t i = 0; i < 2; ++i) {
+    auto m = p->server.receive(secs(5));
+    ASSERT_TRUE(m) << m.error().message();
+    EXPECT_EQ(number_of(m->buffer), i);
+  }
+  st = p->client.send(std::move(fifth), secs(5));
+  ASSERT_TRUE(st) << st.error().message();
+  // The server answers the call once it reaches it; the call waits for credit, then for its reply.
+  std::thread srv([&] {
+    for (std::uint32_t i = 2; i < 6; ++i) {
+      auto m = p->server.receive(secs(5));
+      if (!m || m->kind == Kind::PeerClosed) return;
+      if (m->kind == Kind::Request) (void)net::Channel::reply(std::move(*m));
+    }
+  });
+  st = p->client.call(req, secs(5));
+  srv.join();
+  EXPECT_TRUE(st) << st.error().message();
+}
+
+// A sender waiting for credit learns at once that the receiver closed.
+TEST(NetFlow, SenderWaitingForCreditSeesTheReceiverClose) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 1;
+  auto p = make_pair(lo, {});
+  ASSERT_TRUE(p);
+  ASSERT_TRUE(p->client.send(numbered(p->client, 64, 0)));
+  std::thread closer([&] {
+    // Closes once the client is out of credit: its first message has arrived.
+    auto m = p->server.receive(secs(5));
+    (void)m;
+    p->server.close();
+  });
+  Status st = p->client.send(numbered(p->client, 64, 1), secs(10));
+  // The server may have returned the credit before closing (the send then went out): then the
+  // next send sees the close.
+  for (int i = 0; st && i < 2; ++i) st = p->client.send(numbered(p->client, 64, 2), secs(10));
+  closer.join();
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::PeerClosed) << st.error().message();
+}
+
+// A peer that ignores its grant (a raw client: a hello granting credit, then 32 one-way messages
+// of 1 MiB sent as rendezvous without waiting for any credit back) is closed with Errc::Protocol
+// at the first message beyond the grant, before that message's payload is fetched: the server
+// holds at most the grant. Another client of the same listener keeps working.
+TEST(NetFlow, PeerSendingBeyondItsGrantIsClosedAndOtherChannelsKeepWorking) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 4;
+  auto good = make_pair(lo, {});
+  ASSERT_TRUE(good);
+  RawClient raw;
+  ASSERT_TRUE(raw.connect(good->l.port()));
+  const auto hello_data = net::detail::hello_payload({16, 16u << 20}, "svc");
+  WireHeader hello{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Hello), 0, 0, 1u << 20};
+  void* r = raw.send(hello, hello_data.data(), hello_data.size());
+  raw.finish(r);
+  auto bad = good->l.accept(secs(5));
+  ASSERT_TRUE(bad) << bad.error().message();
+  std::vector<char> mib(1u << 20, 'x');
+  const std::int64_t before = heap_bytes();
+  WireHeader msg{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Message), 0, 0, 0};
+  std::vector<void*> reqs;
+  for (int i = 0; i < 32; ++i)
+    reqs.push_back(raw.send(msg, mib.data(), mib.size(), UCP_AM_SEND_FLAG_RNDV));
+  std::int64_t peak = 0;
+  int delivered = 0;
+  std::optional<net::Message> end;
+  for (Deadline d = secs(10); !d.expired() && !end;) {
+    raw.progress_for(1ms);
+    auto m = bad->receive(Deadline::after(5ms));
+    peak = std::max(peak, heap_bytes() - before);
+    if (!m) continue;
+    if (m->kind == Kind::PeerClosed) {
+      end.emplace(std::move(*m));
+    } else {
+      ++delivered;
+    }
+  }
+  for (void* q : reqs) raw.finish(q);
+  std::printf(
+      "a peer ignoring its grant of 4: %d delivered, then %s; heap grew by up to %.1f MiB "
+      "for 32 MiB sent\n",
+      delivered, end ? end->why : "(not closed)", static_cast<double>(peak) / (1 << 20));
+  ASSERT_TRUE(end) << "the channel of a peer sending beyond its grant was not closed";
+  EXPECT_EQ(end->error, Errc::Protocol);
+  EXPECT_NE(std::string(end->why).find("credit"), std::string::npos) << end->why;
+  EXPECT_LE(delivered, 4);
+  EXPECT_LT(peak, 8 << 20) << "the server fetched payloads beyond the grant";
+  // The other client of the same listener still calls.
+  std::thread srv([&] {
+    auto m = good->server.receive(secs(5));
+    if (m && m->kind == Kind::Request) (void)net::Channel::reply(std::move(*m));
+  });
+  net::Buffer b = numbered(good->client, 64, 7);
+  auto st = good->client.call(b, secs(5));
+  srv.join();
+  EXPECT_TRUE(st) << st.error().message();
+}
+
+// Round trips never wait for credit: each reply gives its request's back (no Credit message).
+TEST(NetFlow, ManyRoundTripsWithAGrantOfOne) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 1;
+  lo.inbox_bytes = 1;
+  net::ConnectOptions co;
+  co.inbox_messages = 1;
+  co.inbox_bytes = 1;
+  auto p = make_pair(lo, co);
+  ASSERT_TRUE(p);
+  constexpr int kCalls = 500;
+  std::thread srv([&] {
+    for (int i = 0; i < kCalls; ++i) {
+      auto m = p->server.receive(secs(5));
+      if (!m || m->kind != Kind::Request) return;
+      (void)net::Channel::reply(std::move(*m));
+    }
+  });
+  for (int i = 0; i < kCalls; ++i) {
+    net::Buffer b = numbered(p->client, 256, static_cast<std::uint32_t>(i));
+    auto st = p->client.call(b, secs(5));
+    ASSERT_TRUE(st) << i << ": " << st.error().message();
+    EXPECT_EQ(number_of(b), static_cast<std::uint32_t>(i));
+  }
+  srv.join();
+}
+
+TEST(NetFlow, AGrantOfZeroIsRefused) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 0;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_FALSE(l);
+  EXPECT_EQ(l.error().code, Errc::InvalidArgument);
+  net::ConnectOptions co;
+  co.inbox_bytes = 0;
+  auto c = net::connect("ucx://127.0.0.1:1/svc", secs(1), co);
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error().code, Errc::InvalidArgument);
+}
+
+}  // namespace
+}  // namespace mbmq

@@ -1,0 +1,132 @@
+// tests/net/net_pair.h: what the in-process mbmq::net tests share: a listener and a client of it
+// in this process, a raw UCX client that sends what mbmq::net never would, and the heap's size.
+#pragma once
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <netinet/in.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "mbmq/net.h"
+#include "net/core.h"
+#include "os/process.h"
+#include "test_util.h"
+
+namespace mbmq::test {
+
+inline std::string url(std::uint32_t port, const char* service = "svc") {
+  return "ucx://127.0.0.1:" + std::to_string(port) + "/" + service;
+}
+
+// A listener and one client of it, connected in this process (connect() on a thread while the
+// listener accepts: each side's worker is progressed by its own caller).
+struct Pair {
+  net::Listener l;
+  net::Channel server, client;
+};
+
+inline std::optional<Pair> make_pair(const net::ListenOptions& lo = {},
+                                     const net::ConnectOptions& co = {}) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  EXPECT_TRUE(l) << l.error().message();
+  if (!l) return std::nullopt;
+  std::optional<Result<net::Channel>> c;
+  std::thread t([&] { c.emplace(net::connect(url(l->port()), secs(10), co)); });
+  auto s = l->accept(secs(10));
+  t.join();
+  EXPECT_TRUE(s) << s.error().message();
+  EXPECT_TRUE(*c) << (*c).error().message();
+  if (!s || !*c) return std::nullopt;
+  return Pair{std::move(*l), std::move(*s), std::move(**c)};
+}
+
+// Bytes the C heap holds now (arena + mmapped chunks).
+inline std::int64_t heap_bytes() {
+  const struct mallinfo2 mi = ::mallinfo2();
+  return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
+}
+
+// A client speaking raw UCX (its own worker of this process's context).
+struct RawClient {
+  const net::detail::Ucx* u = nullptr;
+  std::shared_ptr<net::detail::WorkerCore> w;
+  ucp_ep_h ep = nullptr;
+  std::atomic<bool> failed{false};
+
+  bool connect(std::uint32_t port) {
+    auto x = net::detail::ucx();
+    if (!x) return false;
+    u = *x;
+    auto wk = net::detail::WorkerCore::make(u);
+    if (!wk) return false;
+    w = *wk;
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(static_cast<std::uint16_t>(port));
+    (void)inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    os::LockGuard lock(w->mu);
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+    p.sockaddr.addrlen = sizeof sa;
+    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_handler.cb = [](void* arg, ucp_ep_h, ucs_status_t) {
+      static_cast<RawClient*>(arg)->failed = true;
+    };
+    p.err_handler.arg = this;
+    return u->ucp_ep_create(w->worker, &p, &ep) == UCS_OK;
+  }
+  // Starts an AM send; returns the request (nullptr: done at once).
+  void* send(const net::detail::WireHeader& h, const void* data, std::size_t n,
+             std::uint32_t flags = 0) {
+    os::LockGuard lock(w->mu);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
+    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
+    return UCS_PTR_IS_PTR(r) ? r : nullptr;
+  }
+  void progress_for(std::chrono::milliseconds d) {
+    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
+    while (monotonic_ns() < until) {
+      {
+        os::LockGuard lock(w->mu);
+        (void)u->ucp_worker_progress(w->worker);
+      }
+      os::sleep_ns(200'000);
+    }
+  }
+  // Waits (progressing) for request r, then frees it.
+  void finish(void* r) {
+    if (r == nullptr) return;
+    const std::int64_t until = monotonic_ns() + 3'000'000'000;
+    for (;;) {
+      os::LockGuard lock(w->mu);
+      if (u->ucp_request_check_status(r) != UCS_INPROGRESS || monotonic_ns() > until) break;
+      (void)u->ucp_worker_progress(w->worker);
+    }
+    os::LockGuard lock(w->mu);
+    u->ucp_request_free(r);
+  }
+  ~RawClient() {
+    if (ep == nullptr) return;
+    os::LockGuard lock(w->mu);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
+    if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
+  }
+};
+
+}  // namespace mbmq::test
