@@ -19,6 +19,7 @@
 //       queue gets Kind::PeerClosed), and the link is counted out of stats().live.
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <list>
 #include <system_error>
@@ -59,7 +60,8 @@ struct Link {
 
 class BridgeCore {
  public:
-  BridgeCore(Listener&& l, const BridgeOptions& o) : listener_(std::move(l)), opt_(o) {}
+  BridgeCore(Listener&& l, const BridgeOptions& o)
+      : listener_(std::move(l)), opt_(o), pid_(os::current_pid()) {}
   BridgeCore(const BridgeCore&) = delete;
   BridgeCore& operator=(const BridgeCore&) = delete;
 
@@ -67,6 +69,19 @@ class BridgeCore {
     // Relaxed would do for the threads' next look (B1) at the flag; release pairs with their
     // acquire load so that nothing written here before is missed by them.
     stop_.store(true, std::memory_order_release);
+    // In a forked child the links' threads do not exist (only the forking thread is copied),
+    // and joining them is undefined (TSan's join hangs): the child leaves the links alone, as
+    // mbmq::net leaves UCX alone there.
+    if (os::current_pid() != pid_) {
+      // Kept, never destroyed: a std::thread destroyed joinable terminates, and detaching one
+      // that does not exist here is no better. Reachable from a static: not reported as a leak.
+      static os::Mutex forked_mu;
+      static auto* const forked_links = new std::list<Link>;
+      os::LockGuard lock(mu_);
+      os::LockGuard keep(forked_mu);
+      forked_links->splice(forked_links->end(), links_);
+      return;
+    }
     std::list<Link> links;
     {
       os::LockGuard lock(mu_);  // a link's thread drops its ends under it (end of run())
@@ -75,7 +90,9 @@ class BridgeCore {
       // for its remote client returns within poll_interval (B1).
       for (Link& k : links) k.local.close();
     }
-    for (Link& k : links) k.thread.join();
+    for (Link& k : links) {
+      if (k.thread.joinable()) k.thread.join();
+    }
   }
 
   Result<mbmq::Channel> accept(Deadline deadline) {
@@ -105,13 +122,12 @@ class BridgeCore {
     try {
       k->thread = std::thread([this, k] { run(*k); });
     } catch (const std::system_error& e) {  // out of threads (RLIMIT_NPROC, memory)
-      k->remote.close();
-      k->local.close();
-      live_.fetch_sub(1, std::memory_order_relaxed);
-      os::LockGuard lock(mu_);
-      links_.remove_if([k](const Link& l) { return &l == k; });
+      drop_unstarted(k);
       return fail(Error::from_syscall("net::Bridge::accept: a thread for the connection",
                                       e.code().value()));
+    } catch (...) {  // std::bad_alloc for the thread's state: a Result, never an exception
+      drop_unstarted(k);
+      return fail(Error::from_syscall("net::Bridge::accept: a thread for the connection", ENOMEM));
     }
     accepted_.fetch_add(1, std::memory_order_relaxed);  // a counter: no ordering
     return std::move(pair->second);
@@ -144,7 +160,18 @@ class BridgeCore {
         it = next;
       }
     }
-    for (Link& k : ended) k.thread.join();
+    for (Link& k : ended) {
+      if (k.thread.joinable()) k.thread.join();
+    }
+  }
+
+  // A link whose thread could not be started: its ends closed, its slot given back.
+  void drop_unstarted(Link* k) {
+    k->remote.close();
+    k->local.close();
+    live_.fetch_sub(1, std::memory_order_relaxed);
+    os::LockGuard lock(mu_);
+    links_.remove_if([k](const Link& l) { return &l == k; });
   }
 
   Deadline call_deadline() const noexcept { return Deadline::after(opt_.call_timeout); }
@@ -169,6 +196,10 @@ class BridgeCore {
         k.remote.close();
         break;
       }
+      // (B1) After each message too: a remote client that keeps calling never lets receive()
+      // time out, and what the server sent on its end (a request: NoReply) or its close must
+      // still be seen.
+      if (local_closed(k)) break;
     }
     // (B4) Remote first (if not done above), then local.
     k.remote.close();
@@ -251,6 +282,7 @@ class BridgeCore {
 
   Listener listener_;
   const BridgeOptions opt_;
+  const pid_t pid_;  // the process that made the bridge (and its threads)
   os::Mutex mu_;
   std::list<Link> links_ MBMQ_GUARDED_BY(mu_);  // a list: a Link never moves (its thread has it)
   std::atomic<bool> stop_{false};

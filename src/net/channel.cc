@@ -4,9 +4,11 @@
 #include <netinet/in.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 
 #include "net/core.h"
+#include "os/futex.h"
 #include "os/process.h"
 #include "os/unix_socket.h"
 
@@ -137,8 +139,29 @@ WorkerCore::~WorkerCore() {
 }
 
 void WorkerCore::progress_locked() const {
-  while (u->ucp_worker_progress(worker) != 0) {
+  // Bounded: a large rendezvous keeps ucp_worker_progress returning non-zero for its whole
+  // length, and other threads (other channels' callers) wait for mu meanwhile.
+  unsigned events = 0;
+  for (int i = 0; i < 64; ++i) {
+    const unsigned n = u->ucp_worker_progress(worker);
+    if (n == 0) break;
+    events += n;
   }
+  if (events == 0) return;
+  if (gen_sleepers > 0) wake_gen_locked();                                  // (W1)
+  if (poller_asleep && !poller_waking) (void)u->ucp_worker_signal(worker);  // (W2)
+}
+
+void WorkerCore::wake_gen_locked() const {
+  gen.fetch_add(1, std::memory_order_relaxed);
+  (void)os::futex_wake(&gen, INT_MAX);
+}
+
+void WorkerCore::wait_gen(std::uint32_t seen, Deadline deadline) const {
+  // The same 20 ms cap as the event fd's, as a safety net.
+  const std::int64_t cap = 20'000'000;
+  const std::int64_t left = deadline.remaining_ns();
+  (void)os::futex_wait(&gen, seen, left < 0 ? 0 : std::min(left, cap));
 }
 
 Status WorkerCore::wait_events(Deadline deadline) const {

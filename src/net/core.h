@@ -10,6 +10,7 @@
 
 #include <ucp/api/ucp.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -81,7 +82,16 @@ class WorkerCore {
   WorkerCore& operator=(const WorkerCore&) = delete;
 
   // Progresses the worker until done() (called with mu held) is true: true; or until the
-  // deadline: false. Spins per `policy`, then sleeps on the worker's event fd (unlocked).
+  // deadline: false. Spins per `policy`, then sleeps (unlocked).
+  //
+  // Several threads may wait on one worker (a listener's accepted channels share it). Only one
+  // of them, the poller, sleeps on the worker's event fd; the others sleep on `gen`. Whoever
+  // progresses the worker and gets events (W1) bumps `gen` and wakes the gen sleepers, who look
+  // at what the events brought them, and (W2) if that thread is not the poller while the poller
+  // sleeps, signals the event fd (ucp_worker_signal): the events it took may have been the
+  // poller's. (W3) A poller that wakes gives up the role, and wakes the gen sleepers if any, so
+  // one of them polls next. Without this, the events one thread took for another left that
+  // one asleep on a drained fd until the 20 ms cap (two threads: accept() and a call).
   template <class Done>
   Result<bool> run_until(Deadline deadline, WaitPolicy policy, Done done);
   template <class Done>
@@ -96,10 +106,19 @@ class WorkerCore {
   int efd = -1;
   std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
   int waiters MBMQ_GUARDED_BY(mu) = 0;  // threads inside run_until (they progress the worker)
+  // (W1-W3) above. gen: bumped (under mu) after events, futex-waited on unlocked.
+  mutable std::atomic<std::uint32_t> gen{0};
+  mutable int gen_sleepers MBMQ_GUARDED_BY(mu) = 0;
+  mutable bool poller_asleep MBMQ_GUARDED_BY(mu) = false;
+  // The poller, between its wake-up and taking mu: its own progress is not a theft (W2).
+  mutable bool poller_waking MBMQ_GUARDED_BY(mu) = false;
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
   Status wait_events(Deadline deadline) const;
+  // A gen sleeper's sleep: until gen moves from `seen`, the deadline or the 20 ms cap.
+  void wait_gen(std::uint32_t seen, Deadline deadline) const;
+  void wake_gen_locked() const MBMQ_REQUIRES(mu);
 };
 
 // Held by a received request's Buffer: destroyed unanswered, it answers NoReply.
@@ -306,16 +325,43 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
                                                                 : policy.spin.count();
   const std::int64_t start = monotonic_ns();
   for (;;) {
+    bool poller = false;
+    std::uint32_t seen = 0;
     {
       os::LockGuard lock(mu);
       progress_locked();
       if (done()) return true;
       if (deadline.expired()) return false;
       if (monotonic_ns() - start < spin_ns) continue;
-      // Arm the event fd; UCS_ERR_BUSY: events came meanwhile, progress again.
-      if (u->ucp_worker_arm(worker) == UCS_ERR_BUSY) continue;
+      if (poller_asleep || poller_waking) {
+        // Another thread sleeps on the event fd: sleep on gen until events are progressed.
+        seen = gen.load(std::memory_order_relaxed);
+        ++gen_sleepers;
+      } else {
+        // Arm the event fd; UCS_ERR_BUSY: events came meanwhile, progress again.
+        if (u->ucp_worker_arm(worker) == UCS_ERR_BUSY) continue;
+        poller = true;
+        poller_asleep = true;
+      }
     }
-    MBMQ_TRY(wait_events(deadline));
+    if (!poller) {
+      wait_gen(seen, deadline);
+      os::LockGuard lock(mu);
+      --gen_sleepers;
+      continue;
+    }
+    const Status st = wait_events(deadline);
+    {
+      os::LockGuard lock(mu);
+      poller_asleep = false;
+      poller_waking = true;  // our own progress next is not a theft (W2)
+      progress_locked();
+      poller_waking = false;
+      // (W3) Give up the role: a gen sleeper polls next if it still waits.
+      if (gen_sleepers > 0) wake_gen_locked();
+      if (done()) return true;
+    }
+    MBMQ_TRY(st);
   }
 }
 

@@ -28,6 +28,7 @@ namespace mbmq::net::detail {
   X(ucp_worker_progress)            \
   X(ucp_worker_get_efd)             \
   X(ucp_worker_arm)                 \
+  X(ucp_worker_signal)              \
   X(ucp_worker_set_am_recv_handler) \
   X(ucp_listener_create)            \
   X(ucp_listener_destroy)           \

@@ -38,7 +38,7 @@ extern "C" int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*f)(
 
 // operator new of this binary: counts this thread's allocations while g_new_count >= 0, and throws
 // std::bad_alloc at allocation number g_new_fail (0: never), for
-// ReviewBridge.Confirmed_BadAllocFromTheLinkThreadLeaksTheSlotAndTerminatesInTheDestructor.
+// ReviewBridge.BadAllocForTheLinkThreadIsAnErrorAndGivesTheSlotBack.
 thread_local int g_new_count = -1;
 thread_local int g_new_fail = 0;
 
@@ -121,7 +121,7 @@ class EchoServer {
   std::thread thread_;
 };
 
-// Not a test: the flooding client of Confirmed_AOneWayFlood..., run as a program of its own (so
+// Not a test: the flooding client of AOneWayFlood..., run as a program of its own (so
 // that its send buffers are not in the server's heap). Connects to $MBMQ_NET_URL, sends
 // $MBMQ_REVIEW_N one-way messages of 1 MiB, then waits in a call until killed.
 TEST(ReviewBridgeHelper, DISABLED_FloodingClient) {
@@ -140,14 +140,15 @@ TEST(ReviewBridgeHelper, DISABLED_FloodingClient) {
   (void)ch->call(*b, secs(120));  // progresses our worker (the sends go out); killed meanwhile
 }
 
-// FINDING (high): no back-pressure reaches the remote client. A remote client that sends one-way
-// messages faster than the server takes them (here: the server never receives) makes the server
-// hold every one of them: the bridge stops reading its net::Channel while it waits (up to
-// call_timeout per message) for a local buffer, but net's ChannelCore keeps delivering into an
-// unbounded std::deque (inbox_) as the listener's worker is progressed by the thread in
-// accept(), by the other links, and by the keeper. What the bridge itself needs is the pair's
-// slots/extents (memfds, not heap) and one message in flight; 384 MiB sent => ~384 MiB of heap.
-TEST(ReviewBridge, Confirmed_AOneWayFloodWhileTheServerDoesNotReceiveIsBufferedWithoutBound) {
+// FINDING (high), fixed by net's credit flow control: no back-pressure reached the remote client. A
+// remote client that sends one-way messages faster than the server takes them (here: the server
+// never receives) makes the server hold every one of them: the bridge stops reading its
+// net::Channel while it waits (up to call_timeout per message) for a local buffer, but net's
+// ChannelCore keeps delivering into an unbounded std::deque (inbox_) as the listener's worker is
+// progressed by the thread in accept(), by the other links, and by the keeper. What the bridge
+// itself needs is the pair's slots/extents (memfds, not heap) and one message in flight; 384 MiB
+// sent => ~384 MiB of heap.
+TEST(ReviewBridge, AOneWayFloodWhileTheServerDoesNotReceiveIsBoundedByTheGrant) {
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   GTEST_SKIP() << "mallinfo2() does not see the sanitizer's allocator";
 #endif
@@ -173,8 +174,10 @@ TEST(ReviewBridge, Confirmed_AOneWayFloodWhileTheServerDoesNotReceiveIsBufferedW
   std::thread acceptor([&] {
     while (!stop.load()) (void)bridge->accept(Deadline::after(100ms));
   });
+  // Fixed (flow control, net wire v2): the client is out of credit after inbox_bytes (16 MiB by
+  // default) and its next send() fails; 5 s is ample for 300 MiB to pile up as it did before.
   std::int64_t grown = 0;
-  const Deadline d = secs(40);
+  const Deadline d = secs(5);
   while (!d.expired() && grown < (300ll << 20)) {
     os::sleep_ns(50'000'000);
     grown = std::max(grown, heap_bytes() - heap0);
@@ -189,17 +192,18 @@ TEST(ReviewBridge, Confirmed_AOneWayFloodWhileTheServerDoesNotReceiveIsBufferedW
   EXPECT_LT(grown, 64ll << 20) << "the server buffers what a remote client sends, without bound";
 }
 
-// FINDING (low-medium; fails under TSan only): ~Bridge in a forked child joins std::threads that
-// exist only in the parent. POSIX: the child has one thread; joining the others' ids is undefined.
-// Release/glibc passes by accident (glibc's fork marks the other threads' descriptors free, tid 0,
-// so pthread_join returns at once). Under TSan (the project's `threads` label runs there) the
-// child hangs in std::thread::join at bridge.cc:78 (TSan's ThreadRegistry::JoinThread spins
-// forever; seen with gdb); musl's join would wait on the tid futex likewise. net's own objects
-// check ucx_usable() and leave UCX alone in a forked child; the Bridge should check the pid it
-// was made in and neither join nor close in another. (Also: a fork while a link thread holds
-// BridgeCore::mu_ at its end would deadlock the child's ~Bridge; the window is a few
-// instructions, not reproduced.) The control (the child drops a net::Channel) shows net is fine.
-TEST(ReviewBridge, Confirmed_UnderTSan_DestroyingTheBridgeInAForkedChildDoesNotHang) {
+// FINDING (low-medium; fails under TSan only), fixed (the bridge checks its pid): ~Bridge in a
+// forked child joins std::threads that exist only in the parent. POSIX: the child has one thread;
+// joining the others' ids is undefined. Release/glibc passes by accident (glibc's fork marks the
+// other threads' descriptors free, tid 0, so pthread_join returns at once). Under TSan (the
+// project's `threads` label runs there) the child hangs in std::thread::join at bridge.cc:78
+// (TSan's ThreadRegistry::JoinThread spins forever; seen with gdb); musl's join would wait on the
+// tid futex likewise. net's own objects check ucx_usable() and leave UCX alone in a forked child;
+// the Bridge should check the pid it was made in and neither join nor close in another. (Also: a
+// fork while a link thread holds BridgeCore::mu_ at its end would deadlock the child's ~Bridge; the
+// window is a few instructions, not reproduced.) The control (the child drops a net::Channel) shows
+// net is fine.
+TEST(ReviewBridge, DestroyingTheBridgeInAForkedChildDoesNotHang) {
   test::Watchdog dog("the test", 60s);
   auto bridge = make_bridge();
   ASSERT_TRUE(bridge) << bridge.error().message();
@@ -224,15 +228,15 @@ TEST(ReviewBridge, Confirmed_UnderTSan_DestroyingTheBridgeInAForkedChildDoesNotH
   EXPECT_EQ(join(child), 0) << "142: SIGALRM, the child hung for 5 s in ~Bridge";
 }
 
-// FINDING (medium, performance): the deployment the header asks for ("keep a thread in accept()")
-// puts a second waiter on the listener's UCX worker, the one every link shares. A thread that
-// wakes on the worker's event fd progresses it and re-arms, so the link thread whose message came
-// sleeps on to wait_events()'s 20 ms safety-net cap. Bridged 64 B calls from ONE client: p99
-// ~20 ms with a thread in accept() (measured 20.1-25.0 ms in 5 runs), ~0.1 ms without. The docs
-// present the 20 ms cap as a many-clients effect; with the required accept() thread it hits >= 1%
-// of the calls of a single client. bridge_bench and bridge_test never keep a thread in accept()
-// while calls run, so neither sees it.
-TEST(ReviewBridge, Confirmed_BridgedCallsWhileAThreadWaitsInAcceptAreNotDelayedToThe20msCap) {
+// FINDING (medium, performance), fixed (WorkerCore W1-W3, src/net/core.h): the deployment the
+// header asks for ("keep a thread in accept()") puts a second waiter on the listener's UCX worker,
+// the one every link shares. A thread that wakes on the worker's event fd progresses it and
+// re-arms, so the link thread whose message came sleeps on to wait_events()'s 20 ms safety-net cap.
+// Bridged 64 B calls from ONE client: p99 ~20 ms with a thread in accept() (measured 20.1-25.0 ms
+// in 5 runs), ~0.1 ms without. The docs present the 20 ms cap as a many-clients effect; with the
+// required accept() thread it hits >= 1% of the calls of a single client. bridge_bench and
+// bridge_test never keep a thread in accept() while calls run, so neither sees it.
+TEST(ReviewBridge, BridgedCallsWhileAThreadWaitsInAcceptAreNotDelayedToThe20msCap) {
   test::Watchdog dog("the test", 90s);
   auto bridge = make_bridge();
   ASSERT_TRUE(bridge) << bridge.error().message();
@@ -376,12 +380,12 @@ TEST(ReviewBridge, ClientsThatConnectAndLeaveAtOnceGiveTheirSlotBack) {
   EXPECT_EQ(bridge->stats().refused_limit, 0u);
 }
 
-// Suspicion: a request the server sends on its end (which the bridge answers NoReply, per the
-// header) is answered only once the remote client has been idle for poll_interval: the bridge
-// drains its local end in (B1) only after remote.receive() timed out. A remote client that keeps
-// calling keeps the server's request unanswered for as long as it does.
-TEST(ReviewBridge,
-     Confirmed_AServerRequestOnItsEndIsAnsweredWithinPollIntervalWhileTheRemoteIsBusy) {
+// Finding (low), fixed (the bridge looks at its local end after each message too): a request the
+// server sends on its end (which the bridge answers NoReply, per the header) is answered only once
+// the remote client has been idle for poll_interval: the bridge drains its local end in (B1) only
+// after remote.receive() timed out. A remote client that keeps calling keeps the server's request
+// unanswered for as long as it does.
+TEST(ReviewBridge, AServerRequestOnItsEndIsAnsweredWithinPollIntervalWhileTheRemoteIsBusy) {
   test::Watchdog dog("the test", 60s);
   auto bridge = make_bridge();  // poll_interval 50 ms
   ASSERT_TRUE(bridge) << bridge.error().message();
@@ -430,11 +434,11 @@ TEST(ReviewBridge,
   EXPECT_LT(ms, 1000.0) << "answered only once the remote client went idle";
 }
 
-// Suspicion (performance): idle links slow an active one. Every link thread sleeps on the
-// listener's one event fd; each arriving message wakes them all (each progresses the worker under
-// its lock, re-arms, sleeps again), and any of them may take the wake-up meant for the active
-// link (then it waits for the 20 ms cap).
-TEST(ReviewBridge, Confirmed_IdleLinksDoNotSlowAnActiveOne) {
+// Finding (medium), fixed (WorkerCore W1-W3, src/net/core.h): idle links slow an active one. Every
+// link thread sleeps on the listener's one event fd; each arriving message wakes them all (each
+// progresses the worker under its lock, re-arms, sleeps again), and any of them may take the
+// wake-up meant for the active link (then it waits for the 20 ms cap).
+TEST(ReviewBridge, IdleLinksDoNotSlowAnActiveOne) {
   test::Watchdog dog("the test", 120s);
   auto bridge = make_bridge();
   ASSERT_TRUE(bridge) << bridge.error().message();
@@ -542,16 +546,17 @@ TEST(ReviewBridge, AThreadThatCannotBeCreatedLeavesNoSlotAndNoLink) {
   EXPECT_TRUE(c.remote->call(*b, secs(10)));
 }
 
-// FINDING (low: out of memory only): accept() catches std::system_error from std::thread's
-// constructor, not std::bad_alloc (its state is allocated before pthread_create). Then the
-// exception escapes accept() (a Result API) with the Link left in links_: live_ stays counted (a
-// max_connections slot lost for good), the remote connection stays open with no thread reading it
-// (its client's calls end only at their own deadline), and ~Bridge calls join() on the Link's
-// non-joinable std::thread: std::system_error inside a noexcept destructor, std::terminate.
-// Reproduced by failing the last operator new of accept() (its allocations counted in a dry run
-// with the client's connect() already complete, so that the count does not depend on timing);
-// ~Bridge is run in a forked child (glibc: joining the parent's threads there returns at once).
-TEST(ReviewBridge, Confirmed_BadAllocFromTheLinkThreadLeaksTheSlotAndTerminatesInTheDestructor) {
+// FINDING (low: out of memory only), fixed (catch (...), joinable()): accept() catches
+// std::system_error from std::thread's constructor, not std::bad_alloc (its state is allocated
+// before pthread_create). Then the exception escapes accept() (a Result API) with the Link left in
+// links_: live_ stays counted (a max_connections slot lost for good), the remote connection stays
+// open with no thread reading it (its client's calls end only at their own deadline), and ~Bridge
+// calls join() on the Link's non-joinable std::thread: std::system_error inside a noexcept
+// destructor, std::terminate. Reproduced by failing the last operator new of accept() (its
+// allocations counted in a dry run with the client's connect() already complete, so that the count
+// does not depend on timing); ~Bridge is run in a forked child (glibc: joining the parent's threads
+// there returns at once).
+TEST(ReviewBridge, BadAllocForTheLinkThreadIsAnErrorAndGivesTheSlotBack) {
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   GTEST_SKIP() << "the sanitizers own operator new and join";
 #endif
