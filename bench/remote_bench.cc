@@ -262,7 +262,9 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech,
       std::int64_t bytes = 0;
       while (monotonic_ns() < until) {
         auto m = ch->buffer(n);  // a send consumes its buffer
-        if (!m || !ch->send(std::move(*m))) return -1;
+        // Out of credit (the server has not received what we sent yet), wait for some back:
+        // flow control is part of what a one-way stream costs.
+        if (!m || !ch->send(std::move(*m), Deadline::after(std::chrono::seconds(30)))) return -1;
         bytes += static_cast<std::int64_t>(n);
       }
       return ops.rtt(8, 1) ? bytes : -1;  // after every one-way message (one channel: in order)

@@ -324,6 +324,7 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
                                : policy.mode == WaitMode::Sleep ? 0
                                                                 : policy.spin.count();
   const std::int64_t start = monotonic_ns();
+  std::uint32_t looks = 0;
   for (;;) {
     bool poller = false;
     std::uint32_t seen = 0;
@@ -331,8 +332,12 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
       os::LockGuard lock(mu);
       progress_locked();
       if (done()) return true;
-      if (deadline.expired()) return false;
-      if (monotonic_ns() - start < spin_ns) continue;
+      // Spinning, the clock is read on the first look, then once per 16 (a clock read per
+      // progress step was 14 % of a spinning 64 B round trip's samples).
+      if (spin_ns != 0 && looks++ != 0 && (looks & 15) != 0) continue;
+      const std::int64_t now = monotonic_ns();
+      if (!deadline.is_never() && now >= deadline.ns()) return false;
+      if (now - start < spin_ns) continue;
       if (poller_asleep || poller_waking) {
         // Another thread sleeps on the event fd: sleep on gen until events are progressed.
         seen = gen.load(std::memory_order_relaxed);
