@@ -720,5 +720,8 @@ int main(int argc, char** argv) {
     std::printf("%s\n", to_json(rows, checks, load0, load1).dump(2).c_str());
   else
     print_table(rows, checks, load0, load1);
+  // A cell that could not be measured (a failed round trip or stream) fails the run: exit 1.
+  for (const Row& r : rows)
+    if (r.error[0] != '\0') return 1;
   return 0;
 }
