@@ -257,6 +257,17 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   const char* prepare_replacement_locked(const shm::Desc& d, os::UniqueFd* fd, os::Mapping* map,
                                          bool* sealed) MBMQ_REQUIRES(mu_);
   void make_message(const shm::Desc& d, Message* out) MBMQ_REQUIRES(mu_);
+  // make_message() for a OneWay in a peer's slot that take_peer_slot_one_way() took (trusted end:
+  // the bytes are read in place).
+  void make_slot_message(const shm::Desc& d, std::uint64_t key, Message* out) MBMQ_REQUIRES(mu_);
+  // (P5) The batch path of poll_batch(): up to n messages from the ring (one head store), plain
+  // one-way slots checked inline, anything else through accept(). How many were put in out;
+  // stops at the first look that finds nothing, and at a protocol error.
+  std::size_t take_batch_locked(Message* out, std::size_t n) MBMQ_REQUIRES(mu_);
+  // (P3) The batch path of send_batch(): the leading buffers that are plain one-way messages in
+  // our slots (no handles; a trusted end), one ring entry each and one tail store. How many were
+  // sent (each parked); the caller sends the rest one by one.
+  std::size_t send_slots_locked(std::span<Buffer> bufs) MBMQ_REQUIRES(mu_);
   Poll poll_locked(Message* out) MBMQ_REQUIRES(mu_);
   // Drops every message of ms (as their destructors would); the one-way messages in the peer's
   // slots are given back together (P7r): one lock, one fetch_or.

@@ -10,13 +10,17 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "ipc/test_access.h"
+#include "mbmq/introspect.h"
+#include "mbmq/mbmq.h"
 #include "os/process.h"
 #include "os/syscall_count.h"
 #include "peer_util.h"
@@ -272,6 +276,104 @@ TEST(Stream, ABufferToSealEndsABatchAndGoesFirstInTheNext) {
     std::memcpy(&seq, m->buffer.data().data(), sizeof seq);
     EXPECT_EQ(seq, i) << "out of order";
   }
+}
+
+// The batch paths (P3, P5) take plain one-way slots in one go and everything else one by one:
+// mixed in one ring, a request, extents and slots arrive in order, each as its kind, and the
+// request's reply comes back.
+TEST(Stream, AMixedBatchArrivesInOrderEachAsItsKind) {
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 16));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  constexpr std::size_t kBig = 8 * 1024;  // above slot_size (256 B): an extent
+  std::vector<Buffer> first;
+  for (std::uint64_t i = 0; i < 2; ++i) {
+    first.push_back(*producer.buffer(64));
+    write_msg(first.back(), i);
+  }
+  ASSERT_EQ(*producer.send_batch(first), 2u);
+  Buffer req = *producer.buffer(64);
+  write_msg(req, 2);
+  ASSERT_TRUE(producer.send_request(std::move(req)));
+  std::vector<Buffer> second;
+  const std::size_t sizes[] = {64, 64, kBig, 64};
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    second.push_back(*producer.buffer(sizes[i]));
+    write_msg(second.back(), 3 + i);
+  }
+  std::size_t sent = 0;
+  while (sent < second.size()) {
+    auto n = producer.send_batch(std::span<Buffer>(second).subspan(sent));
+    ASSERT_TRUE(n) << n.error().message();
+    sent += *n;
+  }
+  std::vector<Message> got(16);
+  std::uint64_t next = 0;
+  while (next < 7) {
+    auto n = consumer.receive_batch(got, secs(5));
+    ASSERT_TRUE(n) << n.error().message();
+    for (std::size_t i = 0; i < *n; ++i, ++next) {
+      EXPECT_EQ(read_msg(got[i].buffer), next) << "out of order or corrupt";
+      EXPECT_EQ(got[i].kind, next == 2 ? Kind::Request : Kind::Message);
+      EXPECT_EQ(got[i].buffer.size(), next == 5 ? kBig : 64u);
+      if (next == 2) {
+        ASSERT_TRUE(MsgQueue::reply(std::move(got[i])));
+      }
+    }
+  }
+  auto reply = producer.receive(secs(5));
+  ASSERT_TRUE(reply) << reply.error().message();
+  EXPECT_EQ(reply->kind, Kind::Reply);
+  EXPECT_EQ(read_msg(reply->buffer), 2u);
+  // Every one-way buffer comes back (P7r for the slots, Return for the extent): all 16 slots.
+  got.clear();
+  std::vector<Buffer> all(16);
+  auto n = producer.buffers(64, all, secs(5));
+  ASSERT_TRUE(n) << n.error().message();
+  std::size_t total = *n;
+  while (total < 15) {  // the reply's slot is still held by `reply`
+    auto more = producer.buffers(64, std::span<Buffer>(all).subspan(total), secs(5));
+    ASSERT_TRUE(more) << more.error().message();
+    total += *more;
+  }
+}
+
+// (#18) A batch counts each of its messages and bytes, on both ends.
+TEST(Stream, BatchedMessagesAreCountedOneByOne) {
+  const std::string name = "stream-count-" + std::to_string(os::current_pid());
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  auto client = connect(name, secs(5));
+  ASSERT_TRUE(client) << client.error().message();
+  auto server = l->accept(secs(5));
+  ASSERT_TRUE(server) << server.error().message();
+  constexpr std::uint64_t kN = 1000;
+  // Half the pool (16 slots) per batch: the client holds its last batch while the server fills
+  // the next.
+  constexpr std::uint64_t kHalf = 8;
+  std::vector<Buffer> bufs(kHalf);
+  std::vector<Message> got(kHalf);
+  std::uint64_t sent = 0, received = 0;
+  while (received < kN) {
+    if (sent < kN) {
+      auto n = server->buffers(
+          24, std::span<Buffer>(bufs).first(std::min<std::uint64_t>(kHalf, kN - sent)), secs(5));
+      ASSERT_TRUE(n) << n.error().message();
+      auto s = server->send_batch(std::span<Buffer>(bufs).first(*n));
+      ASSERT_TRUE(s) << s.error().message();
+      sent += *s;
+    }
+    auto r = client->receive_batch(got, secs(5));
+    ASSERT_TRUE(r) << r.error().message();
+    received += *r;
+  }
+  got.clear();
+  auto s = query_stats(name, StatChannels::Yes, secs(5));
+  ASSERT_TRUE(s) << s.error().message();
+  ASSERT_EQ(s->channels.size(), 1u);
+  EXPECT_EQ(s->channels[0].oneway_out, kN);
+  EXPECT_EQ(s->channels[0].bytes_out, kN * 24);
+  EXPECT_EQ(s->listener.oneway_out, kN);
 }
 
 class RoomModes : public ::testing::TestWithParam<WaitMode> {};
