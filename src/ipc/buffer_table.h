@@ -111,9 +111,10 @@ class BufferTable {
   // ReleaseExtent hint would let it unmap it now), or 0.
   std::uint32_t free_own(BufferId id) noexcept;
   bool has_free_slot() const noexcept { return !free_slots_.empty(); }
-  // (P7r) The peer's `returned` word: each bit k names our k-th slot; those lent one-way are free
-  // again (others are ignored: a bit the peer had no right to set). Returns how many were freed.
-  std::uint32_t take_returned(std::uint64_t bits) noexcept;
+  // (P7r) Word w of the peer's `returned`: bit b names our slot 64 * w + b; those lent one-way
+  // are free again (others, and slots past slots_per_side, are ignored: bits the peer had no
+  // right to set). Returns how many were freed.
+  std::uint32_t take_returned(std::uint32_t w, std::uint64_t bits) noexcept;
   // (P8) The peer is gone: what was lent to it, or abandoned, is free again; no requests are out.
   void reclaim_lent() noexcept;
   std::uint32_t take_extent_gen() noexcept;  // never 0 (0 means "never sent")

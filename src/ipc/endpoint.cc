@@ -101,14 +101,17 @@ void Endpoint::harvest_locked(std::size_t size) {
   // (P7r) Slots the peer gave back, harvested only when none is free: one line transfer per up to
   // slots_per_side one-way messages. Pairs with the consumer's fetch_or: its reads of the payload
   // happen before we reuse the slot.
-  if (size <= seg_.geometry().slot_size && !table_.has_free_slot() &&
-      out_.returned.load(std::memory_order_relaxed) != 0)
-    if (table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire)) > 0) {
-      // More may be free than this thread takes: another thread waiting for room must see it
-      // (as for a local free, free_own_locked()).
-      frees_.fetch_add(1, std::memory_order_seq_cst);
-      if (room_sleepers_.load(std::memory_order_seq_cst) != 0) wake_room();
-    }
+  if (size > seg_.geometry().slot_size || table_.has_free_slot()) return;
+  std::uint32_t freed = 0;
+  for (std::uint32_t w = 0; w < returned_words(); ++w)
+    if (out_.returned[w].load(std::memory_order_relaxed) != 0)
+      freed += table_.take_returned(w, out_.returned[w].exchange(0, std::memory_order_acquire));
+  if (freed > 0) {
+    // More may be free than this thread takes: another thread waiting for room must see it
+    // (as for a local free, free_own_locked()).
+    frees_.fetch_add(1, std::memory_order_seq_cst);
+    if (room_sleepers_.load(std::memory_order_seq_cst) != 0) wake_room();
+  }
 }
 
 void Endpoint::fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size) {
@@ -220,8 +223,10 @@ static_assert(bit_count(0) == 0 && bit_count(~0ull) == 64 &&
 }  // namespace
 
 bool Endpoint::room_maybe(std::uint32_t frees, std::uint32_t min_bits) const noexcept {
-  return bit_count(out_.returned.load(std::memory_order_relaxed)) >= min_bits ||
-         frees_.load(std::memory_order_relaxed) != frees ||
+  std::uint32_t bits = 0;
+  for (std::uint32_t w = 0; w < returned_words() && bits < min_bits; ++w)
+    bits += bit_count(out_.returned[w].load(std::memory_order_relaxed));
+  return bits >= min_bits || frees_.load(std::memory_order_relaxed) != frees ||
          state_.load(std::memory_order_acquire) != EpState::Open;
 }
 
@@ -238,11 +243,13 @@ void Endpoint::wake_peer_producer() noexcept {
   (void)os::futex_wake(&in_.room, INT_MAX);
 }
 
-void Endpoint::give_back_slots(std::uint64_t mask) noexcept {
+void Endpoint::give_back_slots(
+    const std::array<std::uint64_t, shm::kReturnedWords>& mask) noexcept {
   // seq_cst: our reads of the payloads happen before the producer's reuse (its acquire
-  // exchange), and the RMW is the fence between this store and the load of producer_waiting
+  // exchange), and each RMW is a fence between this store and the load of producer_waiting
   // (pairs with the fence in the producer's sleep_once, P6r).
-  in_.returned.fetch_or(mask, std::memory_order_seq_cst);
+  for (std::uint32_t w = 0; w < returned_words(); ++w)
+    if (mask[w] != 0) in_.returned[w].fetch_or(mask[w], std::memory_order_seq_cst);
   wake_peer_producer();
 }
 
@@ -289,7 +296,11 @@ void Endpoint::release(Buffer& b) noexcept {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
                            static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
   } else if (!id.is_extent()) {
-    give_back_slots(peer_slot_bit(id));  // (P7r) no descriptor
+    std::array<std::uint64_t, shm::kReturnedWords> mask{};
+    std::uint32_t w = 0;
+    const std::uint64_t bit = peer_slot_bit(id, &w);
+    mask[w] = bit;
+    give_back_slots(mask);  // (P7r) no descriptor
   } else {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Return), 0});
     // push_locked's fence (P4) orders the entry before this load of producer_waiting (P6r).

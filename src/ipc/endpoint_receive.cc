@@ -435,7 +435,8 @@ Result<Message> Endpoint::receive(Deadline deadline) {
 }
 
 void Endpoint::release_batch(std::span<Message> ms) noexcept {
-  std::uint64_t mask = 0;
+  std::array<std::uint64_t, shm::kReturnedWords> mask{};
+  bool any = false;
   {
     os::LockGuard lock(mu_);
     const bool open = state_.load(std::memory_order_relaxed) == EpState::Open;
@@ -446,10 +447,15 @@ void Endpoint::release_batch(std::span<Message> ms) noexcept {
           !is(b.kind_, DescKind::OneWay) || id.is_extent())
         continue;
       table_.set_held(id, false);
-      if (open) mask |= peer_slot_bit(id);
+      if (open) {
+        std::uint32_t w = 0;
+        const std::uint64_t bit = peer_slot_bit(id, &w);
+        mask[w] |= bit;
+        any = true;
+      }
       park_buffer(b);  // keeps its reference to us for the next batch
     }
-    if (mask != 0) give_back_slots(mask);  // one RMW, one look at a waiter, for the batch
+    if (any) give_back_slots(mask);  // one RMW per word, one look at a waiter, for the batch
   }
   // The rest (requests, extents, handles, other ends' buffers) as their destructors would.
   for (Message& m : ms) {

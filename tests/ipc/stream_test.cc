@@ -496,11 +496,11 @@ TEST(Stream, ScribbledReturnedBitsNeverHandOutABufferTwice) {
   std::vector<Buffer> mine;
   for (int i = 0; i < 3; ++i) mine.push_back(*producer.buffer(64));
   ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));  // lent, not given back
-  out->returned.store(~std::uint64_t{0});
+  for (auto& w : out->returned) w.store(~std::uint64_t{0});
   auto b = producer.buffer(64);
   ASSERT_TRUE(b) << b.error().message();  // the lent slot, "given back" by the lie
   for (const Buffer& m : mine) EXPECT_NE(b->id(), m.id());
-  out->returned.store(~std::uint64_t{0});
+  for (auto& w : out->returned) w.store(~std::uint64_t{0});
   auto none = producer.buffer(64);
   ASSERT_FALSE(none);
   EXPECT_EQ(none.error().code, Errc::NoBuffers);
@@ -513,6 +513,78 @@ TEST(Stream, ScribbledReturnedBitsNeverHandOutABufferTwice) {
   for (Buffer& x : mine) x.reset();
   b->reset();
   for (int i = 0; i < 4; ++i) EXPECT_TRUE(producer.buffer(64)) << i;  // the pool is whole
+}
+
+// Layout v9: a pool of up to kMaxSlotsPerSide slots, `returned` one word per 64. A hostile
+// consumer scribbling every word (those past the pool too) frees only what was lent one-way, in
+// whichever word its bit is; the channel stays usable and the pool whole.
+TEST(Stream, ScribbledReturnedWordsFreeOnlyWhatWasLentInAnyWord) {
+  constexpr std::uint32_t kSlots = 200;  // words 0-3; word 3 half used, words 4-6 past the pool
+  auto p = Channel::pair(stream_options(WaitMode::Spin, kSlots, 64));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  auto seg = detail::TestAccess::segment(producer);
+  auto* out = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset);
+  std::vector<Buffer> all(kSlots);
+  auto n = producer.buffers(64, all, secs(5));
+  ASSERT_TRUE(n) << n.error().message();
+  ASSERT_EQ(*n, kSlots);
+  // Lend one slot of each word one-way (the 1st, 70th, 140th and last), keep the rest.
+  const std::size_t lent[] = {0, 69, 139, kSlots - 1};
+  std::vector<std::uint32_t> lent_ids;
+  for (std::size_t i : lent) {
+    lent_ids.push_back(all[i].id());
+    ASSERT_TRUE(producer.send(std::move(all[i])));
+  }
+  for (auto& w : out->returned) w.store(~std::uint64_t{0});
+  std::vector<Buffer> again(8);
+  auto got = producer.buffers(64, again, secs(5));
+  ASSERT_TRUE(got) << got.error().message();
+  EXPECT_EQ(*got, 4u) << "only the four lent slots come back";
+  for (std::size_t i = 0; i < *got; ++i) {
+    EXPECT_NE(std::find(lent_ids.begin(), lent_ids.end(), again[i].id()), lent_ids.end());
+    for (const Buffer& held : all)
+      if (held.valid()) {
+        EXPECT_NE(again[i].id(), held.id()) << "a buffer handed out twice";
+      }
+  }
+  // The consumer takes the four and drops them; nothing more comes free while the application
+  // holds everything.
+  std::vector<Message> msgs(4);
+  ASSERT_TRUE(receive_all(consumer, msgs));
+  msgs.clear();
+  auto none = producer.buffer(64);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, Errc::NoBuffers);
+  all.clear();
+  again.clear();
+  std::vector<Buffer> whole(kSlots);
+  auto w = producer.buffers(64, whole, secs(5));
+  ASSERT_TRUE(w) << w.error().message();
+  EXPECT_EQ(*w, kSlots) << "the pool is whole";
+}
+
+// A pool of kMaxSlotsPerSide slots streams: every slot, in every word of `returned`, comes back
+// many times; nothing lost, duplicated or reordered.
+TEST(Stream, TheDeepestPoolStreamsThroughEveryWordOfReturned) {
+  constexpr std::uint64_t kCount = 100'000;
+  auto p = Channel::pair(stream_options(WaitMode::Spin, shm::kMaxSlotsPerSide, 64));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  pid_t child = test::spawn([&] {
+    producer = {};
+    bool ended = false;
+    std::string bad;
+    const std::uint64_t got = consume(consumer, kCount, secs(60), &ended, &bad);
+    if (got != kCount) std::fprintf(stderr, "consumer: %s\n", bad.c_str());
+    return got == kCount ? 0 : 1;
+  });
+  ASSERT_GT(child, 0);
+  consumer = {};
+  Status why;
+  EXPECT_EQ(produce(producer, kCount, 64, secs(60), &why), kCount)
+      << (why ? "" : why.error().message());
+  EXPECT_EQ(test::join(child), 0);
 }
 
 // The producer is killed mid-stream: the consumer gets an unbroken prefix of the stream, then
