@@ -248,6 +248,9 @@ std::size_t Endpoint::take_batch_locked(Message* out, std::size_t n) {
       (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
       break;
     }
+    // accept() may have closed the channel (a bad control packet read on the way): as
+    // poll_locked(), nothing more is taken from the ring then.
+    if (state_.load(std::memory_order_acquire) != EpState::Open) break;
   }
   // (P5) One head store for the batch: the producer may overwrite what we copied.
   rx_.release();
