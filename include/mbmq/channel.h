@@ -56,7 +56,7 @@ struct ChannelAccess;
 enum class Trust : std::uint8_t { Cooperative = 0, Untrusted = 1 };
 
 struct ChannelOptions {
-  std::uint32_t slots_per_side = 16;    // pool buffers each side can have in flight (<= 64)
+  std::uint32_t slots_per_side = 16;    // pool buffers each side can have in flight (<= 448)
   std::uint32_t slot_size = 64 * 1024;  // larger buffers become memfd extents
   WaitPolicy wait{};                    // how call()/receive() wait on this end
   // Requests (call/send_request) one side may have outstanding at once; 0: as many as it has

@@ -118,10 +118,10 @@ std::uint32_t BufferTable::free_own(BufferId id) noexcept {
   return 0;
 }
 
-std::uint32_t BufferTable::take_returned(std::uint64_t bits) noexcept {
+std::uint32_t BufferTable::take_returned(std::uint32_t w, std::uint64_t bits) noexcept {
   std::uint32_t freed = 0;
   for (; bits != 0; bits &= bits - 1) {
-    const auto k = static_cast<std::uint32_t>(__builtin_ctzll(bits));
+    const std::uint32_t k = 64 * w + static_cast<std::uint32_t>(__builtin_ctzll(bits));
     if (k >= n_ || own_slots_[k].state != OwnState::LentOneWay) continue;
     own_slots_[k].state = OwnState::Free;
     free_slots_.push_back(k);  // capacity reserved at construction: no allocation

@@ -111,9 +111,10 @@ class BufferTable {
   // ReleaseExtent hint would let it unmap it now), or 0.
   std::uint32_t free_own(BufferId id) noexcept;
   bool has_free_slot() const noexcept { return !free_slots_.empty(); }
-  // (P7r) The peer's `returned` word: each bit k names our k-th slot; those lent one-way are free
-  // again (others are ignored: a bit the peer had no right to set). Returns how many were freed.
-  std::uint32_t take_returned(std::uint64_t bits) noexcept;
+  // (P7r) Word w of the peer's `returned`: bit b names our slot 64 * w + b; those lent one-way
+  // are free again (others, and slots past slots_per_side, are ignored: bits the peer had no
+  // right to set). Returns how many were freed.
+  std::uint32_t take_returned(std::uint32_t w, std::uint64_t bits) noexcept;
   // (P8) The peer is gone: what was lent to it, or abandoned, is free again; no requests are out.
   void reclaim_lent() noexcept;
   std::uint32_t take_extent_gen() noexcept;  // never 0 (0 means "never sent")
@@ -165,6 +166,39 @@ class BufferTable {
   OwnState take_reply(BufferId id) noexcept;
   // A ReleaseExtent hint: nullptr if valid (the mapping is dropped if still at that generation).
   const char* release_peer_extent(const shm::Desc& d) noexcept;
+
+  // ---- batches of one-way messages in pool slots (the stream's path; Endpoint::send_batch,
+  // poll_batch): the same transitions as alloc(), send and check_lent()/take_lent(), inline ----
+  // A free slot, as alloc() gives it. has_free_slot() must hold.
+  Allocated alloc_slot() noexcept {
+    const std::uint32_t k = free_slots_.back();
+    free_slots_.pop_back();
+    OwnSlot& slot = own_slots_[k];
+    slot.state = OwnState::App;
+    ++slot.gen;
+    const BufferId id = BufferId::slot(static_cast<std::uint32_t>(side_) * n_ + k);
+    return Allocated{id, slot.gen, seg_.slot(id.slot_index()), slot_size_};
+  }
+  // Our slot `id` (any value), held by the application, is sent one-way: App -> LentOneWay.
+  // false, nothing changed: not one of our slots, or not in state App.
+  bool lend_slot_one_way(BufferId id) noexcept {
+    const std::uint32_t k = id.slot_index() - static_cast<std::uint32_t>(side_) * n_;
+    if (id.is_extent() || k >= n_ || own_slots_[k].state != OwnState::App) return false;
+    own_slots_[k].state = OwnState::LentOneWay;
+    return true;
+  }
+  // (P5) d, a descriptor of the peer's, is a OneWay without flags naming one of its slots that we
+  // do not hold, within slot_size: taken (held), as check_lent() and take_lent() would. false,
+  // nothing changed: anything else, for check_lent() to judge.
+  bool take_peer_slot_one_way(const shm::Desc& d) noexcept {
+    const std::uint32_t k = d.buffer - static_cast<std::uint32_t>(1 - side_) * n_;
+    if (d.kind != static_cast<std::uint16_t>(shm::DescKind::OneWay) ||
+        (d.buffer & shm::kExtentBit) != 0 || k >= n_ || d.size > slot_size_ || peer_held_[k])
+      return false;
+    peer_held_[k] = true;
+    return true;
+  }
+  std::uint32_t slot_size() const noexcept { return slot_size_; }
 
   // ---- requests in flight (max_in_flight) ----
   std::uint32_t requests_out() const noexcept { return requests_out_; }

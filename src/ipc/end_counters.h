@@ -45,6 +45,15 @@ struct EndCounters {
   void count_in(std::uint16_t kind, std::uint16_t status, std::uint32_t size) noexcept {
     count(in, bytes_in, no_reply_in, kind, status, size);
   }
+  // n one-way messages of `bytes` payload bytes in all (a batch).
+  void count_out_one_way(std::uint64_t n, std::uint64_t bytes) noexcept {
+    bump(out[static_cast<std::size_t>(shm::DescKind::OneWay)], n);
+    bump(bytes_out, bytes);
+  }
+  void count_in_one_way(std::uint64_t n, std::uint64_t bytes) noexcept {
+    bump(in[static_cast<std::size_t>(shm::DescKind::OneWay)], n);
+    bump(bytes_in, bytes);
+  }
   static std::uint64_t get(const std::atomic<std::uint64_t>& c) noexcept {
     return c.load(std::memory_order_relaxed);  // a monitor's read: see the file comment
   }

@@ -2,6 +2,7 @@
 // those of src/shm/layout.h; docs/PROTOCOL.md says which part implements each.
 #include "ipc/endpoint.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 
@@ -100,14 +101,17 @@ void Endpoint::harvest_locked(std::size_t size) {
   // (P7r) Slots the peer gave back, harvested only when none is free: one line transfer per up to
   // slots_per_side one-way messages. Pairs with the consumer's fetch_or: its reads of the payload
   // happen before we reuse the slot.
-  if (size <= seg_.geometry().slot_size && !table_.has_free_slot() &&
-      out_.returned.load(std::memory_order_relaxed) != 0)
-    if (table_.take_returned(out_.returned.exchange(0, std::memory_order_acquire)) > 0) {
-      // More may be free than this thread takes: another thread waiting for room must see it
-      // (as for a local free, free_own_locked()).
-      frees_.fetch_add(1, std::memory_order_seq_cst);
-      if (room_sleepers_.load(std::memory_order_seq_cst) != 0) wake_room();
-    }
+  if (size > seg_.geometry().slot_size || table_.has_free_slot()) return;
+  std::uint32_t freed = 0;
+  for (std::uint32_t w = 0; w < returned_words(); ++w)
+    if (out_.returned[w].load(std::memory_order_relaxed) != 0)
+      freed += table_.take_returned(w, out_.returned[w].exchange(0, std::memory_order_acquire));
+  if (freed > 0) {
+    // More may be free than this thread takes: another thread waiting for room must see it
+    // (as for a local free, free_own_locked()).
+    frees_.fetch_add(1, std::memory_order_seq_cst);
+    if (room_sleepers_.load(std::memory_order_seq_cst) != 0) wake_room();
+  }
 }
 
 void Endpoint::fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size) {
@@ -146,7 +150,7 @@ Result<std::size_t> Endpoint::alloc_many(std::size_t size, std::span<Buffer> out
     harvest_locked(size);
     std::size_t k = 0;
     for (; k < out.size() && table_.has_free_slot(); ++k)
-      fill_own_locked(out[k], *table_.alloc(size), size);
+      fill_own_locked(out[k], table_.alloc_slot(), size);
     if (k > 0) return k;
   }
   // One buffer: an extent, or a slot after reaping the ring as alloc() does (or NoBuffers).
@@ -205,10 +209,24 @@ Status Endpoint::wait_room(std::uint32_t frees, SpinStep& step, Deadline deadlin
   }
 }
 
+namespace {
+// Bits set in x, inline: the build targets baseline x86-64 (no POPCNT), where
+// __builtin_popcountll and std::popcount are a call into libgcc, on the spinning path.
+constexpr std::uint32_t bit_count(std::uint64_t x) noexcept {
+  x -= (x >> 1) & 0x5555'5555'5555'5555ull;
+  x = (x & 0x3333'3333'3333'3333ull) + ((x >> 2) & 0x3333'3333'3333'3333ull);
+  x = (x + (x >> 4)) & 0x0f0f'0f0f'0f0f'0f0full;
+  return static_cast<std::uint32_t>((x * 0x0101'0101'0101'0101ull) >> 56);
+}
+static_assert(bit_count(0) == 0 && bit_count(~0ull) == 64 &&
+              bit_count(0x8000'0000'0000'0001ull) == 2);
+}  // namespace
+
 bool Endpoint::room_maybe(std::uint32_t frees, std::uint32_t min_bits) const noexcept {
-  return static_cast<std::uint32_t>(
-             __builtin_popcountll(out_.returned.load(std::memory_order_relaxed))) >= min_bits ||
-         frees_.load(std::memory_order_relaxed) != frees ||
+  std::uint32_t bits = 0;
+  for (std::uint32_t w = 0; w < returned_words() && bits < min_bits; ++w)
+    bits += bit_count(out_.returned[w].load(std::memory_order_relaxed));
+  return bits >= min_bits || frees_.load(std::memory_order_relaxed) != frees ||
          state_.load(std::memory_order_acquire) != EpState::Open;
 }
 
@@ -225,11 +243,13 @@ void Endpoint::wake_peer_producer() noexcept {
   (void)os::futex_wake(&in_.room, INT_MAX);
 }
 
-void Endpoint::give_back_slots(std::uint64_t mask) noexcept {
+void Endpoint::give_back_slots(
+    const std::array<std::uint64_t, shm::kReturnedWords>& mask) noexcept {
   // seq_cst: our reads of the payloads happen before the producer's reuse (its acquire
-  // exchange), and the RMW is the fence between this store and the load of producer_waiting
+  // exchange), and each RMW is a fence between this store and the load of producer_waiting
   // (pairs with the fence in the producer's sleep_once, P6r).
-  in_.returned.fetch_or(mask, std::memory_order_seq_cst);
+  for (std::uint32_t w = 0; w < returned_words(); ++w)
+    if (mask[w] != 0) in_.returned[w].fetch_or(mask[w], std::memory_order_seq_cst);
   wake_peer_producer();
 }
 
@@ -276,7 +296,11 @@ void Endpoint::release(Buffer& b) noexcept {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Reply),
                            static_cast<std::uint16_t>(shm::DescStatus::NoReply)});
   } else if (!id.is_extent()) {
-    give_back_slots(peer_slot_bit(id));  // (P7r) no descriptor
+    std::array<std::uint64_t, shm::kReturnedWords> mask{};
+    std::uint32_t w = 0;
+    const std::uint64_t bit = peer_slot_bit(id, &w);
+    mask[w] = bit;
+    give_back_slots(mask);  // (P7r) no descriptor
   } else {
     (void)push_locked(Desc{b.id_, 0, b.gen_, static_cast<std::uint16_t>(DescKind::Return), 0});
     // push_locked's fence (P4) orders the entry before this load of producer_waiting (P6r).
@@ -415,13 +439,45 @@ Status Endpoint::send(Buffer&& b, DescKind kind) {
   return {};
 }
 
+std::size_t Endpoint::send_slots_locked(std::span<Buffer> bufs) {
+  // An untrusted end's slots may be private copies (P5b) to copy back first: send_locked() does.
+  if (bufs.empty() || trust_.untrusted_me()) return 0;
+  // Room for the whole batch at once; without it, send_locked() sends what fits one by one. A
+  // one-way slot needs no control message, so nothing else can refuse it once there is room.
+  const auto want = static_cast<std::uint32_t>(std::min<std::size_t>(bufs.size(), 64));
+  if (tx_.has_room_for(want) != shm::RingStatus::Ok) return 0;
+  std::size_t k = 0;
+  std::uint64_t bytes = 0;
+  for (; k < want; ++k) {
+    Buffer& b = bufs[k];
+    if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Own || b.handles_ ||
+        !table_.lend_slot_one_way(BufferId::from_wire(b.id_)))
+      break;
+    // (P3) Visible to the consumer at once (the entry's seq); the tail follows below.
+    tx_.put(Desc{b.id_, b.size_, b.gen_, static_cast<std::uint16_t>(DescKind::OneWay), 0});
+    bytes += b.size_;
+    park_buffer(b);  // invalid, but keeps its reference to us for buffers() to reuse
+  }
+  if (k > 0) {
+    tx_.publish();
+    counters_.count_out_one_way(k, bytes);  // (#18) plain stores, mu_ held
+  }
+  return k;
+}
+
 Result<std::size_t> Endpoint::send_batch(std::span<Buffer> bufs) {
   os::LockGuard lock(mu_);
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "send");
   std::size_t sent = 0;
+  // Plain one-way slots first, as one batch; then the rest, if any, one by one.
+  while (sent < bufs.size()) {
+    const std::size_t k = send_slots_locked(bufs.subspan(sent));
+    if (k == 0) break;
+    sent += k;
+  }
   Status why;
-  for (Buffer& b : bufs) {
+  for (Buffer& b : bufs.subspan(sent)) {
     // A sealed send (P3c) can fail in a way that loses the buffer: such a buffer goes only first
     // in a batch, so that its error is this call's (after a prefix it would be lost with it).
     if (sent > 0 && b.ep_.get() == this && b.origin_ == Buffer::Origin::Own && trust_.seals(b))

@@ -257,6 +257,17 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   const char* prepare_replacement_locked(const shm::Desc& d, os::UniqueFd* fd, os::Mapping* map,
                                          bool* sealed) MBMQ_REQUIRES(mu_);
   void make_message(const shm::Desc& d, Message* out) MBMQ_REQUIRES(mu_);
+  // make_message() for a OneWay in a peer's slot that take_peer_slot_one_way() took (trusted end:
+  // the bytes are read in place).
+  void make_slot_message(const shm::Desc& d, std::uint64_t key, Message* out) MBMQ_REQUIRES(mu_);
+  // (P5) The batch path of poll_batch(): up to n messages from the ring (one head store), plain
+  // one-way slots checked inline, anything else through accept(). How many were put in out;
+  // stops at the first look that finds nothing, and at a protocol error.
+  std::size_t take_batch_locked(Message* out, std::size_t n) MBMQ_REQUIRES(mu_);
+  // (P3) The batch path of send_batch(): the leading buffers that are plain one-way messages in
+  // our slots (no handles; a trusted end), one ring entry each and one tail store. How many were
+  // sent (each parked); the caller sends the rest one by one.
+  std::size_t send_slots_locked(std::span<Buffer> bufs) MBMQ_REQUIRES(mu_);
   Poll poll_locked(Message* out) MBMQ_REQUIRES(mu_);
   // Drops every message of ms (as their destructors would); the one-way messages in the peer's
   // slots are given back together (P7r): one lock, one fetch_or.
@@ -271,13 +282,16 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   Status push_locked(const shm::Desc& d, bool wake = true) MBMQ_REQUIRES(mu_);
   void wake_peer_locked() noexcept MBMQ_REQUIRES(mu_);
   // (P7r) The peer's one-way messages in the slots of `mask` are done with: their bits in
-  // `returned`, and a wake of its producer if one waits for room (P6r).
-  void give_back_slots(std::uint64_t mask) noexcept;
-  // The bit of the peer's slot id in `returned`.
-  std::uint64_t peer_slot_bit(BufferId id) const noexcept {
-    return std::uint64_t{1} << (id.slot_index() -
-                                static_cast<std::uint32_t>(1 - side_) * table_slots_);
+  // `returned` (mask[w] for word w), and a wake of its producer if one waits for room (P6r).
+  void give_back_slots(const std::array<std::uint64_t, shm::kReturnedWords>& mask) noexcept;
+  // Where the peer's slot id goes in `returned`: its bit (in mask) of word *w.
+  std::uint64_t peer_slot_bit(BufferId id, std::uint32_t* w) const noexcept {
+    const std::uint32_t k = id.slot_index() - static_cast<std::uint32_t>(1 - side_) * table_slots_;
+    *w = k / 64;
+    return std::uint64_t{1} << (k % 64);
   }
+  // The words of `returned` that name slots of ours (table_slots_ rounded up to 64).
+  std::uint32_t returned_words() const noexcept { return (table_slots_ + 63) / 64; }
   // After a Return or a bit in `returned`: wakes the peer's producer if it waits for room.
   void wake_peer_producer() noexcept;
   // (P6r) Wakes our own threads waiting for room (hang-up, close, protocol error, local frees).

@@ -201,11 +201,70 @@ Endpoint::Poll Endpoint::poll(Message* out) {
   return poll_locked(out);
 }
 
+void Endpoint::make_slot_message(const Desc& d, std::uint64_t key, Message* out) {
+  Buffer& b = out->buffer;
+  // Empty, as for make_message().
+  if (b.ep_.get() != this) {
+    b.reset();
+    b.ep_ = shared_from_this();
+  }
+  b.id_ = d.buffer;
+  b.gen_ = d.gen;
+  b.size_ = d.size;
+  b.kind_ = d.kind;
+  b.origin_ = Buffer::Origin::Peer;
+  b.data_ = seg_.slot(d.buffer);  // trusted: read in place (PeerTrust::peer_view)
+  b.capacity_ = table_.slot_size();
+  out->key = key;
+  out->error = Errc::PeerClosed;
+  out->kind = Kind::Message;
+}
+
+std::size_t Endpoint::take_batch_locked(Message* out, std::size_t n) {
+  // Messages set aside first (poll_locked() delivers them in order); an untrusted end copies
+  // each payload (P5b), make_message() does.
+  if (trust_.untrusted_me() || !table_.pending().empty() ||
+      state_.load(std::memory_order_acquire) != EpState::Open)
+    return 0;
+  const std::uint64_t key = key_.load(std::memory_order_relaxed);
+  std::size_t k = 0;
+  std::uint64_t fast = 0, bytes = 0;
+  // As poll_locked(): at most a ring's worth of descriptors that deliver nothing.
+  for (std::uint32_t internal = 0; k < n && internal < shm::kRingCapacity;) {
+    Desc d;
+    if (!rx_.take(&d)) break;
+    if (table_.take_peer_slot_one_way(d)) {  // (P5) checked and taken as accept() would
+      make_slot_message(d, key, &out[k++]);
+      ++fast;
+      bytes += d.size;
+      continue;
+    }
+    const Accepted a = accept(d, nullptr, nullptr);
+    if (a == Accepted::Deliver) {
+      make_message(d, &out[k++]);
+    } else if (a == Accepted::Internal) {
+      ++internal;
+    } else {
+      (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
+      break;
+    }
+    // accept() may have closed the channel (a bad control packet read on the way): as
+    // poll_locked(), nothing more is taken from the ring then.
+    if (state_.load(std::memory_order_acquire) != EpState::Open) break;
+  }
+  // (P5) One head store for the batch: the producer may overwrite what we copied.
+  rx_.release();
+  if (fast > 0) counters_.count_in_one_way(fast, bytes);  // (#18) plain stores, mu_ held
+  return k;
+}
+
 Endpoint::Poll Endpoint::poll_batch(Message* out, std::size_t n, std::size_t* got) {
   *got = 0;
   if (n == 0) return Poll::Got;
   if (!inbound_ready()) return Poll::Empty;
   os::LockGuard lock(mu_);
+  *got = take_batch_locked(out, n);
+  if (*got == n) return Poll::Got;
   for (;;) {
     const Poll p = poll_locked(&out[*got]);
     if (p == Poll::Got || p == Poll::Ended) ++*got;
@@ -379,7 +438,8 @@ Result<Message> Endpoint::receive(Deadline deadline) {
 }
 
 void Endpoint::release_batch(std::span<Message> ms) noexcept {
-  std::uint64_t mask = 0;
+  std::array<std::uint64_t, shm::kReturnedWords> mask{};
+  bool any = false;
   {
     os::LockGuard lock(mu_);
     const bool open = state_.load(std::memory_order_relaxed) == EpState::Open;
@@ -390,10 +450,15 @@ void Endpoint::release_batch(std::span<Message> ms) noexcept {
           !is(b.kind_, DescKind::OneWay) || id.is_extent())
         continue;
       table_.set_held(id, false);
-      if (open) mask |= peer_slot_bit(id);
+      if (open) {
+        std::uint32_t w = 0;
+        const std::uint64_t bit = peer_slot_bit(id, &w);
+        mask[w] |= bit;
+        any = true;
+      }
       park_buffer(b);  // keeps its reference to us for the next batch
     }
-    if (mask != 0) give_back_slots(mask);  // one RMW, one look at a waiter, for the batch
+    if (any) give_back_slots(mask);  // one RMW per word, one look at a waiter, for the batch
   }
   // The rest (requests, extents, handles, other ends' buffers) as their destructors would.
   for (Message& m : ms) {

@@ -24,7 +24,8 @@
 //  (P3) Send: write the payload in place; for an extent whose fd the peer has not seen at this
 //       generation, first send it on the control socket (CtlMsg::Extent); then write the Desc
 //       into ring[t % cap], store-release its seq = t + 1 (pairs with the consumer's acquire load
-//       in P5), then store-release tail = t + 1 (read only for validation, P6).
+//       in P5), then store-release tail = t + 1 (read only for validation, P6). A batch writes
+//       each entry and its seq so, then stores tail once, after the last.
 //  (P3b) Handles: fds and channel ends attached to a buffer are sent first, as one
 //       CtlMsg::Handles packet naming the buffer (id, gen), with their fds (SCM_RIGHTS); then the
 //       Desc, with kDescHasHandles. sendmsg() on a Unix socket has queued the packet at the
@@ -66,7 +67,8 @@
 //       No system call while the queue is awake. The producer keeps the fds, so that an end moved
 //       to another process (HandleMeta doorbell_gen) wakes the same queue.
 //  (P5) Receive: acquire-load ring[h % cap].seq; if it is h + 1, copy the Desc to a local and
-//       store-release head (pairs with the producer's acquire load in P3's space check).
+//       store-release head (pairs with the producer's acquire load in P3's space check); a
+//       batch copies each entry so, then stores head once, after the last.
 //       Validate the Desc: kind known; for Request/OneWay the buffer must be the peer's, not held
 //       by us already; for Reply/Return it must be ours, lent, with a matching generation; size
 //       within capacity. Anything else is a protocol error: the channel closes, nothing else does.
@@ -99,10 +101,11 @@
 //       A request released without an answer is replied to with status NoReply; a one-way message
 //       is given back with Desc{Return}.
 //  (P7r) Slot return: a one-way message in a pool slot is given back without a descriptor. The
-//       consumer, dropping it, sets the slot's bit in `returned` of the producer's Direction
-//       (fetch_or, seq_cst: its reads of the payload happen before), then loads
-//       producer_waiting and, if set, bumps `room` and FUTEX_WAKEs it. The producer harvests the
-//       word (exchange 0, acquire) only when it has no free slot: one line transfer per up to
+//       consumer, dropping it, sets the slot's bit (slot k: bit k % 64 of word k / 64) in
+//       `returned` of the producer's Direction (fetch_or, seq_cst: its reads of the payload happen
+//       before; one per word for a batch), then loads producer_waiting and, if set, bumps `room`
+//       and FUTEX_WAKEs it. The producer harvests the words of its slots (each non-zero one:
+//       exchange 0, acquire) only when it has no free slot: one line transfer per up to
 //       slots_per_side messages, none per message. Extents still come back with Desc{Return}
 //       (their mapping and fd are per-id state the producer must see in ring order).
 //  (P6r) Waiting for room (Channel::buffer with a deadline, when the pool is exhausted): spin per
@@ -154,10 +157,13 @@
 namespace mbmq::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'51'4d'42'4d'42'4d'00ull;  // "\0MBMBMQ1"
-inline constexpr std::uint32_t kLayoutVersion = 8;   // bump on any change to this file
-inline constexpr std::uint32_t kRingCapacity = 256;  // descriptors per direction (power of two)
-inline constexpr std::uint32_t kMaxSlotsPerSide = 64;
-inline constexpr std::uint32_t kMaxExtents = 64;  // extent ids per side
+inline constexpr std::uint32_t kLayoutVersion = 9;    // bump on any change to this file
+inline constexpr std::uint32_t kRingCapacity = 1024;  // descriptors per direction (power of two)
+inline constexpr std::uint32_t kMaxExtents = 64;      // extent ids per side
+// As many as the ring's reserve allows (2 * (slots + extents) <= kRingCapacity, "Ring room"
+// above): a stream is as deep as its pool (#14; 64 before layout v9).
+inline constexpr std::uint32_t kMaxSlotsPerSide = 448;
+inline constexpr std::uint32_t kReturnedWords = kMaxSlotsPerSide / 64;  // Direction::returned
 inline constexpr std::uint32_t kMinSlotSize = 64;
 inline constexpr std::uint32_t kMaxSlotSize = 16u << 20;
 inline constexpr std::uint32_t kExtentBit = 0x8000'0000u;  // Desc::buffer: an extent id, not a slot
@@ -280,13 +286,15 @@ struct Direction {
   // acquire load in P4, then reads the control socket for the page (never blocking on it).
   std::atomic<std::uint32_t> doorbell_gen;
   std::uint32_t reserved0[13];
-  // (P7r) Slots the consumer gives back, one bit per producer slot (bit k: the producer's k-th
-  // slot, k < slots_per_side <= 64). Consumer: fetch_or(bit, seq_cst) when it drops a one-way
-  // message that arrived in that slot (its RMW is also the fence before the load of
-  // producer_waiting below). Producer: exchange(0, acquire) when its free list is empty, then frees
-  // only bits whose slot it lent one-way (others are ignored: the peer can only lose its own
-  // messages by lying here). One line, which the consumer keeps between the producer's harvests.
-  alignas(64) std::atomic<std::uint64_t> returned;
+  // (P7r) Slots the consumer gives back, one bit per producer slot (the producer's k-th slot, k <
+  // slots_per_side <= kMaxSlotsPerSide: bit k % 64 of word k / 64). Consumer: fetch_or(bits,
+  // seq_cst) on a word when it drops one-way messages that arrived in its slots (its RMW is also
+  // the fence before the load of producer_waiting below). Producer: exchange(0, acquire) of each
+  // non-zero word of its slots when its free list is empty, then frees only bits whose slot it lent
+  // one-way (others, and words or bits past slots_per_side, are ignored: the peer can only lose
+  // its own messages by lying here). One line with the two words below, which the consumer keeps
+  // between the producer's harvests.
+  alignas(64) std::atomic<std::uint64_t> returned[kReturnedWords];
   // Producer: threads of the producer waiting for a buffer to come back (fetch_add(1) before the
   // seq_cst fence and its last look, fetch_sub(1) after). Consumer: relaxed load after its
   // fetch_or on `returned` (or after pushing a Return): if non-zero, fetch_add(1, release) on
@@ -296,7 +304,6 @@ struct Direction {
   // The futex word the producer sleeps on for room (P6r). Written as above by the consumer, and by
   // the producer's own process on hang-up, close and local frees.
   std::atomic<std::uint32_t> room;
-  std::uint32_t reserved1[12];
   // Producer writes, consumer reads (P3/P5).
   alignas(64) RingEntry ring[kRingCapacity];
 };
@@ -305,11 +312,13 @@ static_assert(offsetof(Direction, tail) == 0 && offsetof(Direction, head) == 64)
 static_assert(offsetof(Direction, consumer_sleeping) == 128 &&
               offsetof(Direction, doorbell) == 132);
 static_assert(offsetof(Direction, doorbell_gen) == 136 && offsetof(Direction, returned) == 192);
-static_assert(offsetof(Direction, producer_waiting) == 200 && offsetof(Direction, room) == 204);
+static_assert(offsetof(Direction, producer_waiting) == 248 && offsetof(Direction, room) == 252);
 static_assert(offsetof(Direction, ring) == 256);
 static_assert(sizeof(Direction) == 256 + sizeof(RingEntry) * kRingCapacity);
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
-static_assert(kMaxSlotsPerSide <= 64, "Direction::returned has one bit per slot");
+static_assert(kMaxSlotsPerSide % 64 == 0 && kReturnedWords == 7,
+              "Direction::returned has one bit per slot, in one line with producer_waiting");
+static_assert(2 * (kMaxSlotsPerSide + kMaxExtents) <= kRingCapacity, "the ring's reserve");
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert((kRingCapacity & (kRingCapacity - 1)) == 0);
 

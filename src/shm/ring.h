@@ -10,7 +10,8 @@
 // acquire load). pop() store-releases head after copying the Desc (pairs with push()'s acquire
 // load of head, which happens only when push()'s cached copy says the ring is full). So on the
 // spinning path the entries' lines move from producer to consumer (four entries to a line), and
-// nothing else.
+// nothing else. Batches: put() x k then one publish() (one tail store), take() x k then one
+// release() (one head store); the entries' seqs are stored and loaded one by one as above.
 //
 // Values written by the peer are loaded once and validated: a head more than a capacity behind
 // tail, or a tail that claims messages the entries do not show, is RingStatus::Corrupt, never
@@ -58,18 +59,28 @@ class RingProducer {
   }
 
   RingStatus push(const Desc& d) noexcept {
+    if (RingStatus r = has_room(); r != RingStatus::Ok) return r;
+    put(d);
+    publish();
+    return RingStatus::Ok;
+  }
+  // A batch (P3): put() each descriptor, then publish() once. put() needs room (has_room_for()
+  // said Ok for at least as many): the entry is visible to the consumer at once (its seq), the
+  // tail only at publish(), which must follow before the caller lets go of the producer.
+  void put(const Desc& d) noexcept {
     // Only our own descriptors, within what the packed entry carries (RingEntry::store).
     MBMQ_ASSERT(d.status <= (kWireStatusMask >> kWireStatusShift) &&
                 (d.kind & kWireStatusMask) == 0 && ((d.buffer & ~kExtentBit) < kWireExtentBit));
-    if (RingStatus r = has_room(); r != RingStatus::Ok) return r;
     RingEntry& e = ring_[tail_ & (kCap - 1)];
     e.store(d);
     ++tail_;
-    // Pairs with the consumer's acquire load of seq in pop().
+    // Pairs with the consumer's acquire load of seq in pop() / take().
     e.seq.store(tail_, std::memory_order_release);
-    // Pairs with the consumer's acquire load of tail in check().
+  }
+  void publish() noexcept {
+    // Pairs with the consumer's acquire load of tail in check(). Read only there (before the
+    // consumer sleeps), so one store per batch is enough: check() accepts a tail that lags.
     tail_pub_->store(tail_, std::memory_order_release);
-    return RingStatus::Ok;
   }
   std::uint32_t tail() const noexcept { return tail_; }
   // True if the consumer has taken every entry pushed so far.
@@ -102,14 +113,25 @@ class RingConsumer {
   }
 
   RingStatus pop(Desc* out) noexcept {
+    if (!take(out)) return RingStatus::Empty;
+    release();
+    return RingStatus::Ok;
+  }
+  // A batch (P5): take() descriptors, then release() once; the entries taken are the producer's
+  // to overwrite only after release(), which must follow before the caller lets go of the
+  // consumer. false: the entry at head is not ready.
+  bool take(Desc* out) noexcept {
     const RingEntry& e = ring_[head_ & (kCap - 1)];
-    // Pairs with the producer's store-release of seq in push().
-    if (e.seq.load(std::memory_order_acquire) != head_ + 1) return RingStatus::Empty;
+    // Pairs with the producer's store-release of seq in put().
+    if (e.seq.load(std::memory_order_acquire) != head_ + 1) return false;
     *out = e.load();  // copied once; validated by the caller (P5)
     ++head_;
-    // Pairs with the producer's acquire load of head in push().
+    return true;
+  }
+  void release() noexcept {
+    // Pairs with the producer's acquire load of head in has_room_for(): the entries below head_
+    // were copied.
     head_pub_->store(head_, std::memory_order_release);
-    return RingStatus::Ok;
   }
 
   // Before sleeping (P6): is the producer's published state consistent with the entries?

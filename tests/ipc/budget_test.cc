@@ -285,7 +285,8 @@ TEST(PeerBudget, APeerThatNeverReadsItsControlSocketIsClosedNotWaitedFor) {
     ASSERT_EQ(e.seq.load(std::memory_order_acquire), head + 1);
     const shm::Desc d = e.load();
     out->head.store(++head, std::memory_order_release);
-    out->returned.fetch_or(std::uint64_t{1} << d.buffer);  // given back (P7r): side 0's slot
+    // Given back (P7r): side 0's slot.
+    out->returned[d.buffer / 64].fetch_or(std::uint64_t{1} << (d.buffer % 64));
   }
   ASSERT_FALSE(last);
   EXPECT_EQ(last.error().code, Errc::Protocol) << last.error().message();

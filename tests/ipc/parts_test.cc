@@ -138,18 +138,40 @@ TEST(BufferTableTest, ReturnedBitsFreeOnlySlotsLentOneWay) {
   EXPECT_FALSE(t.has_free_slot());
   *t.own_state(a[0].id) = OwnState::LentOneWay;
   *t.own_state(a[1].id) = OwnState::LentRequest;
-  *t.own_state(a[2].id) = OwnState::LentCall;         // a[3] stays App
-  EXPECT_EQ(t.take_returned(~std::uint64_t{0}), 1u);  // every bit, slots beyond n_ included
+  *t.own_state(a[2].id) = OwnState::LentCall;              // a[3] stays App
+  EXPECT_EQ(t.take_returned(0, ~std::uint64_t{0}), 1u);    // every bit, slots beyond n_ included
+  for (std::uint32_t w = 1; w < shm::kReturnedWords; ++w)  // words past the pool: nothing
+    EXPECT_EQ(t.take_returned(w, ~std::uint64_t{0}), 0u) << w;
   EXPECT_EQ(*t.own_state(a[0].id), OwnState::Free);
   EXPECT_EQ(*t.own_state(a[1].id), OwnState::LentRequest);
   EXPECT_EQ(*t.own_state(a[2].id), OwnState::LentCall);
   EXPECT_EQ(*t.own_state(a[3].id), OwnState::App);
   EXPECT_TRUE(t.has_free_slot());
-  EXPECT_EQ(t.take_returned(1), 0u);  // freed already: a second bit is ignored
+  EXPECT_EQ(t.take_returned(0, 1), 0u);  // freed already: a second bit is ignored
   auto again = t.alloc(10);
   ASSERT_TRUE(again);
   EXPECT_EQ(again->id.raw(), a[0].id.raw());
   EXPECT_FALSE(t.alloc(10));
+}
+
+// (P7r, layout v9) Word w names slots 64 * w ...: a slot in the last word of the deepest pool
+// comes back through its own word only.
+TEST(BufferTableTest, ReturnedWordsNameTheirOwnSlots) {
+  auto seg = segment(shm::kMaxSlotsPerSide);
+  BufferTable t(seg, 1, 1);  // side 1: its slots follow side 0's in the segment
+  std::vector<BufferTable::Allocated> a;
+  for (std::uint32_t i = 0; i < shm::kMaxSlotsPerSide; ++i) a.push_back(*t.alloc(10));
+  EXPECT_FALSE(t.has_free_slot());
+  const std::uint32_t last = shm::kMaxSlotsPerSide - 1;  // bit 63 of the last word
+  const BufferTable::Allocated* x = nullptr;
+  for (const auto& al : a)
+    if (al.id.slot_index() == shm::kMaxSlotsPerSide + last) x = &al;
+  ASSERT_NE(x, nullptr);
+  *t.own_state(x->id) = OwnState::LentOneWay;
+  for (std::uint32_t w = 0; w + 1 < shm::kReturnedWords; ++w)
+    EXPECT_EQ(t.take_returned(w, std::uint64_t{1} << 63), 0u) << w;
+  EXPECT_EQ(t.take_returned(shm::kReturnedWords - 1, std::uint64_t{1} << 63), 1u);
+  EXPECT_EQ(*t.own_state(x->id), OwnState::Free);
 }
 
 TEST(BufferTableTest, ThePeersBuffersAreHeldOnceAndWithinTheInFlightLimit) {

@@ -10,13 +10,17 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "ipc/test_access.h"
+#include "mbmq/introspect.h"
+#include "mbmq/mbmq.h"
 #include "os/process.h"
 #include "os/syscall_count.h"
 #include "peer_util.h"
@@ -274,6 +278,104 @@ TEST(Stream, ABufferToSealEndsABatchAndGoesFirstInTheNext) {
   }
 }
 
+// The batch paths (P3, P5) take plain one-way slots in one go and everything else one by one:
+// mixed in one ring, a request, extents and slots arrive in order, each as its kind, and the
+// request's reply comes back.
+TEST(Stream, AMixedBatchArrivesInOrderEachAsItsKind) {
+  auto p = Channel::pair(stream_options(WaitMode::Spin, 16));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  constexpr std::size_t kBig = 8 * 1024;  // above slot_size (256 B): an extent
+  std::vector<Buffer> first;
+  for (std::uint64_t i = 0; i < 2; ++i) {
+    first.push_back(*producer.buffer(64));
+    write_msg(first.back(), i);
+  }
+  ASSERT_EQ(*producer.send_batch(first), 2u);
+  Buffer req = *producer.buffer(64);
+  write_msg(req, 2);
+  ASSERT_TRUE(producer.send_request(std::move(req)));
+  std::vector<Buffer> second;
+  const std::size_t sizes[] = {64, 64, kBig, 64};
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    second.push_back(*producer.buffer(sizes[i]));
+    write_msg(second.back(), 3 + i);
+  }
+  std::size_t sent = 0;
+  while (sent < second.size()) {
+    auto n = producer.send_batch(std::span<Buffer>(second).subspan(sent));
+    ASSERT_TRUE(n) << n.error().message();
+    sent += *n;
+  }
+  std::vector<Message> got(16);
+  std::uint64_t next = 0;
+  while (next < 7) {
+    auto n = consumer.receive_batch(got, secs(5));
+    ASSERT_TRUE(n) << n.error().message();
+    for (std::size_t i = 0; i < *n; ++i, ++next) {
+      EXPECT_EQ(read_msg(got[i].buffer), next) << "out of order or corrupt";
+      EXPECT_EQ(got[i].kind, next == 2 ? Kind::Request : Kind::Message);
+      EXPECT_EQ(got[i].buffer.size(), next == 5 ? kBig : 64u);
+      if (next == 2) {
+        ASSERT_TRUE(MsgQueue::reply(std::move(got[i])));
+      }
+    }
+  }
+  auto reply = producer.receive(secs(5));
+  ASSERT_TRUE(reply) << reply.error().message();
+  EXPECT_EQ(reply->kind, Kind::Reply);
+  EXPECT_EQ(read_msg(reply->buffer), 2u);
+  // Every one-way buffer comes back (P7r for the slots, Return for the extent): all 16 slots.
+  got.clear();
+  std::vector<Buffer> all(16);
+  auto n = producer.buffers(64, all, secs(5));
+  ASSERT_TRUE(n) << n.error().message();
+  std::size_t total = *n;
+  while (total < 15) {  // the reply's slot is still held by `reply`
+    auto more = producer.buffers(64, std::span<Buffer>(all).subspan(total), secs(5));
+    ASSERT_TRUE(more) << more.error().message();
+    total += *more;
+  }
+}
+
+// (#18) A batch counts each of its messages and bytes, on both ends.
+TEST(Stream, BatchedMessagesAreCountedOneByOne) {
+  const std::string name = "stream-count-" + std::to_string(os::current_pid());
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l) << l.error().message();
+  auto client = connect(name, secs(5));
+  ASSERT_TRUE(client) << client.error().message();
+  auto server = l->accept(secs(5));
+  ASSERT_TRUE(server) << server.error().message();
+  constexpr std::uint64_t kN = 1000;
+  // Half the pool (16 slots) per batch: the client holds its last batch while the server fills
+  // the next.
+  constexpr std::uint64_t kHalf = 8;
+  std::vector<Buffer> bufs(kHalf);
+  std::vector<Message> got(kHalf);
+  std::uint64_t sent = 0, received = 0;
+  while (received < kN) {
+    if (sent < kN) {
+      auto n = server->buffers(
+          24, std::span<Buffer>(bufs).first(std::min<std::uint64_t>(kHalf, kN - sent)), secs(5));
+      ASSERT_TRUE(n) << n.error().message();
+      auto s = server->send_batch(std::span<Buffer>(bufs).first(*n));
+      ASSERT_TRUE(s) << s.error().message();
+      sent += *s;
+    }
+    auto r = client->receive_batch(got, secs(5));
+    ASSERT_TRUE(r) << r.error().message();
+    received += *r;
+  }
+  got.clear();
+  auto s = query_stats(name, StatChannels::Yes, secs(5));
+  ASSERT_TRUE(s) << s.error().message();
+  ASSERT_EQ(s->channels.size(), 1u);
+  EXPECT_EQ(s->channels[0].oneway_out, kN);
+  EXPECT_EQ(s->channels[0].bytes_out, kN * 24);
+  EXPECT_EQ(s->listener.oneway_out, kN);
+}
+
 class RoomModes : public ::testing::TestWithParam<WaitMode> {};
 
 // The consumer holds every buffer: buffer(size, deadline) waits, and gives up at its deadline,
@@ -394,11 +496,11 @@ TEST(Stream, ScribbledReturnedBitsNeverHandOutABufferTwice) {
   std::vector<Buffer> mine;
   for (int i = 0; i < 3; ++i) mine.push_back(*producer.buffer(64));
   ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));  // lent, not given back
-  out->returned.store(~std::uint64_t{0});
+  for (auto& w : out->returned) w.store(~std::uint64_t{0});
   auto b = producer.buffer(64);
   ASSERT_TRUE(b) << b.error().message();  // the lent slot, "given back" by the lie
   for (const Buffer& m : mine) EXPECT_NE(b->id(), m.id());
-  out->returned.store(~std::uint64_t{0});
+  for (auto& w : out->returned) w.store(~std::uint64_t{0});
   auto none = producer.buffer(64);
   ASSERT_FALSE(none);
   EXPECT_EQ(none.error().code, Errc::NoBuffers);
@@ -411,6 +513,78 @@ TEST(Stream, ScribbledReturnedBitsNeverHandOutABufferTwice) {
   for (Buffer& x : mine) x.reset();
   b->reset();
   for (int i = 0; i < 4; ++i) EXPECT_TRUE(producer.buffer(64)) << i;  // the pool is whole
+}
+
+// Layout v9: a pool of up to kMaxSlotsPerSide slots, `returned` one word per 64. A hostile
+// consumer scribbling every word (those past the pool too) frees only what was lent one-way, in
+// whichever word its bit is; the channel stays usable and the pool whole.
+TEST(Stream, ScribbledReturnedWordsFreeOnlyWhatWasLentInAnyWord) {
+  constexpr std::uint32_t kSlots = 200;  // words 0-3; word 3 half used, words 4-6 past the pool
+  auto p = Channel::pair(stream_options(WaitMode::Spin, kSlots, 64));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  auto seg = detail::TestAccess::segment(producer);
+  auto* out = reinterpret_cast<shm::Direction*>(seg.data() + shm::kDirOffset);
+  std::vector<Buffer> all(kSlots);
+  auto n = producer.buffers(64, all, secs(5));
+  ASSERT_TRUE(n) << n.error().message();
+  ASSERT_EQ(*n, kSlots);
+  // Lend one slot of each word one-way (the 1st, 70th, 140th and last), keep the rest.
+  const std::size_t lent[] = {0, 69, 139, kSlots - 1};
+  std::vector<std::uint32_t> lent_ids;
+  for (std::size_t i : lent) {
+    lent_ids.push_back(all[i].id());
+    ASSERT_TRUE(producer.send(std::move(all[i])));
+  }
+  for (auto& w : out->returned) w.store(~std::uint64_t{0});
+  std::vector<Buffer> again(8);
+  auto got = producer.buffers(64, again, secs(5));
+  ASSERT_TRUE(got) << got.error().message();
+  EXPECT_EQ(*got, 4u) << "only the four lent slots come back";
+  for (std::size_t i = 0; i < *got; ++i) {
+    EXPECT_NE(std::find(lent_ids.begin(), lent_ids.end(), again[i].id()), lent_ids.end());
+    for (const Buffer& held : all)
+      if (held.valid()) {
+        EXPECT_NE(again[i].id(), held.id()) << "a buffer handed out twice";
+      }
+  }
+  // The consumer takes the four and drops them; nothing more comes free while the application
+  // holds everything.
+  std::vector<Message> msgs(4);
+  ASSERT_TRUE(receive_all(consumer, msgs));
+  msgs.clear();
+  auto none = producer.buffer(64);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, Errc::NoBuffers);
+  all.clear();
+  again.clear();
+  std::vector<Buffer> whole(kSlots);
+  auto w = producer.buffers(64, whole, secs(5));
+  ASSERT_TRUE(w) << w.error().message();
+  EXPECT_EQ(*w, kSlots) << "the pool is whole";
+}
+
+// A pool of kMaxSlotsPerSide slots streams: every slot, in every word of `returned`, comes back
+// many times; nothing lost, duplicated or reordered.
+TEST(Stream, TheDeepestPoolStreamsThroughEveryWordOfReturned) {
+  constexpr std::uint64_t kCount = 100'000;
+  auto p = Channel::pair(stream_options(WaitMode::Spin, shm::kMaxSlotsPerSide, 64));
+  ASSERT_TRUE(p);
+  auto& [producer, consumer] = *p;
+  pid_t child = test::spawn([&] {
+    producer = {};
+    bool ended = false;
+    std::string bad;
+    const std::uint64_t got = consume(consumer, kCount, secs(60), &ended, &bad);
+    if (got != kCount) std::fprintf(stderr, "consumer: %s\n", bad.c_str());
+    return got == kCount ? 0 : 1;
+  });
+  ASSERT_GT(child, 0);
+  consumer = {};
+  Status why;
+  EXPECT_EQ(produce(producer, kCount, 64, secs(60), &why), kCount)
+      << (why ? "" : why.error().message());
+  EXPECT_EQ(test::join(child), 0);
 }
 
 // The producer is killed mid-stream: the consumer gets an unbroken prefix of the stream, then

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <thread>
 
 namespace mbmq::shm {
@@ -151,6 +152,61 @@ TEST(Ring, TwoThreadsTransferEveryDescriptorOnceInOrder) {
     ASSERT_EQ(d.size, next * 2);
     ASSERT_EQ(d.gen, next * 3);
     ++next;
+  }
+  producer.join();
+}
+
+// A batch (P3, P5): each entry is visible at once through its seq, the tail is stored once at
+// publish(), and the head once at release(): until then the producer does not reuse the entries.
+TEST(Ring, ABatchStoresTheTailOnceAndTheHeadOnce) {
+  TestRing r;
+  ASSERT_EQ(r.tx.has_room_for(5), RingStatus::Ok);
+  for (std::uint32_t i = 0; i < 5; ++i) r.tx.put(desc(i));
+  EXPECT_EQ(r.tail.load(), 0u) << "the tail before publish()";
+  Desc d;
+  ASSERT_TRUE(r.rx.take(&d));  // visible through its seq already
+  EXPECT_EQ(d.buffer, 0u);
+  EXPECT_EQ(r.rx.check(), RingStatus::Empty) << "a lagging tail is not corruption";
+  r.tx.publish();
+  EXPECT_EQ(r.tail.load(), 5u);
+  EXPECT_EQ(r.rx.check(), RingStatus::Ok);
+  for (std::uint32_t i = 1; i < 5; ++i) {
+    ASSERT_TRUE(r.rx.take(&d));
+    EXPECT_EQ(d.buffer, i);
+    EXPECT_EQ(d.size, i * 2);
+  }
+  EXPECT_FALSE(r.rx.take(&d));
+  EXPECT_EQ(r.head.load(), 0u) << "the head before release()";
+  EXPECT_EQ(r.tx.has_room_for(4), RingStatus::Full) << "entries taken but not released";
+  r.rx.release();
+  EXPECT_EQ(r.head.load(), 5u);
+  EXPECT_EQ(r.tx.has_room_for(8), RingStatus::Ok);
+}
+
+TEST(Ring, TwoThreadsTransferEveryDescriptorOnceInOrderInBatches) {
+  TestRing r;
+  constexpr std::uint32_t kCount = 200000;
+  std::thread producer([&] {
+    for (std::uint32_t i = 0; i < kCount;) {
+      const std::uint32_t want = std::min<std::uint32_t>(1 + i % 5, kCount - i);
+      RingStatus s = r.tx.has_room_for(want);
+      ASSERT_NE(s, RingStatus::Corrupt);
+      if (s != RingStatus::Ok) continue;
+      for (std::uint32_t k = 0; k < want; ++k) r.tx.put(desc(i++));
+      r.tx.publish();
+    }
+  });
+  std::uint32_t next = 0;
+  while (next < kCount) {
+    Desc d;
+    for (std::uint32_t k = 0; k < 3 && r.rx.take(&d); ++k) {
+      ASSERT_EQ(d.buffer, next % (2 * kMaxSlotsPerSide));
+      ASSERT_EQ(d.size, next * 2);
+      ASSERT_EQ(d.gen, next * 3);
+      ++next;
+    }
+    r.rx.release();
+    ASSERT_NE(r.rx.check(), RingStatus::Corrupt);
   }
   producer.join();
 }

@@ -11,6 +11,7 @@
 // boost-mq and iceoryx live beside their round-trip rows (mech_boost.cc, mech_iceoryx.cc).
 #include <zmq.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -56,8 +57,8 @@ constexpr std::size_t kSpscMaxEntries = 4096;
 // through memory and ran at half the rate of mbmq-stream's 4 MiB pool: no floor.
 constexpr std::size_t kSpscMaxBytes = 4u << 20;
 
-// `max_entries`: 4096 for the floor; 64 for raw-spsc-64, a ring as deep as mbmq-stream's pool
-// (64 slots per side), which shows what that depth alone costs.
+// `max_entries`: 4096 for the floor; 64 for raw-spsc-64, a ring as deep as mbmq-stream's pool was
+// before layout v9 (64 slots per side), which shows what that depth alone costs.
 StreamMechanism raw_spsc_mechanism(std::size_t max_entries) {
   struct State {
     os::UniqueFd fd;
@@ -77,7 +78,7 @@ StreamMechanism raw_spsc_mechanism(std::size_t max_entries) {
   } else {
     m.name = "raw-spsc-" + std::to_string(max_entries);
     m.note = m.name + ": the same ring with " + std::to_string(max_entries) +
-             " entries, as deep as mbmq-stream's pool";
+             " entries, as deep as mbmq-stream's pool before layout v9 (64 slots)";
   }
   m.setup = [st, max_entries](std::size_t size) -> Status {
     st->stride = (size + 7) / 8 * 8;  // 8-byte aligned words
@@ -258,6 +259,7 @@ StreamMechanism zmq_pushpull_mechanism() {
 // step of the producer and the consumer. 1 with today's Channel API.
 // Messages per batch: buffers(), send_batch() and receive_batch() take up to this many at once.
 constexpr std::size_t kMbmqBatch = 32;
+constexpr std::size_t kMbmqMaxSlots = 448;  // shm::kMaxSlotsPerSide
 
 // The producer's two steps. A wait for room that reaches its (short) deadline is a retry
 // (counted); it gives up, successfully, when the consumer has failed (it says why).
@@ -306,15 +308,19 @@ StreamMechanism mbmq_stream_mechanism() {
   m.name = "mbmq-stream";
   m.counts_retries = true;
   m.note =
-      "mbmq-stream: Channel::pair(), 64 slots per side of max(size, 64) bytes (16 MiB at most: "
-      "larger buffers are extents), consumer in WaitMode::Spin; batches of up to 32: "
+      "mbmq-stream: Channel::pair(), slots of max(size, 64) bytes (16 MiB at most: larger buffers "
+      "are extents), 448 per side or 4 MiB of them (64 at least, as at 64 KiB), consumer in "
+      "WaitMode::Spin; batches of up to 32: "
       "Channel::buffers(), send_batch(), receive_batch(); retries/msg: a 100 ms wait for room "
       "that ran out, or a send_batch() refused (WouldBlock)";
   m.setup = [st](std::size_t size) -> Status {
     ChannelOptions opt;
-    opt.slots_per_side = 64;
     const std::size_t slot = std::max<std::size_t>((size + 63) / 64 * 64, 64);
     opt.slot_size = static_cast<std::uint32_t>(std::min<std::size_t>(slot, 16u << 20));
+    // As deep as raw-spsc where its bytes allow: at most 4 MiB of slots (kSpscMaxBytes), between
+    // 64 and the most a side may have (448, layout v9).
+    opt.slots_per_side = static_cast<std::uint32_t>(
+        std::clamp<std::size_t>(kSpscMaxBytes / opt.slot_size, 64, kMbmqMaxSlots));
     opt.wait.mode = WaitMode::Spin;
     auto [a, b] = MBMQ_TRY(Channel::pair(opt));
     st->producer = std::move(a);
