@@ -364,5 +364,65 @@ TEST(ReviewFlow, NotConfirmed_ZeroSizeThenOversizedMessageAloneAndCreditComesBac
   EXPECT_TRUE(st) << st.error().message();
 }
 
+// The same from an ordinary client with default options: it sends a one-way message large enough
+// for rendezvous (1 MiB, within the grant) and closes at once. Its close() flushes for 100 ms; the
+// server fetches the payload only when its worker is progressed (its application's receive(), or
+// the keeper's tick): if that has not happened, the client's worker is destroyed with the send
+// unfinished. Repeated 20 times in a death-test child, the server not receiving meanwhile.
+TEST(ReviewFlow, Confirmed_AClientClosingRightAfterALargeSendCanAbortInUcx) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto body = [] {
+    auto l = net::listen("ucx://127.0.0.1:0/svc", {});
+    if (!l) std::_Exit(2);
+    std::vector<net::Channel> servers;
+    for (int i = 0; i < 20; ++i) {
+      std::optional<Result<net::Channel>> c;
+      std::thread t([&] { c.emplace(net::connect(test::url(l->port()), secs(10))); });
+      auto s = l->accept(secs(10));
+      t.join();
+      if (!s || !*c) std::_Exit(3);
+      servers.push_back(std::move(*s));
+      net::Channel client = std::move(**c);
+      auto b = client.buffer(1 << 20);
+      if (!b || !client.send(std::move(*b))) std::_Exit(4);
+      client.close();
+      std::fprintf(stderr, "round %d\n", i);
+    }  // each client's worker destroyed here
+    std::fprintf(stderr, "all closed\n");
+    std::exit(0);
+  };
+  EXPECT_EXIT(body(), ::testing::ExitedWithCode(0), "all closed");
+}
+
+// (F4) A request dropped unanswered (NoReply from its ReplyToken) and the late reply of a
+// timed-out call both give the request's credit back: with a grant of one message, the client
+// can send again afterwards.
+TEST(ReviewFlow, NotConfirmed_NoReplyAndALateReplyGiveTheirCreditBack) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 1;
+  auto p = make_pair(lo, {});
+  ASSERT_TRUE(p);
+  std::thread srv([&] {
+    auto m = p->server.receive(secs(5));  // dropped: NoReply
+    if (!m || m->kind != Kind::Request) return;
+    { net::Message dropped = std::move(*m); }
+    auto n = p->server.receive(secs(5));  // answered after the call gave up
+    if (!n || n->kind != Kind::Request) return;
+    std::this_thread::sleep_for(300ms);
+    (void)net::Channel::reply(std::move(*n));
+  });
+  net::Buffer a = sized(p->client, 64);
+  Status st = p->client.call(a, secs(5));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::NoReply) << st.error().message();
+  net::Buffer b = sized(p->client, 64);
+  st = p->client.call(b, Deadline::after(100ms));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::TimedOut) << st.error().message();
+  srv.join();
+  st = p->client.send(sized(p->client, 64), secs(3));
+  EXPECT_TRUE(st) << st.error().message();
+}
+
 }  // namespace
 }  // namespace mbmq
