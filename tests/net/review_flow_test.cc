@@ -394,6 +394,172 @@ TEST(ReviewFlow, Confirmed_AClientClosingRightAfterALargeSendCanAbortInUcx) {
   EXPECT_EXIT(body(), ::testing::ExitedWithCode(0), "all closed");
 }
 
+// A server speaking raw UCX: records the AMs it gets (header only), answers what the test says.
+struct RawServer {
+  const net::detail::Ucx* u = nullptr;
+  std::shared_ptr<net::detail::WorkerCore> w;
+  ucp_listener_h lis = nullptr;
+  ucp_ep_h ep = nullptr;
+  std::uint16_t port = 0;
+  std::vector<WireHeader> got;  // under w->mu
+
+  bool start() {
+    auto x = net::detail::ucx();
+    if (!x) return false;
+    u = *x;
+    auto wk = net::detail::WorkerCore::make(u);
+    if (!wk) return false;
+    w = *wk;
+    os::LockGuard lock(w->mu);
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.id = net::detail::kAmId;
+    hp.cb = [](void* arg, const void* header, std::size_t hl, void*, std::size_t,
+               const ucp_am_recv_param_t*) -> ucs_status_t {
+      WireHeader h{};
+      if (hl == sizeof h) {
+        std::memcpy(&h, header, sizeof h);
+        static_cast<RawServer*>(arg)->got.push_back(h);
+      }
+      return UCS_OK;
+    };
+    hp.arg = this;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    if (u->ucp_worker_set_am_recv_handler(w->worker, &hp) != UCS_OK) return false;
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    (void)inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    ucp_listener_params_t p{};
+    p.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+    p.sockaddr.addrlen = sizeof sa;
+    p.conn_handler.cb = [](ucp_conn_request_h req, void* arg) {
+      auto* self = static_cast<RawServer*>(arg);
+      ucp_ep_params_t ep_params{};
+      ep_params.field_mask =
+          UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+      ep_params.conn_request = req;
+      ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      (void)self->u->ucp_ep_create(self->w->worker, &ep_params, &self->ep);
+    };
+    p.conn_handler.arg = this;
+    if (u->ucp_listener_create(w->worker, &p, &lis) != UCS_OK) return false;
+    ucp_listener_attr_t a{};
+    a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    if (u->ucp_listener_query(lis, &a) != UCS_OK) return false;
+    sockaddr_in bound{};
+    std::memcpy(&bound, &a.sockaddr, sizeof bound);
+    port = ntohs(bound.sin_port);
+    return true;
+  }
+  void progress_for(std::chrono::milliseconds d) {
+    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
+    while (monotonic_ns() < until) {
+      {
+        os::LockGuard lock(w->mu);
+        (void)u->ucp_worker_progress(w->worker);
+      }
+      os::sleep_ns(100'000);
+    }
+  }
+  // The first header of `kind` received, waiting (progressing) up to 5 s.
+  std::optional<WireHeader> wait_for(WireKind kind) {
+    for (Deadline d = secs(5); !d.expired();) {
+      {
+        os::LockGuard lock(w->mu);
+        (void)u->ucp_worker_progress(w->worker);
+        for (const WireHeader& h : got)
+          if (h.kind == static_cast<std::uint8_t>(kind)) return h;
+      }
+      os::sleep_ns(100'000);
+    }
+    return std::nullopt;
+  }
+  void* send(const WireHeader& h, const void* data, std::size_t n, std::uint32_t flags = 0) {
+    os::LockGuard lock(w->mu);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
+    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
+    return UCS_PTR_IS_PTR(r) ? r : nullptr;
+  }
+  ~RawServer() {
+    if (w == nullptr) return;
+    os::LockGuard lock(w->mu);
+    if (ep != nullptr) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
+      if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
+    }
+    if (lis != nullptr) u->ucp_listener_destroy(lis);
+  }
+};
+
+// Replies are not counted against any grant: (F4) a Reply only gives credit back, checked against
+// what is out (take_back_locked(1, limit), limit 0 always passes on bytes). A hostile server that
+// has one-way messages of the client's outstanding (the client sent 20 small notifications, within
+// the grant the server chose) answers the client's call 21 times with the call's seq: while the
+// call is in flight every one is fetched into a buffer of its own (RecvOp, up to the client's
+// 64 MiB limit), so the honest client holds 21 payloads at once instead of one.
+TEST(ReviewFlow, Confirmed_DuplicateRepliesToTheCallInFlightAreAllFetched) {
+  RawServer srv;
+  ASSERT_TRUE(srv.start());
+  std::optional<Result<net::Channel>> c;
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  std::thread t([&] { c.emplace(net::connect(test::url(srv.port), secs(5), co)); });
+  auto hello = srv.wait_for(WireKind::Hello);
+  ASSERT_TRUE(hello) << "no hello";
+  const net::detail::Grant g{1000, 0xffffffffu};
+  WireHeader ack{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::HelloAck), 0, 0, 64u << 20};
+  void* r = srv.send(ack, &g, sizeof g);
+  for (Deadline d = secs(5); !d.expired() && !c;) srv.progress_for(1ms);
+  t.join();
+  if (r != nullptr) {
+    os::LockGuard lock(srv.w->mu);
+    srv.u->ucp_request_free(r);
+  }
+  ASSERT_TRUE(*c) << (*c).error().message();
+  net::Channel client = std::move(**c);
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE(client.send(sized(client, 64)));
+  const std::int64_t before = heap_bytes();
+  std::atomic<std::int64_t> peak{0};
+  std::atomic<bool> call_done{false};
+  Status call;
+  std::thread caller([&] {
+    net::Buffer b = sized(client, 64);
+    call = client.call(b, secs(5));
+    call_done = true;
+  });
+  auto req = srv.wait_for(WireKind::Request);
+  ASSERT_TRUE(req) << "no request";
+  constexpr std::size_t kSize = 4u << 20;
+  std::vector<char> payload(kSize, 'r');
+  std::vector<void*> sends;
+  WireHeader rep{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Reply), 0, req->seq, 0};
+  for (int i = 0; i < 21; ++i)
+    sends.push_back(srv.send(rep, payload.data(), payload.size(), UCP_AM_SEND_FLAG_RNDV));
+  for (Deadline d = secs(5); !d.expired() && !call_done;) {
+    srv.progress_for(1ms);
+    peak = std::max(peak.load(), heap_bytes() - before);
+  }
+  srv.progress_for(200ms);
+  peak = std::max(peak.load(), heap_bytes() - before);
+  caller.join();
+  {
+    os::LockGuard lock(srv.w->mu);
+    for (void* q : sends)
+      if (q != nullptr) srv.u->ucp_request_free(q);
+  }
+  std::printf("call: %s; 21 replies of 4 MiB to it: the client's heap grew by up to %.1f MiB\n",
+              call ? "ok" : call.error().message().c_str(),
+              static_cast<double>(peak.load()) / (1 << 20));
+  EXPECT_LT(peak.load(), 12 << 20) << "the client fetched every duplicate reply";
+}
+
 // (F4) A request dropped unanswered (NoReply from its ReplyToken) and the late reply of a
 // timed-out call both give the request's credit back: with a grant of one message, the client
 // can send again afterwards.
