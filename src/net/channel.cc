@@ -106,6 +106,12 @@ ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, voi
 
 }  // namespace
 
+Grant capped_grant(Grant peer, Grant own) noexcept {
+  // (F1) What we send on the peer's word, at most what we grant it: a peer that claims a huge
+  // grant and never reads cannot make us hold more than our own inbox options say.
+  return Grant{std::min(peer.messages, own.messages), std::min(peer.bytes, own.bytes)};
+}
+
 Errc errc_of(ucs_status_t s) noexcept {
   return s == UCS_ERR_REJECTED ? Errc::Refused : Errc::PeerClosed;
 }
@@ -175,7 +181,7 @@ Status WorkerCore::wait_events(Deadline deadline) const {
 // ---- ReplyToken ----
 
 ReplyToken::~ReplyToken() {
-  if (answered) return;
+  if (answered.load(std::memory_order_relaxed)) return;  // the last copy is gone: no race
   if (auto c = ch.lock()) (void)c->reply(seq, Buffer{}, kReplyNone, credit_bytes);
 }
 
@@ -397,6 +403,13 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
   if (length > my_limit_) return fail_locked(Errc::Protocol, "net: payload above our limit");
   if (kind == WireKind::Reply) {
     // (F4) A reply gives back its request's credit, late or not: 1 message, `limit` bytes.
+    if (call_seq_ != 0 && h.seq == call_seq_) {
+      // The call in flight: one reply, giving back at most what its request took.
+      if (call_replied_) return fail_locked(Errc::Protocol, "net: a second reply to one call");
+      if (h.limit > call_bytes_)
+        return fail_locked(Errc::Protocol, "net: a reply gave back more than its request took");
+      call_replied_ = true;
+    }
     if (!take_back_locked(1, h.limit)) return;
     if (call_seq_ == 0 || h.seq != call_seq_) {
       if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call
@@ -456,7 +469,7 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
       std::memcpy(&g, bytes.data(), sizeof g);  // n == sizeof g: checked in on_am_locked
       if (g.messages == 0 || g.bytes == 0)
         return fail_locked(Errc::Protocol, "net: the peer granted no credit");
-      peer_grant_ = g;
+      peer_grant_ = capped_grant(g, my_grant_);
       peer_limit_ = h.limit;
       peer_timeout_ms_ = h.seq;
       state_ = State::Open;
@@ -480,7 +493,7 @@ void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, st
   std::memcpy(&g, data, sizeof g);  // kMinHello <= n: checked in on_am_locked
   if (g.messages == 0 || g.bytes == 0)
     return fail_locked(Errc::Protocol, "net: the peer granted no credit");
-  peer_grant_ = g;
+  peer_grant_ = capped_grant(g, my_grant_);
   peer_limit_ = h.limit;
   peer_timeout_ms_ = h.seq;
   ListenCore* l = listener_;
@@ -534,34 +547,31 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::call: buffer");
   os::LockGuard serial(call_mu_);
   const std::size_t n = buf.size_;
-  bool credit = false;
-  {
-    os::LockGuard lock(w_->mu);
-    if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
-    credit = can_send_locked(n);
-  }
-  if (!credit) {
-    // (F2) Out of credit: wait for the peer to give some back, as a local call waits for a slot.
+  for (;;) {
+    {
+      os::LockGuard lock(w_->mu);
+      if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
+      if (can_send_locked(n)) {  // the credit checked and taken under one lock
+        std::uint32_t seq = ++next_seq_;
+        if (seq == 0) seq = ++next_seq_;
+        call_seq_ = seq;
+        call_bytes_ = static_cast<std::uint32_t>(n);
+        call_replied_ = false;
+        call_sent_ = false;
+        reply_ready_ = false;
+        ++out_msgs_;  // (F2) its reply gives it back
+        out_bytes_ += n;
+        MBMQ_TRY(send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), n, nullptr, true));
+        break;
+      }
+    }
+    // (F2) Out of credit: wait for the peer to give some back, as a local call waits for a slot,
+    // until the deadline (credit another thread's send() took meanwhile: wait again).
     const bool got = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
       w_->assert_held();
       return state_ != State::Open || can_send_locked(n);
     }));
     if (!got) return fail(Errc::TimedOut, "net::Channel::call: no credit in time (nothing sent)");
-  }
-  std::uint32_t seq = 0;
-  {
-    os::LockGuard lock(w_->mu);
-    if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
-    if (!can_send_locked(n))  // taken by a send() on another thread meanwhile
-      return fail(Errc::TimedOut, "net::Channel::call: no credit in time (nothing sent)");
-    seq = ++next_seq_;
-    if (seq == 0) seq = ++next_seq_;
-    call_seq_ = seq;
-    call_sent_ = false;
-    reply_ready_ = false;
-    ++out_msgs_;  // (F2) its reply gives it back
-    out_bytes_ += n;
-    MBMQ_TRY(send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), n, nullptr, true));
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
     w_->assert_held();
@@ -610,7 +620,10 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
       // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
       if (how == NoCredit::Fail)
         return fail(Errc::WouldBlock, "net::Channel::send: the peer's inbox is full (no credit)");
-      if (waited) return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
+      // Credit another thread took between our wake-up and this lock: wait again, until the
+      // deadline.
+      if (waited && deadline.expired())
+        return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
     }
     (void)MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
       w_->assert_held();
@@ -685,7 +698,9 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
       // (F5) Received: its credit goes back, batched (a request's goes with its reply).
       ++ret_msgs_;
       ret_bytes_ += m.buffer.size_;
-      flush_credit_locked(Flush::IfHalf);
+      // With nothing more queued, at once: the application may now call() or send() and not
+      // come back to receive() (a sender waiting for this credit would wait with it).
+      flush_credit_locked(inbox_.empty() ? Flush::IfAny : Flush::IfHalf);
     }
     return m;
   }
@@ -731,13 +746,17 @@ void ChannelCore::close() noexcept {
     {
       os::LockGuard lock(w_->mu);
       (void)w_->u->ucp_worker_progress(w_->worker);
-      if (w_->u->ucp_request_check_status(closing) != UCS_INPROGRESS || monotonic_ns() >= until) {
+      if (w_->u->ucp_request_check_status(closing) != UCS_INPROGRESS) {
         w_->u->ucp_request_free(closing);
         return;
       }
     }
+    if (monotonic_ns() >= until) break;
     os::sleep_ns(100'000);
   }
+  // (K4) Unfinished (a send the peer has not fetched): the keeper finishes it, holding the worker
+  // until then; destroying the worker now would abort in UCX.
+  keep_closing(w_, closing);
 }
 
 }  // namespace mbmq::net::detail

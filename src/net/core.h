@@ -126,7 +126,9 @@ struct ReplyToken {
   std::weak_ptr<ChannelCore> ch;
   std::uint32_t seq = 0;
   std::uint32_t credit_bytes = 0;  // the request's size: its reply gives that credit back
-  bool answered = false;
+  // Set by the first reply (exchange): net::Buffer copies share the token, and a second reply
+  // would give the request's credit back twice.
+  std::atomic<bool> answered{false};
   ~ReplyToken();
   ReplyToken() = default;
   ReplyToken(const ReplyToken&) = delete;
@@ -233,6 +235,10 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // completed, and its reply.
   std::uint32_t next_seq_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint32_t call_seq_ MBMQ_GUARDED_BY(w_->mu) = 0;  // 0: none
+  // The call in flight: its request's bytes (a reply gives back at most these) and whether its
+  // reply came (a second one is a protocol error: each would be fetched).
+  std::uint32_t call_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  bool call_replied_ MBMQ_GUARDED_BY(w_->mu) = false;
   bool call_sent_ MBMQ_GUARDED_BY(w_->mu) = false;
   bool reply_ready_ MBMQ_GUARDED_BY(w_->mu) = false;
   std::uint16_t reply_status_ MBMQ_GUARDED_BY(w_->mu) = 0;
@@ -300,6 +306,15 @@ std::uint32_t wire_timeout_ms(std::chrono::milliseconds t) noexcept;
 // Watches a listener's pending connection from the keeper thread: no hello within `timeout`, it
 // is dropped (and counted failed). timeout 0: only Listener::accept() expires it.
 void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout);
+// (K4) A flush close that did not finish in close()'s 100 ms (a send the peer has not fetched:
+// a stopped peer, a full link): the keeper progresses `w` every tick until the close request
+// finishes, then frees it and lets the worker go. Destroying a worker with that send still
+// pending aborts in UCX 1.13 (ucp_ep.c:437). Bound: one such request and a reference to its
+// worker per channel so closed, until UCX finishes or fails the connection.
+void keep_closing(std::shared_ptr<WorkerCore> w, void* request);
+
+// The credit we use: the peer's grant, capped field by field by our own grant to it (F1).
+Grant capped_grant(Grant peer, Grant own) noexcept;
 
 // Maps a UCX status of a failed endpoint to an mbmq error code.
 Errc errc_of(ucs_status_t s) noexcept;

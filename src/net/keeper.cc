@@ -7,6 +7,7 @@
 //       answered by the peer's own keeper, while the application is busy elsewhere);
 //  (K2) PeerClosed after peer_timeout with nothing received (any message, heartbeat or not);
 //  (K3) a Heartbeat after peer_timeout / 4 with nothing sent.
+// And (K4) closes that close() could not finish (net/core.h, keep_closing): progressed each tick.
 // The thread starts on the first channel that asks, and lives as long as the process; it holds
 // weak references only. A forked child has no keeper (and cannot use UCX anyway).
 #include <algorithm>
@@ -27,9 +28,15 @@ struct Watched {
   bool handshake;  // a listener's pending connection: dropped without a hello in timeout_ns
 };
 
+struct Closing {
+  std::shared_ptr<WorkerCore> w;
+  void* request;  // ucp_ep_close_nbx's, in progress
+};
+
 struct Keeper {
   os::Mutex mu;
   std::vector<Watched> watched MBMQ_GUARDED_BY(mu);
+  std::vector<Closing> closing MBMQ_GUARDED_BY(mu);
   std::int64_t tick_ns MBMQ_GUARDED_BY(mu) = 250'000'000;
   bool started MBMQ_GUARDED_BY(mu) = false;
 };
@@ -37,6 +44,29 @@ struct Keeper {
 Keeper& keeper() {
   static auto* k = new Keeper();  // never destroyed: the thread may outlive static destructors
   return *k;
+}
+
+// (K4) Progresses each unfinished close; the finished ones are freed, their workers let go.
+void progress_closing(Keeper& k) {
+  std::vector<Closing> now;
+  {
+    os::LockGuard lock(k.mu);
+    now.swap(k.closing);
+  }
+  std::vector<Closing> left;
+  for (Closing& c : now) {
+    bool finished = false;
+    {
+      os::LockGuard lock(c.w->mu);
+      c.w->progress_locked();
+      finished = c.w->u->ucp_request_check_status(c.request) != UCS_INPROGRESS;
+      if (finished) c.w->u->ucp_request_free(c.request);
+    }
+    if (!finished) left.push_back(std::move(c));
+  }
+  now.clear();  // workers let go here, unlocked (the last reference destroys the worker)
+  os::LockGuard lock(k.mu);
+  for (Closing& c : left) k.closing.push_back(std::move(c));
 }
 
 [[noreturn]] void run() {
@@ -52,6 +82,7 @@ Keeper& keeper() {
     }
     os::sleep_ns(tick);
     if (!ucx_usable()) continue;
+    progress_closing(k);
     for (const Watched& w : now_watched)
       if (auto ch = w.ch.lock()) {
         if (w.handshake)
@@ -84,6 +115,16 @@ void watch(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds tim
   }
 }
 }  // namespace
+
+void keep_closing(std::shared_ptr<WorkerCore> w, void* request) {
+  Keeper& k = keeper();
+  os::LockGuard lock(k.mu);
+  k.closing.push_back({std::move(w), request});
+  if (!k.started) {
+    k.started = true;
+    std::thread(run).detach();
+  }
+}
 
 void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
                 std::chrono::milliseconds peer_timeout) {

@@ -300,7 +300,9 @@ Status Channel::reply(Message&& msg) {
   if (msg.kind != Kind::Request || !msg.buffer.reply_)
     return fail(Errc::InvalidArgument, "net::Channel::reply: not a request");
   std::shared_ptr<detail::ReplyToken> t = std::move(msg.buffer.reply_);
-  t->answered = true;
+  // A copy of the message (net::Buffer is copyable) shares the token: one reply only.
+  if (t->answered.exchange(true, std::memory_order_acq_rel))
+    return fail(Errc::InvalidArgument, "net::Channel::reply: this request was answered already");
   auto ch = t->ch.lock();
   if (!ch) return fail(Errc::PeerClosed, "net::Channel::reply: the channel is closed");
   return ch->reply(t->seq, std::move(msg.buffer), detail::kReplyOk, t->credit_bytes);

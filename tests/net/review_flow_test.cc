@@ -1,7 +1,9 @@
 // Hostile review of mbmq::net's credit flow control (wire version 2; docs/design/net.md, "Flow
-// control" (F1)-(F6)): reproducers. Confirmed_*: the test fails on the code reviewed (it asserts
-// what the contract says); NotConfirmed_*: a suspicion the code withstood. Every wait has a
-// deadline, so a reproducer fails rather than hangs. Client and server live in this one process.
+// control" (F1)-(F6)): its reproducers, now regression tests. Eight failed on the code reviewed
+// and are fixed (credit back when the inbox empties, waits for credit until the deadline, one
+// reply per request and per call, the peer's grant capped by ours, unfinished closes finished by
+// the keeper (K4)); three are suspicions the code withstood; one is not fixed (DISABLED_). Every
+// wait has a deadline, so a test fails rather than hangs. Client and server in this one process.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -60,7 +62,7 @@ Result<net::Channel> accept_raw(net::Listener& l, RawClient& raw) {
 // cannot answer the call meanwhile: both time out. With a local channel (the slot is freed at
 // receive) both would go. The client grants the server 1000 bytes; the server sends 400, then
 // 700 (fits once the 400 the client's application received come back).
-TEST(ReviewFlow, Confirmed_CreditOfAReceivedMessageIsHeldWhileTheReceiverCallsSoBothTimeOut) {
+TEST(ReviewFlow, CreditOfAReceivedMessageGoesBackWhenTheInboxEmpties) {
   net::ConnectOptions co;
   co.inbox_bytes = 1000;
   auto p = make_pair({}, co);
@@ -97,7 +99,7 @@ TEST(ReviewFlow, Confirmed_CreditOfAReceivedMessageIsHeldWhileTheReceiverCallsSo
 // The same without any call: a receiver that took a small message and then does something else
 // for a while (not receive()) leaves the sender of a message larger than the byte grant (F2: it
 // "goes alone") stuck, since one byte of the grant is still out.
-TEST(ReviewFlow, Confirmed_OneByteHeldBackBlocksAMessageThatMustGoAlone) {
+TEST(ReviewFlow, OneByteReceivedDoesNotBlockAMessageThatMustGoAlone) {
   net::ConnectOptions co;
   co.inbox_bytes = 1 << 20;  // the server may send one message above 1 MiB, alone
   auto p = make_pair({}, co);
@@ -118,7 +120,7 @@ TEST(ReviewFlow, Confirmed_OneByteHeldBackBlocksAMessageThatMustGoAlone) {
 // back, every waiting thread's run_until sees it; the first to re-lock takes it and the others
 // return Errc::TimedOut at once, long before their deadline (send: `if (waited) return TimedOut`;
 // call: the re-check after run_until, and the gap between its first check and its send).
-TEST(ReviewFlow, Confirmed_ThreadsWaitingForCreditGetTimedOutLongBeforeTheirDeadline) {
+TEST(ReviewFlow, ThreadsWaitingForCreditWaitUntilTheirDeadline) {
   net::ListenOptions lo;
   lo.inbox_messages = 1;
   auto p = make_pair(lo, {});
@@ -182,7 +184,7 @@ TEST(ReviewFlow, Confirmed_ThreadsWaitingForCreditGetTimedOutLongBeforeTheirDead
 // rx_msgs_/rx_bytes_ below zero), and the honest client, having taken back credit for a one-way
 // message still out, closes the channel when the real Credit for it arrives ("gave back credit
 // it was never given").
-TEST(ReviewFlow, Confirmed_ACopiedRequestRepliedTwiceGivesItsCreditBackTwice) {
+TEST(ReviewFlow, ACopiedRequestCanBeRepliedOnlyOnce) {
   auto p = make_pair();
   ASSERT_TRUE(p);
   ASSERT_TRUE(p->client.send(sized(p->client, 64)));  // one-way, its credit still out
@@ -217,7 +219,8 @@ TEST(ReviewFlow, Confirmed_ACopiedRequestRepliedTwiceGivesItsCreditBackTwice) {
 // connect() returns Refused "speaks another protocol version". The AM handler closes any header of
 // another version before on_hello_locked: no HelloAck is sent, kBadVersion is never used, and the
 // old client sees only a connection that ended (PeerClosed "no listener there").
-TEST(ReviewFlow, Confirmed_AVersion1HelloIsNotAnsweredBadVersionNorCountedRefused) {
+// Not fixed (low): README "Not done yet". Kept as the reproducer, not run.
+TEST(ReviewFlow, DISABLED_AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", {});
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
@@ -245,7 +248,8 @@ TEST(ReviewFlow, Confirmed_AVersion1HelloIsNotAnsweredBadVersionNorCountedRefuse
 // server's send() succeed without end, every payload held by mbmq's SendOp until UCX has sent it
 // (for a rendezvous one: until the peer fetches it, which it never does). With an honest grant of
 // 16 MiB, the 17th MiB would be WouldBlock.
-TEST(ReviewFlow, Confirmed_APeerGrantingHugeCreditMakesTheHonestSenderHoldEverything) {
+// Fixed: the peer's grant is capped by our own (capped_grant, F1).
+TEST(ReviewFlow, APeerGrantingHugeCreditCannotMakeTheSenderHoldMoreThanItsOwnGrant) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", {});
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
@@ -280,7 +284,7 @@ TEST(ReviewFlow, Confirmed_APeerGrantingHugeCreditMakesTheHonestSenderHoldEveryt
 // the flush, frees the unfinished close, and the Listener's destruction (ucp_worker_destroy) then
 // aborts the process in UCX: ucp_ep.c:437 Assertion `ucs_hlist_is_empty(...proto_reqs)'. Run in
 // a death-test child.
-TEST(ReviewFlow, Confirmed_ClosingWithUnfetchedRendezvousSendsAbortsAtListenerDestruction) {
+TEST(ReviewFlow, ClosingWithUnfetchedRendezvousSendsDoesNotAbortAtListenerDestruction) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto body = [] {
     auto l = net::listen("ucx://127.0.0.1:0/svc", {});
@@ -307,7 +311,7 @@ TEST(ReviewFlow, Confirmed_ClosingWithUnfetchedRendezvousSendsAbortsAtListenerDe
 
 // (F5) A forged Credit (more than is out; a wrap-around value) closes the forger's channel with
 // Protocol before the honest side counts it: the honest sender never over-sends because of it.
-TEST(ReviewFlow, NotConfirmed_ForgedCreditBeyondWhatIsOutClosesTheForger) {
+TEST(ReviewFlow, ForgedCreditBeyondWhatIsOutClosesTheForger) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", {});
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
@@ -322,8 +326,8 @@ TEST(ReviewFlow, NotConfirmed_ForgedCreditBeyondWhatIsOutClosesTheForger) {
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, Errc::WouldBlock);
   // Gives back 1 message (true) and 2^32-1 bytes (64 were out).
-  WireHeader credit{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Credit), 0, 1,
-                    0xffffffffu};
+  WireHeader credit{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Credit),
+                    0,      1,        0xffffffffu};
   raw.finish(raw.send(credit, nullptr, 0));
   std::optional<net::Message> end;
   for (Deadline d = secs(3); !d.expired() && !end;) {
@@ -338,7 +342,7 @@ TEST(ReviewFlow, NotConfirmed_ForgedCreditBeyondWhatIsOutClosesTheForger) {
 
 // (F2)/(F3) Zero-size messages and a message larger than the byte grant: the sender's and the
 // receiver's "alone" rules agree (both on bytes), the big one goes alone, and credit comes back.
-TEST(ReviewFlow, NotConfirmed_ZeroSizeThenOversizedMessageAloneAndCreditComesBack) {
+TEST(ReviewFlow, ZeroSizeThenOversizedMessageAloneAndCreditComesBack) {
   net::ListenOptions lo;
   lo.inbox_messages = 4;
   lo.inbox_bytes = 1000;
@@ -369,7 +373,7 @@ TEST(ReviewFlow, NotConfirmed_ZeroSizeThenOversizedMessageAloneAndCreditComesBac
 // server fetches the payload only when its worker is progressed (its application's receive(), or
 // the keeper's tick): if that has not happened, the client's worker is destroyed with the send
 // unfinished. Repeated 20 times in a death-test child, the server not receiving meanwhile.
-TEST(ReviewFlow, Confirmed_AClientClosingRightAfterALargeSendCanAbortInUcx) {
+TEST(ReviewFlow, AClientClosingRightAfterALargeSendDoesNotAbortInUcx) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto body = [] {
     auto l = net::listen("ucx://127.0.0.1:0/svc", {});
@@ -437,8 +441,7 @@ struct RawServer {
     p.conn_handler.cb = [](ucp_conn_request_h req, void* arg) {
       auto* self = static_cast<RawServer*>(arg);
       ucp_ep_params_t ep_params{};
-      ep_params.field_mask =
-          UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+      ep_params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
       ep_params.conn_request = req;
       ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
       (void)self->u->ucp_ep_create(self->w->worker, &ep_params, &self->ep);
@@ -504,7 +507,7 @@ struct RawServer {
 // the grant the server chose) answers the client's call 21 times with the call's seq: while the
 // call is in flight every one is fetched into a buffer of its own (RecvOp, up to the client's
 // 64 MiB limit), so the honest client holds 21 payloads at once instead of one.
-TEST(ReviewFlow, Confirmed_DuplicateRepliesToTheCallInFlightAreAllFetched) {
+TEST(ReviewFlow, DuplicateRepliesToTheCallInFlightCloseTheChannel) {
   RawServer srv;
   ASSERT_TRUE(srv.start());
   std::optional<Result<net::Channel>> c;
@@ -563,7 +566,7 @@ TEST(ReviewFlow, Confirmed_DuplicateRepliesToTheCallInFlightAreAllFetched) {
 // (F4) A request dropped unanswered (NoReply from its ReplyToken) and the late reply of a
 // timed-out call both give the request's credit back: with a grant of one message, the client
 // can send again afterwards.
-TEST(ReviewFlow, NotConfirmed_NoReplyAndALateReplyGiveTheirCreditBack) {
+TEST(ReviewFlow, NoReplyAndALateReplyGiveTheirCreditBack) {
   net::ListenOptions lo;
   lo.inbox_messages = 1;
   auto p = make_pair(lo, {});
