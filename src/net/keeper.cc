@@ -2,7 +2,10 @@
 //
 // Debian's UCX 1.13 does not see a network partition for a long time: its TCP transport has no
 // UCX_TCP_USER_TIMEOUT and its keepalive needs the worker progressed. So each channel watched here
-// gets, every tick (a quarter of the shortest peer_timeout, within [10 ms, 250 ms]):
+// gets, every tick (an eighth of the shortest peer_timeout, within [10 ms, 250 ms]: half the
+// heartbeat interval, so that a heartbeat goes out and is read well within peer_timeout even
+// when ticks come late on a loaded machine; at a quarter, a 1 s peer_timeout saw gaps of up to
+// 750 ms between heartbeats read, and an idle healthy peer was declared dead under load):
 //  (K1) its worker progressed if no application thread waits on it (heartbeats are read, and
 //       answered by the peer's own keeper, while the application is busy elsewhere);
 //  (K2) PeerClosed after peer_timeout with nothing received (any message, heartbeat or not);
@@ -108,7 +111,7 @@ void watch(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds tim
   Keeper& k = keeper();
   os::LockGuard lock(k.mu);
   k.watched.push_back({ch, own, ns, handshake});
-  k.tick_ns = std::clamp<std::int64_t>(std::min(k.tick_ns, ns / 4), 10'000'000, 250'000'000);
+  k.tick_ns = std::clamp<std::int64_t>(std::min(k.tick_ns, ns / 8), 10'000'000, 250'000'000);
   if (!k.started) {
     k.started = true;
     std::thread(run).detach();
