@@ -22,6 +22,7 @@
 #include <cerrno>
 #include <cstring>
 #include <list>
+#include <new>
 #include <system_error>
 #include <thread>
 #include <utility>
@@ -76,10 +77,16 @@ class BridgeCore {
       // Kept, never destroyed: a std::thread destroyed joinable terminates, and detaching one
       // that does not exist here is no better. Reachable from a static: not reported as a leak.
       static os::Mutex forked_mu;
-      static auto* const forked_links = new std::list<Link>;
+      static auto* const forked_links = new (std::nothrow) std::list<Link>;
       os::LockGuard lock(mu_);
       os::LockGuard keep(forked_mu);
-      forked_links->splice(forked_links->end(), links_);
+      if (forked_links != nullptr) {
+        forked_links->splice(forked_links->end(), links_);
+      } else {
+        for (Link& k : links_) {  // out of memory: detached is the lesser evil than terminate
+          if (k.thread.joinable()) k.thread.detach();
+        }
+      }
       return;
     }
     std::list<Link> links;
