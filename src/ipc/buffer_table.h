@@ -187,12 +187,13 @@ class BufferTable {
     own_slots_[k].state = OwnState::LentOneWay;
     return true;
   }
-  // (P5) d, a descriptor of the peer's, is a OneWay without flags naming one of its slots that we
-  // do not hold, within slot_size: taken (held), as check_lent() and take_lent() would. false,
-  // nothing changed: anything else, for check_lent() to judge.
+  // (P5) d, a descriptor of the peer's, is a OneWay without flags or status naming one of its slots
+  // that we do not hold, within slot_size: taken (held), as check_lent() and take_lent() would.
+  // false, nothing changed: anything else, for check_lent() to judge.
   bool take_peer_slot_one_way(const shm::Desc& d) noexcept {
     const std::uint32_t k = d.buffer - static_cast<std::uint32_t>(1 - side_) * n_;
-    if (d.kind != static_cast<std::uint16_t>(shm::DescKind::OneWay) ||
+    // A status (meant for replies) goes the one-at-a-time way too, which counts it (#18 stats).
+    if (d.kind != static_cast<std::uint16_t>(shm::DescKind::OneWay) || d.status != 0 ||
         (d.buffer & shm::kExtentBit) != 0 || k >= n_ || d.size > slot_size_ || peer_held_[k])
       return false;
     peer_held_[k] = true;

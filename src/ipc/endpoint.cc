@@ -3,6 +3,7 @@
 #include "ipc/endpoint.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cstring>
 
@@ -46,6 +47,14 @@ Endpoint::Endpoint(Init init)
 Result<std::shared_ptr<Endpoint>> Endpoint::make(Init init) {
   if (init.side != 0 && init.side != 1) return fail(Errc::InvalidArgument, "endpoint: side");
   std::shared_ptr<Endpoint> ep(new Endpoint(std::move(init)));
+  {
+    os::LockGuard lock(ep->mu_);
+    if (!ep->trust_.copies_ok())
+      return fail(Error::from_syscall(
+          "endpoint (untrusted): the private copies of the pool's slots (2 * slots_per_side * "
+          "slot_size) cannot be allocated",
+          ENOMEM));
+  }
   // Without the watch, the death of the peer would go unnoticed: no end without it.
   MBMQ_TRY(ep->ensure_watched());
   return ep;

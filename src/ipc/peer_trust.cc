@@ -24,9 +24,12 @@ PeerTrust::PeerTrust(const shm::Segment& seg, int side, BufferTable& table)
       untrusted_me_(((seg.geometry().untrusted_mask >> side) & 1u) != 0),
       untrusted_peer_(((seg.geometry().untrusted_mask >> (1 - side)) & 1u) != 0),
       copy_threshold_(seg.geometry().copy_threshold) {
-  if (untrusted_me_)  // all allocation here, never per message
-    slot_shadow_ = std::make_unique_for_overwrite<std::byte[]>(
-        std::size_t{2} * seg.geometry().slots_per_side * slot_size_);
+  // All allocation here, never per message. The geometry is the segment creator's, i.e. for a
+  // connecting client the peer's: up to 2 * 448 slots of 16 MiB. Out of memory is an error of
+  // Endpoint::make (copies_ok()), never an exception out of connect() or pair().
+  if (untrusted_me_)
+    slot_shadow_.reset(new (std::nothrow)
+                           std::byte[std::size_t{2} * seg.geometry().slots_per_side * slot_size_]);
 }
 
 // ---- what the peer sends -----------------------------------------------------------------------

@@ -30,6 +30,8 @@ class PeerTrust {
   PeerTrust& operator=(const PeerTrust&) = delete;
 
   bool untrusted_me() const noexcept { return untrusted_me_; }  // we copy what the peer sends
+  // False when an untrusted end's private slot copies could not be allocated (Endpoint::make).
+  bool copies_ok() const noexcept { return !untrusted_me_ || slot_shadow_ != nullptr; }
   // (P5b) What we accept above copy_threshold only in a sealed memfd.
   bool needs_sealed(std::uint32_t size) const noexcept {
     return untrusted_me_ && size > copy_threshold_;
