@@ -7,8 +7,8 @@
 // HelloAckStuckWithoutKeeper (peer_timeout 0; intermittent, about 1 run in 3; accept() is not
 // among the changes reviewed). NOT CONFIRMED (pass): the other six.
 #include <fcntl.h>
-#include <sys/resource.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
@@ -120,7 +120,8 @@ TEST(ReviewNet2, SharedWorkerWakeLatencyUnderCap) {
       worst = std::max(worst, x);
       if (x > 12'000'000) ++slow;
     }
-  std::printf("received %d/%d, worst %.2f ms, %d over 12 ms\n", got, kRounds, static_cast<double>(worst) / 1e6, slow);
+  std::printf("received %d/%d, worst %.2f ms, %d over 12 ms\n", got, kRounds,
+              static_cast<double>(worst) / 1e6, slow);
   EXPECT_EQ(got, kRounds);
   EXPECT_LE(slow, 2) << "receivers slept on a drained fd / unbumped gen until the 20 ms cap";
 }
@@ -179,7 +180,8 @@ TEST(ReviewNet2, LingeringCloseOnSharedWorkerDelaysSiblingReceivers) {
       if (x > 12'000'000) ++slow;
     }
   std::printf("close took %.1f ms; %zu/%d received, worst %.2f ms, %d over 12 ms\n",
-              static_cast<double>(close_ns) / 1e6, lat1.size() + lat2.size(), sent, static_cast<double>(worst) / 1e6, slow);
+              static_cast<double>(close_ns) / 1e6, lat1.size() + lat2.size(), sent,
+              static_cast<double>(worst) / 1e6, slow);
   EXPECT_EQ(static_cast<int>(lat1.size() + lat2.size()), sent);
   EXPECT_LE(slow, 1) << "close()'s progress loop took sibling events without waking anyone";
 }
