@@ -107,9 +107,12 @@ ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, voi
 }  // namespace
 
 Grant capped_grant(Grant peer, Grant own) noexcept {
-  // (F1) What we send on the peer's word, at most what we grant it: a peer that claims a huge
-  // grant and never reads cannot make us hold more than our own inbox options say.
-  return Grant{std::min(peer.messages, own.messages), std::min(peer.bytes, own.bytes)};
+  // (F1) What we send on the peer's word, at most what we grant it or the default grant,
+  // whichever is larger: a peer that claims a huge grant and never reads cannot make us hold
+  // more than that, and a small inbox of ours (to bound what each client may queue at us) does
+  // not throttle what we send below the defaults.
+  return Grant{std::min(peer.messages, std::max(own.messages, kDefaultInboxMessages)),
+               std::min(peer.bytes, std::max(own.bytes, kDefaultInboxBytes))};
 }
 
 Errc errc_of(ucs_status_t s) noexcept {
@@ -158,9 +161,9 @@ void WorkerCore::progress_locked() const {
   if (poller_asleep && !poller_waking) (void)u->ucp_worker_signal(worker);  // (W2)
 }
 
-void WorkerCore::wake_gen_locked() const {
+void WorkerCore::wake_gen_locked(int count) const {
   gen.fetch_add(1, std::memory_order_relaxed);
-  (void)os::futex_wake(&gen, INT_MAX);
+  (void)os::futex_wake(&gen, count);
 }
 
 void WorkerCore::wait_gen(std::uint32_t seen, Deadline deadline) const {
@@ -745,7 +748,7 @@ void ChannelCore::close() noexcept {
   for (;;) {
     {
       os::LockGuard lock(w_->mu);
-      (void)w_->u->ucp_worker_progress(w_->worker);
+      w_->progress_locked();  // with W1/W2: events for the worker's other waiters reach them
       if (w_->u->ucp_request_check_status(closing) != UCS_INPROGRESS) {
         w_->u->ucp_request_free(closing);
         return;
@@ -756,7 +759,12 @@ void ChannelCore::close() noexcept {
   }
   // (K4) Unfinished (a send the peer has not fetched): the keeper finishes it, holding the worker
   // until then; destroying the worker now would abort in UCX.
-  keep_closing(w_, closing);
+  try {
+    keep_closing(w_, closing);
+  } catch (...) {  // no memory or no thread for the keeper: released now, as before K4
+    os::LockGuard lock(w_->mu);
+    w_->u->ucp_request_free(closing);
+  }
 }
 
 }  // namespace mbmq::net::detail

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -89,9 +90,10 @@ class WorkerCore {
   // progresses the worker and gets events (W1) bumps `gen` and wakes the gen sleepers, who look
   // at what the events brought them, and (W2) if that thread is not the poller while the poller
   // sleeps, signals the event fd (ucp_worker_signal): the events it took may have been the
-  // poller's. (W3) A poller that wakes gives up the role, and wakes the gen sleepers if any, so
-  // one of them polls next. Without this, the events one thread took for another left that
-  // one asleep on a drained fd until the 20 ms cap (two threads: accept() and a call).
+  // poller's. (W3) A thread that leaves run_until while nobody polls and gen sleepers wait wakes
+  // one of them, which polls next (one, not all: idle sleepers would churn). Without this, the
+  // events one thread took for another left that one asleep on a drained fd until the 20 ms cap
+  // (two threads: accept() and a call).
   template <class Done>
   Result<bool> run_until(Deadline deadline, WaitPolicy policy, Done done);
   template <class Done>
@@ -118,7 +120,8 @@ class WorkerCore {
   Status wait_events(Deadline deadline) const;
   // A gen sleeper's sleep: until gen moves from `seen`, the deadline or the 20 ms cap.
   void wait_gen(std::uint32_t seen, Deadline deadline) const;
-  void wake_gen_locked() const MBMQ_REQUIRES(mu);
+  // count: INT_MAX after events (W1), 1 to hand the poller's role on (W3).
+  void wake_gen_locked(int count = INT_MAX) const MBMQ_REQUIRES(mu);
 };
 
 // Held by a received request's Buffer: destroyed unanswered, it answers NoReply.
@@ -330,6 +333,8 @@ Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, Done do
   Result<bool> r = run_until_counted(deadline, policy, done);
   os::LockGuard lock(mu);
   --waiters;
+  // (W3) Nobody polls the fd now: one gen sleeper takes the role.
+  if (!poller_asleep && !poller_waking && gen_sleepers > 0) wake_gen_locked(1);
   return r;
 }
 
@@ -377,8 +382,7 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
       poller_waking = true;  // our own progress next is not a theft (W2)
       progress_locked();
       poller_waking = false;
-      // (W3) Give up the role: a gen sleeper polls next if it still waits.
-      if (gen_sleepers > 0) wake_gen_locked();
+      // Leaving with done(), the role passes on in run_until (W3); else we poll again.
       if (done()) return true;
     }
     MBMQ_TRY(st);
