@@ -237,8 +237,8 @@ TEST(ReviewBridge, DestroyingTheBridgeInAForkedChildDoesNotHang) {
 // required accept() thread it hits >= 1% of the calls of a single client. bridge_bench and
 // bridge_test never keep a thread in accept() while calls run, so neither sees it.
 TEST(ReviewBridge, BridgedCallsWhileAThreadWaitsInAcceptAreNotDelayedToThe20msCap) {
-#if defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "latency bounds: TSan makes every call several times slower (Release runs it)";
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "latency bounds: a sanitizer makes every call slower (Release runs it)";
 #endif
   test::Watchdog dog("the test", 90s);
   auto bridge = make_bridge();
@@ -270,7 +270,10 @@ TEST(ReviewBridge, BridgedCallsWhileAThreadWaitsInAcceptAreNotDelayedToThe20msCa
       "bridged 64 B calls: nobody in accept() p50 %.3f ms p99 %.3f ms; a thread in accept() p50 "
       "%.3f ms p99 %.3f ms\n",
       pct(alone, 0.5), pct(alone, 0.99), pct(beside_accept, 0.5), pct(beside_accept, 0.99));
-  EXPECT_LT(pct(beside_accept, 0.99), 5.0) << "bridged calls wait for the 20 ms safety-net poll";
+  // The failure was a 20 ms p50 (the safety-net poll); p99 has scheduler ticks of a loaded 2-vCPU
+  // machine in it (3.9-5.5 ms seen in passing runs), so its bound sits below the cap, not at 5 ms.
+  EXPECT_LT(pct(beside_accept, 0.5), 5.0) << "bridged calls wait for the 20 ms safety-net poll";
+  EXPECT_LT(pct(beside_accept, 0.99), 15.0) << "bridged calls wait for the 20 ms safety-net poll";
 }
 
 // Suspicion (not confirmed if it passes): ~Bridge is bounded while a link waits in
@@ -442,8 +445,8 @@ TEST(ReviewBridge, AServerRequestOnItsEndIsAnsweredWithinPollIntervalWhileTheRem
 // progresses the worker under its lock, re-arms, sleeps again), and any of them may take the
 // wake-up meant for the active link (then it waits for the 20 ms cap).
 TEST(ReviewBridge, IdleLinksDoNotSlowAnActiveOne) {
-#if defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "latency bounds: TSan makes every call several times slower (Release runs it)";
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "latency bounds: a sanitizer makes every call slower (Release runs it)";
 #endif
   test::Watchdog dog("the test", 120s);
   auto bridge = make_bridge();
@@ -476,7 +479,8 @@ TEST(ReviewBridge, IdleLinksDoNotSlowAnActiveOne) {
       "%.3f ms p99 %.3f ms max %.3f ms\n",
       pct(alone, 0.5), pct(alone, 0.99), pct(alone, 1.0), pct(beside_idle, 0.5),
       pct(beside_idle, 0.99), pct(beside_idle, 1.0));
-  EXPECT_LT(pct(beside_idle, 0.99), 5.0);
+  EXPECT_LT(pct(beside_idle, 0.5), 5.0);
+  EXPECT_LT(pct(beside_idle, 0.99), 15.0);  // below the 20 ms cap; ticks of a loaded machine
 }
 
 // Suspicion: handles the server attaches to its replies (dropped by the bridge: they cannot cross
