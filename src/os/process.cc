@@ -141,6 +141,22 @@ std::size_t open_fd_count() {
   return n;
 }
 
+std::size_t open_fd_count(const char* needle) {
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (dirent* e = ::readdir(d)) {  // the DIR's own fd links to /proc/<pid>/fd: no match
+      if (e->d_name[0] == '.') continue;
+      char target[256];
+      const ssize_t len = ::readlinkat(::dirfd(d), e->d_name, target, sizeof target - 1);
+      if (len <= 0) continue;  // closed meanwhile
+      target[len] = '\0';
+      if (std::strstr(target, needle) != nullptr) ++n;
+    }
+    ::closedir(d);
+  }
+  return n;
+}
+
 std::size_t resident_bytes() {
   std::size_t pages_total = 0, pages_resident = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
