@@ -41,8 +41,8 @@ long write_once(int fd, const void* buf, std::size_t n) noexcept;
 // Counts entries of /proc/self/fd and lines of /proc/self/maps (leak checks in tests).
 std::size_t open_fd_count();
 // Open fds whose /proc/self/fd link contains `needle` (e.g. "memfd:budget-extent" or "pipe:"): a
-// count unaffected by the process-wide fds the library opens once, lazily (the peer watcher's
-// epoll), whenever a thread first needs them.
+// count unaffected by the fds the library opens lazily (a queue's safety timerfd, the peer
+// watcher's epoll), whenever a thread first needs them.
 std::size_t open_fd_count(const char* needle);
 std::size_t mapping_count();
 // Lines of /proc/self/maps that contain `needle` (e.g. "memfd:mbmq": the library's own mappings,

@@ -117,8 +117,8 @@ struct Attacker {
 TEST(PeerBudget, HandleFdsParkedAheadOfTheirMessagesAreBounded) {
   Honest honest;
   Attacker a;
-  // Pipes only: the process-wide fds the library opens lazily (the peer watcher's epoll, when the
-  // honest pair first sleeps on a loaded machine) are not the peer's doing.
+  // Pipes only: the fds the library opens lazily (a queue's safety timerfd, the peer watcher's
+  // epoll, when the honest pair first sleeps on a loaded machine) are not the peer's doing.
   const char* kPipes = "pipe:";
   const std::size_t fds0 = os::open_fd_count(kPipes);
   std::vector<os::UniqueFd> ours;  // our ends of the pipes (the victim holds its own copies)
@@ -181,8 +181,8 @@ TEST(PeerBudget, PeerExtentsMappedArePerChannelBounded) {
   opt.slots_per_side = 1;
   Attacker a(opt);
   // Only the peer's memfds: the allocator (ASan's above all) maps on its own meanwhile, and the
-  // library opens process-wide fds lazily (the peer watcher's epoll, when the honest pair first
-  // sleeps on a loaded machine: CI saw 67 counting every fd).
+  // library opens fds lazily (a queue's safety timerfd, the peer watcher's epoll, when the honest
+  // pair first sleeps on a loaded machine: CI saw 67 counting every fd).
   const char* kName = "memfd:budget-extent";
   const std::size_t fds0 = os::open_fd_count(kName);
   const std::size_t maps0 = os::mapping_count(kName);
