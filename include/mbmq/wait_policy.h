@@ -9,7 +9,9 @@
 namespace mbmq {
 
 enum class WaitMode : std::uint8_t {
-  Spin,      // never sleep: lowest latency, one core busy while waiting (still honours deadlines)
+  Spin,      // never sleep: lowest latency, one core busy while waiting (still honours deadlines);
+             // after `spin` with nothing, it yields the CPU (sched_yield) every 64 looks, so a
+             // peer sharing its core on a loaded machine is not held off for a whole time slice
   Adaptive,  // spin for `spin`, then sleep on the futex (the default)
   Sleep,     // sleep at once (after one look): least CPU, pays a wake-up per message
 };           // A value outside these is taken as Adaptive.

@@ -82,6 +82,12 @@ Status pin_to_cpu(int cpu) {
   return {};
 }
 
+void yield_cpu() noexcept {
+  count_syscall();
+  count_yield();
+  (void)::sched_yield();
+}
+
 int cpu_count() noexcept {
   cpu_set_t set;
   CPU_ZERO(&set);

@@ -29,6 +29,9 @@ Status kill_process(pid_t pid, int sig);
 // Pins the calling thread to one CPU (sched_setaffinity); an error where the CPU does not exist.
 Status pin_to_cpu(int cpu);
 int cpu_count() noexcept;
+// sched_yield(): a spinning waiter lets another thread of its CPU run (counted as a syscall and a
+// yield, os/syscall_count.h).
+void yield_cpu() noexcept;
 
 Result<std::pair<UniqueFd, UniqueFd>> make_pipe();  // {read end, write end}, O_CLOEXEC
 // Full read/write with EINTR retry. read_full returns the bytes read (< size only at EOF).

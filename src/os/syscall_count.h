@@ -12,5 +12,9 @@ namespace mbmq::os {
 void count_syscall() noexcept;
 // System calls this thread made through os/ since it started.
 std::uint64_t syscalls_this_thread() noexcept;
+// Of those, the sched_yield()s of a spinning waiter that found nothing for its spin budget
+// (yield_cpu()): made only while idle, never per message; tests tell them apart.
+void count_yield() noexcept;
+std::uint64_t yields_this_thread() noexcept;
 
 }  // namespace mbmq::os
