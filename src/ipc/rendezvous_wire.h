@@ -13,12 +13,17 @@
 #include "mbmq/result.h"
 #include "os/fd.h"
 #include "os/unix_socket.h"
+#include "shm/layout.h"
 
 namespace mbmq::detail {
 
 inline constexpr std::uint64_t kHelloMagic = 0x4f4c'4548'514d'424dull;    // "MBMQHELO"
 inline constexpr std::uint64_t kVerdictMagic = 0x5443'4944'514d'424dull;  // "MBMQDICT"
-inline constexpr std::uint32_t kRendezvousVersion = 3;
+// v4: the channel segment's layout v9 (src/shm/layout.h). A client of another layout would be
+// accepted, then fail on the segment it receives; bumped with the layout, it is refused at its
+// hello instead (RefusedVersion, counted).
+inline constexpr std::uint32_t kRendezvousVersion = 4;
+static_assert(shm::kLayoutVersion == 9, "a new segment layout: bump kRendezvousVersion with it");
 inline constexpr std::uint32_t kHelloUntrusted = 1;  // the client's end is to be Trust::Untrusted
 
 struct Hello {

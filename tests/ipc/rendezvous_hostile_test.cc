@@ -322,18 +322,20 @@ pid_t open_silent_connections(const std::string& name, int n, int go_fd, int don
   });
 }
 
-// The hello of rendezvous v3 (include/mbmq/rendezvous.h, R1) and the verdict, for raw clients.
+// The hello of rendezvous v4 (include/mbmq/rendezvous.h, R1; v4 = segment layout v9) and the
+// verdict, for raw clients.
 struct RawHello {
   std::uint64_t magic = 0x4f4c'4548'514d'424dull;
-  std::uint32_t version = 3, flags = 0;
+  std::uint32_t version = 4, flags = 0;
 };
 struct RawVerdict {
   std::uint64_t magic = 0;
   std::uint32_t verdict = 0, reserved = 0;  // 1: accepted
 };
 
-Status send_hello(int sock) {
+Status send_hello(int sock, std::uint32_t version = 4) {
   RawHello hello;
+  hello.version = version;
   return os::send_msg(sock, {reinterpret_cast<const std::byte*>(&hello), sizeof hello}, {});
 }
 
@@ -485,6 +487,25 @@ TEST(RendezvousHostile, AHandshakeTimeoutOfAnyLengthNeitherDropsEarlyNorSpins) {
     auto ch = l->accept(secs(5));
     EXPECT_TRUE(ch);
   }
+}
+
+// A client of the previous protocol (v3: segment layout v8) is refused at its hello with
+// RefusedVersion (3), counted, and gets no channel end it could not read; the listener goes on
+// accepting v4 clients.
+TEST(RendezvousHostile, AClientOfThePreviousProtocolIsRefusedForItsVersionAndCounted) {
+  const std::string name = unique_name("oldver");
+  auto l = Listener::create(name);
+  ASSERT_TRUE(l);
+  auto old = os::connect_abstract("mbmq:" + name);
+  ASSERT_TRUE(old);
+  ASSERT_TRUE(send_hello(old->get(), 3));
+  EXPECT_EQ(read_verdict(old->get()), 3u) << "not refused for its version";
+  EXPECT_EQ(l->stats().refused_version, 1u);
+  auto now = os::connect_abstract("mbmq:" + name);
+  ASSERT_TRUE(now);
+  ASSERT_TRUE(send_hello(now->get()));
+  EXPECT_EQ(read_verdict(now->get()), 1u) << "a current client not accepted";
+  EXPECT_TRUE(l->accept(secs(5)));
 }
 
 }  // namespace
