@@ -164,7 +164,7 @@ Result<std::uint64_t> watch_fd(std::weak_ptr<Watched> who, int fd, WatchSpec spe
     // Return only once the thread runs its own code. A fork() while a new thread is still inside
     // the C library's (or a sanitizer's) thread-start bookkeeping gives the child that internal
     // lock held, and the child's own first thread creation then deadlocks (seen under ASan).
-    while (!st->running.load(std::memory_order_acquire)) std::this_thread::yield();
+    while (!st->running.load(std::memory_order_acquire)) os::yield_cpu();
   }
   std::uint64_t id = st->next_id++;
   MBMQ_TRY(st->epoll.add(fd, spec.events, id));

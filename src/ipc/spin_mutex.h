@@ -8,8 +8,8 @@
 #pragma once
 
 #include <atomic>
-#include <thread>
 
+#include "os/process.h"
 #include "os/thread_annotations.h"
 
 namespace mbmq::detail {
@@ -22,7 +22,7 @@ class MBMQ_CAPABILITY("mutex") SpinMutex {
       if (!locked_.exchange(true, std::memory_order_acquire)) return;
       while (locked_.load(std::memory_order_relaxed)) {
         if (++spins > 128) {
-          std::this_thread::yield();
+          os::yield_cpu();  // through os/: counted, as every system call
           spins = 0;
         } else {
           __builtin_ia32_pause();
