@@ -46,7 +46,15 @@ constexpr int kCycles = 50;
 constexpr int kClients = 32;
 constexpr int kWarmCycles = 10;  // before the baseline: UCX's and malloc's one-time growth
 
-std::string url(std::uint32_t port) { return "ucx://127.0.0.1:" + std::to_string(port) + "/bars"; }
+// With `ns`, the server's address in namespace a (the clients run in b), else loopback.
+std::string host(const netns::Pair* ns) { return ns != nullptr ? ns->ip_a : "127.0.0.1"; }
+std::string url(std::uint32_t port, const netns::Pair* ns = nullptr) {
+  return "ucx://" + host(ns) + ":" + std::to_string(port) + "/bars";
+}
+// In a child: into namespace a (server) or b (client), if there are namespaces.
+bool enter_side(const netns::Pair* ns, bool server) {
+  return ns == nullptr || (server ? netns::enter(ns->a, ns->va) : netns::enter(ns->b, ns->vb));
+}
 
 double pct(std::vector<double> v, double q) {
   if (v.empty()) return 0;
@@ -189,7 +197,8 @@ TEST(MBMQ_BARS, KilledServerInAnotherNamespaceIsSeenByAll32ClientsWithinP99Of100
 
 // A server with a client connected is killed; a new server process (UCX already loaded, waiting)
 // listens on the same port: it must be listening within 100 ms of the kill, and serve a call.
-TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) {
+// With `ns`, the servers run in namespace a and the client in b, across the veth pair.
+void restart_rounds(const netns::Pair* ns) {
   ::setenv("UCX_TLS", "tcp", 1);
   std::vector<double> listen_ms, serve_ms;
   for (int r = 0; r < kRounds * 3; ++r) {
@@ -197,7 +206,8 @@ TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) {
          served = Pipe::make();
     const pid_t first = spawn(
         [&]() -> int {
-          auto l = net::listen("ucx://127.0.0.1:0/bars");
+          if (!enter_side(ns, true)) return 9;
+          auto l = net::listen(url(0, ns));
           if (!l) return 10;
           port.put(l->port());
           port.put(l->port());
@@ -212,16 +222,17 @@ TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) {
         90);
     const pid_t second = spawn(
         [&]() -> int {
+          if (!enter_side(ns, true)) return 9;
           // UCX loaded and warm before the kill: what is measured is listening, not exec.
-          auto warm = net::listen("ucx://127.0.0.1:0/warm");
+          auto warm = net::listen("ucx://" + host(ns) + ":0/warm");
           if (!warm) return 10;
           const std::uint32_t p = port.get();
           if (go.get() != 1) return 11;
           const std::int64_t until = monotonic_ns() + 5'000'000'000;
-          Result<net::Listener> l = net::listen(url(p));
+          Result<net::Listener> l = net::listen(url(p, ns));
           while (!l && monotonic_ns() < until) {
             os::sleep_ns(1'000'000);
-            l = net::listen(url(p));
+            l = net::listen(url(p, ns));
           }
           if (!l) return 12;
           listening.put(static_cast<std::uint32_t>(monotonic_ns() / 1000 % 4'000'000'000u));
@@ -234,8 +245,9 @@ TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) {
         90);
     const pid_t client = spawn(
         [&]() -> int {
+          if (!enter_side(ns, false)) return 9;
           const std::uint32_t p = port.get();
-          auto ch = net::connect(url(p), secs(10));
+          auto ch = net::connect(url(p, ns), secs(10));
           if (!ch) return 10;
           auto b = ch->buffer(64);
           if (!b) return 11;
@@ -244,7 +256,7 @@ TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) {
           // Reconnect to the restarted one (retrying until it listens).
           const std::int64_t until = monotonic_ns() + 5'000'000'000;
           for (;;) {
-            auto again = net::connect(url(p), secs(2));
+            auto again = net::connect(url(p, ns), secs(2));
             if (again) {
               auto b2 = again->buffer(64);
               if (!b2 || !again->call(*b2, secs(5))) return 13;
@@ -277,11 +289,21 @@ TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) {
     if (at_served != 0) serve_ms.push_back(us(at_served));
   }
   std::printf(
-      "restart on the same port, %zu runs: kill -> listening again p50 %.1f ms, max %.1f ms; "
+      "restart on the same port%s, %zu runs: kill -> listening again p50 %.1f ms, max %.1f ms; "
       "kill -> the old client's first call served by the new server p50 %.1f ms, max %.1f ms\n",
-      listen_ms.size(), pct(listen_ms, 0.5), pct(listen_ms, 1.0), pct(serve_ms, 0.5),
-      pct(serve_ms, 1.0));
+      ns != nullptr ? " across a veth" : "", listen_ms.size(), pct(listen_ms, 0.5),
+      pct(listen_ms, 1.0), pct(serve_ms, 0.5), pct(serve_ms, 1.0));
   EXPECT_LE(pct(listen_ms, 1.0), 100.0) << "#19 bar: restart listening <= 100 ms";
+}
+
+TEST(MBMQ_BARS, ARestartedServerListensOnTheSamePortWithin100ms) { restart_rounds(nullptr); }
+
+// The same across two network namespaces joined by a veth pair (made and removed here; root).
+TEST(MBMQ_BARS, ARestartedServerInAnotherNamespaceListensOnTheSamePortWithin100ms) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root";
+  netns::Pair ns("s");
+  if (!ns.ok) GTEST_SKIP() << "ip netns / veth unavailable here (iproute2? CAP_NET_ADMIN?)";
+  restart_rounds(&ns);
 }
 
 // ---- leaks --------------------------------------------------------------------------------
@@ -326,14 +348,16 @@ void expect_no_leak(const char* who, const Usage& a, const Usage& m, const Usage
 
 // A long-lived server; each cycle a new client process connects, calls, and is killed with the
 // call in flight. The server's fds, threads, RSS and heap after the cycles = after the warm-up.
-TEST(MBMQ_BARS, ClientsKilledMidCallLeakNothingInTheServer) {
+// With `ns`, the server runs in namespace a and the clients in b.
+void clients_killed_cycles(const netns::Pair* ns) {
   ::setenv("UCX_TLS", "tcp", 1);
   const int total = kWarmCycles + kCycles;
   Pipe port = Pipe::make(), holding = Pipe::make(), before = Pipe::make(), mid = Pipe::make(),
        after = Pipe::make();
   const pid_t server = spawn(
       [&]() -> int {
-        auto l = net::listen("ucx://127.0.0.1:0/bars");
+        if (!enter_side(ns, true)) return 9;
+        auto l = net::listen(url(0, ns));
         if (!l) return 10;
         for (int i = 0; i < total; ++i) port.put(l->port());
         for (int i = 0; i < total; ++i) {
@@ -359,7 +383,8 @@ TEST(MBMQ_BARS, ClientsKilledMidCallLeakNothingInTheServer) {
   for (int i = 0; i < total; ++i) {
     const pid_t c = spawn(
         [&]() -> int {
-          auto ch = net::connect(url(port.get()), secs(10));
+          if (!enter_side(ns, false)) return 9;
+          auto ch = net::connect(url(port.get(), ns), secs(10));
           if (!ch) return 10;
           auto b = ch->buffer(64);
           if (!b) return 11;
@@ -376,22 +401,33 @@ TEST(MBMQ_BARS, ClientsKilledMidCallLeakNothingInTheServer) {
   ASSERT_TRUE(get_usage(mid, m));
   ASSERT_TRUE(get_usage(after, b));
   EXPECT_EQ(join(server), 0);
-  expect_no_leak("server surviving killed clients", a, m, b, kCycles);
+  expect_no_leak(ns != nullptr ? "server surviving killed clients, across a veth"
+                               : "server surviving killed clients",
+                 a, m, b, kCycles);
+}
+TEST(MBMQ_BARS, ClientsKilledMidCallLeakNothingInTheServer) { clients_killed_cycles(nullptr); }
+TEST(MBMQ_BARS, ClientsInAnotherNamespaceKilledMidCallLeakNothingInTheServer) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root";
+  netns::Pair ns("c");
+  if (!ns.ok) GTEST_SKIP() << "ip netns / veth unavailable here (iproute2? CAP_NET_ADMIN?)";
+  clients_killed_cycles(&ns);
 }
 
 // A long-lived client; each cycle a new server process is started, the client connects and
-// calls, and the server is killed with the call in flight.
-TEST(MBMQ_BARS, ServersKilledMidCallLeakNothingInTheClient) {
+// calls, and the server is killed with the call in flight. With `ns`, the client runs in
+// namespace b and the servers in a.
+void servers_killed_cycles(const netns::Pair* ns) {
   ::setenv("UCX_TLS", "tcp", 1);
   const int total = kWarmCycles + kCycles;
   Pipe port = Pipe::make(), holding = Pipe::make(), before = Pipe::make(), mid = Pipe::make(),
        after = Pipe::make(), done = Pipe::make();
   const pid_t client = spawn(
       [&]() -> int {
+        if (!enter_side(ns, false)) return 9;
         for (int i = 0; i < total; ++i) {
           if (i == kWarmCycles) put_usage(before, usage());
           if (i == kWarmCycles + kCycles / 2) put_usage(mid, usage());
-          auto ch = net::connect(url(port.get()), secs(10));
+          auto ch = net::connect(url(port.get(), ns), secs(10));
           if (!ch) return 10;
           auto b = ch->buffer(64);
           if (!b) return 11;
@@ -410,7 +446,8 @@ TEST(MBMQ_BARS, ServersKilledMidCallLeakNothingInTheClient) {
   for (int i = 0; i < total; ++i) {
     const pid_t s = spawn(
         [&]() -> int {
-          auto l = net::listen("ucx://127.0.0.1:0/bars");
+          if (!enter_side(ns, true)) return 9;
+          auto l = net::listen(url(0, ns));
           if (!l) return 10;
           port.put(l->port());
           auto ch = l->accept(secs(20));
@@ -432,7 +469,16 @@ TEST(MBMQ_BARS, ServersKilledMidCallLeakNothingInTheClient) {
   ASSERT_TRUE(get_usage(mid, m));
   ASSERT_TRUE(get_usage(after, b));
   EXPECT_EQ(join(client), 0);
-  expect_no_leak("client surviving killed servers", a, m, b, kCycles);
+  expect_no_leak(ns != nullptr ? "client surviving killed servers, across a veth"
+                               : "client surviving killed servers",
+                 a, m, b, kCycles);
+}
+TEST(MBMQ_BARS, ServersKilledMidCallLeakNothingInTheClient) { servers_killed_cycles(nullptr); }
+TEST(MBMQ_BARS, ServersInAnotherNamespaceKilledMidCallLeakNothingInTheClient) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root";
+  netns::Pair ns("v");
+  if (!ns.ok) GTEST_SKIP() << "ip netns / veth unavailable here (iproute2? CAP_NET_ADMIN?)";
+  servers_killed_cycles(&ns);
 }
 
 // Not a bar of #19: a measurement of two suspects found with mbmq-net-bench, asserting only that
