@@ -182,6 +182,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
+  // A payload vector UCX is done with (a finished send's, a call's old buffer): kept as the spare
+  // if it is the largest seen, so that the next large payload lands in pages already mapped.
+  void recycle_locked(std::vector<std::byte>&& v) MBMQ_REQUIRES(w_->mu);
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
 
   const std::shared_ptr<WorkerCore> w_;
@@ -247,7 +250,12 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint16_t reply_status_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::vector<std::byte> reply_bytes_ MBMQ_GUARDED_BY(w_->mu);
   std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
-  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
+  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // the call's SendOp while UCX reads it
+  // One recycled payload vector, above kSpareMin bytes (recycle_locked(), take_spare_locked()): a
+  // fresh 64 MiB vector costs 66-100 ms of page faults and zeroing on this VM, more than moving
+  // it. At most one per channel, of at most the largest payload either side allows.
+  std::vector<std::byte> spare_ MBMQ_GUARDED_BY(w_->mu);
+  std::vector<std::byte> take_spare_locked(std::size_t n) MBMQ_REQUIRES(w_->mu);
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
   std::int64_t pending_since_ns_ = 0;  // written before the channel is shared, then read under mu
   std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
