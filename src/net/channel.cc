@@ -61,12 +61,8 @@ void send_done(void* request, ucs_status_t /*status*/, void* user) {
     op->owner->assert_held();
     op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
   }
-  // UCX has read the payload: its vector may carry the channel's next one.
-  if (!op->owned.empty())
-    if (ChannelCore* ch = find_locked(w, op->ep)) {
-      ch->assert_held();
-      ch->recycle_locked(std::move(op->owned));
-    }
+  // UCX has read the payload: its vector may receive the worker's next one.
+  w->recycle_locked(std::move(op->owned));
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
 }
@@ -372,14 +368,14 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
 // Below this a vector comes from malloc's heap, already mapped: nothing to save.
 constexpr std::size_t kSpareMin = std::size_t{64} << 10;
 
-void ChannelCore::recycle_locked(std::vector<std::byte>&& v) {
-  if (v.capacity() > kSpareMin && v.capacity() > spare_.capacity()) spare_ = std::move(v);
+void WorkerCore::recycle_locked(std::vector<std::byte>&& v) {
+  if (v.capacity() > kSpareMin && v.capacity() > spare.capacity()) spare = std::move(v);
 }
 
-std::vector<std::byte> ChannelCore::take_spare_locked(std::size_t n) {
-  if (n <= kSpareMin || n > spare_.capacity()) return std::vector<std::byte>(n);
-  std::vector<std::byte> v = std::move(spare_);
-  spare_ = {};
+std::vector<std::byte> WorkerCore::take_spare_locked(std::size_t n) {
+  if (n <= kSpareMin || n > spare.capacity()) return std::vector<std::byte>(n);
+  std::vector<std::byte> v = std::move(spare);
+  spare = {};
   v.resize(n);  // within its capacity: no allocation; zeroes only what grows
   return v;
 }
@@ -459,7 +455,7 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
   }
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
     // The receiver chooses where the payload lands: a buffer of ours, given to the application.
-    auto* op = new RecvOp{w_.get(), ep_, h, take_spare_locked(length), length};
+    auto* op = new RecvOp{w_.get(), ep_, h, w_->take_spare_locked(length), length};
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.recv_am = recv_done;
@@ -476,7 +472,7 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     return;
   }
   // Eager: UCX's bounce buffer, valid during this callback only: one copy.
-  std::vector<std::byte> bytes = take_spare_locked(length);
+  std::vector<std::byte> bytes = w_->take_spare_locked(length);
   if (length != 0) std::memcpy(bytes.data(), data, length);
   on_recv_done_locked(h, std::move(bytes), length);
 }
@@ -559,7 +555,7 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   if (size > peer_limit_)
     return fail(Errc::InvalidArgument, "net::Channel::buffer: above the peer's limit");
   Buffer b;
-  b.bytes_ = take_spare_locked(size);
+  b.bytes_.resize(size);  // fresh: a recycled one would hold another payload's bytes
   b.size_ = size;
   b.limit_ = peer_limit_;
   b.valid_ = true;
@@ -607,7 +603,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     // The reply lands in the caller's buffer: the bytes UCX gave us become buf's.
     reply_ready_ = false;
     if (reply_status_ == kReplyNone) return fail(Errc::NoReply, "net::Channel::call");
-    recycle_locked(std::move(buf.bytes_));  // the request's: UCX has sent it (call_sent_)
+    w_->recycle_locked(std::move(buf.bytes_));  // the request's: UCX has sent it (call_sent_)
     buf.bytes_ = std::move(reply_bytes_);
     buf.size_ = reply_size_;
     return {};

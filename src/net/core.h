@@ -107,6 +107,15 @@ class WorkerCore {
   ucp_worker_h worker = nullptr;  // set in make(), then used under mu only
   int efd = -1;
   std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
+  // One recycled payload vector for this worker's channels: a fresh 64 MiB vector costs 66-100 ms
+  // of page faults and zeroing on this VM, more than the transfer. recycle_locked() keeps the
+  // largest vector UCX is done with (a finished send's, a call's old buffer); take_spare_locked()
+  // gives it as the target of a received payload above 64 KiB, which overwrites all of it (so no
+  // channel's bytes reach another's application). Bound: one vector per worker, of at most the
+  // largest payload its channels accept.
+  std::vector<std::byte> spare MBMQ_GUARDED_BY(mu);
+  void recycle_locked(std::vector<std::byte>&& v) MBMQ_REQUIRES(mu);
+  std::vector<std::byte> take_spare_locked(std::size_t n) MBMQ_REQUIRES(mu);
   int waiters MBMQ_GUARDED_BY(mu) = 0;  // threads inside run_until (they progress the worker)
   // (W1-W3) above. gen: bumped (under mu) after events, futex-waited on unlocked.
   mutable std::atomic<std::uint32_t> gen{0};
@@ -182,9 +191,6 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
-  // A payload vector UCX is done with (a finished send's, a call's old buffer): kept as the spare
-  // if it is the largest seen, so that the next large payload lands in pages already mapped.
-  void recycle_locked(std::vector<std::byte>&& v) MBMQ_REQUIRES(w_->mu);
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
 
   const std::shared_ptr<WorkerCore> w_;
@@ -250,12 +256,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint16_t reply_status_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::vector<std::byte> reply_bytes_ MBMQ_GUARDED_BY(w_->mu);
   std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
-  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // the call's SendOp while UCX reads it
-  // One recycled payload vector, above kSpareMin bytes (recycle_locked(), take_spare_locked()): a
-  // fresh 64 MiB vector costs 66-100 ms of page faults and zeroing on this VM, more than moving
-  // it. At most one per channel, of at most the largest payload either side allows.
-  std::vector<std::byte> spare_ MBMQ_GUARDED_BY(w_->mu);
-  std::vector<std::byte> take_spare_locked(std::size_t n) MBMQ_REQUIRES(w_->mu);
+  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
   std::int64_t pending_since_ns_ = 0;  // written before the channel is shared, then read under mu
   std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
