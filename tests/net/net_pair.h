@@ -105,22 +105,76 @@ inline std::int64_t heap_bytes() {
   return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
 }
 
-// A client speaking raw UCX (its own worker of this process's context).
-struct RawClient {
+// One end speaking raw UCX, on a worker of its own (of this process's context), to send what
+// mbmq::net never would: what RawClient and a test's raw server share.
+struct RawEnd {
   const net::detail::Ucx* u = nullptr;
   std::shared_ptr<net::detail::WorkerCore> w;
   ucp_ep_h ep = nullptr;
-  std::atomic<bool> failed{false};
-  net::detail::WireHeader hello_header{};  // hello()'s, kept for its send
-  std::vector<std::byte> hello_data;
 
-  bool connect(std::uint32_t port) {
+  // Loads UCX (u) and makes the worker (w); false if either fails.
+  bool make_worker() {
     auto x = net::detail::ucx();
     if (!x) return false;
     u = *x;
     auto wk = net::detail::WorkerCore::make(u);
     if (!wk) return false;
     w = *wk;
+    return true;
+  }
+  // Starts an AM send on ep; returns the request (nullptr: done at once).
+  void* send(const net::detail::WireHeader& h, const void* data, std::size_t n,
+             std::uint32_t flags = 0) {
+    os::LockGuard lock(w->mu);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
+    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
+    return UCS_PTR_IS_PTR(r) ? r : nullptr;
+  }
+  // Progresses the worker for `d`, sleeping `pause_ns` between rounds.
+  void progress_for(std::chrono::milliseconds d, std::int64_t pause_ns = 200'000) {
+    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
+    while (monotonic_ns() < until) {
+      {
+        os::LockGuard lock(w->mu);
+        (void)u->ucp_worker_progress(w->worker);
+      }
+      os::sleep_ns(pause_ns);
+    }
+  }
+  // Waits (progressing) for request r, then frees it.
+  void finish(void* r) {
+    if (r == nullptr) return;
+    const std::int64_t until = monotonic_ns() + 3'000'000'000;
+    for (;;) {
+      os::LockGuard lock(w->mu);
+      if (u->ucp_request_check_status(r) != UCS_INPROGRESS || monotonic_ns() > until) break;
+      (void)u->ucp_worker_progress(w->worker);
+    }
+    os::LockGuard lock(w->mu);
+    u->ucp_request_free(r);
+  }
+
+ protected:
+  // Closes ep at once (no flush). Caller holds w->mu; ep is not null.
+  void close_ep_locked() {
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
+    if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
+  }
+};
+
+// A client speaking raw UCX (its own worker of this process's context).
+struct RawClient : RawEnd {
+  std::atomic<bool> failed{false};
+  net::detail::WireHeader hello_header{};  // hello()'s, kept for its send
+  std::vector<std::byte> hello_data;
+
+  bool connect(std::uint32_t port) {
+    if (!make_worker()) return false;
     sockaddr_in sa{};
     sa.sin_family = AF_INET;
     sa.sin_port = htons(static_cast<std::uint16_t>(port));
@@ -139,16 +193,6 @@ struct RawClient {
     p.err_handler.arg = this;
     return u->ucp_ep_create(w->worker, &p, &ep) == UCS_OK;
   }
-  // Starts an AM send; returns the request (nullptr: done at once).
-  void* send(const net::detail::WireHeader& h, const void* data, std::size_t n,
-             std::uint32_t flags = 0) {
-    os::LockGuard lock(w->mu);
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
-    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
-    return UCS_PTR_IS_PTR(r) ? r : nullptr;
-  }
   // Sends a hello (this version, service "svc") granting the server `g`, and waits (progressing)
   // up to 3 s for it to go. It may not have gone by then (the endpoint is wired up only as the
   // listener's worker is progressed): the header and payload live on in hello_header and
@@ -164,36 +208,10 @@ struct RawClient {
                                  .limit = 1u << 20};
     finish(send(hello_header, hello_data.data(), hello_data.size()));
   }
-  void progress_for(std::chrono::milliseconds d) {
-    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
-    while (monotonic_ns() < until) {
-      {
-        os::LockGuard lock(w->mu);
-        (void)u->ucp_worker_progress(w->worker);
-      }
-      os::sleep_ns(200'000);
-    }
-  }
-  // Waits (progressing) for request r, then frees it.
-  void finish(void* r) {
-    if (r == nullptr) return;
-    const std::int64_t until = monotonic_ns() + 3'000'000'000;
-    for (;;) {
-      os::LockGuard lock(w->mu);
-      if (u->ucp_request_check_status(r) != UCS_INPROGRESS || monotonic_ns() > until) break;
-      (void)u->ucp_worker_progress(w->worker);
-    }
-    os::LockGuard lock(w->mu);
-    u->ucp_request_free(r);
-  }
   ~RawClient() {
     if (ep == nullptr) return;
     os::LockGuard lock(w->mu);
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
-    if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
+    close_ep_locked();
   }
 };
 

@@ -386,21 +386,13 @@ TEST(ReviewFlow, AClientClosingRightAfterALargeSendDoesNotAbortInUcx) {
 }
 
 // A server speaking raw UCX: records the AMs it gets (header only), answers what the test says.
-struct RawServer {
-  const net::detail::Ucx* u = nullptr;
-  std::shared_ptr<net::detail::WorkerCore> w;
+struct RawServer : test::RawEnd {
   ucp_listener_h lis = nullptr;
-  ucp_ep_h ep = nullptr;
   std::uint16_t port = 0;
   std::vector<WireHeader> got;  // under w->mu
 
   bool start() {
-    auto x = net::detail::ucx();
-    if (!x) return false;
-    u = *x;
-    auto wk = net::detail::WorkerCore::make(u);
-    if (!wk) return false;
-    w = *wk;
+    if (!make_worker()) return false;
     os::LockGuard lock(w->mu);
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
@@ -443,16 +435,7 @@ struct RawServer {
     port = ntohs(bound.sin_port);
     return true;
   }
-  void progress_for(std::chrono::milliseconds d) {
-    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
-    while (monotonic_ns() < until) {
-      {
-        os::LockGuard lock(w->mu);
-        (void)u->ucp_worker_progress(w->worker);
-      }
-      os::sleep_ns(100'000);
-    }
-  }
+  void progress_for(std::chrono::milliseconds d) { RawEnd::progress_for(d, 100'000); }
   // The first header of `kind` received, waiting (progressing) up to 5 s.
   std::optional<WireHeader> wait_for(WireKind kind) {
     for (Deadline d = secs(5); !d.expired();) {
@@ -466,24 +449,10 @@ struct RawServer {
     }
     return std::nullopt;
   }
-  void* send(const WireHeader& h, const void* data, std::size_t n, std::uint32_t flags = 0) {
-    os::LockGuard lock(w->mu);
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
-    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
-    return UCS_PTR_IS_PTR(r) ? r : nullptr;
-  }
   ~RawServer() {
     if (w == nullptr) return;
     os::LockGuard lock(w->mu);
-    if (ep != nullptr) {
-      ucp_request_param_t p{};
-      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
-      if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
-    }
+    if (ep != nullptr) close_ep_locked();
     if (lis != nullptr) u->ucp_listener_destroy(lis);
   }
 };
