@@ -1,6 +1,7 @@
-// tests/net/net_pair.h: what the in-process mbmq::net tests share: a listener and a client of it
-// in this process, a bridge and a remote client of it, buffers of a size, a raw UCX client that
-// sends what mbmq::net never would, a helper test run as a program of its own, and the heap's size.
+// tests/net/net_pair.h: what the mbmq::net tests share (beside net_util.h's Pipe): a listener's
+// URL; a listener and a client of it in this process; a bridge and a remote client of it; buffers
+// of a size; raw UCX ends that send what mbmq::net never would; a helper test run as a program of
+// its own; the heap's size. Including it loads nothing: UCX is loaded at the first use of net.
 #pragma once
 
 #include <arpa/inet.h>
