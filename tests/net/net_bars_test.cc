@@ -29,6 +29,7 @@ namespace mbmq {
 namespace {
 
 using test::join;
+using test::pct;
 using test::Pipe;
 using test::secs;
 using test::spawn;
@@ -47,13 +48,6 @@ constexpr int kClients = 32;
 constexpr int kWarmCycles = 10;  // before the baseline: UCX's and malloc's one-time growth
 
 std::string url(std::uint32_t port) { return "ucx://127.0.0.1:" + std::to_string(port) + "/bars"; }
-
-double pct(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1,
-                    static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5))];
-}
 
 // A record a client child writes to the shared pipe (12 bytes: one write, atomic).
 struct Seen {

@@ -21,6 +21,7 @@
 #include "mbmq/net.h"
 #include "mbmq/net_bridge.h"
 #include "net/net_pair.h"
+#include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -63,15 +64,9 @@ using test::Connected;
 using test::heap_bytes;
 using test::join;
 using test::make_bridge;
+using test::pct;
 using test::secs;
 using test::url;
-
-double pct(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1,
-                    static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5))];
-}
 
 // A local server on a plain (not redirected) end: answers every request with its bytes unchanged
 // until stopped.
