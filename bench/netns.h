@@ -1,5 +1,5 @@
-// bench/netns.h: two network namespaces joined by a veth pair, for mbmq-net-bench and the #19
-// failure-bar tests (tests/net/net_bars_test.cc). The same recipe as tests/net/netns_test.cc:
+// bench/netns.h: two network namespaces joined by a veth pair, for mbmq-net-bench and the tests
+// across namespaces (tests/net/netns_test.cc, the #19 failure bars in tests/net/net_bars_test.cc):
 // made by the constructor, removed (with the veth pair) by the destructor; root only.
 //
 // A process enters a namespace with enter(): setns, a mount namespace of its own with that
@@ -31,6 +31,8 @@ inline bool enter(const std::string& ns, const std::string& dev) {
   const bool ok = ::setns(fd, CLONE_NEWNET) == 0;
   ::close(fd);
   if (!ok) return false;
+  // UCX lists devices in /sys/class/net, which shows the namespace of whoever mounted /sys: do
+  // what `ip netns exec` does, a mount namespace of our own with a sysfs of the new namespace.
   return ::unshare(CLONE_NEWNS) == 0 &&
          ::mount("", "/", nullptr, MS_SLAVE | MS_REC, nullptr) == 0 &&
          ::umount2("/sys", MNT_DETACH) == 0 &&

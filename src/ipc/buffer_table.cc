@@ -38,14 +38,8 @@ BufferTable::BufferTable(const shm::Segment& seg, int side, std::uint32_t next_e
 
 Result<BufferTable::Allocated> BufferTable::alloc(std::size_t size) {
   if (size <= slot_size_) {
-    if (free_slots_.empty()) return fail(Errc::NoBuffers, "Channel::buffer: pool exhausted");
-    const std::uint32_t k = free_slots_.back();
-    free_slots_.pop_back();
-    OwnSlot& slot = own_slots_[k];
-    slot.state = OwnState::App;
-    ++slot.gen;
-    const BufferId id = BufferId::slot(static_cast<std::uint32_t>(side_) * n_ + k);
-    return Allocated{id, slot.gen, seg_.slot(id.slot_index()), slot_size_};
+    if (!has_free_slot()) return fail(Errc::NoBuffers, "Channel::buffer: pool exhausted");
+    return alloc_slot();
   }
   if (size > shm::kMaxExtentSize)
     return fail(Errc::InvalidArgument, "Channel::buffer: larger than 4 GiB - 4 KiB");

@@ -169,7 +169,8 @@ class BufferTable {
 
   // ---- batches of one-way messages in pool slots (the stream's path; Endpoint::send_batch,
   // poll_batch): the same transitions as alloc(), send and check_lent()/take_lent(), inline ----
-  // A free slot, as alloc() gives it. has_free_slot() must hold.
+  // A free slot, as alloc() gives it (alloc() calls this for a size that fits a slot): App, its
+  // generation bumped. has_free_slot() must hold.
   Allocated alloc_slot() noexcept {
     const std::uint32_t k = free_slots_.back();
     free_slots_.pop_back();

@@ -20,6 +20,7 @@
 #include "mbmq/mbmq.h"
 #include "mbmq/net.h"
 #include "mbmq/net_bridge.h"
+#include "net/net_pair.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -27,16 +28,11 @@ namespace mbmq {
 namespace {
 
 using namespace std::chrono_literals;
+using test::connect_and_accept;
 using test::join;
+using test::make_bridge;
 using test::secs;
-
-std::string url(std::uint32_t port) { return "ucx://127.0.0.1:" + std::to_string(port) + "/br"; }
-
-Result<net::Bridge> make_bridge(net::BridgeOptions opt = {}) {
-  auto l = net::listen("ucx://127.0.0.1:0/br");
-  if (!l) return fail(l.error());
-  return net::Bridge::create(std::move(*l), opt);
-}
+using test::url;
 
 // The server's answer: every byte + 1, and one byte 0x5a more.
 void transform(Buffer& b) {
@@ -150,21 +146,6 @@ class Event {
 };
 
 std::size_t thread_count() { return os::dir_listing("/proc/self/task").size(); }
-
-// A remote client connected to the bridge, and the server's end of it. connect() runs on a
-// thread while this one is in accept(): the listener answers hellos as accept() progresses it.
-struct Connected {
-  Result<net::Channel> remote = fail(Errc::TimedOut, "connect: not run");
-  Result<Channel> end = fail(Errc::TimedOut, "accept: not run");
-};
-Connected connect_and_accept(net::Bridge& bridge) {
-  Connected c;
-  const std::string u = url(bridge.port());
-  std::thread t([&] { c.remote = net::connect(u, secs(10)); });
-  c.end = bridge.accept(secs(10));
-  t.join();
-  return c;
-}
 
 TEST(NetBridge, OneQueueServesALocalClientAndTwoRemoteClientsAtOnce) {
   test::Watchdog dog("the test", 60s);
@@ -300,10 +281,8 @@ TEST(NetBridge, AKilledRemoteClientIsPeerClosedOnTheQueueAndTheOthersGoOn) {
   ASSERT_TRUE(server.queue().adopt(std::move(*other_end), kOther));
   EXPECT_TRUE(call_and_check(*other, 1, 64));
 
-  const std::vector<std::string> args = {
-      "bridge_test", "--gtest_also_run_disabled_tests",
-      "--gtest_filter=BridgeHelper.DISABLED_ClientThatCallsAndIsKilled"};
-  auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, {"MBMQ_NET_URL=" + u});
+  auto pid =
+      test::spawn_helper("BridgeHelper.DISABLED_ClientThatCallsAndIsKilled", {"MBMQ_NET_URL=" + u});
   ASSERT_TRUE(pid) << pid.error().message();
   auto victim_end = bridge->accept(secs(10));
   ASSERT_TRUE(victim_end) << victim_end.error().message();

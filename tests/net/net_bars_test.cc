@@ -29,6 +29,7 @@ namespace mbmq {
 namespace {
 
 using test::join;
+using test::pct;
 using test::Pipe;
 using test::secs;
 using test::spawn;
@@ -54,13 +55,6 @@ std::string url(std::uint32_t port, const netns::Pair* ns = nullptr) {
 // In a child: into namespace a (server) or b (client), if there are namespaces.
 bool enter_side(const netns::Pair* ns, bool server) {
   return ns == nullptr || (server ? netns::enter(ns->a, ns->va) : netns::enter(ns->b, ns->vb));
-}
-
-double pct(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1,
-                    static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5))];
 }
 
 // A record a client child writes to the shared pipe (12 bytes: one write, atomic).

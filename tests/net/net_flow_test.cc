@@ -188,10 +188,7 @@ TEST(NetFlow, PeerSendingBeyondItsGrantIsClosedAndOtherChannelsKeepWorking) {
   ASSERT_TRUE(good);
   RawClient raw;
   ASSERT_TRUE(raw.connect(good->l.port()));
-  const auto hello_data = net::detail::hello_payload({16, 16u << 20}, "svc");
-  WireHeader hello{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Hello), 0, 0, 1u << 20};
-  void* r = raw.send(hello, hello_data.data(), hello_data.size());
-  raw.finish(r);
+  raw.hello({16, 16u << 20});
   auto bad = good->l.accept(secs(5));
   ASSERT_TRUE(bad) << bad.error().message();
   std::vector<char> mib(1u << 20, 'x');

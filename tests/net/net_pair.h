@@ -1,8 +1,11 @@
-// tests/net/net_pair.h: what the in-process mbmq::net tests share: a listener and a client of it
-// in this process, a raw UCX client that sends what mbmq::net never would, and the heap's size.
+// tests/net/net_pair.h: what the mbmq::net tests share (beside net_util.h's Pipe): a listener's
+// URL; a listener and a client of it in this process; a bridge and a remote client of it; buffers
+// of a size; raw UCX ends that send what mbmq::net never would; a helper test run as a program of
+// its own; the heap's size. Including it loads nothing: UCX is loaded at the first use of net.
 #pragma once
 
 #include <arpa/inet.h>
+#include <errno.h>  // program_invocation_short_name
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <netinet/in.h>
@@ -10,12 +13,16 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "mbmq/mbmq.h"
 #include "mbmq/net.h"
+#include "mbmq/net_bridge.h"
 #include "net/core.h"
 #include "os/process.h"
 #include "test_util.h"
@@ -48,26 +55,127 @@ inline std::optional<Pair> make_pair(const net::ListenOptions& lo = {},
   return Pair{std::move(*l), std::move(*s), std::move(**c)};
 }
 
+// A bridge on a listener of 127.0.0.1 (any free port) serving `service`.
+inline Result<net::Bridge> make_bridge(const net::BridgeOptions& opt = {},
+                                       const char* service = "svc") {
+  auto l = net::listen(url(0, service));
+  if (!l) return fail(l.error());
+  return net::Bridge::create(std::move(*l), opt);
+}
+
+// A remote client connected to the bridge, and the server's end of it. connect() runs on a
+// thread while this one is in accept(): the listener answers hellos as accept() progresses it.
+struct Connected {
+  Result<net::Channel> remote = fail(Errc::TimedOut, "connect: not run");
+  Result<Channel> end = fail(Errc::TimedOut, "accept: not run");
+};
+inline Connected connect_and_accept(net::Bridge& bridge, const char* service = "svc") {
+  Connected c;
+  const std::string u = url(bridge.port(), service);
+  std::thread t([&] { c.remote = net::connect(u, secs(10)); });
+  c.end = bridge.accept(secs(10));
+  t.join();
+  return c;
+}
+
+// A buffer of `size` bytes of ch (empty, and a test failure, if there is none).
+inline net::Buffer sized(net::Channel& ch, std::size_t size) {
+  auto b = ch.buffer(size);
+  EXPECT_TRUE(b) << b.error().message();
+  return b ? std::move(*b) : net::Buffer{};
+}
+// The same, every byte `c`.
+inline net::Buffer filled(net::Channel& ch, std::size_t size, char c = 'x') {
+  net::Buffer b = sized(ch, size);
+  if (b.size() != 0) std::memset(b.data().data(), c, b.size());  // data() of an empty one: null
+  return b;
+}
+
+// Runs this test binary again, as a program of its own (not a fork: UCX, once loaded, cannot be
+// used in a forked child), to run only the helper test `test` ("Suite.DISABLED_Name"), with `env`
+// ("NAME=value" entries) added to its environment.
+inline Result<pid_t> spawn_helper(const std::string& test, const std::vector<std::string>& env) {
+  const std::vector<std::string> args = {
+      program_invocation_short_name, "--gtest_also_run_disabled_tests", "--gtest_filter=" + test};
+  return os::spawn_program("/proc/self/exe", args, -1, -1, -1, env);
+}
+
 // Bytes the C heap holds now (arena + mmapped chunks).
 inline std::int64_t heap_bytes() {
   const struct mallinfo2 mi = ::mallinfo2();
   return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
 }
 
-// A client speaking raw UCX (its own worker of this process's context).
-struct RawClient {
+// One end speaking raw UCX, on a worker of its own (of this process's context), to send what
+// mbmq::net never would: what RawClient and a test's raw server share.
+struct RawEnd {
   const net::detail::Ucx* u = nullptr;
   std::shared_ptr<net::detail::WorkerCore> w;
   ucp_ep_h ep = nullptr;
-  std::atomic<bool> failed{false};
 
-  bool connect(std::uint32_t port) {
+  // Loads UCX (u) and makes the worker (w); false if either fails.
+  bool make_worker() {
     auto x = net::detail::ucx();
     if (!x) return false;
     u = *x;
     auto wk = net::detail::WorkerCore::make(u);
     if (!wk) return false;
     w = *wk;
+    return true;
+  }
+  // Starts an AM send on ep; returns the request (nullptr: done at once).
+  void* send(const net::detail::WireHeader& h, const void* data, std::size_t n,
+             std::uint32_t flags = 0) {
+    os::LockGuard lock(w->mu);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
+    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
+    return UCS_PTR_IS_PTR(r) ? r : nullptr;
+  }
+  // Progresses the worker for `d`, sleeping `pause_ns` between rounds.
+  void progress_for(std::chrono::milliseconds d, std::int64_t pause_ns = 200'000) {
+    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
+    while (monotonic_ns() < until) {
+      {
+        os::LockGuard lock(w->mu);
+        (void)u->ucp_worker_progress(w->worker);
+      }
+      os::sleep_ns(pause_ns);
+    }
+  }
+  // Waits (progressing) for request r, then frees it.
+  void finish(void* r) {
+    if (r == nullptr) return;
+    const std::int64_t until = monotonic_ns() + 3'000'000'000;
+    for (;;) {
+      os::LockGuard lock(w->mu);
+      if (u->ucp_request_check_status(r) != UCS_INPROGRESS || monotonic_ns() > until) break;
+      (void)u->ucp_worker_progress(w->worker);
+    }
+    os::LockGuard lock(w->mu);
+    u->ucp_request_free(r);
+  }
+
+ protected:
+  // Closes ep at once (no flush). Caller holds w->mu; ep is not null.
+  void close_ep_locked() {
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
+    if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
+  }
+};
+
+// A client speaking raw UCX (its own worker of this process's context).
+struct RawClient : RawEnd {
+  std::atomic<bool> failed{false};
+  net::detail::WireHeader hello_header{};  // hello()'s, kept for its send
+  std::vector<std::byte> hello_data;
+
+  bool connect(std::uint32_t port) {
+    if (!make_worker()) return false;
     sockaddr_in sa{};
     sa.sin_family = AF_INET;
     sa.sin_port = htons(static_cast<std::uint16_t>(port));
@@ -86,46 +194,25 @@ struct RawClient {
     p.err_handler.arg = this;
     return u->ucp_ep_create(w->worker, &p, &ep) == UCS_OK;
   }
-  // Starts an AM send; returns the request (nullptr: done at once).
-  void* send(const net::detail::WireHeader& h, const void* data, std::size_t n,
-             std::uint32_t flags = 0) {
-    os::LockGuard lock(w->mu);
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
-    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
-    return UCS_PTR_IS_PTR(r) ? r : nullptr;
-  }
-  void progress_for(std::chrono::milliseconds d) {
-    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
-    while (monotonic_ns() < until) {
-      {
-        os::LockGuard lock(w->mu);
-        (void)u->ucp_worker_progress(w->worker);
-      }
-      os::sleep_ns(200'000);
-    }
-  }
-  // Waits (progressing) for request r, then frees it.
-  void finish(void* r) {
-    if (r == nullptr) return;
-    const std::int64_t until = monotonic_ns() + 3'000'000'000;
-    for (;;) {
-      os::LockGuard lock(w->mu);
-      if (u->ucp_request_check_status(r) != UCS_INPROGRESS || monotonic_ns() > until) break;
-      (void)u->ucp_worker_progress(w->worker);
-    }
-    os::LockGuard lock(w->mu);
-    u->ucp_request_free(r);
+  // Sends a hello (this version, service "svc") granting the server `g`, and waits (progressing)
+  // up to 3 s for it to go. It may not have gone by then (the endpoint is wired up only as the
+  // listener's worker is progressed): the header and payload live on in hello_header and
+  // hello_data, for the send still pending.
+  void hello(net::detail::Grant g) {
+    namespace d = net::detail;
+    hello_data = d::hello_payload(g, "svc");
+    hello_header = d::WireHeader{.magic = d::kMagic,
+                                 .version = d::kVersion,
+                                 .kind = static_cast<std::uint8_t>(d::WireKind::Hello),
+                                 .status = 0,
+                                 .seq = 0,
+                                 .limit = 1u << 20};
+    finish(send(hello_header, hello_data.data(), hello_data.size()));
   }
   ~RawClient() {
     if (ep == nullptr) return;
     os::LockGuard lock(w->mu);
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
-    if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
+    close_ep_locked();
   }
 };
 

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "net/net_pair.h"
 #include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
@@ -25,10 +26,8 @@ using test::join;
 using test::Pipe;
 using test::secs;
 using test::spawn;
-
-std::string url(std::uint32_t port, const char* service = "svc") {
-  return "ucx://127.0.0.1:" + std::to_string(port) + "/" + service;
-}
+using test::spawn_helper;
+using test::url;
 
 // The server's answer to a request: every byte + 1, and one byte more.
 void answer(net::Buffer& b) {
@@ -485,9 +484,6 @@ TEST(NetChannel, ConnectKillCyclesLeakNoFdsOrThreadsAndDeathIsSeenPromptly) {
   auto l = net::listen("ucx://127.0.0.1:0/svc");
   ASSERT_TRUE(l) << l.error().message();
   const std::string env = "MBMQ_NET_URL=" + url(l->port());
-  const std::vector<std::string> args = {
-      "net_test", "--gtest_also_run_disabled_tests",
-      "--gtest_filter=NetHelper.DISABLED_ClientThatWaitsToBeKilled"};
   std::vector<std::int64_t> seen_ns;
   std::size_t fds0 = 0, threads0 = 0;
   constexpr int kCycles = 31;  // the first one warms up (UCX's and the keeper's threads)
@@ -496,7 +492,7 @@ TEST(NetChannel, ConnectKillCyclesLeakNoFdsOrThreadsAndDeathIsSeenPromptly) {
       fds0 = os::open_fd_count();
       threads0 = thread_count();
     }
-    auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, {env});
+    auto pid = spawn_helper("NetHelper.DISABLED_ClientThatWaitsToBeKilled", {env});
     ASSERT_TRUE(pid) << pid.error().message();
     auto ch = l->accept(secs(20));
     ASSERT_TRUE(ch) << ch.error().message();
@@ -531,12 +527,10 @@ TEST(NetChannel, ManyClientsAreServedByThreadsSharingTheListenersWorker) {
   auto l = net::listen("ucx://127.0.0.1:0/svc");
   ASSERT_TRUE(l) << l.error().message();
   const std::string env = "MBMQ_NET_URL=" + url(l->port());
-  const std::vector<std::string> args = {"net_test", "--gtest_also_run_disabled_tests",
-                                         "--gtest_filter=NetHelper.DISABLED_ClientThatCalls"};
   constexpr int kClients = 8;
   std::vector<pid_t> pids;
   for (int i = 0; i < kClients; ++i) {
-    auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, {env});
+    auto pid = spawn_helper("NetHelper.DISABLED_ClientThatCalls", {env});
     ASSERT_TRUE(pid) << pid.error().message();
     pids.push_back(*pid);
   }

@@ -3,8 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "os/fd.h"
 #include "os/process.h"
@@ -27,5 +30,13 @@ struct Pipe {
     return n && *n == sizeof v ? v : on_error;
   }
 };
+
+// The q-quantile (0..1, nearest rank) of v; 0 if v is empty.
+inline double pct(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1,
+                    static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5))];
+}
 
 }  // namespace mbmq::test

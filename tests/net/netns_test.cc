@@ -2,16 +2,14 @@
 // itself (root only; skipped with a message otherwise), UCX_TLS=tcp: what loopback cannot show,
 // a partition (the link taken down: no FIN, no reset, only silence) and a hostile client.
 // The test process never loads UCX: its children do, each in its namespace.
-#include <fcntl.h>
+#include "netns.h"  // bench/netns.h: the namespaces, veth pair and enter()
+
 #include <gtest/gtest.h>
-#include <sched.h>
 #include <signal.h>
-#include <sys/mount.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "mbmq/net.h"
@@ -27,80 +25,18 @@ using test::Pipe;
 using test::secs;
 using test::spawn;
 
-int sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()); }
+using netns::enter;
+using netns::sh;
 
-// Namespaces mq<pid>a and mq<pid>b, veth ends in each, 10.<k>.<j>.1 and .2/24; deleted (with the
-// veth pair) by the destructor.
-struct NetnsPair {
-  std::string a, b, va, vb, ip_a, ip_b;
-  bool ok = false;
-  NetnsPair() {
-    const unsigned pid = static_cast<unsigned>(::getpid());
-    const std::string tag = std::to_string(pid);
-    a = "mq" + tag + "a";
-    b = "mq" + tag + "b";
-    va = "mq" + tag + "x";
-    vb = "mq" + tag + "y";
-    const std::string net =
-        "10." + std::to_string(100 + pid % 100) + "." + std::to_string(pid / 100 % 250) + ".";
-    ip_a = net + "1";
-    ip_b = net + "2";
-    ok = sh("ip netns add " + a) == 0 && sh("ip netns add " + b) == 0 &&
-         sh("ip link add " + va + " type veth peer name " + vb) == 0 &&
-         sh("ip link set " + va + " netns " + a) == 0 &&
-         sh("ip link set " + vb + " netns " + b) == 0 &&
-         sh("ip -n " + a + " addr add " + ip_a + "/24 dev " + va) == 0 &&
-         sh("ip -n " + b + " addr add " + ip_b + "/24 dev " + vb) == 0 &&
-         sh("ip -n " + a + " link set " + va + " up") == 0 &&
-         sh("ip -n " + b + " link set " + vb + " up") == 0 &&
-         sh("ip -n " + a + " link set lo up") == 0 && sh("ip -n " + b + " link set lo up") == 0 &&
-         running(a, va) && running(b, vb) && can_enter();
-  }
-  // Whether a child can enter namespace a as the tests' children do (setns, and a mount namespace
-  // with its own /sys: a container may forbid either).
-  bool can_enter() const;
-  // Waits (up to 10 s) until the link has its carrier: UCX ignores a device that is not running.
-  static bool running(const std::string& ns, const std::string& dev) {
-    for (int i = 0; i < 1000; ++i) {
-      if (sh("ip -n " + ns + " link show " + dev + " | grep -q 'state UP'") == 0) return true;
-      os::sleep_ns(10'000'000);
-    }
-    return false;
-  }
-  ~NetnsPair() {
-    (void)sh("ip netns del " + a);
-    (void)sh("ip netns del " + b);
-    (void)sh("ip link del " + va);  // if it was made but never moved into a namespace
-  }
-  NetnsPair(const NetnsPair&) = delete;
-  NetnsPair& operator=(const NetnsPair&) = delete;
-};
-
-// In a child: moves this process into namespace `ns`, and gives UCX that namespace's veth only.
-// UCX takes two namespaces of one host for one machine (same host name and boot id) and would
-// try the peer's loopback (its own, here) and fail the endpoint; real hosts differ in both.
-bool enter(const std::string& ns, const std::string& dev) {
-  ::setenv("UCX_NET_DEVICES", dev.c_str(), 1);
-  const int fd = ::open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  const bool ok = ::setns(fd, CLONE_NEWNET) == 0;
-  ::close(fd);
-  if (!ok) return false;
-  // UCX lists devices in /sys/class/net, which shows the namespace of whoever mounted /sys: do
-  // what `ip netns exec` does, a mount namespace of our own with a sysfs of the new namespace.
-  return ::unshare(CLONE_NEWNS) == 0 &&
-         ::mount("", "/", nullptr, MS_SLAVE | MS_REC, nullptr) == 0 &&
-         ::umount2("/sys", MNT_DETACH) == 0 &&
-         ::mount(ns.c_str(), "/sys", "sysfs", 0, nullptr) == 0;
-}
-
-bool NetnsPair::can_enter() const {
-  return join(spawn([&] { return enter(a, va) ? 0 : 1; }, 10)) == 0;
+// Whether a child can enter namespace a as the tests' children do (setns, and a mount namespace
+// with its own /sys: a container may forbid either).
+bool can_enter(const netns::Pair& ns) {
+  return join(spawn([&] { return enter(ns.a, ns.va) ? 0 : 1; }, 10)) == 0;
 }
 
 #define MBMQ_NEED_NETNS(pair)                                                                 \
   if (::geteuid() != 0) GTEST_SKIP() << "needs root (ip netns, veth): run the suite as root"; \
-  if (!(pair).ok)                                                                             \
+  if (!(pair).ok || !can_enter(pair))                                                         \
   GTEST_SKIP() << "ip netns / veth / setns+sysfs remount unavailable here (no iproute2, no "  \
                   "CAP_NET_ADMIN or CAP_SYS_ADMIN?)"
 
@@ -110,7 +46,7 @@ constexpr std::uint32_t kPeerTimeoutMs = 1000;
 // (peer_timeout 1 s) must end the call in flight with PeerClosed within peer_timeout + 1 s, and the
 // server's channel too.
 TEST(NetNamespaces, APartitionEndsACallInFlightWithinPeerTimeout) {
-  NetnsPair ns;
+  netns::Pair ns;
   MBMQ_NEED_NETNS(ns);
   ::setenv("UCX_TLS", "tcp", 1);
   Pipe port = Pipe::make(), ready = Pipe::make(), go = Pipe::make(), took = Pipe::make(),
@@ -185,7 +121,7 @@ TEST(NetNamespaces, APartitionEndsACallInFlightWithinPeerTimeout) {
 // Kill either side across the veth: the other one's call (client) or receive (server) ends with
 // PeerClosed promptly (the dead host's kernel resets the TCP connection), far below peer_timeout.
 TEST(NetNamespaces, AKilledPeerInTheOtherNamespaceIsSeenPromptly) {
-  NetnsPair ns;
+  netns::Pair ns;
   MBMQ_NEED_NETNS(ns);
   ::setenv("UCX_TLS", "tcp", 1);
   for (const bool kill_server : {true, false}) {

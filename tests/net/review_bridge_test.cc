@@ -5,7 +5,6 @@
 // Everything that could hang is bounded by a watchdog or a child's alarm.
 #include <dlfcn.h>
 #include <gtest/gtest.h>
-#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 
@@ -21,6 +20,8 @@
 #include "mbmq/mbmq.h"
 #include "mbmq/net.h"
 #include "mbmq/net_bridge.h"
+#include "net/net_pair.h"
+#include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -58,42 +59,14 @@ namespace mbmq {
 namespace {
 
 using namespace std::chrono_literals;
+using test::connect_and_accept;
+using test::Connected;
+using test::heap_bytes;
 using test::join;
+using test::make_bridge;
+using test::pct;
 using test::secs;
-
-std::string url(std::uint32_t port) { return "ucx://127.0.0.1:" + std::to_string(port) + "/rv"; }
-
-Result<net::Bridge> make_bridge(net::BridgeOptions opt = {}) {
-  auto l = net::listen("ucx://127.0.0.1:0/rv");
-  if (!l) return fail(l.error());
-  return net::Bridge::create(std::move(*l), opt);
-}
-
-struct Connected {
-  Result<net::Channel> remote = fail(Errc::TimedOut, "connect: not run");
-  Result<Channel> end = fail(Errc::TimedOut, "accept: not run");
-};
-Connected connect_and_accept(net::Bridge& bridge) {
-  Connected c;
-  const std::string u = url(bridge.port());
-  std::thread t([&] { c.remote = net::connect(u, secs(10)); });
-  c.end = bridge.accept(secs(10));
-  t.join();
-  return c;
-}
-
-double pct(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1,
-                    static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5))];
-}
-
-// Heap in use (arena + mmapped chunks).
-std::int64_t heap_bytes() {
-  const struct mallinfo2 mi = ::mallinfo2();
-  return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
-}
+using test::url;
 
 // A local server on a plain (not redirected) end: answers every request with its bytes unchanged
 // until stopped.
@@ -158,14 +131,9 @@ TEST(ReviewBridge, AOneWayFloodWhileTheServerDoesNotReceiveIsBoundedByTheGrant) 
   const std::string u = url(bridge->port());
   const std::int64_t heap0 = heap_bytes();
   constexpr int kMessages = 384;
-  const std::vector<std::string> args = {
-      "review_bridge_test", "--gtest_also_run_disabled_tests",
-      "--gtest_filter=ReviewBridgeHelper.DISABLED_FloodingClient"};
-  std::vector<std::string> env;
-  const std::string n = std::to_string(kMessages);
-  env.push_back(std::string("MBMQ_NET_URL=").append(u));
-  env.push_back(std::string("MBMQ_REVIEW_N=").append(n));
-  auto pid = os::spawn_program("/proc/self/exe", args, -1, -1, -1, env);
+  auto pid =
+      test::spawn_helper("ReviewBridgeHelper.DISABLED_FloodingClient",
+                         {"MBMQ_NET_URL=" + u, "MBMQ_REVIEW_N=" + std::to_string(kMessages)});
   ASSERT_TRUE(pid) << pid.error().message();
   auto end = bridge->accept(secs(10));  // the server's end: never received from (a busy server)
   ASSERT_TRUE(end) << end.error().message();

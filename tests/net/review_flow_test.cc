@@ -30,18 +30,11 @@ using net::detail::kMagic;
 using net::detail::kVersion;
 using net::detail::WireHeader;
 using net::detail::WireKind;
+using test::filled;
 using test::heap_bytes;
 using test::make_pair;
 using test::RawClient;
 using test::secs;
-
-net::Buffer sized(net::Channel& ch, std::size_t size) {
-  auto b = ch.buffer(size);
-  EXPECT_TRUE(b) << b.error().message();
-  if (!b) return {};
-  if (size != 0) std::memset(b->data().data(), 'x', size);  // data() of an empty buffer: null
-  return std::move(*b);
-}
 
 double ms_since(std::int64_t t0) { return static_cast<double>(monotonic_ns() - t0) / 1e6; }
 
@@ -70,10 +63,10 @@ TEST(ReviewFlow, CreditOfAReceivedMessageGoesBackWhenTheInboxEmpties) {
   Status second_send;
   double second_send_ms = 0;
   std::thread srv([&] {
-    Status s = p->server.send(sized(p->server, 400), secs(5));
+    Status s = p->server.send(filled(p->server, 400), secs(5));
     if (!s) return;
     const std::int64_t t0 = monotonic_ns();
-    second_send = p->server.send(sized(p->server, 700), Deadline::after(3s));
+    second_send = p->server.send(filled(p->server, 700), Deadline::after(3s));
     second_send_ms = ms_since(t0);
     auto m = p->server.receive(secs(5));
     if (m && m->kind == Kind::Request) (void)net::Channel::reply(std::move(*m));
@@ -83,7 +76,7 @@ TEST(ReviewFlow, CreditOfAReceivedMessageGoesBackWhenTheInboxEmpties) {
   ASSERT_EQ(m->kind, Kind::Message);
   EXPECT_EQ(m->buffer.size(), 400u);
   // The client's application took everything; its inbox is empty. Now it calls the server.
-  net::Buffer req = sized(p->client, 64);
+  net::Buffer req = filled(p->client, 64);
   const std::int64_t t0 = monotonic_ns();
   Status call = p->client.call(req, Deadline::after(2s));
   const double call_ms = ms_since(t0);
@@ -104,12 +97,12 @@ TEST(ReviewFlow, OneByteReceivedDoesNotBlockAMessageThatMustGoAlone) {
   co.inbox_bytes = 1 << 20;  // the server may send one message above 1 MiB, alone
   auto p = make_pair({}, co);
   ASSERT_TRUE(p);
-  ASSERT_TRUE(p->server.send(sized(p->server, 1), secs(5)));
+  ASSERT_TRUE(p->server.send(filled(p->server, 1), secs(5)));
   auto m = p->client.receive(secs(5));
   ASSERT_TRUE(m) << m.error().message();
   // The client's application is busy now (inbox empty, everything received).
   const std::int64_t t0 = monotonic_ns();
-  Status st = p->server.send(sized(p->server, 2 << 20), Deadline::after(1500ms));
+  Status st = p->server.send(filled(p->server, 2 << 20), Deadline::after(1500ms));
   std::printf("2 MiB send after the client received the only message: %s after %.0f ms\n",
               st ? "ok" : st.error().message().c_str(), ms_since(t0));
   EXPECT_TRUE(st) << "the client holds 1 byte of credit for a message its application received";
@@ -158,12 +151,12 @@ TEST(ReviewFlow, ThreadsWaitingForCreditWaitUntilTheirDeadline) {
   auto sender = [&] {
     for (int i = 0; i < 3000 && !stop.expired(); ++i) {
       const std::int64_t t0 = monotonic_ns();
-      note(p->client.send(sized(p->client, 64), Deadline::after(10s)), t0, false);
+      note(p->client.send(filled(p->client, 64), Deadline::after(10s)), t0, false);
     }
   };
   std::thread s1(sender), s2(sender);
   for (int i = 0; i < 500 && !stop.expired(); ++i) {
-    net::Buffer b = sized(p->client, 64);
+    net::Buffer b = filled(p->client, 64);
     const std::int64_t t0 = monotonic_ns();
     note(p->client.call(b, Deadline::after(10s)), t0, true);
   }
@@ -187,7 +180,7 @@ TEST(ReviewFlow, ThreadsWaitingForCreditWaitUntilTheirDeadline) {
 TEST(ReviewFlow, ACopiedRequestCanBeRepliedOnlyOnce) {
   auto p = make_pair();
   ASSERT_TRUE(p);
-  ASSERT_TRUE(p->client.send(sized(p->client, 64)));  // one-way, its credit still out
+  ASSERT_TRUE(p->client.send(filled(p->client, 64)));  // one-way, its credit still out
   Status second;
   std::thread srv([&] {
     auto one_way = p->server.receive(secs(5));
@@ -201,8 +194,8 @@ TEST(ReviewFlow, ACopiedRequestCanBeRepliedOnlyOnce) {
     auto n = p->server.receive(secs(3));
     if (n && n->kind == Kind::Request) (void)net::Channel::reply(std::move(*n));
   });
-  net::Buffer b = sized(p->client, 64);
-  net::Buffer c = sized(p->client, 64);
+  net::Buffer b = filled(p->client, 64);
+  net::Buffer c = filled(p->client, 64);
   ASSERT_TRUE(p->client.call(b, secs(5)));
   std::this_thread::sleep_for(100ms);  // the duplicate reply arrives
   Status next = p->client.call(c, secs(3));
@@ -254,9 +247,7 @@ TEST(ReviewFlow, APeerGrantingHugeCreditCannotMakeTheSenderHoldMoreThanItsOwnGra
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
   ASSERT_TRUE(raw.connect(l->port()));
-  const auto hello_data = net::detail::hello_payload({0xffffffffu, 0xffffffffu}, "svc");
-  WireHeader hello{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Hello), 0, 0, 1u << 20};
-  raw.finish(raw.send(hello, hello_data.data(), hello_data.size()));
+  raw.hello({0xffffffffu, 0xffffffffu});
   auto server = accept_raw(*l, raw);
   ASSERT_TRUE(server) << server.error().message();
   const std::int64_t before = heap_bytes();
@@ -291,9 +282,7 @@ TEST(ReviewFlow, ClosingWithUnfetchedRendezvousSendsDoesNotAbortAtListenerDestru
     if (!l) std::_Exit(2);
     RawClient raw;
     if (!raw.connect(l->port())) std::_Exit(3);
-    const auto hello_data = net::detail::hello_payload({16, 16u << 20}, "svc");
-    WireHeader hello{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Hello), 0, 0, 1u << 20};
-    raw.finish(raw.send(hello, hello_data.data(), hello_data.size()));
+    raw.hello({16, 16u << 20});
     auto server = accept_raw(*l, raw);
     if (!server) std::_Exit(4);
     for (int i = 0; i < 4; ++i) {
@@ -316,13 +305,11 @@ TEST(ReviewFlow, ForgedCreditBeyondWhatIsOutClosesTheForger) {
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
   ASSERT_TRUE(raw.connect(l->port()));
-  const auto hello_data = net::detail::hello_payload({1, 1 << 20}, "svc");
-  WireHeader hello{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Hello), 0, 0, 1u << 20};
-  raw.finish(raw.send(hello, hello_data.data(), hello_data.size()));
+  raw.hello({1, 1 << 20});
   auto server = accept_raw(*l, raw);
   ASSERT_TRUE(server) << server.error().message();
-  ASSERT_TRUE(server->send(sized(*server, 64)));
-  auto st = server->send(sized(*server, 64));
+  ASSERT_TRUE(server->send(filled(*server, 64)));
+  auto st = server->send(filled(*server, 64));
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, Errc::WouldBlock);
   // Gives back 1 message (true) and 2^32-1 bytes (64 were out).
@@ -348,9 +335,9 @@ TEST(ReviewFlow, ZeroSizeThenOversizedMessageAloneAndCreditComesBack) {
   lo.inbox_bytes = 1000;
   auto p = make_pair(lo, {});
   ASSERT_TRUE(p);
-  ASSERT_TRUE(p->client.send(sized(p->client, 0)));
-  ASSERT_TRUE(p->client.send(sized(p->client, 5000)));  // nothing out in bytes: goes alone
-  auto st = p->client.send(sized(p->client, 0));  // 5000 > 1000 out: nothing more, not even 0 B
+  ASSERT_TRUE(p->client.send(filled(p->client, 0)));
+  ASSERT_TRUE(p->client.send(filled(p->client, 5000)));  // nothing out in bytes: goes alone
+  auto st = p->client.send(filled(p->client, 0));  // 5000 > 1000 out: nothing more, not even 0 B
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, Errc::WouldBlock);
   for (std::size_t want : {0u, 5000u}) {
@@ -363,7 +350,7 @@ TEST(ReviewFlow, ZeroSizeThenOversizedMessageAloneAndCreditComesBack) {
     auto m = p->server.receive(secs(5));
     (void)m;
   });
-  st = p->client.send(sized(p->client, 900), secs(3));
+  st = p->client.send(filled(p->client, 900), secs(3));
   srv.join();
   EXPECT_TRUE(st) << st.error().message();
 }
@@ -399,21 +386,13 @@ TEST(ReviewFlow, AClientClosingRightAfterALargeSendDoesNotAbortInUcx) {
 }
 
 // A server speaking raw UCX: records the AMs it gets (header only), answers what the test says.
-struct RawServer {
-  const net::detail::Ucx* u = nullptr;
-  std::shared_ptr<net::detail::WorkerCore> w;
+struct RawServer : test::RawEnd {
   ucp_listener_h lis = nullptr;
-  ucp_ep_h ep = nullptr;
   std::uint16_t port = 0;
   std::vector<WireHeader> got;  // under w->mu
 
   bool start() {
-    auto x = net::detail::ucx();
-    if (!x) return false;
-    u = *x;
-    auto wk = net::detail::WorkerCore::make(u);
-    if (!wk) return false;
-    w = *wk;
+    if (!make_worker()) return false;
     os::LockGuard lock(w->mu);
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
@@ -456,16 +435,7 @@ struct RawServer {
     port = ntohs(bound.sin_port);
     return true;
   }
-  void progress_for(std::chrono::milliseconds d) {
-    const std::int64_t until = monotonic_ns() + std::chrono::nanoseconds(d).count();
-    while (monotonic_ns() < until) {
-      {
-        os::LockGuard lock(w->mu);
-        (void)u->ucp_worker_progress(w->worker);
-      }
-      os::sleep_ns(100'000);
-    }
-  }
+  void progress_for(std::chrono::milliseconds d) { RawEnd::progress_for(d, 100'000); }
   // The first header of `kind` received, waiting (progressing) up to 5 s.
   std::optional<WireHeader> wait_for(WireKind kind) {
     for (Deadline d = secs(5); !d.expired();) {
@@ -479,24 +449,10 @@ struct RawServer {
     }
     return std::nullopt;
   }
-  void* send(const WireHeader& h, const void* data, std::size_t n, std::uint32_t flags = 0) {
-    os::LockGuard lock(w->mu);
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_AM_SEND_FLAG_REPLY | flags;
-    ucs_status_ptr_t r = u->ucp_am_send_nbx(ep, net::detail::kAmId, &h, sizeof h, data, n, &p);
-    return UCS_PTR_IS_PTR(r) ? r : nullptr;
-  }
   ~RawServer() {
     if (w == nullptr) return;
     os::LockGuard lock(w->mu);
-    if (ep != nullptr) {
-      ucp_request_param_t p{};
-      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      ucs_status_ptr_t r = u->ucp_ep_close_nbx(ep, &p);
-      if (UCS_PTR_IS_PTR(r)) u->ucp_request_free(r);
-    }
+    if (ep != nullptr) close_ep_locked();
     if (lis != nullptr) u->ucp_listener_destroy(lis);
   }
 };
@@ -527,13 +483,13 @@ TEST(ReviewFlow, DuplicateRepliesToTheCallInFlightCloseTheChannel) {
   }
   ASSERT_TRUE(*c) << (*c).error().message();
   net::Channel client = std::move(**c);
-  for (int i = 0; i < 20; ++i) ASSERT_TRUE(client.send(sized(client, 64)));
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE(client.send(filled(client, 64)));
   const std::int64_t before = heap_bytes();
   std::atomic<std::int64_t> peak{0};
   std::atomic<bool> call_done{false};
   Status call;
   std::thread caller([&] {
-    net::Buffer b = sized(client, 64);
+    net::Buffer b = filled(client, 64);
     call = client.call(b, secs(5));
     call_done = true;
   });
@@ -580,16 +536,16 @@ TEST(ReviewFlow, NoReplyAndALateReplyGiveTheirCreditBack) {
     std::this_thread::sleep_for(300ms);
     (void)net::Channel::reply(std::move(*n));
   });
-  net::Buffer a = sized(p->client, 64);
+  net::Buffer a = filled(p->client, 64);
   Status st = p->client.call(a, secs(5));
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, Errc::NoReply) << st.error().message();
-  net::Buffer b = sized(p->client, 64);
+  net::Buffer b = filled(p->client, 64);
   st = p->client.call(b, Deadline::after(100ms));
   ASSERT_FALSE(st);
   EXPECT_EQ(st.error().code, Errc::TimedOut) << st.error().message();
   srv.join();
-  st = p->client.send(sized(p->client, 64), secs(3));
+  st = p->client.send(filled(p->client, 64), secs(3));
   EXPECT_TRUE(st) << st.error().message();
 }
 

@@ -34,15 +34,10 @@ namespace {
 using namespace std::chrono_literals;
 using test::make_pair;
 using test::secs;
+using test::sized;
 using test::url;
 
 std::int64_t now_ns() { return mbmq::monotonic_ns(); }
-
-net::Buffer sized(net::Channel& ch, std::size_t size) {
-  auto b = ch.buffer(size);
-  EXPECT_TRUE(b) << b.error().message();
-  return b ? std::move(*b) : net::Buffer{};
-}
 
 // A listener with `n` accepted channels (all on the listener's one worker) and their clients.
 struct Many {
