@@ -96,8 +96,14 @@ ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, voi
     return UCS_OK;
   }
   std::memcpy(&h, header, sizeof h);
-  if (h.magic != kMagic || h.version != kVersion) {
-    ch->fail_locked(Errc::Protocol, "net: bad magic or version in a header");
+  if (h.magic != kMagic) {
+    ch->fail_locked(Errc::Protocol, "net: bad magic in a header");
+    return UCS_OK;
+  }
+  if (h.version != kVersion) {
+    // (N3) Another version's hello is answered (kBadVersion), another version's refusal is read;
+    // anything else of another version closes the channel. Its payload is not looked at.
+    ch->on_other_version_locked(h);
     return UCS_OK;
   }
   ch->on_am_locked(h, data, length, param);
@@ -511,6 +517,28 @@ void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, st
   if (verdict == kHelloOk) state_ = State::Open;
   l->w_->assert_held();  // the same worker as ours
   l->on_hello_locked(this, verdict);
+}
+
+void ChannelCore::on_other_version_locked(const WireHeader& h) {
+  last_rx_ns_ = monotonic_ns();
+  const auto kind = static_cast<WireKind>(h.kind);
+  if (state_ == State::Pending && kind == WireKind::Hello && listener_ != nullptr) {
+    // (N3) HelloAck{kBadVersion}, in our version, with our grant (a HelloAck's payload), then the
+    // listener closes the channel after it (flush) and counts it refused.
+    std::vector<std::byte> ack(sizeof my_grant_);
+    std::memcpy(ack.data(), &my_grant_, sizeof my_grant_);
+    ListenCore* l = listener_;
+    (void)send_locked(WireKind::HelloAck, kBadVersion, wire_timeout_ms(l->peer_timeout()),
+                      my_limit_, nullptr, ack.size(), &ack, false);
+    l->w_->assert_held();  // the same worker as ours
+    return l->on_hello_locked(this, kBadVersion);
+  }
+  if (state_ == State::Connecting && kind == WireKind::HelloAck && h.status == kBadVersion) {
+    // A listener of another version refused ours: connect() returns Refused saying so.
+    hello_status_ = kBadVersion;
+    return fail_locked(Errc::Refused, "net: the peer speaks another protocol version");
+  }
+  fail_locked(Errc::Protocol, "net: a header of another protocol version");
 }
 
 void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes,

@@ -31,7 +31,7 @@ namespace mbmq::net::detail {
 // ---- wire (docs/design/net.md, "Wire format") ----
 inline constexpr unsigned kAmId = 0x6d;
 inline constexpr std::uint32_t kMagic = 0x716d626d;
-// 2: flow control (credits, kind 8); a version-1 peer, which ignores credits, is closed.
+// 2: flow control (credits, kind 8); a version-1 hello is answered HelloAck{kBadVersion} (N3).
 inline constexpr std::uint8_t kVersion = 2;
 inline constexpr std::size_t kMaxServiceName = 255;  // a hello's name: 1-255 bytes
 enum class WireKind : std::uint8_t {
@@ -181,6 +181,10 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
                     const ucp_am_recv_param_t* param) MBMQ_REQUIRES(w_->mu);
   void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
+  // (N3) A header whose version is not ours (magic checked): a pending channel's Hello is answered
+  // HelloAck{kBadVersion} and refused; a connecting channel's HelloAck{kBadVersion} ends connect()
+  // with Refused; anything else closes the channel (Protocol).
+  void on_other_version_locked(const WireHeader& h) MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
 

@@ -1,9 +1,10 @@
 // Hostile review of mbmq::net's credit flow control (wire version 2; docs/design/net.md, "Flow
-// control" (F1)-(F6)): its reproducers, now regression tests. Eight failed on the code reviewed
+// control" (F1)-(F6)): its reproducers, now regression tests. Nine failed on the code reviewed
 // and are fixed (credit back when the inbox empties, waits for credit until the deadline, one
 // reply per request and per call, the peer's grant capped by ours, unfinished closes finished by
-// the keeper (K4)); three are suspicions the code withstood; one is not fixed (DISABLED_). Every
-// wait has a deadline, so a test fails rather than hangs. Client and server in this one process.
+// the keeper (K4), a version-1 hello answered kBadVersion); three are suspicions the code
+// withstood. Every wait has a deadline, so a test fails rather than hangs. Client and server in
+// this one process.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -219,8 +220,10 @@ TEST(ReviewFlow, ACopiedRequestCanBeRepliedOnlyOnce) {
 // connect() returns Refused "speaks another protocol version". The AM handler closes any header of
 // another version before on_hello_locked: no HelloAck is sent, kBadVersion is never used, and the
 // old client sees only a connection that ended (PeerClosed "no listener there").
-// Not fixed (low): README "Not done yet". Kept as the reproducer, not run.
-TEST(ReviewFlow, DISABLED_AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
+// Fixed: a header of another version goes to on_other_version_locked, which answers a pending
+// channel's hello HelloAck{kBadVersion} (the listener counts it refused_service and closes it
+// after the answer), and reads a HelloAck{kBadVersion} of any version as Refused.
+TEST(ReviewFlow, AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", {});
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
