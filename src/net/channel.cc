@@ -53,13 +53,21 @@ void on_ep_error(void* arg, ucp_ep_h e, ucs_status_t s) {
   }
 }
 
-void send_done(void* request, ucs_status_t /*status*/, void* user) {
+void send_done(void* request, ucs_status_t status, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
   if (op->owner != nullptr) {
     op->owner->assert_held();
     op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
+  }
+  // (N4) A HelloAck that left late: its channel, found through eps (a closed one is not there,
+  // and a cancelled send is not OK), may now be handed out by accept().
+  if (static_cast<WireKind>(op->hdr.kind) == WireKind::HelloAck && status == UCS_OK) {
+    if (ChannelCore* ch = find_locked(w, op->ep)) {
+      ch->assert_held();
+      ch->on_hello_ack_sent_locked();
+    }
   }
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
@@ -357,6 +365,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   ucs_status_ptr_t r = w_->u->ucp_am_send_nbx(ep_, kAmId, &op->hdr, sizeof op->hdr, data, n, &p);
   if (r == nullptr) {  // done already: no callback comes
     if (is_call) call_sent_ = true;
+    if (kind == WireKind::HelloAck) hello_ack_sent_ = true;
     delete op;
     return {};
   }
@@ -375,6 +384,10 @@ void ChannelCore::on_send_done_locked(std::uint32_t seq, bool was_call) {
     call_op_ = nullptr;
   }
 }
+
+void ChannelCore::on_hello_ack_sent_locked() { hello_ack_sent_ = true; }
+
+bool ChannelCore::acceptable_locked() const { return hello_ack_sent_ || state_ != State::Open; }
 
 void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t length,
                                const ucp_am_recv_param_t* param) {

@@ -186,6 +186,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // with Refused; anything else closes the channel (Protocol).
   void on_other_version_locked(const WireHeader& h) MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
+  void on_hello_ack_sent_locked() MBMQ_REQUIRES(w_->mu);
+  // Server side, (N4): accept() may hand the channel out: its HelloAck has been handed to the
+  // transport (else the client's connect() would wait on a server that may not progress the
+  // worker for a while), or the channel is closed already.
+  bool acceptable_locked() const MBMQ_REQUIRES(w_->mu);
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
 
   const std::shared_ptr<WorkerCore> w_;
@@ -235,6 +240,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint64_t ret_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint64_t ret_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint16_t hello_status_ MBMQ_GUARDED_BY(w_->mu) = 0xffff;  // client: HelloAck's status
+  // Server: our HelloAck has left (its send completed); until then the listener's accept() does
+  // not hand the channel out, and the keeper's handshake tick progresses the worker (N4).
+  bool hello_ack_sent_ MBMQ_GUARDED_BY(w_->mu) = false;
   // The peer's peer_timeout in ms, from its Hello/HelloAck's seq field: we send heartbeats often
   // enough for it, not only for our own (0: unknown).
   std::uint32_t peer_timeout_ms_ MBMQ_GUARDED_BY(w_->mu) = 0;

@@ -165,9 +165,20 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
     // Wake at least every 50 ms to expire silent handshakes.
     const Deadline tick = Deadline::after(std::chrono::milliseconds(50));
     const Deadline d = deadline.ns() < tick.ns() ? deadline : tick;
+    // (N4) A channel is handed out once its HelloAck has left: returned earlier, with a server
+    // that then does not progress the worker for a while (no keeper with peer_timeout 0), the
+    // HelloAck stayed queued in UCX (the endpoint still wiring up) and the client's connect()
+    // timed out.
+    const auto first_acceptable = [&] {  // called with mu held
+      w_->assert_held();
+      return std::find_if(ready_.begin(), ready_.end(), [&](const auto& c) {
+        c->assert_held();  // our worker's
+        return c->acceptable_locked();
+      });
+    };
     const bool ready = MBMQ_TRY(w_->run_until(d, WaitPolicy{WaitMode::Sleep}, [&] {
       w_->assert_held();
-      return !ready_.empty() || !graveyard_.empty();
+      return first_acceptable() != ready_.end() || !graveyard_.empty();
     }));
     std::shared_ptr<ChannelCore> got;
     {
@@ -175,9 +186,9 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
       expire_pending_locked();
       for (auto& c : graveyard_) drop.push_back(std::move(c));
       graveyard_.clear();
-      if (!ready_.empty()) {
-        got = std::move(ready_.front());
-        ready_.pop_front();
+      if (auto it = first_acceptable(); it != ready_.end()) {
+        got = std::move(*it);
+        ready_.erase(it);
       }
     }
     drop.clear();
