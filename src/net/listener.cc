@@ -91,6 +91,7 @@ ListenCore::~ListenCore() {
 }
 
 void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
+  w_->news_locked(this);  // (W2) for accept() (a graveyard_ entry below, say)
   if (!options_.allow.empty()) {
     const std::string who = client_address(w_->u, req);
     if (std::find(options_.allow.begin(), options_.allow.end(), who) == options_.allow.end()) {
@@ -119,6 +120,7 @@ void ListenCore::on_hello_locked(ChannelCore* ch, std::uint16_t verdict) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const std::shared_ptr<ChannelCore>& c) { return c.get() == ch; });
   if (it == pending_.end()) return;
+  w_->news_locked(this);  // (W2) ready_ or graveyard_ grows
   std::shared_ptr<ChannelCore> c = std::move(*it);
   pending_.erase(it);
   c->assert_held();  // our worker's
@@ -140,6 +142,7 @@ void ListenCore::drop_pending_locked(ChannelCore* ch) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const std::shared_ptr<ChannelCore>& c) { return c.get() == ch; });
   if (it == pending_.end()) return;
+  w_->news_locked(this);  // (W2) graveyard_ grows
   ++stats_.failed;
   graveyard_.push_back(std::move(*it));
   pending_.erase(it);
@@ -176,7 +179,7 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
         return c->acceptable_locked();
       });
     };
-    const bool ready = MBMQ_TRY(w_->run_until(d, WaitPolicy{WaitMode::Sleep}, [&] {
+    const bool ready = MBMQ_TRY(w_->run_until(d, WaitPolicy{WaitMode::Sleep}, this, [&] {
       w_->assert_held();
       return first_acceptable() != ready_.end() || !graveyard_.empty();
     }));
