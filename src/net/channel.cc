@@ -49,17 +49,28 @@ void on_ep_error(void* arg, ucp_ep_h e, ucs_status_t s) {
   wk->assert_held();
   if (ChannelCore* c = find_locked(wk, e)) {
     c->assert_held();
+    wk->news_locked(c);  // (W2)
     c->fail_locked(errc_of(s), "net: endpoint failed");
   }
 }
 
-void send_done(void* request, ucs_status_t /*status*/, void* user) {
+void send_done(void* request, ucs_status_t status, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
   if (op->owner != nullptr) {
     op->owner->assert_held();
+    w->news_locked(op->owner);  // (W2) a call's send completed
     op->owner->on_send_done_locked(op->hdr.seq, op->is_call);
+  }
+  // (N4) A HelloAck that left late: its channel, found through eps (a closed one is not there,
+  // and a cancelled send is not OK), may now be handed out by accept().
+  if (static_cast<WireKind>(op->hdr.kind) == WireKind::HelloAck && status == UCS_OK) {
+    if (ChannelCore* ch = find_locked(w, op->ep)) {
+      ch->assert_held();
+      w->news_locked(nullptr);  // (W2) for accept(): the listener is no longer known here
+      ch->on_hello_ack_sent_locked();
+    }
   }
   // UCX has read the payload: its vector may receive the worker's next one.
   w->recycle_locked(std::move(op->owned));
@@ -73,6 +84,7 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   w->assert_held();
   if (ChannelCore* ch = find_locked(w, op->ep)) {
     ch->assert_held();
+    w->news_locked(ch);  // (W2)
     if (status == UCS_OK)
       ch->on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
     else
@@ -92,14 +104,21 @@ ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, voi
   ChannelCore* ch = find_locked(w, param->reply_ep);
   if (ch == nullptr) return UCS_OK;  // a channel closed meanwhile
   ch->assert_held();
+  w->news_locked(ch);  // (W2) whatever it is, it is this channel's
   WireHeader h{};
   if (header_length != sizeof h) {
     ch->fail_locked(Errc::Protocol, "net: header of the wrong length");
     return UCS_OK;
   }
   std::memcpy(&h, header, sizeof h);
-  if (h.magic != kMagic || h.version != kVersion) {
-    ch->fail_locked(Errc::Protocol, "net: bad magic or version in a header");
+  if (h.magic != kMagic) {
+    ch->fail_locked(Errc::Protocol, "net: bad magic in a header");
+    return UCS_OK;
+  }
+  if (h.version != kVersion) {
+    // (N3) Another version's hello is answered (kBadVersion), another version's refusal is read;
+    // anything else of another version closes the channel. Its payload is not looked at.
+    ch->on_other_version_locked(h);
     return UCS_OK;
   }
   ch->on_am_locked(h, data, length, param);
@@ -152,15 +171,29 @@ WorkerCore::~WorkerCore() {
 void WorkerCore::progress_locked() const {
   // Bounded: a large rendezvous keeps ucp_worker_progress returning non-zero for its whole
   // length, and other threads (other channels' callers) wait for mu meanwhile.
+  poller_news = false;
   unsigned events = 0;
+  bool more = true;  // stopped at the bound: the transports may hold more (W2 (b))
   for (int i = 0; i < 64; ++i) {
     const unsigned n = u->ucp_worker_progress(worker);
-    if (n == 0) break;
+    if (n == 0) {
+      more = false;
+      break;
+    }
     events += n;
   }
   if (events == 0) return;
-  if (gen_sleepers > 0) wake_gen_locked();                                  // (W1)
-  if (poller_asleep && !poller_waking) (void)u->ucp_worker_signal(worker);  // (W2)
+  if (gen_sleepers > 0) wake_gen_locked();  // (W1)
+  // (W2) Only for news of what the poller waits on (net/core.h says why no wake-up is lost): a
+  // busy channel beside an idle poller no longer costs a syscall (and the poller a futile wake)
+  // per event.
+  if (poller_asleep && !poller_waking && (poller_news || more)) (void)u->ucp_worker_signal(worker);
+}
+
+void WorkerCore::wake_waiters_locked(const void* what) const {
+  if (gen_sleepers > 0) wake_gen_locked();
+  if (poller_asleep && !poller_waking && (poller_for == nullptr || poller_for == what))
+    (void)u->ucp_worker_signal(worker);
 }
 
 void WorkerCore::wake_gen_locked(int count) const {
@@ -225,7 +258,7 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(
     MBMQ_TRY(ch->send_locked(WireKind::Hello, 0, wire_timeout_ms(peer_timeout), ch->my_limit_,
                              nullptr, hello.size(), &hello, false));
   }
-  const bool done = MBMQ_TRY(w->run_until(deadline, policy, [&] {
+  const bool done = MBMQ_TRY(w->run_until(deadline, policy, ch.get(), [&] {
     ch->assert_held();
     return ch->state_ != State::Connecting;
   }));
@@ -353,6 +386,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   ucs_status_ptr_t r = w_->u->ucp_am_send_nbx(ep_, kAmId, &op->hdr, sizeof op->hdr, data, n, &p);
   if (r == nullptr) {  // done already: no callback comes
     if (is_call) call_sent_ = true;
+    if (kind == WireKind::HelloAck) hello_ack_sent_ = true;
     delete op;
     return {};
   }
@@ -386,6 +420,10 @@ void ChannelCore::on_send_done_locked(std::uint32_t seq, bool was_call) {
     call_op_ = nullptr;
   }
 }
+
+void ChannelCore::on_hello_ack_sent_locked() { hello_ack_sent_ = true; }
+
+bool ChannelCore::acceptable_locked() const { return hello_ack_sent_ || state_ != State::Open; }
 
 void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t length,
                                const ucp_am_recv_param_t* param) {
@@ -530,6 +568,28 @@ void ChannelCore::on_hello_locked(const WireHeader& h, const std::byte* data, st
   l->on_hello_locked(this, verdict);
 }
 
+void ChannelCore::on_other_version_locked(const WireHeader& h) {
+  last_rx_ns_ = monotonic_ns();
+  const auto kind = static_cast<WireKind>(h.kind);
+  if (state_ == State::Pending && kind == WireKind::Hello && listener_ != nullptr) {
+    // (N3) HelloAck{kBadVersion}, in our version, with our grant (a HelloAck's payload), then the
+    // listener closes the channel after it (flush) and counts it refused.
+    std::vector<std::byte> ack(sizeof my_grant_);
+    std::memcpy(ack.data(), &my_grant_, sizeof my_grant_);
+    ListenCore* l = listener_;
+    (void)send_locked(WireKind::HelloAck, kBadVersion, wire_timeout_ms(l->peer_timeout()),
+                      my_limit_, nullptr, ack.size(), &ack, false);
+    l->w_->assert_held();  // the same worker as ours
+    return l->on_hello_locked(this, kBadVersion);
+  }
+  if (state_ == State::Connecting && kind == WireKind::HelloAck && h.status == kBadVersion) {
+    // A listener of another version refused ours: connect() returns Refused saying so.
+    hello_status_ = kBadVersion;
+    return fail_locked(Errc::Refused, "net: the peer speaks another protocol version");
+  }
+  fail_locked(Errc::Protocol, "net: a header of another protocol version");
+}
+
 void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes,
                                  std::size_t n) {
   Message m;
@@ -587,13 +647,13 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     }
     // (F2) Out of credit: wait for the peer to give some back, as a local call waits for a slot,
     // until the deadline (credit another thread's send() took meanwhile: wait again).
-    const bool got = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+    const bool got = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();
       return state_ != State::Open || can_send_locked(n);
     }));
     if (!got) return fail(Errc::TimedOut, "net::Channel::call: no credit in time (nothing sent)");
   }
-  const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+  const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
     w_->assert_held();
     return (reply_ready_ && call_sent_) || state_ == State::Closed;
   }));
@@ -646,7 +706,7 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
       if (waited && deadline.expired())
         return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
     }
-    (void)MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+    (void)MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();
       return state_ != State::Open || can_send_locked(n);
     }));
@@ -707,7 +767,7 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
     // sender waiting for it (or for bytes a large message needs) is never stuck on a batch.
     if (inbox_.empty()) flush_credit_locked(Flush::IfAny);
   }
-  const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, [&] {
+  const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
     w_->assert_held();
     return !inbox_.empty() || state_ == State::Closed;
   }));
@@ -755,6 +815,7 @@ void ChannelCore::close() noexcept {
     }
     listener_ = nullptr;
     closing = close_ep_locked(Close::Flush);
+    w_->wake_waiters_locked(this);  // (W2 (d)) a thread waiting on this channel sees it closed
     drop.swap(inbox_);
   }
   if (closing == nullptr) return;

@@ -31,7 +31,7 @@ namespace mbmq::net::detail {
 // ---- wire (docs/design/net.md, "Wire format") ----
 inline constexpr unsigned kAmId = 0x6d;
 inline constexpr std::uint32_t kMagic = 0x716d626d;
-// 2: flow control (credits, kind 8); a version-1 peer, which ignores credits, is closed.
+// 2: flow control (credits, kind 8); a version-1 hello is answered HelloAck{kBadVersion} (N3).
 inline constexpr std::uint8_t kVersion = 2;
 inline constexpr std::size_t kMaxServiceName = 255;  // a hello's name: 1-255 bytes
 enum class WireKind : std::uint8_t {
@@ -89,16 +89,55 @@ class WorkerCore {
   // of them, the poller, sleeps on the worker's event fd; the others sleep on `gen`. Whoever
   // progresses the worker and gets events (W1) bumps `gen` and wakes the gen sleepers, who look
   // at what the events brought them, and (W2) if that thread is not the poller while the poller
-  // sleeps, signals the event fd (ucp_worker_signal): the events it took may have been the
-  // poller's. (W3) A thread that leaves run_until while nobody polls and gen sleepers wait wakes
-  // one of them, which polls next (one, not all: idle sleepers would churn). Without this, the
-  // events one thread took for another left that one asleep on a drained fd until the 20 ms cap
-  // (two threads: accept() and a call).
+  // sleeps, signals the event fd (ucp_worker_signal) when the events may have been the
+  // poller's: progress_locked() below says when, and why no wake-up is lost. (W3) A thread that
+  // leaves run_until while nobody polls and gen sleepers wait wakes one of them, which polls
+  // next (one, not all: idle sleepers would churn). Without this, the events one thread took for
+  // another left that one asleep on a drained fd until the 20 ms cap (two threads: accept() and
+  // a call).
+  //
+  // `waiter` is what done() looks at: the ChannelCore or ListenCore whose state it reads (W2).
   template <class Done>
-  Result<bool> run_until(Deadline deadline, WaitPolicy policy, Done done);
+  Result<bool> run_until(Deadline deadline, WaitPolicy policy, const void* waiter, Done done);
   template <class Done>
-  Result<bool> run_until_counted(Deadline deadline, WaitPolicy policy, Done done);
+  Result<bool> run_until_counted(Deadline deadline, WaitPolicy policy, const void* waiter,
+                                 Done done);
+  // Progresses the worker (bounded), then (W1) wakes the gen sleepers if events came and (W2)
+  // signals a sleeping poller if they may have been its own:
+  //
+  // The poller P armed the event fd with mu held, after its own progress found nothing and its
+  // done() was false, and set poller_asleep and poller_for (what its done() reads). Another
+  // thread T progresses only with mu held, so either before P's arm (P's own done() check comes
+  // after it and sees what T's events brought) or while P is asleep or waking. In the latter
+  // case, per interleaving:
+  //  (a) T's progress runs a callback that changes what P's done() reads (a message, a reply, a
+  //      send completed, credit, a close, a listener's new or dropped connection): the callback
+  //      calls news_locked(P's channel or listener), T signals, P wakes and sees it. These are
+  //      the only places such state changes in a progress; a callback that cannot say whose
+  //      state it changed passes nullptr (anyone's), and so does a poller with no key.
+  //  (b) T's events were all for others: P's done() is still false, so waking P would only make
+  //      it progress (nothing) and re-arm. What T took off the transports is gone; what T did
+  //      not take is still there: T stops only when ucp_worker_progress returns 0 (nothing
+  //      left), or after 64 steps with events each (a large rendezvous), and then T signals as
+  //      before (`more`). Anything that arrives after T's last progress makes the event fd
+  //      readable as it would have for P alone (TCP: the iface's epoll set; shared memory: the
+  //      signal datagram, drained only by the next arm; UCX's async thread: ucp_worker_signal).
+  //  (c) P has woken (poll returned) but not yet taken mu: poller_asleep is still set, so T may
+  //      signal for (a); the signal is then read by P's next arm (UCS_ERR_BUSY: P progresses
+  //      again), a spurious turn, as before. Once P holds mu, poller_waking stops T's signals.
+  //  (d) State changed outside any progress (close() from another thread): that caller wakes the
+  //      waiters itself (wake_waiters_locked).
+  // The 20 ms caps of both sleeps stay as a safety net.
   void progress_locked() const MBMQ_REQUIRES(mu);
+  // (W2) Called by UCX's callbacks (inside progress_locked) when they change what a waiter on
+  // `what` reads in its done(): a channel's inbox, reply, send, credit or state (`what`: that
+  // ChannelCore), a listener's ready or dropped connections (the ListenCore); nullptr: unknown.
+  void news_locked(const void* what) const MBMQ_REQUIRES(mu) {
+    if (what == nullptr || poller_for == nullptr || what == poller_for) poller_news = true;
+  }
+  // (W2 (d)) State a waiter on `what` reads changed outside a progress: wakes the gen sleepers
+  // and, if it may be waiting on `what`, the poller.
+  void wake_waiters_locked(const void* what) const MBMQ_REQUIRES(mu);
   // In UCX's callbacks, which run inside progress_locked(): mu is held.
   void assert_held() const MBMQ_ASSERT_CAPABILITY(mu) {}
 
@@ -123,6 +162,10 @@ class WorkerCore {
   mutable bool poller_asleep MBMQ_GUARDED_BY(mu) = false;
   // The poller, between its wake-up and taking mu: its own progress is not a theft (W2).
   mutable bool poller_waking MBMQ_GUARDED_BY(mu) = false;
+  // (W2) What the sleeping poller's done() reads (nullptr: not known, any news is its), and
+  // whether the progress under way brought it news (news_locked).
+  const void* poller_for MBMQ_GUARDED_BY(mu) = nullptr;
+  mutable bool poller_news MBMQ_GUARDED_BY(mu) = false;
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
@@ -190,7 +233,16 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
                     const ucp_am_recv_param_t* param) MBMQ_REQUIRES(w_->mu);
   void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
+  // (N3) A header whose version is not ours (magic checked): a pending channel's Hello is answered
+  // HelloAck{kBadVersion} and refused; a connecting channel's HelloAck{kBadVersion} ends connect()
+  // with Refused; anything else closes the channel (Protocol).
+  void on_other_version_locked(const WireHeader& h) MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
+  void on_hello_ack_sent_locked() MBMQ_REQUIRES(w_->mu);
+  // Server side, (N4): accept() may hand the channel out: its HelloAck has been handed to the
+  // transport (else the client's connect() would wait on a server that may not progress the
+  // worker for a while), or the channel is closed already.
+  bool acceptable_locked() const MBMQ_REQUIRES(w_->mu);
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
 
   const std::shared_ptr<WorkerCore> w_;
@@ -240,6 +292,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint64_t ret_msgs_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint64_t ret_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint16_t hello_status_ MBMQ_GUARDED_BY(w_->mu) = 0xffff;  // client: HelloAck's status
+  // Server: our HelloAck has left (its send completed); until then the listener's accept() does
+  // not hand the channel out, and the keeper's handshake tick progresses the worker (N4).
+  bool hello_ack_sent_ MBMQ_GUARDED_BY(w_->mu) = false;
   // The peer's peer_timeout in ms, from its Hello/HelloAck's seq field: we send heartbeats often
   // enough for it, not only for our own (0: unknown).
   std::uint32_t peer_timeout_ms_ MBMQ_GUARDED_BY(w_->mu) = 0;
@@ -333,13 +388,14 @@ Errc errc_of(ucs_status_t s) noexcept;
 
 // ---- WorkerCore::run_until ----
 template <class Done>
-Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, Done done) {
+Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, const void* waiter,
+                                   Done done) {
   MBMQ_TRY(check_not_forked());
   {
     os::LockGuard lock(mu);
     ++waiters;
   }
-  Result<bool> r = run_until_counted(deadline, policy, done);
+  Result<bool> r = run_until_counted(deadline, policy, waiter, done);
   os::LockGuard lock(mu);
   --waiters;
   // (W3) Nobody polls the fd now: one gen sleeper takes the role.
@@ -348,7 +404,8 @@ Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, Done do
 }
 
 template <class Done>
-Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy, Done done) {
+Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy, const void* waiter,
+                                           Done done) {
   const std::int64_t spin_ns = policy.mode == WaitMode::Spin    ? Deadline::kNever
                                : policy.mode == WaitMode::Sleep ? 0
                                                                 : policy.spin.count();
@@ -376,6 +433,7 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
         if (u->ucp_worker_arm(worker) == UCS_ERR_BUSY) continue;
         poller = true;
         poller_asleep = true;
+        poller_for = waiter;  // (W2) others signal us only for news of it
       }
     }
     if (!poller) {
@@ -388,6 +446,7 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
     {
       os::LockGuard lock(mu);
       poller_asleep = false;
+      poller_for = nullptr;
       poller_waking = true;  // our own progress next is not a theft (W2)
       progress_locked();
       poller_waking = false;

@@ -140,6 +140,12 @@ void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::millis
 
 void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
   os::LockGuard lock(w_->mu);
+  if (state_ == State::Open && !hello_ack_sent_) {
+    // (N4) Accepted, its HelloAck not yet gone (the endpoint was still being wired up): nobody
+    // may be progressing the worker (accept() not called again, peer_timeout 0: no K1).
+    if (w_->waiters == 0) w_->progress_locked();
+    return;
+  }
   if (state_ != State::Pending) return;
   if (w_->waiters == 0) w_->progress_locked();  // its hello may be waiting
   if (state_ != State::Pending || now_ns - pending_since_ns_ <= timeout_ns) return;

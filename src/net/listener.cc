@@ -91,6 +91,7 @@ ListenCore::~ListenCore() {
 }
 
 void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
+  w_->news_locked(this);  // (W2) for accept() (a graveyard_ entry below, say)
   if (!options_.allow.empty()) {
     const std::string who = client_address(w_->u, req);
     if (std::find(options_.allow.begin(), options_.allow.end(), who) == options_.allow.end()) {
@@ -119,6 +120,7 @@ void ListenCore::on_hello_locked(ChannelCore* ch, std::uint16_t verdict) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const std::shared_ptr<ChannelCore>& c) { return c.get() == ch; });
   if (it == pending_.end()) return;
+  w_->news_locked(this);  // (W2) ready_ or graveyard_ grows
   std::shared_ptr<ChannelCore> c = std::move(*it);
   pending_.erase(it);
   c->assert_held();  // our worker's
@@ -140,6 +142,7 @@ void ListenCore::drop_pending_locked(ChannelCore* ch) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const std::shared_ptr<ChannelCore>& c) { return c.get() == ch; });
   if (it == pending_.end()) return;
+  w_->news_locked(this);  // (W2) graveyard_ grows
   ++stats_.failed;
   graveyard_.push_back(std::move(*it));
   pending_.erase(it);
@@ -165,9 +168,20 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
     // Wake at least every 50 ms to expire silent handshakes.
     const Deadline tick = Deadline::after(std::chrono::milliseconds(50));
     const Deadline d = deadline.ns() < tick.ns() ? deadline : tick;
-    const bool ready = MBMQ_TRY(w_->run_until(d, WaitPolicy{WaitMode::Sleep}, [&] {
+    // (N4) A channel is handed out once its HelloAck has left: returned earlier, with a server
+    // that then does not progress the worker for a while (no keeper with peer_timeout 0), the
+    // HelloAck stayed queued in UCX (the endpoint still wiring up) and the client's connect()
+    // timed out.
+    const auto first_acceptable = [&] {  // called with mu held
       w_->assert_held();
-      return !ready_.empty() || !graveyard_.empty();
+      return std::find_if(ready_.begin(), ready_.end(), [&](const auto& c) {
+        c->assert_held();  // our worker's
+        return c->acceptable_locked();
+      });
+    };
+    const bool ready = MBMQ_TRY(w_->run_until(d, WaitPolicy{WaitMode::Sleep}, this, [&] {
+      w_->assert_held();
+      return first_acceptable() != ready_.end() || !graveyard_.empty();
     }));
     std::shared_ptr<ChannelCore> got;
     {
@@ -175,9 +189,9 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
       expire_pending_locked();
       for (auto& c : graveyard_) drop.push_back(std::move(c));
       graveyard_.clear();
-      if (!ready_.empty()) {
-        got = std::move(ready_.front());
-        ready_.pop_front();
+      if (auto it = first_acceptable(); it != ready_.end()) {
+        got = std::move(*it);
+        ready_.erase(it);
       }
     }
     drop.clear();

@@ -1,9 +1,10 @@
 // Hostile review of mbmq::net's credit flow control (wire version 2; docs/design/net.md, "Flow
-// control" (F1)-(F6)): its reproducers, now regression tests. Eight failed on the code reviewed
+// control" (F1)-(F6)): its reproducers, now regression tests. Nine failed on the code reviewed
 // and are fixed (credit back when the inbox empties, waits for credit until the deadline, one
 // reply per request and per call, the peer's grant capped by ours, unfinished closes finished by
-// the keeper (K4)); three are suspicions the code withstood; one is not fixed (DISABLED_). Every
-// wait has a deadline, so a test fails rather than hangs. Client and server in this one process.
+// the keeper (K4), a version-1 hello answered kBadVersion); three are suspicions the code
+// withstood. Every wait has a deadline, so a test fails rather than hangs. Client and server in
+// this one process.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -212,8 +213,10 @@ TEST(ReviewFlow, ACopiedRequestCanBeRepliedOnlyOnce) {
 // connect() returns Refused "speaks another protocol version". The AM handler closes any header of
 // another version before on_hello_locked: no HelloAck is sent, kBadVersion is never used, and the
 // old client sees only a connection that ended (PeerClosed "no listener there").
-// Not fixed (low): README "Not done yet". Kept as the reproducer, not run.
-TEST(ReviewFlow, DISABLED_AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
+// Fixed: a header of another version goes to on_other_version_locked, which answers a pending
+// channel's hello HelloAck{kBadVersion} (the listener counts it refused_service and closes it
+// after the answer), and reads a HelloAck{kBadVersion} of any version as Refused.
+TEST(ReviewFlow, AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", {});
   ASSERT_TRUE(l) << l.error().message();
   RawClient raw;
@@ -234,6 +237,111 @@ TEST(ReviewFlow, DISABLED_AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
               static_cast<unsigned long long>(s.failed));
   EXPECT_EQ(s.refused_service, 1u) << "(N3): another version is refused with kBadVersion";
   EXPECT_EQ(s.failed, 0u);
+}
+
+// The other side of (N3): a listener of another wire version (a raw UCX listener here, speaking
+// "version 3") answers our hello HelloAck{kBadVersion} in its own version. connect() returns
+// Refused "speaks another protocol version", not a protocol error or a timeout.
+TEST(ReviewFlow, AHelloAckOfAnotherVersionSayingBadVersionMakesConnectRefused) {
+  struct RawServer {
+    const net::detail::Ucx* u = nullptr;
+    std::shared_ptr<net::detail::WorkerCore> w;
+    ucp_listener_h listener = nullptr;
+    ucp_ep_h ep = nullptr;
+    bool answered = false;
+  } srv;
+  auto x = net::detail::ucx();
+  ASSERT_TRUE(x);
+  srv.u = *x;
+  auto wk = net::detail::WorkerCore::make(srv.u);
+  ASSERT_TRUE(wk);
+  srv.w = *wk;
+  std::uint16_t port = 0;
+  {
+    os::LockGuard lock(srv.w->mu);
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.id = net::detail::kAmId;
+    hp.arg = &srv;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    hp.cb = [](void* arg, const void* header, std::size_t header_length, void*, std::size_t,
+               const ucp_am_recv_param_t* param) -> ucs_status_t {
+      auto* s = static_cast<RawServer*>(arg);
+      WireHeader h{};
+      if (header_length != sizeof h || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0)
+        return UCS_OK;
+      std::memcpy(&h, header, sizeof h);
+      if (h.kind != static_cast<std::uint8_t>(WireKind::Hello) || s->answered) return UCS_OK;
+      s->answered = true;
+      static const WireHeader ack{
+          kMagic, 3, static_cast<std::uint8_t>(WireKind::HelloAck), net::detail::kBadVersion, 0, 0};
+      static const net::detail::Grant grant{1, 1};
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_AM_SEND_FLAG_REPLY;
+      ucs_status_ptr_t r = s->u->ucp_am_send_nbx(param->reply_ep, net::detail::kAmId, &ack,
+                                                 sizeof ack, &grant, sizeof grant, &p);
+      if (UCS_PTR_IS_PTR(r)) s->u->ucp_request_free(r);  // goes on as the worker progresses
+      return UCS_OK;
+    };
+    ASSERT_EQ(srv.u->ucp_worker_set_am_recv_handler(srv.w->worker, &hp), UCS_OK);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    (void)inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    ucp_listener_params_t lp{};
+    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+    lp.sockaddr.addrlen = sizeof sa;
+    lp.conn_handler.arg = &srv;
+    lp.conn_handler.cb = [](ucp_conn_request_h req, void* arg) {
+      auto* s = static_cast<RawServer*>(arg);
+      if (s->ep != nullptr) return (void)s->u->ucp_listener_reject(s->listener, req);
+      ucp_ep_params_t ep{};
+      ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.conn_request = req;
+      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};  // the client closing: expected
+      (void)s->u->ucp_ep_create(s->w->worker, &ep, &s->ep);
+    };
+    ASSERT_EQ(srv.u->ucp_listener_create(srv.w->worker, &lp, &srv.listener), UCS_OK);
+    ucp_listener_attr_t a{};
+    a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    ASSERT_EQ(srv.u->ucp_listener_query(srv.listener, &a), UCS_OK);
+    sockaddr_in bound{};
+    std::memcpy(&bound, &a.sockaddr, sizeof bound);
+    port = ntohs(bound.sin_port);
+  }
+  std::optional<Result<net::Channel>> c;
+  std::thread client([&] {
+    c.emplace(net::connect("ucx://127.0.0.1:" + std::to_string(port) + "/svc", secs(5)));
+  });
+  for (Deadline d = secs(6); !c.has_value() && !d.expired();) {
+    {
+      os::LockGuard lock(srv.w->mu);
+      (void)srv.u->ucp_worker_progress(srv.w->worker);
+    }
+    os::sleep_ns(200'000);
+  }
+  client.join();
+  {
+    os::LockGuard lock(srv.w->mu);
+    if (srv.ep != nullptr) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      ucs_status_ptr_t r = srv.u->ucp_ep_close_nbx(srv.ep, &p);
+      if (UCS_PTR_IS_PTR(r)) srv.u->ucp_request_free(r);
+    }
+    srv.u->ucp_listener_destroy(srv.listener);
+  }
+  ASSERT_TRUE(c.has_value());
+  ASSERT_FALSE(*c) << "connected to a listener that refused our version";
+  std::printf("connect() to a version-3 listener: %s\n", c->error().message().c_str());
+  EXPECT_EQ(c->error().code, Errc::Refused) << c->error().message();
+  EXPECT_NE(c->error().message().find("version"), std::string::npos) << c->error().message();
+  EXPECT_TRUE(srv.answered);
 }
 
 // The sender trusts the grant in the peer's hello without any cap of its own. A hostile (or
