@@ -407,7 +407,10 @@ void WorkerCore::recycle_locked(std::vector<std::byte>&& v) {
 }
 
 std::vector<std::byte> WorkerCore::take_spare_locked(std::size_t n) {
-  if (n <= kSpareMin || n > spare.capacity()) return std::vector<std::byte>(n);
+  // Only for a payload of at least half its size: a small message queued in an inbox must not
+  // hold a large vector (the grant bounds the inbox by the bytes received, not by capacities).
+  if (n <= kSpareMin || n > spare.capacity() || n < spare.capacity() / 2)
+    return std::vector<std::byte>(n);
   std::vector<std::byte> v = std::move(spare);
   spare = {};
   v.resize(n);  // within its capacity: no allocation; zeroes only what grows

@@ -149,8 +149,9 @@ class WorkerCore {
   // One recycled payload vector for this worker's channels: a fresh 64 MiB vector costs 66-100 ms
   // of page faults and zeroing on this VM, more than the transfer. recycle_locked() keeps the
   // largest vector UCX is done with (a finished send's, a call's old buffer); take_spare_locked()
-  // gives it as the target of a received payload above 64 KiB, which overwrites all of it (so no
-  // channel's bytes reach another's application). Bound: one vector per worker, of at most the
+  // gives it as the target of a received payload above 64 KiB and at least half its size, which
+  // overwrites all of it (so no channel's bytes reach another's application, and a small message
+  // in an inbox holds at most twice its bytes). Bound: one vector per worker, of at most the
   // largest payload its channels accept.
   std::vector<std::byte> spare MBMQ_GUARDED_BY(mu);
   void recycle_locked(std::vector<std::byte>&& v) MBMQ_REQUIRES(mu);

@@ -444,6 +444,296 @@ TEST(NetChannel, LargeCallsLandInPagesUsedBeforeNotFreshOnes) {
   EXPECT_LT(server_per_call, 128);
 }
 
+// Hostile review (review1) of the spare payload vector (net/channel.cc take_spare_locked): it went
+// to any payload above 64 KiB, whatever its capacity. Here our own 34 MiB one-way sends finish
+// (each one's vector becomes the spare) while the peer's 100 KiB messages arrive and wait in our
+// inbox: each of them landed in, and held, a recycled 34 MiB vector (6 rounds: 204 MiB), and the
+// grant ("the bytes bound the memory", net.h) no longer bounded the inbox. Now the spare takes
+// only a payload of at least half its size. 34 MiB is above glibc's largest mmap threshold, so a
+// vector freed goes back to the kernel at once.
+TEST(NetReview, SmallMessagesInTheInboxDoNotPinALargeRecycledVector) {
+  constexpr std::size_t kBig = 34u << 20;
+  constexpr std::size_t kSmall = 100u << 10;
+  constexpr int kRounds = 6;
+  Pipe p = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    p.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    for (;;) {
+      auto m = ch->receive(secs(60));
+      if (!m) return 12;
+      if (m->kind == Kind::PeerClosed) return 0;
+      if (m->kind == Kind::Message) {
+        if (m->buffer.size() != kBig) return 13;
+        auto s = ch->buffer(kSmall);
+        if (!s) return 14;
+        std::memset(s->data().data(), 0x22, kSmall);
+        if (!ch->send(std::move(*s), secs(20))) return 15;
+        continue;
+      }
+      if (!net::Channel::reply(std::move(*m))) return 16;
+    }
+  });
+  p.w.reset();
+  auto ch = net::connect(url(p.get()), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  {  // warm UCX up (its pools, the first rendezvous) before the baseline
+    auto c = ch->buffer(8);
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(ch->call(*c, secs(20)));
+  }
+  const std::size_t rss0 = os::resident_bytes();
+  for (int i = 0; i < kRounds; ++i) {
+    auto b = ch->buffer(kBig);
+    ASSERT_TRUE(b) << i;
+    std::memset(b->data().data(), 0x11, kBig);  // a real payload: every page written
+    ASSERT_TRUE(ch->send(std::move(*b), secs(20))) << i;
+    // The server has the big one, and its small one-way message came before this reply.
+    auto c = ch->buffer(8);
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(ch->call(*c, secs(20))) << i;
+  }
+  const std::size_t rss1 = os::resident_bytes();
+  // Nothing received yet: the inbox holds kRounds messages of 100 KiB each.
+  for (int i = 0; i < kRounds; ++i) {
+    auto m = ch->receive(secs(10));
+    ASSERT_TRUE(m) << i;
+    ASSERT_EQ(m->kind, Kind::Message) << i;
+    ASSERT_EQ(m->buffer.size(), kSmall) << i;
+  }
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+  const double grew_mib = (static_cast<double>(rss1) - static_cast<double>(rss0)) / (1 << 20);
+  std::printf("an inbox of %d x 100 KiB messages: resident memory grew by %.1f MiB\n", kRounds,
+              grew_mib);
+  // Before the spare: ~0.6 MiB of payload (and UCX's noise). Allow two big vectors.
+  EXPECT_LT(grew_mib, 2.0 * (kBig >> 20));
+}
+
+// Hostile review (review1): Channel::buffer(n) above 64 KiB returned the channel's spare, which
+// held an earlier payload's bytes (resize() zeroes only what grows), not a zeroed vector. An
+// application that fills part of a buffer and sends all of it would send those bytes; a server
+// that forwards one client's message on another client's channel would hand the first client's
+// bytes to the second channel's next buffer(). buffer() allocates fresh again.
+TEST(NetReview, BufferHandsOutZerosNotAnEarlierPayloadsBytes) {
+  constexpr std::size_t kSize = 1u << 20;
+  Pipe p = Pipe::make();
+  pid_t server = spawn([&]() -> int { return serve_one(p); });
+  p.w.reset();
+  auto ch = net::connect(url(p.get()), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  auto b = ch->buffer(kSize);
+  ASSERT_TRUE(b);
+  std::memset(b->data().data(), 0xab, kSize);  // the request: "secret" bytes
+  ASSERT_TRUE(ch->call(*b, secs(20)));
+  ASSERT_EQ(b->size(), kSize + 1);
+  auto fresh = ch->buffer(kSize);  // a new buffer, as before: all zero?
+  ASSERT_TRUE(fresh);
+  std::size_t stale = 0;
+  for (std::byte x : fresh->data()) stale += x != std::byte{0};
+  std::printf("a fresh 1 MiB buffer() holds %zu non-zero bytes of an earlier payload\n", stale);
+  EXPECT_EQ(stale, 0u);
+  auto m = ch->buffer(3);  // serve_one expects one 3-byte message ending in 7
+  ASSERT_TRUE(m);
+  m->data()[2] = std::byte{7};
+  ASSERT_TRUE(ch->send(std::move(*m), secs(10)));
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+// Hostile review (review1): a call that times out while UCX still reads its 8 MiB request (the
+// server does not look for 300 ms): its bytes go with the send (SendOp::owned) and, once UCX is
+// done, become the channel's spare. Every payload after must arrive intact both ways: were the
+// vector recycled while UCX still read it, the next payload written into it would corrupt the
+// first request, or the reply landing in it would be overwritten.
+TEST(NetReview, ATimedOutCallsInFlightRequestIsRecycledOnlyOnceSent) {
+  constexpr std::size_t kSize = 8u << 20;
+  constexpr int kCalls = 6;
+  auto pattern = [](std::size_t i, int call) {
+    return static_cast<std::byte>((i * 131 + static_cast<std::size_t>(call) * 17) & 0xff);
+  };
+  Pipe p = Pipe::make(), go = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    p.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    if (go.get(0) != 1) return 16;  // the first call has timed out meanwhile
+    for (int call = 0;; ++call) {
+      auto m = ch->receive(secs(30));
+      if (!m) return 12;
+      if (m->kind == Kind::PeerClosed) return call == kCalls + 1 ? 0 : 13;
+      if (m->buffer.size() != kSize) return 14;
+      const auto d = m->buffer.data();
+      for (std::size_t i = 0; i < kSize; ++i)
+        if (d[i] != pattern(i, call)) return 20 + call;
+      answer(m->buffer);
+      if (!net::Channel::reply(std::move(*m))) return 15;
+    }
+  });
+  p.w.reset();
+  go.r.reset();
+  auto ch = net::connect(url(p.get()), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  {
+    auto b = ch->buffer(kSize);
+    ASSERT_TRUE(b);
+    for (std::size_t i = 0; i < kSize; ++i) b->data()[i] = pattern(i, 0);
+    Status s = ch->call(*b, Deadline::after(std::chrono::milliseconds(100)));
+    go.put(1);
+    ASSERT_FALSE(s);
+    ASSERT_EQ(s.error().code, Errc::TimedOut);
+  }
+  for (int call = 1; call <= kCalls; ++call) {
+    auto b = ch->buffer(kSize);
+    ASSERT_TRUE(b) << call;
+    for (std::size_t i = 0; i < kSize; ++i) b->data()[i] = pattern(i, call);
+    ASSERT_TRUE(ch->call(*b, secs(20))) << call;
+    ASSERT_EQ(b->size(), kSize + 1) << call;
+    const auto d = b->data();
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < kSize; ++i)
+      bad += d[i] != static_cast<std::byte>(static_cast<unsigned>(pattern(i, call)) + 1);
+    ASSERT_EQ(bad, 0u) << call;
+  }
+  ch->close();
+  EXPECT_EQ(join(server), 0);
+}
+
+// Hostile review (review1): a peer must not choose how much memory our end keeps. Each client
+// sends one 34 MiB request to an echo server and then idles: the reply's vector (the request's)
+// becomes a spare once UCX has sent it. When the spare was each channel's, a listener with N such
+// clients kept N x 34 MiB (3 here: 102 MiB), none of it in flight; now it is the worker's, one
+// for all the listener's channels: at most one payload (34 MiB, and 2 MiB of slack).
+TEST(NetReview, IdleServerChannelsKeepAtMostOneSparePayloadBetweenThem) {
+  constexpr std::size_t kBig = 34u << 20;
+  constexpr int kClients = 3;
+  Pipe p = Pipe::make(), grew = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    p.put(l->port());
+    std::vector<net::Channel> chans;
+    std::size_t rss0 = 0;
+    for (int c = 0; c < kClients; ++c) {
+      auto ch = l->accept(secs(20));
+      if (!ch) return 11;
+      if (c == 0) rss0 = os::resident_bytes();
+      auto m = ch->receive(secs(20));
+      if (!m || m->kind != Kind::Request || m->buffer.size() != kBig) return 12;
+      m->buffer.data()[0] = std::byte{0x42};
+      if (!net::Channel::reply(std::move(*m))) return 13;  // the echo
+      auto done = ch->receive(secs(20));  // a one-way message the client sends after the reply
+      if (!done || done->kind != Kind::Message) return 14;
+      chans.push_back(std::move(*ch));
+    }
+    grew.put(static_cast<std::uint32_t>((os::resident_bytes() - rss0) >> 20));
+    for (auto& ch : chans) {
+      auto end = ch.receive(secs(20));
+      if (!end || end->kind != Kind::PeerClosed) return 15;
+    }
+    return 0;
+  });
+  p.w.reset();
+  grew.w.reset();
+  const std::uint32_t port = p.get();
+  std::vector<net::Channel> clients;
+  for (int c = 0; c < kClients; ++c) {
+    auto ch = net::connect(url(port), secs(10));
+    ASSERT_TRUE(ch) << ch.error().message();
+    auto b = ch->buffer(kBig);
+    ASSERT_TRUE(b);
+    std::memset(b->data().data(), 0x33, kBig);
+    ASSERT_TRUE(ch->call(*b, secs(20))) << c;
+    ASSERT_EQ(b->size(), kBig);
+    ASSERT_EQ(b->data()[0], std::byte{0x42});
+    auto done = ch->buffer(1);
+    ASSERT_TRUE(done);
+    ASSERT_TRUE(ch->send(std::move(*done), secs(10)));
+    clients.push_back(std::move(*ch));
+  }
+  const std::uint32_t grew_mib = grew.get(~0u);
+  for (auto& ch : clients) ch.close();
+  EXPECT_EQ(join(server), 0);
+  std::printf("server: %d idle channels after one 34 MiB echo each: resident grew %u MiB\n",
+              kClients, grew_mib);
+  EXPECT_LE(grew_mib, (kBig >> 20) + 2) << "more than one spare payload for the listener";
+}
+
+// Hostile review (review1): send_done() found the channel to recycle into by the UCX endpoint
+// handle (now the spare is the worker's, with no lookup). A 16 MiB send to a client killed before
+// it fetched it is cancelled when that channel fails; the channel is then destroyed and a second
+// client accepted on the same worker (a new endpoint, possibly at the same address). The cancelled
+// send's vector must never become the second channel's spare: the second channel's buffer() must
+// hold none of the first client's bytes (0x5e), and nothing may touch freed memory (run under ASan
+// too).
+TEST(NetReview, ACancelledSendToADeadClientNeverReachesAnotherChannelsBuffer) {
+  constexpr std::size_t kBig = 16u << 20, kSize = 1u << 20;
+  Pipe p1 = Pipe::make(), p2 = Pipe::make();
+  pid_t first = spawn([&]() -> int {
+    auto ch = net::connect(url(p1.get()), secs(10));
+    if (!ch) return 1;
+    ::pause();  // never receives: the server's 16 MiB stays unfetched until we are killed
+    return 0;
+  });
+  pid_t second = spawn([&]() -> int {
+    const std::uint32_t port = p2.get();  // only once the first client is dead and its channel gone
+    auto ch = net::connect(url(port), secs(10));
+    if (!ch) return 1;
+    auto b = ch->buffer(kSize);
+    if (!b) return 2;
+    std::memset(b->data().data(), 0x77, kSize);
+    if (!ch->call(*b, secs(20))) return 3;
+    auto done = ch->buffer(1);  // the reply is here: the server may look and close
+    if (!done || !ch->send(std::move(*done), secs(10))) return 5;
+    auto end = ch->receive(secs(20));
+    return end && end->kind == Kind::PeerClosed ? 0 : 4;
+  });
+  p1.r.reset();
+  p2.r.reset();
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l);
+  p1.put(l->port());
+  {
+    auto ch1 = l->accept(secs(20));
+    ASSERT_TRUE(ch1);
+    auto b = ch1->buffer(kBig);
+    ASSERT_TRUE(b);
+    std::memset(b->data().data(), 0x5e, kBig);
+    ASSERT_TRUE(ch1->send(std::move(*b), secs(5)));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    ASSERT_TRUE(os::kill_process(first, SIGKILL));
+    auto end = ch1->receive(secs(20));
+    ASSERT_TRUE(end);
+    EXPECT_EQ(end->kind, Kind::PeerClosed);
+  }  // ch1 destroyed: its endpoint closed
+  EXPECT_EQ(join(first), 128 + SIGKILL);
+  p2.put(l->port());
+  auto ch2 = l->accept(secs(20));
+  ASSERT_TRUE(ch2);
+  auto m = ch2->receive(secs(20));
+  ASSERT_TRUE(m);
+  ASSERT_EQ(m->kind, Kind::Request);
+  ASSERT_TRUE(net::Channel::reply(std::move(*m)));
+  auto done = ch2->receive(secs(20));
+  ASSERT_TRUE(done);
+  ASSERT_EQ(done->kind, Kind::Message);
+  // Whatever ch2's spare now holds, it must be ch2's own traffic (0x77), never 0x5e.
+  for (std::size_t size : {kSize, kBig}) {
+    auto fresh = ch2->buffer(size);
+    ASSERT_TRUE(fresh);
+    std::size_t foreign = 0;
+    for (std::byte x : fresh->data()) foreign += x == std::byte{0x5e};
+    EXPECT_EQ(foreign, 0u) << size;
+  }
+  ch2->close();
+  EXPECT_EQ(join(second), 0);
+}
+
 // Not a test: the client NetChannel.ConnectKillCycles... runs as a fresh program (posix_spawn of
 // this binary), since a child forked after UCX is loaded could not use it. It connects to
 // $MBMQ_NET_URL, calls, and waits for the server to kill it.

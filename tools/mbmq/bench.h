@@ -38,14 +38,16 @@ std::uint64_t expected_sum(std::size_t n, std::uint64_t iter);        // client:
 
 // ---- server-side accounting
 // ----------------------------------------------------------------------
+// syscalls: through os/, without the yields of a spinning wait (WaitMode::Spin past its budget,
+// os::yields_this_thread()), which are counted in `yields`.
 struct ServerStats {
-  std::uint64_t syscalls = 0, allocs = 0, rtts = 0;
+  std::uint64_t syscalls = 0, allocs = 0, rtts = 0, yields = 0;
   std::int64_t cpu_ns = 0;
   int error = 0;
 };
 // tick() as each request arrives (before it is answered); stop() when the stop request arrives.
 struct ServerCounter {
-  std::uint64_t n = 0, sys0 = 0, alloc0 = 0, sys1 = 0, alloc1 = 0;
+  std::uint64_t n = 0, sys0 = 0, alloc0 = 0, sys1 = 0, alloc1 = 0, yield0 = 0, yield1 = 0;
   std::int64_t cpu0 = 0, cpu1 = 0;
   bool stopped = false;
   std::optional<ServerStats> external;  // counted by a server that runs as its own program
@@ -139,6 +141,9 @@ struct CellResult {
   std::size_t in_flight = 0;      // --async: calls per batch (lat: batch times); 0: not such a cell
   std::vector<std::int64_t> lat;  // ns per round trip, measured iterations, sorted
   std::optional<double> syscalls_per_rtt, allocs_per_rtt;  // os/ counters, both sides
+  // A spinning side's sched_yield()s while it waited past its spin budget (both sides; not in
+  // syscalls_per_rtt: made only while idle, never per message).
+  std::optional<double> yields_per_rtt;
   double client_syscalls = 0, server_syscalls = 0;
   std::optional<double> strace_syscalls_per_rtt;  // strace -f -c, both processes, every call
   std::optional<double> memcpy_eq;                // copies per request in memcpy equivalents

@@ -162,6 +162,7 @@ nlohmann::json to_json(const std::vector<CellResult>& rs, const std::vector<Chec
       j["client_syscalls_per_rtt"] = r.client_syscalls;
       j["server_syscalls_per_rtt"] = r.server_syscalls;
     }
+    j["yields_per_rtt"] = opt_json(r.yields_per_rtt);
     j["allocs_per_rtt"] = opt_json(r.allocs_per_rtt);
     j["cpu_ns_per_rtt"] = ok ? json(r.cpu_ns_per_rtt) : json();
     if (!r.error.empty()) j["error"] = r.error;
