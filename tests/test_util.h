@@ -60,6 +60,21 @@ inline bool check(std::span<const std::byte> d, std::uint64_t seq) {
 
 inline Deadline secs(int s) { return Deadline::after(std::chrono::seconds(s)); }
 
+// True in the sanitizer builds (ASan+UBSan and TSan, scripts/test.sh). They are there to find
+// memory errors, undefined behaviour and data races, which a run a fraction of the size finds as
+// well, at several times the cost per operation; the volumes behind a claim of robustness
+// (trials, messages, bytes) are the Release run's. A test picks its smaller count with
+// sized(release, sanitized) and says why where it does.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool kSanitized = true;
+#else
+inline constexpr bool kSanitized = false;
+#endif
+template <typename T>
+constexpr T sized(T release, T sanitized) {
+  return kSanitized ? sanitized : release;
+}
+
 // Turns a hang into a failure of the test: if not destroyed within `limit`, prints what hung and
 // ends the process (its threads may be stuck inside the library, nothing can be unwound).
 class Watchdog {

@@ -334,7 +334,10 @@ TEST_P(MovedEnd, KeepsItsPeersQueueDoorbellSoASleepingQueueWakesAtOnce) {
       if (!m) continue;  // TimedOut: look at `stop`, wait again
       if (m->kind == Kind::Request) {
         m->buffer.data()[0] = std::byte{0x10};
-        if (MsgQueue::reply(std::move(*m))) ++served;
+        // Counted before the reply goes out: the caller, woken by it, reads the count at once
+        // (counted after, a loaded machine could run that check first: 1 vs 2).
+        ++served;
+        if (!MsgQueue::reply(std::move(*m))) --served;
       }
     }
   });

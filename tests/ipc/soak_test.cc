@@ -3,8 +3,8 @@
 // sequence (nothing lost, duplicated or reordered) and each checksum (nothing corrupted); the
 // clients check every reply. This process's fds, mbmq mappings and RSS must stay flat.
 //
-// Default: 32 clients x 20,000 calls. MBMQ_SOAK_CALLS sets the calls per client (the `soak`
-// label runs 200,000).
+// Default: 32 clients x 20,000 calls (4,000 in the sanitizer builds). MBMQ_SOAK_CALLS sets the
+// calls per client (the `soak` label runs 200,000).
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -44,7 +44,8 @@ std::uint64_t sum_of(const std::byte* p, std::size_t n) {
 std::uint32_t calls_from_env() {
   const char* v = std::getenv("MBMQ_SOAK_CALLS");
   long n = v != nullptr ? std::atol(v) : 0;
-  return n > 0 ? static_cast<std::uint32_t>(n) : 20'000;
+  // 4,000 under a sanitizer: the same paths, at 3x the cost per call (14 s under ASan for 20,000).
+  return n > 0 ? static_cast<std::uint32_t>(n) : test::sized<std::uint32_t>(20'000, 4'000);
 }
 
 TEST(Soak, ManyClientsManyCallsNothingLostDuplicatedReorderedOrCorrupted) {

@@ -3,6 +3,7 @@
 // CONFIRMED finding; a passing one a REFUTED suspicion.
 #include <dirent.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -428,9 +429,15 @@ TEST(TopicReview, DropOldestDefaultsSurviveOneHostileProcess) {
       subs.push_back(std::move(*s));
     }
     // Subscription i keeps (forever) the samples whose seq % 4 == i and releases the others, so
-    // the four hold 4 * keep = 64 distinct samples.
+    // the four hold 4 * keep = 64 distinct samples. Until the publisher is done (its byte on
+    // `done`: nothing more will come; the hoard is held until that byte is read below), 64 are
+    // held, or 10 s pass.
     std::vector<Sample> hoard;
-    for (const Deadline end = secs(10); !end.expired() && hoard.size() < 64;) {
+    const auto publisher_done = [&] {
+      pollfd pfd{done[0], POLLIN, 0};
+      return ::poll(&pfd, 1, 0) > 0;
+    };
+    for (const Deadline end = secs(10); !end.expired() && hoard.size() < 64 && !publisher_done();) {
       for (std::size_t i = 0; i < subs.size(); ++i) {
         auto got = subs[i].receive(Deadline::after(1ms));
         if (got && got->seq() % 4 == i) hoard.push_back(std::move(*got));
