@@ -349,6 +349,12 @@ void* ChannelCore::close_ep_locked(Close how) {
 
 void ChannelCore::fail_locked(Errc code, const char* why) {
   if (state_ == State::Closed && ep_ == nullptr) return;
+  // (W2) A failure is news for whoever waits on this worker (our receive() or call(), or accept()
+  // for a channel not yet handed out), and it may happen outside any progress (the keeper's
+  // peer_timeout or handshake expiry, a send failing on another thread): wake them here rather
+  // than leave them to the 20 ms cap. Rare, so one signal too many costs nothing.
+  w_->news_locked(nullptr);
+  w_->wake_waiters_locked(w_->poller_for);
   if (state_ != State::Closed) {
     closed_code_ = code;
     why_ = why;

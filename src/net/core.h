@@ -125,8 +125,10 @@ class WorkerCore {
   //  (c) P has woken (poll returned) but not yet taken mu: poller_asleep is still set, so T may
   //      signal for (a); the signal is then read by P's next arm (UCS_ERR_BUSY: P progresses
   //      again), a spurious turn, as before. Once P holds mu, poller_waking stops T's signals.
-  //  (d) State changed outside any progress (close() from another thread): that caller wakes the
-  //      waiters itself (wake_waiters_locked).
+  //  (d) State changed outside any progress (close() from another thread; a failure: the
+  //      keeper's peer_timeout or handshake expiry, a send failing on another thread, a
+  //      force-close's purge): that caller wakes the waiters itself (wake_waiters_locked; every
+  //      failure goes through ChannelCore::fail_locked, which does).
   // The 20 ms caps of both sleeps stay as a safety net.
   void progress_locked() const MBMQ_REQUIRES(mu);
   // (W2) Called by UCX's callbacks (inside progress_locked) when they change what a waiter on

@@ -34,6 +34,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::make_pair;
+using test::RawClient;
 using test::secs;
 using test::sized;
 using test::url;
@@ -532,6 +533,192 @@ TEST(ReviewNet2, DISABLED_IdlePollerBesideBusyChannelCost) {
   EXPECT_LT(beside, alone * 3 / 2);
   // An idle receiver should sleep through 3000 calls on another channel (a few cap wake-ups).
   EXPECT_LT(b.ru_nvcsw - a.ru_nvcsw, 300) << "the idle poller is woken (W2) for others' events";
+}
+
+// ---- rev-net3: W2 signalling only for the poller's news (merge 7b8242b) ----
+
+// (W2 (d)) named close() as the only change of a waiter's state outside a progress. The keeper's
+// (K2) peer_timeout failure is another: fail_locked from the keeper thread, no progress; a
+// receive() sleeping as the poller on that channel slept on until the 20 ms cap (30 of 30 runs).
+// Now fail_locked wakes the waiters. A watcher polls buffer() (which reads state_ under the lock,
+// without progressing) to see when the channel closed; receive() must return within a few ms.
+TEST(ReviewNet2, KeeperPeerTimeoutWakesASleepingReceiverAtOnce) {
+  net::ListenOptions lo;
+  lo.peer_timeout = 100ms;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_TRUE(l) << l.error().message();
+  std::vector<double> late_ms;
+  for (int k = 0; k < 6; ++k) {
+    RawClient raw;  // speaks once (its hello), then is silent: no heartbeats
+    ASSERT_TRUE(raw.connect(l->port()));
+    std::optional<Result<net::Channel>> s;
+    std::thread acc([&] { s.emplace(l->accept(secs(5))); });
+    raw.hello(net::detail::Grant{4, 1u << 16});
+    acc.join();
+    ASSERT_TRUE(*s) << (*s).error().message();
+    net::Channel ch = std::move(**s);
+    ch.set_wait_policy({WaitMode::Sleep, {}});
+    std::atomic<std::int64_t> closed_at{0};
+    std::thread watcher([&] {  // until it sees the close (or 5 s), even if receive() returned
+      for (Deadline dl = secs(5); !dl.expired();) {
+        if (!ch.buffer(1)) {
+          closed_at.store(now_ns());
+          return;
+        }
+        os::sleep_ns(50'000);
+      }
+    });
+    auto r = ch.receive(secs(3));
+    const std::int64_t returned = now_ns();
+    watcher.join();
+    ASSERT_TRUE(r) << r.error().message();
+    EXPECT_EQ(r->kind, Kind::PeerClosed);
+    ASSERT_NE(closed_at.load(), 0);
+    late_ms.push_back(static_cast<double>(returned - closed_at.load()) / 1e6);
+  }
+  std::string all;
+  for (double x : late_ms) all += std::to_string(x) + " ";
+  std::printf("receive() returned after the keeper closed its channel by (ms): %s\n", all.c_str());
+  EXPECT_LT(*std::max_element(late_ms.begin(), late_ms.end()), 3.0)
+      << "the sleeping poller was not woken by the keeper's failure (the 20 ms cap woke it)";
+}
+
+// (N4) + (W2): accept() sleeps as the poller keyed on its ListenCore. A channel in ready_ whose
+// HelloAck has not left is acceptable once it fails (acceptable_locked: state_ != Open), but its
+// failure's callbacks (on_am Bye, on_ep_error, recv_done) call news_locked(the channel), not the
+// listener, and a cancelled HelloAck's send_done none: with another thread progressing the worker
+// (a spinning receiver), accept() is not signalled and sleeps until the 20 ms cap. Raw clients say
+// hello, stay silent a while (their side of the wire-up not progressed: the HelloAck may wait),
+// then say Bye; accept() should hand the closed channel out within a few ms of the Bye.
+// Does not discriminate: passes unloaded; with two busy loops it fails, but as often with the
+// suggested fix (fail_locked: news_locked(nullptr)) applied -- scheduling, not the lost wake-up.
+// The gap is shown by reading the code (report), not by this test; fail_locked now wakes every
+// waiter (news_locked(nullptr)). Disabled: a measurement for a quiet machine, not a CI check.
+TEST(ReviewNet2, DISABLED_AcceptIsWokenWhenAnUnackedReadyChannelFails) {
+  net::ListenOptions lo;
+  lo.peer_timeout = 0ms;
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  auto m = make_many(1, lo, co);
+  ASSERT_TRUE(m);
+  m->server[0].set_wait_policy({WaitMode::Spin, {}});
+  std::atomic<bool> stop{false};
+  std::thread spinner([&] {
+    while (!stop.load()) (void)m->server[0].receive(Deadline::after(100ms));
+  });
+  std::atomic<std::int64_t> acc_at{0};
+  std::atomic<int> accepted{0};
+  std::vector<net::Channel> keep;
+  std::thread acc([&] {
+    while (!stop.load()) {
+      auto s = m->l.accept(Deadline::after(200ms));
+      if (s) {
+        acc_at.store(now_ns());
+        keep.push_back(std::move(*s));
+        accepted.fetch_add(1);
+      }
+    }
+  });
+  std::this_thread::sleep_for(20ms);
+  std::vector<double> lat;
+  int before_bye = 0;
+  for (int k = 0; k < 30; ++k) {
+    const int before = accepted.load();
+    RawClient raw;
+    ASSERT_TRUE(raw.connect(m->l.port()));
+    raw.hello(net::detail::Grant{4, 1u << 16});
+    std::this_thread::sleep_for(std::chrono::milliseconds(1 + k % 4));
+    namespace d = net::detail;
+    const d::WireHeader bye{d::kMagic, d::kVersion, static_cast<std::uint8_t>(d::WireKind::Bye),
+                            0,         0,           0};
+    const std::int64_t t_bye = now_ns();
+    raw.finish(raw.send(bye, nullptr, 0));
+    for (Deadline dl = Deadline::after(500ms); accepted.load() == before && !dl.expired();)
+      os::sleep_ns(100'000);
+    if (accepted.load() == before) continue;
+    if (acc_at.load() < t_bye) {
+      ++before_bye;
+      continue;
+    }
+    lat.push_back(static_cast<double>(acc_at.load() - t_bye) / 1e6);
+  }
+  stop.store(true);
+  acc.join();
+  spinner.join();
+  std::string all;
+  for (double x : lat) all += std::to_string(x) + " ";
+  std::printf("%d handed out before their Bye; after it, accept() returned in (ms): %s\n",
+              before_bye, all.c_str());
+  int slow = 0;
+  for (double x : lat) slow += x > 12.0 ? 1 : 0;
+  EXPECT_EQ(slow, 0) << "accept() slept until the cap though a ready channel had become acceptable";
+}
+
+// (W2 (b)): "what T did not take is still there" -- a thread progressing for others stops when
+// ucp_worker_progress returns 0 and signals the poller only for the poller's news. If UCX leaves
+// work behind that no fd event announces again (a partly read TCP stream of a multi-fragment or
+// rendezvous message, under edge-triggered epoll), the poller sleeps until the cap. A Sleep
+// receiver on channel 0 beside a spinning receiver on channel 1 (which takes every event), one
+// message at a time to channel 0, 1 KiB to 1 MiB: each should arrive well under the cap. Passed
+// 15 of 15 runs unloaded; beside two busy loops 3 of 15 had an outlier of 25-29 ms (scheduling).
+// Disabled: a measurement for a quiet machine, not a CI check.
+TEST(ReviewNet2, DISABLED_PollerBesideSpinnerGetsLargeMessagesWithoutCap) {
+  net::ListenOptions lo;
+  lo.peer_timeout = 0ms;
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  auto m = make_many(2, lo, co);
+  ASSERT_TRUE(m);
+  m->server[0].set_wait_policy({WaitMode::Sleep, {}});
+  m->server[1].set_wait_policy({WaitMode::Spin, {}});
+  std::atomic<bool> stop{false};
+  std::thread spinner([&] {
+    while (!stop.load()) (void)m->server[1].receive(Deadline::after(100ms));
+  });
+  // The client's worker must be progressed too (peer_timeout 0: no keeper) for a large send to go.
+  std::thread client_rx([&] {
+    while (!stop.load()) (void)m->client[0].receive(Deadline::after(100ms));
+  });
+  std::atomic<std::int64_t> sent_at{0};
+  std::atomic<int> got{0};
+  std::vector<std::pair<std::size_t, double>> lat;
+  std::thread rx([&] {
+    while (!stop.load()) {
+      auto r = m->server[0].receive(Deadline::after(200ms));
+      if (r && r->kind == Kind::Message) {
+        lat.emplace_back(r->buffer.size(), static_cast<double>(now_ns() - sent_at.load()) / 1e6);
+        got.fetch_add(1);
+      }
+    }
+  });
+  std::this_thread::sleep_for(20ms);
+  const std::size_t sizes[] = {1024, 9000, 16384, 65536, 200000, 1u << 20};
+  int sent = 0;
+  for (int k = 0; k < 60; ++k) {
+    const std::size_t n = sizes[k % 6];
+    const int before = got.load();
+    sent_at.store(now_ns());
+    ASSERT_TRUE(m->client[0].send(sized(m->client[0], n), secs(2)));
+    ++sent;
+    for (Deadline dl = Deadline::after(500ms); got.load() == before && !dl.expired();)
+      os::sleep_ns(50'000);
+    if (got.load() == before) std::printf("%zu B not received in 500 ms\n", n);
+    std::this_thread::sleep_for(3ms);
+  }
+  stop.store(true);
+  rx.join();
+  spinner.join();
+  client_rx.join();
+  int slow = 0;
+  for (auto& [n, ms] : lat)
+    if (ms > 12.0) {
+      ++slow;
+      std::printf("slow: %zu B in %.2f ms\n", n, ms);
+    }
+  std::printf("received %d/%d, %d over 12 ms\n", got.load(), sent, slow);
+  EXPECT_EQ(got.load(), sent);
+  // Rare single outliers of 25-30 ms (over the cap: scheduling) were seen with two busy loops.
+  EXPECT_LE(slow, 2);
 }
 
 }  // namespace
