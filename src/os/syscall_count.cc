@@ -11,5 +11,6 @@ void count_syscall() noexcept { ++tls_syscalls; }
 std::uint64_t syscalls_this_thread() noexcept { return tls_syscalls; }
 void count_yield() noexcept { ++tls_yields; }
 std::uint64_t yields_this_thread() noexcept { return tls_yields; }
+std::uint64_t work_syscalls_this_thread() noexcept { return tls_syscalls - tls_yields; }
 
 }  // namespace mbmq::os

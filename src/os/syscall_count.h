@@ -16,5 +16,7 @@ std::uint64_t syscalls_this_thread() noexcept;
 // (yield_cpu()): made only while idle, never per message; tests tell them apart.
 void count_yield() noexcept;
 std::uint64_t yields_this_thread() noexcept;
+// syscalls_this_thread() less yields_this_thread(): what "no system call per message" is about.
+std::uint64_t work_syscalls_this_thread() noexcept;
 
 }  // namespace mbmq::os

@@ -1038,27 +1038,27 @@ TEST(QueueFd, ProducersMakeNoSystemCallsWhileTheOwnerSpinsInWait) {
   // counts: warm-up, control, steady; then the first steady call that made one (or ~0).
   constexpr std::uint64_t kNone = ~std::uint64_t{0};
   // A spinning call() yields the CPU (sched_yield) once it has found nothing for its spin budget
-  // (0 here): made only while it waits, never per message, so not counted as the message's.
-  auto syscalls = [] { return os::syscalls_this_thread() - os::yields_this_thread(); };
+  // (0 here): made only while it waits, never per message, so not counted as the message's
+  // (os::work_syscalls_this_thread()).
   pid_t pid = spawn([&] {
     std::byte b{};
     std::uint64_t counts[4] = {0, 0, 0, kNone};
-    std::uint64_t s0 = syscalls();
+    std::uint64_t s0 = os::work_syscalls_this_thread();
     for (std::uint32_t c = 0; c < kChannels; ++c)
       if (!send_stamp(clients[c], c, 0, secs(5)) || !call_on(clients[c], c)) return 1;
-    counts[0] = syscalls() - s0;
+    counts[0] = os::work_syscalls_this_thread() - s0;
     if (!os::read_full(to_child->first.get(), {&b, 1})) return 2;  // the owner armed the fd
-    s0 = syscalls();
+    s0 = os::work_syscalls_this_thread();
     for (std::uint32_t i = 0; i < kControl; ++i)
       if (!send_stamp(clients[i % kChannels], i % kChannels, 1 + i / kChannels, secs(5))) return 3;
-    counts[1] = syscalls() - s0;
+    counts[1] = os::work_syscalls_this_thread() - s0;
     if (!os::read_full(to_child->first.get(), {&b, 1})) return 4;  // the owner spins in wait()
-    s0 = syscalls();
+    s0 = os::work_syscalls_this_thread();
     for (std::uint32_t i = 0; i < kCalls; ++i) {
       if (!call_on(clients[i % kChannels], i)) return 5;
-      if (counts[3] == kNone && syscalls() != s0) counts[3] = i;
+      if (counts[3] == kNone && os::work_syscalls_this_thread() != s0) counts[3] = i;
     }
-    counts[2] = syscalls() - s0;
+    counts[2] = os::work_syscalls_this_thread() - s0;
     if (!os::write_full(to_parent->second.get(),
                         {reinterpret_cast<const std::byte*>(counts), sizeof counts}))
       return 6;

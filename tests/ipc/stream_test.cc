@@ -707,20 +707,19 @@ TEST(Stream, NoSystemCallPerMessageWhileTheReceiverSpins) {
   // Warm up first: the first receive registers the end with the peer watcher (a system call).
   ASSERT_TRUE(producer.send(std::move(*producer.buffer(64))));
   ASSERT_TRUE(consumer.receive(secs(5)));
-  auto syscalls = [] { return os::syscalls_this_thread() - os::yields_this_thread(); };
   std::uint64_t consumer_syscalls = 0, consumer_yields = 0, got = 0;
   std::string bad;
   std::thread rx([&] {
-    const std::uint64_t s0 = syscalls(), y0 = os::yields_this_thread();
+    const std::uint64_t s0 = os::work_syscalls_this_thread(), y0 = os::yields_this_thread();
     bool ended = false;
     got = consume(consumer, kCount, secs(60), &ended, &bad);
-    consumer_syscalls = syscalls() - s0;
+    consumer_syscalls = os::work_syscalls_this_thread() - s0;
     consumer_yields = os::yields_this_thread() - y0;
   });
-  const std::uint64_t s0 = syscalls(), y0 = os::yields_this_thread();
+  const std::uint64_t s0 = os::work_syscalls_this_thread(), y0 = os::yields_this_thread();
   Status why;
   const std::uint64_t sent = produce(producer, kCount, 64, secs(60), &why);
-  const std::uint64_t producer_syscalls = syscalls() - s0;
+  const std::uint64_t producer_syscalls = os::work_syscalls_this_thread() - s0;
   const std::uint64_t producer_yields = os::yields_this_thread() - y0;
   rx.join();
   std::printf("yields while waiting: producer %llu, consumer %llu, for %llu messages\n",

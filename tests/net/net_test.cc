@@ -392,10 +392,9 @@ long minor_faults() {
 // pages always on, fresh pages would fault only a few times: then this shows nothing either way,
 // and says so.)
 TEST(NetChannel, LargeCallsLandInPagesUsedBeforeNotFreshOnes) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "memory bounds: a sanitizer's allocator keeps freed memory resident and maps "
-                  "its own (Release runs it)";
-#endif
+  if (test::kSanitized)
+    GTEST_SKIP() << "memory bounds: a sanitizer's allocator keeps freed memory resident and maps "
+                    "its own (Release runs it)";
   constexpr std::size_t kSize = 16u << 20;
   constexpr int kWarm = 2, kCalls = 4;
   Pipe p = Pipe::make(), faults = Pipe::make();
@@ -456,10 +455,9 @@ TEST(NetChannel, LargeCallsLandInPagesUsedBeforeNotFreshOnes) {
 // only a payload of at least half its size. 34 MiB is above glibc's largest mmap threshold, so a
 // vector freed goes back to the kernel at once.
 TEST(NetReview, SmallMessagesInTheInboxDoNotPinALargeRecycledVector) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "memory bounds: a sanitizer's allocator keeps freed memory resident and maps "
-                  "its own (Release runs it)";
-#endif
+  if (test::kSanitized)
+    GTEST_SKIP() << "memory bounds: a sanitizer's allocator keeps freed memory resident and maps "
+                    "its own (Release runs it)";
   constexpr std::size_t kBig = 34u << 20;
   constexpr std::size_t kSmall = 100u << 10;
   constexpr int kRounds = 6;
@@ -618,10 +616,9 @@ TEST(NetReview, ATimedOutCallsInFlightRequestIsRecycledOnlyOnceSent) {
 // clients kept N x 34 MiB (3 here: 102 MiB), none of it in flight; now it is the worker's, one
 // for all the listener's channels: at most one payload (34 MiB, and 2 MiB of slack).
 TEST(NetReview, IdleServerChannelsKeepAtMostOneSparePayloadBetweenThem) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "memory bounds: a sanitizer's allocator keeps freed memory resident and maps "
-                  "its own (Release runs it)";
-#endif
+  if (test::kSanitized)
+    GTEST_SKIP() << "memory bounds: a sanitizer's allocator keeps freed memory resident and maps "
+                    "its own (Release runs it)";
   constexpr std::size_t kBig = 34u << 20;
   constexpr int kClients = 3;
   Pipe p = Pipe::make(), grew = Pipe::make();

@@ -51,14 +51,9 @@ std::uint64_t expected_sum(std::size_t n, std::uint64_t iter) {
 // ---- server accounting -------------------------------------------------------------------------
 constexpr std::uint64_t kServerSkip = 10;  // server-side warm-up: first requests not counted
 
-namespace {
-// System calls through os/ but the yields of a spinning wait (counted apart: see ServerStats).
-std::uint64_t work_syscalls() { return os::syscalls_this_thread() - os::yields_this_thread(); }
-}  // namespace
-
 void ServerCounter::tick() {
   if (++n == kServerSkip) {
-    sys0 = work_syscalls();
+    sys0 = os::work_syscalls_this_thread();
     yield0 = os::yields_this_thread();
     alloc0 = allocs_this_thread();
     cpu0 = os::process_cpu_ns();
@@ -68,7 +63,7 @@ void ServerCounter::tick() {
 void ServerCounter::stop() {
   if (stopped) return;
   stopped = true;
-  sys1 = work_syscalls();
+  sys1 = os::work_syscalls_this_thread();
   yield1 = os::yields_this_thread();
   alloc1 = allocs_this_thread();
   cpu1 = os::process_cpu_ns();
@@ -248,7 +243,7 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt) {
   while (ok && (iter < warm_min || monotonic_ns() < warm_end ||
                 (opt.fixed_rtts == 0 && iter < 50 && monotonic_ns() < warm_start + budget)))
     ok = m.client_rtt(iter++);
-  const std::uint64_t sys0 = work_syscalls(), yield0 = os::yields_this_thread();
+  const std::uint64_t sys0 = os::work_syscalls_this_thread(), yield0 = os::yields_this_thread();
   const std::uint64_t alloc0 = allocs_this_thread();
   const std::int64_t cpu0 = os::process_cpu_ns();
   const std::int64_t end =
@@ -262,7 +257,7 @@ CellResult run_cell(Mechanism& m, std::size_t size, const Options& opt) {
     if (t1 >= end) break;
   }
   const double n = static_cast<double>(std::max<std::size_t>(r.lat.size(), 1));
-  const double csys = static_cast<double>(work_syscalls() - sys0) / n;
+  const double csys = static_cast<double>(os::work_syscalls_this_thread() - sys0) / n;
   const double cyields = static_cast<double>(os::yields_this_thread() - yield0) / n;
   const double callocs = static_cast<double>(allocs_this_thread() - alloc0) / n;
   const double ccpu = static_cast<double>(os::process_cpu_ns() - cpu0) / n;

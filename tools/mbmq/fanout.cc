@@ -185,7 +185,7 @@ bool FanoutPublisher::next() {
   }
   t0_ = monotonic_ns();
   send_times(ctl_)[k_] = t0_;
-  sys0_ = os::syscalls_this_thread() - os::yields_this_thread();  // yields: waiting, not work
+  sys0_ = os::work_syscalls_this_thread();  // yields: waiting, not work
   return true;
 }
 
@@ -199,7 +199,7 @@ void FanoutPublisher::fill(std::byte* p) {
 
 void FanoutPublisher::sent() {
   if (state_ != State::Message || k_ < ctl_.warmup) return;
-  ctl_.syscalls += os::syscalls_this_thread() - os::yields_this_thread() - sys0_;
+  ctl_.syscalls += os::work_syscalls_this_thread() - sys0_;
   ++ctl_.measured;
 }
 

@@ -68,7 +68,7 @@ void read_counters(StreamSideStats& s) {
   s.cpu_ns = os::process_cpu_ns();
   s.allocs = allocs_this_thread();
   // Without a spinning wait's yields (os::yields_this_thread()): those are made only while idle.
-  s.syscalls = os::syscalls_this_thread() - os::yields_this_thread();
+  s.syscalls = os::work_syscalls_this_thread();
 }
 
 // Stores `to` unless a side has failed already (Failed is final).
