@@ -165,14 +165,6 @@ bool BufferTable::held(BufferId id) const noexcept {
   return peer_held_[id.slot_index() - static_cast<std::uint32_t>(1 - side_) * n_];
 }
 
-void BufferTable::set_held(BufferId id, bool h) noexcept {
-  if (id.is_extent()) {
-    peer_ext_[id.extent_index()].held = h;
-  } else {
-    peer_held_[id.slot_index() - static_cast<std::uint32_t>(1 - side_) * n_] = h;
-  }
-}
-
 const char* BufferTable::check_lent(const Desc& d, std::uint32_t max_in_flight) const noexcept {
   const bool request = is(kind_of(d), DescKind::Request);
   if (request && max_in_flight != 0 && requests_in_ >= max_in_flight)

@@ -149,7 +149,13 @@ class BufferTable {
   const PeerExtent* peer_extent(BufferId id) const noexcept;
   // For a valid peer id (a slot in its range, or an extent in range): we hold it (lent to us).
   bool held(BufferId id) const noexcept;
-  void set_held(BufferId id, bool held) noexcept;
+  void set_held(BufferId id, bool held) noexcept {
+    if (id.is_extent()) {
+      peer_ext_[id.extent_index()].held = held;
+    } else {
+      peer_held_[id.slot_index() - static_cast<std::uint32_t>(1 - side_) * n_] = held;
+    }
+  }
 
   // ---- checking, then committing, what the peer's descriptors say ----
   // A buffer of the peer's lent to us (Request, OneWay): nullptr if it may be taken (an

@@ -125,7 +125,8 @@ void Endpoint::harvest_locked(std::size_t size) {
 
 void Endpoint::fill_own_locked(Buffer& b, const BufferTable::Allocated& a, std::size_t size) {
   // b is empty; parked (send_batch) with a reference to us, it keeps it.
-  if (b.ep_.get() != this) b.ep_ = shared_from_this();
+  if (b.ep_.get() != this) [[unlikely]]
+    adopt_buffer(b);
   b.id_ = a.id.raw();
   b.gen_ = a.gen;
   b.data_ = a.data;

@@ -259,7 +259,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   void make_message(const shm::Desc& d, Message* out) MBMQ_REQUIRES(mu_);
   // make_message() for a OneWay in a peer's slot that take_peer_slot_one_way() took (trusted end:
   // the bytes are read in place).
-  void make_slot_message(const shm::Desc& d, std::uint64_t key, Message* out) MBMQ_REQUIRES(mu_);
+  inline void make_slot_message(shm::Desc d, std::uint64_t key, Message* out) MBMQ_REQUIRES(mu_);
+  // An empty buffer of another end's, or none: made ours (a reference to us), out of line.
+  [[gnu::noinline]] void adopt_buffer(Buffer& b);
   // (P5) The batch path of poll_batch(): up to n messages from the ring (one head store), plain
   // one-way slots checked inline, anything else through accept(). How many were put in out;
   // stops at the first look that finds nothing, and at a protocol error.
@@ -317,7 +319,11 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   static void detach_buffer(Buffer& b) noexcept;
   // The same, but b keeps its reference to its end (invalid, and reset() only drops the
   // reference): the batch paths reuse it, two atomic updates fewer per message.
-  static void park_buffer(Buffer& b) noexcept;
+  static void park_buffer(Buffer& b) noexcept {
+    b.origin_ = Buffer::Origin::None;
+    b.data_ = nullptr;
+    b.size_ = b.capacity_ = 0;
+  }
 
   shm::Segment seg_;
   const int side_;

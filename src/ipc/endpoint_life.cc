@@ -181,12 +181,6 @@ Status Endpoint::ensure_watched() noexcept {
   return {};
 }
 
-void Endpoint::park_buffer(Buffer& b) noexcept {
-  b.origin_ = Buffer::Origin::None;
-  b.data_ = nullptr;
-  b.size_ = b.capacity_ = 0;
-}
-
 void Endpoint::detach_buffer(Buffer& b) noexcept {
   park_buffer(b);
   b.ep_.reset();

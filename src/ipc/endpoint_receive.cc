@@ -201,13 +201,16 @@ Endpoint::Poll Endpoint::poll(Message* out) {
   return poll_locked(out);
 }
 
-void Endpoint::make_slot_message(const Desc& d, std::uint64_t key, Message* out) {
+void Endpoint::adopt_buffer(Buffer& b) {
+  b.reset();
+  b.ep_ = shared_from_this();
+}
+
+void Endpoint::make_slot_message(Desc d, std::uint64_t key, Message* out) {
   Buffer& b = out->buffer;
-  // Empty, as for make_message().
-  if (b.ep_.get() != this) {
-    b.reset();
-    b.ep_ = shared_from_this();
-  }
+  // Empty, as for make_message(); in a stream, parked by release_batch() with its reference to us.
+  if (b.ep_.get() != this) [[unlikely]]
+    adopt_buffer(b);
   b.id_ = d.buffer;
   b.gen_ = d.gen;
   b.size_ = d.size;
@@ -242,9 +245,12 @@ std::size_t Endpoint::take_batch_locked(Message* out, std::size_t n) {
       bytes += d.size;
       continue;
     }
-    const Accepted a = accept(d, nullptr, nullptr);
+    // Copies, so that d itself never has its address taken: the compiler keeps it in registers
+    // on the path above (a store to the stack and a wider load back missed store forwarding).
+    const Desc slow = d;
+    const Accepted a = accept(slow, nullptr, nullptr);
     if (a == Accepted::Deliver) {
-      make_message(d, &out[k++]);
+      make_message(slow, &out[k++]);
     } else if (a == Accepted::Internal) {
       ++internal;
     } else {
@@ -443,6 +449,7 @@ Result<Message> Endpoint::receive(Deadline deadline) {
 void Endpoint::release_batch(std::span<Message> ms) noexcept {
   std::array<std::uint64_t, shm::kReturnedWords> mask{};
   bool any = false;
+  std::size_t done = 0;  // messages finished here (our one-way slots)
   {
     os::LockGuard lock(mu_);
     const bool open = state_.load(std::memory_order_relaxed) == EpState::Open;
@@ -450,7 +457,7 @@ void Endpoint::release_batch(std::span<Message> ms) noexcept {
       Buffer& b = m.buffer;
       const BufferId id = BufferId::from_wire(b.id_);
       if (b.ep_.get() != this || b.origin_ != Buffer::Origin::Peer || b.handles_ ||
-          !is(b.kind_, DescKind::OneWay) || id.is_extent())
+          !is(b.kind_, DescKind::OneWay) || id.is_extent() || m.kind == Kind::Connection)
         continue;
       table_.set_held(id, false);
       if (open) {
@@ -460,9 +467,12 @@ void Endpoint::release_batch(std::span<Message> ms) noexcept {
         any = true;
       }
       park_buffer(b);  // keeps its reference to us for the next batch
+      m.kind = Kind::PeerClosed;
+      ++done;
     }
     if (any) give_back_slots(mask);  // one RMW per word, one look at a waiter, for the batch
   }
+  if (done == ms.size()) return;  // the stream's steady state: every message was one of those
   // The rest (requests, extents, handles, other ends' buffers) as their destructors would.
   for (Message& m : ms) {
     if (m.buffer.ep_.get() != this || m.buffer.origin_ != Buffer::Origin::None) m.buffer.reset();

@@ -10,8 +10,9 @@
 // acquire load). pop() store-releases head after copying the Desc (pairs with push()'s acquire
 // load of head, which happens only when push()'s cached copy says the ring is full). So on the
 // spinning path the entries' lines move from producer to consumer (four entries to a line), and
-// nothing else. Batches: put() x k then one publish() (one tail store), take() x k then one
-// release() (one head store); the entries' seqs are stored and loaded one by one as above.
+// nothing else. Batches: put() x k (the fields only) then one publish(), which stores the
+// batch's seqs last to first, then the tail once; take() x k then one release() (one head
+// store). The consumer loads the seqs one by one as above.
 //
 // Values written by the peer are loaded once and validated: a head more than a capacity behind
 // tail, or a tail that claims messages the entries do not show, is RingStatus::Corrupt, never
@@ -41,6 +42,7 @@ class RingProducer {
         head_pub_(head),
         ring_(ring),
         tail_(initial_tail),
+        published_(initial_tail),
         head_cache_(initial_tail - kCap) {}
 
   // Ok if push() will find room (only this producer fills the ring), Full, or Corrupt.
@@ -65,19 +67,24 @@ class RingProducer {
     return RingStatus::Ok;
   }
   // A batch (P3): put() each descriptor, then publish() once. put() needs room (has_room_for()
-  // said Ok for at least as many): the entry is visible to the consumer at once (its seq), the
-  // tail only at publish(), which must follow before the caller lets go of the producer.
+  // said Ok for at least as many): it writes the entry's fields only; publish(), which must
+  // follow before the caller lets go of the producer, makes the batch visible.
   void put(const Desc& d) noexcept {
     // Only our own descriptors, within what the packed entry carries (RingEntry::store).
     MBMQ_ASSERT(d.status <= (kWireStatusMask >> kWireStatusShift) &&
                 (d.kind & kWireStatusMask) == 0 && ((d.buffer & ~kExtentBit) < kWireExtentBit));
-    RingEntry& e = ring_[tail_ & (kCap - 1)];
-    e.store(d);
+    ring_[tail_ & (kCap - 1)].store(d);
     ++tail_;
-    // Pairs with the consumer's acquire load of seq in pop() / take().
-    e.seq.store(tail_, std::memory_order_release);
   }
   void publish() noexcept {
+    // The batch's seqs last to first: a consumer polling the entry at its head sees the batch
+    // only once all of it is written, so each of its lines moves to the consumer once, whole,
+    // instead of once per entry while we are still writing the rest of the line (four entries to
+    // a line). Each pairs with the consumer's acquire load of seq in pop() / take(), which takes
+    // entries in order: it never sees a later entry of the batch before the first.
+    for (std::uint32_t t = tail_; t != published_; --t)
+      ring_[(t - 1) & (kCap - 1)].seq.store(t, std::memory_order_release);
+    published_ = tail_;
     // Pairs with the consumer's acquire load of tail in check(). Read only there (before the
     // consumer sleeps), so one store per batch is enough: check() accepts a tail that lags.
     tail_pub_->store(tail_, std::memory_order_release);
@@ -94,6 +101,7 @@ class RingProducer {
   const std::atomic<std::uint32_t>* head_pub_ = nullptr;
   RingEntry* ring_ = nullptr;
   std::uint32_t tail_ = 0;
+  std::uint32_t published_ = 0;           // tail_ at the last publish(): seqs stored below it
   std::uint32_t head_cache_ = 0u - kCap;  // the consumer's head as last loaded
 };
 
