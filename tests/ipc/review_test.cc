@@ -151,7 +151,9 @@ TEST(Review, ReplyAndWaitUnderBackPressureNeverTurnsAnAnswerIntoNoReply) {
   for (;;) {
     auto m = client.receive(in(500ms));
     if (!m) break;
-    ASSERT_EQ(m->kind, Kind::Reply);
+    // Says why, for the rare run under load where the end closes instead (README, known issues).
+    ASSERT_EQ(m->kind, Kind::Reply) << "error " << static_cast<int>(m->error) << ": " << m->why
+                                    << " after " << answers << " answers";
     if (m->error == Errc::NoReply) {
       ++noreply;
     } else {
