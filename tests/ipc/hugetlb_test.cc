@@ -90,10 +90,10 @@ class HugePagePool {
   bool touched_ = false;
 };
 
-#define SET_POOL_OR_SKIP(pool, n)                  \
-  do {                                             \
-    const std::string why_ = (pool).free(n);       \
-    if (!why_.empty()) GTEST_SKIP() << why_;       \
+#define SET_POOL_OR_SKIP(pool, n)            \
+  do {                                       \
+    const std::string why_ = (pool).free(n); \
+    if (!why_.empty()) GTEST_SKIP() << why_; \
   } while (0)
 
 ChannelOptions untrusted_server() {
