@@ -76,7 +76,9 @@ struct ChannelOptions {
   // (at least slot_size, at most the threshold), plus copies kept for reuse after their buffers
   // went back, at most 128 MiB per end in all (beyond, they are freed). A copy that cannot be
   // allocated closes the channel (Errc::Protocol, "why" says so). Set it (>= slot_size, pool
-  // buffers cannot be sealed) to send larger payloads as sealed memfds instead, zero copies.
+  // buffers cannot be sealed) to send larger payloads as sealed memfds instead, zero copies;
+  // those of 2 MiB and more go on huge pages where the machine has some free (vm.nr_hugepages;
+  // else 4 KiB pages, much slower to prepare: README "trust modes").
   std::uint32_t copy_threshold = 0;
 };
 

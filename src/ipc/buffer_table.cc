@@ -36,7 +36,7 @@ BufferTable::BufferTable(const shm::Segment& seg, int side, std::uint32_t next_e
   for (std::uint32_t e = kMaxExtents; e-- > 0;) free_ext_.push_back(e);
 }
 
-Result<BufferTable::Allocated> BufferTable::alloc(std::size_t size) {
+Result<BufferTable::Allocated> BufferTable::alloc(std::size_t size, bool to_seal) {
   if (size <= slot_size_) {
     if (!has_free_slot()) return fail(Errc::NoBuffers, "Channel::buffer: pool exhausted");
     return alloc_slot();
@@ -46,25 +46,41 @@ Result<BufferTable::Allocated> BufferTable::alloc(std::size_t size) {
   if (free_ext_.empty()) return fail(Errc::NoBuffers, "Channel::buffer: extent table full");
   std::size_t cap = (size + 4095) / 4096 * 4096;
   ExtentMemory m;
-  if (spare_.map.valid() && spare_.map.size() >= cap && spare_.map.size() / 2 <= cap) {
+  if (spare_.map.valid() && spare_.map.size() >= cap && spare_.map.size() / 2 <= cap &&
+      (to_seal || !spare_.huge)) {
     m = std::move(spare_);  // prepared while the last call waited (see wants_spare())
-    cap = m.map.size();
   } else {
-    m = MBMQ_TRY(make_extent_memory(cap));
+    m = MBMQ_TRY(make_extent_memory(cap, to_seal));
   }
+  cap = m.map.size();  // a hugetlb extent's is rounded up to 2 MiB
   const std::uint32_t e = free_ext_.back();
   free_ext_.pop_back();
   OwnExtent& x = own_ext_[e];
   x.fd = std::move(m.fd);
   x.map = std::move(m.map);
+  x.huge = m.huge;
   x.state = OwnState::App;
   x.gen = take_extent_gen();
   x.sent_gen = 0;
   return Allocated{BufferId::extent(e), x.gen, x.map.data(), static_cast<std::uint32_t>(cap)};
 }
 
-Result<BufferTable::ExtentMemory> BufferTable::make_extent_memory(std::size_t cap) {
+Result<BufferTable::ExtentMemory> BufferTable::make_extent_memory(std::size_t cap, bool huge) {
   ExtentMemory m;
+  const std::size_t hcap = (cap + os::kHugePageSize - 1) / os::kHugePageSize * os::kHugePageSize;
+  if (huge && cap >= os::kHugePageSize && hcap <= shm::kMaxExtentSize) {
+    // Any failure (no hugetlbfs, too few free huge pages: fallocate's ENOSPC) falls through to
+    // 4 KiB pages. The pages exist already (fallocate): MAP_POPULATE only maps them.
+    if (auto fd = os::make_hugetlb_memfd("mbmq-extent", hcap)) {
+      if (auto map =
+              os::Mapping::map_shared(fd->get(), hcap, os::Access::ReadWrite, os::Prefault::Yes)) {
+        m.fd = std::move(*fd);
+        m.map = std::move(*map);
+        m.huge = true;
+        return m;
+      }
+    }
+  }
   m.fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
   m.map =
       MBMQ_TRY(os::Mapping::map_shared(m.fd.get(), cap, os::Access::ReadWrite, os::Prefault::Huge));
@@ -102,6 +118,7 @@ std::uint32_t BufferTable::free_own(BufferId id) noexcept {
     x.map.reset();
     x.fd.reset();
     x.sealed = false;
+    x.huge = false;
     x.state = OwnState::Free;
     free_ext_.push_back(e);  // capacity reserved at construction: no allocation
     return hint;

@@ -52,6 +52,7 @@ struct OwnExtent {
   os::UniqueFd fd;
   os::Mapping map;  // shared read-write; copy-on-write once sealed (P3c)
   bool sealed = false;
+  bool huge = false;  // made on hugetlbfs for a sealed send (BufferTable::make_extent_memory)
   std::vector<std::byte> shadow;  // untrusted ends: the private copy of a reply (P5b)
 };
 
@@ -98,8 +99,9 @@ class BufferTable {
     std::uint32_t capacity = 0;
   };
   // A slot if size fits one, else an extent (a new sealed-size memfd, mapped and prefaulted).
-  // Errc::NoBuffers: the pool or the extent table is full.
-  Result<Allocated> alloc(std::size_t size);
+  // to_seal: an extent that will be sent sealed (P3c), on huge pages if the kernel has them (see
+  // make_extent_memory). Errc::NoBuffers: the pool or the extent table is full.
+  Result<Allocated> alloc(std::size_t size, bool to_seal = false);
   OwnState* own_state(BufferId id) noexcept;  // nullptr: not one of ours
   // For an id own_state() accepts:
   std::uint32_t own_gen(BufferId id) const noexcept;
@@ -128,11 +130,19 @@ class BufferTable {
   // end: the bound is one extent of the last sealed size. It is ours only, mapped only by us,
   // unsealed; sealing it later is P3c's (the kernel refuses F_SEAL_WRITE while any writable
   // mapping of it exists, so a mapping kept elsewhere makes the send go through a fresh copy).
+  //
+  // huge (an extent to be sealed, of 2 MiB or more): a hugetlb memfd (MFD_HUGETLB, 2 MiB pages,
+  // the capacity rounded up to 2 MiB, every page allocated up front by fallocate) where the
+  // kernel's pool (vm.nr_hugepages) has enough free pages; else, silently, 4 KiB pages as
+  // always. A 16 MiB extent is then 8 page-table entries: preparing it and the unmap/seal/map of
+  // the sealed send cost a fraction of 4096 pages' (README, #16). Only sealed sends use it: an
+  // untrusted peer answers an unsealed extent with pwrite(), which hugetlbfs does not support.
   struct ExtentMemory {
     os::UniqueFd fd;
     os::Mapping map;
+    bool huge = false;
   };
-  static Result<ExtentMemory> make_extent_memory(std::size_t cap);
+  static Result<ExtentMemory> make_extent_memory(std::size_t cap, bool huge = false);
   bool wants_spare(std::size_t cap) const noexcept { return spare_.map.size() != cap; }
   void put_spare(ExtentMemory m) noexcept { spare_ = std::move(m); }
   std::size_t spare_capacity() const noexcept { return spare_.map.size(); }

@@ -140,7 +140,10 @@ Result<Buffer> Endpoint::alloc_once(std::size_t size) {
   EpState s = state_.load(std::memory_order_acquire);
   if (s != EpState::Open) return fail(closed_errc(s), "Channel::buffer");
   harvest_locked(size);
-  const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size));
+  // (P3c) An extent that will go sealed may live on huge pages (BufferTable::make_extent_memory).
+  const bool to_seal =
+      size <= shm::kMaxExtentSize && trust_.must_seal(static_cast<std::uint32_t>(size));
+  const BufferTable::Allocated a = MBMQ_TRY(table_.alloc(size, to_seal));
   Buffer b;
   fill_own_locked(b, a, size);
   return b;

@@ -49,8 +49,10 @@ bool Endpoint::backing(const Buffer& b, int* fd, std::uint64_t* offset) const {
 int Endpoint::extent_fd_for_test(const Buffer& b) const {
   os::LockGuard lock(mu_);
   const BufferId id = BufferId::from_wire(b.id_);
-  if (b.ep_.get() != this || !id.is_extent() || b.origin_ != Buffer::Origin::Own) return -1;
-  return table_.own_extent(id).fd.get();
+  if (b.ep_.get() != this || !id.is_extent()) return -1;
+  if (b.origin_ == Buffer::Origin::Own) return table_.own_extent(id).fd.get();
+  const PeerExtent* pe = table_.peer_extent(id);
+  return b.origin_ == Buffer::Origin::Peer && pe != nullptr ? pe->fd.get() : -1;
 }
 
 Status Endpoint::forge_extent_request_for_test(int fd, std::uint32_t gen, std::uint32_t size,

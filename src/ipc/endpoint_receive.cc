@@ -127,6 +127,7 @@ Endpoint::Accepted Endpoint::accept_back(const Desc& d, const Buffer* call_buf,
     x.fd = std::move(rfd);
     x.map = std::move(rmap);
     x.sealed = rsealed;
+    x.huge = false;  // the peer's memfd, whatever it is: not one we chose huge pages for
     x.gen = table_.take_extent_gen();
     x.sent_gen = 0;
   }
@@ -380,7 +381,7 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
     // (P3c) The sealed extent cannot be written again: while the peer reads it, prepare the fresh
     // pages the next sealed request will need (BufferTable::wants_spare), outside mu_. A failure
     // only means the next one is made when needed.
-    if (auto m = BufferTable::make_extent_memory(spare)) {
+    if (auto m = BufferTable::make_extent_memory(spare, /*huge=*/true)) {
       os::LockGuard lock(mu_);
       table_.put_spare(std::move(*m));
     }

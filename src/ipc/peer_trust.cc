@@ -2,6 +2,7 @@
 #include "ipc/peer_trust.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <new>
 #include <vector>
@@ -14,6 +15,27 @@ namespace mbmq::detail {
 namespace {
 std::uint32_t page_round(std::uint32_t n) {
   return static_cast<std::uint32_t>((std::uint64_t{n} + 4095) / 4096 * 4096);
+}
+
+// A private, writable view of the first `size` bytes of an immutable memfd (P3c, P5):
+// copy-on-write, which allocates nothing until written. On hugetlbfs a MAP_PRIVATE mapping
+// reserves huge pages for its whole length when it is made (so that a copy-on-write fault can
+// never SIGBUS: MAP_NORESERVE would allow exactly that), and fails with ENOMEM when the pool has
+// not that many free. Then: a private copy of its first `bytes` bytes in anonymous memory (one
+// pread, what the copy path costs), if the file holds at least that many bytes of huge pages: a
+// sparse file's holes would be zeros allocated for nothing, so a peer can make us copy no more
+// than it holds itself. Else the mapping's error.
+Result<os::Mapping> sealed_view(int fd, std::size_t size, std::size_t bytes) {
+  auto m = os::Mapping::map_shared(fd, size, os::Access::CopyOnWrite);
+  if (m || m.error().code != Errc::System || m.error().sys_errno != ENOMEM || !os::is_hugetlb(fd))
+    return m;
+  bytes = std::min(bytes, size);
+  auto info = os::file_info(fd);
+  if (!info || info->allocated < bytes) return m;
+  auto copy = MBMQ_TRY(os::Mapping::anonymous(size));
+  if (bytes > 0 && MBMQ_TRY(os::pread_full(fd, {copy.data(), bytes}, 0)) != bytes)
+    return fail(Errc::Protocol, "sealed extent shorter than its payload");
+  return copy;
 }
 }  // namespace
 
@@ -45,9 +67,11 @@ const char* PeerTrust::map_extent_fd(int fd, bool announced_sealed, os::Access u
     return "extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
   auto fsize = os::file_size(fd);
   if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "extent size";
-  // Immutable: copy-on-write (no writable shared mapping of it can exist). Faulted in as far as
-  // the payload only: the file may be a sparse 4 GiB (the peer budget).
-  auto m = os::Mapping::map_shared(fd, *fsize, *sealed ? os::Access::CopyOnWrite : unsealed_access);
+  // Immutable: copy-on-write (no writable shared mapping of it can exist), or on hugetlbfs, when
+  // the pool is short, a private copy of the payload (sealed_view). Faulted in as far as the
+  // payload only: the file may be a sparse 4 GiB (the peer budget).
+  auto m = *sealed ? sealed_view(fd, *fsize, payload)
+                   : os::Mapping::map_shared(fd, *fsize, unsealed_access);
   if (!m) return "extent mmap failed";
   m->populate(payload);
   *map = std::move(*m);
@@ -100,14 +124,13 @@ bool PeerTrust::shadowed(const Buffer& b) const noexcept {
 }
 
 Status PeerTrust::fresh_extent(OwnExtent& x, const std::byte* src, std::size_t size,
-                               std::size_t cap) {
+                               std::size_t cap, bool huge) {
   MBMQ_ASSERT(size <= cap);
-  auto fd = MBMQ_TRY(os::make_sealed_memfd("mbmq-extent", cap));
-  auto map =
-      MBMQ_TRY(os::Mapping::map_shared(fd.get(), cap, os::Access::ReadWrite, os::Prefault::Huge));
-  if (size > 0) std::memcpy(map.data(), src, size);
-  x.fd = std::move(fd);
-  x.map = std::move(map);
+  auto m = MBMQ_TRY(BufferTable::make_extent_memory(cap, huge));
+  if (size > 0) std::memcpy(m.map.data(), src, size);
+  x.fd = std::move(m.fd);
+  x.map = std::move(m.map);
+  x.huge = m.huge;
   x.sealed = false;
   x.gen = table_.take_extent_gen();
   x.sent_gen = 0;
@@ -125,8 +148,8 @@ Status PeerTrust::seal_extent(OwnExtent& x, std::size_t size) {
     // and the caller drops the buffer.
     auto seals = os::get_seals(x.fd.get());
     const bool immutable = seals && (*seals & os::kSealsImmutable) == os::kSealsImmutable;
-    auto m = os::Mapping::map_shared(x.fd.get(), cap,
-                                     immutable ? os::Access::CopyOnWrite : os::Access::ReadWrite);
+    auto m = immutable ? sealed_view(x.fd.get(), cap, size)
+                       : os::Mapping::map_shared(x.fd.get(), cap, os::Access::ReadWrite);
     if (m) {
       x.map = std::move(*m);
       if (immutable && !x.sealed) {
@@ -143,11 +166,12 @@ Status PeerTrust::seal_unmapped(OwnExtent& x, std::size_t cap, std::size_t size)
   if (!os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal)) {
     // Someone else still maps it writable (or it may not be sealed): seal a fresh copy instead.
     auto back = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::ReadOnly));
-    MBMQ_TRY(fresh_extent(x, back.data(), size, cap));
+    MBMQ_TRY(fresh_extent(x, back.data(), size, cap, /*huge=*/true));
+    cap = x.map.size();
     x.map.reset();
     MBMQ_TRY(os::add_seals(x.fd.get(), os::kSealWrite | os::kSealSeal));
   }
-  x.map = MBMQ_TRY(os::Mapping::map_shared(x.fd.get(), cap, os::Access::CopyOnWrite));
+  x.map = MBMQ_TRY(sealed_view(x.fd.get(), cap, size));
   x.sealed = true;
   x.gen = table_.take_extent_gen();
   x.sent_gen = 0;
@@ -167,9 +191,11 @@ Status PeerTrust::prepare_send(Buffer& b) {
   }
   OwnExtent& x = table_.own_extent(id);
   const bool view = b.data_ == x.map.data();
-  if (x.sealed) {
-    // Its bytes are in our private view (or a private copy): they go out in a fresh extent.
-    MBMQ_TRY(fresh_extent(x, b.data_, b.size_, x.map.size()));
+  if (x.sealed || (x.huge && !must_seal(b.size_))) {
+    // Sealed: its bytes are in our private view (or a private copy): they go out in a fresh
+    // extent. On huge pages but no longer to be sealed (resized below copy_threshold): 4 KiB
+    // pages, which an untrusted peer can answer with pwrite() (hugetlbfs has no write()).
+    MBMQ_TRY(fresh_extent(x, b.data_, b.size_, x.map.size(), must_seal(b.size_)));
     if (view) b.data_ = x.map.data();  // the view was the old mapping, now gone
   } else if (shadowed(b)) {
     std::memcpy(x.map.data(), b.data_, b.size_);

@@ -93,9 +93,11 @@ class PeerTrust {
   std::byte* slot_shadow(std::uint32_t id) const noexcept {
     return slot_shadow_.get() + std::size_t{id} * slot_size_;
   }
-  // x gets a fresh memfd of `cap` bytes holding `size` bytes of src, unsealed, at a new
+  // x gets a fresh memfd of `cap` bytes (huge: on huge pages if possible, the capacity rounded up
+  // to 2 MiB; BufferTable::make_extent_memory) holding `size` bytes of src, unsealed, at a new
   // generation. On failure x is unchanged.
-  Status fresh_extent(OwnExtent& x, const std::byte* src, std::size_t size, std::size_t cap);
+  Status fresh_extent(OwnExtent& x, const std::byte* src, std::size_t size, std::size_t cap,
+                      bool huge);
   // Makes x immutable (P3c), through a fresh one if needed. On failure x is mapped again if at
   // all possible (x.map.valid() says whether its bytes are still reachable).
   Status seal_extent(OwnExtent& x, std::size_t size);

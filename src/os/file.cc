@@ -46,6 +46,7 @@ Result<FileInfo> file_info(int fd) {
   i.regular = S_ISREG(st.st_mode);
   i.directory = S_ISDIR(st.st_mode);
   i.size = static_cast<std::uint64_t>(st.st_size);
+  i.allocated = static_cast<std::uint64_t>(st.st_blocks) * 512;
   i.mtime_s = st.st_mtim.tv_sec;
   return i;
 }

@@ -33,6 +33,7 @@ struct FileInfo {
   bool regular = false;
   bool directory = false;
   std::uint64_t size = 0;
+  std::uint64_t allocated = 0;  // bytes of storage the file holds (st_blocks * 512)
   std::int64_t mtime_s = 0;
 };
 Result<FileInfo> file_info(int fd);  // fstat

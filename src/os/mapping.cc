@@ -42,6 +42,18 @@ Result<Mapping> Mapping::map(int fd, std::uint64_t offset, std::size_t size, Acc
   return m;
 }
 
+Result<Mapping> Mapping::anonymous(std::size_t size) {
+  if (size == 0) return fail(Errc::InvalidArgument, "mmap: empty");
+  if (injected(Fault::Mmap)) return fail(Error::from_syscall("mmap", fault_errno(Fault::Mmap)));
+  count_syscall();
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return fail(Error::from_syscall("mmap(MAP_ANONYMOUS)", errno));
+  Mapping m;
+  m.addr_ = p;
+  m.size_ = size;
+  return m;
+}
+
 void Mapping::populate(std::size_t bytes) noexcept {
   if (addr_ == nullptr || bytes == 0) return;
   const std::size_t len = std::min(size_, (bytes + 4095) / 4096 * 4096);

@@ -37,6 +37,10 @@ class Mapping {
   static Result<Mapping> map(int fd, std::uint64_t offset, std::size_t size, Access access,
                              Prefault prefault = Prefault::No);
 
+  // `size` bytes of private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS, read-write, zeroed,
+  // allocated as touched).
+  static Result<Mapping> anonymous(std::size_t size);
+
   // Faults in the first `bytes` bytes now (MADV_POPULATE_READ; a hint, errors ignored): a peer's
   // extent is populated as far as its payload, never the whole file (a sparse 4 GiB memfd would
   // make us allocate 4 GiB).

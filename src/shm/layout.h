@@ -45,6 +45,10 @@
 //       Fresh pages: a call() that sent a sealed extent prepares one spare extent of that size
 //       while it waits (ipc/buffer_table.h wants_spare); it is sealed like any other, so only
 //       once no writable mapping of it is left (the kernel refuses F_SEAL_WRITE before that).
+//       An extent of 2 MiB or more made to be sealed (and the spare) is a hugetlb memfd, its size
+//       a multiple of 2 MiB, where the kernel's pool has the pages (else a 4 KiB memfd): nothing
+//       in the protocol changes, the receiver's checks are the same. A copy-on-write view of a
+//       hugetlb file reserves huge pages; where the pool cannot, that end reads a private copy.
 //       copy_threshold 0 with a side untrusted means kDefaultCopyThreshold (64 MiB).
 //  (P4) Wake: seq_cst fence, then load consumer_sleeping. If set, bump the consumer's `doorbell`
 //       word and FUTEX_WAKE it. A consumer redirected to a queue (doorbell_gen != 0) is woken
