@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <new>
 
 #include "net/core.h"
 #include "os/futex.h"
@@ -189,11 +190,21 @@ void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
       deferred_count.store(deferred.size(), std::memory_order_relaxed);
     }
     // The page faults and zeroing, unlocked. Destroyed unlocked too, if not received into.
-    std::vector<std::byte> bytes(d.n);
+    std::vector<std::byte> bytes;
+    bool no_memory = false;
+    try {
+      bytes.resize(d.n);
+    } catch (const std::bad_alloc&) {  // (some callers are destructors: nothing may escape)
+      no_memory = true;
+    }
     os::LockGuard lock(mu);
     ChannelCore* ch = find_locked(this, d.ep);
-    if (ch == nullptr || ch != d.ch) {  // closed meanwhile: the payload is dropped
+    if (ch == nullptr || ch != d.ch || no_memory) {  // closed meanwhile: the payload is dropped
       u->ucp_am_data_release(worker, d.desc);
+      if (ch != nullptr && ch == d.ch) {
+        ch->assert_held();
+        ch->fail_locked(Errc::System, "net: no memory for a received payload");
+      }
       continue;
     }
     ch->assert_held();
