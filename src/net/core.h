@@ -174,7 +174,9 @@ class WorkerCore {
   // steps. On TCP one step of a large rendezvous moves megabytes (recv()/sendmsg() of up to
   // 4 MiB: 1-15 ms on this VM): 64 of them under the lock held every other channel of the worker
   // up for 20-30 ms.
-  void progress_locked(const void* mine = nullptr) const MBMQ_REQUIRES(mu);
+  // Returns whether it had events (the caller then hands the lock over, if wanted, before it
+  // takes it again: hand_over()).
+  bool progress_locked(const void* mine = nullptr) const MBMQ_REQUIRES(mu);
   // Called unlocked by a thread that progressed the worker and is about to take mu again: if a
   // thread waits for mu, lets it take mu first (WorkerMutex::hand_over).
   void hand_over() MBMQ_EXCLUDES(mu) { mu.hand_over(); }
@@ -551,15 +553,18 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
                                                                 : policy.spin.count();
   const std::int64_t start = monotonic_ns();
   std::uint32_t looks = 0;
+  bool busy = false;  // our last progress had events
   for (;;) {
-    hand_over();  // a thread waiting for mu takes it before we do again
+    // Busy (a large transfer): a thread waiting for mu takes it before we do again. Not when
+    // idle: waking gen sleepers would then switch twice as often.
+    if (busy) hand_over();
     bool poller = false;
     std::uint32_t seen = 0;
     int verdict = -1;  // decided: 1 done, 0 the deadline; -1 go on
     bool again = false;
     {
       os::LockGuard lock(mu);
-      progress_locked(waiter);
+      busy = progress_locked(waiter);
       if (done()) {
         verdict = 1;
       } else if (deferred_count.load(std::memory_order_relaxed) != 0 &&
@@ -607,7 +612,7 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
       poller_asleep = false;
       poller_for = nullptr;
       poller_waking = true;  // our own progress next is not a theft (W2)
-      progress_locked(waiter);
+      busy = progress_locked(waiter);
       poller_waking = false;
       // Leaving with done(), the role passes on in run_until (W3); else we poll again.
       finished = done();
