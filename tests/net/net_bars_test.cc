@@ -487,10 +487,11 @@ TEST(MBMQ_BARS, ServersInAnotherNamespaceKilledMidCallLeakNothingInTheClient) {
 // 0.011 ms in one; (3) max 119-140 ms.
 // (3) since 2026-12-01 (net: a large transfer on one channel no longer holds up ...): the 64 MiB
 // receive vector is allocated outside the worker's lock, and the progress loop gives the lock to
-// a waiting thread. Interleaved with the build before it, on the busy 2-vCPU VM: max 61-86 ms
-// before, 17-23 ms after (p99 8.7-14.9 ms before, 5.8-6.5 ms after); 16-35 ms in 14 further runs.
-// Not asserted: a thread descheduled with the lock held (seen: 22 ms held for 2.6 ms of CPU) or a
-// quiet-phase hiccup (phase (1) once saw 152 ms) overlaps the old code's range (38-91 ms).
+// a waiting thread. Interleaved with the build before it, on the busy 2-vCPU VM (4 runs each):
+// max 55-77 ms before, 11.5-14.0 ms after (p99 7.7-8.3 ms before, 6.0-6.9 ms after); an earlier
+// set 61-86 ms before, 17-23 ms after; 13-35 ms in 19 further runs. Not asserted: a thread
+// descheduled with the lock held (seen: 22 ms held for 2.6 ms of CPU) or a quiet-phase hiccup
+// (phase (1) once saw 152 ms) overlaps the old code's range (38-91 ms).
 TEST(MBMQ_BARS, SmallCallsBesideA64MiBTransferOnOneListenerAreMeasured) {
   ::setenv("UCX_TLS", "tcp", 1);
   constexpr std::size_t kBig = 64u << 20;
