@@ -213,7 +213,7 @@ void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
   }
 }
 
-bool WorkerCore::progress_locked(const void* mine) const {
+bool WorkerCore::progress_locked(const void* mine, bool* stopped_early) const {
   // Bounded: a large rendezvous keeps ucp_worker_progress returning non-zero for its whole
   // length, and other threads (other channels' callers) wait for mu meanwhile (net/core.h).
   poller_news = false;
@@ -239,6 +239,7 @@ bool WorkerCore::progress_locked(const void* mine) const {
       break;
   }
   progress_for = nullptr;
+  if (stopped_early != nullptr) *stopped_early = more;
   if (events == 0) return false;
   if (gen_sleepers > 0) wake_gen_locked();  // (W1)
   // (W2) Only for news of what the poller waits on (net/core.h says why no wake-up is lost): a
