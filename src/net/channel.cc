@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <new>
 
 #include "net/core.h"
 #include "os/futex.h"
@@ -121,8 +122,8 @@ ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, voi
     ch->on_other_version_locked(h);
     return UCS_OK;
   }
-  ch->on_am_locked(h, data, length, param);
-  return UCS_OK;
+  // A rendezvous payload whose vector is allocated outside the lock: UCX keeps the descriptor.
+  return ch->on_am_locked(h, data, length, param) ? UCS_INPROGRESS : UCS_OK;
 }
 
 }  // namespace
@@ -165,15 +166,63 @@ Result<std::shared_ptr<WorkerCore>> WorkerCore::make(const Ucx* u) {
 
 WorkerCore::~WorkerCore() {
   // In a forked child UCX must not be touched: the worker is left as it is.
-  if (worker != nullptr && ucx_usable()) u->ucp_worker_destroy(worker);
+  if (worker == nullptr || !ucx_usable()) return;
+  {
+    os::LockGuard lock(mu);
+    for (const Deferred& d : deferred) u->ucp_am_data_release(worker, d.desc);
+    deferred.clear();
+  }
+  u->ucp_worker_destroy(worker);
 }
 
-void WorkerCore::progress_locked() const {
+void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
+  for (;;) {
+    Deferred d{};
+    {
+      os::LockGuard lock(mu);
+      auto it = std::find_if(deferred.begin(), deferred.end(), [&](const Deferred& e) {
+        assert_held();
+        return e.ch == mine || (ownerless && !waited_on_locked(e.ch));
+      });  // as takes_deferred_locked()
+      if (it == deferred.end()) return;
+      d = *it;
+      deferred.erase(it);
+      deferred_count.store(deferred.size(), std::memory_order_relaxed);
+    }
+    // The page faults and zeroing, unlocked. Destroyed unlocked too, if not received into.
+    std::vector<std::byte> bytes;
+    bool no_memory = false;
+    try {
+      bytes.resize(d.n);
+    } catch (const std::bad_alloc&) {  // (some callers are destructors: nothing may escape)
+      no_memory = true;
+    }
+    os::LockGuard lock(mu);
+    ChannelCore* ch = find_locked(this, d.ep);
+    if (ch == nullptr || ch != d.ch || no_memory) {  // closed meanwhile: the payload is dropped
+      u->ucp_am_data_release(worker, d.desc);
+      if (ch != nullptr && ch == d.ch) {
+        ch->assert_held();
+        ch->fail_locked(Errc::System, "net: no memory for a received payload");
+      }
+      continue;
+    }
+    ch->assert_held();
+    // Done at once (not inside a progress): its waiter is woken here (W2 (d)).
+    if (ch->start_recv_locked(d.hdr, d.desc, std::move(bytes), d.n)) wake_waiters_locked(ch);
+  }
+}
+
+bool WorkerCore::progress_locked(const void* mine, bool* stopped_early) const {
   // Bounded: a large rendezvous keeps ucp_worker_progress returning non-zero for its whole
-  // length, and other threads (other channels' callers) wait for mu meanwhile.
+  // length, and other threads (other channels' callers) wait for mu meanwhile (net/core.h).
   poller_news = false;
+  progress_for = mine;
+  progress_news = false;
+  others_news = false;
   unsigned events = 0;
-  bool more = true;  // stopped at the bound: the transports may hold more (W2 (b))
+  bool more = true;  // stopped before the transports ran dry: they may hold more (W2 (b))
+  std::int64_t start = 0;
   for (int i = 0; i < 64; ++i) {
     const unsigned n = u->ucp_worker_progress(worker);
     if (n == 0) {
@@ -181,14 +230,34 @@ void WorkerCore::progress_locked() const {
       break;
     }
     events += n;
+    // News for the caller or for another waiter, or a thread waiting for the lock: stop now.
+    if (progress_news || others_news || mu.contended()) break;
+    const std::int64_t now = monotonic_ns();
+    if (start == 0)
+      start = now;
+    else if (now - start >= 1'000'000)
+      break;
   }
-  if (events == 0) return;
+  progress_for = nullptr;
+  if (stopped_early != nullptr) *stopped_early = more;
+  if (events == 0) return false;
   if (gen_sleepers > 0) wake_gen_locked();  // (W1)
   // (W2) Only for news of what the poller waits on (net/core.h says why no wake-up is lost): a
   // busy channel beside an idle poller no longer costs a syscall (and the poller a futile wake)
   // per event.
   if (poller_asleep && !poller_waking && (poller_news || more)) (void)u->ucp_worker_signal(worker);
+  return true;
 }
+
+void WorkerMutex::hand_over() noexcept {
+  if (!contended()) return;
+  handing_.fetch_add(1);
+  const std::uint32_t seen = acquired_.load();
+  if (contended()) (void)os::futex_wait(&acquired_, seen, 2'000'000);
+  handing_.fetch_sub(1);
+}
+
+void WorkerMutex::wake_handing() noexcept { (void)os::futex_wake(&acquired_, INT_MAX); }
 
 void WorkerCore::wake_waiters_locked(const void* what) const {
   if (gen_sleepers > 0) wake_gen_locked();
@@ -331,6 +400,14 @@ Error ChannelCore::closed_error_locked(const char* op) {
 void* ChannelCore::close_ep_locked(Close how) {
   if (ep_ == nullptr) return nullptr;
   w_->eps.erase(ep_);
+  // Our payloads still waiting for a vector (WorkerCore::Deferred) are dropped.
+  std::erase_if(w_->deferred, [&](const WorkerCore::Deferred& d) {
+    if (d.ch != this) return false;
+    w_->assert_held();
+    w_->u->ucp_am_data_release(w_->worker, d.desc);
+    return true;
+  });
+  w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = how == Close::Force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
@@ -408,6 +485,14 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
 // Below this a vector comes from malloc's heap, already mapped: nothing to save.
 constexpr std::size_t kSpareMin = std::size_t{64} << 10;
 
+// From this size on, a payload with no spare vector to land in has its vector allocated outside
+// the worker's lock (WorkerCore::Deferred): 1 MiB is 256 page faults, some 0.3-1 ms here.
+constexpr std::size_t kDeferMin = std::size_t{1} << 20;
+
+bool WorkerCore::needs_fresh_locked(std::size_t n) const {
+  return n >= kDeferMin && (n > spare.capacity() || n < spare.capacity() / 2);
+}
+
 void WorkerCore::recycle_locked(std::vector<std::byte>&& v) {
   if (v.capacity() > kSpareMin && v.capacity() > spare.capacity()) spare = std::move(v);
 }
@@ -434,7 +519,7 @@ void ChannelCore::on_hello_ack_sent_locked() { hello_ack_sent_ = true; }
 
 bool ChannelCore::acceptable_locked() const { return hello_ack_sent_ || state_ != State::Open; }
 
-void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t length,
+bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t length,
                                const ucp_am_recv_param_t* param) {
   const auto kind = static_cast<WireKind>(h.kind);
   last_rx_ns_ = monotonic_ns();
@@ -446,82 +531,119 @@ void ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
           ? (kind == WireKind::Request || kind == WireKind::Message || kind == WireKind::Reply ||
              kind == WireKind::Bye || kind == WireKind::Heartbeat || kind == WireKind::Credit)
           : false;
-  if (!ok) return fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
+  if (!ok) {
+    fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
+    return false;
+  }
   // Sizes, checked before anything is allocated (a rendezvous payload is not received yet): a
   // hello is a grant and a service name of 1-255 bytes (a client not yet accepted must not make
   // us allocate up to max_message), a HelloAck a grant, the control kinds nothing.
   switch (kind) {
     case WireKind::Hello:
-      if (length < kMinHello || length > kMaxHello)
-        return fail_locked(Errc::Protocol, "net: a hello is not a grant and a 1-255 byte name");
+      if (length < kMinHello || length > kMaxHello) {
+        fail_locked(Errc::Protocol, "net: a hello is not a grant and a 1-255 byte name");
+        return false;
+      }
       break;
     case WireKind::HelloAck:
-      if (length != sizeof(Grant))
-        return fail_locked(Errc::Protocol, "net: a hello's answer without its grant");
+      if (length != sizeof(Grant)) {
+        fail_locked(Errc::Protocol, "net: a hello's answer without its grant");
+        return false;
+      }
       break;
     case WireKind::Bye:
     case WireKind::Heartbeat:
     case WireKind::Credit:
-      if (length != 0) return fail_locked(Errc::Protocol, "net: a control message with a payload");
+      if (length != 0) {
+        fail_locked(Errc::Protocol, "net: a control message with a payload");
+        return false;
+      }
       break;
     default:
       break;
   }
-  if (length > my_limit_) return fail_locked(Errc::Protocol, "net: payload above our limit");
+  if (length > my_limit_) {
+    fail_locked(Errc::Protocol, "net: payload above our limit");
+    return false;
+  }
   if (kind == WireKind::Reply) {
     // (F4) A reply gives back its request's credit, late or not: 1 message, `limit` bytes.
     if (call_seq_ != 0 && h.seq == call_seq_) {
       // The call in flight: one reply, giving back at most what its request took.
-      if (call_replied_) return fail_locked(Errc::Protocol, "net: a second reply to one call");
-      if (h.limit > call_bytes_)
-        return fail_locked(Errc::Protocol, "net: a reply gave back more than its request took");
+      if (call_replied_) {
+        fail_locked(Errc::Protocol, "net: a second reply to one call");
+        return false;
+      }
+      if (h.limit > call_bytes_) {
+        fail_locked(Errc::Protocol, "net: a reply gave back more than its request took");
+        return false;
+      }
       call_replied_ = true;
     }
-    if (!take_back_locked(1, h.limit)) return;
+    if (!take_back_locked(1, h.limit)) return false;
     if (call_seq_ == 0 || h.seq != call_seq_) {
-      if (h.seq != 0 && h.seq < next_seq_ + 1) return;  // the late reply of a timed-out call
-      return fail_locked(Errc::Protocol, "net: a reply to no call");
+      if (h.seq != 0 && h.seq < next_seq_ + 1) return false;  // the late reply of a timed-out call
+      fail_locked(Errc::Protocol, "net: a reply to no call");
+      return false;
     }
   }
   if (kind == WireKind::Credit) {
     (void)take_back_locked(h.seq, h.limit);  // (F5) one-way messages received by the peer's app
-    return;
+    return false;
   }
-  if (kind == WireKind::Bye) return fail_locked(Errc::PeerClosed, "net: the peer closed");
-  if (kind == WireKind::Heartbeat) return;
+  if (kind == WireKind::Bye) {
+    fail_locked(Errc::PeerClosed, "net: the peer closed");
+    return false;
+  }
+  if (kind == WireKind::Heartbeat) return false;
   if (kind == WireKind::Request || kind == WireKind::Message) {
     // (F3) Within what we granted, or the peer is closed here: before its payload is received (a
     // rendezvous one is never fetched) or copied (an eager one, which UCX has assembled already).
     // The "rx_bytes_ != 0" mirrors the sender's rule: one message alone may exceed the bytes.
     if (rx_msgs_ + 1 > my_grant_.messages ||
-        (rx_bytes_ != 0 && rx_bytes_ + length > my_grant_.bytes))
-      return fail_locked(Errc::Protocol,
-                         "net: the peer sent beyond the credit we granted (flow control)");
+        (rx_bytes_ != 0 && rx_bytes_ + length > my_grant_.bytes)) {
+      fail_locked(Errc::Protocol, "net: the peer sent beyond the credit we granted (flow control)");
+      return false;
+    }
     ++rx_msgs_;
     rx_bytes_ += length;
   }
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
     // The receiver chooses where the payload lands: a buffer of ours, given to the application.
-    auto* op = new RecvOp{w_.get(), ep_, h, w_->take_spare_locked(length), length};
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    p.cb.recv_am = recv_done;
-    p.user_data = op;
-    ucs_status_ptr_t r =
-        w_->u->ucp_am_recv_data_nbx(w_->worker, data, op->bytes.data(), length, &p);
-    if (r == nullptr) {
-      on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
-      delete op;
-    } else if (UCS_PTR_IS_ERR(r)) {
-      delete op;
-      fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_recv_data_nbx failed");
+    // A large one with no spare vector to reuse: allocated outside the lock (WorkerCore::Deferred).
+    if (w_->needs_fresh_locked(length)) {
+      w_->deferred.push_back({this, ep_, h, data, length});
+      w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
+      return true;
     }
-    return;
+    start_recv_locked(h, data, w_->take_spare_locked(length), length);
+    return false;
   }
   // Eager: UCX's bounce buffer, valid during this callback only: one copy.
   std::vector<std::byte> bytes = w_->take_spare_locked(length);
   if (length != 0) std::memcpy(bytes.data(), data, length);
   on_recv_done_locked(h, std::move(bytes), length);
+  return false;
+}
+
+bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector<std::byte>&& bytes,
+                                    std::size_t n) {
+  auto* op = new RecvOp{w_.get(), ep_, h, std::move(bytes), n};
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.recv_am = recv_done;
+  p.user_data = op;
+  ucs_status_ptr_t r = w_->u->ucp_am_recv_data_nbx(w_->worker, desc, op->bytes.data(), n, &p);
+  if (r == nullptr) {
+    on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
+    delete op;
+    return true;
+  }
+  if (UCS_PTR_IS_ERR(r)) {
+    delete op;
+    fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_recv_data_nbx failed");
+  }
+  return false;
 }
 
 void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes,
@@ -619,14 +741,20 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
 
 Result<Buffer> ChannelCore::buffer(std::size_t size) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
-  os::LockGuard lock(w_->mu);
-  if (state_ != State::Open) return fail(closed_error_locked("net::Channel::buffer: closed"));
-  if (size > peer_limit_)
-    return fail(Errc::InvalidArgument, "net::Channel::buffer: above the peer's limit");
+  std::uint32_t limit = 0;
+  {
+    os::LockGuard lock(w_->mu);
+    if (state_ != State::Open) return fail(closed_error_locked("net::Channel::buffer: closed"));
+    if (size > peer_limit_)
+      return fail(Errc::InvalidArgument, "net::Channel::buffer: above the peer's limit");
+    limit = peer_limit_;
+  }
   Buffer b;
-  b.bytes_.resize(size);  // fresh: a recycled one would hold another payload's bytes
+  // Fresh (a recycled one would hold another payload's bytes), and unlocked: a 64 MiB vector's
+  // page faults took 50-70 ms, which held up the worker's other channels (a listener's).
+  b.bytes_.resize(size);
   b.size_ = size;
-  b.limit_ = peer_limit_;
+  b.limit_ = limit;
   b.valid_ = true;
   return b;
 }
@@ -695,10 +823,11 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
   const std::size_t n = buf.size_;
   for (bool waited = false;; waited = true) {
     {
+      const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
       if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
       // Credit may be in the worker already, not yet taken in: progress once before failing.
-      if (!can_send_locked(n) && !waited) w_->progress_locked();
+      if (!can_send_locked(n) && !waited) w_->progress_locked(this);
       if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
       if (can_send_locked(n)) {
         ++out_msgs_;  // (F2) the peer gives it back once its application has received it
@@ -809,6 +938,7 @@ void ChannelCore::close() noexcept {
   std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
   void* closing = nullptr;   // the close's request, waited on unlocked
   {
+    const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
     os::LockGuard lock(w_->mu);
     if (state_ == State::Open) {
       (void)send_locked(WireKind::Bye, 0, 0, 0, nullptr, 0, nullptr, false);
@@ -835,6 +965,7 @@ void ChannelCore::close() noexcept {
   const std::int64_t until = monotonic_ns() + 100'000'000;
   for (;;) {
     {
+      const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
       w_->progress_locked();  // with W1/W2: events for the worker's other waiters reach them
       if (w_->u->ucp_request_check_status(closing) != UCS_INPROGRESS) {

@@ -10,6 +10,8 @@
 
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -17,6 +19,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -75,6 +78,40 @@ inline std::vector<std::byte> hello_payload(Grant grant, std::string_view servic
 class ChannelCore;
 class ListenCore;
 
+// WorkerCore's lock: a mutex that knows whether a thread is waiting for it. The worker's
+// progress loop stops early for such a thread, and hands the lock to it (WorkerCore::
+// progress_locked, hand_over): a std::mutex released and retaken at once by a thread in a loop
+// is mostly retaken by that thread (measured: a listener's thread progressing a 64 MiB transfer
+// took it back 6 times in a row, one 1-4 ms progress step each, while a sibling channel's
+// thread waited 21 ms for it).
+class MBMQ_CAPABILITY("mutex") WorkerMutex {
+ public:
+  void lock() MBMQ_ACQUIRE() {
+    if (!mu_.try_lock()) {
+      waiting_.fetch_add(1, std::memory_order_relaxed);
+      mu_.lock();
+      waiting_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    // Written by the holder only; seq_cst against hand_over()'s (handing_, then acquired_).
+    acquired_.store(acquired_.load(std::memory_order_relaxed) + 1);
+    if (handing_.load() != 0) wake_handing();
+  }
+  void unlock() MBMQ_RELEASE() { mu_.unlock(); }
+  // Threads blocked in lock() (a hint: it may change at once).
+  bool contended() const noexcept { return waiting_.load(std::memory_order_relaxed) != 0; }
+  // Called unlocked: if a thread is blocked in lock(), sleeps until some thread has taken the
+  // lock since (at most 2 ms: a safety net). Sleeping, not yielding in a loop: on two busy vCPUs
+  // a yielding thread kept the CPU that the woken waiter needed.
+  void hand_over() noexcept;
+
+ private:
+  void wake_handing() noexcept;
+  std::mutex mu_;
+  std::atomic<int> waiting_{0};
+  std::atomic<std::uint32_t> acquired_{0};  // a futex word: bumped by each lock()
+  std::atomic<int> handing_{0};             // threads inside hand_over()
+};
+
 class WorkerCore {
  public:
   static Result<std::shared_ptr<WorkerCore>> make(const Ucx* u);
@@ -130,12 +167,32 @@ class WorkerCore {
   //      force-close's purge): that caller wakes the waiters itself (wake_waiters_locked; every
   //      failure goes through ChannelCore::fail_locked, which does).
   // The 20 ms caps of both sleeps stay as a safety net.
-  void progress_locked() const MBMQ_REQUIRES(mu);
+  //
+  // The loop also stops (with `more`) as soon as a step brought news for `mine` (the caller's
+  // channel or listener: it returns at once), news for another waiter (so that W1/W2 wake it
+  // now, not after the loop), a thread waiting for mu (hand_over() below), or after 1 ms of
+  // steps. On TCP one step of a large rendezvous moves megabytes (recv()/sendmsg() of up to
+  // 4 MiB: 1-15 ms on this VM): 64 of them under the lock held every other channel of the worker
+  // up for 20-30 ms.
+  // Returns whether it had events (the caller then hands the lock over, if wanted, before it
+  // takes it again: hand_over()); *stopped_early: it stopped before the transports ran dry (the
+  // caller progresses again before it arms the event fd: arming a worker with work left was
+  // never done before these stops, and UCX 1.13's tcp wireup to a vanished client then
+  // asserted in 3 of 349 runs of Review19.ClientsGivingUpAtOnceInAnotherProcess...).
+  bool progress_locked(const void* mine = nullptr, bool* stopped_early = nullptr) const
+      MBMQ_REQUIRES(mu);
+  // Called unlocked by a thread that progressed the worker and is about to take mu again: if a
+  // thread waits for mu, lets it take mu first (WorkerMutex::hand_over).
+  void hand_over() MBMQ_EXCLUDES(mu) { mu.hand_over(); }
   // (W2) Called by UCX's callbacks (inside progress_locked) when they change what a waiter on
   // `what` reads in its done(): a channel's inbox, reply, send, credit or state (`what`: that
   // ChannelCore), a listener's ready or dropped connections (the ListenCore); nullptr: unknown.
   void news_locked(const void* what) const MBMQ_REQUIRES(mu) {
     if (what == nullptr || poller_for == nullptr || what == poller_for) poller_news = true;
+    if (what == nullptr || what == progress_for)
+      progress_news = true;
+    else
+      others_news = true;
   }
   // (W2 (d)) State a waiter on `what` reads changed outside a progress: wakes the gen sleepers
   // and, if it may be waiting on `what`, the poller.
@@ -144,7 +201,7 @@ class WorkerCore {
   void assert_held() const MBMQ_ASSERT_CAPABILITY(mu) {}
 
   const Ucx* const u;
-  os::Mutex mu;
+  WorkerMutex mu;
   ucp_worker_h worker = nullptr;  // set in make(), then used under mu only
   int efd = -1;
   std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
@@ -158,6 +215,51 @@ class WorkerCore {
   std::vector<std::byte> spare MBMQ_GUARDED_BY(mu);
   void recycle_locked(std::vector<std::byte>&& v) MBMQ_REQUIRES(mu);
   std::vector<std::byte> take_spare_locked(std::size_t n) MBMQ_REQUIRES(mu);
+  // Whether take_spare_locked(n) would allocate a vector of a size worth allocating outside mu.
+  bool needs_fresh_locked(std::size_t n) const MBMQ_REQUIRES(mu);
+  // A rendezvous payload whose vector is not allocated yet (UCX keeps its descriptor: the AM
+  // callback returned UCS_INPROGRESS). A fresh 64 MiB vector costs 50-130 ms of page faults and
+  // zeroing on this VM: allocated inside the callback, under mu, it held up every other channel
+  // of the worker (a listener's) for as long. start_deferred() allocates it unlocked, then
+  // relocks and receives into it; a channel gone meanwhile (ch no longer the one at ep) has the
+  // descriptor released instead (close_ep_locked releases a closed channel's own).
+  //
+  // Who: the channel's own thread if one waits on it (run_until with the channel as its waiter:
+  // the callback's news wakes it), so that a sibling channel's thread does not pay for it; for a
+  // channel nobody waits on, whoever progresses next (any run_until, send(), close(), the
+  // keeper), as before: left to the channel's next receive(), the sender's buffer would stay
+  // held (its send incomplete) for as long.
+  struct Deferred {
+    ChannelCore* ch;
+    ucp_ep_h ep;
+    WireHeader hdr;
+    void* desc;
+    std::size_t n;
+  };
+  std::deque<Deferred> deferred MBMQ_GUARDED_BY(mu);
+  std::atomic<std::size_t> deferred_count{0};  // deferred.size(), read unlocked
+  // Called without mu by a thread that progressed the worker: starts the deferred receives of
+  // channel `mine` and, if `ownerless`, those of channels no thread waits on (waiting_on). None
+  // at all: one relaxed load.
+  void start_deferred(const void* mine, bool ownerless) MBMQ_EXCLUDES(mu) {
+    if (deferred_count.load(std::memory_order_relaxed) != 0) start_deferred_slow(mine, ownerless);
+  }
+  // Whether start_deferred(mine, ownerless) would start one.
+  bool takes_deferred_locked(const void* mine, bool ownerless) const MBMQ_REQUIRES(mu) {
+    return std::any_of(deferred.begin(), deferred.end(), [&](const Deferred& e) {
+      assert_held();
+      return e.ch == mine || (ownerless && !waited_on_locked(e.ch));
+    });
+  }
+  // What the threads inside run_until wait on (their `waiter`s), for the first 32 of them: no
+  // allocation (tests count accept()'s). Beyond, a channel counts as nobody's (anyone starts
+  // its deferred receives).
+  std::array<const void*, 32> waiting_on MBMQ_GUARDED_BY(mu){};
+  std::size_t n_waiting_on MBMQ_GUARDED_BY(mu) = 0;
+  bool waited_on_locked(const void* what) const MBMQ_REQUIRES(mu) {
+    return std::find(waiting_on.begin(), waiting_on.begin() + n_waiting_on, what) !=
+           waiting_on.begin() + n_waiting_on;
+  }
   int waiters MBMQ_GUARDED_BY(mu) = 0;  // threads inside run_until (they progress the worker)
   // (W1-W3) above. gen: bumped (under mu) after events, futex-waited on unlocked.
   mutable std::atomic<std::uint32_t> gen{0};
@@ -169,14 +271,37 @@ class WorkerCore {
   // whether the progress under way brought it news (news_locked).
   const void* poller_for MBMQ_GUARDED_BY(mu) = nullptr;
   mutable bool poller_news MBMQ_GUARDED_BY(mu) = false;
+  // The progress under way: whose it is (progress_locked's `mine`), and whether a step brought
+  // news for it, or for anyone else.
+  mutable const void* progress_for MBMQ_GUARDED_BY(mu) = nullptr;
+  mutable bool progress_news MBMQ_GUARDED_BY(mu) = false;
+  mutable bool others_news MBMQ_GUARDED_BY(mu) = false;
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
+  void start_deferred_slow(const void* mine, bool ownerless) MBMQ_EXCLUDES(mu);
   Status wait_events(Deadline deadline) const;
   // A gen sleeper's sleep: until gen moves from `seen`, the deadline or the 20 ms cap.
   void wait_gen(std::uint32_t seen, Deadline deadline) const;
   // count: INT_MAX after events (W1), 1 to hand the poller's role on (W3).
   void wake_gen_locked(int count = INT_MAX) const MBMQ_REQUIRES(mu);
+};
+
+// Declared before a LockGuard on w.mu under which the worker is progressed: starts what that
+// progress deferred (WorkerCore::Deferred) once the lock is released (destroyed after the guard).
+class StartDeferredAfter {
+ public:
+  // Those of channel `mine`, and if `ownerless` those of channels nobody waits on.
+  StartDeferredAfter(WorkerCore& w, const void* mine, bool ownerless)
+      : w_(w), mine_(mine), ownerless_(ownerless) {}
+  ~StartDeferredAfter() { w_.start_deferred(mine_, ownerless_); }
+  StartDeferredAfter(const StartDeferredAfter&) = delete;
+  StartDeferredAfter& operator=(const StartDeferredAfter&) = delete;
+
+ private:
+  WorkerCore& w_;
+  const void* const mine_;
+  const bool ownerless_;
 };
 
 // Held by a received request's Buffer: destroyed unanswered, it answers NoReply.
@@ -232,8 +357,14 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns);
 
   // Callbacks (worker mu held).
-  void on_am_locked(const WireHeader& h, void* data, std::size_t length,
+  // True: a rendezvous payload left to WorkerCore::start_deferred() (the callback returns
+  // UCS_INPROGRESS: UCX keeps the descriptor).
+  bool on_am_locked(const WireHeader& h, void* data, std::size_t length,
                     const ucp_am_recv_param_t* param) MBMQ_REQUIRES(w_->mu);
+  // Receives rendezvous payload `desc` (n bytes) into `bytes` (n bytes). True: received at once
+  // (delivered already, outside any progress if not called from a callback).
+  bool start_recv_locked(const WireHeader& h, void* desc, std::vector<std::byte>&& bytes,
+                         std::size_t n) MBMQ_REQUIRES(w_->mu);
   void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
   // (N3) A header whose version is not ours (magic checked): a pending channel's Hello is answered
@@ -397,12 +528,24 @@ Result<bool> WorkerCore::run_until(Deadline deadline, WaitPolicy policy, const v
   {
     os::LockGuard lock(mu);
     ++waiters;
+    if (n_waiting_on < waiting_on.size()) waiting_on[n_waiting_on++] = waiter;
   }
   Result<bool> r = run_until_counted(deadline, policy, waiter, done);
-  os::LockGuard lock(mu);
-  --waiters;
-  // (W3) Nobody polls the fd now: one gen sleeper takes the role.
-  if (!poller_asleep && !poller_waking && gen_sleepers > 0) wake_gen_locked(1);
+  {
+    os::LockGuard lock(mu);
+    --waiters;
+    // One entry of ours, if we got one (a thread beyond the 32 has none; any holder of the same
+    // waiter may remove it: they wait on the same thing).
+    if (auto it = std::find(waiting_on.begin(), waiting_on.begin() + n_waiting_on, waiter);
+        it != waiting_on.begin() + n_waiting_on) {
+      *it = waiting_on[--n_waiting_on];
+    }
+    // (W3) Nobody polls the fd now: one gen sleeper takes the role.
+    if (!poller_asleep && !poller_waking && gen_sleepers > 0) wake_gen_locked(1);
+  }
+  // Ours, deferred by another thread's progress since our last look: nobody else takes them
+  // while we waited.
+  start_deferred(waiter, false);
   return r;
 }
 
@@ -414,31 +557,55 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
                                                                 : policy.spin.count();
   const std::int64_t start = monotonic_ns();
   std::uint32_t looks = 0;
+  bool busy = false;  // our last progress had events
   for (;;) {
+    // Busy (a large transfer): a thread waiting for mu takes it before we do again. Not when
+    // idle: waking gen sleepers would then switch twice as often.
+    if (busy) hand_over();
     bool poller = false;
     std::uint32_t seen = 0;
+    int verdict = -1;  // decided: 1 done, 0 the deadline; -1 go on
+    bool again = false;
     {
       os::LockGuard lock(mu);
-      progress_locked();
-      if (done()) return true;
-      // Spinning, the clock is read on the first look, then once per 16 (a clock read per
-      // progress step was 14 % of a spinning 64 B round trip's samples).
-      if (spin_ns != 0 && looks++ != 0 && (looks & 15) != 0) continue;
-      const std::int64_t now = monotonic_ns();
-      if (!deadline.is_never() && now >= deadline.ns()) return false;
-      if (now - start < spin_ns) continue;
-      if (poller_asleep || poller_waking) {
+      bool more = false;
+      busy = progress_locked(waiter, &more);
+      if (done()) {
+        verdict = 1;
+      } else if (more && (deadline.is_never() || monotonic_ns() < deadline.ns())) {
+        again = true;  // not drained (the loop stopped early): progress again before arming
+      } else if (deferred_count.load(std::memory_order_relaxed) != 0 &&
+                 takes_deferred_locked(waiter, true)) {
+        // Receives to start below, unlocked: not as the poller (nobody would poll meanwhile) or
+        // a gen sleeper; then progress again.
+        again = true;
+      } else if (spin_ns != 0 && looks++ != 0 && (looks & 15) != 0) {
+        // Spinning, the clock is read on the first look, then once per 16 (a clock read per
+        // progress step was 14 % of a spinning 64 B round trip's samples).
+        again = true;
+      } else if (const std::int64_t now = monotonic_ns();
+                 !deadline.is_never() && now >= deadline.ns()) {
+        verdict = 0;
+      } else if (now - start < spin_ns) {
+        again = true;
+      } else if (poller_asleep || poller_waking) {
         // Another thread sleeps on the event fd: sleep on gen until events are progressed.
         seen = gen.load(std::memory_order_relaxed);
         ++gen_sleepers;
+      } else if (u->ucp_worker_arm(worker) == UCS_ERR_BUSY) {
+        again = true;  // events came meanwhile: progress again
       } else {
-        // Arm the event fd; UCS_ERR_BUSY: events came meanwhile, progress again.
-        if (u->ucp_worker_arm(worker) == UCS_ERR_BUSY) continue;
+        // The event fd is armed.
         poller = true;
         poller_asleep = true;
         poller_for = waiter;  // (W2) others signal us only for news of it
       }
     }
+    // What our progress left to allocate outside the lock (WorkerCore::Deferred): before we
+    // return or go on.
+    start_deferred(waiter, true);
+    if (verdict >= 0) return verdict == 1;
+    if (again) continue;
     if (!poller) {
       wait_gen(seen, deadline);
       os::LockGuard lock(mu);
@@ -446,16 +613,19 @@ Result<bool> WorkerCore::run_until_counted(Deadline deadline, WaitPolicy policy,
       continue;
     }
     const Status st = wait_events(deadline);
+    bool finished = false;
     {
       os::LockGuard lock(mu);
       poller_asleep = false;
       poller_for = nullptr;
       poller_waking = true;  // our own progress next is not a theft (W2)
-      progress_locked();
+      busy = progress_locked(waiter);
       poller_waking = false;
       // Leaving with done(), the role passes on in run_until (W3); else we poll again.
-      if (done()) return true;
+      finished = done();
     }
+    start_deferred(waiter, true);
+    if (finished) return true;
     MBMQ_TRY(st);
   }
 }

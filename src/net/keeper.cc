@@ -60,6 +60,8 @@ void progress_closing(Keeper& k) {
   for (Closing& c : now) {
     bool finished = false;
     {
+      // Of channels nobody waits on (a closing worker's), unlocked.
+      const StartDeferredAfter after(*c.w, nullptr, true);
       os::LockGuard lock(c.w->mu);
       c.w->progress_locked();
       finished = c.w->u->ucp_request_check_status(c.request) != UCS_INPROGRESS;
@@ -139,6 +141,8 @@ void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::millis
 }
 
 void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
+  // (K1) Deferred receives of channels nobody waits on, unlocked.
+  const StartDeferredAfter after(*w_, this, true);
   os::LockGuard lock(w_->mu);
   if (state_ == State::Open && !hello_ack_sent_) {
     // (N4) Accepted, its HelloAck not yet gone (the endpoint was still being wired up): nobody
@@ -156,6 +160,8 @@ void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
 
 void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns,
                                   std::int64_t heartbeat_ns) {
+  // (K1) Deferred receives of channels nobody waits on, unlocked.
+  const StartDeferredAfter after(*w_, this, true);
   os::LockGuard lock(w_->mu);
   if (state_ != State::Open) return;
   if (w_->waiters == 0) w_->progress_locked();  // (K1)
