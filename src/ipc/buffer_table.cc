@@ -68,7 +68,7 @@ Result<BufferTable::Allocated> BufferTable::alloc(std::size_t size, bool to_seal
 Result<BufferTable::ExtentMemory> BufferTable::make_extent_memory(std::size_t cap, bool huge) {
   ExtentMemory m;
   const std::size_t hcap = (cap + os::kHugePageSize - 1) / os::kHugePageSize * os::kHugePageSize;
-  if (huge && cap >= os::kHugePageSize && hcap <= shm::kMaxExtentSize) {
+  if (huge && cap >= os::kHugePageSize && hcap <= shm::kMaxExtentSize && os::hugetlb_opted_in()) {
     // Any failure (no hugetlbfs, too few free huge pages: fallocate's ENOSPC) falls through to
     // 4 KiB pages. The pages exist already (fallocate): MAP_POPULATE only maps them.
     if (auto fd = os::make_hugetlb_memfd("mbmq-extent", hcap)) {

@@ -478,6 +478,7 @@ void Endpoint::release_batch(std::span<Message> ms) noexcept {
   for (Message& m : ms) {
     if (m.buffer.ep_.get() != this || m.buffer.origin_ != Buffer::Origin::None) m.buffer.reset();
     if (m.kind == Kind::Connection) m.channel = Channel{};
+    if (m.sample.valid()) m.sample.reset();  // a topic's sample: its slot goes back
     m.kind = Kind::PeerClosed;
   }
 }

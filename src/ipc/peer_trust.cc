@@ -17,7 +17,7 @@ std::uint32_t page_round(std::uint32_t n) {
   return static_cast<std::uint32_t>((std::uint64_t{n} + 4095) / 4096 * 4096);
 }
 
-// A private, writable view of the first `size` bytes of an immutable memfd (P3c, P5):
+// A private, writable view of the first `size` bytes of an immutable memfd of OUR OWN (P3c):
 // copy-on-write, which allocates nothing until written. On hugetlbfs a MAP_PRIVATE mapping
 // reserves huge pages for its whole length when it is made (so that a copy-on-write fault can
 // never SIGBUS: MAP_NORESERVE would allow exactly that), and fails with ENOMEM when the pool has
@@ -67,11 +67,20 @@ const char* PeerTrust::map_extent_fd(int fd, bool announced_sealed, os::Access u
     return "extent announced sealed lacks F_SEAL_WRITE|SHRINK|GROW|SEAL";
   auto fsize = os::file_size(fd);
   if (!fsize || *fsize == 0 || *fsize > shm::kMaxExtentSize) return "extent size";
-  // Immutable: copy-on-write (no writable shared mapping of it can exist), or on hugetlbfs, when
-  // the pool is short, a private copy of the payload (sealed_view). Faulted in as far as the
+  if (os::is_hugetlb(fd)) {
+    // On hugetlbfs only F_SEAL_WRITE stops the peer from punching a page out of a file we map: a
+    // later fault on the hole SIGBUSes when the pool has no free page (shmem would give zeros).
+    if (!*sealed) return "extent on huge pages not sealed against writing";
+    // Our MAP_PRIVATE view reserves huge pages for the file's whole length: only for pages the
+    // peer holds itself (a sparse file would make us reserve the pool for nothing).
+    auto info = os::file_info(fd);
+    if (!info || info->allocated < *fsize) return "extent on huge pages has holes";
+  }
+  // Immutable: copy-on-write (no writable shared mapping of it can exist). On hugetlbfs, when the
+  // pool cannot reserve the view, the extent is refused (no private copy of a peer's file: the
+  // same file sent as many extents would be copied as many times). Faulted in as far as the
   // payload only: the file may be a sparse 4 GiB (the peer budget).
-  auto m = *sealed ? sealed_view(fd, *fsize, payload)
-                   : os::Mapping::map_shared(fd, *fsize, unsealed_access);
+  auto m = os::Mapping::map_shared(fd, *fsize, *sealed ? os::Access::CopyOnWrite : unsealed_access);
   if (!m) return "extent mmap failed";
   m->populate(payload);
   *map = std::move(*m);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 
 #include "os/fault.h"
 #include "os/file.h"
@@ -66,6 +67,11 @@ Result<std::uint64_t> file_size(int fd) {
   count_syscall();
   if (::fstat(fd, &st) != 0) return fail(Error::from_syscall("fstat", errno));
   return static_cast<std::uint64_t>(st.st_size);
+}
+
+bool hugetlb_opted_in() noexcept {
+  const char* v = std::getenv("MBMQ_HUGETLB");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
 }  // namespace mbmq::os

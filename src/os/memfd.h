@@ -26,6 +26,11 @@ Result<UniqueFd> make_hugetlb_memfd(const char* name, std::size_t size);
 // fd is a file on hugetlbfs (fstatfs). Its mappings must be multiples of kHugePageSize (its
 // size always is), and a MAP_PRIVATE mapping of it reserves huge pages for its whole length.
 bool is_hugetlb(int fd) noexcept;
+// MBMQ_HUGETLB=1 in the environment: sealed extents may go on huge pages (make_hugetlb_memfd).
+// Off by default: a receiver's private view of such a file reserves huge pages of the machine's
+// pool, and a child it forks that writes the view can die of SIGBUS when the pool is empty
+// (README, #16).
+bool hugetlb_opted_in() noexcept;
 // The seals on fd (F_GET_SEALS); Errc::System/EINVAL for an fd that is not a memfd.
 Result<unsigned> get_seals(int fd);
 // The fd's size (fstat st_size).

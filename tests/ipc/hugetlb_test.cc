@@ -15,12 +15,16 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "ipc/buffer_id.h"
+#include "ipc/sideband.h"
 #include "ipc/test_access.h"
 #include "os/file.h"
 #include "os/mapping.h"
@@ -30,6 +34,10 @@
 
 namespace mbmq {
 namespace {
+
+// Sealed extents go on huge pages only where the application opts in (os::hugetlb_opted_in):
+// these tests are about that path, so this process opts in (one test takes it back).
+const bool kOptedIn = ::setenv("MBMQ_HUGETLB", "1", 1) == 0;
 
 using test::join;
 using test::secs;
@@ -46,6 +54,20 @@ long meminfo(const char* key) {
   while (in >> k >> v) {
     if (k == key) return v;
     in.ignore(256, '\n');
+  }
+  return -1;
+}
+
+long status_kib(const char* key) {
+  std::ifstream in("/proc/self/status");
+  std::string k;
+  while (in >> k) {
+    if (k == key) {
+      long v = 0;
+      in >> v;
+      return v;
+    }
+    in.ignore(4096, '\n');
   }
   return -1;
 }
@@ -216,6 +238,15 @@ TEST(HugePages, ASealedMessageTravelsOnHugePagesAndIsImmutable) {
   hostile_sealed_case(Expect::Huge, View::Mapped);
 }
 
+TEST(HugePages, WithoutTheOptInSealedExtentsStayOn4KiBPages) {
+  ASSERT_TRUE(kOptedIn);
+  HugePagePool pool;
+  SET_POOL_OR_SKIP(pool, 64);
+  ASSERT_EQ(::unsetenv("MBMQ_HUGETLB"), 0);
+  hostile_sealed_case(Expect::Small, View::Mapped);
+  ASSERT_EQ(::setenv("MBMQ_HUGETLB", "1", 1), 0);
+}
+
 TEST(HugePages, WithoutFreeHugePagesTheSealedPathUses4KiBPages) {
   HugePagePool pool;
   SET_POOL_OR_SKIP(pool, 0);
@@ -228,12 +259,30 @@ TEST(HugePages, TooFewHugePagesForTheFileFallsBackTo4KiBPages) {
   hostile_sealed_case(Expect::Small, View::Mapped);
 }
 
-TEST(HugePages, AReceiverWhoseViewCannotBeReservedReadsAPrivateCopy) {
+TEST(HugePages, AReceiverWhoseViewCannotBeReservedRefusesTheExtent) {
   // 16 pages: the file's 8, and the 8 the sender's own copy-on-write view of it reserves once it
-  // is sealed. None left for the server's view: it reads a private copy instead.
+  // is sealed. None left for the server's view: the extent is refused (a clear error on that
+  // channel), never a private copy of a peer's file (the same file sent as many extents would be
+  // copied as many times: OneHugePageSentAsEveryExtentIsNotCopied).
   HugePagePool pool;
   SET_POOL_OR_SKIP(pool, 2 * kPagesPer16M);
-  hostile_sealed_case(Expect::Huge, View::Copied);
+  const Leaks leaks;
+  {
+    auto p = Channel::pair(untrusted_server());
+    ASSERT_TRUE(p);
+    auto& [client, server] = *p;
+    auto b = client.buffer(kSize);
+    ASSERT_TRUE(b);
+    test::fill(b->data(), 5);
+    ASSERT_TRUE(os::is_hugetlb(detail::TestAccess::extent_fd(client, *b)));
+    ASSERT_TRUE(client.send(std::move(*b)));
+    auto m = server.receive(secs(10));
+    ASSERT_TRUE(m) << m.error().message();
+    EXPECT_EQ(m->kind, Kind::PeerClosed);
+    EXPECT_EQ(m->error, Errc::Protocol);
+    EXPECT_NE(std::string(m->why).find("mmap"), std::string::npos) << m->why;
+  }
+  leaks.expect_none();
 }
 
 // Round trips with both ends untrusted (answers sealed too), on huge pages: a sealed request,
@@ -311,6 +360,198 @@ TEST(HugePages, RoundTripsOnHugePagesCarryTheirAnswers) {
     EXPECT_EQ(join(pid), 0);
   }
   leaks.expect_none();
+}
+
+// REVIEW (hostile peer, SIGBUS): an untrusted end accepts an UNSEALED extent memfd (payloads up
+// to copy_threshold) with only F_SEAL_SHRINK|F_SEAL_GROW, whatever file system it is on. A
+// hugetlbfs memfd so sealed can still have a hole punched (only F_SEAL_WRITE forbids it): the
+// punch unmaps the page from the receiver's MAP_SHARED view and drops the file's reservation for
+// it. The receiver keeps that view for the next descriptor of the same extent and generation;
+// its copy (PeerTrust::peer_view's memcpy) then faults a page in, which hugetlbfs must allocate:
+// with the pool empty, SIGBUS, inside the library, in the untrusted end.
+// Now: an extent on huge pages must be sealed against writing (PeerTrust::map_extent_fd): the
+// first one is refused, the channel closed with Protocol.
+TEST(HugePages, AnUnsealedExtentOnHugePagesIsRefusedNeverASigbus) {
+  HugePagePool pool;
+  SET_POOL_OR_SKIP(pool, 1);
+  pid_t pid = spawn([&] {
+    ChannelOptions o;
+    o.trust = {Trust::Cooperative, Trust::Untrusted};
+    o.copy_threshold = 1 << 20;  // a 4 KiB payload may come unsealed
+    auto p = Channel::pair(o);
+    if (!p) return 10;
+    auto& [hostile, server] = *p;
+    auto fd = os::make_hugetlb_memfd("hostile", os::kHugePageSize);  // SHRINK|GROW, 1 page
+    if (!fd) return 11;
+    if (!detail::TestAccess::forge_extent_request(hostile, fd->get(), 1, 4096, 0)) return 12;
+    {
+      auto m = server.receive(secs(5));
+      if (!m) return 13;
+      if (m->kind == Kind::PeerClosed && m->error == Errc::Protocol) return 0;  // refused
+      if (m->kind != Kind::Request) return 18;  // mapped MAP_SHARED, copied: what it was
+    }  // dropped: NoReply; the server keeps its view of extent 0, generation 1
+    if (::fallocate(fd->get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                    static_cast<off_t>(os::kHugePageSize)) != 0)
+      return 14;
+    // Anyone may take the page the punch freed (another tenant; here: shrink the pool).
+    {
+      std::ofstream out("/proc/sys/vm/nr_hugepages");
+      out << (meminfo("HugePages_Total:") - meminfo("HugePages_Free:")) << '\n';
+    }
+    if (meminfo("HugePages_Free:") != 0) return 15;
+    // The same extent and generation again: no new mmap, the copy reads the punched view.
+    if (!detail::TestAccess::forge_extent_request(hostile, fd->get(), 1, 4096, 0)) return 16;
+    auto m = server.receive(secs(5));
+    if (!m) return 17;
+    return 0;  // a protocol error would be fine too (kind PeerClosed); a SIGBUS is not
+  });
+  const int rc = join(pid);
+  EXPECT_EQ(rc, 0) << (rc == 128 + SIGBUS ? "SIGBUS in the untrusted receiver" : "");
+}
+
+// REVIEW (hostile peer, the machine's huge page pool): a sealed extent is mapped copy-on-write
+// (sealed_view), and a MAP_PRIVATE mapping of a hugetlbfs file reserves huge pages for its whole
+// length. A peer that sends a SPARSE sealed hugetlb memfd (ftruncate only: it holds no page)
+// with a small payload thus makes the untrusted receiver reserve the whole file's worth of the
+// pool (and allocate the payload's pages, zeros), for as long as the extent stays installed:
+// nobody else on the machine (our own next sealed send included) gets a huge page. The receiver
+// should not reserve more than the peer holds (sealed_view's own rule for its private copy).
+// Now: an extent on huge pages with holes is refused before it is mapped.
+TEST(HugePages, ASparseSealedExtentOnHugePagesIsRefusedAndReservesNothing) {
+  HugePagePool pool;
+  SET_POOL_OR_SKIP(pool, kPagesPer16M);
+  auto p = Channel::pair(untrusted_server());
+  ASSERT_TRUE(p);
+  auto& [hostile, server] = *p;
+  os::UniqueFd fd(::memfd_create("hostile", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB));
+  ASSERT_TRUE(fd) << errno;
+  ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(kSize)), 0);  // sparse: no page held
+  ASSERT_EQ(
+      ::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL), 0);
+  ASSERT_EQ(meminfo("HugePages_Free:"), kPagesPer16M);
+  ASSERT_TRUE(detail::TestAccess::forge_extent_request(hostile, fd.get(), 1, 128 * 1024,
+                                                       shm::kExtentSealed));
+  auto m = server.receive(secs(5));
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->kind, Kind::PeerClosed);
+  EXPECT_EQ(m->error, Errc::Protocol);
+  EXPECT_NE(std::string(m->why).find("holes"), std::string::npos) << m->why;
+  const long free_pages = meminfo("HugePages_Free:"), rsvd = meminfo("HugePages_Rsvd:");
+  // Another tenant's (or our own next sealed send's) one huge page:
+  auto mine = os::make_hugetlb_memfd("mine", os::kHugePageSize);
+  EXPECT_TRUE(mine) << "the pool is gone: free " << free_pages << ", reserved " << rsvd << " of "
+                    << kPagesPer16M << " pages, for a peer that holds none";
+  m->buffer.reset();
+}
+
+// REVIEW (fork, copy-on-write on hugetlbfs): with this change a sealed extent of 2 MiB or more
+// arrives (from our own library) as a hugetlb memfd, and the receiver's view of it is a
+// MAP_PRIVATE hugetlb mapping. Its huge page reservation belongs to the process that mapped it;
+// a child forked afterwards (Channel is "usable across fork()") that writes into the received
+// buffer (an answer in place, as the parent may) needs an unreserved free huge page for the
+// copy-on-write, and with none free gets SIGBUS, where a 4 KiB view would just have allocated.
+// Not fixed: a known limitation of the opt-in (MBMQ_HUGETLB=1), stated in the README and
+// os/memfd.h. Kept as the reproducer, not run (it fails: SIGBUS in the child).
+TEST(HugePages, DISABLED_AForkedChildWritingAReceivedHugeExtentDoesNotSigbus) {
+  HugePagePool pool;
+  SET_POOL_OR_SKIP(pool, 3 * kPagesPer16M);  // the file, the sender's view, the receiver's view
+  auto p = Channel::pair(untrusted_server());
+  ASSERT_TRUE(p);
+  auto& [client, server] = *p;
+  auto b = client.buffer(kSize);
+  ASSERT_TRUE(b);
+  test::fill(b->data(), 3);
+  ASSERT_TRUE(os::is_hugetlb(detail::TestAccess::extent_fd(client, *b)));
+  ASSERT_TRUE(client.send(std::move(*b)));
+  const std::size_t extent_maps = os::mapping_count("memfd:mbmq-extent");
+  auto m = server.receive(secs(5));
+  ASSERT_TRUE(m);
+  ASSERT_EQ(m->kind, Kind::Message) << m->why;
+  ASSERT_TRUE(os::is_hugetlb(detail::TestAccess::extent_fd(server, m->buffer)));
+  // The receiver's view is a mapping of the file (not sealed_view's private copy).
+  ASSERT_EQ(os::mapping_count("memfd:mbmq-extent") - extent_maps, 1u)
+      << "HugePages_Free " << meminfo("HugePages_Free:") << ", Rsvd " << meminfo("HugePages_Rsvd:");
+  // Another tenant takes the pages nobody has reserved (here: the pool shrinks to what is used
+  // or reserved).
+  {
+    std::ofstream out("/proc/sys/vm/nr_hugepages");
+    out << (meminfo("HugePages_Total:") - meminfo("HugePages_Free:") + meminfo("HugePages_Rsvd:"))
+        << '\n';
+  }
+  pid_t pid = spawn([&] {
+    std::memset(m->buffer.data().data(), 0x22, 4096);  // copy-on-write of one huge page
+    return m->buffer.data()[0] == std::byte{0x22} ? 0 : 1;
+  });
+  const int rc = join(pid);
+  EXPECT_EQ(rc, 0) << (rc == 128 + SIGBUS ? "SIGBUS in the forked child" : "");
+  // The parent, owner of the reservation, can.
+  std::memset(m->buffer.data().data(), 0x33, 4096);
+  m->buffer.reset();
+}
+
+long rss_anon_kib() { return status_kib("RssAnon:"); }
+
+// REVIEW (hostile peer, memory beyond the stated bounds): when the pool cannot reserve the
+// receiver's copy-on-write view, sealed_view copies the payload into anonymous memory "if the
+// file holds at least that many bytes of huge pages ... so a peer can make us copy no more than
+// it holds itself". The test is per extent, against the whole file's st_blocks: ONE hugetlb file
+// holding one 2 MiB page, sent (the same fd) as all 64 extents with a 2 MiB payload each, makes
+// the untrusted receiver hold 64 private copies (128 MiB) for the peer's 2 MiB; with 4 GiB
+// files and 64 extents per channel this is up to 256 GiB per channel, none of it bounded by
+// copy_threshold or the 128 MiB of retained copies (kRetainedCopyBytes).
+// Now: no private copy of a peer's file; the view that cannot be reserved is refused.
+TEST(HugePages, OneHugePageSentAsEveryExtentIsNotCopied) {
+  HugePagePool pool;
+  SET_POOL_OR_SKIP(pool, 2);  // the file's one page and one more: no view of 32 pages reserves
+  auto p = Channel::pair(untrusted_server());
+  ASSERT_TRUE(p);
+  auto& [hostile, server] = *p;
+  constexpr std::size_t kFile = 64 << 20;
+  os::UniqueFd fd(::memfd_create("hostile", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB));
+  ASSERT_TRUE(fd) << errno;
+  ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(kFile)), 0);
+  ASSERT_EQ(::fallocate(fd.get(), 0, 0, static_cast<off_t>(os::kHugePageSize)), 0);  // 1 page
+  ASSERT_EQ(
+      ::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL), 0);
+  auto ctl = os::dup_fd(detail::TestAccess::control_fd(hostile));
+  ASSERT_TRUE(ctl);
+  detail::Sideband side(std::move(*ctl), detail::Sideband::Limits{});
+  auto* out = reinterpret_cast<shm::Direction*>(detail::TestAccess::segment(hostile).data() +
+                                                shm::kDirOffset);  // side 0's messages
+  shm::RingProducer<> tx(&out->tail, &out->head, out->ring, out->tail.load());
+  constexpr std::uint32_t kExtents = shm::kMaxExtents;
+  for (std::uint32_t e = 0; e < kExtents; ++e) {
+    ASSERT_TRUE(side.send_extent(e, 1, shm::kExtentSealed, fd.get()));
+    ASSERT_EQ(tx.has_room(), shm::RingStatus::Ok);
+    tx.put(shm::Desc{detail::BufferId::extent(e).raw(),
+                     static_cast<std::uint32_t>(os::kHugePageSize), 1,
+                     static_cast<std::uint16_t>(shm::DescKind::OneWay), 0});
+    tx.publish();
+  }
+  const long before = rss_anon_kib();
+  std::vector<Message> ms(kExtents);
+  std::size_t got = 0;
+  bool refused = false;
+  while (got < kExtents && !refused) {
+    auto n = server.receive_batch({ms.data() + got, kExtents - got}, secs(5));
+    ASSERT_TRUE(n) << n.error().message() << " after " << got;
+    for (std::size_t i = got; i < got + *n; ++i) {
+      if (ms[i].kind == Kind::PeerClosed) {
+        EXPECT_EQ(ms[i].error, Errc::Protocol) << ms[i].why;
+        refused = true;
+      } else {
+        ASSERT_EQ(ms[i].kind, Kind::Message) << ms[i].why;
+      }
+    }
+    got += *n;
+  }
+  EXPECT_TRUE(refused) << "a view of 32 huge pages with 1 free was not refused";
+  const long grown = rss_anon_kib() - before;
+  EXPECT_LE(grown, 8 * 1024) << "KiB of private copies for a peer that holds 2048 KiB of pages";
+  // Dropping the messages does not free them: each copy is the installed extent's mapping,
+  // kept until the peer releases or replaces the extent (it never does).
+  for (Message& m : ms) m = Message{};
+  EXPECT_LE(rss_anon_kib() - before, 8 * 1024) << "KiB still held after every message went back";
 }
 
 }  // namespace

@@ -579,7 +579,11 @@ TEST(ReviewNet2, KeeperPeerTimeoutWakesASleepingReceiverAtOnce) {
   std::string all;
   for (double x : late_ms) all += std::to_string(x) + " ";
   std::printf("receive() returned after the keeper closed its channel by (ms): %s\n", all.c_str());
-  EXPECT_LT(*std::max_element(late_ms.begin(), late_ms.end()), 3.0)
+  // Half the 20 ms cap it tells apart. 3 ms was too tight since the worker's lock is handed over
+  // (WorkerMutex::hand_over: a thread that progressed sleeps up to 2 ms until a waiter, here the
+  // watcher polling buffer(), has taken the lock): 3.2-3.7 ms in about 1 run of 10 at load 3-4,
+  // either thread late (the watcher as often as receive()).
+  EXPECT_LT(*std::max_element(late_ms.begin(), late_ms.end()), 10.0)
       << "the sleeping poller was not woken by the keeper's failure (the 20 ms cap woke it)";
 }
 

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <thread>
 
 namespace mbmq::shm {
@@ -232,6 +233,70 @@ TEST(Ring, TwoThreadsTransferEveryDescriptorOnceInOrderInBatches) {
     ASSERT_NE(r.rx.check(), RingStatus::Corrupt);
   }
   producer.join();
+}
+
+// REVIEW (P6 with publish() storing the batch's seqs last to first, then the tail): a consumer
+// that finds nothing, raises its sleeping flag, fences, and re-checks the ring as the endpoint
+// does (maybe_nonempty(), then check()) before it "sleeps" must never sleep through a batch: the
+// producer's wake decision (fence, then the flag) follows publish(). A sleep that outlives 2 s
+// while the producer has published everything is a lost wake-up. check() must also never call
+// an honest ring Corrupt in any interleaving (the lagging tail of a batch being published).
+TEST(Ring, AConsumerThatSleepsNeverMissesABatch) {
+  TestRing r;
+  std::atomic<std::uint32_t> sleeping{0}, doorbell{0};
+  constexpr std::uint32_t kCount = 100000;
+  std::atomic<bool> lost{false}, corrupt{false};
+  std::thread producer([&] {
+    for (std::uint32_t i = 0; i < kCount;) {
+      const std::uint32_t want = std::min<std::uint32_t>(1 + i % 7, kCount - i);
+      RingStatus s = r.tx.has_room_for(want);
+      if (s == RingStatus::Corrupt) corrupt = true;
+      if (s != RingStatus::Ok) {
+        std::this_thread::yield();
+        continue;
+      }
+      for (std::uint32_t k = 0; k < want; ++k) r.tx.put(desc(i++));
+      r.tx.publish();
+      std::atomic_thread_fence(std::memory_order_seq_cst);  // (P4) wake_peer_locked
+      if (sleeping.load(std::memory_order_relaxed) != 0)
+        doorbell.fetch_add(1, std::memory_order_release);
+      if (i % 64 == 0) std::this_thread::yield();  // let the consumer catch up and sleep
+    }
+  });
+  std::uint32_t next = 0, sleeps = 0;
+  while (next < kCount && !lost) {
+    Desc d;
+    std::uint32_t k = 0;
+    for (; k < 5 && r.rx.take(&d); ++k) {
+      ASSERT_EQ(d.size, next * 2);
+      ++next;
+    }
+    r.rx.release();
+    if (k > 0) continue;
+    // (P6) wait_inbound + sleep_once: flag, fence, re-check, sleep.
+    const std::uint32_t bell = doorbell.load(std::memory_order_acquire);
+    sleeping.store(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    const RingStatus c = r.rx.check();
+    if (c == RingStatus::Corrupt) corrupt = true;
+    if (!r.rx.maybe_nonempty() && c != RingStatus::Corrupt) {
+      ++sleeps;
+      const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      while (doorbell.load(std::memory_order_acquire) == bell) {
+        if (std::chrono::steady_clock::now() > end) {
+          if (r.rx.maybe_nonempty()) lost = true;  // slept through a published batch
+          break;
+        }
+        std::this_thread::yield();
+      }
+    }
+    sleeping.store(0, std::memory_order_relaxed);
+  }
+  producer.join();
+  EXPECT_FALSE(lost) << "a published batch did not wake the sleeping consumer";
+  EXPECT_FALSE(corrupt) << "check() called an honest ring corrupt";
+  EXPECT_EQ(next, kCount);
+  RecordProperty("sleeps", static_cast<int>(sleeps));
 }
 
 }  // namespace
