@@ -55,6 +55,39 @@ inline std::optional<Pair> make_pair(const net::ListenOptions& lo = {},
   return Pair{std::move(*l), std::move(*s), std::move(**c)};
 }
 
+// A listener with `n` accepted channels (all on the listener's one worker) and their clients.
+struct Many {
+  net::Listener l;
+  std::vector<net::Channel> server, client;
+};
+
+inline std::optional<Many> make_many(int n, const net::ListenOptions& lo,
+                                     const net::ConnectOptions& co) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  EXPECT_TRUE(l) << l.error().message();
+  if (!l) return std::nullopt;
+  Many m{std::move(*l), {}, {}};
+  for (int i = 0; i < n; ++i) {
+    std::optional<Result<net::Channel>> c;
+    std::atomic<bool> connected{false};
+    std::thread t([&] {
+      c.emplace(net::connect(url(m.l.port()), secs(10), co));
+      connected.store(true);
+    });
+    auto s = m.l.accept(secs(10));
+    // With peer_timeout 0 no keeper progresses the listener's worker: accept() returns with the
+    // HelloAck maybe not yet out, so progress it (a short receive) until the client has it.
+    while (s && !connected.load()) (void)s->receive(Deadline::after(std::chrono::milliseconds(2)));
+    t.join();
+    EXPECT_TRUE(s) << s.error().message();
+    EXPECT_TRUE(*c) << (*c).error().message();
+    if (!s || !*c) return std::nullopt;
+    m.server.push_back(std::move(*s));
+    m.client.push_back(std::move(**c));
+  }
+  return m;
+}
+
 // A bridge on a listener of 127.0.0.1 (any free port) serving `service`.
 inline Result<net::Bridge> make_bridge(const net::BridgeOptions& opt = {},
                                        const char* service = "svc") {

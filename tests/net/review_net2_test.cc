@@ -33,45 +33,15 @@ namespace mbmq {
 namespace {
 
 using namespace std::chrono_literals;
+using test::make_many;
 using test::make_pair;
+using test::Many;
 using test::RawClient;
 using test::secs;
 using test::sized;
 using test::url;
 
 std::int64_t now_ns() { return mbmq::monotonic_ns(); }
-
-// A listener with `n` accepted channels (all on the listener's one worker) and their clients.
-struct Many {
-  net::Listener l;
-  std::vector<net::Channel> server, client;
-};
-
-std::optional<Many> make_many(int n, const net::ListenOptions& lo, const net::ConnectOptions& co) {
-  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
-  EXPECT_TRUE(l) << l.error().message();
-  if (!l) return std::nullopt;
-  Many m{std::move(*l), {}, {}};
-  for (int i = 0; i < n; ++i) {
-    std::optional<Result<net::Channel>> c;
-    std::atomic<bool> connected{false};
-    std::thread t([&] {
-      c.emplace(net::connect(url(m.l.port()), secs(10), co));
-      connected.store(true);
-    });
-    auto s = m.l.accept(secs(10));
-    // With peer_timeout 0 no keeper progresses the listener's worker: accept() returns with the
-    // HelloAck maybe not yet out, so progress it (a short receive) until the client has it.
-    while (s && !connected.load()) (void)s->receive(Deadline::after(2ms));
-    t.join();
-    EXPECT_TRUE(s) << s.error().message();
-    EXPECT_TRUE(*c) << (*c).error().message();
-    if (!s || !*c) return std::nullopt;
-    m.server.push_back(std::move(*s));
-    m.client.push_back(std::move(**c));
-  }
-  return m;
-}
 
 // (W1-W3) Four threads receive (Sleep policy) on four channels of one listener worker, plus a
 // fifth in accept(): one polls the fd, the others sleep on gen. Messages arrive one at a time;

@@ -46,6 +46,8 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::filled;
+using test::make_many;
+using test::Many;
 using test::secs;
 using test::url;
 
@@ -70,36 +72,6 @@ template struct Rob<EpOf, &net::detail::ChannelCore::ep_>;
 std::pair<const void*, const void*> addresses(net::Channel& c) {
   net::detail::ChannelCore* core = (c.*get(CoreOf{})).get();
   return {core, core == nullptr ? nullptr : static_cast<const void*>(core->*get(EpOf{}))};
-}
-
-// A listener with `n` accepted channels (all on the listener's one worker) and their clients.
-struct Many {
-  net::Listener l;
-  std::vector<net::Channel> server, client;
-};
-
-std::optional<Many> make_many(int n, const net::ListenOptions& lo, const net::ConnectOptions& co) {
-  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
-  EXPECT_TRUE(l) << l.error().message();
-  if (!l) return std::nullopt;
-  Many m{std::move(*l), {}, {}};
-  for (int i = 0; i < n; ++i) {
-    std::optional<Result<net::Channel>> c;
-    std::atomic<bool> connected{false};
-    std::thread t([&] {
-      c.emplace(net::connect(url(m.l.port()), secs(10), co));
-      connected.store(true);
-    });
-    auto s = m.l.accept(secs(10));
-    while (s && !connected.load()) (void)s->receive(Deadline::after(2ms));
-    t.join();
-    EXPECT_TRUE(s) << s.error().message();
-    EXPECT_TRUE(*c) << (*c).error().message();
-    if (!s || !*c) return std::nullopt;
-    m.server.push_back(std::move(*s));
-    m.client.push_back(std::move(**c));
-  }
-  return m;
 }
 
 // (a) A deferred payload of a channel nobody waits on is allocated by "whoever progresses next"
