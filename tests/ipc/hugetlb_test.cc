@@ -141,6 +141,12 @@ struct Leaks {
   std::size_t fds = os::open_fd_count("memfd:mbmq-");
   std::size_t maps = os::mapping_count("memfd:mbmq-");
   void expect_none() const {
+    // A channel that failed is let go by the peer watcher's thread too: give it a moment.
+    for (const Deadline end = secs(2); !end.expired();) {
+      if (os::open_fd_count("memfd:mbmq-") == fds && os::mapping_count("memfd:mbmq-") == maps)
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     EXPECT_EQ(os::open_fd_count("memfd:mbmq-"), fds);
     EXPECT_EQ(os::mapping_count("memfd:mbmq-"), maps);
   }
