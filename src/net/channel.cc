@@ -36,6 +36,7 @@ struct RecvOp {
   WireHeader hdr;
   std::vector<std::byte> bytes;
   std::size_t n;
+  std::uint64_t slot;  // its place in the channel's inbox, or kNoSlot
 };
 
 ChannelCore* find_locked(WorkerCore* w, ucp_ep_h ep) MBMQ_REQUIRES(w->mu) {
@@ -59,6 +60,11 @@ void send_done(void* request, ucs_status_t status, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
+  // Its channel: the caller's, or found through eps (not there once closed).
+  if (ChannelCore* ch = op->owner != nullptr ? op->owner : find_locked(w, op->ep)) {
+    ch->assert_held();
+    ch->on_tx_done_locked();
+  }
   if (op->owner != nullptr) {
     op->owner->assert_held();
     w->news_locked(op->owner);  // (W2) a call's send completed
@@ -86,10 +92,12 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   if (ChannelCore* ch = find_locked(w, op->ep)) {
     ch->assert_held();
     w->news_locked(ch);  // (W2)
-    if (status == UCS_OK)
-      ch->on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
-    else
+    if (status == UCS_OK) {
+      ch->on_recv_done_locked(op->hdr, std::move(op->bytes), op->n, op->slot);
+      ch->rx_finished_locked();
+    } else {
       ch->fail_locked(errc_of(status), "net: receiving a payload failed");
+    }
   }
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
@@ -209,7 +217,8 @@ void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
     }
     ch->assert_held();
     // Done at once (not inside a progress): its waiter is woken here (W2 (d)).
-    if (ch->start_recv_locked(d.hdr, d.desc, std::move(bytes), d.n)) wake_waiters_locked(ch);
+    if (ch->start_recv_locked(d.hdr, d.desc, std::move(bytes), d.n, d.slot))
+      wake_waiters_locked(ch);
   }
 }
 
@@ -400,7 +409,9 @@ Error ChannelCore::closed_error_locked(const char* op) {
 void* ChannelCore::close_ep_locked(Close how) {
   if (ep_ == nullptr) return nullptr;
   w_->eps.erase(ep_);
-  // Our payloads still waiting for a vector (WorkerCore::Deferred) are dropped.
+  // Our payloads still waiting for a vector (WorkerCore::Deferred) are dropped, and the places
+  // kept in the inbox for them and for those being received (no callback finds us any more):
+  // what was received before them is still received.
   std::erase_if(w_->deferred, [&](const WorkerCore::Deferred& d) {
     if (d.ch != this) return false;
     w_->assert_held();
@@ -408,6 +419,8 @@ void* ChannelCore::close_ep_locked(Close how) {
     return true;
   });
   w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
+  std::erase_if(inbox_, [](const Message& m) { return !m.buffer.valid(); });
+  rx_pending_ = 0;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = how == Close::Force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
@@ -479,6 +492,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
     return fail(closed_error_locked("net: send failed"));
   }
   if (is_call) call_op_ = op;
+  ++tx_pending_;
   return {};
 }
 
@@ -592,6 +606,12 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     return false;
   }
   if (kind == WireKind::Bye) {
+    // Sent after its messages: those whose header came before it are received first (the sender
+    // keeps their payloads until we have fetched them: its close flushes), then it closes.
+    if (rx_pending_ > 0) {
+      bye_pending_ = true;
+      return false;
+    }
     fail_locked(Errc::PeerClosed, "net: the peer closed");
     return false;
   }
@@ -610,13 +630,20 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
   }
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
     // The receiver chooses where the payload lands: a buffer of ours, given to the application.
+    // A message's place in the inbox is kept from now on: what comes after it is received after.
+    std::uint64_t slot = kNoSlot;
+    if (kind == WireKind::Request || kind == WireKind::Message) {
+      slot = inbox_head_ + inbox_.size();
+      inbox_.emplace_back();  // an invalid buffer: not received yet
+    }
+    ++rx_pending_;
     // A large one with no spare vector to reuse: allocated outside the lock (WorkerCore::Deferred).
     if (w_->needs_fresh_locked(length)) {
-      w_->deferred.push_back({this, ep_, h, data, length});
+      w_->deferred.push_back({this, ep_, h, data, length, slot});
       w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
       return true;
     }
-    start_recv_locked(h, data, w_->take_spare_locked(length), length);
+    start_recv_locked(h, data, w_->take_spare_locked(length), length, slot);
     return false;
   }
   // Eager: UCX's bounce buffer, valid during this callback only: one copy.
@@ -627,16 +654,17 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
 }
 
 bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector<std::byte>&& bytes,
-                                    std::size_t n) {
-  auto* op = new RecvOp{w_.get(), ep_, h, std::move(bytes), n};
+                                    std::size_t n, std::uint64_t slot) {
+  auto* op = new RecvOp{w_.get(), ep_, h, std::move(bytes), n, slot};
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.recv_am = recv_done;
   p.user_data = op;
   ucs_status_ptr_t r = w_->u->ucp_am_recv_data_nbx(w_->worker, desc, op->bytes.data(), n, &p);
   if (r == nullptr) {
-    on_recv_done_locked(op->hdr, std::move(op->bytes), op->n);
+    on_recv_done_locked(op->hdr, std::move(op->bytes), op->n, op->slot);
     delete op;
+    rx_finished_locked();
     return true;
   }
   if (UCS_PTR_IS_ERR(r)) {
@@ -646,8 +674,16 @@ bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector
   return false;
 }
 
+void ChannelCore::rx_finished_locked() {
+  if (rx_pending_ > 0) --rx_pending_;
+  if (rx_pending_ == 0 && bye_pending_ && state_ != State::Closed) {
+    bye_pending_ = false;
+    fail_locked(Errc::PeerClosed, "net: the peer closed");
+  }
+}
+
 void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes,
-                                      std::size_t n) {
+                                      std::size_t n, std::uint64_t slot) {
   switch (static_cast<WireKind>(h.kind)) {
     case WireKind::Hello:
       return on_hello_locked(h, bytes.data(), n);
@@ -672,7 +708,7 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
       reply_ready_ = true;
       return;
     default:
-      return deliver_locked(h, std::move(bytes), n);
+      return deliver_locked(h, std::move(bytes), n, slot);
   }
 }
 
@@ -721,8 +757,8 @@ void ChannelCore::on_other_version_locked(const WireHeader& h) {
   fail_locked(Errc::Protocol, "net: a header of another protocol version");
 }
 
-void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes,
-                                 std::size_t n) {
+void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
+                                 std::uint64_t slot) {
   Message m;
   m.kind = static_cast<WireKind>(h.kind) == WireKind::Request ? Kind::Request : Kind::Message;
   m.buffer.bytes_ = std::move(bytes);
@@ -736,7 +772,12 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
     t->credit_bytes = static_cast<std::uint32_t>(n);  // n <= my_limit_
     m.buffer.reply_ = std::move(t);
   }
-  inbox_.push_back(std::move(m));
+  // Its place, kept since its header came (slots before it are not taken: the head is only
+  // taken once filled), or the end.
+  if (slot != kNoSlot && slot - inbox_head_ < inbox_.size())
+    inbox_[slot - inbox_head_] = std::move(m);
+  else
+    inbox_.push_back(std::move(m));
 }
 
 Result<Buffer> ChannelCore::buffer(std::size_t size) {
@@ -903,23 +944,24 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
     os::LockGuard lock(w_->mu);
     // (F5) About to wait with nothing queued: what the application took goes back now, so that a
     // sender waiting for it (or for bytes a large message needs) is never stuck on a batch.
-    if (inbox_.empty()) flush_credit_locked(Flush::IfAny);
+    if (!head_ready_locked()) flush_credit_locked(Flush::IfAny);
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
     w_->assert_held();
-    return !inbox_.empty() || state_ == State::Closed;
+    return head_ready_locked() || state_ == State::Closed;
   }));
   os::LockGuard lock(w_->mu);
-  if (!inbox_.empty()) {
+  if (head_ready_locked()) {  // (closed: the places of unreceived payloads are gone)
     Message m = std::move(inbox_.front());
     inbox_.pop_front();
+    ++inbox_head_;
     if (m.kind == Kind::Message) {
       // (F5) Received: its credit goes back, batched (a request's goes with its reply).
       ++ret_msgs_;
       ret_bytes_ += m.buffer.size_;
       // With nothing more queued, at once: the application may now call() or send() and not
       // come back to receive() (a sender waiting for this credit would wait with it).
-      flush_credit_locked(inbox_.empty() ? Flush::IfAny : Flush::IfHalf);
+      flush_credit_locked(head_ready_locked() ? Flush::IfHalf : Flush::IfAny);
     }
     return m;
   }
@@ -937,6 +979,23 @@ void ChannelCore::close() noexcept {
   if (!ucx_usable()) return;
   std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
   void* closing = nullptr;   // the close's request, waited on unlocked
+  // Linger: what we sent completes before the Bye (a rendezvous send completes once the peer has
+  // fetched its payload: a flush close alone did not keep it, the peer's endpoint failed and the
+  // message was lost). One 100 ms budget for this and the flush close below; the lock is taken
+  // for each progress only. (A peer slower than that to fetch may still lose the message: the
+  // keeper finishes the close, not the linger.)
+  const std::int64_t until = monotonic_ns() + 100'000'000;
+  for (;;) {
+    {
+      const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
+      os::LockGuard lock(w_->mu);
+      if (state_ != State::Open || tx_pending_ == 0) break;
+      w_->progress_locked();
+      if (state_ != State::Open || tx_pending_ == 0) break;
+    }
+    if (monotonic_ns() >= until) break;
+    os::sleep_ns(100'000);
+  }
   {
     const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
     os::LockGuard lock(w_->mu);
@@ -958,11 +1017,10 @@ void ChannelCore::close() noexcept {
     drop.swap(inbox_);
   }
   if (closing == nullptr) return;
-  // What we sent (a Bye, a reply) goes out before the close, for at most 100 ms; the lock is taken
+  // What we sent (a Bye, a reply) goes out before the close, within those 100 ms; the lock is taken
   // for each progress only (house rule: no lock held across a wait; the listener's other channels
   // share this worker), then released, unfinished or not (UCX asserts at ucp_worker_destroy on a
   // request not released; an unfinished close is cut short there).
-  const std::int64_t until = monotonic_ns() + 100'000'000;
   for (;;) {
     {
       const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked

@@ -67,6 +67,8 @@ struct Grant {
 static_assert(sizeof(Grant) == 8 && std::is_standard_layout_v<Grant>);
 inline constexpr std::size_t kMinHello = sizeof(Grant) + 1;
 inline constexpr std::size_t kMaxHello = sizeof(Grant) + kMaxServiceName;
+// A payload that takes no place in a channel's inbox (ChannelCore::inbox_) before it is received.
+inline constexpr std::uint64_t kNoSlot = ~std::uint64_t{0};
 // A hello's payload: the grant, then the service name.
 inline std::vector<std::byte> hello_payload(Grant grant, std::string_view service) {
   std::vector<std::byte> p(sizeof grant + service.size());
@@ -235,6 +237,7 @@ class WorkerCore {
     WireHeader hdr;
     void* desc;
     std::size_t n;
+    std::uint64_t slot;  // its place in ch's inbox (a one-way message or request), or kNoSlot
   };
   std::deque<Deferred> deferred MBMQ_GUARDED_BY(mu);
   std::atomic<std::size_t> deferred_count{0};  // deferred.size(), read unlocked
@@ -362,17 +365,24 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   bool on_am_locked(const WireHeader& h, void* data, std::size_t length,
                     const ucp_am_recv_param_t* param) MBMQ_REQUIRES(w_->mu);
   // Receives rendezvous payload `desc` (n bytes) into `bytes` (n bytes). True: received at once
-  // (delivered already, outside any progress if not called from a callback).
+  // (delivered already, outside any progress if not called from a callback). `slot`: its place
+  // in the inbox, kept since its header arrived (or kNoSlot).
   bool start_recv_locked(const WireHeader& h, void* desc, std::vector<std::byte>&& bytes,
-                         std::size_t n) MBMQ_REQUIRES(w_->mu);
-  void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
-      MBMQ_REQUIRES(w_->mu);
+                         std::size_t n, std::uint64_t slot) MBMQ_REQUIRES(w_->mu);
+  void on_recv_done_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
+                           std::uint64_t slot = kNoSlot) MBMQ_REQUIRES(w_->mu);
+  // A rendezvous payload received (or given up): a Bye that came behind the last one closes now.
+  void rx_finished_locked() MBMQ_REQUIRES(w_->mu);
   // (N3) A header whose version is not ours (magic checked): a pending channel's Hello is answered
   // HelloAck{kBadVersion} and refused; a connecting channel's HelloAck{kBadVersion} ends connect()
   // with Refused; anything else closes the channel (Protocol).
   void on_other_version_locked(const WireHeader& h) MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
   void on_hello_ack_sent_locked() MBMQ_REQUIRES(w_->mu);
+  // One of our sends completed (or was cancelled).
+  void on_tx_done_locked() MBMQ_REQUIRES(w_->mu) {
+    if (tx_pending_ > 0) --tx_pending_;
+  }
   // Server side, (N4): accept() may hand the channel out: its HelloAck has been handed to the
   // transport (else the client's connect() would wait on a server that may not progress the
   // worker for a while), or the channel is closed already.
@@ -392,8 +402,12 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   Status send_locked(WireKind kind, std::uint16_t status, std::uint32_t seq, std::uint32_t limit,
                      const void* data, std::size_t n, std::vector<std::byte>* owned, bool is_call)
       MBMQ_REQUIRES(w_->mu);
-  void deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n)
-      MBMQ_REQUIRES(w_->mu);
+  void deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
+                      std::uint64_t slot) MBMQ_REQUIRES(w_->mu);
+  // The inbox's head may be received: a message, not the place of one still being received.
+  bool head_ready_locked() const MBMQ_REQUIRES(w_->mu) {
+    return !inbox_.empty() && inbox_.front().buffer.valid();
+  }
   void on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
   Error closed_error_locked(const char* op) MBMQ_REQUIRES(w_->mu);
@@ -410,7 +424,18 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   Errc closed_code_ MBMQ_GUARDED_BY(w_->mu) = Errc::PeerClosed;
   const char* why_ MBMQ_GUARDED_BY(w_->mu) = "";
   bool peer_closed_delivered_ MBMQ_GUARDED_BY(w_->mu) = false;
+  // In arrival order: a rendezvous message's place (an invalid buffer) is kept from its header on,
+  // filled when its payload is received; receive() takes the head only once it is filled, so a
+  // small message never overtakes a large one. inbox_head_: the slot number of inbox_.front().
   std::deque<Message> inbox_ MBMQ_GUARDED_BY(w_->mu);
+  std::uint64_t inbox_head_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  // Rendezvous payloads whose header arrived and which are not received yet (deferred or being
+  // received); a Bye behind them (bye_pending_) closes the channel once they are all in.
+  std::uint32_t rx_pending_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  bool bye_pending_ MBMQ_GUARDED_BY(w_->mu) = false;
+  // Our sends UCX has not completed yet (a rendezvous one until the peer has fetched its payload):
+  // close() lingers for them before its Bye.
+  std::uint32_t tx_pending_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::uint32_t peer_limit_ MBMQ_GUARDED_BY(w_->mu) = 0;  // the peer accepts payloads up to this
   std::uint32_t my_limit_ MBMQ_GUARDED_BY(w_->mu) = 64u << 20;
   // Flow control. Sender side: what the peer granted (its hello), and what we sent of it that it
