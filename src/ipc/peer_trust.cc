@@ -17,23 +17,24 @@ std::uint32_t page_round(std::uint32_t n) {
   return static_cast<std::uint32_t>((std::uint64_t{n} + 4095) / 4096 * 4096);
 }
 
-// A private, writable view of the first `size` bytes of an immutable memfd of OUR OWN (P3c):
+// A private, writable view of an immutable memfd of OUR OWN of `cap` bytes, `size` of them the
+// payload (P3c):
 // copy-on-write, which allocates nothing until written. On hugetlbfs a MAP_PRIVATE mapping
 // reserves huge pages for its whole length when it is made (so that a copy-on-write fault can
 // never SIGBUS: MAP_NORESERVE would allow exactly that), and fails with ENOMEM when the pool has
-// not that many free. Then: a private copy of its first `bytes` bytes in anonymous memory (one
+// not that many free. Then: a private copy of its first `size` bytes in anonymous memory (one
 // pread, what the copy path costs), if the file holds at least that many bytes of huge pages: a
 // sparse file's holes would be zeros allocated for nothing, so a peer can make us copy no more
 // than it holds itself. Else the mapping's error.
-Result<os::Mapping> sealed_view(int fd, std::size_t size, std::size_t bytes) {
-  auto m = os::Mapping::map_shared(fd, size, os::Access::CopyOnWrite);
+Result<os::Mapping> sealed_view(int fd, std::size_t cap, std::size_t size) {
+  auto m = os::Mapping::map_shared(fd, cap, os::Access::CopyOnWrite);
   if (m || m.error().code != Errc::System || m.error().sys_errno != ENOMEM || !os::is_hugetlb(fd))
     return m;
-  bytes = std::min(bytes, size);
+  size = std::min(size, cap);
   auto info = os::file_info(fd);
-  if (!info || info->allocated < bytes) return m;
-  auto copy = MBMQ_TRY(os::Mapping::anonymous(size));
-  if (bytes > 0 && MBMQ_TRY(os::pread_full(fd, {copy.data(), bytes}, 0)) != bytes)
+  if (!info || info->allocated < size) return m;
+  auto copy = MBMQ_TRY(os::Mapping::anonymous(cap));
+  if (size > 0 && MBMQ_TRY(os::pread_full(fd, {copy.data(), size}, 0)) != size)
     return fail(Errc::Protocol, "sealed extent shorter than its payload");
   return copy;
 }
