@@ -8,13 +8,15 @@
 // A round trip: the client sends SIZE bytes (its first 8 a sequence number), the server echoes
 // the SIZE bytes back, the client checks the number. One-way: the client sends SIZE-byte messages
 // for the cell's time, then one round trip that the server answers after all of them have
-// landed; MB/s = bytes / time to that answer.
+// landed; MB/s = bytes / time to that answer. Every mechanism runs once per round (--rounds, 3),
+// the order reversed every other round; each bar is the median of the rounds' ratios.
 //
 // A separate program (not `mbmq bench --remote`): the `mbmq` tool is installed by the .deb and
 // must run where UCX is absent, and the raw-UCX baseline calls ucp directly. Built only where
 // UCX is found, as mbmq::net itself.
 //
-//   sudo build/bench/mbmq-net-bench [--seconds S] [--sizes 64,4K,...] [--oneway-sizes ...]
+//   sudo build/bench/mbmq-net-bench [--seconds S] [--rounds N] [--sizes 64,4K,...] [--oneway-sizes
+//   ...]
 //                                   [--only tcp,raw-ucx,...] [--json] [--no-pin]
 //
 // Pinning: the client's main thread on CPU 0, the server's on CPU 1, as `mbmq bench` does, but
@@ -61,6 +63,7 @@ struct Options {
   std::vector<std::string> only;
   bool json = false;
   bool pin = true;
+  int rounds = 3;  // every mechanism once per round, in alternating order (see main)
 };
 Options g_opt;
 
@@ -70,6 +73,7 @@ struct Row {
   std::uint64_t size = 0;
   std::uint32_t oneway = 0;  // 1: a one-way throughput row
   std::uint32_t iterations = 0;
+  std::uint32_t round = 0;  // set by main
   double p50_ns = 0, p99_ns = 0, max_ns = 0, min_ns = 0, mb_per_s = 0;
   char error[160] = {};
 };
@@ -489,45 +493,66 @@ std::vector<Row> perftest_rows(const mbmq::netns::Pair& ns) {
 }
 
 // ---- report -----------------------------------------------------------------------------------
+// A bar: the ratio of two rows measured in the same round, per round; `measured` is the median
+// of the rounds' ratios (the rounds ran interleaved, so a slow minute of the machine weighs on
+// both rows of a pair), `lo`/`hi` the lowest and highest, `n` how many rounds had both rows.
 struct Check {
   std::string what;
   double measured, limit;
   bool pass;
+  double lo = 0, hi = 0;
+  int n = 0;
 };
 
 const Row* find(const std::vector<Row>& rows, const std::string& mech, std::size_t size,
-                bool oneway) {
+                bool oneway, std::uint32_t round) {
   for (const auto& r : rows)
-    if (mech == r.mechanism && r.size == size && (r.oneway != 0) == oneway && r.error[0] == 0 &&
-        (oneway ? r.mb_per_s > 0 : r.p50_ns > 0))
+    if (mech == r.mechanism && r.size == size && (r.oneway != 0) == oneway && r.round == round &&
+        r.error[0] == 0 && (oneway ? r.mb_per_s > 0 : r.p50_ns > 0))
       return &r;
   return nullptr;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n == 0 ? 0 : n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+// The ratio num / den (p50s, or MB/s one-way) in each round where both rows were measured.
+std::vector<double> ratios(const std::vector<Row>& rows, const std::string& num,
+                           const std::string& den, std::size_t size, bool oneway) {
+  std::vector<double> x;
+  for (int round = 0; round < g_opt.rounds; ++round) {
+    const Row* a = find(rows, num, size, oneway, static_cast<std::uint32_t>(round));
+    const Row* b = find(rows, den, size, oneway, static_cast<std::uint32_t>(round));
+    if (a && b) x.push_back(oneway ? a->mb_per_s / b->mb_per_s : a->p50_ns / b->p50_ns);
+  }
+  return x;
+}
+
+void add_check(std::vector<Check>& out, const std::vector<Row>& rows, const std::string& what,
+               const std::string& num, const std::string& den, std::size_t size, bool oneway,
+               double limit) {
+  const std::vector<double> x = ratios(rows, num, den, size, oneway);
+  if (x.empty()) return;
+  const double m = median(x);
+  out.push_back({what + " @" + human(size), m, limit, m <= limit,
+                 *std::min_element(x.begin(), x.end()), *std::max_element(x.begin(), x.end()),
+                 static_cast<int>(x.size())});
 }
 
 std::vector<Check> checks_of(const std::vector<Row>& rows) {
   std::vector<Check> out;
   for (std::size_t size : g_opt.sizes) {
-    const Row* raw = find(rows, "raw-ucx", size, false);
-    const Row* spin = find(rows, "mbmq-net-spin", size, false);
-    const Row* pt = find(rows, "ucx_perftest", size, false);
-    if (raw && spin && (size == 64 || size >= (64u << 10))) {
-      const double limit = size == 64 ? 1.15 : 1.05;
-      const double x = spin->p50_ns / raw->p50_ns;
-      out.push_back({"mbmq-net-spin / raw-ucx p50 @" + human(size), x, limit, x <= limit});
-    }
-    if (raw && pt) {
-      const double x = raw->p50_ns / pt->p50_ns;
-      out.push_back({"raw-ucx / ucx_perftest p50 @" + human(size), x, 1.2, x <= 1.2});
-    }
+    if (size == 64 || size >= (64u << 10))
+      add_check(out, rows, "mbmq-net-spin / raw-ucx p50", "mbmq-net-spin", "raw-ucx", size, false,
+                size == 64 ? 1.15 : 1.05);
+    add_check(out, rows, "raw-ucx / ucx_perftest p50", "raw-ucx", "ucx_perftest", size, false, 1.2);
   }
-  for (std::size_t size : g_opt.oneway) {
-    const Row* raw = find(rows, "raw-ucx", size, true);
-    const Row* spin = find(rows, "mbmq-net-spin", size, true);
-    if (raw && spin) {
-      const double x = raw->mb_per_s / spin->mb_per_s;  // > 1: mbmq::net slower
-      out.push_back({"raw-ucx / mbmq-net-spin MB/s one-way @" + human(size), x, 1.05, x <= 1.05});
-    }
-  }
+  for (std::size_t size : g_opt.oneway)  // > 1: mbmq::net slower
+    add_check(out, rows, "raw-ucx / mbmq-net-spin MB/s one-way", "raw-ucx", "mbmq-net-spin", size,
+              true, 1.05);
   return out;
 }
 
@@ -556,42 +581,41 @@ void print_table(const std::vector<Row>& rows, const std::vector<Check>& checks,
       "cell. Round trip: SIZE bytes there and back. loadavg before: %s, after: %s\n\n",
       os::cpu_count(), g_opt.pin ? "client on CPU 0, server on CPU 1" : "not pinned", g_opt.seconds,
       load0.c_str(), load1.c_str());
-  std::printf("%-16s %8s %9s %12s %12s %12s %10s %s\n", "mechanism", "size", "iters", "p50 us",
-              "p99 us", "max us", "MB/s", "");
+  std::printf("%5s %-16s %8s %9s %12s %12s %12s %10s %s\n", "round", "mechanism", "size", "iters",
+              "p50 us", "p99 us", "max us", "MB/s", "");
   for (int oneway = 0; oneway < 2; ++oneway) {
     if (oneway == 1) std::printf("\none-way throughput (MB/s = 10^6 bytes/s):\n");
     for (const auto& r : rows) {
       if (static_cast<int>(r.oneway) != oneway) continue;
       if (r.error[0] != 0) {
-        std::printf("%-16s %8s  %s\n", r.mechanism, human(r.size).c_str(), r.error);
+        std::printf("%5u %-16s %8s  %s\n", r.round, r.mechanism, human(r.size).c_str(), r.error);
         continue;
       }
       const bool pt = std::strcmp(r.mechanism, "ucx_perftest") == 0;
       if (oneway == 0)
-        std::printf("%-16s %8s %9u %12.1f %12s %12s %10.1f%s\n", r.mechanism, human(r.size).c_str(),
-                    r.iterations, r.p50_ns / 1e3, pt ? "-" : us(r.p99_ns).c_str(),
-                    pt ? "-" : us(r.max_ns).c_str(), r.mb_per_s,
+        std::printf("%5u %-16s %8s %9u %12.1f %12s %12s %10.1f%s\n", r.round, r.mechanism,
+                    human(r.size).c_str(), r.iterations, r.p50_ns / 1e3,
+                    pt ? "-" : us(r.p99_ns).c_str(), pt ? "-" : us(r.max_ns).c_str(), r.mb_per_s,
                     pt ? "  (2 x its half round trip)" : "");
       else
-        std::printf("%-16s %8s %9u %12s %12s %12s %10.1f\n", r.mechanism, human(r.size).c_str(),
-                    r.iterations, "-", "-", "-", r.mb_per_s);
+        std::printf("%5u %-16s %8s %9u %12s %12s %12s %10.1f\n", r.round, r.mechanism,
+                    human(r.size).c_str(), r.iterations, "-", "-", "-", r.mb_per_s);
     }
   }
-  std::printf("\nratios (p50 round trip; one-way MB/s):\n");
+  std::printf("\nratios (p50 round trip; one-way MB/s), median of the rounds [lowest-highest]:\n");
+  auto show = [](const char* what, const std::vector<double>& x, std::size_t size) {
+    if (x.empty()) return;
+    std::printf("  %s @%s: %.2fx [%.2f-%.2f]\n", what, human(size).c_str(), median(x),
+                *std::min_element(x.begin(), x.end()), *std::max_element(x.begin(), x.end()));
+  };
   for (std::size_t size : g_opt.sizes) {
-    const Row* tcpr = find(rows, "tcp", size, false);
-    const Row* raw = find(rows, "raw-ucx", size, false);
-    const Row* sl = find(rows, "mbmq-net-sleep", size, false);
-    if (tcpr && raw)
-      std::printf("  raw-ucx / tcp @%s: %.2fx\n", human(size).c_str(), raw->p50_ns / tcpr->p50_ns);
-    if (sl && raw)
-      std::printf("  mbmq-net-sleep / raw-ucx @%s: %.2fx\n", human(size).c_str(),
-                  sl->p50_ns / raw->p50_ns);
+    show("raw-ucx / tcp", ratios(rows, "raw-ucx", "tcp", size, false), size);
+    show("mbmq-net-sleep / raw-ucx", ratios(rows, "mbmq-net-sleep", "raw-ucx", size, false), size);
   }
-  std::printf("\nchecks (#19 bars):\n");
+  std::printf("\nchecks (#19 bars; the median of %d interleaved rounds' ratios):\n", g_opt.rounds);
   for (const auto& c : checks)
-    std::printf("  %-48s %6.2f  (bar <= %.2f)  %s\n", c.what.c_str(), c.measured, c.limit,
-                c.pass ? "PASS" : "FAIL");
+    std::printf("  %-48s %6.2f [%.2f-%.2f] (%d rounds)  (bar <= %.2f)  %s\n", c.what.c_str(),
+                c.measured, c.lo, c.hi, c.n, c.limit, c.pass ? "PASS" : "FAIL");
 }
 
 nlohmann::json to_json(const std::vector<Row>& rows, const std::vector<Check>& checks,
@@ -606,6 +630,7 @@ nlohmann::json to_json(const std::vector<Row>& rows, const std::vector<Check>& c
     j["size"] = r.size;
     j["kind"] = r.oneway != 0 ? "one-way" : "round-trip";
     j["iterations"] = r.iterations;
+    j["round"] = r.round;
     const bool lat = ok && r.oneway == 0;
     j["p50_ns"] = lat ? json(r.p50_ns) : json();
     j["p99_ns"] = lat && !pt ? json(r.p99_ns) : json();
@@ -617,8 +642,13 @@ nlohmann::json to_json(const std::vector<Row>& rows, const std::vector<Check>& c
   }
   json cj = json::array();
   for (const auto& c : checks)
-    cj.push_back(
-        {{"check", c.what}, {"measured", c.measured}, {"limit", c.limit}, {"pass", c.pass}});
+    cj.push_back({{"check", c.what},
+                  {"measured", c.measured},
+                  {"lowest", c.lo},
+                  {"highest", c.hi},
+                  {"rounds", c.n},
+                  {"limit", c.limit},
+                  {"pass", c.pass}});
   return {{"results", results},
           {"checks", cj},
           {"machine",
@@ -627,7 +657,8 @@ nlohmann::json to_json(const std::vector<Row>& rows, const std::vector<Check>& c
             {"loadavg_before", load0},
             {"loadavg_after", load1}}},
           {"transport", "UCX_TLS=tcp over a veth pair between two network namespaces"},
-          {"seconds_per_cell", g_opt.seconds}};
+          {"seconds_per_cell", g_opt.seconds},
+          {"rounds", g_opt.rounds}};
 }
 
 std::vector<std::size_t> parse_sizes(const std::string& s) {
@@ -677,13 +708,20 @@ int main(int argc, char** argv) {
     } else if (a == "--only") {
       std::stringstream in(next());
       for (std::string t; std::getline(in, t, ',');) g_opt.only.push_back(t);
+    } else if (a == "--rounds") {
+      g_opt.rounds = std::atoi(next().c_str());
+      if (g_opt.rounds < 1 || g_opt.rounds > 100) {
+        std::fprintf(stderr, "mbmq-net-bench: --rounds: 1 to 100\n");
+        return 2;
+      }
     } else if (a == "--json") {
       g_opt.json = true;
     } else if (a == "--no-pin") {
       g_opt.pin = false;
     } else {
       std::printf(
-          "usage: mbmq-net-bench [--seconds S (0.3)] [--sizes 64,4K,64K,1M,16M,64M]\n"
+          "usage: mbmq-net-bench [--seconds S (0.3)] [--rounds N (3)] [--sizes "
+          "64,4K,64K,1M,16M,64M]\n"
           "                      [--oneway-sizes 64K,1M,16M] [--only mbmq-net-spin,mbmq-net-sleep,"
           "raw-ucx,ucx_perftest,tcp]\n"
           "                      [--json] [--no-pin]\n"
@@ -707,12 +745,28 @@ int main(int argc, char** argv) {
                    "installed? CAP_NET_ADMIN?)\n");
       return 2;
     }
-    auto add = [&](std::vector<Row> r) { rows.insert(rows.end(), r.begin(), r.end()); };
-    if (wanted("tcp")) add(tcp(ns));
-    if (wanted("raw-ucx")) add(raw_ucx(ns));
-    if (wanted("mbmq-net-spin")) add(mbmq_net(ns, "mbmq-net-spin", mbmq::WaitMode::Spin));
-    if (wanted("mbmq-net-sleep")) add(mbmq_net(ns, "mbmq-net-sleep", mbmq::WaitMode::Sleep));
-    if (wanted("ucx_perftest")) add(perftest_rows(ns));
+    // Every mechanism once per round, the order reversed every other round: a ratio's two rows
+    // are measured seconds apart, and neither always goes first.
+    const std::vector<std::function<std::vector<Row>()>> mechs = {
+        [&] { return wanted("tcp") ? tcp(ns) : std::vector<Row>{}; },
+        [&] { return wanted("raw-ucx") ? raw_ucx(ns) : std::vector<Row>{}; },
+        [&] {
+          return wanted("mbmq-net-spin") ? mbmq_net(ns, "mbmq-net-spin", mbmq::WaitMode::Spin)
+                                         : std::vector<Row>{};
+        },
+        [&] {
+          return wanted("mbmq-net-sleep") ? mbmq_net(ns, "mbmq-net-sleep", mbmq::WaitMode::Sleep)
+                                          : std::vector<Row>{};
+        },
+        [&] { return wanted("ucx_perftest") ? perftest_rows(ns) : std::vector<Row>{}; },
+    };
+    for (int round = 0; round < g_opt.rounds; ++round) {
+      for (std::size_t i = 0; i < mechs.size(); ++i) {
+        auto r = mechs[round % 2 == 0 ? i : mechs.size() - 1 - i]();
+        for (Row& x : r) x.round = static_cast<std::uint32_t>(round);
+        rows.insert(rows.end(), r.begin(), r.end());
+      }
+    }
   }
   const std::string load1 = load();
   const auto checks = checks_of(rows);
