@@ -43,6 +43,7 @@ namespace detail {
 class ChannelCore;
 class ListenCore;
 struct ReplyToken;
+class Spares;
 }  // namespace detail
 
 // A message buffer of a remote channel: private memory of this process (UCX moves the bytes; over
@@ -50,6 +51,13 @@ struct ReplyToken;
 class Buffer {
  public:
   Buffer() noexcept = default;
+  Buffer(const Buffer&) = default;
+  Buffer(Buffer&&) noexcept = default;
+  Buffer& operator=(const Buffer&) = default;
+  Buffer& operator=(Buffer&&) noexcept = default;
+  // A large buffer's memory goes back to its channel's worker, for the next payload it receives
+  // (docs/design/net.md, "Payload vectors"): a fresh 1 MiB costs 256 page faults.
+  ~Buffer();
   std::span<std::byte> data() noexcept { return {bytes_.data(), size_}; }
   std::span<const std::byte> data() const noexcept { return {bytes_.data(), size_}; }
   std::size_t size() const noexcept { return size_; }
@@ -69,6 +77,8 @@ class Buffer {
   bool valid_ = false;
   // A received request: where its reply goes (dropped unanswered, it answers NoReply).
   std::shared_ptr<detail::ReplyToken> reply_;
+  // Where bytes_ goes when this buffer is destroyed (set on buffers above 64 KiB only).
+  std::shared_ptr<detail::Spares> home_;
 };
 
 struct Message {

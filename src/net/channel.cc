@@ -80,7 +80,7 @@ void send_done(void* request, ucs_status_t status, void* user) {
     }
   }
   // UCX has read the payload: its vector may receive the worker's next one.
-  w->recycle_locked(std::move(op->owned));
+  w->spares->give(std::move(op->owned));
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
 }
@@ -197,11 +197,12 @@ void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
       deferred.erase(it);
       deferred_count.store(deferred.size(), std::memory_order_relaxed);
     }
-    // The page faults and zeroing, unlocked. Destroyed unlocked too, if not received into.
+    // The page faults and zeroing, unlocked (or a spare given back since). Destroyed unlocked
+    // too, if not received into.
     std::vector<std::byte> bytes;
     bool no_memory = false;
     try {
-      bytes.resize(d.n);
+      bytes = take_spare(d.n);
     } catch (const std::bad_alloc&) {  // (some callers are destructors: nothing may escape)
       no_memory = true;
     }
@@ -496,30 +497,50 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   return {};
 }
 
-// Below this a vector comes from malloc's heap, already mapped: nothing to save.
-constexpr std::size_t kSpareMin = std::size_t{64} << 10;
-
 // From this size on, a payload with no spare vector to land in has its vector allocated outside
 // the worker's lock (WorkerCore::Deferred): 1 MiB is 256 page faults, some 0.3-1 ms here.
 constexpr std::size_t kDeferMin = std::size_t{1} << 20;
 
-bool WorkerCore::needs_fresh_locked(std::size_t n) const {
-  return n >= kDeferMin && (n > spare.capacity() || n < spare.capacity() / 2);
+void Spares::give(std::vector<std::byte>&& v) noexcept {
+  std::vector<std::byte> drop;  // freed after the lock is released
+  const std::size_t cap = v.capacity();
+  os::LockGuard lock(mu_);
+  if (cap > kMin && v_.size() < kMaxVectors && (v_.empty() || bytes_ + cap <= kMaxBytes)) {
+    v_.push_back(std::move(v));  // within the reserved capacity: no allocation
+    bytes_ += cap;
+  } else {
+    drop = std::move(v);
+  }
 }
 
-void WorkerCore::recycle_locked(std::vector<std::byte>&& v) {
-  if (v.capacity() > kSpareMin && v.capacity() > spare.capacity()) spare = std::move(v);
-}
-
-std::vector<std::byte> WorkerCore::take_spare_locked(std::size_t n) {
-  // Only for a payload of at least half its size: a small message queued in an inbox must not
-  // hold a large vector (the grant bounds the inbox by the bytes received, not by capacities).
-  if (n <= kSpareMin || n > spare.capacity() || n < spare.capacity() / 2)
-    return std::vector<std::byte>(n);
-  std::vector<std::byte> v = std::move(spare);
-  spare = {};
+std::vector<std::byte> Spares::take(std::size_t n) noexcept {
+  os::LockGuard lock(mu_);
+  std::size_t best = v_.size();
+  for (std::size_t i = 0; i < v_.size(); ++i)
+    if (fits(v_[i].capacity(), n) && (best == v_.size() || v_[i].capacity() < v_[best].capacity()))
+      best = i;
+  if (best == v_.size()) return {};
+  std::vector<std::byte> v = std::move(v_[best]);
+  v_[best] = std::move(v_.back());
+  v_.pop_back();
+  bytes_ -= v.capacity();
   v.resize(n);  // within its capacity: no allocation; zeroes only what grows
   return v;
+}
+
+bool Spares::has_for(std::size_t n) const noexcept {
+  os::LockGuard lock(mu_);
+  return std::any_of(v_.begin(), v_.end(), [&](const auto& v) { return fits(v.capacity(), n); });
+}
+
+std::vector<std::byte> WorkerCore::take_spare(std::size_t n) const {
+  std::vector<std::byte> v = spares->take(n);
+  if (v.capacity() == 0) v.resize(n);
+  return v;
+}
+
+bool WorkerCore::needs_fresh_locked(std::size_t n) const {
+  return n >= kDeferMin && !spares->has_for(n);
 }
 
 void ChannelCore::on_send_done_locked(std::uint32_t seq, bool was_call) {
@@ -643,11 +664,11 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
       w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
       return true;
     }
-    start_recv_locked(h, data, w_->take_spare_locked(length), length, slot);
+    start_recv_locked(h, data, w_->take_spare(length), length, slot);
     return false;
   }
   // Eager: UCX's bounce buffer, valid during this callback only: one copy.
-  std::vector<std::byte> bytes = w_->take_spare_locked(length);
+  std::vector<std::byte> bytes = w_->take_spare(length);
   if (length != 0) std::memcpy(bytes.data(), data, length);
   on_recv_done_locked(h, std::move(bytes), length);
   return false;
@@ -765,6 +786,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
   m.buffer.size_ = n;
   m.buffer.limit_ = peer_limit_;
   m.buffer.valid_ = true;
+  if (n > Spares::kMin) m.buffer.home_ = w_->spares;  // its vector comes back when dropped
   if (m.kind == Kind::Request) {
     auto t = std::make_shared<ReplyToken>();
     t->ch = weak_from_this();
@@ -797,6 +819,7 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   b.size_ = size;
   b.limit_ = limit;
   b.valid_ = true;
+  if (size > Spares::kMin) b.home_ = w_->spares;
   return b;
 }
 
@@ -841,8 +864,9 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     // The reply lands in the caller's buffer: the bytes UCX gave us become buf's.
     reply_ready_ = false;
     if (reply_status_ == kReplyNone) return fail(Errc::NoReply, "net::Channel::call");
-    w_->recycle_locked(std::move(buf.bytes_));  // the request's: UCX has sent it (call_sent_)
+    w_->spares->give(std::move(buf.bytes_));  // the request's: UCX has sent it (call_sent_)
     buf.bytes_ = std::move(reply_bytes_);
+    if (buf.bytes_.size() > Spares::kMin) buf.home_ = w_->spares;
     buf.size_ = reply_size_;
     return {};
   }

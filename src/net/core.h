@@ -114,6 +114,39 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
   std::atomic<int> handing_{0};             // threads inside hand_over()
 };
 
+// Payload vectors done with, kept for a worker's next received payloads: a fresh 1 MiB vector
+// costs 256 page faults and its zeroing on this VM (a fresh 64 MiB one 66-100 ms), more than the
+// transfer. Given: a sent one-way message's or reply's vector once UCX has read it, a call's old
+// buffer, a net::Buffer above 64 KiB when destroyed (a received message the application dropped).
+// Taken only as the target of a received payload, which overwrites all of it (so no channel's
+// bytes reach another's application), of at least half its capacity (so a small message in an
+// inbox holds at most twice its bytes), never by buffer() (it would hand out a payload's bytes).
+// Bound: kMaxVectors vectors of kMaxBytes together, or one vector of any size (up to the largest
+// payload its channels accept). A leaf lock: taken under the worker's mu, or with no lock held
+// (a Buffer's destructor); never the other way round.
+class Spares {
+ public:
+  static constexpr std::size_t kMaxVectors = 8;
+  static constexpr std::size_t kMaxBytes = std::size_t{16} << 20;
+  // Below this a vector comes from malloc's heap, already mapped: nothing to save.
+  static constexpr std::size_t kMin = std::size_t{64} << 10;
+
+  Spares() { v_.reserve(kMaxVectors); }
+  // Keeps v if it fits the bound (else it is freed, outside the lock). Never allocates.
+  void give(std::vector<std::byte>&& v) noexcept;
+  // A kept vector of capacity in [n, 2n], resized to n (zeroing only what grows), or an empty one.
+  std::vector<std::byte> take(std::size_t n) noexcept;
+  bool has_for(std::size_t n) const noexcept;
+
+ private:
+  static bool fits(std::size_t cap, std::size_t n) noexcept {
+    return n > kMin && n <= cap && n >= cap / 2;
+  }
+  mutable os::Mutex mu_;
+  std::vector<std::vector<std::byte>> v_ MBMQ_GUARDED_BY(mu_);  // capacity kMaxVectors
+  std::size_t bytes_ MBMQ_GUARDED_BY(mu_) = 0;                  // their capacities
+};
+
 class WorkerCore {
  public:
   static Result<std::shared_ptr<WorkerCore>> make(const Ucx* u);
@@ -207,17 +240,13 @@ class WorkerCore {
   ucp_worker_h worker = nullptr;  // set in make(), then used under mu only
   int efd = -1;
   std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
-  // One recycled payload vector for this worker's channels: a fresh 64 MiB vector costs 66-100 ms
-  // of page faults and zeroing on this VM, more than the transfer. recycle_locked() keeps the
-  // largest vector UCX is done with (a finished send's, a call's old buffer); take_spare_locked()
-  // gives it as the target of a received payload above 64 KiB and at least half its size, which
-  // overwrites all of it (so no channel's bytes reach another's application, and a small message
-  // in an inbox holds at most twice its bytes). Bound: one vector per worker, of at most the
-  // largest payload its channels accept.
-  std::vector<std::byte> spare MBMQ_GUARDED_BY(mu);
-  void recycle_locked(std::vector<std::byte>&& v) MBMQ_REQUIRES(mu);
-  std::vector<std::byte> take_spare_locked(std::size_t n) MBMQ_REQUIRES(mu);
-  // Whether take_spare_locked(n) would allocate a vector of a size worth allocating outside mu.
+  // Payload vectors done with, for this worker's next received payloads (Spares). Shared with
+  // the large net::Buffers of its channels, which give their vector back when destroyed.
+  const std::shared_ptr<Spares> spares = std::make_shared<Spares>();
+  // A vector for a received payload of n bytes (which overwrites all of it): a spare, else fresh.
+  std::vector<std::byte> take_spare(std::size_t n) const;
+  // Whether take_spare(n) would allocate a vector of a size worth allocating outside mu. Only
+  // threads holding mu take spares, so a false answer holds until mu is released.
   bool needs_fresh_locked(std::size_t n) const MBMQ_REQUIRES(mu);
   // A rendezvous payload whose vector is not allocated yet (UCX keeps its descriptor: the AM
   // callback returned UCS_INPROGRESS). A fresh 64 MiB vector costs 50-130 ms of page faults and

@@ -330,6 +330,10 @@ void Channel::close() noexcept {
   core_.reset();
 }
 
+Buffer::~Buffer() {
+  if (home_ && bytes_.capacity() > detail::Spares::kMin) home_->give(std::move(bytes_));
+}
+
 Status Buffer::resize(std::size_t n) {
   if (!valid_) return fail(Errc::InvalidArgument, "net::Buffer::resize: invalid buffer");
   if (n > limit_) return fail(Errc::InvalidArgument, "net::Buffer::resize: above the peer's limit");
