@@ -149,7 +149,11 @@ class Channel {
 
   void set_wait_policy(WaitPolicy policy);
   bool valid() const noexcept;
-  // Sends Bye and closes: the peer's calls get PeerClosed.
+  // Sends Bye and closes: the peer's calls get PeerClosed. Messages sent before it that the peer
+  // has not fetched yet (large ones: the peer fetches them when it next progresses) still reach
+  // it: close() waits up to 100 ms for them, then leaves them to mbmq::net's keeper thread, which
+  // keeps the connection (and their bytes) until the peer has them, dies, falls silent for its
+  // peer_timeout, or 10 s have passed (docs/design/net.md, "Failure", K5).
   void close() noexcept;
 
  private:

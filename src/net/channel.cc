@@ -399,7 +399,7 @@ std::uint32_t wire_timeout_ms(std::chrono::milliseconds t) noexcept {
 bool ChannelCore::open() noexcept {
   if (!ucx_usable()) return false;
   os::LockGuard lock(w_->mu);
-  return state_ == State::Open;
+  return usable_locked();
 }
 
 Error ChannelCore::closed_error_locked(const char* op) {
@@ -807,7 +807,7 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   std::uint32_t limit = 0;
   {
     os::LockGuard lock(w_->mu);
-    if (state_ != State::Open) return fail(closed_error_locked("net::Channel::buffer: closed"));
+    if (!usable_locked()) return fail(closed_error_locked("net::Channel::buffer: closed"));
     if (size > peer_limit_)
       return fail(Errc::InvalidArgument, "net::Channel::buffer: above the peer's limit");
     limit = peer_limit_;
@@ -831,7 +831,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   for (;;) {
     {
       os::LockGuard lock(w_->mu);
-      if (state_ != State::Open) return fail(closed_error_locked("net::Channel::call"));
+      if (!usable_locked()) return fail(closed_error_locked("net::Channel::call"));
       if (can_send_locked(n)) {  // the credit checked and taken under one lock
         std::uint32_t seq = ++next_seq_;
         if (seq == 0) seq = ++next_seq_;
@@ -850,13 +850,13 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     // until the deadline (credit another thread's send() took meanwhile: wait again).
     const bool got = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();
-      return state_ != State::Open || can_send_locked(n);
+      return !usable_locked() || can_send_locked(n);
     }));
     if (!got) return fail(Errc::TimedOut, "net::Channel::call: no credit in time (nothing sent)");
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
     w_->assert_held();
-    return (reply_ready_ && call_sent_) || state_ == State::Closed;
+    return (reply_ready_ && call_sent_) || state_ == State::Closed || lingering_;
   }));
   os::LockGuard lock(w_->mu);
   call_seq_ = 0;
@@ -878,7 +878,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     call_op_ = nullptr;
     buf = Buffer{};
   }
-  if (state_ == State::Closed) return fail(closed_error_locked("net::Channel::call"));
+  if (!usable_locked()) return fail(closed_error_locked("net::Channel::call"));
   return fail(Errc::TimedOut, "net::Channel::call");
 }
 
@@ -890,10 +890,10 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
     {
       const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
-      if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
+      if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
       // Credit may be in the worker already, not yet taken in: progress once before failing.
       if (!can_send_locked(n) && !waited) w_->progress_locked(this);
-      if (state_ != State::Open) return fail(closed_error_locked("net::Channel::send"));
+      if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
       if (can_send_locked(n)) {
         ++out_msgs_;  // (F2) the peer gives it back once its application has received it
         out_bytes_ += n;
@@ -911,7 +911,7 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
     }
     (void)MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();
-      return state_ != State::Open || can_send_locked(n);
+      return !usable_locked() || can_send_locked(n);
     }));
   }
 }
@@ -920,7 +920,7 @@ Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status,
                           std::uint32_t credit_bytes) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   os::LockGuard lock(w_->mu);
-  if (state_ != State::Open) return fail(closed_error_locked("net::Channel::reply"));
+  if (!usable_locked()) return fail(closed_error_locked("net::Channel::reply"));
   const std::size_t n = buf.size_;
   // (F4) The reply carries its request's credit back (1 message, credit_bytes).
   if (rx_msgs_ > 0) --rx_msgs_;
@@ -950,7 +950,7 @@ void ChannelCore::flush_credit_locked(Flush when) {
   if (when == Flush::IfHalf && ret_msgs_ < std::max<std::uint32_t>(1, my_grant_.messages / 2) &&
       ret_bytes_ < std::max<std::uint32_t>(1, my_grant_.bytes / 2))
     return;
-  if (state_ != State::Open) return;
+  if (!usable_locked()) return;  // (nothing after our Bye)
   // (F5) Credit{seq: messages, limit: bytes}. ret_ <= rx_ <= the grant (bytes: at most
   // max(grant, my_limit_)), so both fit in 32 bits.
   const auto msgs = static_cast<std::uint32_t>(ret_msgs_);
@@ -972,7 +972,7 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
     w_->assert_held();
-    return head_ready_locked() || state_ == State::Closed;
+    return head_ready_locked() || state_ == State::Closed || lingering_;
   }));
   os::LockGuard lock(w_->mu);
   if (head_ready_locked()) {  // (closed: the places of unreceived payloads are gone)
@@ -1003,17 +1003,17 @@ void ChannelCore::close() noexcept {
   if (!ucx_usable()) return;
   std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
   void* closing = nullptr;   // the close's request, waited on unlocked
+  bool linger = false;       // (K5) left to the keeper
   // Linger: what we sent completes before the Bye (a rendezvous send completes once the peer has
   // fetched its payload: a flush close alone did not keep it, the peer's endpoint failed and the
   // message was lost). One 100 ms budget for this and the flush close below; the lock is taken
-  // for each progress only. (A peer slower than that to fetch may still lose the message: the
-  // keeper finishes the close, not the linger.)
+  // for each progress only. A peer slower than that to fetch gets the rest from the keeper (K5).
   const std::int64_t until = monotonic_ns() + 100'000'000;
   for (;;) {
     {
       const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
-      if (state_ != State::Open || tx_pending_ == 0) break;
+      if (!usable_locked() || tx_pending_ == 0) break;
       w_->progress_locked();
       if (state_ != State::Open || tx_pending_ == 0) break;
     }
@@ -1023,6 +1023,10 @@ void ChannelCore::close() noexcept {
   {
     const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
     os::LockGuard lock(w_->mu);
+    if (lingering_) return;  // closed already (another thread's close())
+    // Sends the peer has not fetched yet, before our Bye (which goes behind them: the peer holds
+    // it until it has them, rx_pending_).
+    linger = state_ == State::Open && tx_pending_ > 0;
     if (state_ == State::Open) {
       (void)send_locked(WireKind::Bye, 0, 0, 0, nullptr, 0, nullptr, false);
       w_->progress_locked();
@@ -1036,9 +1040,25 @@ void ChannelCore::close() noexcept {
       listener_->drop_pending_locked(this);
     }
     listener_ = nullptr;
-    closing = close_ep_locked(Close::Flush);
+    linger = linger && state_ == State::Open && tx_pending_ > 0;
+    if (linger) {
+      lingering_ = true;
+      linger_until_ns_ = monotonic_ns() + kLingerMaxNs;
+    } else {
+      closing = close_ep_locked(Close::Flush);
+    }
     w_->wake_waiters_locked(this);  // (W2 (d)) a thread waiting on this channel sees it closed
     drop.swap(inbox_);
+  }
+  if (linger) {
+    try {
+      keep_lingering(shared_from_this());
+    } catch (...) {  // no memory or no thread for the keeper: closed now, as before K5
+      os::LockGuard lock(w_->mu);
+      lingering_ = false;
+      close_ep_locked(Close::Force);
+    }
+    return;
   }
   if (closing == nullptr) return;
   // What we sent (a Bye, a reply) goes out before the close, within those 100 ms; the lock is taken

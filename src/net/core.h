@@ -387,6 +387,10 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // The keeper's tick for a listener's pending connection: dropped after handshake_timeout with
   // no hello, whether or not anyone calls Listener::accept().
   void handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns);
+  // (K5) The keeper's tick for a channel close() left lingering (its sends not all fetched by the
+  // peer within close()'s 100 ms; its Bye sent behind them): progresses the worker; once they
+  // completed, or the channel failed, or kLingerMax passed, closes the endpoint. True: done.
+  bool linger_tick(std::int64_t now_ns);
 
   // Callbacks (worker mu held).
   // True: a rendezvous payload left to WorkerCore::start_deferred() (the callback returns
@@ -465,6 +469,13 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // Our sends UCX has not completed yet (a rendezvous one until the peer has fetched its payload):
   // close() lingers for them before its Bye.
   std::uint32_t tx_pending_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  // close() returned with sends still pending (K5): closed for the application (as Closed), the
+  // endpoint still open until the keeper's linger_tick() ends it, at linger_until_ns_ at the
+  // latest. state_ stays Open meanwhile, so that UCX's callbacks still find and serve it.
+  bool lingering_ MBMQ_GUARDED_BY(w_->mu) = false;
+  std::int64_t linger_until_ns_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  // Open for the application: not closed, not lingering.
+  bool usable_locked() const MBMQ_REQUIRES(w_->mu) { return state_ == State::Open && !lingering_; }
   std::uint32_t peer_limit_ MBMQ_GUARDED_BY(w_->mu) = 0;  // the peer accepts payloads up to this
   std::uint32_t my_limit_ MBMQ_GUARDED_BY(w_->mu) = 64u << 20;
   // Flow control. Sender side: what the peer granted (its hello), and what we sent of it that it
@@ -567,6 +578,12 @@ void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::millis
 // pending aborts in UCX 1.13 (ucp_ep.c:437). Bound: one such request and a reference to its
 // worker per channel so closed, until UCX finishes or fails the connection.
 void keep_closing(std::shared_ptr<WorkerCore> w, void* request);
+// (K5) Gives the keeper a channel whose close() left sends pending: it calls ch->linger_tick()
+// every millisecond until it returns true. Throws (no memory, no thread) like keep_closing.
+void keep_lingering(std::shared_ptr<ChannelCore> ch);
+// How long a closed channel's unfetched sends are kept for a slow peer (K5); a peer that dies or
+// falls silent for its peer_timeout ends it sooner.
+inline constexpr std::int64_t kLingerMaxNs = 10'000'000'000;
 
 // The credit we use: the peer's grant, capped field by field by our own grant to it (F1).
 Grant capped_grant(Grant peer, Grant own) noexcept;

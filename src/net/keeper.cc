@@ -10,7 +10,9 @@
 //       answered by the peer's own keeper, while the application is busy elsewhere);
 //  (K2) PeerClosed after peer_timeout with nothing received (any message, heartbeat or not);
 //  (K3) a Heartbeat after peer_timeout / 4 with nothing sent.
-// And (K4) closes that close() could not finish (net/core.h, keep_closing): progressed each tick.
+// And (K4) closes that close() could not finish (net/core.h, keep_closing): progressed each tick;
+// (K5) channels close() left lingering, their sends not yet fetched by a slow peer
+// (keep_lingering): linger_tick() every millisecond until they are, then their endpoint closed.
 // The thread starts on the first channel that asks, and lives as long as the process; it holds
 // weak references only. A forked child has no keeper (and cannot use UCX anyway).
 #include <algorithm>
@@ -40,6 +42,7 @@ struct Keeper {
   os::Mutex mu;
   std::vector<Watched> watched MBMQ_GUARDED_BY(mu);
   std::vector<Closing> closing MBMQ_GUARDED_BY(mu);
+  std::vector<std::shared_ptr<ChannelCore>> lingering MBMQ_GUARDED_BY(mu);  // (K5)
   std::int64_t tick_ns MBMQ_GUARDED_BY(mu) = 250'000'000;
   bool started MBMQ_GUARDED_BY(mu) = false;
 };
@@ -74,19 +77,44 @@ void progress_closing(Keeper& k) {
   for (Closing& c : left) k.closing.push_back(std::move(c));
 }
 
+// (K5) One tick of each lingering channel; the finished ones are let go (unlocked: the last
+// reference destroys the channel, which takes its worker's lock).
+void progress_lingering(Keeper& k) {
+  std::vector<std::shared_ptr<ChannelCore>> now;
+  {
+    os::LockGuard lock(k.mu);
+    now.swap(k.lingering);
+  }
+  if (now.empty()) return;
+  const std::int64_t t = monotonic_ns();
+  std::erase_if(now, [&](const std::shared_ptr<ChannelCore>& ch) { return ch->linger_tick(t); });
+  os::LockGuard lock(k.mu);
+  for (auto& ch : now) k.lingering.push_back(std::move(ch));
+}
+
 [[noreturn]] void run() {
   Keeper& k = keeper();
   std::vector<Watched> now_watched;
+  std::int64_t next_tick = 0;  // of the watched channels and unfinished closes
   for (;;) {
     std::int64_t tick = 0;
+    bool lingering = false;
+    {
+      os::LockGuard lock(k.mu);
+      tick = k.tick_ns;
+      lingering = !k.lingering.empty();
+    }
+    // Every millisecond while channels linger (their peer fetching), else every tick.
+    os::sleep_ns(lingering ? std::min<std::int64_t>(tick, 1'000'000) : tick);
+    if (!ucx_usable()) continue;
+    progress_lingering(k);
+    if (monotonic_ns() < next_tick) continue;
+    next_tick = monotonic_ns() + tick - tick / 8;
     {
       os::LockGuard lock(k.mu);
       std::erase_if(k.watched, [](const Watched& w) { return w.ch.expired(); });
       now_watched = k.watched;
-      tick = k.tick_ns;
     }
-    os::sleep_ns(tick);
-    if (!ucx_usable()) continue;
     progress_closing(k);
     for (const Watched& w : now_watched)
       if (auto ch = w.ch.lock()) {
@@ -131,6 +159,16 @@ void keep_closing(std::shared_ptr<WorkerCore> w, void* request) {
   }
 }
 
+void keep_lingering(std::shared_ptr<ChannelCore> ch) {
+  Keeper& k = keeper();
+  os::LockGuard lock(k.mu);
+  k.lingering.push_back(std::move(ch));
+  if (!k.started) {
+    k.started = true;
+    std::thread(run).detach();
+  }
+}
+
 void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
                 std::chrono::milliseconds peer_timeout) {
   watch(ch, timeout, peer_timeout, false);
@@ -158,6 +196,30 @@ void ChannelCore::handshake_tick(std::int64_t now_ns, std::int64_t timeout_ns) {
   fail_locked(Errc::Protocol, "net: no hello in time");
 }
 
+bool ChannelCore::linger_tick(std::int64_t now_ns) {
+  std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
+  void* closing = nullptr;
+  {
+    const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
+    os::LockGuard lock(w_->mu);
+    if (state_ == State::Open && w_->waiters == 0) w_->progress_locked();  // as (K1)
+    drop.swap(inbox_);  // what the peer sends meanwhile: nobody will receive it
+    if (state_ == State::Open && tx_pending_ > 0 && now_ns < linger_until_ns_) return false;
+    // Fetched (or the channel failed: nothing to close; or kLingerMaxNs passed: cut short).
+    closing = close_ep_locked(tx_pending_ == 0 ? Close::Flush : Close::Force);
+    lingering_ = false;
+  }
+  if (closing != nullptr) {
+    try {
+      keep_closing(w_, closing);  // (K4): the Bye leaves as the worker progresses
+    } catch (...) {
+      os::LockGuard lock(w_->mu);
+      w_->u->ucp_request_free(closing);
+    }
+  }
+  return true;
+}
+
 void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns,
                                   std::int64_t heartbeat_ns) {
   // (K1) Deferred receives of channels nobody waits on, unlocked.
@@ -168,7 +230,7 @@ void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns,
   if (state_ != State::Open) return;
   if (timeout_ns > 0 && now_ns - last_rx_ns_ > timeout_ns)  // (K2)
     return fail_locked(Errc::PeerClosed, "net: no word from the peer within peer_timeout");
-  if (now_ns - last_tx_ns_ >= heartbeat_ns / 4)  // (K3), for the shorter peer_timeout
+  if (!lingering_ && now_ns - last_tx_ns_ >= heartbeat_ns / 4)  // (K3); nothing after our Bye
     (void)send_locked(WireKind::Heartbeat, 0, 0, 0, nullptr, 0, nullptr, false);
 }
 
