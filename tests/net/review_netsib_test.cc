@@ -501,6 +501,52 @@ TEST(ReviewNetSib, ALargeMessageBeforeCloseReachesABusyReceiverWithKeepers) {
   EXPECT_NE(r->kind, Kind::PeerClosed) << "the message sent before close() was lost";
 }
 
+// (K5) What a lingering channel holds, it lets go of: the payloads it sent and the channel
+// itself, as soon as its peer is gone. The client sends 8 MiB that the server never receives
+// (no keeper on the server: nothing progresses its worker), then close()s: the channel lingers
+// (its core is still alive after close() returned). The server's channel is then destroyed (a
+// force close: its socket shut); the client's linger must end, and its core be freed, at once
+// (within 2 s here; the keeper ticks every millisecond).
+TEST(ReviewNetSib, ALingeringChannelEndsWhenItsPeerGoes) {
+  net::ListenOptions lo;
+  lo.peer_timeout = 0ms;
+  auto p = test::make_pair(lo);
+  ASSERT_TRUE(p);
+  std::weak_ptr<net::detail::ChannelCore> core = p->client.*get(CoreOf{});
+  Status s = p->client.send(filled(p->client, 8u << 20, 'k'), secs(10));
+  ASSERT_TRUE(s) << s.error().message();
+  p->client.close();
+  EXPECT_FALSE(core.expired()) << "close() did not linger for the unfetched 8 MiB";
+  const std::int64_t t0 = now_ns();
+  p->server.close();
+  while (!core.expired() && now_ns() - t0 < 2'000'000'000) os::sleep_ns(1'000'000);
+  const double ms = static_cast<double>(now_ns() - t0) / 1e6;
+  std::printf("the lingering channel was freed %.1f ms after its peer closed\n", ms);
+  EXPECT_TRUE(core.expired()) << "a lingering channel outlived its peer by 2 s";
+}
+
+// (K5) A peer that stays connected but silent (its worker never progressed: a frozen process, a
+// partition) ends the linger at the lingering end's peer_timeout (K2), not at the 10 s cap.
+TEST(ReviewNetSib, ALingeringChannelEndsAtPeerTimeoutWhenItsPeerFallsSilent) {
+  net::ListenOptions lo;
+  lo.peer_timeout = 0ms;  // the server sends no heartbeats and never progresses: silent
+  net::ConnectOptions co;
+  co.peer_timeout = 300ms;
+  auto p = test::make_pair(lo, co);
+  ASSERT_TRUE(p);
+  std::weak_ptr<net::detail::ChannelCore> core = p->client.*get(CoreOf{});
+  Status s = p->client.send(filled(p->client, 8u << 20, 's'), secs(10));
+  ASSERT_TRUE(s) << s.error().message();
+  const std::int64_t t0 = now_ns();
+  p->client.close();
+  EXPECT_FALSE(core.expired()) << "close() did not linger for the unfetched 8 MiB";
+  while (!core.expired() && now_ns() - t0 < 5'000'000'000) os::sleep_ns(1'000'000);
+  const double ms = static_cast<double>(now_ns() - t0) / 1e6;
+  std::printf("the lingering channel was freed %.1f ms after close() (peer_timeout 300 ms)\n", ms);
+  EXPECT_TRUE(core.expired());
+  EXPECT_LT(ms, 2000.0) << "the linger outlived peer_timeout (300 ms) by far";
+}
+
 // (B) "Messages ahead are still delivered" when a large one is behind them at close: a small
 // message, then 8 MiB, then close(), the receiver busy 300 ms (keepers on). The small one must
 // come first (and, since the keeper's linger (K5), the large one second).
