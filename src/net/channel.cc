@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstring>
 #include <new>
@@ -502,14 +503,28 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
 constexpr std::size_t kDeferMin = std::size_t{1} << 20;
 
 void Spares::give(std::vector<std::byte>&& v) noexcept {
-  std::vector<std::byte> drop;  // freed after the lock is released
+  std::array<std::vector<std::byte>, kMaxVectors + 1> drop;  // freed after the lock is released
+  std::size_t dropped = 0;
   const std::size_t cap = v.capacity();
+  if (cap <= kMin) return;  // freed here: malloc's heap, nothing to save
   os::LockGuard lock(mu_);
-  if (cap > kMin && v_.size() < kMaxVectors && (v_.empty() || bytes_ + cap <= kMaxBytes)) {
+  // Room is made by letting smaller vectors go: a large one is the costlier to make again (a
+  // 64 MiB call's reply landed in fresh pages each time when small spares filled the bound).
+  while (!v_.empty() && (v_.size() >= kMaxVectors || bytes_ + cap > kMaxBytes)) {
+    auto smallest = std::min_element(v_.begin(), v_.end(), [](const auto& a, const auto& b) {
+      return a.capacity() < b.capacity();
+    });
+    if (smallest->capacity() >= cap) break;
+    bytes_ -= smallest->capacity();
+    drop[dropped++] = std::move(*smallest);
+    *smallest = std::move(v_.back());
+    v_.pop_back();
+  }
+  if (v_.empty() || (v_.size() < kMaxVectors && bytes_ + cap <= kMaxBytes)) {
     v_.push_back(std::move(v));  // within the reserved capacity: no allocation
     bytes_ += cap;
   } else {
-    drop = std::move(v);
+    drop[dropped++] = std::move(v);
   }
 }
 
@@ -813,9 +828,15 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
     limit = peer_limit_;
   }
   Buffer b;
-  // Fresh (a recycled one would hold another payload's bytes), and unlocked: a 64 MiB vector's
-  // page faults took 50-70 ms, which held up the worker's other channels (a listener's).
-  b.bytes_.resize(size);
+  // Unlocked: a fresh 64 MiB vector's page faults took 50-70 ms, which held up the worker's other
+  // channels (a listener's). A spare saves them (and malloc's mmap/munmap of large vectors) but
+  // holds an earlier payload's bytes, maybe another channel's: zeroed here, as a fresh one is.
+  b.bytes_ = w_->spares->take(size);
+  if (b.bytes_.size() == size) {
+    std::memset(b.bytes_.data(), 0, size);
+  } else {
+    b.bytes_.resize(size);
+  }
   b.size_ = size;
   b.limit_ = limit;
   b.valid_ = true;

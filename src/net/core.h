@@ -118,12 +118,12 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
 // costs 256 page faults and its zeroing on this VM (a fresh 64 MiB one 66-100 ms), more than the
 // transfer. Given: a sent one-way message's or reply's vector once UCX has read it, a call's old
 // buffer, a net::Buffer above 64 KiB when destroyed (a received message the application dropped).
-// Taken only as the target of a received payload, which overwrites all of it (so no channel's
-// bytes reach another's application), of at least half its capacity (so a small message in an
-// inbox holds at most twice its bytes), never by buffer() (it would hand out a payload's bytes).
+// Taken as the target of a received payload, which overwrites all of it (so no channel's bytes
+// reach another's application), or by buffer(), which zeroes it; of at least half its capacity
+// (so a small message in an inbox holds at most twice its bytes).
 // Bound: kMaxVectors vectors of kMaxBytes together, or one vector of any size (up to the largest
-// payload its channels accept). A leaf lock: taken under the worker's mu, or with no lock held
-// (a Buffer's destructor); never the other way round.
+// payload its channels accept); smaller ones make room for a larger one. A leaf lock: taken under
+// the worker's mu, or with no lock held (a Buffer's destructor); never the other way round.
 class Spares {
  public:
   static constexpr std::size_t kMaxVectors = 8;
@@ -132,7 +132,8 @@ class Spares {
   static constexpr std::size_t kMin = std::size_t{64} << 10;
 
   Spares() { v_.reserve(kMaxVectors); }
-  // Keeps v if it fits the bound (else it is freed, outside the lock). Never allocates.
+  // Keeps v, letting smaller vectors go if the bound needs it, unless every kept one is at least
+  // as large (then v is freed). Frees outside the lock; never allocates.
   void give(std::vector<std::byte>&& v) noexcept;
   // A kept vector of capacity in [n, 2n], resized to n (zeroing only what grows), or an empty one.
   std::vector<std::byte> take(std::size_t n) noexcept;
