@@ -18,7 +18,9 @@ namespace mbmq::net::detail {
 namespace {
 
 // An AM send in flight: UCX reads the header (and the payload) until it completes.
-struct SendOp {
+struct SendOp final : PendingOp {
+  SendOp(WorkerCore* worker, ucp_ep_h e, WireHeader h, bool call, ChannelCore* call_owner)
+      : w(worker), ep(e), hdr(h), is_call(call), owner(call_owner) {}
   WorkerCore* w;
   ucp_ep_h ep;
   WireHeader hdr;
@@ -31,7 +33,10 @@ struct SendOp {
 };
 
 // A rendezvous payload being received into `bytes`.
-struct RecvOp {
+struct RecvOp final : PendingOp {
+  RecvOp(WorkerCore* worker, ucp_ep_h e, WireHeader h, std::vector<std::byte>&& b, std::size_t len,
+         std::uint64_t s)
+      : w(worker), ep(e), hdr(h), bytes(std::move(b)), n(len), slot(s) {}
   WorkerCore* w;
   ucp_ep_h ep;
   WireHeader hdr;
@@ -61,6 +66,7 @@ void send_done(void* request, ucs_status_t status, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
+  w->untrack_locked(op);
   // Its channel: the caller's, or found through eps (not there once closed).
   if (ChannelCore* ch = op->owner != nullptr ? op->owner : find_locked(w, op->ep)) {
     ch->assert_held();
@@ -90,6 +96,7 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   auto* op = static_cast<RecvOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
+  w->untrack_locked(op);
   if (ChannelCore* ch = find_locked(w, op->ep)) {
     ch->assert_held();
     w->news_locked(ch);  // (W2)
@@ -180,8 +187,23 @@ WorkerCore::~WorkerCore() {
     os::LockGuard lock(mu);
     for (const Deferred& d : deferred) u->ucp_am_data_release(worker, d.desc);
     deferred.clear();
+    // Sends and receives still in UCX's hands (ops): a force-closed endpoint's are completed
+    // (cancelled) by a later progress, which a worker destroyed with its last channel never got.
+    // A little progress lets UCX call back (nothing is found through eps any more: every channel
+    // of this worker is gone); at most 10 ms, then ucp_worker_destroy drops the rest. (mu is held
+    // across the sleeps: nobody else can take it, this is the worker's last reference.)
+    const std::int64_t until = monotonic_ns() + 10'000'000;
+    while (ops != nullptr && monotonic_ns() < until)
+      if (u->ucp_worker_progress(worker) == 0) os::sleep_ns(100'000);
   }
   u->ucp_worker_destroy(worker);
+  // What UCX dropped without calling back: it no longer reads those vectors, they are freed here.
+  os::LockGuard lock(mu);
+  while (ops != nullptr) {
+    PendingOp* op = ops;
+    untrack_locked(op);
+    delete op;
+  }
 }
 
 void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
@@ -465,12 +487,9 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   if (ep_ == nullptr) return fail(closed_error_locked("net: send on a closed channel"));
   last_tx_ns_ = monotonic_ns();
   auto* op =
-      new SendOp{w_.get(),
-                 ep_,
+      new SendOp(w_.get(), ep_,
                  WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind), status, seq, limit},
-                 {},
-                 is_call,
-                 is_call ? this : nullptr};
+                 is_call, is_call ? this : nullptr);
   if (owned != nullptr) {
     op->owned = std::move(*owned);
     data = op->owned.data();
@@ -493,6 +512,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
     fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_send_nbx failed");
     return fail(closed_error_locked("net: send failed"));
   }
+  w_->track_locked(op);  // until send_done (or ~WorkerCore)
   if (is_call) call_op_ = op;
   ++tx_pending_;
   return {};
@@ -691,7 +711,7 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
 
 bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector<std::byte>&& bytes,
                                     std::size_t n, std::uint64_t slot) {
-  auto* op = new RecvOp{w_.get(), ep_, h, std::move(bytes), n, slot};
+  auto* op = new RecvOp(w_.get(), ep_, h, std::move(bytes), n, slot);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.recv_am = recv_done;
@@ -706,7 +726,9 @@ bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector
   if (UCS_PTR_IS_ERR(r)) {
     delete op;
     fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_recv_data_nbx failed");
+    return false;
   }
+  w_->track_locked(op);  // until recv_done (or ~WorkerCore)
   return false;
 }
 

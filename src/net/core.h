@@ -80,6 +80,17 @@ inline std::vector<std::byte> hello_payload(Grant grant, std::string_view servic
 class ChannelCore;
 class ListenCore;
 
+// A send or a receive handed to UCX whose callback has not come yet (net/channel.cc's SendOp and
+// RecvOp, which own its payload vector): listed by its worker (WorkerCore::ops) until then.
+struct PendingOp {
+  PendingOp() = default;
+  PendingOp(const PendingOp&) = delete;
+  PendingOp& operator=(const PendingOp&) = delete;
+  virtual ~PendingOp() = default;
+  PendingOp* prev = nullptr;  // WorkerCore::ops, under its mu
+  PendingOp* next = nullptr;
+};
+
 // WorkerCore's lock: a mutex that knows whether a thread is waiting for it. The worker's
 // progress loop stops early for such a thread, and hands the lock to it (WorkerCore::
 // progress_locked, hand_over): a std::mutex released and retaken at once by a thread in a loop
@@ -271,6 +282,28 @@ class WorkerCore {
   };
   std::deque<Deferred> deferred MBMQ_GUARDED_BY(mu);
   std::atomic<std::size_t> deferred_count{0};  // deferred.size(), read unlocked
+  // Sends and receives UCX has not called back for (PendingOp). ucp_worker_destroy() drops the
+  // requests left without calling back (UCX 1.13: "object ... was not returned to mpool
+  // ucp_requests"), so ~WorkerCore progresses the worker a little for them, then frees what is
+  // left. Left, say: a force close (a failure: a Bye, the transport's error, peer_timeout)
+  // completes its endpoint's sends, cancelled, only at a later progress; a channel destroyed at
+  // once destroyed its worker before that, and each such send leaked its SendOp and payload (64 MiB
+  // a round in ReviewNetSib.DeferredPayloadOfAClosedChannel..., whose peer never fetches it).
+  PendingOp* ops MBMQ_GUARDED_BY(mu) = nullptr;
+  void track_locked(PendingOp* op) MBMQ_REQUIRES(mu) {
+    op->prev = nullptr;
+    op->next = ops;
+    if (ops != nullptr) ops->prev = op;
+    ops = op;
+  }
+  void untrack_locked(PendingOp* op) MBMQ_REQUIRES(mu) {
+    if (op->prev != nullptr)
+      op->prev->next = op->next;
+    else if (ops == op)
+      ops = op->next;
+    if (op->next != nullptr) op->next->prev = op->prev;
+    op->prev = op->next = nullptr;
+  }
   // Called without mu by a thread that progressed the worker: starts the deferred receives of
   // channel `mine` and, if `ownerless`, those of channels no thread waits on (waiting_on). None
   // at all: one relaxed load.
