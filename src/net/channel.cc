@@ -161,6 +161,7 @@ Errc errc_of(ucs_status_t s) noexcept {
 
 Result<std::shared_ptr<WorkerCore>> WorkerCore::make(const Ucx* u) {
   std::shared_ptr<WorkerCore> w(new WorkerCore(u));
+  w->self = w;
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;  // serialized by mu
@@ -206,14 +207,14 @@ WorkerCore::~WorkerCore() {
   }
 }
 
-void WorkerCore::start_deferred_slow(const void* mine, bool ownerless) {
+void WorkerCore::start_deferred_slow(const void* mine, bool ownerless, bool any) {
   for (;;) {
     Deferred d{};
     {
       os::LockGuard lock(mu);
       auto it = std::find_if(deferred.begin(), deferred.end(), [&](const Deferred& e) {
         assert_held();
-        return e.ch == mine || (ownerless && !waited_on_locked(e.ch));
+        return any || e.ch == mine || (ownerless && !waited_on_locked(e.ch));
       });  // as takes_deferred_locked()
       if (it == deferred.end()) return;
       d = *it;
@@ -697,6 +698,8 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     if (w_->needs_fresh_locked(length)) {
       w_->deferred.push_back({this, ep_, h, data, length, slot});
       w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
+      if (!w_->alloc_fallback.load(std::memory_order_relaxed) && !allocate_deferred_later(w_->self))
+        w_->alloc_fallback.store(true, std::memory_order_relaxed);  // (D1) ours, from now on
       return true;
     }
     start_recv_locked(h, data, w_->take_spare(length), length, slot);

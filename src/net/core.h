@@ -125,6 +125,9 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
   std::atomic<int> handing_{0};             // threads inside hand_over()
 };
 
+// (D1) Whether mbmq::net's allocating thread runs (net/keeper.cc; a forked child has none).
+bool allocator_running() noexcept;
+
 // Payload vectors done with, kept for a worker's next received payloads: a fresh 1 MiB vector
 // costs 256 page faults and its zeroing on this VM (a fresh 64 MiB one 66-100 ms), more than the
 // transfer. Given: a sent one-way message's or reply's vector once UCX has read it, a call's old
@@ -267,11 +270,13 @@ class WorkerCore {
   // relocks and receives into it; a channel gone meanwhile (ch no longer the one at ep) has the
   // descriptor released instead (close_ep_locked releases a closed channel's own).
   //
-  // Who: the channel's own thread if one waits on it (run_until with the channel as its waiter:
-  // the callback's news wakes it), so that a sibling channel's thread does not pay for it; for a
-  // channel nobody waits on, whoever progresses next (any run_until, send(), close(), the
-  // keeper), as before: left to the channel's next receive(), the sender's buffer would stay
-  // held (its send incomplete) for as long.
+  // Who (D1): mbmq::net's allocating thread (allocate_deferred_later(), net/keeper.cc), posted
+  // by the callback: no application thread pays for it, so no receive(), call() or send()
+  // deadline waits on a sibling's (or its own channel's) page faults (a 5 ms receive() took
+  // 38-336 ms). Once started, the receive's waiter is woken (wake_waiters_locked). Fallback, if
+  // that thread cannot be had (no memory, no thread: alloc_fallback): the channel's own thread
+  // if one waits on it (run_until with the channel as its waiter), else whoever progresses next
+  // (any run_until, send(), close(), the keeper).
   struct Deferred {
     ChannelCore* ch;
     ucp_ep_h ep;
@@ -308,10 +313,23 @@ class WorkerCore {
   // channel `mine` and, if `ownerless`, those of channels no thread waits on (waiting_on). None
   // at all: one relaxed load.
   void start_deferred(const void* mine, bool ownerless) MBMQ_EXCLUDES(mu) {
-    if (deferred_count.load(std::memory_order_relaxed) != 0) start_deferred_slow(mine, ownerless);
+    if (deferred_count.load(std::memory_order_relaxed) != 0 && !allocator_takes_deferred())
+      start_deferred_slow(mine, ownerless);
   }
+  // (D1) The allocating thread's: every deferred receive of this worker.
+  void start_all_deferred() MBMQ_EXCLUDES(mu) { start_deferred_slow(nullptr, false, true); }
+  // (D1) Deferred receives are the allocating thread's (not the fallback).
+  bool allocator_takes_deferred() const noexcept {
+    return allocator_running() && !alloc_fallback.load(std::memory_order_relaxed);
+  }
+  // Set by a callback that could not post to the allocating thread: this worker's deferred
+  // receives are started by its own threads from then on (the fallback above).
+  std::atomic<bool> alloc_fallback{false};
+  // Ourselves, for the allocating thread (set by make()).
+  std::weak_ptr<WorkerCore> self;
   // Whether start_deferred(mine, ownerless) would start one.
   bool takes_deferred_locked(const void* mine, bool ownerless) const MBMQ_REQUIRES(mu) {
+    if (allocator_takes_deferred()) return false;
     return std::any_of(deferred.begin(), deferred.end(), [&](const Deferred& e) {
       assert_held();
       return e.ch == mine || (ownerless && !waited_on_locked(e.ch));
@@ -345,7 +363,9 @@ class WorkerCore {
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
-  void start_deferred_slow(const void* mine, bool ownerless) MBMQ_EXCLUDES(mu);
+  // any: every entry (the allocating thread); else those of `mine` and, if `ownerless`, of
+  // channels nobody waits on.
+  void start_deferred_slow(const void* mine, bool ownerless, bool any = false) MBMQ_EXCLUDES(mu);
   Status wait_events(Deadline deadline) const;
   // A gen sleeper's sleep: until gen moves from `seen`, the deadline or the 20 ms cap.
   void wait_gen(std::uint32_t seen, Deadline deadline) const;
@@ -612,6 +632,11 @@ void watch_handshake(const std::shared_ptr<ChannelCore>& ch, std::chrono::millis
 // pending aborts in UCX 1.13 (ucp_ep.c:437). Bound: one such request and a reference to its
 // worker per channel so closed, until UCX finishes or fails the connection.
 void keep_closing(std::shared_ptr<WorkerCore> w, void* request);
+// (D1) Asks mbmq::net's allocating thread (started on first use) to start w's deferred receives:
+// it allocates their vectors, then relocks w and receives into them. False: no memory or no
+// thread (the caller falls back: WorkerCore::alloc_fallback). Called under w's mu (a leaf lock
+// of its own; never waits).
+bool allocate_deferred_later(std::weak_ptr<WorkerCore> w) noexcept;
 // (K5) Gives the keeper a channel whose close() left sends pending: it calls ch->linger_tick()
 // every millisecond until it returns true. Throws (no memory, no thread) like keep_closing.
 void keep_lingering(std::shared_ptr<ChannelCore> ch);

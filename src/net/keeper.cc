@@ -16,11 +16,13 @@
 // The thread starts on the first channel that asks, and lives as long as the process; it holds
 // weak references only. A forked child has no keeper (and cannot use UCX anyway).
 #include <algorithm>
+#include <atomic>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "net/core.h"
+#include "os/futex.h"
 #include "os/process.h"
 
 namespace mbmq::net::detail {
@@ -168,6 +170,61 @@ void keep_lingering(std::shared_ptr<ChannelCore> ch) {
     std::thread(run).detach();
   }
 }
+
+// ---- (D1) the allocating thread -----------------------------------------------------------------
+namespace {
+struct Allocator {
+  os::Mutex mu;
+  std::vector<std::weak_ptr<WorkerCore>> queue MBMQ_GUARDED_BY(mu);
+  bool started MBMQ_GUARDED_BY(mu) = false;
+  std::atomic<std::uint32_t> seq{0};  // a futex word: bumped after each post
+};
+std::atomic<bool> g_allocator_running{false};
+
+Allocator& allocator() {
+  static auto* a = new Allocator();  // never destroyed: the thread may outlive static destructors
+  return *a;
+}
+
+[[noreturn]] void allocate_run() {
+  Allocator& a = allocator();
+  std::vector<std::weak_ptr<WorkerCore>> now;
+  for (;;) {
+    const std::uint32_t seen = a.seq.load(std::memory_order_acquire);
+    {
+      os::LockGuard lock(a.mu);
+      now.swap(a.queue);
+    }
+    if (now.empty()) {
+      (void)os::futex_wait(&a.seq, seen, 1'000'000'000);  // a post after the swap: at once
+      continue;
+    }
+    for (auto& weak : now)
+      if (auto w = weak.lock(); w && ucx_usable()) w->start_all_deferred();
+    now.clear();  // workers let go here, unlocked (the last reference destroys one)
+  }
+}
+}  // namespace
+
+bool allocate_deferred_later(std::weak_ptr<WorkerCore> w) noexcept {
+  Allocator& a = allocator();
+  try {
+    os::LockGuard lock(a.mu);
+    a.queue.push_back(std::move(w));
+    if (!a.started) {
+      std::thread(allocate_run).detach();
+      a.started = true;
+      g_allocator_running.store(true, std::memory_order_relaxed);
+    }
+  } catch (...) {  // no memory or no thread
+    return false;
+  }
+  a.seq.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&a.seq, 1);
+  return true;
+}
+
+bool allocator_running() noexcept { return g_allocator_running.load(std::memory_order_relaxed); }
 
 void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
                 std::chrono::milliseconds peer_timeout) {
