@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarizes several `mbmq-net-bench --json` runs (issue #19): per row, the median of the runs'
-p50 (round trips, us) or MB/s (one-way) with [lowest-highest], and per check the median of the
-runs' ratios. Usage: python3 scripts/net-bench-summary.py run1.json run2.json ..."""
+(and rounds') p50 (round trips, us) or MB/s (one-way) with [lowest-highest], and per check the
+median of the runs' ratios (of one run: its own median of its rounds' ratios). Usage: python3 scripts/net-bench-summary.py run1.json run2.json ..."""
 import json
 import statistics as st
 import sys
@@ -36,10 +36,16 @@ def main(paths):
     checks = {}
     for d in runs:
         for c in d["checks"]:
-            checks.setdefault((c["check"], c["limit"]), []).append(c["measured"])
+            checks.setdefault((c["check"], c["limit"]), []).append(c)
     print()
-    for (what, limit), v in checks.items():
+    for (what, limit), cs in checks.items():
+        v = [c["measured"] for c in cs]
         med = st.median(v)
+        if len(cs) == 1 and "rounds" in cs[0]:  # one run of several interleaved rounds
+            c = cs[0]
+            print(f"{what:46} {med:6.2f} [{c['lowest']:.2f}-{c['highest']:.2f}]  bar <= {limit:.2f}  "
+                  f"{'met' if med <= limit else 'NOT met'} (median of {c['rounds']} rounds)")
+            continue
         print(f"{what:46} {med:6.2f} [{min(v):.2f}-{max(v):.2f}]  bar <= {limit:.2f}  "
               f"{'met' if med <= limit else 'NOT met'} (median of {len(v)} runs)")
     for d in runs:
