@@ -606,6 +606,14 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     fail_locked(Errc::Protocol, "net: a message of a kind not allowed now");
     return false;
   }
+  // After its Bye (held behind payloads still being fetched: bye_pending_) a peer sends nothing
+  // that needs an answer or a place: a Request, Message or Reply then is a protocol error (it was
+  // queued behind the Bye and delivered). A second Bye, a Heartbeat or Credit are harmless.
+  if (bye_pending_ &&
+      (kind == WireKind::Request || kind == WireKind::Message || kind == WireKind::Reply)) {
+    fail_locked(Errc::Protocol, "net: a message after the peer's Bye");
+    return false;
+  }
   // Sizes, checked before anything is allocated (a rendezvous payload is not received yet): a
   // hello is a grant and a service name of 1-255 bytes (a client not yet accepted must not make
   // us allocate up to max_message), a HelloAck a grant, the control kinds nothing.

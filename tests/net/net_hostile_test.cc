@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "mbmq/net.h"
 #include "net/core.h"
@@ -28,7 +29,12 @@ using test::Pipe;
 using test::secs;
 using test::spawn;
 
-enum Mode : std::uint32_t { kShortHeaderFirst = 1, kReplyToNoCall = 2, kBadMagic = 3 };
+enum Mode : std::uint32_t {
+  kShortHeaderFirst = 1,
+  kReplyToNoCall = 2,
+  kBadMagic = 3,
+  kMessageAfterBye = 4,  // a 4 MiB message, its Bye, then a 64 B message, all sent at once
+};
 
 // Raw UCX: an endpoint to the listener, then the messages `mode` calls for; then it keeps the
 // worker progressing until the server drops it (or 10 s). Exits 0 if it could send them.
@@ -76,6 +82,26 @@ int hostile(std::uint32_t port, Mode mode) {
     send(&hello, sizeof hello, payload.data(), payload.size());
     const std::int64_t until = monotonic_ns() + 300'000'000;  // its HelloAck
     while (monotonic_ns() < until) (void)(*u)->ucp_worker_progress(wk.worker);
+    if (mode == kMessageAfterBye) {
+      // Not waited for one by one: the Bye leaves while the 4 MiB payload (rendezvous) is still
+      // to be fetched, so the receiver holds it, and the 64 B message comes behind it.
+      static std::vector<char> big(4u << 20, 'b');
+      static const char small[64] = "after the bye";
+      const WireHeader msg{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Message), 0, 0, 0};
+      const WireHeader bye{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Bye), 0, 0, 0};
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_AM_SEND_FLAG_REPLY;
+      ucs_status_ptr_t r[3] = {
+          (*u)->ucp_am_send_nbx(h, kAmId, &msg, sizeof msg, big.data(), big.size(), &p),
+          (*u)->ucp_am_send_nbx(h, kAmId, &bye, sizeof bye, nullptr, 0, &p),
+          (*u)->ucp_am_send_nbx(h, kAmId, &msg, sizeof msg, small, sizeof small, &p)};
+      const std::int64_t end = monotonic_ns() + 10'000'000'000;
+      while (!dropped && monotonic_ns() < end) (void)(*u)->ucp_worker_progress(wk.worker);
+      for (ucs_status_ptr_t x : r)
+        if (UCS_PTR_IS_PTR(x)) (*u)->ucp_request_free(x);
+      return 0;
+    }
     WireHeader bad{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Reply), 0, 12345, 0};
     if (mode == kBadMagic) bad = WireHeader{0xdeadbeef, kVersion, 3, 0, 1, 0};
     send(&bad, sizeof bad, "x", 1);
@@ -138,6 +164,32 @@ TEST(NetHostile, MalformedHeadersEndOnlyTheSendersChannel) {
   ASSERT_EQ(m->kind, Kind::Request);
   ASSERT_TRUE(net::Channel::reply(std::move(*m)));
   EXPECT_EQ(join(good), 0);
+}
+
+// A peer's Bye is held while a payload it sent before is still being fetched (bye_pending_). A
+// message it sends after the Bye must not be delivered as if the peer were still there: that
+// channel ends with Protocol (before this it was queued and received after the 4 MiB one).
+TEST(NetHostile, AMessageAfterTheByeIsAProtocolError) {
+  Pipe p = Pipe::make();
+  pid_t c = spawn([&] { return hostile(p.get(), kMessageAfterBye); }, 30);
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  p.put(l->port());
+  auto ch = l->accept(secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  std::vector<std::size_t> got;
+  for (int i = 0; i < 4; ++i) {
+    auto m = ch->receive(secs(10));
+    ASSERT_TRUE(m) << m.error().message();
+    if (m->kind == Kind::PeerClosed) {
+      std::printf("received %zu message(s) before PeerClosed (\"%s\")\n", got.size(), m->why);
+      EXPECT_EQ(m->error, Errc::Protocol) << m->why;
+      break;
+    }
+    got.push_back(m->buffer.size());
+  }
+  for (std::size_t n : got) EXPECT_NE(n, 64u) << "the message sent after the Bye was delivered";
+  EXPECT_EQ(join(c), 0);
 }
 
 }  // namespace
