@@ -232,7 +232,8 @@ void WorkerCore::start_deferred_slow(const void* mine, bool ownerless, bool any)
     }
     os::LockGuard lock(mu);
     ChannelCore* ch = find_locked(this, d.ep);
-    if (ch == nullptr || ch != d.ch || no_memory) {  // closed meanwhile: the payload is dropped
+    if (ch != nullptr && (ch != d.ch || ch->id_ != d.id)) ch = nullptr;  // another channel (ABA)
+    if (ch == nullptr || no_memory) {  // closed meanwhile: the payload is dropped
       u->ucp_am_data_release(worker, d.desc);
       if (ch != nullptr && ch == d.ch) {
         ch->assert_held();
@@ -704,7 +705,7 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     ++rx_pending_;
     // A large one with no spare vector to reuse: allocated outside the lock (WorkerCore::Deferred).
     if (w_->needs_fresh_locked(length)) {
-      w_->deferred.push_back({this, ep_, h, data, length, slot});
+      w_->deferred.push_back({this, id_, ep_, h, data, length, slot});
       w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
       if (!w_->alloc_fallback.load(std::memory_order_relaxed) && !allocate_deferred_later(w_->self))
         w_->alloc_fallback.store(true, std::memory_order_relaxed);  // (D1) ours, from now on

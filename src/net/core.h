@@ -279,6 +279,7 @@ class WorkerCore {
   // (any run_until, send(), close(), the keeper).
   struct Deferred {
     ChannelCore* ch;
+    std::uint64_t id;  // ch's ChannelCore::id_: a new channel at a freed one's address is not it
     ucp_ep_h ep;
     WireHeader hdr;
     void* desc;
@@ -477,9 +478,15 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
 
   const std::shared_ptr<WorkerCore> w_;
+  // Unique in the process (a counter): names this channel where its address could be reused.
+  const std::uint64_t id_ = next_id();
 
  private:
   friend class ListenCore;
+  static std::uint64_t next_id() noexcept {
+    static std::atomic<std::uint64_t> n{0};
+    return n.fetch_add(1, std::memory_order_relaxed) + 1;
+  }
   // Force: at once, dropping what is queued (failures, callbacks). Flush: what was sent goes out
   // first: the close's UCX request is returned, for the caller to wait on WITHOUT the lock (the
   // worker is shared by every channel of a listener) and free (close()). FlushAsync: the same as
