@@ -558,6 +558,26 @@ struct RawServer : test::RawEnd {
     }
     return std::nullopt;
   }
+  // An mbmq::net client of this raw server: its hello answered with HelloAck (grant {1000,
+  // 4 GiB - 1}, limit 64 MiB, seq 0: no peer_timeout), progressing until connect() returns.
+  Result<net::Channel> connect_client(const net::ConnectOptions& co) {
+    std::optional<Result<net::Channel>> c;
+    std::atomic<bool> done{false};
+    std::thread t([&] {
+      c.emplace(net::connect(test::url(port), secs(5), co));
+      done.store(true);
+    });
+    void* r = nullptr;
+    if (wait_for(WireKind::Hello)) {
+      const net::detail::Grant g{1000, 0xffffffffu};
+      const auto kind = static_cast<std::uint8_t>(WireKind::HelloAck);
+      r = send(WireHeader{kMagic, kVersion, kind, 0, 0, 64u << 20}, &g, sizeof g);
+      for (Deadline d = secs(5); !d.expired() && !done.load();) progress_for(1ms);
+    }
+    t.join();
+    finish(r);
+    return std::move(*c);
+  }
   ~RawServer() {
     if (w == nullptr) return;
     os::LockGuard lock(w->mu);
@@ -583,21 +603,11 @@ TEST(NetLeak, APayloadInFlightWhenItsChannelFailsIsFreedWithTheChannel) {
   for (int round = 0; round < kRounds; ++round) {
     RawServer srv;
     ASSERT_TRUE(srv.start());
-    std::optional<Result<net::Channel>> c;
     net::ConnectOptions co;
     co.peer_timeout = 300ms;
-    std::thread t([&] { c.emplace(net::connect(test::url(srv.port), secs(5), co)); });
-    auto hello = srv.wait_for(WireKind::Hello);
-    ASSERT_TRUE(hello) << "no hello";
-    const net::detail::Grant g{1000, 0xffffffffu};
-    const auto kind = static_cast<std::uint8_t>(WireKind::HelloAck);
-    WireHeader ack{kMagic, kVersion, kind, 0, 0, 64u << 20};  // seq 0: no peer_timeout
-    void* r = srv.send(ack, &g, sizeof g);
-    for (Deadline d = secs(5); !d.expired() && !c;) srv.progress_for(1ms);
-    t.join();
-    srv.finish(r);
-    ASSERT_TRUE(*c) << (*c).error().message();
-    net::Channel client = std::move(**c);
+    auto c = srv.connect_client(co);
+    ASSERT_TRUE(c) << c.error().message();
+    net::Channel client = std::move(*c);
     // Rendezvous: UCX holds the payload until the server fetches it, which it never does.
     Status st = client.send(filled(client, kBig), secs(5));
     ASSERT_TRUE(st) << st.error().message();
@@ -626,23 +636,11 @@ TEST(NetLeak, APayloadInFlightWhenItsChannelFailsIsFreedWithTheChannel) {
 TEST(ReviewFlow, DuplicateRepliesToTheCallInFlightCloseTheChannel) {
   RawServer srv;
   ASSERT_TRUE(srv.start());
-  std::optional<Result<net::Channel>> c;
   net::ConnectOptions co;
   co.peer_timeout = 0ms;
-  std::thread t([&] { c.emplace(net::connect(test::url(srv.port), secs(5), co)); });
-  auto hello = srv.wait_for(WireKind::Hello);
-  ASSERT_TRUE(hello) << "no hello";
-  const net::detail::Grant g{1000, 0xffffffffu};
-  WireHeader ack{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::HelloAck), 0, 0, 64u << 20};
-  void* r = srv.send(ack, &g, sizeof g);
-  for (Deadline d = secs(5); !d.expired() && !c;) srv.progress_for(1ms);
-  t.join();
-  if (r != nullptr) {
-    os::LockGuard lock(srv.w->mu);
-    srv.u->ucp_request_free(r);
-  }
-  ASSERT_TRUE(*c) << (*c).error().message();
-  net::Channel client = std::move(**c);
+  auto c = srv.connect_client(co);
+  ASSERT_TRUE(c) << c.error().message();
+  net::Channel client = std::move(*c);
   for (int i = 0; i < 20; ++i) ASSERT_TRUE(client.send(filled(client, 64)));
   const std::int64_t before = heap_bytes();
   std::atomic<std::int64_t> peak{0};
