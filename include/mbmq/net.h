@@ -77,8 +77,9 @@ class Buffer {
   bool valid_ = false;
   // A received request: where its reply goes (dropped unanswered, it answers NoReply).
   std::shared_ptr<detail::ReplyToken> reply_;
-  // Where bytes_ goes when this buffer is destroyed (set on buffers above 64 KiB only).
-  std::shared_ptr<detail::Spares> home_;
+  // Where bytes_ goes when this buffer is destroyed (set on buffers above 64 KiB only): weak, so
+  // that a buffer kept after its channel's worker is gone keeps nothing else alive.
+  std::weak_ptr<detail::Spares> home_;
 };
 
 struct Message {

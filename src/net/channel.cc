@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <new>
 
@@ -36,7 +37,9 @@ struct SendOp final : PendingOp {
 struct RecvOp final : PendingOp {
   RecvOp(WorkerCore* worker, ucp_ep_h e, WireHeader h, std::vector<std::byte>&& b, std::size_t len,
          std::uint64_t s)
-      : w(worker), ep(e), hdr(h), bytes(std::move(b)), n(len), slot(s) {}
+      : w(worker), ep(e), hdr(h), bytes(std::move(b)), n(len), slot(s) {
+    recv_ep = e;
+  }
   WorkerCore* w;
   ucp_ep_h ep;
   WireHeader hdr;
@@ -62,10 +65,28 @@ void on_ep_error(void* arg, ucp_ep_h e, ucs_status_t s) {
   }
 }
 
+// (F7) Marks the worker inside a request callback while it lives.
+class InRequestCallback {
+ public:
+  explicit InRequestCallback(WorkerCore* w) MBMQ_REQUIRES(w->mu) : w_(w) {
+    w_->in_request_cb = true;
+  }
+  ~InRequestCallback() {
+    w_->assert_held();
+    w_->in_request_cb = false;
+  }
+  InRequestCallback(const InRequestCallback&) = delete;
+  InRequestCallback& operator=(const InRequestCallback&) = delete;
+
+ private:
+  WorkerCore* const w_;
+};
+
 void send_done(void* request, ucs_status_t status, void* user) {
   auto* op = static_cast<SendOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
+  const InRequestCallback in_cb(w);
   w->untrack_locked(op);
   // Its channel: the caller's, or found through eps (not there once closed).
   if (ChannelCore* ch = op->owner != nullptr ? op->owner : find_locked(w, op->ep)) {
@@ -96,6 +117,7 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   auto* op = static_cast<RecvOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
+  const InRequestCallback in_cb(w);
   w->untrack_locked(op);
   if (ChannelCore* ch = find_locked(w, op->ep)) {
     ch->assert_held();
@@ -207,19 +229,19 @@ WorkerCore::~WorkerCore() {
   }
 }
 
-void WorkerCore::start_deferred_slow(const void* mine, bool ownerless, bool any) {
+bool WorkerCore::start_deferred_slow(const void* mine, bool ownerless, bool allocator) {
   for (;;) {
     Deferred d{};
     {
       os::LockGuard lock(mu);
       auto it = std::find_if(deferred.begin(), deferred.end(), [&](const Deferred& e) {
         assert_held();
-        return any || e.ch == mine || (ownerless && !waited_on_locked(e.ch));
-      });  // as takes_deferred_locked()
-      if (it == deferred.end()) return;
+        return allocator ? e.allocator : threads_take_locked(e, mine, ownerless);
+      });
+      if (it == deferred.end()) return false;
       d = *it;
       deferred.erase(it);
-      deferred_count.store(deferred.size(), std::memory_order_relaxed);
+      recount_locked();
     }
     // The page faults and zeroing, unlocked (or a spare given back since). Destroyed unlocked
     // too, if not received into.
@@ -239,12 +261,30 @@ void WorkerCore::start_deferred_slow(const void* mine, bool ownerless, bool any)
         ch->assert_held();
         ch->fail_locked(Errc::System, "net: no memory for a received payload");
       }
+      if (allocator) return allocator_has_more_locked();  // one per turn (D1)
       continue;
     }
     ch->assert_held();
     // Done at once (not inside a progress): its waiter is woken here (W2 (d)).
     if (ch->start_recv_locked(d.hdr, d.desc, std::move(bytes), d.n, d.slot))
       wake_waiters_locked(ch);
+    if (allocator) return allocator_has_more_locked();  // one per turn (D1)
+  }
+}
+
+void WorkerCore::fail_due_locked() const {
+  fails_due = false;
+  // fail_locked() takes the channel out of eps: look again from the start each time (no
+  // allocation; rare).
+  for (;;) {
+    auto it = std::find_if(eps.begin(), eps.end(), [&](const auto& e) {
+      assert_held();
+      e.second->assert_held();
+      return e.second->due_locked();
+    });
+    if (it == eps.end()) return;
+    it->second->assert_held();
+    (void)it->second->fail_due_locked();
   }
 }
 
@@ -260,6 +300,7 @@ bool WorkerCore::progress_locked(const void* mine, bool* stopped_early) const {
   std::int64_t start = 0;
   for (int i = 0; i < 64; ++i) {
     const unsigned n = u->ucp_worker_progress(worker);
+    if (fails_due) fail_due_locked();  // (F7) out of the request callbacks now
     if (n == 0) {
       more = false;
       break;
@@ -444,7 +485,7 @@ void* ChannelCore::close_ep_locked(Close how) {
     w_->u->ucp_am_data_release(w_->worker, d.desc);
     return true;
   });
-  w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
+  w_->recount_locked();
   std::erase_if(inbox_, [](const Message& m) { return !m.buffer.valid(); });
   rx_pending_ = 0;
   ucp_request_param_t p{};
@@ -465,6 +506,15 @@ void* ChannelCore::close_ep_locked(Close how) {
 
 void ChannelCore::fail_locked(Errc code, const char* why) {
   if (state_ == State::Closed && ep_ == nullptr) return;
+  if (w_->in_request_cb) {  // (F7) closed once ucp_worker_progress has returned
+    if (!due_) {
+      due_ = true;
+      due_code_ = code;
+      due_why_ = why;
+    }
+    w_->fails_due = true;
+    return;
+  }
   // (W2) A failure is news for whoever waits on this worker (our receive() or call(), or accept()
   // for a channel not yet handed out), and it may happen outside any progress (the keeper's
   // peer_timeout or handshake expiry, a send failing on another thread): wake them here rather
@@ -523,6 +573,9 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
 // From this size on, a payload with no spare vector to land in has its vector allocated outside
 // the worker's lock (WorkerCore::Deferred): 1 MiB is 256 page faults, some 0.3-1 ms here.
 constexpr std::size_t kDeferMin = std::size_t{1} << 20;
+// (D1) From this size on, the allocating thread allocates it (below: ~1-4 ms of page faults here,
+// which the channel's own waiting thread, or whoever progresses next, pays).
+constexpr std::size_t kAllocatorMin = std::size_t{4} << 20;
 
 void Spares::give(std::vector<std::byte>&& v) noexcept {
   std::array<std::vector<std::byte>, kMaxVectors + 1> drop;  // freed after the lock is released
@@ -530,24 +583,30 @@ void Spares::give(std::vector<std::byte>&& v) noexcept {
   const std::size_t cap = v.capacity();
   if (cap <= kMin) return;  // freed here: malloc's heap, nothing to save
   os::LockGuard lock(mu_);
-  // Room is made by letting smaller vectors go: a large one is the costlier to make again (a
-  // 64 MiB call's reply landed in fresh pages each time when small spares filled the bound).
-  while (!v_.empty() && (v_.size() >= kMaxVectors || bytes_ + cap > kMaxBytes)) {
+  // Room is made by letting smaller vectors go, smallest first: a large one is the costlier to
+  // make again (a 64 MiB call's reply landed in fresh pages each time when small spares filled
+  // the bound). First whether that makes room at all (else nothing is let go for nothing).
+  std::array<std::size_t, kMaxVectors> caps{};
+  std::size_t n = 0;
+  for (const auto& x : v_) caps[n++] = x.capacity();
+  std::sort(caps.begin(), caps.begin() + static_cast<std::ptrdiff_t>(n));
+  std::size_t keep = n, bytes = bytes_, evict = 0;
+  while (keep > 0 && (keep >= kMaxVectors || bytes + cap > kMaxBytes) && caps[evict] < cap) {
+    bytes -= caps[evict++];
+    --keep;
+  }
+  if (!(keep == 0 || (keep < kMaxVectors && bytes + cap <= kMaxBytes))) return;  // v freed
+  for (; evict > 0; --evict) {
     auto smallest = std::min_element(v_.begin(), v_.end(), [](const auto& a, const auto& b) {
       return a.capacity() < b.capacity();
     });
-    if (smallest->capacity() >= cap) break;
     bytes_ -= smallest->capacity();
     drop[dropped++] = std::move(*smallest);
     *smallest = std::move(v_.back());
     v_.pop_back();
   }
-  if (v_.empty() || (v_.size() < kMaxVectors && bytes_ + cap <= kMaxBytes)) {
-    v_.push_back(std::move(v));  // within the reserved capacity: no allocation
-    bytes_ += cap;
-  } else {
-    drop[dropped++] = std::move(v);
-  }
+  v_.push_back(std::move(v));  // within the reserved capacity: no allocation
+  bytes_ += cap;
 }
 
 std::vector<std::byte> Spares::take(std::size_t n) noexcept {
@@ -574,10 +633,6 @@ std::vector<std::byte> WorkerCore::take_spare(std::size_t n) const {
   std::vector<std::byte> v = spares->take(n);
   if (v.capacity() == 0) v.resize(n);
   return v;
-}
-
-bool WorkerCore::needs_fresh_locked(std::size_t n) const {
-  return n >= kDeferMin && !spares->has_for(n);
 }
 
 void ChannelCore::on_send_done_locked(std::uint32_t seq, bool was_call) {
@@ -703,15 +758,23 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
       inbox_.emplace_back();  // an invalid buffer: not received yet
     }
     ++rx_pending_;
-    // A large one with no spare vector to reuse: allocated outside the lock (WorkerCore::Deferred).
-    if (w_->needs_fresh_locked(length)) {
-      w_->deferred.push_back({this, id_, ep_, h, data, length, slot});
-      w_->deferred_count.store(w_->deferred.size(), std::memory_order_relaxed);
-      if (!w_->alloc_fallback.load(std::memory_order_relaxed) && !allocate_deferred_later(w_->self))
-        w_->alloc_fallback.store(true, std::memory_order_relaxed);  // (D1) ours, from now on
+    // A spare if one fits (taken now: buffer() may take it from another thread, unlocked);
+    // else, for a large one, a vector allocated outside the lock (WorkerCore::Deferred).
+    std::vector<std::byte> spare = w_->spares->take(length);
+    if (spare.capacity() == 0 && length >= kDeferMin) {
+      // (D1) From 4 MiB, the allocating thread's (it takes mu to look: after this push).
+      bool to_allocator =
+          length >= kAllocatorMin && !w_->alloc_fallback.load(std::memory_order_relaxed);
+      if (to_allocator && !allocate_deferred_later(w_->self)) {
+        w_->alloc_fallback.store(true, std::memory_order_relaxed);  // ours, from now on
+        to_allocator = false;
+      }
+      w_->deferred.push_back({this, id_, ep_, h, data, length, slot, to_allocator});
+      w_->recount_locked();
       return true;
     }
-    start_recv_locked(h, data, w_->take_spare(length), length, slot);
+    if (spare.capacity() == 0) spare.resize(length);  // below 1 MiB: from malloc's heap
+    start_recv_locked(h, data, std::move(spare), length, slot);
     return false;
   }
   // Eager: UCX's bounce buffer, valid during this callback only: one copy.
@@ -835,7 +898,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
   m.buffer.size_ = n;
   m.buffer.limit_ = peer_limit_;
   m.buffer.valid_ = true;
-  if (n > Spares::kMin) m.buffer.home_ = w_->spares;  // its vector comes back when dropped
+  if (n > Spares::kMin) m.buffer.home_ = w_->spares;  // its vector comes back when dropped (weak)
   if (m.kind == Kind::Request) {
     auto t = std::make_shared<ReplyToken>();
     t->ch = weak_from_this();
@@ -865,8 +928,8 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   // Unlocked: a fresh 64 MiB vector's page faults took 50-70 ms, which held up the worker's other
   // channels (a listener's). A spare saves them (and malloc's mmap/munmap of large vectors) but
   // holds an earlier payload's bytes, maybe another channel's: zeroed here, as a fresh one is.
-  b.bytes_ = w_->spares->take(size);
-  if (b.bytes_.size() == size) {
+  if (size > Spares::kMin) b.bytes_ = w_->spares->take(size);
+  if (b.bytes_.size() == size && size != 0) {
     std::memset(b.bytes_.data(), 0, size);
   } else {
     b.bytes_.resize(size);
@@ -1068,9 +1131,9 @@ void ChannelCore::close() noexcept {
     {
       const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
-      if (!usable_locked() || tx_pending_ == 0) break;
+      if (!usable_locked() || !unfinished_locked()) break;
       w_->progress_locked();
-      if (state_ != State::Open || tx_pending_ == 0) break;
+      if (state_ != State::Open || !unfinished_locked()) break;
     }
     if (monotonic_ns() >= until) break;
     os::sleep_ns(100'000);
@@ -1079,9 +1142,6 @@ void ChannelCore::close() noexcept {
     const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
     os::LockGuard lock(w_->mu);
     if (lingering_) return;  // closed already (another thread's close())
-    // Sends the peer has not fetched yet, before our Bye (which goes behind them: the peer holds
-    // it until it has them, rx_pending_).
-    linger = state_ == State::Open && tx_pending_ > 0;
     if (state_ == State::Open) {
       (void)send_locked(WireKind::Bye, 0, 0, 0, nullptr, 0, nullptr, false);
       w_->progress_locked();
@@ -1095,7 +1155,10 @@ void ChannelCore::close() noexcept {
       listener_->drop_pending_locked(this);
     }
     listener_ = nullptr;
-    linger = linger && state_ == State::Open && tx_pending_ > 0;
+    // Sends the peer has not fetched yet (our Bye goes behind them: the peer holds it until it
+    // has them, rx_pending_), or payloads of the peer's we are fetching: looked at after the Bye
+    // and its progress (the allocating thread may have started a fetch meanwhile, D1).
+    linger = state_ == State::Open && unfinished_locked();
     if (linger) {
       lingering_ = true;
       linger_until_ns_ = monotonic_ns() + kLingerMaxNs;

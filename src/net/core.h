@@ -89,6 +89,8 @@ struct PendingOp {
   virtual ~PendingOp() = default;
   PendingOp* prev = nullptr;  // WorkerCore::ops, under its mu
   PendingOp* next = nullptr;
+  // A rendezvous receive (RecvOp) on this endpoint: ChannelCore::rx_in_flight_locked().
+  ucp_ep_h recv_ep = nullptr;
 };
 
 // WorkerCore's lock: a mutex that knows whether a thread is waiting for it. The worker's
@@ -255,14 +257,11 @@ class WorkerCore {
   ucp_worker_h worker = nullptr;  // set in make(), then used under mu only
   int efd = -1;
   std::unordered_map<ucp_ep_h, ChannelCore*> eps MBMQ_GUARDED_BY(mu);
-  // Payload vectors done with, for this worker's next received payloads (Spares). Shared with
-  // the large net::Buffers of its channels, which give their vector back when destroyed.
+  // Payload vectors done with, for this worker's next received payloads (Spares). The large
+  // net::Buffers of its channels point to it (weakly) and give their vector back when destroyed.
   const std::shared_ptr<Spares> spares = std::make_shared<Spares>();
   // A vector for a received payload of n bytes (which overwrites all of it): a spare, else fresh.
   std::vector<std::byte> take_spare(std::size_t n) const;
-  // Whether take_spare(n) would allocate a vector of a size worth allocating outside mu. Only
-  // threads holding mu take spares, so a false answer holds until mu is released.
-  bool needs_fresh_locked(std::size_t n) const MBMQ_REQUIRES(mu);
   // A rendezvous payload whose vector is not allocated yet (UCX keeps its descriptor: the AM
   // callback returned UCS_INPROGRESS). A fresh 64 MiB vector costs 50-130 ms of page faults and
   // zeroing on this VM: allocated inside the callback, under mu, it held up every other channel
@@ -270,13 +269,17 @@ class WorkerCore {
   // relocks and receives into it; a channel gone meanwhile (ch no longer the one at ep) has the
   // descriptor released instead (close_ep_locked releases a closed channel's own).
   //
-  // Who (D1): mbmq::net's allocating thread (allocate_deferred_later(), net/keeper.cc), posted
-  // by the callback: no application thread pays for it, so no receive(), call() or send()
-  // deadline waits on a sibling's (or its own channel's) page faults (a 5 ms receive() took
-  // 38-336 ms). Once started, the receive's waiter is woken (wake_waiters_locked). Fallback, if
-  // that thread cannot be had (no memory, no thread: alloc_fallback): the channel's own thread
-  // if one waits on it (run_until with the channel as its waiter), else whoever progresses next
-  // (any run_until, send(), close(), the keeper).
+  // Who (D1): from kAllocatorMin (4 MiB) on, mbmq::net's allocating thread
+  // (allocate_deferred_later(), net/keeper.cc), posted by the callback: no application thread
+  // pays for it, so no receive(), call() or send() deadline waits on a sibling's (or its own
+  // channel's) page faults (a 5 ms receive() took 38-336 ms); once started, the receive's waiter
+  // is woken (wake_waiters_locked). That thread takes one payload per worker in turn (a worker
+  // receiving a stream of them does not starve the others). Below 4 MiB (at most ~1-4 ms of page
+  // faults), and for every size if that thread cannot be had (no memory, no thread:
+  // alloc_fallback): the channel's own thread if one waits on it (run_until with the channel as
+  // its waiter), else whoever progresses next (any run_until, send(), close(), the keeper). (All
+  // sizes on the one thread made a 1 MiB payload wait behind three other workers' 64 MiB ones:
+  // 212-1175 ms, ReviewS6b.ASmallDeferredPayload...)
   struct Deferred {
     ChannelCore* ch;
     std::uint64_t id;  // ch's ChannelCore::id_: a new channel at a freed one's address is not it
@@ -285,9 +288,17 @@ class WorkerCore {
     void* desc;
     std::size_t n;
     std::uint64_t slot;  // its place in ch's inbox (a one-way message or request), or kNoSlot
+    bool allocator;      // (D1) the allocating thread's (posted to it), not an application thread's
   };
   std::deque<Deferred> deferred MBMQ_GUARDED_BY(mu);
-  std::atomic<std::size_t> deferred_count{0};  // deferred.size(), read unlocked
+  // Of `deferred`, those that are not the allocating thread's, read unlocked (recount_locked()).
+  std::atomic<std::size_t> deferred_count{0};
+  void recount_locked() MBMQ_REQUIRES(mu) {
+    deferred_count.store(
+        static_cast<std::size_t>(std::count_if(deferred.begin(), deferred.end(),
+                                               [](const Deferred& d) { return !d.allocator; })),
+        std::memory_order_relaxed);
+  }
   // Sends and receives UCX has not called back for (PendingOp). ucp_worker_destroy() drops the
   // requests left without calling back (UCX 1.13: "object ... was not returned to mpool
   // ucp_requests"), so ~WorkerCore progresses the worker a little for them, then frees what is
@@ -314,14 +325,12 @@ class WorkerCore {
   // channel `mine` and, if `ownerless`, those of channels no thread waits on (waiting_on). None
   // at all: one relaxed load.
   void start_deferred(const void* mine, bool ownerless) MBMQ_EXCLUDES(mu) {
-    if (deferred_count.load(std::memory_order_relaxed) != 0 && !allocator_takes_deferred())
-      start_deferred_slow(mine, ownerless);
+    if (deferred_count.load(std::memory_order_relaxed) != 0) start_deferred_slow(mine, ownerless);
   }
-  // (D1) The allocating thread's: every deferred receive of this worker.
-  void start_all_deferred() MBMQ_EXCLUDES(mu) { start_deferred_slow(nullptr, false, true); }
-  // (D1) Deferred receives are the allocating thread's (not the fallback).
-  bool allocator_takes_deferred() const noexcept {
-    return allocator_running() && !alloc_fallback.load(std::memory_order_relaxed);
+  // (D1) The allocating thread's turn at this worker: one of its deferred receives. True: more of
+  // its own remain (the worker goes back in its queue).
+  bool start_allocator_deferred() MBMQ_EXCLUDES(mu) {
+    return start_deferred_slow(nullptr, false, true);
   }
   // Set by a callback that could not post to the allocating thread: this worker's deferred
   // receives are started by its own threads from then on (the fallback above).
@@ -330,11 +339,18 @@ class WorkerCore {
   std::weak_ptr<WorkerCore> self;
   // Whether start_deferred(mine, ownerless) would start one.
   bool takes_deferred_locked(const void* mine, bool ownerless) const MBMQ_REQUIRES(mu) {
-    if (allocator_takes_deferred()) return false;
     return std::any_of(deferred.begin(), deferred.end(), [&](const Deferred& e) {
       assert_held();
-      return e.ch == mine || (ownerless && !waited_on_locked(e.ch));
+      return threads_take_locked(e, mine, ownerless);
     });
+  }
+  bool allocator_has_more_locked() const MBMQ_REQUIRES(mu) {
+    return std::any_of(deferred.begin(), deferred.end(),
+                       [](const Deferred& e) { return e.allocator; });
+  }
+  bool threads_take_locked(const Deferred& e, const void* mine, bool ownerless) const
+      MBMQ_REQUIRES(mu) {
+    return !e.allocator && (e.ch == mine || (ownerless && !waited_on_locked(e.ch)));
   }
   // What the threads inside run_until wait on (their `waiter`s), for the first 32 of them: no
   // allocation (tests count accept()'s). Beyond, a channel counts as nobody's (anyone starts
@@ -361,12 +377,22 @@ class WorkerCore {
   mutable const void* progress_for MBMQ_GUARDED_BY(mu) = nullptr;
   mutable bool progress_news MBMQ_GUARDED_BY(mu) = false;
   mutable bool others_news MBMQ_GUARDED_BY(mu) = false;
+  // (F7) Inside a UCX request callback (send_done, recv_done): a channel failed there is closed
+  // only once ucp_worker_progress has returned (ChannelCore::fail_locked defers it; fails_due
+  // says some are due; fail_due_locked() applies them). Force-closing an endpoint from the
+  // completion callback of one of its own requests made UCX 1.13 abort at ucp_ep.c:437
+  // (proto_reqs not empty): a held Bye released when the last payload's fetch completed, 6 of 6
+  // (ReviewS6a.DestroyingAPairWithLargeTransfersInFlight...).
+  mutable bool in_request_cb MBMQ_GUARDED_BY(mu) = false;
+  mutable bool fails_due MBMQ_GUARDED_BY(mu) = false;
+  void fail_due_locked() const MBMQ_REQUIRES(mu);
 
  private:
   explicit WorkerCore(const Ucx* ucx) : u(ucx) {}
-  // any: every entry (the allocating thread); else those of `mine` and, if `ownerless`, of
-  // channels nobody waits on.
-  void start_deferred_slow(const void* mine, bool ownerless, bool any = false) MBMQ_EXCLUDES(mu);
+  // allocator: one of the allocating thread's entries, returning whether more remain; else
+  // (application threads) those of `mine` and, if `ownerless`, of channels nobody waits on.
+  bool start_deferred_slow(const void* mine, bool ownerless, bool allocator = false)
+      MBMQ_EXCLUDES(mu);
   Status wait_events(Deadline deadline) const;
   // A gen sleeper's sleep: until gen moves from `seen`, the deadline or the 20 ms cap.
   void wait_gen(std::uint32_t seen, Deadline deadline) const;
@@ -476,6 +502,26 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // worker for a while), or the channel is closed already.
   bool acceptable_locked() const MBMQ_REQUIRES(w_->mu);
   void fail_locked(Errc code, const char* why) MBMQ_REQUIRES(w_->mu);
+  // (F7) A failure deferred out of a request callback: applied by WorkerCore::fail_due_locked().
+  bool fail_due_locked() MBMQ_REQUIRES(w_->mu) {
+    if (!due_) return false;
+    due_ = false;
+    fail_locked(due_code_, due_why_);
+    return true;
+  }
+  bool due_locked() const MBMQ_REQUIRES(w_->mu) { return due_; }
+  // (F7) A payload of ours being fetched (ucp_am_recv_data_nbx in flight). Closing the endpoint
+  // meanwhile, flush or force, made UCX 1.13 abort when it destroyed it (ucp_ep.c:437: the
+  // receive still on the endpoint's proto_reqs): close() and the K5 linger wait for these too.
+  // Sends not completed or payloads being fetched: what close() and the K5 linger wait for.
+  bool unfinished_locked() const MBMQ_REQUIRES(w_->mu) {
+    return tx_pending_ > 0 || rx_in_flight_locked();
+  }
+  bool rx_in_flight_locked() const MBMQ_REQUIRES(w_->mu) {
+    for (const PendingOp* op = w_->ops; op != nullptr; op = op->next)
+      if (op->recv_ep != nullptr && op->recv_ep == ep_) return true;
+    return false;
+  }
 
   const std::shared_ptr<WorkerCore> w_;
   // Unique in the process (a counter): names this channel where its address could be reused.
@@ -534,6 +580,10 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // endpoint still open until the keeper's linger_tick() ends it, at linger_until_ns_ at the
   // latest. state_ stays Open meanwhile, so that UCX's callbacks still find and serve it.
   bool lingering_ MBMQ_GUARDED_BY(w_->mu) = false;
+  // (F7) A failure decided inside a request callback, to apply after progress (the first one's).
+  bool due_ MBMQ_GUARDED_BY(w_->mu) = false;
+  Errc due_code_ MBMQ_GUARDED_BY(w_->mu) = Errc::PeerClosed;
+  const char* due_why_ MBMQ_GUARDED_BY(w_->mu) = "";
   std::int64_t linger_until_ns_ MBMQ_GUARDED_BY(w_->mu) = 0;
   // Open for the application: not closed, not lingering.
   bool usable_locked() const MBMQ_REQUIRES(w_->mu) { return state_ == State::Open && !lingering_; }

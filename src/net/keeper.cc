@@ -199,9 +199,17 @@ Allocator& allocator() {
       (void)os::futex_wait(&a.seq, seen, 1'000'000'000);  // a post after the swap: at once
       continue;
     }
+    // One payload per worker per pass, the workers with more going back in the queue: a worker
+    // receiving a stream of large payloads does not starve the others.
+    std::vector<std::weak_ptr<WorkerCore>> again;
     for (auto& weak : now)
-      if (auto w = weak.lock(); w && ucx_usable()) w->start_all_deferred();
+      if (auto w = weak.lock(); w && ucx_usable() && w->start_allocator_deferred())
+        again.push_back(weak);
     now.clear();  // workers let go here, unlocked (the last reference destroys one)
+    if (!again.empty()) {
+      os::LockGuard lock(a.mu);
+      for (auto& weak : again) a.queue.push_back(std::move(weak));
+    }
   }
 }
 }  // namespace
@@ -261,9 +269,9 @@ bool ChannelCore::linger_tick(std::int64_t now_ns) {
     os::LockGuard lock(w_->mu);
     if (state_ == State::Open && w_->waiters == 0) w_->progress_locked();  // as (K1)
     drop.swap(inbox_);  // what the peer sends meanwhile: nobody will receive it
-    if (state_ == State::Open && tx_pending_ > 0 && now_ns < linger_until_ns_) return false;
+    if (state_ == State::Open && unfinished_locked() && now_ns < linger_until_ns_) return false;
     // Fetched (or the channel failed: nothing to close; or kLingerMaxNs passed: cut short).
-    closing = close_ep_locked(tx_pending_ == 0 ? Close::Flush : Close::Force);
+    closing = close_ep_locked(unfinished_locked() ? Close::Force : Close::Flush);
     lingering_ = false;
   }
   if (closing != nullptr) {

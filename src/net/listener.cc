@@ -331,7 +331,9 @@ void Channel::close() noexcept {
 }
 
 Buffer::~Buffer() {
-  if (home_ && bytes_.capacity() > detail::Spares::kMin) home_->give(std::move(bytes_));
+  // Not in a forked child: the Spares' lock may have been held by another thread at the fork.
+  if (bytes_.capacity() <= detail::Spares::kMin || !detail::ucx_usable()) return;
+  if (auto home = home_.lock()) home->give(std::move(bytes_));
 }
 
 Status Buffer::resize(std::size_t n) {

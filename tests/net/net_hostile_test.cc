@@ -33,7 +33,8 @@ enum Mode : std::uint32_t {
   kShortHeaderFirst = 1,
   kReplyToNoCall = 2,
   kBadMagic = 3,
-  kMessageAfterBye = 4,  // a 4 MiB message, its Bye, then a 64 B message, all sent at once
+  kMessageAfterBye = 4,        // a 4 MiB message, its Bye, then a 64 B message, all sent at once
+  kBadHeaderWhileFetched = 5,  // a 9 MiB message, then a header with a bad magic, at once
 };
 
 // Raw UCX: an endpoint to the listener, then the messages `mode` calls for; then it keeps the
@@ -82,6 +83,27 @@ int hostile(std::uint32_t port, Mode mode) {
     send(&hello, sizeof hello, payload.data(), payload.size());
     const std::int64_t until = monotonic_ns() + 300'000'000;  // its HelloAck
     while (monotonic_ns() < until) (void)(*u)->ucp_worker_progress(wk.worker);
+    if (mode == kBadHeaderWhileFetched) {
+      // The bad header arrives while the receiver fetches the 9 MiB payload (rendezvous): the
+      // channel is failed (force-closed) with that receive in flight.
+      static std::vector<char> big(9u << 20, 'f');
+      const WireHeader msg{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::Message), 0, 0, 0};
+      const WireHeader bad{0xdeadbeef, kVersion, 3, 0, 1, 0};
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_AM_SEND_FLAG_REPLY;
+      ucs_status_ptr_t r[2] = {
+          (*u)->ucp_am_send_nbx(h, kAmId, &msg, sizeof msg, big.data(), big.size(), &p), nullptr};
+      // Let the fetch begin, then the bad header.
+      for (const std::int64_t t = monotonic_ns() + 3'000'000; monotonic_ns() < t;)
+        (void)(*u)->ucp_worker_progress(wk.worker);
+      r[1] = (*u)->ucp_am_send_nbx(h, kAmId, &bad, sizeof bad, "x", 1, &p);
+      const std::int64_t end = monotonic_ns() + 10'000'000'000;
+      while (!dropped && monotonic_ns() < end) (void)(*u)->ucp_worker_progress(wk.worker);
+      for (ucs_status_ptr_t x : r)
+        if (UCS_PTR_IS_PTR(x)) (*u)->ucp_request_free(x);
+      return 0;
+    }
     if (mode == kMessageAfterBye) {
       // Not waited for one by one: the Bye leaves while the 4 MiB payload (rendezvous) is still
       // to be fetched, so the receiver holds it, and the 64 B message comes behind it.
@@ -190,6 +212,47 @@ TEST(NetHostile, AMessageAfterTheByeIsAProtocolError) {
   }
   for (std::size_t n : got) EXPECT_NE(n, 64u) << "the message sent after the Bye was delivered";
   EXPECT_EQ(join(c), 0);
+}
+
+// A malformed header while the receiver is fetching the sender's 9 MiB payload: the channel is
+// force-closed with that receive in flight (UCX 1.13 aborted, ucp_ep.c:437, when an endpoint was
+// closed with a receive on it: ReviewS6a.DestroyingAPairWithLargeTransfersInFlight...). The
+// server must end that channel with Protocol, not abort, and serve the next client.
+TEST(NetHostile, ABadHeaderWhileItsPayloadIsFetchedEndsOnlyThatChannel) {
+  {  // one round: a child forked after this process loaded UCX cannot use it
+    Pipe p = Pipe::make(), p2 = Pipe::make();
+    pid_t c = spawn([&] { return hostile(p.get(), kBadHeaderWhileFetched); }, 30);
+    pid_t good = spawn(
+        [&]() -> int {
+          auto ch = net::connect("ucx://127.0.0.1:" + std::to_string(p2.get()) + "/svc", secs(10));
+          if (!ch) return 10;
+          auto b = ch->buffer(64);
+          if (!b) return 11;
+          return ch->call(*b, secs(10)) ? 0 : 12;
+        },
+        30);
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    ASSERT_TRUE(l) << l.error().message();
+    p.put(l->port());
+    auto ch = l->accept(secs(10));
+    ASSERT_TRUE(ch) << ch.error().message();
+    auto m = ch->receive(secs(10));
+    ASSERT_TRUE(m) << m.error().message();
+    std::printf("%s (%s)\n", m->kind == Kind::PeerClosed ? "PeerClosed" : "a message", m->why);
+    if (m->kind == Kind::PeerClosed) {
+      EXPECT_EQ(m->error, Errc::Protocol) << m->why;
+    }
+    ch->close();
+    EXPECT_EQ(join(c), 0);
+    p2.put(l->port());
+    auto ch2 = l->accept(secs(10));
+    ASSERT_TRUE(ch2) << ch2.error().message();
+    auto req = ch2->receive(secs(10));
+    ASSERT_TRUE(req) << req.error().message();
+    ASSERT_EQ(req->kind, Kind::Request);
+    ASSERT_TRUE(net::Channel::reply(std::move(*req)));
+    EXPECT_EQ(join(good), 0);
+  }
 }
 
 }  // namespace
