@@ -45,6 +45,7 @@ struct Keeper {
   std::vector<Watched> watched MBMQ_GUARDED_BY(mu);
   std::vector<Closing> closing MBMQ_GUARDED_BY(mu);
   std::vector<std::shared_ptr<ChannelCore>> lingering MBMQ_GUARDED_BY(mu);  // (K5)
+  std::atomic<std::uint32_t> wake{0};  // a futex word: keep_lingering() bumps it (no tick's wait)
   std::int64_t tick_ns MBMQ_GUARDED_BY(mu) = 250'000'000;
   bool started MBMQ_GUARDED_BY(mu) = false;
 };
@@ -101,13 +102,19 @@ void progress_lingering(Keeper& k) {
   for (;;) {
     std::int64_t tick = 0;
     bool lingering = false;
+    // Every millisecond while channels linger (their peer fetching), else every tick; a channel
+    // starting to linger wakes it at once (its first look would otherwise wait up to a tick):
+    // `seen` is read before the list, so a push after the look bumps it and ends the wait.
+    const std::uint32_t seen = k.wake.load(std::memory_order_acquire);
     {
       os::LockGuard lock(k.mu);
       tick = k.tick_ns;
       lingering = !k.lingering.empty();
     }
-    // Every millisecond while channels linger (their peer fetching), else every tick.
-    os::sleep_ns(lingering ? std::min<std::int64_t>(tick, 1'000'000) : tick);
+    if (lingering)
+      os::sleep_ns(std::min<std::int64_t>(tick, 1'000'000));
+    else
+      (void)os::futex_wait(&k.wake, seen, tick);
     if (!ucx_usable()) continue;
     progress_lingering(k);
     if (monotonic_ns() < next_tick) continue;
@@ -163,12 +170,16 @@ void keep_closing(std::shared_ptr<WorkerCore> w, void* request) {
 
 void keep_lingering(std::shared_ptr<ChannelCore> ch) {
   Keeper& k = keeper();
-  os::LockGuard lock(k.mu);
-  k.lingering.push_back(std::move(ch));
-  if (!k.started) {
-    k.started = true;
-    std::thread(run).detach();
+  {
+    os::LockGuard lock(k.mu);
+    k.lingering.push_back(std::move(ch));
+    if (!k.started) {
+      k.started = true;
+      std::thread(run).detach();
+    }
   }
+  k.wake.fetch_add(1, std::memory_order_release);
+  (void)os::futex_wake(&k.wake, 1);
 }
 
 // ---- (D1) the allocating thread -----------------------------------------------------------------
