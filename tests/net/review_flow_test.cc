@@ -568,10 +568,12 @@ struct RawServer : test::RawEnd {
       done.store(true);
     });
     void* r = nullptr;
+    // Both read by UCX until finish(r): alive until then.
+    const net::detail::Grant g{1000, 0xffffffffu};
+    const WireHeader ack{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::HelloAck),
+                         0,      0,        64u << 20};
     if (wait_for(WireKind::Hello)) {
-      const net::detail::Grant g{1000, 0xffffffffu};
-      const auto kind = static_cast<std::uint8_t>(WireKind::HelloAck);
-      r = send(WireHeader{kMagic, kVersion, kind, 0, 0, 64u << 20}, &g, sizeof g);
+      r = send(ack, &g, sizeof g);
       for (Deadline d = secs(5); !d.expired() && !done.load();) progress_for(1ms);
     }
     t.join();
