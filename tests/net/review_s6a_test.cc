@@ -44,6 +44,7 @@
 
 #include "mbmq/net.h"
 #include "net/core.h"
+#include "net/net_access.h"
 #include "net/net_pair.h"
 #include "net/net_util.h"
 #include "os/process.h"
@@ -100,37 +101,17 @@ using test::secs;
 
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 
-// Diagnostics only: private members, through the explicit instantiation rule.
-template <typename Tag, typename Tag::type M>
-struct Rob {
-  friend typename Tag::type get(Tag) { return M; }
-};
-struct CoreOf {
-  using type = std::shared_ptr<net::detail::ChannelCore> net::Channel::*;
-  friend type get(CoreOf);
-};
-template struct Rob<CoreOf, &net::Channel::core_>;
-struct VecsOf {
-  using type = std::vector<std::vector<std::byte>> net::detail::Spares::*;
-  friend type get(VecsOf);
-};
-template struct Rob<VecsOf, &net::detail::Spares::v_>;
-struct BytesOf {
-  using type = std::size_t net::detail::Spares::*;
-  friend type get(BytesOf);
-};
-template struct Rob<BytesOf, &net::detail::Spares::bytes_>;
-
+// Diagnostics only: private members (net/net_access.h).
 std::shared_ptr<net::detail::Spares> spares_of(net::Channel& c) {
-  return (c.*get(CoreOf{}))->w_->spares;
+  return test::core_of(c)->w_->spares;
 }
 // Unlocked reads: the spares are idle when these are called.
 std::vector<std::size_t> capacities(const net::detail::Spares& s) {
   std::vector<std::size_t> caps;
-  for (const auto& v : s.*get(VecsOf{})) caps.push_back(v.capacity());
+  for (const auto& v : s.*get(test::VecsOf{})) caps.push_back(v.capacity());
   return caps;
 }
-std::size_t held_bytes(const net::detail::Spares& s) { return s.*get(BytesOf{}); }
+std::size_t held_bytes(const net::detail::Spares& s) { return s.*get(test::BytesOf{}); }
 
 std::vector<std::byte> vec(std::size_t cap, char fill = 0) {
   std::vector<std::byte> v;
@@ -280,7 +261,7 @@ TEST(ReviewS6a, ASmallBufferPinsNoLargeVectorAfterItsWorkerIsGone) {
     auto p = test::make_pair();
     ASSERT_TRUE(p);
     orphan = spares_of(p->server);
-    worker = (p->server.*get(CoreOf{}))->w_;
+    worker = test::core_of(p->server)->w_;
     ASSERT_TRUE(p->client.send(filled(p->client, 100 << 10, 'k'), secs(10)));
     auto r = p->server.receive(secs(10));
     ASSERT_TRUE(r) << r.error().message();

@@ -34,6 +34,7 @@
 
 #include "mbmq/net.h"
 #include "net/core.h"
+#include "net/net_access.h"
 #include "net/net_pair.h"
 #include "net/net_util.h"
 #include "os/process.h"
@@ -53,15 +54,6 @@ double ms_since(std::int64_t t0) { return static_cast<double>(now_ns() - t0) / 1
 
 // A Channel's ChannelCore (private), through the explicit instantiation rule, as in
 // review_netsib_test.cc.
-template <typename Tag, typename Tag::type M>
-struct Rob {
-  friend typename Tag::type get(Tag) { return M; }
-};
-struct CoreOf {
-  using type = std::shared_ptr<net::detail::ChannelCore> net::Channel::*;
-  friend type get(CoreOf);
-};
-template struct Rob<CoreOf, &net::Channel::core_>;
 
 // Voluntary context switches of every thread of this process (the keeper's 1 ms ticks show here).
 std::int64_t voluntary_switches() {
@@ -143,7 +135,7 @@ TEST(ReviewS6b, LingerEndsAt10sWithNoPeerTimeoutAndTheTicksStop) {
   co.peer_timeout = 0ms;
   auto p = test::make_pair(lo, co);
   ASSERT_TRUE(p);
-  std::weak_ptr<net::detail::ChannelCore> core = p->client.*get(CoreOf{});
+  std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
   Status s = p->client.send(filled(p->client, 8u << 20, 'q'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
   const std::int64_t t0 = now_ns();
@@ -209,7 +201,7 @@ TEST(ReviewS6b, LingeringServerChannelOutlivesItsListenerBesideABusySibling) {
   co.peer_timeout = 0ms;  // nothing progresses client 0 while it is "busy"
   auto m = make_many(2, lo, co);
   ASSERT_TRUE(m);
-  std::weak_ptr<net::detail::ChannelCore> core = m->server[0].*get(CoreOf{});
+  std::weak_ptr<net::detail::ChannelCore> core = test::core_of(m->server[0]);
   Status s = m->server[0].send(filled(m->server[0], 8u << 20, 'L'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
   m->server[0].close();
@@ -260,7 +252,7 @@ TEST(ReviewS6b, TimedOutCallsRequestStillArrivesAfterClose) {
   lo.peer_timeout = 0ms;  // the server busy: nothing progresses its worker for 300 ms
   auto p = test::make_pair(lo);
   ASSERT_TRUE(p);
-  std::weak_ptr<net::detail::ChannelCore> core = p->client.*get(CoreOf{});
+  std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
   net::Buffer b = filled(p->client, 8u << 20, 'R');
   Status got = p->client.call(b, Deadline::after(50ms));
   std::printf("call(50 ms): %s\n", got ? "ok" : got.error().message().c_str());

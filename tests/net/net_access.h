@@ -1,0 +1,53 @@
+// tests/net/net_access.h: diagnostics only. Private members of mbmq::net's classes for the review
+// tests, through the explicit instantiation rule (access is not checked in the template argument
+// of one): `obj.*get(test::EpOf{})` and the like, or test::core_of(channel).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mbmq/net.h"
+#include "net/core.h"
+
+namespace mbmq::test {
+namespace {  // internal linkage: one instantiation per test program
+
+template <typename Tag, typename Tag::type M>
+struct Rob {
+  friend typename Tag::type get(Tag) { return M; }
+};
+struct CoreOf {
+  using type = std::shared_ptr<net::detail::ChannelCore> net::Channel::*;
+  friend type get(CoreOf);
+};
+template struct Rob<CoreOf, &net::Channel::core_>;
+struct EpOf {
+  using type = ucp_ep_h net::detail::ChannelCore::*;
+  friend type get(EpOf);
+};
+template struct Rob<EpOf, &net::detail::ChannelCore::ep_>;
+struct TxPendingOf {
+  using type = std::uint32_t net::detail::ChannelCore::*;
+  friend type get(TxPendingOf);
+};
+template struct Rob<TxPendingOf, &net::detail::ChannelCore::tx_pending_>;
+struct VecsOf {
+  using type = std::vector<std::vector<std::byte>> net::detail::Spares::*;
+  friend type get(VecsOf);
+};
+template struct Rob<VecsOf, &net::detail::Spares::v_>;
+struct BytesOf {
+  using type = std::size_t net::detail::Spares::*;
+  friend type get(BytesOf);
+};
+template struct Rob<BytesOf, &net::detail::Spares::bytes_>;
+
+// The channel's core (null once closed).
+inline std::shared_ptr<net::detail::ChannelCore>& core_of(net::Channel& c) {
+  return c.*get(CoreOf{});
+}
+
+}  // namespace
+}  // namespace mbmq::test
