@@ -83,10 +83,12 @@ class Buffer {
 };
 
 struct Message {
-  Kind kind = Kind::PeerClosed;  // Request, Message or PeerClosed
+  Kind kind = Kind::PeerClosed;  // Request, Message, Reply (of a send_request) or PeerClosed
   Buffer buffer;
-  Errc error = Errc::PeerClosed;  // Kind::PeerClosed only: PeerClosed or Protocol
-  const char* why = "";           // Kind::PeerClosed with Errc::Protocol: the rule broken
+  // Kind::PeerClosed: PeerClosed or Protocol. Kind::Reply: NoReply if the peer dropped the
+  // request unanswered (the buffer is then empty), else PeerClosed (as mbmq::Message).
+  Errc error = Errc::PeerClosed;
+  const char* why = "";  // Kind::PeerClosed with Errc::Protocol: the rule broken
 };
 
 // How long a channel waits without a word from its peer before it ends with Errc::PeerClosed. A
@@ -142,8 +144,28 @@ class Channel {
   // The same, but out of credit it waits for the peer to give some back until `deadline`
   // (Errc::TimedOut, buf still yours); a peer that closes or dies ends the wait (PeerClosed).
   Status send(Buffer&& buf, Deadline deadline);
-  // The next request or one-way message; a Kind::PeerClosed message ends the channel.
+  // Sends buf as a request without waiting: its reply arrives through receive() as a Kind::Reply
+  // message (its buffer holds the reply's bytes; error is Errc::NoReply if the peer dropped the
+  // request unanswered). Several may be outstanding, and their replies come in the order the
+  // peer answers; match them by their contents (a request id of the application's). Each takes
+  // the peer's credit as a call does (one message and its bytes) until its reply comes: out of
+  // credit, Errc::WouldBlock (nothing sent, buf still yours). If the channel ends first, the
+  // replies still owed never come: receive() returns Kind::PeerClosed. What this end holds for
+  // them: one entry per outstanding request (at most the peer's message grant), and each reply
+  // up to our limit (ConnectOptions: the listener's max_message; 64 MiB for a client) until
+  // receive() takes it: the caller bounds that by how many it sends.
+  Status send_request(Buffer&& buf);
+  // The same, but out of credit it waits until `deadline` (Errc::TimedOut, buf still yours).
+  Status send_request(Buffer&& buf, Deadline deadline);
+  // The next request, one-way message or reply (of a send_request); a Kind::PeerClosed message
+  // ends the channel.
   Result<Message> receive(Deadline deadline);
+  // Waits as receive() for the first message, then takes every message already received, up to
+  // out.size(), without waiting: returns how many (>= 1) were written to out[0..n). A
+  // Kind::PeerClosed message, if it comes, is the last one. Messages left in `out` from an
+  // earlier batch are dropped first (an unanswered request among them answers NoReply).
+  // Errc::InvalidArgument for an empty span.
+  Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
   // Answers a Kind::Request with the bytes now in msg.buffer. Errc::PeerClosed if the caller is
   // gone.
   static Status reply(Message&& msg);

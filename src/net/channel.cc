@@ -488,6 +488,7 @@ void* ChannelCore::close_ep_locked(Close how) {
   w_->recount_locked();
   std::erase_if(inbox_, [](const Message& m) { return !m.buffer.valid(); });
   rx_pending_ = 0;
+  requests_.clear();  // (R3) their replies never come: receive() ends with PeerClosed
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = how == Close::Force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
@@ -701,10 +702,14 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     fail_locked(Errc::Protocol, "net: payload above our limit");
     return false;
   }
+  bool to_request = false;  // (R2) a send_request()'s reply: it goes through the inbox
   if (kind == WireKind::Reply) {
-    // (F4) A reply gives back its request's credit, late or not: 1 message, `limit` bytes.
+    // (F4)/(R2) A reply answers exactly one request of ours, once: the call in flight, a timed-out
+    // call's (late), or an outstanding send_request()'s. It gives back that request's credit: 1
+    // message, `limit` bytes, at most what the request took. Anything else is a protocol error
+    // (a second reply to a request would give its credit back twice).
+    bool late = false;
     if (call_seq_ != 0 && h.seq == call_seq_) {
-      // The call in flight: one reply, giving back at most what its request took.
       if (call_replied_) {
         fail_locked(Errc::Protocol, "net: a second reply to one call");
         return false;
@@ -714,13 +719,29 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
         return false;
       }
       call_replied_ = true;
-    }
-    if (!take_back_locked(1, h.limit)) return false;
-    if (call_seq_ == 0 || h.seq != call_seq_) {
-      if (h.seq != 0 && h.seq < next_seq_ + 1) return false;  // the late reply of a timed-out call
-      fail_locked(Errc::Protocol, "net: a reply to no call");
+    } else if (Outstanding* r = find_request_locked(h.seq)) {
+      if (r->replied) {
+        fail_locked(Errc::Protocol, "net: a second reply to one request");
+        return false;
+      }
+      if (h.limit > r->bytes) {
+        fail_locked(Errc::Protocol, "net: a reply gave back more than its request took");
+        return false;
+      }
+      if (r->late_call) {
+        late = true;  // a timed-out call's: its credit back, the reply dropped
+        *r = requests_.back();
+        requests_.pop_back();
+      } else {
+        r->replied = true;
+        to_request = true;
+      }
+    } else {
+      fail_locked(Errc::Protocol, "net: a reply to no request of ours");
       return false;
     }
+    if (!take_back_locked(1, h.limit)) return false;
+    if (late) return false;  // (a rendezvous payload is not fetched: UCX releases it)
   }
   if (kind == WireKind::Credit) {
     (void)take_back_locked(h.seq, h.limit);  // (F5) one-way messages received by the peer's app
@@ -753,7 +774,7 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
     // The receiver chooses where the payload lands: a buffer of ours, given to the application.
     // A message's place in the inbox is kept from now on: what comes after it is received after.
     std::uint64_t slot = kNoSlot;
-    if (kind == WireKind::Request || kind == WireKind::Message) {
+    if (kind == WireKind::Request || kind == WireKind::Message || to_request) {
       slot = inbox_head_ + inbox_.size();
       inbox_.emplace_back();  // an invalid buffer: not received yet
     }
@@ -834,7 +855,15 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
       return;
     }
     case WireKind::Reply:
-      if (h.seq != call_seq_) return;  // a timed-out call's, arriving late
+      if (call_seq_ == 0 || h.seq != call_seq_) {
+        // (R2) A send_request()'s (its header was checked and marked): to the inbox, in its
+        // place. Else a timed-out call's, arriving late: dropped.
+        Outstanding* r = find_request_locked(h.seq);
+        if (r == nullptr || !r->replied) return;
+        *r = requests_.back();
+        requests_.pop_back();
+        return deliver_locked(h, std::move(bytes), n, slot);
+      }
       reply_bytes_ = std::move(bytes);
       reply_size_ = n;
       reply_status_ = h.status;
@@ -893,7 +922,11 @@ void ChannelCore::on_other_version_locked(const WireHeader& h) {
 void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
                                  std::uint64_t slot) {
   Message m;
-  m.kind = static_cast<WireKind>(h.kind) == WireKind::Request ? Kind::Request : Kind::Message;
+  const auto kind = static_cast<WireKind>(h.kind);
+  m.kind = kind == WireKind::Request ? Kind::Request
+           : kind == WireKind::Reply ? Kind::Reply
+                                     : Kind::Message;
+  if (m.kind == Kind::Reply && h.status == kReplyNone) m.error = Errc::NoReply;
   m.buffer.bytes_ = std::move(bytes);
   m.buffer.size_ = n;
   m.buffer.limit_ = peer_limit_;
@@ -977,6 +1010,9 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     return (reply_ready_ && call_sent_) || state_ == State::Closed || lingering_;
   }));
   os::LockGuard lock(w_->mu);
+  // (R2) Timed out (or failed) with the request sent and its reply not come: its late reply, if
+  // it comes, gives the credit back (and only one may come).
+  if (!call_replied_ && usable_locked()) requests_.push_back({call_seq_, call_bytes_, false, true});
   call_seq_ = 0;
   if (done && reply_ready_ && call_sent_) {
     // The reply lands in the caller's buffer: the bytes UCX gave us become buf's.
@@ -1000,9 +1036,10 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   return fail(Errc::TimedOut, "net::Channel::call");
 }
 
-Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
+Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind kind) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::send: buffer");
+  const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
   for (bool waited = false;; waited = true) {
     {
@@ -1013,15 +1050,26 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how) {
       if (!can_send_locked(n) && !waited) w_->progress_locked(this);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
       if (can_send_locked(n)) {
-        ++out_msgs_;  // (F2) the peer gives it back once its application has received it
+        // (F2) The peer gives it back once its application has received it (a request: with its
+        // reply, R2).
+        ++out_msgs_;
         out_bytes_ += n;
-        Status s = send_locked(WireKind::Message, 0, 0, 0, nullptr, n, &buf.bytes_, false);
+        std::uint32_t seq = 0;
+        if (request) {
+          // (R1) Outstanding until its reply reaches the inbox (or the channel ends).
+          seq = ++next_seq_;
+          if (seq == 0) seq = ++next_seq_;
+          requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
+        }
+        Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
         buf = Buffer{};
         return s;
       }
       // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
       if (how == NoCredit::Fail)
-        return fail(Errc::WouldBlock, "net::Channel::send: the peer's inbox is full (no credit)");
+        return fail(Errc::WouldBlock,
+                    request ? "net::Channel::send_request: no credit"
+                            : "net::Channel::send: the peer's inbox is full (no credit)");
       // Credit another thread took between our wake-up and this lock: wait again, until the
       // deadline.
       if (waited && deadline.expired())
@@ -1094,20 +1142,45 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
   }));
   os::LockGuard lock(w_->mu);
   if (head_ready_locked()) {  // (closed: the places of unreceived payloads are gone)
-    Message m = std::move(inbox_.front());
-    inbox_.pop_front();
-    ++inbox_head_;
-    if (m.kind == Kind::Message) {
-      // (F5) Received: its credit goes back, batched (a request's goes with its reply).
-      ++ret_msgs_;
-      ret_bytes_ += m.buffer.size_;
-      // With nothing more queued, at once: the application may now call() or send() and not
-      // come back to receive() (a sender waiting for this credit would wait with it).
-      flush_credit_locked(head_ready_locked() ? Flush::IfHalf : Flush::IfAny);
-    }
+    Message m = take_head_locked();
+    // With nothing more queued, at once: the application may now call() or send() and not come
+    // back to receive() (a sender waiting for this credit would wait with it).
+    flush_credit_locked(head_ready_locked() ? Flush::IfHalf : Flush::IfAny);
     return m;
   }
   if (!done) return fail(Errc::TimedOut, "net::Channel::receive");
+  return end_message_locked();
+}
+
+Result<std::size_t> ChannelCore::receive_batch(std::span<Message> out, Deadline deadline) {
+  out[0] = MBMQ_TRY(receive(deadline));
+  if (out[0].kind == Kind::PeerClosed) return std::size_t{1};
+  std::size_t n = 1;
+  os::LockGuard lock(w_->mu);
+  while (n < out.size() && head_ready_locked()) out[n++] = take_head_locked();
+  flush_credit_locked(head_ready_locked() ? Flush::IfHalf : Flush::IfAny);  // (F5), as receive()
+  // The end, last, once everything before it is taken.
+  if (n < out.size() && inbox_.empty() && (state_ == State::Closed || lingering_) &&
+      !peer_closed_delivered_) {
+    if (Result<Message> end = end_message_locked()) out[n++] = std::move(*end);
+  }
+  return n;
+}
+
+Message ChannelCore::take_head_locked() {
+  Message m = std::move(inbox_.front());
+  inbox_.pop_front();
+  ++inbox_head_;
+  if (m.kind == Kind::Message) {
+    // (F5) Received: its credit goes back, batched (flush_credit_locked; a request's goes with
+    // its reply, a reply's came back with its header).
+    ++ret_msgs_;
+    ret_bytes_ += m.buffer.size_;
+  }
+  return m;
+}
+
+Result<Message> ChannelCore::end_message_locked() {
   if (peer_closed_delivered_) return fail(closed_error_locked("net::Channel::receive: closed"));
   peer_closed_delivered_ = true;
   Message m;

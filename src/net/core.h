@@ -20,6 +20,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -451,8 +452,12 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   Status call(Buffer& buf, Deadline deadline);
   // Out of credit: WouldBlock at once (Fail), or wait until the deadline (Wait: TimedOut).
   enum class NoCredit : std::uint8_t { Fail, Wait };
-  Status send(Buffer&& buf, Deadline deadline, NoCredit how);
+  // One-way (WireKind::Message), or a request whose reply comes through receive() (WireKind::
+  // Request: net::Channel::send_request).
+  Status send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind kind = WireKind::Message);
   Result<Message> receive(Deadline deadline);
+  // out non-empty, its old messages dropped by the caller (their reply tokens take the lock).
+  Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
   // Answers request `seq`, giving back its credit (1 message, `credit_bytes`, the request's size).
   Status reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status, std::uint32_t credit_bytes);
   void close() noexcept;
@@ -548,6 +553,24 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   bool head_ready_locked() const MBMQ_REQUIRES(w_->mu) {
     return !inbox_.empty() && inbox_.front().buffer.valid();
   }
+  // Takes the inbox's head (head_ready_locked()): a one-way message's credit is counted for the
+  // next Credit (the caller then calls flush_credit_locked()).
+  Message take_head_locked() MBMQ_REQUIRES(w_->mu);
+  // The channel's end as a message, once (else the error a closed channel's receive() returns).
+  Result<Message> end_message_locked() MBMQ_REQUIRES(w_->mu);
+  // (R1-R3) A request of ours whose reply has not been taken: a send_request()'s, or a timed-out
+  // call's (late_call: its reply, if it comes, is dropped and gives the credit back).
+  struct Outstanding {
+    std::uint32_t seq;
+    std::uint32_t bytes;  // the request's size: its reply gives back at most these
+    bool replied;         // its reply's header came (its payload may still be fetched)
+    bool late_call;
+  };
+  Outstanding* find_request_locked(std::uint32_t seq) MBMQ_REQUIRES(w_->mu) {
+    for (Outstanding& r : requests_)
+      if (r.seq == seq) return &r;
+    return nullptr;
+  }
   void on_hello_locked(const WireHeader& h, const std::byte* data, std::size_t n)
       MBMQ_REQUIRES(w_->mu);
   Error closed_error_locked(const char* op) MBMQ_REQUIRES(w_->mu);
@@ -621,7 +644,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint16_t reply_status_ MBMQ_GUARDED_BY(w_->mu) = 0;
   std::vector<std::byte> reply_bytes_ MBMQ_GUARDED_BY(w_->mu);
   std::size_t reply_size_ MBMQ_GUARDED_BY(w_->mu) = 0;
-  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;         // the call's SendOp while UCX reads it
+  void* call_op_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // the call's SendOp while UCX reads it
+  // (R1) send_request()s whose replies have not reached the inbox, and timed-out calls whose late
+  // replies have not come: each holds one message of credit, so there are at most out_msgs_ <=
+  // the peer's message grant of them (capped by ours, F1); the vector grows to that and stays.
+  std::vector<Outstanding> requests_ MBMQ_GUARDED_BY(w_->mu);
   ListenCore* listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;  // server, while Pending
   std::int64_t pending_since_ns_ = 0;  // written before the channel is shared, then read under mu
   std::int64_t last_rx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();

@@ -306,9 +306,26 @@ Status Channel::send(Buffer&& buf, Deadline deadline) {
   if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
   return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait);
 }
+Status Channel::send_request(Buffer&& buf) {
+  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
+  return core_->send(std::move(buf), Deadline::immediate(), detail::ChannelCore::NoCredit::Fail,
+                     detail::WireKind::Request);
+}
+Status Channel::send_request(Buffer&& buf, Deadline deadline) {
+  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
+  return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait,
+                     detail::WireKind::Request);
+}
 Result<Message> Channel::receive(Deadline deadline) {
   if (!core_) return fail(Errc::InvalidArgument, "net::Channel::receive: closed");
   return core_->receive(deadline);
+}
+Result<std::size_t> Channel::receive_batch(std::span<Message> out, Deadline deadline) {
+  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: closed");
+  if (out.empty()) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: empty span");
+  // Dropped here, unlocked: an unanswered request's token answers NoReply, taking the lock.
+  for (Message& m : out) m = Message{};
+  return core_->receive_batch(out, deadline);
 }
 Status Channel::reply(Message&& msg) {
   if (msg.kind != Kind::Request || !msg.buffer.reply_)

@@ -10,12 +10,14 @@
 #include <cstdio>
 #include <cstring>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "mbmq/net.h"
 #include "net/core.h"
+#include "net/net_access.h"
 #include "net/net_pair.h"
 #include "os/process.h"
 #include "test_util.h"
@@ -257,6 +259,219 @@ TEST(NetFlow, ManyRoundTripsWithAGrantOfOne) {
     EXPECT_EQ(number_of(b), static_cast<std::uint32_t>(i));
   }
   srv.join();
+}
+
+// ---- send_request() and receive_batch() (docs/design/net.md, "Requests without waiting") ----
+
+// Requests sent without waiting (small and rendezvous-sized), answered by the server in reverse
+// order with a one-way message in between: the client receives the replies, and the message, in
+// the order the server sent them, each with its own request's answer.
+TEST(NetRequest, RepliesComeThroughReceiveInTheOrderTheServerAnswered) {
+  auto p = make_pair();
+  ASSERT_TRUE(p);
+  constexpr std::uint32_t kN = 6;
+  auto size_of = [](std::uint32_t i) -> std::size_t { return i % 2 == 0 ? 64 : (2u << 20) + i; };
+  std::atomic<bool> server_ok{false};
+  std::thread srv([&] {
+    std::vector<net::Message> held;
+    while (held.size() < kN) {
+      auto m = p->server.receive(secs(10));
+      if (!m || m->kind != Kind::Request) return;
+      held.push_back(std::move(*m));
+    }
+    for (std::uint32_t k = 0; k < kN; ++k) {
+      net::Message& m = held[kN - 1 - k];
+      const std::uint32_t answer = number_of(m.buffer) + 1000;
+      std::memcpy(m.buffer.data().data(), &answer, sizeof answer);
+      if (!net::Channel::reply(std::move(m))) return;
+      if (k == 2 && !p->server.send(numbered(p->server, 64, 555), secs(10))) return;
+    }
+    server_ok = true;
+  });
+  for (std::uint32_t i = 0; i < kN; ++i) {
+    auto st = p->client.send_request(numbered(p->client, size_of(i), i));
+    ASSERT_TRUE(st) << i << ": " << st.error().message();
+  }
+  std::vector<std::uint32_t> got;
+  std::vector<net::Message> batch(4);
+  while (got.size() < kN + 1) {
+    auto n = p->client.receive_batch(batch, secs(10));
+    ASSERT_TRUE(n) << n.error().message();
+    for (std::size_t j = 0; j < *n; ++j) {
+      const net::Message& m = batch[j];
+      ASSERT_NE(m.kind, Kind::PeerClosed) << m.why;
+      if (m.kind == Kind::Message) {
+        got.push_back(number_of(m.buffer));
+        continue;
+      }
+      ASSERT_EQ(m.kind, Kind::Reply);
+      EXPECT_NE(m.error, Errc::NoReply);
+      const std::uint32_t i = number_of(m.buffer) - 1000;
+      ASSERT_LT(i, kN);
+      EXPECT_EQ(m.buffer.size(), size_of(i)) << "reply " << i << " is not its request's";
+      got.push_back(i);
+    }
+  }
+  srv.join();
+  EXPECT_TRUE(server_ok);
+  const std::vector<std::uint32_t> want{5, 4, 3, 555, 2, 1, 0};
+  EXPECT_EQ(got, want);
+  // A received reply is ours: it cannot be replied to; its buffer can be sent again.
+  net::Message r;
+  r.kind = Kind::Reply;
+  auto st = net::Channel::reply(std::move(r));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::InvalidArgument);
+}
+
+// Each outstanding request holds one message of the server's grant: out of it, send_request()
+// is WouldBlock (the buffer still the caller's) or waits until its deadline; a request the server
+// drops unanswered comes back as a Reply with NoReply; both give the credit back.
+TEST(NetRequest, OutstandingRequestsHoldCreditAndADroppedOneRepliesNoReply) {
+  net::ListenOptions lo;
+  lo.inbox_messages = 2;
+  auto p = make_pair(lo, {});
+  ASSERT_TRUE(p);
+  ASSERT_TRUE(p->client.send_request(numbered(p->client, 64, 0)));
+  ASSERT_TRUE(p->client.send_request(numbered(p->client, 64, 1)));
+  net::Buffer third = numbered(p->client, 64, 2);
+  auto st = p->client.send_request(std::move(third));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::WouldBlock) << st.error().message();
+  ASSERT_TRUE(third.valid()) << "a refused send_request gave up the caller's buffer";
+  st = p->client.send_request(std::move(third), Deadline::after(100ms));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::TimedOut);
+  ASSERT_TRUE(third.valid());
+  {
+    auto a = p->server.receive(secs(5));
+    auto b = p->server.receive(secs(5));
+    ASSERT_TRUE(a && b);
+    ASSERT_EQ(number_of(a->buffer), 0u);
+    ASSERT_TRUE(net::Channel::reply(std::move(*b)));
+    // `a` is dropped here unanswered: NoReply.
+  }
+  int no_reply = 0;
+  int answered = 0;
+  for (int k = 0; k < 2; ++k) {
+    auto m = p->client.receive(secs(5));
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ(m->kind, Kind::Reply) << m->why;
+    if (m->error == Errc::NoReply) {
+      ++no_reply;
+      EXPECT_EQ(m->buffer.size(), 0u);
+    } else {
+      ++answered;
+      EXPECT_EQ(number_of(m->buffer), 1u);
+    }
+  }
+  EXPECT_EQ(no_reply, 1);
+  EXPECT_EQ(answered, 1);
+  // Both gave their credit back: two more go at once.
+  ASSERT_TRUE(p->client.send_request(std::move(third)));
+  ASSERT_TRUE(p->client.send_request(numbered(p->client, 64, 3)));
+}
+
+// A request still outstanding when the server closes: its reply never comes, and receive() ends
+// with PeerClosed rather than waiting.
+TEST(NetRequest, ARequestOutstandingWhenThePeerClosesEndsWithPeerClosed) {
+  auto p = make_pair();
+  ASSERT_TRUE(p);
+  ASSERT_TRUE(p->client.send_request(numbered(p->client, 64, 0)));
+  net::Buffer next = numbered(p->client, 64, 1);
+  auto m = p->server.receive(secs(5));
+  ASSERT_TRUE(m);
+  p->server.close();  // holding the request
+  auto end = p->client.receive(secs(5));
+  ASSERT_TRUE(end) << end.error().message();
+  EXPECT_EQ(end->kind, Kind::PeerClosed);
+  EXPECT_EQ(end->error, Errc::PeerClosed);
+  auto st = p->client.send_request(std::move(next));
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().code, Errc::PeerClosed) << st.error().message();
+}
+
+// receive_batch() takes what has arrived, in order, without waiting for more; the end comes last.
+TEST(NetRequest, ReceiveBatchTakesWhatHasArrivedInOrderAndTheEndComesLast) {
+  auto p = make_pair();
+  ASSERT_TRUE(p);
+  std::vector<net::Message> none;
+  auto bad = p->server.receive_batch(none, secs(1));
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, Errc::InvalidArgument);
+  constexpr std::uint32_t kN = 20;
+  for (std::uint32_t i = 0; i < kN; ++i) ASSERT_TRUE(p->client.send(numbered(p->client, 128, i)));
+  std::vector<net::Message> batch(8);
+  std::uint32_t next = 0;
+  std::size_t largest = 0;
+  while (next < kN) {
+    auto n = p->server.receive_batch(batch, secs(5));
+    ASSERT_TRUE(n) << n.error().message();
+    ASSERT_GE(*n, 1u);
+    ASSERT_LE(*n, batch.size());
+    largest = std::max(largest, *n);
+    for (std::size_t j = 0; j < *n; ++j) {
+      ASSERT_EQ(batch[j].kind, Kind::Message);
+      EXPECT_EQ(number_of(batch[j].buffer), next++);
+    }
+  }
+  EXPECT_GT(largest, 1u) << "a batch never took more than one message";
+  ASSERT_TRUE(p->client.send(numbered(p->client, 128, 99)));
+  p->client.close();
+  std::vector<Kind> kinds;
+  for (Deadline d = secs(5); !d.expired();) {
+    auto n = p->server.receive_batch(batch, d);
+    ASSERT_TRUE(n) << n.error().message();
+    for (std::size_t j = 0; j < *n; ++j) kinds.push_back(batch[j].kind);
+    if (kinds.back() == Kind::PeerClosed) break;
+  }
+  const std::vector<Kind> want{Kind::Message, Kind::PeerClosed};
+  EXPECT_EQ(kinds, want);
+  auto after = p->server.receive_batch(batch, secs(1));
+  EXPECT_FALSE(after) << "a second end";
+}
+
+// (R2) A reply must answer one request of ours, once. A second reply to a timed-out call, while
+// another request holds credit, was accepted before and took that request's credit back (the
+// client could then send beyond the server's grant); now it ends the channel with Protocol, as a
+// second reply to an outstanding send_request() and a reply to no request do. The server here
+// answers through its channel's core, by sequence number (the client numbers from 1).
+TEST(NetRequest, ASecondReplyOrAReplyToNoRequestIsAProtocolError) {
+  for (int mode = 0; mode < 3; ++mode) {
+    SCOPED_TRACE(mode);
+    auto p = make_pair();
+    ASSERT_TRUE(p);
+    ASSERT_TRUE(p->client.send_request(numbered(p->client, 64, 0)));  // seq 1, outstanding
+    net::Buffer call = numbered(p->client, 64, 1);                    // seq 2
+    if (mode == 0) {
+      auto st = p->client.call(call, Deadline::after(50ms));
+      ASSERT_FALSE(st);
+      ASSERT_EQ(st.error().code, Errc::TimedOut);
+    }
+    for (int k = 0; k < (mode == 0 ? 2 : 1); ++k) {
+      auto m = p->server.receive(secs(5));
+      ASSERT_TRUE(m);
+      ASSERT_EQ(m->kind, Kind::Request);
+    }
+    std::shared_ptr<net::detail::ChannelCore> core = test::core_of(p->server);
+    auto answer = [&](std::uint32_t seq) {
+      return core->reply(seq, numbered(p->server, 64, 7), net::detail::kReplyOk, 64);
+    };
+    const std::uint32_t seq = mode == 0 ? 2 : mode == 1 ? 1 : 40;
+    ASSERT_TRUE(answer(seq));
+    if (mode != 2) {
+      ASSERT_TRUE(answer(seq));
+    }
+    std::optional<net::Message> end;
+    for (Deadline d = secs(5); !d.expired() && !end;) {
+      auto m = p->client.receive(d);
+      ASSERT_TRUE(m) << m.error().message();
+      if (m->kind == Kind::PeerClosed) end.emplace(std::move(*m));
+    }
+    ASSERT_TRUE(end) << "the bad reply was accepted";
+    EXPECT_EQ(end->error, Errc::Protocol);
+    EXPECT_NE(std::string(end->why).find("reply"), std::string::npos) << end->why;
+  }
 }
 
 TEST(NetFlow, AGrantOfZeroIsRefused) {
