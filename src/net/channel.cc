@@ -706,16 +706,17 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
   if (kind == WireKind::Reply) {
     // (F4)/(R2) A reply answers exactly one request of ours, once: the call in flight, a timed-out
     // call's (late), or an outstanding send_request()'s. It gives back that request's credit: 1
-    // message, `limit` bytes, at most what the request took. Anything else is a protocol error
-    // (a second reply to a request would give its credit back twice).
+    // message and `limit` bytes, exactly what the request took (less would keep the rest out for
+    // ever: the channel wedged, review rev-req). Anything else is a protocol error (a second reply
+    // to a request would give its credit back twice).
     bool late = false;
     if (call_seq_ != 0 && h.seq == call_seq_) {
       if (call_replied_) {
         fail_locked(Errc::Protocol, "net: a second reply to one call");
         return false;
       }
-      if (h.limit > call_bytes_) {
-        fail_locked(Errc::Protocol, "net: a reply gave back more than its request took");
+      if (h.limit != call_bytes_) {
+        fail_locked(Errc::Protocol, "net: a reply gave back other credit than its request took");
         return false;
       }
       call_replied_ = true;
@@ -724,8 +725,8 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
         fail_locked(Errc::Protocol, "net: a second reply to one request");
         return false;
       }
-      if (h.limit > r->bytes) {
-        fail_locked(Errc::Protocol, "net: a reply gave back more than its request took");
+      if (h.limit != r->bytes) {
+        fail_locked(Errc::Protocol, "net: a reply gave back other credit than its request took");
         return false;
       }
       if (r->late_call) {
@@ -921,6 +922,14 @@ void ChannelCore::on_other_version_locked(const WireHeader& h) {
 
 void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
                                  std::uint64_t slot) {
+  // Its place, kept since its header came (slots before it are not taken: the head is only taken
+  // once filled), or the end. A place that is gone (the inbox was dropped by close() or a
+  // lingering tick since its header came: slot < inbox_head_) or already filled is not ours: the
+  // payload is dropped here, before a reply token exists (overwriting a request under mu
+  // destroyed its token, whose NoReply took mu again: the keeper deadlocked, review rev-req).
+  if (slot != kNoSlot && (slot < inbox_head_ || slot - inbox_head_ >= inbox_.size() ||
+                          inbox_[slot - inbox_head_].buffer.valid()))
+    return;
   Message m;
   const auto kind = static_cast<WireKind>(h.kind);
   m.kind = kind == WireKind::Request ? Kind::Request
@@ -939,9 +948,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
     t->credit_bytes = static_cast<std::uint32_t>(n);  // n <= my_limit_
     m.buffer.reply_ = std::move(t);
   }
-  // Its place, kept since its header came (slots before it are not taken: the head is only
-  // taken once filled), or the end.
-  if (slot != kNoSlot && slot - inbox_head_ < inbox_.size())
+  if (slot != kNoSlot)
     inbox_[slot - inbox_head_] = std::move(m);
   else
     inbox_.push_back(std::move(m));
@@ -984,8 +991,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
       os::LockGuard lock(w_->mu);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::call"));
       if (can_send_locked(n)) {  // the credit checked and taken under one lock
-        std::uint32_t seq = ++next_seq_;
-        if (seq == 0) seq = ++next_seq_;
+        const std::uint32_t seq = next_seq_locked();
         call_seq_ = seq;
         call_bytes_ = static_cast<std::uint32_t>(n);
         call_replied_ = false;
@@ -1052,15 +1058,15 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
       if (can_send_locked(n)) {
         // (F2) The peer gives it back once its application has received it (a request: with its
         // reply, R2).
-        ++out_msgs_;
-        out_bytes_ += n;
         std::uint32_t seq = 0;
         if (request) {
-          // (R1) Outstanding until its reply reaches the inbox (or the channel ends).
-          seq = ++next_seq_;
-          if (seq == 0) seq = ++next_seq_;
+          // (R1) Outstanding until its reply reaches the inbox (or the channel ends). Listed
+          // first: the list may grow (allocate) and throw, and then no credit is taken.
+          seq = next_seq_locked();
           requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
         }
+        ++out_msgs_;
+        out_bytes_ += n;
         Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
         buf = Buffer{};
         return s;
@@ -1239,7 +1245,7 @@ void ChannelCore::close() noexcept {
       closing = close_ep_locked(Close::Flush);
     }
     w_->wake_waiters_locked(this);  // (W2 (d)) a thread waiting on this channel sees it closed
-    drop.swap(inbox_);
+    drop_inbox_locked(drop);
   }
   if (linger) {
     try {

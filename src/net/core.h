@@ -553,6 +553,20 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   bool head_ready_locked() const MBMQ_REQUIRES(w_->mu) {
     return !inbox_.empty() && inbox_.front().buffer.valid();
   }
+  // Moves the inbox to `out` (to be destroyed unlocked: reply tokens take mu). The slot numbers
+  // move on past it, so that a payload whose place was kept in it finds it gone (deliver_locked).
+  void drop_inbox_locked(std::deque<Message>& out) MBMQ_REQUIRES(w_->mu) {
+    inbox_head_ += inbox_.size();
+    out.swap(inbox_);
+  }
+  // A request number not in use: not 0, not the call's, not an outstanding request's (after
+  // 2^32 requests the counter wraps; a long-held request's number must not be given twice).
+  std::uint32_t next_seq_locked() MBMQ_REQUIRES(w_->mu) {
+    for (;;) {
+      const std::uint32_t seq = ++next_seq_;
+      if (seq != 0 && seq != call_seq_ && find_request_locked(seq) == nullptr) return seq;
+    }
+  }
   // Takes the inbox's head (head_ready_locked()): a one-way message's credit is counted for the
   // next Credit (the caller then calls flush_credit_locked()).
   Message take_head_locked() MBMQ_REQUIRES(w_->mu);

@@ -279,7 +279,7 @@ bool ChannelCore::linger_tick(std::int64_t now_ns) {
     const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
     os::LockGuard lock(w_->mu);
     if (state_ == State::Open && w_->waiters == 0) w_->progress_locked();  // as (K1)
-    drop.swap(inbox_);  // what the peer sends meanwhile: nobody will receive it
+    drop_inbox_locked(drop);  // what the peer sends meanwhile: nobody will receive it
     if (state_ == State::Open && unfinished_locked() && now_ns < linger_until_ns_) return false;
     // Fetched (or the channel failed: nothing to close; or kLingerMaxNs passed: cut short).
     closing = close_ep_locked(unfinished_locked() ? Close::Force : Close::Flush);
