@@ -80,6 +80,12 @@ class Buffer {
   // Where bytes_ goes when this buffer is destroyed (set on buffers above 64 KiB only): weak, so
   // that a buffer kept after its channel's worker is gone keeps nothing else alive.
   std::weak_ptr<detail::Spares> home_;
+  // The channel (its unique id) this buffer came from: made by its buffer() or received on it;
+  // its bytes are that channel's traffic (0: none). made_: by buffer(), which may have left that
+  // channel's earlier bytes in it (docs/design/net.md, "Payload vectors"): it is sent on that
+  // channel only.
+  std::uint64_t channel_ = 0;
+  bool made_ = false;
 };
 
 struct Message {
@@ -131,7 +137,11 @@ class Channel {
   Channel& operator=(const Channel&) = delete;
   ~Channel();
 
-  // A buffer of `size` bytes. Errc::InvalidArgument above the peer's limit (from the hello).
+  // A buffer of `size` bytes, for this channel: call/send/send_request it on this channel only
+  // (Errc::InvalidArgument on another, as a local channel's buffers). Its bytes are zeros, or,
+  // like a local pool slot's, bytes of this channel's earlier messages (a recycled vector: no
+  // channel's bytes ever reach another's buffer()). Errc::InvalidArgument above the peer's limit
+  // (from the hello).
   Result<Buffer> buffer(std::size_t size);
   // Sends buf as a request and waits for the reply, which arrives in buf. Errors as
   // mbmq::Channel::call: TimedOut (buf is then invalid; a late reply is dropped; but if the peer

@@ -20,8 +20,9 @@ namespace {
 
 // An AM send in flight: UCX reads the header (and the payload) until it completes.
 struct SendOp final : PendingOp {
-  SendOp(WorkerCore* worker, ucp_ep_h e, WireHeader h, bool call, ChannelCore* call_owner)
-      : w(worker), ep(e), hdr(h), is_call(call), owner(call_owner) {}
+  SendOp(WorkerCore* worker, ucp_ep_h e, WireHeader h, bool call, ChannelCore* call_owner,
+         std::uint64_t channel_id)
+      : w(worker), ep(e), hdr(h), is_call(call), owner(call_owner), ch_id(channel_id) {}
   WorkerCore* w;
   ucp_ep_h ep;
   WireHeader hdr;
@@ -31,6 +32,7 @@ struct SendOp final : PendingOp {
   // it returns, so the channel outlives the pointer. Not found through eps: a closed endpoint is
   // no longer there, and its cancelled sends complete later.
   ChannelCore* owner;
+  std::uint64_t ch_id;  // the sending channel's ChannelCore::id_ (Spares' tag for `owned`)
 };
 
 // A rendezvous payload being received into `bytes`.
@@ -107,8 +109,9 @@ void send_done(void* request, ucs_status_t status, void* user) {
       ch->on_hello_ack_sent_locked();
     }
   }
-  // UCX has read the payload: its vector may receive the worker's next one.
-  w->spares->give(std::move(op->owned));
+  // UCX has read the payload: its vector may receive the worker's next one (its bytes went to
+  // the peer of the channel that sent them).
+  w->spares->give(std::move(op->owned), op->ch_id);
   delete op;
   if (request != nullptr) w->u->ucp_request_free(request);
 }
@@ -542,7 +545,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   auto* op =
       new SendOp(w_.get(), ep_,
                  WireHeader{kMagic, kVersion, static_cast<std::uint8_t>(kind), status, seq, limit},
-                 is_call, is_call ? this : nullptr);
+                 is_call, is_call ? this : nullptr, id_);
   if (owned != nullptr) {
     op->owned = std::move(*owned);
     data = op->owned.data();
@@ -578,7 +581,7 @@ constexpr std::size_t kDeferMin = std::size_t{1} << 20;
 // which the channel's own waiting thread, or whoever progresses next, pays).
 constexpr std::size_t kAllocatorMin = std::size_t{4} << 20;
 
-void Spares::give(std::vector<std::byte>&& v) noexcept {
+void Spares::give(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
   std::array<std::vector<std::byte>, kMaxVectors + 1> drop;  // freed after the lock is released
   std::size_t dropped = 0;
   const std::size_t cap = v.capacity();
@@ -601,25 +604,42 @@ void Spares::give(std::vector<std::byte>&& v) noexcept {
     auto smallest = std::min_element(v_.begin(), v_.end(), [](const auto& a, const auto& b) {
       return a.capacity() < b.capacity();
     });
+    const auto i = static_cast<std::size_t>(smallest - v_.begin());
     bytes_ -= smallest->capacity();
     drop[dropped++] = std::move(*smallest);
     *smallest = std::move(v_.back());
     v_.pop_back();
+    from_[i] = from_.back();
+    from_.pop_back();
   }
   v_.push_back(std::move(v));  // within the reserved capacity: no allocation
+  from_.push_back(from);
   bytes_ += cap;
 }
 
-std::vector<std::byte> Spares::take(std::size_t n) noexcept {
+std::vector<std::byte> Spares::take(std::size_t n, std::uint64_t prefer,
+                                    std::uint64_t* from) noexcept {
   os::LockGuard lock(mu_);
+  // The smallest that fits, one of `prefer`'s first.
   std::size_t best = v_.size();
-  for (std::size_t i = 0; i < v_.size(); ++i)
-    if (fits(v_[i].capacity(), n) && (best == v_.size() || v_[i].capacity() < v_[best].capacity()))
+  for (std::size_t i = 0; i < v_.size(); ++i) {
+    if (!fits(v_[i].capacity(), n)) continue;
+    if (best == v_.size()) {
       best = i;
+      continue;
+    }
+    const bool mine = prefer != 0 && from_[i] == prefer;
+    const bool best_mine = prefer != 0 && from_[best] == prefer;
+    if ((mine && !best_mine) || (mine == best_mine && v_[i].capacity() < v_[best].capacity()))
+      best = i;
+  }
   if (best == v_.size()) return {};
   std::vector<std::byte> v = std::move(v_[best]);
+  if (from != nullptr) *from = from_[best];
   v_[best] = std::move(v_.back());
   v_.pop_back();
+  from_[best] = from_.back();
+  from_.pop_back();
   bytes_ -= v.capacity();
   v.resize(n);  // within its capacity: no allocation; zeroes only what grows
   return v;
@@ -940,6 +960,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
   m.buffer.size_ = n;
   m.buffer.limit_ = peer_limit_;
   m.buffer.valid_ = true;
+  m.buffer.channel_ = id_;
   if (n > Spares::kMin) m.buffer.home_ = w_->spares;  // its vector comes back when dropped (weak)
   if (m.kind == Kind::Request) {
     auto t = std::make_shared<ReplyToken>();
@@ -967,13 +988,19 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   Buffer b;
   // Unlocked: a fresh 64 MiB vector's page faults took 50-70 ms, which held up the worker's other
   // channels (a listener's). A spare saves them (and malloc's mmap/munmap of large vectors) but
-  // holds an earlier payload's bytes, maybe another channel's: zeroed here, as a fresh one is.
-  if (size > Spares::kMin) b.bytes_ = w_->spares->take(size);
+  // holds an earlier payload's bytes: another channel's are zeroed here, as a fresh vector is;
+  // this channel's stay, as a local pool slot's do (its peer sent or got them; the zeroing was
+  // most of the CPU mbmq's one-way sender spent beyond raw UCX's, docs/design/net.md). Such a
+  // buffer is sent on this channel only (made_, checked by call/send).
+  std::uint64_t from = 0;
+  if (size > Spares::kMin) b.bytes_ = w_->spares->take(size, id_, &from);
   if (b.bytes_.size() == size && size != 0) {
-    std::memset(b.bytes_.data(), 0, size);
+    if (from != id_) std::memset(b.bytes_.data(), 0, size);
   } else {
     b.bytes_.resize(size);
   }
+  b.channel_ = id_;
+  b.made_ = true;
   b.size_ = size;
   b.limit_ = limit;
   b.valid_ = true;
@@ -984,6 +1011,8 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
 Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   MBMQ_TRY(check_not_forked());  // before the locks: a forked child may have them held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::call: buffer");
+  if (buf.made_ && buf.channel_ != id_)
+    return fail(Errc::InvalidArgument, "net::Channel::call: a buffer() of another channel");
   os::LockGuard serial(call_mu_);
   const std::size_t n = buf.size_;
   for (;;) {
@@ -1024,7 +1053,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     // The reply lands in the caller's buffer: the bytes UCX gave us become buf's.
     reply_ready_ = false;
     if (reply_status_ == kReplyNone) return fail(Errc::NoReply, "net::Channel::call");
-    w_->spares->give(std::move(buf.bytes_));  // the request's: UCX has sent it (call_sent_)
+    w_->spares->give(std::move(buf.bytes_), id_);  // the request's: UCX has sent it (call_sent_)
     buf.bytes_ = std::move(reply_bytes_);
     if (buf.bytes_.size() > Spares::kMin) buf.home_ = w_->spares;
     buf.size_ = reply_size_;
@@ -1045,6 +1074,8 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
 Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind kind) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::send: buffer");
+  if (buf.made_ && buf.channel_ != id_)
+    return fail(Errc::InvalidArgument, "net::Channel::send: a buffer() of another channel");
   const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
   for (bool waited = false;; waited = true) {

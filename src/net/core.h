@@ -153,12 +153,18 @@ class Spares {
   // Below this a vector comes from malloc's heap, already mapped: nothing to save.
   static constexpr std::size_t kMin = std::size_t{64} << 10;
 
-  Spares() { v_.reserve(kMaxVectors); }
+  Spares() {
+    v_.reserve(kMaxVectors);
+    from_.reserve(kMaxVectors);
+  }
   // Keeps v, letting smaller vectors go if the bound needs it, unless every kept one is at least
-  // as large (then v is freed). Frees outside the lock; never allocates.
-  void give(std::vector<std::byte>&& v) noexcept;
-  // A kept vector of capacity in [n, 2n], resized to n (zeroing only what grows), or an empty one.
-  std::vector<std::byte> take(std::size_t n) noexcept;
+  // as large (then v is freed). Frees outside the lock; never allocates. `from`: the channel
+  // (ChannelCore::id_) whose traffic its bytes are (0: none known).
+  void give(std::vector<std::byte>&& v, std::uint64_t from = 0) noexcept;
+  // A kept vector of capacity in [n, 2n], resized to n (zeroing only what grows), or an empty one;
+  // one from channel `prefer` if there is one. *from: the channel its bytes came from.
+  std::vector<std::byte> take(std::size_t n, std::uint64_t prefer = 0,
+                              std::uint64_t* from = nullptr) noexcept;
   bool has_for(std::size_t n) const noexcept;
 
  private:
@@ -167,6 +173,7 @@ class Spares {
   }
   mutable os::Mutex mu_;
   std::vector<std::vector<std::byte>> v_ MBMQ_GUARDED_BY(mu_);  // capacity kMaxVectors
+  std::vector<std::uint64_t> from_ MBMQ_GUARDED_BY(mu_);        // v_[i]'s channel (give's from)
   std::size_t bytes_ MBMQ_GUARDED_BY(mu_) = 0;                  // their capacities
 };
 

@@ -350,7 +350,7 @@ void Channel::close() noexcept {
 Buffer::~Buffer() {
   // Not in a forked child: the Spares' lock may have been held by another thread at the fork.
   if (bytes_.capacity() <= detail::Spares::kMin || !detail::ucx_usable()) return;
-  if (auto home = home_.lock()) home->give(std::move(bytes_));
+  if (auto home = home_.lock()) home->give(std::move(bytes_), channel_);
 }
 
 Status Buffer::resize(std::size_t n) {
