@@ -1015,6 +1015,10 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     return fail(Errc::InvalidArgument, "net::Channel::call: a buffer() of another channel");
   os::LockGuard serial(call_mu_);
   const std::size_t n = buf.size_;
+  // A buffer of another channel's traffic (received there): what its vector holds beyond size()
+  // (shrunk by resize()) is that channel's and was not sent to our peer: cut, so that the vector,
+  // back in the spares as this channel's, holds only what our peer got (review rev-zero).
+  if (buf.channel_ != id_ && buf.bytes_.size() > n) buf.bytes_.resize(n);
   for (;;) {
     {
       os::LockGuard lock(w_->mu);
@@ -1055,6 +1059,7 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     if (reply_status_ == kReplyNone) return fail(Errc::NoReply, "net::Channel::call");
     w_->spares->give(std::move(buf.bytes_), id_);  // the request's: UCX has sent it (call_sent_)
     buf.bytes_ = std::move(reply_bytes_);
+    buf.channel_ = id_;  // its bytes are this channel's traffic now (Spares' tag when dropped)
     if (buf.bytes_.size() > Spares::kMin) buf.home_ = w_->spares;
     buf.size_ = reply_size_;
     return {};
@@ -1078,6 +1083,7 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
     return fail(Errc::InvalidArgument, "net::Channel::send: a buffer() of another channel");
   const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
+  if (buf.channel_ != id_ && buf.bytes_.size() > n) buf.bytes_.resize(n);  // as in call()
   for (bool waited = false;; waited = true) {
     {
       const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked

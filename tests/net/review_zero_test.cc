@@ -74,12 +74,13 @@ bool progress_until_kept(net::Channel& ch, std::size_t cap, std::size_t want) {
   return false;
 }
 
-// (1) A received Buffer is not tied to its channel (made_ is false): call()ing it on a sibling
+// (1) Fixed: call() retags the buffer its reply lands in. Before: a received Buffer is not tied
+// to its channel (made_ is false): call()ing it on a sibling
 // channel B is allowed, and B's reply lands in it. But the Buffer keeps channel_ = A (call() does
 // not retag it), so when it is dropped its vector (B's reply bytes) is kept tagged A, and A's
 // next buffer() takes it unzeroed: B's peer's reply reaches A's application, and, sent partly
 // filled (as the commit's own rationale has it), A's peer.
-TEST(ReviewZero, Confirmed_ACallsReplyInAReceivedBufferIsKeptAsTheReceivingChannels) {
+TEST(ReviewZero, ACallsReplyInAReceivedBufferIsKeptAsTheCallingChannels) {
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
   net::Channel& a = m->server[0];
@@ -121,11 +122,12 @@ TEST(ReviewZero, Confirmed_ACallsReplyInAReceivedBufferIsKeptAsTheReceivingChann
   EXPECT_EQ(at_peer, 0u) << "another channel's bytes reached this channel's peer";
 }
 
-// (2) A received Buffer of A, shrunk (Buffer::resize below its size only sets size(): the vector
+// (2) Fixed: call()/send() cut another channel's buffer's vector to its size() first. Before: a
+// received Buffer of A, shrunk (Buffer::resize below its size only sets size(): the vector
 // keeps all of A's bytes) and sent on B: send_done gives the vector back tagged B (op->ch_id), but
 // only its first size() bytes went to B's peer. B's next buffer() takes it unzeroed: the rest,
 // A's bytes never sent on B, reach B's application (and B's peer, sent partly filled).
-TEST(ReviewZero, Confirmed_AReceivedBufferShrunkAndSentOnASiblingLeavesItsTailToTheSibling) {
+TEST(ReviewZero, AReceivedBufferShrunkAndSentOnASiblingLeavesNoTailToTheSibling) {
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
   net::Channel& a = m->server[0];
@@ -153,10 +155,10 @@ TEST(ReviewZero, Confirmed_AReceivedBufferShrunkAndSentOnASiblingLeavesItsTailTo
   EXPECT_EQ(foreign, 0u) << "another channel's bytes (never sent on this one) in a buffer()";
 }
 
-// (2b) The same through call(): the request's vector is given back tagged with the calling
-// channel B (call(): give(buf.bytes_, id_)) when the reply replaces it, though only its first
-// size() bytes went to B's peer.
-TEST(ReviewZero, Confirmed_AReceivedBufferShrunkAndCalledOnASiblingLeavesItsTailToTheSibling) {
+// (2b) Fixed as (2). Before: the same through call(): the request's vector is given back tagged
+// with the calling channel B (call(): give(buf.bytes_, id_)) when the reply replaces it, though
+// only its first size() bytes went to B's peer.
+TEST(ReviewZero, AReceivedBufferShrunkAndCalledOnASiblingLeavesNoTailToTheSibling) {
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
   net::Channel& a = m->server[0];
@@ -195,7 +197,7 @@ TEST(ReviewZero, Confirmed_AReceivedBufferShrunkAndCalledOnASiblingLeavesItsTail
 
 // Spares::give's eviction and take() keep v_ and from_ in step: every vector comes back with the
 // tag it was given with (its first byte is its tag here), through evictions of the smallest.
-TEST(ReviewZero, Suspected_SparesTagsFollowTheirVectorsThroughEvictionAndTake) {
+TEST(ReviewZero, SparesTagsFollowTheirVectorsThroughEvictionAndTake) {
   net::detail::Spares s;
   constexpr std::size_t kBase = 100u << 10;
   auto vec = [](std::size_t cap, std::uint8_t tag) {
@@ -229,7 +231,7 @@ TEST(ReviewZero, Suspected_SparesTagsFollowTheirVectorsThroughEvictionAndTake) {
 }
 
 // Channel ids are never 0 (the "no channel" tag, Spares::give's default) and never repeat.
-TEST(ReviewZero, Suspected_ChannelIdsAreNonZeroAndUnique) {
+TEST(ReviewZero, ChannelIdsAreNonZeroAndUnique) {
   std::set<std::uint64_t> ids;
   for (int round = 0; round < 3; ++round) {
     auto m = make_many(3, {}, {});
@@ -246,7 +248,7 @@ TEST(ReviewZero, Suspected_ChannelIdsAreNonZeroAndUnique) {
 
 // A reply from a received request grown by resize() (zeroes what grows) is given back by
 // send_done tagged with its channel: a sibling's buffer() gets it zeroed.
-TEST(ReviewZero, Suspected_AGrownRequestsReplyIsZeroedForASibling) {
+TEST(ReviewZero, AGrownRequestsReplyIsZeroedForASibling) {
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
   std::thread caller([&] {
@@ -272,7 +274,7 @@ TEST(ReviewZero, Suspected_AGrownRequestsReplyIsZeroedForASibling) {
 
 // A forced close's cancelled send: send_done gives its vector back (UCS_ERR_CANCELED) tagged with
 // the sending channel, whose bytes they are: a sibling's buffer() gets it zeroed.
-TEST(ReviewZero, Suspected_AForceClosedChannelsCancelledSendIsZeroedForASibling) {
+TEST(ReviewZero, AForceClosedChannelsCancelledSendIsZeroedForASibling) {
   constexpr std::size_t kBig = 8 * kMiB;
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
@@ -299,7 +301,7 @@ TEST(ReviewZero, Suspected_AForceClosedChannelsCancelledSendIsZeroedForASibling)
 
 // The InvalidArgument rule for buffer() buffers holds for send_request() and for copies and moves
 // of them (channel_ and made_ travel with the buffer).
-TEST(ReviewZero, Suspected_ABufferOfAnotherChannelIsRefusedByEveryWayOut) {
+TEST(ReviewZero, ABufferOfAnotherChannelIsRefusedByEveryWayOut) {
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
   net::Buffer a = filled(m->server[0], kMiB, 's');
@@ -322,7 +324,7 @@ TEST(ReviewZero, Suspected_ABufferOfAnotherChannelIsRefusedByEveryWayOut) {
 // Two threads, each on its own sibling channel, take buffer()s over and over, check they hold
 // only zeros or their own channel's byte, fill them with it and drop them (tags under the spares'
 // lock; buffer() unlocked): no byte of the other channel is ever seen.
-TEST(ReviewZero, Suspected_SiblingThreadsNeverSeeEachOthersBytesInBuffer) {
+TEST(ReviewZero, SiblingThreadsNeverSeeEachOthersBytesInBuffer) {
   auto m = make_many(2, {}, {});
   ASSERT_TRUE(m);
   std::atomic<int> foreign{0}, own_seen{0};
