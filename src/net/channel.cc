@@ -604,21 +604,18 @@ void Spares::give(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
     auto smallest = std::min_element(v_.begin(), v_.end(), [](const auto& a, const auto& b) {
       return a.capacity() < b.capacity();
     });
-    const auto i = static_cast<std::size_t>(smallest - v_.begin());
-    bytes_ -= smallest->capacity();
-    drop[dropped++] = std::move(*smallest);
-    *smallest = std::move(v_.back());
-    v_.pop_back();
-    from_[i] = from_.back();
-    from_.pop_back();
+    remove_locked(static_cast<std::size_t>(smallest - v_.begin()), drop[dropped++]);
   }
   v_.push_back(std::move(v));  // within the reserved capacity: no allocation
   from_.push_back(from);
+  misses_.push_back(0);
   bytes_ += cap;
 }
 
 std::vector<std::byte> Spares::take(std::size_t n, std::uint64_t prefer,
                                     std::uint64_t* from) noexcept {
+  std::array<std::vector<std::byte>, kMaxVectors> stale;  // freed after the lock is released
+  std::size_t n_stale = 0;
   os::LockGuard lock(mu_);
   // The smallest that fits, one of `prefer`'s first.
   std::size_t best = v_.size();
@@ -633,14 +630,20 @@ std::vector<std::byte> Spares::take(std::size_t n, std::uint64_t prefer,
     if ((mine && !best_mine) || (mine == best_mine && v_[i].capacity() < v_[best].capacity()))
       best = i;
   }
-  if (best == v_.size()) return {};
-  std::vector<std::byte> v = std::move(v_[best]);
+  if (best == v_.size()) {
+    // Nothing fits: a kept vector too large for this take has missed once more; one that has
+    // missed kStaleMisses times is let go (the sizes in use now may be kept again).
+    if (n <= kMin) return {};
+    for (std::size_t i = v_.size(); i-- > 0;) {
+      if (v_[i].capacity() / 2 <= n) continue;  // not too large
+      if (++misses_[i] < kStaleMisses) continue;
+      remove_locked(i, stale[n_stale++]);
+    }
+    return {};
+  }
   if (from != nullptr) *from = from_[best];
-  v_[best] = std::move(v_.back());
-  v_.pop_back();
-  from_[best] = from_.back();
-  from_.pop_back();
-  bytes_ -= v.capacity();
+  std::vector<std::byte> v;
+  remove_locked(best, v);
   v.resize(n);  // within its capacity: no allocation; zeroes only what grows
   return v;
 }
