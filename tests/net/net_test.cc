@@ -135,6 +135,61 @@ TEST(NetChannel, AKilledServerFailsTheCallInFlightWithPeerClosed) {
   EXPECT_EQ(again.error().code, Errc::PeerClosed);
 }
 
+// send_request() (#19): a server killed while holding several requests (one of them 2 MiB,
+// rendezvous) ends the client's receive() with PeerClosed, promptly, and no reply comes after it.
+TEST(NetChannel, AKilledServerHoldingRequestsEndsReceiveWithPeerClosed) {
+  Pipe port_pipe = Pipe::make();
+  Pipe got = Pipe::make();
+  pid_t server = spawn([&]() -> int {
+    auto l = net::listen("ucx://127.0.0.1:0/svc");
+    if (!l) return 10;
+    port_pipe.put(l->port());
+    auto ch = l->accept(secs(20));
+    if (!ch) return 11;
+    std::vector<net::Message> held;
+    while (held.size() < 3) {
+      auto m = ch->receive(secs(20));
+      if (!m || m->kind != Kind::Request) return 12;
+      held.push_back(std::move(*m));  // never answered: we are killed holding them
+    }
+    got.put(1);
+    os::sleep_ns(30'000'000'000);
+    return 13;
+  });
+  port_pipe.w.reset();
+  got.w.reset();
+  const std::uint32_t port = port_pipe.get();
+  ASSERT_NE(port, 0u);
+  auto ch = net::connect(url(port), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  for (std::size_t size : {std::size_t{64}, std::size_t{2} << 20, std::size_t{64}}) {
+    auto b = ch->buffer(size);
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(ch->send_request(std::move(*b)));
+  }
+  std::int64_t killed_at = 0;
+  std::thread killer([&] {
+    if (got.get() == 1) {
+      killed_at = monotonic_ns();
+      (void)os::kill_process(server, SIGKILL);
+    }
+  });
+  auto m = ch->receive(secs(25));
+  const std::int64_t seen = monotonic_ns();
+  killer.join();
+  EXPECT_EQ(join(server), 128 + SIGKILL);
+  ASSERT_TRUE(m) << m.error().message();
+  EXPECT_EQ(m->kind, Kind::PeerClosed) << "a reply came from a server that answered nothing";
+  EXPECT_EQ(m->error, Errc::PeerClosed);
+  ASSERT_NE(killed_at, 0);
+  EXPECT_LT(seen - killed_at, 10'000'000'000)
+      << "the death took " << (seen - killed_at) / 1'000'000 << " ms to be seen";
+  std::printf("PeerClosed %.1f ms after the kill, 3 requests outstanding\n",
+              static_cast<double>(seen - killed_at) / 1e6);
+  auto after = ch->receive(secs(1));
+  EXPECT_FALSE(after) << "something after the end";
+}
+
 // Flow control (docs/design/net.md (F6)): a sender waiting for credit from a receiver that never
 // receives learns at once that the receiver was killed.
 TEST(NetChannel, AKilledReceiverEndsASenderWaitingForCredit) {
