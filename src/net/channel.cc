@@ -608,7 +608,7 @@ void Spares::give(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
   }
   v_.push_back(std::move(v));  // within the reserved capacity: no allocation
   from_.push_back(from);
-  misses_.push_back(0);
+  missed_.push_back(0);
   bytes_ += cap;
 }
 
@@ -631,12 +631,13 @@ std::vector<std::byte> Spares::take(std::size_t n, std::uint64_t prefer,
       best = i;
   }
   if (best == v_.size()) {
-    // Nothing fits: a kept vector too large for this take has missed once more; one that has
-    // missed kStaleMisses times is let go (the sizes in use now may be kept again).
+    // Nothing fits: a kept vector too large for this take counts its bytes; once such takes have
+    // asked for as much as it holds, it is let go (the sizes in use now may be kept again).
     if (n <= kMin) return {};
     for (std::size_t i = v_.size(); i-- > 0;) {
       if (v_[i].capacity() / 2 <= n) continue;  // not too large
-      if (++misses_[i] < kStaleMisses) continue;
+      missed_[i] += n;
+      if (missed_[i] < v_[i].capacity()) continue;
       remove_locked(i, stale[n_stale++]);
     }
     return {};

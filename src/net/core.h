@@ -139,12 +139,13 @@ bool allocator_running() noexcept;
 // reach another's application), or by buffer(), which zeroes it; of at least half its capacity
 // (so a small message in an inbox holds at most twice its bytes).
 // Bound: kMaxVectors vectors of kMaxBytes together, or one vector of any size (up to the largest
-// payload its channels accept); smaller ones make room for a larger one, and a kept vector too
-// large for kStaleMisses takes in a row that found nothing (a 64 MiB message's, say, when the
-// worker's traffic has become 16 MiB payloads) is let go, so that the sizes in use can be kept
-// again (before, one 64 MiB vector kept every smaller payload's vector out of the spares for
-// good: a 16 MiB one-way stream after a 64 MiB call ran at 1.7x raw UCX, fresh vectors each
-// message; NetSpares.ALargeVectorNoLongerUsedMakesRoomForTheSizesInUse). A leaf lock: taken under
+// payload its channels accept); smaller ones make room for a larger one. A kept vector too large
+// for the takes that find nothing (a 64 MiB message's, say, when the worker's traffic has become
+// 16 MiB payloads) is let go once those takes together asked for as many bytes as it holds: the
+// fresh vectors it made them allocate then cost as much as making it again would (before, one
+// 64 MiB vector kept every smaller payload's vector out of the spares for good: a 16 MiB one-way
+// stream after a 64 MiB call ran at 1.7x raw UCX, fresh vectors each message;
+// NetSpares.ALargeVectorNoLongerUsedMakesRoomForTheSizesInUse). A leaf lock: taken under
 // the worker's mu, or with no lock held (a Buffer's destructor); never the other way round.
 // kMaxVectors: the default grant's worth of 1 MiB payloads (kDefaultInboxBytes / 1 MiB, 16). A
 // one-way 1 MiB stream has up to 16 messages out, and their vectors come back in bursts (the send
@@ -157,13 +158,11 @@ class Spares {
   static constexpr std::size_t kMaxBytes = std::size_t{16} << 20;
   // Below this a vector comes from malloc's heap, already mapped: nothing to save.
   static constexpr std::size_t kMin = std::size_t{64} << 10;
-  // Takes that found nothing while a vector too large for them was kept, before it is let go.
-  static constexpr std::uint8_t kStaleMisses = 8;
 
   Spares() {
     v_.reserve(kMaxVectors);
     from_.reserve(kMaxVectors);
-    misses_.reserve(kMaxVectors);
+    missed_.reserve(kMaxVectors);
   }
   // Keeps v, letting smaller vectors go if the bound needs it, unless every kept one is at least
   // as large (then v is freed). Frees outside the lock; never allocates. `from`: the channel
@@ -182,7 +181,8 @@ class Spares {
   mutable os::Mutex mu_;
   std::vector<std::vector<std::byte>> v_ MBMQ_GUARDED_BY(mu_);  // capacity kMaxVectors
   std::vector<std::uint64_t> from_ MBMQ_GUARDED_BY(mu_);        // v_[i]'s channel (give's from)
-  std::vector<std::uint8_t> misses_ MBMQ_GUARDED_BY(mu_);       // v_[i]: takes it was too large for
+  // v_[i]: the bytes asked for by takes that found nothing and that it was too large for.
+  std::vector<std::size_t> missed_ MBMQ_GUARDED_BY(mu_);
   // Removes v_[i] (and its tag and count) into `out`.
   void remove_locked(std::size_t i, std::vector<std::byte>& out) MBMQ_REQUIRES(mu_) {
     bytes_ -= v_[i].capacity();
@@ -191,8 +191,8 @@ class Spares {
     v_.pop_back();
     from_[i] = from_.back();
     from_.pop_back();
-    misses_[i] = misses_.back();
-    misses_.pop_back();
+    missed_[i] = missed_.back();
+    missed_.pop_back();
   }
   std::size_t bytes_ MBMQ_GUARDED_BY(mu_) = 0;  // their capacities
 };
