@@ -755,8 +755,7 @@ bool ChannelCore::on_am_locked(const WireHeader& h, void* data, std::size_t leng
       }
       if (r->late_call) {
         late = true;  // a timed-out call's: its credit back, the reply dropped
-        *r = requests_.back();
-        requests_.pop_back();
+        unlist_request_locked(r);
       } else {
         r->replied = true;
         to_request = true;
@@ -885,8 +884,7 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
         // place. Else a timed-out call's, arriving late: dropped.
         Outstanding* r = find_request_locked(h.seq);
         if (r == nullptr || !r->replied) return;
-        *r = requests_.back();
-        requests_.pop_back();
+        unlist_request_locked(r);
         return deliver_locked(h, std::move(bytes), n, slot);
       }
       reply_bytes_ = std::move(bytes);
@@ -1012,17 +1010,20 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   return b;
 }
 
+Status ChannelCore::own_buffer(Buffer& buf, const char* invalid, const char* foreign) const {
+  if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, invalid);
+  if (buf.channel_ == id_) return {};
+  if (buf.made_) return fail(Errc::InvalidArgument, foreign);
+  if (buf.bytes_.size() > buf.size_) buf.bytes_.resize(buf.size_);
+  return {};
+}
+
 Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   MBMQ_TRY(check_not_forked());  // before the locks: a forked child may have them held
-  if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::call: buffer");
-  if (buf.made_ && buf.channel_ != id_)
-    return fail(Errc::InvalidArgument, "net::Channel::call: a buffer() of another channel");
+  MBMQ_TRY(own_buffer(buf, "net::Channel::call: buffer",
+                      "net::Channel::call: a buffer() of another channel"));
   os::LockGuard serial(call_mu_);
   const std::size_t n = buf.size_;
-  // A buffer of another channel's traffic (received there): what its vector holds beyond size()
-  // (shrunk by resize()) is that channel's and was not sent to our peer: cut, so that the vector,
-  // back in the spares as this channel's, holds only what our peer got (review rev-zero).
-  if (buf.channel_ != id_ && buf.bytes_.size() > n) buf.bytes_.resize(n);
   for (;;) {
     {
       os::LockGuard lock(w_->mu);
@@ -1082,12 +1083,10 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
 
 Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind kind) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
-  if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, "net::Channel::send: buffer");
-  if (buf.made_ && buf.channel_ != id_)
-    return fail(Errc::InvalidArgument, "net::Channel::send: a buffer() of another channel");
+  MBMQ_TRY(own_buffer(buf, "net::Channel::send: buffer",
+                      "net::Channel::send: a buffer() of another channel"));
   const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
-  if (buf.channel_ != id_ && buf.bytes_.size() > n) buf.bytes_.resize(n);  // as in call()
   for (bool waited = false;; waited = true) {
     {
       const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked

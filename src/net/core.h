@@ -612,6 +612,16 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
     bool replied;         // its reply's header came (its payload may still be fetched)
     bool late_call;
   };
+  // Unlists r (a pointer from find_request_locked).
+  void unlist_request_locked(Outstanding* r) MBMQ_REQUIRES(w_->mu) {
+    *r = requests_.back();
+    requests_.pop_back();
+  }
+  // What call()/send() check of the buffer they are given: InvalidArgument (`invalid`) for an
+  // invalid buffer or a received request's, and (`foreign`) for a buffer() of another channel; a
+  // received buffer of another channel is cut to its size() (its vector, back in the spares as
+  // ours, then holds only what our peer got: the rest was that channel's, review rev-zero).
+  Status own_buffer(Buffer& buf, const char* invalid, const char* foreign) const;
   Outstanding* find_request_locked(std::uint32_t seq) MBMQ_REQUIRES(w_->mu) {
     for (Outstanding& r : requests_)
       if (r.seq == seq) return &r;

@@ -48,6 +48,16 @@ template struct Rob<BytesOf, &net::detail::Spares::bytes_>;
 inline std::shared_ptr<net::detail::ChannelCore>& core_of(net::Channel& c) {
   return c.*get(CoreOf{});
 }
+// Its worker's spares, and what they keep (unlocked reads: call them while the spares are idle).
+inline std::shared_ptr<net::detail::Spares> spares_of(net::Channel& c) {
+  return core_of(c)->w_->spares;
+}
+inline std::vector<std::size_t> capacities(const net::detail::Spares& s) {
+  std::vector<std::size_t> caps;
+  for (const auto& v : s.*get(VecsOf{})) caps.push_back(v.capacity());
+  return caps;
+}
+inline std::size_t held_bytes(const net::detail::Spares& s) { return s.*get(BytesOf{}); }
 
 }  // namespace
 }  // namespace mbmq::test

@@ -32,24 +32,11 @@ using net::detail::WireHeader;
 using net::detail::WireKind;
 using test::heap_bytes;
 using test::make_pair;
+using test::number_of;
+using test::numbered;
 using test::RawClient;
 using test::secs;
 using test::url;
-
-// A buffer of `size` bytes whose first 4 hold `i`.
-net::Buffer numbered(net::Channel& ch, std::size_t size, std::uint32_t i) {
-  auto b = ch.buffer(size);
-  EXPECT_TRUE(b) << b.error().message();
-  if (!b) return {};
-  std::memcpy(b->data().data(), &i, sizeof i);
-  return std::move(*b);
-}
-
-std::uint32_t number_of(const net::Buffer& b) {
-  std::uint32_t i = 0;
-  if (b.size() >= sizeof i) std::memcpy(&i, b.data().data(), sizeof i);
-  return i;
-}
 
 // A sender streaming one-way as fast as credit allows, a receiver slower than it: every message
 // arrives, in order, and the sender is never more than the grant ahead of what the receiving

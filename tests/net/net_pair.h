@@ -117,6 +117,21 @@ inline net::Buffer sized(net::Channel& ch, std::size_t size) {
   EXPECT_TRUE(b) << b.error().message();
   return b ? std::move(*b) : net::Buffer{};
 }
+// A buffer of `size` bytes of ch whose first 4 hold `i` (empty, and a test failure, if there is
+// none), and the number a buffer holds.
+inline net::Buffer numbered(net::Channel& ch, std::size_t size, std::uint32_t i) {
+  auto b = ch.buffer(size);
+  EXPECT_TRUE(b) << b.error().message();
+  if (!b) return {};
+  std::memcpy(b->data().data(), &i, sizeof i);
+  return std::move(*b);
+}
+inline std::uint32_t number_of(const net::Buffer& b) {
+  std::uint32_t i = 0;
+  if (b.size() >= sizeof i) std::memcpy(&i, b.data().data(), sizeof i);
+  return i;
+}
+
 // The same, every byte `c`.
 inline net::Buffer filled(net::Channel& ch, std::size_t size, char c = 'x') {
   net::Buffer b = sized(ch, size);

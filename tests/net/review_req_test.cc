@@ -72,21 +72,9 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::make_pair;
+using test::number_of;
+using test::numbered;
 using test::secs;
-
-net::Buffer numbered(net::Channel& ch, std::size_t size, std::uint32_t i) {
-  auto b = ch.buffer(size);
-  EXPECT_TRUE(b) << b.error().message();
-  if (!b) return {};
-  std::memcpy(b->data().data(), &i, sizeof i);
-  return std::move(*b);
-}
-
-std::uint32_t number_of(const net::Buffer& b) {
-  std::uint32_t i = 0;
-  if (b.size() >= sizeof i) std::memcpy(&i, b.data().data(), sizeof i);
-  return i;
-}
 
 // A received request's reply answered with `answer` in its first 4 bytes.
 bool answer(net::Message&& m, std::uint32_t answer) {

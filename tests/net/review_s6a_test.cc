@@ -102,16 +102,9 @@ using test::secs;
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 
 // Diagnostics only: private members (net/net_access.h).
-std::shared_ptr<net::detail::Spares> spares_of(net::Channel& c) {
-  return test::core_of(c)->w_->spares;
-}
-// Unlocked reads: the spares are idle when these are called.
-std::vector<std::size_t> capacities(const net::detail::Spares& s) {
-  std::vector<std::size_t> caps;
-  for (const auto& v : s.*get(test::VecsOf{})) caps.push_back(v.capacity());
-  return caps;
-}
-std::size_t held_bytes(const net::detail::Spares& s) { return s.*get(test::BytesOf{}); }
+using test::capacities;
+using test::held_bytes;
+using test::spares_of;
 
 std::vector<std::byte> vec(std::size_t cap, char fill = 0) {
   std::vector<std::byte> v;

@@ -49,9 +49,7 @@ using test::secs;
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 
 // Diagnostics only: private members (net/net_access.h).
-std::shared_ptr<net::detail::Spares> spares_of(net::Channel& c) {
-  return test::core_of(c)->w_->spares;
-}
+using test::spares_of;
 std::uint64_t id_of(net::Channel& c) { return test::core_of(c)->id_; }
 // Unlocked read: called while nothing else touches the spares of this test's worker.
 std::size_t kept_of(const net::detail::Spares& s, std::size_t cap) {
