@@ -402,7 +402,7 @@ TEST(ReviewFlow, ClosingWithUnfetchedRendezvousSendsDoesNotAbortAtListenerDestru
     std::fprintf(stderr, "closed; destroying the listener\n");
     l = net::Listener{};  // ucp_worker_destroy
     std::fprintf(stderr, "listener destroyed\n");
-    std::exit(0);
+    std::_Exit(0);  // the raw client is still alive: see the next test's comment
   };
   EXPECT_EXIT(body(), ::testing::ExitedWithCode(0), "listener destroyed");
 }
@@ -469,6 +469,12 @@ TEST(ReviewFlow, ZeroSizeThenOversizedMessageAloneAndCreditComesBack) {
 // server fetches the payload only when its worker is progressed (its application's receive(), or
 // the keeper's tick): if that has not happened, the client's worker is destroyed with the send
 // unfinished. Repeated 20 times in a death-test child, the server not receiving meanwhile.
+//
+// The child ends with _Exit once every round is done: exit() with UCX workers still alive (the 20
+// server channels here, or a keeper still finishing a close) can abort in UCX 1.13's own exit-time
+// cleanup, which frees its handler table while its async thread still dispatches
+// ("async.c:153 Assertion handler->id == id", seen once in CI after "all closed"). That is
+// UCX's, documented in the README ("Process exit"), and not what this test is about.
 TEST(ReviewFlow, AClientClosingRightAfterALargeSendDoesNotAbortInUcx) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto body = [] {
@@ -489,7 +495,7 @@ TEST(ReviewFlow, AClientClosingRightAfterALargeSendDoesNotAbortInUcx) {
       std::fprintf(stderr, "round %d\n", i);
     }  // each client's worker destroyed here
     std::fprintf(stderr, "all closed\n");
-    std::exit(0);
+    std::_Exit(0);
   };
   EXPECT_EXIT(body(), ::testing::ExitedWithCode(0), "all closed");
 }
