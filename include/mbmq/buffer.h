@@ -26,7 +26,10 @@
 // do not go back with the reply; handles attached after receipt do.
 //
 // A Buffer may also be a topic's sample (Publisher::buffer, mbmq/topic.h): it cannot grow past
-// its capacity and cannot carry handles.
+// its capacity and cannot carry handles. Or a remote channel's message delivered through a
+// MsgQueue (mbmq/net.h, net::Channel::redirect): its bytes are private memory of this process
+// (UCX received them there; no copy), MsgQueue::reply() answers it over the network, and it
+// cannot carry handles ("handles cannot cross hosts").
 //
 // Thread safety: a Buffer is a move-only value; use it from one thread at a time.
 #pragma once
@@ -46,6 +49,8 @@ namespace detail {
 class Endpoint;
 class PeerTrust;
 class TopicCore;
+class ForeignBuffer;
+struct ForeignAccess;
 struct Handles;
 struct BufferAccess;
 struct HandlesDeleter {  // defined where Handles is complete
@@ -116,6 +121,7 @@ class MBMQ_EXPORT Buffer {
   friend class detail::PeerTrust;
   friend class detail::TopicCore;
   friend struct detail::BufferAccess;
+  friend struct detail::ForeignAccess;
   enum class Origin : std::uint8_t { None, Own, Peer };
 
   std::shared_ptr<detail::Endpoint> ep_;
@@ -130,6 +136,10 @@ class MBMQ_EXPORT Buffer {
   // A topic's sample (Publisher::buffer, mbmq/topic.h) instead of a channel's buffer: ep_ is
   // null, id_/gen_ name the sample; dropping it unpublished gives it back to the topic's pool.
   std::shared_ptr<detail::TopicCore> topic_;
+  // A remote channel's message (ipc/foreign_buffer.h): ep_ and topic_ are null, data_ points into
+  // memory the ForeignBuffer owns; dropping the last reference releases it (an unanswered request
+  // answers NoReply).
+  std::shared_ptr<detail::ForeignBuffer> foreign_;
 };
 
 }  // namespace mbmq

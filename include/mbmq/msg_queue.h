@@ -35,6 +35,7 @@ namespace detail {
 class QueueCore;
 class TopicCore;
 struct TestAccess;
+struct QueueAccess;
 }  // namespace detail
 class Listener;
 
@@ -111,6 +112,7 @@ class MBMQ_EXPORT MsgQueue {
   friend class Listener;
   friend class detail::TopicCore;  // waits on its queue's core without holding its own lock
   friend struct detail::TestAccess;
+  friend struct detail::QueueAccess;  // mbmq::net's redirect (ipc/queue_source.h)
   void close_all() noexcept;
   std::shared_ptr<detail::QueueCore> core_;
 };

@@ -42,9 +42,16 @@ namespace mbmq::net {
 namespace detail {
 class ChannelCore;
 class ListenCore;
+class NetSource;
+class Queued;
 struct ReplyToken;
 class Spares;
 }  // namespace detail
+class Channel;
+// Hands `channel` to `queue` (as MsgQueue::adopt a local one): redirected there, tagged with
+// `key`, and kept open by the queue until it has delivered the channel's Kind::PeerClosed (or
+// is destroyed). `channel` is left empty. Errors as Channel::redirect.
+Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key);
 
 // A message buffer of a remote channel: private memory of this process (UCX moves the bytes; over
 // TCP the kernel copies them). A call's reply arrives in the caller's own buffer.
@@ -70,6 +77,8 @@ class Buffer {
 
  private:
   friend class detail::ChannelCore;
+  friend class detail::NetSource;
+  friend class detail::Queued;
   friend class Channel;
   std::vector<std::byte> bytes_;
   std::size_t size_ = 0;
@@ -179,6 +188,19 @@ class Channel {
   // Answers a Kind::Request with the bytes now in msg.buffer. Errc::PeerClosed if the caller is
   // gone.
   static Status reply(Message&& msg);
+  // Routes every message of this channel (requests, one-way messages, replies to send_request(),
+  // and the final Kind::PeerClosed with its error and why) to `queue`, tagged with `key`, as
+  // mbmq::Channel::redirect: one server loop serves local and remote clients. The message's
+  // mbmq::Buffer is the memory UCX received the payload into (no copy); MsgQueue::reply() answers
+  // a request over the network (it may grow up to the caller's limit; handles: InvalidArgument,
+  // "handles cannot cross hosts"); dropping it answers NoReply. A one-way message's credit goes
+  // back once the queue has delivered it. This handle keeps the channel: call(), send() and
+  // send_request() still work on it, receive() returns InvalidArgument; closing or destroying it
+  // closes the channel and the queue delivers nothing more of it (no PeerClosed: use net::adopt
+  // to let the queue keep it). A thread of mbmq::net per worker with redirected channels (one for
+  // a listener's, one per connect()) progresses UCX while the server waits in the queue.
+  // Errc::InvalidArgument if redirected already; PeerClosed/Protocol if the channel has ended.
+  Status redirect(MsgQueue& queue, std::uint64_t key);
 
   void set_wait_policy(WaitPolicy policy);
   bool valid() const noexcept;
@@ -191,6 +213,7 @@ class Channel {
 
  private:
   friend Result<Channel> connect(std::string_view, Deadline, const ConnectOptions&);
+  friend Status adopt(MsgQueue&, Channel&&, std::uint64_t);
   friend class Listener;
   explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
   std::shared_ptr<detail::ChannelCore> core_;

@@ -2,6 +2,7 @@
 #include "mbmq/buffer.h"
 
 #include "ipc/endpoint.h"
+#include "ipc/foreign_buffer.h"
 #include "ipc/handles.h"
 #include "ipc/listener_core.h"
 #include "ipc/topic_core.h"
@@ -21,7 +22,8 @@ Buffer::Buffer(Buffer&& o) noexcept
       origin_(std::exchange(o.origin_, Origin::None)),
       kind_(o.kind_),
       handles_(std::move(o.handles_)),
-      topic_(std::move(o.topic_)) {}
+      topic_(std::move(o.topic_)),
+      foreign_(std::move(o.foreign_)) {}
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
@@ -36,6 +38,7 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     kind_ = o.kind_;
     handles_ = std::move(o.handles_);
     topic_ = std::move(o.topic_);
+    foreign_ = std::move(o.foreign_);
   }
   return *this;
 }
@@ -51,6 +54,7 @@ void Buffer::reset() noexcept {
   size_ = capacity_ = 0;
   origin_ = Origin::None;
   handles_.reset();  // handles not taken are closed
+  foreign_.reset();  // a remote message: released (an unanswered request answers NoReply)
 }
 
 Status Buffer::resize(std::size_t n) {
@@ -64,6 +68,7 @@ Status Buffer::reserve(std::size_t n) {
   if (!valid()) return fail(Errc::InvalidArgument, "Buffer::reserve: invalid buffer");
   if (n <= capacity_) return {};
   if (topic_) return fail(Errc::InvalidArgument, "Buffer::reserve: a topic's sample cannot grow");
+  if (foreign_) return foreign_->grow(*this, n);
   return ep_->grow(*this, n);
 }
 
@@ -80,6 +85,7 @@ detail::Handle* next_free_handle(detail::HandlesPtr& h) {
 Status Buffer::attach_fd(int fd) {
   os::UniqueFd owned(fd);
   if (!valid() || fd < 0) return fail(Errc::InvalidArgument, "Buffer::attach_fd: invalid");
+  if (foreign_) return fail(Errc::InvalidArgument, detail::kHandlesCannotCrossHosts);
   detail::Handle* h = next_free_handle(handles_);
   if (h == nullptr) return fail(Errc::InvalidArgument, "Buffer::attach_fd: kMaxHandles reached");
   *h = detail::Handle{};
@@ -92,6 +98,7 @@ Status Buffer::attach_fd(int fd) {
 Status Buffer::attach(Channel&& end) {
   auto& ep = detail::ChannelAccess::ep(end);
   if (!valid() || !ep) return fail(Errc::InvalidArgument, "Buffer::attach: invalid");
+  if (foreign_) return fail(Errc::InvalidArgument, detail::kHandlesCannotCrossHosts);
   if (ep.get() == ep_.get())
     return fail(Errc::InvalidArgument, "Buffer::attach: a channel end cannot carry itself");
   detail::Handle* h = next_free_handle(handles_);
@@ -138,5 +145,30 @@ Result<Channel> Buffer::take_channel(std::size_t i) {
                                                   std::move(h.bell), WaitPolicy{}));
   return detail::ChannelAccess::make(std::move(ep));
 }
+
+// ---- foreign buffers (ipc/foreign_buffer.h) -----------------------------------------------------
+
+namespace detail {
+
+Buffer ForeignAccess::make(std::shared_ptr<ForeignBuffer> owner, std::byte* data, std::size_t size,
+                           std::size_t capacity, std::uint32_t id) noexcept {
+  // valid() is data_ != nullptr: an empty message (no bytes, so no storage) is valid too.
+  static std::byte empty[1];
+  Buffer b;
+  b.foreign_ = std::move(owner);
+  b.data_ = data != nullptr ? data : empty;
+  b.size_ = static_cast<std::uint32_t>(size);
+  b.capacity_ = static_cast<std::uint32_t>(capacity);
+  b.id_ = id;
+  return b;
+}
+
+void ForeignAccess::set_bytes(Buffer& b, std::byte* data, std::size_t capacity) noexcept {
+  static std::byte empty[1];
+  b.data_ = data != nullptr ? data : empty;
+  b.capacity_ = static_cast<std::uint32_t>(capacity);
+}
+
+}  // namespace detail
 
 }  // namespace mbmq

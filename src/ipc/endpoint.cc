@@ -7,6 +7,7 @@
 #include <climits>
 #include <cstring>
 
+#include "ipc/foreign_buffer.h"
 #include "ipc/handles.h"
 #include "ipc/peer_watch.h"
 #include "ipc/queue_core.h"
@@ -628,6 +629,11 @@ Error Endpoint::fail_protocol_locked(const char* op) noexcept {
 }
 
 Status Endpoint::reply_message(Buffer&& b) {
+  // A remote channel's request (mbmq::net, ipc/foreign_buffer.h): answered over the network.
+  if (b.foreign_) {
+    ForeignBuffer* f = b.foreign_.get();  // reply() takes b's reference before anything else
+    return f->reply(std::move(b));
+  }
   if (!b.ep_) return fail(Errc::InvalidArgument, "reply: empty buffer");
   Endpoint* ep = b.ep_.get();  // reply() takes the buffer's reference before anything else
   return ep->reply(std::move(b));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ipc/endpoint.h"
+#include "ipc/foreign_buffer.h"
 #include "ipc/handles.h"
 #include "os/file.h"
 #include "os/mapping.h"
@@ -80,6 +81,7 @@ int FileRange::release() noexcept {
 Status Buffer::attach_file(int fd, std::uint64_t offset, std::uint64_t length) {
   os::UniqueFd owned(fd);
   if (!valid() || fd < 0) return fail(Errc::InvalidArgument, "Buffer::attach_file: invalid");
+  if (foreign_) return fail(Errc::InvalidArgument, detail::kHandlesCannotCrossHosts);
   auto info = MBMQ_TRY(os::file_info(fd));
   if (!info.regular) return fail(Errc::InvalidArgument, "Buffer::attach_file: not a regular file");
   if (offset > info.size || length > info.size - offset)

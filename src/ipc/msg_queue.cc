@@ -91,6 +91,35 @@ void QueueCore::add_listener(std::shared_ptr<ListenCore> l) {
   listeners_.push_back(std::move(l));
 }
 
+void QueueCore::add_source(std::shared_ptr<QueueSource> s) {
+  os::LockGuard lock(mu_);
+  sources_.push_back(std::move(s));
+}
+
+bool QueueCore::poll_sources_locked(Message* out) {
+  // Each source once, from where the last look stopped: one busy source does not hide another.
+  for (std::size_t n = sources_.size(); n != 0 && !sources_.empty(); --n) {
+    if (next_source_ >= sources_.size()) next_source_ = 0;
+    QueueSource& src = *sources_[next_source_];
+    if (!src.maybe_ready()) {
+      ++next_source_;
+      continue;
+    }
+    const QueueSource::Take t = src.take(out);
+    if (t == QueueSource::Take::Got) {
+      ++next_source_;
+      return true;
+    }
+    if (t == QueueSource::Take::Gone) {
+      sources_[next_source_] = std::move(sources_.back());
+      sources_.pop_back();
+      continue;
+    }
+    ++next_source_;
+  }
+  return false;
+}
+
 void QueueCore::remove_listener(const ListenCore* l) {
   os::LockGuard lock(mu_);
   std::erase_if(listeners_, [l](const auto& p) { return p.get() == l; });
@@ -145,9 +174,11 @@ int QueueCore::fd() noexcept {
   return bell_.signal_fd();
 }
 
-std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all() {
+std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all(
+    std::vector<std::shared_ptr<QueueSource>>* sources) {
   os::LockGuard lock(mu_);
   listeners_.clear();
+  sources->swap(sources_);
   std::vector<std::shared_ptr<Endpoint>> eps;
   for (auto& ep : by_slot_)
     if (ep) eps.push_back(std::move(ep));
@@ -231,7 +262,16 @@ bool QueueCore::scan_locked(Message* out, bool full_if_empty) {
     full_scan_locked();
   harvest_locked();
   if (hot_ != kNone) enqueue_locked(hot_);
-  if (poll_fifo_locked(out)) return true;
+  // Sources (remote channels) and channel ends take turns at being asked first: a flood from
+  // either side cannot starve the other.
+  if (!sources_.empty()) {
+    sources_first_ = !sources_first_;
+    if (sources_first_ && poll_sources_locked(out)) return true;
+    if (poll_fifo_locked(out)) return true;
+    if (!sources_first_ && poll_sources_locked(out)) return true;
+  } else if (poll_fifo_locked(out)) {
+    return true;
+  }
   if ((full_if_empty || full_pending_) && live_ != 0) {
     // A wake-up that found nothing (no bit, nothing on the hot slot): a full scan, at most one
     // per kEmptyWakeGapNs (spurious wakes must not cost O(channels) each); one held back is done
@@ -417,7 +457,9 @@ void MsgQueue::close_all() noexcept {
   if (!core_) return;
   // Channels redirected here can no longer deliver: close them, so their peers' calls end with
   // PeerClosed (the automatic reply) instead of waiting for a queue that is gone.
-  for (auto& ep : core_->take_all()) ep->close_local();
+  std::vector<std::shared_ptr<detail::QueueSource>> sources;
+  for (auto& ep : core_->take_all(&sources)) ep->close_local();
+  for (auto& src : sources) src->close();  // remote channels (mbmq::net): closed too
   core_.reset();
 }
 

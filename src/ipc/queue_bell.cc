@@ -73,6 +73,12 @@ void QueueBell::drain() noexcept { (void)os::drain_bytes(signal_rx_.get()); }
 
 void QueueBell::signal_self() noexcept { os::signal_byte(signal_tx_.get()); }
 
+void QueueBell::wake_after_store() noexcept {
+  // Pairs with the queue's fence between its store of sleepers and its last look (P6q).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  wake_queue(*ready_, sleepers(), signal_tx_.get());
+}
+
 namespace {
 // Like a segment or an extent: only a memfd sealed against shrinking can be mapped without
 // risking SIGBUS when the peer truncates it later.

@@ -74,6 +74,10 @@ class QueueBell {
   void drain() noexcept;
   // Makes the fd readable from here (a message found after draining: the level must stay).
   void signal_self() noexcept;
+  // P4q step 2 for a producer in this process that has stored its ready flag (a QueueSource,
+  // ipc/queue_source.h): seq_cst fence, then wakes what `sleepers` says waits (one futex waiter,
+  // the armed fd). No system call when nobody sleeps.
+  void wake_after_store() noexcept;
 
  private:
   os::UniqueFd ready_fd_, wait_fd_, signal_tx_, signal_rx_;

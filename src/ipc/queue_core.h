@@ -27,6 +27,7 @@
 #include "ipc/endpoint.h"
 #include "ipc/peer_watch.h"
 #include "ipc/queue_bell.h"
+#include "ipc/queue_source.h"
 #include "ipc/spin_mutex.h"
 #include "mbmq/buffer.h"
 #include "mbmq/deadline.h"
@@ -80,12 +81,18 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   void remove_listener(const ListenCore* l);
   // Bumps the wake word, wakes every waiter and makes the fd readable, so they look again.
   void poke() noexcept { bell_.poke(); }
+  // Sources of messages that are not channel ends here (ipc/queue_source.h: mbmq::net's remote
+  // channels). A source is asked on every look, alternately before and after the channel ends.
+  void add_source(std::shared_ptr<QueueSource> s);
+  // A source stored its ready flag: wakes a sleeping waiter (the producer's half of P6q).
+  void wake() noexcept { bell_.wake_after_store(); }
   // MsgQueue::fd(): from the first call on, a wait() that finds nothing arms it (P6q).
   int fd() noexcept;
   std::size_t channel_count() const;
   void set_wait_policy(WaitPolicy p);
-  // Lets go of every channel (the MsgQueue handle is being destroyed).
-  std::vector<std::shared_ptr<Endpoint>> take_all();
+  // Lets go of every channel (the MsgQueue handle is being destroyed); its sources in *sources.
+  std::vector<std::shared_ptr<Endpoint>> take_all(
+      std::vector<std::shared_ptr<QueueSource>>* sources);
   // In a child forked after channels were redirected here: registers them with this process's
   // watcher (once per process).
   void watch_after_fork();
@@ -139,6 +146,11 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   std::uint32_t last_got_ MBMQ_GUARDED_BY(mu_) = kNone;  // the slot of the last message
   std::atomic<std::uint64_t> full_scans_{0};
   std::vector<std::shared_ptr<ListenCore>> listeners_ MBMQ_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<QueueSource>> sources_ MBMQ_GUARDED_BY(mu_);
+  std::size_t next_source_ MBMQ_GUARDED_BY(mu_) = 0;  // round robin among the sources
+  bool sources_first_ MBMQ_GUARDED_BY(mu_) = false;   // alternates: sources, then channel ends
+  // One look at the sources (round robin): the first message, if any.
+  bool poll_sources_locked(Message* out) MBMQ_REQUIRES(mu_);
   int sleepers_ MBMQ_GUARDED_BY(mu_) = 0;
   bool armed_ MBMQ_GUARDED_BY(mu_) = false;
   std::thread::id armed_by_ MBMQ_GUARDED_BY(mu_);  // the thread whose wait() armed the fd
@@ -161,6 +173,11 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
   // Replies held back by their callers' full control sockets (at most one per request held).
   std::vector<Buffer> deferred_ MBMQ_GUARDED_BY(mu_);
   std::atomic<std::size_t> deferred_count_{0};  // deferred_.size(), read without the lock
+};
+
+// mbmq::net's redirect: the queue behind a MsgQueue handle.
+struct QueueAccess {
+  static const std::shared_ptr<QueueCore>& core(const MsgQueue& q) noexcept { return q.core_; }
 };
 
 }  // namespace mbmq::detail

@@ -318,6 +318,8 @@ bool WorkerCore::progress_locked(const void* mine, bool* stopped_early) const {
       break;
   }
   progress_for = nullptr;
+  // (Q2-Q4) What redirected channels received goes to their queues; released credit goes back.
+  if (!tap_news.empty() || credit_due.load(std::memory_order_relaxed)) flush_taps_locked();
   if (stopped_early != nullptr) *stopped_early = more;
   if (events == 0) return false;
   if (gen_sleepers > 0) wake_gen_locked();  // (W1)
@@ -449,9 +451,15 @@ Status ChannelCore::accept_locked(ucp_conn_request_h req, ListenCore* listener) 
 }
 
 ChannelCore::~ChannelCore() {
-  if (!ucx_usable()) return;  // a forked child: leave UCX alone
+  if (!ucx_usable()) return;                // a forked child: leave UCX alone
+  std::vector<std::shared_ptr<void>> drop;  // destroyed unlocked (reply tokens take mu)
+  try {
+    drop.reserve(8);
+  } catch (const std::bad_alloc&) {  // (unredirect_locked pushes a few: rare, tiny)
+  }
   os::LockGuard lock(w_->mu);
   close_ep_locked(Close::Force);
+  unredirect_locked(drop);  // (Q5) after close_ep_locked(), which notes us
 }
 
 std::chrono::milliseconds ChannelCore::peer_timeout() noexcept {
@@ -498,6 +506,7 @@ void* ChannelCore::close_ep_locked(Close how) {
   ucs_status_ptr_t r = w_->u->ucp_ep_close_nbx(ep_, &p);
   ep_ = nullptr;
   state_ = State::Closed;
+  note_tap_locked();                       // (Q5) a redirected channel's end goes to its queue
   if (!UCS_PTR_IS_PTR(r)) return nullptr;  // done, or failed: nothing to wait for
   // Flush: the caller waits for it, unlocked, and frees it. Not from a callback: UCX's progress
   // does not nest.
@@ -975,6 +984,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
     inbox_[slot - inbox_head_] = std::move(m);
   else
     inbox_.push_back(std::move(m));
+  note_tap_locked();  // (Q2) redirected: to its queue at the end of this progress
 }
 
 Result<Buffer> ChannelCore::buffer(std::size_t size) {
@@ -1178,6 +1188,9 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   {
     os::LockGuard lock(w_->mu);
+    if (source_)
+      return fail(Errc::InvalidArgument,
+                  "net::Channel::receive: the channel is redirected to a queue (MsgQueue::wait)");
     // (F5) About to wait with nothing queued: what the application took goes back now, so that a
     // sender waiting for it (or for bytes a large message needs) is never stuck on a batch.
     if (!head_ready_locked()) flush_credit_locked(Flush::IfAny);
@@ -1213,11 +1226,11 @@ Result<std::size_t> ChannelCore::receive_batch(std::span<Message> out, Deadline 
   return n;
 }
 
-Message ChannelCore::take_head_locked() {
+Message ChannelCore::take_head_locked(bool count_credit) {
   Message m = std::move(inbox_.front());
   inbox_.pop_front();
   ++inbox_head_;
-  if (m.kind == Kind::Message) {
+  if (count_credit && m.kind == Kind::Message) {
     // (F5) Received: its credit goes back, batched (flush_credit_locked; a request's goes with
     // its reply, a reply's came back with its header).
     ++ret_msgs_;
@@ -1239,8 +1252,13 @@ Result<Message> ChannelCore::end_message_locked() {
 void ChannelCore::close() noexcept {
   if (!ucx_usable()) return;
   std::deque<Message> drop;  // destroyed unlocked: their reply tokens take the lock
-  void* closing = nullptr;   // the close's request, waited on unlocked
-  bool linger = false;       // (K5) left to the keeper
+  std::vector<std::shared_ptr<void>> unqueued;  // (Q5) what our queue held of ours: the same
+  try {
+    unqueued.reserve(8);
+  } catch (const std::bad_alloc&) {  // (unredirect_locked pushes a few: rare, tiny)
+  }
+  void* closing = nullptr;  // the close's request, waited on unlocked
+  bool linger = false;      // (K5) left to the keeper
   // Linger: what we sent completes before the Bye (a rendezvous send completes once the peer has
   // fetched its payload: a flush close alone did not keep it, the peer's endpoint failed and the
   // message was lost). One 100 ms budget for this and the flush close below; the lock is taken
@@ -1286,6 +1304,9 @@ void ChannelCore::close() noexcept {
     }
     w_->wake_waiters_locked(this);  // (W2 (d)) a thread waiting on this channel sees it closed
     drop_inbox_locked(drop);
+    // (Q5) Closed by its owner: the queue delivers nothing more of it (as a local end closed by
+    // its owner), and lets the source go with its last channel.
+    unredirect_locked(unqueued);
   }
   if (linger) {
     try {

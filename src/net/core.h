@@ -80,6 +80,10 @@ inline std::vector<std::byte> hello_payload(Grant grant, std::string_view servic
 
 class ChannelCore;
 class ListenCore;
+class NetSource;
+// (Q1) For tests: the start of the net vector a queue-delivered remote message's Buffer is over
+// (nullptr if it is not one): the same as Buffer::data() when nothing was copied.
+const std::byte* queued_vector(const mbmq::Buffer& b) noexcept;
 
 // A send or a receive handed to UCX whose callback has not come yet (net/channel.cc's SendOp and
 // RecvOp, which own its payload vector): listed by its worker (WorkerCore::ops) until then.
@@ -418,6 +422,22 @@ class WorkerCore {
   // (ReviewS6a.DestroyingAPairWithLargeTransfersInFlight...).
   mutable bool in_request_cb MBMQ_GUARDED_BY(mu) = false;
   mutable bool fails_due MBMQ_GUARDED_BY(mu) = false;
+
+  // (Q1-Q6) Channels redirected to a MsgQueue (net/redirect.cc; docs/design/net.md, "Redirect to
+  // a MsgQueue"). One source per queue: the queue asks it, not each channel, so a queue's cost
+  // per look does not grow with the remote channels behind it.
+  std::vector<std::shared_ptr<NetSource>> sources MBMQ_GUARDED_BY(mu);
+  // (Q2) Redirected channels whose inbox or state changed since the last flush_taps_locked():
+  // their capacity is reserved at redirect, so a callback never allocates here.
+  mutable std::vector<ChannelCore*> tap_news MBMQ_GUARDED_BY(mu);
+  // (Q4) A queue's take() released one-way messages: their credit goes back at the next flush.
+  mutable std::atomic<bool> credit_due{false};
+  // (Q3) Redirected channels; the pump thread runs while there are any.
+  std::size_t redirected MBMQ_GUARDED_BY(mu) = 0;
+  bool pump_running MBMQ_GUARDED_BY(mu) = false;
+  // (Q2-Q4) Moves what tap_news' channels received (and their ends) to their sources, gives back
+  // the credit the queues' takes released, and wakes the queues. At the end of progress_locked().
+  void flush_taps_locked() const MBMQ_REQUIRES(mu);
   void fail_due_locked() const MBMQ_REQUIRES(mu);
 
  private:
@@ -495,6 +515,15 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void close() noexcept;
   bool open() noexcept;
   void set_policy(WaitPolicy p) noexcept { policy_ = p; }
+  // (Q2) net::Channel::redirect / net::adopt (net/redirect.cc). adopt: the queue keeps this
+  // channel alive until it has delivered its end.
+  Status redirect(const std::shared_ptr<mbmq::detail::QueueCore>& queue, std::uint64_t key,
+                  bool adopt);
+  // (Q2) Moves what the inbox holds to the source, then the end once closed; (Q5).
+  void tap_flush_locked() MBMQ_REQUIRES(w_->mu);
+  // (Q4) One-way messages the queue delivered: their credit goes back (batched, F5).
+  void tap_credit_locked(std::uint64_t msgs, std::uint64_t bytes, bool drained)
+      MBMQ_REQUIRES(w_->mu);
   // For the thread-safety analysis: w_->mu is held (the caller holds it under another name).
   void assert_held() const MBMQ_ASSERT_CAPABILITY(w_->mu) {}
   // The keeper's tick (net/keeper.cc): progresses the worker if no thread waits on it, ends the
@@ -600,8 +629,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
     }
   }
   // Takes the inbox's head (head_ready_locked()): a one-way message's credit is counted for the
-  // next Credit (the caller then calls flush_credit_locked()).
-  Message take_head_locked() MBMQ_REQUIRES(w_->mu);
+  // next Credit (the caller then calls flush_credit_locked()); not with count_credit false (a
+  // redirected channel's: counted when the queue delivers it, Q4).
+  Message take_head_locked(bool count_credit = true) MBMQ_REQUIRES(w_->mu);
   // The channel's end as a message, once (else the error a closed channel's receive() returns).
   Result<Message> end_message_locked() MBMQ_REQUIRES(w_->mu);
   // (R1-R3) A request of ours whose reply has not been taken: a send_request()'s, or a timed-out
@@ -711,6 +741,20 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::int64_t last_tx_ns_ MBMQ_GUARDED_BY(w_->mu) = monotonic_ns();
   os::Mutex call_mu_;  // one call() at a time
   WaitPolicy policy_{};
+  // (Q2) Redirected to a MsgQueue: its source there, and the key of its messages.
+  std::shared_ptr<NetSource> source_ MBMQ_GUARDED_BY(w_->mu);
+  std::uint64_t tap_key_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  bool tap_listed_ MBMQ_GUARDED_BY(w_->mu) = false;  // in w_->tap_news
+  // (Q2) Noted in w_->tap_news (for the next flush_taps_locked) if redirected.
+  void note_tap_locked() MBMQ_REQUIRES(w_->mu) {
+    if (source_ && !tap_listed_) {
+      tap_listed_ = true;
+      w_->tap_news.push_back(this);  // capacity reserved at redirect: no allocation
+    }
+  }
+  // (Q5) No longer redirected (close(), the destructor): what the source still holds of ours
+  // goes to `drop` (destroyed unlocked: reply tokens take mu), the adopter's reference to `keep`.
+  void unredirect_locked(std::vector<std::shared_ptr<void>>& drop) MBMQ_REQUIRES(w_->mu);
 };
 
 class ListenCore {

@@ -1,0 +1,467 @@
+// net/redirect.cc: a remote channel redirected to a MsgQueue (issue #19; docs/design/net.md,
+// "Redirect to a MsgQueue", Q1-Q6): one server loop serves local and remote clients, with no
+// thread per connection and no copy of the payload.
+//
+// Who does what:
+//   - UCX's callbacks (inside WorkerCore::progress_locked, worker mu held) put messages into the
+//     channel's inbox as for receive(), and note the channel (ChannelCore::note_tap_locked).
+//   - At the end of that progress (flush_taps_locked, still under mu) each noted channel's inbox
+//     moves to its NetSource (one per worker and queue), the end after everything (Q5), and the
+//     queue is woken if it sleeps (QueueCore::wake: no system call while it spins).
+//   - The queue's wait() asks the source (NetSource::take, queue lock held, then the source's
+//     own lock only: never the worker's) for one message: an mbmq::Message whose Buffer is the
+//     net::Buffer UCX received into (a foreign Buffer, Q1). A one-way message's credit is counted
+//     then, and given back by the next flush (the pump is signalled when a batch is due, Q4).
+//   - MsgQueue::reply() calls the foreign buffer's reply(): net::Channel::reply, from the same
+//     vector (Q4). Dropping a request unanswered answers NoReply, as locally.
+//   - A pump thread per worker with redirected channels (Q3) progresses it while the server
+//     sleeps in the queue: it waits on the worker's event fd as any waiter does (W1-W3).
+//
+// Locks, in order: the queue's lock, then a worker's mu, then a source's mu_. take() holds the
+// queue's and the source's only; nothing is destroyed under a source's mu_ that could take a
+// worker's mu (a request's reply token does).
+#include <algorithm>
+#include <new>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+#include "ipc/foreign_buffer.h"
+#include "ipc/queue_core.h"
+#include "net/core.h"
+
+namespace mbmq::net {
+namespace detail {
+
+// (Q1) A message of a remote channel, as the queue delivers it: the mbmq::Buffer's bytes are
+// `buffer`'s vector. Also a node of its source's FIFO until delivered.
+class Queued final : public mbmq::detail::ForeignBuffer {
+ public:
+  Kind kind = Kind::Message;
+  Errc error = Errc::PeerClosed;
+  const char* why = "";
+  std::uint64_t ch_id = 0;
+  Buffer buffer;                 // the net message's (its reply token, for a request)
+  std::shared_ptr<Queued> next;  // the source's FIFO (under its mu_)
+
+  Status grow(mbmq::Buffer& b, std::size_t n) override {
+    // As net::Buffer::resize: up to the peer's limit; the bytes may move (a vector's growth).
+    if (n > buffer.limit_)
+      return fail(Errc::InvalidArgument, "Buffer::reserve: above the remote peer's limit");
+    const std::size_t keep = mbmq::detail::ForeignAccess::size(b);
+    if (n > buffer.bytes_.size()) {
+      try {
+        buffer.bytes_.resize(n);
+      } catch (const std::bad_alloc&) {
+        return fail(Errc::System, "Buffer::reserve: no memory");
+      }
+    }
+    buffer.size_ = keep;
+    mbmq::detail::ForeignAccess::set_bytes(b, buffer.bytes_.data(), buffer.bytes_.size());
+    return {};
+  }
+
+  Status reply(mbmq::Buffer&& b) override {
+    // Our own reference, then b lets go of it (b is invalid from here, whatever the result).
+    std::shared_ptr<mbmq::detail::ForeignBuffer> self = mbmq::detail::ForeignAccess::share(b);
+    Message m;
+    m.kind = kind;
+    buffer.size_ = std::min(mbmq::detail::ForeignAccess::size(b), buffer.bytes_.size());
+    m.buffer = std::move(buffer);
+    b.reset();
+    return Channel::reply(std::move(m));  // credit back, the reply sent from the same vector
+  }
+};
+
+// (Q2) A worker's channels redirected to one queue.
+class NetSource final : public mbmq::detail::QueueSource {
+ public:
+  NetSource(const std::shared_ptr<mbmq::detail::QueueCore>& q, std::weak_ptr<WorkerCore> w)
+      : queue_(q), queue_id_(q.get()), w_(std::move(w)) {}
+  NetSource(const NetSource&) = delete;
+  NetSource& operator=(const NetSource&) = delete;
+  ~NetSource() = default;
+
+  const void* queue_id() const noexcept { return queue_id_; }
+
+  bool maybe_ready() const noexcept override { return ready_.load(std::memory_order_acquire); }
+
+  Take take(mbmq::Message* out) noexcept override {
+    std::shared_ptr<Queued> q;
+    std::shared_ptr<ChannelCore> keep;  // an adopted channel's, once its end is delivered
+    bool credit = false;
+    std::uint64_t key = 0;
+    {
+      os::LockGuard lock(mu_);
+      if (!head_) {
+        ready_.store(detached_, std::memory_order_relaxed);
+        return detached_ && taps_.empty() ? Take::Gone : Take::Empty;
+      }
+      q = std::move(head_);
+      head_ = std::move(q->next);
+      if (!head_) tail_ = nullptr;
+      auto it = taps_.find(q->ch_id);
+      if (it != taps_.end()) {
+        Tap& t = it->second;
+        key = t.key;
+        if (t.queued > 0) --t.queued;
+        if (q->kind == Kind::Message) {
+          // (Q4) Received by the application: its credit goes back, batched as receive()'s (F5):
+          // at half the grant, or when nothing more of this channel is queued.
+          ++t.ret_msgs;
+          t.ret_bytes += q->buffer.size_;
+          if (!t.credit_listed &&
+              (t.queued == 0 || t.ret_msgs >= t.half_msgs || t.ret_bytes >= t.half_bytes)) {
+            t.credit_listed = true;
+            credit_ids_.push_back(q->ch_id);  // capacity reserved at add_tap()
+            credit = true;
+          }
+        }
+        if (q->kind == Kind::PeerClosed) {
+          keep = std::move(t.keep);
+          taps_.erase(it);
+        }
+      }
+      if (!head_) ready_.store(detached_, std::memory_order_relaxed);
+    }
+    *out = mbmq::Message{};
+    out->key = key;
+    out->kind = q->kind;
+    out->error = q->error;
+    out->why = q->why;
+    if (q->kind != Kind::PeerClosed) {
+      std::byte* data = q->buffer.bytes_.data();
+      const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
+      const auto id = static_cast<std::uint32_t>(q->buffer.reply_ ? q->buffer.reply_->seq : 0);
+      out->buffer = mbmq::detail::ForeignAccess::make(std::move(q), data, size, cap, id);
+    }
+    if (credit) signal_worker();
+    return Take::Got;  // keep (an adopted channel) goes here, with the queue's lock only
+  }
+
+  void close() noexcept override {
+    // The queue is being destroyed: every channel redirected here is closed (its peer's calls end
+    // with PeerClosed), as the queue closes its local channel ends.
+    std::vector<std::weak_ptr<ChannelCore>> chs;
+    try {
+      os::LockGuard lock(mu_);
+      for (auto& [id, t] : taps_) chs.push_back(t.weak);
+    } catch (const std::bad_alloc&) {  // closed by their handles, or at their end, instead
+    }
+    for (auto& w : chs)
+      if (auto ch = w.lock()) ch->close();
+  }
+
+  // ---- the worker's side (worker mu held) ----
+
+  // half_*: the channel's grant halves (F5's batch).
+  void add_tap(std::uint64_t id, ChannelCore* ch, std::uint64_t key,
+               std::weak_ptr<ChannelCore> weak, std::shared_ptr<ChannelCore> keep,
+               std::uint64_t half_msgs, std::uint64_t half_bytes) {
+    os::LockGuard lock(mu_);
+    credit_ids_.reserve(taps_.size() + 1);
+    Tap t;
+    t.ch = ch;
+    t.key = key;
+    t.weak = std::move(weak);
+    t.keep = std::move(keep);
+    t.half_msgs = std::max<std::uint64_t>(1, half_msgs);
+    t.half_bytes = std::max<std::uint64_t>(1, half_bytes);
+    taps_.emplace(id, std::move(t));
+  }
+
+  // Takes the channel out: its queued messages go to `drop`, the adopter's reference too.
+  // Returns whether the source now has no channel (the worker then lets go of it).
+  bool remove_tap(std::uint64_t id, std::vector<std::shared_ptr<void>>& drop) {
+    os::LockGuard lock(mu_);
+    if (auto it = taps_.find(id); it != taps_.end()) {
+      if (it->second.keep) drop.push_back(std::move(it->second.keep));
+      taps_.erase(it);
+    }
+    std::shared_ptr<Queued> kept, kept_tail;
+    while (head_) {
+      std::shared_ptr<Queued> q = std::move(head_);
+      head_ = std::move(q->next);
+      if (q->ch_id == id) {
+        drop.push_back(std::move(q));
+        continue;
+      }
+      if (kept_tail) {
+        kept_tail->next = q;
+      } else {
+        kept = q;
+      }
+      kept_tail = std::move(q);
+    }
+    head_ = std::move(kept);
+    tail_ = kept_tail.get();
+    std::erase(credit_ids_, id);
+    if (!head_) ready_.store(detached_, std::memory_order_relaxed);
+    return taps_.empty();
+  }
+
+  // No more channels will come: the queue lets go of it at its next look.
+  void detach() {
+    {
+      os::LockGuard lock(mu_);
+      detached_ = true;
+      ready_.store(true, std::memory_order_release);
+    }
+    wake_queue();
+  }
+
+  void push(std::shared_ptr<Queued> q) {
+    os::LockGuard lock(mu_);
+    auto it = taps_.find(q->ch_id);
+    if (it == taps_.end()) return;  // (not redirected here any more: dropped by the caller)
+    ++it->second.queued;
+    Queued* raw = q.get();
+    if (tail_ != nullptr) {
+      tail_->next = std::move(q);
+    } else {
+      head_ = std::move(q);
+    }
+    tail_ = raw;
+    ready_.store(true, std::memory_order_release);
+  }
+
+  void wake_queue() noexcept {
+    if (auto q = queue_.lock()) q->wake();
+  }
+
+  // (Q4) The credit the queue's takes released: each channel's, once.
+  struct Credit {
+    ChannelCore* ch;
+    std::uint64_t msgs, bytes;
+    bool drained;  // nothing more of it queued (F5's "about to wait")
+  };
+  void take_credit(std::vector<Credit>& out) {
+    os::LockGuard lock(mu_);
+    for (std::uint64_t id : credit_ids_) {
+      auto it = taps_.find(id);
+      if (it == taps_.end()) continue;
+      Tap& t = it->second;
+      out.push_back({t.ch, t.ret_msgs, t.ret_bytes, t.queued == 0});
+      t.ret_msgs = t.ret_bytes = 0;
+      t.credit_listed = false;
+    }
+    credit_ids_.clear();
+  }
+
+ private:
+  struct Tap {
+    ChannelCore* ch = nullptr;  // valid under the worker's mu (unredirect_locked removes it)
+    std::uint64_t key = 0;
+    std::weak_ptr<ChannelCore> weak;
+    std::shared_ptr<ChannelCore> keep;          // net::adopt: until the end is delivered
+    std::uint64_t queued = 0;                   // messages in the FIFO
+    std::uint64_t ret_msgs = 0, ret_bytes = 0;  // delivered one-way messages, credit not yet back
+    std::uint64_t half_msgs = 1, half_bytes = 1;
+    bool credit_listed = false;  // in credit_ids_
+  };
+
+  void signal_worker() noexcept {
+    if (auto w = w_.lock()) {
+      w->credit_due.store(true, std::memory_order_release);
+      // The pump (or whoever polls the worker's fd) wakes and flushes (thread-safe in UCX).
+      (void)w->u->ucp_worker_signal(w->worker);
+    }
+  }
+
+  const std::weak_ptr<mbmq::detail::QueueCore> queue_;
+  const void* const queue_id_;
+  const std::weak_ptr<WorkerCore> w_;
+  std::atomic<bool> ready_{false};
+  os::Mutex mu_;
+  std::shared_ptr<Queued> head_ MBMQ_GUARDED_BY(mu_);
+  Queued* tail_ MBMQ_GUARDED_BY(mu_) = nullptr;
+  std::unordered_map<std::uint64_t, Tap> taps_ MBMQ_GUARDED_BY(mu_);
+  std::vector<std::uint64_t> credit_ids_ MBMQ_GUARDED_BY(mu_);
+  bool detached_ MBMQ_GUARDED_BY(mu_) = false;
+};
+
+const std::byte* queued_vector(const mbmq::Buffer& b) noexcept {
+  const auto* q = dynamic_cast<const Queued*>(mbmq::detail::ForeignAccess::of(b));
+  return q != nullptr ? q->buffer.data().data() : nullptr;
+}
+
+namespace {
+
+// (Q3) Progresses a worker with redirected channels while their servers sleep in their queues.
+// A waiter like any other (W1-W3), with no key of its own: any news may be its (flushes).
+void pump(std::shared_ptr<WorkerCore> w) {
+  WaitPolicy sleep;
+  sleep.mode = WaitMode::Sleep;
+  for (;;) {
+    auto r = w->run_until(Deadline::after(std::chrono::seconds(1)), sleep, nullptr, [&] {
+      w->assert_held();
+      return w->redirected == 0;
+    });
+    os::LockGuard lock(w->mu);
+    if (w->redirected == 0 || !r) {
+      w->pump_running = false;
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+void WorkerCore::flush_taps_locked() const {
+  if (credit_due.exchange(false, std::memory_order_acq_rel)) {
+    std::vector<NetSource::Credit> credit;
+    try {
+      for (const auto& src : sources) src->take_credit(credit);
+    } catch (const std::bad_alloc&) {
+      credit_due.store(true, std::memory_order_relaxed);  // the next flush
+    }
+    for (const NetSource::Credit& c : credit) {
+      c.ch->assert_held();
+      c.ch->tap_credit_locked(c.msgs, c.bytes, c.drained);
+    }
+  }
+  // A channel may be noted again while this runs (its flush fails it): until none is left.
+  while (!tap_news.empty()) {
+    ChannelCore* ch = tap_news.back();
+    tap_news.pop_back();
+    ch->assert_held();
+    ch->tap_flush_locked();
+  }
+}
+
+void ChannelCore::tap_credit_locked(std::uint64_t msgs, std::uint64_t bytes, bool drained) {
+  ret_msgs_ += msgs;
+  ret_bytes_ += bytes;
+  flush_credit_locked(drained ? Flush::IfAny : Flush::IfHalf);
+}
+
+void ChannelCore::tap_flush_locked() {
+  tap_listed_ = false;
+  if (!source_) return;
+  bool pushed = false;
+  while (head_ready_locked()) {
+    std::shared_ptr<Queued> q;
+    try {
+      q = std::make_shared<Queued>();
+    } catch (const std::bad_alloc&) {
+      note_tap_locked();  // left in the inbox: the next flush
+      break;
+    }
+    Message m = take_head_locked(false);  // (Q4) its credit: when the queue delivers it
+    q->kind = m.kind;
+    q->error = m.error;
+    q->why = m.why;
+    q->ch_id = id_;
+    q->buffer = std::move(m.buffer);
+    source_->push(std::move(q));
+    pushed = true;
+  }
+  // (Q5) The end, after everything received before it.
+  if (state_ == State::Closed && inbox_.empty() && !peer_closed_delivered_) {
+    try {
+      auto q = std::make_shared<Queued>();
+      q->kind = Kind::PeerClosed;
+      q->error = closed_code_ == Errc::Protocol ? Errc::Protocol : Errc::PeerClosed;
+      q->why = why_;
+      q->ch_id = id_;
+      peer_closed_delivered_ = true;
+      source_->push(std::move(q));
+      pushed = true;
+    } catch (const std::bad_alloc&) {
+      note_tap_locked();
+    }
+  }
+  if (pushed) source_->wake_queue();
+}
+
+void ChannelCore::unredirect_locked(std::vector<std::shared_ptr<void>>& drop) {
+  if (!source_) return;
+  std::erase(w_->tap_news, this);
+  tap_listed_ = false;
+  const bool empty = source_->remove_tap(id_, drop);
+  if (empty) {
+    std::erase(w_->sources, source_);
+    source_->detach();
+  }
+  drop.push_back(std::move(source_));
+  source_.reset();
+  if (w_->redirected > 0 && --w_->redirected == 0) w_->wake_waiters_locked(nullptr);  // (Q3)
+}
+
+Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& queue,
+                             std::uint64_t key, bool adopt) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  if (!queue) return fail(Errc::InvalidArgument, "net::Channel::redirect: invalid queue");
+  std::shared_ptr<NetSource> fresh;  // made unlocked (it takes the queue's lock), if none yet
+  bool start_pump = false;
+  for (;;) {
+    {
+      os::LockGuard lock(w_->mu);
+      if (!usable_locked()) return fail(closed_error_locked("net::Channel::redirect: closed"));
+      if (source_) return fail(Errc::InvalidArgument, "net::Channel::redirect: already redirected");
+      std::shared_ptr<NetSource> src;
+      for (const auto& s : w_->sources)
+        if (s->queue_id() == queue.get()) src = s;
+      if (src || fresh) {
+        try {
+          if (!src) {
+            w_->sources.push_back(fresh);
+            src = fresh;
+            fresh.reset();
+          }
+          w_->tap_news.reserve(w_->redirected + 1);
+          src->add_tap(id_, this, key, weak_from_this(), adopt ? shared_from_this() : nullptr,
+                       my_grant_.messages / 2, my_grant_.bytes / 2);
+        } catch (const std::bad_alloc&) {
+          return fail(Errc::System, "net::Channel::redirect: no memory");
+        }
+        source_ = std::move(src);
+        tap_key_ = key;
+        ++w_->redirected;
+        if (!w_->pump_running) {
+          w_->pump_running = true;
+          start_pump = true;
+        }
+        // What already arrived goes to the queue now.
+        note_tap_locked();
+        w_->flush_taps_locked();
+        break;
+      }
+    }
+    try {
+      fresh = std::make_shared<NetSource>(queue, w_);
+      queue->add_source(fresh);
+    } catch (const std::bad_alloc&) {
+      return fail(Errc::System, "net::Channel::redirect: no memory");
+    }
+  }
+  if (fresh) fresh->detach();  // another thread's source won: the queue lets ours go
+  if (start_pump) {
+    try {
+      std::thread(pump, w_).detach();
+    } catch (...) {
+      std::vector<std::shared_ptr<void>> drop;
+      os::LockGuard lock(w_->mu);
+      w_->pump_running = false;
+      unredirect_locked(drop);
+      return fail(Errc::System, "net::Channel::redirect: cannot start the pump thread");
+    }
+  }
+  return {};
+}
+
+}  // namespace detail
+
+Status Channel::redirect(MsgQueue& queue, std::uint64_t key) {
+  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::redirect: closed");
+  return core_->redirect(mbmq::detail::QueueAccess::core(queue), key, false);
+}
+
+Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key) {
+  if (!channel.core_) return fail(Errc::InvalidArgument, "net::adopt: closed channel");
+  MBMQ_TRY(channel.core_->redirect(mbmq::detail::QueueAccess::core(queue), key, true));
+  channel.core_.reset();  // the queue's reference keeps it open: not closed here
+  return {};
+}
+
+}  // namespace mbmq::net
