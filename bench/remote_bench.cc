@@ -1,6 +1,9 @@
 // mbmq-net-bench: issue #19's measurements of mbmq::net between two network namespaces joined by
 // a veth pair (made and removed here; root needed), UCX_TLS=tcp. Rows, all in one run:
 //   mbmq-net-spin, mbmq-net-sleep  mbmq::net::Channel::call, both ends spinning / sleeping
+//   mbmq-net-queue                 the same, sleeping, but the server's end adopted by a MsgQueue
+//                                  (net::adopt) and served by MsgQueue::wait/reply: the server
+//                                  loop's shape that serves local and remote clients at once
 //   raw-ucx                        the same request/response written straight on ucp AM, busy-poll
 //   ucx_perftest                   UCX's own ucp_am_lat / ucp_am_bw (package ucx-utils); its
 //                                  latency is a half round trip: doubled here
@@ -221,18 +224,28 @@ std::vector<Row> run_pair(const mbmq::netns::Pair& ns, const std::string& mech,
 
 // ---- mbmq::net --------------------------------------------------------------------------------
 std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech,
-                          mbmq::WaitMode mode) {
+                          mbmq::WaitMode mode, bool queue = false) {
   const mbmq::WaitPolicy wait{mode, {}};
   auto serve = [&](int port_fd) -> int {
     net::ListenOptions lo;
     lo.max_message = (64u << 20) + 4096;
     auto l = net::listen("ucx://" + ns.ip_a + ":0/bench", lo);
     if (!l) return 10;
-    pin(1);
+    if (!queue) pin(1);
     put_u32(port_fd, l->port());
     auto ch = l->accept(Deadline::after(std::chrono::seconds(30)));
     if (!ch) return 11;
     ch->set_wait_policy(wait);
+    if (queue) {
+      auto q = mbmq::MsgQueue::create(wait);
+      if (!q || !net::adopt(*q, std::move(*ch), 1)) return 12;
+      pin(1);  // after adopt(): the pump thread it starts keeps every CPU, as UCX's own
+      for (;;) {
+        auto m = q->wait(Deadline::never());
+        if (!m || m->kind == mbmq::Kind::PeerClosed) return 0;
+        if (m->kind == mbmq::Kind::Request) (void)mbmq::MsgQueue::reply(std::move(*m));
+      }
+    }
     for (;;) {
       auto m = ch->receive(Deadline::never());
       if (!m || m->kind == mbmq::Kind::PeerClosed) return 0;
@@ -611,6 +624,8 @@ void print_table(const std::vector<Row>& rows, const std::vector<Check>& checks,
   for (std::size_t size : g_opt.sizes) {
     show("raw-ucx / tcp", ratios(rows, "raw-ucx", "tcp", size, false), size);
     show("mbmq-net-sleep / raw-ucx", ratios(rows, "mbmq-net-sleep", "raw-ucx", size, false), size);
+    show("mbmq-net-queue / mbmq-net-sleep",
+         ratios(rows, "mbmq-net-queue", "mbmq-net-sleep", size, false), size);
   }
   std::printf("\nchecks (#19 bars; the median of %d interleaved rounds' ratios):\n", g_opt.rounds);
   for (const auto& c : checks)
@@ -757,6 +772,11 @@ int main(int argc, char** argv) {
         [&] {
           return wanted("mbmq-net-sleep") ? mbmq_net(ns, "mbmq-net-sleep", mbmq::WaitMode::Sleep)
                                           : std::vector<Row>{};
+        },
+        [&] {
+          return wanted("mbmq-net-queue")
+                     ? mbmq_net(ns, "mbmq-net-queue", mbmq::WaitMode::Sleep, true)
+                     : std::vector<Row>{};
         },
         [&] { return wanted("ucx_perftest") ? perftest_rows(ns) : std::vector<Row>{}; },
     };
