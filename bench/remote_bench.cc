@@ -223,8 +223,8 @@ std::vector<Row> run_pair(const mbmq::netns::Pair& ns, const std::string& mech,
 }
 
 // ---- mbmq::net --------------------------------------------------------------------------------
-std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech,
-                          mbmq::WaitMode mode, bool queue = false) {
+std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, mbmq::WaitMode mode,
+                          bool queue = false) {
   const mbmq::WaitPolicy wait{mode, {}};
   auto serve = [&](int port_fd) -> int {
     net::ListenOptions lo;
