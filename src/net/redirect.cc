@@ -87,6 +87,9 @@ class NetSource final : public mbmq::detail::QueueSource {
   bool maybe_ready() const noexcept override { return ready_.load(std::memory_order_acquire); }
 
   Take take(mbmq::Message* out) noexcept override {
+    // A forked child's copy of the queue: UCX cannot be used here, nor can what it received be
+    // answered (net::Channel::reply says "forked child"); the child's queue lets the source go.
+    if (!ucx_usable()) return Take::Gone;
     std::shared_ptr<Queued> q;
     std::shared_ptr<ChannelCore> keep;  // an adopted channel's, once its end is delivered
     bool credit = false;
@@ -262,6 +265,8 @@ class NetSource final : public mbmq::detail::QueueSource {
 
   void signal_worker() noexcept {
     if (auto w = w_.lock()) {
+      // UCX: "safe to use this routine from any thread" (ucp.h), whatever the worker's thread
+      // mode: a write to the worker's wake-up fd, so no worker lock here.
       w->credit_due.store(true, std::memory_order_release);
       // The pump (or whoever polls the worker's fd) wakes and flushes (thread-safe in UCX).
       (void)w->u->ucp_worker_signal(w->worker);
