@@ -563,6 +563,82 @@ TEST(ReviewRedirect, RedirectRacingWithCloseAndThePeersClose) {
   EXPECT_LE(now, before) << "a pump thread outlived its channels";
 }
 
+// Two queues on one worker (one pump): destroying one closes its channels only; the other queue's
+// channel goes on being served, and the pump ends only with the last redirected channel.
+TEST(ReviewRedirect, OneOfTwoQueuesOnAWorkerDestroyedTheOtherGoesOn) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  Remote a = connect_one(*l), b = connect_one(*l);
+  std::shared_ptr<net::detail::WorkerCore> w = test::core_of(b.server)->w_;
+  auto qb = MsgQueue::create();
+  ASSERT_TRUE(qb);
+  ASSERT_TRUE(net::adopt(*qb, std::move(b.server), 200));
+  Server sb(*qb);
+  {
+    auto qa = MsgQueue::create();
+    ASSERT_TRUE(qa);
+    ASSERT_TRUE(net::adopt(*qa, std::move(a.server), 100));
+    Server sa(*qa);
+    EXPECT_TRUE(remote_call(a.client, 64, 1));
+    EXPECT_TRUE(remote_call(b.client, 64, 2));
+  }
+  auto buf = a.client.buffer(64);
+  if (buf) {
+    Status s = a.client.call(*buf, secs(5));
+    EXPECT_FALSE(s) << "a's queue is gone, its channel should be closed";
+  }
+  for (int i = 0; i < 50; ++i) EXPECT_TRUE(remote_call(b.client, 1000, static_cast<char>(i)));
+  auto pump_running = [&] {
+    os::LockGuard lock(w->mu);
+    return w->pump_running;
+  };
+  EXPECT_TRUE(pump_running()) << "the pump ended while b is still redirected";
+  b.client.close();
+  for (Deadline d = secs(5); !d.expired() && sb.end_count(200) == 0;) os::sleep_ns(1'000'000);
+  EXPECT_EQ(sb.end_count(200), 1);
+  for (Deadline d = secs(5); !d.expired() && pump_running();) os::sleep_ns(1'000'000);
+  EXPECT_FALSE(pump_running()) << "the pump did not end with the last channel";
+}
+
+// The stranded credit of 1. in a plain workload, no sleeps: each round sends a large one-way
+// message then call()s (a request queued behind the message's place, so both reach the source
+// together: the message is delivered with the request still queued, and neither lists its
+// credit). The next large send() then waits for credit that never comes (often within a few
+// rounds: 5 of 15 runs of 12 rounds stalled, 3 of 3 of 60). Only the pump progresses the listener's
+// worker (peer_timeout 0).
+TEST(ReviewRedirect, Confirmed_LargeOneWayMessagesBetweenCallsDoNotStall) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 100s);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  net::ListenOptions lo;
+  lo.peer_timeout = 0ms;
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_TRUE(l) << l.error().message();
+  Remote r = connect_one(*l, co);
+  ASSERT_TRUE(net::adopt(*q, std::move(r.server), 100));
+  Server server(*q);
+  constexpr std::uint32_t kRounds = 150;
+  for (std::uint32_t i = 0; i < kRounds; ++i) {
+    const std::size_t size = (i % 3 == 0) ? (2u << 20) : (i % 3 == 1) ? (6u << 20) : (12u << 20);
+    Status s = r.client.send(test::numbered(r.client, size, i), secs(4));
+    ASSERT_TRUE(s) << "round " << i << ", a " << (size >> 20)
+                   << " MiB send: " << s.error().message() << " (the server took "
+                   << server.oneway_count(100)
+                   << " one-way messages: their credit did not come back)";
+    ASSERT_TRUE(remote_call(r.client, i % 2 == 0 ? (3u << 20) : (5u << 20), static_cast<char>(i)));
+  }
+  for (Deadline d = secs(20); !d.expired() && server.oneway_count(100) < kRounds;)
+    os::sleep_ns(1'000'000);
+  std::lock_guard lock(server.mu);
+  ASSERT_EQ(server.oneway[100].size(), kRounds);
+  for (std::uint32_t i = 0; i < kRounds; ++i) EXPECT_EQ(server.oneway[100][i], i);
+}
+
 // A sender faster than the server: what the queue holds untaken (source FIFO + inbox) stays
 // within the grant the server gave (inbox_messages), not more.
 TEST(ReviewRedirect, AFastSenderIsHeldToTheGrantWhileTheQueueDoesNotTake) {
