@@ -44,6 +44,28 @@ Remote connect_one(net::Listener& l, const net::ConnectOptions& co = {}) {
   return Remote{std::move(*s), std::move(**c)};
 }
 
+// QueueCore::sources_ (private), for counting: the explicit-instantiation rule (net_access.h).
+template <typename Tag, typename Tag::type M>
+struct RobQ {
+  friend typename Tag::type get(Tag) { return M; }
+};
+struct SourcesOf {
+  using type = std::vector<std::shared_ptr<detail::QueueSource>> detail::QueueCore::*;
+  friend type get(SourcesOf);
+};
+template struct RobQ<SourcesOf, &detail::QueueCore::sources_>;
+struct QueueMuOf {
+  using type = detail::SpinMutex detail::QueueCore::*;
+  friend type get(QueueMuOf);
+};
+template struct RobQ<QueueMuOf, &detail::QueueCore::mu_>;
+// The queue's sources, after a look (which lets go of the detached ones). Read unlocked: call it
+// with no other thread waiting on the queue.
+std::size_t sources_of(MsgQueue& q) {
+  (void)q.wait(Deadline::immediate());
+  return ((*detail::QueueAccess::core(q)).*get(SourcesOf{})).size();
+}
+
 int task_count() { return static_cast<int>(os::dir_listing("/proc/self/task").size()); }
 
 // Every request's bytes + 1 back; one-way messages' first 4 bytes recorded per key, in order;
@@ -348,6 +370,48 @@ TEST(ReviewRedirect, Confirmed_AReceiveWaitingWhenTheChannelIsRedirectedEnds) {
   EXPECT_LT(ms, 1000.0) << "the receive() waiting when its channel was redirected returned " << ms
                         << " ms after the redirect ("
                         << (*got ? "a message" : got->error().message()) << ")";
+}
+
+// ---- 5. a NetSource left in the queue by a redirect that fails late ----
+//
+// redirect() makes a source for a queue the worker has none for unlocked, and gives it to the
+// queue (add_source) before it relocks the worker. If it then returns an error (the channel was
+// closed meanwhile, or another thread redirected it first: "already redirected"), that source is
+// never detached: the queue keeps it, and asks it on every look, for as long as the queue lives.
+// Made deterministic here by holding the queue's lock, so that redirect() waits in add_source()
+// while the channel is closed.
+TEST(ReviewRedirect, Confirmed_ARedirectThatFailsLateLeavesNoSourceInTheQueue) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  constexpr int kRounds = 3;
+  for (int i = 0; i < kRounds; ++i) {
+    Remote r = connect_one(*l);
+    ASSERT_TRUE(r.server.valid());
+    Status st;
+    std::thread redirector;
+    {
+      detail::SpinMutex& qmu = (*detail::QueueAccess::core(*q)).*get(QueueMuOf{});
+      qmu.lock();
+      redirector = std::thread([&] { st = r.server.redirect(*q, 1); });
+      os::sleep_ns(200'000'000);  // it waits in add_source() now
+      r.client.close();
+      // The server's end closes under it (what its peer's Bye, a transport error or another
+      // thread's close() would do): close the core, keep the handle (the redirector uses it).
+      test::core_of(r.server)->close();
+      qmu.unlock();
+    }
+    redirector.join();
+    EXPECT_FALSE(st) << "redirect of a channel closed meanwhile succeeded";
+    r.server.close();
+  }
+  const std::size_t left = sources_of(*q);
+  EXPECT_EQ(left, 0u) << "no channel redirected, after " << kRounds
+                      << " redirects that failed late the queue asks " << left
+                      << " sources on every look (for as long as it lives)";
 }
 
 // ---- two waiters, one remote channel's burst ----
