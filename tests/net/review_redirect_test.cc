@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -412,6 +413,61 @@ TEST(ReviewRedirect, Confirmed_ARedirectThatFailsLateLeavesNoSourceInTheQueue) {
   EXPECT_EQ(left, 0u) << "no channel redirected, after " << kRounds
                       << " redirects that failed late the queue asks " << left
                       << " sources on every look (for as long as it lives)";
+}
+
+// ---- 6. an idle redirected channel slows its worker's other channels ----
+//
+// The pump is a waiter with no key (run_until(..., nullptr, ...)): as the poller, its poller_for
+// is nullptr, so news_locked() counts every event of every channel of the worker as its news, and
+// (W2) every progress by another thread that has events signals the worker's event fd
+// (ucp_worker_signal, a system call) and wakes the pump, which progresses (nothing) and re-arms.
+// net/core.h (W2): "a busy channel beside an idle poller no longer costs a syscall (and the poller
+// a futile wake) per event": with one idle redirected channel on a listener, every other channel
+// of it pays that again. Measured: round trips per second of a plain (not redirected) channel
+// served by receive()/reply() (WaitMode::Sleep), alone, beside an idle redirected sibling, and
+// alone again.
+TEST(ReviewRedirect, Confirmed_AnIdleRedirectedSiblingCostsOtherChannelsNothing) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  Remote plain = connect_one(*l), idle = connect_one(*l);
+  plain.server.set_wait_policy(WaitPolicy{WaitMode::Sleep});  // the server sleeps between calls
+  std::atomic<bool> stop{false};
+  std::thread echo([&] {
+    while (!stop.load()) {
+      auto m = plain.server.receive(Deadline::after(50ms));
+      if (m && m->kind == Kind::Request) (void)net::Channel::reply(std::move(*m));
+    }
+  });
+  auto rate = [&] {
+    int n = 0;
+    const std::int64_t t0 = monotonic_ns();
+    while (monotonic_ns() - t0 < 1'500'000'000) {
+      auto b = plain.client.buffer(64);
+      if (!b || !plain.client.call(*b, secs(5))) break;
+      ++n;
+    }
+    return static_cast<double>(n) / 1.5;
+  };
+  (void)rate();  // warm-up
+  const double before = rate();
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  ASSERT_TRUE(idle.server.redirect(*q, 1));  // idle: nothing is ever sent on it
+  const double with_pump = rate();
+  idle.server.close();  // no channel redirected: the pump ends
+  os::sleep_ns(100'000'000);
+  const double after = rate();
+  stop.store(true);
+  echo.join();
+  std::printf(
+      "plain channel round trips/s: %.0f alone, %.0f beside an idle redirected one, %.0f "
+      "alone again\n",
+      before, with_pump, after);
+  EXPECT_GT(with_pump, 0.8 * std::min(before, after))
+      << "round trips/s of a plain channel: " << before << " alone, " << with_pump
+      << " beside an idle redirected channel of the same listener, " << after << " alone again";
 }
 
 // ---- two waiters, one remote channel's burst ----
