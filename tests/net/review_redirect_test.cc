@@ -759,6 +759,35 @@ TEST(ReviewRedirect, Confirmed_LargeOneWayMessagesBetweenCallsDoNotStall) {
   for (std::uint32_t i = 0; i < kRounds; ++i) EXPECT_EQ(server.oneway[100][i], i);
 }
 
+// The keeper ends a silent peer (peer_timeout) outside any progress, from its own thread: the end
+// is noted for the flush, the pump is woken (W2 (d): fail_locked wakes the waiters) and the queue
+// gets the PeerClosed promptly.
+TEST(ReviewRedirect, APeerTimeoutEndsAnAdoptedChannelOnTheQueue) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  net::ListenOptions lo;
+  lo.peer_timeout = 300ms;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_TRUE(l) << l.error().message();
+  test::RawClient raw;  // never sends a heartbeat
+  net::Channel ch;
+  ASSERT_TRUE(raw_accept(*l, raw, &ch));
+  ASSERT_TRUE(net::adopt(*q, std::move(ch), 100));
+  const std::int64_t t0 = monotonic_ns();
+  std::optional<Message> end;
+  for (Deadline d = secs(10); !d.expired() && !end;) {
+    raw.progress_for(1ms);
+    auto e = q->wait(Deadline::after(5ms));
+    if (e && e->kind == Kind::PeerClosed) end.emplace(std::move(*e));
+  }
+  ASSERT_TRUE(end) << "no PeerClosed for a peer silent past peer_timeout";
+  const double ms = static_cast<double>(monotonic_ns() - t0) / 1e6;
+  std::printf("silent peer -> PeerClosed on the queue: %.0f ms (peer_timeout 300 ms)\n", ms);
+  EXPECT_LT(ms, 3000.0);
+}
+
 // A sender faster than the server: what the queue holds untaken (source FIFO + inbox) stays
 // within the grant the server gave (inbox_messages), not more.
 TEST(ReviewRedirect, AFastSenderIsHeldToTheGrantWhileTheQueueDoesNotTake) {
