@@ -425,7 +425,8 @@ TEST(ReviewRedirect, Confirmed_ARedirectThatFailsLateLeavesNoSourceInTheQueue) {
 // a futile wake) per event": with one idle redirected channel on a listener, every other channel
 // of it pays that again. Measured: round trips per second of a plain (not redirected) channel
 // served by receive()/reply() (WaitMode::Sleep), alone, beside an idle redirected sibling, and
-// alone again.
+// alone again (a measurement on a shared 2-core VM: 30-45 % fewer round trips in 3 of 5 runs,
+// e.g. 43,132 -> 30,475 -> 45,492 /s; the other runs were too noisy to tell).
 TEST(ReviewRedirect, Confirmed_AnIdleRedirectedSiblingCostsOtherChannelsNothing) {
   ::setenv("UCX_TLS", "tcp", 1);
   test::Watchdog dog("the test", 60s);
