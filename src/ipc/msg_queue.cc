@@ -195,7 +195,9 @@ std::vector<std::shared_ptr<Endpoint>> QueueCore::take_all(
 
 std::size_t QueueCore::channel_count() const {
   os::LockGuard lock(mu_);
-  return live_;
+  std::size_t n = live_;
+  for (const auto& src : sources_) n += src->channel_count();  // remote channels (mbmq::net)
+  return n;
 }
 
 void QueueCore::set_wait_policy(WaitPolicy p) { policy_.store(p); }

@@ -14,6 +14,7 @@
 // nothing a source locks inside take() is ever held by a thread that then takes the queue's lock.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "mbmq/msg_queue.h"
@@ -31,6 +32,8 @@ class QueueSource {
   // The queue is being destroyed (MsgQueue::close_all, without the queue's lock): the source
   // closes what it delivers, as the queue closes its redirected channel ends.
   virtual void close() noexcept = 0;
+  // Channels delivering through it now (MsgQueue::channel_count()).
+  virtual std::size_t channel_count() const noexcept = 0;
 
  protected:
   QueueSource() = default;

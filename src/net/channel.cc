@@ -269,8 +269,10 @@ bool WorkerCore::start_deferred_slow(const void* mine, bool ownerless, bool allo
     }
     ch->assert_held();
     // Done at once (not inside a progress): its waiter is woken here (W2 (d)).
-    if (ch->start_recv_locked(d.hdr, d.desc, std::move(bytes), d.n, d.slot))
+    if (ch->start_recv_locked(d.hdr, d.desc, std::move(bytes), d.n, d.slot)) {
       wake_waiters_locked(ch);
+      if (!tap_news.empty()) flush_taps_locked();  // (Q2) a redirected channel's: to its queue
+    }
     if (allocator) return allocator_has_more_locked();  // one per turn (D1)
   }
 }
@@ -1197,9 +1199,12 @@ Result<Message> ChannelCore::receive(Deadline deadline) {
   }
   const bool done = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
     w_->assert_held();
-    return head_ready_locked() || state_ == State::Closed || lingering_;
+    return head_ready_locked() || state_ == State::Closed || lingering_ || source_;
   }));
   os::LockGuard lock(w_->mu);
+  if (source_)  // redirected meanwhile (by another thread): the queue's now
+    return fail(Errc::InvalidArgument,
+                "net::Channel::receive: the channel was redirected to a queue (MsgQueue::wait)");
   if (head_ready_locked()) {  // (closed: the places of unreceived payloads are gone)
     Message m = take_head_locked();
     // With nothing more queued, at once: the application may now call() or send() and not come

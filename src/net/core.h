@@ -435,6 +435,11 @@ class WorkerCore {
   // (Q3) Redirected channels; the pump thread runs while there are any.
   std::size_t redirected MBMQ_GUARDED_BY(mu) = 0;
   bool pump_running MBMQ_GUARDED_BY(mu) = false;
+  // The pump's waiter key (W2): news of a redirected channel taken by another thread's progress
+  // is flushed by that thread, so the pump is signalled only for its own (its end: redirected
+  // drops to 0), not for every event of the worker's other channels (a keyless pump cost them a
+  // ucp_worker_signal per event: review rev-redirect).
+  const char pump_key = 0;
   // (Q2-Q4) Moves what tap_news' channels received (and their ends) to their sources, gives back
   // the credit the queues' takes released, and wakes the queues. At the end of progress_locked().
   void flush_taps_locked() const MBMQ_REQUIRES(mu);

@@ -42,7 +42,19 @@ class Queued final : public mbmq::detail::ForeignBuffer {
   const char* why = "";
   std::uint64_t ch_id = 0;
   Buffer buffer;                 // the net message's (its reply token, for a request)
-  std::shared_ptr<Queued> next;  // the source's FIFO (under its mu_)
+  std::shared_ptr<Queued> next;  // the source's FIFO (under its mu_), or a purged chain
+
+  Queued() = default;
+  Queued(const Queued&) = delete;
+  Queued& operator=(const Queued&) = delete;
+  // A chain (a purged channel's messages, up to its grant) is freed one node at a time, not by
+  // recursion.
+  ~Queued() override {
+    while (next) {
+      std::shared_ptr<Queued> rest = std::move(next->next);
+      next = std::move(rest);
+    }
+  }
 
   Status grow(mbmq::Buffer& b, std::size_t n) override {
     // As net::Buffer::resize: up to the peer's limit; the bytes may move (a vector's growth).
@@ -84,7 +96,10 @@ class NetSource final : public mbmq::detail::QueueSource {
 
   const void* queue_id() const noexcept { return queue_id_; }
 
-  bool maybe_ready() const noexcept override { return ready_.load(std::memory_order_acquire); }
+  bool maybe_ready() const noexcept override {
+    // In a forked child: take() says Gone (below), and the child's queue lets the source go.
+    return ready_.load(std::memory_order_acquire) || !ucx_usable();
+  }
 
   Take take(mbmq::Message* out) noexcept override {
     // A forked child's copy of the queue: UCX cannot be used here, nor can what it received be
@@ -110,18 +125,22 @@ class NetSource final : public mbmq::detail::QueueSource {
         if (t.queued > 0) --t.queued;
         if (q->kind == Kind::Message) {
           // (Q4) Received by the application: its credit goes back, batched as receive()'s (F5):
-          // at half the grant, or when nothing more of this channel is queued.
+          // at half the grant, or when nothing more of this channel is queued, whatever the last
+          // message taken was (a request behind one-way messages kept their credit before:
+          // review rev-redirect), including what a flush at half the grant left in the channel
+          // (owed).
           ++t.ret_msgs;
           t.ret_bytes += q->buffer.size_;
-          if (!t.credit_listed &&
-              (t.queued == 0 || t.ret_msgs >= t.half_msgs || t.ret_bytes >= t.half_bytes)) {
-            t.credit_listed = true;
-            credit_ids_.push_back(q->ch_id);  // capacity reserved at add_tap()
-            credit = true;
-          }
+        }
+        if (!t.credit_listed && ((t.queued == 0 && (t.ret_msgs > 0 || t.owed)) ||
+                                 t.ret_msgs >= t.half_msgs || t.ret_bytes >= t.half_bytes)) {
+          t.credit_listed = true;
+          credit_ids_.push_back(q->ch_id);  // at most one entry per tap: capacity reserved
+          credit = true;
         }
         if (q->kind == Kind::PeerClosed) {
           keep = std::move(t.keep);
+          if (t.credit_listed) std::erase(credit_ids_, q->ch_id);  // (closed: no credit to give)
           taps_.erase(it);
         }
       }
@@ -173,34 +192,45 @@ class NetSource final : public mbmq::detail::QueueSource {
     taps_.emplace(id, std::move(t));
   }
 
-  // Takes the channel out: its queued messages go to `drop`, the adopter's reference too.
-  // Returns whether the source now has no channel (the worker then lets go of it).
+  // Takes the channel out: its queued messages (one chain) and the adopter's reference go to
+  // `drop` (two entries at most: the callers reserve room). Returns whether the source now has no
+  // channel (the worker then lets go of it).
   bool remove_tap(std::uint64_t id, std::vector<std::shared_ptr<void>>& drop) {
+    std::shared_ptr<ChannelCore> keep;
+    std::shared_ptr<Queued> purged;  // a chain, freed by ~Queued one node at a time
+    bool empty = false;
+    {
+      os::LockGuard lock(mu_);
+      if (auto it = taps_.find(id); it != taps_.end()) {
+        keep = std::move(it->second.keep);
+        taps_.erase(it);
+      }
+      std::shared_ptr<Queued> kept;
+      Queued* kept_tail = nullptr;
+      Queued* purged_tail = nullptr;
+      while (head_) {
+        std::shared_ptr<Queued> q = std::move(head_);
+        head_ = std::move(q->next);
+        const bool ours = q->ch_id == id;
+        Queued*& tail = ours ? purged_tail : kept_tail;
+        std::shared_ptr<Queued>& link = tail != nullptr ? tail->next : (ours ? purged : kept);
+        tail = q.get();
+        link = std::move(q);
+      }
+      head_ = std::move(kept);
+      tail_ = kept_tail;
+      std::erase(credit_ids_, id);
+      if (!head_) ready_.store(detached_, std::memory_order_relaxed);
+      empty = taps_.empty();
+    }
+    if (purged) drop.push_back(std::move(purged));
+    if (keep) drop.push_back(std::move(keep));
+    return empty;
+  }
+
+  std::size_t channel_count() const noexcept override {
     os::LockGuard lock(mu_);
-    if (auto it = taps_.find(id); it != taps_.end()) {
-      if (it->second.keep) drop.push_back(std::move(it->second.keep));
-      taps_.erase(it);
-    }
-    std::shared_ptr<Queued> kept, kept_tail;
-    while (head_) {
-      std::shared_ptr<Queued> q = std::move(head_);
-      head_ = std::move(q->next);
-      if (q->ch_id == id) {
-        drop.push_back(std::move(q));
-        continue;
-      }
-      if (kept_tail) {
-        kept_tail->next = q;
-      } else {
-        kept = q;
-      }
-      kept_tail = std::move(q);
-    }
-    head_ = std::move(kept);
-    tail_ = kept_tail.get();
-    std::erase(credit_ids_, id);
-    if (!head_) ready_.store(detached_, std::memory_order_relaxed);
-    return taps_.empty();
+    return taps_.size();
   }
 
   // No more channels will come: the queue lets go of it at its next look.
@@ -245,6 +275,9 @@ class NetSource final : public mbmq::detail::QueueSource {
       if (it == taps_.end()) continue;
       Tap& t = it->second;
       out.push_back({t.ch, t.ret_msgs, t.ret_bytes, t.queued == 0});
+      // Flushed at half the grant only (more of it queued): what stays in the channel goes when
+      // the queue next drains it.
+      t.owed = t.queued != 0;
       t.ret_msgs = t.ret_bytes = 0;
       t.credit_listed = false;
     }
@@ -261,6 +294,7 @@ class NetSource final : public mbmq::detail::QueueSource {
     std::uint64_t ret_msgs = 0, ret_bytes = 0;  // delivered one-way messages, credit not yet back
     std::uint64_t half_msgs = 1, half_bytes = 1;
     bool credit_listed = false;  // in credit_ids_
+    bool owed = false;           // the channel may hold released credit not yet sent (F5's IfHalf)
   };
 
   void signal_worker() noexcept {
@@ -277,7 +311,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   const void* const queue_id_;
   const std::weak_ptr<WorkerCore> w_;
   std::atomic<bool> ready_{false};
-  os::Mutex mu_;
+  mutable os::Mutex mu_;
   std::shared_ptr<Queued> head_ MBMQ_GUARDED_BY(mu_);
   Queued* tail_ MBMQ_GUARDED_BY(mu_) = nullptr;
   std::unordered_map<std::uint64_t, Tap> taps_ MBMQ_GUARDED_BY(mu_);
@@ -293,12 +327,14 @@ const std::byte* queued_vector(const mbmq::Buffer& b) noexcept {
 namespace {
 
 // (Q3) Progresses a worker with redirected channels while their servers sleep in their queues.
-// A waiter like any other (W1-W3), with no key of its own: any news may be its (flushes).
+// A waiter like any other (W1-W3), keyed by the worker's pump_key: whoever progresses the worker
+// flushes what its events brought redirected channels (progress_locked), so only the pump's own
+// end is news for it.
 void pump(std::shared_ptr<WorkerCore> w) {
   WaitPolicy sleep;
   sleep.mode = WaitMode::Sleep;
   for (;;) {
-    auto r = w->run_until(Deadline::after(std::chrono::seconds(1)), sleep, nullptr, [&] {
+    auto r = w->run_until(Deadline::after(std::chrono::seconds(1)), sleep, &w->pump_key, [&] {
       w->assert_held();
       return w->redirected == 0;
     });
@@ -390,14 +426,22 @@ void ChannelCore::unredirect_locked(std::vector<std::shared_ptr<void>>& drop) {
   }
   drop.push_back(std::move(source_));
   source_.reset();
-  if (w_->redirected > 0 && --w_->redirected == 0) w_->wake_waiters_locked(nullptr);  // (Q3)
+  if (w_->redirected > 0 && --w_->redirected == 0) w_->wake_waiters_locked(&w_->pump_key);  // Q3
 }
 
 Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& queue,
                              std::uint64_t key, bool adopt) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   if (!queue) return fail(Errc::InvalidArgument, "net::Channel::redirect: invalid queue");
-  std::shared_ptr<NetSource> fresh;  // made unlocked (it takes the queue's lock), if none yet
+  // Made unlocked (it takes the queue's lock) if the worker has no source for this queue; let go
+  // (detached: the queue drops it at its next look) on every way out that did not use it.
+  std::shared_ptr<NetSource> fresh;
+  struct Unused {
+    std::shared_ptr<NetSource>& s;
+    ~Unused() {
+      if (s) s->detach();
+    }
+  } unused{fresh};
   bool start_pump = false;
   for (;;) {
     {
@@ -418,6 +462,10 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
           src->add_tap(id_, this, key, weak_from_this(), adopt ? shared_from_this() : nullptr,
                        my_grant_.messages / 2, my_grant_.bytes / 2);
         } catch (const std::bad_alloc&) {
+          if (src->channel_count() == 0) {  // (ours, just added to the worker: let it go)
+            std::erase(w_->sources, src);
+            src->detach();
+          }
           return fail(Errc::System, "net::Channel::redirect: no memory");
         }
         source_ = std::move(src);
@@ -427,6 +475,9 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
           w_->pump_running = true;
           start_pump = true;
         }
+        // A thread inside receive() on this channel returns (InvalidArgument: receive() stops
+        // once source_ is set), as it would at a local end's redirect (there: Busy).
+        w_->wake_waiters_locked(this);
         // What already arrived goes to the queue now.
         note_tap_locked();
         w_->flush_taps_locked();
@@ -440,12 +491,15 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
       return fail(Errc::System, "net::Channel::redirect: no memory");
     }
   }
-  if (fresh) fresh->detach();  // another thread's source won: the queue lets ours go
   if (start_pump) {
     try {
       std::thread(pump, w_).detach();
     } catch (...) {
       std::vector<std::shared_ptr<void>> drop;
+      try {
+        drop.reserve(2);
+      } catch (...) {  // (then the drops below may throw: out of memory twice in a row)
+      }
       os::LockGuard lock(w_->mu);
       w_->pump_running = false;
       unredirect_locked(drop);
