@@ -2,8 +2,8 @@
 // comes back unchanged (it is already in the caller's buffer: the echo costs no copy). The
 // listeners are redirected to one queue, so one loop serves new connections and requests alike.
 // A NAME may be `ucx://ADDR:PORT/service` (mbmq::net, #19, where the build has UCX): its remote
-// clients are served by the same loop, through a net::Bridge (mbmq/net_bridge.h) whose accepted
-// connections a thread of ours adopts into the queue.
+// clients are served by the same loop: a thread of ours accepts them and hands each to the queue
+// (net::adopt: no thread per client, and the request is answered in the memory it arrived in).
 #include <atomic>
 #include <cstdio>
 #include <string_view>
@@ -13,7 +13,6 @@
 #include "mbmq/mbmq.h"
 #ifdef MBMQ_EXAMPLE_NET
 #include "mbmq/net.h"
-#include "mbmq/net_bridge.h"
 #endif
 
 namespace {
@@ -22,24 +21,23 @@ constexpr std::uint64_t kListenerKey = 0;
 std::atomic<std::uint64_t> next_key{1};  // channel keys, local and remote alike
 
 #ifdef MBMQ_EXAMPLE_NET
-// Accepts remote clients through a bridge and hands each to the queue, as the loop in main() does
-// for local ones (Kind::Connection). The thread and the bridge live as long as the program.
+// Accepts remote clients and hands each to the queue, as the loop in main() does for local ones
+// (Kind::Connection; a net::Listener cannot be redirected to a queue yet). The thread and the
+// listener live as long as the program.
 bool serve_remote(const char* url, mbmq::MsgQueue& queue) {
   auto listener = mbmq::net::listen(url);
   if (!listener) {
     std::fprintf(stderr, "echo_server: listen %s: %s\n", url, listener.error().message().c_str());
     return false;
   }
-  auto bridge = mbmq::net::Bridge::create(std::move(*listener));
-  if (!bridge) return false;
-  std::thread([&queue, b = std::move(*bridge)]() mutable {
+  std::thread([&queue, l = std::move(*listener)]() mutable {
     for (;;) {
-      auto ch = b.accept(mbmq::Deadline::never());
-      if (!ch) {  // Busy: max_connections remote clients already
+      auto ch = l.accept(mbmq::Deadline::never());
+      if (!ch) {
         std::fprintf(stderr, "echo_server: accept: %s\n", ch.error().message().c_str());
         continue;
       }
-      if (auto r = queue.adopt(std::move(*ch), next_key++); !r)
+      if (auto r = mbmq::net::adopt(queue, std::move(*ch), next_key++); !r)
         std::fprintf(stderr, "echo_server: adopt: %s\n", r.error().message().c_str());
     }
   }).detach();
