@@ -81,6 +81,8 @@ inline std::vector<std::byte> hello_payload(Grant grant, std::string_view servic
 class ChannelCore;
 class ListenCore;
 class NetSource;
+// (Q3) Pump threads started and not yet ended in this process.
+int pumps_running() noexcept;
 // (Q1) For tests: the start of the net vector a queue-delivered remote message's Buffer is over
 // (nullptr if it is not one): the same as Buffer::data() when nothing was copied.
 const std::byte* queued_vector(const mbmq::Buffer& b) noexcept;

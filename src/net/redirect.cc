@@ -162,6 +162,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   }
 
   void close() noexcept override {
+    if (!ucx_usable()) return;  // a forked child's copy: the parent's channels are not ours
     // The queue is being destroyed: every channel redirected here is closed (its peer's calls end
     // with PeerClosed), as the queue closes its local channel ends.
     std::vector<std::weak_ptr<ChannelCore>> chs;
@@ -229,6 +230,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   }
 
   std::size_t channel_count() const noexcept override {
+    if (!ucx_usable()) return 0;  // a forked child's copy (its lock may have been held)
     os::LockGuard lock(mu_);
     return taps_.size();
   }
@@ -246,7 +248,13 @@ class NetSource final : public mbmq::detail::QueueSource {
   void push(std::shared_ptr<Queued> q) {
     os::LockGuard lock(mu_);
     auto it = taps_.find(q->ch_id);
-    if (it == taps_.end()) return;  // (not redirected here any more: dropped by the caller)
+    // Never: a channel pushes only while its tap is here (both under the worker's mu; take()
+    // erases a tap only after its end, which is pushed last). Kept, not destroyed here: a
+    // request's reply token takes the worker's mu, held by our caller.
+    if (it == taps_.end()) {
+      orphans_.push_back(std::move(q));  // (unreachable; freed with the source)
+      return;
+    }
     ++it->second.queued;
     Queued* raw = q.get();
     if (tail_ != nullptr) {
@@ -270,6 +278,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   };
   void take_credit(std::vector<Credit>& out) {
     os::LockGuard lock(mu_);
+    out.reserve(out.size() + credit_ids_.size());  // may throw: before anything changes
     for (std::uint64_t id : credit_ids_) {
       auto it = taps_.find(id);
       if (it == taps_.end()) continue;
@@ -317,12 +326,21 @@ class NetSource final : public mbmq::detail::QueueSource {
   std::unordered_map<std::uint64_t, Tap> taps_ MBMQ_GUARDED_BY(mu_);
   std::vector<std::uint64_t> credit_ids_ MBMQ_GUARDED_BY(mu_);
   bool detached_ MBMQ_GUARDED_BY(mu_) = false;
+  std::vector<std::shared_ptr<Queued>> orphans_ MBMQ_GUARDED_BY(mu_);  // push() without a tap
 };
 
 const std::byte* queued_vector(const mbmq::Buffer& b) noexcept {
   const auto* q = dynamic_cast<const Queued*>(mbmq::detail::ForeignAccess::of(b));
   return q != nullptr ? q->buffer.data().data() : nullptr;
 }
+
+namespace {
+
+std::atomic<int> g_pumps{0};  // pump threads started and not yet ended (pumps_running())
+
+}  // namespace
+
+int pumps_running() noexcept { return g_pumps.load(std::memory_order_acquire); }
 
 namespace {
 
@@ -338,11 +356,16 @@ void pump(std::shared_ptr<WorkerCore> w) {
       w->assert_held();
       return w->redirected == 0;
     });
-    os::LockGuard lock(w->mu);
-    if (w->redirected == 0 || !r) {
-      w->pump_running = false;
-      return;
+    {
+      os::LockGuard lock(w->mu);
+      if (w->redirected == 0) {
+        w->pump_running = false;
+        g_pumps.fetch_sub(1, std::memory_order_release);
+        return;
+      }
     }
+    // Waiting failed (poll(): rare): the channels still need progress; a pause, not a spin.
+    if (!r) os::sleep_ns(1'000'000);
   }
 }
 
@@ -442,7 +465,6 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
       if (s) s->detach();
     }
   } unused{fresh};
-  bool start_pump = false;
   for (;;) {
     {
       os::LockGuard lock(w_->mu);
@@ -452,36 +474,58 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
       for (const auto& s : w_->sources)
         if (s->queue_id() == queue.get()) src = s;
       if (src || fresh) {
+        const bool ours = !src;  // the source made above: the worker's from here
         try {
-          if (!src) {
-            w_->sources.push_back(fresh);
-            src = fresh;
-            fresh.reset();
-          }
+          w_->sources.reserve(w_->sources.size() + 1);
           w_->tap_news.reserve(w_->redirected + 1);
+          if (ours) {
+            src = std::move(fresh);
+            w_->sources.push_back(src);
+          }
           src->add_tap(id_, this, key, weak_from_this(), adopt ? shared_from_this() : nullptr,
                        my_grant_.messages / 2, my_grant_.bytes / 2);
         } catch (const std::bad_alloc&) {
-          if (src->channel_count() == 0) {  // (ours, just added to the worker: let it go)
+          if (ours && src) {
             std::erase(w_->sources, src);
             src->detach();
           }
           return fail(Errc::System, "net::Channel::redirect: no memory");
         }
+        // (Q3) The pump first, before anything is committed: if no thread can be had, the
+        // channel is left as it was (its inbox not moved), and so is the worker's pump state.
+        if (!w_->pump_running) {
+          try {
+            g_pumps.fetch_add(1, std::memory_order_relaxed);
+            std::thread(pump, w_).detach();  // it waits for mu, then finds us redirected
+          } catch (...) {
+            g_pumps.fetch_sub(1, std::memory_order_relaxed);
+            std::vector<std::shared_ptr<void>> none;  // nothing queued of ours yet: stays empty
+            try {
+              none.reserve(2);
+            } catch (...) {
+            }
+            if (src->remove_tap(id_, none) && ours) {
+              std::erase(w_->sources, src);
+              src->detach();
+            }
+            return fail(Errc::System, "net::Channel::redirect: cannot start the pump thread");
+          }
+          w_->pump_running = true;
+        }
         source_ = std::move(src);
         tap_key_ = key;
         ++w_->redirected;
-        if (!w_->pump_running) {
-          w_->pump_running = true;
-          start_pump = true;
-        }
         // A thread inside receive() on this channel returns (InvalidArgument: receive() stops
         // once source_ is set), as it would at a local end's redirect (there: Busy).
         w_->wake_waiters_locked(this);
+        // What the application received before took credit that a flush at half the grant may
+        // have kept back (F5): it goes now, or a request-only peer could stall on it for good
+        // (second review of rev-redirect).
+        flush_credit_locked(Flush::IfAny);
         // What already arrived goes to the queue now.
         note_tap_locked();
         w_->flush_taps_locked();
-        break;
+        return {};
       }
     }
     try {
@@ -491,22 +535,6 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
       return fail(Errc::System, "net::Channel::redirect: no memory");
     }
   }
-  if (start_pump) {
-    try {
-      std::thread(pump, w_).detach();
-    } catch (...) {
-      std::vector<std::shared_ptr<void>> drop;
-      try {
-        drop.reserve(2);
-      } catch (...) {  // (then the drops below may throw: out of memory twice in a row)
-      }
-      os::LockGuard lock(w_->mu);
-      w_->pump_running = false;
-      unredirect_locked(drop);
-      return fail(Errc::System, "net::Channel::redirect: cannot start the pump thread");
-    }
-  }
-  return {};
 }
 
 }  // namespace detail

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <vector>
 
@@ -43,6 +44,11 @@ struct BytesOf {
   friend type get(BytesOf);
 };
 template struct Rob<BytesOf, &net::detail::Spares::bytes_>;
+struct InboxOf {
+  using type = std::deque<net::Message> net::detail::ChannelCore::*;
+  friend type get(InboxOf);
+};
+template struct Rob<InboxOf, &net::detail::ChannelCore::inbox_>;
 
 // The channel's core (null once closed).
 inline std::shared_ptr<net::detail::ChannelCore>& core_of(net::Channel& c) {
@@ -58,6 +64,8 @@ inline std::vector<std::size_t> capacities(const net::detail::Spares& s) {
   return caps;
 }
 inline std::size_t held_bytes(const net::detail::Spares& s) { return s.*get(BytesOf{}); }
+// Messages in a channel's inbox, received or being received (under its worker's mu).
+inline std::size_t inbox_size(net::detail::ChannelCore& c) { return (c.*get(InboxOf{})).size(); }
 
 }  // namespace
 }  // namespace mbmq::test

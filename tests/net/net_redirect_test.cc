@@ -454,6 +454,7 @@ TEST(NetRedirect, SixtyFourRemoteChannelsCostOneThreadAndAreAllServed) {
   for (Deadline d = secs(5); !d.expired() && now != before; now = task_count())
     os::sleep_ns(1'000'000);
   EXPECT_EQ(now, before) << "the pump thread did not end with its last channel";
+  EXPECT_EQ(net::detail::pumps_running(), 0);
 }
 
 // An event loop on the queue's fd (as mbmq/asio.h) hears of a remote message.

@@ -905,3 +905,57 @@ TEST(ReviewRedirect, DestroyingTheQueueWithRequestsQueuedEndsTheCallersAndThePum
 
 }  // namespace
 }  // namespace mbmq
+
+namespace mbmq {
+namespace {
+
+// Second review (read, not run): credit the application released through receive() before the
+// redirect, kept back by F5's half-grant batching (a request was queued behind), was never given
+// back: the queue lists a channel for credit only for what it delivered itself. A peer that then
+// sends only requests waits on that credit for good. Fixed: redirect() flushes what receive()
+// released. Before: the 70,000-byte call below timed out (40,000 of a 100,000-byte grant held).
+TEST(ReviewRedirect, CreditReleasedByReceiveBeforeTheRedirectIsGivenBack) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  net::ListenOptions lo;
+  lo.inbox_bytes = 100'000;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_TRUE(l) << l.error().message();
+  Remote r = connect_one(*l);
+  ASSERT_TRUE(r.client.send(test::filled(r.client, 40'000)));       // one-way, below half the grant
+  ASSERT_TRUE(r.client.send_request(test::filled(r.client, 100)));  // queued behind it
+  // Both in the server's inbox before it receives the first (the second then holds F5 back).
+  for (Deadline d = secs(5); !d.expired();) {
+    net::detail::ChannelCore* core = test::core_of(r.server).get();
+    std::size_t n = 0;
+    {
+      os::LockGuard lock(core->w_->mu);
+      core->w_->progress_locked();
+      n = test::inbox_size(*core);
+    }
+    if (n >= 2) break;
+    os::sleep_ns(1'000'000);
+  }
+  auto first = r.server.receive(secs(5));
+  ASSERT_TRUE(first && first->kind == Kind::Message);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  ASSERT_TRUE(r.server.redirect(*q, 1));
+  std::thread serve([&] {
+    for (int i = 0; i < 2; ++i) {
+      auto m = q->wait(secs(20));
+      if (!m) return;
+      if (m->kind == Kind::Request) (void)MsgQueue::reply(std::move(*m));
+    }
+  });
+  auto b = test::filled(r.client, 70'000);
+  Status s = r.client.call(b, secs(5));
+  EXPECT_TRUE(s) << "a call within the grant: " << s.error().message();
+  // The send_request's reply comes to the client's receive().
+  auto rep = r.client.receive(secs(5));
+  EXPECT_TRUE(rep && rep->kind == Kind::Reply);
+  serve.join();
+}
+
+}  // namespace
+}  // namespace mbmq
