@@ -2,7 +2,9 @@
 // sides; one-way messages; NoReply; timeouts; misuse.
 #include <gtest/gtest.h>
 
+#include <span>
 #include <thread>
+#include <vector>
 
 #include "test_util.h"
 
@@ -62,6 +64,30 @@ TEST_P(CallSizes, ReplyArrivesInTheSameBufferIntactAcrossProcesses) {
 
 INSTANTIATE_TEST_SUITE_P(Payloads, CallSizes,
                          ::testing::Values(0, 1, 64, 4096, 1 << 20, 64 << 20, 256 << 20));
+
+// fill() and check() (test_util.h) copy and compare runs of one 512-byte row: the same bytes as
+// pattern(), one at a time, past i >> 12 = 256 (1 MiB), at odd sizes; one byte off anywhere fails.
+TEST(Test, FillAndCheckAreThePatternByteForByte) {
+  std::vector<std::byte> d((3 << 20) + 77);
+  for (std::uint64_t seq : {0ULL, 1ULL, 37ULL, 1'000'000ULL, ~0ULL}) {
+    for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{255}, std::size_t{256},
+                          std::size_t{257}, std::size_t{4097}, d.size()}) {
+      std::span<std::byte> s(d.data(), n);
+      fill(s, seq);
+      std::size_t i = 0;
+      while (i < n && s[i] == test::pattern(seq, i)) ++i;
+      ASSERT_EQ(i, n) << "seq " << seq << " size " << n << ": byte " << i << " differs";
+      ASSERT_TRUE(check(s, seq));
+      if (n == 0) continue;
+      EXPECT_FALSE(check(s, seq + 1));
+      for (std::size_t at : {std::size_t{0}, n / 2, n - 1}) {
+        s[at] ^= std::byte{1};
+        EXPECT_FALSE(check(s, seq)) << "seq " << seq << " size " << n << " byte " << at;
+        s[at] ^= std::byte{1};
+      }
+    }
+  }
+}
 
 TEST(Call, OneWayMessagesArriveAndTheirBuffersComeBack) {
   ChannelOptions opt;

@@ -14,6 +14,7 @@
 #include "os/fault.h"
 #include "os/tcp.h"
 #include "os/unix_socket.h"
+#include "support/fast.h"
 #include "test_util.h"
 
 namespace mbmq {
@@ -24,20 +25,14 @@ using test::secs;
 using test::spawn;
 
 // An FNV-style hash, 8 bytes a step: what both sides compare. Hashing a sequence in pieces gives
-// the same result as in one go when every piece but the last is a multiple of 8 bytes long.
-std::uint64_t fnv(std::span<const std::byte> d, std::uint64_t h = 1469598103934665603ull) {
-  std::size_t i = 0;
-  for (; i + 8 <= d.size(); i += 8) {
-    std::uint64_t w;
-    std::memcpy(&w, d.data() + i, 8);
-    h = (h ^ w) * 1099511628211ull;
-  }
-  for (; i < d.size(); ++i) h = (h ^ static_cast<std::uint64_t>(d[i])) * 1099511628211ull;
-  return h;
+// the same result as in one go when every piece but the last is a multiple of 8 bytes long. It and
+// the files' bytes (file_byte: position-dependent, so a shifted or reordered range fails) are
+// support/fast.h's, built optimised also where this file is not (the ASan build).
+std::uint64_t fnv(std::span<const std::byte> d, std::uint64_t h = test::kFnvOffset) {
+  return test::fnv8(d, h);
 }
-
-// Byte i of the test files: position-dependent, so a shifted or reordered range fails.
-std::byte file_byte(std::uint64_t i) { return static_cast<std::byte>((i * 2654435761u) >> 13); }
+using test::file_byte;
+using test::fill_file_bytes;
 
 struct TempFile {
   std::string path;
@@ -51,7 +46,7 @@ struct TempFile {
     std::vector<std::byte> chunk(1 << 20);
     for (std::uint64_t at = 0; at < size; at += chunk.size()) {
       std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), size - at));
-      for (std::size_t i = 0; i < n; ++i) chunk[i] = file_byte(at + i);
+      fill_file_bytes({chunk.data(), n}, at);
       EXPECT_TRUE(os::pwrite_full(fd.get(), {chunk.data(), n}, at));
     }
   }
@@ -61,11 +56,11 @@ struct TempFile {
 };
 
 std::uint64_t expected_fnv(std::uint64_t offset, std::uint64_t length) {
-  std::uint64_t h = 1469598103934665603ull;
+  std::uint64_t h = test::kFnvOffset;
   std::vector<std::byte> chunk(1 << 20);
   for (std::uint64_t at = 0; at < length; at += chunk.size()) {
     std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), length - at));
-    for (std::size_t i = 0; i < n; ++i) chunk[i] = file_byte(offset + at + i);
+    fill_file_bytes({chunk.data(), n}, offset + at);
     h = fnv({chunk.data(), n}, h);
   }
   return h;
@@ -204,7 +199,7 @@ struct Drain {
   std::thread t;
   Drain(int sock, std::uint64_t length) {
     t = std::thread([this, sock, length] {
-      std::uint64_t h = 1469598103934665603ull;
+      std::uint64_t h = test::kFnvOffset;
       std::vector<std::byte> buf(1 << 20);
       // Whole 1 MiB pieces (see fnv): read until the piece is full or the stream ends.
       for (bool eof = false; !eof && got < length;) {
@@ -302,7 +297,7 @@ TEST(Egress, SendBufferFromASlotAndFromAnExtent) {
     SCOPED_TRACE(size);
     auto b = p->first.buffer(size);
     ASSERT_TRUE(b);
-    for (std::size_t i = 0; i < size; ++i) b->data()[i] = file_byte(i);
+    fill_file_bytes(b->data().first(size), 0);
     auto s = os::stream_pair();
     ASSERT_TRUE(s);
     Drain d(s->second.get(), size);

@@ -14,6 +14,7 @@
 #include "os/mapping.h"
 #include "os/memfd.h"
 #include "os/process.h"
+#include "support/fast.h"
 #include "test_util.h"
 
 namespace mbmq {
@@ -23,9 +24,18 @@ using test::join;
 using test::secs;
 using test::spawn;
 
-void scribble(std::span<std::byte> seg, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  for (auto& b : seg) b = static_cast<std::byte>(rng());
+void scribble(std::span<std::byte> seg, std::uint32_t seed) { test::fill_mt19937(seg, seed); }
+
+// scribble()'s bytes (support/fast.cc's engine) are std::mt19937's, as they were.
+TEST(Hostile, ScribbleIsStdMt19937) {
+  std::vector<std::byte> d(100'000);
+  for (std::uint32_t seed : {0u, 1u, 29u, 199u}) {
+    scribble(d, seed);
+    std::mt19937 rng(seed);
+    std::size_t i = 0;
+    while (i < d.size() && d[i] == static_cast<std::byte>(rng())) ++i;
+    ASSERT_EQ(i, d.size()) << "seed " << seed << ": byte " << i << " differs";
+  }
 }
 
 TEST(Hostile, GarbageOverOneSegmentFailsOnlyThatChannel) {

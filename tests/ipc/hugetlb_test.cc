@@ -30,6 +30,7 @@
 #include "os/mapping.h"
 #include "os/memfd.h"
 #include "os/process.h"
+#include "support/fast.h"
 #include "test_util.h"
 
 namespace mbmq {
@@ -125,11 +126,7 @@ ChannelOptions untrusted_server() {
   return o;
 }
 
-std::uint64_t hash(std::span<const std::byte> d) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (std::byte b : d) h = (h ^ static_cast<std::uint64_t>(b)) * 1099511628211ull;
-  return h;
-}
+std::uint64_t hash(std::span<const std::byte> d) { return test::fnv1a(d); }
 
 bool blksize_is_2m(int fd) {
   struct stat st {};

@@ -16,6 +16,7 @@
 #include "os/mapping.h"
 #include "os/memfd.h"
 #include "os/process.h"
+#include "support/fast.h"
 #include "test_util.h"
 
 namespace mbmq {
@@ -25,11 +26,7 @@ using test::join;
 using test::secs;
 using test::spawn;
 
-std::uint64_t hash(std::span<const std::byte> d) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (std::byte b : d) h = (h ^ static_cast<std::uint64_t>(b)) * 1099511628211ull;
-  return h;
-}
+std::uint64_t hash(std::span<const std::byte> d) { return test::fnv1a(d); }
 
 // The sealed path above 64 KiB (the slot size): copy_threshold's default copies everything.
 constexpr std::uint32_t kSealAbove64K = 64 * 1024;

@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include "net/net_pair.h"
 #include "net/net_util.h"
 #include "os/process.h"
+#include "support/fast.h"
 #include "test_util.h"
 
 namespace mbmq {
@@ -31,7 +33,7 @@ using test::url;
 
 // The server's answer to a request: every byte + 1, and one byte more.
 void answer(net::Buffer& b) {
-  for (auto& x : b.data()) x = static_cast<std::byte>(static_cast<unsigned>(x) + 1);
+  test::add_to_each(b.data(), 1);
   const std::size_t n = b.size();
   if (b.resize(n + 1)) b.data()[n] = std::byte{0x5a};
 }
@@ -694,8 +696,12 @@ TEST(NetReview, BufferNeverHandsOutAnotherChannelsBytes) {
 TEST(NetReview, ATimedOutCallsInFlightRequestIsRecycledOnlyOnceSent) {
   constexpr std::size_t kSize = 8u << 20;
   constexpr int kCalls = 6;
-  auto pattern = [](std::size_t i, int call) {
-    return static_cast<std::byte>((i * 131 + static_cast<std::size_t>(call) * 17) & 0xff);
+  // Byte i of call `call`'s request: (i * 131 + call * 17) & 0xff, a row of 256 repeated.
+  auto pattern = [](int call) {
+    std::array<std::byte, 256> row;
+    for (std::size_t i = 0; i < row.size(); ++i)
+      row[i] = static_cast<std::byte>((i * 131 + static_cast<std::size_t>(call) * 17) & 0xff);
+    return row;
   };
   Pipe p = Pipe::make(), go = Pipe::make();
   pid_t server = spawn([&]() -> int {
@@ -710,9 +716,7 @@ TEST(NetReview, ATimedOutCallsInFlightRequestIsRecycledOnlyOnceSent) {
       if (!m) return 12;
       if (m->kind == Kind::PeerClosed) return call == kCalls + 1 ? 0 : 13;
       if (m->buffer.size() != kSize) return 14;
-      const auto d = m->buffer.data();
-      for (std::size_t i = 0; i < kSize; ++i)
-        if (d[i] != pattern(i, call)) return 20 + call;
+      if (test::mismatches_repeating(m->buffer.data(), pattern(call)) != 0) return 20 + call;
       answer(m->buffer);
       if (!net::Channel::reply(std::move(*m))) return 15;
     }
@@ -724,7 +728,7 @@ TEST(NetReview, ATimedOutCallsInFlightRequestIsRecycledOnlyOnceSent) {
   {
     auto b = ch->buffer(kSize);
     ASSERT_TRUE(b);
-    for (std::size_t i = 0; i < kSize; ++i) b->data()[i] = pattern(i, 0);
+    test::fill_repeating(b->data(), pattern(0));
     Status s = ch->call(*b, Deadline::after(std::chrono::milliseconds(100)));
     go.put(1);
     ASSERT_FALSE(s);
@@ -733,14 +737,11 @@ TEST(NetReview, ATimedOutCallsInFlightRequestIsRecycledOnlyOnceSent) {
   for (int call = 1; call <= kCalls; ++call) {
     auto b = ch->buffer(kSize);
     ASSERT_TRUE(b) << call;
-    for (std::size_t i = 0; i < kSize; ++i) b->data()[i] = pattern(i, call);
+    test::fill_repeating(b->data(), pattern(call));
     ASSERT_TRUE(ch->call(*b, secs(20))) << call;
     ASSERT_EQ(b->size(), kSize + 1) << call;
-    const auto d = b->data();
-    std::size_t bad = 0;
-    for (std::size_t i = 0; i < kSize; ++i)
-      bad += d[i] != static_cast<std::byte>(static_cast<unsigned>(pattern(i, call)) + 1);
-    ASSERT_EQ(bad, 0u) << call;
+    // The first kSize bytes, each one more than sent (answer()).
+    ASSERT_EQ(test::mismatches_repeating(b->data().first(kSize), pattern(call), 1), 0u) << call;
   }
   ch->close();
   EXPECT_EQ(join(server), 0);
