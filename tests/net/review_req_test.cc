@@ -55,10 +55,7 @@ struct LingeringOf {
   friend auto get(LingeringOf);
 };
 template struct RobAuto<LingeringOf, &net::detail::ChannelCore::lingering_>;
-struct InboxOf {
-  friend auto get(InboxOf);
-};
-template struct RobAuto<InboxOf, &net::detail::ChannelCore::inbox_>;
+// InboxOf: net_access.h's.
 struct TokenOf {
   friend auto get(TokenOf);
 };
