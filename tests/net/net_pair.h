@@ -55,6 +55,25 @@ inline std::optional<Pair> make_pair(const net::ListenOptions& lo = {},
   return Pair{std::move(*l), std::move(*s), std::move(**c)};
 }
 
+// A listener's accepted channel and its client, connected here (connect() on a thread while the
+// listener accepts); both empty, and a test failure, if either failed.
+struct Remote {
+  net::Channel server, client;
+};
+inline Remote connect_one(net::Listener& l, const net::ConnectOptions& co = {}) {
+  std::optional<Result<net::Channel>> c;
+  std::thread t([&] { c.emplace(net::connect(url(l.port()), secs(10), co)); });
+  auto s = l.accept(secs(10));
+  t.join();
+  EXPECT_TRUE(s) << s.error().message();
+  EXPECT_TRUE(*c) << (*c).error().message();
+  if (!s || !*c) return {};
+  return Remote{std::move(*s), std::move(**c)};
+}
+
+// Threads of this process now.
+inline int task_count() { return static_cast<int>(os::dir_listing("/proc/self/task").size()); }
+
 // A listener with `n` accepted channels (all on the listener's one worker) and their clients.
 struct Many {
   net::Listener l;

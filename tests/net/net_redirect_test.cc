@@ -27,22 +27,9 @@ using namespace std::chrono_literals;
 using test::secs;
 using test::url;
 
-// A listener's accepted channel and its client, connected here.
-struct Remote {
-  net::Channel server, client;
-};
-Remote connect_one(net::Listener& l, const net::ConnectOptions& co = {}) {
-  std::optional<Result<net::Channel>> c;
-  std::thread t([&] { c.emplace(net::connect(url(l.port()), secs(10), co)); });
-  auto s = l.accept(secs(10));
-  t.join();
-  EXPECT_TRUE(s) << s.error().message();
-  EXPECT_TRUE(*c) << (*c).error().message();
-  if (!s || !*c) return {};
-  return Remote{std::move(*s), std::move(**c)};
-}
-
-int task_count() { return static_cast<int>(os::dir_listing("/proc/self/task").size()); }
+using test::connect_one;
+using test::Remote;
+using test::task_count;
 
 // The server loop: every request's bytes + 1 back, in the buffer it came in; one-way messages
 // counted (and their first 4 bytes, in order, per key); the ends recorded.

@@ -32,19 +32,9 @@ using namespace std::chrono_literals;
 using test::secs;
 using test::url;
 
-struct Remote {
-  net::Channel server, client;
-};
-Remote connect_one(net::Listener& l, const net::ConnectOptions& co = {}) {
-  std::optional<Result<net::Channel>> c;
-  std::thread t([&] { c.emplace(net::connect(url(l.port()), secs(10), co)); });
-  auto s = l.accept(secs(10));
-  t.join();
-  EXPECT_TRUE(s) << s.error().message();
-  EXPECT_TRUE(*c) << (*c).error().message();
-  if (!s || !*c) return {};
-  return Remote{std::move(*s), std::move(**c)};
-}
+using test::connect_one;
+using test::Remote;
+using test::task_count;
 
 // QueueCore::sources_ (private), for counting: the explicit-instantiation rule (net_access.h).
 template <typename Tag, typename Tag::type M>
@@ -67,8 +57,6 @@ std::size_t sources_of(MsgQueue& q) {
   (void)q.wait(Deadline::immediate());
   return ((*detail::QueueAccess::core(q)).*get(SourcesOf{})).size();
 }
-
-int task_count() { return static_cast<int>(os::dir_listing("/proc/self/task").size()); }
 
 // Every request's bytes + 1 back; one-way messages' first 4 bytes recorded per key, in order;
 // every PeerClosed counted per key, with how many one-way messages of that key came before it.
