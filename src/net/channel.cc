@@ -209,6 +209,20 @@ Result<std::shared_ptr<WorkerCore>> WorkerCore::make(const Ucx* u) {
 WorkerCore::~WorkerCore() {
   // In a forked child UCX must not be touched: the worker is left as it is.
   if (worker == nullptr || !ucx_usable()) return;
+  // (Q3) The pump first: it uses this worker until it has seen pump_stop.
+  std::thread pump;
+  {
+    os::LockGuard lock(mu);
+    pump_stop = true;
+    wake_waiters_locked(&pump_key);
+    pump = std::move(pump_thread);
+  }
+  if (pump.joinable()) {
+    if (pump.get_id() == std::this_thread::get_id())
+      pump.detach();  // (its own last step dropped us: it returns right after)
+    else
+      pump.join();
+  }
   {
     os::LockGuard lock(mu);
     for (const Deferred& d : deferred) u->ucp_am_data_release(worker, d.desc);

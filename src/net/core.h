@@ -23,6 +23,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -442,6 +443,13 @@ class WorkerCore {
   // drops to 0), not for every event of the worker's other channels (a keyless pump cost them a
   // ucp_worker_signal per event: review rev-redirect).
   const char pump_key = 0;
+  // The pump thread (joinable): it holds no reference to us, so the worker is destroyed by its
+  // last owner, synchronously; ~WorkerCore stops and joins the pump first. (A pump holding the
+  // last reference destroyed the worker on its own thread after its owners were gone, racing
+  // UCX's exit-time cleanup when the program exited right after: "vfs_obj.c:365 Assertion", CI
+  // 2026-12-02.) A pump that ended is joined by the next redirect that starts one.
+  std::thread pump_thread MBMQ_GUARDED_BY(mu);
+  bool pump_stop MBMQ_GUARDED_BY(mu) = false;
   // (Q2-Q4) Moves what tap_news' channels received (and their ends) to their sources, gives back
   // the credit the queues' takes released, and wakes the queues. At the end of progress_locked().
   void flush_taps_locked() const MBMQ_REQUIRES(mu);

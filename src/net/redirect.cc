@@ -347,18 +347,18 @@ namespace {
 // (Q3) Progresses a worker with redirected channels while their servers sleep in their queues.
 // A waiter like any other (W1-W3), keyed by the worker's pump_key: whoever progresses the worker
 // flushes what its events brought redirected channels (progress_locked), so only the pump's own
-// end is news for it.
-void pump(std::shared_ptr<WorkerCore> w) {
+// end is news for it. It holds no reference to the worker (~WorkerCore stops and joins it).
+void pump(WorkerCore* w) {
   WaitPolicy sleep;
   sleep.mode = WaitMode::Sleep;
   for (;;) {
     auto r = w->run_until(Deadline::after(std::chrono::seconds(1)), sleep, &w->pump_key, [&] {
       w->assert_held();
-      return w->redirected == 0;
+      return w->redirected == 0 || w->pump_stop;
     });
     {
       os::LockGuard lock(w->mu);
-      if (w->redirected == 0) {
+      if (w->redirected == 0 || w->pump_stop) {
         w->pump_running = false;
         g_pumps.fetch_sub(1, std::memory_order_release);
         return;
@@ -458,6 +458,13 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
   if (!queue) return fail(Errc::InvalidArgument, "net::Channel::redirect: invalid queue");
   // Made unlocked (it takes the queue's lock) if the worker has no source for this queue; let go
   // (detached: the queue drops it at its next look) on every way out that did not use it.
+  std::thread ended;  // a pump that ended: joined once our lock is released (declared first)
+  struct JoinEnded {
+    std::thread& t;
+    ~JoinEnded() {
+      if (t.joinable()) t.join();
+    }
+  } join_ended{ended};
   std::shared_ptr<NetSource> fresh;
   struct Unused {
     std::shared_ptr<NetSource>& s;
@@ -496,7 +503,11 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
         if (!w_->pump_running) {
           try {
             g_pumps.fetch_add(1, std::memory_order_relaxed);
-            std::thread(pump, w_).detach();  // it waits for mu, then finds us redirected
+            // An earlier pump that ended (pump_running false: it only returns now) is joined
+            // unlocked, below; the new one waits for mu, then finds us redirected.
+            std::thread next(pump, w_.get());
+            ended = std::move(w_->pump_thread);
+            w_->pump_thread = std::move(next);
           } catch (...) {
             g_pumps.fetch_sub(1, std::memory_order_relaxed);
             std::vector<std::shared_ptr<void>> none;  // nothing queued of ours yet: stays empty

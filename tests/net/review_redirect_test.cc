@@ -150,7 +150,7 @@ bool raw_accept(net::Listener& l, test::RawClient& raw, net::Channel* out) {
 TEST(ReviewRedirect, PeerClosedReachesTheQueueWhenAPayloadWasStillComing) {
   // Under ASan, LeakSanitizer's own tracer crashed at this test's exit, after it passed, in 2 of 2
   // ctest runs ("Tracer caught signal 11" on the main thread, with UCX's and mbmq::net's threads
-  // alive), as ReviewNetSib.DeferredPayloadOfAClosedChannel... once did: run in Release and TSan.
+  // alive), as ReviewNetSib.DeferredPayloadOfAClosedChannel... once did: run in Release only.
   if (test::kSanitized) GTEST_SKIP() << "LeakSanitizer's tracer crashes at exit (see above)";
   ::setenv("UCX_TLS", "tcp", 1);
   test::Watchdog dog("the test", 60s);
@@ -781,7 +781,7 @@ TEST(ReviewRedirect, LargeOneWayMessagesBetweenCallsDoNotStall) {
 TEST(ReviewRedirect, APeerTimeoutEndsAnAdoptedChannelOnTheQueue) {
   // Under ASan, LeakSanitizer's own tracer crashed at this test's exit, after it passed, in 2 of 2
   // ctest runs ("Tracer caught signal 11" on the main thread, with UCX's and mbmq::net's threads
-  // alive), as ReviewNetSib.DeferredPayloadOfAClosedChannel... once did: run in Release and TSan.
+  // alive), as ReviewNetSib.DeferredPayloadOfAClosedChannel... once did: run in Release only.
   if (test::kSanitized) GTEST_SKIP() << "LeakSanitizer's tracer crashes at exit (see above)";
   ::setenv("UCX_TLS", "tcp", 1);
   test::Watchdog dog("the test", 60s);
