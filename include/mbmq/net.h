@@ -52,6 +52,10 @@ class Channel;
 // `key`, and kept open by the queue until it has delivered the channel's Kind::PeerClosed (or
 // is destroyed). `channel` is left empty. Errors as Channel::redirect.
 Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key);
+// The remote channel of a Kind::Connection message from a redirected net::Listener
+// (Listener::redirect; msg.remote), taken out of the message: keep it, or net::adopt() it.
+// Errc::InvalidArgument if msg holds none (a local Listener's connection is msg.channel).
+Result<Channel> accepted(mbmq::Message& msg);
 
 // A message buffer of a remote channel: private memory of this process (UCX moves the bytes; over
 // TCP the kernel copies them). A call's reply arrives in the caller's own buffer.
@@ -215,6 +219,7 @@ class Channel {
   friend Result<Channel> connect(std::string_view, Deadline, const ConnectOptions&);
   friend Status adopt(MsgQueue&, Channel&&, std::uint64_t);
   friend class Listener;
+  friend class detail::ListenCore;  // a redirected listener's connections (Listener::redirect)
   explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
   std::shared_ptr<detail::ChannelCore> core_;
 };
@@ -248,8 +253,20 @@ class Listener {
   Listener& operator=(const Listener&) = delete;
   ~Listener();
 
-  // The server's end of the next accepted connection. Errc::TimedOut at the deadline.
+  // The server's end of the next accepted connection. Errc::TimedOut at the deadline;
+  // Errc::InvalidArgument once redirected to a queue (a thread inside accept() then returns).
   Result<Channel> accept(Deadline deadline);
+  // Delivers every connection accepted from now on (and any accepted but not yet taken by
+  // accept()) to `queue` as a Message{key, Kind::Connection} whose `remote` holds the server's
+  // end (net::accepted(msg) takes it; dropped, the connection closes and the client sees
+  // PeerClosed), as mbmq::Listener::redirect does with local ones: one loop serves new local and
+  // remote connections and their requests, with no thread of the application in accept(). The
+  // listener's pump thread (as for redirected channels) progresses the handshakes while the
+  // server waits in the queue, and frees failed ones. Destroying the listener ends the
+  // deliveries (connections already delivered are not affected); once the queue is destroyed,
+  // each new connection is closed at once (its client sees PeerClosed). Errc::InvalidArgument if
+  // redirected already.
+  Status redirect(MsgQueue& queue, std::uint64_t key);
   ListenerStats stats() const noexcept;
   // The port bound (useful after listening on port 0).
   std::uint16_t port() const noexcept;

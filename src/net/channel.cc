@@ -335,7 +335,10 @@ bool WorkerCore::progress_locked(const void* mine, bool* stopped_early) const {
   }
   progress_for = nullptr;
   // (Q2-Q4) What redirected channels received goes to their queues; released credit goes back.
-  if (!tap_news.empty() || credit_due.load(std::memory_order_relaxed)) flush_taps_locked();
+  // (Q6) And a redirected listener's connections that became acceptable (ready_ is empty but
+  // for those whose HelloAck has not left: a look at an empty deque per progress).
+  if (!tap_news.empty() || credit_due.load(std::memory_order_relaxed) || listen_tap != nullptr)
+    flush_taps_locked();
   if (stopped_early != nullptr) *stopped_early = more;
   if (events == 0) return false;
   if (gen_sleepers > 0) wake_gen_locked();  // (W1)

@@ -450,6 +450,15 @@ class WorkerCore {
   // 2026-12-02.) A pump that ended is joined by the next redirect that starts one.
   std::thread pump_thread MBMQ_GUARDED_BY(mu);
   bool pump_stop MBMQ_GUARDED_BY(mu) = false;
+  // (Q6) The worker's listener, while it is redirected to a queue (Listener::redirect): each
+  // flush delivers its acceptable connections (ListenCore::deliver_locked); the pump frees its
+  // failed ones. Counted in `redirected`. Cleared by ~ListenCore.
+  ListenCore* listen_tap MBMQ_GUARDED_BY(mu) = nullptr;
+  // (Q2) The worker's source for the queue `queue_id` (a QueueCore*), or nullptr.
+  std::shared_ptr<NetSource> source_of_locked(const void* queue_id) const MBMQ_REQUIRES(mu);
+  // (Q3) Starts the pump thread if it does not run: false if no thread can be had. A pump that
+  // ended is moved to `ended`, for the caller to join once mu is released.
+  bool start_pump_locked(std::thread& ended) MBMQ_REQUIRES(mu);
   // (Q2-Q4) Moves what tap_news' channels received (and their ends) to their sources, gives back
   // the credit the queues' takes released, and wakes the queues. At the end of progress_locked().
   void flush_taps_locked() const MBMQ_REQUIRES(mu);
@@ -782,6 +791,17 @@ class ListenCore {
   ListenCore& operator=(const ListenCore&) = delete;
 
   Result<std::shared_ptr<ChannelCore>> accept(Deadline deadline);
+  // (Q6) Listener::redirect (net/redirect.cc).
+  Status redirect(const std::shared_ptr<mbmq::detail::QueueCore>& queue, std::uint64_t key);
+  // (Q6) At each flush while redirected: every acceptable connection of ready_ goes to the
+  // queue's source as a Kind::Connection (or, the queue gone, to graveyard_).
+  void deliver_locked() MBMQ_REQUIRES(w_->mu);
+  // (Q6) For the pump, which destroys them unlocked: failed connections nobody accept()s.
+  bool graveyard_due_locked() const MBMQ_REQUIRES(w_->mu) { return !graveyard_.empty(); }
+  void take_graveyard_locked(std::vector<std::shared_ptr<ChannelCore>>& empty)
+      MBMQ_REQUIRES(w_->mu) {
+    empty.swap(graveyard_);  // no allocation
+  }
   ListenerStats stats() noexcept;
   std::uint16_t port() const noexcept { return port_; }
 
@@ -801,6 +821,9 @@ class ListenCore {
   ListenCore(std::shared_ptr<WorkerCore> w, std::string service, ListenOptions options)
       : w_(std::move(w)), service_(std::move(service)), options_(std::move(options)) {}
   void expire_pending_locked() MBMQ_REQUIRES(w_->mu);
+  // (Q6) No longer redirected (the destructor): the source, out of the worker's list if we were
+  // its last user, goes to `out` (destroyed unlocked: its undelivered connections close).
+  void unredirect_locked(std::shared_ptr<NetSource>& out) MBMQ_REQUIRES(w_->mu);
 
   ucp_listener_h listener_ MBMQ_GUARDED_BY(w_->mu) = nullptr;
   std::uint16_t port_ = 0;
@@ -811,6 +834,8 @@ class ListenCore {
   // Channels dropped inside a callback: destroyed later, outside mu (their destructor takes it).
   std::vector<std::shared_ptr<ChannelCore>> graveyard_ MBMQ_GUARDED_BY(w_->mu);
   ListenerStats stats_ MBMQ_GUARDED_BY(w_->mu);
+  // (Q6) Where connections go once redirected (also listed in w_->sources); its queue's key.
+  std::shared_ptr<NetSource> source_ MBMQ_GUARDED_BY(w_->mu);
 };
 
 // Watches `ch` from mbmq::net's keeper thread (started on first use) until it is gone: heartbeats

@@ -74,9 +74,11 @@ Result<std::shared_ptr<ListenCore>> ListenCore::make(const Ucx* u, const std::st
 ListenCore::~ListenCore() {
   if (!ucx_usable()) return;
   std::vector<std::shared_ptr<ChannelCore>> drop;  // destroyed unlocked (they take the lock)
+  std::shared_ptr<NetSource> source;               // (Q6) the same (its connections would)
   os::LockGuard lock(w_->mu);
   if (listener_ != nullptr) w_->u->ucp_listener_destroy(listener_);
   listener_ = nullptr;
+  unredirect_locked(source);
   for (auto& c : pending_) {
     c->assert_held();  // our worker's
     c->listener_ = nullptr;
@@ -181,11 +183,13 @@ Result<std::shared_ptr<ChannelCore>> ListenCore::accept(Deadline deadline) {
     };
     const bool ready = MBMQ_TRY(w_->run_until(d, WaitPolicy{WaitMode::Sleep}, this, [&] {
       w_->assert_held();
-      return first_acceptable() != ready_.end() || !graveyard_.empty();
+      return first_acceptable() != ready_.end() || !graveyard_.empty() || source_ != nullptr;
     }));
     std::shared_ptr<ChannelCore> got;
     {
       os::LockGuard lock(w_->mu);
+      if (source_ != nullptr)  // (Q6) connections go to the queue now
+        return fail(Errc::InvalidArgument, "net::Listener::accept: redirected to a queue");
       expire_pending_locked();
       for (auto& c : graveyard_) drop.push_back(std::move(c));
       graveyard_.clear();

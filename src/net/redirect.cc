@@ -43,6 +43,9 @@ class Queued final : public mbmq::detail::ForeignBuffer {
   std::uint64_t ch_id = 0;
   Buffer buffer;                 // the net message's (its reply token, for a request)
   std::shared_ptr<Queued> next;  // the source's FIFO (under its mu_), or a purged chain
+  // (Q6) Kind::Connection: the accepted channel, for Message::remote (net::accepted). Never
+  // destroyed holding a worker's mu or a source's mu_: closing it takes its worker's mu.
+  std::shared_ptr<Channel> conn;
 
   Queued() = default;
   Queued(const Queued&) = delete;
@@ -118,7 +121,8 @@ class NetSource final : public mbmq::detail::QueueSource {
       q = std::move(head_);
       head_ = std::move(q->next);
       if (!head_) tail_ = nullptr;
-      auto it = taps_.find(q->ch_id);
+      if (q->kind == Kind::Connection) key = listen_key_;  // (Q6) no tap: the listener's key
+      auto it = q->kind == Kind::Connection ? taps_.end() : taps_.find(q->ch_id);
       if (it != taps_.end()) {
         Tap& t = it->second;
         key = t.key;
@@ -151,7 +155,9 @@ class NetSource final : public mbmq::detail::QueueSource {
     out->kind = q->kind;
     out->error = q->error;
     out->why = q->why;
-    if (q->kind != Kind::PeerClosed) {
+    if (q->kind == Kind::Connection) {
+      mbmq::detail::QueueAccess::set_remote(out->remote, std::move(q->conn));
+    } else if (q->kind != Kind::PeerClosed) {
       std::byte* data = q->buffer.bytes_.data();
       const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
       const auto id = static_cast<std::uint32_t>(q->buffer.reply_ ? q->buffer.reply_->seq : 0);
@@ -222,12 +228,38 @@ class NetSource final : public mbmq::detail::QueueSource {
       tail_ = kept_tail;
       std::erase(credit_ids_, id);
       if (!head_) ready_.store(detached_, std::memory_order_relaxed);
-      empty = taps_.empty();
+      empty = taps_.empty() && !listening_;
     }
     if (purged) drop.push_back(std::move(purged));
     if (keep) drop.push_back(std::move(keep));
     return empty;
   }
+
+  // (Q6) The worker's listener delivers its connections here, tagged `key`.
+  void add_listener(std::uint64_t key) {
+    os::LockGuard lock(mu_);
+    listening_ = true;
+    listen_key_ = key;
+  }
+  // Returns whether the source now has no user (the worker then lets go of it). Connections
+  // already queued stay, to be delivered.
+  bool remove_listener() {
+    os::LockGuard lock(mu_);
+    listening_ = false;
+    return taps_.empty();
+  }
+  void push_connection(std::shared_ptr<Queued> q) {
+    os::LockGuard lock(mu_);
+    Queued* raw = q.get();
+    if (tail_ != nullptr) {
+      tail_->next = std::move(q);
+    } else {
+      head_ = std::move(q);
+    }
+    tail_ = raw;
+    ready_.store(true, std::memory_order_release);
+  }
+  bool queue_alive() const noexcept { return !queue_.expired(); }
 
   std::size_t channel_count() const noexcept override {
     if (!ucx_usable()) return 0;  // a forked child's copy (its lock may have been held)
@@ -326,6 +358,8 @@ class NetSource final : public mbmq::detail::QueueSource {
   std::unordered_map<std::uint64_t, Tap> taps_ MBMQ_GUARDED_BY(mu_);
   std::vector<std::uint64_t> credit_ids_ MBMQ_GUARDED_BY(mu_);
   bool detached_ MBMQ_GUARDED_BY(mu_) = false;
+  bool listening_ MBMQ_GUARDED_BY(mu_) = false;        // (Q6) the worker's listener delivers here
+  std::uint64_t listen_key_ MBMQ_GUARDED_BY(mu_) = 0;  // its key (kept for queued connections)
   std::vector<std::shared_ptr<Queued>> orphans_ MBMQ_GUARDED_BY(mu_);  // push() without a tap
 };
 
@@ -354,8 +388,16 @@ void pump(WorkerCore* w) {
   for (;;) {
     auto r = w->run_until(Deadline::after(std::chrono::seconds(1)), sleep, &w->pump_key, [&] {
       w->assert_held();
-      return w->redirected == 0 || w->pump_stop;
+      // (Q6) A redirected listener's failed connections (nobody accept()s): freed below. Seen
+      // within the 20 ms cap of the pump's sleep when they fail outside a progress (the keeper's
+      // handshake expiry).
+      if (w->redirected == 0 || w->pump_stop) return true;
+      ListenCore* l = w->listen_tap;
+      if (l == nullptr) return false;
+      l->w_->assert_held();  // ours
+      return l->graveyard_due_locked();
     });
+    std::vector<std::shared_ptr<ChannelCore>> failed;  // destroyed unlocked (they take mu)
     {
       os::LockGuard lock(w->mu);
       if (w->redirected == 0 || w->pump_stop) {
@@ -363,7 +405,12 @@ void pump(WorkerCore* w) {
         g_pumps.fetch_sub(1, std::memory_order_release);
         return;
       }
+      if (ListenCore* l = w->listen_tap) {
+        l->w_->assert_held();  // ours
+        l->take_graveyard_locked(failed);
+      }
     }
+    failed.clear();
     // Waiting failed (poll(): rare): the channels still need progress; a pause, not a spin.
     if (!r) os::sleep_ns(1'000'000);
   }
@@ -372,7 +419,8 @@ void pump(WorkerCore* w) {
 }  // namespace
 
 void WorkerCore::flush_taps_locked() const {
-  if (credit_due.exchange(false, std::memory_order_acq_rel)) {
+  if (credit_due.load(std::memory_order_relaxed) &&
+      credit_due.exchange(false, std::memory_order_acq_rel)) {
     std::vector<NetSource::Credit> credit;
     try {
       for (const auto& src : sources) src->take_credit(credit);
@@ -391,6 +439,33 @@ void WorkerCore::flush_taps_locked() const {
     ch->assert_held();
     ch->tap_flush_locked();
   }
+  if (listen_tap != nullptr) {      // (Q6)
+    listen_tap->w_->assert_held();  // ours
+    listen_tap->deliver_locked();
+  }
+}
+
+std::shared_ptr<NetSource> WorkerCore::source_of_locked(const void* queue_id) const {
+  for (const auto& s : sources)
+    if (s->queue_id() == queue_id) return s;
+  return nullptr;
+}
+
+bool WorkerCore::start_pump_locked(std::thread& ended) {
+  if (pump_running) return true;
+  try {
+    g_pumps.fetch_add(1, std::memory_order_relaxed);
+    // An earlier pump that ended (pump_running false: it only returns now) is joined unlocked,
+    // by the caller; the new one waits for mu, then finds its reason to run.
+    std::thread next(pump, this);
+    ended = std::move(pump_thread);
+    pump_thread = std::move(next);
+  } catch (...) {
+    g_pumps.fetch_sub(1, std::memory_order_relaxed);
+    return false;
+  }
+  pump_running = true;
+  return true;
 }
 
 void ChannelCore::tap_credit_locked(std::uint64_t msgs, std::uint64_t bytes, bool drained) {
@@ -477,9 +552,7 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
       os::LockGuard lock(w_->mu);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::redirect: closed"));
       if (source_) return fail(Errc::InvalidArgument, "net::Channel::redirect: already redirected");
-      std::shared_ptr<NetSource> src;
-      for (const auto& s : w_->sources)
-        if (s->queue_id() == queue.get()) src = s;
+      std::shared_ptr<NetSource> src = w_->source_of_locked(queue.get());
       if (src || fresh) {
         const bool ours = !src;  // the source made above: the worker's from here
         try {
@@ -500,28 +573,17 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
         }
         // (Q3) The pump first, before anything is committed: if no thread can be had, the
         // channel is left as it was (its inbox not moved), and so is the worker's pump state.
-        if (!w_->pump_running) {
+        if (!w_->start_pump_locked(ended)) {
+          std::vector<std::shared_ptr<void>> none;  // nothing queued of ours yet: stays empty
           try {
-            g_pumps.fetch_add(1, std::memory_order_relaxed);
-            // An earlier pump that ended (pump_running false: it only returns now) is joined
-            // unlocked, below; the new one waits for mu, then finds us redirected.
-            std::thread next(pump, w_.get());
-            ended = std::move(w_->pump_thread);
-            w_->pump_thread = std::move(next);
+            none.reserve(2);
           } catch (...) {
-            g_pumps.fetch_sub(1, std::memory_order_relaxed);
-            std::vector<std::shared_ptr<void>> none;  // nothing queued of ours yet: stays empty
-            try {
-              none.reserve(2);
-            } catch (...) {
-            }
-            if (src->remove_tap(id_, none) && ours) {
-              std::erase(w_->sources, src);
-              src->detach();
-            }
-            return fail(Errc::System, "net::Channel::redirect: cannot start the pump thread");
           }
-          w_->pump_running = true;
+          if (src->remove_tap(id_, none) && ours) {
+            std::erase(w_->sources, src);
+            src->detach();
+          }
+          return fail(Errc::System, "net::Channel::redirect: cannot start the pump thread");
         }
         source_ = std::move(src);
         tap_key_ = key;
@@ -548,7 +610,119 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
   }
 }
 
+// ---- (Q6) a listener redirected to a queue ----
+
+Status ListenCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& queue,
+                            std::uint64_t key) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  if (!queue) return fail(Errc::InvalidArgument, "net::Listener::redirect: invalid queue");
+  std::thread ended;  // a pump that ended: joined once our lock is released (declared first)
+  struct JoinEnded {
+    std::thread& t;
+    ~JoinEnded() {
+      if (t.joinable()) t.join();
+    }
+  } join_ended{ended};
+  std::shared_ptr<NetSource> fresh;  // as in ChannelCore::redirect: made unlocked if needed
+  struct Unused {
+    std::shared_ptr<NetSource>& s;
+    ~Unused() {
+      if (s) s->detach();
+    }
+  } unused{fresh};
+  for (;;) {
+    {
+      os::LockGuard lock(w_->mu);
+      if (source_ != nullptr)
+        return fail(Errc::InvalidArgument, "net::Listener::redirect: already redirected");
+      std::shared_ptr<NetSource> src = w_->source_of_locked(queue.get());
+      if (src || fresh) {
+        const bool ours = !src;
+        try {
+          w_->sources.reserve(w_->sources.size() + 1);
+        } catch (const std::bad_alloc&) {
+          return fail(Errc::System, "net::Listener::redirect: no memory");
+        }
+        // The pump first: without it nothing would progress the handshakes.
+        if (!w_->start_pump_locked(ended))
+          return fail(Errc::System, "net::Listener::redirect: cannot start the pump thread");
+        if (ours) {
+          src = std::move(fresh);
+          w_->sources.push_back(src);
+        }
+        src->add_listener(key);
+        source_ = std::move(src);
+        w_->listen_tap = this;
+        ++w_->redirected;
+        w_->wake_waiters_locked(this);  // a thread inside accept() returns (InvalidArgument)
+        deliver_locked();               // what accept() has not taken yet goes to the queue
+        return {};
+      }
+    }
+    try {
+      fresh = std::make_shared<NetSource>(queue, w_);
+      queue->add_source(fresh);
+    } catch (const std::bad_alloc&) {
+      return fail(Errc::System, "net::Listener::redirect: no memory");
+    }
+  }
+}
+
+void ListenCore::deliver_locked() {
+  if (source_ == nullptr) return;
+  bool pushed = false;
+  for (auto it = ready_.begin(); it != ready_.end();) {
+    (*it)->assert_held();  // our worker's
+    // (N4) Once its HelloAck has left, as accept() hands it out.
+    if (!(*it)->acceptable_locked()) {
+      ++it;
+      continue;
+    }
+    if (!source_->queue_alive()) {  // nobody will take it: closed (unlocked, by the pump)
+      graveyard_.push_back(std::move(*it));
+      it = ready_.erase(it);
+      continue;
+    }
+    std::shared_ptr<Queued> q;
+    try {
+      q = std::make_shared<Queued>();
+      q->conn = std::shared_ptr<Channel>(new Channel(*it));
+    } catch (const std::bad_alloc&) {
+      break;  // left in ready_: the next flush
+    }
+    q->kind = Kind::Connection;
+    it = ready_.erase(it);
+    source_->push_connection(std::move(q));
+    pushed = true;
+  }
+  if (pushed) source_->wake_queue();
+}
+
+void ListenCore::unredirect_locked(std::shared_ptr<NetSource>& out) {
+  if (source_ == nullptr) return;
+  if (source_->remove_listener()) {
+    std::erase(w_->sources, source_);
+    source_->detach();
+  }
+  out = std::move(source_);
+  source_.reset();
+  w_->listen_tap = nullptr;
+  if (w_->redirected > 0 && --w_->redirected == 0) w_->wake_waiters_locked(&w_->pump_key);  // Q3
+}
+
 }  // namespace detail
+
+Result<Channel> accepted(mbmq::Message& msg) {
+  std::shared_ptr<void> end = mbmq::detail::QueueAccess::take_remote(msg.remote);
+  if (!end) return fail(Errc::InvalidArgument, "net::accepted: not a remote connection");
+  // Only mbmq::net sets Message::remote (QueueAccess), and only to a net::Channel (Queued::conn).
+  return std::move(*static_cast<Channel*>(end.get()));  // `end` then holds an empty Channel
+}
+
+Status Listener::redirect(MsgQueue& queue, std::uint64_t key) {
+  if (!core_) return fail(Errc::InvalidArgument, "net::Listener::redirect: invalid listener");
+  return core_->redirect(mbmq::detail::QueueAccess::core(queue), key);
+}
 
 Status Channel::redirect(MsgQueue& queue, std::uint64_t key) {
   if (!core_) return fail(Errc::InvalidArgument, "net::Channel::redirect: closed");

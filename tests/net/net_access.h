@@ -24,6 +24,16 @@ struct CoreOf {
   friend type get(CoreOf);
 };
 template struct Rob<CoreOf, &net::Channel::core_>;
+struct ListenCoreOf {
+  using type = std::shared_ptr<net::detail::ListenCore> net::Listener::*;
+  friend type get(ListenCoreOf);
+};
+template struct Rob<ListenCoreOf, &net::Listener::core_>;
+struct GraveyardOf {  // under the listener's worker's mu
+  using type = std::vector<std::shared_ptr<net::detail::ChannelCore>> net::detail::ListenCore::*;
+  friend type get(GraveyardOf);
+};
+template struct Rob<GraveyardOf, &net::detail::ListenCore::graveyard_>;
 struct EpOf {
   using type = ucp_ep_h net::detail::ChannelCore::*;
   friend type get(EpOf);
