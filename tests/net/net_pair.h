@@ -1,7 +1,8 @@
 // tests/net/net_pair.h: what the mbmq::net tests share (beside net_util.h's Pipe): a listener's
 // URL; a listener and a client of it in this process; a bridge and a remote client of it; buffers
 // of a size; raw UCX ends that send what mbmq::net never would; a helper test run as a program of
-// its own; the heap's size. Including it loads nothing: UCX is loaded at the first use of net.
+// its own; the heap's size; a thread serving a MsgQueue. Including it loads nothing: UCX is loaded
+// at the first use of net.
 #pragma once
 
 #include <arpa/inet.h>
@@ -14,7 +15,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -172,6 +175,82 @@ inline std::int64_t heap_bytes() {
   const struct mallinfo2 mi = ::mallinfo2();
   return static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
 }
+
+// A server loop on a thread of its own, serving `q` until destroyed (a wait of 20 ms at a time):
+// every request's bytes + 1 back, in the buffer it came in; one-way messages' first 4 bytes
+// recorded per key, in order; each key's first PeerClosed kept, every one counted, with how many
+// one-way messages of that key came before the first. Keys from `remote_from` on are remote
+// channels': a message of theirs (but a PeerClosed, or 0 bytes: no vector) not over the vector
+// UCX received into is counted (not_foreign: not a remote message at all; copied: over a copy).
+class QueueServer {
+ public:
+  explicit QueueServer(MsgQueue& q, std::uint64_t remote_from = 100)
+      : q_(q), remote_from_(remote_from), t_([this] { run(); }) {}
+  ~QueueServer() {
+    stop_.store(true);
+    t_.join();
+  }
+  QueueServer(const QueueServer&) = delete;
+  QueueServer& operator=(const QueueServer&) = delete;
+
+  std::mutex mu;                                               // guards the maps
+  std::map<std::uint64_t, std::vector<std::uint32_t>> oneway;  // per key, the numbers in order
+  std::map<std::uint64_t, Message> ends;                       // per key, its first PeerClosed
+  std::map<std::uint64_t, int> end_counts;                     // per key, its PeerCloseds
+  std::map<std::uint64_t, std::size_t> oneway_before_end;      // per key, one-way ones before it
+  std::atomic<int> requests{0}, copied{0}, not_foreign{0};
+
+  // Whether `key`'s end came within `limit` (polled every millisecond).
+  bool wait_end(std::uint64_t key, std::chrono::seconds limit) {
+    for (const Deadline d = Deadline::after(limit); !d.expired(); os::sleep_ns(1'000'000)) {
+      std::lock_guard lock(mu);
+      if (ends.count(key) != 0) return true;
+    }
+    return false;
+  }
+  std::size_t oneway_count(std::uint64_t key) {
+    std::lock_guard lock(mu);
+    return oneway[key].size();
+  }
+  int end_count(std::uint64_t key) {
+    std::lock_guard lock(mu);
+    return end_counts[key];
+  }
+
+ private:
+  void run() {
+    while (!stop_.load()) {
+      auto m = q_.wait(Deadline::after(std::chrono::milliseconds(20)));
+      if (!m) continue;
+      if (m->key >= remote_from_) {  // a remote channel's: over the vector UCX received into
+        const std::byte* v = net::detail::queued_vector(m->buffer);
+        if (m->kind != Kind::PeerClosed && m->buffer.size() != 0) {  // (0 bytes: no vector)
+          if (v == nullptr) ++not_foreign;
+          if (v != nullptr && v != m->buffer.data().data()) ++copied;
+        }
+      }
+      if (m->kind == Kind::Request) {
+        ++requests;
+        for (std::byte& b : m->buffer.data())
+          b = static_cast<std::byte>(std::to_integer<int>(b) + 1);
+        (void)MsgQueue::reply(std::move(*m));
+      } else if (m->kind == Kind::Message) {
+        std::uint32_t n = 0;
+        if (m->buffer.size() >= 4) std::memcpy(&n, m->buffer.data().data(), 4);
+        std::lock_guard lock(mu);
+        oneway[m->key].push_back(n);
+      } else if (m->kind == Kind::PeerClosed) {
+        std::lock_guard lock(mu);
+        if (end_counts[m->key]++ == 0) oneway_before_end[m->key] = oneway[m->key].size();
+        ends.emplace(m->key, std::move(*m));  // (a later one: dropped)
+      }
+    }
+  }
+  MsgQueue& q_;
+  const std::uint64_t remote_from_;
+  std::atomic<bool> stop_{false};
+  std::thread t_;
+};
 
 // One end speaking raw UCX, on a worker of its own (of this process's context), to send what
 // mbmq::net never would: what RawClient and a test's raw server share.

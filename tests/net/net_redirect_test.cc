@@ -7,7 +7,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -28,70 +27,9 @@ using test::secs;
 using test::url;
 
 using test::connect_one;
+using test::QueueServer;
 using test::Remote;
 using test::task_count;
-
-// The server loop: every request's bytes + 1 back, in the buffer it came in; one-way messages
-// counted (and their first 4 bytes, in order, per key); the ends recorded.
-class Server {
- public:
-  explicit Server(MsgQueue& q) : q_(q), t_([this] { run(); }) {}
-  ~Server() {
-    stop_.store(true);
-    t_.join();
-  }
-  Server(const Server&) = delete;
-  Server& operator=(const Server&) = delete;
-
-  std::mutex mu;
-  std::map<std::uint64_t, std::vector<std::uint32_t>> oneway;  // per key, the numbers in order
-  std::map<std::uint64_t, Message> ends;                       // per key, its PeerClosed
-  std::atomic<int> requests{0}, copied{0}, not_foreign{0};
-
-  bool wait_end(std::uint64_t key, std::chrono::seconds limit) {
-    for (const Deadline d = Deadline::after(limit); !d.expired(); os::sleep_ns(1'000'000)) {
-      std::lock_guard lock(mu);
-      if (ends.count(key) != 0) return true;
-    }
-    return false;
-  }
-  std::size_t oneway_count(std::uint64_t key) {
-    std::lock_guard lock(mu);
-    return oneway[key].size();
-  }
-
- private:
-  void run() {
-    while (!stop_.load()) {
-      auto m = q_.wait(Deadline::after(20ms));
-      if (!m) continue;
-      if (m->key >= 100) {  // a remote channel's: over the vector UCX received into
-        const std::byte* v = net::detail::queued_vector(m->buffer);
-        if (m->kind != Kind::PeerClosed && m->buffer.size() != 0) {  // (0 bytes: no vector)
-          if (v == nullptr) ++not_foreign;
-          if (v != nullptr && v != m->buffer.data().data()) ++copied;
-        }
-      }
-      if (m->kind == Kind::Request) {
-        ++requests;
-        for (std::byte& b : m->buffer.data())
-          b = static_cast<std::byte>(std::to_integer<int>(b) + 1);
-        (void)MsgQueue::reply(std::move(*m));
-      } else if (m->kind == Kind::Message) {
-        std::uint32_t n = 0;
-        if (m->buffer.size() >= 4) std::memcpy(&n, m->buffer.data().data(), 4);
-        std::lock_guard lock(mu);
-        oneway[m->key].push_back(n);
-      } else if (m->kind == Kind::PeerClosed) {
-        std::lock_guard lock(mu);
-        ends.emplace(m->key, std::move(*m));
-      }
-    }
-  }
-  MsgQueue& q_;
-  std::atomic<bool> stop_{false};
-  std::thread t_;
-};
 
 // A remote call of `size` bytes of `c`: the reply must be each byte + 1.
 bool remote_call(net::Channel& ch, std::size_t size, char c) {
@@ -132,7 +70,7 @@ TEST(NetRedirect, OneQueueServesALocalAndTwoRemoteClientsInPlace) {
   Remote a = connect_one(*l), b = connect_one(*l);
   ASSERT_TRUE(net::adopt(*q, std::move(a.server), 100));
   ASSERT_TRUE(b.server.redirect(*q, 101));  // this handle keeps it
-  Server server(*q);
+  QueueServer server(*q);
   std::thread ta([&] {
     for (int i = 0; i < 200; ++i) EXPECT_TRUE(remote_call(a.client, 64, static_cast<char>(i)));
     for (int i = 0; i < 4; ++i) EXPECT_TRUE(remote_call(a.client, 1 << 20, 'a'));
@@ -165,7 +103,7 @@ TEST(NetRedirect, AOneWayStreamLongerThanTheGrantArrivesInOrder) {
   ASSERT_TRUE(l) << l.error().message();
   Remote r = connect_one(*l);
   ASSERT_TRUE(net::adopt(*q, std::move(r.server), 100));
-  Server server(*q);
+  QueueServer server(*q);
   constexpr std::uint32_t kN = 5000;
   for (std::uint32_t i = 0; i < kN; ++i) {
     net::Buffer b = test::numbered(r.client, i % 500 == 0 ? (256 << 10) : 64, i);
@@ -191,7 +129,7 @@ TEST(NetRedirect, ARemoteClientClosingIsPeerClosedOnTheQueueAndTheOthersGoOn) {
   Remote a = connect_one(*l), b = connect_one(*l);
   ASSERT_TRUE(net::adopt(*q, std::move(a.server), 100));
   ASSERT_TRUE(net::adopt(*q, std::move(b.server), 101));
-  Server server(*q);
+  QueueServer server(*q);
   ASSERT_TRUE(remote_call(a.client, 64, 1));
   a.client.close();
   ASSERT_TRUE(server.wait_end(100, 10s));
@@ -234,7 +172,7 @@ TEST(NetRedirect, AKilledRemoteClientIsPeerClosedOnTheQueue) {
   std::printf("kill -> PeerClosed on the queue: %.1f ms\n",
               static_cast<double>(monotonic_ns() - t0) / 1e6);
   EXPECT_FALSE(MsgQueue::reply(std::move(*m)));  // to a client that is gone: an error, no hang
-  Server server(*q);
+  QueueServer server(*q);
   for (int i = 0; i < 20; ++i) EXPECT_TRUE(remote_call(other.client, 64, static_cast<char>(i)));
 }
 
@@ -286,7 +224,7 @@ TEST(NetRedirect, AMalformedHeaderIsProtocolOnTheQueueForThatChannelOnly) {
   EXPECT_EQ(end->key, 100u);
   EXPECT_EQ(end->error, Errc::Protocol);
   EXPECT_NE(std::string(end->why).find("magic"), std::string::npos) << end->why;
-  Server server(*q);
+  QueueServer server(*q);
   for (int i = 0; i < 20; ++i) EXPECT_TRUE(remote_call(good.client, 64, static_cast<char>(i)));
 }
 
@@ -302,7 +240,7 @@ TEST(NetRedirect, ClosingTheRedirectedHandleEndsTheClientsCallsAndTheQueueForget
   Remote r = connect_one(*l);
   ASSERT_TRUE(r.server.redirect(*q, 100));
   {
-    Server server(*q);
+    QueueServer server(*q);
     ASSERT_TRUE(remote_call(r.client, 64, 1));
   }
   // A request the server holds when the handle is closed: answered NoReply or PeerClosed.
@@ -340,7 +278,7 @@ TEST(NetRedirect, DestroyingTheQueueClosesItsRemoteChannels) {
     auto q = MsgQueue::create();
     ASSERT_TRUE(q);
     ASSERT_TRUE(net::adopt(*q, std::move(r.server), 100));
-    Server server(*q);
+    QueueServer server(*q);
     ASSERT_TRUE(remote_call(r.client, 64, 1));
   }
   auto b = r.client.buffer(64);
@@ -433,7 +371,7 @@ TEST(NetRedirect, SixtyFourRemoteChannelsCostOneThreadAndAreAllServed) {
   const int after = task_count();
   EXPECT_EQ(after, before + 1) << "threads before " << before << ", after " << after;
   {
-    Server server(*q);
+    QueueServer server(*q);
     for (int round = 0; round < 3; ++round)
       for (std::size_t i = 0; i < 64; ++i)
         EXPECT_TRUE(remote_call(clients[i], 64, static_cast<char>(i)));

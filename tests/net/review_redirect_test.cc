@@ -10,7 +10,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -33,6 +32,7 @@ using test::secs;
 using test::url;
 
 using test::connect_one;
+using test::QueueServer;
 using test::Remote;
 using test::task_count;
 
@@ -57,59 +57,6 @@ std::size_t sources_of(MsgQueue& q) {
   (void)q.wait(Deadline::immediate());
   return ((*detail::QueueAccess::core(q)).*get(SourcesOf{})).size();
 }
-
-// Every request's bytes + 1 back; one-way messages' first 4 bytes recorded per key, in order;
-// every PeerClosed counted per key, with how many one-way messages of that key came before it.
-class Server {
- public:
-  explicit Server(MsgQueue& q) : q_(q), t_([this] { run(); }) {}
-  ~Server() {
-    stop_.store(true);
-    t_.join();
-  }
-  Server(const Server&) = delete;
-  Server& operator=(const Server&) = delete;
-
-  std::mutex mu;
-  std::map<std::uint64_t, std::vector<std::uint32_t>> oneway;
-  std::map<std::uint64_t, int> ends;
-  std::map<std::uint64_t, std::size_t> oneway_before_end;
-  std::atomic<int> requests{0};
-
-  std::size_t oneway_count(std::uint64_t key) {
-    std::lock_guard lock(mu);
-    return oneway[key].size();
-  }
-  int end_count(std::uint64_t key) {
-    std::lock_guard lock(mu);
-    return ends[key];
-  }
-
- private:
-  void run() {
-    while (!stop_.load()) {
-      auto m = q_.wait(Deadline::after(20ms));
-      if (!m) continue;
-      if (m->kind == Kind::Request) {
-        ++requests;
-        for (std::byte& b : m->buffer.data())
-          b = static_cast<std::byte>(std::to_integer<int>(b) + 1);
-        (void)MsgQueue::reply(std::move(*m));
-      } else if (m->kind == Kind::Message) {
-        std::uint32_t n = 0;
-        if (m->buffer.size() >= 4) std::memcpy(&n, m->buffer.data().data(), 4);
-        std::lock_guard lock(mu);
-        oneway[m->key].push_back(n);
-      } else if (m->kind == Kind::PeerClosed) {
-        std::lock_guard lock(mu);
-        if (ends[m->key]++ == 0) oneway_before_end[m->key] = oneway[m->key].size();
-      }
-    }
-  }
-  MsgQueue& q_;
-  std::atomic<bool> stop_{false};
-  std::thread t_;
-};
 
 // A call of `size` bytes of `c`, answered with each byte + 1 within `d`.
 bool remote_call(net::Channel& ch, std::size_t size, char c, Deadline d = secs(10)) {
@@ -232,7 +179,7 @@ TEST(ReviewRedirect, ANewQueueIsNotConfusedWithADestroyedOnesStaleSource) {
   }
   Remote second = connect_one(*l);
   ASSERT_TRUE(second.server.redirect(queues[0], 200));
-  Server server(queues[0]);
+  QueueServer server(queues[0]);
   EXPECT_TRUE(remote_call(second.client, 64, 3, secs(3)));
   first.server.close();
 }
@@ -560,7 +507,7 @@ TEST(ReviewRedirect, TwoChannelsOfOneListenerOnTwoQueuesAreBothServed) {
   Remote a = connect_one(*l), b = connect_one(*l);
   ASSERT_TRUE(net::adopt(*qa, std::move(a.server), 100));
   ASSERT_TRUE(net::adopt(*qb, std::move(b.server), 200));
-  Server sa(*qa), sb(*qb);
+  QueueServer sa(*qa), sb(*qb);
   constexpr std::uint32_t kN = 3000;
   auto stream = [](net::Channel& c) {
     for (std::uint32_t i = 0; i < kN; ++i) {
@@ -598,7 +545,7 @@ TEST(ReviewRedirect, PeerClosedComesOnceAfterEveryMessage) {
   ASSERT_TRUE(l) << l.error().message();
   Remote r = connect_one(*l);
   ASSERT_TRUE(net::adopt(*q, std::move(r.server), 100));
-  Server server(*q);
+  QueueServer server(*q);
   constexpr std::uint32_t kN = 3000;
   for (std::uint32_t i = 0; i < kN; ++i) {
     Status s = r.client.send(test::numbered(r.client, i % 700 == 0 ? (2u << 20) : 64, i), secs(10));
@@ -608,7 +555,7 @@ TEST(ReviewRedirect, PeerClosedComesOnceAfterEveryMessage) {
   for (Deadline d = secs(20); !d.expired() && server.end_count(100) == 0;) os::sleep_ns(1'000'000);
   os::sleep_ns(300'000'000);  // a second end, if any
   std::lock_guard lock(server.mu);
-  EXPECT_EQ(server.ends[100], 1);
+  EXPECT_EQ(server.end_counts[100], 1);
   EXPECT_EQ(server.oneway_before_end[100], kN);
   ASSERT_EQ(server.oneway[100].size(), kN);
   for (std::uint32_t i = 0; i < kN; ++i) ASSERT_EQ(server.oneway[100][i], i);
@@ -710,12 +657,12 @@ TEST(ReviewRedirect, OneOfTwoQueuesOnAWorkerDestroyedTheOtherGoesOn) {
   auto qb = MsgQueue::create();
   ASSERT_TRUE(qb);
   ASSERT_TRUE(net::adopt(*qb, std::move(b.server), 200));
-  Server sb(*qb);
+  QueueServer sb(*qb);
   {
     auto qa = MsgQueue::create();
     ASSERT_TRUE(qa);
     ASSERT_TRUE(net::adopt(*qa, std::move(a.server), 100));
-    Server sa(*qa);
+    QueueServer sa(*qa);
     EXPECT_TRUE(remote_call(a.client, 64, 1));
     EXPECT_TRUE(remote_call(b.client, 64, 2));
   }
@@ -757,7 +704,7 @@ TEST(ReviewRedirect, LargeOneWayMessagesBetweenCallsDoNotStall) {
   ASSERT_TRUE(l) << l.error().message();
   Remote r = connect_one(*l, co);
   ASSERT_TRUE(net::adopt(*q, std::move(r.server), 100));
-  Server server(*q);
+  QueueServer server(*q);
   // 40 under the sanitizers (150 took 68 s under TSan and 45 s under ASan, a tenth of CI's test
   // time): the stall showed within 17 rounds, in 8 of the 18 runs of 12 rounds or more.
   const std::uint32_t kRounds = test::kSanitized ? 40 : 150;
