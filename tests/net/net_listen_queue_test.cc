@@ -159,7 +159,8 @@ TEST(NetListenQueue, OneLoopServesNewLocalAndRemoteConnections) {
       auto ch = net::connect(url(nl->port()), secs(10));
       ASSERT_TRUE(ch) << ch.error().message();
       int good = 0;
-      for (int k = 0; k < 20; ++k) good += remote_call(*ch, 100 + 1000 * static_cast<std::size_t>(i), static_cast<char>(k));
+      for (int k = 0; k < 20; ++k)
+        good += remote_call(*ch, 100 + 1000 * static_cast<std::size_t>(i), static_cast<char>(k));
       if (good == 20) ++ok;
     });
   }

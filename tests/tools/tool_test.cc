@@ -51,14 +51,23 @@ ToolRun run(const std::vector<std::string>& args, const std::string& program = k
 
 // Every mechanism of the default list, in its order.
 const std::vector<std::string> kMechanisms = {
-    "raw-spin",       "raw-ring",
-    "raw-futex",      "raw-futex-deadline",
-    "mbmq-spin",      "mbmq-adaptive",
-    "mbmq-sleep",     "mbmq-fd",
-    "mbmq-untrusted", "mbmq-untrusted-sealed",
-    "pipe",           "uds",
-    "uds-seqpacket",  "tcp",
-    "zeromq-ipc",     "boost-mq",
+    "raw-spin",
+    "raw-spin-copy",
+    "raw-ring",
+    "raw-futex",
+    "raw-futex-deadline",
+    "mbmq-spin",
+    "mbmq-adaptive",
+    "mbmq-sleep",
+    "mbmq-fd",
+    "mbmq-untrusted",
+    "mbmq-untrusted-sealed",
+    "pipe",
+    "uds",
+    "uds-seqpacket",
+    "tcp",
+    "zeromq-ipc",
+    "boost-mq",
     "iceoryx",
 };
 

@@ -3,6 +3,9 @@
 //   raw-ring   raw-spin with mbmq's line pattern: a descriptor line, then the payload line it
 //              names (the floor of a zero-copy design passing buffer references, no software)
 //   raw-futex  shared memory, always FUTEX_WAKE the peer and FUTEX_WAIT for it
+//   raw-spin-copy  raw-spin whose server first copies the payload into private memory (faulted
+//              in once, reused) and reads the copy: the floor of any receiver that copies what
+//              an untrusted peer sent (#16), in the same run
 //   mbmq-spin / mbmq-adaptive / mbmq-sleep   a Channel, the server on a MsgQueue, with that
 //              WaitPolicy on both sides (0 copies: the payload is written once, in place)
 //   mbmq-fd    mbmq-sleep with the server in an event loop: epoll_wait on MsgQueue::fd(), then
@@ -12,6 +15,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <vector>
 
 #include "bench.h"
 #include "mbmq/mbmq.h"
@@ -38,7 +42,7 @@ constexpr std::uint32_t kStop = 0xFFFFFFFFu;
 // futex: sleep in FUTEX_WAIT (else spin). deadline: the client's wait carries a timeout computed
 // per call from a 10 s deadline, as an mbmq client's call() does (an hrtimer armed and cancelled
 // per wait, one clock read): the raw cost of the API's deadline, to set beside raw-futex.
-Mechanism raw_mechanism(bool futex, bool deadline = false) {
+Mechanism raw_mechanism(bool futex, bool deadline = false, bool copy = false) {
   struct State {
     os::UniqueFd fd;
     os::Mapping map;
@@ -47,8 +51,13 @@ Mechanism raw_mechanism(bool futex, bool deadline = false) {
   };
   auto st = std::make_shared<State>();
   Mechanism m;
-  m.name = !futex ? "raw-spin" : deadline ? "raw-futex-deadline" : "raw-futex";
-  m.copies_by_design = "0: the payload is written in place in shared memory";
+  m.name = copy       ? "raw-spin-copy"
+           : !futex   ? "raw-spin"
+           : deadline ? "raw-futex-deadline"
+                      : "raw-futex";
+  m.copies_by_design =
+      copy ? "1: the server copies the payload into private memory (memcpy), then reads the copy"
+           : "0: the payload is written in place in shared memory";
   m.setup = [st](std::size_t size) -> Status {
     std::size_t total = kRawPayloadOffset + size;
     st->fd = MBMQ_TRY(os::make_sealed_memfd("bench-raw", total));
@@ -57,7 +66,10 @@ Mechanism raw_mechanism(bool futex, bool deadline = false) {
     st->payload = st->map.data() + kRawPayloadOffset;
     return {};
   };
-  m.serve = [st, futex](std::size_t size, ServerCounter& count) -> int {
+  m.serve = [st, futex, copy](std::size_t size, ServerCounter& count) -> int {
+    // raw-spin-copy's private memory: zeroed here, so its pages are faulted in before the first
+    // request (an untrusted mbmq end keeps its private copies for reuse too).
+    std::vector<std::byte> own(copy ? size : 0);
     std::uint32_t last = 0;
     for (;;) {
       std::uint32_t seq;
@@ -69,7 +81,8 @@ Mechanism raw_mechanism(bool futex, bool deadline = false) {
       }
       last = seq;
       if (seq == kStop) return count.stop(), 0;
-      st->ctl->sum = read_payload(st->payload, size);
+      if (copy) std::memcpy(own.data(), st->payload, size);
+      st->ctl->sum = read_payload(copy ? own.data() : st->payload, size);
       st->ctl->resp.store(seq, std::memory_order_release);
       if (futex) (void)os::futex_wake(&st->ctl->resp, 1);
       count.tick();
@@ -285,6 +298,7 @@ int serve_queue(MsgQueue& q, QueueWait how, std::uint64_t key, ServerCounter& co
 std::vector<Mechanism> shm_mechanisms() {
   std::vector<Mechanism> v;
   v.push_back(raw_mechanism(false));
+  v.push_back(raw_mechanism(false, false, true));  // raw-spin-copy: #16's floor for a copy
   v.push_back(raw_ring_mechanism());
   v.push_back(raw_mechanism(true));
   v.push_back(raw_mechanism(true, true));
