@@ -19,8 +19,9 @@
 // and UCX's own async thread. In a child forked after that, every call returns
 // Errc::InvalidArgument ("forked child"): UCX cannot be used there.
 //
-// Thread safety: one thread at a time per Channel (calls are serialized by a lock); a Listener's
-// accepted channels share its UCX worker, and so its lock.
+// Thread safety: one thread at a time per Channel, but for close(), which another thread may call
+// while one is inside a call on the same handle (that call returns, as on a local Channel). A
+// Listener's accepted channels share its UCX worker, and so its lock.
 #pragma once
 
 #include <chrono>
@@ -212,7 +213,9 @@ class Channel {
   // has not fetched yet (large ones: the peer fetches them when it next progresses) still reach
   // it: close() waits up to 100 ms for them, then leaves them to mbmq::net's keeper thread, which
   // keeps the connection (and their bytes) until the peer has them, dies, falls silent for its
-  // peer_timeout, or 10 s have passed (docs/design/net.md, "Failure", K5).
+  // peer_timeout, or 10 s have passed (docs/design/net.md, "Failure", K5). Another thread may be
+  // inside a call on this handle: it returns. The handle's memory (for a connect()ed channel,
+  // its UCX worker too) is freed when it is destroyed or assigned.
   void close() noexcept;
 
  private:
@@ -221,6 +224,9 @@ class Channel {
   friend class Listener;
   friend class detail::ListenCore;  // a redirected listener's connections (Listener::redirect)
   explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
+  bool live() const noexcept;  // a core, and close() not called
+  // Kept after close() until the handle is destroyed or assigned (another thread may be inside
+  // a call on it), as a local Channel keeps its end.
   std::shared_ptr<detail::ChannelCore> core_;
 };
 

@@ -517,6 +517,12 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   ChannelCore(const ChannelCore&) = delete;
   ChannelCore& operator=(const ChannelCore&) = delete;
 
+  // net::Channel::close() was called on the handle: valid() is false and its calls return
+  // InvalidArgument. The handle keeps the core until it is destroyed or assigned (as a local
+  // Channel keeps its end): another thread may be inside a call on it (review rev-q6: close()
+  // resetting the handle's pointer freed the core under a concurrent redirect()).
+  std::atomic<bool> handle_closed{false};
+
   // Client side: creates the endpoint, sends Hello and waits for HelloAck (N1, N4).
   static Result<std::shared_ptr<ChannelCore>> connect(
       const Ucx* u, const std::string& host, std::uint16_t port, const std::string& service,

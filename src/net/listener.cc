@@ -295,37 +295,37 @@ Channel& Channel::operator=(Channel&& o) noexcept {
 Channel::~Channel() { close(); }
 
 Result<Buffer> Channel::buffer(std::size_t size) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::buffer: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::buffer: closed");
   return core_->buffer(size);
 }
 Status Channel::call(Buffer& buf, Deadline deadline) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::call: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::call: closed");
   return core_->call(buf, deadline);
 }
 Status Channel::send(Buffer&& buf) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
   return core_->send(std::move(buf), Deadline::immediate(), detail::ChannelCore::NoCredit::Fail);
 }
 Status Channel::send(Buffer&& buf, Deadline deadline) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
   return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait);
 }
 Status Channel::send_request(Buffer&& buf) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
   return core_->send(std::move(buf), Deadline::immediate(), detail::ChannelCore::NoCredit::Fail,
                      detail::WireKind::Request);
 }
 Status Channel::send_request(Buffer&& buf, Deadline deadline) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
   return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait,
                      detail::WireKind::Request);
 }
 Result<Message> Channel::receive(Deadline deadline) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::receive: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::receive: closed");
   return core_->receive(deadline);
 }
 Result<std::size_t> Channel::receive_batch(std::span<Message> out, Deadline deadline) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: closed");
   if (out.empty()) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: empty span");
   // Dropped here, unlocked: an unanswered request's token answers NoReply, taking the lock.
   for (Message& m : out) m = Message{};
@@ -343,12 +343,16 @@ Status Channel::reply(Message&& msg) {
   return ch->reply(t->seq, std::move(msg.buffer), detail::kReplyOk, t->credit_bytes);
 }
 void Channel::set_wait_policy(WaitPolicy policy) {
-  if (core_) core_->set_policy(policy);
+  if (live()) core_->set_policy(policy);
 }
-bool Channel::valid() const noexcept { return core_ != nullptr; }
+bool Channel::valid() const noexcept { return live(); }
+bool Channel::live() const noexcept {
+  return core_ != nullptr && !core_->handle_closed.load(std::memory_order_acquire);
+}
 void Channel::close() noexcept {
-  if (core_) core_->close();
-  core_.reset();
+  // The core stays until the handle is destroyed or assigned: another thread may be inside a
+  // call on it (it returns InvalidArgument or PeerClosed, as the channel has ended).
+  if (core_ && !core_->handle_closed.exchange(true, std::memory_order_acq_rel)) core_->close();
 }
 
 Buffer::~Buffer() {

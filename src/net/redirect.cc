@@ -725,12 +725,12 @@ Status Listener::redirect(MsgQueue& queue, std::uint64_t key) {
 }
 
 Status Channel::redirect(MsgQueue& queue, std::uint64_t key) {
-  if (!core_) return fail(Errc::InvalidArgument, "net::Channel::redirect: closed");
+  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::redirect: closed");
   return core_->redirect(mbmq::detail::QueueAccess::core(queue), key, false);
 }
 
 Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key) {
-  if (!channel.core_) return fail(Errc::InvalidArgument, "net::adopt: closed channel");
+  if (!channel.live()) return fail(Errc::InvalidArgument, "net::adopt: closed channel");
   MBMQ_TRY(channel.core_->redirect(mbmq::detail::QueueAccess::core(queue), key, true));
   channel.core_.reset();  // the queue's reference keeps it open: not closed here
   return {};

@@ -505,7 +505,7 @@ TEST(ReviewNetSib, ALingeringChannelEndsWhenItsPeerGoes) {
   std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
   Status s = p->client.send(filled(p->client, 8u << 20, 'k'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
-  p->client.close();
+  p->client = net::Channel{};  // closed, and the handle lets go of its core
   EXPECT_FALSE(core.expired()) << "close() did not linger for the unfetched 8 MiB";
   const std::int64_t t0 = now_ns();
   p->server.close();
@@ -528,7 +528,7 @@ TEST(ReviewNetSib, ALingeringChannelEndsAtPeerTimeoutWhenItsPeerFallsSilent) {
   Status s = p->client.send(filled(p->client, 8u << 20, 's'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
   const std::int64_t t0 = now_ns();
-  p->client.close();
+  p->client = net::Channel{};  // closed, and the handle lets go of its core
   EXPECT_FALSE(core.expired()) << "close() did not linger for the unfetched 8 MiB";
   while (!core.expired() && now_ns() - t0 < 5'000'000'000) os::sleep_ns(1'000'000);
   const double ms = static_cast<double>(now_ns() - t0) / 1e6;

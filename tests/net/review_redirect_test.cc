@@ -600,6 +600,48 @@ TEST(ReviewRedirect, AClientRedirectingDuringItsOwnCallGetsTheReply) {
   EXPECT_FALSE(none) << "the call's reply also came to the queue";
 }
 
+// close() from another thread while a thread is inside receive() or call() on the same handle:
+// that call returns at once (as on a local Channel), and nothing is freed under it.
+// Fixed: net::Channel::close() keeps the core until the handle is destroyed or assigned. Before:
+// close() reset the handle's pointer, the core's last reference, while the other thread ran in it
+// (TSan: a data race on the handle in RedirectRacingWithCloseAndThePeersClose below, under load).
+TEST(ReviewRedirect, CloseFromAnotherThreadEndsAReceiveOrACallOnTheSameHandle) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 100s);
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  for (int i = 0; i < 8; ++i) {
+    Remote r = connect_one(*l);
+    ASSERT_TRUE(r.server.valid());
+    net::Channel& mine = i % 2 == 0 ? r.server : r.client;  // receive() on one, call() on the other
+    std::atomic<bool> inside{false}, ended_with_error{false};
+    std::atomic<std::int64_t> returned_ns{0};
+    std::thread t([&] {
+      inside = true;
+      if (i % 2 == 0) {
+        auto m = mine.receive(secs(30));
+        ended_with_error = !m || m->kind == Kind::PeerClosed;
+      } else {
+        auto b = mine.buffer(64);
+        ended_with_error = b && !mine.call(*b, secs(30));  // nobody answers
+      }
+      returned_ns = monotonic_ns();
+    });
+    while (!inside.load()) {
+    }
+    os::sleep_ns(20'000'000);
+    const std::int64_t t0 = monotonic_ns();
+    mine.close();
+    t.join();
+    EXPECT_TRUE(ended_with_error.load()) << "round " << i;
+    EXPECT_LT(returned_ns.load() - t0, 2'000'000'000) << "round " << i << ": returned late";
+    EXPECT_FALSE(mine.valid());
+    auto again = mine.buffer(64);
+    ASSERT_FALSE(again);
+    EXPECT_EQ(again.error().code, Errc::InvalidArgument);
+  }
+}
+
 // redirect() racing with close() of the same handle (and the peer's close): no crash, no hang,
 // and the pump ends once no channel is redirected.
 TEST(ReviewRedirect, RedirectRacingWithCloseAndThePeersClose) {

@@ -139,7 +139,7 @@ TEST(ReviewS6b, LingerEndsAt10sWithNoPeerTimeoutAndTheTicksStop) {
   Status s = p->client.send(filled(p->client, 8u << 20, 'q'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
   const std::int64_t t0 = now_ns();
-  p->client.close();
+  p->client = net::Channel{};  // closed, and the handle lets go of its core
   ASSERT_FALSE(core.expired()) << "close() did not linger";
   std::this_thread::sleep_for(200ms);
   const std::int64_t c0 = voluntary_switches();
@@ -204,7 +204,7 @@ TEST(ReviewS6b, LingeringServerChannelOutlivesItsListenerBesideABusySibling) {
   std::weak_ptr<net::detail::ChannelCore> core = test::core_of(m->server[0]);
   Status s = m->server[0].send(filled(m->server[0], 8u << 20, 'L'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
-  m->server[0].close();
+  m->server[0] = net::Channel{};  // closed, and the handle lets go of its core
   const bool lingered = !core.expired();
   { net::Listener gone = std::move(m->l); }  // the listener destroyed while the channel lingers
   // The sibling: client 1 calls, server 1 answers, for 400 ms.
@@ -257,7 +257,7 @@ TEST(ReviewS6b, TimedOutCallsRequestStillArrivesAfterClose) {
   Status got = p->client.call(b, Deadline::after(50ms));
   std::printf("call(50 ms): %s\n", got ? "ok" : got.error().message().c_str());
   EXPECT_FALSE(got);
-  p->client.close();
+  p->client = net::Channel{};  // closed, and the handle lets go of its core
   EXPECT_FALSE(core.expired()) << "close() did not linger for the call's unfetched request";
   std::this_thread::sleep_for(300ms);
   auto r = p->server.receive(secs(5));
