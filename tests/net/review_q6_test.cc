@@ -601,5 +601,44 @@ TEST(ReviewQ6, AForkedChildsCopyOfTheQueueIgnoresQueuedConnections) {
   EXPECT_TRUE(r.status) << r.status.error().message();
 }
 
+// A flood of clients naming another service, with nobody in accept() and nobody waiting on the
+// queue: each is refused (HelloAck{refused}, then closed) and freed by the pump (graveyard_ back
+// to empty), none is delivered, and the listener still serves its own service afterwards.
+TEST(ReviewQ6, RefusedHandshakesAreFreedByThePumpWithNobodyWaiting) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  auto l = net::listen("ucx://127.0.0.1:0/other");
+  ASSERT_TRUE(l) << l.error().message();
+  ASSERT_TRUE(l->redirect(*q, 1));
+  constexpr int kClients = 8;
+  std::vector<std::unique_ptr<test::RawClient>> raws;
+  for (int i = 0; i < kClients; ++i) {
+    raws.push_back(std::make_unique<test::RawClient>());
+    ASSERT_TRUE(raws.back()->connect(l->port()));
+    raws.back()->hello(net::detail::Grant{16, 1u << 20});  // service "svc": refused
+  }
+  EXPECT_TRUE(eventually([&] {
+    for (auto& r : raws) r->progress_for(1ms);
+    return l->stats().refused_service >= kClients;
+  })) << l->stats().refused_service
+      << " refused";
+  auto& core = *((*l).*get(test::ListenCoreOf{}));
+  auto graveyard = [&] {
+    os::LockGuard lock(core.w_->mu);
+    return (core.*get(test::GraveyardOf{})).size();
+  };
+  EXPECT_TRUE(eventually([&] { return graveyard() == 0; }, 5s))
+      << graveyard() << " refused connections still held";
+  auto m = q->wait(Deadline::immediate());
+  EXPECT_FALSE(m && m->kind == Kind::Connection) << "a refused connection was delivered";
+  auto c = net::connect(url(l->port(), "other"), secs(10));
+  ASSERT_TRUE(c) << c.error().message();
+  auto got = q->wait(secs(5));
+  ASSERT_TRUE(got) << got.error().message();
+  EXPECT_EQ(got->kind, Kind::Connection);
+}
+
 }  // namespace
 }  // namespace mbmq
