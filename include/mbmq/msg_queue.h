@@ -44,6 +44,12 @@ class Listener;
 // connection closes and the client sees PeerClosed.
 class RemoteEnd {
  public:
+  RemoteEnd() noexcept = default;
+  RemoteEnd(RemoteEnd&&) noexcept = default;
+  RemoteEnd& operator=(RemoteEnd&&) noexcept = default;
+  RemoteEnd(const RemoteEnd&) = delete;  // one owner, as Message::channel
+  RemoteEnd& operator=(const RemoteEnd&) = delete;
+  ~RemoteEnd() = default;
   bool valid() const noexcept { return end_ != nullptr; }
 
  private:

@@ -170,13 +170,21 @@ class NetSource final : public mbmq::detail::QueueSource {
   void close() noexcept override {
     if (!ucx_usable()) return;  // a forked child's copy: the parent's channels are not ours
     // The queue is being destroyed: every channel redirected here is closed (its peer's calls end
-    // with PeerClosed), as the queue closes its local channel ends.
+    // with PeerClosed), as the queue closes its local channel ends; so is every connection of a
+    // redirected listener not yet taken (Q6), and push_connection() refuses from here on (the
+    // listener's deliver_locked() then closes them: review rev-q6, which found them left open).
     std::vector<std::weak_ptr<ChannelCore>> chs;
-    try {
+    std::shared_ptr<Queued> conns;  // a chain, destroyed below with no lock held (closing takes mu)
+    {
       os::LockGuard lock(mu_);
-      for (auto& [id, t] : taps_) chs.push_back(t.weak);
-    } catch (const std::bad_alloc&) {  // closed by their handles, or at their end, instead
+      closed_ = true;
+      conns = take_connections_locked();
+      try {
+        for (auto& [id, t] : taps_) chs.push_back(t.weak);
+      } catch (const std::bad_alloc&) {  // closed by their handles, or at their end, instead
+      }
     }
+    conns.reset();
     for (auto& w : chs)
       if (auto ch = w.lock()) ch->close();
   }
@@ -248,8 +256,10 @@ class NetSource final : public mbmq::detail::QueueSource {
     listening_ = false;
     return taps_.empty();
   }
-  void push_connection(std::shared_ptr<Queued> q) {
+  // False once the queue has closed the source: the caller keeps q (and closes its channel).
+  bool push_connection(std::shared_ptr<Queued>& q) {
     os::LockGuard lock(mu_);
+    if (closed_) return false;
     Queued* raw = q.get();
     if (tail_ != nullptr) {
       tail_->next = std::move(q);
@@ -258,6 +268,7 @@ class NetSource final : public mbmq::detail::QueueSource {
     }
     tail_ = raw;
     ready_.store(true, std::memory_order_release);
+    return true;
   }
   bool queue_alive() const noexcept { return !queue_.expired(); }
 
@@ -338,6 +349,26 @@ class NetSource final : public mbmq::detail::QueueSource {
     bool owed = false;           // the channel may hold released credit not yet sent (F5's IfHalf)
   };
 
+  // (Q6) Takes the queued connections out of the FIFO (in order; the rest stays): one chain.
+  std::shared_ptr<Queued> take_connections_locked() MBMQ_REQUIRES(mu_) {
+    std::shared_ptr<Queued> kept, taken;
+    Queued* kept_tail = nullptr;
+    Queued* taken_tail = nullptr;
+    while (head_) {
+      std::shared_ptr<Queued> q = std::move(head_);
+      head_ = std::move(q->next);
+      const bool conn = q->kind == Kind::Connection;
+      Queued*& tail = conn ? taken_tail : kept_tail;
+      std::shared_ptr<Queued>& link = tail != nullptr ? tail->next : (conn ? taken : kept);
+      tail = q.get();
+      link = std::move(q);
+    }
+    head_ = std::move(kept);
+    tail_ = kept_tail;
+    if (!head_) ready_.store(detached_, std::memory_order_relaxed);
+    return taken;
+  }
+
   void signal_worker() noexcept {
     if (auto w = w_.lock()) {
       // UCX: "safe to use this routine from any thread" (ucp.h), whatever the worker's thread
@@ -358,6 +389,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   std::unordered_map<std::uint64_t, Tap> taps_ MBMQ_GUARDED_BY(mu_);
   std::vector<std::uint64_t> credit_ids_ MBMQ_GUARDED_BY(mu_);
   bool detached_ MBMQ_GUARDED_BY(mu_) = false;
+  bool closed_ MBMQ_GUARDED_BY(mu_) = false;     // (Q6) by the queue: no more connections
   bool listening_ MBMQ_GUARDED_BY(mu_) = false;        // (Q6) the worker's listener delivers here
   std::uint64_t listen_key_ MBMQ_GUARDED_BY(mu_) = 0;  // its key (kept for queued connections)
   std::vector<std::shared_ptr<Queued>> orphans_ MBMQ_GUARDED_BY(mu_);  // push() without a tap
@@ -686,13 +718,22 @@ void ListenCore::deliver_locked() {
     std::shared_ptr<Queued> q;
     try {
       q = std::make_shared<Queued>();
-      q->conn = std::shared_ptr<Channel>(new Channel(*it));
+      // An empty Channel first, then the core (which cannot throw): a Channel holding the core,
+      // destroyed here by a failed allocation, would close it taking mu, which we hold (review
+      // rev-q6: a self-deadlock).
+      q->conn = std::make_shared<Channel>();
     } catch (const std::bad_alloc&) {
       break;  // left in ready_: the next flush
     }
+    q->conn->core_ = std::move(*it);
     q->kind = Kind::Connection;
     it = ready_.erase(it);
-    source_->push_connection(std::move(q));
+    if (!source_->push_connection(q)) {
+      // The queue closed its source meanwhile (it is being destroyed): closed by the pump, as
+      // above. The Channel handle lets go of its core first (not closed here, under mu).
+      graveyard_.push_back(std::move(q->conn->core_));
+      continue;
+    }
     pushed = true;
   }
   if (pushed) source_->wake_queue();
@@ -716,7 +757,9 @@ Result<Channel> accepted(mbmq::Message& msg) {
   std::shared_ptr<void> end = mbmq::detail::QueueAccess::take_remote(msg.remote);
   if (!end) return fail(Errc::InvalidArgument, "net::accepted: not a remote connection");
   // Only mbmq::net sets Message::remote (QueueAccess), and only to a net::Channel (Queued::conn).
-  return std::move(*static_cast<Channel*>(end.get()));  // `end` then holds an empty Channel
+  auto* ch = static_cast<Channel*>(end.get());
+  if (!ch->valid()) return fail(Errc::InvalidArgument, "net::accepted: taken already");
+  return std::move(*ch);  // `end` then holds an empty Channel
 }
 
 Status Listener::redirect(MsgQueue& queue, std::uint64_t key) {
