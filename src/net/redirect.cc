@@ -389,7 +389,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   std::unordered_map<std::uint64_t, Tap> taps_ MBMQ_GUARDED_BY(mu_);
   std::vector<std::uint64_t> credit_ids_ MBMQ_GUARDED_BY(mu_);
   bool detached_ MBMQ_GUARDED_BY(mu_) = false;
-  bool closed_ MBMQ_GUARDED_BY(mu_) = false;     // (Q6) by the queue: no more connections
+  bool closed_ MBMQ_GUARDED_BY(mu_) = false;           // (Q6) by the queue: no more connections
   bool listening_ MBMQ_GUARDED_BY(mu_) = false;        // (Q6) the worker's listener delivers here
   std::uint64_t listen_key_ MBMQ_GUARDED_BY(mu_) = 0;  // its key (kept for queued connections)
   std::vector<std::shared_ptr<Queued>> orphans_ MBMQ_GUARDED_BY(mu_);  // push() without a tap
