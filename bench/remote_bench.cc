@@ -8,6 +8,15 @@
 //   ucx_perftest                   UCX's own ucp_am_lat / ucp_am_bw (package ucx-utils); its
 //                                  latency is a half round trip: doubled here
 //   tcp                            plain blocking TCP sockets, the same echo
+// and, only when named in --only (one-way rows to set beside mbmq-net-spin and raw-ucx):
+//   mbmq-net-spin-grant            mbmq-net-spin with both ends' inbox_bytes at --grant-bytes
+//                                  (default 8 x the largest one-way size): raw-ucx's window of 8
+//                                  in flight, where the default grant (16 MiB) lets one 16 MiB
+//                                  message out at a time
+//   raw-ucx-distinct               raw-ucx whose one-way messages are sent from 8 buffers in turn
+//                                  and land in 8 (raw-ucx: all from one buffer into one sink, the
+//                                  bytes staying in cache; distinct messages, as mbmq::net's, each
+//                                  a buffer of its own, do not)
 // A round trip: the client sends SIZE bytes (its first 8 a sequence number), the server echoes
 // the SIZE bytes back, the client checks the number. One-way: the client sends SIZE-byte messages
 // for the cell's time, then one round trip that the server answers after all of them have
@@ -21,6 +30,10 @@
 //   sudo build/bench/mbmq-net-bench [--seconds S] [--rounds N] [--sizes 64,4K,...] [--oneway-sizes
 //   ...]
 //                                   [--only tcp,raw-ucx,...] [--json] [--no-pin]
+//                                   [--grant-bytes N] [--raw-sweep W:B:S,...]
+// --raw-sweep: raw UCX one-way streams of several shapes (W in flight, from B buffers, into S
+// sinks) alternated in slices on one connection (see raw_sweep): what the window and the memory
+// the copies touch cost, apart from any other difference, on a machine too noisy for rows.
 //
 // Pinning: the client's main thread on CPU 0, the server's on CPU 1, as `mbmq bench` does, but
 // only once UCX is up (after listen()/connect()): UCX's async thread and mbmq::net's keeper
@@ -34,6 +47,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -67,6 +81,10 @@ struct Options {
   bool json = false;
   bool pin = true;
   int rounds = 3;  // every mechanism once per round, in alternating order (see main)
+  // The mbmq-net-spin-grant row's grant (both ends' inbox_bytes): 0 = 8 x the largest one-way
+  // size, raw-ucx's window of 8 messages in flight at that size (see mbmq_net).
+  std::uint64_t grant_bytes = 0;
+  std::vector<mbmq::bench::StreamShape> raw_sweep;  // --raw-sweep (see raw_sweep)
 };
 Options g_opt;
 
@@ -222,13 +240,20 @@ std::vector<Row> run_pair(const mbmq::netns::Pair& ns, const std::string& mech,
   return rows;
 }
 
+std::string load();
+
 // ---- mbmq::net --------------------------------------------------------------------------------
+// grant: both ends' inbox_bytes (0: the library's default, kDefaultInboxBytes). The default
+// grant lets one 16 MiB one-way message out at a time (docs/design/net.md F2), raw-ucx keeps 8
+// in flight: the mbmq-net-spin-grant row grants what 8 of the largest one-way size need (the
+// client's own grant too, as a sender uses at most the larger of its own and the default, F1).
 std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, mbmq::WaitMode mode,
-                          bool queue = false) {
+                          bool queue = false, std::uint32_t grant = 0) {
   const mbmq::WaitPolicy wait{mode, {}};
   auto serve = [&](int port_fd) -> int {
     net::ListenOptions lo;
     lo.max_message = (64u << 20) + 4096;
+    if (grant != 0) lo.inbox_bytes = grant;
     auto l = net::listen("ucx://" + ns.ip_a + ":0/bench", lo);
     if (!l) return 10;
     if (!queue) pin(1);
@@ -255,6 +280,7 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, 
   auto client = [&](std::uint32_t port, int out) -> int {
     net::ConnectOptions co;
     co.wait = wait;
+    if (grant != 0) co.inbox_bytes = grant;
     auto ch = net::connect("ucx://" + ns.ip_a + ":" + std::to_string(port) + "/bench",
                            Deadline::after(std::chrono::seconds(10)), co);
     if (!ch) {
@@ -294,7 +320,56 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, 
 }
 
 // ---- raw UCX ----------------------------------------------------------------------------------
-std::vector<Row> raw_ucx(const mbmq::netns::Pair& ns) {
+// --raw-sweep: raw UCX one-way streams of each StreamShape in turn on one connection, slices of
+// --seconds, --rounds times in alternating order; per shape, MB/s over all its slices and the
+// median [10th-90th percentile] of the first shape's MB/s / this one's in the same repetition
+// (> 1: slower than the first). Printed by the client (stdout); no rows. Slices seconds apart on
+// one connection: the window and the buffers' memory are the only difference.
+int raw_sweep(mbmq::bench::RawUcxClient& c) {
+  const auto& shapes = g_opt.raw_sweep;
+  const std::size_t k = shapes.size();
+  const auto slice = static_cast<std::int64_t>(g_opt.seconds * 1e9);
+  for (std::size_t n : g_opt.oneway) {
+    std::vector<double> bytes(k), ns(k);
+    std::vector<std::vector<double>> ratio(k);
+    for (std::size_t m = 0; m < k; ++m)  // warm-up: each shape's buffers made and touched
+      if (c.stream(n, monotonic_ns() + slice / 3, shapes[m]) < 0) return 30;
+    for (int rep = 0; rep < g_opt.rounds; ++rep) {
+      std::vector<double> mbs(k);
+      for (std::size_t i = 0; i < k; ++i) {
+        const std::size_t m = rep % 2 == 0 ? i : k - 1 - i;
+        const std::int64_t t0 = monotonic_ns();
+        const std::int64_t b = c.stream(n, t0 + slice, shapes[m]);
+        const std::int64_t t1 = monotonic_ns();
+        if (b < 0) return 30;
+        bytes[m] += static_cast<double>(b);
+        ns[m] += static_cast<double>(t1 - t0);
+        mbs[m] = static_cast<double>(b) / static_cast<double>(t1 - t0) * 1e3;
+      }
+      for (std::size_t m = 0; m < k; ++m) ratio[m].push_back(mbs[0] / mbs[m]);
+    }
+    std::printf("raw-sweep %s one-way, %d repetitions of %.2f s slices; loadavg %s\n",
+                human(n).c_str(), g_opt.rounds, g_opt.seconds, load().c_str());
+    for (std::size_t m = 0; m < k; ++m) {
+      std::vector<double>& r = ratio[m];
+      std::sort(r.begin(), r.end());
+      const auto at = [&](double q) {
+        return r[static_cast<std::size_t>(q * static_cast<double>(r.size() - 1) + 0.5)];
+      };
+      std::printf("  window %2u, %2u buffers, %2u sinks: %7.0f MB/s; first/this %.2f [%.2f-%.2f]\n",
+                  shapes[m].window, shapes[m].buffers, shapes[m].sinks, bytes[m] / ns[m] * 1e3,
+                  at(0.5), at(0.1), at(0.9));
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+// distinct (the raw-ucx-distinct row): one-way messages sent from 8 buffers in turn and landing in
+// 8 (RawUcxClient::stream), as mbmq::net's, each a buffer of its own, do; raw-ucx sends every one
+// from one buffer into one sink.
+std::vector<Row> raw_ucx(const mbmq::netns::Pair& ns, bool distinct = false) {
+  const std::string mech = distinct ? "raw-ucx-distinct" : "raw-ucx";
   auto serve = [&](int port_fd) -> int {
     return mbmq::bench::raw_ucx_serve(
         ns.ip_a,
@@ -316,11 +391,13 @@ std::vector<Row> raw_ucx(const mbmq::netns::Pair& ns) {
     pin(0);
     ClientOps ops;
     ops.rtt = [&](std::size_t n, std::uint64_t seq) { return c.call(n, seq); };
-    ops.stream = [&](std::size_t n, std::int64_t until) { return c.stream(n, until); };
-    client_cells("raw-ucx", ops, out);
+    const mbmq::bench::StreamShape shape{8, distinct ? 8u : 1u, distinct ? 8u : 1u};
+    ops.stream = [&](std::size_t n, std::int64_t until) { return c.stream(n, until, shape); };
+    if (!g_opt.raw_sweep.empty()) return raw_sweep(c);
+    client_cells(mech, ops, out);
     return 0;
   };
-  return run_pair(ns, "raw-ucx", serve, client);
+  return run_pair(ns, mech, serve, client);
 }
 
 // ---- plain TCP --------------------------------------------------------------------------------
@@ -563,9 +640,16 @@ std::vector<Check> checks_of(const std::vector<Row>& rows) {
                 size == 64 ? 1.15 : 1.05);
     add_check(out, rows, "raw-ucx / ucx_perftest p50", "raw-ucx", "ucx_perftest", size, false, 1.2);
   }
-  for (std::size_t size : g_opt.oneway)  // > 1: mbmq::net slower
+  for (std::size_t size : g_opt.oneway) {  // > 1: mbmq::net slower
     add_check(out, rows, "raw-ucx / mbmq-net-spin MB/s one-way", "raw-ucx", "mbmq-net-spin", size,
               true, 1.05);
+    // If wanted (--only): the same with raw-ucx's window (8 in flight at the largest size), and
+    // against raw UCX sending distinct messages (from and into 8 buffers in turn, as mbmq does).
+    add_check(out, rows, "raw-ucx / mbmq-net-spin-grant MB/s one-way", "raw-ucx",
+              "mbmq-net-spin-grant", size, true, 1.05);
+    add_check(out, rows, "raw-ucx-distinct / mbmq-net-spin MB/s one-way", "raw-ucx-distinct",
+              "mbmq-net-spin", size, true, 1.05);
+  }
   return out;
 }
 
@@ -594,24 +678,24 @@ void print_table(const std::vector<Row>& rows, const std::vector<Check>& checks,
       "cell. Round trip: SIZE bytes there and back. loadavg before: %s, after: %s\n\n",
       os::cpu_count(), g_opt.pin ? "client on CPU 0, server on CPU 1" : "not pinned", g_opt.seconds,
       load0.c_str(), load1.c_str());
-  std::printf("%5s %-16s %8s %9s %12s %12s %12s %10s %s\n", "round", "mechanism", "size", "iters",
+  std::printf("%5s %-19s %8s %9s %12s %12s %12s %10s %s\n", "round", "mechanism", "size", "iters",
               "p50 us", "p99 us", "max us", "MB/s", "");
   for (int oneway = 0; oneway < 2; ++oneway) {
     if (oneway == 1) std::printf("\none-way throughput (MB/s = 10^6 bytes/s):\n");
     for (const auto& r : rows) {
       if (static_cast<int>(r.oneway) != oneway) continue;
       if (r.error[0] != 0) {
-        std::printf("%5u %-16s %8s  %s\n", r.round, r.mechanism, human(r.size).c_str(), r.error);
+        std::printf("%5u %-19s %8s  %s\n", r.round, r.mechanism, human(r.size).c_str(), r.error);
         continue;
       }
       const bool pt = std::strcmp(r.mechanism, "ucx_perftest") == 0;
       if (oneway == 0)
-        std::printf("%5u %-16s %8s %9u %12.1f %12s %12s %10.1f%s\n", r.round, r.mechanism,
+        std::printf("%5u %-19s %8s %9u %12.1f %12s %12s %10.1f%s\n", r.round, r.mechanism,
                     human(r.size).c_str(), r.iterations, r.p50_ns / 1e3,
                     pt ? "-" : us(r.p99_ns).c_str(), pt ? "-" : us(r.max_ns).c_str(), r.mb_per_s,
                     pt ? "  (2 x its half round trip)" : "");
       else
-        std::printf("%5u %-16s %8s %9u %12s %12s %12s %10.1f\n", r.round, r.mechanism,
+        std::printf("%5u %-19s %8s %9u %12s %12s %12s %10.1f\n", r.round, r.mechanism,
                     human(r.size).c_str(), r.iterations, "-", "-", "-", r.mb_per_s);
     }
   }
@@ -693,10 +777,10 @@ std::vector<std::size_t> parse_sizes(const std::string& s) {
   return v;
 }
 
-bool wanted(const std::string& m) {
-  return g_opt.only.empty() ||
-         std::find(g_opt.only.begin(), g_opt.only.end(), m) != g_opt.only.end();
+bool named(const std::string& m) {
+  return std::find(g_opt.only.begin(), g_opt.only.end(), m) != g_opt.only.end();
 }
+bool wanted(const std::string& m) { return g_opt.only.empty() || named(m); }
 
 }  // namespace
 
@@ -729,6 +813,30 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "mbmq-net-bench: --rounds: 1 to 100\n");
         return 2;
       }
+    } else if (a == "--grant-bytes") {
+      const std::string v = next();
+      char* end = nullptr;
+      std::uint64_t n = std::strtoull(v.c_str(), &end, 10);
+      if (*end == 'K' || *end == 'k') n <<= 10;
+      if (*end == 'M' || *end == 'm') n <<= 20;
+      if (n == 0 || n > UINT32_MAX) {
+        std::fprintf(stderr, "mbmq-net-bench: --grant-bytes: 1 B to 4095M\n");
+        return 2;
+      }
+      g_opt.grant_bytes = n;
+    } else if (a == "--raw-sweep") {
+      std::stringstream in(next());
+      for (std::string t; std::getline(in, t, ',');) {
+        mbmq::bench::StreamShape sh;
+        if (std::sscanf(t.c_str(), "%u:%u:%u", &sh.window, &sh.buffers, &sh.sinks) != 3 ||
+            sh.window < 1 || sh.window > mbmq::bench::kMaxWindow || sh.buffers < 1 ||
+            sh.buffers > 64 || sh.sinks < 1 || sh.sinks > 64) {
+          std::fprintf(stderr, "mbmq-net-bench: --raw-sweep: WINDOW:BUFFERS:SINKS,... (1-64)\n");
+          return 2;
+        }
+        g_opt.raw_sweep.push_back(sh);
+      }
+      g_opt.only = {"raw-ucx"};
     } else if (a == "--json") {
       g_opt.json = true;
     } else if (a == "--no-pin") {
@@ -739,7 +847,10 @@ int main(int argc, char** argv) {
           "64,4K,64K,1M,16M,64M]\n"
           "                      [--oneway-sizes 64K,1M,16M] [--only mbmq-net-spin,mbmq-net-sleep,"
           "raw-ucx,ucx_perftest,tcp]\n"
-          "                      [--json] [--no-pin]\n"
+          "                      [--json] [--no-pin] [--grant-bytes N (8 x the largest one-way "
+          "size)]\n"
+          "                      [--raw-sweep WINDOW:BUFFERS:SINKS,... (raw UCX one-way only)]\n"
+          "Rows not run unless named in --only: mbmq-net-spin-grant, raw-ucx-distinct.\n"
           "Runs as root: makes two network namespaces and a veth pair, removed at the end.\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
@@ -750,6 +861,12 @@ int main(int argc, char** argv) {
                  "(ip netns add, ip link add) and enters them (setns, a sysfs remount)\n");
     return 2;
   }
+  std::uint64_t big = g_opt.grant_bytes;
+  if (big == 0) {
+    for (auto s : g_opt.oneway) big = std::max<std::uint64_t>(big, 8 * s);
+    big = std::max<std::uint64_t>(big, net::kDefaultInboxBytes);
+  }
+  const auto big_grant = static_cast<std::uint32_t>(std::min<std::uint64_t>(big, UINT32_MAX));
   const std::string load0 = load();
   std::vector<Row> rows;
   {
@@ -760,14 +877,24 @@ int main(int argc, char** argv) {
                    "installed? CAP_NET_ADMIN?)\n");
       return 2;
     }
+    if (!g_opt.raw_sweep.empty()) {  // the client prints; no rows (run_pair: one error row)
+      auto r = raw_ucx(ns);
+      return r.size() == 1 && std::strstr(r[0].error, "exit code 0") != nullptr ? 0 : 1;
+    }
     // Every mechanism once per round, the order reversed every other round: a ratio's two rows
     // are measured seconds apart, and neither always goes first.
     const std::vector<std::function<std::vector<Row>()>> mechs = {
         [&] { return wanted("tcp") ? tcp(ns) : std::vector<Row>{}; },
         [&] { return wanted("raw-ucx") ? raw_ucx(ns) : std::vector<Row>{}; },
+        [&] { return named("raw-ucx-distinct") ? raw_ucx(ns, true) : std::vector<Row>{}; },
         [&] {
           return wanted("mbmq-net-spin") ? mbmq_net(ns, "mbmq-net-spin", mbmq::WaitMode::Spin)
                                          : std::vector<Row>{};
+        },
+        [&] {
+          return named("mbmq-net-spin-grant")
+                     ? mbmq_net(ns, "mbmq-net-spin-grant", mbmq::WaitMode::Spin, false, big_grant)
+                     : std::vector<Row>{};
         },
         [&] {
           return wanted("mbmq-net-sleep") ? mbmq_net(ns, "mbmq-net-sleep", mbmq::WaitMode::Sleep)

@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -17,16 +18,21 @@ using net::detail::Ucx;
 // Active Message ids of this baseline (its own workers: no clash with mbmq::net's id).
 constexpr unsigned kRequest = 1, kReply = 2, kOneWay = 3;
 struct RawHeader {
-  std::uint64_t a = 0, b = 0;  // 16 bytes, as mbmq::net's header; not interpreted
+  std::uint64_t a = 0, b = 0;  // 16 bytes, as mbmq::net's header; a: a one-way message's sinks
 };
+constexpr std::uint64_t kMaxSinks = 64;
 
 struct RawSide {
   const Ucx* u = nullptr;
   ucp_worker_h worker = nullptr;
   ucp_ep_h ep = nullptr;
   ucp_listener_h listener = nullptr;
-  std::vector<std::byte> buf;     // requests land here and are answered from here
-  std::vector<std::byte> sink;    // one-way payloads land here
+  std::vector<std::byte> buf;   // requests land here and are answered from here
+  std::vector<std::byte> sink;  // one-way payloads land here
+  // A StreamShape's buffers (client) or sinks (server) beyond one, used in turn; each grown to the
+  // message's size when first used at it (in a cell's warm-up).
+  std::vector<std::vector<std::byte>> ring;
+  std::size_t next = 0;
   std::size_t answer = SIZE_MAX;  // server: the size of the request to answer
   bool replied = false;           // client: the reply has landed
   int receiving = 0;              // rendezvous receives in flight
@@ -59,13 +65,21 @@ void recv_done(void* req, ucs_status_t, std::size_t, void* user) {
 }
 
 // (1) A message arrives: eager, copied out of UCX's buffer now; rendezvous, received into ours.
-ucs_status_t on_am(void* arg, const void*, std::size_t, void* data, std::size_t length,
-                   const ucp_am_recv_param_t* param, unsigned id) {
+ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, void* data,
+                   std::size_t length, const ucp_am_recv_param_t* param, unsigned id) {
   auto* s = static_cast<RawSide*>(arg);
   std::byte* dst = id == kOneWay ? s->sink.data() : s->buf.data();
   if (length > s->buf.size()) {
     s->closed = true;
     return UCS_OK;
+  }
+  RawHeader h;
+  if (header_length == sizeof h) std::memcpy(&h, header, sizeof h);
+  if (id == kOneWay && h.a > 1 && h.a <= kMaxSinks) {  // the next of h.a sinks (StreamShape)
+    if (s->ring.size() < h.a) s->ring.resize(h.a);
+    auto& v = s->ring[s->next++ % h.a];
+    if (v.size() < length) v.resize(length);
+    dst = v.data();
   }
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
     std::memcpy(dst, data, length);
@@ -237,15 +251,21 @@ bool RawUcxClient::call(std::size_t n, std::uint64_t seq) {
   return s.replied && (n < 8 || back == seq);
 }
 
-std::int64_t RawUcxClient::stream(std::size_t n, std::int64_t until_ns) {
+std::int64_t RawUcxClient::stream(std::size_t n, std::int64_t until_ns, StreamShape shape) {
   RawSide& s = *s_;
-  static const RawHeader hdr{};
-  constexpr int kWindow = 8;
-  ucs_status_ptr_t inflight[kWindow] = {};
+  const std::size_t window = std::clamp<std::size_t>(shape.window, 1, kMaxWindow);
+  const std::size_t buffers = std::clamp<std::size_t>(shape.buffers, 1, kMaxSinks);
+  const RawHeader hdr{std::clamp<std::uint64_t>(shape.sinks, 1, kMaxSinks), 0};
+  if (buffers > 1) {
+    if (s.ring.size() < buffers) s.ring.resize(buffers);
+    for (std::size_t b = 0; b < buffers; ++b)
+      if (s.ring[b].size() < n) s.ring[b].resize(n);  // the first (warm-up) stream of a size
+  }
+  ucs_status_ptr_t inflight[kMaxWindow] = {};
   std::int64_t bytes = 0;
-  int i = 0;
+  std::size_t i = 0;
   while (monotonic_ns() < until_ns && !s.closed) {
-    ucs_status_ptr_t& slot = inflight[i++ % kWindow];
+    ucs_status_ptr_t& slot = inflight[i++ % window];
     if (slot != nullptr) {  // the oldest of the window: wait for it
       while (s.u->ucp_request_check_status(slot) == UCS_INPROGRESS && !s.closed)
         (void)s.u->ucp_worker_progress(s.worker);
@@ -255,7 +275,8 @@ std::int64_t RawUcxClient::stream(std::size_t n, std::int64_t until_ns) {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = UCP_AM_SEND_FLAG_REPLY;
-    ucs_status_ptr_t r = s.u->ucp_am_send_nbx(s.ep, kOneWay, &hdr, sizeof hdr, s.buf.data(), n, &p);
+    const std::byte* src = buffers > 1 ? s.ring[s.next++ % buffers].data() : s.buf.data();
+    ucs_status_ptr_t r = s.u->ucp_am_send_nbx(s.ep, kOneWay, &hdr, sizeof hdr, src, n, &p);
     if (UCS_PTR_IS_ERR(r)) return -1;
     slot = r;
     bytes += static_cast<std::int64_t>(n);

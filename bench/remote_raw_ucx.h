@@ -18,6 +18,16 @@ namespace mbmq::bench {
 // one-way messages until the client goes. 0 on a clean end, else a code.
 int raw_ucx_serve(const std::string& ip, void (*put_port)(std::uint32_t, void*), void* arg);
 
+// How RawUcxClient::stream sends: `window` messages in flight (at most kMaxWindow), sent from
+// `buffers` buffers in turn, landing at the server in `sinks` buffers in turn (at most 64 each).
+// The raw-ucx row: {8, 1, 1}, every message from one buffer into one sink: the bytes the kernel's
+// copies touch stay in cache (at 1 MiB, 1 MiB a side), where distinct messages, as mbmq::net's
+// (each a buffer of its own), touch as many buffers as are in flight. raw-ucx-distinct: {8, 8, 8}.
+struct StreamShape {
+  unsigned window = 8, buffers = 1, sinks = 1;
+};
+inline constexpr unsigned kMaxWindow = 64;
+
 class RawUcxClient {
  public:
   RawUcxClient() = default;
@@ -28,9 +38,9 @@ class RawUcxClient {
   std::string connect(const std::string& ip, std::uint32_t port, std::size_t max);
   // One round trip of n bytes (echoed back into the same buffer, its first 8 bytes checked).
   bool call(std::size_t n, std::uint64_t seq);
-  // One-way messages of n bytes (at most 8 in flight) until `until_ns` (monotonic), then a round
-  // trip the server answers only when every one-way payload has landed. Bytes sent, or -1.
-  std::int64_t stream(std::size_t n, std::int64_t until_ns);
+  // One-way messages of n bytes (shape: by default 8 in flight) until `until_ns` (monotonic), then
+  // a round trip the server answers only when every one-way payload has landed. Bytes sent, or -1.
+  std::int64_t stream(std::size_t n, std::int64_t until_ns, StreamShape shape = {});
 
   struct State;
 
