@@ -545,6 +545,25 @@ void ChannelCore::tap_flush_locked() {
   if (pushed) source_->wake_queue();
 }
 
+namespace {
+
+// What a redirect (a channel's or a listener's) leaves for after its lock: a pump thread that
+// ended, to join; a source made unlocked and not used (another thread's came first, or the
+// redirect failed), to detach (the queue then drops it at its next look).
+struct Leftovers {
+  std::thread ended;
+  std::shared_ptr<NetSource> fresh;
+  Leftovers() = default;
+  Leftovers(const Leftovers&) = delete;
+  Leftovers& operator=(const Leftovers&) = delete;
+  ~Leftovers() {
+    if (fresh) fresh->detach();
+    if (ended.joinable()) ended.join();
+  }
+};
+
+}  // namespace
+
 void ChannelCore::unredirect_locked(std::vector<std::shared_ptr<void>>& drop) {
   if (!source_) return;
   std::erase(w_->tap_news, this);
@@ -565,20 +584,9 @@ Status ChannelCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& que
   if (!queue) return fail(Errc::InvalidArgument, "net::Channel::redirect: invalid queue");
   // Made unlocked (it takes the queue's lock) if the worker has no source for this queue; let go
   // (detached: the queue drops it at its next look) on every way out that did not use it.
-  std::thread ended;  // a pump that ended: joined once our lock is released (declared first)
-  struct JoinEnded {
-    std::thread& t;
-    ~JoinEnded() {
-      if (t.joinable()) t.join();
-    }
-  } join_ended{ended};
-  std::shared_ptr<NetSource> fresh;
-  struct Unused {
-    std::shared_ptr<NetSource>& s;
-    ~Unused() {
-      if (s) s->detach();
-    }
-  } unused{fresh};
+  Leftovers left;  // released after our lock (declared before it)
+  std::thread& ended = left.ended;
+  std::shared_ptr<NetSource>& fresh = left.fresh;
   for (;;) {
     {
       os::LockGuard lock(w_->mu);
@@ -648,20 +656,9 @@ Status ListenCore::redirect(const std::shared_ptr<mbmq::detail::QueueCore>& queu
                             std::uint64_t key) {
   MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
   if (!queue) return fail(Errc::InvalidArgument, "net::Listener::redirect: invalid queue");
-  std::thread ended;  // a pump that ended: joined once our lock is released (declared first)
-  struct JoinEnded {
-    std::thread& t;
-    ~JoinEnded() {
-      if (t.joinable()) t.join();
-    }
-  } join_ended{ended};
-  std::shared_ptr<NetSource> fresh;  // as in ChannelCore::redirect: made unlocked if needed
-  struct Unused {
-    std::shared_ptr<NetSource>& s;
-    ~Unused() {
-      if (s) s->detach();
-    }
-  } unused{fresh};
+  Leftovers left;  // released after our lock (declared before it)
+  std::thread& ended = left.ended;
+  std::shared_ptr<NetSource>& fresh = left.fresh;
   for (;;) {
     {
       os::LockGuard lock(w_->mu);

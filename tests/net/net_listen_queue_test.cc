@@ -26,6 +26,7 @@ namespace mbmq {
 namespace {
 
 using namespace std::chrono_literals;
+using test::remote_call;
 using test::secs;
 using test::url;
 
@@ -100,21 +101,6 @@ class Loop {
   std::atomic<bool> stop_{false};
   std::thread t_;
 };
-
-bool remote_call(net::Channel& ch, std::size_t size, char c, Deadline d = secs(10)) {
-  auto b = ch.buffer(size);
-  if (!b) return false;
-  if (size != 0) std::memset(b->data().data(), c, size);
-  Status s = ch.call(*b, d);
-  if (!s) {
-    ADD_FAILURE() << "call: " << s.error().message();
-    return false;
-  }
-  if (b->size() != size) return false;
-  for (std::byte x : b->data())
-    if (x != static_cast<std::byte>(c + 1)) return false;
-  return true;
-}
 
 bool local_call(Channel& ch, std::size_t size, char c) {
   auto b = ch.buffer(size);

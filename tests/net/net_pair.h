@@ -74,6 +74,23 @@ inline Remote connect_one(net::Listener& l, const net::ConnectOptions& co = {}) 
   return Remote{std::move(*s), std::move(**c)};
 }
 
+// A remote call of `size` bytes of `c` (answered by test::QueueServer or the like): true if it
+// came back within `d` with each byte + 1 (a failed call is also a test failure).
+inline bool remote_call(net::Channel& ch, std::size_t size, char c, Deadline d = secs(10)) {
+  auto b = ch.buffer(size);
+  if (!b) return false;
+  if (size != 0) std::memset(b->data().data(), c, size);  // (no vector at 0 bytes)
+  Status s = ch.call(*b, d);
+  if (!s) {
+    ADD_FAILURE() << "call: " << s.error().message();
+    return false;
+  }
+  if (b->size() != size) return false;
+  for (std::byte x : b->data())
+    if (x != static_cast<std::byte>(c + 1)) return false;
+  return true;
+}
+
 // Threads of this process now.
 inline int task_count() { return static_cast<int>(os::dir_listing("/proc/self/task").size()); }
 

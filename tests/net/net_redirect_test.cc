@@ -29,20 +29,8 @@ using test::url;
 using test::connect_one;
 using test::QueueServer;
 using test::Remote;
+using test::remote_call;
 using test::task_count;
-
-// A remote call of `size` bytes of `c`: the reply must be each byte + 1.
-bool remote_call(net::Channel& ch, std::size_t size, char c) {
-  auto b = ch.buffer(size);
-  if (!b) return false;
-  if (size != 0) std::memset(b->data().data(), c, size);  // (no vector at 0 bytes)
-  Status s = ch.call(*b, secs(10));
-  EXPECT_TRUE(s) << s.error().message();
-  if (!s || b->size() != size) return false;
-  for (std::byte x : b->data())
-    if (x != static_cast<std::byte>(c + 1)) return false;
-  return true;
-}
 
 bool local_call(Channel& ch, std::size_t size, char c) {
   auto b = ch.buffer(size);

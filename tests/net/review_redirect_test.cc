@@ -34,6 +34,7 @@ using test::url;
 using test::connect_one;
 using test::QueueServer;
 using test::Remote;
+using test::remote_call;
 using test::task_count;
 
 // QueueCore::sources_ (private), for counting: the explicit-instantiation rule (net_access.h).
@@ -56,22 +57,6 @@ template struct RobQ<QueueMuOf, &detail::QueueCore::mu_>;
 std::size_t sources_of(MsgQueue& q) {
   (void)q.wait(Deadline::immediate());
   return ((*detail::QueueAccess::core(q)).*get(SourcesOf{})).size();
-}
-
-// A call of `size` bytes of `c`, answered with each byte + 1 within `d`.
-bool remote_call(net::Channel& ch, std::size_t size, char c, Deadline d = secs(10)) {
-  auto b = ch.buffer(size);
-  if (!b) return false;
-  if (size != 0) std::memset(b->data().data(), c, size);
-  Status s = ch.call(*b, d);
-  if (!s) {
-    ADD_FAILURE() << "call: " << s.error().message();
-    return false;
-  }
-  if (b->size() != size) return false;
-  for (std::byte x : b->data())
-    if (x != static_cast<std::byte>(c + 1)) return false;
-  return true;
 }
 
 // A raw client, hello'd and accepted: the accepted channel in *out.
