@@ -178,7 +178,7 @@ class NetSource final : public mbmq::detail::QueueSource {
     {
       os::LockGuard lock(mu_);
       closed_ = true;
-      conns = take_connections_locked();
+      conns = take_if_locked([](const Queued& q) { return q.kind == Kind::Connection; });  // Q6
       try {
         for (auto& [id, t] : taps_) chs.push_back(t.weak);
       } catch (const std::bad_alloc&) {  // closed by their handles, or at their end, instead
@@ -220,22 +220,8 @@ class NetSource final : public mbmq::detail::QueueSource {
         keep = std::move(it->second.keep);
         taps_.erase(it);
       }
-      std::shared_ptr<Queued> kept;
-      Queued* kept_tail = nullptr;
-      Queued* purged_tail = nullptr;
-      while (head_) {
-        std::shared_ptr<Queued> q = std::move(head_);
-        head_ = std::move(q->next);
-        const bool ours = q->ch_id == id;
-        Queued*& tail = ours ? purged_tail : kept_tail;
-        std::shared_ptr<Queued>& link = tail != nullptr ? tail->next : (ours ? purged : kept);
-        tail = q.get();
-        link = std::move(q);
-      }
-      head_ = std::move(kept);
-      tail_ = kept_tail;
+      purged = take_if_locked([&](const Queued& q) { return q.ch_id == id; });
       std::erase(credit_ids_, id);
-      if (!head_) ready_.store(detached_, std::memory_order_relaxed);
       empty = taps_.empty() && !listening_;
     }
     if (purged) drop.push_back(std::move(purged));
@@ -260,14 +246,7 @@ class NetSource final : public mbmq::detail::QueueSource {
   bool push_connection(std::shared_ptr<Queued>& q) {
     os::LockGuard lock(mu_);
     if (closed_) return false;
-    Queued* raw = q.get();
-    if (tail_ != nullptr) {
-      tail_->next = std::move(q);
-    } else {
-      head_ = std::move(q);
-    }
-    tail_ = raw;
-    ready_.store(true, std::memory_order_release);
+    append_locked(std::move(q));
     return true;
   }
   bool queue_alive() const noexcept { return !queue_.expired(); }
@@ -299,14 +278,7 @@ class NetSource final : public mbmq::detail::QueueSource {
       return;
     }
     ++it->second.queued;
-    Queued* raw = q.get();
-    if (tail_ != nullptr) {
-      tail_->next = std::move(q);
-    } else {
-      head_ = std::move(q);
-    }
-    tail_ = raw;
-    ready_.store(true, std::memory_order_release);
+    append_locked(std::move(q));
   }
 
   void wake_queue() noexcept {
@@ -349,17 +321,30 @@ class NetSource final : public mbmq::detail::QueueSource {
     bool owed = false;           // the channel may hold released credit not yet sent (F5's IfHalf)
   };
 
-  // (Q6) Takes the queued connections out of the FIFO (in order; the rest stays): one chain.
-  std::shared_ptr<Queued> take_connections_locked() MBMQ_REQUIRES(mu_) {
+  void append_locked(std::shared_ptr<Queued> q) MBMQ_REQUIRES(mu_) {
+    Queued* raw = q.get();
+    if (tail_ != nullptr) {
+      tail_->next = std::move(q);
+    } else {
+      head_ = std::move(q);
+    }
+    tail_ = raw;
+    ready_.store(true, std::memory_order_release);
+  }
+
+  // Takes the messages `out` picks out of the FIFO, in order, as one chain (freed by ~Queued one
+  // node at a time); the rest stays, in order.
+  template <class Pred>
+  std::shared_ptr<Queued> take_if_locked(Pred out) MBMQ_REQUIRES(mu_) {
     std::shared_ptr<Queued> kept, taken;
     Queued* kept_tail = nullptr;
     Queued* taken_tail = nullptr;
     while (head_) {
       std::shared_ptr<Queued> q = std::move(head_);
       head_ = std::move(q->next);
-      const bool conn = q->kind == Kind::Connection;
-      Queued*& tail = conn ? taken_tail : kept_tail;
-      std::shared_ptr<Queued>& link = tail != nullptr ? tail->next : (conn ? taken : kept);
+      const bool picked = out(*q);
+      Queued*& tail = picked ? taken_tail : kept_tail;
+      std::shared_ptr<Queued>& link = tail != nullptr ? tail->next : (picked ? taken : kept);
       tail = q.get();
       link = std::move(q);
     }
