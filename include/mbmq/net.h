@@ -20,7 +20,8 @@
 // Errc::InvalidArgument ("forked child"): UCX cannot be used there.
 //
 // Thread safety: one thread at a time per Channel, but for close(), which another thread may call
-// while one is inside a call on the same handle (that call returns, as on a local Channel). A
+// while one is inside a call on the same handle (that call returns, as on a local Channel); not
+// while the handle is being moved, assigned, destroyed or given to net::adopt(), which take it. A
 // Listener's accepted channels share its UCX worker, and so its lock.
 #pragma once
 

@@ -339,7 +339,10 @@ Status Channel::reply(Message&& msg) {
   if (t->answered.exchange(true, std::memory_order_acq_rel))
     return fail(Errc::InvalidArgument, "net::Channel::reply: this request was answered already");
   auto ch = t->ch.lock();
-  if (!ch) return fail(Errc::PeerClosed, "net::Channel::reply: the channel is closed");
+  // Closed by its owner (whose handle may still hold the core, and so keep it alive): the same
+  // PeerClosed as when that handle is gone, not the InvalidArgument a call on it gets.
+  if (!ch || ch->handle_closed.load(std::memory_order_acquire))
+    return fail(Errc::PeerClosed, "net::Channel::reply: the channel is closed");
   return ch->reply(t->seq, std::move(msg.buffer), detail::kReplyOk, t->credit_bytes);
 }
 void Channel::set_wait_policy(WaitPolicy policy) {

@@ -692,13 +692,12 @@ void ListenCore::deliver_locked() {
       ++it;
       continue;
     }
-    if (!source_->queue_alive()) {  // nobody will take it: closed (unlocked, by the pump)
-      graveyard_.push_back(std::move(*it));
-      it = ready_.erase(it);
-      continue;
-    }
     std::shared_ptr<Queued> q;
     try {
+      // Room in the graveyard first: its two pushes below then never throw (a push that threw
+      // with the core in q->conn would destroy that Channel here, closing it under mu: the
+      // self-deadlock of review rev-q6 again, found by the second review).
+      graveyard_.reserve(graveyard_.size() + 1);
       q = std::make_shared<Queued>();
       // An empty Channel first, then the core (which cannot throw): a Channel holding the core,
       // destroyed here by a failed allocation, would close it taking mu, which we hold (review
@@ -706,6 +705,11 @@ void ListenCore::deliver_locked() {
       q->conn = std::make_shared<Channel>();
     } catch (const std::bad_alloc&) {
       break;  // left in ready_: the next flush
+    }
+    if (!source_->queue_alive()) {  // nobody will take it: closed (unlocked, by the pump)
+      graveyard_.push_back(std::move(*it));
+      it = ready_.erase(it);
+      continue;
     }
     q->conn->core_ = std::move(*it);
     q->kind = Kind::Connection;

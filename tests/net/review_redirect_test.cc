@@ -627,6 +627,26 @@ TEST(ReviewRedirect, CloseFromAnotherThreadEndsAReceiveOrACallOnTheSameHandle) {
   }
 }
 
+// A request received, then our own handle closed (and kept): its reply says PeerClosed, as when
+// the handle is gone. Fixed with the above (close() keeps the core, so the reply token finds it).
+// Before the fix of the fix: InvalidArgument, the closed core's error (second review of rev-q6).
+TEST(ReviewRedirect, AReplyAfterOurOwnCloseIsPeerClosedWhetherOrNotTheHandleIsKept) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto l = net::listen("ucx://127.0.0.1:0/svc");
+  ASSERT_TRUE(l) << l.error().message();
+  Remote r = connect_one(*l);
+  ASSERT_TRUE(r.server.valid());
+  ASSERT_TRUE(r.client.send_request(test::filled(r.client, 64, 'r'), secs(5)));
+  auto m = r.server.receive(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Request);
+  r.server.close();  // the handle (and its core) kept
+  Status s = net::Channel::reply(std::move(*m));
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, Errc::PeerClosed) << s.error().message();
+}
+
 // redirect() racing with close() of the same handle (and the peer's close): no crash, no hang,
 // and the pump ends once no channel is redirected.
 TEST(ReviewRedirect, RedirectRacingWithCloseAndThePeersClose) {
