@@ -209,7 +209,7 @@ class Channel {
   Status redirect(MsgQueue& queue, std::uint64_t key);
 
   void set_wait_policy(WaitPolicy policy);
-  bool valid() const noexcept;
+  bool valid() const noexcept;  // false for an empty handle and once close() was called
   // Sends Bye and closes: the peer's calls get PeerClosed. Messages sent before it that the peer
   // has not fetched yet (large ones: the peer fetches them when it next progresses) still reach
   // it: close() waits up to 100 ms for them, then leaves them to mbmq::net's keeper thread, which
@@ -225,7 +225,6 @@ class Channel {
   friend class Listener;
   friend class detail::ListenCore;  // a redirected listener's connections (Listener::redirect)
   explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
-  bool live() const noexcept;  // a core, and close() not called
   // Kept after close() until the handle is destroyed or assigned (another thread may be inside
   // a call on it), as a local Channel keeps its end.
   std::shared_ptr<detail::ChannelCore> core_;

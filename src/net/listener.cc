@@ -295,37 +295,37 @@ Channel& Channel::operator=(Channel&& o) noexcept {
 Channel::~Channel() { close(); }
 
 Result<Buffer> Channel::buffer(std::size_t size) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::buffer: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::buffer: closed");
   return core_->buffer(size);
 }
 Status Channel::call(Buffer& buf, Deadline deadline) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::call: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::call: closed");
   return core_->call(buf, deadline);
 }
 Status Channel::send(Buffer&& buf) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
   return core_->send(std::move(buf), Deadline::immediate(), detail::ChannelCore::NoCredit::Fail);
 }
 Status Channel::send(Buffer&& buf, Deadline deadline) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::send: closed");
   return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait);
 }
 Status Channel::send_request(Buffer&& buf) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
   return core_->send(std::move(buf), Deadline::immediate(), detail::ChannelCore::NoCredit::Fail,
                      detail::WireKind::Request);
 }
 Status Channel::send_request(Buffer&& buf, Deadline deadline) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::send_request: closed");
   return core_->send(std::move(buf), deadline, detail::ChannelCore::NoCredit::Wait,
                      detail::WireKind::Request);
 }
 Result<Message> Channel::receive(Deadline deadline) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::receive: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::receive: closed");
   return core_->receive(deadline);
 }
 Result<std::size_t> Channel::receive_batch(std::span<Message> out, Deadline deadline) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: closed");
   if (out.empty()) return fail(Errc::InvalidArgument, "net::Channel::receive_batch: empty span");
   // Dropped here, unlocked: an unanswered request's token answers NoReply, taking the lock.
   for (Message& m : out) m = Message{};
@@ -346,10 +346,9 @@ Status Channel::reply(Message&& msg) {
   return ch->reply(t->seq, std::move(msg.buffer), detail::kReplyOk, t->credit_bytes);
 }
 void Channel::set_wait_policy(WaitPolicy policy) {
-  if (live()) core_->set_policy(policy);
+  if (valid()) core_->set_policy(policy);
 }
-bool Channel::valid() const noexcept { return live(); }
-bool Channel::live() const noexcept {
+bool Channel::valid() const noexcept {
   return core_ != nullptr && !core_->handle_closed.load(std::memory_order_acquire);
 }
 void Channel::close() noexcept {

@@ -242,14 +242,14 @@ class NetSource final : public mbmq::detail::QueueSource {
     listening_ = false;
     return taps_.empty();
   }
-  // False once the queue has closed the source: the caller keeps q (and closes its channel).
+  // False once the queue has closed the source, or is gone: nobody would take q. The caller
+  // keeps q (and closes its channel).
   bool push_connection(std::shared_ptr<Queued>& q) {
     os::LockGuard lock(mu_);
-    if (closed_) return false;
+    if (closed_ || queue_.expired()) return false;
     append_locked(std::move(q));
     return true;
   }
-  bool queue_alive() const noexcept { return !queue_.expired(); }
 
   std::size_t channel_count() const noexcept override {
     if (!ucx_usable()) return 0;  // a forked child's copy (its lock may have been held)
@@ -706,17 +706,12 @@ void ListenCore::deliver_locked() {
     } catch (const std::bad_alloc&) {
       break;  // left in ready_: the next flush
     }
-    if (!source_->queue_alive()) {  // nobody will take it: closed (unlocked, by the pump)
-      graveyard_.push_back(std::move(*it));
-      it = ready_.erase(it);
-      continue;
-    }
     q->conn->core_ = std::move(*it);
     q->kind = Kind::Connection;
     it = ready_.erase(it);
     if (!source_->push_connection(q)) {
-      // The queue closed its source meanwhile (it is being destroyed): closed by the pump, as
-      // above. The Channel handle lets go of its core first (not closed here, under mu).
+      // The queue is gone or being destroyed: nobody will take it. Closed by the pump, unlocked;
+      // the Channel handle lets go of its core first (not closed here, under mu).
       graveyard_.push_back(std::move(q->conn->core_));
       continue;
     }
@@ -754,12 +749,12 @@ Status Listener::redirect(MsgQueue& queue, std::uint64_t key) {
 }
 
 Status Channel::redirect(MsgQueue& queue, std::uint64_t key) {
-  if (!live()) return fail(Errc::InvalidArgument, "net::Channel::redirect: closed");
+  if (!valid()) return fail(Errc::InvalidArgument, "net::Channel::redirect: closed");
   return core_->redirect(mbmq::detail::QueueAccess::core(queue), key, false);
 }
 
 Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key) {
-  if (!channel.live()) return fail(Errc::InvalidArgument, "net::adopt: closed channel");
+  if (!channel.valid()) return fail(Errc::InvalidArgument, "net::adopt: closed channel");
   MBMQ_TRY(channel.core_->redirect(mbmq::detail::QueueAccess::core(queue), key, true));
   channel.core_.reset();  // the queue's reference keeps it open: not closed here
   return {};
