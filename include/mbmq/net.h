@@ -168,6 +168,9 @@ class Channel {
   Status send(Buffer&& buf);
   // The same, but out of credit it waits for the peer to give some back until `deadline`
   // (Errc::TimedOut, buf still yours); a peer that closes or dies ends the wait (PeerClosed).
+  // With credit, it may also wait up to 1 ms (within the deadline) while 8 or more of this
+  // channel's messages, of 512 KiB or more, are with the transport and not yet sent, so that a
+  // stream keeps pace with the wire (docs/design/net.md, F8); then the message goes anyway.
   Status send(Buffer&& buf, Deadline deadline);
   // Sends buf as a request without waiting: its reply arrives through receive() as a Kind::Reply
   // message (its buffer holds the reply's bytes; error is Errc::NoReply if the peer dropped the
@@ -180,7 +183,8 @@ class Channel {
   // up to our limit (ConnectOptions: the listener's max_message; 64 MiB for a client) until
   // receive() takes it: the caller bounds that by how many it sends.
   Status send_request(Buffer&& buf);
-  // The same, but out of credit it waits until `deadline` (Errc::TimedOut, buf still yours).
+  // The same, but out of credit it waits until `deadline` (Errc::TimedOut, buf still yours);
+  // with credit it may wait for the transport window as send(buf, deadline) does.
   Status send_request(Buffer&& buf, Deadline deadline);
   // The next request, one-way message or reply (of a send_request); a Kind::PeerClosed message
   // ends the channel.

@@ -32,7 +32,8 @@ struct SendOp final : PendingOp {
   // it returns, so the channel outlives the pointer. Not found through eps: a closed endpoint is
   // no longer there, and its cancelled sends complete later.
   ChannelCore* owner;
-  std::uint64_t ch_id;  // the sending channel's ChannelCore::id_ (Spares' tag for `owned`)
+  std::uint64_t ch_id;    // the sending channel's ChannelCore::id_ (Spares' tag for `owned`)
+  std::size_t bytes = 0;  // the payload's size: tx_bytes_ (F8)
 };
 
 // A rendezvous payload being received into `bytes`.
@@ -93,7 +94,7 @@ void send_done(void* request, ucs_status_t status, void* user) {
   // Its channel: the caller's, or found through eps (not there once closed).
   if (ChannelCore* ch = op->owner != nullptr ? op->owner : find_locked(w, op->ep)) {
     ch->assert_held();
-    ch->on_tx_done_locked();
+    ch->on_tx_done_locked(op->bytes);
   }
   if (op->owner != nullptr) {
     op->owner->assert_held();
@@ -599,6 +600,8 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   w_->track_locked(op);  // until send_done (or ~WorkerCore)
   if (is_call) call_op_ = op;
   ++tx_pending_;
+  tx_bytes_ += n;
+  op->bytes = n;
   return {};
 }
 
@@ -610,10 +613,25 @@ constexpr std::size_t kDeferMin = std::size_t{1} << 20;
 constexpr std::size_t kAllocatorMin = std::size_t{4} << 20;
 
 void Spares::give(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
+  const std::size_t cap = v.capacity();
+  if (cap <= kMin) return;  // freed here: malloc's heap, nothing to save
+  {
+    os::LockGuard lock(mu_);
+    if (v_.size() < kMaxVectors && bytes_ + cap <= kMaxBytes) {  // room: nothing to let go
+      v_.push_back(std::move(v));  // within the reserved capacity: no allocation
+      from_.push_back(from);
+      missed_.push_back(0);
+      bytes_ += cap;
+      return;
+    }
+  }
+  give_evicting(std::move(v), from);
+}
+
+void Spares::give_evicting(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
   std::array<std::vector<std::byte>, kMaxVectors + 1> drop;  // freed after the lock is released
   std::size_t dropped = 0;
   const std::size_t cap = v.capacity();
-  if (cap <= kMin) return;  // freed here: malloc's heap, nothing to save
   os::LockGuard lock(mu_);
   // Room is made by letting smaller vectors go, smallest first: a large one is the costlier to
   // make again (a 64 MiB call's reply landed in fresh pages each time when small spares filled
@@ -642,39 +660,44 @@ void Spares::give(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
 
 std::vector<std::byte> Spares::take(std::size_t n, std::uint64_t prefer,
                                     std::uint64_t* from) noexcept {
+  if (n <= kMin) return {};
+  {
+    os::LockGuard lock(mu_);
+    // The smallest that fits, one of `prefer`'s first (one of exactly n bytes, `prefer`'s if
+    // asked, is the best there is: the search ends there).
+    std::size_t best = v_.size();
+    for (std::size_t i = 0; i < v_.size(); ++i) {
+      if (!fits(v_[i].capacity(), n)) continue;
+      const bool mine = prefer != 0 && from_[i] == prefer;
+      if (best == v_.size()) {
+        best = i;
+      } else {
+        const bool best_mine = prefer != 0 && from_[best] == prefer;
+        if ((mine && !best_mine) || (mine == best_mine && v_[i].capacity() < v_[best].capacity()))
+          best = i;
+      }
+      if (v_[best].capacity() == n && (prefer == 0 || from_[best] == prefer)) break;
+    }
+    if (best != v_.size()) {
+      if (from != nullptr) *from = from_[best];
+      std::vector<std::byte> v;
+      remove_locked(best, v);
+      v.resize(n);  // within its capacity: no allocation; zeroes only what grows
+      return v;
+    }
+  }
+  // Nothing fits: a kept vector too large for this take counts its bytes; once such takes have
+  // asked for as much as it holds, it is let go (the sizes in use now may be kept again).
   std::array<std::vector<std::byte>, kMaxVectors> stale;  // freed after the lock is released
   std::size_t n_stale = 0;
   os::LockGuard lock(mu_);
-  // The smallest that fits, one of `prefer`'s first.
-  std::size_t best = v_.size();
-  for (std::size_t i = 0; i < v_.size(); ++i) {
-    if (!fits(v_[i].capacity(), n)) continue;
-    if (best == v_.size()) {
-      best = i;
-      continue;
-    }
-    const bool mine = prefer != 0 && from_[i] == prefer;
-    const bool best_mine = prefer != 0 && from_[best] == prefer;
-    if ((mine && !best_mine) || (mine == best_mine && v_[i].capacity() < v_[best].capacity()))
-      best = i;
+  for (std::size_t i = v_.size(); i-- > 0;) {
+    if (v_[i].capacity() / 2 <= n) continue;  // not too large
+    missed_[i] += n;
+    if (missed_[i] < v_[i].capacity()) continue;
+    remove_locked(i, stale[n_stale++]);
   }
-  if (best == v_.size()) {
-    // Nothing fits: a kept vector too large for this take counts its bytes; once such takes have
-    // asked for as much as it holds, it is let go (the sizes in use now may be kept again).
-    if (n <= kMin) return {};
-    for (std::size_t i = v_.size(); i-- > 0;) {
-      if (v_[i].capacity() / 2 <= n) continue;  // not too large
-      missed_[i] += n;
-      if (missed_[i] < v_[i].capacity()) continue;
-      remove_locked(i, stale[n_stale++]);
-    }
-    return {};
-  }
-  if (from != nullptr) *from = from_[best];
-  std::vector<std::byte> v;
-  remove_locked(best, v);
-  v.resize(n);  // within its capacity: no allocation; zeroes only what grows
-  return v;
+  return {};
 }
 
 bool Spares::has_for(std::size_t n) const noexcept {
@@ -1116,7 +1139,10 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
                       "net::Channel::send: a buffer() of another channel"));
   const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
+  // (F8) Waited for the transport window once already: this message goes when it has credit.
+  bool window_waited = how == NoCredit::Fail;
   for (bool waited = false;; waited = true) {
+    bool window_full = false;
     {
       const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
@@ -1124,7 +1150,10 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
       // Credit may be in the worker already, not yet taken in: progress once before failing.
       if (!can_send_locked(n) && !waited) w_->progress_locked(this);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
-      if (can_send_locked(n)) {
+      if (can_send_locked(n) && !window_waited && !tx_room_locked()) {
+        window_full = true;  // (F8)
+        ++tx_window_waiters_;
+      } else if (can_send_locked(n)) {
         // (F2) The peer gives it back once its application has received it (a request: with its
         // reply, R2).
         std::uint32_t seq = 0;
@@ -1140,15 +1169,33 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
         buf = Buffer{};
         return s;
       }
-      // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
-      if (how == NoCredit::Fail)
-        return fail(Errc::WouldBlock,
-                    request ? "net::Channel::send_request: no credit"
-                            : "net::Channel::send: the peer's inbox is full (no credit)");
-      // Credit another thread took between our wake-up and this lock: wait again, until the
-      // deadline.
-      if (waited && deadline.expired())
-        return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
+      if (!window_full) {
+        // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
+        if (how == NoCredit::Fail)
+          return fail(Errc::WouldBlock,
+                      request ? "net::Channel::send_request: no credit"
+                              : "net::Channel::send: the peer's inbox is full (no credit)");
+        // Credit another thread took between our wake-up and this lock: wait again, until the
+        // deadline.
+        if (waited && deadline.expired())
+          return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
+      }
+    }
+    if (window_full) {
+      // (F8) Until UCX completes one of ours, for kTxStallNs at most (within the deadline); then
+      // this message goes whether or not there is room: the window never fails a send.
+      const std::int64_t stall = monotonic_ns() + kTxStallNs;
+      const Result<bool> room =
+          w_->run_until(Deadline::at_ns(std::min(deadline.ns(), stall)), policy_, this, [&] {
+            w_->assert_held();
+            return !usable_locked() || tx_room_locked();
+          });
+      os::LockGuard lock(w_->mu);
+      --tx_window_waiters_;
+      if (!room) return fail(room.error());
+      if (!*room && monotonic_ns() >= stall) tx_stalled_ = true;  // the peer fetches nothing
+      window_waited = true;
+      continue;
     }
     (void)MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();

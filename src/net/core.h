@@ -141,7 +141,12 @@ bool allocator_running() noexcept;
 // Payload vectors done with, kept for a worker's next received payloads: a fresh 1 MiB vector
 // costs 256 page faults and its zeroing on this VM (a fresh 64 MiB one 66-100 ms), more than the
 // transfer. Given: a sent one-way message's or reply's vector once UCX has read it, a call's old
-// buffer, a net::Buffer above 64 KiB when destroyed (a received message the application dropped).
+// buffer, a net::Buffer above kMin when destroyed (a received message the application dropped).
+// kMin is 32 KiB: 64 KiB vectors, once left to malloc ("already mapped"), were not: a receiver of
+// a 64 KiB one-way stream took 1.1 page faults and 0.03 brk() per message (glibc trimmed the heap
+// and grew it again), half its payloads landing in fresh pages (counted in mbmq-net-bench).
+// kMaxVectors (256) holds the default grant's worth of 64 KiB payloads: a receiver behind its
+// sender has up to that many in its inbox, and with room for 16 half its payloads missed.
 // Taken as the target of a received payload, which overwrites all of it (so no channel's bytes
 // reach another's application), or by buffer(), which zeroes it; of at least half its capacity
 // (so a small message in an inbox holds at most twice its bytes).
@@ -154,17 +159,16 @@ bool allocator_running() noexcept;
 // stream after a 64 MiB call ran at 1.7x raw UCX, fresh vectors each message;
 // NetSpares.ALargeVectorNoLongerUsedMakesRoomForTheSizesInUse). A leaf lock: taken under
 // the worker's mu, or with no lock held (a Buffer's destructor); never the other way round.
-// kMaxVectors: the default grant's worth of 1 MiB payloads (kDefaultInboxBytes / 1 MiB, 16). A
-// one-way 1 MiB stream has up to 16 messages out, and their vectors come back in bursts (the send
-// callbacks of one progress; the receiver's dropped buffers): with room for 8, the rest were freed
-// and 6-29 % of the sender's buffer() calls and 6-26 % of the receiver's payloads got a fresh
-// vector (counted in mbmq-net-bench's one-way 1 MiB stream; with 16, only the first window's).
+// (Before, kMaxVectors was 16, the default grant's worth of 1 MiB payloads; with room for 8, the
+// vectors of a one-way 1 MiB stream, which come back in bursts, were partly freed and 6-29 % of
+// the sender's buffer() calls and 6-26 % of the receiver's payloads got a fresh vector.) give()
+// takes the lock once when there is room; take() stops at a vector of exactly n bytes.
 class Spares {
  public:
-  static constexpr std::size_t kMaxVectors = kDefaultInboxBytes / (std::size_t{1} << 20);
+  static constexpr std::size_t kMaxVectors = 256;
   static constexpr std::size_t kMaxBytes = std::size_t{16} << 20;
-  // Below this a vector comes from malloc's heap, already mapped: nothing to save.
-  static constexpr std::size_t kMin = std::size_t{64} << 10;
+  // Vectors of at most this many bytes are not kept (see above).
+  static constexpr std::size_t kMin = std::size_t{32} << 10;
 
   Spares() {
     v_.reserve(kMaxVectors);
@@ -185,6 +189,8 @@ class Spares {
   static bool fits(std::size_t cap, std::size_t n) noexcept {
     return n > kMin && n <= cap && n >= cap / 2;
   }
+  // give() when the bound is reached: makes room, or frees v.
+  void give_evicting(std::vector<std::byte>&& v, std::uint64_t from) noexcept;
   mutable os::Mutex mu_;
   std::vector<std::vector<std::byte>> v_ MBMQ_GUARDED_BY(mu_);  // capacity kMaxVectors
   std::vector<std::uint64_t> from_ MBMQ_GUARDED_BY(mu_);        // v_[i]'s channel (give's from)
@@ -590,8 +596,21 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
   void on_hello_ack_sent_locked() MBMQ_REQUIRES(w_->mu);
   // One of our sends completed (or was cancelled).
-  void on_tx_done_locked() MBMQ_REQUIRES(w_->mu) {
+  // One of our sends of n payload bytes completed (or was cancelled).
+  void on_tx_done_locked(std::size_t n) MBMQ_REQUIRES(w_->mu) {
     if (tx_pending_ > 0) --tx_pending_;
+    tx_bytes_ -= std::min<std::uint64_t>(tx_bytes_, n);
+    tx_stalled_ = false;                                // (F8) the transport moves
+    if (tx_window_waiters_ > 0) w_->news_locked(this);  // (W2) a send() waits for the window
+  }
+  // (F8) The transport window: a one-way send() with a deadline waits while kTxWindowMessages or
+  // more of this channel's sends, of kTxWindowBytes or more, are with UCX and not completed,
+  // unless the transport has stalled (none completed for kTxStallNs).
+  static constexpr std::uint32_t kTxWindowMessages = 8;
+  static constexpr std::uint64_t kTxWindowBytes = std::uint64_t{512} << 10;
+  static constexpr std::int64_t kTxStallNs = 1'000'000;
+  bool tx_room_locked() const MBMQ_REQUIRES(w_->mu) {
+    return tx_stalled_ || tx_pending_ < kTxWindowMessages || tx_bytes_ < kTxWindowBytes;
   }
   // Server side, (N4): accept() may hand the channel out: its HelloAck has been handed to the
   // transport (else the client's connect() would wait on a server that may not progress the
@@ -715,6 +734,10 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // Our sends UCX has not completed yet (a rendezvous one until the peer has fetched its payload):
   // close() lingers for them before its Bye.
   std::uint32_t tx_pending_ MBMQ_GUARDED_BY(w_->mu) = 0;
+  std::uint64_t tx_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;  // their payload bytes
+  // (F8) A window wait found no completion for kTxStallNs; cleared by the next completion.
+  bool tx_stalled_ MBMQ_GUARDED_BY(w_->mu) = false;
+  std::uint32_t tx_window_waiters_ MBMQ_GUARDED_BY(w_->mu) = 0;  // send()s waiting for the window
   // close() returned with sends still pending (K5): closed for the application (as Closed), the
   // endpoint still open until the keeper's linger_tick() ends it, at linger_until_ns_ at the
   // latest. state_ stays Open meanwhile, so that UCX's callbacks still find and serve it.

@@ -44,6 +44,11 @@ struct TxPendingOf {
   friend type get(TxPendingOf);
 };
 template struct Rob<TxPendingOf, &net::detail::ChannelCore::tx_pending_>;
+struct TxStalledOf {
+  using type = bool net::detail::ChannelCore::*;
+  friend type get(TxStalledOf);
+};
+template struct Rob<TxStalledOf, &net::detail::ChannelCore::tx_stalled_>;
 struct VecsOf {
   using type = std::vector<std::vector<std::byte>> net::detail::Spares::*;
   friend type get(VecsOf);

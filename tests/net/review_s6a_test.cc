@@ -223,6 +223,26 @@ TEST(ReviewS6a, SparesStayWithinTheirBound) {
   EXPECT_EQ(broken, 0);
 }
 
+// Spares' count bound, kMaxVectors (256: a default grant's worth of 64 KiB payloads, which a
+// receiver behind its sender holds; with 16, half a 64 KiB stream's payloads landed in fresh
+// heap pages), and 64 KiB vectors kept (kMin 32 KiB): past the bound a small vector is freed, a
+// larger one makes room by letting the smallest go.
+TEST(ReviewS6a, SparesKeepAtMostKMaxVectorsAndKeep64KiBVectors) {
+  using net::detail::Spares;
+  Spares s;
+  s.give(vec(64 << 10));
+  EXPECT_TRUE(s.has_for(64 << 10)) << "a 64 KiB vector was not kept";
+  for (std::size_t i = 0; i < Spares::kMaxVectors + 20; ++i) s.give(vec(Spares::kMin + 1));
+  EXPECT_EQ(capacities(s).size(), Spares::kMaxVectors);
+  s.give(vec(kMiB));
+  const auto caps = capacities(s);
+  EXPECT_EQ(caps.size(), Spares::kMaxVectors);
+  EXPECT_TRUE(s.has_for(kMiB));
+  EXPECT_TRUE(s.has_for(64 << 10));
+  std::vector<std::byte> v = s.take(Spares::kMin + 1);
+  EXPECT_EQ(v.capacity(), Spares::kMin + 1) << "not the smallest that fits";
+}
+
 // (1) Spares::give() lets smaller vectors go to make room, then may find the room still too small
 // and drop the given one too: the spares lose a vector for nothing (here a 1 MiB spare, which the
 // next 1 MiB payload would have used: 256 page faults).
