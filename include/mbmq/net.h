@@ -245,11 +245,17 @@ struct ListenOptions {
   // returns Errc::InvalidArgument).
   std::uint32_t inbox_messages = kDefaultInboxMessages;
   std::uint32_t inbox_bytes = kDefaultInboxBytes;
+  // Connections the listener holds for the application at most: in handshake, accepted and not
+  // yet taken by accept(), or delivered to the redirect()'s queue and not yet taken from it (each
+  // an endpoint and a socket). A client connecting beyond it is rejected (its connect() gets
+  // Errc::Refused; ListenerStats::refused_backlog). >= 1, else listen() returns InvalidArgument.
+  std::uint32_t backlog = 128;
 };
 
 struct ListenerStats {
   std::uint64_t accepted = 0;
   std::uint64_t refused_address = 0;  // not on ListenOptions::allow
+  std::uint64_t refused_backlog = 0;  // beyond ListenOptions::backlog
   std::uint64_t refused_service = 0;  // a hello naming another service, or another version
   std::uint64_t failed = 0;           // malformed hello, no hello in time, gone
 };

@@ -444,7 +444,9 @@ Result<std::shared_ptr<ChannelCore>> ChannelCore::connect(
     if (ch->hello_status_ == kBadVersion)
       return fail(Errc::Refused, "net::connect: the listener speaks another protocol version");
     if (ch->closed_code_ == Errc::Refused)
-      return fail(Errc::Refused, "net::connect: the listener rejected our address (allow-list)");
+      return fail(Errc::Refused,
+                  "net::connect: the listener rejected the connection (our address is not on its "
+                  "allow-list, or it holds its backlog of connections not yet accepted)");
     return fail(Errc::PeerClosed, "net::connect: no listener there, or the connection failed");
   }
   return ch;

@@ -850,6 +850,9 @@ class ListenCore {
   ListenCore(std::shared_ptr<WorkerCore> w, std::string service, ListenOptions options)
       : w_(std::move(w)), service_(std::move(service)), options_(std::move(options)) {}
   void expire_pending_locked() MBMQ_REQUIRES(w_->mu);
+  // (N6) Connections ListenOptions::backlog counts: in handshake, accepted and not yet taken by
+  // accept(), delivered to the queue and not yet taken from it (net/redirect.cc).
+  std::size_t held_locked() const MBMQ_REQUIRES(w_->mu);
   // (Q6) No longer redirected (the destructor): the source, out of the worker's list if we were
   // its last user, goes to `out` (destroyed unlocked: its undelivered connections close).
   void unredirect_locked(std::shared_ptr<NetSource>& out) MBMQ_REQUIRES(w_->mu);

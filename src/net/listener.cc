@@ -103,6 +103,14 @@ void ListenCore::on_conn_request_locked(ucp_conn_request_h req) {
       return;
     }
   }
+  if (held_locked() >= options_.backlog) {
+    // (N6) As many connections held as the backlog allows, none taken by the application yet: a
+    // client connecting in bulk cannot make us hold more (an endpoint and a socket each); it
+    // sees Refused, as a full listen backlog refuses.
+    ++stats_.refused_backlog;
+    (void)w_->u->ucp_listener_reject(listener_, req);
+    return;
+  }
   auto ch = std::make_shared<ChannelCore>(w_, State::Pending);
   ch->assert_held();  // our worker's
   if (!ch->accept_locked(req, this)) {
@@ -250,6 +258,7 @@ Result<Listener> listen(std::string_view url, const ListenOptions& options) {
   Url u = MBMQ_TRY(parse(url, "net::listen: expected ucx://ADDR:PORT/service"));
   if (options.inbox_messages == 0 || options.inbox_bytes == 0)
     return fail(Errc::InvalidArgument, "net::listen: inbox_messages and inbox_bytes must be >= 1");
+  if (options.backlog == 0) return fail(Errc::InvalidArgument, "net::listen: backlog must be >= 1");
   const detail::Ucx* x = MBMQ_TRY(detail::ucx());
   Listener l;
   l.core_ = MBMQ_TRY(detail::ListenCore::make(x, u.host, u.port, u.service, options));

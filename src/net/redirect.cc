@@ -121,7 +121,10 @@ class NetSource final : public mbmq::detail::QueueSource {
       q = std::move(head_);
       head_ = std::move(q->next);
       if (!head_) tail_ = nullptr;
-      if (q->kind == Kind::Connection) key = listen_key_;  // (Q6) no tap: the listener's key
+      if (q->kind == Kind::Connection) {  // (Q6) no tap: the listener's key
+        key = listen_key_;
+        if (conns_queued_ > 0) --conns_queued_;  // the application has it now
+      }
       auto it = q->kind == Kind::Connection ? taps_.end() : taps_.find(q->ch_id);
       if (it != taps_.end()) {
         Tap& t = it->second;
@@ -179,6 +182,7 @@ class NetSource final : public mbmq::detail::QueueSource {
       os::LockGuard lock(mu_);
       closed_ = true;
       conns = take_if_locked([](const Queued& q) { return q.kind == Kind::Connection; });  // Q6
+      conns_queued_ = 0;
       try {
         for (auto& [id, t] : taps_) chs.push_back(t.weak);
       } catch (const std::bad_alloc&) {  // closed by their handles, or at their end, instead
@@ -248,7 +252,13 @@ class NetSource final : public mbmq::detail::QueueSource {
     os::LockGuard lock(mu_);
     if (closed_ || queue_.expired()) return false;
     append_locked(std::move(q));
+    ++conns_queued_;
     return true;
+  }
+  // (Q6) Connections pushed and not yet taken by the queue (ListenOptions::backlog counts them).
+  std::size_t connections_queued() const {
+    os::LockGuard lock(mu_);
+    return conns_queued_;
   }
 
   std::size_t channel_count() const noexcept override {
@@ -320,6 +330,8 @@ class NetSource final : public mbmq::detail::QueueSource {
     bool credit_listed = false;  // in credit_ids_
     bool owed = false;           // the channel may hold released credit not yet sent (F5's IfHalf)
   };
+
+  std::size_t conns_queued_ MBMQ_GUARDED_BY(mu_) = 0;  // (Q6) connections in the FIFO
 
   void append_locked(std::shared_ptr<Queued> q) MBMQ_REQUIRES(mu_) {
     Queued* raw = q.get();
@@ -718,6 +730,10 @@ void ListenCore::deliver_locked() {
     pushed = true;
   }
   if (pushed) source_->wake_queue();
+}
+
+std::size_t ListenCore::held_locked() const {
+  return pending_.size() + ready_.size() + (source_ ? source_->connections_queued() : 0);
 }
 
 void ListenCore::unredirect_locked(std::shared_ptr<NetSource>& out) {

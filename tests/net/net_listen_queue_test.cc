@@ -398,6 +398,81 @@ TEST(NetListenQueue, ManyClientsConnectingAtOnceAreEachDeliveredOnce) {
   EXPECT_EQ(loop.failures.load(), 0);
 }
 
+// (N6) ListenOptions::backlog bounds what clients connecting in bulk make a listener hold (an
+// endpoint and a socket each). Nobody in accept() (once one connection is accepted, the keeper
+// progresses its worker, the listener's, and so the handshakes): the first `backlog` clients
+// connect, the rest are refused and counted; once accept() takes one, the next client connects.
+// Before, there was no bound.
+TEST(NetBacklog, ConnectionsBeyondTheBacklogAreRefusedUntilAcceptTakesOne) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 90s);
+  net::ListenOptions lo;
+  lo.backlog = 3;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_TRUE(l) << l.error().message();
+  std::optional<Result<net::Channel>> first;
+  std::thread t([&] { first.emplace(net::connect(url(l->port()), secs(10))); });
+  auto s0 = l->accept(secs(10));
+  t.join();
+  ASSERT_TRUE(s0) << s0.error().message();
+  ASSERT_TRUE(*first) << (*first).error().message();
+  std::vector<net::Channel> held;
+  for (int i = 0; i < 3; ++i) {
+    auto ch = net::connect(url(l->port()), secs(10));
+    ASSERT_TRUE(ch) << i << ": " << ch.error().message();
+    held.push_back(std::move(*ch));
+  }
+  for (int i = 0; i < 2; ++i) {
+    auto ch = net::connect(url(l->port()), secs(10));
+    ASSERT_FALSE(ch) << "a connection beyond the backlog";
+    EXPECT_EQ(ch.error().code, Errc::Refused) << ch.error().message();
+  }
+  EXPECT_EQ(l->stats().refused_backlog, 2u);
+  auto s = l->accept(secs(10));
+  ASSERT_TRUE(s) << s.error().message();
+  auto ch = net::connect(url(l->port()), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_EQ(l->stats().accepted, 5u);
+  net::ListenOptions zero;
+  zero.backlog = 0;
+  auto bad = net::listen("ucx://127.0.0.1:0/svc", zero);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, Errc::InvalidArgument);
+}
+
+// (N6) Redirected, the backlog counts connections delivered to the queue and not yet taken from
+// it: a server that stops taking from its queue holds `backlog` of them, no more; once it takes
+// one (MsgQueue::wait), the next client connects.
+TEST(NetBacklog, ARedirectedListenerCountsConnectionsQueuedAndNotTaken) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 90s);
+  auto q = MsgQueue::create();
+  ASSERT_TRUE(q);
+  net::ListenOptions lo;
+  lo.backlog = 3;
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  ASSERT_TRUE(l) << l.error().message();
+  ASSERT_TRUE(l->redirect(*q, kRemoteListener));
+  std::vector<net::Channel> held;
+  for (int i = 0; i < 3; ++i) {
+    auto ch = net::connect(url(l->port()), secs(10));
+    ASSERT_TRUE(ch) << i << ": " << ch.error().message();
+    held.push_back(std::move(*ch));
+  }
+  auto refused = net::connect(url(l->port()), secs(10));
+  ASSERT_FALSE(refused) << "a connection beyond the backlog";
+  EXPECT_EQ(refused.error().code, Errc::Refused) << refused.error().message();
+  EXPECT_EQ(l->stats().refused_backlog, 1u);
+  auto m = q->wait(secs(10));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Connection);
+  auto taken = net::accepted(*m);
+  ASSERT_TRUE(taken) << taken.error().message();
+  auto ch = net::connect(url(l->port()), secs(10));
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_EQ(l->stats().refused_backlog, 1u);
+}
+
 // An event loop on the queue's fd sees a new remote connection: the fd becomes readable.
 TEST(NetListenQueue, TheQueuesFdBecomesReadableForANewConnection) {
   ::setenv("UCX_TLS", "tcp", 1);
