@@ -92,8 +92,9 @@ class Buffer {
   bool valid_ = false;
   // A received request: where its reply goes (dropped unanswered, it answers NoReply).
   std::shared_ptr<detail::ReplyToken> reply_;
-  // Where bytes_ goes when this buffer is destroyed (set on buffers above 64 KiB only): weak, so
-  // that a buffer kept after its channel's worker is gone keeps nothing else alive.
+  // Where bytes_ goes when this buffer is destroyed (set on buffers above 32 KiB only,
+  // Spares::kMin): weak, so that a buffer kept after its channel's worker is gone keeps nothing
+  // else alive.
   std::weak_ptr<detail::Spares> home_;
   // The channel (its unique id) this buffer came from: made by its buffer() or received on it;
   // its bytes are that channel's traffic (0: none). made_: by buffer(), which may have left that
@@ -168,9 +169,11 @@ class Channel {
   Status send(Buffer&& buf);
   // The same, but out of credit it waits for the peer to give some back until `deadline`
   // (Errc::TimedOut, buf still yours); a peer that closes or dies ends the wait (PeerClosed).
-  // With credit, it may also wait up to 1 ms (within the deadline) while 8 or more of this
-  // channel's messages, of 512 KiB or more, are with the transport and not yet sent, so that a
-  // stream keeps pace with the wire (docs/design/net.md, F8); then the message goes anyway.
+  // With credit, it may also wait (within the deadline) while 8 or more of this channel's
+  // messages, of 512 KiB or more, are with the transport and not yet sent, so that a stream keeps
+  // pace with the wire (docs/design/net.md, F8): as long as the transport completes some in each
+  // millisecond; when it completes none (a peer that fetches nothing) or at the deadline, the
+  // message goes anyway.
   Status send(Buffer&& buf, Deadline deadline);
   // Sends buf as a request without waiting: its reply arrives through receive() as a Kind::Reply
   // message (its buffer holds the reply's bytes; error is Errc::NoReply if the peer dropped the

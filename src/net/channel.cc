@@ -68,25 +68,28 @@ void on_ep_error(void* arg, ucp_ep_h e, ucs_status_t s) {
   }
 }
 
-// (F7) Marks the worker inside a request callback while it lives.
+// (F7) Marks the worker inside a request callback while it lives. Nested (a send finished inline,
+// P1, by a poster inside another request's callback), the outer mark stays.
 class InRequestCallback {
  public:
-  explicit InRequestCallback(WorkerCore* w) MBMQ_REQUIRES(w->mu) : w_(w) {
+  explicit InRequestCallback(WorkerCore* w) MBMQ_REQUIRES(w->mu) : w_(w), outer_(w->in_request_cb) {
     w_->in_request_cb = true;
   }
   ~InRequestCallback() {
     w_->assert_held();
-    w_->in_request_cb = false;
+    w_->in_request_cb = outer_;
   }
   InRequestCallback(const InRequestCallback&) = delete;
   InRequestCallback& operator=(const InRequestCallback&) = delete;
 
  private:
   WorkerCore* const w_;
+  const bool outer_;
 };
 
-void send_done(void* request, ucs_status_t status, void* user) {
-  auto* op = static_cast<SendOp*>(user);
+// A send completed (or was cancelled): its channel's counts, a call's or a HelloAck's state, its
+// vector to the spares; op deleted.
+void finish_send(SendOp* op, ucs_status_t status) {
   WorkerCore* w = op->w;
   w->assert_held();
   const InRequestCallback in_cb(w);
@@ -114,6 +117,22 @@ void send_done(void* request, ucs_status_t status, void* user) {
   // the peer of the channel that sent them).
   w->spares->give(std::move(op->owned), op->ch_id);
   delete op;
+}
+
+// (P1) Called inside the post itself: recorded, finished by the poster.
+bool called_inline(PendingOp* op, ucs_status_t status) {
+  if (op->posted) return false;
+  op->done_inline = true;
+  op->inline_status = status;
+  return true;
+}
+
+void send_done(void* request, ucs_status_t status, void* user) {
+  auto* op = static_cast<SendOp*>(user);
+  op->w->assert_held();
+  if (called_inline(op, status)) return;  // the request is freed by the poster
+  WorkerCore* w = op->w;
+  finish_send(op, status);
   if (request != nullptr) w->u->ucp_request_free(request);
 }
 
@@ -121,6 +140,7 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   auto* op = static_cast<RecvOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
+  if (called_inline(op, status)) return;  // the request is freed by the poster
   const InRequestCallback in_cb(w);
   w->untrack_locked(op);
   if (ChannelCore* ch = find_locked(w, op->ep)) {
@@ -587,7 +607,20 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   p.flags = UCP_AM_SEND_FLAG_REPLY;
   p.cb.send = send_done;
   p.user_data = op;
+  op->bytes = n;
   ucs_status_ptr_t r = w_->u->ucp_am_send_nbx(ep_, kAmId, &op->hdr, sizeof op->hdr, data, n, &p);
+  op->posted = true;
+  if (op->done_inline) {
+    // (P1) Completed (or cancelled) inside the call: counted as pending, then finished as
+    // send_done would.
+    if (r != nullptr && !UCS_PTR_IS_ERR(r)) w_->u->ucp_request_free(r);
+    w_->track_locked(op);
+    if (is_call) call_op_ = op;
+    ++tx_pending_;
+    tx_bytes_ += n;
+    finish_send(op, op->inline_status);
+    return {};
+  }
   if (r == nullptr) {  // done already: no callback comes
     if (is_call) call_sent_ = true;
     if (kind == WireKind::HelloAck) hello_ack_sent_ = true;
@@ -603,7 +636,6 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   if (is_call) call_op_ = op;
   ++tx_pending_;
   tx_bytes_ += n;
-  op->bytes = n;
   return {};
 }
 
@@ -626,6 +658,12 @@ void Spares::give(std::vector<std::byte>&& v, std::uint64_t from) noexcept {
       bytes_ += cap;
       return;
     }
+    // Full, and nothing smaller to let go (a stream's vectors, all of one size): v is freed by
+    // the caller, after the lock (review rev-f8: each such give() sorted 256 sizes under it).
+    // (Empty, it keeps one vector of any size: the slow path.)
+    if (!v_.empty() &&
+        std::none_of(v_.begin(), v_.end(), [&](const auto& x) { return x.capacity() < cap; }))
+      return;
   }
   give_evicting(std::move(v), from);
 }
@@ -687,6 +725,8 @@ std::vector<std::byte> Spares::take(std::size_t n, std::uint64_t prefer,
       v.resize(n);  // within its capacity: no allocation; zeroes only what grows
       return v;
     }
+    if (std::none_of(v_.begin(), v_.end(), [&](const auto& x) { return x.capacity() / 2 > n; }))
+      return {};  // nothing too large to count a miss against
   }
   // Nothing fits: a kept vector too large for this take counts its bytes; once such takes have
   // asked for as much as it holds, it is let go (the sizes in use now may be kept again).
@@ -890,6 +930,23 @@ bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector
   p.cb.recv_am = recv_done;
   p.user_data = op;
   ucs_status_ptr_t r = w_->u->ucp_am_recv_data_nbx(w_->worker, desc, op->bytes.data(), n, &p);
+  op->posted = true;
+  if (op->done_inline) {
+    // (P1) recv_done ran inside the call (the peer gone: UCX purged the request) and UCX may
+    // still return the request: before, it was then tracked after recv_done had deleted it, and
+    // ~WorkerCore deleted it again (review rev-f8, ReviewF8.DestroyingAPairWithUnfetched...).
+    if (r != nullptr && !UCS_PTR_IS_ERR(r)) w_->u->ucp_request_free(r);
+    const ucs_status_t st = op->inline_status;
+    if (st == UCS_OK) {
+      on_recv_done_locked(op->hdr, std::move(op->bytes), op->n, op->slot);
+      delete op;
+      rx_finished_locked();
+      return true;
+    }
+    delete op;
+    fail_locked(errc_of(st), "net: receiving a payload failed");
+    return false;
+  }
   if (r == nullptr) {
     on_recv_done_locked(op->hdr, std::move(op->bytes), op->n, op->slot);
     delete op;
@@ -1141,10 +1198,9 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
                       "net::Channel::send: a buffer() of another channel"));
   const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
-  // (F8) Waited for the transport window once already: this message goes when it has credit.
-  bool window_waited = how == NoCredit::Fail;
   for (bool waited = false;; waited = true) {
-    bool window_full = false;
+    std::uint32_t seq = 0;
+    bool reserved = false;  // (F8) credit taken, the window full
     {
       const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
@@ -1152,13 +1208,9 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
       // Credit may be in the worker already, not yet taken in: progress once before failing.
       if (!can_send_locked(n) && !waited) w_->progress_locked(this);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
-      if (can_send_locked(n) && !window_waited && !tx_room_locked()) {
-        window_full = true;  // (F8)
-        ++tx_window_waiters_;
-      } else if (can_send_locked(n)) {
+      if (can_send_locked(n)) {
         // (F2) The peer gives it back once its application has received it (a request: with its
         // reply, R2).
-        std::uint32_t seq = 0;
         if (request) {
           // (R1) Outstanding until its reply reaches the inbox (or the channel ends). Listed
           // first: the list may grow (allocate) and throw, and then no credit is taken.
@@ -1167,11 +1219,19 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
         }
         ++out_msgs_;
         out_bytes_ += n;
-        Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
-        buf = Buffer{};
-        return s;
-      }
-      if (!window_full) {
+        // (F8) Stalled with the window full: one look at the worker first, so that a transport
+        // that moves again (a completion) reopens the window (else a sender that no longer waits
+        // never progresses, and queued its whole credit after one stall of a loaded machine).
+        if (how == NoCredit::Wait && tx_stalled_ && !tx_window_open_locked())
+          w_->progress_locked(this);
+        if (how == NoCredit::Fail || tx_room_locked()) {
+          Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
+          buf = Buffer{};
+          return s;
+        }
+        ++tx_window_waiters_;  // (F8) the credit is ours: waited for below, then sent
+        reserved = true;
+      } else {
         // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
         if (how == NoCredit::Fail)
           return fail(Errc::WouldBlock,
@@ -1183,27 +1243,57 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
           return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
       }
     }
-    if (window_full) {
-      // (F8) Until UCX completes one of ours, for kTxStallNs at most (within the deadline); then
-      // this message goes whether or not there is room: the window never fails a send.
-      const std::int64_t stall = monotonic_ns() + kTxStallNs;
-      const Result<bool> room =
-          w_->run_until(Deadline::at_ns(std::min(deadline.ns(), stall)), policy_, this, [&] {
-            w_->assert_held();
-            return !usable_locked() || tx_room_locked();
-          });
-      os::LockGuard lock(w_->mu);
-      --tx_window_waiters_;
-      if (!room) return fail(room.error());
-      if (!*room && monotonic_ns() >= stall) tx_stalled_ = true;  // the peer fetches nothing
-      window_waited = true;
-      continue;
-    }
+    if (reserved) return send_after_window(std::move(buf), deadline, kind, seq);
     (void)MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();
       return !usable_locked() || can_send_locked(n);
     }));
   }
+}
+
+Status ChannelCore::send_after_window(Buffer&& buf, Deadline deadline, WireKind kind,
+                                      std::uint32_t seq) {
+  // (F8) Until there is room, as long as UCX completes some of ours (in each kTxStallNs) and
+  // within the deadline; then the message goes whether or not there is room: the window never
+  // fails a send. A transport that completes nothing for kTxStallNs (the peer fetches nothing)
+  // marks the channel stalled. Its credit was taken before the wait (review rev-f8: a send(buf)
+  // by another thread meanwhile took the credit it had seen, and it timed out waiting for more).
+  const std::size_t n = buf.size_;
+  std::uint64_t seen = 0;
+  {
+    os::LockGuard lock(w_->mu);
+    seen = tx_completions_;
+  }
+  Result<bool> room = false;
+  for (;;) {
+    const std::int64_t stall = monotonic_ns() + kTxStallNs;
+    room = w_->run_until(Deadline::at_ns(std::min(deadline.ns(), stall)), policy_, this, [&] {
+      w_->assert_held();
+      return !usable_locked() || tx_room_locked();
+    });
+    if (!room || *room || deadline.expired()) break;
+    os::LockGuard lock(w_->mu);
+    if (tx_completions_ == seen) {
+      tx_stalled_ = true;  // nothing completed for kTxStallNs: the peer fetches nothing
+      break;
+    }
+    seen = tx_completions_;  // slow, but moving (a loaded machine): wait on
+  }
+  const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
+  os::LockGuard lock(w_->mu);
+  --tx_window_waiters_;
+  if (!room || !usable_locked()) {
+    // Not sent: the credit goes back (a closed channel's ends with it anyway).
+    --out_msgs_;
+    out_bytes_ -= n;
+    if (Outstanding* r = kind == WireKind::Request ? find_request_locked(seq) : nullptr)
+      unlist_request_locked(r);
+    if (!room) return fail(room.error());
+    return fail(closed_error_locked("net::Channel::send"));
+  }
+  Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
+  buf = Buffer{};
+  return s;
 }
 
 Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status,

@@ -99,6 +99,12 @@ struct PendingOp {
   PendingOp* next = nullptr;
   // A rendezvous receive (RecvOp) on this endpoint: ChannelCore::rx_in_flight_locked().
   ucp_ep_h recv_ep = nullptr;
+  // (P1) UCX may call an op's callback inside the very call that posts it (ucp_am_recv_data_nbx
+  // on an endpoint being purged: the peer gone) and still return the request. Until `posted`,
+  // the callback only records that and its status; the poster finishes the op, once.
+  bool posted = false;
+  bool done_inline = false;
+  ucs_status_t inline_status = UCS_OK;
 };
 
 // WorkerCore's lock: a mutex that knows whether a thread is waiting for it. The worker's
@@ -543,6 +549,8 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // One-way (WireKind::Message), or a request whose reply comes through receive() (WireKind::
   // Request: net::Channel::send_request).
   Status send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind kind = WireKind::Message);
+  // (F8) send()'s end when the window is full: its credit (and request entry, seq) taken.
+  Status send_after_window(Buffer&& buf, Deadline deadline, WireKind kind, std::uint32_t seq);
   Result<Message> receive(Deadline deadline);
   // out non-empty, its old messages dropped by the caller (their reply tokens take the lock).
   Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
@@ -595,22 +603,26 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   void on_other_version_locked(const WireHeader& h) MBMQ_REQUIRES(w_->mu);
   void on_send_done_locked(std::uint32_t seq, bool was_call) MBMQ_REQUIRES(w_->mu);
   void on_hello_ack_sent_locked() MBMQ_REQUIRES(w_->mu);
-  // One of our sends completed (or was cancelled).
   // One of our sends of n payload bytes completed (or was cancelled).
   void on_tx_done_locked(std::size_t n) MBMQ_REQUIRES(w_->mu) {
     if (tx_pending_ > 0) --tx_pending_;
     tx_bytes_ -= std::min<std::uint64_t>(tx_bytes_, n);
-    tx_stalled_ = false;                                // (F8) the transport moves
+    tx_stalled_ = false;  // (F8) the transport moves
+    ++tx_completions_;
     if (tx_window_waiters_ > 0) w_->news_locked(this);  // (W2) a send() waits for the window
   }
   // (F8) The transport window: a one-way send() with a deadline waits while kTxWindowMessages or
-  // more of this channel's sends, of kTxWindowBytes or more, are with UCX and not completed,
-  // unless the transport has stalled (none completed for kTxStallNs).
+  // more of this channel's sends, of kTxWindowBytes or more, are with UCX and not completed, as
+  // long as some complete in each kTxStallNs (else the channel is stalled: sends go at once until
+  // the next completion), and at most until its deadline (then it sends).
   static constexpr std::uint32_t kTxWindowMessages = 8;
   static constexpr std::uint64_t kTxWindowBytes = std::uint64_t{512} << 10;
   static constexpr std::int64_t kTxStallNs = 1'000'000;
+  bool tx_window_open_locked() const MBMQ_REQUIRES(w_->mu) {
+    return tx_pending_ < kTxWindowMessages || tx_bytes_ < kTxWindowBytes;
+  }
   bool tx_room_locked() const MBMQ_REQUIRES(w_->mu) {
-    return tx_stalled_ || tx_pending_ < kTxWindowMessages || tx_bytes_ < kTxWindowBytes;
+    return tx_stalled_ || tx_window_open_locked();
   }
   // Server side, (N4): accept() may hand the channel out: its HelloAck has been handed to the
   // transport (else the client's connect() would wait on a server that may not progress the
@@ -737,6 +749,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   std::uint64_t tx_bytes_ MBMQ_GUARDED_BY(w_->mu) = 0;  // their payload bytes
   // (F8) A window wait found no completion for kTxStallNs; cleared by the next completion.
   bool tx_stalled_ MBMQ_GUARDED_BY(w_->mu) = false;
+  std::uint64_t tx_completions_ MBMQ_GUARDED_BY(w_->mu) = 0;     // (F8) sends completed, ever
   std::uint32_t tx_window_waiters_ MBMQ_GUARDED_BY(w_->mu) = 0;  // send()s waiting for the window
   // close() returned with sends still pending (K5): closed for the application (as Closed), the
   // endpoint still open until the keeper's linger_tick() ends it, at linger_until_ns_ at the

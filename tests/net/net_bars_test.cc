@@ -333,9 +333,12 @@ void expect_no_leak(const char* who, const Usage& a, const Usage& m, const Usage
   EXPECT_EQ(a.fds, b.fds);
   EXPECT_EQ(a.threads, b.threads);
   // Heap: one connection's objects (a worker, an endpoint, the channel) are kilobytes, so a leak
-  // of any of them shows at once; the allowance (32 KiB in all, about 16 KiB measured over 1,000
-  // cycles, most of it in the first 50) is malloc's and UCX's bounded growth, not per cycle.
-  EXPECT_LE(b.heap - a.heap, 32 * 1024) << "heap grew";
+  // of any of them shows at once, in both halves alike; malloc's and UCX's bounded growth shows
+  // once, mostly in the first half. Measured in the client test (2026-12-02, 10 runs): +20-42 KiB
+  // in all, of which the second half -1 to +13 KiB (the 32 KiB allowance in all failed 3 of 10
+  // runs, with kMaxVectors 16 or 256 alike): 64 KiB in all, 16 KiB in the second half.
+  EXPECT_LE(b.heap - a.heap, 64 * 1024) << "heap grew";
+  EXPECT_LE(b.heap - m.heap, 16 * 1024) << "heap grew in the second half: a leak per cycle?";
   // RSS moves by pages with malloc's trimming and UCX's pools: 1 MiB allowed.
   EXPECT_LE(b.rss - a.rss, 1 << 20) << "RSS grew";
 }
