@@ -120,17 +120,24 @@ void finish_send(SendOp* op, ucs_status_t status) {
 }
 
 // (P1) Called inside the post itself: recorded, finished by the poster.
-bool called_inline(PendingOp* op, ucs_status_t status) {
+bool called_inline(PendingOp* op, ucs_status_t status, void* request) {
   if (op->posted) return false;
   op->done_inline = true;
   op->inline_status = status;
+  op->inline_request = request;
   return true;
+}
+
+// (P1) The request to free after an inline callback: the callback's, else the one returned.
+void* inline_request_of(const PendingOp* op, ucs_status_ptr_t r) {
+  if (op->inline_request != nullptr) return op->inline_request;
+  return r != nullptr && !UCS_PTR_IS_ERR(r) ? r : nullptr;
 }
 
 void send_done(void* request, ucs_status_t status, void* user) {
   auto* op = static_cast<SendOp*>(user);
   op->w->assert_held();
-  if (called_inline(op, status)) return;  // the request is freed by the poster
+  if (called_inline(op, status, request)) return;  // the request is freed by the poster
   WorkerCore* w = op->w;
   finish_send(op, status);
   if (request != nullptr) w->u->ucp_request_free(request);
@@ -140,7 +147,7 @@ void recv_done(void* request, ucs_status_t status, std::size_t /*length*/, void*
   auto* op = static_cast<RecvOp*>(user);
   WorkerCore* w = op->w;
   w->assert_held();
-  if (called_inline(op, status)) return;  // the request is freed by the poster
+  if (called_inline(op, status, request)) return;  // the request is freed by the poster
   const InRequestCallback in_cb(w);
   w->untrack_locked(op);
   if (ChannelCore* ch = find_locked(w, op->ep)) {
@@ -613,12 +620,16 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
   if (op->done_inline) {
     // (P1) Completed (or cancelled) inside the call: counted as pending, then finished as
     // send_done would.
-    if (r != nullptr && !UCS_PTR_IS_ERR(r)) w_->u->ucp_request_free(r);
+    if (void* req = inline_request_of(op, r)) w_->u->ucp_request_free(req);
     w_->track_locked(op);
     if (is_call) call_op_ = op;
     ++tx_pending_;
     tx_bytes_ += n;
     finish_send(op, op->inline_status);
+    if (UCS_PTR_IS_ERR(r)) {
+      fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_send_nbx failed");
+      return fail(closed_error_locked("net: send failed"));
+    }
     return {};
   }
   if (r == nullptr) {  // done already: no callback comes
@@ -935,7 +946,7 @@ bool ChannelCore::start_recv_locked(const WireHeader& h, void* desc, std::vector
     // (P1) recv_done ran inside the call (the peer gone: UCX purged the request) and UCX may
     // still return the request: before, it was then tracked after recv_done had deleted it, and
     // ~WorkerCore deleted it again (review rev-f8, ReviewF8.DestroyingAPairWithUnfetched...).
-    if (r != nullptr && !UCS_PTR_IS_ERR(r)) w_->u->ucp_request_free(r);
+    if (void* req = inline_request_of(op, r)) w_->u->ucp_request_free(req);
     const ucs_status_t st = op->inline_status;
     if (st == UCS_OK) {
       on_recv_done_locked(op->hdr, std::move(op->bytes), op->n, op->slot);
@@ -1199,38 +1210,30 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
   const bool request = kind == WireKind::Request;
   const std::size_t n = buf.size_;
   for (bool waited = false;; waited = true) {
-    std::uint32_t seq = 0;
-    bool reserved = false;  // (F8) credit taken, the window full
+    WindowWait wait;  // (F8) set: credit taken, the window full
     {
       const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
       os::LockGuard lock(w_->mu);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
       // Credit may be in the worker already, not yet taken in: progress once before failing.
-      if (!can_send_locked(n) && !waited) w_->progress_locked(this);
+      // (F8) And stalled with the window full: one look at the worker, so that a transport that
+      // moves again (a completion) reopens the window (else a sender that no longer waits never
+      // progresses, and queued its whole credit after one stall of a loaded machine). Before any
+      // credit is taken: a failure it brings leaves buf the caller's (review rev-f8b).
+      const bool stalled_full = how == NoCredit::Wait && tx_stalled_ && !tx_window_open_locked();
+      if ((!can_send_locked(n) && !waited) || stalled_full) w_->progress_locked(this);
       if (!usable_locked()) return fail(closed_error_locked("net::Channel::send"));
       if (can_send_locked(n)) {
-        // (F2) The peer gives it back once its application has received it (a request: with its
-        // reply, R2).
-        if (request) {
-          // (R1) Outstanding until its reply reaches the inbox (or the channel ends). Listed
-          // first: the list may grow (allocate) and throw, and then no credit is taken.
-          seq = next_seq_locked();
-          requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
-        }
+        if (how == NoCredit::Fail || tx_room_locked()) return send_now_locked(std::move(buf), kind);
+        // (F8) The window is full: the credit is ours now (not the request's entry: listed when
+        // it is sent, so that no reply can match a request not yet on the wire, review rev-f8b),
+        // then waited for below, and sent.
         ++out_msgs_;
         out_bytes_ += n;
-        // (F8) Stalled with the window full: one look at the worker first, so that a transport
-        // that moves again (a completion) reopens the window (else a sender that no longer waits
-        // never progresses, and queued its whole credit after one stall of a loaded machine).
-        if (how == NoCredit::Wait && tx_stalled_ && !tx_window_open_locked())
-          w_->progress_locked(this);
-        if (how == NoCredit::Fail || tx_room_locked()) {
-          Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
-          buf = Buffer{};
-          return s;
-        }
-        ++tx_window_waiters_;  // (F8) the credit is ours: waited for below, then sent
-        reserved = true;
+        ++tx_window_waiters_;
+        wait.reserved = true;
+        wait.seen = tx_completions_;
+        wait.ahead = tx_pending_ >= kTxWindowMessages ? tx_pending_ - kTxWindowMessages + 1 : 1;
       } else {
         // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
         if (how == NoCredit::Fail)
@@ -1243,7 +1246,7 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
           return fail(Errc::TimedOut, "net::Channel::send: no credit in time");
       }
     }
-    if (reserved) return send_after_window(std::move(buf), deadline, kind, seq);
+    if (wait.reserved) return send_after_window(std::move(buf), deadline, kind, wait);
     (void)MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
       w_->assert_held();
       return !usable_locked() || can_send_locked(n);
@@ -1251,25 +1254,53 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
   }
 }
 
-Status ChannelCore::send_after_window(Buffer&& buf, Deadline deadline, WireKind kind,
-                                      std::uint32_t seq) {
-  // (F8) Until there is room, as long as UCX completes some of ours (in each kTxStallNs) and
-  // within the deadline; then the message goes whether or not there is room: the window never
-  // fails a send. A transport that completes nothing for kTxStallNs (the peer fetches nothing)
-  // marks the channel stalled. Its credit was taken before the wait (review rev-f8: a send(buf)
-  // by another thread meanwhile took the credit it had seen, and it timed out waiting for more).
+Status ChannelCore::send_now_locked(Buffer&& buf, WireKind kind, bool credit_taken) {
+  // (F2) The peer gives it back once its application has received it (a request: with its reply,
+  // R2).
   const std::size_t n = buf.size_;
-  std::uint64_t seen = 0;
-  {
-    os::LockGuard lock(w_->mu);
-    seen = tx_completions_;
+  std::uint32_t seq = 0;
+  if (kind == WireKind::Request) {
+    // (R1) Outstanding until its reply reaches the inbox (or the channel ends). Listed first:
+    // the list may grow (allocate) and throw, and then no credit is taken (or, taken already by
+    // a window wait, it goes back).
+    seq = next_seq_locked();
+    try {
+      requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
+    } catch (const std::bad_alloc&) {
+      if (credit_taken) {
+        --out_msgs_;
+        out_bytes_ -= n;
+      }
+      return fail(Errc::System, "net::Channel::send_request: no memory");
+    }
   }
+  if (!credit_taken) {
+    ++out_msgs_;
+    out_bytes_ += n;
+  }
+  Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
+  buf = Buffer{};
+  return s;
+}
+
+Status ChannelCore::send_after_window(Buffer&& buf, Deadline deadline, WireKind kind,
+                                      WindowWait wait) {
+  // (F8) Until there is room, or the sends that were ahead of this one when it found the window
+  // full have completed (later sends of other threads, or replies, which do not wait for the
+  // window, cannot keep it waiting: review rev-f8b), as long as UCX completes some of ours in
+  // each kTxStallNs, and within the deadline; then the message goes whether or not there is room:
+  // the window never fails a send. A transport that completes nothing for kTxStallNs (the peer
+  // fetches nothing) marks the channel stalled. Its credit was taken before the wait (review
+  // rev-f8: a send(buf) by another thread meanwhile took the credit it had seen, and it timed
+  // out waiting for more).
+  const std::size_t n = buf.size_;
+  std::uint64_t seen = wait.seen;
   Result<bool> room = false;
   for (;;) {
     const std::int64_t stall = monotonic_ns() + kTxStallNs;
     room = w_->run_until(Deadline::at_ns(std::min(deadline.ns(), stall)), policy_, this, [&] {
       w_->assert_held();
-      return !usable_locked() || tx_room_locked();
+      return !usable_locked() || tx_room_locked() || tx_completions_ - wait.seen >= wait.ahead;
     });
     if (!room || *room || deadline.expired()) break;
     os::LockGuard lock(w_->mu);
@@ -1283,17 +1314,13 @@ Status ChannelCore::send_after_window(Buffer&& buf, Deadline deadline, WireKind 
   os::LockGuard lock(w_->mu);
   --tx_window_waiters_;
   if (!room || !usable_locked()) {
-    // Not sent: the credit goes back (a closed channel's ends with it anyway).
+    // Not sent: the credit goes back (a closed channel's ends with it anyway); buf stays.
     --out_msgs_;
     out_bytes_ -= n;
-    if (Outstanding* r = kind == WireKind::Request ? find_request_locked(seq) : nullptr)
-      unlist_request_locked(r);
     if (!room) return fail(room.error());
     return fail(closed_error_locked("net::Channel::send"));
   }
-  Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
-  buf = Buffer{};
-  return s;
+  return send_now_locked(std::move(buf), kind, true);
 }
 
 Status ChannelCore::reply(std::uint32_t seq, Buffer&& buf, ReplyStatus status,

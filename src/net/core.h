@@ -105,6 +105,7 @@ struct PendingOp {
   bool posted = false;
   bool done_inline = false;
   ucs_status_t inline_status = UCS_OK;
+  void* inline_request = nullptr;  // the callback's request (freed by the poster, once)
 };
 
 // WorkerCore's lock: a mutex that knows whether a thread is waiting for it. The worker's
@@ -549,8 +550,18 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // One-way (WireKind::Message), or a request whose reply comes through receive() (WireKind::
   // Request: net::Channel::send_request).
   Status send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind kind = WireKind::Message);
-  // (F8) send()'s end when the window is full: its credit (and request entry, seq) taken.
-  Status send_after_window(Buffer&& buf, Deadline deadline, WireKind kind, std::uint32_t seq);
+  // (F8) A send that found the window full: its credit taken; the completion count then, and how
+  // many completions put it within the window (the sends ahead of it).
+  struct WindowWait {
+    bool reserved = false;
+    std::uint64_t seen = 0;
+    std::uint64_t ahead = 1;
+  };
+  Status send_after_window(Buffer&& buf, Deadline deadline, WireKind kind, WindowWait wait);
+  // Lists a request (R1), takes the credit unless taken already (F2), sends; buf given up (or,
+  // a request's listing failing, still the caller's).
+  Status send_now_locked(Buffer&& buf, WireKind kind, bool credit_taken = false)
+      MBMQ_REQUIRES(w_->mu);
   Result<Message> receive(Deadline deadline);
   // out non-empty, its old messages dropped by the caller (their reply tokens take the lock).
   Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
@@ -611,10 +622,12 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
     ++tx_completions_;
     if (tx_window_waiters_ > 0) w_->news_locked(this);  // (W2) a send() waits for the window
   }
-  // (F8) The transport window: a one-way send() with a deadline waits while kTxWindowMessages or
-  // more of this channel's sends, of kTxWindowBytes or more, are with UCX and not completed, as
-  // long as some complete in each kTxStallNs (else the channel is stalled: sends go at once until
-  // the next completion), and at most until its deadline (then it sends).
+  // (F8) The transport window: send() and send_request() with a deadline wait while
+  // kTxWindowMessages or more of this channel's sends, of kTxWindowBytes or more, are with UCX and
+  // not completed (until the sends ahead of them complete), as long as some complete in each
+  // kTxStallNs (else the channel is stalled: sends go at once until the next completion), and at
+  // most until the deadline (then they send). Several threads waiting at once may each pass on
+  // one free place (net::Channel is one thread at a time, close() aside).
   static constexpr std::uint32_t kTxWindowMessages = 8;
   static constexpr std::uint64_t kTxWindowBytes = std::uint64_t{512} << 10;
   static constexpr std::int64_t kTxStallNs = 1'000'000;
