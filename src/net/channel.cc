@@ -1259,35 +1259,35 @@ Status ChannelCore::send_now_locked(Buffer&& buf, WireKind kind, bool credit_tak
   // R2).
   const std::size_t n = buf.size_;
   std::uint32_t seq = 0;
-  if (kind == WireKind::Request) {
-    // (R1) Outstanding until its reply reaches the inbox (or the channel ends). Listed first:
-    // the list may grow (allocate) and throw, and then no credit is taken (or, taken already by
-    // a window wait, it goes back).
-    seq = next_seq_locked();
-    try {
-      requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
-    } catch (const std::bad_alloc&) {
-      if (credit_taken) {
-        --out_msgs_;
-        out_bytes_ -= n;
-      }
-      return fail(Errc::System, "net::Channel::send_request: no memory");
-    }
-  }
   if (!credit_taken) {
     ++out_msgs_;
     out_bytes_ += n;
   }
-  Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
-  buf = Buffer{};
-  return s;
+  // Out of memory (listing the request, or send_locked's SendOp): nothing sent, the credit goes
+  // back, the request is unlisted, buf stays the caller's (review rev-f8c: the credit stayed
+  // taken, one message of the grant lost for good per failure).
+  try {
+    if (kind == WireKind::Request) {
+      // (R1) Outstanding until its reply reaches the inbox (or the channel ends).
+      seq = next_seq_locked();
+      requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
+    }
+    Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
+    buf = Buffer{};
+    return s;
+  } catch (const std::bad_alloc&) {
+    give_back_reserved_locked(n);
+    if (Outstanding* r = seq != 0 ? find_request_locked(seq) : nullptr) unlist_request_locked(r);
+    return fail(Errc::System, "net::Channel::send: no memory");
+  }
 }
 
 Status ChannelCore::send_after_window(Buffer&& buf, Deadline deadline, WireKind kind,
                                       WindowWait wait) {
-  // (F8) Until there is room, or the sends that were ahead of this one when it found the window
-  // full have completed (later sends of other threads, or replies, which do not wait for the
-  // window, cannot keep it waiting: review rev-f8b), as long as UCX completes some of ours in
+  // (F8) Until there is room, or as many of the channel's sends have completed as were beyond the
+  // window when this one found it full (any of them: a soft bound; later sends of other threads,
+  // or replies, which do not wait for the window, cannot keep it waiting: review rev-f8b), as
+  // long as UCX completes some of ours in
   // each kTxStallNs, and within the deadline; then the message goes whether or not there is room:
   // the window never fails a send. A transport that completes nothing for kTxStallNs (the peer
   // fetches nothing) marks the channel stalled. Its credit was taken before the wait (review
@@ -1315,8 +1315,7 @@ Status ChannelCore::send_after_window(Buffer&& buf, Deadline deadline, WireKind 
   --tx_window_waiters_;
   if (!room || !usable_locked()) {
     // Not sent: the credit goes back (a closed channel's ends with it anyway); buf stays.
-    --out_msgs_;
-    out_bytes_ -= n;
+    give_back_reserved_locked(n);
     if (!room) return fail(room.error());
     return fail(closed_error_locked("net::Channel::send"));
   }

@@ -562,6 +562,14 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // a request's listing failing, still the caller's).
   Status send_now_locked(Buffer&& buf, WireKind kind, bool credit_taken = false)
       MBMQ_REQUIRES(w_->mu);
+  // The credit of a message not sent after all, back. Saturating: a peer that gave back credit
+  // for a message still waiting for the window (it never received it: a protocol breach
+  // take_back_locked cannot tell while the message is counted out) must not make the counts
+  // wrap (review rev-f8c).
+  void give_back_reserved_locked(std::size_t n) MBMQ_REQUIRES(w_->mu) {
+    out_msgs_ -= std::min<std::uint64_t>(out_msgs_, 1);
+    out_bytes_ -= std::min<std::uint64_t>(out_bytes_, n);
+  }
   Result<Message> receive(Deadline deadline);
   // out non-empty, its old messages dropped by the caller (their reply tokens take the lock).
   Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
@@ -622,9 +630,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
     ++tx_completions_;
     if (tx_window_waiters_ > 0) w_->news_locked(this);  // (W2) a send() waits for the window
   }
-  // (F8) The transport window: send() and send_request() with a deadline wait while
+  // (F8) The transport window, a soft bound: send() and send_request() with a deadline wait while
   // kTxWindowMessages or more of this channel's sends, of kTxWindowBytes or more, are with UCX and
-  // not completed (until the sends ahead of them complete), as long as some complete in each
+  // not completed, until as many of the channel's sends complete as were beyond the window when
+  // they found it full (any of them: UCX completes rendezvous sends as the peer fetches them, not
+  // in order; so a send may go while as many are still pending), as long as some complete in each
   // kTxStallNs (else the channel is stalled: sends go at once until the next completion), and at
   // most until the deadline (then they send). Several threads waiting at once may each pass on
   // one free place (net::Channel is one thread at a time, close() aside).
