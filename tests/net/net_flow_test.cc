@@ -466,7 +466,7 @@ TEST(NetRequest, ASecondReplyOrAReplyToNoRequestIsAProtocolError) {
 // at most kTxWindowMessages of them with UCX, not completed. Before, it handed UCX all its credit
 // allowed (the grant: 256 of 64 KiB), which UCX queued, and the kernel copied each from memory
 // long out of the cache by then: raw UCX / mbmq-net-spin one-way 1.36x at 64 KiB (15 interleaved
-// rounds), 0.99x with the window. Sampled after each send(), under the worker's lock.
+// rounds), 0.99x with the window.
 TEST(NetFlow, AOneWayStreamKeepsAtMostTheWindowWithTheTransport) {
   auto p = make_pair();
   ASSERT_TRUE(p);
@@ -483,22 +483,30 @@ TEST(NetFlow, AOneWayStreamKeepsAtMostTheWindowWithTheTransport) {
     }
   });
   net::detail::ChannelCore& core = *test::core_of(p->client);
-  std::vector<std::uint32_t> pending;
+  // After each send(), under the worker's lock: what is with UCX, and whether the window is
+  // stalled (a millisecond with no completion: the sends then go, F8). Only this thread
+  // progresses the client's worker, so nothing changes between the send and the look.
+  std::uint32_t within = 0, beyond = 0, stalled = 0, most = 0;
   for (std::uint32_t i = 0; i < kCount; ++i) {
     auto st = p->client.send(numbered(p->client, kSize, i), secs(20));
     ASSERT_TRUE(st) << st.error().message();
     os::LockGuard lock(core.w_->mu);
-    pending.push_back(core.*get(test::TxPendingOf{}));
+    const std::uint32_t pending = core.*get(test::TxPendingOf{});
+    if (core.*get(test::TxStalledOf{})) {
+      ++stalled;
+      continue;
+    }
+    most = std::max(most, pending);
+    ++(pending <= net::detail::ChannelCore::kTxWindowMessages ? within : beyond);
   }
   rx.join();
   EXPECT_FALSE(rx_failed) << "a message was lost, doubled or reordered";
-  std::sort(pending.begin(), pending.end());
-  // The median: beside a busy loop a receiver thread that gets no CPU for 1 ms stalls the window
-  // (F8: the sends then go), so the 90th percentile was above the window in 4 of 8 such runs
-  // (most 63-111), the median at most 8 in all 8; before the window, the median was the grant
-  // (256).
-  EXPECT_LE(pending[pending.size() / 2], net::detail::ChannelCore::kTxWindowMessages)
-      << "90th percentile " << pending[pending.size() * 9 / 10] << ", most " << pending.back();
+  // Not stalled, never beyond the window (before the window: most samples at the grant, 256). A
+  // loaded machine stalls it often (in the clean-clone CI run beside the suite the median sample
+  // was 58 when stalled samples counted); with too few unstalled samples there is nothing to see.
+  if (within + beyond < 20) GTEST_SKIP() << stalled << " of " << kCount << " samples stalled";
+  EXPECT_EQ(beyond, 0u) << "most " << most << " with UCX; " << within << " within, " << stalled
+                        << " stalled";
 }
 
 // (F8) The window never fails a send: a receiver that does not progress its worker fetches no
