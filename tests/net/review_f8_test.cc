@@ -165,11 +165,11 @@ TEST(ReviewF8, SleepingWindowWaiterIsWokenWhenASiblingProgressesItsCompletions) 
   // Timing (a lost wake-up shows as 1 ms stalls): not under a sanitizer's slowness.
   if (test::kSanitized) GTEST_SKIP() << "timing: Release build only";
   std::uint32_t with = 0, without = 0;
-  for (int r = 0; r < 3; ++r) {
+  for (int r = 0; r < 2; ++r) {  // (the suite's time: 2 rounds, not 3)
     with += sleeping_stream(true).slow;
     without += sleeping_stream(false).slow;
   }
-  EXPECT_LE(with, 4 * without + 60) << "many more stalls with a sibling polling: lost wake-ups?";
+  EXPECT_LE(with, 4 * without + 40) << "many more stalls with a sibling polling: lost wake-ups?";
 }
 
 // (3) The window never fails a send and an immediate deadline does not wait: with the window
