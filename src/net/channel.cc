@@ -1233,7 +1233,7 @@ Status ChannelCore::send(Buffer&& buf, Deadline deadline, NoCredit how, WireKind
         ++tx_window_waiters_;
         wait.reserved = true;
         wait.seen = tx_completions_;
-        wait.ahead = tx_pending_ >= kTxWindowMessages ? tx_pending_ - kTxWindowMessages + 1 : 1;
+        wait.ahead = tx_pending_ - kTxWindowMessages + 1;  // full: tx_pending_ >= the window
       } else {
         // Out of credit: nothing sent, buf is still the caller's (a local channel's full ring).
         if (how == NoCredit::Fail)

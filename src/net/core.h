@@ -555,7 +555,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   struct WindowWait {
     bool reserved = false;
     std::uint64_t seen = 0;
-    std::uint64_t ahead = 1;
+    std::uint64_t ahead = 0;
   };
   Status send_after_window(Buffer&& buf, Deadline deadline, WireKind kind, WindowWait wait);
   // Lists a request (R1), takes the credit unless taken already (F2), sends; buf given up (or,

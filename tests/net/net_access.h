@@ -49,6 +49,16 @@ struct TxStalledOf {
   friend type get(TxStalledOf);
 };
 template struct Rob<TxStalledOf, &net::detail::ChannelCore::tx_stalled_>;
+struct TxWindowWaitersOf {
+  using type = std::uint32_t net::detail::ChannelCore::*;
+  friend type get(TxWindowWaitersOf);
+};
+template struct Rob<TxWindowWaitersOf, &net::detail::ChannelCore::tx_window_waiters_>;
+struct TxBytesOf {
+  using type = std::uint64_t net::detail::ChannelCore::*;
+  friend type get(TxBytesOf);
+};
+template struct Rob<TxBytesOf, &net::detail::ChannelCore::tx_bytes_>;
 struct VecsOf {
   using type = std::vector<std::vector<std::byte>> net::detail::Spares::*;
   friend type get(VecsOf);

@@ -19,21 +19,6 @@
 #include "net/net_pair.h"
 #include "test_util.h"
 
-namespace mbmq::test {
-namespace {
-struct TxWindowWaitersOf {
-  using type = std::uint32_t net::detail::ChannelCore::*;
-  friend type get(TxWindowWaitersOf);
-};
-template struct Rob<TxWindowWaitersOf, &net::detail::ChannelCore::tx_window_waiters_>;
-struct TxBytesOf {
-  using type = std::uint64_t net::detail::ChannelCore::*;
-  friend type get(TxBytesOf);
-};
-template struct Rob<TxBytesOf, &net::detail::ChannelCore::tx_bytes_>;
-}  // namespace
-}  // namespace mbmq::test
-
 namespace mbmq {
 namespace {
 
