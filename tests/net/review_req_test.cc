@@ -296,19 +296,22 @@ TEST(ReviewReq, LateCallEntriesLeaveWithTheirRepliesSoTimeOutsDoNotWedge) {
   }
 }
 
-// A call times out with its reply's header in (its credit back, call_replied_) and its 48 MiB
+// A call times out with its reply's header in (its credit back, call_replied_) and its 64 MiB
 // payload still to be allocated (D1) and fetched: no late_call entry is listed for it (or, if the
 // header had not come, one entry holding the message's credit); the next call, started while
 // that payload may still be on its way, gets its own reply; the old payload is dropped when it
 // lands; the credit is all back afterwards and nothing comes through receive().
+// (64 MiB, a client's limit, in 10 ms: 6.4 GB/s. A CI machine once fetched 48 MiB within 40 ms,
+// and the failed ASSERT then left the server thread unjoined: terminate. Too fast a machine now
+// skips, and the thread is a jthread.)
 TEST(ReviewReq, ACallTimingOutWhileItsReplysPayloadIsFetchedLeavesNothingBehind) {
   auto p = make_pair();
   ASSERT_TRUE(p);
   std::atomic<bool> server_ok{false};
-  auto big = p->server.buffer(48u << 20);  // ready before: the header leaves at once
+  auto big = p->server.buffer(64u << 20);  // ready before: the header leaves at once
   ASSERT_TRUE(big);
   auto core = test::core_of(p->server);
-  std::thread srv([&] {
+  std::jthread srv([&] {
     auto m = p->server.receive(secs(5));
     if (!m) return;
     auto token = m->buffer.*get(test::TokenOf{});
@@ -320,8 +323,11 @@ TEST(ReviewReq, ACallTimingOutWhileItsReplysPayloadIsFetchedLeavesNothingBehind)
     server_ok = true;
   });
   net::Buffer first = numbered(p->client, 64, 1);
-  auto st = p->client.call(first, Deadline::after(40ms));
-  ASSERT_FALSE(st) << "48 MiB in 40 ms: the case is not reached";
+  auto st = p->client.call(first, Deadline::after(10ms));
+  if (st) {
+    p->client.close();  // the server's second receive() ends at once
+    GTEST_SKIP() << "64 MiB fetched within 10 ms: the case is not reached on this machine";
+  }
   ASSERT_EQ(st.error().code, Errc::TimedOut);
   Credit c = credit_of(p->client);
   std::printf("after the time-out: %llu message(s) out, %zu listed\n",
