@@ -93,6 +93,15 @@ TEST(Crash, KillingTheServerMidCallEndsEveryCallWithPeerClosedPromptly) {
           ++in_process_calls;
         }
       });
+      struct Join {  // also after a failed ASSERT (else terminate): the server killed ends `me`
+        std::thread& t;
+        pid_t server;
+        ~Join() {
+          if (!t.joinable()) return;
+          (void)os::kill_process(server, SIGKILL);
+          t.join();
+        }
+      } join_me{me, server};
       while (!calling.load()) ::usleep(100);
       ::usleep(1000 + static_cast<unsigned>(rng() % 30000));  // kill at a random moment
       const std::int64_t t_kill = monotonic_ns();

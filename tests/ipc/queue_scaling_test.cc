@@ -815,12 +815,13 @@ TEST(QueueFd, AMessageBetweenTheLastWaitAndEpollWaitWakesEpollWait) {
   ASSERT_EQ(got.size(), 1u);
   EXPECT_EQ(got[0].key, 5u);
 
-  constexpr int kRounds = 300;
+  constexpr int kRounds = 300, kStop = -2;
   std::atomic<int> go{-1};
   std::thread producer([&] {
     std::mt19937 rng(3);
     for (int i = 0; i < kRounds; ++i) {
-      while (go.load(std::memory_order_acquire) != i) std::this_thread::yield();
+      for (int g; (g = go.load(std::memory_order_acquire)) != i; std::this_thread::yield())
+        if (g == kStop) return;  // the owner failed a round
       const std::int64_t until = monotonic_ns() + static_cast<std::int64_t>(rng() % 60'000);
       while (monotonic_ns() < until) {
       }
@@ -828,6 +829,14 @@ TEST(QueueFd, AMessageBetweenTheLastWaitAndEpollWaitWakesEpollWait) {
       if (!send_stamp(clients[ch], ch, static_cast<std::uint32_t>(i), secs(5))) return;
     }
   });
+  struct Join {  // also after a failed ASSERT (else terminate, the finding lost): stop, join
+    std::atomic<int>& go;
+    std::thread& t;
+    ~Join() {
+      go.store(kStop, std::memory_order_release);
+      if (t.joinable()) t.join();
+    }
+  } join{go, producer};
   int epoll_wakes = 0;
   std::int64_t slowest_ns = 0;
   for (int i = 0; i < kRounds; ++i) {

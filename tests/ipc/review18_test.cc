@@ -390,7 +390,8 @@ TEST(Review18, SubscriberJoiningWhilePublishWaitsGetsTheSample) {
   ASSERT_TRUE(pub->publish(filled(*pub, 1), test::secs(2)));  // sub1 full
   Buffer b2 = filled(*pub, 2);
   std::optional<Status> r2;
-  std::thread t([&] { r2 = pub->publish(std::move(b2), test::secs(10)); });
+  // jthread: ends by its deadline, also after a failed ASSERT (else terminate, the finding lost)
+  std::jthread t([&] { r2 = pub->publish(std::move(b2), test::secs(10)); });
   // The waiting publish() takes the join (serve() is not called by anyone else).
   Result<Subscriber> sub2 = test::connect_retry(name);
   ASSERT_TRUE(sub2) << sub2.error().message();

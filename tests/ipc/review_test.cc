@@ -520,8 +520,10 @@ TEST(Review, ReceiveBatchDropsASampleLeftInItsSpan) {
   auto pub = Publisher::create(name, o);
   ASSERT_TRUE(pub);
   Result<Subscriber> sub = fail(Errc::TimedOut, "not yet");
-  std::thread connector([&] { sub = Subscriber::connect(name, test::secs(5)); });
-  ASSERT_TRUE(pub->wait_for_subscribers(1, test::secs(5)));
+  // jthread: ends by its deadline, also after a failed ASSERT (else terminate, the finding lost);
+  // 20 s: a loaded CI machine under ASan
+  std::jthread connector([&] { sub = Subscriber::connect(name, test::secs(20)); });
+  ASSERT_TRUE(pub->wait_for_subscribers(1, test::secs(20)));
   connector.join();
   ASSERT_TRUE(sub);
   {

@@ -504,7 +504,7 @@ TEST(Topic, ThreadsJoinMidStreamAndSeePublisherLeave) {
   std::atomic<bool> joined{false};
   std::atomic<int> result{-1};
   std::thread t([&] {
-    auto sub = Subscriber::connect(name, secs(5));
+    auto sub = connect_retry(name);  // retried: a loaded CI machine under ASan
     if (!sub) {
       result = 10;
       return;
@@ -531,9 +531,19 @@ TEST(Topic, ThreadsJoinMidStreamAndSeePublisherLeave) {
       last = s->seq();
     }
   });
+  struct Join {  // also after a failed ASSERT (else terminate): the publisher goes, t ends
+    Result<Publisher>& pub;
+    std::thread& t;
+    ~Join() {
+      if (!t.joinable()) return;
+      *pub = Publisher{};
+      t.join();
+    }
+  } join{pub, t};
   // Publish before anyone listens: nobody holds those samples.
   for (std::uint64_t seq = 1; seq <= 100; ++seq) ASSERT_TRUE(publish_one(*pub, seq, secs(1)));
-  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(5)));
+  // 20 s: a loaded CI machine under ASan (the subscriber retries its connect for 10 s)
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(20)));
   while (!joined) std::this_thread::sleep_for(1ms);
   for (std::uint64_t seq = 101; seq <= 500; ++seq) ASSERT_TRUE(publish_one(*pub, seq, secs(5)));
   // Wait until it has everything, then go: it sees PeerClosed.
@@ -688,7 +698,7 @@ TEST(Topic, ThreadsReceiveSamplesThroughAQueue) {
   ASSERT_TRUE(q);
   std::atomic<int> result{-1};
   std::thread t([&] {
-    auto sub = Subscriber::connect(name, secs(5));
+    auto sub = connect_retry(name);  // retried: a loaded CI machine under ASan
     if (!sub || !sub->redirect(*q, 3)) {
       result = 10;
       return;
@@ -708,7 +718,17 @@ TEST(Topic, ThreadsReceiveSamplesThroughAQueue) {
     }
     result = 0;
   });
-  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(5)));
+  struct Join {  // also after a failed ASSERT (else terminate): the publisher goes, t ends
+    Result<Publisher>& pub;
+    std::thread& t;
+    ~Join() {
+      if (!t.joinable()) return;
+      *pub = Publisher{};
+      t.join();
+    }
+  } join{pub, t};
+  // 20 s: a loaded CI machine under ASan (the subscriber retries its connect for 10 s)
+  ASSERT_TRUE(pub->wait_for_subscribers(1, secs(20)));
   for (std::uint64_t seq = 1; seq <= 300; ++seq) {
     ASSERT_TRUE(publish_one(*pub, seq, secs(5)));
     if (seq % 50 == 0) std::this_thread::sleep_for(5ms);  // the waiter sleeps

@@ -70,6 +70,17 @@ TEST(ReviewNet2, SharedWorkerWakeLatencyUnderCap) {
   std::thread acc([&] {
     while (!stop.load()) (void)m->l.accept(Deadline::after(200ms));
   });
+  struct Join {  // also after a failed ASSERT (else terminate, the finding lost): stop, join
+    std::atomic<bool>& stop;
+    std::vector<std::thread>& rx;
+    std::thread& acc;
+    ~Join() {
+      stop.store(true);
+      for (auto& t : rx)
+        if (t.joinable()) t.join();
+      if (acc.joinable()) acc.join();
+    }
+  } join{stop, rx, acc};
   std::this_thread::sleep_for(50ms);
   for (int k = 0; k < kRounds; ++k) {
     const auto i = static_cast<std::size_t>(k % 4);
@@ -92,7 +103,10 @@ TEST(ReviewNet2, SharedWorkerWakeLatencyUnderCap) {
   std::printf("received %d/%d, worst %.2f ms, %d over 12 ms\n", got, kRounds,
               static_cast<double>(worst) / 1e6, slow);
   EXPECT_EQ(got, kRounds);
-  EXPECT_LE(slow, 2) << "receivers slept on a drained fd / unbumped gen until the 20 ms cap";
+  // Release only: under a sanitizer on a loaded 2-CPU CI machine wake-ups are late for other causes
+  if (!test::kSanitized) {
+    EXPECT_LE(slow, 2) << "receivers slept on a drained fd / unbumped gen until the 20 ms cap";
+  }
 }
 
 // ChannelCore::close() waits for its flush with raw ucp_worker_progress (no W1 gen bump, no W2
@@ -126,6 +140,17 @@ TEST(ReviewNet2, LingeringCloseOnSharedWorkerDelaysSiblingReceivers) {
   std::this_thread::sleep_for(30ms);
   const std::int64_t t0 = now_ns();
   std::thread closer([&] { m->server[0].close(); });
+  struct Join {  // also after a failed ASSERT (else terminate, the finding lost): stop, join
+    std::atomic<bool>& stop;
+    std::thread& closer;
+    std::thread& r1;
+    std::thread& r2;
+    ~Join() {
+      stop.store(true);
+      for (std::thread* t : {&closer, &r1, &r2})
+        if (t->joinable()) t->join();
+    }
+  } join{stop, closer, r1, r2};
   std::this_thread::sleep_for(5ms);
   int sent = 0;
   while (now_ns() - t0 < 90'000'000) {
@@ -152,7 +177,10 @@ TEST(ReviewNet2, LingeringCloseOnSharedWorkerDelaysSiblingReceivers) {
               static_cast<double>(close_ns) / 1e6, lat1.size() + lat2.size(), sent,
               static_cast<double>(worst) / 1e6, slow);
   EXPECT_EQ(static_cast<int>(lat1.size() + lat2.size()), sent);
-  EXPECT_LE(slow, 1) << "close()'s progress loop took sibling events without waking anyone";
+  // Release only: under a sanitizer on a loaded 2-CPU CI machine wake-ups are late for other causes
+  if (!test::kSanitized) {
+    EXPECT_LE(slow, 1) << "close()'s progress loop took sibling events without waking anyone";
+  }
 }
 
 // (K4) The keeper progresses a listener's worker (an unfinished close) every tick while the
@@ -170,7 +198,9 @@ TEST(ReviewNet2, KeeperFinishesCloseWhileSiblingsCall) {
   const std::int64_t t0 = now_ns();
   m->server[0].close();  // 100 ms, then handed to the keeper
   const std::int64_t close_ns = now_ns() - t0;
-  EXPECT_LT(close_ns, 150'000'000);
+  // 1 s: a loaded CI machine under ASan; not handed to the keeper, close() would wait the 10 s
+  // linger out (kLingerMaxNs; the peer never fetches, no peer_timeout)
+  EXPECT_LT(close_ns, 1'000'000'000);
   std::atomic<bool> stop{false};
   std::thread srv([&] {
     while (!stop.load()) {
@@ -178,6 +208,14 @@ TEST(ReviewNet2, KeeperFinishesCloseWhileSiblingsCall) {
       if (r && r->kind == Kind::Request) (void)net::Channel::reply(std::move(*r));
     }
   });
+  struct Join {  // also after a failed ASSERT (else terminate, the finding lost): stop, join
+    std::atomic<bool>& stop;
+    std::thread& t;
+    ~Join() {
+      stop.store(true);
+      if (t.joinable()) t.join();
+    }
+  } join{stop, srv};
   int ok = 0;
   const std::int64_t until = now_ns() + 800'000'000;  // several keeper ticks
   while (now_ns() < until) {
@@ -320,10 +358,13 @@ TEST(ReviewNet2, AcceptReturnsOnlyOnceTheHelloAckHasLeft) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
   ASSERT_TRUE(l) << l.error().message();
   std::optional<Result<net::Channel>> c;
-  std::thread t([&] {
+  // jthread: ends by its deadline, also after a failed ASSERT (else terminate, the finding lost)
+  std::jthread t([&] {
     net::ConnectOptions co;
     co.peer_timeout = 0ms;
-    c.emplace(net::connect(url(l->port()), Deadline::after(1500ms), co));
+    // 5 s: a loaded CI machine under ASan; a HelloAck left queued still fails it (nobody
+    // progresses the listener's worker before this thread is joined)
+    c.emplace(net::connect(url(l->port()), Deadline::after(5000ms), co));
   });
   auto s = l->accept(secs(10));
   ASSERT_TRUE(s) << s.error().message();
@@ -518,7 +559,9 @@ TEST(ReviewNet2, KeeperPeerTimeoutWakesASleepingReceiverAtOnce) {
   auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
   ASSERT_TRUE(l) << l.error().message();
   std::vector<double> late_ms;
-  for (int k = 0; k < 6; ++k) {
+  // 10 rounds in Release, one of them allowed late (the bound below); the sanitizers check no time
+  const int kRounds = test::sized(10, 6);
+  for (int k = 0; k < kRounds; ++k) {
     RawClient raw;  // speaks once (its hello), then is silent: no heartbeats
     ASSERT_TRUE(raw.connect(l->port()));
     std::optional<Result<net::Channel>> s;
@@ -553,7 +596,11 @@ TEST(ReviewNet2, KeeperPeerTimeoutWakesASleepingReceiverAtOnce) {
   // (WorkerMutex::hand_over: a thread that progressed sleeps up to 2 ms until a waiter, here the
   // watcher polling buffer(), has taken the lock): 3.2-3.7 ms in about 1 run of 10 at load 3-4,
   // either thread late (the watcher as often as receive()).
-  EXPECT_LT(*std::max_element(late_ms.begin(), late_ms.end()), 10.0)
+  // Release only, and one round of 10 may be late (a loaded 2-CPU CI machine): the cap's wake-up
+  // is late by 0-20 ms at random, so 9 of 10 under 10 ms pass it 1 time in 93 (6 of 6: 1 in 64).
+  if (test::kSanitized) return;
+  std::sort(late_ms.begin(), late_ms.end());
+  EXPECT_LT(late_ms[late_ms.size() - 2], 10.0)
       << "the sleeping poller was not woken by the keeper's failure (the 20 ms cap woke it)";
 }
 
