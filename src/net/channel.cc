@@ -1159,7 +1159,15 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
         reply_ready_ = false;
         ++out_msgs_;  // (F2) its reply gives it back
         out_bytes_ += n;
-        MBMQ_TRY(send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), n, nullptr, true));
+        // Out of memory (send_locked's SendOp): nothing sent, the credit back, buf the caller's
+        // (as send_now_locked; before, the bad_alloc left the credit taken for good).
+        try {
+          MBMQ_TRY(send_locked(WireKind::Request, 0, seq, 0, buf.bytes_.data(), n, nullptr, true));
+        } catch (const std::bad_alloc&) {
+          give_back_reserved_locked(n);
+          call_seq_ = 0;
+          return fail(Errc::System, "net::Channel::call: no memory");
+        }
         break;
       }
     }

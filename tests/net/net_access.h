@@ -19,6 +19,24 @@ template <typename Tag, typename Tag::type M>
 struct Rob {
   friend typename Tag::type get(Tag) { return M; }
 };
+// The same with the member's type deduced (ChannelCore's private Outstanding need not be named).
+template <typename Tag, auto M>
+struct RobAuto {
+  friend auto get(Tag) { return M; }
+};
+// The credit this end has taken (F2) and its outstanding requests (R1).
+struct OutMsgsOf {
+  friend auto get(OutMsgsOf);
+};
+template struct RobAuto<OutMsgsOf, &net::detail::ChannelCore::out_msgs_>;
+struct OutBytesOf {
+  friend auto get(OutBytesOf);
+};
+template struct RobAuto<OutBytesOf, &net::detail::ChannelCore::out_bytes_>;
+struct RequestsOf {
+  friend auto get(RequestsOf);
+};
+template struct RobAuto<RequestsOf, &net::detail::ChannelCore::requests_>;
 struct CoreOf {
   using type = std::shared_ptr<net::detail::ChannelCore> net::Channel::*;
   friend type get(CoreOf);

@@ -29,28 +29,11 @@
 namespace mbmq::test {
 namespace {
 
-// More private members, through the explicit instantiation rule (as net_access.h); the return
-// type is deduced, so that ChannelCore's private Outstanding need not be named.
-template <typename Tag, auto M>
-struct RobAuto {
-  friend auto get(Tag) { return M; }
-};
+// More private members (RobAuto, the credit counts: net_access.h).
 struct NextSeqOf {
   friend auto get(NextSeqOf);
 };
 template struct RobAuto<NextSeqOf, &net::detail::ChannelCore::next_seq_>;
-struct OutMsgsOf {
-  friend auto get(OutMsgsOf);
-};
-template struct RobAuto<OutMsgsOf, &net::detail::ChannelCore::out_msgs_>;
-struct OutBytesOf {
-  friend auto get(OutBytesOf);
-};
-template struct RobAuto<OutBytesOf, &net::detail::ChannelCore::out_bytes_>;
-struct RequestsOf {
-  friend auto get(RequestsOf);
-};
-template struct RobAuto<RequestsOf, &net::detail::ChannelCore::requests_>;
 struct LingeringOf {
   friend auto get(LingeringOf);
 };
