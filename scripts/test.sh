@@ -54,9 +54,10 @@ stage "clang-tidy (and clang -Wthread-safety -Werror): src/"
 finish tidy
 # The idle label's tests measure an idle queue owner's CPU time (one full scan of 1,000 channels a
 # second): with clang-tidy beside them, each scan found its caches evicted and cost twice as much
-# (18.7 ms in 10 s against the 10 ms bar, CI 2026-12-02). They run once nothing else does.
+# (18.7 ms in 10 s against the 10 ms bar, CI 2026-12-02). They run once nothing else does, one at
+# a time (two of them side by side share the caches too).
 stage "Release: the idle-cost tests, alone"
-(cd build && ctest --output-on-failure -j2 -L idle ${CTEST_ARGS:-})
+(cd build && ctest --output-on-failure -j1 -L idle ${CTEST_ARGS:-})
 if [ "${SANITIZERS:-1}" != 0 ]; then
   stage "ASan + UBSan: build"
   cmake --preset asan >/dev/null

@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -208,6 +209,10 @@ TEST(ReviewReq, MixedSendRequestsCallsAndTimeOutsGiveEveryCreditBack) {
   // server behind, on a loaded machine) was never sent. Fixed: the server waited for all 18 and
   // failed after 10 s (CI, 2026-12-02; 2 of 10 runs here with a build beside it).
   std::atomic<std::uint32_t> expected{kRounds * 3};
+  struct Release {  // a failed ASSERT below: the server stops waiting at once
+    std::atomic<std::uint32_t>& e;
+    ~Release() { e = 0; }
+  };
   std::jthread srv([&] {
     const Deadline end = secs(30);
     for (std::uint32_t k = 0; k < expected.load();) {
@@ -222,6 +227,7 @@ TEST(ReviewReq, MixedSendRequestsCallsAndTimeOutsGiveEveryCreditBack) {
     }
     server_ok = true;
   });
+  const Release release{expected};  // destroyed before srv (joined): the server ends first
   std::vector<net::Message> got;
   std::uint32_t timed_out = 0, unsent = 0;
   for (std::uint32_t r = 0; r < kRounds; ++r) {
@@ -234,7 +240,9 @@ TEST(ReviewReq, MixedSendRequestsCallsAndTimeOutsGiveEveryCreditBack) {
       EXPECT_EQ(number_of(call), 3 * r + 2 + 1000);
     } else {
       EXPECT_EQ(st.error().code, Errc::TimedOut) << st.error().message();
-      if (st.error().message().find("nothing sent") != std::string::npos) ++unsent;
+      // The op of call()'s credit wait, exactly (src/net/channel.cc): reworded, this fails.
+      if (std::string_view(st.error().op) == "net::Channel::call: no credit in time (nothing sent)")
+        ++unsent;
     }
   }
   expected = kRounds * 3 - unsent;
@@ -326,6 +334,7 @@ TEST(ReviewReq, ACallTimingOutWhileItsReplysPayloadIsFetchedLeavesNothingBehind)
   std::printf("after the time-out: %llu message(s) out, %zu listed\n",
               static_cast<unsigned long long>(c.msgs), c.listed);
   EXPECT_EQ(c.msgs, c.listed) << "a late_call entry without its credit, or credit unlisted";
+  const bool header_in = c.listed == 0;  // else the reply's header had not come in 10 ms either
   net::Buffer second = numbered(p->client, 64, 2);
   st = p->client.call(second, secs(5));
   ASSERT_TRUE(st) << st.error().message();
@@ -339,6 +348,8 @@ TEST(ReviewReq, ACallTimingOutWhileItsReplysPayloadIsFetchedLeavesNothingBehind)
   EXPECT_EQ(c.listed, 0u);
   auto stray = p->client.receive(Deadline::after(200ms));
   EXPECT_FALSE(stray) << "the old payload came through receive()";
+  // Everything above holds in either case; the one this test is for needs the header in time.
+  if (!header_in) GTEST_SKIP() << "the reply's header came after the deadline (a loaded machine)";
 }
 
 // ---- receive_batch() ----
