@@ -268,8 +268,10 @@ TEST(ReviewNetSib, DeferredPayloadOfAClosedChannelNeverReachesANewChannelAtItsAd
   constexpr std::size_t kBig = 64u << 20;
   net::Buffer big;
   int hits = 0, rounds = 0, same_cores = 0, same_both = 0;
-  const std::int64_t until = now_ns() + 20'000'000'000;
-  for (; rounds < 40 && now_ns() < until; ++rounds) {
+  // 20 rounds or 10 s (it was 40 or 20 s, 20.6 s of the CI's Release suite: the case is not
+  // reached in this many rounds anyway, see the result line).
+  const std::int64_t until = now_ns() + 10'000'000'000;
+  for (; rounds < 20 && now_ns() < until; ++rounds) {
     std::optional<net::Channel> sa, ca;
     {
       std::optional<Result<net::Channel>> c;
