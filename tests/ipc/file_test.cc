@@ -90,12 +90,17 @@ TEST(FileRange, RangesArriveIntactUpTo1GiB) {
   auto p = Channel::pair();
   ASSERT_TRUE(p);
   auto& [client, server] = *p;
-  pid_t pid = range_server(server, client);
-  server.close();
   // 128 MiB under a sanitizer: the same ranges, page-aligned and not, past the 64 MiB case; their
   // instrumented hashing of 1 GiB is 10 s under ASan.
   const std::uint64_t gib = test::sized(1ull << 30, 128ull << 20);
+  // The file first, then the server, whose 60 s watchdog covers the calls only: once (CI,
+  // 2026-12-02, ASan suite with the TSan build writing beside it) the test took 60 s where it takes
+  // 1.2 s alone, and the server's watchdog fired (exit 142), the file then written to /tmp, a disk.
+  const std::int64_t t0 = monotonic_ns();
   TempFile f(gib + 12345);
+  const std::int64_t t1 = monotonic_ns();
+  pid_t pid = range_server(server, client);
+  server.close();
   struct Case {
     std::uint64_t offset, length;
   };
@@ -110,8 +115,11 @@ TEST(FileRange, RangesArriveIntactUpTo1GiB) {
     std::memcpy(&h, b->data().data(), 8);
     EXPECT_EQ(h, expected_fnv(c.offset, c.length));
   }
+  const std::int64_t t2 = monotonic_ns();
+  std::printf("the file: %.1f s to write; the calls: %.1f s\n", static_cast<double>(t1 - t0) / 1e9,
+              static_cast<double>(t2 - t1) / 1e9);
   client.close();
-  EXPECT_EQ(join(pid), 0);
+  EXPECT_EQ(join(pid), 0) << "142: its watchdog (60 s) fired: it did not see the close in time";
 }
 
 TEST(FileRange, AttachRefusesWhatIsNotARangeOfARegularFile) {
