@@ -12,9 +12,10 @@
 # the optimised tests/support/fast.cc).
 #
 # Where the time goes: the test suites leave the CPUs ~40% idle (Release suite, 2026-12-02: 304
-# CPU-seconds in 253 s on 2 CPUs), so clang-tidy runs beside the Release suite and the TSan build
-# beside the ASan suite, both under SCHED_IDLE (chrt --idle: they get a CPU only when no test
-# wants it, and a waking test preempts them at once). Their output is shown after the suite.
+# CPU-seconds in 253 s on 2 CPUs), so clang-tidy runs beside the Release suite under SCHED_IDLE
+# (chrt --idle: it gets a CPU only when no test wants it, and a waking test preempts it at once);
+# its output is shown after the suite. (The TSan build ran beside the ASan suite the same way until
+# 2026-12-02: see the ASan stage.)
 # SANITIZERS=0 skips the sanitizer builds (a quick local run). CTEST_ARGS adds ctest arguments.
 # Tests labelled soak (long trials) are left out; run them with: (cd build && ctest -L soak).
 set -euo pipefail
@@ -62,15 +63,17 @@ if [ "${SANITIZERS:-1}" != 0 ]; then
   stage "ASan + UBSan: build"
   cmake --preset asan >/dev/null
   cmake --build build-asan -j"$(nproc)"
-  stage "ASan + UBSan: whole suite; the TSan build beside it (SCHED_IDLE)"
-  cmake --preset tsan >/dev/null
-  # Only the thread-level test binaries: the rest would be built for nothing.
-  background tsan cmake --build build-tsan -j"$(nproc)" --target threads_tests
+  stage "ASan + UBSan: whole suite"
   # Not the idle label either: those tests measure an idle owner's CPU time (10 s each), a claim
   # about cost that the Release run checks; under ASan they would only wait again.
+  # Alone: with the TSan build beside it (SCHED_IDLE), four ASan-suite tests failed in five runs
+  # on two VMs, two of them forked children that did not see their peer's close in time
+  # (2026-12-02; not diagnosed, README "Not done yet").
   (cd build-asan && ctest --output-on-failure -j2 -LE "soak|idle" ${CTEST_ARGS:-})
-  stage "TSan: the rest of its build"
-  finish tsan
+  stage "TSan: build"
+  cmake --preset tsan >/dev/null
+  # Only the thread-level test binaries: the rest would be built for nothing.
+  cmake --build build-tsan -j"$(nproc)" --target threads_tests
   stage "TSan: thread-level tests"
   (cd build-tsan && ctest --output-on-failure -j2 -L threads)
 fi
