@@ -84,6 +84,18 @@ void expect_all_free(Publisher& pub, std::uint32_t samples) {
   EXPECT_EQ(pub.stats().free_samples, samples);
 }
 
+// Joins a subscriber thread also after a failed ASSERT (else terminate): the publisher goes
+// first, so that the thread's receive ends.
+struct JoinAfterPublisher {
+  Result<Publisher>& pub;
+  std::thread& t;
+  ~JoinAfterPublisher() {
+    if (!t.joinable()) return;
+    *pub = Publisher{};
+    t.join();
+  }
+};
+
 TEST(Topic, EverySubscriberSeesEverySampleInOrder) {
   const std::string name = topic_name("all");
   constexpr std::uint64_t kN = 3000;
@@ -531,15 +543,7 @@ TEST(Topic, ThreadsJoinMidStreamAndSeePublisherLeave) {
       last = s->seq();
     }
   });
-  struct Join {  // also after a failed ASSERT (else terminate): the publisher goes, t ends
-    Result<Publisher>& pub;
-    std::thread& t;
-    ~Join() {
-      if (!t.joinable()) return;
-      *pub = Publisher{};
-      t.join();
-    }
-  } join{pub, t};
+  const JoinAfterPublisher join{pub, t};
   // Publish before anyone listens: nobody holds those samples.
   for (std::uint64_t seq = 1; seq <= 100; ++seq) ASSERT_TRUE(publish_one(*pub, seq, secs(1)));
   // 20 s: a loaded CI machine under ASan (the subscriber retries its connect for 10 s)
@@ -718,15 +722,7 @@ TEST(Topic, ThreadsReceiveSamplesThroughAQueue) {
     }
     result = 0;
   });
-  struct Join {  // also after a failed ASSERT (else terminate): the publisher goes, t ends
-    Result<Publisher>& pub;
-    std::thread& t;
-    ~Join() {
-      if (!t.joinable()) return;
-      *pub = Publisher{};
-      t.join();
-    }
-  } join{pub, t};
+  const JoinAfterPublisher join{pub, t};
   // 20 s: a loaded CI machine under ASan (the subscriber retries its connect for 10 s)
   ASSERT_TRUE(pub->wait_for_subscribers(1, secs(20)));
   for (std::uint64_t seq = 1; seq <= 300; ++seq) {
