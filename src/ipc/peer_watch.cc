@@ -82,11 +82,17 @@ struct Fire {
 };
 
 void run(WatchState* st) {
-  // Pairs with the acquire load in watch_fd().
-  st->running.store(true, std::memory_order_release);
   std::array<os::EpollEvent, 32> evs{};
   std::vector<Fire> fire;
   fire.reserve(64);
+  // Only now, after the thread's start-up allocation: watch_fd() returns once this is set, and a
+  // fork() its caller makes then must not find this thread inside the allocator. GCC 12's ASan
+  // does not lock its allocator around fork() (llvm/llvm-project#63224): a child forked while
+  // this thread held a size class's lock hung in its own watcher's first allocation of that
+  // size, and so never learnt of its peer's close (seen 3 in 100 runs of
+  // Lifecycle.AQueueRedirectedBeforeForkSeesThePeerCloseInTheChild under ASan, 2026-12-02).
+  // Pairs with the acquire load in watch_fd().
+  st->running.store(true, std::memory_order_release);
   for (;;) {
     int timeout_ms = -1;
     {
