@@ -144,6 +144,8 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
 
 // (D1) Whether mbmq::net's allocating thread runs (net/keeper.cc; a forked child has none).
 bool allocator_running() noexcept;
+// Tests: how many keeper passes touched UCX so far (none once exit began: net/ucx.h, exiting()).
+std::uint64_t keeper_passes_for_test() noexcept;
 
 // Payload vectors done with, kept for a worker's next received payloads: a fresh 1 MiB vector
 // costs 256 page faults and its zeroing on this VM (a fresh 64 MiB one 66-100 ms), more than the

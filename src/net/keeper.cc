@@ -15,6 +15,11 @@
 // (keep_lingering): linger_tick() every millisecond until they are, then their endpoint closed.
 // The thread starts on the first channel that asks, and lives as long as the process; it holds
 // weak references only. A forked child has no keeper (and cannot use UCX anyway).
+// (K6) Exit: exit() runs UCX's library destructors after every atexit handler, and they free what
+// a worker being progressed uses. The handler mbmq::net registers when it loads UCX
+// (before_exit(), net/ucx.h) marks the process exiting and waits for the pass in progress; every
+// later pass (of this thread and of the allocating thread below) leaves UCX alone. What they hold
+// then (lingering channels, unfinished closes) is left as it is: the process is ending.
 #include <algorithm>
 #include <atomic>
 #include <thread>
@@ -41,6 +46,9 @@ struct Closing {
 };
 
 struct Keeper {
+  // Held by the thread for each pass that may touch UCX, taken before mu; before_exit() takes it
+  // to wait for the pass in progress (net/ucx.h, exiting()).
+  os::Mutex pass_mu;
   os::Mutex mu;
   std::vector<Watched> watched MBMQ_GUARDED_BY(mu);
   std::vector<Closing> closing MBMQ_GUARDED_BY(mu);
@@ -48,6 +56,7 @@ struct Keeper {
   std::atomic<std::uint32_t> wake{0};  // a futex word: keep_lingering() bumps it (no tick's wait)
   std::int64_t tick_ns MBMQ_GUARDED_BY(mu) = 250'000'000;
   bool started MBMQ_GUARDED_BY(mu) = false;
+  std::uint64_t passes MBMQ_GUARDED_BY(pass_mu) = 0;  // passes that touched UCX (tests)
 };
 
 Keeper& keeper() {
@@ -115,7 +124,10 @@ void progress_lingering(Keeper& k) {
       os::sleep_ns(std::min<std::int64_t>(tick, 1'000'000));
     else
       (void)os::futex_wait(&k.wake, seen, tick);
-    if (!ucx_usable()) continue;
+    os::LockGuard pass(k.pass_mu);
+    // Exit began (net/ucx.h): UCX's destructors are about to run; leave it alone for good.
+    if (!ucx_usable() || exiting()) continue;
+    ++k.passes;
     progress_lingering(k);
     if (monotonic_ns() < next_tick) continue;
     next_tick = monotonic_ns() + tick - tick / 8;
@@ -185,6 +197,7 @@ void keep_lingering(std::shared_ptr<ChannelCore> ch) {
 // ---- (D1) the allocating thread -----------------------------------------------------------------
 namespace {
 struct Allocator {
+  os::Mutex pass_mu;  // as Keeper::pass_mu: held for each pass, taken before mu
   os::Mutex mu;
   std::vector<std::weak_ptr<WorkerCore>> queue MBMQ_GUARDED_BY(mu);
   bool started MBMQ_GUARDED_BY(mu) = false;
@@ -213,10 +226,18 @@ Allocator& allocator() {
     // One payload per worker per pass, the workers with more going back in the queue: a worker
     // receiving a stream of large payloads does not starve the others.
     std::vector<std::weak_ptr<WorkerCore>> again;
-    for (auto& weak : now)
-      if (auto w = weak.lock(); w && ucx_usable() && w->start_allocator_deferred())
-        again.push_back(weak);
-    now.clear();  // workers let go here, unlocked (the last reference destroys one)
+    {
+      os::LockGuard pass(a.pass_mu);
+      // Exit began (net/ucx.h): nothing more is started; the workers are not let go here either.
+      if (exiting()) {
+        now.clear();  // weak references: nothing is destroyed
+        continue;
+      }
+      for (auto& weak : now)
+        if (auto w = weak.lock(); w && ucx_usable() && w->start_allocator_deferred())
+          again.push_back(weak);
+    }
+    now.clear();  // weak references only: the last strong one went with `w` above
     if (!again.empty()) {
       os::LockGuard lock(a.mu);
       for (auto& weak : again) a.queue.push_back(std::move(weak));
@@ -244,6 +265,19 @@ bool allocate_deferred_later(std::weak_ptr<WorkerCore> w) noexcept {
 }
 
 bool allocator_running() noexcept { return g_allocator_running.load(std::memory_order_relaxed); }
+
+void wait_for_passes() noexcept {
+  // Each lock is taken once the thread's pass in progress ended; every later pass sees exiting().
+  // (The states are never destroyed; a thread never started leaves its lock free.)
+  { os::LockGuard pass(keeper().pass_mu); }
+  { os::LockGuard pass(allocator().pass_mu); }
+}
+
+std::uint64_t keeper_passes_for_test() noexcept {
+  Keeper& k = keeper();
+  os::LockGuard pass(k.pass_mu);
+  return k.passes;
+}
 
 void keep_alive(const std::shared_ptr<ChannelCore>& ch, std::chrono::milliseconds timeout,
                 std::chrono::milliseconds peer_timeout) {

@@ -72,7 +72,13 @@ void load() {
   }
   g_pid = os::current_pid();
   g_loaded.store(true, std::memory_order_release);  // pairs with the acquire loads below
+  // Registered after dlopen(): it runs before the loaded libraries' destructors (exit() runs the
+  // handlers in reverse order of registration, and the loader's, which runs those destructors,
+  // was registered at start-up). If it cannot be registered, exit stays as it was before.
+  (void)std::atexit(before_exit);
 }
+
+std::atomic<bool> g_exiting{false};
 
 }  // namespace
 
@@ -86,6 +92,16 @@ Status check_not_forked() noexcept {
 
 bool ucx_usable() noexcept {
   return g_loaded.load(std::memory_order_acquire) && g_pid == os::current_pid();
+}
+
+bool exiting() noexcept { return g_exiting.load(std::memory_order_acquire); }
+
+void before_exit() noexcept {
+  // A forked child has no keeper or allocating thread, and their locks may have been copied held.
+  if (!ucx_usable()) return;
+  // Pairs with the acquire loads in exiting(): a pass that starts after this leaves UCX alone.
+  g_exiting.store(true, std::memory_order_release);
+  wait_for_passes();
 }
 
 Result<const Ucx*> ucx() {
