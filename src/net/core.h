@@ -146,6 +146,8 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
 bool allocator_running() noexcept;
 // Tests: how many keeper passes touched UCX so far (none once exit began: net/ucx.h, exiting()).
 std::uint64_t keeper_passes_for_test() noexcept;
+// Tests: the closes (K4) and lingering channels (K5) the keeper holds now (each may hold a worker).
+std::size_t keeper_holds_for_test() noexcept;
 
 // Payload vectors done with, kept for a worker's next received payloads: a fresh 1 MiB vector
 // costs 256 page faults and its zeroing on this VM (a fresh 64 MiB one 66-100 ms), more than the

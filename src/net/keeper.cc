@@ -19,7 +19,9 @@
 // a worker being progressed uses. The handler mbmq::net registers when it loads UCX
 // (before_exit(), net/ucx.h) marks the process exiting and waits for the pass in progress; every
 // later pass (of this thread and of the allocating thread below) leaves UCX alone. What they hold
-// then (lingering channels, unfinished closes) is left as it is: the process is ending.
+// then (lingering channels, unfinished closes) is left as it is: the process is ending. So during
+// the rest of exit (destructors of objects made before UCX was loaded) nothing sends heartbeats
+// (K3): a peer with a short peer_timeout may see this process as dead before it is.
 #include <algorithm>
 #include <atomic>
 #include <thread>
@@ -64,6 +66,10 @@ Keeper& keeper() {
   return *k;
 }
 
+// Set on the keeper's and the allocating thread: exit() called there (by a signal handler, say)
+// must not wait for their own pass (net/ucx.h, before_exit()).
+thread_local bool t_pass_thread = false;
+
 // (K4) Progresses each unfinished close; the finished ones are freed, their workers let go.
 void progress_closing(Keeper& k) {
   std::vector<Closing> now;
@@ -105,6 +111,7 @@ void progress_lingering(Keeper& k) {
 }
 
 [[noreturn]] void run() {
+  t_pass_thread = true;
   Keeper& k = keeper();
   std::vector<Watched> now_watched;
   std::int64_t next_tick = 0;  // of the watched channels and unfinished closes
@@ -211,6 +218,7 @@ Allocator& allocator() {
 }
 
 [[noreturn]] void allocate_run() {
+  t_pass_thread = true;
   Allocator& a = allocator();
   std::vector<std::weak_ptr<WorkerCore>> now;
   for (;;) {
@@ -228,7 +236,8 @@ Allocator& allocator() {
     std::vector<std::weak_ptr<WorkerCore>> again;
     {
       os::LockGuard pass(a.pass_mu);
-      // Exit began (net/ucx.h): nothing more is started; the workers are not let go here either.
+      // Exit began (net/ucx.h): before_exit() started what was queued, and nothing is posted
+      // since (the channels' own threads start their receives).
       if (exiting()) {
         now.clear();  // weak references: nothing is destroyed
         continue;
@@ -250,6 +259,10 @@ bool allocate_deferred_later(std::weak_ptr<WorkerCore> w) noexcept {
   Allocator& a = allocator();
   try {
     os::LockGuard lock(a.mu);
+    // Checked under a.mu: before_exit() stores exiting, then takes what is queued under a.mu, so
+    // a post either is in what it takes or sees exiting (then the caller falls back to its own
+    // threads, which go on receiving during the rest of exit).
+    if (exiting()) return false;
     a.queue.push_back(std::move(w));
     if (!a.started) {
       std::thread(allocate_run).detach();
@@ -266,11 +279,47 @@ bool allocate_deferred_later(std::weak_ptr<WorkerCore> w) noexcept {
 
 bool allocator_running() noexcept { return g_allocator_running.load(std::memory_order_relaxed); }
 
+namespace {
+// Takes `mu` within 2 s (1 ms steps). False: a pass did not end in that time (a thread holding a
+// lock the pass needs was stopped by the signal whose handler called exit(), say): exit goes on
+// without waiting, as it did before the handler existed.
+bool lock_within_2s(os::Mutex& mu) MBMQ_TRY_ACQUIRE(true, mu) {
+  for (int i = 0; i < 2000; ++i) {
+    if (mu.try_lock()) return true;
+    os::sleep_ns(1'000'000);
+  }
+  return false;
+}
+}  // namespace
+
 void wait_for_passes() noexcept {
+  // On the keeper's or the allocating thread itself: its own pass cannot end while it is here.
+  if (t_pass_thread) return;
   // Each lock is taken once the thread's pass in progress ended; every later pass sees exiting().
   // (The states are never destroyed; a thread never started leaves its lock free.)
-  { os::LockGuard pass(keeper().pass_mu); }
-  { os::LockGuard pass(allocator().pass_mu); }
+  Keeper& k = keeper();
+  if (lock_within_2s(k.pass_mu)) k.pass_mu.unlock();
+  // The receives already posted to the allocating thread are started here, on the exiting thread
+  // (UCX is whole until the handlers end), so that no receive waits for them during the rest of
+  // exit; the thread itself starts nothing more.
+  Allocator& a = allocator();
+  if (!lock_within_2s(a.pass_mu)) return;
+  os::LockGuard pass(a.pass_mu, os::kAdoptLock);
+  std::vector<std::weak_ptr<WorkerCore>> left;
+  {
+    os::LockGuard lock(a.mu);
+    left.swap(a.queue);
+  }
+  for (auto& weak : left)
+    if (auto w = weak.lock())
+      while (w->start_allocator_deferred()) {
+      }
+}
+
+std::size_t keeper_holds_for_test() noexcept {
+  Keeper& k = keeper();
+  os::LockGuard lock(k.mu);
+  return k.closing.size() + k.lingering.size();
 }
 
 std::uint64_t keeper_passes_for_test() noexcept {

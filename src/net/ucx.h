@@ -60,14 +60,17 @@ Status check_not_forked() noexcept;
 // True in the process that loaded UCX (false before it is loaded, and in a forked child).
 bool ucx_usable() noexcept;
 // True once the process that loaded UCX began exit() (its handler, registered at load, ran).
-// mbmq::net's own threads (the keeper, the allocating thread) stop touching UCX then: exit goes
-// on to UCX's library destructors, which free what a worker being progressed uses (net/keeper.cc,
-// "exit").
+// The two threads of mbmq::net that act on channels the application may have let go of, the
+// keeper and the allocating thread, stop touching UCX then: exit goes on to UCX's library
+// destructors, which free what a worker being progressed uses (net/keeper.cc, K6). The threads
+// that serve the application's open channels (a redirected worker's pump, a Bridge's links) stop
+// when those channels close: close them before exit (README).
 bool exiting() noexcept;
 // The exit handler itself (for tests: it is idempotent): marks the process exiting, then waits
-// for the keeper's and the allocating thread's pass in progress, if any, to end.
+// (up to 2 s each) for the keeper's and the allocating thread's pass in progress, if any, and
+// starts the receives still queued for the allocating thread.
 void before_exit() noexcept;
-// Waits for the keeper's and the allocating thread's pass in progress to end (net/keeper.cc).
+// Its second half (net/keeper.cc).
 void wait_for_passes() noexcept;
 
 }  // namespace mbmq::net::detail
