@@ -66,9 +66,10 @@ Keeper& keeper() {
   return *k;
 }
 
-// Set on the keeper's and the allocating thread: exit() called there (by a signal handler, say)
-// must not wait for their own pass (net/ucx.h, before_exit()).
-thread_local bool t_pass_thread = false;
+// Which of the two threads this is: exit() called there (by a signal handler, say) must not wait
+// for that thread's own pass (net/ucx.h, before_exit()).
+enum class PassThread { None, Keeper, Allocator };
+thread_local PassThread t_pass_thread = PassThread::None;
 
 // (K4) Progresses each unfinished close; the finished ones are freed, their workers let go.
 void progress_closing(Keeper& k) {
@@ -111,7 +112,7 @@ void progress_lingering(Keeper& k) {
 }
 
 [[noreturn]] void run() {
-  t_pass_thread = true;
+  t_pass_thread = PassThread::Keeper;
   Keeper& k = keeper();
   std::vector<Watched> now_watched;
   std::int64_t next_tick = 0;  // of the watched channels and unfinished closes
@@ -218,39 +219,40 @@ Allocator& allocator() {
 }
 
 [[noreturn]] void allocate_run() {
-  t_pass_thread = true;
+  t_pass_thread = PassThread::Allocator;
   Allocator& a = allocator();
   std::vector<std::weak_ptr<WorkerCore>> now;
+  std::vector<std::weak_ptr<WorkerCore>> again;
   for (;;) {
     const std::uint32_t seen = a.seq.load(std::memory_order_acquire);
+    bool idle = false;
     {
-      os::LockGuard lock(a.mu);
-      now.swap(a.queue);
-    }
-    if (now.empty()) {
-      (void)os::futex_wait(&a.seq, seen, 1'000'000'000);  // a post after the swap: at once
-      continue;
-    }
-    // One payload per worker per pass, the workers with more going back in the queue: a worker
-    // receiving a stream of large payloads does not starve the others.
-    std::vector<std::weak_ptr<WorkerCore>> again;
-    {
+      // The whole pass, from taking the queue to putting back the workers with more, holds
+      // pass_mu: before_exit() then finds every queued worker in the queue (none in `now` or
+      // `again` here), and a pass after it starts nothing.
       os::LockGuard pass(a.pass_mu);
-      // Exit began (net/ucx.h): before_exit() started what was queued, and nothing is posted
-      // since (the channels' own threads start their receives).
       if (exiting()) {
-        now.clear();  // weak references: nothing is destroyed
-        continue;
+        idle = true;  // (K6) before_exit() took the queue; nothing is posted since
+      } else {
+        {
+          os::LockGuard lock(a.mu);
+          now.swap(a.queue);
+        }
+        idle = now.empty();
+        // One payload per worker per pass, the workers with more going back in the queue: a
+        // worker receiving a stream of large payloads does not starve the others.
+        for (auto& weak : now)
+          if (auto w = weak.lock(); w && ucx_usable() && w->start_allocator_deferred())
+            again.push_back(weak);
+        now.clear();  // weak references only: the last strong one went with `w` above
+        if (!again.empty()) {
+          os::LockGuard lock(a.mu);
+          for (auto& weak : again) a.queue.push_back(std::move(weak));
+          again.clear();
+        }
       }
-      for (auto& weak : now)
-        if (auto w = weak.lock(); w && ucx_usable() && w->start_allocator_deferred())
-          again.push_back(weak);
     }
-    now.clear();  // weak references only: the last strong one went with `w` above
-    if (!again.empty()) {
-      os::LockGuard lock(a.mu);
-      for (auto& weak : again) a.queue.push_back(std::move(weak));
-    }
+    if (idle) (void)os::futex_wait(&a.seq, seen, 1'000'000'000);  // a post after the swap: at once
   }
 }
 }  // namespace
@@ -259,9 +261,10 @@ bool allocate_deferred_later(std::weak_ptr<WorkerCore> w) noexcept {
   Allocator& a = allocator();
   try {
     os::LockGuard lock(a.mu);
-    // Checked under a.mu: before_exit() stores exiting, then takes what is queued under a.mu, so
-    // a post either is in what it takes or sees exiting (then the caller falls back to its own
-    // threads, which go on receiving during the rest of exit).
+    // Checked under a.mu: before_exit() stores exiting, then (once the allocating thread's pass,
+    // which holds what it took from the queue, ended) takes what is queued under a.mu, so a post
+    // either is in what it takes or sees exiting (then the caller falls back to its own threads,
+    // which go on receiving during the rest of exit). Unless that pass did not end within 2 s.
     if (exiting()) return false;
     a.queue.push_back(std::move(w));
     if (!a.started) {
@@ -293,17 +296,18 @@ bool lock_within_2s(os::Mutex& mu) MBMQ_TRY_ACQUIRE(true, mu) {
 }  // namespace
 
 void wait_for_passes() noexcept {
-  // On the keeper's or the allocating thread itself: its own pass cannot end while it is here.
-  if (t_pass_thread) return;
   // Each lock is taken once the thread's pass in progress ended; every later pass sees exiting().
-  // (The states are never destroyed; a thread never started leaves its lock free.)
+  // (The states are never destroyed; a thread never started leaves its lock free.) Not on the
+  // thread itself: its own pass cannot end while it is here.
   Keeper& k = keeper();
-  if (lock_within_2s(k.pass_mu)) k.pass_mu.unlock();
+  if (t_pass_thread != PassThread::Keeper && lock_within_2s(k.pass_mu)) k.pass_mu.unlock();
   // The receives already posted to the allocating thread are started here, on the exiting thread
   // (UCX is whole until the handlers end), so that no receive waits for them during the rest of
-  // exit; the thread itself starts nothing more.
+  // exit; the thread itself starts nothing more. Each start takes its worker's lock without a
+  // bound: exit() from a signal handler that interrupted a thread holding it would hang here (as
+  // much else does when exit() is called where it is not async-signal-safe).
   Allocator& a = allocator();
-  if (!lock_within_2s(a.pass_mu)) return;
+  if (t_pass_thread == PassThread::Allocator || !lock_within_2s(a.pass_mu)) return;
   os::LockGuard pass(a.pass_mu, os::kAdoptLock);
   std::vector<std::weak_ptr<WorkerCore>> left;
   {
@@ -318,6 +322,8 @@ void wait_for_passes() noexcept {
 
 std::size_t keeper_holds_for_test() noexcept {
   Keeper& k = keeper();
+  // Between passes: a close a pass finished is let go (its worker destroyed) inside the pass.
+  os::LockGuard pass(k.pass_mu);
   os::LockGuard lock(k.mu);
   return k.closing.size() + k.lingering.size();
 }
