@@ -486,6 +486,9 @@ TEST(AsyncChannel, PeerClosedFailsEveryCallInFlight) {
   auto ch = AsyncChannel::create(*q, std::move(client), 5);
   ASSERT_TRUE(ch);
   std::vector<Buffer> bufs;
+  // Each buffer stays where it is while its call is in flight: a push_back that moved them
+  // left the calls writing their results into freed memory (ASan, CI 2026-12-02).
+  bufs.reserve(kCalls);
   std::vector<std::optional<Status>> results(kCalls);
   std::size_t done = 0;
   for (std::size_t i = 0; i < kCalls; ++i) {
@@ -527,6 +530,7 @@ TEST(AsyncChannel, CallsEndAtTheirDeadlineAndTheirBuffersComeBack) {
   auto ch = AsyncChannel::create(*q, std::move(client), 5);
   ASSERT_TRUE(ch);
   std::vector<Buffer> bufs;
+  bufs.reserve(kCalls);  // each buffer stays where it is while its call is in flight
   std::vector<std::optional<Status>> results(kCalls);
   std::size_t done = 0;
   const std::int64_t t0 = monotonic_ns();

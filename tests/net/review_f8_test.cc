@@ -49,7 +49,12 @@ TEST(ReviewF8, AWindowWaiterKeepsTheCreditItSawAndSends) {
   net::ListenOptions lo;
   lo.peer_timeout = 0ms;  // no keeper: nothing progresses the server's worker
   lo.inbox_messages = 10;
-  auto p = make_pair(lo, {});
+  // Nor the client's: its peer_timeout, sent in the hello, has the server's keeper progress the
+  // server's worker (K1) every tick, which fetched the payloads and emptied the window before A
+  // waited for it ("A never waited for the window", ASan, CI 2026-12-02).
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  auto p = make_pair(lo, co);
   ASSERT_TRUE(p);
   constexpr std::size_t kSize = 256 << 10;
   for (std::uint32_t i = 0; i < 9; ++i) {
@@ -83,7 +88,14 @@ TEST(ReviewF8, AWindowWaiterKeepsTheCreditItSawAndSends) {
   EXPECT_TRUE(*a_st) << "a send that had credit when called failed: " << a_st->error().message();
   EXPECT_FALSE(b_st) << "the second send found the credit the first had taken";
   const std::uint32_t sent = 9u + (b_st ? 1u : 0u) + (*a_st ? 1u : 0u);
-  for (std::uint32_t i = 0; i < sent; ++i) ASSERT_TRUE(p->server.receive(secs(10)));
+  // Neither end has a keeper: the client's worker must be progressed too for its payloads to be
+  // fetched, so the two are progressed in turn.
+  std::uint32_t got = 0;
+  for (const Deadline end = secs(10); got < sent && !end.expired();) {
+    (void)p->client.receive(Deadline::after(1ms));
+    if (p->server.receive(Deadline::after(1ms))) ++got;
+  }
+  EXPECT_EQ(got, sent);
 }
 
 // (2) A sender waiting for the window with WaitPolicy Sleep, while a sibling channel of the same

@@ -320,7 +320,9 @@ TEST(ReviewS6b, LingeringServerChannelOutlivesItsListenerBesideABusySibling) {
 TEST(ReviewS6b, TimedOutCallsRequestStillArrivesAfterClose) {
   net::ListenOptions lo;
   lo.peer_timeout = 0ms;  // the server busy: nothing progresses its worker for 300 ms
-  auto p = test::make_pair(lo);
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;  // nor a peer_timeout of the client's, which the server's keeper serves
+  auto p = test::make_pair(lo, co);
   ASSERT_TRUE(p);
   std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
   net::Buffer b = filled(p->client, 8u << 20, 'R');
