@@ -12,6 +12,14 @@ extern "C" const char* __lsan_default_suppressions() {
   return "leak:libucs.so\nleak:libucp.so\nleak:libuct.so\nleak:libucm.so\n";
 }
 extern "C" const char* __tsan_default_suppressions();
+// And the thread leaks TSan reports at exit for a pump thread (redirect.cc) that finished but
+// whose worker was never destroyed: since K6 (net/keeper.cc) the keeper stops at exit, so a close
+// it still held (its worker, whose destructor joins the pump) is left as it is when the process
+// ends (CI, 2026-12-02: four tests ending with such a close). A pump left running during a test
+// shows in the redirect tests' own counts (pumps_running()) and the NetBars thread counts.
 extern "C" const char* __tsan_default_suppressions() {
-  return "race:libucs.so\nrace:libucp.so\nrace:libuct.so\nrace:libucm.so\n";
+  return "race:libucs.so\nrace:libucp.so\nrace:libuct.so\nrace:libucm.so\n"
+         "thread:mbmq::net::detail::ChannelCore::redirect\n"
+         "thread:mbmq::net::detail::ListenCore::redirect\n"
+         "thread:start_pump_locked\n";
 }
