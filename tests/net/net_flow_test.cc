@@ -514,11 +514,8 @@ TEST(NetFlow, AOneWayStreamKeepsAtMostTheWindowWithTheTransport) {
 // (stalled) sends what its credit allows, and with an immediate deadline at once; everything
 // arrives in order once the receiver receives.
 TEST(NetFlow, TheWindowLetsMessagesGoToAPeerThatFetchesNothing) {
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // no keeper: nothing progresses the server's worker but receive()
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;  // nor a peer_timeout of the client's, which the server's keeper serves
-  auto p = make_pair(lo, co);
+  auto p =
+      test::make_pair_without_keepers();  // nothing progresses the server's worker but receive()
   ASSERT_TRUE(p);
   constexpr std::uint32_t kCount = 40;
   constexpr std::size_t kSize = 256 << 10;  // rendezvous: sent only as the receiver fetches it

@@ -58,6 +58,17 @@ inline std::optional<Pair> make_pair(const net::ListenOptions& lo = {},
   return Pair{std::move(*l), std::move(*s), std::move(**c)};
 }
 
+// The same with no keeper serving either end (both peer_timeouts 0, whatever lo and co say): a
+// listener's peer_timeout 0 alone is not enough, as the client's own, sent in its hello, has the
+// server's keeper progress the server's worker (K1). Nothing progresses either worker then but
+// the test's own threads (and a lingering close, K5).
+inline std::optional<Pair> make_pair_without_keepers(net::ListenOptions lo = {},
+                                                     net::ConnectOptions co = {}) {
+  lo.peer_timeout = std::chrono::milliseconds(0);
+  co.peer_timeout = std::chrono::milliseconds(0);
+  return make_pair(lo, co);
+}
+
 // A listener's accepted channel and its client, connected here (connect() on a thread while the
 // listener accepts); both empty, and a test failure, if either failed.
 struct Remote {

@@ -47,14 +47,11 @@ std::uint32_t tx_pending(ChannelCore& c) {
 // (300 ms), where before F8 it sent at once.
 TEST(ReviewF8, AWindowWaiterKeepsTheCreditItSawAndSends) {
   net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // no keeper: nothing progresses the server's worker
   lo.inbox_messages = 10;
-  // Nor the client's: its peer_timeout, sent in the hello, has the server's keeper progress the
-  // server's worker (K1) every tick, which fetched the payloads and emptied the window before A
-  // waited for it ("A never waited for the window", ASan, CI 2026-12-02).
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = make_pair(lo, co);
+  // No keeper on either end: with the client's peer_timeout, the server's keeper progressed the
+  // server's worker (K1), which fetched the payloads and emptied the window before A waited for
+  // it ("A never waited for the window", ASan, CI 2026-12-02).
+  auto p = test::make_pair_without_keepers(lo);
   ASSERT_TRUE(p);
   constexpr std::size_t kSize = 256 << 10;
   for (std::uint32_t i = 0; i < 9; ++i) {

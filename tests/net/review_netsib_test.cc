@@ -341,11 +341,7 @@ TEST(ReviewNetSib, DeferredPayloadOfAClosedChannelNeverReachesANewChannelAtItsAd
 TEST(ReviewNetSib, NoMemoryForADeferredPayloadFailsOnlyThatChannel) {
   // It caps the address space (RLIMIT_AS): a sanitizer's shadow memory cannot live with that.
   if (test::kSanitized) GTEST_SKIP() << "caps RLIMIT_AS, which a sanitizer cannot run under";
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   constexpr std::size_t kBig = 64u << 20;
   net::Buffer b = filled(p->client, kBig, 'q');
@@ -377,11 +373,7 @@ TEST(ReviewNetSib, NoMemoryForADeferredPayloadFailsOnlyThatChannel) {
 // after run_until_counted has decided verdict 0 (the deadline). A deferred payload could be left
 // deferred once the deadline has passed; it is not.
 TEST(ReviewNetSib, OwnReceiveDeadlineHoldsWhileItsLargePayloadIsDeferred) {
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   constexpr std::size_t kBig = 64u << 20;
   std::atomic<bool> stop{false};
@@ -614,11 +606,7 @@ TEST(ReviewNetSib, SmallGrantWithKeptPlacesNeverStalls) {
 // progressed: no keeper, its thread idle): a 300 ms deadline is honoured, and a close() of the
 // channel from another thread ends a receive(5 s) waiting there promptly.
 TEST(ReviewNetSib, ReceiveBehindAnUnfetchablePayloadHonoursDeadlineAndLocalClose) {
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   Status s = p->client.send(filled(p->client, 8u << 20, 'e'), secs(10));
   ASSERT_TRUE(s) << s.error().message();

@@ -300,11 +300,7 @@ TEST(NetSpares, AFullWindowOfMegabyteMessagesKeepsEveryVector) {
   constexpr std::size_t kOut = net::kDefaultInboxBytes / kMiB;  // the default grant's window: 16
   // No keeper (peer_timeout 0): only this test's threads progress the workers and touch their
   // spares, so the unlocked held_bytes() below reads what this thread's progress wrote.
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   for (std::size_t i = 0; i < kOut; ++i)  // within the grant: none waits for credit
     ASSERT_TRUE(p->client.send(filled(p->client, kMiB, 'w'))) << i;

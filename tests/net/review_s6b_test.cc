@@ -150,11 +150,7 @@ TEST(ReviewS6bHelper, DISABLED_KeeperStopsTouchingUcxAtExit) {
   if (std::getenv("MBMQ_NET_HELPER") == nullptr) GTEST_SKIP() << "a helper of AtExitTheKeeper...";
   ASSERT_FALSE(net::detail::ucx_usable()) << "UCX was loaded before the helper's handler";
   ASSERT_EQ(std::atexit(check_keeper_stopped_at_exit), 0);
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   Status s = p->client.send(filled(p->client, 8u << 20, 'e'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
@@ -199,11 +195,7 @@ TEST(ReviewS6b, AtExitTheKeeperStopsTouchingUcxBeforeItsDestructorsRun) {
 // stop with it.
 TEST(ReviewS6b, LingerEndsAt10sWithNoPeerTimeoutAndTheTicksStop) {
   if (test::kSanitized) GTEST_SKIP() << "a 10 s wait, for a bound on time (Release runs it)";
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
   Status s = p->client.send(filled(p->client, 8u << 20, 'q'), secs(10));
@@ -318,11 +310,7 @@ TEST(ReviewS6b, LingeringServerChannelOutlivesItsListenerBesideABusySibling) {
 // the request still reaches the server when it comes back; its reply finds no caller; then
 // PeerClosed. (One thread per Channel: net.h.)
 TEST(ReviewS6b, TimedOutCallsRequestStillArrivesAfterClose) {
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // the server busy: nothing progresses its worker for 300 ms
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;  // nor a peer_timeout of the client's, which the server's keeper serves
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();  // the server busy: nothing progresses its worker
   ASSERT_TRUE(p);
   std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
   net::Buffer b = filled(p->client, 8u << 20, 'R');
@@ -357,11 +345,7 @@ TEST(ReviewS6b, TimedOutCallsRequestStillArrivesAfterClose) {
 // size with a spare (not deferred). A lost wake-up after the allocating thread started the receive
 // costs a 20 ms wait_events() cap (or the deadline) each time.
 TEST(ReviewS6b, PollerIsWokenForADeferredPayload) {
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  auto p = test::make_pair(lo, co);
+  auto p = test::make_pair_without_keepers();
   ASSERT_TRUE(p);
   const char* mode = std::getenv("S6B_SPIN");
   p->server.set_wait_policy(WaitPolicy{mode != nullptr ? WaitMode::Spin : WaitMode::Sleep, {}});
