@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -89,6 +90,8 @@ TEST(Tool, ArgumentErrorsExitTwoAndSayWhy) {
       {"bench", "--stream", "--channels", "4"},               // one or the other
       {"bench", "--stream", "--no-touch"},                    // the stream reads every byte
       {"bench", "--stream", "--mechanisms", "raw-spin"},      // not a stream mechanism
+      {"bench", "--rounds", "3"},                             // only with --stream
+      {"bench", "--stream", "--rounds", "0"},
       {"bench", "--fanout", "0"},
       {"bench", "--fanout", "65"},
       {"bench", "--fanout", "2", "--stream"},                  // one or the other
@@ -278,6 +281,41 @@ TEST(Tool, StreamRowsVerifyEveryMessageAndCarryTheFields) {
     EXPECT_TRUE(q["mbmq_stream_over_raw_spsc"].is_number()) << q;
     EXPECT_TRUE(q["mbmq_stream_over_raw_spsc_64"].is_number()) << q;
     EXPECT_TRUE(q["mbmq_stream_over_uds"].is_number()) << q;
+  }
+}
+
+// --rounds: every cell once per round, interleaved; a row carries every round's windows and each
+// round's median, and each ratio is the median of the per-round ratios listed beside it.
+TEST(Tool, StreamRoundsAreInterleavedAndRatiosAreTheMedianOfTheRounds) {
+  ToolRun r = run({"bench", "--stream", "--json", "--rounds", "3", "--seconds", "0.1", "--sizes",
+                   "64", "--mechanisms", "raw-spsc,mbmq-stream,uds"});
+  ASSERT_EQ(r.code, 0) << r.err << r.out.substr(0, 2000);
+  auto doc = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(doc.is_discarded()) << r.out.substr(0, 500);
+  EXPECT_EQ(doc["rounds"], 3);
+  std::map<std::string, std::vector<double>> rounds;
+  for (const auto& res : doc["results"]) {
+    const std::string m = res["mechanism"].get<std::string>();
+    ASSERT_FALSE(res.contains("error")) << m << ": " << res["error"];
+    EXPECT_EQ(res["window_msgs_per_s"].size(), 15u) << m;  // 5 windows x 3 rounds
+    ASSERT_EQ(res["round_msgs_per_s"].size(), 3u) << m;
+    rounds[m] = res["round_msgs_per_s"].get<std::vector<double>>();
+    for (double v : rounds[m]) EXPECT_GT(v, 0) << m;
+  }
+  ASSERT_EQ(rounds.size(), 3u);
+  ASSERT_EQ(doc["ratios"].size(), 1u);
+  const auto& q = doc["ratios"][0];
+  for (const char* base : {"raw-spsc", "uds"}) {
+    const std::string key =
+        std::string("mbmq_stream_over_") + (base == std::string("uds") ? "uds" : "raw_spsc");
+    const auto per_round = q["per_round"][key].get<std::vector<double>>();
+    ASSERT_EQ(per_round.size(), 3u) << key;
+    for (std::size_t i = 0; i < 3; ++i)
+      EXPECT_NEAR(per_round[i], rounds["mbmq-stream"][i] / rounds[base][i], 1e-9 * per_round[i])
+          << key << " round " << i;
+    std::vector<double> sorted = per_round;
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_NEAR(q[key].get<double>(), sorted[1], 1e-12 * sorted[1]) << key;
   }
 }
 

@@ -132,6 +132,9 @@ struct Options {
   std::size_t max_samples = 2'000'000;
   std::uint64_t fixed_rtts = 0;  // > 0: exactly this many measured round trips, 10 warm-up
   bool pin = true;
+  // --stream: interleaved rounds (every mechanism once per round, in order); ratios are the
+  // median of the per-round ratios, so a baseline's drift between cells does not decide them.
+  int rounds = 1;
 };
 
 struct CellResult {

@@ -198,14 +198,23 @@ bool failed_any(const std::vector<R>& results) {
 int run_stream(const std::string& only, const Options& opt, Output out) {
   std::vector<StreamMechanism> mechs = stream_mechanisms();
   if (!select_mechanisms(mechs, only)) return 2;
-  Progress progress(mechs.size() * opt.sizes.size(), opt);
-  std::vector<StreamResult> results;
-  for (std::size_t size : opt.sizes) {
-    for (auto& m : mechs) {
-      progress.step(m.name + " " + human_size(size));
-      results.push_back(run_stream_cell(m, size, opt));
+  const auto rounds = static_cast<std::size_t>(opt.rounds);
+  Progress progress(rounds * mechs.size() * opt.sizes.size(), opt);
+  // per_cell[i]: the rounds of cell i (sizes outer, mechanisms inner), interleaved: every cell
+  // once per round, so drift between rounds hits every row alike.
+  std::vector<std::vector<StreamResult>> per_cell(mechs.size() * opt.sizes.size());
+  for (std::size_t round = 0; round < rounds; ++round) {
+    std::size_t i = 0;
+    for (std::size_t size : opt.sizes) {
+      for (auto& m : mechs) {
+        progress.step(m.name + " " + human_size(size) +
+                      (rounds > 1 ? " round " + std::to_string(round + 1) : std::string()));
+        per_cell[i++].push_back(run_stream_cell(m, size, opt));
+      }
     }
   }
+  std::vector<StreamResult> results;
+  for (const auto& cell : per_cell) results.push_back(merge_rounds(cell));
   progress.clear();
   if (out == Output::Json)
     std::printf("%s\n", stream_json(results, opt).c_str());
@@ -428,6 +437,12 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
     app.add_option("--messages", messages,
                    "--fanout: measured messages per cell (default 2000, 1000 from 1 MiB)")
         ->check(CLI::Range(1, 1000000));
+  int rounds = 1;
+  if (!copies_mode)
+    app.add_option("--rounds", rounds,
+                   "--stream: interleaved rounds of every cell; ratios are the median of the "
+                   "per-round ratios (default 1)")
+        ->check(CLI::Range(1, 100));
   app.add_flag("--no-pin", no_pin, "do not pin client and server to CPUs 0 and 1");
   app.add_flag("--no-touch", no_touch, "write and read 8 bytes of the payload, not all of it");
   app.add_flag("--no-strace", no_strace, "skip counting system calls with strace");
@@ -475,6 +490,11 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   }
   opt.seconds_per_cell = quick ? (stream ? 0.3 : 0.2) : seconds;
   opt.pin = !no_pin;
+  opt.rounds = rounds;
+  if (rounds != 1 && !stream) {
+    (void)std::fprintf(stderr, "--rounds: only with --stream\n");
+    return 2;
+  }
   opt.fixed_rtts = fixed;
   g_work.touch = !no_touch;
   g_work.corrupt = corrupt;

@@ -407,6 +407,43 @@ StreamResult run_stream_cell(StreamMechanism& m, std::size_t size, const Options
   r.allocs_per_msg = static_cast<double>(c.allocs) / cn + static_cast<double>(p.allocs) / pn;
   r.cpu_ns_per_msg = static_cast<double>(c.cpu_ns) / cn + static_cast<double>(p.cpu_ns) / pn;
   if (m.counts_retries) r.retries_per_msg = static_cast<double>(p.retries) / pn;
+  r.round_msgs_per_s = {r.median()};
+  return r;
+}
+
+StreamResult merge_rounds(const std::vector<StreamResult>& rounds) {
+  if (rounds.empty()) return {};
+  StreamResult r = rounds.front();
+  if (rounds.size() == 1) return r;
+  for (const StreamResult& x : rounds)
+    if (!x.error.empty()) {
+      r = x;  // the first failed round's row: its error is the row's
+      return r;
+    }
+  const auto n = static_cast<double>(rounds.size());
+  auto mean = [&](auto field) {
+    double sum = 0;
+    for (const StreamResult& x : rounds) sum += field(x);
+    return sum / n;
+  };
+  r.window_msgs_per_s.clear();
+  r.round_msgs_per_s.clear();
+  r.verified = 0;
+  for (const StreamResult& x : rounds) {
+    r.window_msgs_per_s.insert(r.window_msgs_per_s.end(), x.window_msgs_per_s.begin(),
+                               x.window_msgs_per_s.end());
+    r.round_msgs_per_s.push_back(x.median());
+    r.verified += x.verified;
+  }
+  r.cpu_ns_per_msg = mean([](const StreamResult& x) { return x.cpu_ns_per_msg; });
+  r.producer_syscalls = mean([](const StreamResult& x) { return x.producer_syscalls; });
+  r.consumer_syscalls = mean([](const StreamResult& x) { return x.consumer_syscalls; });
+  if (r.syscalls_per_msg)
+    r.syscalls_per_msg = mean([](const StreamResult& x) { return x.syscalls_per_msg.value_or(0); });
+  if (r.allocs_per_msg)
+    r.allocs_per_msg = mean([](const StreamResult& x) { return x.allocs_per_msg.value_or(0); });
+  if (r.retries_per_msg)
+    r.retries_per_msg = mean([](const StreamResult& x) { return x.retries_per_msg.value_or(0); });
   return r;
 }
 

@@ -175,7 +175,8 @@ int iceoryx_stream_main(const std::vector<std::string>& args);
 struct StreamResult {
   std::string mechanism;
   std::size_t size = 0;
-  std::vector<double> window_msgs_per_s;  // one per window, in order
+  std::vector<double> window_msgs_per_s;  // one per window, in order (every round's)
+  std::vector<double> round_msgs_per_s;   // each round's median window, in order
   std::uint64_t verified = 0;
   std::optional<double> syscalls_per_msg, allocs_per_msg, retries_per_msg;
   double producer_syscalls = 0, consumer_syscalls = 0;  // per message, when os_counted
@@ -188,6 +189,9 @@ struct StreamResult {
 };
 
 StreamResult run_stream_cell(StreamMechanism& m, std::size_t size, const Options& opt);
+// One mechanism and size over several rounds (in order): the windows of every round, each
+// round's median, per-message counters averaged over the rounds; the first error, if any.
+StreamResult merge_rounds(const std::vector<StreamResult>& rounds);
 
 // Reporting (stream_report.cc): the table with the ratios mbmq-stream / raw-spsc and / uds.
 void print_stream_table(const std::vector<StreamResult>& rs,

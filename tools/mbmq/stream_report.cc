@@ -1,5 +1,6 @@
 // tools/mbmq/stream_report.cc: what `mbmq bench --stream` prints: the table (msgs/s per row and
 // the ratios mbmq-stream / raw-spsc and mbmq-stream / uds at each size) and the JSON document.
+#include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -17,13 +18,46 @@ const StreamResult* find(const std::vector<StreamResult>& rs, const std::string&
   return nullptr;
 }
 
-// a's median msgs/s over b's at the same size; none if either row failed.
-std::optional<double> ratio(const std::vector<StreamResult>& rs, const std::string& a,
-                            const std::string& b, std::size_t size) {
+// a's msgs/s over b's at the same size, per round in order (each round's median windows, the two
+// cells of one round side by side); empty if either row failed.
+std::vector<double> round_ratios(const std::vector<StreamResult>& rs, const std::string& a,
+                                 const std::string& b, std::size_t size) {
   const StreamResult* x = find(rs, a, size);
   const StreamResult* y = find(rs, b, size);
-  if (x == nullptr || y == nullptr || y->median() <= 0) return std::nullopt;
-  return x->median() / y->median();
+  std::vector<double> out;
+  if (x == nullptr || y == nullptr) return out;
+  const std::size_t n = std::min(x->round_msgs_per_s.size(), y->round_msgs_per_s.size());
+  for (std::size_t i = 0; i < n; ++i)
+    if (y->round_msgs_per_s[i] > 0) out.push_back(x->round_msgs_per_s[i] / y->round_msgs_per_s[i]);
+  return out;
+}
+
+// The median of the per-round ratios (one round: a's median msgs/s over b's); none if either row
+// failed.
+std::optional<double> ratio(const std::vector<StreamResult>& rs, const std::string& a,
+                            const std::string& b, std::size_t size) {
+  std::vector<double> v = round_ratios(rs, a, b, size);
+  if (v.empty()) return std::nullopt;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 == 1 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+// "0.52x" or, over several rounds, "0.52x (0.31-0.88x, 7/9 >= 0.5x)" with `bar` > 0.
+std::string ratio_text(const std::vector<StreamResult>& rs, const std::string& a,
+                       const std::string& b, std::size_t size, double bar) {
+  std::vector<double> v = round_ratios(rs, a, b, size);
+  std::sort(v.begin(), v.end());
+  const std::optional<double> m = ratio(rs, a, b, size);
+  char s[96];
+  if (!m) return "-";
+  if (v.size() == 1) {
+    (void)std::snprintf(s, sizeof s, "%.3fx", *m);
+    return s;
+  }
+  const auto met = std::count_if(v.begin(), v.end(), [&](double x) { return x >= bar; });
+  (void)std::snprintf(s, sizeof s, "%.3fx (%.2f-%.2fx, %td/%zu >= %gx)", *m, v.front(),
+                      v.back(), met, v.size(), bar);
+  return s;
 }
 
 std::string num(const std::optional<double>& v, const char* fmt = "%.2f") {
@@ -74,15 +108,25 @@ void print_stream_table(const std::vector<StreamResult>& rs,
                 num(r.syscalls_per_msg, "%.3f").c_str(), num(r.allocs_per_msg).c_str(),
                 r.cpu_ns_per_msg, num(r.retries_per_msg, "%.3f").c_str());
   }
-  std::printf("\nmbmq-stream / raw-spsc, / raw-spsc-64 and / uds (median msgs/s, this run):\n");
-  for (std::size_t size : sizes_of(rs))
-    std::printf("  %8s   / raw-spsc %8s   / raw-spsc-64 %8s   / uds %8s\n",
-                human_size(size).c_str(),
-                num(ratio(rs, kStream, "raw-spsc", size), "%.3fx").c_str(),
-                num(ratio(rs, kStream, "raw-spsc-64", size), "%.3fx").c_str(),
-                num(ratio(rs, kStream, "uds", size), "%.3fx").c_str());
+  if (opt.rounds > 1)
+    std::printf(
+        "\nmbmq-stream / raw-spsc, / raw-spsc-64 and / uds: the median of %d interleaved "
+        "rounds' ratios (each round's\ncells side by side), their range, and the rounds at or "
+        "over #14's bars (0.5x raw-spsc, 10x uds):\n",
+        opt.rounds);
+  else
+    std::printf("\nmbmq-stream / raw-spsc, / raw-spsc-64 and / uds (median msgs/s, this run):\n");
+  for (std::size_t size : sizes_of(rs)) {
+    std::printf("  %8s   / raw-spsc %s\n", human_size(size).c_str(),
+                ratio_text(rs, kStream, "raw-spsc", size, 0.5).c_str());
+    std::printf("  %8s   / raw-spsc-64 %s\n", "",
+                ratio_text(rs, kStream, "raw-spsc-64", size, 0.5).c_str());
+    std::printf("  %8s   / uds %s\n", "", ratio_text(rs, kStream, "uds", size, 10).c_str());
+  }
   std::printf(
-      "\nx spsc, x uds: the row's median msgs/s over raw-spsc's and uds's at the same size.\n"
+      "\nx spsc, x uds: the row's median msgs/s over raw-spsc's and uds's at the same size "
+      "(over rounds: the median of\n  the per-round ratios); msgs/s, min, max: over every "
+      "round's windows.\n"
       "sys/msg: system calls per message, both processes, counted by mbmq's os/ layer (-: a "
       "third-party library,\n  not counted). allocs: operator new calls per message on both "
       "sides' threads. cpu ns: CPU time per message,\n  both processes, all threads. retries: "
@@ -102,6 +146,7 @@ std::string stream_json(const std::vector<StreamResult>& rs, const Options& opt)
     j["msgs_per_s_min"] = ok ? json(r.min()) : json();
     j["msgs_per_s_max"] = ok ? json(r.max()) : json();
     j["window_msgs_per_s"] = r.window_msgs_per_s;
+    j["round_msgs_per_s"] = r.round_msgs_per_s;
     j["mb_per_s"] = ok ? json(r.mb_per_s()) : json();
     j["syscalls_per_msg"] = opt_json(r.syscalls_per_msg);
     j["syscalls_method"] = r.syscalls_per_msg ? "os-layer counters" : "";
@@ -122,12 +167,17 @@ std::string stream_json(const std::vector<StreamResult>& rs, const Options& opt)
         {{"size", size},
          {"mbmq_stream_over_raw_spsc", opt_json(ratio(rs, kStream, "raw-spsc", size))},
          {"mbmq_stream_over_raw_spsc_64", opt_json(ratio(rs, kStream, "raw-spsc-64", size))},
-         {"mbmq_stream_over_uds", opt_json(ratio(rs, kStream, "uds", size))}});
+         {"mbmq_stream_over_uds", opt_json(ratio(rs, kStream, "uds", size))},
+         {"per_round",
+          {{"mbmq_stream_over_raw_spsc", round_ratios(rs, kStream, "raw-spsc", size)},
+           {"mbmq_stream_over_raw_spsc_64", round_ratios(rs, kStream, "raw-spsc-64", size)},
+           {"mbmq_stream_over_uds", round_ratios(rs, kStream, "uds", size)}}}});
   json doc = {{"mode", "stream"},
               {"results", results},
               {"ratios", ratios},
               {"machine", {{"cpus", cpus()}, {"pinned", opt.pin && cpus() >= 2}}},
               {"seconds_per_cell", opt.seconds_per_cell},
+              {"rounds", opt.rounds},
               {"windows", kStreamWindows}};
   return doc.dump(2);
 }
