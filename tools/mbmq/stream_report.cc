@@ -55,8 +55,8 @@ std::string ratio_text(const std::vector<StreamResult>& rs, const std::string& a
     return s;
   }
   const auto met = std::count_if(v.begin(), v.end(), [&](double x) { return x >= bar; });
-  (void)std::snprintf(s, sizeof s, "%.3fx (%.2f-%.2fx, %td/%zu >= %gx)", *m, v.front(),
-                      v.back(), met, v.size(), bar);
+  (void)std::snprintf(s, sizeof s, "%.3fx (%.2f-%.2fx, %td/%zu >= %gx)", *m, v.front(), v.back(),
+                      met, v.size(), bar);
   return s;
 }
 
