@@ -341,7 +341,10 @@ TEST(NetRedirect, SixtyFourRemoteChannelsCostOneThreadAndAreAllServed) {
   auto q = MsgQueue::create();
   ASSERT_TRUE(q);
   net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // no keeper ticks here: only the pump progresses
+  // Neither end has a peer_timeout, so no keeper progresses any worker here once its HelloAck has
+  // left (the keeper's handshake ticks do until then, N4): the listener's worker is progressed
+  // by connect_one()'s accept() and then only by the pump, each client's by its own calls.
+  lo.peer_timeout = 0ms;
   net::ConnectOptions co;
   co.peer_timeout = 0ms;
   auto l = net::listen("ucx://127.0.0.1:0/svc", lo);

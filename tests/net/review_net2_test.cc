@@ -48,7 +48,10 @@ std::int64_t now_ns() { return mbmq::monotonic_ns(); }
 // each should wake its receiver well under the 20 ms safety cap (the point of W1-W3).
 TEST(ReviewNet2, SharedWorkerWakeLatencyUnderCap) {
   net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // no keeper progress: only the waiters progress the worker
+  // Both peer_timeouts 0: no keeper progresses either end (a client's peer_timeout, sent in its
+  // hello, would have the keeper progress the listener's worker, K1): only the waiters below
+  // progress the listener's worker.
+  lo.peer_timeout = 0ms;
   net::ConnectOptions co;
   co.peer_timeout = 0ms;
   auto m = make_many(4, lo, co);
@@ -116,7 +119,7 @@ TEST(ReviewNet2, LingeringCloseOnSharedWorkerDelaysSiblingReceivers) {
   net::ListenOptions lo;
   lo.peer_timeout = 0ms;
   net::ConnectOptions co;
-  co.peer_timeout = 0ms;  // client 0's worker is progressed by no one (no keeper either)
+  co.peer_timeout = 0ms;  // both 0: no keeper progresses client 0's worker; nobody else does
   auto m = make_many(3, lo, co);
   ASSERT_TRUE(m);
   for (auto& s : m->server) s.set_wait_policy({WaitMode::Sleep, {}});
@@ -344,10 +347,13 @@ TEST(ReviewNet2, IdleGenSleepersDoNotChurn) {
 }
 
 // accept() returned once the hello was answered, but the HelloAck could still be queued in the
-// listener's worker (the server's endpoint still wiring up): with peer_timeout 0 (no keeper) and
-// a server that does not touch the channel (or the listener) at once, the client's connect()
-// timed out (about 1 run in 3).
-// Fixed: accept() hands a channel out only once its HelloAck's send has completed (N4).
+// listener's worker (the server's endpoint still wiring up): with peer_timeout 0 on both ends (no
+// keeper progressing the listener's worker once the channel is accepted) and a server that does
+// not touch the channel (or the listener) at once, the client's connect() timed out (about 1 run
+// in 3).
+// Fixed: accept() hands a channel out only once its HelloAck's send has completed (N4); until
+// then the keeper's handshake tick progresses the listener's worker too (N4), whatever the
+// peer_timeouts.
 TEST(ReviewNet2, AcceptReturnsOnlyOnceTheHelloAckHasLeft) {
   net::ListenOptions lo;
   lo.peer_timeout = 0ms;
@@ -362,8 +368,9 @@ TEST(ReviewNet2, AcceptReturnsOnlyOnceTheHelloAckHasLeft) {
   std::jthread t([&] {
     net::ConnectOptions co;
     co.peer_timeout = 0ms;
-    // 5 s: a loaded CI machine under ASan; a HelloAck left queued still fails it (nobody
-    // progresses the listener's worker before this thread is joined)
+    // 5 s: a loaded CI machine under ASan. Both peer_timeouts 0: once accept() has returned,
+    // nothing but the keeper's handshake tick (N4: only while the HelloAck has not left)
+    // progresses the listener's worker before this thread is joined
     c.emplace(net::connect(url(l->port()), Deadline::after(5000ms), co));
   });
   auto s = l->accept(secs(10));
@@ -696,7 +703,8 @@ TEST(ReviewNet2, DISABLED_PollerBesideSpinnerGetsLargeMessagesWithoutCap) {
   std::thread spinner([&] {
     while (!stop.load()) (void)m->server[1].receive(Deadline::after(100ms));
   });
-  // The client's worker must be progressed too (peer_timeout 0: no keeper) for a large send to go.
+  // The client's worker must be progressed too (both peer_timeouts 0: no keeper progresses it)
+  // for a large send to go.
   std::thread client_rx([&] {
     while (!stop.load()) (void)m->client[0].receive(Deadline::after(100ms));
   });

@@ -89,7 +89,11 @@ int wait_for(pid_t pid, std::chrono::milliseconds limit) {
 TEST(ReviewS6bHelper, DISABLED_ClientThatExitsWhileLingering) {
   const char* u = std::getenv("MBMQ_NET_URL");
   if (u == nullptr) GTEST_SKIP() << "a helper of ExitWithALingeringChannel";
-  auto ch = net::connect(u, secs(10));
+  // No peer_timeout here either: ours, sent in the hello, would have the server's keeper
+  // progress the server's worker (K1) and fetch the 8 MiB, and the channel might not linger.
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  auto ch = net::connect(u, secs(10), co);
   ASSERT_TRUE(ch) << ch.error().message();
   std::this_thread::sleep_for(300ms);  // the server stops progressing its worker meanwhile
   Status s = ch->send(filled(*ch, 8u << 20, 'x'), secs(10));
@@ -104,7 +108,8 @@ TEST(ReviewS6bHelper, DISABLED_ClientThatExitsWhileLingering) {
 // linger does not hold up exit), five times.
 TEST(ReviewS6b, ExitWithALingeringChannelIsClean) {
   net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // no keeper here: the helper's 8 MiB is never fetched
+  // No keeper here (the helper's peer_timeout is 0 too): the helper's 8 MiB is never fetched.
+  lo.peer_timeout = 0ms;
   auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
   ASSERT_TRUE(l) << l.error().message();
   const std::string env = "MBMQ_NET_URL=" + url(l->port());
@@ -254,13 +259,19 @@ TEST(ReviewS6b, SeveralLargeSendsBeforeCloseArriveInOrder) {
   EXPECT_EQ(end->kind, Kind::PeerClosed);
 }
 
-// (K5) A server channel on the listener's shared worker lingers (its client is busy, no keeper on
-// the client); the listener is destroyed meanwhile and a sibling channel keeps calling. The
-// sibling is served throughout; the client, once back, gets the message then PeerClosed.
+// (K5) A server channel on the listener's shared worker lingers (its client is busy); the
+// listener is destroyed meanwhile and a sibling channel keeps calling. The sibling is served
+// throughout; the client, once back, gets the message then PeerClosed.
+// Caveat (read in the code, not measured): the client's own peer_timeout is 0, but the
+// listener's (the default 10 s), sent in its HelloAck, has the keeper watch client 0's channel
+// too, and progress its worker every tick (K1): client 0 is not idle, and may fetch the 8 MiB
+// within server 0's close() (100 ms), and then server 0 does not linger at all (`lingered` is
+// printed, not checked). Both peer_timeouts 0 would keep client 0 idle, but then no keeper would
+// watch the server's channels (kept as it is: every check here passes either way).
 TEST(ReviewS6b, LingeringServerChannelOutlivesItsListenerBesideABusySibling) {
-  net::ListenOptions lo;  // keepers on the listener's side
+  net::ListenOptions lo;  // keepers on the listener's side (and so on the clients' too)
   net::ConnectOptions co;
-  co.peer_timeout = 0ms;  // nothing progresses client 0 while it is "busy"
+  co.peer_timeout = 0ms;  // no K2 of the clients' own; the listener's 10 s still has K1 (above)
   auto m = make_many(2, lo, co);
   ASSERT_TRUE(m);
   std::weak_ptr<net::detail::ChannelCore> core = test::core_of(m->server[0]);

@@ -290,9 +290,15 @@ TEST(ReviewZero, AGrownRequestsReplyIsZeroedForASibling) {
 // the sending channel, whose bytes they are: a sibling's buffer() gets it zeroed.
 TEST(ReviewZero, AForceClosedChannelsCancelledSendIsZeroedForASibling) {
   constexpr std::size_t kBig = 8 * kMiB;
-  auto m = make_many(2, {}, {});
+  // Both peer_timeouts 0: with either, the keeper would progress the clients' workers too (K1;
+  // the listener's peer_timeout reaches the clients in its HelloAck), and client 0 could fetch.
+  net::ListenOptions lo;
+  lo.peer_timeout = 0ms;
+  net::ConnectOptions co;
+  co.peer_timeout = 0ms;
+  auto m = make_many(2, lo, co);
   ASSERT_TRUE(m);
-  // Sent, not fetched (the client's worker is not progressed): UCX holds the vector.
+  // Sent, not fetched (nothing progresses client 0's worker): UCX holds the vector.
   ASSERT_TRUE(m->server[0].send(filled(m->server[0], kBig, 'S'), secs(10)));
   auto core = test::core_of(m->server[0]);
   {
