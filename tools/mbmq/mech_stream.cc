@@ -267,7 +267,10 @@ struct MbmqProducer {
   Channel& ch;
   StreamProducer& p;
   // Fills `bufs` with buffers of p.size() bytes, waiting for the first; how many (0: stop).
+  // First without waiting: a deadline reads the clock (a vDSO call, ~5% of the producer's time per
+  // batch of 32 at 64 B), needed only when there is no room.
   Result<std::size_t> acquire(std::span<Buffer> bufs) {
+    if (auto n = ch.buffers(p.size(), bufs, Deadline::immediate())) return *n;
     for (;;) {
       auto n = ch.buffers(p.size(), bufs, Deadline::after(std::chrono::milliseconds(100)));
       if (n) return *n;
