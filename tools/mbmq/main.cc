@@ -491,7 +491,7 @@ int run_bench(const std::vector<std::string>& argv_rest, bool copies_mode,
   opt.seconds_per_cell = quick ? (stream ? 0.3 : 0.2) : seconds;
   opt.pin = !no_pin;
   opt.rounds = rounds;
-  if (rounds != 1 && !stream) {
+  if (app.count("--rounds") > 0 && !stream) {
     (void)std::fprintf(stderr, "--rounds: only with --stream\n");
     return 2;
   }

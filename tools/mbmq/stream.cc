@@ -261,7 +261,9 @@ double StreamResult::median() const {
   if (window_msgs_per_s.empty()) return 0;
   std::vector<double> v = window_msgs_per_s;
   std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  // Even counts (--rounds 2: 10 windows) the mean of the two middle ones, as the ratios' median.
+  const std::size_t h = v.size() / 2;
+  return v.size() % 2 == 1 ? v[h] : (v[h - 1] + v[h]) / 2;
 }
 double StreamResult::min() const {
   return window_msgs_per_s.empty() ? 0 : *std::ranges::min_element(window_msgs_per_s);
