@@ -390,4 +390,118 @@ struct RawClient : RawEnd {
   }
 };
 
+// A server speaking raw UCX (its own worker of this process's context), of one client (a second
+// connection is rejected): records the AMs it gets (header only; a payload is never fetched),
+// answers what the test says. Its worker is progressed only by its own calls (start() and its
+// waits, progress_for(), RawEnd's send() and finish()): between them it is silent, its TCP
+// connection up (a frozen peer, to the client).
+struct RawServer : RawEnd {
+  ucp_listener_h lis = nullptr;
+  std::uint16_t port = 0;
+  std::vector<net::detail::WireHeader> got;  // under w->mu
+
+  // Listens on 127.0.0.1 (any free port: `port`). `on_am` (its arg this RawServer), if given,
+  // handles the AMs instead of recording them.
+  bool start(ucp_am_recv_callback_t on_am = nullptr) {
+    if (!make_worker()) return false;
+    os::LockGuard lock(w->mu);
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.id = net::detail::kAmId;
+    hp.cb = on_am != nullptr ? on_am : record;
+    hp.arg = this;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    if (u->ucp_worker_set_am_recv_handler(w->worker, &hp) != UCS_OK) return false;
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    (void)inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    ucp_listener_params_t p{};
+    p.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+    p.sockaddr.addrlen = sizeof sa;
+    p.conn_handler.cb = [](ucp_conn_request_h req, void* arg) {
+      auto* self = static_cast<RawServer*>(arg);
+      if (self->ep != nullptr) return (void)self->u->ucp_listener_reject(self->lis, req);
+      ucp_ep_params_t ep_params{};
+      ep_params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST |
+                             UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep_params.conn_request = req;
+      ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep_params.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};  // the client closing
+      (void)self->u->ucp_ep_create(self->w->worker, &ep_params, &self->ep);
+    };
+    p.conn_handler.arg = this;
+    if (u->ucp_listener_create(w->worker, &p, &lis) != UCS_OK) return false;
+    ucp_listener_attr_t a{};
+    a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    if (u->ucp_listener_query(lis, &a) != UCS_OK) return false;
+    sockaddr_in bound{};
+    std::memcpy(&bound, &a.sockaddr, sizeof bound);
+    port = ntohs(bound.sin_port);
+    return true;
+  }
+  void progress_for(std::chrono::milliseconds d) { RawEnd::progress_for(d, 100'000); }
+  // What it received so far (headers), without progressing its worker.
+  std::vector<net::detail::WireHeader> received() {
+    os::LockGuard lock(w->mu);
+    return got;
+  }
+  // The first header of `kind` received, waiting (progressing) up to 5 s.
+  std::optional<net::detail::WireHeader> wait_for(net::detail::WireKind kind) {
+    for (Deadline d = secs(5); !d.expired();) {
+      {
+        os::LockGuard lock(w->mu);
+        (void)u->ucp_worker_progress(w->worker);
+        for (const net::detail::WireHeader& h : got)
+          if (h.kind == static_cast<std::uint8_t>(kind)) return h;
+      }
+      os::sleep_ns(100'000);
+    }
+    return std::nullopt;
+  }
+  // An mbmq::net client of this raw server: its hello answered with HelloAck (grant {1000,
+  // 4 GiB - 1}, limit 64 MiB, seq 0: no peer_timeout), progressing until connect() returns.
+  Result<net::Channel> connect_client(const net::ConnectOptions& co) {
+    namespace d = net::detail;
+    std::optional<Result<net::Channel>> c;
+    std::atomic<bool> done{false};
+    std::thread t([&] {
+      c.emplace(net::connect(url(port), secs(5), co));
+      done.store(true);
+    });
+    void* r = nullptr;
+    // Both read by UCX until finish(r): alive until then.
+    const d::Grant g{1000, 0xffffffffu};
+    const d::WireHeader ack{
+        d::kMagic, d::kVersion, static_cast<std::uint8_t>(d::WireKind::HelloAck), 0, 0, 64u << 20};
+    if (wait_for(d::WireKind::Hello)) {
+      r = send(ack, &g, sizeof g);
+      for (Deadline until = secs(5); !until.expired() && !done.load();)
+        progress_for(std::chrono::milliseconds(1));
+    }
+    t.join();
+    finish(r);
+    return std::move(*c);
+  }
+  ~RawServer() {
+    if (w == nullptr) return;
+    os::LockGuard lock(w->mu);
+    if (ep != nullptr) close_ep_locked();
+    if (lis != nullptr) u->ucp_listener_destroy(lis);
+  }
+
+ private:
+  // The default AM handler: records the header.
+  static ucs_status_t record(void* arg, const void* header, std::size_t hl, void*, std::size_t,
+                             const ucp_am_recv_param_t*) {
+    net::detail::WireHeader h{};
+    if (hl == sizeof h) {
+      std::memcpy(&h, header, sizeof h);
+      static_cast<RawServer*>(arg)->got.push_back(h);
+    }
+    return UCS_OK;
+  }
+};
+
 }  // namespace mbmq::test

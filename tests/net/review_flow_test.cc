@@ -4,8 +4,8 @@
 // reply per request and per call, the peer's grant capped by ours, unfinished closes finished by
 // the keeper (K4), a version-1 hello answered kBadVersion); three are suspicions the code
 // withstood. Every wait has a deadline, so a test fails rather than hangs. Client and server in
-// this one process. Also here, for its raw server: NetLeak.*, a payload in flight when its
-// channel fails (leaked with the channel's worker before).
+// this one process. Also here: NetLeak.*, a payload in flight when its channel fails (leaked with
+// the channel's worker before), with a raw server (test::RawServer, net_pair.h).
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -36,6 +36,7 @@ using test::filled;
 using test::heap_bytes;
 using test::make_pair;
 using test::RawClient;
+using test::RawServer;
 using test::secs;
 
 double ms_since(std::int64_t t0) { return static_cast<double>(monotonic_ns() - t0) / 1e6; }
@@ -244,99 +245,37 @@ TEST(ReviewFlow, AVersion1HelloIsAnsweredBadVersionAndCountedRefused) {
 // "version 3") answers our hello HelloAck{kBadVersion} in its own version. connect() returns
 // Refused "speaks another protocol version", not a protocol error or a timeout.
 TEST(ReviewFlow, AHelloAckOfAnotherVersionSayingBadVersionMakesConnectRefused) {
-  struct RawServer {
-    const net::detail::Ucx* u = nullptr;
-    std::shared_ptr<net::detail::WorkerCore> w;
-    ucp_listener_h listener = nullptr;
-    ucp_ep_h ep = nullptr;
+  struct OtherVersionServer : RawServer {
     bool answered = false;
   } srv;
-  auto x = net::detail::ucx();
-  ASSERT_TRUE(x);
-  srv.u = *x;
-  auto wk = net::detail::WorkerCore::make(srv.u);
-  ASSERT_TRUE(wk);
-  srv.w = *wk;
-  std::uint16_t port = 0;
-  {
-    os::LockGuard lock(srv.w->mu);
-    ucp_am_handler_param_t hp{};
-    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-    hp.id = net::detail::kAmId;
-    hp.arg = &srv;
-    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
-    hp.cb = [](void* arg, const void* header, std::size_t header_length, void*, std::size_t,
-               const ucp_am_recv_param_t* param) -> ucs_status_t {
-      auto* s = static_cast<RawServer*>(arg);
-      WireHeader h{};
-      if (header_length != sizeof h || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0)
-        return UCS_OK;
-      std::memcpy(&h, header, sizeof h);
-      if (h.kind != static_cast<std::uint8_t>(WireKind::Hello) || s->answered) return UCS_OK;
-      s->answered = true;
-      static const WireHeader ack{
-          kMagic, 3, static_cast<std::uint8_t>(WireKind::HelloAck), net::detail::kBadVersion, 0, 0};
-      static const net::detail::Grant grant{1, 1};
-      ucp_request_param_t p{};
-      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      p.flags = UCP_AM_SEND_FLAG_REPLY;
-      ucs_status_ptr_t r = s->u->ucp_am_send_nbx(param->reply_ep, net::detail::kAmId, &ack,
-                                                 sizeof ack, &grant, sizeof grant, &p);
-      if (UCS_PTR_IS_PTR(r)) s->u->ucp_request_free(r);  // goes on as the worker progresses
+  ASSERT_TRUE(srv.start([](void* arg, const void* header, std::size_t header_length, void*,
+                           std::size_t, const ucp_am_recv_param_t* param) -> ucs_status_t {
+    auto* s = static_cast<OtherVersionServer*>(static_cast<RawServer*>(arg));
+    WireHeader h{};
+    if (header_length != sizeof h || (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0)
       return UCS_OK;
-    };
-    ASSERT_EQ(srv.u->ucp_worker_set_am_recv_handler(srv.w->worker, &hp), UCS_OK);
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    (void)inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
-    ucp_listener_params_t lp{};
-    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-    lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
-    lp.sockaddr.addrlen = sizeof sa;
-    lp.conn_handler.arg = &srv;
-    lp.conn_handler.cb = [](ucp_conn_request_h req, void* arg) {
-      auto* s = static_cast<RawServer*>(arg);
-      if (s->ep != nullptr) return (void)s->u->ucp_listener_reject(s->listener, req);
-      ucp_ep_params_t ep{};
-      ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep.conn_request = req;
-      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-      ep.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};  // the client closing: expected
-      (void)s->u->ucp_ep_create(s->w->worker, &ep, &s->ep);
-    };
-    ASSERT_EQ(srv.u->ucp_listener_create(srv.w->worker, &lp, &srv.listener), UCS_OK);
-    ucp_listener_attr_t a{};
-    a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-    ASSERT_EQ(srv.u->ucp_listener_query(srv.listener, &a), UCS_OK);
-    sockaddr_in bound{};
-    std::memcpy(&bound, &a.sockaddr, sizeof bound);
-    port = ntohs(bound.sin_port);
-  }
+    std::memcpy(&h, header, sizeof h);
+    if (h.kind != static_cast<std::uint8_t>(WireKind::Hello) || s->answered) return UCS_OK;
+    s->answered = true;
+    static const WireHeader ack{
+        kMagic, 3, static_cast<std::uint8_t>(WireKind::HelloAck), net::detail::kBadVersion, 0, 0};
+    static const net::detail::Grant grant{1, 1};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY;
+    ucs_status_ptr_t r = s->u->ucp_am_send_nbx(param->reply_ep, net::detail::kAmId, &ack,
+                                               sizeof ack, &grant, sizeof grant, &p);
+    if (UCS_PTR_IS_PTR(r)) s->u->ucp_request_free(r);  // goes on as the worker progresses
+    return UCS_OK;
+  }));
   std::optional<Result<net::Channel>> c;
+  std::atomic<bool> done{false};
   std::thread client([&] {
-    c.emplace(net::connect("ucx://127.0.0.1:" + std::to_string(port) + "/svc", secs(5)));
+    c.emplace(net::connect(test::url(srv.port), secs(5)));
+    done.store(true);
   });
-  for (Deadline d = secs(6); !c.has_value() && !d.expired();) {
-    {
-      os::LockGuard lock(srv.w->mu);
-      (void)srv.u->ucp_worker_progress(srv.w->worker);
-    }
-    os::sleep_ns(200'000);
-  }
+  for (Deadline d = secs(6); !done.load() && !d.expired();) srv.progress_for(1ms);
   client.join();
-  {
-    os::LockGuard lock(srv.w->mu);
-    if (srv.ep != nullptr) {
-      ucp_request_param_t p{};
-      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      ucs_status_ptr_t r = srv.u->ucp_ep_close_nbx(srv.ep, &p);
-      if (UCS_PTR_IS_PTR(r)) srv.u->ucp_request_free(r);
-    }
-    srv.u->ucp_listener_destroy(srv.listener);
-  }
   ASSERT_TRUE(c.has_value());
   ASSERT_FALSE(*c) << "connected to a listener that refused our version";
   std::printf("connect() to a version-3 listener: %s\n", c->error().message().c_str());
@@ -499,100 +438,6 @@ TEST(ReviewFlow, AClientClosingRightAfterALargeSendDoesNotAbortInUcx) {
   };
   EXPECT_EXIT(body(), ::testing::ExitedWithCode(0), "all closed");
 }
-
-// A server speaking raw UCX: records the AMs it gets (header only), answers what the test says.
-struct RawServer : test::RawEnd {
-  ucp_listener_h lis = nullptr;
-  std::uint16_t port = 0;
-  std::vector<WireHeader> got;  // under w->mu
-
-  bool start() {
-    if (!make_worker()) return false;
-    os::LockGuard lock(w->mu);
-    ucp_am_handler_param_t hp{};
-    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-    hp.id = net::detail::kAmId;
-    hp.cb = [](void* arg, const void* header, std::size_t hl, void*, std::size_t,
-               const ucp_am_recv_param_t*) -> ucs_status_t {
-      WireHeader h{};
-      if (hl == sizeof h) {
-        std::memcpy(&h, header, sizeof h);
-        static_cast<RawServer*>(arg)->got.push_back(h);
-      }
-      return UCS_OK;
-    };
-    hp.arg = this;
-    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
-    if (u->ucp_worker_set_am_recv_handler(w->worker, &hp) != UCS_OK) return false;
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    (void)inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
-    ucp_listener_params_t p{};
-    p.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
-    p.sockaddr.addrlen = sizeof sa;
-    p.conn_handler.cb = [](ucp_conn_request_h req, void* arg) {
-      auto* self = static_cast<RawServer*>(arg);
-      ucp_ep_params_t ep_params{};
-      ep_params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-      ep_params.conn_request = req;
-      ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-      (void)self->u->ucp_ep_create(self->w->worker, &ep_params, &self->ep);
-    };
-    p.conn_handler.arg = this;
-    if (u->ucp_listener_create(w->worker, &p, &lis) != UCS_OK) return false;
-    ucp_listener_attr_t a{};
-    a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-    if (u->ucp_listener_query(lis, &a) != UCS_OK) return false;
-    sockaddr_in bound{};
-    std::memcpy(&bound, &a.sockaddr, sizeof bound);
-    port = ntohs(bound.sin_port);
-    return true;
-  }
-  void progress_for(std::chrono::milliseconds d) { RawEnd::progress_for(d, 100'000); }
-  // The first header of `kind` received, waiting (progressing) up to 5 s.
-  std::optional<WireHeader> wait_for(WireKind kind) {
-    for (Deadline d = secs(5); !d.expired();) {
-      {
-        os::LockGuard lock(w->mu);
-        (void)u->ucp_worker_progress(w->worker);
-        for (const WireHeader& h : got)
-          if (h.kind == static_cast<std::uint8_t>(kind)) return h;
-      }
-      os::sleep_ns(100'000);
-    }
-    return std::nullopt;
-  }
-  // An mbmq::net client of this raw server: its hello answered with HelloAck (grant {1000,
-  // 4 GiB - 1}, limit 64 MiB, seq 0: no peer_timeout), progressing until connect() returns.
-  Result<net::Channel> connect_client(const net::ConnectOptions& co) {
-    std::optional<Result<net::Channel>> c;
-    std::atomic<bool> done{false};
-    std::thread t([&] {
-      c.emplace(net::connect(test::url(port), secs(5), co));
-      done.store(true);
-    });
-    void* r = nullptr;
-    // Both read by UCX until finish(r): alive until then.
-    const net::detail::Grant g{1000, 0xffffffffu};
-    const WireHeader ack{kMagic, kVersion, static_cast<std::uint8_t>(WireKind::HelloAck),
-                         0,      0,        64u << 20};
-    if (wait_for(WireKind::Hello)) {
-      r = send(ack, &g, sizeof g);
-      for (Deadline d = secs(5); !d.expired() && !done.load();) progress_for(1ms);
-    }
-    t.join();
-    finish(r);
-    return std::move(*c);
-  }
-  ~RawServer() {
-    if (w == nullptr) return;
-    os::LockGuard lock(w->mu);
-    if (ep != nullptr) close_ep_locked();
-    if (lis != nullptr) u->ucp_listener_destroy(lis);
-  }
-};
 
 // A send in flight when its channel fails (a force close: here the keeper's peer_timeout (K2); a
 // Bye, the transport's error and a protocol error close the same way) is completed by UCX,

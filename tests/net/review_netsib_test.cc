@@ -529,34 +529,62 @@ TEST(ReviewNetSib, ALingeringChannelEndsWhenItsPeerGoes) {
 }
 
 // (K5) A peer that stays connected but silent (its worker never progressed: a frozen process, a
-// partition) ends the linger at the lingering end's peer_timeout (K2), not at the 10 s cap.
-// Caveat (read in the code, not measured): the server here is not silent. The client's 300 ms,
-// sent in its hello, has the server's keeper watch the server's channel although the listener's
-// own peer_timeout is 0: every tick (37.5 ms at most) it progresses the server's worker (K1) and
-// sends a heartbeat after 75 ms of silence (K3). So the server fetches the 8 MiB (the linger then
-// ends as its send completes) and its heartbeats keep the client's K2 from firing; what bounds the
-// linger here is that fetch, not peer_timeout. An mbmq::net listener cannot be made silent to a
-// client with a peer_timeout; a raw UCX server that answers the hello and then never progresses
-// (review_flow_test.cc's RawServer, as NetLeak.APayloadInFlightWhenItsChannelFails... uses)
-// would be.
+// partition) ends the linger at the lingering end's peer_timeout (K2), not at the 10 s cap
+// (kLingerMaxNs). The peer is a raw UCX server (test::RawServer): it answers the hello (its
+// HelloAck with no peer_timeout of its own) and never progresses its worker again, so it sends
+// nothing (no heartbeat) and never fetches the 8 MiB, its TCP connection up. (An mbmq::net
+// listener cannot be made silent to a client with a peer_timeout: the client's, sent in its
+// hello, has the server's keeper progress the server's worker (K1) and send heartbeats (K3); this
+// test had such a server, whose keeper fetched the payload: the linger ended 250-283 ms after
+// close() for a 300 ms peer_timeout, by that fetch, not by the timeout.) K2 ends a channel only
+// once it received nothing for peer_timeout, and the last thing the client receives is the
+// HelloAck, after t_hello: a linger ended before t_hello + peer_timeout was ended by something
+// else (a fetch, an error). After it, K2 fires at the next keeper tick (an eighth of
+// peer_timeout, later under load) and the linger ends at the next millisecond's linger_tick.
+// Each bound verified to fail (2026-12-02, Release): K2's check in keep_alive_tick disabled, the
+// linger ran to the 10 s cap (freed 10.1 s after close(): "outlived peer_timeout"); K2 firing at
+// a quarter of peer_timeout, freed 338 ms after the hello ("before peer_timeout"); the raw server
+// progressed for 300 ms after close(), it got the 8 MiB's header and the linger ended 416 ms
+// after the hello ("before peer_timeout" and the header check). As written: freed 1.11-1.16 s
+// after the hello, 1.07-1.10 s after close().
 TEST(ReviewNetSib, ALingeringChannelEndsAtPeerTimeoutWhenItsPeerFallsSilent) {
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;  // no heartbeats of the server's own; the client's 300 ms has them sent
+  // 1 s: from the HelloAck to close(), nothing comes from the raw server; on a loaded machine
+  // 300 ms could end the channel before the send (as in NetLeak.APayloadInFlight...).
+  constexpr std::int64_t kTimeoutNs = 1'000'000'000;
+  test::RawServer srv;
+  ASSERT_TRUE(srv.start());
   net::ConnectOptions co;
-  co.peer_timeout = 300ms;
-  auto p = test::make_pair(lo, co);
-  ASSERT_TRUE(p);
-  std::weak_ptr<net::detail::ChannelCore> core = test::core_of(p->client);
-  Status s = p->client.send(filled(p->client, 8u << 20, 's'), secs(10));
+  co.peer_timeout = std::chrono::milliseconds(kTimeoutNs / 1'000'000);
+  const std::int64_t t_hello = now_ns();  // before anything the client receives
+  auto c = srv.connect_client(co);
+  ASSERT_TRUE(c) << c.error().message();
+  net::Channel client = std::move(*c);
+  // From here on nothing progresses the server's worker until it is destroyed.
+  std::weak_ptr<net::detail::ChannelCore> core = test::core_of(client);
+  Status s = client.send(filled(client, 8u << 20, 's'), secs(10));
   ASSERT_TRUE(s) << s.error().message();
-  const std::int64_t t0 = now_ns();
-  p->client = net::Channel{};  // closed, and the handle lets go of its core
-  EXPECT_FALSE(core.expired()) << "close() did not linger for the unfetched 8 MiB";
-  while (!core.expired() && now_ns() - t0 < 5'000'000'000) os::sleep_ns(1'000'000);
-  const double ms = static_cast<double>(now_ns() - t0) / 1e6;
-  std::printf("the lingering channel was freed %.1f ms after close() (peer_timeout 300 ms)\n", ms);
-  EXPECT_TRUE(core.expired());
-  EXPECT_LT(ms, 2000.0) << "the linger outlived peer_timeout (300 ms) by far";
+  const std::int64_t t_close = now_ns();
+  client = net::Channel{};  // closed, and the handle lets go of its core
+  const std::int64_t close_ns = now_ns() - t_close;
+  ASSERT_FALSE(core.expired()) << "close() did not linger for the unfetched 8 MiB (the channel "
+                               << (now_ns() - t_hello) / 1'000'000 << " ms old)";
+  // close() waits 100 ms for its sends, then leaves the rest to the keeper.
+  EXPECT_LT(close_ns, kTimeoutNs / 2) << "close() waited for the linger";
+  while (!core.expired() && now_ns() - t_close < 12'000'000'000) os::sleep_ns(1'000'000);
+  const std::int64_t t_end = now_ns();
+  const double after_close_ms = static_cast<double>(t_end - t_close) / 1e6;
+  const double after_hello_ms = static_cast<double>(t_end - t_hello) / 1e6;
+  std::printf(
+      "close() took %.1f ms; the lingering channel was freed %.1f ms after close(), "
+      "%.1f ms after the hello (peer_timeout 1000 ms)\n",
+      static_cast<double>(close_ns) / 1e6, after_close_ms, after_hello_ms);
+  ASSERT_TRUE(core.expired()) << "still lingering 12 s after close()";
+  EXPECT_GE(t_end - t_hello, kTimeoutNs) << "the linger ended before peer_timeout: not by K2";
+  EXPECT_LT(t_end - t_close, kTimeoutNs + 2'000'000'000)
+      << "the linger outlived peer_timeout by 2 s (the 10 s cap?)";
+  // The raw server was silent: the 8 MiB's header (its rendezvous request) never reached it.
+  for (const net::detail::WireHeader& h : srv.received())
+    EXPECT_NE(h.kind, static_cast<std::uint8_t>(net::detail::WireKind::Message));
 }
 
 // (B) "Messages ahead are still delivered" when a large one is behind them at close: a small
