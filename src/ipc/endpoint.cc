@@ -97,8 +97,9 @@ void Endpoint::reap_locked() {
   for (std::uint32_t i = 0;
        i < shm::kRingCapacity && state_.load(std::memory_order_acquire) != EpState::Protocol; ++i) {
     Desc d;
-    if (rx_.pop(&d) != shm::RingStatus::Ok) return;
+    if (!rx_.take(&d)) return;
     Accepted a = accept(d, nullptr, nullptr);
+    rx_.release();  // (P5) after accept() read its control packets: see poll_locked()
     if (a == Accepted::Deliver) pending_push(d);  // kept for receive()
     if (a == Accepted::Bad || a == Accepted::CallDone) {
       (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
@@ -382,10 +383,10 @@ void Endpoint::wake_peer_locked() noexcept {
   (void)os::futex_wake(&out_.doorbell, 1);
 }
 
-Status Endpoint::sent_locked(Status s) {
+Status Endpoint::sent_locked(Status s, bool took_all) {
   // Never block under mu_ (the outbox is non-blocking): see the declaration for what full means.
   if (!s && s.error().code == Errc::WouldBlock) {
-    if (tx_.drained())
+    if (took_all)
       return fail(fail_protocol_locked("control socket full: the peer does not read it"));
     return fail(Errc::WouldBlock, "send: the peer's control socket is full (it is not consuming)");
   }
@@ -424,15 +425,18 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as, bool wa
     OwnExtent& x = table_.own_extent(id);
     if (x.sent_gen != x.gen) {
       // (P3) The extent's fd travels before the first descriptor naming it.
+      const bool took_all = tx_.drained();  // before the send (sent_locked)
       MBMQ_TRY(sent_locked(ctl_.send_extent(id.extent_index(), x.gen,
-                                            x.sealed ? shm::kExtentSealed : 0u, x.fd.get())));
+                                            x.sealed ? shm::kExtentSealed : 0u, x.fd.get()),
+                           took_all));
       x.sent_gen = x.gen;
     }
   }
   auto k = static_cast<std::uint16_t>(kind);
   if (b.handles_) {
+    const bool took_all = tx_.drained();  // before the send (sent_locked)
     auto sent = ctl_.send_handles(id, b.gen_, HandlesOf::Message, *b.handles_);
-    if (!sent) return sent_locked(fail(sent.error()));
+    if (!sent) return sent_locked(fail(sent.error()), took_all);
     if (*sent) k |= shm::kDescHasHandles;
     b.handles_.reset();  // sent: the receiver's copies are the live ones
   }
@@ -552,8 +556,10 @@ Status Endpoint::reply(Buffer&& b) {
     // (the caller takes the first one it reads): the answer is the bytes of the first attempt.
     if (pe->replaced_gen != gen) {
       auto r = trust_.make_replacement(b.data_, size);
-      copied = r ? sent_locked(ctl_.send_extent(id.extent_index(), gen, r->aux, r->fd.get()))
-                 : Status(fail(r.error()));
+      const bool took_all = tx_.drained();  // before the send (sent_locked)
+      copied =
+          r ? sent_locked(ctl_.send_extent(id.extent_index(), gen, r->aux, r->fd.get()), took_all)
+            : Status(fail(r.error()));
       if (!copied && copied.error().code == Errc::WouldBlock)
         return keep_for_retry_locked(b, std::move(keep));
       if (copied) pe->replaced_gen = gen;
@@ -570,9 +576,10 @@ Status Endpoint::reply(Buffer&& b) {
     return copied;
   }
   if (b.handles_) {
+    const bool took_all = tx_.drained();  // before the send (sent_locked)
     auto sent = ctl_.send_handles(id, gen, HandlesOf::Reply, *b.handles_);
     if (!sent) {
-      Status why = sent_locked(fail(sent.error()));
+      Status why = sent_locked(fail(sent.error()), took_all);
       // Back-pressure, or too many handles for the channel (the replier's mistake, to fix and
       // retry): kept for the retry.
       if (why.error().code == Errc::WouldBlock || why.error().code == Errc::InvalidArgument) {

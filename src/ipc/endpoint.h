@@ -232,10 +232,14 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   }
   // What a control-socket send's result means. A full socket with descriptors of ours still in
   // the peer's ring: the peer is slow, and reads the packets when it gets to their descriptors:
-  // back-pressure, like a full ring (Errc::WouldBlock, nothing sent). Full although it took
-  // every descriptor we sent (each packet precedes its descriptor, and is read when that
-  // descriptor is): it does not read its control socket at all, and the channel is closed.
-  Status sent_locked(Status s) MBMQ_REQUIRES(mu_);
+  // back-pressure, like a full ring (Errc::WouldBlock, nothing sent). Full although it had taken
+  // every descriptor we sent *before this send* (`took_all`: tx_.drained() read before it; each
+  // packet precedes its descriptor, and the peer reads it before it moves its head past that
+  // descriptor, P5): it does not read its control socket at all, and the channel is closed.
+  // Judged on drained() after the send instead, a peer that read everything between our full
+  // send and the look was taken for one that reads nothing, and a healthy channel was closed
+  // (Review.ReplyAndWaitUnderBackPressureNeverTurnsAnAnswerIntoNoReply: 5 of 300 runs under load).
+  Status sent_locked(Status s, bool took_all) MBMQ_REQUIRES(mu_);
   // Reads the control socket until have() holds or nothing is left; a bad packet closes the
   // channel (Errc::Protocol).
   template <class Pred>

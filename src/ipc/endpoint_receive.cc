@@ -295,8 +295,15 @@ Endpoint::Poll Endpoint::poll_locked(Message* out) {
       make_message(d, out);
       return Poll::Got;
     }
-    if (s != EpState::Protocol && rx_.pop(&d) == shm::RingStatus::Ok) {
+    if (s != EpState::Protocol && rx_.take(&d)) {
       Accepted a = accept(d, nullptr, nullptr);
+      // (P5) The head moves only once accept() has read the descriptor's control packets (its
+      // handles): the peer takes "every descriptor taken" to mean "every packet read", and a
+      // full control socket then as a peer that does not read it (Endpoint::sent_locked). With
+      // the head stored first, a receiver preempted between the two made the peer close a
+      // healthy channel (Review.ReplyAndWaitUnderBackPressureNeverTurnsAnAnswerIntoNoReply under
+      // load: 12 of 150 runs).
+      rx_.release();
       if (a == Accepted::Deliver) {
         make_message(d, out);
         return Poll::Got;
@@ -397,9 +404,10 @@ Status Endpoint::call(Buffer& b, Deadline deadline) {
       for (std::uint32_t i = 0; i < shm::kRingCapacity; ++i) {
         if (state_.load(std::memory_order_acquire) == EpState::Protocol) break;
         Desc d;
-        if (rx_.pop(&d) != shm::RingStatus::Ok) break;
+        if (!rx_.take(&d)) break;
         std::uint16_t status = 0;
         Accepted a = accept(d, &b, &status);
+        rx_.release();  // (P5) after accept() read its control packets: see poll_locked()
         if (a == Accepted::CallDone) {
           MBMQ_CRASH_POINT("call.got_reply");
           b.size_ = d.size;
