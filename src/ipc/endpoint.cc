@@ -412,6 +412,10 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as, bool wa
     default:
       return fail(fail_protocol_locked("send: peer's ring head is invalid"));
   }
+  // Too many handles is refused before anything goes: an extent's packet sent first would stay
+  // unread on the peer's socket with no descriptor after it, and a loop of such sends filled the
+  // socket until a healthy channel was closed (review 2026-12-02).
+  if (b.handles_) MBMQ_TRY(ctl_.check_handles(*b.handles_));
   if (Status prep = trust_.prepare_send(b); !prep) {
     // The buffer stays valid and usable, or (its bytes unreachable) becomes invalid: never a
     // valid buffer over unmapped memory.

@@ -46,6 +46,15 @@ Status Sideband::send_doorbell(std::uint32_t gen, std::uint32_t q, std::span<con
   return send(bytes_of(m), fds);
 }
 
+Status Sideband::check_handles(const Handles& hs) const {
+  std::uint32_t count = 0;
+  for (std::uint32_t k = 0; k < hs.count; ++k)
+    if (hs.items[k].meta.kind != 0 && !hs.items[k].incoming) ++count;  // as send_handles()
+  if (count > limits_.max_handles)
+    return fail(Errc::InvalidArgument, "send: more handles than the channel's max_handles");
+  return {};
+}
+
 Result<bool> Sideband::send_handles(BufferId id, std::uint32_t gen, HandlesOf of,
                                     const Handles& hs) {
   struct {

@@ -75,6 +75,10 @@ class Sideband {
   // (P3b) The handles of buffer id at gen that are ours to send (not taken, not arrived with
   // it); false if there are none. Errc::InvalidArgument: more than max_handles.
   Result<bool> send_handles(BufferId id, std::uint32_t gen, HandlesOf of, const Handles& hs);
+  // What send_handles() refuses whatever the socket does (more than max_handles), checked first:
+  // a message's packets that go out before its handles are refused would have no descriptor
+  // after them, and the peer reads packets only as far as a descriptor needs.
+  Status check_handles(const Handles& hs) const;
 
   // ---- inbox ----
   enum class Read : std::uint8_t { Got, Nothing, Bad };

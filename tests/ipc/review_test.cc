@@ -202,6 +202,44 @@ TEST(Review, AReplyWhoseHandlesCannotBeSentIsNotReportedAsDelivered) {
   }
 }
 
+// A send refused for carrying more than max_handles must leave nothing on the peer's control
+// socket. It sent a fresh extent's memfd packet first (the descriptor that would make the peer
+// read it never followed), so a loop of such sends filled the socket: ~555 packets later every
+// send needing a packet failed, and a peer that had taken every descriptor got the channel
+// closed as "control socket full: the peer does not read it" (review 2026-12-02). 1,000 refused
+// sends of a fresh 1 MiB extent with 2 handles (max 1), then the channel still carries an extent
+// message with one handle.
+TEST(Review, SendsRefusedForTooManyHandlesLeaveNothingOnThePeersSocket) {
+  ChannelOptions opt;
+  opt.max_handles = 1;
+  auto ends = Channel::pair(opt);
+  ASSERT_TRUE(ends);
+  auto& [a, b] = *ends;
+  constexpr std::size_t kExtent = std::size_t{1} << 20;  // above slot_size: an extent
+  for (int i = 0; i < 1000; ++i) {
+    auto buf = a.buffer(kExtent);
+    ASSERT_TRUE(buf) << i << ": " << buf.error().message();
+    ASSERT_TRUE(buf->attach_fd(dup_devnull()));
+    ASSERT_TRUE(buf->attach_fd(dup_devnull()));
+    Status s = a.send(std::move(*buf));
+    ASSERT_FALSE(s) << i;
+    ASSERT_EQ(s.error().code, Errc::InvalidArgument) << i << ": " << s.error().message();
+    // The peer takes what the ring carries meanwhile (hints of freed extents), as a live peer.
+    if (i % 64 == 0) (void)b.receive(Deadline::immediate());
+  }
+  auto buf = a.buffer(kExtent);
+  ASSERT_TRUE(buf);
+  buf->data()[0] = std::byte{7};
+  ASSERT_TRUE(buf->attach_fd(dup_devnull()));
+  Status sent = a.send(std::move(*buf));
+  ASSERT_TRUE(sent) << sent.error().message();
+  auto m = b.receive(in(5000ms));
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->kind, Kind::Message) << m->why;
+  EXPECT_EQ(m->buffer.data()[0], std::byte{7});
+  EXPECT_EQ(m->buffer.handle_count(), 1u);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plays side 1 (the server) of a pair through the raw segment: floods the client's inbound ring
 // with valid ReleaseExtent descriptors, staying a lap ahead of the consumer's head, so that the
