@@ -82,6 +82,44 @@ double mbmq_once(Channel& tx, Channel& rx, std::size_t batch, std::uint64_t n, s
   return static_cast<double>(mbmq::monotonic_ns() - t0) / static_cast<double>(n);
 }
 
+// The same through the stream's own path (mbmq/stream.h): Channel::reserve(), commit(),
+// receive_in_place().
+double inplace_once(Channel& tx, Channel& rx, std::size_t batch, std::uint64_t n,
+                    std::uint64_t* sum) {
+  mbmq::Reservation out;
+  mbmq::InPlace in;
+  std::uint64_t sent = 0, got = 0;
+  const std::int64_t t0 = mbmq::monotonic_ns();
+  while (got < n) {
+    auto k = tx.reserve(out, kSize, batch, Deadline::immediate());
+    if (!k) {
+      (void)std::fprintf(stderr, "reserve: %s\n", k.error().message().c_str());
+      return -1;
+    }
+    for (std::size_t i = 0; i < *k; ++i) write_message(out.slot(i).data(), sent++);
+    auto s = out.commit(*k);
+    if (!s || *s != *k) {
+      (void)std::fprintf(stderr, "commit: %s\n", s ? "a prefix" : s.error().message().c_str());
+      return -1;
+    }
+    while (got < sent) {
+      auto r = rx.receive_in_place(in, Deadline::immediate());
+      if (!r || *r == 0) {
+        (void)std::fprintf(stderr, "receive_in_place: %s\n",
+                           r ? "another kind of message" : r.error().message().c_str());
+        return -1;
+      }
+      for (std::size_t i = 0; i < *r; ++i)
+        if (in[i].size() != kSize || !read_message(in[i].data(), got++, sum)) {
+          (void)std::fprintf(stderr, "message %llu: wrong size or number\n",
+                             static_cast<unsigned long long>(got - 1));
+          return -1;
+        }
+    }
+  }
+  return static_cast<double>(mbmq::monotonic_ns() - t0) / static_cast<double>(n);
+}
+
 // The same work on a plain ring in private memory.
 double ring_once(std::vector<std::byte>& ring, std::size_t batch, std::uint64_t n,
                  std::uint64_t* sum) {
@@ -122,13 +160,15 @@ int main(int argc, char** argv) {
   }
   auto& [tx, rx] = *pair;
   std::vector<std::byte> ring(kRingEntries * kSize);
-  std::vector<double> mb, rg;
+  std::vector<double> mb, ip, rg;
   std::uint64_t sum = 0;
   for (int rep = 0; rep < kReps; ++rep) {  // interleaved: a slow moment weighs on both
     const double m = mbmq_once(tx, rx, batch, n, &sum);
+    const double p = inplace_once(tx, rx, batch, n, &sum);
     const double r = ring_once(ring, batch, n, &sum);
-    if (m < 0 || r < 0) return 1;
+    if (m < 0 || p < 0 || r < 0) return 1;
     mb.push_back(m);
+    ip.push_back(p);
     rg.push_back(r);
   }
   (void)std::printf(
@@ -138,9 +178,12 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(sum & 0xffff));
   (void)std::printf("  mbmq Channel::pair   %6.1f ns/msg median, %6.1f lowest\n", median(mb),
                     *std::min_element(mb.begin(), mb.end()));
+  (void)std::printf("  mbmq reserve/in-place %5.1f ns/msg median, %6.1f lowest\n", median(ip),
+                    *std::min_element(ip.begin(), ip.end()));
   (void)std::printf("  plain ring           %6.1f ns/msg median, %6.1f lowest\n", median(rg),
                     *std::min_element(rg.begin(), rg.end()));
   (void)std::printf("  mbmq's own work      %6.1f ns/msg (both sides, the medians' difference)\n",
                     median(mb) - median(rg));
+  (void)std::printf("  ... reserve/in-place %6.1f ns/msg\n", median(ip) - median(rg));
   return 0;
 }

@@ -30,6 +30,7 @@
 #include "mbmq/deadline.h"
 #include "mbmq/export.h"
 #include "mbmq/result.h"
+#include "mbmq/stream.h"
 #include "mbmq/wait_policy.h"
 
 namespace mbmq {
@@ -134,6 +135,13 @@ class MBMQ_EXPORT Channel {
   // Buffer left in bufs keeps a reference to this end (its segment stays mapped after close())
   // until buffers() reuses it or it is destroyed: reuse one span for the stream.
   Result<std::size_t> send_batch(std::span<Buffer> bufs);
+  // The stream's own path (mbmq/stream.h). Reserves in `r` up to `max` (at most
+  // Reservation::kMaxSlots) pool slots for one-way messages of `size` bytes (<= slot_size, else
+  // Errc::InvalidArgument), to write in place and commit: waits for the first as buffers() does
+  // (per this end's WaitPolicy, until `deadline`: Errc::TimedOut; PeerClosed or Protocol if the
+  // channel ends), then takes what is free without waiting. Returns r.size(). What r still held is
+  // given back first. No Buffer per message, and one lock per batch on each side of the write.
+  Result<std::size_t> reserve(Reservation& r, std::size_t size, std::size_t max, Deadline deadline);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.
   Status send_request(Buffer&& buf);
@@ -147,6 +155,13 @@ class MBMQ_EXPORT Channel {
   // batch are dropped first (reuse one span: no allocation per batch). Dropping a one-way message
   // gives its buffer back without a system call or a descriptor (docs/PROTOCOL.md, P7r).
   Result<std::size_t> receive_batch(std::span<Message> out, Deadline deadline);
+  // Waits as receive() for the next message. If it is a one-way message in a pool slot of the
+  // peer's, with no handles, it and those behind it, up to InPlace::kMaxMessages, are taken into
+  // `in` to be read in place (mbmq/stream.h): returns how many (>= 1). 0: the next message is of
+  // another kind (a request, an extent, handles, the final PeerClosed), or this end copies every
+  // payload (Trust::Untrusted): take it with receive() or receive_batch(). The messages `in` held
+  // are given back first, together (P7r, as receive_batch()).
+  Result<std::size_t> receive_in_place(InPlace& in, Deadline deadline);
   // Routes every message arriving on this end (requests, one-way messages, replies to
   // send_request(), and the final peer-closed) to `queue`, tagged with `key`.
   Status redirect(MsgQueue& queue, std::uint64_t key);

@@ -9,5 +9,6 @@
 #include "mbmq/msg_queue.h"
 #include "mbmq/rendezvous.h"
 #include "mbmq/result.h"
+#include "mbmq/stream.h"
 #include "mbmq/topic.h"
 #include "mbmq/wait_policy.h"

@@ -74,6 +74,17 @@ Result<std::size_t> Channel::send_batch(std::span<Buffer> bufs) {
   return ep_->send_batch(bufs);
 }
 
+Result<std::size_t> Channel::reserve(Reservation& r, std::size_t size, std::size_t max,
+                                     Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "Channel::reserve: closed channel");
+  return ep_->reserve(r, size, max, deadline);
+}
+
+Result<std::size_t> Channel::receive_in_place(InPlace& in, Deadline deadline) {
+  if (!ep_) return fail(Errc::InvalidArgument, "receive: closed channel");
+  return ep_->receive_in_place(in, deadline);
+}
+
 Status Channel::send_request(Buffer&& buf) {
   if (!ep_) return fail(Errc::InvalidArgument, "send_request: closed channel");
   return ep_->send(std::move(buf), shm::DescKind::Request);

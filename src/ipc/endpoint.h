@@ -55,6 +55,7 @@
 #include "mbmq/introspect.h"
 #include "mbmq/msg_queue.h"
 #include "mbmq/result.h"
+#include "mbmq/stream.h"
 #include "mbmq/wait_policy.h"
 #include "os/fd.h"
 #include "os/mapping.h"
@@ -115,6 +116,14 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // count sent (a prefix, each moved from); the error when none could be.
   Result<std::size_t> send_batch(std::span<Buffer> bufs);
   Status reply(Buffer&& b);
+  // (P3s) The stream's own path (mbmq/stream.h, endpoint_stream.cc): slots reserved without a
+  // Buffer each, committed as one batch; the peer's one-way slots read in place and given back
+  // together. unreserve()/release_in_place() are the objects' reset().
+  Result<std::size_t> reserve(Reservation& r, std::size_t size, std::size_t max, Deadline deadline);
+  Result<std::size_t> commit(Reservation& r, std::size_t k);
+  void unreserve(Reservation& r) noexcept;
+  Result<std::size_t> receive_in_place(InPlace& in, Deadline deadline);
+  void release_in_place(InPlace& in) noexcept;
   // Replies through whichever endpoint `b` belongs to (MsgQueue::reply).
   static Status reply_message(Buffer&& b);
 
@@ -270,6 +279,10 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // one-way slots checked inline, anything else through accept(). How many were put in out;
   // stops at the first look that finds nothing, and at a protocol error.
   std::size_t take_batch_locked(Message* out, std::size_t n) MBMQ_REQUIRES(mu_);
+  // receive_in_place()'s look: the leading plain one-way slots of the ring into `in` (one head
+  // store), stopping before anything else. How many; *other: something else is next (a message
+  // of another kind, messages set aside, an untrusted end's copies, the end of the channel).
+  std::size_t take_in_place_locked(InPlace& in, bool* other) MBMQ_REQUIRES(mu_);
   // (P3) The batch path of send_batch(): the leading buffers that are plain one-way messages in
   // our slots (no handles; a trusted end), one ring entry each and one tail store. How many were
   // sent (each parked); the caller sends the rest one by one.

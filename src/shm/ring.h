@@ -136,6 +136,9 @@ class RingConsumer {
     ++head_;
     return true;
   }
+  // Puts back the entry the last take() copied (not yet release()d): the next take() reads it
+  // again. Only right after a take() that returned true.
+  void untake() noexcept { --head_; }
   void release() noexcept {
     // Pairs with the producer's acquire load of head in has_room_for(): the entries below head_
     // were copied.

@@ -302,20 +302,60 @@ Result<std::size_t> take(Channel& ch, std::span<Message> out) {
   return ch.receive_batch(out, Deadline::never());
 }
 
-StreamMechanism mbmq_stream_mechanism() {
+// The producer's steps on the stream's own path (mbmq/stream.h): slots reserved, written in place
+// and committed, no Buffer per message. As MbmqProducer, a wait for room that reaches its
+// deadline is a retry, and a commit refused (WouldBlock) is retried.
+struct MbmqReserver {
+  Channel& ch;
+  StreamProducer& p;
+  Reservation out;
+  // Reserves up to `max` slots of p.size() bytes, waiting for the first; how many (0: stop).
+  Result<std::size_t> acquire(std::size_t max) {
+    if (auto n = ch.reserve(out, p.size(), max, Deadline::immediate())) return *n;
+    for (;;) {
+      auto n = ch.reserve(out, p.size(), max, Deadline::after(std::chrono::milliseconds(100)));
+      if (n) return *n;
+      if (n.error().code != Errc::TimedOut) return fail(n.error());
+      if (!p.healthy()) return 0;
+      p.retry();
+    }
+  }
+  // Sends the first n reserved slots.
+  Status publish(std::size_t n) {
+    while (n > 0) {
+      auto k = out.commit(n);
+      if (k) {
+        n -= *k;
+        continue;
+      }
+      if (k.error().code != Errc::WouldBlock) return fail(k.error());
+      if (!p.healthy()) return {};
+      p.retry();
+      __builtin_ia32_pause();
+    }
+    return {};
+  }
+};
+
+// One mechanism per API: `in_place` (mbmq-stream): Channel::reserve(), Reservation::commit(),
+// Channel::receive_in_place(); else (mbmq-buffers) Channel::buffers(), send_batch(),
+// receive_batch(), a Buffer and a Message per message.
+StreamMechanism mbmq_stream_mechanism(bool in_place) {
   struct State {
     Channel producer, consumer;
   };
   auto st = std::make_shared<State>();
   StreamMechanism m;
-  m.name = "mbmq-stream";
+  m.name = in_place ? "mbmq-stream" : "mbmq-buffers";
   m.counts_retries = true;
-  m.note =
-      "mbmq-stream: Channel::pair(), slots of max(size, 64) bytes (16 MiB at most: larger buffers "
-      "are extents), 448 per side or 4 MiB of them (64 at least, as at 64 KiB), consumer in "
-      "WaitMode::Spin; batches of up to 32: "
-      "Channel::buffers(), send_batch(), receive_batch(); retries/msg: a 100 ms wait for room "
-      "that ran out, or a send_batch() refused (WouldBlock)";
+  m.note = in_place ? "mbmq-stream: Channel::pair(), slots of max(size, 64) bytes (16 MiB at most: "
+                      "larger messages go as mbmq-buffers), 448 per side or 4 MiB of them (64 at "
+                      "least, as at 64 KiB), consumer in WaitMode::Spin; batches of up to 32: "
+                      "Channel::reserve(), Reservation::commit(), Channel::receive_in_place() "
+                      "(mbmq/stream.h); retries/msg: a 100 ms wait for room that ran out, or a "
+                      "commit() refused (WouldBlock)"
+                    : "mbmq-buffers: the same channel through the Buffer API: Channel::buffers(), "
+                      "send_batch(), receive_batch(), a Buffer and a Message per message";
   m.setup = [st](std::size_t size) -> Status {
     ChannelOptions opt;
     const std::size_t slot = std::max<std::size_t>((size + 63) / 64 * 64, 64);
@@ -330,8 +370,21 @@ StreamMechanism mbmq_stream_mechanism() {
     st->consumer = std::move(b);
     return {};
   };
-  m.produce = [st](StreamProducer& p) -> Status {
+  m.produce = [st, in_place](StreamProducer& p) -> Status {
     st->consumer.close();
+    if (in_place && p.size() <= (16u << 20)) {
+      MbmqReserver out{st->producer, p, {}};
+      for (bool more = true; more;) {
+        std::size_t n = MBMQ_TRY(out.acquire(kMbmqBatch));
+        if (n == 0) return {};
+        for (std::size_t i = 0; i < n && more; ++i) {
+          more = p.next(out.out.slot(i).data());
+          if (!more) n = i + 1;  // the end message last; the slots after it go back unused
+        }
+        MBMQ_TRY(out.publish(n));
+      }
+      return {};
+    }
     MbmqProducer out{st->producer, p};
     std::array<Buffer, kMbmqBatch> bufs;
     for (bool more = true; more;) {
@@ -345,22 +398,49 @@ StreamMechanism mbmq_stream_mechanism() {
     }
     return {};
   };
-  m.consume = [st](StreamConsumer& c) -> Status {
+  m.consume = [st, in_place](StreamConsumer& c) -> Status {
     st->producer.close();
+    // A message: read in place, checked. Done: the end message (verified) or a failure.
     std::array<Message, kMbmqBatch> msgs;
+    auto one = [&](Message& msg, bool* done) -> Status {
+      *done = true;
+      if (msg.kind == Kind::PeerClosed) {
+        if (!c.healthy()) return {};
+        return fail(msg.error, "the channel closed before the end message");
+      }
+      if (msg.kind != Kind::Message) return fail(Errc::Protocol, "not a one-way message");
+      const auto v = c.check(msg.buffer.data().data(), msg.buffer.size());
+      if (v == StreamConsumer::Verdict::Fail) return verification_failed();
+      *done = v == StreamConsumer::Verdict::End;
+      return {};
+    };
+    if (in_place) {
+      InPlace in;
+      for (;;) {
+        const std::size_t n = MBMQ_TRY(st->consumer.receive_in_place(in, Deadline::never()));
+        for (std::size_t i = 0; i < n; ++i) {
+          // Read in place; the next receive_in_place() gives the batch back to the producer.
+          // check() writes only for --inject-corruption (a byte flipped, as a broken transport
+          // would): the mapping is writable, InPlace's view is const to say it is not ours.
+          const auto v = c.check(const_cast<std::byte*>(in[i].data()), in[i].size());
+          if (v == StreamConsumer::Verdict::Fail) return verification_failed();
+          if (v == StreamConsumer::Verdict::End) return {};
+        }
+        if (n > 0) continue;
+        // Another kind of message next (an extent above 16 MiB, the end of the channel).
+        msgs[0] = MBMQ_TRY(st->consumer.receive(Deadline::never()));
+        bool done = false;
+        MBMQ_TRY(one(msgs[0], &done));
+        if (done) return {};
+      }
+    }
     for (;;) {
       const std::size_t n = MBMQ_TRY(take(st->consumer, msgs));
       for (std::size_t i = 0; i < n; ++i) {
-        Message& msg = msgs[i];
-        if (msg.kind == Kind::PeerClosed) {
-          if (!c.healthy()) return {};
-          return fail(msg.error, "the channel closed before the end message");
-        }
-        if (msg.kind != Kind::Message) return fail(Errc::Protocol, "not a one-way message");
         // Read in place; the next receive_batch() gives the batch back to the producer.
-        const auto v = c.check(msg.buffer.data().data(), msg.buffer.size());
-        if (v == StreamConsumer::Verdict::Fail) return verification_failed();
-        if (v == StreamConsumer::Verdict::End) return {};
+        bool done = false;
+        MBMQ_TRY(one(msgs[i], &done));
+        if (done) return {};
       }
     }
   };
@@ -381,7 +461,8 @@ std::vector<StreamMechanism> stream_mechanisms() {
   std::vector<StreamMechanism> v;
   v.push_back(raw_spsc_mechanism(kSpscMaxEntries));
   v.push_back(raw_spsc_mechanism(64));
-  v.push_back(mbmq_stream_mechanism());
+  v.push_back(mbmq_stream_mechanism(true));
+  v.push_back(mbmq_stream_mechanism(false));
   v.push_back(byte_stream_mechanism(false));
   v.push_back(byte_stream_mechanism(true));
   v.push_back(zmq_pushpull_mechanism());

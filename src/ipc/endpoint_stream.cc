@@ -1,0 +1,230 @@
+// Endpoint: the stream's own path (P3s; mbmq/stream.h). The same transitions as buffers(),
+// send_batch(), receive_batch() and their release, without a Buffer or a Message per message:
+//   reserve   slots Free -> App (BufferTable::alloc_slot), recorded in the Reservation.
+//   commit    App -> LentOneWay, one ring entry each (RingProducer::put), one publish and one
+//             wake-up check (P4) for the batch.
+//   unreserve App -> Free (free_own_locked), for the slots not committed.
+//   receive_in_place  the peer's plain one-way slots taken as take_batch_locked() takes them
+//             (take_peer_slot_one_way: held), anything else left in the ring for receive().
+//   release_in_place  unheld, and given back together (P7r: one fetch_or per word).
+// What the peer sees is exactly what send_batch() and receive_batch() produce: either end may use
+// either path.
+#include "ipc/endpoint.h"
+#include "ipc/wait_step.h"
+#include "os/mutex.h"
+
+namespace mbmq::detail {
+
+using shm::Desc;
+using shm::DescKind;
+
+// ---- the producer: reserve, commit, unreserve -----------------------------------------------
+
+Result<std::size_t> Endpoint::reserve(Reservation& r, std::size_t size, std::size_t max,
+                                      Deadline deadline) {
+  if (r.ep_.get() != this) {
+    r.reset();  // another end's slots go back to it
+    r.ep_ = shared_from_this();
+  } else if (!r.empty()) {
+    unreserve(r);
+  }
+  r.first_ = r.end_ = 0;
+  const std::uint32_t slot_size = seg_.geometry().slot_size;
+  r.capacity_ = slot_size;
+  if (size > slot_size)
+    return fail(Errc::InvalidArgument, "Channel::reserve: larger than a slot (use buffer())");
+  if (max == 0) return fail(Errc::InvalidArgument, "Channel::reserve: max is 0");
+  const std::size_t want = std::min(max, Reservation::kMaxSlots);
+  SpinStep step(wait_policy(), deadline);
+  for (;;) {
+    const std::uint32_t frees = frees_.load(std::memory_order_acquire);
+    {
+      os::LockGuard lock(mu_);
+      EpState s = state_.load(std::memory_order_acquire);
+      if (s != EpState::Open) return fail(closed_errc(s), "Channel::reserve");
+      harvest_locked(size);
+      std::uint32_t k = 0;
+      for (; k < want && table_.has_free_slot(); ++k) {
+        const BufferTable::Allocated a = table_.alloc_slot();
+        r.data_[k] = a.data;
+        r.id_[k] = a.id.raw();
+        r.gen_[k] = a.gen;
+        r.size_[k] = static_cast<std::uint32_t>(size);
+      }
+      r.end_ = k;
+      if (k > 0) return std::size_t{k};
+    }
+    // None free: the ring may hold our buffers' late replies (reaped as alloc() does), else wait
+    // for the consumer to give slots back (P6r).
+    if (!redirected_.load(std::memory_order_relaxed) && consumer_mu_.try_lock()) {
+      os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
+      os::LockGuard lock(mu_);
+      reap_locked();
+      if (table_.has_free_slot()) continue;
+    }
+    MBMQ_TRY(wait_room(frees, step, deadline, /*slot=*/true));
+  }
+}
+
+Result<std::size_t> Endpoint::commit(Reservation& r, std::size_t k) {
+  if (k > r.size()) return fail(Errc::InvalidArgument, "Reservation::commit: more than reserved");
+  if (k == 0) return std::size_t{0};
+  os::LockGuard lock(mu_);
+  EpState s = state_.load(std::memory_order_acquire);
+  if (s != EpState::Open) return fail(closed_errc(s), "send");
+  // Every slot lent has an entry's room in an honest ring (free_own_locked()): no room is a peer
+  // that stopped consuming (or published a head behind what it took), as for send_batch().
+  const shm::RingStatus room = tx_.has_room_for(static_cast<std::uint32_t>(k));
+  if (room == shm::RingStatus::Corrupt)
+    return fail(fail_protocol_locked("send: peer's ring head is invalid"));
+  if (room != shm::RingStatus::Ok)
+    return fail(Errc::WouldBlock, "send: ring full (the peer is not consuming)");
+  std::uint64_t bytes = 0;
+  const std::uint32_t first = r.first_;
+  std::uint32_t i = first;
+  for (const std::uint32_t end = first + static_cast<std::uint32_t>(k); i < end; ++i) {
+    // Still App (reserved here): only a Reservation used across fork() or corrupted could say
+    // otherwise; what it names is then not sent.
+    if (!table_.lend_slot_one_way(BufferId::from_wire(r.id_[i]))) [[unlikely]]
+      break;
+    // (P3) Visible to the consumer at publish() (the entries' seqs, last to first).
+    tx_.put(Desc{r.id_[i], r.size_[i], r.gen_[i], static_cast<std::uint16_t>(DescKind::OneWay), 0});
+    bytes += r.size_[i];
+  }
+  const std::uint32_t sent = i - first;
+  r.first_ = i;
+  if (sent == 0) return fail(Errc::InvalidArgument, "Reservation::commit: slots not reserved");
+  tx_.publish();
+  counters_.count_out_one_way(sent, bytes);  // (#18) plain stores, mu_ held
+  wake_peer_locked();                        // (P4) one fence and one look for the batch
+  return std::size_t{sent};
+}
+
+void Endpoint::unreserve(Reservation& r) noexcept {
+  {
+    os::LockGuard lock(mu_);
+    for (std::uint32_t i = r.first_; i < r.end_; ++i) {
+      const BufferId id = BufferId::from_wire(r.id_[i]);
+      OwnState* st = table_.own_state(id);
+      if (st != nullptr && *st == OwnState::App) free_own_locked(id);  // as release() does
+    }
+  }
+  r.first_ = r.end_ = 0;
+}
+
+// ---- the consumer: receive in place, release ------------------------------------------------
+
+std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
+  // As take_batch_locked(): messages set aside go first (receive() delivers them in order), an
+  // untrusted end copies each payload, and a channel that is over ends with receive().
+  if (trust_.untrusted_me() || !table_.pending().empty() ||
+      state_.load(std::memory_order_acquire) != EpState::Open) {
+    *other = true;
+    return 0;
+  }
+  std::uint32_t k = 0;
+  std::uint64_t bytes = 0;
+  for (; k < InPlace::kMaxMessages; ++k) {
+    Desc d;
+    if (!rx_.take(&d)) break;
+    if (!table_.take_peer_slot_one_way(d)) {  // (P5) checked and taken as accept() would
+      rx_.untake();  // for receive(), which judges it (and closes the channel if it is bad)
+      *other = true;
+      break;
+    }
+    in.data_[k] = seg_.slot(d.buffer);  // trusted: read in place (PeerTrust::peer_view)
+    in.id_[k] = d.buffer;
+    in.size_[k] = d.size;
+    __builtin_prefetch(in.data_[k]);  // as take_batch_locked(): the batch's first lines at once
+    bytes += d.size;
+  }
+  in.n_ = k;
+  if (k > 0) {
+    rx_.release();                         // (P5) one head store for the batch
+    counters_.count_in_one_way(k, bytes);  // (#18) plain stores, mu_ held
+  }
+  return k;
+}
+
+Result<std::size_t> Endpoint::receive_in_place(InPlace& in, Deadline deadline) {
+  if (in.ep_.get() != this) {
+    in.reset();  // another end's messages go back to it
+    in.ep_ = shared_from_this();
+  } else if (!in.empty()) {
+    release_in_place(in);
+  }
+  if (redirected_.load(std::memory_order_relaxed))
+    return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
+  if (!consumer_mu_.lock_until(deadline))
+    return fail(Errc::TimedOut, "receive: another thread's call or receive did not finish in time");
+  os::LockGuard consumer(consumer_mu_, os::kAdoptLock);
+  if (redirected_.load(std::memory_order_relaxed))  // redirected while we waited for the lock
+    return fail(Errc::InvalidArgument, "receive: end is redirected to a queue");
+  MBMQ_TRY(ensure_watched());
+  const WaitPolicy policy = wait_policy();
+  for (;;) {
+    if (inbound_ready()) {
+      bool other = false;
+      std::size_t got = 0;
+      {
+        os::LockGuard lock(mu_);
+        if (state_.load(std::memory_order_acquire) == EpState::LocalClosed)
+          return fail(closed_errc(EpState::LocalClosed), "receive");
+        got = take_in_place_locked(in, &other);
+      }
+      if (got > 0 || other) return got;
+    }
+    if (deadline.expired()) return fail(Errc::TimedOut, "receive");
+    wait_inbound(deadline, policy, WaitFor::AnyMessage);
+  }
+}
+
+void Endpoint::release_in_place(InPlace& in) noexcept {
+  std::array<std::uint64_t, shm::kReturnedWords> mask{};
+  {
+    os::LockGuard lock(mu_);
+    for (std::uint32_t i = 0; i < in.n_; ++i) {
+      const BufferId id = BufferId::from_wire(in.id_[i]);
+      table_.set_held(id, false);
+      std::uint32_t w = 0;
+      const std::uint64_t bit = peer_slot_bit(id, &w);
+      mask[w] |= bit;
+    }
+    // (P7r) One RMW per word and one look at a waiting producer, for the batch; nothing goes back
+    // to a channel that is over (release_batch()).
+    if (in.n_ > 0 && state_.load(std::memory_order_relaxed) == EpState::Open) give_back_slots(mask);
+  }
+  in.n_ = 0;
+}
+
+}  // namespace mbmq::detail
+
+namespace mbmq {
+
+Reservation::~Reservation() { reset(); }
+
+void Reservation::reset() noexcept {
+  if (ep_ && !empty()) ep_->unreserve(*this);
+  first_ = end_ = 0;
+}
+
+Status Reservation::resize(std::size_t i, std::size_t n) noexcept {
+  if (i >= size()) return fail(Errc::InvalidArgument, "Reservation::resize: no such slot");
+  if (n > capacity_) return fail(Errc::InvalidArgument, "Reservation::resize: above the slot size");
+  size_[first_ + i] = static_cast<std::uint32_t>(n);
+  return {};
+}
+
+Result<std::size_t> Reservation::commit(std::size_t k) {
+  if (!ep_) return fail(Errc::InvalidArgument, "Reservation::commit: nothing reserved");
+  return ep_->commit(*this, k);
+}
+
+InPlace::~InPlace() { reset(); }
+
+void InPlace::reset() noexcept {
+  if (ep_ && n_ > 0) ep_->release_in_place(*this);
+  n_ = 0;
+}
+
+}  // namespace mbmq
