@@ -109,7 +109,7 @@ class MBMQ_EXPORT InPlace {
   std::shared_ptr<detail::Endpoint> ep_;
   std::uint32_t n_ = 0;
   std::array<const std::byte*, kMaxMessages> data_{};
-  std::array<std::uint32_t, kMaxMessages> id_{};  // the peer's slot's wire id
+  std::array<std::uint32_t, kMaxMessages> slot_{};  // the slot's index in the peer's side
   std::array<std::uint32_t, kMaxMessages> size_{};
 };
 

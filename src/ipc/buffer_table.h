@@ -216,6 +216,36 @@ class BufferTable {
     peer_held_[k] = true;
     return true;
   }
+  // The stream's path (P3s, endpoint_stream.cc), on raw values:
+  // Our slots ids[0..k) (wire ids, any value), held by the application (reserved), sent one-way:
+  // App -> LentOneWay. How many, a prefix: it stops at the first that is not one of our slots in
+  // state App.
+  std::uint32_t lend_slots_one_way(const std::uint32_t* ids, std::uint32_t k) noexcept {
+    const std::uint32_t base = static_cast<std::uint32_t>(side_) * n_;
+    std::uint32_t i = 0;
+    for (; i < k; ++i) {
+      const std::uint32_t s = ids[i] - base;  // an extent's id (kExtentBit) is far above n_
+      if (s >= n_ || own_slots_[s].state != OwnState::App) break;
+      own_slots_[s].state = OwnState::LentOneWay;
+    }
+    return i;
+  }
+  // A peer's descriptor's raw fields (RingEntry, each read once by the caller): a OneWay without
+  // flags or status in one of its slots we do not hold, within slot_size: taken (held), as
+  // take_peer_slot_one_way(); *k is the slot's index in the peer's side. false: anything else.
+  bool take_peer_slot_raw(std::uint16_t buffer, std::uint16_t kind, std::uint32_t size,
+                          std::uint32_t* k) noexcept {
+    // An extent's (kWireExtentBit | id) is far above n_, and so is a slot below the peer's side.
+    const std::uint32_t s = buffer - static_cast<std::uint32_t>(1 - side_) * n_;
+    if (kind != static_cast<std::uint16_t>(shm::DescKind::OneWay) || s >= n_ || size > slot_size_ ||
+        peer_held_[s])
+      return false;
+    peer_held_[s] = true;
+    *k = s;
+    return true;
+  }
+  // Slot k (an index in the peer's side, from take_peer_slot_raw()) is no longer held.
+  void unhold_peer_slot(std::uint32_t k) noexcept { peer_held_[k] = false; }
   std::uint32_t slot_size() const noexcept { return slot_size_; }
 
   // ---- requests in flight (max_in_flight) ----

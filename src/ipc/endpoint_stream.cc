@@ -79,21 +79,15 @@ Result<std::size_t> Endpoint::commit(Reservation& r, std::size_t k) {
     return fail(fail_protocol_locked("send: peer's ring head is invalid"));
   if (room != shm::RingStatus::Ok)
     return fail(Errc::WouldBlock, "send: ring full (the peer is not consuming)");
-  std::uint64_t bytes = 0;
   const std::uint32_t first = r.first_;
-  std::uint32_t i = first;
-  for (const std::uint32_t end = first + static_cast<std::uint32_t>(k); i < end; ++i) {
-    // Still App (reserved here): only a Reservation used across fork() or corrupted could say
-    // otherwise; what it names is then not sent.
-    if (!table_.lend_slot_one_way(BufferId::from_wire(r.id_[i]))) [[unlikely]]
-      break;
-    // (P3) Visible to the consumer at publish() (the entries' seqs, last to first).
-    tx_.put(Desc{r.id_[i], r.size_[i], r.gen_[i], static_cast<std::uint16_t>(DescKind::OneWay), 0});
-    bytes += r.size_[i];
-  }
-  const std::uint32_t sent = i - first;
-  r.first_ = i;
+  // Still App (reserved here): only a Reservation used across fork() or corrupted could say
+  // otherwise; what it names is then not sent (a prefix is).
+  const std::uint32_t sent =
+      table_.lend_slots_one_way(&r.id_[first], static_cast<std::uint32_t>(k));
+  r.first_ = first + sent;
   if (sent == 0) return fail(Errc::InvalidArgument, "Reservation::commit: slots not reserved");
+  // (P3) Visible to the consumer at publish() (the entries' seqs, last to first).
+  const std::uint64_t bytes = tx_.put_slots(&r.id_[first], &r.size_[first], &r.gen_[first], sent);
   tx_.publish();
   counters_.count_out_one_way(sent, bytes);  // (#18) plain stores, mu_ held
   wake_peer_locked();                        // (P4) one fence and one look for the batch
@@ -124,19 +118,25 @@ std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
   }
   std::uint32_t k = 0;
   std::uint64_t bytes = 0;
+  const std::uint32_t slot_size = seg_.geometry().slot_size;
+  const std::byte* const peer_slots =
+      seg_.slot(static_cast<std::uint32_t>(1 - side_) * table_slots_);
   for (; k < InPlace::kMaxMessages; ++k) {
-    Desc d;
-    if (!rx_.take(&d)) break;
-    if (!table_.take_peer_slot_one_way(d)) {  // (P5) checked and taken as accept() would
-      rx_.untake();  // for receive(), which judges it (and closes the channel if it is bad)
-      *other = true;
+    const shm::RingEntry* e = rx_.ready_entry();
+    if (e == nullptr) break;
+    // Each field read once (P5): the peer may be writing them.
+    const std::uint32_t size = e->size;
+    std::uint32_t slot = 0;
+    if (!table_.take_peer_slot_raw(e->buffer, e->kind, size, &slot)) {  // (P5) as accept() would
+      *other = true;  // left in the ring for receive(), which judges it (and may close the channel)
       break;
     }
-    in.data_[k] = seg_.slot(d.buffer);  // trusted: read in place (PeerTrust::peer_view)
-    in.id_[k] = d.buffer;
-    in.size_[k] = d.size;
+    rx_.advance();
+    in.data_[k] = peer_slots + std::size_t{slot} * slot_size;  // trusted: read in place
+    in.slot_[k] = slot;
+    in.size_[k] = size;
     __builtin_prefetch(in.data_[k]);  // as take_batch_locked(): the batch's first lines at once
-    bytes += d.size;
+    bytes += size;
   }
   in.n_ = k;
   if (k > 0) {
@@ -184,11 +184,9 @@ void Endpoint::release_in_place(InPlace& in) noexcept {
   {
     os::LockGuard lock(mu_);
     for (std::uint32_t i = 0; i < in.n_; ++i) {
-      const BufferId id = BufferId::from_wire(in.id_[i]);
-      table_.set_held(id, false);
-      std::uint32_t w = 0;
-      const std::uint64_t bit = peer_slot_bit(id, &w);
-      mask[w] |= bit;
+      const std::uint32_t slot = in.slot_[i];
+      table_.unhold_peer_slot(slot);
+      mask[slot / 64] |= std::uint64_t{1} << (slot % 64);  // as peer_slot_bit()
     }
     // (P7r) One RMW per word and one look at a waiting producer, for the batch; nothing goes back
     // to a channel that is over (release_batch()).

@@ -76,6 +76,26 @@ class RingProducer {
     ring_[tail_ & (kCap - 1)].store(d);
     ++tail_;
   }
+  // put() for `k` one-way messages in our pool slots (the stream's path, P3s): entry i carries
+  // slot wire id ids[i], sizes[i] and gens[i], kind OneWay, no status or flag. The ids are our
+  // slots' (the caller checked each: BufferTable::lend_slots_one_way), below kWireExtentBit.
+  // Needs room for k, as put(). Returns the sizes' sum.
+  std::uint64_t put_slots(const std::uint32_t* ids, const std::uint32_t* sizes,
+                          const std::uint32_t* gens, std::uint32_t k) noexcept {
+    RingEntry* const ring = ring_;  // a local: the stores below cannot be taken to change it
+    std::uint32_t t = tail_;
+    std::uint64_t bytes = 0;
+    for (std::uint32_t i = 0; i < k; ++i, ++t) {
+      RingEntry& e = ring[t & (kCap - 1)];
+      e.size = sizes[i];
+      e.gen = gens[i];
+      e.buffer = static_cast<std::uint16_t>(ids[i]);
+      e.kind = static_cast<std::uint16_t>(DescKind::OneWay);
+      bytes += sizes[i];
+    }
+    tail_ = t;
+    return bytes;
+  }
   void publish() noexcept {
     // The batch's seqs last to first: a consumer polling the entry at its head sees the batch
     // only once all of it is written, so each of its lines moves to the consumer once, whole,
@@ -136,9 +156,15 @@ class RingConsumer {
     ++head_;
     return true;
   }
-  // Puts back the entry the last take() copied (not yet release()d): the next take() reads it
-  // again. Only right after a take() that returned true.
-  void untake() noexcept { --head_; }
+  // The entry at head if it is ready (acquire, as take()), else nullptr: the caller copies each
+  // field it needs once (a hostile peer may be writing them), then advance()s or leaves it for
+  // take(). The stream's path (P3s) reads the raw fields without decoding a Desc.
+  const RingEntry* ready_entry() const noexcept {
+    const RingEntry& e = ring_[head_ & (kCap - 1)];
+    // Pairs with the producer's store-release of seq in put().
+    return e.seq.load(std::memory_order_acquire) == head_ + 1 ? &e : nullptr;
+  }
+  void advance() noexcept { ++head_; }  // past the entry ready_entry() gave; release() follows
   void release() noexcept {
     // Pairs with the producer's acquire load of head in has_room_for(): the entries below head_
     // were copied.
