@@ -15,9 +15,6 @@
 
 namespace mbmq::detail {
 
-using shm::Desc;
-using shm::DescKind;
-
 // ---- the producer: reserve, commit, unreserve -----------------------------------------------
 
 Result<std::size_t> Endpoint::reserve(Reservation& r, std::size_t size, std::size_t max,
