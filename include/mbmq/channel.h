@@ -159,8 +159,9 @@ class MBMQ_EXPORT Channel {
   // peer's, with no handles, it and those behind it, up to InPlace::kMaxMessages, are taken into
   // `in` to be read in place (mbmq/stream.h): returns how many (>= 1). 0: the next message is of
   // another kind (a request, an extent, handles, the final PeerClosed), or this end copies every
-  // payload (Trust::Untrusted): take it with receive() or receive_batch(). The messages `in` held
-  // are given back first, together (P7r, as receive_batch()).
+  // payload (Trust::Untrusted): take it with receive() or receive_batch(). Once receive() has
+  // delivered the final PeerClosed, the error receive() then gives (PeerClosed, Protocol). The
+  // messages `in` held are given back first, together (P7r, as receive_batch()).
   Result<std::size_t> receive_in_place(InPlace& in, Deadline deadline);
   // Routes every message arriving on this end (requests, one-way messages, replies to
   // send_request(), and the final peer-closed) to `queue`, tagged with `key`.

@@ -175,6 +175,9 @@ Result<std::size_t> Endpoint::alloc_many(std::size_t size, std::span<Buffer> out
 
 Result<std::size_t> Endpoint::alloc_until(std::size_t size, std::span<Buffer> out,
                                           Deadline deadline) {
+  // A producer that never receives must still learn of its peer's death while it waits for room
+  // (the hang-up wakes `room`), in a forked child too: no system call once watched here.
+  MBMQ_TRY(ensure_watched());
   SpinStep step(wait_policy(), deadline);
   for (;;) {
     const std::uint32_t frees = frees_.load(std::memory_order_acquire);

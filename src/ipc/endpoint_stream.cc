@@ -32,6 +32,9 @@ Result<std::size_t> Endpoint::reserve(Reservation& r, std::size_t size, std::siz
     return fail(Errc::InvalidArgument, "Channel::reserve: larger than a slot (use buffer())");
   if (max == 0) return fail(Errc::InvalidArgument, "Channel::reserve: max is 0");
   const std::size_t want = std::min(max, Reservation::kMaxSlots);
+  // A producer that never receives must still learn of its peer's death while it waits for room
+  // (the hang-up wakes `room`), in a forked child too: no system call once watched here.
+  MBMQ_TRY(ensure_watched());
   SpinStep step(wait_policy(), deadline);
   for (;;) {
     const std::uint32_t frees = frees_.load(std::memory_order_acquire);
@@ -115,31 +118,50 @@ std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
   }
   std::uint32_t k = 0;
   std::uint64_t bytes = 0;
+  bool taken = false;  // anything taken from the ring: the head moves
   const std::uint32_t slot_size = seg_.geometry().slot_size;
   const std::byte* const peer_slots =
       seg_.slot(static_cast<std::uint32_t>(1 - side_) * table_slots_);
-  for (; k < InPlace::kMaxMessages; ++k) {
+  // As poll_locked(): at most a ring's worth of descriptors that deliver nothing.
+  for (std::uint32_t internal = 0; k < InPlace::kMaxMessages && internal < shm::kRingCapacity;) {
     const shm::RingEntry* e = rx_.ready_entry();
     if (e == nullptr) break;
+    taken = true;
     // Each field read once (P5): the peer may be writing them.
     const std::uint32_t size = e->size;
     std::uint32_t slot = 0;
-    if (!table_.take_peer_slot_raw(e->buffer, e->kind, size, &slot)) {  // (P5) as accept() would
-      *other = true;  // left in the ring for receive(), which judges it (and may close the channel)
-      break;
+    if (table_.take_peer_slot_raw(e->buffer, e->kind, size, &slot)) {  // (P5) as accept() would
+      rx_.advance();
+      in.data_[k] = peer_slots + std::size_t{slot} * slot_size;  // trusted: read in place
+      in.slot_[k] = slot;
+      in.size_[k] = size;
+      __builtin_prefetch(in.data_[k]);  // as take_batch_locked(): the batch's first lines at once
+      ++k;
+      bytes += size;
+      continue;
     }
-    rx_.advance();
-    in.data_[k] = peer_slots + std::size_t{slot} * slot_size;  // trusted: read in place
-    in.slot_[k] = slot;
-    in.size_[k] = size;
-    __builtin_prefetch(in.data_[k]);  // as take_batch_locked(): the batch's first lines at once
-    bytes += size;
+    // Anything else is judged as poll_locked() judges it (the entry copied again, whole: only that
+    // copy is used). What delivers nothing (a Return, a release hint, a late reply) is consumed
+    // here and the look goes on; a message is set aside for receive(), in its place (nothing
+    // after it is taken); a bad one closes the channel.
+    shm::Desc d;
+    if (!rx_.take(&d)) break;  // cannot happen: ready above, and only we move the head
+    const Accepted a = accept(d, nullptr, nullptr);
+    if (a == Accepted::Internal) {
+      ++internal;
+      if (state_.load(std::memory_order_acquire) == EpState::Open) continue;
+    } else if (a == Accepted::Deliver) {
+      pending_push(d);
+    } else {
+      (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
+    }
+    *other = true;
+    break;
   }
   in.n_ = k;
-  if (k > 0) {
-    rx_.release();                         // (P5) one head store for the batch
-    counters_.count_in_one_way(k, bytes);  // (#18) plain stores, mu_ held
-  }
+  // (P5) One head store for the batch, after accept() read any control packets of what it took.
+  if (taken) rx_.release();
+  if (k > 0) counters_.count_in_one_way(k, bytes);  // (#18) plain stores, mu_ held
   return k;
 }
 
@@ -165,8 +187,13 @@ Result<std::size_t> Endpoint::receive_in_place(InPlace& in, Deadline deadline) {
       std::size_t got = 0;
       {
         os::LockGuard lock(mu_);
-        if (state_.load(std::memory_order_acquire) == EpState::LocalClosed)
-          return fail(closed_errc(EpState::LocalClosed), "receive");
+        const EpState s = state_.load(std::memory_order_acquire);
+        if (s == EpState::LocalClosed) return fail(closed_errc(s), "receive");
+        // The end was delivered (receive() returned the final PeerClosed) and nothing is left:
+        // an error, as receive() now gives, not "use receive()" forever.
+        if (s != EpState::Open && end_reported_ && table_.pending().empty() &&
+            (s == EpState::Protocol || !rx_.maybe_nonempty()))
+          return fail(closed_errc(s), "receive");
         got = take_in_place_locked(in, &other);
       }
       if (got > 0 || other) return got;
