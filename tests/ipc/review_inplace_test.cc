@@ -431,6 +431,89 @@ TEST(ReviewInPlace, MessagesSetAsideByACallKeepTheirPlaceInTheStream) {
   }
 }
 
+// A consumer end redirected to a MsgQueue: receive_in_place() is refused (InvalidArgument), and
+// what reserve()/commit() sends arrives through the queue, woken (Sleep mode). (Passed on de82c01.)
+TEST(ReviewInPlace, ARedirectedConsumerGetsCommittedMessagesThroughItsQueue) {
+  auto p = Channel::pair(options(WaitMode::Sleep));
+  ASSERT_TRUE(p);
+  auto& [tx, rx] = *p;
+  auto q = MsgQueue::create(WaitPolicy{WaitMode::Sleep, std::chrono::microseconds(0)});
+  ASSERT_TRUE(q);
+  ASSERT_TRUE(rx.redirect(*q, 42));
+  InPlace in;
+  auto n = rx.receive_in_place(in, secs(1));
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.error().code, Errc::InvalidArgument);
+  std::thread producer([&] {
+    std::this_thread::sleep_for(50ms);  // the queue sleeps first
+    (void)produce(tx, 0, 40, 64);
+  });
+  for (std::uint64_t i = 0; i < 40; ++i) {
+    auto m = q->wait(secs(5));
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ(m->kind, Kind::Message);
+    EXPECT_EQ(m->key, 42u);
+    ASSERT_EQ(read_msg(m->buffer.data()), i);
+  }
+  producer.join();
+}
+
+// An untrusted producer end streams through reserve()/commit() to a cooperative consumer reading
+// in place. (Passed on de82c01.)
+TEST(ReviewInPlace, AnUntrustedProducerStreamsToACooperativeConsumerInPlace) {
+  ChannelOptions o = options();
+  o.trust = {Trust::Untrusted, Trust::Cooperative};
+  auto p = Channel::pair(o);
+  ASSERT_TRUE(p);
+  auto& [tx, rx] = *p;
+  bool sent = false;
+  std::thread producer([&] { sent = produce(tx, 0, 1000, 200); });
+  InPlace in;
+  std::uint64_t next = 0;
+  while (next < 1000) {
+    auto n = rx.receive_in_place(in, secs(5));
+    ASSERT_TRUE(n) << n.error().message();
+    ASSERT_GT(*n, 0u);
+    for (std::size_t i = 0; i < *n; ++i, ++next) ASSERT_EQ(read_msg(in[i]), next);
+  }
+  in.reset();
+  producer.join();
+  EXPECT_TRUE(sent);
+}
+
+// A hostile consumer publishes an impossible head: commit() fails with Protocol, sends nothing,
+// and leaves the slots reserved (given back by reset()); a head that claims a full ring is
+// WouldBlock. (Passed on de82c01.)
+TEST(ReviewInPlace, AHostileHeadFailsCommitWithoutLosingTheReservation) {
+  {
+    auto p = Channel::pair(options());
+    ASSERT_TRUE(p);
+    auto& [tx, rx] = *p;
+    Reservation r;
+    ASSERT_EQ(*tx.reserve(r, 64, 8, secs(5)), 8u);
+    dir0(tx)->head.store(1u << 20);  // ahead of the tail: Corrupt
+    auto k = r.commit(8);
+    ASSERT_FALSE(k);
+    EXPECT_EQ(k.error().code, Errc::Protocol);
+    EXPECT_EQ(r.size(), 8u);
+    r.reset();
+    (void)rx;
+  }
+  {
+    auto p = Channel::pair(options());
+    ASSERT_TRUE(p);
+    auto& [tx, rx] = *p;
+    Reservation r;
+    ASSERT_EQ(*tx.reserve(r, 64, 8, secs(5)), 8u);
+    dir0(tx)->head.store(0u - shm::kRingCapacity + 4);  // 1020 entries "in use": room for 4
+    auto k = r.commit(8);
+    ASSERT_FALSE(k);
+    EXPECT_EQ(k.error().code, Errc::WouldBlock);
+    EXPECT_EQ(r.size(), 8u);
+    (void)rx;
+  }
+}
+
 // PRE-EXISTING (also the Buffer path: ReviewInPlace.AForkedProducerInBuffersLearnsOfTheDeath).
 // A producer in a forked child whose only calls are reserve()/commit() never watches its peer
 // (ensure_watched() is called by receive paths only): when the consumer dies, reserve() waits for
