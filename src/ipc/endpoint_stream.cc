@@ -110,9 +110,12 @@ void Endpoint::unreserve(Reservation& r) noexcept {
 
 std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
   // As take_batch_locked(): messages set aside go first (receive() delivers them in order), an
-  // untrusted end copies each payload, and a channel that is over ends with receive().
+  // untrusted end copies each payload. A channel the peer closed still delivers what it published
+  // (P8), in place too; one closed for a protocol error delivers nothing more (poll_locked()).
+  // The state is read before the ring: closed then, everything the peer published is visible.
+  const EpState was = state_.load(std::memory_order_acquire);
   if (trust_.untrusted_me() || !table_.pending().empty() ||
-      state_.load(std::memory_order_acquire) != EpState::Open) {
+      (was != EpState::Open && was != EpState::PeerClosed)) {
     *other = true;
     return 0;
   }
@@ -149,7 +152,8 @@ std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
     const Accepted a = accept(d, nullptr, nullptr);
     if (a == Accepted::Internal) {
       ++internal;
-      if (state_.load(std::memory_order_acquire) == EpState::Open) continue;
+      const EpState now = state_.load(std::memory_order_acquire);
+      if (now == EpState::Open || now == EpState::PeerClosed) continue;
     } else if (a == Accepted::Deliver) {
       pending_push(d);
     } else {
@@ -158,6 +162,8 @@ std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
     *other = true;
     break;
   }
+  // Closed before the ring was found empty: the end is next, for receive() to deliver.
+  if (k == 0 && was != EpState::Open) *other = true;
   in.n_ = k;
   // (P5) One head store for the batch, after accept() read any control packets of what it took.
   if (taken) rx_.release();

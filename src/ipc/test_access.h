@@ -17,6 +17,8 @@ struct TestAccess {
   }
   // The end's control socket, to play a peer that sends arbitrary control messages.
   static int control_fd(Channel& c) { return c.ep_->control_fd_for_test(); }
+  // The end has seen its peer close (the hang-up) and not closed itself.
+  static bool peer_closed(const Channel& c) { return c.ep_->state() == EpState::PeerClosed; }
   static int extent_fd(Channel& c, const Buffer& b) { return c.ep_->extent_fd_for_test(b); }
   static Status forge_extent_request(Channel& c, int fd, std::uint32_t gen, std::uint32_t size,
                                      std::uint32_t aux) {

@@ -1,8 +1,10 @@
 // Hostile review of the stream's own path (#14, de82c01: Channel::reserve(), Reservation::commit(),
 // Channel::receive_in_place(), RingConsumer::untake()). Each test states the guarantee it checks.
-// Tests marked "CONFIRMED BUG" fail on de82c01 and pass once the proposed fix is in; tests marked
-// "PRE-EXISTING" fail on the Buffer path too; the others passed on de82c01 (checks that the new
-// path keeps the Buffer path's guarantees).
+// Tests marked "CONFIRMED BUG" failed on de82c01 and pass with the fixes that followed the review
+// (endpoint_stream.cc: internal entries consumed through accept(), an error once the end was
+// delivered; ensure_watched() in reserve() and alloc_until()); tests marked "PRE-EXISTING" failed
+// on the Buffer path too; the others passed on de82c01 (the new path keeps the Buffer path's
+// guarantees).
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -113,10 +115,10 @@ TEST(ReviewInPlace, AReturnDescriptorAheadOfTheStreamIsNotAMessageOfAnotherKind)
   }
 }
 
-// CONFIRMED BUG, the same cause (ReviewInPlace.ALateReplyAheadOfTheStreamIsNotAMessageOfAnotherKind):
-// the late reply to a call() that timed out (Abandoned: consumed silently by receive()) ahead of
-// the stream. The fix must cover Reply too (accept(): Internal -> go on), not only Return and
-// ReleaseExtent.
+// CONFIRMED BUG, the same cause
+// (ReviewInPlace.ALateReplyAheadOfTheStreamIsNotAMessageOfAnotherKind): the late reply to a call()
+// that timed out (Abandoned: consumed silently by receive()) ahead of the stream. The fix must
+// cover Reply too (accept(): Internal -> go on), not only Return and ReleaseExtent.
 TEST(ReviewInPlace, ALateReplyAheadOfTheStreamIsNotAMessageOfAnotherKind) {
   auto p = Channel::pair(options());
   ASSERT_TRUE(p);
@@ -135,7 +137,8 @@ TEST(ReviewInPlace, ALateReplyAheadOfTheStreamIsNotAMessageOfAnotherKind) {
   InPlace in;
   auto n = b.receive_in_place(in, secs(5));
   ASSERT_TRUE(n) << n.error().message();
-  EXPECT_EQ(*n, 3u) << "a late reply ahead of the stream made receive_in_place() say 'another kind'";
+  EXPECT_EQ(*n, 3u)
+      << "a late reply ahead of the stream made receive_in_place() say 'another kind'";
   if (*n == 0) {
     auto m = b.receive(secs(5));
     ASSERT_TRUE(m) << m.error().message();
