@@ -130,7 +130,7 @@ void print_stream_table(const std::vector<StreamResult>& rs,
       "sys/msg: system calls per message, both processes, counted by mbmq's os/ layer (-: a "
       "third-party library,\n  not counted). allocs: operator new calls per message on both "
       "sides' threads. cpu ns: CPU time per message,\n  both processes, all threads. retries: "
-      "mbmq-stream's refused buffer()/send() calls per message, retried.\n");
+      "the mbmq rows' waits for room that ran out and refused sends per message, retried.\n");
   for (const auto& m : mechs)
     if (!m.note.empty()) std::printf("%s\n", m.note.c_str());
 }
