@@ -139,8 +139,9 @@ class MBMQ_EXPORT Channel {
   // Reservation::kMaxSlots) pool slots for one-way messages of `size` bytes (<= slot_size, else
   // Errc::InvalidArgument), to write in place and commit: waits for the first as buffers() does
   // (per this end's WaitPolicy, until `deadline`: Errc::TimedOut; PeerClosed or Protocol if the
-  // channel ends), then takes what is free without waiting. Returns r.size(). What r still held is
-  // given back first. No Buffer per message, and one lock per batch on each side of the write.
+  // channel ends; InvalidArgument for max == 0 or an end closed here), then takes what is free
+  // without waiting. Returns r.size(). What r still held is given back first. No Buffer per
+  // message, and one lock per batch on each side of the write.
   Result<std::size_t> reserve(Reservation& r, std::size_t size, std::size_t max, Deadline deadline);
   // Sends `buf` as a request without waiting; the reply arrives as Kind::Reply on the queue this
   // end is redirected to.
@@ -158,8 +159,10 @@ class MBMQ_EXPORT Channel {
   // Waits as receive() for the next message. If it is a one-way message in a pool slot of the
   // peer's, with no handles, it and those behind it, up to InPlace::kMaxMessages, are taken into
   // `in` to be read in place (mbmq/stream.h): returns how many (>= 1). 0: the next message is of
-  // another kind (a request, an extent, handles, the final PeerClosed), or this end copies every
-  // payload (Trust::Untrusted): take it with receive() or receive_batch(). Once receive() has
+  // another kind (a request, an extent, handles, the final PeerClosed), or messages of any kind
+  // were set aside earlier (buffer(), reserve() and call() do when they look at the ring for
+  // their own buffers), or this end copies every payload (Trust::Untrusted: 0 at once whenever
+  // anything is inbound): take them with receive() or receive_batch(). Once receive() has
   // delivered the final PeerClosed, the error receive() then gives (PeerClosed, Protocol). The
   // messages `in` held are given back first, together (P7r, as receive_batch()).
   Result<std::size_t> receive_in_place(InPlace& in, Deadline deadline);

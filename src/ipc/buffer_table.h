@@ -230,15 +230,23 @@ class BufferTable {
     }
     return i;
   }
+  // The table's constants for a batch of take_peer_slot_raw(), read once by the caller (the loop
+  // keeps them in registers).
+  struct PeerSlots {
+    std::uint32_t base, n, slot_size;
+  };
+  PeerSlots peer_slots() const noexcept {
+    return {static_cast<std::uint32_t>(1 - side_) * n_, n_, slot_size_};
+  }
   // A peer's descriptor's raw fields (RingEntry, each read once by the caller): a OneWay without
   // flags or status in one of its slots we do not hold, within slot_size: taken (held), as
   // take_peer_slot_one_way(); *k is the slot's index in the peer's side. false: anything else.
-  bool take_peer_slot_raw(std::uint16_t buffer, std::uint16_t kind, std::uint32_t size,
-                          std::uint32_t* k) noexcept {
-    // An extent's (kWireExtentBit | id) is far above n_, and so is a slot below the peer's side.
-    const std::uint32_t s = buffer - static_cast<std::uint32_t>(1 - side_) * n_;
-    if (kind != static_cast<std::uint16_t>(shm::DescKind::OneWay) || s >= n_ || size > slot_size_ ||
-        peer_held_[s])
+  bool take_peer_slot_raw(const PeerSlots& p, std::uint16_t buffer, std::uint16_t kind,
+                          std::uint32_t size, std::uint32_t* k) noexcept {
+    // An extent's (kWireExtentBit | id) is far above n, and so is a slot below the peer's side.
+    const std::uint32_t s = buffer - p.base;
+    if (kind != static_cast<std::uint16_t>(shm::DescKind::OneWay) || s >= p.n ||
+        size > p.slot_size || peer_held_[s])
       return false;
     peer_held_[s] = true;
     *k = s;

@@ -432,18 +432,15 @@ Status Endpoint::send_locked(Buffer& b, DescKind kind, OwnState lent_as, bool wa
     OwnExtent& x = table_.own_extent(id);
     if (x.sent_gen != x.gen) {
       // (P3) The extent's fd travels before the first descriptor naming it.
-      const bool took_all = tx_.drained();  // before the send (sent_locked)
-      MBMQ_TRY(sent_locked(ctl_.send_extent(id.extent_index(), x.gen,
-                                            x.sealed ? shm::kExtentSealed : 0u, x.fd.get()),
-                           took_all));
+      MBMQ_TRY(send_extent_locked(id.extent_index(), x.gen, x.sealed ? shm::kExtentSealed : 0u,
+                                  x.fd.get()));
       x.sent_gen = x.gen;
     }
   }
   auto k = static_cast<std::uint16_t>(kind);
   if (b.handles_) {
-    const bool took_all = tx_.drained();  // before the send (sent_locked)
-    auto sent = ctl_.send_handles(id, b.gen_, HandlesOf::Message, *b.handles_);
-    if (!sent) return sent_locked(fail(sent.error()), took_all);
+    auto sent = send_handles_locked(id, b.gen_, HandlesOf::Message, *b.handles_);
+    if (!sent) return fail(sent.error());
     if (*sent) k |= shm::kDescHasHandles;
     b.handles_.reset();  // sent: the receiver's copies are the live ones
   }
@@ -563,10 +560,8 @@ Status Endpoint::reply(Buffer&& b) {
     // (the caller takes the first one it reads): the answer is the bytes of the first attempt.
     if (pe->replaced_gen != gen) {
       auto r = trust_.make_replacement(b.data_, size);
-      const bool took_all = tx_.drained();  // before the send (sent_locked)
-      copied =
-          r ? sent_locked(ctl_.send_extent(id.extent_index(), gen, r->aux, r->fd.get()), took_all)
-            : Status(fail(r.error()));
+      copied = r ? send_extent_locked(id.extent_index(), gen, r->aux, r->fd.get())
+                 : Status(fail(r.error()));
       if (!copied && copied.error().code == Errc::WouldBlock)
         return keep_for_retry_locked(b, std::move(keep));
       if (copied) pe->replaced_gen = gen;
@@ -583,10 +578,9 @@ Status Endpoint::reply(Buffer&& b) {
     return copied;
   }
   if (b.handles_) {
-    const bool took_all = tx_.drained();  // before the send (sent_locked)
-    auto sent = ctl_.send_handles(id, gen, HandlesOf::Reply, *b.handles_);
+    auto sent = send_handles_locked(id, gen, HandlesOf::Reply, *b.handles_);
     if (!sent) {
-      Status why = sent_locked(fail(sent.error()), took_all);
+      Status why = fail(sent.error());
       // Back-pressure, or too many handles for the channel (the replier's mistake, to fix and
       // retry): kept for the retry.
       if (why.error().code == Errc::WouldBlock || why.error().code == Errc::InvalidArgument) {

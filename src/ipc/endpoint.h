@@ -249,6 +249,25 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // send and the look was taken for one that reads nothing, and a healthy channel was closed
   // (Review.ReplyAndWaitUnderBackPressureNeverTurnsAnAnswerIntoNoReply: 5 of 300 runs under load).
   Status sent_locked(Status s, bool took_all) MBMQ_REQUIRES(mu_);
+  // The control socket's sends (Sideband), each judged by sent_locked() against the ring as it
+  // was just before the send.
+  Status send_extent_locked(std::uint32_t e, std::uint32_t gen, std::uint32_t aux, int fd)
+      MBMQ_REQUIRES(mu_) {
+    const bool took_all = tx_.drained();
+    return sent_locked(ctl_.send_extent(e, gen, aux, fd), took_all);
+  }
+  Status send_doorbell_locked(std::uint32_t gen, std::uint32_t q, std::span<const int> fds)
+      MBMQ_REQUIRES(mu_) {
+    const bool took_all = tx_.drained();
+    return sent_locked(ctl_.send_doorbell(gen, q, fds), took_all);
+  }
+  Result<bool> send_handles_locked(BufferId id, std::uint32_t gen, HandlesOf of, const Handles& hs)
+      MBMQ_REQUIRES(mu_) {
+    const bool took_all = tx_.drained();
+    auto sent = ctl_.send_handles(id, gen, of, hs);
+    if (!sent) return fail(sent_locked(fail(sent.error()), took_all).error());
+    return sent;
+  }
   // Reads the control socket until have() holds or nothing is left; a bad packet closes the
   // channel (Errc::Protocol).
   template <class Pred>
@@ -280,8 +299,9 @@ class Endpoint final : public Watched, public std::enable_shared_from_this<Endpo
   // stops at the first look that finds nothing, and at a protocol error.
   std::size_t take_batch_locked(Message* out, std::size_t n) MBMQ_REQUIRES(mu_);
   // receive_in_place()'s look: the leading plain one-way slots of the ring into `in` (one head
-  // store), stopping before anything else. How many; *other: something else is next (a message
-  // of another kind, messages set aside, an untrusted end's copies, the end of the channel).
+  // store); entries that deliver nothing are consumed on the way (accept()), a message of
+  // another kind is set aside and ends the look. How many; *other: something else is next for
+  // receive() (messages set aside, an untrusted end's copies, the end of the channel).
   std::size_t take_in_place_locked(InPlace& in, bool* other) MBMQ_REQUIRES(mu_);
   // (P3) The batch path of send_batch(): the leading buffers that are plain one-way messages in
   // our slots (no handles; a trusted end), one ring entry each and one tail store. How many were

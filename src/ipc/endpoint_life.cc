@@ -58,8 +58,7 @@ int Endpoint::extent_fd_for_test(const Buffer& b) const {
 Status Endpoint::forge_extent_request_for_test(int fd, std::uint32_t gen, std::uint32_t size,
                                                std::uint32_t aux) {
   os::LockGuard lock(mu_);
-  const bool took_all = tx_.drained();  // before the send (sent_locked)
-  MBMQ_TRY(sent_locked(ctl_.send_extent(0, gen, aux, fd), took_all));
+  MBMQ_TRY(send_extent_locked(0, gen, aux, fd));
   return push_locked(
       Desc{BufferId::extent(0).raw(), size, gen, static_cast<std::uint16_t>(DescKind::Request), 0});
 }
@@ -87,8 +86,7 @@ Status Endpoint::redirect(const std::shared_ptr<QueueCore>& queue, std::uint64_t
     q = MBMQ_TRY(queue->reserve());
     if (++my_db_gen_ == 0) ++my_db_gen_;
     const int bell[shm::kDoorbellFds] = {queue->ready_fd(), queue->wait_fd(), sender.get()};
-    const bool took_all = tx_.drained();  // before the send (sent_locked)
-    if (Status sent = sent_locked(ctl_.send_doorbell(my_db_gen_, q, bell), took_all); !sent) {
+    if (Status sent = send_doorbell_locked(my_db_gen_, q, bell); !sent) {
       queue->unreserve(q);
       return sent;
     }

@@ -1,11 +1,13 @@
 // Endpoint: the stream's own path (P3s; mbmq/stream.h). The same transitions as buffers(),
 // send_batch(), receive_batch() and their release, without a Buffer or a Message per message:
 //   reserve   slots Free -> App (BufferTable::alloc_slot), recorded in the Reservation.
-//   commit    App -> LentOneWay, one ring entry each (RingProducer::put), one publish and one
-//             wake-up check (P4) for the batch.
+//   commit    App -> LentOneWay (BufferTable::lend_slots_one_way), one ring entry each
+//             (RingProducer::put_slots), one publish and one wake-up check (P4) for the batch.
 //   unreserve App -> Free (free_own_locked), for the slots not committed.
-//   receive_in_place  the peer's plain one-way slots taken as take_batch_locked() takes them
-//             (take_peer_slot_one_way: held), anything else left in the ring for receive().
+//   receive_in_place  the peer's plain one-way slots taken with the checks take_batch_locked()
+//             makes (BufferTable::take_peer_slot_raw: held); any other entry judged by accept():
+//             what delivers nothing is consumed, a message of another kind set aside for
+//             receive(), a bad one closes the channel.
 //   release_in_place  unheld, and given back together (P7r: one fetch_or per word).
 // What the peer sees is exactly what send_batch() and receive_batch() produce: either end may use
 // either path.
@@ -121,28 +123,32 @@ std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
   }
   std::uint32_t k = 0;
   std::uint64_t bytes = 0;
-  bool taken = false;  // anything taken from the ring: the head moves
-  const std::uint32_t slot_size = seg_.geometry().slot_size;
-  const std::byte* const peer_slots =
-      seg_.slot(static_cast<std::uint32_t>(1 - side_) * table_slots_);
+  const std::uint32_t head0 = rx_.head();
+  const BufferTable::PeerSlots ps = table_.peer_slots();
+  const std::byte* const peer_slots = seg_.slot(ps.base);
   // As poll_locked(): at most a ring's worth of descriptors that deliver nothing.
-  for (std::uint32_t internal = 0; k < InPlace::kMaxMessages && internal < shm::kRingCapacity;) {
-    const shm::RingEntry* e = rx_.ready_entry();
-    if (e == nullptr) break;
-    taken = true;
-    // Each field read once (P5): the peer may be writing them.
-    const std::uint32_t size = e->size;
-    std::uint32_t slot = 0;
-    if (table_.take_peer_slot_raw(e->buffer, e->kind, size, &slot)) {  // (P5) as accept() would
+  for (std::uint32_t internal = 0; k < InPlace::kMaxMessages;) {
+    // The stream's steady state: plain one-way slots, one after another.
+    const shm::RingEntry* e = nullptr;
+    for (; k < InPlace::kMaxMessages; ++k) {
+      e = rx_.ready_entry();
+      if (e == nullptr) break;
+      // Each field read once (P5): the peer may be writing them. Single loads the compiler may
+      // not repeat after the checks (plain reads could be reloaded: a value checked, another
+      // used).
+      const std::uint32_t size = __atomic_load_n(&e->size, __ATOMIC_RELAXED);
+      const std::uint16_t buffer = __atomic_load_n(&e->buffer, __ATOMIC_RELAXED);
+      const std::uint16_t kind = __atomic_load_n(&e->kind, __ATOMIC_RELAXED);
+      std::uint32_t slot = 0;
+      if (!table_.take_peer_slot_raw(ps, buffer, kind, size, &slot)) break;  // (P5) as accept()
       rx_.advance();
-      in.data_[k] = peer_slots + std::size_t{slot} * slot_size;  // trusted: read in place
+      in.data_[k] = peer_slots + std::size_t{slot} * ps.slot_size;  // trusted: read in place
       in.slot_[k] = slot;
       in.size_[k] = size;
       __builtin_prefetch(in.data_[k]);  // as take_batch_locked(): the batch's first lines at once
-      ++k;
       bytes += size;
-      continue;
     }
+    if (e == nullptr || k == InPlace::kMaxMessages) break;
     // Anything else is judged as poll_locked() judges it (the entry copied again, whole: only that
     // copy is used). What delivers nothing (a Return, a release hint, a late reply) is consumed
     // here and the look goes on; a message is set aside for receive(), in its place (nothing
@@ -151,22 +157,22 @@ std::size_t Endpoint::take_in_place_locked(InPlace& in, bool* other) {
     if (!rx_.take(&d)) break;  // cannot happen: ready above, and only we move the head
     const Accepted a = accept(d, nullptr, nullptr);
     if (a == Accepted::Internal) {
-      ++internal;
       const EpState now = state_.load(std::memory_order_acquire);
-      if (now == EpState::Open || now == EpState::PeerClosed) continue;
+      if (++internal < shm::kRingCapacity && (now == EpState::Open || now == EpState::PeerClosed))
+        continue;
     } else if (a == Accepted::Deliver) {
       pending_push(d);
     } else {
       (void)fail_protocol_locked(a == Accepted::Bad ? why_bad_ : "receive: a reply for no call");
     }
-    *other = true;
+    *other = a != Accepted::Internal || state_.load(std::memory_order_acquire) != EpState::Open;
     break;
   }
   // Closed before the ring was found empty: the end is next, for receive() to deliver.
   if (k == 0 && was != EpState::Open) *other = true;
   in.n_ = k;
   // (P5) One head store for the batch, after accept() read any control packets of what it took.
-  if (taken) rx_.release();
+  if (rx_.head() != head0) rx_.release();
   if (k > 0) counters_.count_in_one_way(k, bytes);  // (#18) plain stores, mu_ held
   return k;
 }

@@ -62,13 +62,13 @@ Result<bool> Sideband::send_handles(BufferId id, std::uint32_t gen, HandlesOf of
     shm::HandleMeta meta[shm::kMaxHandles];
   } pkt{};
   std::array<int, os::kMaxFdsPerMsg> fds{};
+  // At most max_handles (<= kMaxHandles) of them below: the same count as check_handles().
+  MBMQ_TRY(check_handles(hs));
   std::uint32_t count = 0;
   std::size_t nfds = 0;
   for (std::uint32_t k = 0; k < hs.count; ++k) {
     const Handle& item = hs.items[k];
     if (item.meta.kind == 0 || item.incoming) continue;  // taken, or the request's own
-    if (count == limits_.max_handles)
-      return fail(Errc::InvalidArgument, "send: more handles than the channel's max_handles");
     pkt.meta[count++] = item.meta;
     fds[nfds++] = item.fd.get();
     if (item.fd2) fds[nfds++] = item.fd2.get();

@@ -1,5 +1,6 @@
 // Hostile review of the stream's own path (#14, de82c01: Channel::reserve(), Reservation::commit(),
-// Channel::receive_in_place(), RingConsumer::untake()). Each test states the guarantee it checks.
+// Channel::receive_in_place(); RingConsumer::untake() then, since removed). Each test states the
+// guarantee it checks.
 // Tests marked "CONFIRMED BUG" failed on de82c01 and pass with the fixes that followed the review
 // (endpoint_stream.cc: internal entries consumed through accept(), an error once the end was
 // delivered; ensure_watched() in reserve() and alloc_until()); tests marked "PRE-EXISTING" failed
@@ -15,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "ipc/inplace_util.h"
 #include "ipc/test_access.h"
 #include "mbmq/mbmq.h"
 #include "os/process.h"
@@ -27,51 +29,15 @@ namespace {
 using namespace std::chrono_literals;
 using test::secs;
 
-ChannelOptions options(WaitMode mode = WaitMode::Adaptive, std::uint32_t slots = 64,
-                       std::uint32_t slot = 256) {
-  ChannelOptions o;
-  o.slots_per_side = slots;
-  o.slot_size = slot;
-  o.wait = WaitPolicy{mode, std::chrono::microseconds(50)};
-  return o;
-}
+using test::free_buffers;
+using test::inplace_options;
+using test::read_msg;
+using test::write_msg;
 
-void write_msg(std::span<std::byte> p, std::uint64_t seq) {
-  std::memcpy(p.data(), &seq, sizeof seq);
-  for (std::size_t i = sizeof seq; i < p.size(); ++i)
-    p[i] = static_cast<std::byte>((seq * 131 + i) & 0xff);
-}
-std::uint64_t read_msg(std::span<const std::byte> p) {
-  std::uint64_t seq = 0;
-  if (p.size() < sizeof seq) return ~std::uint64_t{0};
-  std::memcpy(&seq, p.data(), sizeof seq);
-  for (std::size_t i = sizeof seq; i < p.size(); ++i)
-    if (p[i] != static_cast<std::byte>((seq * 131 + i) & 0xff)) return ~std::uint64_t{0};
-  return seq;
-}
-
-// Sends seqs [first, first + count) through reserve()/commit().
+// Sends seqs [first, first + count) through reserve()/commit() (test::produce_in_place).
 bool produce(Channel& ch, std::uint64_t first, std::uint64_t count, std::size_t size) {
-  Reservation r;
-  std::uint64_t seq = first;
-  while (seq < first + count) {
-    auto n = ch.reserve(r, size, std::min<std::uint64_t>(32, first + count - seq), secs(5));
-    if (!n) return false;
-    for (std::size_t i = 0; i < *n; ++i) write_msg(r.slot(i), seq + i);
-    auto k = r.commit(*n);
-    if (!k) return false;
-    seq += *k;
-  }
-  return true;
-}
-
-std::size_t free_buffers(Channel& ch, std::size_t size) {
-  std::vector<Buffer> held;
-  for (;;) {
-    auto b = ch.buffer(size);
-    if (!b) return held.size();
-    held.push_back(std::move(*b));
-  }
+  Status why;
+  return test::produce_in_place(ch, first, count, size, 32, secs(5), &why) == count;
 }
 
 shm::Direction* dir0(Channel& side0) {
@@ -88,7 +54,7 @@ shm::Direction* dir0(Channel& side0) {
 // Cause: endpoint_stream.cc take_in_place_locked(): every descriptor take_peer_slot_one_way()
 // refuses is untaken, including those that deliver nothing.
 TEST(ReviewInPlace, AReturnDescriptorAheadOfTheStreamIsNotAMessageOfAnotherKind) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [a, b] = *p;
   // b sends a one-way extent to a; a drops it: its Return descriptor goes into b's inbound ring.
@@ -120,7 +86,7 @@ TEST(ReviewInPlace, AReturnDescriptorAheadOfTheStreamIsNotAMessageOfAnotherKind)
 // that timed out (Abandoned: consumed silently by receive()) ahead of the stream. The fix must
 // cover Reply too (accept(): Internal -> go on), not only Return and ReleaseExtent.
 TEST(ReviewInPlace, ALateReplyAheadOfTheStreamIsNotAMessageOfAnotherKind) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [a, b] = *p;
   auto buf = b.buffer(16);
@@ -152,7 +118,7 @@ TEST(ReviewInPlace, ALateReplyAheadOfTheStreamIsNotAMessageOfAnotherKind) {
 // first), in every wait mode. (Passed on de82c01.)
 TEST(ReviewInPlace, CloseFromAnotherThreadEndsWaitingReserveAndReceiveInPlace) {
   for (WaitMode mode : {WaitMode::Spin, WaitMode::Adaptive, WaitMode::Sleep}) {
-    auto p = Channel::pair(options(mode, 16));
+    auto p = Channel::pair(inplace_options(mode, 16));
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     Reservation full;
@@ -193,7 +159,7 @@ TEST(ReviewInPlace, CloseFromAnotherThreadEndsWaitingReserveAndReceiveInPlace) {
 // endpoint_stream.cc receive_in_place(): only LocalClosed is an error; take_in_place_locked()
 // says *other for any state but Open, end_reported_ or not.
 TEST(ReviewInPlace, AfterTheEndReceiveInPlaceFailsAsReceiveDoes) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   tx.close();
@@ -218,7 +184,7 @@ TEST(ReviewInPlace, AfterTheEndReceiveInPlaceFailsAsReceiveDoes) {
 // place: not taken (held), left to receive(), which closes the channel; the bytes being read are
 // not given back. (Passed on de82c01.)
 TEST(ReviewInPlace, AHostileDescriptorNamingAHeldSlotIsNotTakenTwice) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   ASSERT_TRUE(produce(tx, 0, 1, 64));
@@ -251,7 +217,7 @@ TEST(ReviewInPlace, AHostileDescriptorNamingAHeldSlotIsNotTakenTwice) {
 // none of them is freed, no slot is handed out twice, and the stream arrives intact.
 // (Passed on de82c01.)
 TEST(ReviewInPlace, ScribbledReturnedBitsNeverFreeAReservedSlot) {
-  auto p = Channel::pair(options(WaitMode::Adaptive, 64));
+  auto p = Channel::pair(inplace_options(WaitMode::Adaptive, 64));
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   Reservation r1, r2;
@@ -281,8 +247,8 @@ TEST(ReviewInPlace, ScribbledReturnedBitsNeverFreeAReservedSlot) {
 // A Reservation used with another channel gives the first one's slots back, and commits to the
 // second. (Passed on de82c01.)
 TEST(ReviewInPlace, AReservationReusedOnAnotherChannelGivesTheFirstsSlotsBack) {
-  auto p = Channel::pair(options());
-  auto q = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
+  auto q = Channel::pair(inplace_options());
   ASSERT_TRUE(p && q);
   auto& [a, b] = *p;
   auto& [c, d] = *q;
@@ -306,7 +272,7 @@ TEST(ReviewInPlace, AReservationAndAnInPlaceOutliveTheirChannel) {
   Reservation r;
   InPlace in;
   {
-    auto p = Channel::pair(options());
+    auto p = Channel::pair(inplace_options());
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     ASSERT_EQ(*tx.reserve(r, 64, 4, secs(5)), 4u);
@@ -322,7 +288,7 @@ TEST(ReviewInPlace, AReservationAndAnInPlaceOutliveTheirChannel) {
   write_msg(r.slot(0), 8);  // still mapped
   r.reset();
   in.reset();
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   ASSERT_TRUE(produce(p->first, 0, 1, 64));
   ASSERT_EQ(*p->second.receive_in_place(in, secs(5)), 1u);
@@ -333,7 +299,7 @@ TEST(ReviewInPlace, AReservationAndAnInPlaceOutliveTheirChannel) {
 // the first waits. (Passed on de82c01.)
 TEST(ReviewInPlace, AnotherThreadsCallsHonourTheirDeadlinesWhileOneWaitsInPlace) {
   for (WaitMode mode : {WaitMode::Spin, WaitMode::Adaptive, WaitMode::Sleep}) {
-    auto p = Channel::pair(options(mode));
+    auto p = Channel::pair(inplace_options(mode));
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     std::atomic<bool> started{false};
@@ -376,7 +342,7 @@ TEST(ReviewInPlace, AnotherThreadsCallsHonourTheirDeadlinesWhileOneWaitsInPlace)
 // (Passed on de82c01.)
 TEST(ReviewInPlace, AReserveWaitingForRoomIsWokenByALocalUnreserve) {
   for (WaitMode mode : {WaitMode::Spin, WaitMode::Adaptive, WaitMode::Sleep}) {
-    auto p = Channel::pair(options(mode, 16));
+    auto p = Channel::pair(inplace_options(mode, 16));
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     Reservation r1;
@@ -403,7 +369,7 @@ TEST(ReviewInPlace, AReserveWaitingForRoomIsWokenByALocalUnreserve) {
 // first, in order, through receive(); receive_in_place() says 0 until they are all taken, then
 // the stream goes on in place. (Passed on de82c01.)
 TEST(ReviewInPlace, MessagesSetAsideByACallKeepTheirPlaceInTheStream) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [a, b] = *p;
   std::thread server([&] {
@@ -437,7 +403,7 @@ TEST(ReviewInPlace, MessagesSetAsideByACallKeepTheirPlaceInTheStream) {
 // A consumer end redirected to a MsgQueue: receive_in_place() is refused (InvalidArgument), and
 // what reserve()/commit() sends arrives through the queue, woken (Sleep mode). (Passed on de82c01.)
 TEST(ReviewInPlace, ARedirectedConsumerGetsCommittedMessagesThroughItsQueue) {
-  auto p = Channel::pair(options(WaitMode::Sleep));
+  auto p = Channel::pair(inplace_options(WaitMode::Sleep));
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   auto q = MsgQueue::create(WaitPolicy{WaitMode::Sleep, std::chrono::microseconds(0)});
@@ -464,7 +430,7 @@ TEST(ReviewInPlace, ARedirectedConsumerGetsCommittedMessagesThroughItsQueue) {
 // An untrusted producer end streams through reserve()/commit() to a cooperative consumer reading
 // in place. (Passed on de82c01.)
 TEST(ReviewInPlace, AnUntrustedProducerStreamsToACooperativeConsumerInPlace) {
-  ChannelOptions o = options();
+  ChannelOptions o = inplace_options();
   o.trust = {Trust::Untrusted, Trust::Cooperative};
   auto p = Channel::pair(o);
   ASSERT_TRUE(p);
@@ -489,7 +455,7 @@ TEST(ReviewInPlace, AnUntrustedProducerStreamsToACooperativeConsumerInPlace) {
 // WouldBlock. (Passed on de82c01.)
 TEST(ReviewInPlace, AHostileHeadFailsCommitWithoutLosingTheReservation) {
   {
-    auto p = Channel::pair(options());
+    auto p = Channel::pair(inplace_options());
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     Reservation r;
@@ -503,7 +469,7 @@ TEST(ReviewInPlace, AHostileHeadFailsCommitWithoutLosingTheReservation) {
     (void)rx;
   }
   {
-    auto p = Channel::pair(options());
+    auto p = Channel::pair(inplace_options());
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     Reservation r;
@@ -523,7 +489,7 @@ TEST(ReviewInPlace, AHostileHeadFailsCommitWithoutLosingTheReservation) {
 // room until its deadline (Deadline::never(): forever) instead of ending with PeerClosed.
 // Cause: endpoint_stream.cc reserve() (and endpoint.cc alloc_until()) do not ensure_watched().
 int forked_producer_outcome(bool in_place) {
-  auto p = Channel::pair(options(WaitMode::Adaptive, 16));
+  auto p = Channel::pair(inplace_options(WaitMode::Adaptive, 16));
   if (!p) return -1;
   auto& [producer, consumer] = *p;
   // The producer: a child of its own (its end was never watched in its process).
@@ -584,6 +550,38 @@ TEST(ReviewInPlace, AForkedProducerInReserveLearnsOfTheConsumersDeath) {
 
 TEST(ReviewInPlace, AForkedProducerInBuffersLearnsOfTheDeath) {
   EXPECT_EQ(forked_producer_outcome(false), 0) << "2: buffers() waited to its deadline (TimedOut)";
+}
+
+// Second review (2026-12-03): reserve() with no slot free reaps the ring for its own buffers (as
+// alloc() does) and sets the messages it passes aside; receive_in_place() then says 0 (documented:
+// "messages of any kind were set aside earlier") and receive() delivers them, in order, as plain
+// messages; once they are taken, the stream goes on in place.
+TEST(ReviewInPlace, PlainMessagesSetAsideByReserveComeThroughReceiveInOrder) {
+  auto p = Channel::pair(inplace_options());  // 64 slots a side
+  ASSERT_TRUE(p);
+  auto& [a, b] = *p;
+  ASSERT_TRUE(produce(a, 0, 3, 64));
+  Reservation all, more;
+  ASSERT_EQ(*b.reserve(all, 64, 64, secs(5)), 64u);  // b's pool: all reserved
+  auto r = b.reserve(more, 64, 1, Deadline::after(20ms));
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, Errc::TimedOut);
+  InPlace in;
+  for (std::uint64_t seq = 0; seq < 3; ++seq) {
+    auto n = b.receive_in_place(in, secs(5));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(*n, 0u);
+    auto m = b.receive(secs(5));
+    ASSERT_TRUE(m) << m.error().message();
+    EXPECT_EQ(m->kind, Kind::Message);
+    EXPECT_EQ(read_msg(m->buffer.data()), seq);
+  }
+  ASSERT_TRUE(produce(a, 3, 2, 64));
+  auto n = b.receive_in_place(in, secs(5));
+  ASSERT_TRUE(n);
+  ASSERT_EQ(*n, 2u);
+  EXPECT_EQ(read_msg(in[0]), 3u);
+  EXPECT_EQ(read_msg(in[1]), 4u);
 }
 
 }  // namespace

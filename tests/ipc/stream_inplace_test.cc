@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "alloc_count.h"  // bench/: the counting global operator new
+#include "ipc/inplace_util.h"
 #include "ipc/test_access.h"
 #include "mbmq/mbmq.h"
 #include "os/process.h"
@@ -30,49 +31,15 @@ namespace {
 using namespace std::chrono_literals;
 using test::secs;
 
-ChannelOptions options(WaitMode mode = WaitMode::Adaptive, std::uint32_t slots = 64,
-                       std::uint32_t slot = 256) {
-  ChannelOptions o;
-  o.slots_per_side = slots;
-  o.slot_size = slot;
-  o.wait = WaitPolicy{mode, std::chrono::microseconds(50)};
-  return o;
-}
+using test::free_buffers;
+using test::inplace_options;
+using test::read_msg;
+using test::write_msg;
 
-// Message `seq`: its number, then bytes derived from it, `n` bytes in all (>= 8).
-void write_msg(std::span<std::byte> p, std::uint64_t seq) {
-  std::memcpy(p.data(), &seq, sizeof seq);
-  test::fill(p.subspan(sizeof seq), seq);
-}
-// The sequence number if the message is intact, else ~0.
-std::uint64_t read_msg(std::span<const std::byte> p) {
-  std::uint64_t seq = 0;
-  if (p.size() < sizeof seq) return ~std::uint64_t{0};
-  std::memcpy(&seq, p.data(), sizeof seq);
-  return test::check(p.subspan(sizeof seq), seq) ? seq : ~std::uint64_t{0};
-}
-
-// Sends `count` messages of `size` bytes through reserve()/commit(), up to `batch` at a time,
-// waiting for room until `deadline`. How many were sent; stops at the first error (*why).
+// Sends messages 0 .. count - 1 of `size` bytes, up to `batch` at a time (test::produce_in_place).
 std::uint64_t produce(Channel& ch, std::uint64_t count, std::size_t size, std::size_t batch,
                       Deadline deadline, Status* why) {
-  Reservation r;
-  std::uint64_t seq = 0;
-  while (seq < count) {
-    auto n = ch.reserve(r, size, std::min<std::uint64_t>(batch, count - seq), deadline);
-    if (!n) {
-      *why = fail(n.error());
-      return seq;
-    }
-    for (std::size_t i = 0; i < *n; ++i) write_msg(r.slot(i), seq + i);
-    auto k = r.commit(*n);
-    if (!k) {
-      *why = fail(k.error());
-      return seq;
-    }
-    seq += *k;
-  }
-  return seq;
+  return test::produce_in_place(ch, 0, count, size, batch, deadline, why);
 }
 
 // Receives in place until `count` messages, or until receive_in_place() says another kind of
@@ -110,18 +77,8 @@ std::uint64_t consume(Channel& ch, std::uint64_t count, Deadline deadline, bool*
   return next;
 }
 
-// How many buffers of `size` the end can have at once now (each taken, then all dropped).
-std::size_t free_buffers(Channel& ch, std::size_t size) {
-  std::vector<Buffer> held;
-  for (;;) {
-    auto b = ch.buffer(size);
-    if (!b) return held.size();
-    held.push_back(std::move(*b));
-  }
-}
-
 TEST(StreamInPlace, ReservedSlotsArriveInOrderWithTheirOwnSizes) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   Reservation r;
@@ -160,7 +117,7 @@ TEST(StreamInPlace, ReservedSlotsArriveInOrderWithTheirOwnSizes) {
 
 // Either end may use either API: reserve/commit to receive_batch, send_batch to receive_in_place.
 TEST(StreamInPlace, MixesWithTheBufferApiBothWays) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [a, b] = *p;
   Status why;
@@ -188,7 +145,7 @@ TEST(StreamInPlace, MixesWithTheBufferApiBothWays) {
 // Slots reserved and not committed go back: at reset(), at the next reserve() into the same
 // Reservation, and when it is destroyed.
 TEST(StreamInPlace, SlotsNotCommittedGoBackToThePool) {
-  auto p = Channel::pair(options(WaitMode::Adaptive, 64));
+  auto p = Channel::pair(inplace_options(WaitMode::Adaptive, 64));
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   {
@@ -210,7 +167,7 @@ TEST(StreamInPlace, SlotsNotCommittedGoBackToThePool) {
 }
 
 TEST(StreamInPlace, BadArgumentsAreRefusedAndLeaveNothingReserved) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   Reservation r;
@@ -248,7 +205,7 @@ TEST(StreamInPlace, BadArgumentsAreRefusedAndLeaveNothingReserved) {
 // and returns as soon as the consumer gives a batch back (from another thread).
 TEST(StreamInPlace, ReserveWaitsForRoomAndHonoursItsDeadline) {
   for (WaitMode mode : {WaitMode::Spin, WaitMode::Adaptive, WaitMode::Sleep}) {
-    auto p = Channel::pair(options(mode, 16));
+    auto p = Channel::pair(inplace_options(mode, 16));
     ASSERT_TRUE(p);
     auto& [tx, rx] = *p;
     Status why;
@@ -277,7 +234,7 @@ TEST(StreamInPlace, ReserveWaitsForRoomAndHonoursItsDeadline) {
 // A message of another kind (handles, a request, an extent) is left for receive(), in its place
 // in the stream: receive_in_place() stops before it and returns 0 when it is next.
 TEST(StreamInPlace, AMessageOfAnotherKindIsLeftForReceiveInItsPlace) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   Status why;
@@ -320,7 +277,7 @@ TEST(StreamInPlace, AMessageOfAnotherKindIsLeftForReceiveInItsPlace) {
 // 15 of 40 runs under load before: the producer's exit turned its last messages into "another
 // kind"). Then, once receive() has delivered the end, the error receive() gives.
 TEST(StreamInPlace, MessagesPublishedBeforeThePeerClosedAreStillReadInPlace) {
-  auto p = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
   ASSERT_TRUE(p);
   auto& [tx, rx] = *p;
   Status why;
@@ -344,7 +301,7 @@ TEST(StreamInPlace, MessagesPublishedBeforeThePeerClosedAreStillReadInPlace) {
 // An untrusted end copies every payload: receive_in_place() never shows it the peer's memory, and
 // says so by returning 0; receive() delivers the copies.
 TEST(StreamInPlace, AnUntrustedEndIsToldToUseReceive) {
-  ChannelOptions o = options();
+  ChannelOptions o = inplace_options();
   o.trust = {Trust::Cooperative, Trust::Untrusted};
   auto p = Channel::pair(o);
   ASSERT_TRUE(p);
@@ -362,8 +319,8 @@ TEST(StreamInPlace, AnUntrustedEndIsToldToUseReceive) {
 // receive_in_place() leaves it to receive(), which closes this channel with Protocol; another
 // channel streams on.
 TEST(StreamInPlace, AScribbledDescriptorClosesOnlyItsChannel) {
-  auto p = Channel::pair(options());
-  auto q = Channel::pair(options());
+  auto p = Channel::pair(inplace_options());
+  auto q = Channel::pair(inplace_options());
   ASSERT_TRUE(p && q);
   auto& [tx, rx] = *p;
   Status why;
@@ -391,7 +348,7 @@ TEST(StreamInPlace, AScribbledDescriptorClosesOnlyItsChannel) {
 
 // The producer is killed mid-stream: the consumer gets an unbroken prefix, then PeerClosed.
 TEST(StreamInPlace, AProducerKilledMidStreamLeavesAnUnbrokenPrefixThenPeerClosed) {
-  auto p = Channel::pair(options(WaitMode::Adaptive, 16));
+  auto p = Channel::pair(inplace_options(WaitMode::Adaptive, 16));
   ASSERT_TRUE(p);
   auto& [producer, consumer] = *p;
   pid_t child = test::spawn([&] {
@@ -419,7 +376,7 @@ TEST(StreamInPlace, AProducerKilledMidStreamLeavesAnUnbrokenPrefixThenPeerClosed
 // The consumer is killed mid-stream: the producer's next reserve() or commit() ends with
 // PeerClosed, well before its deadline.
 TEST(StreamInPlace, AConsumerKilledMidStreamEndsTheProducerWithPeerClosed) {
-  auto p = Channel::pair(options(WaitMode::Adaptive, 16));
+  auto p = Channel::pair(inplace_options(WaitMode::Adaptive, 16));
   ASSERT_TRUE(p);
   auto& [producer, consumer] = *p;
   pid_t child = test::spawn([&] {
@@ -450,7 +407,7 @@ TEST(StreamInPlace, AConsumerKilledMidStreamEndsTheProducerWithPeerClosed) {
 // (threads of one process; the os/ layer counts per thread), 100,000 messages.
 TEST(StreamInPlace, NoSystemCallOrAllocationPerMessageWhileTheReceiverSpins) {
   constexpr std::uint64_t kCount = 100'000;
-  auto p = Channel::pair(options(WaitMode::Spin, 64, 64));
+  auto p = Channel::pair(inplace_options(WaitMode::Spin, 64, 64));
   ASSERT_TRUE(p);
   auto& [producer, consumer] = *p;
   Status why;
@@ -495,7 +452,7 @@ TEST(StreamInPlace, SoakNothingLostDuplicatedReorderedOrCorrupted) {
   auto size_of = [](std::uint64_t s) -> std::size_t {
     return s % 1000 == 999 ? 65536 : 8 + s % 1017;
   };
-  auto p = Channel::pair(options(WaitMode::Adaptive, 64, 1024));
+  auto p = Channel::pair(inplace_options(WaitMode::Adaptive, 64, 1024));
   ASSERT_TRUE(p);
   auto& [producer, consumer] = *p;
   pid_t child = test::spawn(
