@@ -19,6 +19,7 @@
 #include "net/core.h"
 #include "net/net_access.h"
 #include "net/net_pair.h"
+#include "net/net_util.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -403,35 +404,56 @@ TEST(NetListenQueue, ManyClientsConnectingAtOnceAreEachDeliveredOnce) {
 // progresses its worker, the listener's, and so the handshakes): the first `backlog` clients
 // connect, the rest are refused and counted; once accept() takes one, the next client connects.
 // Before, there was no bound.
+// The clients run in a child process forked before this process loads UCX: Debian's UCX 1.13
+// can abort (tcp_sockcm_ep.c:416, an assertion in its async thread) when a listener rejects
+// clients of its own process (README "Not done yet"; CI hit it here once under ASan, 2026-12-03).
 TEST(NetBacklog, ConnectionsBeyondTheBacklogAreRefusedUntilAcceptTakesOne) {
   ::setenv("UCX_TLS", "tcp", 1);
   test::Watchdog dog("the test", 90s);
+  test::Pipe port = test::Pipe::make(), taken = test::Pipe::make(), ready = test::Pipe::make(),
+             go = test::Pipe::make();
+  // The child's exit code says which step failed (0: all as expected).
+  const pid_t child = test::spawn(
+      [&]() -> int {
+        const std::uint32_t p = port.get();
+        if (p == 0) return 2;
+        auto first = net::connect(url(p), secs(10));  // accepted by the parent
+        if (!first) return 3;
+        if (taken.get() != 1) return 8;  // out of the backlog before the next ones
+        std::vector<net::Channel> held;
+        for (int i = 0; i < 3; ++i) {  // the backlog: connected, not yet accepted
+          auto ch = net::connect(url(p), secs(10));
+          if (!ch) return 4;
+          held.push_back(std::move(*ch));
+        }
+        for (int i = 0; i < 2; ++i) {  // beyond it
+          auto ch = net::connect(url(p), secs(10));
+          if (ch || ch.error().code != Errc::Refused) return 5;
+        }
+        ready.put(1);
+        if (go.get() != 1) return 6;  // the parent accepted one: room for one more
+        auto last = net::connect(url(p), secs(10));
+        return last ? 0 : 7;
+      },
+      60);
+  ASSERT_GT(child, 0);
   net::ListenOptions lo;
   lo.backlog = 3;
   auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
   ASSERT_TRUE(l) << l.error().message();
-  std::optional<Result<net::Channel>> first;
-  std::thread t([&] { first.emplace(net::connect(url(l->port()), secs(10))); });
+  port.put(l->port());
   auto s0 = l->accept(secs(10));
-  t.join();
   ASSERT_TRUE(s0) << s0.error().message();
-  ASSERT_TRUE(*first) << (*first).error().message();
-  std::vector<net::Channel> held;
-  for (int i = 0; i < 3; ++i) {
-    auto ch = net::connect(url(l->port()), secs(10));
-    ASSERT_TRUE(ch) << i << ": " << ch.error().message();
-    held.push_back(std::move(*ch));
-  }
-  for (int i = 0; i < 2; ++i) {
-    auto ch = net::connect(url(l->port()), secs(10));
-    ASSERT_FALSE(ch) << "a connection beyond the backlog";
-    EXPECT_EQ(ch.error().code, Errc::Refused) << ch.error().message();
-  }
+  taken.put(1);
+  ASSERT_EQ(ready.get(), 1u) << "the child failed: exit " << test::join(child);
   EXPECT_EQ(l->stats().refused_backlog, 2u);
   auto s = l->accept(secs(10));
   ASSERT_TRUE(s) << s.error().message();
-  auto ch = net::connect(url(l->port()), secs(10));
-  ASSERT_TRUE(ch) << ch.error().message();
+  go.put(1);
+  std::vector<net::Channel> served;
+  for (Deadline d = secs(10); l->stats().accepted < 5 && !d.expired();)
+    if (auto c = l->accept(Deadline::after(10ms))) served.push_back(std::move(*c));
+  EXPECT_EQ(test::join(child), 0);
   EXPECT_EQ(l->stats().accepted, 5u);
   net::ListenOptions zero;
   zero.backlog = 0;

@@ -113,12 +113,14 @@ TEST(WaitTimeout, AHugeTimeoutDoesNotWrapIntoAShortOne) {
   auto s = os::stream_pair();
   ASSERT_TRUE(s);
   const std::int64_t huge = ((std::int64_t{1} << 32) + 1) * 1'000'000;
+  // Before the writer starts: its 100 ms begin after t0 (taken after the thread's start, under
+  // ASan on a loaded CI the main thread came back 30 ms late and "waited" 70 ms).
+  const std::int64_t t0 = monotonic_ns();
   std::thread writer([fd = s->second.get()] {
     std::this_thread::sleep_for(milliseconds(100));
     const std::byte b{1};
     (void)os::send_msg(fd, {&b, 1}, {});
   });
-  const std::int64_t t0 = monotonic_ns();
   auto r = os::wait_readable(s->first.get(), huge);
   const std::int64_t waited = monotonic_ns() - t0;
   writer.join();
