@@ -409,7 +409,8 @@ TEST(NetListenQueue, ManyClientsConnectingAtOnceAreEachDeliveredOnce) {
 // clients of its own process (README "Not done yet"; CI hit it here once under ASan, 2026-12-03).
 TEST(NetBacklog, ConnectionsBeyondTheBacklogAreRefusedUntilAcceptTakesOne) {
   ::setenv("UCX_TLS", "tcp", 1);
-  test::Watchdog dog("the test", 90s);
+  // Forked while this process has one thread (TSan refuses threads in a child forked from a
+  // multi-threaded process): the watchdog starts after the fork.
   test::Pipe port = test::Pipe::make(), taken = test::Pipe::make(), ready = test::Pipe::make(),
              go = test::Pipe::make();
   // The child's exit code says which step failed (0: all as expected).
@@ -437,6 +438,7 @@ TEST(NetBacklog, ConnectionsBeyondTheBacklogAreRefusedUntilAcceptTakesOne) {
       },
       60);
   ASSERT_GT(child, 0);
+  test::Watchdog dog("the test", 90s);
   net::ListenOptions lo;
   lo.backlog = 3;
   auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
