@@ -1,25 +1,21 @@
 // examples/echo_client.cc: `echo_client NAME` makes one call to the echo server NAME and exits 0
 // when the echo came back intact. `echo_client NAME --loop` calls until an error, then prints the
 // error (for example peer-closed, when the server is killed) and exits 1. NAME may also be a
-// "ucx://HOST:PORT/service" URL (mbmq::net, #19) where the build has UCX: the same code runs on a
-// net::Channel, which has the local channel's method names.
+// "ucx://HOST:PORT/service" URL (mbmq::net, #19) where the build links mbmq::net: mbmq::connect
+// then returns a remote mbmq::Channel, and the same code runs on it.
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <string_view>
 
 #include "mbmq/mbmq.h"
-#ifdef MBMQ_EXAMPLE_NET
-#include "mbmq/net.h"
-#endif
 
 using namespace std::chrono_literals;
 
 namespace {
 
-// Calls on `ch` (an mbmq::Channel or an mbmq::net::Channel) as the usage above says.
-template <class ChannelResult>
-int run(ChannelResult ch, const char* name, bool loop) {
+// Calls on `ch` (a local or a remote end) as the usage above says.
+int run(mbmq::Result<mbmq::Channel> ch, const char* name, bool loop) {
   if (!ch) {
     std::fprintf(stderr, "echo_client: connect %s: %s\n", name, ch.error().message().c_str());
     return 1;
@@ -58,9 +54,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: echo_client NAME|ucx://HOST:PORT/service [--loop]\n");
     return 2;
   }
-#ifdef MBMQ_EXAMPLE_NET
-  if (std::string_view(argv[1]).substr(0, 6) == "ucx://")
-    return run(mbmq::net::connect(argv[1], mbmq::Deadline::after(2s)), argv[1], loop);
-#endif
   return run(mbmq::connect(argv[1], mbmq::Deadline::after(2s)), argv[1], loop);
 }

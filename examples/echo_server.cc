@@ -2,9 +2,10 @@
 // comes back unchanged (it is already in the caller's buffer: the echo costs no copy). The
 // listeners are redirected to one queue, so one loop serves new connections and requests alike.
 // A NAME may be `ucx://ADDR:PORT/service` (mbmq::net, #19, where the build has UCX): that
-// listener is redirected to the same queue, and its remote clients are served by the same loop
-// (net::accepted, net::adopt: no thread of ours per client or in accept(), and the request is
-// answered in the memory it arrived in).
+// listener is redirected to the same queue, and its remote clients are served by the same loop:
+// their connections arrive as the same mbmq::Channel type (a remote end), adopted by the same
+// line (no thread of ours per client or in accept(), and the request is answered in the memory
+// it arrived in).
 #include <cstdint>
 #include <cstdio>
 #include <string_view>
@@ -64,20 +65,8 @@ int main(int argc, char** argv) {
     switch (msg->kind) {
       case mbmq::Kind::Connection: {
         // The queue owns the channel from here on, until its client goes away.
-        mbmq::Status r;
-#ifdef MBMQ_EXAMPLE_NET
-        if (msg->remote.valid()) {  // a remote client (a net::Listener's)
-          auto ch = mbmq::net::accepted(*msg);
-          if (ch)
-            r = mbmq::net::adopt(*queue, std::move(*ch), next_key++);
-          else
-            r = mbmq::fail(ch.error());
-        } else {
-          r = queue->adopt(std::move(msg->channel), next_key++);
-        }
-#else
-        r = queue->adopt(std::move(msg->channel), next_key++);
-#endif
+        // A local Listener's or a net::Listener's (a remote end): the same Channel type.
+        mbmq::Status r = queue->adopt(std::move(msg->channel), next_key++);
         if (!r) std::fprintf(stderr, "echo_server: adopt: %s\n", r.error().message().c_str());
         break;
       }

@@ -18,6 +18,27 @@
 // Memory ordering: everything written into a buffer before send()/call() is visible to the peer
 // when it receives that buffer, and everything the peer wrote before replying is visible when
 // call() returns.
+//
+// A remote end: mbmq::connect("ucx://HOST:PORT/service", deadline) with mbmq::net linked
+// (mbmq/net.h), or the Kind::Connection of a redirected mbmq::net::Listener, or
+// mbmq::net::as_channel(). The same methods, results and errors, over UCX instead of shared
+// memory, except:
+//  - its buffers are private memory of this process that UCX sends from and receives into (over
+//    TCP the kernel copies them); a call's reply arrives in `buf` but may move its bytes (data()
+//    changes; as an untrusted end's private copy may);
+//  - a call() that times out may leave `buf` valid (UCX had sent its bytes: they are ours again)
+//    instead of giving it up;
+//  - buffer(size) never waits (no pool); buffer(size, deadline) waits until the peer's grant
+//    (flow control, mbmq/net.h) has room for a message of that size, so a streaming producer
+//    that takes its buffers so is paced as by a local pool; send() gets Errc::WouldBlock when
+//    the grant is used up;
+//  - reserve() is Errc::InvalidArgument (no shared slots to write in place); receive_in_place()
+//    returns 0 at once (take messages with receive() or receive_batch(), as an untrusted end);
+//    send_over() and Buffer::attach() of a remote end are Errc::InvalidArgument (an end cannot
+//    leave its process), and its buffers carry no handles ("handles cannot cross hosts");
+//  - Buffer::id() tells buffers in flight apart but does not match a Kind::Reply to its
+//    send_request() (match them by content; mbmq/asio.h's async_call is for local ends);
+//  - thread safety is mbmq::net::Channel's: one thread at a time, but for close().
 #pragma once
 
 #include <array>
@@ -39,6 +60,7 @@ class MsgQueue;
 struct Message;
 namespace detail {
 class Endpoint;
+class ForeignChannel;
 struct TestAccess;
 struct ChannelAccess;
 }  // namespace detail
@@ -172,6 +194,8 @@ class MBMQ_EXPORT Channel {
 
   void set_wait_policy(WaitPolicy policy);
   bool valid() const noexcept;  // false once closed
+  // Whether this is a remote end (see the top of this header), open or closed.
+  bool is_remote() const noexcept { return ep_ == nullptr && remote_ != nullptr; }
   // Closes this end now. The peer's pending and future calls return PeerClosed once every copy
   // of this end (e.g. across fork) is closed. Safe while other threads are inside call() or
   // receive() on it, or about to enter them: they return Errc::InvalidArgument ("closed"). The
@@ -191,7 +215,13 @@ class MBMQ_EXPORT Channel {
   friend struct detail::TestAccess;
   friend struct detail::ChannelAccess;
   explicit Channel(std::shared_ptr<detail::Endpoint> ep) noexcept : ep_(std::move(ep)) {}
+  explicit Channel(std::shared_ptr<detail::ForeignChannel> r) noexcept : remote_(std::move(r)) {}
+  Result<std::size_t> remote_buffers(std::size_t size, std::span<Buffer> out, Deadline deadline);
+  Result<std::size_t> remote_send_batch(std::span<Buffer> bufs);
   std::shared_ptr<detail::Endpoint> ep_;
+  // A remote end instead (ep_ then null): ipc/foreign_channel.h. Looked at only where ep_ is
+  // null, so a local end's methods take no extra branch.
+  std::shared_ptr<detail::ForeignChannel> remote_;
 };
 
 }  // namespace mbmq

@@ -39,31 +39,13 @@ struct QueueAccess;
 }  // namespace detail
 class Listener;
 
-// A connection accepted by a redirected mbmq::net::Listener (mbmq/net.h), opaque here (the core
-// library does not know mbmq::net's types): take it with mbmq::net::accepted(msg). Dropped, the
-// connection closes and the client sees PeerClosed.
-class RemoteEnd {
- public:
-  RemoteEnd() noexcept = default;
-  RemoteEnd(RemoteEnd&&) noexcept = default;
-  RemoteEnd& operator=(RemoteEnd&&) noexcept = default;
-  RemoteEnd(const RemoteEnd&) = delete;  // one owner, as Message::channel
-  RemoteEnd& operator=(const RemoteEnd&) = delete;
-  ~RemoteEnd() = default;
-  bool valid() const noexcept { return end_ != nullptr; }
-
- private:
-  friend struct detail::QueueAccess;  // mbmq::net sets and takes it
-  std::shared_ptr<void> end_;
-};
-
 enum class Kind : std::uint8_t {
   Request,     // answer with reply() or reply_and_wait(); dropping it answers NoReply
   Reply,       // the answer to a send_request(); the buffer is ours again
   Message,     // one-way; dropping the buffer gives it back to the sender
   PeerClosed,  // the channel ended: `error` says PeerClosed or Protocol; the buffer is empty
   Connection,  // a Listener redirected here accepted a client: `channel` is the server's end
-               // (a net::Listener's: `remote`)
+               // (a net::Listener's: a remote end, mbmq/channel.h)
   Sample,      // a topic's sample for a Subscriber redirected here: `sample` (mbmq/topic.h)
 };
 
@@ -75,14 +57,12 @@ struct Message {
   // Kind::PeerClosed with Errc::Protocol: which rule the peer broke (a static string, e.g.
   // "receive (untrusted): payload above copy_threshold not in a sealed memfd"); else "".
   const char* why = "";
-  // Kind::Connection only: the new channel. Keep it, or adopt() it into a queue; dropped, it
-  // closes and the client sees PeerClosed.
+  // Kind::Connection only: the new channel (of a redirected mbmq::net::Listener: a remote end,
+  // mbmq/channel.h). Keep it, or adopt() it into a queue; dropped, it closes and the client sees
+  // PeerClosed.
   Channel channel;
   // Kind::Sample only: the sample, read-only; dropping it releases it.
   Sample sample;
-  // Kind::Connection of a redirected mbmq::net::Listener only (then `channel` is empty): the
-  // accepted remote channel, taken with mbmq::net::accepted(msg).
-  RemoteEnd remote;
 };
 
 class MBMQ_EXPORT MsgQueue {

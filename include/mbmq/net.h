@@ -46,6 +46,7 @@ class ChannelCore;
 class ListenCore;
 class NetSource;
 class Queued;
+class RemoteEnd;
 struct ReplyToken;
 class Spares;
 }  // namespace detail
@@ -58,6 +59,12 @@ Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key);
 // (Listener::redirect; msg.remote), taken out of the message: keep it, or net::adopt() it.
 // Errc::InvalidArgument if msg holds none (a local Listener's connection is msg.channel).
 Result<Channel> accepted(mbmq::Message& msg);
+
+// `channel` as an mbmq::Channel (a remote end: mbmq/channel.h), so that code written for local
+// channels serves it unchanged: what mbmq::connect("ucx://...") returns, here for a channel made
+// with net::connect's own options or taken from net::Listener::accept. `channel` is left empty.
+// Errc::InvalidArgument for a closed channel.
+Result<mbmq::Channel> as_channel(Channel&& channel);
 
 // A message buffer of a remote channel: private memory of this process (UCX moves the bytes; over
 // TCP the kernel copies them). A call's reply arrives in the caller's own buffer.
@@ -85,6 +92,7 @@ class Buffer {
   friend class detail::ChannelCore;
   friend class detail::NetSource;
   friend class detail::Queued;
+  friend class detail::RemoteEnd;
   friend class Channel;
   std::vector<std::byte> bytes_;
   std::size_t size_ = 0;
@@ -231,6 +239,7 @@ class Channel {
   friend Status adopt(MsgQueue&, Channel&&, std::uint64_t);
   friend class Listener;
   friend class detail::ListenCore;  // a redirected listener's connections (Listener::redirect)
+  friend class detail::RemoteEnd;   // mbmq::Channel::buffer(size, deadline) on a remote end
   explicit Channel(std::shared_ptr<detail::ChannelCore> c) noexcept : core_(std::move(c)) {}
   // Kept after close() until the handle is destroyed or assigned (another thread may be inside
   // a call on it), as a local Channel keeps its end.

@@ -3,6 +3,7 @@
 
 #include "ipc/endpoint.h"
 #include "ipc/foreign_buffer.h"
+#include "ipc/foreign_channel.h"
 #include "ipc/handles.h"
 #include "ipc/listener_core.h"
 #include "ipc/topic_core.h"
@@ -97,6 +98,8 @@ Status Buffer::attach_fd(int fd) {
 
 Status Buffer::attach(Channel&& end) {
   auto& ep = detail::ChannelAccess::ep(end);
+  if (valid() && !ep && detail::ChannelAccess::remote(end))
+    return fail(Errc::InvalidArgument, detail::kRemoteCannotMove);
   if (!valid() || !ep) return fail(Errc::InvalidArgument, "Buffer::attach: invalid");
   if (foreign_) return fail(Errc::InvalidArgument, detail::kHandlesCannotCrossHosts);
   if (ep.get() == ep_.get())

@@ -44,6 +44,10 @@ struct ForeignAccess {
                      std::size_t capacity, std::uint32_t id) noexcept;
   // After grow() moved the bytes.
   static void set_bytes(Buffer& b, std::byte* data, std::size_t capacity) noexcept;
+  // After the owner changed how many bytes are in use (a remote call's reply), <= capacity().
+  static void set_size(Buffer& b, std::size_t size) noexcept {
+    b.size_ = static_cast<std::uint32_t>(size);
+  }
   static ForeignBuffer* of(const Buffer& b) noexcept { return b.foreign_.get(); }
   static std::shared_ptr<ForeignBuffer> share(const Buffer& b) noexcept { return b.foreign_; }
   static std::size_t size(const Buffer& b) noexcept { return b.size_; }

@@ -142,6 +142,11 @@ class ListenCore final : public Watched, public std::enable_shared_from_this<Lis
 struct ChannelAccess {
   static std::shared_ptr<Endpoint>& ep(Channel& c) noexcept { return c.ep_; }
   static Channel make(std::shared_ptr<Endpoint> ep) noexcept { return Channel(std::move(ep)); }
+  // A remote end (ipc/foreign_channel.h): mbmq::net makes them and takes them apart.
+  static std::shared_ptr<ForeignChannel>& remote(Channel& c) noexcept { return c.remote_; }
+  static Channel make_remote(std::shared_ptr<ForeignChannel> r) noexcept {
+    return Channel(std::move(r));
+  }
 };
 
 }  // namespace mbmq::detail

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "ipc/endpoint.h"
+#include "ipc/foreign_channel.h"
 #include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
 #include "ipc/wait_step.h"
@@ -502,7 +503,15 @@ Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
 }
 
 Status MsgQueue::adopt(Channel&& channel, std::uint64_t key) {
-  if (!channel.ep_) return fail(Errc::InvalidArgument, "MsgQueue::adopt: closed channel");
+  if (!channel.ep_) {
+    if (channel.remote_ && core_) {
+      // mbmq::net's adopt: the queue keeps the connection; the handle lets go without closing.
+      MBMQ_TRY(channel.remote_->adopt(*this, key));
+      channel.remote_.reset();
+      return {};
+    }
+    return fail(Errc::InvalidArgument, "MsgQueue::adopt: closed channel");
+  }
   MBMQ_TRY(channel.redirect(*this, key));
   // The queue's reference keeps the end open; drop the handle without closing it.
   channel.ep_.reset();

@@ -178,11 +178,6 @@ class QueueCore final : public Watched, public std::enable_shared_from_this<Queu
 // mbmq::net's redirect: the queue behind a MsgQueue handle.
 struct QueueAccess {
   static const std::shared_ptr<QueueCore>& core(const MsgQueue& q) noexcept { return q.core_; }
-  // A redirected net::Listener's connection (Message::remote): whatever mbmq::net put there.
-  static void set_remote(RemoteEnd& r, std::shared_ptr<void> end) noexcept {
-    r.end_ = std::move(end);
-  }
-  static std::shared_ptr<void> take_remote(RemoteEnd& r) noexcept { return std::move(r.end_); }
 };
 
 }  // namespace mbmq::detail

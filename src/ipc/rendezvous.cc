@@ -12,6 +12,7 @@
 #include <string>
 
 #include "ipc/endpoint.h"
+#include "ipc/foreign_channel.h"
 #include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
 #include "ipc/rendezvous_wire.h"
@@ -37,6 +38,18 @@ Listener& Listener::operator=(Listener&& o) noexcept {
 Listener::~Listener() {
   if (core_) core_->close();
 }
+
+namespace detail {
+namespace {
+std::atomic<RemoteConnector> g_remote_connector{nullptr};
+}  // namespace
+void set_remote_connector(RemoteConnector c) noexcept {
+  g_remote_connector.store(c, std::memory_order_release);
+}
+RemoteConnector remote_connector() noexcept {
+  return g_remote_connector.load(std::memory_order_acquire);
+}
+}  // namespace detail
 
 namespace {
 // A URL of mbmq::net (include/mbmq/net.h): the core does not speak UCX and never links it.
@@ -209,10 +222,12 @@ Result<Channel> connect_once(std::string_view name, Deadline deadline, const Con
 }  // namespace
 
 Result<Channel> connect(std::string_view name, Deadline deadline, const ConnectOptions& options) {
-  if (is_net_url(name))
+  if (is_net_url(name)) {
+    // mbmq::net's connector, when it is linked (ipc/foreign_channel.h): a remote end.
+    if (detail::RemoteConnector c = detail::remote_connector()) return c(name, deadline, options);
     return fail(Errc::InvalidArgument,
-                "connect: ucx:// URLs need mbmq::net: link mbmq::net and call mbmq::net::connect "
-                "(include/mbmq/net.h)");
+                "connect: ucx:// URLs need mbmq::net: link mbmq::net (include/mbmq/net.h)");
+  }
   // "Busy" is the listener's word for "not now" (R2): ask again, pausing a little longer each
   // time, until the deadline.
   std::int64_t pause_ns = 1'000'000;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "ipc/endpoint.h"
+#include "ipc/foreign_channel.h"
 #include "mbmq/channel.h"
 #include "os/mutex.h"
 #include "os/unix_socket.h"
@@ -89,7 +90,10 @@ Result<std::shared_ptr<Endpoint>> Endpoint::import_end(const shm::HandleMeta& m,
 }  // namespace detail
 
 Status Channel::send_over(int unix_socket) {
-  if (!ep_) return fail(Errc::InvalidArgument, "send_over: closed channel");
+  if (!ep_) {
+    if (remote_) return fail(Errc::InvalidArgument, detail::kRemoteCannotMove);
+    return fail(Errc::InvalidArgument, "send_over: closed channel");
+  }
   TransferMsg m{kTransferMagic, shm::kLayoutVersion, 0, {}};
   os::UniqueFd seg, ctl;
   detail::BellFds db;

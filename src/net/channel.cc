@@ -1132,6 +1132,29 @@ Result<Buffer> ChannelCore::buffer(std::size_t size) {
   return b;
 }
 
+Status ChannelCore::wait_for_credit(std::size_t n, Deadline deadline) {
+  MBMQ_TRY(check_not_forked());  // before the lock: a forked child may have it held
+  {
+    const StartDeferredAfter after(*w_, this, true);  // deferred receives, unlocked
+    os::LockGuard lock(w_->mu);
+    if (!usable_locked()) return fail(closed_error_locked("Channel::buffer"));
+    if (n > peer_limit_) return {};  // buffer() says why
+    if (can_send_locked(n)) return {};
+    w_->progress_locked(this);  // credit may be in the worker already, not yet taken in
+    if (!usable_locked()) return fail(closed_error_locked("Channel::buffer"));
+    if (can_send_locked(n)) return {};
+  }
+  const bool got = MBMQ_TRY(w_->run_until(deadline, policy_, this, [&] {
+    w_->assert_held();
+    return !usable_locked() || can_send_locked(n);
+  }));
+  os::LockGuard lock(w_->mu);
+  if (!usable_locked()) return fail(closed_error_locked("Channel::buffer"));
+  if (!got && !can_send_locked(n))
+    return fail(Errc::TimedOut, "Channel::buffer: the remote peer gave no credit back in time");
+  return {};
+}
+
 Status ChannelCore::own_buffer(Buffer& buf, const char* invalid, const char* foreign) const {
   if (!buf.valid() || buf.reply_) return fail(Errc::InvalidArgument, invalid);
   if (buf.channel_ == id_) return {};

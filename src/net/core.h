@@ -548,6 +548,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   Status accept_locked(ucp_conn_request_h req, ListenCore* listener) MBMQ_REQUIRES(w_->mu);
 
   Result<Buffer> buffer(std::size_t size);
+  // (F2) Until the peer's grant has room for one message of n bytes, the channel ends
+  // (PeerClosed, Protocol) or `deadline` passes (TimedOut): mbmq::Channel::buffer(size, deadline)
+  // on a remote end (net/remote.cc), the back-pressure a local pool gives. Takes no credit: a
+  // send from another thread may use the room first (the send then says WouldBlock).
+  Status wait_for_credit(std::size_t n, Deadline deadline);
   Status call(Buffer& buf, Deadline deadline);
   // Out of credit: WouldBlock at once (Fail), or wait until the deadline (Wait: TimedOut).
   enum class NoCredit : std::uint8_t { Fail, Wait };

@@ -27,66 +27,13 @@
 #include <utility>
 
 #include "ipc/foreign_buffer.h"
+#include "ipc/listener_core.h"
 #include "ipc/queue_core.h"
 #include "net/core.h"
+#include "net/remote.h"
 
 namespace mbmq::net {
 namespace detail {
-
-// (Q1) A message of a remote channel, as the queue delivers it: the mbmq::Buffer's bytes are
-// `buffer`'s vector. Also a node of its source's FIFO until delivered.
-class Queued final : public mbmq::detail::ForeignBuffer {
- public:
-  Kind kind = Kind::Message;
-  Errc error = Errc::PeerClosed;
-  const char* why = "";
-  std::uint64_t ch_id = 0;
-  Buffer buffer;                 // the net message's (its reply token, for a request)
-  std::shared_ptr<Queued> next;  // the source's FIFO (under its mu_), or a purged chain
-  // (Q6) Kind::Connection: the accepted channel, for Message::remote (net::accepted). Never
-  // destroyed holding a worker's mu or a source's mu_: closing it takes its worker's mu.
-  std::shared_ptr<Channel> conn;
-
-  Queued() = default;
-  Queued(const Queued&) = delete;
-  Queued& operator=(const Queued&) = delete;
-  // A chain (a purged channel's messages, up to its grant) is freed one node at a time, not by
-  // recursion.
-  ~Queued() override {
-    while (next) {
-      std::shared_ptr<Queued> rest = std::move(next->next);
-      next = std::move(rest);
-    }
-  }
-
-  Status grow(mbmq::Buffer& b, std::size_t n) override {
-    // As net::Buffer::resize: up to the peer's limit; the bytes may move (a vector's growth).
-    if (n > buffer.limit_)
-      return fail(Errc::InvalidArgument, "Buffer::reserve: above the remote peer's limit");
-    const std::size_t keep = mbmq::detail::ForeignAccess::size(b);
-    if (n > buffer.bytes_.size()) {
-      try {
-        buffer.bytes_.resize(n);
-      } catch (const std::bad_alloc&) {
-        return fail(Errc::System, "Buffer::reserve: no memory");
-      }
-    }
-    buffer.size_ = keep;
-    mbmq::detail::ForeignAccess::set_bytes(b, buffer.bytes_.data(), buffer.bytes_.size());
-    return {};
-  }
-
-  Status reply(mbmq::Buffer&& b) override {
-    // Our own reference, then b lets go of it (b is invalid from here, whatever the result).
-    std::shared_ptr<mbmq::detail::ForeignBuffer> self = mbmq::detail::ForeignAccess::share(b);
-    Message m;
-    m.kind = kind;
-    buffer.size_ = std::min(mbmq::detail::ForeignAccess::size(b), buffer.bytes_.size());
-    m.buffer = std::move(buffer);
-    b.reset();
-    return Channel::reply(std::move(m));  // credit back, the reply sent from the same vector
-  }
-};
 
 // (Q2) A worker's channels redirected to one queue.
 class NetSource final : public mbmq::detail::QueueSource {
@@ -159,7 +106,7 @@ class NetSource final : public mbmq::detail::QueueSource {
     out->error = q->error;
     out->why = q->why;
     if (q->kind == Kind::Connection) {
-      mbmq::detail::QueueAccess::set_remote(out->remote, std::move(q->conn));
+      out->channel = mbmq::detail::ChannelAccess::make_remote(std::move(q->conn));
     } else if (q->kind != Kind::PeerClosed) {
       std::byte* data = q->buffer.bytes_.data();
       const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
@@ -714,17 +661,17 @@ void ListenCore::deliver_locked() {
       // An empty Channel first, then the core (which cannot throw): a Channel holding the core,
       // destroyed here by a failed allocation, would close it taking mu, which we hold (review
       // rev-q6: a self-deadlock).
-      q->conn = std::make_shared<Channel>();
+      q->conn = std::make_shared<RemoteEnd>();
     } catch (const std::bad_alloc&) {
       break;  // left in ready_: the next flush
     }
-    q->conn->core_ = std::move(*it);
+    q->conn->ch.core_ = std::move(*it);
     q->kind = Kind::Connection;
     it = ready_.erase(it);
     if (!source_->push_connection(q)) {
       // The queue is gone or being destroyed: nobody will take it. Closed by the pump, unlocked;
       // the Channel handle lets go of its core first (not closed here, under mu).
-      graveyard_.push_back(std::move(q->conn->core_));
+      graveyard_.push_back(std::move(q->conn->ch.core_));
       continue;
     }
     pushed = true;
@@ -751,12 +698,15 @@ void ListenCore::unredirect_locked(std::shared_ptr<NetSource>& out) {
 }  // namespace detail
 
 Result<Channel> accepted(mbmq::Message& msg) {
-  std::shared_ptr<void> end = mbmq::detail::QueueAccess::take_remote(msg.remote);
-  if (!end) return fail(Errc::InvalidArgument, "net::accepted: not a remote connection");
-  // Only mbmq::net sets Message::remote (QueueAccess), and only to a net::Channel (Queued::conn).
-  auto* ch = static_cast<Channel*>(end.get());
-  if (!ch->valid()) return fail(Errc::InvalidArgument, "net::accepted: taken already");
-  return std::move(*ch);  // `end` then holds an empty Channel
+  std::shared_ptr<mbmq::detail::ForeignChannel>& r =
+      mbmq::detail::ChannelAccess::remote(msg.channel);
+  // Only mbmq::net makes remote ends, and only RemoteEnds.
+  auto* end = dynamic_cast<detail::RemoteEnd*>(r.get());
+  if (end == nullptr) return fail(Errc::InvalidArgument, "net::accepted: not a remote connection");
+  if (!end->ch.valid()) return fail(Errc::InvalidArgument, "net::accepted: taken already");
+  Channel ch = std::move(end->ch);
+  r.reset();  // an empty RemoteEnd: closes nothing
+  return ch;
 }
 
 Status Listener::redirect(MsgQueue& queue, std::uint64_t key) {

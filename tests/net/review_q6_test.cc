@@ -25,6 +25,7 @@
 #include "net/core.h"
 #include "net/net_access.h"
 #include "net/net_pair.h"
+#include "net/remote.h"
 #include "os/process.h"
 #include "test_util.h"
 
@@ -201,8 +202,9 @@ TEST(ReviewQ6, ConnectionsArrivingAsTheQueueIsDestroyedAreNeverLeftOpen) {
 // (invalid) Channel. Fixed: RemoteEnd is move-only (as Message::channel), and accepted() of an end
 // whose channel is gone says InvalidArgument. Before: `copy.remote = d->msg.remote` compiled, and
 // the second accepted() succeeded with an invalid Channel (10 of 10 runs).
-static_assert(!std::is_copy_constructible_v<RemoteEnd> && !std::is_copy_assignable_v<RemoteEnd>);
-static_assert(std::is_nothrow_move_constructible_v<RemoteEnd>);
+// (Since the connection is Message::channel itself, a remote mbmq::Channel: move-only.)
+static_assert(!std::is_copy_constructible_v<Channel> && !std::is_copy_assignable_v<Channel>);
+static_assert(std::is_nothrow_move_constructible_v<Channel>);
 TEST(ReviewQ6, ARemoteEndIsMoveOnlyAndItsChannelIsTakenOnce) {
   ::setenv("UCX_TLS", "tcp", 1);
   test::Watchdog dog("the test", 30s);
@@ -215,8 +217,8 @@ TEST(ReviewQ6, ARemoteEndIsMoveOnlyAndItsChannelIsTakenOnce) {
   ASSERT_TRUE(d);
   Message moved;
   moved.kind = Kind::Connection;
-  moved.remote = std::move(d->msg.remote);
-  EXPECT_FALSE(d->msg.remote.valid()) << "a moved-from RemoteEnd still says it holds one";
+  moved.channel = std::move(d->msg.channel);
+  EXPECT_FALSE(d->msg.channel.valid()) << "a moved-from Channel still says it holds one";
   auto none = net::accepted(d->msg);
   ASSERT_FALSE(none);
   EXPECT_EQ(none.error().code, Errc::InvalidArgument);
@@ -234,8 +236,9 @@ TEST(ReviewQ6, ARemoteEndIsMoveOnlyAndItsChannelIsTakenOnce) {
 // the worker's mu, held by this very thread (a self-deadlock), and would have closed a connection
 // still in ready_. Fixed: an empty Channel is made first (make_shared), then given the core, which
 // cannot throw. Before: a hang, 3 of 3 runs (the failure injected at that control block). Now the
-// failure is injected at the empty Channel's allocation (the 32-byte block right after the
-// Queued node's): redirect() returns, the connection stays in ready_ and a later flush delivers
+// failure is injected at the empty Channel's allocation (since the connection is an
+// mbmq::Channel, Message::channel: the empty RemoteEnd's, right after the Queued node's):
+// redirect() returns, the connection stays in ready_ and a later flush delivers
 // it.
 TEST(ReviewQ6, BadAllocWrappingAConnectionDoesNotDeadlockTheWorker) {
   ::setenv("UCX_TLS", "tcp", 1);
@@ -257,8 +260,8 @@ TEST(ReviewQ6, BadAllocWrappingAConnectionDoesNotDeadlockTheWorker) {
   ASSERT_TRUE(c) << c.error().message();
   os::sleep_ns(200'000'000);
 #ifdef __GLIBCXX__
-  g_fail_size = sizeof(
-      std::_Sp_counted_ptr_inplace<net::Channel, std::allocator<void>, __gnu_cxx::_S_atomic>);
+  g_fail_size = sizeof(std::_Sp_counted_ptr_inplace<net::detail::RemoteEnd, std::allocator<void>,
+                                                    __gnu_cxx::_S_atomic>);
 #else
   GTEST_SKIP() << "the control block's size is libstdc++'s";
 #endif
@@ -604,7 +607,7 @@ TEST(ReviewQ6, AForkedChildsCopyOfTheQueueIgnoresQueuedConnections) {
   if (pid == 0) {
     int code = 0;
     auto m = q->wait(Deadline::after(200ms));
-    if (m && m->remote.valid()) code = 3;  // the parent's connection, in a child
+    if (m && m->channel.valid()) code = 3;  // the parent's connection, in a child
     if (m && m->kind == Kind::Connection) code = 4;
     *q = MsgQueue{};
     std::_Exit(code);

@@ -1,0 +1,123 @@
+// net/remote.h: mbmq::net behind the core's types (docs/design/net-channel.md): a remote
+// channel's message or buffer as an mbmq::Buffer (Queued, a foreign buffer: ipc/foreign_buffer.h),
+// and a net::Channel as an mbmq::Channel (RemoteEnd, a foreign channel: ipc/foreign_channel.h),
+// so that mbmq::connect("ucx://...") and a redirected net::Listener's Kind::Connection give the
+// same Channel type as a local connection.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <new>
+
+#include "ipc/foreign_buffer.h"
+#include "ipc/foreign_channel.h"
+#include "mbmq/msg_queue.h"
+#include "mbmq/net.h"
+#include "mbmq/rendezvous.h"
+
+namespace mbmq::net::detail {
+
+class Queued;
+
+// mbmq::connect("ucx://...") (registered by net/register.cc): net::connect with options.wait,
+// as a remote mbmq::Channel.
+Result<mbmq::Channel> connect_channel(std::string_view url, Deadline deadline,
+                                      const mbmq::ConnectOptions& options);
+
+// A net::Channel behind an mbmq::Channel (net/remote.cc). Each method translates between the
+// core's Buffer/Message (foreign buffers over Queued) and net's, and forwards to `ch`.
+class RemoteEnd final : public mbmq::detail::ForeignChannel {
+ public:
+  RemoteEnd() = default;
+  explicit RemoteEnd(Channel&& c) noexcept : ch(std::move(c)) {}
+  RemoteEnd(const RemoteEnd&) = delete;
+  RemoteEnd& operator=(const RemoteEnd&) = delete;
+  ~RemoteEnd() override = default;
+
+  Result<mbmq::Buffer> buffer(std::size_t size) override;
+  Result<mbmq::Buffer> buffer(std::size_t size, Deadline deadline) override;
+  Status call(mbmq::Buffer& buf, Deadline deadline) override;
+  Status send(mbmq::Buffer&& buf) override;
+  Status send_request(mbmq::Buffer&& buf) override;
+  Result<mbmq::Message> receive(Deadline deadline) override;
+  Result<std::size_t> receive_batch(std::span<mbmq::Message> out, Deadline deadline) override;
+  Status redirect(MsgQueue& queue, std::uint64_t key) override;
+  Status adopt(MsgQueue& queue, std::uint64_t key) override;
+  void set_wait_policy(WaitPolicy policy) override { ch.set_wait_policy(policy); }
+  bool valid() const noexcept override { return ch.valid(); }
+  void close() noexcept override { ch.close(); }
+
+  // Public for ListenCore::deliver_locked, which sets its core (a redirected listener's
+  // connection) without ever destroying a Channel holding one under the worker's lock.
+  Channel ch;
+
+ private:
+  // A net buffer (own, or received as `kind`) as a foreign mbmq::Buffer.
+  Result<mbmq::Buffer> wrap(Buffer&& b, Kind kind);
+  // The Queued behind a buffer of a remote end (any: net checks whose), its net::Buffer sized as
+  // the mbmq::Buffer is now; null for a local or invalid buffer. settle(): after a net call, b
+  // follows what became of q's net::Buffer (q may die there with b).
+  static Queued* net_side(mbmq::Buffer& b) noexcept;
+  static void settle(mbmq::Buffer& b, Queued& q) noexcept;
+  std::uint32_t next_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+  std::atomic<std::uint32_t> next_id_{1};
+};
+
+// (Q1) A message of a remote channel, as the queue delivers it: the mbmq::Buffer's bytes are
+// `buffer`'s vector. Also a node of its source's FIFO until delivered.
+class Queued final : public mbmq::detail::ForeignBuffer {
+ public:
+  Kind kind = Kind::Message;
+  Errc error = Errc::PeerClosed;
+  const char* why = "";
+  std::uint64_t ch_id = 0;
+  Buffer buffer;                 // the net message's (its reply token, for a request)
+  std::shared_ptr<Queued> next;  // the source's FIFO (under its mu_), or a purged chain
+  // (Q6) Kind::Connection: the accepted channel, for Message::channel (a remote mbmq::Channel).
+  // Never destroyed holding a worker's mu or a source's mu_: closing it takes its worker's mu.
+  std::shared_ptr<RemoteEnd> conn;
+
+  Queued() = default;
+  Queued(const Queued&) = delete;
+  Queued& operator=(const Queued&) = delete;
+  // A chain (a purged channel's messages, up to its grant) is freed one node at a time, not by
+  // recursion.
+  ~Queued() override {
+    while (next) {
+      std::shared_ptr<Queued> rest = std::move(next->next);
+      next = std::move(rest);
+    }
+  }
+
+  Status grow(mbmq::Buffer& b, std::size_t n) override {
+    // As net::Buffer::resize: up to the peer's limit; the bytes may move (a vector's growth).
+    if (n > buffer.limit_)
+      return fail(Errc::InvalidArgument, "Buffer::reserve: above the remote peer's limit");
+    const std::size_t keep = mbmq::detail::ForeignAccess::size(b);
+    if (n > buffer.bytes_.size()) {
+      try {
+        buffer.bytes_.resize(n);
+      } catch (const std::bad_alloc&) {
+        return fail(Errc::System, "Buffer::reserve: no memory");
+      }
+    }
+    buffer.size_ = keep;
+    mbmq::detail::ForeignAccess::set_bytes(b, buffer.bytes_.data(), buffer.bytes_.size());
+    return {};
+  }
+
+  Status reply(mbmq::Buffer&& b) override {
+    // Our own reference, then b lets go of it (b is invalid from here, whatever the result).
+    std::shared_ptr<mbmq::detail::ForeignBuffer> self = mbmq::detail::ForeignAccess::share(b);
+    Message m;
+    m.kind = kind;
+    buffer.size_ = std::min(mbmq::detail::ForeignAccess::size(b), buffer.bytes_.size());
+    m.buffer = std::move(buffer);
+    b.reset();
+    return Channel::reply(std::move(m));  // credit back, the reply sent from the same vector
+  }
+};
+
+}  // namespace mbmq::net::detail
