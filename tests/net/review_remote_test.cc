@@ -374,5 +374,74 @@ TEST(ReviewRemote, ReceiveBatchDropsEarlierMessagesHoldingRemoteChannels) {
   EXPECT_EQ(m->kind, Kind::PeerClosed);
 }
 
+
+// ---- buffers(size, out, deadline): bounded as a local pool is ----
+// channel.h: buffers() "waits as above for the first, then takes what is free without waiting".
+// A remote end waits for credit for the first only, then makes out.size() buffers regardless of
+// the grant: a producer sizing its span for throughput allocates out.size() x size bytes it can
+// never send in one batch (here 64 x 1 MiB for a grant of 4 messages).
+TEST(ReviewRemote, BuffersTakesNoMoreThanTheGrantCanSend) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  net::ListenOptions lo;
+  lo.inbox_messages = 4;
+  auto p = remote_pair(lo);
+  ASSERT_TRUE(p);
+  std::vector<Buffer> out(64);
+  auto n = p->client.buffers(std::size_t{1} << 20, out, secs(5));
+  ASSERT_TRUE(n) << n.error().message();
+  auto sent = p->client.send_batch(std::span<Buffer>(out.data(), *n));
+  ASSERT_TRUE(sent) << sent.error().message();
+  EXPECT_LE(*n, 4u) << "buffers() handed out " << *n << " buffers of 1 MiB; send_batch could send "
+                    << *sent << " of them";
+}
+
+// ---- exit() with a remote Channel still open in a static (a common home for a client) ----
+// Run in a fresh process (this binary, re-executed): UCX cannot be used in a forked child.
+Channel* g_static_client = nullptr;
+TEST(ReviewRemote, HelperExitWithARemoteChannelInAStatic) {
+  if (::getenv("REVIEW_REMOTE_EXIT_HELPER") == nullptr) GTEST_SKIP() << "helper";
+  ::setenv("UCX_TLS", "tcp", 1);
+  static std::optional<RemotePair> p = remote_pair();
+  if (!p) std::_Exit(3);
+  static Channel client = std::move(p->client);
+  g_static_client = &client;
+  auto b = client.buffer(64);
+  if (!b) std::_Exit(4);
+  std::thread srv([&] {
+    auto m = p->server.receive(secs(10));
+    if (m && m->kind == Kind::Request) (void)MsgQueue::reply(std::move(*m));
+  });
+  if (!client.call(*b, secs(10))) std::_Exit(5);
+  srv.join();
+  std::exit(0);  // static destructors: client, then p (listener, server end)
+}
+
+TEST(ReviewRemote, ExitWithARemoteChannelInAStaticEndsCleanly) {
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::setenv("REVIEW_REMOTE_EXIT_HELPER", "1", 1);
+    char filter[] = "--gtest_filter=ReviewRemote.HelperExitWithARemoteChannelInAStatic";
+    char self[] = "/proc/self/exe";
+    char* argv[] = {self, filter, nullptr};
+    ::execv(self, argv);
+    std::_Exit(2);
+  }
+  int status = -1;
+  for (Deadline d = secs(30); !d.expired();) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) break;
+    os::sleep_ns(5'000'000);
+  }
+  if (status == -1) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    FAIL() << "the process hung in exit() with a remote Channel in a static";
+  }
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
+                            : "signal " + std::to_string(WTERMSIG(status)));
+}
+
 }  // namespace
 }  // namespace mbmq
