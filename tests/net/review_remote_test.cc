@@ -443,5 +443,63 @@ TEST(ReviewRemote, ExitWithARemoteChannelInAStaticEndsCleanly) {
                             : "signal " + std::to_string(WTERMSIG(status)));
 }
 
+
+// ---- call() ended by PeerClosed: "the automatic reply: buf stays usable" (channel.h, net.h) ----
+// ChannelCore::call gives buf up (buf = Buffer{}) whenever UCX still held its bytes when the call
+// ended, PeerClosed included: a large request the peer closed on before fetching it.
+TEST(ReviewRemote, ACallEndedByPeerClosedLeavesTheBufferUsable) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 110s);
+  int peer_closed = 0, invalid = 0;
+  for (int delay_ms : {0, 1, 2, 5, 10, 20, 40, 0, 1, 2, 5, 10}) {
+    auto p = remote_pair();
+    ASSERT_TRUE(p);
+    auto b = p->client.buffer(std::size_t{48} << 20);
+    ASSERT_TRUE(b) << b.error().message();
+    std::thread closer([&] {
+      os::sleep_ns(static_cast<std::int64_t>(delay_ms) * 1'000'000);
+      p->server.close();
+    });
+    Status s = p->client.call(*b, secs(10));
+    closer.join();
+    if (!s && s.error().code == Errc::PeerClosed) {
+      ++peer_closed;
+      if (!b->valid()) ++invalid;
+    }
+  }
+  EXPECT_EQ(invalid, 0) << invalid << " of " << peer_closed
+                        << " calls ended by PeerClosed gave the buffer up";
+}
+
+
+// ---- fork: mbmq::connect("ucx://...") in a child of a process that used UCX ----
+TEST(ReviewRemote, ConnectInAForkedChildIsAClearErrorNotAHang) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto p = remote_pair();
+  ASSERT_TRUE(p);
+  const std::string u = url(p->l.port());
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(10);
+    auto c = connect(u, Deadline::after(3s));
+    std::_Exit(c ? 1 : (c.error().code == Errc::TimedOut ? 2 : 0));
+  }
+  int status = -1;
+  for (Deadline d = secs(20); !d.expired();) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) break;
+    os::sleep_ns(1'000'000);
+  }
+  if (status == -1) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    FAIL() << "the forked child hung in connect()";
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: connected in a forked child; 2: TimedOut, not a clear "
+                                       "error";
+}
+
 }  // namespace
 }  // namespace mbmq
