@@ -501,5 +501,53 @@ TEST(ReviewRemote, ConnectInAForkedChildIsAClearErrorNotAHang) {
                                        "error";
 }
 
+
+// ---- connections of a redirected net::Listener dropped by the loop, and the queue destroyed
+// with more queued: no deadlock (closing a remote end takes its worker's lock) ----
+TEST(ReviewRemote, DroppingRemoteConnectionsAndTheQueueUnderLoadDoesNotDeadlock) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 100s);
+  for (int round = 0; round < 3; ++round) {
+    auto q = std::make_unique<MsgQueue>(*MsgQueue::create());
+    net::ListenOptions lo;
+    lo.backlog = 64;
+    auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+    ASSERT_TRUE(l) << l.error().message();
+    ASSERT_TRUE(l->redirect(*q, 1));
+    const std::string u = url(l->port());
+    std::atomic<bool> stop{false};
+    std::atomic<int> dropped{0};
+    std::thread loop([&] {
+      std::vector<Message> batch;
+      while (!stop.load()) {
+        auto m = q->wait(Deadline::after(5ms));
+        if (!m) continue;
+        if (m->kind == Kind::Connection) {
+          ++dropped;
+          if (dropped % 2 == 0) {
+            batch.push_back(std::move(*m));  // held, dropped later together
+            if (batch.size() > 3) batch.clear();
+          }
+        }
+      }
+    });
+    std::vector<std::thread> clients;
+    for (int i = 0; i < 6; ++i)
+      clients.emplace_back([&] {
+        for (int k = 0; k < 4; ++k) {
+          auto ch = connect(u, secs(5));
+          if (!ch) continue;
+          auto b = ch->buffer(16);
+          if (b) (void)ch->call(*b, Deadline::after(50ms));
+        }
+      });
+    os::sleep_ns(150'000'000);
+    stop.store(true);
+    loop.join();
+    q.reset();  // connections still queued: closed here
+    for (auto& t : clients) t.join();
+  }
+}
+
 }  // namespace
 }  // namespace mbmq
