@@ -13,6 +13,9 @@
 #include <vector>
 
 #include "ipc/foreign_channel.h"
+#ifdef REVIEW_HAVE_ASIO
+#include "mbmq/asio.h"
+#endif
 #include "mbmq/mbmq.h"
 #include "mbmq/net.h"
 #include "mbmq/stream.h"
@@ -548,6 +551,45 @@ TEST(ReviewRemote, DroppingRemoteConnectionsAndTheQueueUnderLoadDoesNotDeadlock)
     for (auto& t : clients) t.join();
   }
 }
+
+
+#ifdef REVIEW_HAVE_ASIO
+// ---- mbmq/asio.h with a remote end: AsyncChannel::create takes it, async_call never completes --
+// channel.h says "async_call is for local ends", but nothing refuses a remote Channel: the reply
+// comes back through the queue with an id that matches no call (NetSource gives a Kind::Reply id
+// 0; the request's buffer had RemoteEnd's next_id()), so the call waits out its deadline (a hang
+// with Deadline::never()) though the server answered at once.
+TEST(ReviewRemote, AsyncCallOnARemoteEndCompletesOrIsRefused) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  auto p = remote_pair();
+  ASSERT_TRUE(p);
+  std::atomic<int> answered{0};
+  std::thread srv([&] {
+    auto m = p->server.receive(secs(10));
+    if (m && m->kind == Kind::Request && MsgQueue::reply(std::move(*m))) ++answered;
+  });
+  asio::io_context io;
+  auto q = AsyncQueue::create(io.get_executor());
+  ASSERT_TRUE(q);
+  auto ch = AsyncChannel::create(*q, std::move(p->client), 5);
+  if (!ch) {
+    SUCCEED() << "refused: " << ch.error().message();
+    p->server.close();
+    srv.join();
+    return;
+  }
+  auto b = ch->buffer(16);
+  ASSERT_TRUE(b) << b.error().message();
+  std::optional<Status> r;
+  ch->async_call(*b, Deadline::after(3s), [&](Status s) { r = std::move(s); });
+  for (Deadline d = secs(8); !d.expired() && !r;) io.run_for(std::chrono::milliseconds(20));
+  srv.join();
+  ASSERT_TRUE(r) << "async_call did not complete";
+  EXPECT_TRUE(*r) << "async_call on a remote end: " << r->error().message() << " (the server "
+                  << (answered.load() ? "had answered" : "had not answered") << ")";
+}
+#endif
 
 }  // namespace
 }  // namespace mbmq
