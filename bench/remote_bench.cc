@@ -9,6 +9,9 @@
 //                                  latency is a half round trip: doubled here
 //   tcp                            plain blocking TCP sockets, the same echo
 // and, only when named in --only (one-way rows to set beside mbmq-net-spin and raw-ucx):
+//   mbmq-channel-spin              mbmq-net-spin's client as an mbmq::Channel from
+//                                  mbmq::connect("ucx://...") (its server unchanged): what the one
+//                                  Channel type adds to net::Channel
 //   mbmq-net-spin-grant            mbmq-net-spin with both ends' inbox_bytes at --grant-bytes
 //                                  (default 8 x the largest one-way size): raw-ucx's window of 8
 //                                  in flight, where the default grant (16 MiB) lets one 16 MiB
@@ -61,6 +64,7 @@
 #include <vector>
 
 #include "mbmq/net.h"
+#include "mbmq/rendezvous.h"
 #include "netns.h"
 #include "os/process.h"
 #include "os/tcp.h"
@@ -247,8 +251,14 @@ std::string load();
 // grant lets one 16 MiB one-way message out at a time (docs/design/net.md F2), raw-ucx keeps 8
 // in flight: the mbmq-net-spin-grant row grants what 8 of the largest one-way size need (the
 // client's own grant too, as a sender uses at most the larger of its own and the default, F1).
+template <class Ch>
+int run_client(Ch& ch, const std::string& mech, int out);
+
+// via_channel (the mbmq-channel-spin row): the client is an mbmq::Channel from
+// mbmq::connect("ucx://...") (a remote end over the same net::Channel), its one-way stream paced by
+// buffer(size, deadline) then send(), as a local producer's: what the one Channel type costs.
 std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, mbmq::WaitMode mode,
-                          bool queue = false, std::uint32_t grant = 0) {
+                          bool queue = false, std::uint32_t grant = 0, bool via_channel = false) {
   const mbmq::WaitPolicy wait{mode, {}};
   auto serve = [&](int port_fd) -> int {
     net::ListenOptions lo;
@@ -278,25 +288,44 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, 
     }
   };
   auto client = [&](std::uint32_t port, int out) -> int {
+    const std::string url = "ucx://" + ns.ip_a + ":" + std::to_string(port) + "/bench";
+    if (via_channel) {
+      mbmq::ConnectOptions co;
+      co.wait = wait;
+      auto ch = mbmq::connect(url, Deadline::after(std::chrono::seconds(10)), co);
+      if (!ch) {
+        std::fprintf(stderr, "mbmq-net-bench: connect: %s\n", ch.error().message().c_str());
+        return 20;
+      }
+      return run_client(*ch, mech, out);
+    }
     net::ConnectOptions co;
     co.wait = wait;
     if (grant != 0) co.inbox_bytes = grant;
-    auto ch = net::connect("ucx://" + ns.ip_a + ":" + std::to_string(port) + "/bench",
-                           Deadline::after(std::chrono::seconds(10)), co);
+    auto ch = net::connect(url, Deadline::after(std::chrono::seconds(10)), co);
     if (!ch) {
       std::fprintf(stderr, "mbmq-net-bench: connect: %s\n", ch.error().message().c_str());
       return 20;
     }
+    return run_client(*ch, mech, out);
+  };
+  return run_pair(ns, mech, serve, client);
+}
+
+// The client's cells on a net::Channel or an mbmq::Channel (a remote end).
+template <class Ch>
+int run_client(Ch& ch, const std::string& mech, int out) {
+  {
     pin(0);
     std::size_t max = 8;
     for (auto s : g_opt.sizes) max = std::max(max, s);
-    auto b = ch->buffer(max);
+    auto b = ch.buffer(max);
     if (!b) return 21;
     ClientOps ops;
     ops.rtt = [&](std::size_t n, std::uint64_t seq) {
       if (!b->resize(n)) return false;
       if (n >= 8) std::memcpy(b->data().data(), &seq, 8);
-      if (!ch->call(*b, Deadline::after(std::chrono::seconds(30)))) return false;
+      if (!ch.call(*b, Deadline::after(std::chrono::seconds(30)))) return false;
       std::uint64_t back = 0;
       if (n >= 8) std::memcpy(&back, b->data().data(), 8);
       return b->size() == n && (n < 8 || back == seq);
@@ -304,19 +333,23 @@ std::vector<Row> mbmq_net(const mbmq::netns::Pair& ns, const std::string& mech, 
     ops.stream = [&](std::size_t n, std::int64_t until) -> std::int64_t {
       std::int64_t bytes = 0;
       while (monotonic_ns() < until) {
-        auto m = ch->buffer(n);  // a send consumes its buffer
         // Out of credit (the server has not received what we sent yet), wait for some back:
         // flow control is part of what a one-way stream costs.
-        if (!m || !ch->send(std::move(*m), Deadline::after(std::chrono::seconds(30)))) return -1;
+        if constexpr (std::is_same_v<Ch, mbmq::Channel>) {
+          auto m = ch.buffer(n, Deadline::after(std::chrono::seconds(30)));  // waits for credit
+          if (!m || !ch.send(std::move(*m))) return -1;
+        } else {
+          auto m = ch.buffer(n);  // a send consumes its buffer
+          if (!m || !ch.send(std::move(*m), Deadline::after(std::chrono::seconds(30)))) return -1;
+        }
         bytes += static_cast<std::int64_t>(n);
       }
       return ops.rtt(8, 1) ? bytes : -1;  // after every one-way message (one channel: in order)
     };
     client_cells(mech, ops, out);
-    ch->close();
+    ch.close();
     return 0;
-  };
-  return run_pair(ns, mech, serve, client);
+  }
 }
 
 // ---- raw UCX ----------------------------------------------------------------------------------
@@ -708,9 +741,14 @@ void print_table(const std::vector<Row>& rows, const std::vector<Check>& checks,
   for (std::size_t size : g_opt.sizes) {
     show("raw-ucx / tcp", ratios(rows, "raw-ucx", "tcp", size, false), size);
     show("mbmq-net-sleep / raw-ucx", ratios(rows, "mbmq-net-sleep", "raw-ucx", size, false), size);
+    show("mbmq-channel-spin / mbmq-net-spin",
+         ratios(rows, "mbmq-channel-spin", "mbmq-net-spin", size, false), size);
     show("mbmq-net-queue / mbmq-net-sleep",
          ratios(rows, "mbmq-net-queue", "mbmq-net-sleep", size, false), size);
   }
+  for (std::size_t size : g_opt.oneway)
+    show("mbmq-net-spin / mbmq-channel-spin MB/s one-way",
+         ratios(rows, "mbmq-net-spin", "mbmq-channel-spin", size, true), size);
   std::printf("\nchecks (#19 bars; the median of %d interleaved rounds' ratios):\n", g_opt.rounds);
   for (const auto& c : checks)
     std::printf("  %-48s %6.2f [%.2f-%.2f] (%d rounds)  (bar <= %.2f)  %s\n", c.what.c_str(),
@@ -850,7 +888,8 @@ int main(int argc, char** argv) {
           "                      [--json] [--no-pin] [--grant-bytes N (8 x the largest one-way "
           "size)]\n"
           "                      [--raw-sweep WINDOW:BUFFERS:SINKS,... (raw UCX one-way only)]\n"
-          "Rows not run unless named in --only: mbmq-net-spin-grant, raw-ucx-distinct.\n"
+          "Rows not run unless named in --only: mbmq-channel-spin, mbmq-net-spin-grant,\n"
+          "raw-ucx-distinct.\n"
           "Runs as root: makes two network namespaces and a veth pair, removed at the end.\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
@@ -890,6 +929,11 @@ int main(int argc, char** argv) {
         [&] {
           return wanted("mbmq-net-spin") ? mbmq_net(ns, "mbmq-net-spin", mbmq::WaitMode::Spin)
                                          : std::vector<Row>{};
+        },
+        [&] {
+          return named("mbmq-channel-spin")
+                     ? mbmq_net(ns, "mbmq-channel-spin", mbmq::WaitMode::Spin, false, 0, true)
+                     : std::vector<Row>{};
         },
         [&] {
           return named("mbmq-net-spin-grant")

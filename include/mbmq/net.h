@@ -1,7 +1,13 @@
 // mbmq/net.h: channels across machines, over UCX (Active Messages on its TCP or RDMA
-// transports). An opt-in library, mbmq::net; the core library never links UCX. A first slice of
-// issue #19: see docs/design/net.md for why these are classes of their own (same method names and
-// results as mbmq::Channel, not yet the same type) and README "Across machines (UCX)".
+// transports). An opt-in library, mbmq::net; the core library never links UCX. Issue #19:
+// docs/design/net.md and README "Across machines (UCX)".
+//
+// Most code needs none of this header's classes: with mbmq::net linked, mbmq::connect("ucx://...")
+// returns an mbmq::Channel whose end is remote (a net::Channel underneath; mbmq/channel.h says what
+// such an end does differently), and a redirected net::Listener delivers its connections as
+// Message::channel. The classes below are that layer: net::listen() makes the listener, and
+// net::connect() with ConnectOptions, then as_channel(), gives the options mbmq::connect() does not
+// (peer_timeout, grants).
 //
 //   // server                                            // client
 //   auto l = MBMQ_TRY(mbmq::net::listen(                 auto ch = MBMQ_TRY(mbmq::net::connect(
@@ -56,8 +62,9 @@ class Channel;
 // is destroyed). `channel` is left empty. Errors as Channel::redirect.
 Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key);
 // The remote channel of a Kind::Connection message from a redirected net::Listener
-// (Listener::redirect; msg.remote), taken out of the message: keep it, or net::adopt() it.
-// Errc::InvalidArgument if msg holds none (a local Listener's connection is msg.channel).
+// (Listener::redirect; msg.channel, a remote end), taken out of the message as a net::Channel:
+// keep it, or net::adopt() it (or keep msg.channel as it is, an mbmq::Channel, or
+// MsgQueue::adopt it). Errc::InvalidArgument if msg holds none, or a local end.
 Result<Channel> accepted(mbmq::Message& msg);
 
 // `channel` as an mbmq::Channel (a remote end: mbmq/channel.h), so that code written for local
@@ -285,15 +292,15 @@ class Listener {
   // Errc::InvalidArgument once redirected to a queue (a thread inside accept() then returns).
   Result<Channel> accept(Deadline deadline);
   // Delivers every connection accepted from now on (and any accepted but not yet taken by
-  // accept()) to `queue` as a Message{key, Kind::Connection} whose `remote` holds the server's
-  // end (net::accepted(msg) takes it; dropped, the connection closes and the client sees
-  // PeerClosed), as mbmq::Listener::redirect does with local ones: one loop serves new local and
-  // remote connections and their requests, with no thread of the application in accept(). The
-  // listener's pump thread (as for redirected channels) progresses the handshakes while the
-  // server waits in the queue, and frees failed ones. Destroying the listener ends the
-  // deliveries (connections already delivered are not affected); once the queue is destroyed,
-  // each new connection is closed at once (its client sees PeerClosed). Errc::InvalidArgument if
-  // redirected already.
+  // accept()) to `queue` as a Message{key, Kind::Connection} whose `channel` is the server's
+  // end, a remote mbmq::Channel (MsgQueue::adopt it, or net::accepted(msg) takes it as a
+  // net::Channel; dropped, the connection closes and the client sees PeerClosed), as
+  // mbmq::Listener::redirect does with local ones: one loop serves new local and remote connections
+  // and their requests, with no thread of the application in accept(). The listener's pump thread
+  // (as for redirected channels) progresses the handshakes while the server waits in the queue, and
+  // frees failed ones. Destroying the listener ends the deliveries (connections already delivered
+  // are not affected); once the queue is destroyed, each new connection is closed at once (its
+  // client sees PeerClosed). Errc::InvalidArgument if redirected already.
   Status redirect(MsgQueue& queue, std::uint64_t key);
   ListenerStats stats() const noexcept;
   // The port bound (useful after listening on port 0).

@@ -111,10 +111,7 @@ Result<std::size_t> Channel::reserve(Reservation& r, std::size_t size, std::size
 Result<std::size_t> Channel::receive_in_place(InPlace& in, Deadline deadline) {
   if (!ep_) [[unlikely]] {
     // A remote end reads nothing in place: 0, "take it with receive()" (mbmq/channel.h).
-    if (remote_) {
-      if (!remote_->valid()) return fail(Errc::InvalidArgument, "receive: closed channel");
-      return std::size_t{0};
-    }
+    if (remote_) return remote_->receive_in_place();
     return fail(Errc::InvalidArgument, "receive: closed channel");
   }
   return ep_->receive_in_place(in, deadline);
@@ -168,8 +165,10 @@ Result<std::size_t> Channel::remote_buffers(std::size_t size, std::span<Buffer> 
   for (Buffer& b : out) b.reset();
   if (out.empty()) return std::size_t{0};
   out[0] = MBMQ_TRY(remote_->buffer(size, deadline));
+  // As many as the grant lets out now (out[0] counted), as a local pool gives what it has.
+  const std::size_t want = std::min(out.size(), std::max<std::size_t>(1, remote_->sendable(size)));
   std::size_t n = 1;
-  for (; n < out.size(); ++n) {
+  for (; n < want; ++n) {
     auto b = remote_->buffer(size);
     if (!b) break;
     out[n] = std::move(*b);

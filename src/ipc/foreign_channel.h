@@ -47,6 +47,12 @@ class ForeignChannel {
   // The same, after waiting until the peer's grant has room for a message of that size (the
   // remote form of a local pool's back-pressure) or `deadline` passes (Errc::TimedOut).
   virtual Result<Buffer> buffer(std::size_t size, Deadline deadline) = 0;
+  // How many messages of `size` bytes the peer's grant lets out now (Channel::buffers() takes no
+  // more buffers than that, as a local pool gives no more than it has).
+  virtual std::size_t sendable(std::size_t size) const noexcept = 0;
+  // Channel::receive_in_place(): 0 ("take it with receive()"), or the error receive() would
+  // give without waiting (closed, a forked child, redirected, the end delivered).
+  virtual Result<std::size_t> receive_in_place() = 0;
   virtual Status call(Buffer& buf, Deadline deadline) = 0;
   virtual Status send(Buffer&& buf) = 0;
   virtual Status send_request(Buffer&& buf) = 0;

@@ -503,8 +503,9 @@ Result<Message> MsgQueue::reply_and_wait(Message&& msg, Deadline deadline) {
 }
 
 Status MsgQueue::adopt(Channel&& channel, std::uint64_t key) {
+  if (!core_) return fail(Errc::InvalidArgument, "MsgQueue::adopt: invalid queue");
   if (!channel.ep_) {
-    if (channel.remote_ && core_) {
+    if (channel.remote_) {
       // mbmq::net's adopt: the queue keeps the connection; the handle lets go without closing.
       MBMQ_TRY(channel.remote_->adopt(*this, key));
       channel.remote_.reset();

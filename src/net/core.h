@@ -553,6 +553,11 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   // on a remote end (net/remote.cc), the back-pressure a local pool gives. Takes no credit: a
   // send from another thread may use the room first (the send then says WouldBlock).
   Status wait_for_credit(std::size_t n, Deadline deadline);
+  // How many messages of n bytes the peer's grant lets out now (0 once the channel has ended).
+  std::size_t sendable(std::size_t n) const noexcept;
+  // The error receive() would give at once (forked child, redirected, the end delivered), or
+  // none: mbmq::Channel::receive_in_place() on a remote end.
+  Status receive_check();
   Status call(Buffer& buf, Deadline deadline);
   // Out of credit: WouldBlock at once (Fail), or wait until the deadline (Wait: TimedOut).
   enum class NoCredit : std::uint8_t { Fail, Wait };

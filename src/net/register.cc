@@ -1,6 +1,7 @@
 // net/register.cc: makes mbmq::connect("ucx://...") reach mbmq::net (ipc/foreign_channel.h). An
 // object file every target linking mbmq::net gets on its link line (src/CMakeLists.txt), not an
-// archive member a linker could leave out: linking mbmq::net is all it takes.
+// archive member a linker could leave out: linking mbmq::net is all it takes, including for
+// another static object's constructor (init_priority, below).
 #include "ipc/foreign_channel.h"
 #include "mbmq/rendezvous.h"
 
@@ -13,7 +14,10 @@ namespace {
 struct Register {
   Register() noexcept { mbmq::detail::set_remote_connector(&connect_channel); }
 };
-const Register g_register;
+// Before the application's own static objects (default priority: 65535), so that one of theirs
+// may call mbmq::connect("ucx://...") (review: this object comes after theirs on the link line,
+// and was initialised after them). The connector's atomic is constant-initialised.
+const Register g_register __attribute__((init_priority(101)));
 }  // namespace
 
 }  // namespace mbmq::net::detail

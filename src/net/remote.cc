@@ -68,6 +68,16 @@ Result<mbmq::Buffer> RemoteEnd::buffer(std::size_t size, Deadline deadline) {
   return buffer(size);
 }
 
+std::size_t RemoteEnd::sendable(std::size_t size) const noexcept {
+  return ch.valid() ? ch.core_->sendable(size) : 0;
+}
+
+Result<std::size_t> RemoteEnd::receive_in_place() {
+  if (!ch.valid()) return fail(Errc::InvalidArgument, "receive: closed channel");
+  MBMQ_TRY(ch.core_->receive_check());
+  return std::size_t{0};
+}
+
 Status RemoteEnd::call(mbmq::Buffer& buf, Deadline deadline) {
   Queued* q = net_side(buf);
   if (q == nullptr) return fail(Errc::InvalidArgument, kNotOurs);

@@ -45,6 +45,8 @@ class RemoteEnd final : public mbmq::detail::ForeignChannel {
   Result<std::size_t> receive_batch(std::span<mbmq::Message> out, Deadline deadline) override;
   Status redirect(MsgQueue& queue, std::uint64_t key) override;
   Status adopt(MsgQueue& queue, std::uint64_t key) override;
+  std::size_t sendable(std::size_t size) const noexcept override;
+  Result<std::size_t> receive_in_place() override;
   void set_wait_policy(WaitPolicy policy) override { ch.set_wait_policy(policy); }
   bool valid() const noexcept override { return ch.valid(); }
   void close() noexcept override { ch.close(); }

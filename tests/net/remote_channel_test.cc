@@ -112,8 +112,8 @@ TEST(RemoteChannel, ConnectWithAUcxUrlReturnsAChannelWhoseCallsComeBackInTheBuff
   EXPECT_TRUE(p->server.is_remote());
   EXPECT_TRUE(p->client.valid());
   Server server(p->server);
-  for (std::size_t size : {std::size_t{0}, std::size_t{1}, std::size_t{64}, std::size_t{4096},
-                           std::size_t{1} << 20})
+  for (std::size_t size :
+       {std::size_t{0}, std::size_t{1}, std::size_t{64}, std::size_t{4096}, std::size_t{1} << 20})
     EXPECT_TRUE(call_plus_one(p->client, size, 'a')) << size;
   // One buffer, many calls, as a local client reuses its slot; it may grow (Buffer::resize).
   auto b = p->client.buffer(16);
@@ -239,8 +239,8 @@ TEST(RemoteChannel, OneLoopAdoptsLocalAndRemoteConnectionsAlike) {
   for (int i = 0; i < 4; ++i)
     clients.emplace_back([&, i] {
       // The same client code for either kind of name.
-      auto ch = connect(i % 2 == 0 ? std::string_view(remote_url) : std::string_view(name),
-                        secs(10));
+      auto ch =
+          connect(i % 2 == 0 ? std::string_view(remote_url) : std::string_view(name), secs(10));
       ASSERT_TRUE(ch) << ch.error().message();
       EXPECT_EQ(ch->is_remote(), i % 2 == 0);
       for (int k = 0; k < 50; ++k)
@@ -436,8 +436,8 @@ TEST(RemoteChannel, ConnectAndCloseCyclesLeakNoFdsOrThreads) {
   // Closes the keeper finishes (K4) are let go within its ticks.
   bool settled = false;
   for (Deadline d = secs(10); !d.expired() && !settled; os::sleep_ns(50'000'000))
-    settled = os::open_fd_count() <= fds0 && test::task_count() <= tasks0 &&
-              q->channel_count() == 0;
+    settled =
+        os::open_fd_count() <= fds0 && test::task_count() <= tasks0 && q->channel_count() == 0;
   stop.store(true);
   loop.join();
   EXPECT_TRUE(settled) << "fds " << fds0 << " -> " << os::open_fd_count() << ", threads " << tasks0

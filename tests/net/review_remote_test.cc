@@ -377,7 +377,6 @@ TEST(ReviewRemote, ReceiveBatchDropsEarlierMessagesHoldingRemoteChannels) {
   EXPECT_EQ(m->kind, Kind::PeerClosed);
 }
 
-
 // ---- buffers(size, out, deadline): bounded as a local pool is ----
 // channel.h: buffers() "waits as above for the first, then takes what is free without waiting".
 // A remote end waits for credit for the first only, then makes out.size() buffers regardless of
@@ -446,7 +445,6 @@ TEST(ReviewRemote, ExitWithARemoteChannelInAStaticEndsCleanly) {
                             : "signal " + std::to_string(WTERMSIG(status)));
 }
 
-
 // ---- call() ended by PeerClosed: "the automatic reply: buf stays usable" (channel.h, net.h) ----
 // ChannelCore::call gives buf up (buf = Buffer{}) whenever UCX still held its bytes when the call
 // ended, PeerClosed included: a large request the peer closed on before fetching it.
@@ -473,7 +471,6 @@ TEST(ReviewRemote, ACallEndedByPeerClosedLeavesTheBufferUsable) {
   EXPECT_EQ(invalid, 0) << invalid << " of " << peer_closed
                         << " calls ended by PeerClosed gave the buffer up";
 }
-
 
 // ---- fork: mbmq::connect("ucx://...") in a child of a process that used UCX ----
 TEST(ReviewRemote, ConnectInAForkedChildIsAClearErrorNotAHang) {
@@ -503,7 +500,6 @@ TEST(ReviewRemote, ConnectInAForkedChildIsAClearErrorNotAHang) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "1: connected in a forked child; 2: TimedOut, not a clear "
                                        "error";
 }
-
 
 // ---- connections of a redirected net::Listener dropped by the loop, and the queue destroyed
 // with more queued: no deadlock (closing a remote end takes its worker's lock) ----
@@ -551,7 +547,6 @@ TEST(ReviewRemote, DroppingRemoteConnectionsAndTheQueueUnderLoadDoesNotDeadlock)
     for (auto& t : clients) t.join();
   }
 }
-
 
 #ifdef REVIEW_HAVE_ASIO
 // ---- mbmq/asio.h with a remote end: AsyncChannel::create takes it, async_call never completes --
