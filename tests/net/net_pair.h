@@ -85,6 +85,30 @@ inline Remote connect_one(net::Listener& l, const net::ConnectOptions& co = {}) 
   return Remote{std::move(*s), std::move(**c)};
 }
 
+// A net::Listener and an mbmq::Channel connected to it with mbmq::connect, the server's end as
+// an mbmq::Channel too (net::as_channel of accept()).
+struct RemotePair {
+  net::Listener l;
+  Channel server, client;
+};
+
+inline std::optional<RemotePair> remote_pair(const net::ListenOptions& lo = {}) {
+  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
+  EXPECT_TRUE(l) << l.error().message();
+  if (!l) return std::nullopt;
+  std::optional<Result<Channel>> c;
+  std::thread t([&] { c.emplace(mbmq::connect(url(l->port()), secs(10))); });
+  auto s = l->accept(secs(10));
+  t.join();
+  EXPECT_TRUE(s) << s.error().message();
+  EXPECT_TRUE(*c) << (*c).error().message();
+  if (!s || !*c) return std::nullopt;
+  auto server = net::as_channel(std::move(*s));
+  EXPECT_TRUE(server) << server.error().message();
+  if (!server) return std::nullopt;
+  return RemotePair{std::move(*l), std::move(*server), std::move(**c)};
+}
+
 // A remote call of `size` bytes of `c` (answered by test::QueueServer or the like): true if it
 // came back within `d` with each byte + 1 (a failed call is also a test failure).
 inline bool remote_call(net::Channel& ch, std::size_t size, char c, Deadline d = secs(10)) {

@@ -27,29 +27,8 @@ using namespace std::chrono_literals;
 using test::secs;
 using test::url;
 
-// A net::Listener and an mbmq::Channel connected to it with mbmq::connect, the server's end as
-// an mbmq::Channel too (net::as_channel of accept()).
-struct RemotePair {
-  net::Listener l;
-  Channel server, client;
-};
-
-std::optional<RemotePair> remote_pair(const net::ListenOptions& lo = {}) {
-  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
-  EXPECT_TRUE(l) << l.error().message();
-  if (!l) return std::nullopt;
-  std::optional<Result<Channel>> c;
-  std::thread t([&] { c.emplace(connect(url(l->port()), secs(10))); });
-  auto s = l->accept(secs(10));
-  t.join();
-  EXPECT_TRUE(s) << s.error().message();
-  EXPECT_TRUE(*c) << (*c).error().message();
-  if (!s || !*c) return std::nullopt;
-  auto server = net::as_channel(std::move(*s));
-  EXPECT_TRUE(server) << server.error().message();
-  if (!server) return std::nullopt;
-  return RemotePair{std::move(*l), std::move(*server), std::move(**c)};
-}
+using test::remote_pair;
+using test::RemotePair;
 
 // Serves `ch` on a thread: every request's bytes + 1, answered in place with MsgQueue::reply;
 // one-way messages counted. The same code as for a local end.

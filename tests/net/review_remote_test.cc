@@ -55,27 +55,8 @@ TEST(ReviewRemote, ConnectFromAStaticInitialiserOfAProgramLinkingMbmqNetReachesM
   EXPECT_NE(mbmq::detail::remote_connector(), nullptr) << "after main: set";
 }
 
-struct RemotePair {
-  net::Listener l;
-  Channel server, client;
-};
-
-std::optional<RemotePair> remote_pair(const net::ListenOptions& lo = {}) {
-  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
-  EXPECT_TRUE(l) << l.error().message();
-  if (!l) return std::nullopt;
-  std::optional<Result<Channel>> c;
-  std::thread t([&] { c.emplace(connect(url(l->port()), secs(10))); });
-  auto s = l->accept(secs(10));
-  t.join();
-  EXPECT_TRUE(s) << s.error().message();
-  EXPECT_TRUE(*c) << (*c).error().message();
-  if (!s || !*c) return std::nullopt;
-  auto server = net::as_channel(std::move(*s));
-  EXPECT_TRUE(server) << server.error().message();
-  if (!server) return std::nullopt;
-  return RemotePair{std::move(*l), std::move(*server), std::move(**c)};
-}
+using test::remote_pair;
+using test::RemotePair;
 
 std::int64_t ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
