@@ -668,14 +668,20 @@ void add_check(std::vector<Check>& out, const std::vector<Row>& rows, const std:
 std::vector<Check> checks_of(const std::vector<Row>& rows) {
   std::vector<Check> out;
   for (std::size_t size : g_opt.sizes) {
-    if (size == 64 || size >= (64u << 10))
+    if (size == 64 || size >= (64u << 10)) {
       add_check(out, rows, "mbmq-net-spin / raw-ucx p50", "mbmq-net-spin", "raw-ucx", size, false,
                 size == 64 ? 1.15 : 1.05);
+      // If wanted (--only): the same bar through mbmq::Channel (mbmq::connect("ucx://...")).
+      add_check(out, rows, "mbmq-channel-spin / raw-ucx p50", "mbmq-channel-spin", "raw-ucx", size,
+                false, size == 64 ? 1.15 : 1.05);
+    }
     add_check(out, rows, "raw-ucx / ucx_perftest p50", "raw-ucx", "ucx_perftest", size, false, 1.2);
   }
   for (std::size_t size : g_opt.oneway) {  // > 1: mbmq::net slower
     add_check(out, rows, "raw-ucx / mbmq-net-spin MB/s one-way", "raw-ucx", "mbmq-net-spin", size,
               true, 1.05);
+    add_check(out, rows, "raw-ucx / mbmq-channel-spin MB/s one-way", "raw-ucx", "mbmq-channel-spin",
+              size, true, 1.05);
     // If wanted (--only): the same with raw-ucx's window (8 in flight at the largest size), and
     // against raw UCX sending distinct messages (from and into 8 buffers in turn, as mbmq does).
     add_check(out, rows, "raw-ucx / mbmq-net-spin-grant MB/s one-way", "raw-ucx",
