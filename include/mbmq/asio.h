@@ -710,11 +710,16 @@ class AsyncChannel {
   // InvalidArgument (a closed queue or channel, a key in use, a remote end), those of
   // Channel::redirect. On error the channel is closed.
   static Result<AsyncChannel> create(AsyncQueue& queue, Channel&& channel, std::uint64_t key) {
-    if (!queue.valid()) return fail(Errc::InvalidArgument, "AsyncChannel: invalid queue");
+    if (!queue.valid()) {
+      channel.close();  // as on any error here
+      return fail(Errc::InvalidArgument, "AsyncChannel: invalid queue");
+    }
     // A remote end's replies do not carry their request's Buffer::id() (mbmq/channel.h), by
     // which async_call matches them: refused, rather than calls that never complete.
-    if (channel.is_remote())
+    if (channel.is_remote()) {
+      channel.close();  // as on any error here
       return fail(Errc::InvalidArgument, "AsyncChannel: a remote (ucx://) end is not supported");
+    }
     auto ch = std::make_shared<detail::AsyncChannelCore>();
     ch->channel = std::move(channel);
     ch->key = key;

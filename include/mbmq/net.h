@@ -175,9 +175,11 @@ class Channel {
   // (from the hello).
   Result<Buffer> buffer(std::size_t size);
   // Sends buf as a request and waits for the reply, which arrives in buf. Errors as
-  // mbmq::Channel::call: TimedOut (buf is then invalid; a late reply is dropped; but if the peer
-  // granted no credit before the deadline, nothing was sent and buf is still yours), PeerClosed
-  // (the automatic reply; buf stays usable), NoReply, Protocol, InvalidArgument.
+  // mbmq::Channel::call: TimedOut (buf is then invalid if UCX was still sending it, else still
+  // yours; a late reply is dropped; if the peer granted no credit before the deadline, nothing
+  // was sent and buf is still yours), PeerClosed (the automatic reply; buf stays usable: a copy
+  // of its bytes if UCX was still sending them, so invalid only if that copy could not be
+  // allocated), NoReply, Protocol, InvalidArgument.
   Status call(Buffer& buf, Deadline deadline);
   // Sends buf one-way. Errc::WouldBlock when the peer's grant is used up (its application has
   // not received what we sent): nothing was sent and buf is still yours, to retry.

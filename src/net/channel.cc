@@ -1160,6 +1160,8 @@ std::size_t ChannelCore::sendable(std::size_t n) const noexcept {
   os::LockGuard lock(w_->mu);
   if (!usable_locked() || out_msgs_ >= peer_grant_.messages) return 0;
   const std::uint64_t msgs = peer_grant_.messages - out_msgs_;
+  // (as can_send_locked: bytes out beyond the grant let nothing more out, even of 0 bytes)
+  if (out_bytes_ != 0 && out_bytes_ > peer_grant_.bytes) return 0;
   if (n == 0) return static_cast<std::size_t>(msgs);
   // (F2) Bytes too, but one message alone may exceed the grant when nothing is out.
   const std::uint64_t room = out_bytes_ < peer_grant_.bytes ? peer_grant_.bytes - out_bytes_ : 0;
@@ -1229,6 +1231,23 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
     w_->assert_held();
     return (reply_ready_ && call_sent_) || state_ == State::Closed || lingering_;
   }));
+  // Ended with UCX maybe still reading the request's bytes: the caller keeps a copy (below),
+  // made here without the worker's lock (a 64 MiB copy into fresh pages takes tens of ms, which
+  // the worker's other channels would wait; review rev-remote2). Safe unlocked: UCX only reads
+  // them, and they stay buf's (call_mu_ held) until handed to the send below. Destroyed after the
+  // lock if not used.
+  std::vector<std::byte> kept;
+  bool copy = false;
+  {
+    os::LockGuard lock(w_->mu);
+    copy = call_op_ != nullptr && !usable_locked();
+  }
+  if (copy) {
+    try {
+      kept.assign(buf.bytes_.begin(), buf.bytes_.end());
+    } catch (const std::bad_alloc&) {  // given up below, as before
+    }
+  }
   os::LockGuard lock(w_->mu);
   // (R2) Timed out (or failed) with the request sent and its reply not come: its late reply, if
   // it comes, gives the credit back (and only one may come).
@@ -1247,19 +1266,12 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   }
   if (call_op_ != nullptr) {
     // UCX may still read buf's bytes: they go with the send. At a deadline buf is given up; when
-    // the channel has ended, the caller keeps a copy (PeerClosed leaves buf usable, as locally:
-    // review rev-remote found it invalid after 10 of 12 calls of 48 MiB whose server closed; a
-    // copy on this error path only; out of memory, buf is given up after all).
+    // the channel has ended, the caller keeps the copy made above (PeerClosed leaves buf usable,
+    // as locally: review rev-remote found it invalid after 10 of 12 calls of 48 MiB whose server
+    // closed; a copy on this error path only; out of memory, or ended only after that look, buf
+    // is given up after all).
     auto* op = static_cast<SendOp*>(call_op_);
-    std::vector<std::byte> kept;
-    const bool ended = !usable_locked();
-    if (ended) {
-      try {
-        kept.assign(buf.bytes_.begin(), buf.bytes_.end());
-      } catch (const std::bad_alloc&) {
-      }
-    }
-    const bool keep = ended && kept.size() == buf.bytes_.size();
+    const bool keep = copy && !usable_locked() && kept.size() == buf.bytes_.size();
     op->owned = std::move(buf.bytes_);
     op->owner = nullptr;
     call_op_ = nullptr;

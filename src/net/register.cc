@@ -16,7 +16,9 @@ struct Register {
 };
 // Before the application's own static objects (default priority: 65535), so that one of theirs
 // may call mbmq::connect("ucx://...") (review: this object comes after theirs on the link line,
-// and was initialised after them). The connector's atomic is constant-initialised.
+// and was initialised after them). The connector's atomic is constant-initialised. Within one
+// ELF module only: a shared library's static object that connects at start-up runs before the
+// executable's initialisers, this one included.
 const Register g_register __attribute__((init_priority(101)));
 }  // namespace
 

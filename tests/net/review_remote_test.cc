@@ -551,6 +551,9 @@ TEST(ReviewRemote, AsyncCallOnARemoteEndCompletesOrIsRefused) {
   auto ch = AsyncChannel::create(*q, std::move(p->client), 5);
   if (!ch) {
     SUCCEED() << "refused: " << ch.error().message();
+    EXPECT_EQ(ch.error().code, Errc::InvalidArgument);
+    // "On error the channel is closed" (AsyncChannel::create), remote or not.
+    EXPECT_FALSE(p->client.valid());  // NOLINT(bugprone-use-after-move): create() closes it
     p->server.close();
     srv.join();
     return;
