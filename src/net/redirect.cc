@@ -108,10 +108,8 @@ class NetSource final : public mbmq::detail::QueueSource {
     if (q->kind == Kind::Connection) {
       out->channel = mbmq::detail::ChannelAccess::make_remote(std::move(q->conn));
     } else if (q->kind != Kind::PeerClosed) {
-      std::byte* data = q->buffer.bytes_.data();
-      const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
-      const auto id = static_cast<std::uint32_t>(q->buffer.reply_ ? q->buffer.reply_->seq : 0);
-      out->buffer = mbmq::detail::ForeignAccess::make(std::move(q), data, size, cap, id);
+      const std::uint32_t id = q->request_seq();
+      out->buffer = Queued::expose(std::move(q), id);
     }
     if (credit) signal_worker();
     return Take::Got;  // keep (an adopted channel) goes here, with the queue's lock only

@@ -46,13 +46,11 @@ Result<mbmq::Buffer> RemoteEnd::wrap(Buffer&& b, Kind kind) {
   } catch (const std::bad_alloc&) {
     return fail(Errc::System, "Channel (remote): no memory");  // b dropped: a request, NoReply
   }
-  // A request's id is its wire sequence (as a queue delivers it); our own buffers are numbered.
-  const auto id = static_cast<std::uint32_t>(b.reply_ ? b.reply_->seq : next_id());
   q->kind = kind;
   q->buffer = std::move(b);
-  std::byte* data = q->buffer.bytes_.data();
-  const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
-  return mbmq::detail::ForeignAccess::make(std::move(q), data, size, cap, id);
+  // A request's id is its wire sequence (as a queue delivers it); our own buffers are numbered.
+  const std::uint32_t id = q->buffer.reply_ ? q->request_seq() : next_id();
+  return Queued::expose(std::move(q), id);
 }
 
 Result<mbmq::Buffer> RemoteEnd::buffer(std::size_t size) {
@@ -78,28 +76,25 @@ Result<std::size_t> RemoteEnd::receive_in_place() {
   return std::size_t{0};
 }
 
-Status RemoteEnd::call(mbmq::Buffer& buf, Deadline deadline) {
+template <class Op>
+Status RemoteEnd::through_net(mbmq::Buffer& buf, Op op) {
   Queued* q = net_side(buf);
   if (q == nullptr) return fail(Errc::InvalidArgument, kNotOurs);
-  Status s = ch.call(q->buffer, deadline);
+  Status s = op(q->buffer);
   settle(buf, *q);
   return s;
+}
+
+Status RemoteEnd::call(mbmq::Buffer& buf, Deadline deadline) {
+  return through_net(buf, [&](Buffer& b) { return ch.call(b, deadline); });
 }
 
 Status RemoteEnd::send(mbmq::Buffer&& buf) {
-  Queued* q = net_side(buf);
-  if (q == nullptr) return fail(Errc::InvalidArgument, kNotOurs);
-  Status s = ch.send(std::move(q->buffer));
-  settle(buf, *q);
-  return s;
+  return through_net(buf, [&](Buffer& b) { return ch.send(std::move(b)); });
 }
 
 Status RemoteEnd::send_request(mbmq::Buffer&& buf) {
-  Queued* q = net_side(buf);
-  if (q == nullptr) return fail(Errc::InvalidArgument, kNotOurs);
-  Status s = ch.send_request(std::move(q->buffer));
-  settle(buf, *q);
-  return s;
+  return through_net(buf, [&](Buffer& b) { return ch.send_request(std::move(b)); });
 }
 
 Result<mbmq::Message> RemoteEnd::receive(Deadline deadline) {

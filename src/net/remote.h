@@ -16,6 +16,7 @@
 #include "mbmq/msg_queue.h"
 #include "mbmq/net.h"
 #include "mbmq/rendezvous.h"
+#include "net/core.h"
 
 namespace mbmq::net::detail {
 
@@ -31,7 +32,6 @@ Result<mbmq::Channel> connect_channel(std::string_view url, Deadline deadline,
 class RemoteEnd final : public mbmq::detail::ForeignChannel {
  public:
   RemoteEnd() = default;
-  explicit RemoteEnd(Channel&& c) noexcept : ch(std::move(c)) {}
   RemoteEnd(const RemoteEnd&) = delete;
   RemoteEnd& operator=(const RemoteEnd&) = delete;
   ~RemoteEnd() override = default;
@@ -63,6 +63,9 @@ class RemoteEnd final : public mbmq::detail::ForeignChannel {
   // follows what became of q's net::Buffer (q may die there with b).
   static Queued* net_side(mbmq::Buffer& b) noexcept;
   static void settle(mbmq::Buffer& b, Queued& q) noexcept;
+  // net_side, op on the net buffer (a net::Channel call), settle.
+  template <class Op>
+  Status through_net(mbmq::Buffer& buf, Op op);
   std::uint32_t next_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
   std::atomic<std::uint32_t> next_id_{1};
 };
@@ -91,6 +94,17 @@ class Queued final : public mbmq::detail::ForeignBuffer {
       std::shared_ptr<Queued> rest = std::move(next->next);
       next = std::move(rest);
     }
+  }
+
+  // q's net buffer as an mbmq::Buffer over its vector (no copy), numbered `id`. noexcept.
+  static mbmq::Buffer expose(std::shared_ptr<Queued> q, std::uint32_t id) noexcept {
+    std::byte* data = q->buffer.bytes_.data();
+    const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
+    return mbmq::detail::ForeignAccess::make(std::move(q), data, size, cap, id);
+  }
+  // A request's wire sequence (Buffer::id() of a delivered request), else 0.
+  std::uint32_t request_seq() const noexcept {
+    return static_cast<std::uint32_t>(buffer.reply_ ? buffer.reply_->seq : 0);
   }
 
   Status grow(mbmq::Buffer& b, std::size_t n) override {
