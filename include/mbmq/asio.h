@@ -707,18 +707,14 @@ class AsyncChannel {
 
   // Takes `channel` and redirects it to `queue` with `key`, which no other AsyncChannel of that
   // queue may use (nor, to be told apart, any other channel redirected there). Errors:
-  // InvalidArgument (a closed queue or channel, a key in use, a remote end), those of
-  // Channel::redirect. On error the channel is closed.
+  // InvalidArgument (a closed queue or channel, a key in use), those of Channel::redirect. On
+  // error the channel is closed. A remote end (ucx://, mbmq/channel.h) is served too: its replies
+  // carry their request's Buffer::id(); but closing it (or its queue) may hold the loop's thread
+  // up to 100 ms while what it sent is fetched (mbmq::net's linger).
   static Result<AsyncChannel> create(AsyncQueue& queue, Channel&& channel, std::uint64_t key) {
     if (!queue.valid()) {
       channel.close();  // as on any error here
       return fail(Errc::InvalidArgument, "AsyncChannel: invalid queue");
-    }
-    // A remote end's replies do not carry their request's Buffer::id() (mbmq/channel.h), by
-    // which async_call matches them: refused, rather than calls that never complete.
-    if (channel.is_remote()) {
-      channel.close();  // as on any error here
-      return fail(Errc::InvalidArgument, "AsyncChannel: a remote (ucx://) end is not supported");
     }
     auto ch = std::make_shared<detail::AsyncChannelCore>();
     ch->channel = std::move(channel);
@@ -750,8 +746,9 @@ class AsyncChannel {
   //   NoReply          the server dropped the request; buf is ours again
   //   TimedOut         at the deadline, or cancelled (cancelled(error)): buf is left invalid; its
   //                    buffer comes back to the pool when the late reply arrives
-  //   PeerClosed, Protocol  the channel ended: buf is left invalid (the buffer went with it);
-  //                    every later call fails the same way at once
+  //   PeerClosed, Protocol  the channel ended: buf is left invalid if it had been sent (the
+  //                    buffer went with it), else still the caller's; every later call fails
+  //                    the same way at once
   //   Busy, WouldBlock back-pressure: nothing sent, buf is still the caller's; retry later
   //   InvalidArgument  the channel or its queue was closed (buf invalid if it had been sent), or
   //                    buf is invalid or not a buffer of this channel

@@ -36,8 +36,10 @@
 //    returns 0 at once (take messages with receive() or receive_batch(), as an untrusted end);
 //    send_over() and Buffer::attach() of a remote end are Errc::InvalidArgument (an end cannot
 //    leave its process), and its buffers carry no handles ("handles cannot cross hosts");
-//  - Buffer::id() tells buffers in flight apart but does not match a Kind::Reply to its
-//    send_request() (match them by content; mbmq/asio.h's async_call is for local ends);
+//  - Buffer::id() keeps buffer.h's promise (a reply to send_request() carries its request's id,
+//    so mbmq/asio.h's async_call serves remote ends), but the numbers come from one counter for
+//    the process's remote ends, not from slots;
+//  - closing it may take up to 100 ms (what it sent is fetched first: mbmq::net's linger);
 //  - thread safety is mbmq::net::Channel's: one thread at a time, but for close().
 #pragma once
 

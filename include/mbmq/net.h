@@ -117,6 +117,10 @@ class Buffer {
   // channel only.
   std::uint64_t channel_ = 0;
   bool made_ = false;
+  // A request's tag, given by an mbmq::Channel remote end's send_request() (its Buffer::id()), and
+  // the tag of a send_request()'s reply (the request's): mbmq's async_call matches replies by it.
+  // Never on the wire; 0 for net's own requests.
+  std::uint32_t tag_ = 0;
 };
 
 struct Message {

@@ -625,6 +625,9 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
     if (is_call) call_op_ = op;
     ++tx_pending_;
     tx_bytes_ += n;
+    // Failed: UCX is done with the bytes; they go back to the caller (send_batch's unsent rest
+    // must be untouched, mbmq/channel.h), not to the spares.
+    if (UCS_PTR_IS_ERR(r) && owned != nullptr) *owned = std::move(op->owned);
     finish_send(op, op->inline_status);
     if (UCS_PTR_IS_ERR(r)) {
       fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_send_nbx failed");
@@ -639,6 +642,7 @@ Status ChannelCore::send_locked(WireKind kind, std::uint16_t status, std::uint32
     return {};
   }
   if (UCS_PTR_IS_ERR(r)) {
+    if (owned != nullptr) *owned = std::move(op->owned);  // not sent: the caller's again
     delete op;
     fail_locked(errc_of(UCS_PTR_STATUS(r)), "net: ucp_am_send_nbx failed");
     return fail(closed_error_locked("net: send failed"));
@@ -1005,8 +1009,9 @@ void ChannelCore::on_recv_done_locked(const WireHeader& h, std::vector<std::byte
         // place. Else a timed-out call's, arriving late: dropped.
         Outstanding* r = find_request_locked(h.seq);
         if (r == nullptr || !r->replied) return;
+        const std::uint32_t tag = r->tag;
         unlist_request_locked(r);
-        return deliver_locked(h, std::move(bytes), n, slot);
+        return deliver_locked(h, std::move(bytes), n, slot, tag);
       }
       reply_bytes_ = std::move(bytes);
       reply_size_ = n;
@@ -1064,7 +1069,7 @@ void ChannelCore::on_other_version_locked(const WireHeader& h) {
 }
 
 void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
-                                 std::uint64_t slot) {
+                                 std::uint64_t slot, std::uint32_t tag) {
   // Its place, kept since its header came (slots before it are not taken: the head is only taken
   // once filled), or the end. A place that is gone (the inbox was dropped by close() or a
   // lingering tick since its header came: slot < inbox_head_) or already filled is not ours: the
@@ -1084,6 +1089,7 @@ void ChannelCore::deliver_locked(const WireHeader& h, std::vector<std::byte>&& b
   m.buffer.limit_ = peer_limit_;
   m.buffer.valid_ = true;
   m.buffer.channel_ = id_;
+  m.buffer.tag_ = tag;
   if (n > Spares::kMin) m.buffer.home_ = w_->spares;  // its vector comes back when dropped (weak)
   if (m.kind == Kind::Request) {
     auto t = std::make_shared<ReplyToken>();
@@ -1251,7 +1257,8 @@ Status ChannelCore::call(Buffer& buf, Deadline deadline) {
   os::LockGuard lock(w_->mu);
   // (R2) Timed out (or failed) with the request sent and its reply not come: its late reply, if
   // it comes, gives the credit back (and only one may come).
-  if (!call_replied_ && usable_locked()) requests_.push_back({call_seq_, call_bytes_, false, true});
+  if (!call_replied_ && usable_locked())
+    requests_.push_back({call_seq_, call_bytes_, false, true, 0});
   call_seq_ = 0;
   if (done && reply_ready_ && call_sent_) {
     // The reply lands in the caller's buffer: the bytes UCX gave us become buf's.
@@ -1352,10 +1359,18 @@ Status ChannelCore::send_now_locked(Buffer&& buf, WireKind kind, bool credit_tak
     if (kind == WireKind::Request) {
       // (R1) Outstanding until its reply reaches the inbox (or the channel ends).
       seq = next_seq_locked();
-      requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false});
+      requests_.push_back({seq, static_cast<std::uint32_t>(n), false, false, buf.tag_});
     }
     Status s = send_locked(kind, 0, seq, 0, nullptr, n, &buf.bytes_, false);
-    buf = Buffer{};
+    if (s) {
+      buf = Buffer{};
+      return s;
+    }
+    // Not sent (send_locked gave the bytes back): buf stays the caller's, as on a full ring, so
+    // that send_batch's unsent rest is untouched (mbmq/channel.h); the credit and the request's
+    // entry go back (the channel has failed: nothing else will).
+    give_back_reserved_locked(n);
+    if (Outstanding* r = seq != 0 ? find_request_locked(seq) : nullptr) unlist_request_locked(r);
     return s;
   } catch (const std::bad_alloc&) {
     give_back_reserved_locked(n);

@@ -706,8 +706,9 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
   Status send_locked(WireKind kind, std::uint16_t status, std::uint32_t seq, std::uint32_t limit,
                      const void* data, std::size_t n, std::vector<std::byte>* owned, bool is_call)
       MBMQ_REQUIRES(w_->mu);
+  // `tag`: a send_request()'s reply's, its request's tag_ (net.h).
   void deliver_locked(const WireHeader& h, std::vector<std::byte>&& bytes, std::size_t n,
-                      std::uint64_t slot) MBMQ_REQUIRES(w_->mu);
+                      std::uint64_t slot, std::uint32_t tag = 0) MBMQ_REQUIRES(w_->mu);
   // The inbox's head may be received: a message, not the place of one still being received.
   bool head_ready_locked() const MBMQ_REQUIRES(w_->mu) {
     return !inbox_.empty() && inbox_.front().buffer.valid();
@@ -739,6 +740,7 @@ class ChannelCore : public std::enable_shared_from_this<ChannelCore> {
     std::uint32_t bytes;  // the request's size: its reply gives back at most these
     bool replied;         // its reply's header came (its payload may still be fetched)
     bool late_call;
+    std::uint32_t tag;  // the request buffer's tag_, given to its reply (net.h)
   };
   // Unlists r (a pointer from find_request_locked).
   void unlist_request_locked(Outstanding* r) MBMQ_REQUIRES(w_->mu) {

@@ -108,7 +108,7 @@ class NetSource final : public mbmq::detail::QueueSource {
     if (q->kind == Kind::Connection) {
       out->channel = mbmq::detail::ChannelAccess::make_remote(std::move(q->conn));
     } else if (q->kind != Kind::PeerClosed) {
-      const std::uint32_t id = q->request_seq();
+      const std::uint32_t id = q->buffer_id();
       out->buffer = Queued::expose(std::move(q), id);
     }
     if (credit) signal_worker();

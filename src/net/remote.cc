@@ -23,6 +23,14 @@ constexpr const char* kNotOurs = "Channel: a buffer that is not this remote chan
 
 }  // namespace
 
+std::uint32_t next_buffer_id() noexcept {
+  static std::atomic<std::uint32_t> next{0};
+  for (;;) {
+    const std::uint32_t id = (next.fetch_add(1, std::memory_order_relaxed) + 1) & ~kRequestIdBit;
+    if (id != 0) return id;
+  }
+}
+
 Queued* RemoteEnd::net_side(mbmq::Buffer& b) noexcept {
   auto* q = dynamic_cast<Queued*>(mbmq::detail::ForeignAccess::of(b));
   if (q == nullptr || !b.valid() || !q->buffer.valid_) return nullptr;
@@ -48,8 +56,7 @@ Result<mbmq::Buffer> RemoteEnd::wrap(Buffer&& b, Kind kind) {
   }
   q->kind = kind;
   q->buffer = std::move(b);
-  // A request's id is its wire sequence (as a queue delivers it); our own buffers are numbered.
-  const std::uint32_t id = q->buffer.reply_ ? q->request_seq() : next_id();
+  const std::uint32_t id = q->buffer_id();  // as a queue numbers what it delivers
   return Queued::expose(std::move(q), id);
 }
 
@@ -94,7 +101,13 @@ Status RemoteEnd::send(mbmq::Buffer&& buf) {
 }
 
 Status RemoteEnd::send_request(mbmq::Buffer&& buf) {
-  return through_net(buf, [&](Buffer& b) { return ch.send_request(std::move(b)); });
+  // Its reply carries buf's id (the tag, net.h), as a local end's comes in the request's slot:
+  // mbmq/asio.h's async_call matches replies so.
+  const std::uint32_t id = buf.id();
+  return through_net(buf, [&](Buffer& b) {
+    b.tag_ = id;
+    return ch.send_request(std::move(b));
+  });
 }
 
 Result<mbmq::Message> RemoteEnd::receive(Deadline deadline) {

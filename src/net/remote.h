@@ -22,6 +22,15 @@ namespace mbmq::net::detail {
 
 class Queued;
 
+// Buffer::id() of remote ends' buffers: "different for any two buffers of one end in flight at
+// once" (mbmq/buffer.h). One counter for every remote end of the process, in [1, 2^31): own
+// buffers, received one-way messages and replies of net's own requests; a reply to a remote
+// end's send_request() has its request's (the tag); a received request has its wire sequence
+// with kRequestIdBit set, so that the peer's numbering never meets ours. Across ends too: a
+// buffer received on one end and sent on another keeps an id no buffer of that end has.
+inline constexpr std::uint32_t kRequestIdBit = 0x8000'0000u;
+std::uint32_t next_buffer_id() noexcept;
+
 // mbmq::connect("ucx://...") (registered by net/register.cc): net::connect with options.wait,
 // as a remote mbmq::Channel.
 Result<mbmq::Channel> connect_channel(std::string_view url, Deadline deadline,
@@ -57,7 +66,7 @@ class RemoteEnd final : public mbmq::detail::ForeignChannel {
 
  private:
   // A net buffer (own, or received as `kind`) as a foreign mbmq::Buffer.
-  Result<mbmq::Buffer> wrap(Buffer&& b, Kind kind);
+  static Result<mbmq::Buffer> wrap(Buffer&& b, Kind kind);
   // The Queued behind a buffer of a remote end (any: net checks whose), its net::Buffer sized as
   // the mbmq::Buffer is now; null for a local or invalid buffer. settle(): after a net call, b
   // follows what became of q's net::Buffer (q may die there with b).
@@ -66,8 +75,6 @@ class RemoteEnd final : public mbmq::detail::ForeignChannel {
   // net_side, op on the net buffer (a net::Channel call), settle.
   template <class Op>
   Status through_net(mbmq::Buffer& buf, Op op);
-  std::uint32_t next_id() noexcept { return next_id_.fetch_add(1, std::memory_order_relaxed); }
-  std::atomic<std::uint32_t> next_id_{1};
 };
 
 // (Q1) A message of a remote channel, as the queue delivers it: the mbmq::Buffer's bytes are
@@ -102,9 +109,13 @@ class Queued final : public mbmq::detail::ForeignBuffer {
     const std::size_t size = q->buffer.size_, cap = q->buffer.bytes_.size();
     return mbmq::detail::ForeignAccess::make(std::move(q), data, size, cap, id);
   }
-  // A request's wire sequence (Buffer::id() of a delivered request), else 0.
-  std::uint32_t request_seq() const noexcept {
-    return static_cast<std::uint32_t>(buffer.reply_ ? buffer.reply_->seq : 0);
+  // Buffer::id() for this buffer as an mbmq::Buffer (next_buffer_id(), above): a received
+  // request's wire sequence | kRequestIdBit; a send_request()'s reply's, its request's id (the tag
+  // RemoteEnd::send_request gave it), as a local end's reply comes in its request's slot; else
+  // (own buffers, one-way messages) a new number.
+  std::uint32_t buffer_id() const noexcept {
+    if (buffer.reply_) return static_cast<std::uint32_t>(buffer.reply_->seq) | kRequestIdBit;
+    return buffer.tag_ != 0 ? buffer.tag_ : next_buffer_id();
   }
 
   Status grow(mbmq::Buffer& b, std::size_t n) override {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstring>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -178,6 +179,74 @@ TEST(RemoteChannel, OneWayBatchesAndRepliesToSendRequestTakeTheLocalPaths) {
     EXPECT_EQ(m->buffer.data()[0], static_cast<std::byte>(0x40 + i));
   }
   answer.join();
+}
+
+// Buffer::id() (buffer.h): "the same for a buffer this side owns from send_request() to its
+// Kind::Reply", by which mbmq/asio.h matches replies; a remote end's reply is a new vector, so the
+// id travels as a tag. The server answers out of order and drops one (NoReply): each reply, by
+// receive() and through a queue, carries its own request's id.
+TEST(RemoteChannel, ARepliesIdIsItsSendRequestsInAnyOrderAndForNoReply) {
+  ::setenv("UCX_TLS", "tcp", 1);
+  test::Watchdog dog("the test", 60s);
+  for (const bool queued : {false, true}) {
+    SCOPED_TRACE(queued ? "through a MsgQueue" : "by receive()");
+    auto p = remote_pair();
+    ASSERT_TRUE(p);
+    std::optional<MsgQueue> q;
+    if (queued) {
+      auto made = MsgQueue::create();
+      ASSERT_TRUE(made);
+      q.emplace(std::move(*made));
+      ASSERT_TRUE(p->client.redirect(*q, 9));
+    }
+    constexpr int kN = 6;
+    std::thread answer([&] {
+      std::vector<Message> held;
+      for (int i = 0; i < kN; ++i) {
+        auto m = p->server.receive(secs(10));
+        ASSERT_TRUE(m) << m.error().message();
+        ASSERT_EQ(m->kind, Kind::Request);
+        held.push_back(std::move(*m));
+      }
+      for (int i = kN - 1; i >= 0; --i) {  // last first; request 2 dropped: NoReply
+        if (i == 2) {
+          held[static_cast<std::size_t>(i)] = Message{};
+          continue;
+        }
+        ASSERT_TRUE(MsgQueue::reply(std::move(held[static_cast<std::size_t>(i)])));
+      }
+    });
+    std::vector<std::uint32_t> ids;
+    for (int i = 0; i < kN; ++i) {
+      auto b = p->client.buffer(1 + static_cast<std::size_t>(i) * 3000);  // large ones too
+      ASSERT_TRUE(b);
+      b->data()[0] = static_cast<std::byte>(i);
+      ids.push_back(b->id());
+      ASSERT_TRUE(p->client.send_request(std::move(*b)));
+    }
+    std::set<std::uint32_t> distinct(ids.begin(), ids.end());
+    ASSERT_EQ(distinct.size(), ids.size()) << "buffers in flight at once have different ids";
+    int replies = 0, no_reply = 0;
+    for (int i = 0; i < kN; ++i) {
+      auto m = queued ? q->wait(secs(10)) : p->client.receive(secs(10));
+      ASSERT_TRUE(m) << m.error().message();
+      ASSERT_EQ(m->kind, Kind::Reply);
+      ASSERT_TRUE(m->buffer.valid());
+      if (m->error == Errc::NoReply) {
+        ++no_reply;
+        EXPECT_EQ(m->buffer.id(), ids[2]) << "the dropped request's";
+        continue;
+      }
+      ++replies;
+      const auto which = std::to_integer<std::size_t>(m->buffer.data()[0]);
+      ASSERT_LT(which, ids.size());
+      EXPECT_EQ(m->buffer.id(), ids[which]) << "the reply to request " << which;
+      EXPECT_EQ(m->buffer.size(), 1 + which * 3000);
+    }
+    EXPECT_EQ(replies, kN - 1);
+    EXPECT_EQ(no_reply, 1);
+    answer.join();
+  }
 }
 
 // The issue's "one server loop serves local and remote clients": a local Listener and a
