@@ -1,7 +1,8 @@
-// net/register.cc: makes mbmq::connect("ucx://...") reach mbmq::net (ipc/foreign_channel.h). An
-// object file every target linking mbmq::net gets on its link line (src/CMakeLists.txt), not an
-// archive member a linker could leave out: linking mbmq::net is all it takes, including for
-// another static object's constructor (init_priority, below).
+// net/register.cc: makes mbmq::connect("ucx://...") reach mbmq::net (ipc/foreign_channel.h). A
+// member of libmbmq-net.a that nothing references: every target linking mbmq::net is linked with
+// --undefined=mbmq_net_register (src/CMakeLists.txt, and mbmq-net.pc), which pulls it in, so that
+// linking mbmq::net is all it takes, including for another static object's constructor
+// (init_priority, below).
 #include "ipc/foreign_channel.h"
 #include "mbmq/rendezvous.h"
 
@@ -23,3 +24,7 @@ const Register g_register __attribute__((init_priority(101)));
 }  // namespace
 
 }  // namespace mbmq::net::detail
+
+// The symbol the linker is told is undefined, so that it takes this object out of the archive.
+extern "C" void mbmq_net_register() noexcept;
+extern "C" __attribute__((used, visibility("default"))) void mbmq_net_register() noexcept {}

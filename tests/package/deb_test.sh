@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian package (#17): `cpack -G DEB` in the build directory makes libmbmq-dev_*.deb; it holds
-# the headers, the library, the CMake package, mbmq.pc and the `mbmq` program under /usr; then:
+# the headers, the library (and libmbmq-net.a, mbmq-net.pc where UCX was found), the CMake
+# package, mbmq.pc and the `mbmq` program under /usr; then:
 #  - with CI=true, as root (CI is a throwaway machine): `apt-get install -y ./libmbmq-dev_*.deb`
 #    into the system, as a user would; /usr/bin/mbmq bench --quick runs; consumer.cc builds with
 #    find_package(mbmq) and with pkg-config from /usr, no paths given, and runs; the package is
@@ -31,6 +32,14 @@ for f in ./usr/include/mbmq/mbmq.h ./usr/include/mbmq/channel.h ./usr/lib/libmbm
   ./usr/lib/pkgconfig/mbmq.pc ./usr/bin/mbmq; do
   grep -qx "$f" "$tmp/files" || { echo "missing from the package: $f"; exit 1; }
 done
+# mbmq::net, where the build has it (a static libmbmq and UCX found: src/CMakeLists.txt).
+net=0
+if [ -e "$build/mbmq-net.pc" ]; then
+  net=1
+  for f in ./usr/lib/libmbmq-net.a ./usr/lib/pkgconfig/mbmq-net.pc ./usr/include/mbmq/net.h; do
+    grep -qx "$f" "$tmp/files" || { echo "missing from the package: $f"; exit 1; }
+  done
+fi
 
 if [ "${CI:-}" = true ] && [ "$(id -u)" = 0 ]; then
   echo "== CI: apt-get install ./$(basename "$deb")"
@@ -69,4 +78,12 @@ cmake --build "$tmp/cmake" >/dev/null
 "$cxx" -O2 "$here/consumer.cc" -o "$tmp/pc-consumer" \
   $(PKG_CONFIG_PATH=$pc_path pkg-config --define-prefix --cflags --libs mbmq)
 "$tmp/pc-consumer"
+if [ "$net" = 1 ]; then
+  [ -e "$tmp/cmake/consumer_net" ] || { echo "find_package(mbmq) offered no mbmq::net"; exit 1; }
+  "$tmp/cmake/consumer_net"
+  # shellcheck disable=SC2046
+  "$cxx" -O2 "$here/consumer_net.cc" -o "$tmp/pc-consumer-net" \
+    $(PKG_CONFIG_PATH=$pc_path pkg-config --define-prefix --cflags --libs mbmq-net)
+  "$tmp/pc-consumer-net"
+fi
 echo "deb: built, installed ($([ $installed = 1 ] && echo system || echo scratch root)), ran"

@@ -8,14 +8,18 @@
 #  - shared: libmbmq.so and its links; both consumers need it by its SONAME, and it exports mbmq::
 #    names only, none from the internal namespaces (mbmq::os, mbmq::shm, mbmq::detail but for
 #    assert_fail, which MBMQ_ASSERT calls).
-# Either way only include/mbmq is installed as headers.
-# Usage: install_test.sh BUILD_DIR CXX VERSION SHARED (the build tree's compiler, project version
-# and whether it builds libmbmq shared: 1 or 0).
+# Either way only include/mbmq is installed as headers. Where this tree builds mbmq::net (UCX found),
+# the static form also installs libmbmq-net.a: find_package's mbmq::net and pkg-config's mbmq-net
+# then build consumer_net.cc, whose mbmq::connect("ucx://...") call must be answered; the shared
+# form must not install it (mbmq::net uses the internals a shared libmbmq hides).
+# Usage: install_test.sh BUILD_DIR CXX VERSION SHARED NET (the build tree's compiler, project
+# version, whether it builds libmbmq shared and whether it builds mbmq::net: 1 or 0 each).
 set -euo pipefail
 build=$1
 cxx=$2
 version=$3
 tree_shared=$4
+net=${5:-0}
 soname=libmbmq.so.${version%.*}
 here=$(cd "$(dirname "$0")" && pwd)
 src=$(cd "$here/../.." && pwd)
@@ -52,6 +56,15 @@ consume() {
   "$cxx" -O2 "$here/consumer.cc" -o "$tmp/$name-pkg-config" $flags
   # The library directory, for the shared case (no rpath in a plain compiler command).
   LD_LIBRARY_PATH=$(dirname "$pc") "$tmp/$name-pkg-config"
+  if [ -e "$tmp/$name-cmake/consumer_net" ]; then
+    echo "== $name: mbmq::net (find_package, then pkg-config mbmq-net)"
+    "$tmp/$name-cmake/consumer_net"
+    flags=$(PKG_CONFIG_PATH=$pc pkg-config --cflags --libs mbmq-net)
+    echo "pkg-config --cflags --libs mbmq-net: $flags"
+    # shellcheck disable=SC2086
+    "$cxx" -O2 "$here/consumer_net.cc" -o "$tmp/$name-pkg-config-net" $flags
+    "$tmp/$name-pkg-config-net"
+  fi
 }
 
 # needs EXE: the shared libraries EXE needs (NEEDED entries).
@@ -82,13 +95,18 @@ check_shared() {
 # build and run against it, and need libmbmq.so by its SONAME (shared) or not at all (static).
 verify() {
   local name=$1 kind=$2 prefix=$3 exe needed
-  if [ "$kind" = static ]; then
+  if [ "$kind" = static ] && [ "$net" = 1 ]; then
+    check_files "$prefix" "libmbmq-net.a libmbmq.a"
+  elif [ "$kind" = static ]; then
     check_files "$prefix" libmbmq.a
   else
     check_files "$prefix" "libmbmq.so $soname libmbmq.so.$version"
     check_shared "$prefix"
   fi
   consume "$name" "$prefix"
+  if [ "$kind" = static ] && [ "$net" = 1 ] && [ ! -e "$tmp/$name-cmake/consumer_net" ]; then
+    fail "find_package(mbmq) offered no mbmq::net beside a static libmbmq"
+  fi
   for exe in "$tmp/$name-cmake/consumer" "$tmp/$name-pkg-config"; do
     needed=" $(needs "$exe") "
     if [ "$kind" = static ] && [[ $needed == *" libmbmq"* ]]; then
