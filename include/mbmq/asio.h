@@ -709,8 +709,7 @@ class AsyncChannel {
   // queue may use (nor, to be told apart, any other channel redirected there). Errors:
   // InvalidArgument (a closed queue or channel, a key in use), those of Channel::redirect. On
   // error the channel is closed. A remote end (ucx://, mbmq/channel.h) is served too: its replies
-  // carry their request's Buffer::id(); but closing it (or its queue) may hold the loop's thread
-  // up to 100 ms while what it sent is fetched (mbmq::net's linger).
+  // carry their request's Buffer::id().
   static Result<AsyncChannel> create(AsyncQueue& queue, Channel&& channel, std::uint64_t key) {
     if (!queue.valid()) {
       channel.close();  // as on any error here

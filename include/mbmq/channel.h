@@ -37,9 +37,11 @@
 //    send_over() and Buffer::attach() of a remote end are Errc::InvalidArgument (an end cannot
 //    leave its process), and its buffers carry no handles ("handles cannot cross hosts");
 //  - Buffer::id() keeps buffer.h's promise (a reply to send_request() carries its request's id,
-//    so mbmq/asio.h's async_call serves remote ends), but the numbers come from one counter for
-//    the process's remote ends, not from slots;
-//  - closing it may take up to 100 ms (what it sent is fetched first: mbmq::net's linger);
+//    so mbmq/asio.h's async_call serves remote ends), but the numbers come from one 31-bit
+//    counter for the process's remote ends, not from slots: a buffer held while 2^31 others are
+//    made may share its id with a new one;
+//  - close() does not wait for the peer to fetch what it sent: mbmq::net finishes that (its
+//    linger, mbmq/net.h), and exit() waits up to 100 ms for it;
 //  - thread safety is mbmq::net::Channel's: one thread at a time, but for close().
 #pragma once
 

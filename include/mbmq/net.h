@@ -240,9 +240,11 @@ class Channel {
   bool valid() const noexcept;  // false for an empty handle and once close() was called
   // Sends Bye and closes: the peer's calls get PeerClosed. Messages sent before it that the peer
   // has not fetched yet (large ones: the peer fetches them when it next progresses) still reach
-  // it: close() waits up to 100 ms for them, then leaves them to mbmq::net's keeper thread, which
-  // keeps the connection (and their bytes) until the peer has them, dies, falls silent for its
-  // peer_timeout, or 10 s have passed (docs/design/net.md, "Failure", K5). Another thread may be
+  // it: close() does not wait for them but leaves them to mbmq::net's keeper thread, which keeps
+  // the connection (and their bytes) until the peer has them, dies, falls silent for its
+  // peer_timeout, or 10 s have passed (docs/design/net.md, "Failure", K5, K7); exit() waits up to
+  // 100 ms for such channels, so that a process that sends, closes and exits loses nothing a
+  // peer fetches in that time. Another thread may be
   // inside a call on this handle: it returns. The handle's memory (for a connect()ed channel,
   // its UCX worker too) is freed when it is destroyed or assigned.
   void close() noexcept;

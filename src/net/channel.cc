@@ -1543,22 +1543,20 @@ void ChannelCore::close() noexcept {
   }
   void* closing = nullptr;  // the close's request, waited on unlocked
   bool linger = false;      // (K5) left to the keeper
-  // Linger: what we sent completes before the Bye (a rendezvous send completes once the peer has
-  // fetched its payload: a flush close alone did not keep it, the peer's endpoint failed and the
-  // message was lost). One 100 ms budget for this and the flush close below; the lock is taken
-  // for each progress only. A peer slower than that to fetch gets the rest from the keeper (K5).
-  const std::int64_t until = monotonic_ns() + 100'000'000;
-  for (;;) {
-    {
-      const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
-      os::LockGuard lock(w_->mu);
-      if (!usable_locked() || !unfinished_locked()) break;
-      w_->progress_locked();
-      if (state_ != State::Open || !unfinished_locked()) break;
-    }
-    if (monotonic_ns() >= until) break;
-    os::sleep_ns(100'000);
+  // Linger: what we sent completes before the endpoint closes (a rendezvous send completes once
+  // the peer has fetched its payload: a flush close alone did not keep it, the peer's endpoint
+  // failed and the message was lost). One look at the worker here; sends the peer has not fetched
+  // by then are not waited for (close() waited up to 100 ms for them, which held the queue or
+  // event-loop thread that closed a slow peer's channel): the channel lingers on the keeper (K5),
+  // which finishes them, and the exit handler gives lingering channels up to 100 ms (K7,
+  // finish_lingering_before_exit), so that a process that sends, closes and exits loses nothing
+  // its peer fetches in that time.
+  {
+    const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
+    os::LockGuard lock(w_->mu);
+    if (usable_locked() && unfinished_locked()) w_->progress_locked();
   }
+  const std::int64_t until = monotonic_ns() + 100'000'000;  // for the flush close below
   {
     const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked
     os::LockGuard lock(w_->mu);

@@ -15,6 +15,9 @@
 // (keep_lingering): linger_tick() every millisecond until they are, then their endpoint closed.
 // The thread starts on the first channel that asks, and lives as long as the process; it holds
 // weak references only. A forked child has no keeper (and cannot use UCX anyway).
+// (K7) close() does not wait for the peer to fetch what it sent: such a channel lingers (K5) at
+// once. The exit handler first finishes the lingering channels and the closes (K4) for up to
+// 100 ms (finish_lingering_before_exit), which close() used to give each channel itself.
 // (K6) Exit: exit() runs UCX's library destructors after every atexit handler, and they free what
 // a worker being progressed uses. The handler mbmq::net registers when it loads UCX
 // (before_exit(), net/ucx.h) marks the process exiting and waits for the pass in progress; every
@@ -318,6 +321,35 @@ void wait_for_passes() noexcept {
     if (auto w = weak.lock())
       while (w->start_allocator_deferred()) {
       }
+}
+
+void finish_lingering_before_exit() noexcept {
+  // (K7) What close() left to the keeper (lingering channels, then their flush closes, K4/K5) is
+  // finished here, on the exiting thread, every millisecond for up to 100 ms: the keeper would
+  // look at the closes only each tick (up to 250 ms), and a flush close cut short by exit lost
+  // the message to its peer ("endpoint failed" before it was delivered). A pass of the keeper's
+  // own is waited for, never a pass that cannot end (exit() from a signal handler that stopped a
+  // thread holding a lock: the pass lock is only tried). Not on the keeper itself.
+  if (t_pass_thread == PassThread::Keeper) return;
+  Keeper& k = keeper();
+  const auto held = [&k] {
+    os::LockGuard lock(k.mu);
+    return !k.lingering.empty() || !k.closing.empty();
+  };
+  const std::int64_t until = monotonic_ns() + 100'000'000;
+  for (;;) {
+    bool any = true;  // (a keeper pass in progress: looked at again)
+    if (k.pass_mu.try_lock()) {
+      os::LockGuard pass(k.pass_mu, os::kAdoptLock);
+      if (held()) {
+        progress_lingering(k);
+        progress_closing(k);
+      }
+      any = held();
+    }
+    if (!any || monotonic_ns() >= until) return;
+    os::sleep_ns(1'000'000);
+  }
 }
 
 std::size_t keeper_holds_for_test() noexcept {

@@ -99,6 +99,7 @@ bool exiting() noexcept { return g_exiting.load(std::memory_order_acquire); }
 void before_exit() noexcept {
   // A forked child has no keeper or allocating thread, and their locks may have been copied held.
   if (!ucx_usable()) return;
+  finish_lingering_before_exit();  // (K7) what close() left to the keeper, within 100 ms
   // Pairs with the acquire loads in exiting(): a pass that starts after this leaves UCX alone.
   g_exiting.store(true, std::memory_order_release);
   wait_for_passes();

@@ -66,10 +66,14 @@ bool ucx_usable() noexcept;
 // that serve the application's open channels (a redirected worker's pump, a Bridge's links) stop
 // when those channels close: close them before exit (README).
 bool exiting() noexcept;
-// The exit handler itself (for tests: it is idempotent): marks the process exiting, then waits
+// The exit handler itself (for tests: it is idempotent): gives lingering channels up to 100 ms,
+// marks the process exiting, then waits
 // (up to 2 s each) for the keeper's and the allocating thread's pass in progress, if any, and
 // starts the receives still queued for the allocating thread.
 void before_exit() noexcept;
+// Its first step (net/keeper.cc, K7): waits up to 100 ms for the channels close() left
+// lingering to finish (what they sent fetched by their peers).
+void finish_lingering_before_exit() noexcept;
 // Its second half (net/keeper.cc).
 void wait_for_passes() noexcept;
 

@@ -81,6 +81,7 @@ cmake --build "$tmp/cmake" >/dev/null
 if [ "$net" = 1 ]; then
   [ -e "$tmp/cmake/consumer_net" ] || { echo "find_package(mbmq) offered no mbmq::net"; exit 1; }
   "$tmp/cmake/consumer_net"
+  "$tmp/cmake/consumer_net_transitive"
   # shellcheck disable=SC2046
   "$cxx" -O2 "$here/consumer_net.cc" -o "$tmp/pc-consumer-net" \
     $(PKG_CONFIG_PATH=$pc_path pkg-config --define-prefix --cflags --libs mbmq-net)

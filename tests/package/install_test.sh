@@ -59,6 +59,7 @@ consume() {
   if [ -e "$tmp/$name-cmake/consumer_net" ]; then
     echo "== $name: mbmq::net (find_package, then pkg-config mbmq-net)"
     "$tmp/$name-cmake/consumer_net"
+    "$tmp/$name-cmake/consumer_net_transitive"
     flags=$(PKG_CONFIG_PATH=$pc pkg-config --cflags --libs mbmq-net)
     echo "pkg-config --cflags --libs mbmq-net: $flags"
     # shellcheck disable=SC2086
