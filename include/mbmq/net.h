@@ -67,6 +67,14 @@ Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key);
 // MsgQueue::adopt it). Errc::InvalidArgument if msg holds none, or a local end.
 Result<Channel> accepted(mbmq::Message& msg);
 
+// Waits until what the channels this process closed still had to send has reached their peers
+// and their closes have ended: close() does not wait for a peer to fetch what was sent (mbmq::net
+// finishes it: docs/design/net.md, K5, K7). Errc::TimedOut at `deadline` (they go on),
+// InvalidArgument from inside mbmq::net (a thread holding a worker's lock) or once exit() began.
+// exit() does this for up to 100 ms; a program that ends with _exit(), or is about to be killed
+// or to exec, or wants a longer bound, calls it first.
+Status finish_closes(Deadline deadline);
+
 // `channel` as an mbmq::Channel (a remote end: mbmq/channel.h), so that code written for local
 // channels serves it unchanged: what mbmq::connect("ucx://...") returns, here for a channel made
 // with net::connect's own options or taken from net::Listener::accept. `channel` is left empty.

@@ -122,11 +122,18 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
       mu_.lock();
       waiting_.fetch_sub(1, std::memory_order_relaxed);
     }
+    ++t_held_;
     // Written by the holder only; seq_cst against hand_over()'s (handing_, then acquired_).
     acquired_.store(acquired_.load(std::memory_order_relaxed) + 1);
     if (handing_.load() != 0) wake_handing();
   }
-  void unlock() MBMQ_RELEASE() { mu_.unlock(); }
+  void unlock() MBMQ_RELEASE() {
+    --t_held_;
+    mu_.unlock();
+  }
+  // How many worker locks the calling thread holds: the exit handler, which may run on a thread
+  // a signal interrupted inside a progress, must not take one (net/keeper.cc, K7).
+  static int held_by_this_thread() noexcept { return t_held_; }
   // Threads blocked in lock() (a hint: it may change at once).
   bool contended() const noexcept { return waiting_.load(std::memory_order_relaxed) != 0; }
   // Called unlocked: if a thread is blocked in lock(), sleeps until some thread has taken the
@@ -140,6 +147,7 @@ class MBMQ_CAPABILITY("mutex") WorkerMutex {
   std::atomic<int> waiting_{0};
   std::atomic<std::uint32_t> acquired_{0};  // a futex word: bumped by each lock()
   std::atomic<int> handing_{0};             // threads inside hand_over()
+  static inline thread_local int t_held_ = 0;
 };
 
 // (D1) Whether mbmq::net's allocating thread runs (net/keeper.cc; a forked child has none).

@@ -27,6 +27,7 @@
 // (K3): a peer with a short peer_timeout may see this process as dead before it is.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -323,20 +324,26 @@ void wait_for_passes() noexcept {
       }
 }
 
-void finish_lingering_before_exit() noexcept {
+Status finish_kept(Deadline deadline) noexcept {
   // (K7) What close() left to the keeper (lingering channels, then their flush closes, K4/K5) is
-  // finished here, on the exiting thread, every millisecond for up to 100 ms: the keeper would
-  // look at the closes only each tick (up to 250 ms), and a flush close cut short by exit lost
-  // the message to its peer ("endpoint failed" before it was delivered). A pass of the keeper's
-  // own is waited for, never a pass that cannot end (exit() from a signal handler that stopped a
-  // thread holding a lock: the pass lock is only tried). Not on the keeper itself.
-  if (t_pass_thread == PassThread::Keeper) return;
+  // finished here, on the calling thread, every millisecond until both lists are empty or the
+  // deadline: the keeper looks at the closes only each tick (up to 250 ms). A keeper pass in
+  // progress is waited for (its lock only tried: exit() from a signal handler must not hang on
+  // a pass that cannot end); a thread that holds a worker's lock itself (exit() from a signal
+  // handler that interrupted a progress) does nothing, rather than deadlock on it.
+  if (!ucx_usable()) return {};  // not loaded, or a forked child's copies: nothing of ours
+  if (t_pass_thread != PassThread::None || WorkerMutex::held_by_this_thread() != 0)
+    return fail(Errc::InvalidArgument,
+                "net::finish_closes: called from mbmq::net's own thread, or holding a worker's "
+                "lock (inside a net call)");
+  if (exiting())
+    return fail(Errc::InvalidArgument,
+                "net::finish_closes: the process is exiting (mbmq::net's exit handler ran)");
   Keeper& k = keeper();
   const auto held = [&k] {
     os::LockGuard lock(k.mu);
     return !k.lingering.empty() || !k.closing.empty();
   };
-  const std::int64_t until = monotonic_ns() + 100'000'000;
   for (;;) {
     bool any = true;  // (a keeper pass in progress: looked at again)
     if (k.pass_mu.try_lock()) {
@@ -347,9 +354,15 @@ void finish_lingering_before_exit() noexcept {
       }
       any = held();
     }
-    if (!any || monotonic_ns() >= until) return;
+    if (!any) return {};
+    if (deadline.expired())
+      return fail(Errc::TimedOut, "net::finish_closes: closed channels still sending");
     os::sleep_ns(1'000'000);
   }
+}
+
+void finish_lingering_before_exit() noexcept {
+  (void)finish_kept(Deadline::after(std::chrono::milliseconds(100)));
 }
 
 std::size_t keeper_holds_for_test() noexcept {
@@ -432,3 +445,7 @@ void ChannelCore::keep_alive_tick(std::int64_t now_ns, std::int64_t timeout_ns,
 }
 
 }  // namespace mbmq::net::detail
+
+namespace mbmq::net {
+Status finish_closes(Deadline deadline) { return detail::finish_kept(deadline); }
+}  // namespace mbmq::net

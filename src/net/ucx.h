@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "mbmq/deadline.h"
 #include "mbmq/result.h"
 
 namespace mbmq::net::detail {
@@ -71,9 +72,11 @@ bool exiting() noexcept;
 // (up to 2 s each) for the keeper's and the allocating thread's pass in progress, if any, and
 // starts the receives still queued for the allocating thread.
 void before_exit() noexcept;
-// Its first step (net/keeper.cc, K7): waits up to 100 ms for the channels close() left
-// lingering to finish (what they sent fetched by their peers).
+// Its first step (net/keeper.cc, K7): finish_kept() for up to 100 ms.
 void finish_lingering_before_exit() noexcept;
+// net::finish_closes(): finishes the channels close() left lingering (what they sent fetched by
+// their peers) and their closes, on the calling thread, until done or `deadline`.
+Status finish_kept(Deadline deadline) noexcept;
 // Its second half (net/keeper.cc).
 void wait_for_passes() noexcept;
 
