@@ -67,12 +67,15 @@ Status adopt(MsgQueue& queue, Channel&& channel, std::uint64_t key);
 // MsgQueue::adopt it). Errc::InvalidArgument if msg holds none, or a local end.
 Result<Channel> accepted(mbmq::Message& msg);
 
-// Waits until what the channels this process closed still had to send has reached their peers
-// and their closes have ended: close() does not wait for a peer to fetch what was sent (mbmq::net
-// finishes it: docs/design/net.md, K5, K7). Errc::TimedOut at `deadline` (they go on),
-// InvalidArgument from inside mbmq::net (a thread holding a worker's lock) or once exit() began.
-// exit() does this for up to 100 ms; a program that ends with _exit(), or is about to be killed
-// or to exec, or wants a longer bound, calls it first.
+// Waits until mbmq::net holds nothing more of the channels this process closed: close() does not
+// wait for a peer to fetch what was sent (mbmq::net finishes it: docs/design/net.md, K5, K7).
+// Success: each reached its peer, or was given up (the peer failed or fell silent for its
+// peer_timeout, or 10 s passed: the linger's cap, so Deadline::never() returns within about
+// that). Errc::TimedOut at `deadline` (they go on; an expired deadline may return TimedOut
+// without a look), InvalidArgument from inside mbmq::net (a thread holding a worker's lock) or
+// once exit() began. Success at once where UCX was never loaded, and in a forked child (it holds
+// nothing of the parent's). exit() does this for up to 100 ms; a program that ends with _exit(),
+// or is about to be killed or to exec, or wants a longer bound, calls it first.
 Status finish_closes(Deadline deadline);
 
 // `channel` as an mbmq::Channel (a remote end: mbmq/channel.h), so that code written for local

@@ -116,20 +116,22 @@ struct PendingOp {
 // thread waited 21 ms for it).
 class MBMQ_CAPABILITY("mutex") WorkerMutex {
  public:
+  // t_held_ counts before the lock is taken and after it is let go: a signal between the two
+  // steps finds it counted (the exit handler then leaves the workers alone), never the reverse.
   void lock() MBMQ_ACQUIRE() {
+    ++t_held_;
     if (!mu_.try_lock()) {
       waiting_.fetch_add(1, std::memory_order_relaxed);
       mu_.lock();
       waiting_.fetch_sub(1, std::memory_order_relaxed);
     }
-    ++t_held_;
     // Written by the holder only; seq_cst against hand_over()'s (handing_, then acquired_).
     acquired_.store(acquired_.load(std::memory_order_relaxed) + 1);
     if (handing_.load() != 0) wake_handing();
   }
   void unlock() MBMQ_RELEASE() {
-    --t_held_;
     mu_.unlock();
+    --t_held_;
   }
   // How many worker locks the calling thread holds: the exit handler, which may run on a thread
   // a signal interrupted inside a progress, must not take one (net/keeper.cc, K7).

@@ -328,9 +328,11 @@ Status finish_kept(Deadline deadline) noexcept {
   // (K7) What close() left to the keeper (lingering channels, then their flush closes, K4/K5) is
   // finished here, on the calling thread, every millisecond until both lists are empty or the
   // deadline: the keeper looks at the closes only each tick (up to 250 ms). A keeper pass in
-  // progress is waited for (its lock only tried: exit() from a signal handler must not hang on
-  // a pass that cannot end); a thread that holds a worker's lock itself (exit() from a signal
-  // handler that interrupted a progress) does nothing, rather than deadlock on it.
+  // progress is waited for (its lock and the lists' only tried: exit() from a signal handler must
+  // not hang on a pass that cannot end, or on a lock its own thread holds); a thread that holds a
+  // worker's lock itself (exit() from a signal handler that interrupted a progress) does
+  // nothing, rather than deadlock on it. Once another thread's exit() has begun, UCX is about to
+  // be torn down (K6): nothing more.
   if (!ucx_usable()) return {};  // not loaded, or a forked child's copies: nothing of ours
   if (t_pass_thread != PassThread::None || WorkerMutex::held_by_this_thread() != 0)
     return fail(Errc::InvalidArgument,
@@ -340,19 +342,24 @@ Status finish_kept(Deadline deadline) noexcept {
     return fail(Errc::InvalidArgument,
                 "net::finish_closes: the process is exiting (mbmq::net's exit handler ran)");
   Keeper& k = keeper();
-  const auto held = [&k] {
-    os::LockGuard lock(k.mu);
-    return !k.lingering.empty() || !k.closing.empty();
+  // 1: something kept, 0: nothing, -1: its lock busy (looked at again).
+  const auto held = [&k]() -> int {
+    if (!k.mu.try_lock()) return -1;
+    os::LockGuard lock(k.mu, os::kAdoptLock);
+    return !k.lingering.empty() || !k.closing.empty() ? 1 : 0;
   };
   for (;;) {
     bool any = true;  // (a keeper pass in progress: looked at again)
     if (k.pass_mu.try_lock()) {
       os::LockGuard pass(k.pass_mu, os::kAdoptLock);
-      if (held()) {
+      if (exiting())  // another thread's exit() began (its handler's own call ran before this)
+        return fail(Errc::InvalidArgument, "net::finish_closes: the process is exiting");
+      const int h = held();
+      if (h == 1) {
         progress_lingering(k);
         progress_closing(k);
       }
-      any = held();
+      any = h != 0 && held() != 0;
     }
     if (!any) return {};
     if (deadline.expired())

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -218,6 +219,67 @@ TEST(NetClose, ExitOnAThreadHoldingAWorkersLockDoesNotHang) {
     std::printf("round %d: status 0x%x after %.0f ms\n", i, st, ms_since(t0));
     EXPECT_NE(st, -1) << "round " << i << ": exit() hung (killed after 15 s)";
   }
+}
+
+// ---- (review s11d) finish_closes() on another thread while exit() runs
+// --------------------------------------------------------------------------------------
+std::atomic<std::int64_t> g_returned_ns{0};
+std::atomic<bool> g_ok{false};
+
+// Registered before UCX loads: runs after mbmq::net's before_exit() and before UCX's library
+// destructors (as ReviewS6b's check_keeper_stopped_at_exit). From here on nothing of mbmq::net
+// may touch UCX. The keeper stops (exiting()); the only one that can still empty the lingering
+// list is the application thread inside finish_closes(): if its call returns, it progressed the
+// worker / force-closed the endpoint after exit began.
+void late_handler() {
+  if (!net::detail::exiting()) ::_exit(4);
+  const Deadline d = secs(13);  // the linger's 10 s cap, with room
+  while (g_returned_ns.load() == 0 && !d.expired()) std::this_thread::sleep_for(5ms);
+  std::printf(
+      "helper: finish_closes on the other thread %s after mbmq::net's exit handler\n",
+      g_returned_ns.load() != 0 ? (g_ok ? "returned OK" : "returned an error") : "did not return");
+  std::fflush(stdout);
+  ::_exit(g_returned_ns.load() != 0 && g_ok ? 3 : 0);
+}
+
+TEST(NetCloseHelper, DISABLED_ExitWhileAnotherThreadFinishesCloses) {
+  if (std::getenv("MBMQ_NET_HELPER") == nullptr) GTEST_SKIP() << "a helper";
+  ASSERT_FALSE(net::detail::ucx_usable()) << "UCX was loaded before the helper's handler";
+  ASSERT_EQ(std::atexit(late_handler), 0);
+  ::setenv("UCX_TLS", "tcp", 1);
+  auto p = test::make_pair_without_keepers();  // nobody progresses the server's worker
+  ASSERT_TRUE(p);
+  ASSERT_TRUE(p->client.send(filled(p->client, kBig, 'x'), secs(10)));
+  p->client.close();  // (K7) lingers at once
+  ASSERT_EQ(net::detail::keeper_holds_for_test(), 1u);
+  static auto* const kept = new test::Pair(std::move(*p));  // the server stays, never fetching
+  (void)kept;
+  std::thread([] {
+    const Status s = net::finish_closes(Deadline::never());
+    g_ok = static_cast<bool>(s);
+    g_returned_ns = monotonic_ns();
+  }).detach();
+  std::this_thread::sleep_for(20ms);  // it is in its rounds now
+  std::exit(0);                       // main returns, say
+}
+
+TEST(NetClose, FinishClosesOnAnotherThreadStopsTouchingUcxAtExit) {
+  auto pid = test::spawn_helper("NetCloseHelper.DISABLED_ExitWhileAnotherThreadFinishesCloses",
+                                {"MBMQ_NET_HELPER=1"});
+  ASSERT_TRUE(pid) << pid.error().message();
+  int st = -1;
+  for (Deadline d = secs(30); !d.expired();) {
+    if (::waitpid(*pid, &st, WNOHANG) == *pid) break;
+    st = -1;
+    std::this_thread::sleep_for(5ms);
+  }
+  if (st == -1) {
+    ::kill(*pid, SIGKILL);
+    (void)::waitpid(*pid, nullptr, 0);
+  }
+  // Status 0: nothing of mbmq::net touched UCX after its exit handler (K6). 3 before the fix:
+  // the other thread's rounds went on (linger_tick's force close, ucp_worker_progress).
+  EXPECT_TRUE(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0) << "status 0x" << std::hex << st;
 }
 
 }  // namespace
