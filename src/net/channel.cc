@@ -1549,7 +1549,7 @@ void ChannelCore::close() noexcept {
   // by then are not waited for (close() waited up to 100 ms for them, which held the queue or
   // event-loop thread that closed a slow peer's channel): the channel lingers on the keeper (K5),
   // which finishes them, and the exit handler gives lingering channels up to 100 ms (K7,
-  // finish_lingering_before_exit), so that a process that sends, closes and exits loses nothing
+  // finish_kept), so that a process that sends, closes and exits loses nothing
   // its peer fetches in that time.
   {
     const StartDeferredAfter after(*w_, nullptr, true);  // deferred receives, unlocked

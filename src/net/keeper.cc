@@ -17,7 +17,7 @@
 // weak references only. A forked child has no keeper (and cannot use UCX anyway).
 // (K7) close() does not wait for the peer to fetch what it sent: such a channel lingers (K5) at
 // once. The exit handler first finishes the lingering channels and the closes (K4) for up to
-// 100 ms (finish_lingering_before_exit), which close() used to give each channel itself.
+// 100 ms (finish_kept), which close() used to give each channel itself.
 // (K6) Exit: exit() runs UCX's library destructors after every atexit handler, and they free what
 // a worker being progressed uses. The handler mbmq::net registers when it loads UCX
 // (before_exit(), net/ucx.h) marks the process exiting and waits for the pass in progress; every
@@ -366,10 +366,6 @@ Status finish_kept(Deadline deadline) noexcept {
       return fail(Errc::TimedOut, "net::finish_closes: closed channels still sending");
     os::sleep_ns(1'000'000);
   }
-}
-
-void finish_lingering_before_exit() noexcept {
-  (void)finish_kept(Deadline::after(std::chrono::milliseconds(100)));
 }
 
 std::size_t keeper_holds_for_test() noexcept {

@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
 
@@ -99,7 +100,8 @@ bool exiting() noexcept { return g_exiting.load(std::memory_order_acquire); }
 void before_exit() noexcept {
   // A forked child has no keeper or allocating thread, and their locks may have been copied held.
   if (!ucx_usable()) return;
-  finish_lingering_before_exit();  // (K7) what close() left to the keeper, within 100 ms
+  // (K7) What close() left to the keeper, within 100 ms.
+  (void)finish_kept(Deadline::after(std::chrono::milliseconds(100)));
   // Pairs with the acquire loads in exiting(): a pass that starts after this leaves UCX alone.
   g_exiting.store(true, std::memory_order_release);
   wait_for_passes();

@@ -72,8 +72,6 @@ bool exiting() noexcept;
 // (up to 2 s each) for the keeper's and the allocating thread's pass in progress, if any, and
 // starts the receives still queued for the allocating thread.
 void before_exit() noexcept;
-// Its first step (net/keeper.cc, K7): finish_kept() for up to 100 ms.
-void finish_lingering_before_exit() noexcept;
 // net::finish_closes(): finishes the channels close() left lingering (what they sent fetched by
 // their peers) and their closes, on the calling thread, until done or `deadline`.
 Status finish_kept(Deadline deadline) noexcept;

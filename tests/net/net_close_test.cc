@@ -60,19 +60,10 @@ void expect_message_then_end(net::Channel& s, char c) {
 TEST(NetClose, CloseDoesNotWaitForAPeerThatHasNotFetchedWhatWasSent) {
   ::setenv("UCX_TLS", "tcp", 1);
   test::Watchdog dog("the test", 60s);
-  net::ListenOptions lo;
-  lo.peer_timeout = 0ms;
-  auto l = net::listen("ucx://127.0.0.1:0/svc", lo);
-  ASSERT_TRUE(l) << l.error().message();
-  net::ConnectOptions co;
-  co.peer_timeout = 0ms;
-  std::optional<Result<net::Channel>> c;
-  std::thread t([&] { c.emplace(net::connect(url(l->port()), secs(10), co)); });
-  auto s = l->accept(secs(10));
-  t.join();
-  ASSERT_TRUE(s) << s.error().message();
-  ASSERT_TRUE(*c) << (*c).error().message();
-  net::Channel& client = **c;
+  auto p = test::make_pair_without_keepers();
+  ASSERT_TRUE(p);
+  net::Channel& client = p->client;
+  net::Channel* s = &p->server;
   for (int k = 0; k < 20; ++k) (void)s->receive(Deadline::after(2ms));  // HelloAck out, then idle
   ASSERT_TRUE(client.send(filled(client, kBig, 'q'), secs(10)));
   const std::int64_t t0 = monotonic_ns();
@@ -206,16 +197,7 @@ TEST(NetClose, ExitOnAThreadHoldingAWorkersLockDoesNotHang) {
                            {"MBMQ_NET_HELPER=1"});
     ASSERT_TRUE(pid) << pid.error().message();
     const std::int64_t t0 = monotonic_ns();
-    int st = -1;
-    for (Deadline d = secs(15); !d.expired();) {
-      if (::waitpid(*pid, &st, WNOHANG) == *pid) break;
-      st = -1;
-      std::this_thread::sleep_for(5ms);
-    }
-    if (st == -1) {
-      ::kill(*pid, SIGKILL);
-      (void)::waitpid(*pid, nullptr, 0);
-    }
+    const int st = test::wait_for_exit(*pid, 15s);
     std::printf("round %d: status 0x%x after %.0f ms\n", i, st, ms_since(t0));
     EXPECT_NE(st, -1) << "round " << i << ": exit() hung (killed after 15 s)";
   }
@@ -267,16 +249,7 @@ TEST(NetClose, FinishClosesOnAnotherThreadStopsTouchingUcxAtExit) {
   auto pid = test::spawn_helper("NetCloseHelper.DISABLED_ExitWhileAnotherThreadFinishesCloses",
                                 {"MBMQ_NET_HELPER=1"});
   ASSERT_TRUE(pid) << pid.error().message();
-  int st = -1;
-  for (Deadline d = secs(30); !d.expired();) {
-    if (::waitpid(*pid, &st, WNOHANG) == *pid) break;
-    st = -1;
-    std::this_thread::sleep_for(5ms);
-  }
-  if (st == -1) {
-    ::kill(*pid, SIGKILL);
-    (void)::waitpid(*pid, nullptr, 0);
-  }
+  const int st = test::wait_for_exit(*pid, 30s);
   // Status 0: nothing of mbmq::net touched UCX after its exit handler (K6). 3 before the fix:
   // the other thread's rounds went on (linger_tick's force close, ucp_worker_progress).
   EXPECT_TRUE(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0) << "status 0x" << std::hex << st;

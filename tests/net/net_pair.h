@@ -10,6 +10,8 @@
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <netinet/in.h>
+#include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <chrono>
@@ -220,6 +222,17 @@ inline Result<pid_t> spawn_helper(const std::string& test, const std::vector<std
   const std::vector<std::string> args = {
       program_invocation_short_name, "--gtest_also_run_disabled_tests", "--gtest_filter=" + test};
   return os::spawn_program("/proc/self/exe", args, -1, -1, -1, env);
+}
+
+// Waits for a helper `pid` up to `limit`: its raw wait status, or -1 (then it is killed and
+// reaped: a hang).
+inline int wait_for_exit(pid_t pid, std::chrono::milliseconds limit) {
+  int st = 0;
+  for (const Deadline d = Deadline::after(limit); !d.expired(); os::sleep_ns(5'000'000))
+    if (::waitpid(pid, &st, WNOHANG) == pid) return st;
+  ::kill(pid, SIGKILL);
+  (void)::waitpid(pid, &st, 0);
+  return -1;
 }
 
 // Bytes the C heap holds now (arena + mmapped chunks).

@@ -68,18 +68,7 @@ std::int64_t voluntary_switches() {
   return sum;
 }
 
-// Waits for pid up to `limit`; the raw wait status, or -1 (then the child is killed and reaped).
-int wait_for(pid_t pid, std::chrono::milliseconds limit) {
-  const std::int64_t until = now_ns() + std::chrono::nanoseconds(limit).count();
-  int st = 0;
-  while (now_ns() < until) {
-    if (::waitpid(pid, &st, WNOHANG) == pid) return st;
-    os::sleep_ns(5'000'000);
-  }
-  ::kill(pid, SIGKILL);
-  (void)::waitpid(pid, &st, 0);
-  return -1;
-}
+using test::wait_for_exit;
 
 // ---- K5 -----------------------------------------------------------------------------------------
 
@@ -121,7 +110,7 @@ TEST(ReviewS6b, ExitWithALingeringChannelIsClean) {
     // HelloAck out (progress a little), then nothing progresses this worker.
     for (int k = 0; k < 50; ++k) (void)ch->receive(Deadline::after(2ms));
     const std::int64_t t0 = now_ns();
-    const int st = wait_for(*pid, 20s);
+    const int st = wait_for_exit(*pid, 20s);
     std::printf("round %d: helper status 0x%x after %.1f ms\n", i, st, ms_since(t0));
     EXPECT_TRUE(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0)
         << "a process exiting with a lingering channel: status 0x" << std::hex << st
@@ -185,7 +174,7 @@ TEST(ReviewS6b, AtExitTheKeeperStopsTouchingUcxBeforeItsDestructorsRun) {
     auto pid = test::spawn_helper("ReviewS6bHelper.DISABLED_KeeperStopsTouchingUcxAtExit",
                                   {"MBMQ_NET_HELPER=1"});
     ASSERT_TRUE(pid) << pid.error().message();
-    const int st = wait_for(*pid, 30s);
+    const int st = wait_for_exit(*pid, 30s);
     EXPECT_TRUE(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0)
         << "round " << i << ": helper status 0x" << std::hex << st
         << (st != -1 && WIFSIGNALED(st) ? " (killed by a signal)"
